@@ -1,0 +1,47 @@
+"""softmoe: Soft Mixture of Experts (Puigcerver et al., arXiv 2308.00951) on timm's VisionTransformer.
+
+The library imports nothing from the experiment harness (Hydra, W&B): ``from softmoe import SoftMoE``
+is all a user of the layer needs.
+"""
+
+from .capture import RoutingRecord, block_index, capture_routing, moe_layers
+from .experts import BatchedMlp, StackedExperts
+from .layer import SoftMoE, SoftMoELayerWrapper, l2_normalize
+from .stats import cumulative_dispatch_mass, router_scale, routing_stats, slot_similarity
+from .upcycle import load_state_dict, upcycle
+from .vit import (
+    SoftMoEVisionTransformer,
+    resolve_moe_layer_index,
+    soft_moe_vit_base,
+    soft_moe_vit_huge,
+    soft_moe_vit_large,
+    soft_moe_vit_small,
+    soft_moe_vit_tiny,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchedMlp",
+    "RoutingRecord",
+    "SoftMoE",
+    "SoftMoELayerWrapper",
+    "SoftMoEVisionTransformer",
+    "StackedExperts",
+    "block_index",
+    "capture_routing",
+    "cumulative_dispatch_mass",
+    "l2_normalize",
+    "load_state_dict",
+    "moe_layers",
+    "resolve_moe_layer_index",
+    "router_scale",
+    "routing_stats",
+    "slot_similarity",
+    "soft_moe_vit_base",
+    "soft_moe_vit_huge",
+    "soft_moe_vit_large",
+    "soft_moe_vit_small",
+    "soft_moe_vit_tiny",
+    "upcycle",
+]

@@ -1,0 +1,35 @@
+"""Argument checks shared by the library: one clear ``ValueError`` per bad argument.
+
+Errors name the argument, the value given and what is allowed, so a typo never surfaces as a
+shape error from deep inside an einsum.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def require_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an int >= 1, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def require_choice(name: str, value: Any, allowed: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``allowed``, else raise naming ``name``."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
+def require_tokens(name: str, x: Any, dim: int) -> None:
+    """Check that ``x`` is a [batch, tokens, dim] tensor with at least one token."""
+    shape = tuple(getattr(x, "shape", ()))
+    if getattr(x, "ndim", None) != 3:
+        raise ValueError(f"{name} must have shape [batch, tokens, {dim}], got a tensor of shape {list(shape)}")
+    if shape[-1] != dim:
+        raise ValueError(f"{name} last dimension must equal dim={dim}, got shape {list(shape)}")
+    if shape[1] < 1:
+        raise ValueError(f"{name} must hold at least one token, got shape {list(shape)}")

@@ -1,0 +1,65 @@
+"""Recording the routing weights of every Soft MoE layer during a forward pass."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RoutingRecord:
+    """One layer's routing weights for the last batch it saw, each [batch, tokens, experts, slots_per_expert]."""
+
+    dispatch: torch.Tensor
+    combine: torch.Tensor
+
+
+def moe_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """The routing layers of ``model`` (anything with a routing recorder), by module name."""
+    return {name: module for name, module in model.named_modules() if hasattr(module, "_routing_recorder")}
+
+
+def block_index(module_name: str) -> int:
+    """The transformer block a module belongs to: ``"blocks.7.mlp"`` -> 7."""
+    parts = module_name.split(".")
+    if "blocks" in parts:
+        position = parts.index("blocks") + 1
+        if position < len(parts) and parts[position].isdigit():
+            return int(parts[position])
+    raise ValueError(f"module name {module_name!r} is not inside a 'blocks.<index>' container")
+
+
+@contextlib.contextmanager
+def capture_routing(model: nn.Module) -> Iterator[Dict[str, RoutingRecord]]:
+    """Record the dispatch and combine weights of each MoE layer of ``model`` inside the ``with`` block.
+
+    Yields a dict from module name (e.g. ``"blocks.7.mlp"``) to a :class:`RoutingRecord`, filled as
+    the forward pass runs (a layer called twice keeps its latest call). The weights are detached
+    float32 tensors. On exit the layers stop recording; the dict stays with the caller only.
+    """
+    records: Dict[str, RoutingRecord] = {}
+    layers = moe_layers(model)
+
+    def recorder_for(name: str, layer: nn.Module):
+        shape = (layer.num_experts, layer.slots_per_expert)
+
+        def record(dispatch: torch.Tensor, combine: torch.Tensor) -> None:
+            b, m, _ = dispatch.shape
+            records[name] = RoutingRecord(
+                dispatch=dispatch.detach().view(b, m, *shape), combine=combine.detach().view(b, m, *shape)
+            )
+
+        return record
+
+    previous = {name: layer._routing_recorder for name, layer in layers.items()}
+    try:
+        for name, layer in layers.items():
+            layer._routing_recorder = recorder_for(name, layer)
+        yield records
+    finally:
+        for name, layer in layers.items():
+            layer._routing_recorder = previous[name]

@@ -1,0 +1,185 @@
+"""Expert banks: ``num_experts`` independent layers applied to their slots in one batched call.
+
+Both banks take slots as ``[batch, num_experts, slots_per_expert, dim]`` and return
+``[batch, num_experts, slots_per_expert, out_dim]``; expert ``i`` sees only ``slots[:, i]``.
+
+* :class:`BatchedMlp` is the default (timm's ``Mlp`` shape). Its weights are stored stacked,
+  ``[num_experts, in, out]``, and applied with ``baddbmm``: a few large matmuls, no Python loop.
+* :class:`StackedExperts` turns any ``nn.Module`` into a bank: the experts' parameters are stacked
+  (as ``torch.func.stack_module_state`` does) and the layer runs under ``torch.func.vmap``, with a
+  per-expert loop as the fallback for layers vmap cannot trace.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Optional, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from ._checks import require_positive_int
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+class BatchedMlp(nn.Module):
+    """``num_experts`` independent timm ``Mlp``s: fc1 -> act -> drop -> norm -> fc2 -> drop.
+
+    Weights are kept in ``x @ W`` layout so each layer is one ``baddbmm`` over the experts.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        hidden_features: Optional[int] = None,
+        out_features: Optional[int] = None,
+        act_layer: Type[nn.Module] = nn.GELU,
+        norm_layer: Optional[Type[nn.Module]] = None,
+        bias: Union[bool, Tuple[bool, bool]] = True,
+        drop: Union[float, Tuple[float, float]] = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.num_experts = require_positive_int("num_experts", num_experts)
+        self.in_features = require_positive_int("in_features", in_features)
+        self.hidden_features = require_positive_int("hidden_features", hidden_features or in_features)
+        self.out_features = require_positive_int("out_features", out_features or in_features)
+        n, d, h, o = self.num_experts, self.in_features, self.hidden_features, self.out_features
+        bias1, bias2 = _pair(bias)
+        drop1, drop2 = _pair(drop)
+
+        self.fc1_weight = nn.Parameter(torch.empty(n, d, h, **dd))  # [n, in, hidden]
+        self.fc1_bias = nn.Parameter(torch.empty(n, h, **dd)) if bias1 else None
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop1)
+        self.norm_eps, self.norm_weight, self.norm_bias = self._make_norm(norm_layer, n, h, dd)
+        self.fc2_weight = nn.Parameter(torch.empty(n, h, o, **dd))  # [n, hidden, out]
+        self.fc2_bias = nn.Parameter(torch.empty(n, o, **dd)) if bias2 else None
+        self.drop2 = nn.Dropout(drop2)
+        self.reset_parameters()
+
+    @staticmethod
+    def _make_norm(norm_layer, n, h, dd):
+        """Per-expert LayerNorm over the hidden features, its affine parameters stacked [n, h]."""
+        if norm_layer is None:
+            return None, None, None
+        probe = norm_layer(h, **dd)
+        if not isinstance(probe, nn.LayerNorm):
+            raise ValueError(
+                f"norm_layer must be a LayerNorm type for batched MLP experts, got {norm_layer!r}; "
+                "wrap other layers with SoftMoELayerWrapper"
+            )
+        weight = bias = None
+        if probe.elementwise_affine:
+            weight = nn.Parameter(probe.weight.detach().expand(n, h).clone())
+            bias = nn.Parameter(probe.bias.detach().expand(n, h).clone()) if probe.bias is not None else None
+        return probe.eps, weight, bias
+
+    def reset_parameters(self) -> None:
+        """Initialise every expert as its own ``nn.Linear`` would be (independent draws)."""
+        for weight, bias in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
+            bound = 1.0 / math.sqrt(weight.shape[1])  # fan_in of one expert
+            nn.init.uniform_(weight, -bound, bound)
+            if bias is not None:
+                nn.init.uniform_(bias, -bound, bound)
+        self._reset_norm()
+
+    def init_weights(self) -> None:
+        """timm's ViT init (``init_weights_vit_timm``) applied to every expert's Linear layers."""
+        for weight, bias in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
+            nn.init.trunc_normal_(weight, std=0.02, a=-2.0, b=2.0)
+            if bias is not None:
+                nn.init.zeros_(bias)
+        self._reset_norm()
+
+    def _reset_norm(self) -> None:
+        if self.norm_weight is not None:
+            nn.init.ones_(self.norm_weight)
+        if self.norm_bias is not None:
+            nn.init.zeros_(self.norm_bias)
+
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        b, n, p, d = slots.shape
+        x = slots.transpose(0, 1).reshape(n, b * p, d)  # [n, b*p, d]: each expert's slots together
+        x = self._linear(x, self.fc1_weight, self.fc1_bias)  # [n, b*p, h]
+        x = self.drop1(self.act(x))
+        if self.norm_eps is not None:
+            x = F.layer_norm(x, (self.hidden_features,), eps=self.norm_eps)
+            if self.norm_weight is not None:
+                x = x * self.norm_weight.unsqueeze(1)
+            if self.norm_bias is not None:
+                x = x + self.norm_bias.unsqueeze(1)
+        x = self.drop2(self._linear(x, self.fc2_weight, self.fc2_bias))  # [n, b*p, o]
+        return x.view(n, b, p, -1).transpose(0, 1)  # [b, n, p, o]
+
+    @staticmethod
+    def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if bias is None:
+            return torch.bmm(x, weight)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, in={self.in_features}, hidden={self.hidden_features}, out={self.out_features}"
+
+
+class StackedExperts(nn.Module):
+    """``num_experts`` independent instances of any layer, run batched with ``torch.func.vmap``.
+
+    ``self.layer`` is one instance of the layer whose parameters and buffers have been replaced by
+    the stacked ``[num_experts, ...]`` tensors of all instances, so the state dict reads
+    ``layer.<name>`` with a leading expert dimension. Each instance is built by ``layer_factory``
+    and so initialised independently.
+    """
+
+    def __init__(self, num_experts: int, layer_factory: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        self.num_experts = require_positive_int("num_experts", num_experts)
+        instances = [layer_factory() for _ in range(num_experts)]
+        params, buffers = stack_module_state(instances)
+        self.layer = instances[0]
+        for name, value in params.items():
+            self._replace(name, nn.Parameter(value.detach()))
+        for name, value in buffers.items():
+            self._replace(name, value)
+        self.use_vmap = True  # switched off (with one warning) if vmap cannot run this layer
+
+    def _replace(self, name: str, value: torch.Tensor) -> None:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = self.layer.get_submodule(owner_name) if owner_name else self.layer
+        setattr(owner, leaf, value)
+
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        params = dict(self.layer.named_parameters())
+        buffers = dict(self.layer.named_buffers())
+        if self.use_vmap:
+            try:
+                return vmap(self._call_one, in_dims=(0, 0, 1), out_dims=1, randomness="different")(
+                    params, buffers, slots
+                )
+            except (RuntimeError, NotImplementedError, ValueError) as error:
+                self.use_vmap = False
+                warnings.warn(
+                    f"{type(self.layer).__name__} cannot run under torch.func.vmap ({error}); "
+                    "falling back to a loop over experts for this layer",
+                    stacklevel=2,
+                )
+        outputs = [
+            self._call_one(
+                {k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}, slots[:, i]
+            )
+            for i in range(self.num_experts)
+        ]
+        return torch.stack(outputs, dim=1)
+
+    def _call_one(self, params, buffers, expert_slots: torch.Tensor) -> torch.Tensor:
+        """Expert ``i`` on its slots [batch, slots_per_expert, dim]."""
+        return functional_call(self.layer, (params, buffers), (expert_slots,))

@@ -1,0 +1,193 @@
+"""The Soft MoE layer (Puigcerver et al., arXiv 2308.00951, section 2).
+
+For the tokens of one example X [m, d] and slot parameters Φ [d, n, p]:
+
+    logits = l2n(X) · (scale · l2n(Φ))          [m, n·p]   (section 2.3; raw X·Φ if normalize=False)
+    D      = softmax over the m tokens           [m, n·p]   dispatch weights, one column per slot
+    C      = softmax over all n·p slots          [m, n·p]   combine weights, one row per token
+    X̃     = Dᵀ X                                [n·p, d]   slots, from the *un-normalised* tokens
+    Ỹ[i]   = f_i(X̃[i])                          expert i sees its p slots
+    Y      = C Ỹ                                 [m, d']
+
+Every example of a batch is routed on its own: no token of one example reaches another.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable, Optional, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+from ._checks import require_choice, require_positive_int, require_tokens
+from .experts import BatchedMlp, StackedExperts
+
+DISPATCH_CHOICES = ("soft", "uniform", "identity")
+COMBINE_CHOICES = ("soft", "uniform", "identity")
+
+
+def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(sum(x**2) + eps)`` over ``dim``, as vmoe's router does."""
+    return x * torch.rsqrt(x.pow(2).sum(dim=dim, keepdim=True) + eps)
+
+
+def lecun_normal_phi_(phi: torch.Tensor) -> torch.Tensor:
+    """Initialise Φ [d, n, p] as vmoe does: flax's ``lecun_normal`` on that 3-d shape.
+
+    Flax takes fan_in = shape[-2] · (the remaining dims) = n·d for [d, n, p], and draws from a
+    normal truncated at two standard deviations, rescaled so the variance is 1 / fan_in.
+    """
+    d, n, _ = phi.shape
+    std = math.sqrt(1.0 / (d * n)) / 0.87962566103423978
+    return nn.init.trunc_normal_(phi, std=std, a=-2 * std, b=2 * std)
+
+
+class SoftMoE(nn.Module):
+    """A Soft MoE layer whose experts are timm-style MLPs; a drop-in ``mlp_layer`` for timm's ``Block``.
+
+    Args:
+        in_features: token dimension d.
+        hidden_features, out_features, act_layer, norm_layer, bias, drop: each expert's MLP, as timm's ``Mlp``.
+        num_experts: number of experts n.
+        slots_per_expert: slots p each expert processes.
+        normalize: L2-normalise tokens and Φ (with a learnable ``scale``) when computing the logits.
+        dispatch: ``"soft"`` (the paper), ``"uniform"`` (every slot averages all tokens) or
+            ``"identity"`` (slot i is token i; needs n·p = m). Table 2's ablations.
+        combine: ``"soft"`` (the paper), ``"uniform"`` (every token averages all slots) or ``"identity"``.
+        experts: a custom expert bank mapping [b, n, p, d] -> [b, n, p, d'] (see ``softmoe.experts``);
+            replaces the MLP experts.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Optional[int] = None,
+        out_features: Optional[int] = None,
+        act_layer: Type[nn.Module] = nn.GELU,
+        norm_layer: Optional[Type[nn.Module]] = None,
+        bias: Union[bool, Tuple[bool, bool]] = True,
+        drop: Union[float, Tuple[float, float]] = 0.0,
+        *,
+        num_experts: int = 128,
+        slots_per_expert: int = 1,
+        normalize: bool = True,
+        dispatch: str = "soft",
+        combine: str = "soft",
+        experts: Optional[nn.Module] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.dim = require_positive_int("in_features", in_features)
+        self.num_experts = require_positive_int("num_experts", num_experts)
+        self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
+        self.num_slots = self.num_experts * self.slots_per_expert
+        self.normalize = bool(normalize)
+        self.dispatch_mode = require_choice("dispatch", dispatch, DISPATCH_CHOICES)
+        self.combine_mode = require_choice("combine", combine, COMBINE_CHOICES)
+
+        self.phi = nn.Parameter(torch.empty(self.dim, self.num_experts, self.slots_per_expert, device=device, dtype=dtype))
+        # Named and shaped as in the seed implementation so its router weights load unchanged.
+        self.scale = nn.Parameter(torch.ones(1, device=device, dtype=dtype)) if self.normalize else None
+        if experts is None:
+            experts = BatchedMlp(
+                num_experts,
+                in_features,
+                hidden_features,
+                out_features,
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+                bias=bias,
+                drop=drop,
+                device=device,
+                dtype=dtype,
+            )
+        self.experts = experts
+        self.reset_router()
+        # Set by softmoe.capture_routing; called with (dispatch, combine) on every forward while set.
+        self._routing_recorder: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
+
+    def reset_router(self) -> None:
+        lecun_normal_phi_(self.phi.data)
+        if self.scale is not None:
+            nn.init.ones_(self.scale)
+
+    def init_weights(self) -> None:
+        """Called by timm's ViT weight init: the router as vmoe, the experts as timm's ViT Linear layers."""
+        self.reset_router()
+        if hasattr(self.experts, "init_weights"):
+            self.experts.init_weights()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [b, m, n·p] in float32."""
+        phi = self.phi.reshape(self.dim, self.num_slots)  # [d, s]
+        if self.normalize:
+            x = l2_normalize(x, dim=-1)
+            phi = self.scale * l2_normalize(phi, dim=0)
+        return torch.matmul(x, phi.to(x.dtype)).float()  # [b, m, s]
+
+    def routing_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Dispatch and combine weights, each [b, m, n·p] in float32 (softmaxes in float32 under autocast)."""
+        b, m, _ = x.shape
+        needs_logits = "soft" in (self.dispatch_mode, self.combine_mode)
+        logits = self.logits(x) if needs_logits else None
+        dispatch = self._weights(self.dispatch_mode, logits, b, m, x.device, softmax_dim=1)
+        combine = self._weights(self.combine_mode, logits, b, m, x.device, softmax_dim=2)
+        return dispatch, combine
+
+    def _weights(self, mode, logits, b, m, device, softmax_dim):
+        if mode == "soft":
+            return torch.softmax(logits, dim=softmax_dim)
+        shape = (b, m, self.num_slots)
+        if mode == "uniform":
+            return torch.full(shape, 1.0 / shape[softmax_dim], device=device)
+        if m != self.num_slots:
+            raise ValueError(
+                f"identity routing needs num_experts * slots_per_expert == number of tokens, "
+                f"got {self.num_experts} * {self.slots_per_expert} = {self.num_slots} slots for {m} tokens"
+            )
+        return torch.eye(m, device=device).expand(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        require_tokens("input", x, self.dim)
+        b, m, d = x.shape
+        dispatch, combine = self.routing_weights(x)  # [b, m, s] each
+        if self._routing_recorder is not None:
+            self._routing_recorder(dispatch, combine)
+        dispatch, combine = dispatch.to(x.dtype), combine.to(x.dtype)
+        slots = torch.bmm(dispatch.transpose(1, 2), x)  # X̃ = Dᵀ X: [b, s, d]
+        slot_outputs = self.experts(slots.view(b, self.num_experts, self.slots_per_expert, d))  # [b, n, p, d']
+        return torch.bmm(combine, slot_outputs.reshape(b, self.num_slots, -1))  # Y = C Ỹ
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
+            f"normalize={self.normalize}, dispatch={self.dispatch_mode!r}, combine={self.combine_mode!r}"
+        )
+
+
+class SoftMoELayerWrapper(SoftMoE):
+    """Turn any layer mapping [b, m, dim] -> [b, m, d'] into a Soft MoE layer of independent experts.
+
+    The seed implementation's API: ``layer`` is a class (or ``partial``) built ``num_experts`` times
+    with ``**layer_kwargs``; expert i receives its slots as a [batch, slots_per_expert, dim] tensor.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        slots_per_expert: int,
+        layer: Callable[..., nn.Module],
+        normalize: bool = True,
+        **layer_kwargs,
+    ) -> None:
+        require_positive_int("num_experts", num_experts)
+        if not callable(layer):
+            raise ValueError(f"layer must be an nn.Module class or a callable returning one, got {layer!r}")
+        experts = StackedExperts(num_experts, partial(layer, **layer_kwargs))
+        super().__init__(
+            dim, num_experts=num_experts, slots_per_expert=slots_per_expert, normalize=normalize, experts=experts
+        )
