@@ -39,7 +39,8 @@ def capture_routing(model: nn.Module) -> Iterator[Dict[str, RoutingRecord]]:
 
     Yields a dict from module name (e.g. ``"blocks.7.mlp"``) to a :class:`RoutingRecord`, filled as
     the forward pass runs (a layer called twice keeps its latest call). The weights are detached
-    float32 tensors. On exit the layers stop recording; the dict stays with the caller only.
+    tensors in the router's precision (float32, or float64 for a float64 model).
+    On exit the layers stop recording; the dict stays with the caller only.
     """
     records: Dict[str, RoutingRecord] = {}
     layers = moe_layers(model)

@@ -121,34 +121,36 @@ class SoftMoE(nn.Module):
             self.experts.init_weights()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Router logits [b, m, n·p] in float32."""
+        """Router logits [b, m, n·p] in float32 (float64 for float64 inputs)."""
         phi = self.phi.reshape(self.dim, self.num_slots)  # [d, s]
         if self.normalize:
             x = l2_normalize(x, dim=-1)
             phi = self.scale * l2_normalize(phi, dim=0)
-        return torch.matmul(x, phi.to(x.dtype)).float()  # [b, m, s]
+        logits = torch.matmul(x, phi.to(x.dtype))  # [b, m, s]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def routing_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Dispatch and combine weights, each [b, m, n·p] in float32 (softmaxes in float32 under autocast)."""
+        """Dispatch and combine weights, each [b, m, n·p], at least float32 (softmaxes in float32 under autocast)."""
         b, m, _ = x.shape
         needs_logits = "soft" in (self.dispatch_mode, self.combine_mode)
         logits = self.logits(x) if needs_logits else None
-        dispatch = self._weights(self.dispatch_mode, logits, b, m, x.device, softmax_dim=1)
-        combine = self._weights(self.combine_mode, logits, b, m, x.device, softmax_dim=2)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        dispatch = self._weights(self.dispatch_mode, logits, b, m, x.device, dtype, softmax_dim=1)
+        combine = self._weights(self.combine_mode, logits, b, m, x.device, dtype, softmax_dim=2)
         return dispatch, combine
 
-    def _weights(self, mode, logits, b, m, device, softmax_dim):
+    def _weights(self, mode, logits, b, m, device, dtype, softmax_dim):
         if mode == "soft":
             return torch.softmax(logits, dim=softmax_dim)
         shape = (b, m, self.num_slots)
         if mode == "uniform":
-            return torch.full(shape, 1.0 / shape[softmax_dim], device=device)
+            return torch.full(shape, 1.0 / shape[softmax_dim], device=device, dtype=dtype)
         if m != self.num_slots:
             raise ValueError(
                 f"identity routing needs num_experts * slots_per_expert == number of tokens, "
                 f"got {self.num_experts} * {self.slots_per_expert} = {self.num_slots} slots for {m} tokens"
             )
-        return torch.eye(m, device=device).expand(shape)
+        return torch.eye(m, device=device, dtype=dtype).expand(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_tokens("input", x, self.dim)

@@ -24,7 +24,7 @@ MoELayerIndex = Union[int, Sequence[int]]
 
 def resolve_moe_layer_index(moe_layer_index: MoELayerIndex, depth: int) -> List[int]:
     """The 0-indexed blocks that get a Soft MoE layer: an int k means blocks k..depth-1, a list means exactly those."""
-    if isinstance(moe_layer_index, bool):
+    if isinstance(moe_layer_index, (bool, str, bytes)):
         raise ValueError(f"moe_layer_index must be an int or a list of ints, got {moe_layer_index!r}")
     if isinstance(moe_layer_index, int):
         if not 0 <= moe_layer_index < depth:

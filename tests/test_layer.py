@@ -1,0 +1,196 @@
+"""The Soft MoE layer against the paper's equations, and the properties they imply."""
+
+import pytest
+import torch
+from torch import nn
+
+from reference import reference_mlp_experts, reference_routing, reference_soft_moe
+from softmoe import SoftMoE, capture_routing
+
+
+class IdentityExperts(nn.Module):
+    """Experts that return their slots: makes the layer exactly C Dᵀ X."""
+
+    def forward(self, slots):
+        return slots
+
+
+def make_layer(dim=16, num_experts=4, slots_per_expert=2, **kwargs):
+    return SoftMoE(dim, hidden_features=2 * dim, num_experts=num_experts, slots_per_expert=slots_per_expert, **kwargs)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_identity_experts_match_paper_equations_in_float64(normalize):
+    layer = make_layer(experts=IdentityExperts(), normalize=normalize).double()
+    if normalize:
+        layer.scale.data.fill_(1.7)  # a scale other than its init must be used as well
+    x = torch.randn(3, 10, 16, dtype=torch.float64)
+    scale = layer.scale.item() if normalize else 1.0
+    expected = reference_soft_moe(x, layer.phi.detach(), [lambda s: s] * 4, scale=scale, normalize=normalize)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_mlp_experts_match_paper_equations_in_float64(normalize):
+    layer = make_layer(normalize=normalize).double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    expected = reference_soft_moe(x, layer.phi.detach(), reference_mlp_experts(layer.experts), normalize=normalize)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-9, atol=1e-10)
+
+
+def test_captured_weights_are_the_paper_dispatch_and_combine():
+    layer = make_layer().double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    with capture_routing(layer) as routing:
+        layer(x)
+    record = routing[""]
+    dispatch, combine = reference_routing(x, layer.phi.detach())
+    torch.testing.assert_close(record.dispatch, dispatch, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(record.combine, combine, rtol=1e-10, atol=1e-12)
+    # dispatch: a distribution over tokens for every slot; combine: one distribution over all n*p slots per token
+    ones = torch.ones(2, 7, 4, dtype=torch.float64)
+    torch.testing.assert_close(record.dispatch.sum(dim=1), ones[:, :4, :2])
+    torch.testing.assert_close(record.combine.sum(dim=(2, 3)), ones[:, :, 0])
+    assert not torch.allclose(record.combine.sum(dim=3), ones), "combine must not be a per-expert softmax"
+
+
+def test_experts_receive_unnormalised_tokens():
+    # Normalised logits are invariant to the tokens' scale, so with identity experts Y is linear in the scale of X;
+    # an implementation feeding l2-normalised tokens to the experts would return the same Y for x and 10x.
+    layer = make_layer(experts=IdentityExperts())
+    x = torch.randn(2, 6, 16)
+    torch.testing.assert_close(layer(10 * x), 10 * layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_no_information_flows_between_examples():
+    layer = make_layer()
+    x = torch.randn(4, 8, 16)
+    y = layer(x)
+    x_changed = x.clone()
+    x_changed[1:] = torch.randn(3, 8, 16)
+    torch.testing.assert_close(layer(x_changed)[0], y[0])
+    torch.testing.assert_close(layer(x[:1])[0], y[0], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_of_one_example_touches_no_other_example():
+    layer = make_layer()
+    x = torch.randn(3, 8, 16, requires_grad=True)
+    layer(x)[0].sum().backward()
+    assert x.grad[0].abs().sum() > 0
+    assert torch.all(x.grad[1:] == 0)
+
+
+def test_permuting_tokens_permutes_outputs():
+    layer = make_layer()
+    x = torch.randn(2, 12, 16)
+    perm = torch.randperm(12)
+    torch.testing.assert_close(layer(x[:, perm]), layer(x)[:, perm], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradients_reach_router_and_every_expert(normalize):
+    layer = make_layer(normalize=normalize)
+    layer(torch.randn(2, 8, 16)).pow(2).sum().backward()
+    params = dict(layer.named_parameters())
+    assert params["phi"].grad.abs().sum() > 0
+    if normalize:
+        assert params["scale"].grad.abs().sum() > 0
+    for name in ("experts.fc1_weight", "experts.fc1_bias", "experts.fc2_weight", "experts.fc2_bias"):
+        grad = params[name].grad
+        per_expert = grad.reshape(grad.shape[0], -1).abs().sum(dim=1)
+        assert torch.all(per_expert > 0), f"{name}: some expert got no gradient"
+
+
+def test_experts_are_initialised_independently():
+    experts = make_layer(num_experts=8).experts
+    for weight in (experts.fc1_weight, experts.fc2_weight):
+        flat = weight.reshape(8, -1)
+        assert not any(torch.equal(flat[0], flat[i]) for i in range(1, 8))
+    # each expert is drawn as its own nn.Linear would be: uniform within 1/sqrt(fan_in)
+    assert experts.fc1_weight.abs().max() <= 16**-0.5
+
+
+def test_phi_lecun_normal_init_and_scale():
+    layer = SoftMoE(256, num_experts=64, slots_per_expert=4)
+    assert layer.phi.shape == (256, 64, 4) and layer.scale.shape == (1,) and layer.scale.item() == 1.0
+    expected_std = (1.0 / (256 * 64)) ** 0.5  # flax lecun_normal on [d, n, p]: fan_in = d * n
+    assert abs(layer.phi.std().item() / expected_std - 1) < 0.05
+    assert SoftMoE(8, num_experts=2, normalize=False).scale is None
+
+
+def test_router_parameters_follow_device_and_dtype():
+    layer = SoftMoE(8, num_experts=2, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in layer.parameters())
+    meta = SoftMoE(8, num_experts=2, device="meta")
+    assert all(p.device.type == "meta" for p in meta.parameters())
+
+
+def test_bf16_autocast_keeps_routing_in_float32():
+    layer = make_layer()
+    x = torch.randn(2, 8, 16)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16), capture_routing(layer) as routing:
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert routing[""].dispatch.dtype == torch.float32 and routing[""].combine.dtype == torch.float32
+    torch.testing.assert_close(y.float(), reference, rtol=0.05, atol=0.05)
+
+
+def test_timm_mlp_kwargs_and_norm_layer():
+    layer = SoftMoE(
+        in_features=16, hidden_features=32, out_features=8, act_layer=nn.ReLU, norm_layer=nn.LayerNorm,
+        bias=(True, False), drop=0.0, num_experts=3, slots_per_expert=1,
+    )
+    assert layer(torch.randn(2, 5, 16)).shape == (2, 5, 8)
+    assert layer.experts.fc2_bias is None and layer.experts.norm_weight.shape == (3, 32)
+    with pytest.raises(ValueError, match="norm_layer"):
+        SoftMoE(16, norm_layer=nn.BatchNorm1d, num_experts=2)
+
+
+@pytest.mark.parametrize(
+    "dispatch, combine", [("soft", "uniform"), ("uniform", "soft"), ("uniform", "uniform"), ("identity", "identity")]
+)
+def test_routing_ablations_follow_their_definitions(dispatch, combine):
+    layer = SoftMoE(8, num_experts=3, slots_per_expert=2, dispatch=dispatch, combine=combine, experts=IdentityExperts())
+    x = torch.randn(2, 6, 8)
+    with capture_routing(layer) as routing:
+        layer(x)
+    d, c = routing[""].dispatch.reshape(2, 6, 6), routing[""].combine.reshape(2, 6, 6)
+    expected = {"uniform": torch.full((2, 6, 6), 1 / 6), "identity": torch.eye(6).expand(2, 6, 6)}
+    if dispatch != "soft":
+        torch.testing.assert_close(d, expected[dispatch])
+    if combine != "soft":
+        torch.testing.assert_close(c, expected[combine])
+    if (dispatch, combine) == ("identity", "identity"):
+        torch.testing.assert_close(layer(x), x)  # slots are the tokens, identity experts: Y = X
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: SoftMoE(16, num_experts=0), "num_experts must be a positive integer, got 0"),
+        (lambda: SoftMoE(16, slots_per_expert=0), "slots_per_expert must be a positive integer, got 0"),
+        (lambda: SoftMoE(16, num_experts=2, dispatch="hard"), "dispatch must be one of"),
+        (lambda: SoftMoE(16, num_experts=2, combine="topk"), "combine must be one of"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [((4, 16), r"input must have shape \[batch, tokens, 16\], got a tensor of shape \[4, 16\]"),
+     ((2, 4, 12), r"input last dimension must equal dim=16, got shape \[2, 4, 12\]"),
+     ((2, 0, 16), "at least one token")],
+)
+def test_bad_inputs_raise_clear_errors(shape, message):
+    with pytest.raises(ValueError, match=message):
+        make_layer()(torch.randn(*shape))
+
+
+def test_identity_routing_needs_one_slot_per_token():
+    layer = SoftMoE(8, num_experts=2, slots_per_expert=2, dispatch="identity", combine="identity")
+    with pytest.raises(ValueError, match="identity routing needs num_experts \\* slots_per_expert == number of tokens"):
+        layer(torch.randn(1, 5, 8))

@@ -1,0 +1,117 @@
+"""Routing statistics on hand-computed cases, and routing capture."""
+
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+
+from softmoe import (
+    SoftMoEVisionTransformer, block_index, capture_routing, cumulative_dispatch_mass, moe_layers, router_scale,
+    routing_stats, slot_similarity,
+)
+
+
+def uniform(b, m, n, p):
+    dispatch = torch.full((b, m, n, p), 1.0 / m)
+    combine = torch.full((b, m, n, p), 1.0 / (n * p))
+    return dispatch, combine
+
+
+def test_uniform_routing():
+    stats = routing_stats(*uniform(2, 6, 4, 2))
+    assert stats["dispatch_entropy"] == pytest.approx(1.0)
+    assert stats["combine_entropy"] == pytest.approx(1.0)
+    assert stats["dispatch_max"] == pytest.approx(1 / 6)
+    assert stats["combine_max"] == pytest.approx(1 / 8)
+    torch.testing.assert_close(stats["expert_utilisation"], torch.full((4,), 0.25))
+    torch.testing.assert_close(stats["slot_utilisation"], torch.full((8,), 0.125))
+    assert stats["effective_experts"] == pytest.approx(4.0)
+
+
+def test_one_hot_routing_to_a_single_expert():
+    b, m, n, p = 2, 5, 3, 2
+    dispatch = torch.zeros(b, m, n, p)
+    dispatch[:, 0] = 1.0  # every slot reads token 0 only
+    combine = torch.zeros(b, m, n, p)
+    combine[:, :, 1, 0] = 1.0  # every token reads slot (expert 1, slot 0) only
+    stats = routing_stats(dispatch, combine)
+    assert stats["dispatch_entropy"] == pytest.approx(0.0, abs=1e-9)
+    assert stats["combine_entropy"] == pytest.approx(0.0, abs=1e-9)
+    assert stats["dispatch_max"] == pytest.approx(1.0) and stats["combine_max"] == pytest.approx(1.0)
+    torch.testing.assert_close(stats["expert_utilisation"], torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(stats["slot_utilisation"], torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    assert stats["effective_experts"] == pytest.approx(1.0)
+
+
+def test_half_and_half_combine():
+    b, m, n, p = 1, 4, 2, 1
+    dispatch, _ = uniform(b, m, n, p)
+    combine = torch.tensor([[0.5, 0.5], [0.5, 0.5], [1.0, 0.0], [1.0, 0.0]]).view(1, 4, 2, 1)
+    stats = routing_stats(dispatch, combine)
+    # tokens 0-1 uniform (entropy 1), tokens 2-3 one-hot (entropy 0)
+    assert stats["combine_entropy"] == pytest.approx(0.5)
+    assert stats["combine_max"] == pytest.approx(0.75)
+    torch.testing.assert_close(stats["expert_utilisation"], torch.tensor([0.75, 0.25]))
+    expected = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert stats["effective_experts"] == pytest.approx(expected)
+
+
+def test_cumulative_dispatch_mass():
+    dispatch = torch.tensor([0.5, 0.3, 0.2]).view(1, 3, 1, 1)
+    torch.testing.assert_close(cumulative_dispatch_mass(dispatch), torch.tensor([0.5, 0.8, 1.0]))
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match=r"dispatch must have shape \[batch, tokens, experts, slots_per_expert\]"):
+        routing_stats(torch.ones(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="same shape"):
+        routing_stats(*uniform(1, 2, 2, 1)[:1], uniform(1, 3, 2, 1)[1])
+
+
+def test_slot_similarity_and_scale():
+    phi = torch.zeros(3, 2, 2)
+    phi[0, 0, 0] = phi[0, 0, 1] = 2.0  # expert 0's two slots point the same way
+    phi[1, 1, 0] = 1.0
+    phi[2, 1, 1] = -1.0
+    sim = slot_similarity(phi)
+    assert sim.shape == (4, 4)
+    assert sim[0, 1] == pytest.approx(1.0, abs=1e-5) and sim[2, 3] == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(sim.diagonal(), torch.ones(4), atol=1e-5, rtol=0)
+
+
+def model():
+    return SoftMoEVisionTransformer(
+        img_size=8, patch_size=4, embed_dim=16, depth=3, num_heads=2, num_classes=3, num_experts=2,
+        slots_per_expert=2, moe_layer_index=[0, 2],
+    )
+
+
+def test_capture_records_each_moe_layer_only_inside_the_context():
+    net = model()
+    net.blocks[2].mlp.scale.data.fill_(3.0)
+    assert list(moe_layers(net)) == ["blocks.0.mlp", "blocks.2.mlp"]
+    assert [block_index(name) for name in moe_layers(net)] == [0, 2]
+    assert router_scale(net.blocks[2].mlp) == 3.0
+    with capture_routing(net) as routing:
+        net(torch.randn(5, 3, 8, 8))
+    assert sorted(routing) == ["blocks.0.mlp", "blocks.2.mlp"]
+    record = routing["blocks.2.mlp"]
+    assert record.dispatch.shape == record.combine.shape == (5, 5, 2, 2)  # [batch, 1 + 4 tokens, experts, slots]
+    assert not record.dispatch.requires_grad
+    stats = routing_stats(record.dispatch, record.combine)
+    assert 0 < stats["dispatch_entropy"] <= 1 and 1 <= stats["effective_experts"] <= 2
+
+    net(torch.randn(1, 3, 8, 8))  # outside the context nothing is recorded or kept alive
+    assert routing["blocks.2.mlp"] is record
+    assert all(layer._routing_recorder is None for layer in moe_layers(net).values())
+    ref = weakref.ref(record.dispatch)
+    del routing, record, stats
+    gc.collect()
+    assert ref() is None
+
+
+def test_block_index_needs_a_block():
+    with pytest.raises(ValueError, match="not inside a 'blocks.<index>' container"):
+        block_index("head")

@@ -1,0 +1,166 @@
+"""SoftMoEVisionTransformer: a timm VisionTransformer subclass whose chosen blocks hold Soft MoE layers."""
+
+import pytest
+import timm
+import torch
+from timm.layers import Mlp
+from timm.models.vision_transformer import VisionTransformer
+
+import softmoe
+from softmoe import SoftMoE, SoftMoEVisionTransformer, capture_routing
+
+TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10, num_experts=4)
+
+
+def tiny(**kwargs):
+    return SoftMoEVisionTransformer(**{**TINY, "moe_layer_index": 2, **kwargs})
+
+
+def moe_blocks(model):
+    return [i for i, block in enumerate(model.blocks) if isinstance(block.mlp, SoftMoE)]
+
+
+def test_is_a_timm_vision_transformer():
+    assert isinstance(tiny(), VisionTransformer)
+
+
+@pytest.mark.parametrize("index, expected", [(0, [0, 1, 2, 3]), (2, [2, 3]), (3, [3]), ([0, 2], [0, 2]), ([3, 1], [1, 3])])
+def test_moe_block_placement(index, expected):
+    model = tiny(moe_layer_index=index)
+    assert moe_blocks(model) == expected == model.moe_layer_index
+    assert all(isinstance(model.blocks[i].mlp, Mlp) for i in range(4) if i not in expected)
+    layer = model.blocks[expected[0]].mlp
+    assert (layer.num_experts, layer.slots_per_expert, layer.experts.hidden_features) == (4, 1, 128)
+
+
+@pytest.mark.parametrize(
+    "index, message",
+    [(4, r"moe_layer_index must be in \[0, depth=4\), got 4"), (-1, "got -1"), ([], "at least one block"),
+     ([1, 9], r"entries must be block indices in \[0, depth=4\), got \[1, 9\]"), ([1, 1], "lists a block twice"),
+     ("6", "must be an int or a list of ints")],
+)
+def test_bad_moe_layer_index(index, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(moe_layer_index=index)
+
+
+def test_bad_expert_counts():
+    with pytest.raises(ValueError, match="num_experts must be a positive integer, got 0"):
+        tiny(num_experts=0)
+    with pytest.raises(ValueError, match="slots_per_expert must be a positive integer, got -2"):
+        tiny(slots_per_expert=-2)
+
+
+def test_forward_shapes_features_and_head():
+    model = tiny()
+    x = torch.randn(2, 3, 16, 16)
+    assert model(x).shape == (2, 10)
+    features = model.forward_features(x)
+    assert features.shape == (2, 17, 32)  # class token + 16 patches
+    assert model.forward_head(features, pre_logits=True).shape == (2, 32)
+    model.reset_classifier(5)
+    assert model(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg", "map", ""])
+def test_global_pool_options(global_pool):
+    model = tiny(global_pool=global_pool, class_token=global_pool == "token")
+    out = model(torch.randn(2, 3, 16, 16))
+    assert out.shape == ((2, 16, 10) if global_pool == "" else (2, 10))
+
+
+def test_register_tokens_and_dynamic_image_size():
+    model = tiny(reg_tokens=2, dynamic_img_size=True)
+    with capture_routing(model) as routing:
+        assert model(torch.randn(1, 3, 24, 20)).shape == (1, 10)
+    assert routing["blocks.2.mlp"].dispatch.shape == (1, 1 + 2 + 6 * 5, 4, 1)  # cls + registers + patches
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x = torch.randn(2, 3, 16, 16)
+    model = tiny()
+    model(x).sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], msg=name)
+
+
+def test_no_weight_decay_and_every_parameter_gets_a_gradient():
+    model = tiny(reg_tokens=1)
+    assert {"pos_embed", "cls_token", "reg_token"} <= model.no_weight_decay()
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+def test_bf16_autocast_forward():
+    model = tiny()
+    x = torch.randn(2, 3, 16, 16)
+    reference = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("weight_init", ["", "jax", "moco"])
+def test_vit_init_reaches_experts_independently(weight_init):
+    model = tiny(weight_init=weight_init)
+    experts = model.blocks[3].mlp.experts
+    assert not torch.equal(experts.fc1_weight[0], experts.fc1_weight[1])
+    assert torch.all(experts.fc1_bias == 0)
+    assert abs(experts.fc1_weight.std().item() - 0.02) < 0.004  # timm's trunc_normal(std=.02) for ViT Linear layers
+
+
+def test_fix_init_rescales_expert_fc2():
+    torch.manual_seed(0)
+    plain = tiny()
+    torch.manual_seed(0)
+    fixed = tiny(fix_init=True)
+    torch.testing.assert_close(fixed.blocks[3].mlp.experts.fc2_weight, plain.blocks[3].mlp.experts.fc2_weight / (2.0 * 4) ** 0.5)
+
+
+def test_moe_kwargs_reach_the_layers():
+    model = tiny(moe_kwargs={"dispatch": "uniform", "combine": "soft"}, normalize=False)
+    layer = model.blocks[2].mlp
+    assert (layer.dispatch_mode, layer.combine_mode, layer.normalize) == ("uniform", "soft", False)
+
+
+FACTORIES = {
+    "soft_moe_vit_tiny": (192, 12, 3, [6, 7, 8, 9, 10, 11], 16),
+    "soft_moe_vit_small": (384, 12, 6, [6, 7, 8, 9, 10, 11], 16),
+    "soft_moe_vit_base": (768, 12, 12, [6, 7, 8, 9, 10, 11], 16),
+    "soft_moe_vit_large": (1024, 24, 16, list(range(12, 24)), 16),
+    "soft_moe_vit_huge": (1280, 32, 16, list(range(16, 32)), 14),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_factories_have_the_seed_defaults(name):
+    width, depth, heads, moe, patch = FACTORIES[name]
+    with torch.device("meta"):  # paper sizes hold billions of parameters: build them without memory
+        model = getattr(softmoe, name)()
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (width, depth, heads)
+    assert moe_blocks(model) == moe and model.patch_embed.patch_size == (patch, patch)
+    assert model.blocks[moe[0]].mlp.num_experts == 128 and model.blocks[moe[0]].mlp.slots_per_expert == 1
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_registered_with_timm(name):
+    assert name in timm.list_models("soft_moe_*")
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=10, img_size=32, patch_size=4)
+    assert model.head.out_features == 10 and model.patch_embed.grid_size == (8, 8)
+
+
+def test_create_model_runs_a_forward_pass():
+    model = timm.create_model("soft_moe_vit_small", num_classes=10, img_size=32, patch_size=4, num_experts=8, depth=2, moe_layer_index=1)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_pretrained_weights_point_to_upcycling():
+    with pytest.raises(ValueError, match="softmoe.upcycle"):
+        timm.create_model("soft_moe_vit_tiny", pretrained=True)

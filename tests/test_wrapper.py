@@ -1,0 +1,105 @@
+"""SoftMoELayerWrapper: the seed's API, any layer as the experts, batched with vmap."""
+
+import warnings
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from reference import reference_soft_moe
+from softmoe import SoftMoELayerWrapper
+
+
+def loop_reference(wrapper, x):
+    """Float64 paper equations with expert i = the wrapped layer holding expert i's slice of the stacked weights."""
+    layer = wrapper.experts.layer
+    params = {k: v.detach().double() for k, v in layer.named_parameters()}
+
+    def expert(i):
+        return lambda slots: torch.func.functional_call(layer, {k: v[i] for k, v in params.items()}, (slots,))
+
+    fns = [expert(i) for i in range(wrapper.num_experts)]
+    return reference_soft_moe(x.double(), wrapper.phi.detach(), fns, scale=wrapper.scale.item())
+
+
+def test_linear_experts_match_the_paper_equations():
+    x = torch.rand(2, 16, 128)
+    layer = SoftMoELayerWrapper(dim=128, slots_per_expert=2, num_experts=32, layer=nn.Linear, in_features=128, out_features=32)
+    y = layer(x)
+    assert y.shape == (2, 16, 32)
+    assert layer.experts.layer.weight.shape == (32, 32, 128)  # stacked: [experts, out, in]
+    torch.testing.assert_close(y.double(), loop_reference(layer, x), rtol=1e-4, atol=1e-5)
+
+
+def test_transformer_layer_experts_attend_within_one_example():
+    x = torch.rand(3, 16, 32)
+    layer = SoftMoELayerWrapper(
+        dim=32, slots_per_expert=4, num_experts=4, layer=nn.TransformerEncoderLayer, d_model=32, nhead=4, dropout=0.0,
+        batch_first=True,
+    )
+    y = layer(x)
+    x_changed = x.clone()
+    x_changed[1:] += 1.0
+    torch.testing.assert_close(layer(x_changed)[0], y[0])
+    torch.testing.assert_close(y.double(), loop_reference(layer, x), rtol=1e-4, atol=1e-5)
+
+
+def test_partial_layer_with_an_overlapping_argument_name():
+    class Scaled(nn.Module):
+        def __init__(self, dim, factor):
+            super().__init__()
+            self.proj = nn.Linear(dim, dim)
+            self.factor = factor
+
+        def forward(self, x):
+            return self.factor * self.proj(x)
+
+    layer = SoftMoELayerWrapper(dim=16, num_experts=4, slots_per_expert=1, layer=partial(Scaled, dim=16), factor=2.0)
+    assert layer(torch.randn(2, 5, 16)).shape == (2, 5, 16)
+
+
+def test_experts_are_independent_instances():
+    layer = SoftMoELayerWrapper(dim=8, num_experts=4, slots_per_expert=1, layer=nn.Linear, in_features=8, out_features=8)
+    weight = layer.experts.layer.weight
+    assert not any(torch.equal(weight[0], weight[i]) for i in range(1, 4))
+
+
+def test_gradients_reach_every_expert_and_the_router():
+    layer = SoftMoELayerWrapper(dim=8, num_experts=4, slots_per_expert=2, layer=nn.Linear, in_features=8, out_features=8)
+    layer(torch.randn(2, 6, 8)).pow(2).sum().backward()
+    assert layer.phi.grad.abs().sum() > 0 and layer.scale.grad.abs().sum() > 0
+    assert torch.all(layer.experts.layer.weight.grad.reshape(4, -1).abs().sum(1) > 0)
+
+
+class DataDependent(nn.Module):
+    """A layer vmap cannot trace: Python control flow on a tensor's value."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        y = self.proj(x)
+        return y if y.sum().item() > 0 else -y
+
+
+def test_layers_vmap_cannot_run_fall_back_to_a_correct_loop():
+    layer = SoftMoELayerWrapper(dim=8, num_experts=3, slots_per_expert=2, layer=partial(DataDependent, 8))
+    x = torch.randn(2, 5, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = layer(x)
+    assert not layer.experts.use_vmap
+    assert any("falling back to a loop" in str(w.message) for w in caught)
+    torch.testing.assert_close(y.double(), loop_reference(layer, x), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_experts must be a positive integer, got 0"):
+        SoftMoELayerWrapper(dim=8, num_experts=0, slots_per_expert=1, layer=nn.Linear, in_features=8, out_features=8)
+    with pytest.raises(ValueError, match="layer must be an nn.Module class"):
+        SoftMoELayerWrapper(dim=8, num_experts=2, slots_per_expert=1, layer="linear")
+    layer = SoftMoELayerWrapper(dim=8, num_experts=2, slots_per_expert=1, layer=nn.Linear, in_features=8, out_features=8)
+    with pytest.raises(ValueError, match="last dimension must equal dim=8"):
+        layer(torch.randn(1, 4, 6))
