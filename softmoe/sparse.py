@@ -363,7 +363,8 @@ def sparse_routing_stats(layer: SparseMoE) -> Dict[str, Union[int, float, torch.
       dropped for lack of capacity (equals ``dropped_fraction`` when k = 1).
     - ``expert_load``: tensor [n], each expert's share of the processed token slots (sums to 1;
       uniform for Experts Choice by construction).
-    - ``expert_importance``: tensor [n], each expert's share of the router probability mass (sums to 1).
+    - ``expert_importance``: tensor [n], each expert's share of the router probability mass (sums to
+      1; the probabilities the layer routed with, so noisy while training).
     - Tokens Choice: ``importance_loss``, ``gshard_loss``, ``load_loss`` (only when noise was
       added) and their weighted sum ``aux_loss``; see :class:`TokensChoiceMoE`.
     """
