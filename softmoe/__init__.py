@@ -7,6 +7,7 @@ is all a user of the layer needs.
 from .capture import RoutingRecord, block_index, capture_routing, moe_layers
 from .experts import BatchedMlp, StackedExperts
 from .layer import SoftMoE, SoftMoELayerWrapper, l2_normalize
+from .sparse import ExpertsChoiceMoE, SparseMoE, TokensChoiceMoE, auxiliary_loss, sparse_routing_stats
 from .stats import cumulative_dispatch_mass, router_scale, routing_stats, slot_similarity
 from .upcycle import load_state_dict, upcycle
 from .vit import (
@@ -23,6 +24,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchedMlp",
+    "ExpertsChoiceMoE",
+    "SparseMoE",
+    "TokensChoiceMoE",
+    "auxiliary_loss",
+    "sparse_routing_stats",
     "RoutingRecord",
     "SoftMoE",
     "SoftMoELayerWrapper",

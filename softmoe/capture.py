@@ -46,13 +46,10 @@ def capture_routing(model: nn.Module) -> Iterator[Dict[str, RoutingRecord]]:
     layers = moe_layers(model)
 
     def recorder_for(name: str, layer: nn.Module):
-        shape = (layer.num_experts, layer.slots_per_expert)
-
         def record(dispatch: torch.Tensor, combine: torch.Tensor) -> None:
-            b, m, _ = dispatch.shape
-            records[name] = RoutingRecord(
-                dispatch=dispatch.detach().view(b, m, *shape), combine=combine.detach().view(b, m, *shape)
-            )
+            # [b, m, n * slots] -> [b, m, n, slots]; slots per expert is the layer's capacity for sparse layers
+            shape = (*dispatch.shape[:2], layer.num_experts, -1)
+            records[name] = RoutingRecord(dispatch=dispatch.detach().view(shape), combine=combine.detach().view(shape))
 
         return record
 

@@ -1,7 +1,8 @@
 """Sparse upcycling: start a Soft MoE ViT from a dense timm ViT's weights.
 
 Every expert of an MoE block starts as that block's dense MLP (optionally plus Gaussian noise, so
-the experts can diverge); everything else is copied; the router (Φ, scale) keeps its fresh init.
+the experts can diverge); everything else is copied; the router (Φ and scale, or a sparse
+router's weights) keeps its fresh init.
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def upcycle(
         if not isinstance(layer.experts, BatchedMlp):
             raise ValueError(f"upcycling needs MLP experts, but {name} has {type(layer.experts).__name__}")
         new_state.update(_expert_weights(name, layer, dense_state, noise_std, generator, used))
-        for router_key in (f"{name}.phi", f"{name}.scale"):
-            if router_key in target:
-                new_state[router_key] = target[router_key]
+        # everything else in the MoE layer is its router (Φ and scale, or a sparse router): keep its init
+        for key in target:
+            if key.startswith(f"{name}.") and not key.startswith(f"{name}.experts."):
+                new_state[key] = target[key]
 
     for key, value in target.items():
         if key in new_state:
