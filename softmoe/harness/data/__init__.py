@@ -1,0 +1,99 @@
+"""The harness's data layer: the ``data`` config group (``conf/data/*.yaml``) turned into datasets and loaders.
+
+    validate_data_config(cfg.data)                    # before anything loads: one line per bad key
+    bundle = build_datasets(cfg.data, cfg.paths.data_dir)
+    loader = build_loader(bundle.train, batch_size, train=True, seed=cfg.seed)
+
+Datasets (one module each): ``digits`` (default, bundled in scikit-learn), ``cifar10``/``cifar100``
+(torchvision files), ``imagefolder`` (ImageNet layout), ``synthetic`` (generated). Data that is
+absent raises ``MissingDataError`` saying where we looked and how to fetch it; a bad file or
+example raises ``BadDataError`` naming it, or is skipped and counted with ``data.on_bad_file=skip``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from . import cifar, digits, imagefolder, synthetic
+from .common import BadDataError, DataBundle, MissingDataError
+from .config import DATASETS, checked_config, dataset_size, validate_data_config
+
+log = logging.getLogger(__name__)
+
+_BUILDERS = {
+    "digits": digits.build,
+    "cifar10": cifar.build,
+    "cifar100": cifar.build,
+    "imagefolder": imagefolder.build,
+    "synthetic": synthetic.build,
+}
+
+
+def build_datasets(data_cfg: Any, data_dir: str) -> DataBundle:
+    """Both splits of the dataset ``data_cfg`` names; files are read from ``data.root``, else ``<data_dir>/<name>``."""
+    cfg = checked_config(data_cfg)
+    root = Path(cfg.get("root") or Path(data_dir) / cfg["name"]).expanduser()
+    bundle = _BUILDERS[cfg["name"]](cfg, root)
+    if bundle.skipped:
+        log.warning(
+            "data=%s: skipped %d bad example(s) (data.on_bad_file=skip); the first: %s",
+            bundle.name,
+            bundle.skipped,
+            bundle.skipped_reasons[0],
+        )
+    return bundle
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    train: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    sampler: Optional[Sampler] = None,
+    drop_last: Optional[bool] = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader whose shuffling is determined by ``seed``; shuffles only when ``train`` and no ``sampler``.
+
+    The order comes from ``loader.generator`` (a ``torch.Generator`` seeded with ``seed``): each epoch
+    draws from it, so a run's sequence of epochs repeats exactly, and ``loader.generator.get_state()``
+    is what a checkpoint needs to resume it. Worker processes are started each epoch and PyTorch seeds
+    them from the same generator, so their random augmentations repeat too (with ``num_workers=0``
+    augmentations draw from the global RNG, which the trainer seeds). ``drop_last`` defaults to
+    ``train``: every training step sees a full batch.
+    """
+    drop_last = train if drop_last is None else drop_last
+    if drop_last and sampler is None and len(dataset) < batch_size:
+        raise ValueError(
+            f"batch_size={batch_size}: larger than the {len(dataset)} examples of this split, so dropping the last "
+            "partial batch leaves none; lower trainer.batch_size"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+    )
+
+
+__all__ = [
+    "DATASETS",
+    "BadDataError",
+    "DataBundle",
+    "MissingDataError",
+    "build_datasets",
+    "build_loader",
+    "dataset_size",
+    "validate_data_config",
+]

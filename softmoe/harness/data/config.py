@@ -1,0 +1,219 @@
+"""The rules of the ``data`` config group: which keys each dataset takes and which values they allow.
+
+Default values live in one place, ``conf/data/<name>.yaml``; this module only checks them, so a
+typo'd override stops with one line naming the key before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+
+DIGITS_EXAMPLES = 1797  # sklearn.datasets.load_digits
+CIFAR_EXAMPLES = {"train": 50_000, "test": 10_000}  # the same for CIFAR-10 and CIFAR-100
+SPLITS = ("train", "test")
+
+# A rule returns None for a good value, else what is allowed; it sees the whole config for cross-key checks.
+Rule = Callable[[Any, Mapping[str, Any]], Optional[str]]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def positive_int(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    return None if _is_int(value) and value >= 1 else "must be a positive integer"
+
+
+def non_negative_int(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    return None if _is_int(value) and value >= 0 else "must be an integer >= 0"
+
+
+def boolean(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def optional_path(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    if value is None or (isinstance(value, str) and value):
+        return None
+    return "must be a directory path, or null for <paths.data_dir>/<data.name>"
+
+
+def exactly(expected: int, why: str) -> Rule:
+    def rule(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+        return None if _is_int(value) and value == expected else f"must be {expected} for data={cfg['name']} ({why})"
+
+    return rule
+
+
+def one_of(*allowed: str) -> Rule:
+    def rule(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+        return None if value in allowed else f"must be one of {', '.join(allowed)}"
+
+    return rule
+
+
+def digits_test_size(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    low, high = 10, DIGITS_EXAMPLES - 10  # a stratified split needs every class in both splits
+    return None if _is_int(value) and low <= value <= high else f"must be an integer from {low} to {high}"
+
+
+def non_negative_number(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
+
+
+def crop_fraction(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    return None if _is_number(value) and 0 < value <= 1 else "must be a number in (0, 1]"
+
+
+def per_channel(positive: bool) -> Rule:
+    def rule(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+        if (
+            isinstance(value, (list, tuple))
+            and len(value) == cfg["in_chans"]
+            and all(_is_number(v) and (v > 0 or not positive) for v in value)
+        ):
+            return None
+        kind = "positive numbers" if positive else "numbers"
+        return f"must be a list of {cfg['in_chans']} {kind}, one per channel (data.in_chans={cfg['in_chans']})"
+
+    return rule
+
+
+def image_channels(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    return None if _is_int(value) and value in (1, 3) else "must be 1 (grayscale) or 3 (RGB)"
+
+
+def auto_augment_policy(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    if value is None:
+        return None
+    from timm.data import create_transform
+
+    try:  # timm parses the policy string when it builds the transform; nothing is loaded
+        create_transform(16, is_training=True, auto_augment=value)
+    except Exception:
+        return "must be null or a timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1, augmix, original"
+    return None
+
+
+def _cifar_rules(num_classes: int) -> dict[str, Rule]:
+    return {
+        "root": optional_path,
+        "download": boolean,
+        "img_size": positive_int,
+        "in_chans": exactly(3, "CIFAR images are RGB"),
+        "num_classes": exactly(num_classes, f"CIFAR-{num_classes} has {num_classes} classes"),
+        "augment": boolean,
+        "on_bad_file": one_of("error", "skip"),
+    }
+
+
+# Every key of conf/data/<name>.yaml besides `name`, in checking order (in_chans before the per-channel lists).
+RULES: dict[str, dict[str, Rule]] = {
+    "digits": {
+        "img_size": exactly(8, "the digits are 8x8 pixels"),
+        "in_chans": exactly(1, "the digits are grayscale"),
+        "num_classes": exactly(10, "the digits are 0-9"),
+        "test_size": digits_test_size,
+        "split_seed": non_negative_int,
+        "augment": boolean,
+    },
+    "cifar10": _cifar_rules(10),
+    "cifar100": _cifar_rules(100),
+    "imagefolder": {
+        "root": optional_path,
+        "img_size": positive_int,
+        "in_chans": image_channels,
+        "num_classes": positive_int,
+        "augment": boolean,
+        "auto_augment": auto_augment_policy,
+        "crop_pct": crop_fraction,
+        "mean": per_channel(positive=False),
+        "std": per_channel(positive=True),
+        "verify": one_of("full", "header", "none"),
+        "strict_channels": boolean,
+        "on_bad_file": one_of("error", "skip"),
+    },
+    "synthetic": {
+        "img_size": positive_int,
+        "in_chans": positive_int,
+        "num_classes": positive_int,
+        "train_size": positive_int,
+        "test_size": positive_int,
+        "seed": non_negative_int,
+        "signal": non_negative_number,
+    },
+}
+assert tuple(RULES) == DATASETS
+
+
+def format_value(value: Any) -> str:
+    """A value as the user would type it in a Hydra override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(format_value, value)) + "]"
+    return str(value)
+
+
+def _as_dict(data_cfg: Any) -> dict[str, Any]:
+    if isinstance(data_cfg, DictConfig):
+        return OmegaConf.to_container(data_cfg, resolve=True)  # interpolations resolve against the root config
+    if isinstance(data_cfg, Mapping):
+        return dict(data_cfg)
+    raise ValueError(f"data must be a mapping of keys (conf/data/<name>.yaml), got {type(data_cfg).__name__}")
+
+
+def checked_config(data_cfg: Any) -> dict[str, Any]:
+    """``data_cfg`` as a plain dict, after every check of :func:`validate_data_config`."""
+    cfg = _as_dict(data_cfg)
+    name = cfg.get("name")
+    if name not in DATASETS:
+        raise ValueError(f"data.name={format_value(name)}: must be one of {', '.join(DATASETS)} (conf/data/*.yaml)")
+    rules = RULES[name]
+    unknown = [key for key in cfg if key != "name" and key not in rules]
+    if unknown:
+        key = unknown[0]
+        raise ValueError(
+            f"data.{key}={format_value(cfg[key])}: not a key of data={name}; its keys are {', '.join(rules)}"
+        )
+    for key, rule in rules.items():
+        if key not in cfg:
+            raise ValueError(f"data.{key}: missing; data={name} needs every key of conf/data/{name}.yaml")
+        problem = rule(cfg[key], cfg)
+        if problem is not None:
+            raise ValueError(f"data.{key}={format_value(cfg[key])}: {problem}")
+    return cfg
+
+
+def validate_data_config(data_cfg: Any) -> None:
+    """Raise ``ValueError('data.<key>=<value>: <what is allowed>')`` for a bad key or value; loads nothing."""
+    checked_config(data_cfg)
+
+
+def dataset_size(data_cfg: Any, split: str) -> Optional[int]:
+    """Number of examples in ``split`` ('train' or 'test') when known without loading, else None.
+
+    CIFAR reports the official sizes (50,000 / 10,000); ImageFolder trees are only counted by scanning.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
+    cfg = checked_config(data_cfg)
+    name = cfg["name"]
+    if name == "digits":
+        return cfg["test_size"] if split == "test" else DIGITS_EXAMPLES - cfg["test_size"]
+    if name in ("cifar10", "cifar100"):
+        return CIFAR_EXAMPLES[split]
+    if name == "synthetic":
+        return cfg[f"{split}_size"]
+    return None
