@@ -1,0 +1,410 @@
+"""Expert parallelism: the experts of every MoE layer split over the ranks of a process group.
+
+On a group of W ranks each rank holds ``num_experts / W`` experts of each layer (rank r owns the
+contiguous experts ``r·n/W ... (r+1)·n/W - 1``); the router Φ, its scale and every dense parameter
+stay replicated. Every rank feeds its own batch (data parallel). A layer's forward pass:
+
+1. computes its slots X̃ [b, n, p, d] locally, from its own examples;
+2. sends each expert's slots to the rank that owns the expert (one ``all_to_all``);
+3. runs its local experts on the slots received from all ranks, [Σ b, n/W, p, d];
+4. sends the outputs back (a second ``all_to_all``) and combines them locally, Y = C Ỹ.
+
+Communication per MoE layer and example: the n·p slot vectors of size d go out and the n·p outputs of
+size d' come back in the forward pass, and their gradients travel the same two ways in the backward
+pass; a fraction (W-1)/W of it leaves the rank. For ViT-S/16 with 128 experts x 1 slot (d = 384) that
+is 128·384 = 49,152 numbers per example in each direction, 192 KiB in float32.
+
+Gradients follow data parallelism's convention: with every rank's loss the mean over its own batch,
+the expert shards' gradients are the mean over ranks (each expert already sees all ranks' slots
+through the ``all_to_all``), so after the replicated gradients are averaged too (DDP, or
+:func:`all_reduce_replicated_grads`) one optimiser step equals the single-process step on the
+global batch. Every rank must run every forward and backward pass: the ``all_to_all`` is collective.
+
+Typical use, with ``torchrun --nproc_per_node=W``::
+
+    torch.distributed.init_process_group("nccl")
+    model = to_expert_parallel(build_model().cuda())     # every rank keeps its shard of the experts
+    model = distributed_data_parallel(model)               # DDP for the replicated parameters only
+    ...
+    full = gather_expert_parallel_state_dict(model)        # the single-process state dict on rank 0
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.nn.parallel import DistributedDataParallel
+
+from .capture import moe_layers
+
+__all__ = [
+    "ExpertParallel",
+    "all_reduce_replicated_grads",
+    "clip_grad_norm_",
+    "distributed_data_parallel",
+    "expert_parallel_layers",
+    "expert_parameter_names",
+    "gather_expert_parallel_state_dict",
+    "shard_state_dict",
+    "to_expert_parallel",
+]
+
+# torch 2.14 renamed all_gather_into_tensor (kept, deprecated) to all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+LOCAL_EXPERTS = "local_experts"  # the attribute of ExpertParallel holding this rank's bank
+
+
+def _process_group(group: Optional[dist.ProcessGroup]) -> dist.ProcessGroup:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "expert parallelism needs an initialised torch.distributed process group: launch with torchrun and "
+            "call torch.distributed.init_process_group(...) before converting the model"
+        )
+    return dist.group.WORLD if group is None else group
+
+
+def _leading_expert_dim(bank: nn.Module) -> int:
+    """The number of experts of a bank whose parameters and buffers all lead with the expert dimension."""
+    sizes = {tensor.shape[0] if tensor.ndim else None for tensor in _bank_tensors(bank)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"an expert bank for expert parallelism must stack every parameter and buffer over the experts "
+            f"(leading dimension num_experts), got leading sizes {sorted(map(str, sizes))} in {type(bank).__name__}"
+        )
+    return sizes.pop()
+
+
+def _bank_tensors(bank: nn.Module) -> Iterator[torch.Tensor]:
+    yield from bank.parameters()
+    yield from bank.buffers()
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward, gradient multiplied by ``factor`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+class ExpertParallel(nn.Module):
+    """An expert bank split over a process group: pass it as ``SoftMoE(experts=...)``.
+
+    Maps slots [b, num_experts, p, d] to [b, num_experts, p, d'] exactly as the whole bank would, while
+    this rank computes only its ``num_experts / world_size`` experts, on the slots of every rank.
+
+    Args:
+        local_experts: this rank's experts, a bank mapping [b, n_local, p, d] -> [b, n_local, p, d'] whose
+            parameters all lead with n_local (:class:`~softmoe.experts.BatchedMlp` or
+            :class:`~softmoe.experts.StackedExperts`). Rank r's bank holds global experts r·n_local onwards.
+            :func:`to_expert_parallel` builds these from a whole model.
+        group: the process group (default: the world). Must be the group the replicated parameters are
+            averaged over.
+        uneven_batches: set when ranks may feed different batch sizes (e.g. a last partial batch without
+            ``DistributedSampler``'s padding). Costs one small ``all_gather`` and a host sync per call;
+            without it, ranks must feed equal batch sizes.
+    """
+
+    def __init__(
+        self, local_experts: nn.Module, group: Optional[dist.ProcessGroup] = None, *, uneven_batches: bool = False
+    ) -> None:
+        super().__init__()
+        group = _process_group(group)
+        self.local_experts = local_experts
+        # The group's name, not the group: a module holding a ProcessGroup cannot be deep-copied (EMA copies).
+        self.group_name = group.group_name
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.num_local_experts = _leading_expert_dim(local_experts)
+        self.num_experts = self.world_size * self.num_local_experts
+        self.first_expert = self.rank * self.num_local_experts
+        self.uneven_batches = bool(uneven_batches)
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return _resolve_process_group(self.group_name)
+
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        if slots.ndim != 4 or slots.shape[1] != self.num_experts:
+            raise ValueError(
+                f"slots must have shape [batch, num_experts={self.num_experts}, slots_per_expert, dim], "
+                f"got {list(slots.shape)}"
+            )
+        b, n, p, d = slots.shape
+        w, n_local = self.world_size, self.num_local_experts
+        # Split sizes along dim 0 of the buffers: b examples go to every rank, b_r come from rank r.
+        sent_sizes, received_sizes = None, None  # None: equal splits
+        if self.uneven_batches:
+            sent_sizes, received_sizes = [b] * w, self._batch_sizes(b, slots.device)
+        # Grouped by the rank owning the experts: [w, b, n_local, p, d] -> [w·b, n_local, p, d].
+        outgoing = slots.reshape(b, w, n_local, p, d).transpose(0, 1).reshape(w * b, n_local, p, d)
+        incoming = all_to_all_single_autograd(outgoing, received_sizes, sent_sizes, self.group_name)
+        # [Σ b_r, n_local, p, d]: every rank's examples for this rank's experts, in rank order.
+        outputs = self._local_experts_mean_grad(incoming)  # [Σ b_r, n_local, p, d']
+        returned = all_to_all_single_autograd(outputs, sent_sizes, received_sizes, self.group_name)
+        return returned.view(w, b, n_local, p, -1).transpose(0, 1).reshape(b, n, p, -1)
+
+    def _local_experts_mean_grad(self, slots: torch.Tensor) -> torch.Tensor:
+        """The local experts, with their parameters' gradients averaged over ranks, not summed.
+
+        Scaling the outputs' gradient by 1/W scales both the parameters' and the slots' gradients;
+        scaling the slots' gradient back by W leaves the slots (and everything before them) untouched.
+        """
+        if self.world_size == 1:
+            return self.local_experts(slots)
+        outputs = self.local_experts(_ScaleGradient.apply(slots, float(self.world_size)))
+        return _ScaleGradient.apply(outputs, 1.0 / self.world_size)
+
+    def _batch_sizes(self, batch_size: int, device: torch.device) -> List[int]:
+        sizes = torch.empty(self.world_size, dtype=torch.int64, device=device)
+        _all_gather_single(sizes, torch.tensor([batch_size], dtype=torch.int64, device=device), group=self.group)
+        return sizes.tolist()
+
+    def extra_repr(self) -> str:
+        last = self.first_expert + self.num_local_experts - 1
+        return (
+            f"num_experts={self.num_experts}, world_size={self.world_size}, "
+            f"local experts {self.first_expert}..{last}, uneven_batches={self.uneven_batches}"
+        )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def expert_parallel_layers(model: nn.Module) -> Dict[str, ExpertParallel]:
+    """The :class:`ExpertParallel` banks of ``model`` (a DDP wrapper is looked through), by module name."""
+    return {name: module for name, module in _unwrap(model).named_modules() if isinstance(module, ExpertParallel)}
+
+
+def expert_parameter_names(model: nn.Module) -> List[str]:
+    """Names of the parameters and buffers that are sharded over the ranks (every other one is replicated)."""
+    names = []
+    for layer_name, layer in expert_parallel_layers(model).items():
+        prefix = f"{layer_name}." if layer_name else ""
+        names += [prefix + name for name, _ in layer.named_parameters()]
+        names += [prefix + name for name, _ in layer.named_buffers()]
+    return names
+
+
+def _shard_bank_(bank: nn.Module, first: int, count: int) -> nn.Module:
+    """Keep experts ``first .. first+count-1`` of ``bank``, in place."""
+    for module in bank.modules():
+        for name, param in module.named_parameters(recurse=False):
+            shard = param.detach()[first : first + count].clone()
+            module._parameters[name] = nn.Parameter(shard, requires_grad=param.requires_grad)
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer[first : first + count].clone()
+    if isinstance(getattr(bank, "num_experts", None), int):
+        bank.num_experts = count  # StackedExperts' per-expert loop reads it
+    return bank
+
+
+@torch.no_grad()
+def _broadcast_from_first_rank(model: nn.Module, group: dist.ProcessGroup) -> None:
+    source = dist.get_global_rank(group, 0)
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=source, group=group)
+
+
+def to_expert_parallel(
+    model: nn.Module,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    uneven_batches: bool = False,
+    broadcast: bool = True,
+) -> nn.Module:
+    """Convert ``model`` in place to expert parallelism on ``group`` and return it.
+
+    Every MoE layer of ``model`` (a :class:`~softmoe.SoftMoE`, or any layer found by
+    :func:`softmoe.moe_layers` with an ``experts`` bank stacked over the experts) keeps only this rank's
+    shard of its experts, wrapped in :class:`ExpertParallel`; all other parameters stay whole.
+
+    Args:
+        model: a single-process model, built the same way on every rank. Call before creating the
+            optimiser (the expert parameters are replaced) and before wrapping in DDP.
+        group: the process group (default: the world).
+        uneven_batches: see :class:`ExpertParallel`.
+        broadcast: first copy rank 0's parameters and buffers to every rank (as DDP does), so ranks that
+            initialised with different seeds still hold shards of one model.
+    """
+    group = _process_group(group)
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    layers = {
+        name: layer
+        for name, layer in moe_layers(model).items()
+        if isinstance(getattr(layer, "experts", None), nn.Module) and not isinstance(layer.experts, ExpertParallel)
+    }
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layer with an expert bank to split over the ranks")
+    for name, layer in layers.items():  # check every layer before changing any
+        num_experts = _leading_expert_dim(layer.experts)
+        if num_experts % world_size:
+            raise ValueError(
+                f"expert parallelism needs num_experts divisible by the world size: MoE layer {name or '<model>'!r} "
+                f"has num_experts={num_experts}, world size is {world_size}"
+            )
+    if broadcast:
+        _broadcast_from_first_rank(model, group)
+    for layer in layers.values():
+        count = _leading_expert_dim(layer.experts) // world_size
+        local = _shard_bank_(layer.experts, rank * count, count)
+        layer.experts = ExpertParallel(local, group, uneven_batches=uneven_batches)
+    return model
+
+
+def _full_key(key: str, layers: Mapping[str, ExpertParallel]) -> Tuple[str, Optional[ExpertParallel]]:
+    """The single-process name of a state-dict key, and the ExpertParallel layer it is sharded by (or None)."""
+    for layer_name, layer in layers.items():
+        prefix = f"{layer_name}.{LOCAL_EXPERTS}." if layer_name else f"{LOCAL_EXPERTS}."
+        if key.startswith(prefix):
+            rest = key[len(prefix) :]
+            return (f"{layer_name}.{rest}" if layer_name else rest), layer
+    return key, None
+
+
+def gather_expert_parallel_state_dict(model: nn.Module, dst: int = 0) -> Optional[Dict[str, torch.Tensor]]:
+    """The whole model's single-process state dict on group rank ``dst``, ``None`` on the other ranks.
+
+    Collective: every rank of the experts' group must call it. The result loads into the model built
+    on one process (same keys, order and shapes as its ``state_dict()``), so a run saved on W ranks
+    evaluates on one. Replicated entries are taken from ``dst``; tensors stay on the model's device.
+    """
+    group = _group_of(model)
+    is_dst = dist.get_rank(group) == dst
+    model = _unwrap(model)
+    layers = expert_parallel_layers(model)
+    full: Dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        name, layer = _full_key(key, layers)
+        if layer is None:
+            full[name] = value
+            continue
+        shards = [torch.empty_like(value) for _ in range(layer.world_size)] if is_dst else None
+        dist.gather(value.contiguous(), shards, dst=dist.get_global_rank(group, dst), group=group)
+        if is_dst:
+            full[name] = torch.cat(shards)
+    return full if is_dst else None
+
+
+def shard_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """This rank's part of a single-process state dict, ready for ``model.load_state_dict``.
+
+    ``model`` is the expert-parallel model (after :func:`to_expert_parallel`); no communication: each
+    rank reads the whole checkpoint and keeps its experts.
+    """
+    model = _unwrap(model)
+    layers = expert_parallel_layers(model)
+    local: Dict[str, torch.Tensor] = {}
+    for key, target in model.state_dict().items():
+        name, layer = _full_key(key, layers)
+        if name not in state_dict:
+            raise ValueError(f"the state dict has no {name!r} (needed for {key!r} of the expert-parallel model)")
+        value = state_dict[name]
+        if layer is not None:
+            if value.ndim == 0 or value.shape[0] != layer.num_experts:
+                raise ValueError(
+                    f"{name!r} must stack num_experts={layer.num_experts} experts on its first dimension, "
+                    f"got shape {list(value.shape)}"
+                )
+            value = value[layer.first_expert : layer.first_expert + layer.num_local_experts]
+        if value.shape != target.shape:
+            raise ValueError(f"{name!r} has shape {list(value.shape)}, the model expects {list(target.shape)}")
+        local[key] = value
+    return local
+
+
+def _group_of(model: nn.Module) -> dist.ProcessGroup:
+    layers = expert_parallel_layers(model)
+    if not layers:
+        name = type(_unwrap(model)).__name__
+        raise ValueError(f"{name} has no expert-parallel layers: call to_expert_parallel first")
+    names = {layer.group_name for layer in layers.values()}
+    if len(names) != 1:
+        raise ValueError(f"the expert-parallel layers use different process groups {sorted(names)}; expected one")
+    return next(iter(layers.values())).group
+
+
+def _split_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+    """(replicated, expert-sharded) parameters of ``model``."""
+    model = _unwrap(model)
+    sharded = {id(p) for layer in expert_parallel_layers(model).values() for p in layer.parameters()}
+    replicated = [p for p in model.parameters() if id(p) not in sharded]
+    experts = [p for p in model.parameters() if id(p) in sharded]
+    return replicated, experts
+
+
+@torch.no_grad()
+def all_reduce_replicated_grads(model: nn.Module) -> None:
+    """Average the gradients of the replicated parameters over the experts' group; leave the experts' alone.
+
+    The manual alternative to :func:`distributed_data_parallel`: call after ``loss.backward()`` and
+    before the optimiser step. Parameters without a gradient are skipped; every rank must have
+    gradients for the same parameters.
+    """
+    group = _group_of(model)
+    grads = [p.grad for p in _split_parameters(model)[0] if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:  # one flat all_reduce per dtype
+        same = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size(group)
+        for grad, reduced in zip(same, flat.split([g.numel() for g in same])):
+            grad.copy_(reduced.view_as(grad))
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over the whole (sharded) model; returns the total norm.
+
+    Each rank sees only its experts' gradients, so a per-rank clip would scale the replicated
+    parameters differently on different ranks and they would drift apart. Here the norm counts the
+    replicated gradients once (they must already be averaged) and every expert shard, and every rank
+    applies the same factor. Collective.
+    """
+    group = _group_of(model)
+    replicated, experts = _split_parameters(model)
+    device = next(_unwrap(model).parameters()).device
+    norm_type = float(norm_type)
+
+    def grad_norms(params: List[nn.Parameter]) -> torch.Tensor:  # [parameters with a gradient], float64
+        grads = [p.grad for p in params if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g, norm_type).to(device, torch.float64) for g in grads]
+        return torch.stack(norms) if norms else torch.zeros(1, dtype=torch.float64, device=device)
+
+    replicated_norms, expert_norms = grad_norms(replicated), grad_norms(experts)
+    if norm_type == float("inf"):
+        expert_max = expert_norms.max()
+        dist.all_reduce(expert_max, op=dist.ReduceOp.MAX, group=group)
+        total = torch.maximum(replicated_norms.max(), expert_max)
+    else:
+        expert_sum = expert_norms.pow(norm_type).sum()
+        dist.all_reduce(expert_sum, group=group)
+        total = (replicated_norms.pow(norm_type).sum() + expert_sum).pow(1.0 / norm_type)
+    clip = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in [*replicated, *experts]:
+        if p.grad is not None:
+            p.grad.mul_(clip.to(p.grad.dtype))
+    return total
+
+
+def distributed_data_parallel(model: nn.Module, **ddp_kwargs) -> DistributedDataParallel:
+    """Wrap an expert-parallel model in DDP that averages only the replicated parameters.
+
+    The expert shards are excluded from DDP (they differ between ranks, so DDP must neither broadcast
+    them from rank 0 nor average their gradients, which :class:`ExpertParallel` already averages).
+    ``process_group`` defaults to the experts' group; other keyword arguments go to DDP.
+    """
+    ddp_kwargs.setdefault("process_group", _group_of(model))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
+    return DistributedDataParallel(model, **ddp_kwargs)
