@@ -1,0 +1,314 @@
+"""Expert parallelism on two gloo processes against the single-process model on the concatenated batch.
+
+One pair of processes runs every scenario (starting processes costs more than the scenarios); each
+scenario is reported as its own test. Within a scenario every rank runs all its collectives before
+it asserts anything, so a failure on one rank cannot leave the other waiting in a collective.
+"""
+
+import copy
+import json
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from timm.layers import Mlp
+
+from softmoe import BatchedMlp, SoftMoE, SoftMoELayerWrapper, SoftMoEVisionTransformer
+from softmoe.parallel import (
+    ExpertParallel,
+    all_reduce_replicated_grads,
+    clip_grad_norm_,
+    distributed_data_parallel,
+    expert_parameter_names,
+    gather_expert_parallel_state_dict,
+    shard_state_dict,
+    to_expert_parallel,
+)
+
+WORLD_SIZE = 2
+PER_RANK_BATCH = 2
+TINY_VIT = dict(
+    img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=3,
+    num_experts=4, slots_per_expert=2, moe_layer_index=1,
+)  # fmt: skip
+EXACT = dict(rtol=1e-10, atol=1e-12)  # float64 throughout: only the order of additions differs
+
+
+def soft_moe_layer():
+    return SoftMoE(8, hidden_features=16, num_experts=4, slots_per_expert=2).double()
+
+
+def stacked_layer():  # any expert bank stacked over the experts, here timm Mlps under vmap
+    layer = SoftMoELayerWrapper(8, num_experts=4, slots_per_expert=2, layer=Mlp, in_features=8, hidden_features=16)
+    return layer.double()
+
+
+def tiny_vit(seed):
+    torch.manual_seed(seed)
+    return SoftMoEVisionTransformer(**TINY_VIT).double()
+
+
+def local_slice(rank, batch_sizes):
+    start = sum(batch_sizes[:rank])
+    return slice(start, start + batch_sizes[rank])
+
+
+def single_process_name(name):
+    """The single-process name of an expert-parallel parameter, and whether it is an expert shard."""
+    return name.replace(".local_experts", ""), ".local_experts." in name
+
+
+def assert_grads_match(model, reference, rank, factor=1.0):
+    """Every parameter's gradient equals ``factor`` x the single-process one (experts: this rank's slice)."""
+    reference_params = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        full_name, is_expert = single_process_name(name)
+        expected = reference_params[full_name].grad * factor
+        if is_expert:
+            count = expected.shape[0] // WORLD_SIZE
+            expected = expected[rank * count : (rank + 1) * count]
+        torch.testing.assert_close(param.grad, expected, **EXACT, msg=lambda m: f"{name}: {m}")
+
+
+# Scenarios, run on every rank -------------------------------------------------------------------
+
+
+def layer_matches_single_process(rank):
+    """Forward output and input/parameter gradients of an expert-parallel layer, for two kinds of bank."""
+    for make_layer in (soft_moe_layer, stacked_layer):
+        torch.manual_seed(0)
+        reference = make_layer()
+        layer = to_expert_parallel(copy.deepcopy(reference))
+        assert isinstance(layer.experts, ExpertParallel) and layer.experts.num_local_experts == 2
+        x = torch.randn(WORLD_SIZE * PER_RANK_BATCH, 6, 8, dtype=torch.float64)  # the global batch
+        target = torch.randn(WORLD_SIZE * PER_RANK_BATCH, 6, 8, dtype=torch.float64)
+        mine = local_slice(rank, [PER_RANK_BATCH] * WORLD_SIZE)
+
+        x_ref = x.clone().requires_grad_()
+        output_ref = reference(x_ref)
+        F.mse_loss(output_ref, target).backward()  # the mean over the global batch ...
+
+        x_local = x[mine].clone().requires_grad_()
+        output = layer(x_local)
+        F.mse_loss(output, target[mine]).backward()  # ... is the mean over ranks of the local means
+        all_reduce_replicated_grads(layer)
+
+        torch.testing.assert_close(output, output_ref[mine], **EXACT)
+        # d(global mean)/dx = d(local mean)/dx / world size
+        torch.testing.assert_close(x_local.grad, x_ref.grad[mine] * WORLD_SIZE, **EXACT)
+        assert_grads_match(layer, reference, rank)
+
+
+def uneven_batches_match_single_process(rank):
+    """With ``uneven_batches``, ranks may feed different batch sizes (3 and 1 examples here)."""
+    torch.manual_seed(0)
+    reference = soft_moe_layer()
+    layer = to_expert_parallel(copy.deepcopy(reference), uneven_batches=True)
+    batch_sizes = [3, 1]
+    x = torch.randn(sum(batch_sizes), 5, 8, dtype=torch.float64)
+    mine = local_slice(rank, batch_sizes)
+
+    x_ref = x.clone().requires_grad_()
+    output_ref = reference(x_ref)
+    output_ref.pow(2).sum().backward()  # a sum over examples: the global loss is the sum of the ranks' losses
+
+    x_local = x[mine].clone().requires_grad_()
+    output = layer(x_local)
+    output.pow(2).sum().backward()
+    all_reduce_replicated_grads(layer)
+
+    torch.testing.assert_close(output, output_ref[mine], **EXACT)
+    torch.testing.assert_close(x_local.grad, x_ref.grad[mine], **EXACT)
+    # parameter gradients are averaged over ranks, replicated and expert alike
+    assert_grads_match(layer, reference, rank, factor=1.0 / WORLD_SIZE)
+
+
+def state_dict_round_trip(rank):
+    """Gathering the shards gives the single-process state dict; sharding it gives every rank's part back."""
+    reference = tiny_vit(seed=0)
+    model = to_expert_parallel(tiny_vit(seed=rank))  # rank 1 starts elsewhere: rank 0's weights are broadcast
+    gathered = gather_expert_parallel_state_dict(model)
+    local = shard_state_dict(reference.state_dict(), model)
+    restored = to_expert_parallel(tiny_vit(seed=7 + rank), broadcast=False)
+    restored.load_state_dict(local)
+    ema_copy = copy.deepcopy(restored)  # an EMA of the model deep-copies it: the process group must not be copied
+
+    images = torch.randn(WORLD_SIZE * PER_RANK_BATCH, 3, 8, 8, dtype=torch.float64)
+    mine = local_slice(rank, [PER_RANK_BATCH] * WORLD_SIZE)
+    with torch.no_grad():
+        expected, restored_out, copy_out = reference(images)[mine], restored(images[mine]), ema_copy(images[mine])
+
+    if rank == 0:
+        assert list(gathered) == list(reference.state_dict())
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(gathered[key], value, rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+    else:
+        assert gathered is None
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(local[key], value, rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+    torch.testing.assert_close(restored_out, expected, **EXACT)
+    torch.testing.assert_close(copy_out, expected, **EXACT)
+    assert set(expert_parameter_names(model)) == {
+        f"blocks.1.mlp.experts.local_experts.{name}" for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+    }
+
+
+def _train(model, images, labels, reduce_and_clip_grads, steps=3):
+    """SGD with momentum and weight decay; returns the losses and the gradient norms before clipping."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01)
+    losses, norms = [], []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        norms.append(reduce_and_clip_grads())
+        optimizer.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), torch.stack(norms)
+
+
+def _training_matches_single_process(rank, wrap_ddp, norm_type):
+    """A few steps on 2 x 2 examples equal single-process steps on the 4 examples, clipping included."""
+    reference = tiny_vit(seed=0)
+    model = to_expert_parallel(copy.deepcopy(reference))
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(WORLD_SIZE * PER_RANK_BATCH, 3, 8, 8, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 3, (WORLD_SIZE * PER_RANK_BATCH,), generator=generator)
+    mine = local_slice(rank, [PER_RANK_BATCH] * WORLD_SIZE)
+    max_norm = 0.01  # small enough that clipping acts on every step
+
+    def clip_reference():
+        return torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm, norm_type)
+
+    def reduce_and_clip():
+        if not wrap_ddp:  # DDP averages the replicated gradients during backward
+            all_reduce_replicated_grads(model)
+        return clip_grad_norm_(trained, max_norm, norm_type)
+
+    trained = distributed_data_parallel(model) if wrap_ddp else model
+    losses_ref, norms_ref = _train(reference, images, labels, clip_reference)
+    losses, norms = _train(trained, images[mine], labels[mine], reduce_and_clip)
+    dist.all_reduce(losses)
+    gathered = gather_expert_parallel_state_dict(trained)
+
+    assert (norms_ref > max_norm).all()
+    torch.testing.assert_close(losses / WORLD_SIZE, losses_ref, **EXACT)
+    torch.testing.assert_close(norms, norms_ref, **EXACT)
+    if rank == 0:
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(gathered[key], value, **EXACT, msg=lambda m: f"{key}: {m}")
+
+
+def training_with_manual_grad_reduction(rank):
+    _training_matches_single_process(rank, wrap_ddp=False, norm_type=float("inf"))
+
+
+def training_with_ddp(rank):
+    _training_matches_single_process(rank, wrap_ddp=True, norm_type=2.0)
+
+
+def clear_errors(rank):
+    """Argument errors are raised on every rank before any collective."""
+    with pytest.raises(ValueError, match=r"num_experts divisible by the world size: .* num_experts=3, world size is 2"):
+        to_expert_parallel(SoftMoE(8, num_experts=3))
+    with pytest.raises(ValueError, match="has no MoE layer"):
+        to_expert_parallel(Mlp(8, 16))
+    with pytest.raises(ValueError, match="must stack every parameter and buffer over the experts"):
+        ExpertParallel(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 8)))
+    layer = to_expert_parallel(SoftMoE(8, num_experts=4))
+    with pytest.raises(ValueError, match=r"slots must have shape \[batch, num_experts=4, .* got \[2, 2, 1, 8\]"):
+        layer.experts(torch.randn(2, 2, 1, 8))
+    wrong = {**SoftMoE(8, num_experts=2).state_dict(), "phi": layer.phi.detach()}
+    message = r"'experts.fc1_weight' must stack num_experts=4 experts .* got shape \[2, 8, 8\]"
+    with pytest.raises(ValueError, match=message):
+        shard_state_dict(wrong, layer)
+    with pytest.raises(ValueError, match="no expert-parallel layers: call to_expert_parallel first"):
+        all_reduce_replicated_grads(SoftMoE(8, num_experts=4))
+
+
+SCENARIOS = {
+    fn.__name__: fn
+    for fn in (
+        layer_matches_single_process,
+        uneven_batches_match_single_process,
+        state_dict_round_trip,
+        training_with_manual_grad_reduction,
+        training_with_ddp,
+        clear_errors,
+    )
+}
+
+
+# Process management -----------------------------------------------------------------------------
+
+
+def _worker(rank, port, results_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+    results = {}
+    try:
+        for name, scenario in SCENARIOS.items():
+            try:
+                scenario(rank)
+                results[name] = None
+            except BaseException:  # pytest's failures are BaseExceptions
+                results[name] = traceback.format_exc()
+            dist.barrier()
+    finally:
+        with open(os.path.join(results_dir, f"rank{rank}.json"), "w") as file:
+            json.dump(results, file)
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    results_dir = tmp_path_factory.mktemp("expert_parallel")
+    # fork, not spawn: the workers inherit the imported torch and timm instead of spending seconds importing them
+    context = mp.start_processes(
+        _worker, args=(_free_port(), str(results_dir)), nprocs=WORLD_SIZE, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail("the expert-parallel worker processes did not finish within 240 s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    results = {}
+    for rank in range(WORLD_SIZE):
+        with open(results_dir / f"rank{rank}.json") as file:
+            for name, error in json.load(file).items():
+                results.setdefault(name, {})[rank] = error
+    return results
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_two_ranks(two_rank_results, scenario):
+    outcome = two_rank_results.get(scenario)
+    assert outcome is not None and len(outcome) == WORLD_SIZE, f"{scenario} did not run on every rank"
+    failures = {rank: error for rank, error in outcome.items() if error}
+    assert not failures, "\n".join(f"rank {rank}:\n{error}" for rank, error in failures.items())
+
+
+def test_needs_an_initialised_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
+        to_expert_parallel(SoftMoE(8, num_experts=4))
+    with pytest.raises(RuntimeError, match="call torch.distributed.init_process_group"):
+        ExpertParallel(BatchedMlp(2, 8))
