@@ -1,0 +1,292 @@
+"""Checks on a composed run config, done before any data loads or any model is built.
+
+Every problem is one line, ``<key>=<value>: <what is allowed>``, raised as :class:`ConfigError`;
+``python -m softmoe.train`` prints it and exits with status 2. The ``data`` group checks itself
+(``softmoe.harness.data.validate_data_config``); this module checks the rest and the keys that
+depend on each other (placement within the depth, batch size within the dataset, schedule within
+the run).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .data import dataset_size, validate_data_config
+from .data.config import Rule, boolean, format_value, non_negative_int, one_of, positive_int
+from .model import COMBINE_MODES, DISPATCH_MODES, PLACEMENTS, ROUTERS, VIT_ARGUMENTS, moe_blocks, num_tokens
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the key, the value and what is allowed."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def optional(rule: Rule) -> Rule:
+    def check(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+        problem = None if value is None else rule(value, cfg)
+        return None if problem is None else f"{problem}, or null"
+
+    return check
+
+
+def number_in(low: float, high: float, *, high_open: bool = False) -> Rule:
+    def check(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+        inside = _is_number(value) and low <= value and (value < high if high_open else value <= high)
+        return None if inside else f"must be a number in [{low}, {high}{')' if high_open else ']'}"
+
+    return check
+
+
+def positive_number(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    return None if _is_number(value) and value > 0 else "must be a number > 0"
+
+
+def non_negative_number(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
+
+
+def text(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    return None if isinstance(value, str) and value else "must be a non-empty string"
+
+
+def texts(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+    return None if ok else "must be a list of strings"
+
+
+def block_list(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return None if ok else "must be a list of 0-indexed block numbers, e.g. [8,9,10,11]"
+
+
+def device_name(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    allowed = "must be auto, cpu, cuda, cuda:<index> or mps"
+    if not isinstance(value, str):
+        return allowed
+    if value in ("auto", "cpu"):
+        return None
+    if value == "mps":
+        return None if torch.backends.mps.is_available() else "MPS is not available on this machine; use auto or cpu"
+    kind, _, index = value.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        return allowed
+    if not torch.cuda.is_available():
+        return "CUDA is not available on this machine; use trainer.device=auto or cpu"
+    if index and int(index) >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def existing_file(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    return None if isinstance(value, str) and Path(value).expanduser().is_file() else "no such checkpoint file"
+
+
+def seed_value(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32
+    return None if ok else "must be an integer in [0, 2**32)"
+
+
+MODEL_RULES: dict[str, Rule] = {
+    "name": text,
+    "img_size": positive_int,
+    "in_chans": positive_int,
+    "num_classes": positive_int,
+    "patch_size": positive_int,
+    "embed_dim": positive_int,
+    "depth": positive_int,
+    "num_heads": positive_int,
+    "mlp_ratio": positive_number,
+    "class_token": boolean,
+    "global_pool": one_of("avg", "token", "max", "avgmax", "map"),
+    "qk_norm": boolean,
+    "drop_path_rate": number_in(0, 1, high_open=True),
+}
+MOE_RULES: dict[str, Rule] = {
+    "placement": one_of(*PLACEMENTS),
+    "layers": optional(block_list),
+    "num_experts": positive_int,
+    "slots_per_expert": positive_int,
+    "normalize": boolean,
+    "router": one_of(*ROUTERS),
+    "dispatch": one_of(*DISPATCH_MODES),
+    "combine": one_of(*COMBINE_MODES),
+}
+TRAINER_RULES: dict[str, Rule] = {
+    "max_epochs": positive_int,
+    "max_steps": optional(positive_int),
+    "batch_size": positive_int,
+    "eval_batch_size": positive_int,
+    "eval_batches": optional(positive_int),
+    "label_smoothing": number_in(0, 1, high_open=True),
+    "grad_clip_norm": optional(positive_number),
+    "precision": one_of("fp32", "bf16", "fp16"),
+    "compile": boolean,
+    "device": device_name,
+    "num_threads": optional(positive_int),
+    "num_workers": non_negative_int,
+    "log_every": positive_int,
+    "checkpoint_every": optional(positive_int),
+    "progress_bar": boolean,
+    "resume": optional(existing_file),
+}
+# Only the keys present are checked: each optimizer and schedule takes its own (the rest are its arguments).
+OPTIMIZER_RULES: dict[str, Rule] = {
+    "lr": positive_number,
+    "weight_decay": non_negative_number,
+    "momentum": number_in(0, 1, high_open=True),
+    "nesterov": boolean,
+    "eps": positive_number,
+}
+SCHEDULER_RULES: dict[str, Rule] = {
+    "warmup_steps": non_negative_int,
+    "cooldown_steps": non_negative_int,
+    "timescale": optional(positive_int),
+    "min_lr_ratio": number_in(0, 1),
+}
+LOGGER_RULES: dict[str, Rule] = {
+    "backend": one_of("wandb", "none"),
+    "mode": one_of("auto", "online", "offline", "disabled"),
+    "project": text,
+    "entity": optional(text),
+    "group": optional(text),
+    "name": optional(text),
+    "tags": texts,
+    "log_images": boolean,
+}
+PATHS_RULES: dict[str, Rule] = {"data_dir": text, "output_dir": text}
+
+
+def _check(section: str, values: Mapping[str, Any], rules: Mapping[str, Rule], *, required: bool = True) -> None:
+    for key, rule in rules.items():
+        if key not in values:
+            if required:
+                raise ConfigError(f"{section}.{key}: missing; every key of conf/{section}/*.yaml is needed")
+            continue
+        problem = rule(values[key], values)
+        if problem is not None:
+            raise ConfigError(f"{section}.{key}={format_value(values[key])}: {problem}")
+
+
+def _check_known(section: str, values: Mapping[str, Any], known: set[str], what: str) -> None:
+    for key, value in values.items():
+        if key not in known and key not in ("_target_", "_partial_", "_convert_"):
+            raise ConfigError(f"{section}.{key}={format_value(value)}: not {what}")
+
+
+def _check_target(section: str, values: Mapping[str, Any]) -> Callable:
+    target = values.get("_target_")
+    try:
+        factory = get_object(target)
+    except Exception:
+        raise ConfigError(f"{section}._target_={format_value(target)}: must name an importable class or function") from None
+    accepted = set(inspect.signature(factory).parameters)
+    _check_known(section, values, accepted, f"an argument of {target}")
+    return factory
+
+
+def resolve_device(name: str) -> torch.device:
+    """``trainer.device`` as a device: ``auto`` is CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def planned_steps(trainer: Mapping[str, Any], train_size: int) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps) of a run over ``train_size`` examples (last partial batch dropped)."""
+    steps_per_epoch = train_size // trainer["batch_size"]
+    total = trainer["max_steps"] or trainer["max_epochs"] * steps_per_epoch
+    return steps_per_epoch, total
+
+
+def _as_plain(cfg: DictConfig) -> dict[str, Any]:
+    try:  # without Hydra's own node, present when composed with return_hydra_config=True
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except OmegaConfBaseException as error:  # e.g. an interpolation to a key that does not exist
+        first_line = str(error).splitlines()[0]
+        raise ConfigError(f"{getattr(error, 'full_key', '') or 'config'}: {first_line}") from None
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first bad key of ``cfg``; reads no data and builds no model."""
+    plain = _as_plain(cfg)
+    for section in ("model", "moe", "data", "optimizer", "scheduler", "trainer", "logger", "paths"):
+        if not isinstance(plain.get(section), dict):
+            raise ConfigError(f"{section}: missing; compose the run from conf/train.yaml")
+    problem = seed_value(plain.get("seed"), plain)
+    if problem:
+        raise ConfigError(f"seed={format_value(plain.get('seed'))}: {problem}")
+    try:
+        validate_data_config(cfg.data)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    data = plain["data"]
+
+    model = plain["model"]
+    _check("model", model, MODEL_RULES)
+    _check_known("model", model, set(MODEL_RULES) | VIT_ARGUMENTS, "a key of timm's VisionTransformer")
+    for key in ("img_size", "in_chans", "num_classes"):
+        if model[key] != data[key]:
+            raise ConfigError(
+                f"model.{key}={format_value(model[key])}: must equal data.{key}={format_value(data[key])} "
+                f"(set data.{key}; the model follows it)"
+            )
+    if model["img_size"] % model["patch_size"]:
+        raise ConfigError(
+            f"model.patch_size={model['patch_size']}: must divide the image size data.img_size={model['img_size']}"
+        )
+    if model["embed_dim"] % model["num_heads"]:
+        raise ConfigError(f"model.num_heads={model['num_heads']}: must divide model.embed_dim={model['embed_dim']}")
+
+    moe = plain["moe"]
+    _check("moe", moe, MOE_RULES)
+    _check_known("moe", moe, set(MOE_RULES), "a key of the moe group")
+    try:
+        blocks = moe_blocks(moe, model["depth"])
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    slots = moe["num_experts"] * moe["slots_per_expert"]
+    tokens = num_tokens(model)
+    if blocks and "identity" in (moe["dispatch"], moe["combine"]) and slots != tokens:
+        raise ConfigError(
+            f"moe.num_experts={moe['num_experts']}: identity routing needs num_experts * slots_per_expert = the "
+            f"{tokens} tokens of each image, got {moe['num_experts']} * {moe['slots_per_expert']} = {slots}"
+        )
+
+    trainer = plain["trainer"]
+    _check("trainer", trainer, TRAINER_RULES)
+    _check_known("trainer", trainer, set(TRAINER_RULES), "a key of the trainer group")
+    if trainer["precision"] == "fp16" and resolve_device(trainer["device"]).type != "cuda":
+        raise ConfigError(f"trainer.precision=fp16: needs a CUDA device (trainer.device={trainer['device']}); use bf16")
+    train_size = dataset_size(cfg.data, "train")
+    if train_size is not None and trainer["batch_size"] > train_size:
+        raise ConfigError(
+            f"trainer.batch_size={trainer['batch_size']}: larger than the {train_size} training examples of "
+            f"data={data['name']}; must be at most {train_size}"
+        )
+
+    _check("optimizer", plain["optimizer"], OPTIMIZER_RULES, required=False)
+    _check_target("optimizer", plain["optimizer"])
+    if "lr" not in plain["optimizer"]:
+        raise ConfigError("optimizer.lr: missing; the schedule scales it")
+    _check("scheduler", plain["scheduler"], SCHEDULER_RULES, required=False)
+    _check_target("scheduler", plain["scheduler"])
+    scheduler = plain["scheduler"]
+    if "timescale" in scheduler and scheduler["timescale"] is None and not scheduler.get("warmup_steps"):
+        raise ConfigError("scheduler.timescale=null: means warmup_steps, which is 0; set scheduler.timescale")
+
+    logger = plain["logger"]
+    _check("logger", logger, {"backend": LOGGER_RULES["backend"]})
+    if logger["backend"] == "wandb":
+        _check("logger", logger, LOGGER_RULES)
+    _check("paths", plain["paths"], PATHS_RULES)

@@ -1,0 +1,94 @@
+"""The one path from the ``model`` and ``moe`` config groups to a network.
+
+``model`` holds timm ``VisionTransformer`` arguments (plus its ``name``); ``moe`` says which blocks
+get a Soft MoE layer and how it routes. ``moe=dense`` (placement ``none``) builds timm's plain ViT.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from softmoe import SoftMoE, SoftMoEVisionTransformer
+from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
+
+PLACEMENTS = ("none", "last_half", "every_other", "all")
+ROUTERS = {"soft": SoftMoE}  # moe.router -> the MoE layer class
+DISPATCH_MODES = DISPATCH_CHOICES
+COMBINE_MODES = COMBINE_CHOICES
+# VisionTransformer arguments a config may set (the rest take classes, set in code).
+VIT_ARGUMENTS = set(inspect.signature(VisionTransformer.__init__).parameters) - {
+    "self",
+    "embed_layer",
+    "embed_norm_layer",
+    "norm_layer",
+    "act_layer",
+    "block_fn",
+    "mlp_layer",
+    "attn_layer",
+    "device",
+    "dtype",
+}
+
+
+def moe_blocks(moe_cfg: Mapping[str, Any], depth: int) -> list[int]:
+    """The 0-indexed blocks that get an MoE layer: ``moe.layers`` when given, else ``moe.placement``'s."""
+    layers = moe_cfg["layers"]
+    if layers is not None:
+        shown = "[" + ",".join(map(str, layers)) + "]"
+        if not layers:
+            raise ValueError(f"moe.layers={shown}: must name at least one block; use moe=dense for a dense ViT")
+        beyond = [b for b in layers if not 0 <= b < depth]
+        if beyond:
+            raise ValueError(
+                f"moe.layers={shown}: block {beyond[0]} is beyond model.depth={depth}; blocks are 0..{depth - 1}"
+            )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"moe.layers={shown}: names a block twice")
+        return sorted(layers)
+    placement = moe_cfg["placement"]
+    if placement not in PLACEMENTS:
+        raise ValueError(f"moe.placement={placement}: must be one of {', '.join(PLACEMENTS)}")
+    return {
+        "none": [],
+        "last_half": list(range(depth // 2, depth)),
+        "every_other": list(range(1, depth, 2)),
+        "all": list(range(depth)),
+    }[placement]
+
+
+def vit_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``VisionTransformer`` arguments of a ``model`` config: every key but ``name``."""
+    return {key: value for key, value in model_cfg.items() if key != "name"}
+
+
+def num_tokens(model_cfg: Mapping[str, Any]) -> int:
+    """Tokens each block (and so each MoE layer) sees per image: patches plus class and register tokens."""
+    patches = (model_cfg["img_size"] // model_cfg["patch_size"]) ** 2
+    return patches + int(model_cfg.get("class_token", True)) + int(model_cfg.get("reg_tokens", 0) or 0)
+
+
+def build_model(model_cfg: Mapping[str, Any], moe_cfg: Mapping[str, Any]) -> nn.Module:
+    """A timm ViT, with Soft MoE MLPs in the blocks ``moe`` names (plain configs or DictConfigs, resolved)."""
+    model_cfg, moe_cfg = _plain(model_cfg), _plain(moe_cfg)
+    kwargs = vit_kwargs(model_cfg)
+    blocks = moe_blocks(moe_cfg, kwargs["depth"])
+    if not blocks:
+        return VisionTransformer(**kwargs)
+    return SoftMoEVisionTransformer(
+        num_experts=moe_cfg["num_experts"],
+        slots_per_expert=moe_cfg["slots_per_expert"],
+        moe_layer_index=blocks,
+        normalize=moe_cfg["normalize"],
+        moe_layer=ROUTERS[moe_cfg["router"]],
+        moe_kwargs={"dispatch": moe_cfg["dispatch"], "combine": moe_cfg["combine"]},
+        **kwargs,
+    )
+
+
+def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)

@@ -1,0 +1,113 @@
+"""Parameter groups, optimizers and learning-rate schedules from the ``optimizer`` and ``scheduler`` groups."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+log = logging.getLogger(__name__)
+
+# Parameters by name, not by shape: the experts' biases and norms are stacked 2-d tensors [n, h].
+NO_DECAY_TOKENS = {"pos_embed", "cls_token", "reg_token", "dist_token", "mask_token"}
+
+
+def decays(name: str) -> bool:
+    """Whether weight decay applies to parameter ``name``: not to biases, norms, LayerScale, position embedding
+    or tokens. The router's Φ (``phi``) and ``scale`` are decayed, as vmoe does."""
+    parts = name.split(".")
+    leaf = parts[-1]
+    if leaf.endswith("bias") or leaf == "gamma" or leaf in NO_DECAY_TOKENS:
+        return False
+    return not any("norm" in part for part in parts)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: ``decay`` with ``weight_decay`` and ``no_decay`` with none (see :func:`decays`)."""
+    groups = {"decay": [], "no_decay": []}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups["decay" if decays(name) else "no_decay"].append(param)
+    return [
+        {"name": "decay", "params": groups["decay"], "weight_decay": weight_decay},
+        {"name": "no_decay", "params": groups["no_decay"], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(optimizer_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
+    make = instantiate(optimizer_cfg, _convert_="all")  # a partial: lists become lists, not ListConfigs
+    return make(param_groups(model, optimizer_cfg.get("weight_decay", 0.0)))
+
+
+def build_scheduler(scheduler_cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
+    return instantiate(scheduler_cfg, _convert_="all")(optimizer, total_steps=total_steps)
+
+
+def _fit(key: str, steps: int, available: int) -> int:
+    """``scheduler.<key>`` shortened to the ``available`` steps of a short run (a debug run, a quick test), with a warning."""
+    if steps <= available:
+        return steps
+    log.warning(
+        "scheduler.%s=%d is longer than this run allows (%d of its optimizer steps); using %d",
+        key, steps, available, available,
+    )
+    return available
+
+
+def _linear_warmup(step: int, warmup_steps: int) -> float:
+    """1/warmup, 2/warmup, ..., 1 over the first ``warmup_steps`` steps (``step`` counts from 0)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def _schedule(optimizer: torch.optim.Optimizer, multiplier: Callable[[int], float]) -> LambdaLR:
+    # A plain function is not saved in LambdaLR.state_dict, so a checkpoint holds only numbers.
+    return LambdaLR(optimizer, multiplier)
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0
+) -> LambdaLR:
+    """Linear warmup to the optimizer's lr, then cosine decay to ``min_lr_ratio * lr`` at ``total_steps``."""
+    warmup_steps = _fit("warmup_steps", warmup_steps, total_steps - 1)
+    decay_steps = total_steps - warmup_steps
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return _linear_warmup(step, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return _schedule(optimizer, multiplier)
+
+
+def warmup_rsqrt_cooldown(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int,
+    cooldown_steps: int,
+    timescale: int | None = None,
+) -> LambdaLR:
+    """The paper's schedule (vmoe, big_vision ``rsqrt``): linear warmup, ``1 / sqrt(1 + (step - warmup) / timescale)``,
+    and a linear cooldown to 0 over the last ``cooldown_steps``."""
+    warmup_steps = _fit("warmup_steps", warmup_steps, total_steps // 2)
+    cooldown_steps = _fit("cooldown_steps", cooldown_steps, total_steps - warmup_steps)
+    timescale = timescale or max(1, warmup_steps)
+
+    def multiplier(step: int) -> float:
+        lr = _linear_warmup(step, warmup_steps) / math.sqrt(1 + max(0, step - warmup_steps) / timescale)
+        if cooldown_steps:
+            lr *= min(1.0, (total_steps - step) / cooldown_steps)
+        return lr
+
+    return _schedule(optimizer, multiplier)
+
+
+def constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
+    """The optimizer's lr after an optional linear warmup."""
+    warmup_steps = _fit("warmup_steps", warmup_steps, total_steps)
+    return _schedule(optimizer, lambda step: _linear_warmup(step, warmup_steps))

@@ -1,0 +1,279 @@
+"""Run telemetry: ``metrics.jsonl`` in the run directory (always) and Weights & Biases (when enabled).
+
+Each log event is one JSON object per line of ``metrics.jsonl``, written at once, with ``step`` and
+``epoch``. W&B receives the same events when the checkpoint that covers them is on disk
+(:meth:`Telemetry.commit`), so a run resumed from that checkpoint never sends a step twice; on resume
+``metrics.jsonl`` drops the lines after the checkpoint's step for the same reason. W&B failing, at
+start or mid-run, prints one warning and training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from torch import nn
+
+from softmoe import block_index, moe_layers, router_scale, routing_stats
+from softmoe.capture import RoutingRecord
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+ROUTING_SCALARS = ("dispatch_entropy", "combine_entropy", "dispatch_max", "combine_max", "effective_experts")
+ROUTING_DISTRIBUTIONS = ("expert_utilisation", "slot_utilisation")
+
+
+# ----------------------------------------------------------------------------- what is logged
+
+
+def routing_metrics(
+    model: nn.Module, records: Mapping[str, RoutingRecord]
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Per MoE block i, from one forward pass's routing: scalars ``routing/block{i}/<statistic>`` (the
+    :func:`softmoe.routing_stats` summaries and the router scale) and the utilisation distributions."""
+    layers = moe_layers(model)
+    scalars: dict[str, float] = {}
+    distributions: dict[str, torch.Tensor] = {}
+    for name, record in sorted(records.items(), key=lambda item: block_index(item[0])):
+        prefix = f"routing/block{block_index(name)}/"
+        stats = routing_stats(record.dispatch, record.combine)
+        scalars.update({prefix + key: stats[key] for key in ROUTING_SCALARS})
+        scalars[prefix + "router_scale"] = router_scale(layers[name])
+        distributions.update({prefix + key: stats[key] for key in ROUTING_DISTRIBUTIONS})
+    return scalars, distributions
+
+
+def distribution_summary(name: str, shares: torch.Tensor) -> dict[str, float]:
+    """``<name>_min``, ``_max`` and ``_entropy`` (normalised by log(size): 1 = balanced) of a distribution [size]."""
+    shares = shares.double()
+    size = shares.numel()
+    entropy = -(shares * shares.clamp_min(1e-30).log()).sum().item()
+    return {
+        f"{name}_min": shares.min().item(),
+        f"{name}_max": shares.max().item(),
+        f"{name}_entropy": entropy / math.log(size) if size > 1 else 1.0,
+    }
+
+
+def dispatch_maps(
+    image: torch.Tensor, records: Mapping[str, RoutingRecord], model: nn.Module, slots: int = 8
+) -> np.ndarray:
+    """An RGB mosaic [H, W, 3] uint8: a row per MoE block, the image then the dispatch weights of ``slots``
+    slots (spread over all n·p) drawn over its patch grid, each scaled to its own maximum."""
+    grid_h, grid_w = model.patch_embed.grid_size
+    prefix = model.num_prefix_tokens  # class/register tokens come before the patches
+    pixels = image.detach().float().cpu().mean(dim=0)  # [H, W], channels averaged
+    pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min()).clamp_min(1e-12)
+    height, width = pixels.shape
+    zoom = max(1, math.ceil(64 / height))  # draw each map at least 64 pixels tall
+    rows = []
+    for name, record in sorted(records.items(), key=lambda item: block_index(item[0])):
+        dispatch = record.dispatch[0].flatten(1)[prefix:]  # [patches, n·p] of the first image
+        chosen = np.linspace(0, dispatch.shape[1] - 1, min(slots, dispatch.shape[1])).round().astype(int)
+        tiles = [np.stack([pixels.numpy()] * 3, axis=-1)]
+        for slot in chosen:
+            weights = dispatch[:, slot].reshape(grid_h, grid_w).cpu().numpy()
+            weights = weights / max(weights.max(), 1e-12)
+            weights = np.kron(weights, np.ones((height // grid_h, width // grid_w)))  # patches -> pixels
+            tiles.append(_heat(weights))
+        rows.append(np.concatenate([_pad(tile) for tile in tiles], axis=1))
+    mosaic = np.concatenate(rows, axis=0)
+    mosaic = np.kron(mosaic, np.ones((zoom, zoom, 1)))
+    return (mosaic * 255).round().astype(np.uint8)
+
+
+def _heat(weights: np.ndarray) -> np.ndarray:
+    """Black -> red -> yellow -> white for weights in [0, 1]: [h, w] -> [h, w, 3]."""
+    return np.stack([np.clip(3 * weights - k, 0, 1) for k in range(3)], axis=-1)
+
+
+def _pad(tile: np.ndarray) -> np.ndarray:
+    return np.pad(tile, ((1, 1), (1, 1), (0, 0)), constant_values=1.0)
+
+
+# ----------------------------------------------------------------------------- where it goes
+
+
+def has_wandb_credentials() -> bool:
+    """An API key in ``WANDB_API_KEY`` or in the netrc file ``wandb login`` writes."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> tuple[str, str]:
+    """``logger.mode`` as a W&B mode, and why: ``auto`` follows ``WANDB_MODE`` when set, else is online
+    with credentials and offline without."""
+    if mode != "auto":
+        return mode, f"logger.mode={mode}"
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"], "WANDB_MODE"
+    if has_wandb_credentials():
+        return "online", "W&B credentials found"
+    return "offline", "no W&B credentials found"
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the lines of a metrics file logged after ``step`` (by an interrupted run past its checkpoint)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, path)
+
+
+class Telemetry:
+    """The run's log: ``metrics.jsonl`` at once, W&B at each :meth:`commit` (called after each checkpoint).
+
+    Args:
+        run_dir: the run directory (``metrics.jsonl`` and W&B's files go there).
+        logger_cfg: the ``logger`` config group, plain.
+        config: the resolved run config, sent to W&B.
+        resume_step: the checkpoint's step when resuming (later lines of ``metrics.jsonl`` are dropped), else 0.
+        run_id: the W&B run to continue, from the checkpoint; None starts a new one.
+        group, name: the W&B group and run name when ``logger.group``/``logger.name`` are null.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        logger_cfg: Mapping[str, Any],
+        config: Mapping[str, Any],
+        *,
+        resume_step: int = 0,
+        run_id: Optional[str] = None,
+        group: Optional[str] = None,
+        name: Optional[str] = None,
+    ) -> None:
+        self.metrics_path = Path(run_dir) / METRICS_FILE
+        truncate_after(self.metrics_path, resume_step)
+        self._metrics = open(self.metrics_path, "a")
+        self._pending: list[tuple[int, dict[str, Any]]] = []
+        self.wandb = None  # the W&B run, or None
+        self.run_id = run_id
+        if logger_cfg["backend"] == "wandb":
+            self._start_wandb(Path(run_dir), logger_cfg, config, group, name)
+
+    def _start_wandb(self, run_dir, cfg, config, group, name) -> None:
+        mode, why = resolve_wandb_mode(cfg["mode"])
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+            from wandb.sdk.lib.runid import generate_id  # from `secrets`: draws nothing from the training RNGs
+
+            self.run_id = self.run_id or generate_id()
+            self.wandb = wandb.init(
+                project=cfg["project"],
+                entity=cfg["entity"],
+                group=cfg["group"] or group,
+                name=cfg["name"] or name,
+                tags=cfg["tags"],
+                config=dict(config),
+                dir=str(run_dir),
+                id=self.run_id,
+                resume="allow",  # the same id continues the same run after a resume
+                mode=mode,
+                reinit="finish_previous",  # the basic launcher runs a sweep's jobs in one process
+                settings=wandb.Settings(console="off", silent=True),
+            )
+        except Exception as error:  # W&B down or misconfigured: train anyway
+            log.warning("W&B could not start (%s); training continues, logging to %s only", error, self.metrics_path)
+            self.wandb = None
+            return
+        self._log_images = cfg["log_images"]
+        if mode == "offline":
+            directory = self.wandb.settings.sync_dir
+            log.info("W&B: offline (%s); this run is saved in %s; upload it with: wandb sync %s", why, directory, directory)
+        else:
+            log.info("W&B: %s", self.wandb.url)
+
+    @property
+    def run_path(self) -> Optional[str]:
+        """The W&B run as ``entity/project/id`` (offline: ``project/id``), or None without W&B."""
+        return self.wandb.path if self.wandb is not None else None
+
+    @property
+    def logs_images(self) -> bool:
+        return self.wandb is not None and self._log_images
+
+    def log(
+        self,
+        step: int,
+        epoch: int,
+        scalars: Mapping[str, float],
+        distributions: Optional[Mapping[str, torch.Tensor]] = None,
+        images: Optional[Mapping[str, np.ndarray]] = None,
+    ) -> None:
+        """One event: ``scalars`` everywhere; ``distributions`` as W&B histograms and as min/max/entropy
+        scalars in ``metrics.jsonl``; ``images`` to W&B only."""
+        distributions = distributions or {}
+        record = {"step": step, "epoch": epoch, **scalars}
+        for name, shares in distributions.items():
+            record.update(distribution_summary(name, shares))
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self.wandb is not None:
+            self._pending.append((step, {"epoch": epoch, **scalars, **distributions, **(images or {})}))
+
+    def commit(self) -> None:
+        """Send the events logged since the last commit to W&B: call once they are covered by a checkpoint."""
+        pending, self._pending = self._pending, []
+        if self.wandb is None:
+            return
+        try:
+            import wandb
+
+            for step, values in pending:
+                converted = {key: self._to_wandb(wandb, key, value) for key, value in values.items()}
+                self.wandb.log(converted, step=step)
+        except Exception as error:
+            log.warning("W&B logging failed (%s); training continues, logging to %s only", error, self.metrics_path)
+            self._stop_wandb()
+
+    @staticmethod
+    def _to_wandb(wandb, key: str, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return wandb.Histogram(value.double().numpy())
+        if isinstance(value, np.ndarray):
+            return wandb.Image(value, caption=key)
+        return value
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        """Final numbers for the W&B run summary."""
+        if self.wandb is not None:
+            try:
+                self.wandb.summary.update(dict(values))
+            except Exception as error:
+                log.warning("W&B summary failed (%s)", error)
+
+    def finish(self) -> None:
+        """Close ``metrics.jsonl`` and the W&B run. Events not yet committed are not sent: no checkpoint covers
+        them, so a resumed run logs them again."""
+        self._pending = []
+        self._metrics.close()
+        self._stop_wandb()
+
+    def _stop_wandb(self) -> None:
+        run, self.wandb = self.wandb, None
+        if run is not None:
+            try:
+                run.finish()
+            except Exception as error:
+                log.warning("W&B finish failed (%s)", error)
