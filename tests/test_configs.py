@@ -1,0 +1,215 @@
+"""Every option of every config group composes, validates and builds its objects; bad values stop with one line.
+
+The options are read from conf/<group>/*.yaml, so a new file is tested by being added.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR
+from softmoe import moe_layers
+from softmoe.harness.config import ConfigError, validate_config
+from softmoe.harness.model import build_model, moe_blocks
+from softmoe.harness.optim import build_optimizer, build_scheduler
+
+ROOT = Path(CONF_DIR).parent
+GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "hydra")
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((Path(CONF_DIR) / group).glob("*.yaml"))]
+PAPER_SIZES = {  # our model option -> timm's model of the same size
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+    "vit_huge": "vit_huge_patch14_224",
+}
+IMAGENET_SHAPE = ["data=imagefolder"]  # 224 px, 3 channels, 1000 classes; validating it reads no files
+
+
+def test_every_group_has_options():
+    assert {"model", "moe", "data", "optimizer", "scheduler", "trainer", "logger", "launcher", "experiment", "debug"} <= set(GROUPS)
+    assert set(PAPER_SIZES) <= {option for group, option in OPTIONS if group == "model"}
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_validates_and_builds(compose_run, group, option):
+    overrides = [f"{group}={option}"] + (IMAGENET_SHAPE if option in PAPER_SIZES else [])
+    if (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():
+        overrides.append("trainer.device=cpu")  # its device: cuda is refused on a machine without CUDA
+    cfg = compose_run(*overrides)
+    validate_config(cfg)
+    if group in ("model", "moe", "optimizer", "scheduler", "experiment"):
+        with torch.device("meta"):  # paper sizes reach billions of parameters: shapes only
+            model = build_model(cfg.model, cfg.moe)
+        with torch.device("cpu"):
+            tiny = torch.nn.Linear(2, 2)
+            scheduler = build_scheduler(cfg.scheduler, build_optimizer(cfg.optimizer, tiny), total_steps=1000)
+        assert 0 < scheduler.get_last_lr()[0] <= cfg.optimizer.lr
+        assert len(moe_layers(model)) == len(moe_blocks(cfg.moe, cfg.model.depth))
+
+
+@pytest.mark.parametrize("option", sorted(PAPER_SIZES))
+def test_paper_sizes_match_timm_vits(compose_run, option):
+    cfg = compose_run(f"model={option}", "moe=dense", *IMAGENET_SHAPE)
+    with torch.device("meta"):
+        ours = build_model(cfg.model, cfg.moe)
+        reference = timm.create_model(PAPER_SIZES[option], num_classes=1000, class_token=False, global_pool="avg")
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+def test_soft_moe_s16_with_128_experts_has_the_papers_parameter_count(compose_run):
+    # 128 experts in blocks 6-11 of S/16: about 0.9 B parameters (each expert a 384-1536-384 MLP).
+    dense = compose_run("model=vit_small", "moe=dense", *IMAGENET_SHAPE)
+    moe = compose_run("model=vit_small", "moe.num_experts=128", *IMAGENET_SHAPE)
+    with torch.device("meta"):
+        counts = [sum(p.numel() for p in build_model(c.model, c.moe).parameters()) for c in (dense, moe)]
+    expert = 384 * 1536 + 1536 + 1536 * 384 + 384
+    router = 384 * 128 + 1  # Φ [d, n, p] and scale
+    assert counts[1] - counts[0] == 6 * (127 * expert + router)
+    assert 0.85e9 < counts[1] < 0.95e9
+
+
+@pytest.mark.parametrize(
+    "overrides,blocks",
+    [
+        (["moe=last_half"], [2, 3]),
+        (["moe=every_other"], [1, 3]),
+        (["moe=all"], [0, 1, 2, 3]),
+        (["moe=dense"], []),
+        (["moe.layers=[0,3]"], [0, 3]),
+        (["model=vit_small", "moe=last_half", *IMAGENET_SHAPE], [6, 7, 8, 9, 10, 11]),
+        (["model=vit_huge", "moe=last_half", *IMAGENET_SHAPE], list(range(16, 32))),
+    ],
+)
+def test_placements_put_moe_in_the_named_blocks(compose_run, overrides, blocks):
+    cfg = compose_run(*overrides)
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.moe)
+    assert [int(name.split(".")[1]) for name in moe_layers(model)] == blocks
+
+
+def test_moe_keys_reach_the_layers(compose_run):
+    cfg = compose_run("moe.num_experts=4", "moe.slots_per_expert=2", "moe.normalize=false", "moe.dispatch=uniform")
+    layer = next(iter(moe_layers(build_model(cfg.model, cfg.moe)).values()))
+    assert (layer.num_experts, layer.slots_per_expert, layer.normalize, layer.dispatch_mode) == (4, 2, False, "uniform")
+
+
+def test_launchers_set_hydras_launcher(compose_run):
+    targets = {
+        "basic": "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+        "joblib": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+        "slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+    }
+    for option, target in targets.items():
+        cfg = compose_run(f"launcher={option}", hydra_node=True)
+        assert cfg.hydra.launcher._target_ == target
+    slurm = compose_run(
+        "launcher=slurm", "launcher.partition=gpu", "launcher.time_min=600", "launcher.gpus_per_node=4", hydra_node=True
+    )
+    launcher = OmegaConf.to_container(slurm.hydra.launcher, resolve=True)
+    assert (launcher["partition"], launcher["timeout_min"], launcher["gpus_per_node"]) == ("gpu", 600, 4)
+    assert launcher["max_num_timeout"] > 0  # requeued after a time-out; submitit always requeues on preemption
+
+
+# Each bad override and the fragments its one-line message must contain: the key, the value, what is allowed.
+BAD_OVERRIDES = [
+    (["moe.num_experts=0"], ["moe.num_experts=0", "positive integer"]),
+    (["moe.slots_per_expert=-1"], ["moe.slots_per_expert=-1", "positive integer"]),
+    (["moe.num_experts=abc"], ["moe.num_experts=abc", "positive integer"]),
+    (["moe.layers=[2,9]"], ["moe.layers=[2,9]", "block 9", "model.depth=4", "0..3"]),
+    (["moe.layers=[]"], ["moe.layers=[]", "moe=dense"]),
+    (["moe.layers=[1,1]"], ["moe.layers=[1,1]", "twice"]),
+    (["moe.placement=first"], ["moe.placement=first", "none, last_half, every_other, all"]),
+    (["moe.router=top2"], ["moe.router=top2", "soft"]),
+    (["moe.dispatch=hard"], ["moe.dispatch=hard", "soft", "uniform", "identity"]),
+    (["moe.dispatch=identity", "moe.num_experts=8"], ["moe.num_experts=8", "identity", "16 tokens"]),
+    (["moe.normalize=maybe"], ["moe.normalize=maybe", "true or false"]),
+    (["trainer.batch_size=5000"], ["trainer.batch_size=5000", "1437 training examples", "at most 1437"]),
+    (["trainer.batch_size=0"], ["trainer.batch_size=0", "positive integer"]),
+    (["trainer.max_epochs=0"], ["trainer.max_epochs=0", "positive integer"]),
+    (["trainer.max_steps=-5"], ["trainer.max_steps=-5", "positive integer, or null"]),
+    (["trainer.label_smoothing=1.5"], ["trainer.label_smoothing=1.5", "[0, 1)"]),
+    (["trainer.precision=fp8"], ["trainer.precision=fp8", "fp32, bf16, fp16"]),
+    (["trainer.device=tpu"], ["trainer.device=tpu", "auto, cpu, cuda"]),
+    (["trainer.log_every=0"], ["trainer.log_every=0", "positive integer"]),
+    (["trainer.resume=/nonexistent/last.pt"], ["trainer.resume=/nonexistent/last.pt", "no such checkpoint file"]),
+    (["+trainer.epochs=3"], ["trainer.epochs=3", "not a key of the trainer group"]),
+    (["model.patch_size=3"], ["model.patch_size=3", "divide", "data.img_size=8"]),
+    (["model.num_heads=5"], ["model.num_heads=5", "model.embed_dim=64"]),
+    (["model.depth=0"], ["model.depth=0", "positive integer"]),
+    (["model.img_size=32"], ["model.img_size=32", "data.img_size=8"]),
+    (["+model.wings=2"], ["model.wings=2", "VisionTransformer"]),
+    (["optimizer.lr=0"], ["optimizer.lr=0", "number > 0"]),
+    (["optimizer.lr=fast"], ["optimizer.lr=fast", "number > 0"]),
+    (["optimizer.weight_decay=-1"], ["optimizer.weight_decay=-1", "number >= 0"]),
+    (["+optimizer.momentum_typo=0.9"], ["optimizer.momentum_typo=0.9", "torch.optim.AdamW"]),
+    (["scheduler.warmup_steps=-1"], ["scheduler.warmup_steps=-1", "integer >= 0"]),
+    (["scheduler=rsqrt", "scheduler.warmup_steps=0"], ["scheduler.timescale=null", "warmup_steps"]),
+    (["logger.mode=loud"], ["logger.mode=loud", "auto, online, offline, disabled"]),
+    (["seed=-1"], ["seed=-1", "2**32"]),
+    (["data.test_size=5"], ["data.test_size=5"]),  # the data group's own check, through validate_config
+]
+
+
+@pytest.fixture(scope="module")
+def default_run(compose_run):
+    return compose_run()
+
+
+def with_overrides(compose_run, base, overrides):
+    """``base`` with ``key=value`` overrides merged as YAML values (fast); group choices go through Hydra."""
+    if any("." not in override.split("=")[0] for override in overrides):
+        return compose_run(*overrides)
+    cfg = base.copy()
+    OmegaConf.set_struct(cfg, False)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([override.lstrip("+") for override in overrides]))
+
+
+@pytest.mark.parametrize("overrides,fragments", BAD_OVERRIDES, ids=[" ".join(o) for o, _ in BAD_OVERRIDES])
+def test_bad_values_stop_with_one_line_naming_key_and_value(compose_run, default_run, overrides, fragments):
+    cfg = with_overrides(compose_run, default_run, overrides)
+    with pytest.raises(ConfigError) as raised:
+        validate_config(cfg)
+    message = str(raised.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_the_default_run_and_each_bad_value_differ_only_by_it(default_run):
+    validate_config(default_run)  # so each failure above is caused by its override alone
+
+
+@pytest.mark.parametrize(
+    "override,fragments",
+    [
+        ("moe=first_half", ["moe/first_half", "Available options", "last_half"]),
+        ("model=vit_gigantic", ["model/vit_gigantic", "vit_small"]),
+        ("moe.num_expert=4", ["moe.num_expert"]),
+    ],
+)
+def test_unknown_options_and_keys_are_named_by_hydra(compose_run, override, fragments):
+    with pytest.raises((MissingConfigException, ConfigCompositionException)) as raised:
+        compose_run(override)
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+def test_cli_prints_one_line_and_exits_nonzero_before_loading_anything(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "softmoe.train", "moe.num_experts=0", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: moe.num_experts=0: must be a positive integer"
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -1,0 +1,213 @@
+"""The training harness end to end: the default run's telemetry, every experiment, exact resume, sweeps, evaluation."""
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from wandb.proto import wandb_internal_pb2
+
+from conftest import CONF_DIR
+from softmoe.evaluate import evaluate_run
+from softmoe.harness.checkpoint import CheckpointError, load_checkpoint
+from softmoe.harness.loop import train
+
+ROOT = Path(CONF_DIR).parent
+EXPERIMENTS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+QUIET = ["trainer.progress_bar=false"]
+ROUTING_SCALARS = ["dispatch_entropy", "combine_entropy", "dispatch_max", "combine_max", "effective_experts", "router_scale"]
+DISTRIBUTIONS = ["expert_utilisation", "slot_utilisation"]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def wandb_records(path):
+    """The protobuf records of a W&B transaction log (``run-<id>.wandb``): a 7-byte header, then LevelDB log
+    blocks of 32 KiB whose records carry a 7-byte header (checksum, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B"
+    block, position, pending = 32768, 7, b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # too short for a record header: padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if kind == 0:
+            break
+        payload = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def wandb_offline_run(run_dir):
+    """(run record, {history key: [values as JSON]}) of the single offline W&B run in ``run_dir``."""
+    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+    run, history = None, {}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "history":
+            for item in record.history.item:
+                history.setdefault(item.key or "/".join(item.nested_key), []).append(item.value_json)
+    return run, history
+
+
+def test_default_run_logs_every_metric_to_metrics_jsonl_and_wandb(compose_run, tmp_path):
+    cfg = compose_run("trainer.max_epochs=1", "trainer.log_every=5", "logger.mode=offline", *QUIET)
+    summary = train(cfg, tmp_path, wandb_group="sweep-1", wandb_name="trainer.max_epochs=1")
+
+    events = read_metrics(tmp_path)
+    train_events = [e for e in events if "train/loss" in e]
+    val_events = [e for e in events if "val/acc" in e]
+    assert [e["step"] for e in train_events] == [5, 10, 15, 20] and [e["step"] for e in val_events] == [22]
+    assert all(e["epoch"] == 1 for e in events)
+    expected = ["train/loss", "train/acc", "train/lr", "train/throughput"]
+    for block in (2, 3):  # vit_micro's last half
+        expected += [f"routing/block{block}/{name}" for name in ROUTING_SCALARS]
+        expected += [f"routing/block{block}/{name}_{s}" for name in DISTRIBUTIONS for s in ("min", "max", "entropy")]
+    for event in train_events:
+        assert set(expected) <= set(event)
+        assert 1 <= event["routing/block2/effective_experts"] <= 16
+        assert 0 < event["routing/block3/dispatch_entropy"] <= 1
+    assert set(val_events[0]) == {"step", "epoch", "val/loss", "val/acc"}
+    assert summary.test_acc == val_events[0]["val/acc"] and summary.best_epoch == 1
+
+    run, history = wandb_offline_run(tmp_path)
+    assert (run.run_group, run.display_name, run.run_id) == ("sweep-1", "trainer.max_epochs=1", summary.wandb_run_path.split("/")[-1])
+    assert {item.key for item in run.config.update} >= {"model", "moe", "data", "optimizer", "trainer", "seed"}
+    for key in ["train/loss", "train/acc", "train/lr", "train/throughput", "val/loss", "val/acc"]:
+        assert key in history
+    assert history["routing/block2/dispatch_entropy"] == [json.dumps(e["routing/block2/dispatch_entropy"]) for e in train_events]
+    for block in (2, 3):
+        for name in ROUTING_SCALARS:
+            assert len(history[f"routing/block{block}/{name}"]) == 4
+        for name in DISTRIBUTIONS:
+            assert history[f"routing/block{block}/{name}/_type"] == ['"histogram"'] * 4
+    assert history["val/dispatch_maps/_type"] == ['"image-file"']
+    assert json.loads(history["_step"][-1]) == 22
+
+    state = load_checkpoint(tmp_path / "last.pt")  # weights_only=True
+    assert state["step"] == 22 and state["wandb_run_id"] == run.run_id
+    assert (tmp_path / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_two_steps(compose_run, tmp_path, experiment):
+    cfg = compose_run(f"experiment={experiment}")
+    overrides = [f"experiment={experiment}", "trainer.max_steps=2", "trainer.eval_batches=1", "logger=none", *QUIET]
+    if cfg.data.name != "digits" or cfg.model.embed_dim > 128:  # no CIFAR/ImageNet here; GPU sizes shrunk
+        overrides += ["data=synthetic", f"data.img_size={cfg.data.img_size}", "data.train_size=32", "data.test_size=8"]
+        overrides += ["model.embed_dim=32", "model.num_heads=2", "model.depth=2", "moe.num_experts=4", "trainer.batch_size=8"]
+        overrides += ["trainer.device=cpu", "trainer.compile=false", "trainer.num_workers=0", "trainer.precision=fp32"]
+    summary = train(compose_run(*overrides), tmp_path)
+    assert summary.steps == 2 and 0 <= summary.test_acc <= 1
+
+
+class Killed(Exception):
+    """Stands for a process killed mid-run."""
+
+
+def without_timing(events):
+    return [{key: value for key, value in event.items() if key != "train/throughput"} for event in events]
+
+
+def test_resume_after_interruption_ends_with_the_same_weights_and_metrics(compose_run, tmp_path, monkeypatch):
+    # 30 steps: an epoch of 16 (batch 88), then 14; `last` at 7, 14, 16 (epoch end), 21, 28, 30. The first
+    # attempt dies after step 24, so it resumes mid-epoch from step 21 and redoes steps 22-24.
+    run = [
+        "trainer.max_steps=30", "trainer.batch_size=88", "trainer.checkpoint_every=7", "trainer.log_every=3",
+        "model.depth=2", "model.drop_path_rate=0.1", "logger=none", *QUIET,
+    ]  # fmt: skip
+    train(compose_run(*run), tmp_path / "whole")
+
+    real_step, steps_taken = torch.optim.AdamW.step, []
+
+    def dying_step(self, *args, **kwargs):
+        if len(steps_taken) == 24:
+            raise Killed()
+        steps_taken.append(1)
+        return real_step(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", dying_step)
+        with pytest.raises(Killed):
+            train(compose_run(*run), tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 21
+    assert read_metrics(tmp_path / "resumed")[-1]["step"] == 24  # logged, though no checkpoint covers it
+
+    summary = train(compose_run(*run), tmp_path / "resumed")  # the same command in the same run dir resumes
+    whole, resumed = (load_checkpoint(tmp_path / name / "last.pt") for name in ("whole", "resumed"))
+    assert summary.steps == 30
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    # every step once, with the values of the uninterrupted run (only the measured speed differs)
+    assert without_timing(read_metrics(tmp_path / "resumed")) == without_timing(read_metrics(tmp_path / "whole"))
+
+
+def test_trainer_resume_starts_from_another_runs_checkpoint(compose_run, tmp_path):
+    base = ["trainer.batch_size=256", "trainer.log_every=1", "model.depth=2", "logger=none", *QUIET]
+    train(compose_run(*base, "trainer.max_steps=4"), tmp_path / "first")
+    resume = f"trainer.resume={tmp_path / 'first' / 'last.pt'}"
+    summary = train(compose_run(*base, "trainer.max_steps=6", resume), tmp_path / "second")
+    assert summary.steps == 6
+    assert [e["step"] for e in read_metrics(tmp_path / "second")] == [5, 5, 6, 6]  # train and val events
+
+
+def test_resuming_a_different_model_is_refused(compose_run, tmp_path):
+    base = ["trainer.max_steps=2", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET]
+    train(compose_run(*base), tmp_path)
+    with pytest.raises(CheckpointError, match="moe.num_experts=8"):
+        train(compose_run(*base, "moe.num_experts=8"), tmp_path)
+
+
+def test_a_failing_wandb_never_stops_training(compose_run, tmp_path, monkeypatch):
+    import wandb
+
+    def broken_init(*args, **kwargs):
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    cfg = compose_run("trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=256", "logger.mode=online", *QUIET)
+    summary = train(cfg, tmp_path)
+    assert summary.wandb_run_path is None and [e["step"] for e in read_metrics(tmp_path)] == [1, 2, 3, 3]
+
+
+def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(tmp_path):
+    command = [
+        sys.executable, "-m", "softmoe.train", "-m", "moe.num_experts=4,8",
+        "trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=256", "model.depth=2",
+        "logger.mode=offline", f"hydra.sweep.dir={tmp_path}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [wandb_offline_run(tmp_path / str(job))[0] for job in (0, 1)]
+    assert {run.run_group for run in runs} == {str(tmp_path)}
+    assert [run.display_name for run in runs] == [
+        f"model.depth=2,moe.num_experts={n},trainer.batch_size=256,trainer.log_every=1,trainer.max_steps=3" for n in (4, 8)
+    ]
+    for job, experts in ((0, 4), (1, 8)):
+        saved = json.loads(load_checkpoint(tmp_path / str(job) / "last.pt")["config"])
+        assert saved["moe"]["num_experts"] == experts
+        assert [e["step"] for e in read_metrics(tmp_path / str(job))] == [1, 2, 3, 3]
+
+
+def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path):
+    train(compose_run("trainer.max_steps=5", "trainer.batch_size=128", "logger=none", *QUIET), tmp_path)
+    result = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last", save_routing=True, routing_examples=4)
+    assert result["test/acc"] == load_checkpoint(tmp_path / "last.pt")["last_eval"]["acc"]
+    routing = torch.load(tmp_path / "evaluate" / "routing.pt", weights_only=True)
+    assert routing["images"].shape == (4, 1, 8, 8) and routing["labels"].shape == (4,)
+    assert sorted(routing["dispatch"]) == ["blocks.2.mlp", "blocks.3.mlp"]
+    dispatch = routing["dispatch"]["blocks.2.mlp"]  # [batch, tokens, experts, slots_per_expert]
+    assert dispatch.shape == (4, 16, 16, 1)
+    torch.testing.assert_close(dispatch.sum(dim=1), torch.ones(4, 16, 1))  # a softmax over tokens per slot
