@@ -1,0 +1,75 @@
+"""Checkpoints are written atomically and read without executing code; RNG states and data order round-trip."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from softmoe.harness import checkpoint
+from softmoe.harness.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from softmoe.harness.sampler import ResumableSampler
+
+
+def state(value):
+    return {"format": checkpoint.FORMAT_VERSION, "step": value, "weights": torch.full((3,), float(value))}
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, state(1))
+
+    def crash_midway(obj, file):
+        file.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash_midway)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, state(2))
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_loading_refuses_a_pickle_that_would_run_code(tmp_path):
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "last.pt"
+    torch.save({"format": checkpoint.FORMAT_VERSION, "model": Payload()}, path)  # a real checkpoint file, poisoned
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_reported_with_its_path(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, state(1))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{path}: not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(()).item(), np.random.randn()
+
+    np.random.randn()  # leave numpy with a cached Gaussian, part of its state
+    save_checkpoint(tmp_path / "rng.pt", {"format": checkpoint.FORMAT_VERSION, "rng": rng_state()})
+    expected = draws()
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert draws() == expected
+
+
+def test_the_sampler_resumes_an_epoch_where_it_stopped():
+    sampler = ResumableSampler(20, seed=3)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    sampler.set_epoch(2, skip=8)
+    assert list(sampler) == whole[8:] and len(sampler) == 12
+    assert sorted(whole) == list(range(20))
+    sampler.set_epoch(3)
+    assert list(sampler) != whole

@@ -1,0 +1,67 @@
+"""Parameter groups (weight decay by name) and the learning-rate schedules."""
+
+import math
+
+import pytest
+import torch
+
+from softmoe import SoftMoEVisionTransformer
+from softmoe.harness.optim import constant, decays, param_groups, warmup_cosine, warmup_rsqrt_cooldown
+
+
+def test_weight_decay_skips_biases_norms_tokens_and_position_embedding_but_not_the_router():
+    model = SoftMoEVisionTransformer(
+        num_experts=4, moe_layer_index=1, img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, reg_tokens=1, num_classes=3
+    )
+    names = dict(model.named_parameters())
+    for name in ["pos_embed", "cls_token", "reg_token", "blocks.0.norm1.weight", "blocks.0.norm1.bias", "norm.weight",
+                 "blocks.1.mlp.experts.fc1_bias", "blocks.1.mlp.experts.fc2_bias", "blocks.0.attn.qkv.bias", "head.bias"]:  # fmt: skip
+        assert name in names and not decays(name), name
+    for name in ["blocks.1.mlp.phi", "blocks.1.mlp.scale", "blocks.1.mlp.experts.fc1_weight", "blocks.0.mlp.fc1.weight",
+                 "blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "head.weight"]:  # fmt: skip
+        assert name in names and decays(name), name
+    assert not decays("blocks.1.mlp.experts.norm_weight")  # stacked per-expert LayerNorm [n, h]: 2-d, still a norm
+
+    groups = param_groups(model, weight_decay=0.1)
+    assert [(g["name"], g["weight_decay"]) for g in groups] == [("decay", 0.1), ("no_decay", 0.0)]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+
+
+def multipliers(make, total_steps, **kwargs):
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = make(optimizer, total_steps=total_steps, **kwargs)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_warmup_cosine_rises_linearly_then_decays_to_the_floor():
+    rates = multipliers(warmup_cosine, 110, warmup_steps=10, min_lr_ratio=0.1)
+    assert rates[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert rates[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[60] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert rates[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_rsqrt_follows_the_inverse_square_root_then_cools_down_to_zero():
+    rates = multipliers(warmup_rsqrt_cooldown, 200, warmup_steps=10, cooldown_steps=50, timescale=20)
+    assert rates[9] == pytest.approx(1.0)
+    assert rates[10 + 20] == pytest.approx(1 / math.sqrt(2))  # one timescale after the warmup
+    assert rates[149] == pytest.approx(1 / math.sqrt(1 + 139 / 20))  # the last step before the cooldown
+    assert rates[175] == pytest.approx(1 / math.sqrt(1 + 165 / 20) * 25 / 50)
+    assert rates[-1] == pytest.approx(1 / math.sqrt(1 + 189 / 20) / 50)
+
+
+def test_constant_after_warmup():
+    assert multipliers(constant, 6, warmup_steps=2) == pytest.approx([0.5, 1, 1, 1, 1, 1])
+
+
+def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(caplog):
+    rates = multipliers(warmup_cosine, 5, warmup_steps=50)
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert "scheduler.warmup_steps=50 is longer than this run allows" in caplog.text
