@@ -56,7 +56,7 @@ def main(cfg: DictConfig) -> float:
         summary.steps,
     )
     log.info("run directory: %s", summary.run_dir)
-    log.info("W&B run: %s", summary.wandb_run_path or "none (logger=none or logger.mode=disabled)")
+    log.info("W&B run: %s", summary.wandb_run_path or "none")
     return summary.test_acc  # the objective a Hydra sweeper (e.g. Optuna) maximises
 
 

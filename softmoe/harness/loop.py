@@ -189,21 +189,20 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
     forward = torch.compile(model) if trainer.compile else model
     clip_norm = trainer.grad_clip_norm or math.inf
-    is_moe = bool(moe_layers(model))
+    moe_blocks = [int(name.split(".")[1]) for name in moe_layers(model)]
     log.info(
-        "model: %s, %s MoE blocks, %.2fM parameters; data=%s: %d train / %d test images; %d steps (%d epochs of %d)",
+        "model: %s, %s, %.2fM parameters; data=%s: %d train / %d test images; %d steps, %d per epoch",
         cfg.model.name,
-        [int(name.split(".")[1]) for name in moe_layers(model)] or "no",
+        f"Soft MoE in blocks {moe_blocks}" if moe_blocks else "dense",
         sum(p.numel() for p in model.parameters()) / 1e6,
         data.name,
         len(data.train),
         len(data.test),
         total_steps,
-        epochs,
         steps_per_epoch,
     )
 
-    step, window = 0, TrainWindow(device)
+    step, window, latest = 0, TrainWindow(device), {}  # latest: the last logged training metrics
     best = {"acc": -1.0, "epoch": 0}
     last_eval = {"loss": math.nan, "acc": math.nan}
     if checkpoint is not None:
@@ -277,7 +276,7 @@ def train(
                 window.add(loss, logits, labels, seconds=time.perf_counter() - tick)
 
                 if log_now:
-                    scalars = {**window.pop(), "train/lr": lr, "train/grad_norm": grad_norm.item()}
+                    scalars = latest = {**window.pop(), "train/lr": lr, "train/grad_norm": grad_norm.item()}
                     routing_scalars, distributions = routing_metrics(model, routing)
                     telemetry.log(step, epoch + 1, {**scalars, **routing_scalars}, distributions)
                     bar.set_postfix(
@@ -297,7 +296,7 @@ def train(
             # Evaluate at the end of every epoch (and of a run that stops mid-epoch), then checkpoint.
             last_eval = evaluate(forward, test_loader, device, trainer.precision, trainer.eval_batches)
             images = {}
-            if is_moe and telemetry.logs_images:
+            if moe_blocks and telemetry.logs_images:
                 images["val/dispatch_maps"] = dispatch_panel(model, panel_image, device)
             telemetry.log(step, epoch + 1, {"val/loss": last_eval["loss"], "val/acc": last_eval["acc"]}, images=images)
             if last_eval["acc"] > best["acc"]:
@@ -305,11 +304,18 @@ def train(
                 save(BEST)
             save(LAST)
             telemetry.commit()
+            trained = (
+                f"train loss {latest['train/loss']:.4f} acc {latest['train/acc']:.2%} "
+                f"({latest['train/throughput']:.0f} img/s)  "
+                if latest
+                else ""
+            )
             log.info(
-                "epoch %d/%d  step %d  test loss %.4f  test acc %.2f%%",
+                "epoch %d/%d  step %d  %stest loss %.4f acc %.2f%%",
                 epoch + 1,
                 epochs,
                 step,
+                trained,
                 last_eval["loss"],
                 100 * last_eval["acc"],
             )
