@@ -122,12 +122,17 @@ class SoftMoE(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits [b, m, n·p] in float32 (float64 for float64 inputs)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
         phi = self.phi.reshape(self.dim, self.num_slots)  # [d, s]
         if self.normalize:
-            x = l2_normalize(x, dim=-1)
             phi = self.scale * l2_normalize(phi, dim=0)
         logits = torch.matmul(x, phi.to(x.dtype))  # [b, m, s]
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if self.normalize:
+            # l2n(X)·Φ = diag(1/|x|)·X·Φ: scaling the [b, m, s] logits costs less than normalising the
+            # [b, m, d] tokens, and leaves no normalised copy of them to save for backward.
+            squared_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square()  # [b, m, 1]
+            logits = logits * torch.rsqrt(squared_norm + 1e-6)  # l2_normalize's eps
+        return logits.to(dtype)
 
     def routing_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dispatch and combine weights, each [b, m, n·p], at least float32 (softmaxes in float32 under autocast)."""
