@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
@@ -100,21 +101,25 @@ def test_moe_keys_reach_the_layers(compose_run):
     assert (layer.num_experts, layer.slots_per_expert, layer.normalize, layer.dispatch_mode) == (4, 2, False, "uniform")
 
 
-def test_launchers_set_hydras_launcher(compose_run):
-    targets = {
+def test_launchers_set_and_build_hydras_launcher(compose_run):
+    classes = {
         "basic": "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
         "joblib": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
         "slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+        "submitit_local": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
     }
-    for option, target in targets.items():
-        cfg = compose_run(f"launcher={option}", hydra_node=True)
-        assert cfg.hydra.launcher._target_ == target
-    slurm = compose_run(
-        "launcher=slurm", "launcher.partition=gpu", "launcher.time_min=600", "launcher.gpus_per_node=4", hydra_node=True
-    )
-    launcher = OmegaConf.to_container(slurm.hydra.launcher, resolve=True)
-    assert (launcher["partition"], launcher["timeout_min"], launcher["gpus_per_node"]) == ("gpu", 600, 4)
-    assert launcher["max_num_timeout"] > 0  # requeued after a time-out; submitit always requeues on preemption
+    assert set(classes) == {option for group, option in OPTIONS if group == "launcher"}
+
+    def build(*overrides):  # as Hydra builds its launcher: the class of _target_, given the other keys
+        params = OmegaConf.to_container(compose_run(*overrides, hydra_node=True).hydra.launcher, resolve=True)
+        return get_class(params.pop("_target_"))(**params)
+
+    for option, target in classes.items():
+        launcher = build(f"launcher={option}")
+        assert f"{type(launcher).__module__}.{type(launcher).__name__}" == target
+    params = build("launcher=slurm", "launcher.partition=gpu", "launcher.time_min=600", "launcher.gpus_per_node=4").params
+    assert (params["partition"], params["timeout_min"], params["gpus_per_node"]) == ("gpu", 600, 4)
+    assert params["max_num_timeout"] > 0  # requeued after a time-out; submitit always requeues on preemption
 
 
 # Each bad override and the fragments its one-line message must contain: the key, the value, what is allowed.
@@ -129,6 +134,14 @@ BAD_OVERRIDES = [
     (["moe.router=top2"], ["moe.router=top2", "soft"]),
     (["moe.dispatch=hard"], ["moe.dispatch=hard", "soft", "uniform", "identity"]),
     (["moe.dispatch=identity", "moe.num_experts=8"], ["moe.num_experts=8", "identity", "16 tokens"]),
+    (["routing=identity", "experts_slots=8x4"], ["moe.num_experts=8", "identity", "16 tokens", "8 * 4 = 32"]),
+    (["routing=tokens_choice", "moe.k=17"], ["moe.k=17", "at most moe.num_experts=16"]),
+    (["moe.k=0"], ["moe.k=0", "positive integer"]),
+    (["moe.capacity_factor=0"], ["moe.capacity_factor=0", "number > 0, or null"]),
+    (["moe.batch_priority=yes_please"], ["moe.batch_priority=yes_please", "true or false"]),
+    (["moe.noise_std=-1"], ["moe.noise_std=-1", "number >= 0"]),
+    (["moe.aux_loss_weight=-0.01"], ["moe.aux_loss_weight=-0.01", "number >= 0"]),
+    (["routing=experts_choice", "moe.combine=uniform"], ["moe.combine=uniform", "moe.router=experts_choice", "moe.combine=soft"]),
     (["moe.normalize=maybe"], ["moe.normalize=maybe", "true or false"]),
     (["trainer.batch_size=5000"], ["trainer.batch_size=5000", "1437 training examples", "at most 1437"]),
     (["trainer.batch_size=0"], ["trainer.batch_size=0", "positive integer"]),
