@@ -21,11 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from softmoe import capture_routing
-from softmoe.harness.checkpoint import CheckpointError, load_checkpoint, saved_config
-from softmoe.harness.config import ConfigError, resolve_device
-from softmoe.harness.data import build_datasets, build_loader
+from softmoe.harness.data import build_loader
 from softmoe.harness.loop import evaluate
-from softmoe.harness.model import build_model
+from softmoe.harness.runs import load_run
 from softmoe.train import USER_ERRORS
 
 log = logging.getLogger("softmoe.evaluate")
@@ -43,36 +41,24 @@ def evaluate_run(
     routing_examples: int = 16,
 ) -> dict[str, Any]:
     """Test metrics of ``<run_dir>/<checkpoint>.pt``; writes ``evaluation.json`` (and ``routing.pt``) to ``output_dir``."""
-    if checkpoint not in ("best", "last"):
-        raise ConfigError(f"checkpoint={checkpoint}: must be best or last")
-    path = Path(run_dir) / f"{checkpoint}.pt"
-    if not path.is_file():
-        raise CheckpointError(f"run_dir={run_dir}: holds no {checkpoint}.pt (is it a training run directory?)")
-    state = load_checkpoint(path)
-    config = OmegaConf.create(saved_config(state))
-    torch_device = resolve_device(device)
-
-    data = build_datasets(config.data, data_dir or config.paths.data_dir)
-    model = build_model(config.model, config.moe)
-    model.load_state_dict(state["model"])
-    model.to(torch_device).eval()
-    loader = build_loader(data.test, batch_size or config.trainer.eval_batch_size, train=False)
-    metrics = evaluate(model, loader, torch_device, config.trainer.precision)
+    run = load_run(run_dir, checkpoint, device=device, data_dir=data_dir)
+    loader = build_loader(run.data.test, batch_size or run.cfg.trainer.eval_batch_size, train=False)
+    metrics = evaluate(run.model, loader, run.device, run.cfg.trainer.precision)
     result = {
-        "checkpoint": str(path),
-        "step": state["step"],
+        "checkpoint": str(run.checkpoint),
+        "step": run.step,
         "test/loss": metrics["loss"],
         "test/acc": metrics["acc"],
-        "test/examples": len(data.test),
+        "test/examples": len(run.data.test),
     }
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
 
     if save_routing:
-        images, labels = next(iter(build_loader(data.test, routing_examples, train=False)))
-        with torch.no_grad(), capture_routing(model) as records:
-            logits = model(images.to(torch_device))
+        images, labels = next(iter(build_loader(run.data.test, routing_examples, train=False)))
+        with torch.no_grad(), capture_routing(run.model) as records:
+            logits = run.model(images.to(run.device))
         routing = {
             "images": images,  # [b, C, H, W], as the model saw them (normalised)
             "labels": labels,  # [b]
@@ -80,8 +66,8 @@ def evaluate_run(
             # module name (e.g. "blocks.2.mlp") -> weights [b, tokens, experts, slots_per_expert]
             "dispatch": {name: record.dispatch.cpu() for name, record in records.items()},
             "combine": {name: record.combine.cpu() for name, record in records.items()},
-            "config": state["config"],  # the run's resolved config, a JSON string
-            "step": state["step"],
+            "config": json.dumps(OmegaConf.to_container(run.cfg)),  # the run's resolved config, a JSON string
+            "step": run.step,
         }
         torch.save(routing, output_dir / "routing.pt")
         result["routing"] = str(output_dir / "routing.pt")
