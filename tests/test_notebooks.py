@@ -1,0 +1,145 @@
+"""The notebooks run top to bottom against a tiny sweep made here, and show what the library computes.
+
+They run in kernels of this interpreter (ipykernel's own kernel spec, whatever kernels the user has
+installed), pointed at the sweep through ``SOFTMOE_RUN_DIR`` and ``SOFTMOE_SWEEP_DIR``.
+"""
+
+import asyncio
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+import yaml
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+from omegaconf import OmegaConf
+
+import softmoe
+from conftest import CONF_DIR
+from softmoe.harness.checkpoint import CheckpointError
+from softmoe.harness.config import ConfigError
+from softmoe.harness.data import build_loader
+from softmoe.harness.loop import train
+from softmoe.harness.runs import load_run, read_events
+
+NOTEBOOKS = Path(CONF_DIR).parent / "notebooks"
+EXPERTS = (4, 8)
+# vit_micro cut to 2 blocks: one Soft MoE layer (block 1) on a 4x4 patch grid; 3 steps of 64 digits
+TINY = [
+    "model.depth=2", "trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=64", "trainer.eval_batches=1",
+    "logger=none", "trainer.progress_bar=false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, compose_run):
+    """A 2-job sweep over ``moe.num_experts``, laid out as Hydra's multirun writes it: ``<job>/.hydra/config.yaml``
+    (the composed config) and ``overrides.yaml`` next to the run's checkpoints and ``metrics.jsonl``."""
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    for job, experts in enumerate(EXPERTS):
+        overrides = [f"moe.num_experts={experts}", *TINY]
+        cfg = compose_run(*overrides)
+        run_dir = sweep_dir / str(job)
+        (run_dir / ".hydra").mkdir(parents=True)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+        (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        train(cfg, run_dir)
+    return sweep_dir
+
+
+async def execute(name, env):
+    """The notebook ``notebooks/<name>`` after running every cell in a fresh kernel with the variables ``env``
+    added to its environment; raises on the first failing cell."""
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    # ipykernel's built-in spec for this interpreter, not a "python3" kernel installed for another one
+    kernel = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[]))
+    client = NotebookClient(notebook, km=kernel, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}})
+    await client.async_execute(env={**os.environ, **env})
+    return notebook
+
+
+@pytest.fixture(scope="module")
+def executed(sweep):
+    """Both notebooks, run at the same time (importing torch and timm in each kernel takes most of their time):
+    routing_analysis on the sweep's first run, sweep_analysis on the sweep. A notebook that failed is its error."""
+    env = {"SOFTMOE_RUN_DIR": str(sweep / "0"), "SOFTMOE_SWEEP_DIR": str(sweep)}
+    names = ["routing_analysis.ipynb", "sweep_analysis.ipynb"]
+
+    async def execute_all():
+        return await asyncio.gather(*(execute(name, env) for name in names), return_exceptions=True)
+
+    return dict(zip(names, asyncio.run(execute_all())))
+
+
+def outputs(notebook):
+    """(everything the cells printed, the number of figures they showed) of an executed notebook."""
+    if isinstance(notebook, BaseException):
+        raise notebook
+    text, figures = [], 0
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if output.output_type == "stream" and output.name == "stdout":
+                text.append(output.text)
+            figures += "image/png" in output.get("data", {})
+    return "".join(text), figures
+
+
+@pytest.mark.slow
+def test_routing_analysis_shows_the_libraries_statistics_of_the_run(sweep, executed):
+    text, figures = outputs(executed["routing_analysis.ipynb"])
+    # dispatch maps (one MoE block), utilisation, entropy, cumulative dispatch, Φ similarity
+    assert figures == 5
+    assert "MoE in blocks [1]: n=4 experts x p=1 slots" in text
+
+    # the printed numbers are the library's, on the first 256 test images of the best checkpoint
+    run = load_run(sweep / "0", device="cpu")
+    images, _ = next(iter(build_loader(run.data.test, 256, train=False)))
+    with torch.no_grad(), softmoe.capture_routing(run.model) as records:
+        run.model(images)
+    record = records["blocks.1.mlp"]
+    stats = softmoe.routing_stats(record.dispatch, record.combine)
+    row = re.search(r"^\| 1 \| (.*) \|$", text, re.MULTILINE).group(1).split(" | ")
+    keys = ["dispatch_entropy", "combine_entropy", "dispatch_max", "combine_max"]
+    assert [float(value) for value in row[:4]] == pytest.approx([stats[key] for key in keys], abs=1e-4)
+    assert float(row[4]) == pytest.approx(softmoe.router_scale(softmoe.moe_layers(run.model)["blocks.1.mlp"]), abs=1e-4)
+    assert f"blocks.1.mlp: {stats['effective_experts']:.2f} effective experts of 4" in text
+    tokens = int((softmoe.cumulative_dispatch_mass(record.dispatch) < 0.9).sum()) + 1
+    assert f"blocks.1.mlp: the top {tokens} of 16 tokens hold 90% of a slot's dispatch weight" in text
+
+
+@pytest.mark.slow
+def test_sweep_analysis_tables_accuracy_by_the_swept_key(sweep, executed):
+    text, figures = outputs(executed["sweep_analysis.ipynb"])
+    assert "2 runs in" in text and "swept: moe.num_experts\n" in text
+    assert "| moe.num_experts | runs | final val/acc | best val/acc |" in text
+    for job, experts in enumerate(EXPERTS):
+        final = [event["val/acc"] for event in read_events(sweep / str(job)) if "val/acc" in event][-1]
+        assert f"| {experts} | 1 | {final:.4f} ± 0.0000 |" in text
+    assert "every run routes the same way: soft dispatch, soft combine" in text
+    # experts x slots heatmap, loss and accuracy curves, routing statistics curves
+    assert figures == 3
+
+
+def test_load_run_rebuilds_the_checkpointed_model(sweep):
+    run = load_run(sweep / "1", "last", device="cpu")
+    assert run.step == 3 and run.checkpoint == sweep / "1" / "last.pt" and not run.model.training
+    assert run.cfg.moe.num_experts == 8 and len(run.data.test) == 360
+    saved = torch.load(run.checkpoint, weights_only=True)["model"]
+    for name, tensor in run.model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+
+def test_load_run_names_what_is_wrong(sweep, tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint=latest: must be one of best, last"):
+        load_run(sweep / "0", "latest")
+    with pytest.raises(CheckpointError, match=f"run_dir={tmp_path}: holds no best.pt"):
+        load_run(tmp_path)
+
+
+def test_read_events_skips_a_torn_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "val/acc": 0.5}\n{"step": 3, "tr')
+    assert read_events(tmp_path) == [{"step": 1, "train/loss": 2.0}, {"step": 2, "val/acc": 0.5}]
