@@ -6,6 +6,8 @@
     python -m softmoe.train hydra.run.dir=outputs/my_run           # again later: resumes from its last.pt
 
 A bad value stops the run before anything loads, with one line naming the key (exit status 2).
+Exit statuses: 0 done; 2 a bad config, data or checkpoint; 3 stopped on a NaN/inf (trainer.nonfinite);
+128 + the signal (143 SIGTERM, 138 SIGUSR1, 140 SIGUSR2) preempted after saving last.pt: rerun to resume.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from omegaconf import DictConfig
 from softmoe.harness.checkpoint import CheckpointError
 from softmoe.harness.config import ConfigError
 from softmoe.harness.data import BadDataError, MissingDataError
+from softmoe.harness.faults import NONFINITE_EXIT_CODE, NonFiniteError, Preempted
 from softmoe.harness.loop import train
 
 log = logging.getLogger("softmoe.train")
@@ -48,6 +51,13 @@ def main(cfg: DictConfig) -> float:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(NONFINITE_EXIT_CODE)
+    except Preempted as preempted:
+        log.warning("%s", preempted)
+        preempted.handover()  # e.g. submitit's requeue on SLURM; it may exit the process itself
+        sys.exit(preempted.exit_code)
     log.info(
         "done: test accuracy %.2f%% (final model), best %.2f%% at epoch %d, %d steps",
         100 * summary.test_acc,

@@ -7,36 +7,73 @@ the step, the best evaluation so far, the resolved config (a JSON string) and th
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
+import zlib
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 LAST = "last.pt"
 BEST = "best.pt"
+PREVIOUS = "last.prev.pt"  # the `last` before the newest one, kept in case the newest is damaged
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, or saved by a different model."""
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (a full disk, a lost mount); the previous one is untouched."""
+
+
+def content_checksum(state: Any, crc: int = 0) -> int:
+    """CRC-32 of every tensor's bytes and every other value, in order: torch.load does not notice flipped
+    bytes inside tensor data, so each checkpoint carries this and loading compares it."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            crc = content_checksum(value, zlib.crc32(repr(key).encode(), crc))
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            crc = content_checksum(value, crc)
+    elif isinstance(state, torch.Tensor):
+        data = state.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        crc = zlib.crc32(repr((str(state.dtype), tuple(state.shape))).encode(), zlib.crc32(data, crc))
+    else:
+        crc = zlib.crc32(repr(state).encode(), crc)
+    return crc
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], *, keep_previous: bool = False) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file, fsync, then rename over the old one.
 
-    A crash at any moment leaves either the previous checkpoint or the new one, never a partial file.
+    A crash at any moment, or a full disk, leaves either the previous checkpoint or the new one, never a
+    partial file. ``keep_previous``: the checkpoint being replaced becomes ``last.prev.pt`` (a hard link,
+    so ``path`` itself is never missing), the fallback when the new one turns out unreadable.
     """
     path = Path(path)
+    state = {**state, "checksum": content_checksum({k: v for k, v in state.items() if k != "checksum"})}
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(temporary, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as error:
+            full = " (the disk is full)" if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            kept = f"; {path.name} still holds the previous checkpoint" if path.exists() else ""
+            raise CheckpointWriteError(f"{path}: could not be written{full}: {error.strerror or error}{kept}") from error
+        if keep_previous and path.exists():
+            _keep_previous(path)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -47,16 +84,55 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         os.close(directory)
 
 
+def _keep_previous(path: Path) -> None:
+    previous = path.with_name(PREVIOUS)
+    link = path.with_name(f".{PREVIOUS}.{os.getpid()}.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+        os.replace(link, previous)
+    except OSError:  # a file system without hard links: the previous checkpoint is not kept
+        link.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU; never executes code stored in the file (``weights_only=True``)."""
+    """Read a checkpoint onto the CPU; never executes code stored in the file (``weights_only=True``).
+
+    Raises :class:`CheckpointError` for a truncated or corrupted file (its checksum disagrees), or one
+    carrying objects other than tensors, numbers, strings and containers of them (a pickle that would
+    run code is refused, not run).
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, corrupted, or carrying objects other than tensors and containers
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            reason = "it holds Python objects that loading would have to execute; refused (weights_only=True)"
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a softmoe checkpoint of format {FORMAT_VERSION}")
+    if "checksum" in state:
+        stored = state.pop("checksum")
+        if content_checksum(state) != stored:
+            raise CheckpointError(f"{path}: corrupted (its contents do not match the checksum saved with them)")
     return state
+
+
+def load_resume_checkpoint(path: Path) -> tuple[dict[str, Any], Path]:
+    """The checkpoint to resume from and where it came from: ``path``, or when that is damaged and it is
+    the run directory's ``last.pt``, the ``last.prev.pt`` kept beside it (with a warning saying why)."""
+    path = Path(path)
+    try:
+        return load_checkpoint(path), path
+    except CheckpointError as error:
+        previous = path.with_name(PREVIOUS)
+        if path.name != LAST or not previous.is_file():
+            raise
+        log.warning("%s; resuming from the checkpoint before it, %s", error, previous)
+        try:
+            return load_checkpoint(previous), previous
+        except CheckpointError as second:
+            raise CheckpointError(f"{error}; and the previous one: {second}") from None
 
 
 def resume_path(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
@@ -77,6 +153,8 @@ def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path) 
     saved = saved_config(state)
     for section in ("model", "moe"):
         for key in sorted(set(saved[section]) | set(config[section])):
+            if (section, key) == ("moe", "expert_parallel"):
+                continue  # where the experts live, not which model: checkpoints always hold the whole model
             before, now = saved[section].get(key), config[section].get(key)
             if before != now:
                 raise CheckpointError(

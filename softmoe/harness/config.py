@@ -139,6 +139,8 @@ TRAINER_RULES: dict[str, Rule] = {
     "checkpoint_every": optional(positive_int),
     "progress_bar": boolean,
     "resume": optional(existing_file),
+    "nonfinite": one_of("skip", "stop"),
+    "max_nonfinite_skips": positive_int,
 }
 # Only the keys present are checked: each optimizer and schedule takes its own (the rest are its arguments).
 OPTIMIZER_RULES: dict[str, Rule] = {

@@ -35,7 +35,7 @@ from .checkpoint import (
     FORMAT_VERSION,
     LAST,
     check_same_model,
-    load_checkpoint,
+    load_resume_checkpoint,
     resume_path,
     rng_state,
     save_checkpoint,
@@ -43,6 +43,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, planned_steps, resolve_device, validate_config
 from .data import build_datasets, build_loader
+from .faults import NonFiniteError, NonFiniteGuard, Preempted, PreemptionGuard, first_nonfinite
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
 from .sampler import ResumableSampler
@@ -62,6 +63,8 @@ class Summary:
     steps: int
     run_dir: str
     wandb_run_path: Optional[str]
+    skipped_steps: int = 0  # steps dropped for a NaN/inf loss or gradient (trainer.nonfinite=skip)
+    skipped_examples: int = 0  # bad examples dropped by data.on_bad_file=skip
 
 
 def seed_everything(seed: int) -> None:
@@ -164,7 +167,8 @@ def train(
 
     # Where the run starts: this directory's last.pt, else trainer.resume, else from scratch.
     start_from = resume_path(run_dir, trainer.resume)
-    checkpoint = load_checkpoint(start_from) if start_from else None
+    # A damaged last.pt falls back to the last.prev.pt kept beside it (load_resume_checkpoint says so).
+    checkpoint, start_from = load_resume_checkpoint(start_from) if start_from else (None, None)
     if checkpoint is not None:
         check_same_model(checkpoint, config, start_from)
     seed_everything(cfg.seed)
@@ -189,6 +193,7 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
     forward = torch.compile(model) if trainer.compile else model
     clip_norm = trainer.grad_clip_norm or math.inf
+    nonfinite = NonFiniteGuard(trainer.nonfinite, trainer.max_nonfinite_skips)  # NaN/inf steps: skip or stop
     moe_blocks = [int(name.split(".")[1]) for name in moe_layers(model)]
     log.info(
         "model: %s, %s, %.2fM parameters; data=%s: %d train / %d test images; %d steps, %d per epoch",
@@ -212,6 +217,7 @@ def train(
         scaler.load_state_dict(checkpoint["scaler"])
         window.load_state_dict(checkpoint["window"])
         step, best, last_eval = checkpoint["step"], checkpoint["best"], checkpoint["last_eval"]
+        nonfinite.load_state_dict(checkpoint.get("nonfinite", nonfinite.state_dict()))
         log.info("resuming from %s at step %d of %d", start_from, step, total_steps)
 
     telemetry = Telemetry(
@@ -228,6 +234,9 @@ def train(
     panel_image = data.test[0][0]  # the dispatch-map panel shows this test image at every evaluation
 
     def save(name: str) -> None:
+        bad = first_nonfinite(model.state_dict().items())  # a NaN weight never reaches a checkpoint
+        if bad is not None:
+            raise NonFiniteError(f"step {step}: {bad} is not finite; {name} not written, the previous one is kept")
         save_checkpoint(
             run_dir / name,
             {
@@ -243,10 +252,16 @@ def train(
                 "last_eval": last_eval,
                 "config": json.dumps(config),
                 "wandb_run_id": telemetry.run_id,
+                "nonfinite": nonfinite.state_dict(),
             },
+            keep_previous=name == LAST,
         )
 
     show_progress = trainer.progress_bar and sys.stderr.isatty()
+    if data.skipped and checkpoint is None:
+        telemetry.log(0, 1, {"data/skipped_examples": data.skipped})
+    # SIGTERM/SIGUSR1/SIGUSR2 end the current step, save last.pt and raise Preempted (softmoe/harness/faults.py).
+    preemption = PreemptionGuard().install()
     try:
         while step < total_steps:
             epoch = step // steps_per_epoch  # 0-based; logs and messages count from 1
@@ -268,26 +283,37 @@ def train(
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-                scaler.step(optimizer)
+                # fp16: the GradScaler skips inf gradients itself (and lowers its scale); only the loss is ours to check
+                if nonfinite.step_is_finite(step + 1, loss, 0.0 if scaler.is_enabled() else grad_norm, model):
+                    scaler.step(optimizer)
+                    window.add(loss, logits, labels, seconds=time.perf_counter() - tick)
                 scaler.update()
                 lr = scheduler.get_last_lr()[0]  # the rate this step used
                 scheduler.step()
                 step += 1
-                window.add(loss, logits, labels, seconds=time.perf_counter() - tick)
 
                 if log_now:
-                    scalars = latest = {**window.pop(), "train/lr": lr, "train/grad_norm": grad_norm.item()}
+                    scalars = {**(window.pop() if window.seen else {}), "train/lr": lr, "train/grad_norm": grad_norm.item()}
+                    if "train/loss" in scalars:  # else every step since the last event was skipped
+                        latest = scalars
+                    if nonfinite.skipped:
+                        scalars["train/skipped_steps"] = nonfinite.skipped
                     routing_scalars, distributions = routing_metrics(model, routing)
                     telemetry.log(step, epoch + 1, {**scalars, **routing_scalars}, distributions)
-                    bar.set_postfix(
-                        loss=f"{scalars['train/loss']:.3f}",
-                        acc=f"{scalars['train/acc']:.1%}",
-                        img_s=f"{scalars['train/throughput']:.0f}",
-                    )
+                    if latest:
+                        bar.set_postfix(
+                            loss=f"{latest['train/loss']:.3f}",
+                            acc=f"{latest['train/acc']:.1%}",
+                            img_s=f"{latest['train/throughput']:.0f}",
+                        )
                 mid_epoch = step % steps_per_epoch != 0 and step < total_steps
                 if trainer.checkpoint_every and step % trainer.checkpoint_every == 0 and mid_epoch:
                     save(LAST)
                     telemetry.commit()
+                if preemption.requested and mid_epoch:  # at an epoch's end, after its evaluation below
+                    save(LAST)
+                    telemetry.commit()
+                    raise Preempted(preemption.requested, step, preemption.handover())
                 if step == total_steps:
                     break
                 tick = time.perf_counter()
@@ -304,6 +330,8 @@ def train(
                 save(BEST)
             save(LAST)
             telemetry.commit()
+            if preemption.requested and step < total_steps:
+                raise Preempted(preemption.requested, step, preemption.handover())
             trained = (
                 f"train loss {latest['train/loss']:.4f} acc {latest['train/acc']:.2%} "
                 f"({latest['train/throughput']:.0f} img/s)  "
@@ -328,8 +356,11 @@ def train(
             steps=step,
             run_dir=str(run_dir),
             wandb_run_path=telemetry.run_path,
+            skipped_steps=nonfinite.skipped,
+            skipped_examples=data.skipped,
         )
-        telemetry.summary({f"summary/{key}": value for key, value in asdict(summary).items() if key.endswith(("acc", "loss", "epoch"))})
+        telemetry.summary({f"summary/{key}": value for key, value in asdict(summary).items() if key.endswith(("acc", "loss", "epoch", "skipped_steps", "skipped_examples"))})
     finally:
+        preemption.restore()
         telemetry.finish()
     return summary

@@ -127,15 +127,23 @@ def resolve_wandb_mode(mode: str) -> tuple[str, str]:
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Drop the lines of a metrics file logged after ``step`` (by an interrupted run past its checkpoint)."""
+    """Drop the lines of a metrics file logged after ``step`` (by an interrupted run past its checkpoint), and a
+    torn line (a run killed while writing it)."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in lines if line.endswith("\n") and _event_step(line) is not None and _event_step(line) <= step]
     if len(kept) != len(lines):
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text("".join(kept))
         os.replace(temporary, path)
+
+
+def _event_step(line: str) -> Optional[int]:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class Telemetry:

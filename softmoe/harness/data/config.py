@@ -88,6 +88,11 @@ def per_channel(positive: bool) -> Rule:
     return rule
 
 
+def example_indices(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    ok = isinstance(value, (list, tuple)) and all(_is_int(v) and v >= 0 for v in value)
+    return None if ok else "must be a list of example indices (integers >= 0), e.g. [] or [3,17]"
+
+
 def image_channels(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     return None if _is_int(value) and value in (1, 3) else "must be 1 (grayscale) or 3 (RGB)"
 
@@ -150,6 +155,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "test_size": positive_int,
         "seed": non_negative_int,
         "signal": non_negative_number,
+        "nan_examples": example_indices,
     },
 }
 assert tuple(RULES) == DATASETS

@@ -4,10 +4,13 @@ Image i of a split is ``signal * pattern[label_i] + noise_i``: each class has a 
 (a 4x4 grid of N(0, 1) values, bilinearly upsampled) shared by both splits, plus white N(0, 1) noise.
 Everything derives from ``data.seed``, the split and the index, so an item is the same in every
 process and run, and nothing is held in memory but the labels: any size, class count or length.
+``data.nan_examples`` (tests only) makes the listed training images all NaN, a numerical fault for the
+trainer's ``trainer.nonfinite`` policy to catch.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +25,19 @@ PATTERN_GRID = 4  # class patterns vary on this coarse grid, so they survive any
 
 
 class SyntheticImages(Dataset):
-    def __init__(self, size: int, num_classes: int, in_chans: int, img_size: int, seed: int, split: int, signal: float):
+    def __init__(
+        self,
+        size: int,
+        num_classes: int,
+        in_chans: int,
+        img_size: int,
+        seed: int,
+        split: int,
+        signal: float,
+        nan_examples: tuple[int, ...] = (),
+    ):
         self.img_size = img_size
+        self.nan_examples = frozenset(nan_examples)
         self.seed, self.split, self.signal = seed, split, signal
         patterns = np.random.default_rng([seed]).standard_normal((num_classes, in_chans, PATTERN_GRID, PATTERN_GRID))
         self.patterns = torch.from_numpy(patterns).float()  # [classes, C, 4, 4], the same for both splits
@@ -37,13 +51,21 @@ class SyntheticImages(Dataset):
         pattern = F.interpolate(self.patterns[label : label + 1], size=self.img_size, mode="bilinear")[0]
         rng = np.random.default_rng([self.seed, self.split, index])
         noise = torch.from_numpy(rng.standard_normal(pattern.shape, dtype=np.float32))
-        return self.signal * pattern + noise, label
+        image = self.signal * pattern + noise
+        return (torch.full_like(image, math.nan) if index in self.nan_examples else image), label
 
 
 def build(cfg: dict[str, Any], root: Path) -> DataBundle:
     shape = dict(num_classes=cfg["num_classes"], in_chans=cfg["in_chans"], img_size=cfg["img_size"])
     splits = {
-        split: SyntheticImages(cfg[f"{split}_size"], **shape, seed=cfg["seed"], split=index, signal=cfg["signal"])
+        split: SyntheticImages(
+            cfg[f"{split}_size"],
+            **shape,
+            seed=cfg["seed"],
+            split=index,
+            signal=cfg["signal"],
+            nan_examples=cfg.get("nan_examples", ()) if split == "train" else (),
+        )
         for index, split in enumerate(("train", "test"))
     }
     return DataBundle(**splits, **shape, name="synthetic")

@@ -1,0 +1,155 @@
+"""What the training loop does when the run is interrupted or its numbers go bad.
+
+Preemption (:class:`PreemptionGuard`): SIGTERM, SIGUSR1 and SIGUSR2 (submitit's preemption signal on
+SLURM) only set a flag; the loop finishes the step it is in, writes ``last.pt`` and raises
+:class:`Preempted`, which ``python -m softmoe.train`` turns into exit status ``128 + signal``
+(143 for SIGTERM, 138 for SIGUSR1, 140 for SIGUSR2), the status a shell gives a process the signal
+killed. A handler installed before ours (submitit's requeue) is then called, so SLURM requeues the job
+and the new job resumes from ``last.pt``.
+
+Non-finite numbers (:class:`NonFiniteGuard`): a step whose loss or gradient norm is NaN or inf never
+reaches the optimizer. ``trainer.nonfinite=skip`` drops the step and counts it (``train/skipped_steps``),
+and stops after ``trainer.max_nonfinite_skips`` such steps in a row; ``stop`` stops at once. Stopping
+raises :class:`NonFiniteError` naming the step and the first parameter whose gradient is not finite
+(exit status 3). :func:`first_nonfinite` keeps a NaN weight out of every checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+from types import FrameType
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+NONFINITE_EXIT_CODE = 3  # stopped on a NaN/inf (2 is a bad config, data or checkpoint)
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+def preempted_exit_code(signum: int) -> int:
+    """The exit status of a run stopped by ``signum`` after saving: 128 + the signal number, as a shell reports."""
+    return 128 + int(signum)
+
+
+class Preempted(Exception):
+    """The run saved ``last.pt`` at ``step`` and stopped because it received ``signum``."""
+
+    def __init__(self, signum: int, step: int, handover: Callable[[], None] = lambda: None) -> None:
+        self.signum, self.step, self.handover = int(signum), step, handover
+        self.exit_code = preempted_exit_code(signum)
+        super().__init__(
+            f"{signal.Signals(signum).name} received: saved last.pt at step {step}; rerun the same command to resume "
+            f"(exit status {self.exit_code})"
+        )
+
+
+class PreemptionGuard:
+    """A context in which the preemption signals ask the loop to stop after its step instead of killing it.
+
+    ``requested`` is the first signal received, or None. Outside the main thread (where Python cannot
+    install handlers) the guard does nothing and the signals keep their usual effect.
+    """
+
+    def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS) -> None:
+        self.signals = tuple(signals)
+        self.requested: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.requested is None:
+            self.requested = signum
+            log.warning("%s received: stopping after this step, saving last.pt", signal.Signals(signum).name)
+
+    def install(self) -> "PreemptionGuard":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def restore(self) -> None:
+        """Put back the handlers found at :meth:`install`."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    __enter__ = install
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.restore()
+
+    def handover(self) -> Callable[[], None]:
+        """Calls the handler the received signal had before ours, if it was a Python function (submitit's
+        checkpoint-and-requeue on SLURM); call it after ``last.pt`` is written."""
+        signum, previous = self.requested, self._previous.get(self.requested)
+
+        def call() -> None:
+            if signum is not None and callable(previous):
+                previous(signum, None)
+
+        return call
+
+
+def first_nonfinite(named_tensors: Iterable[tuple[str, Optional[torch.Tensor]]]) -> Optional[str]:
+    """The name of the first tensor holding a NaN or inf (None-valued entries are skipped), else None."""
+    for name, tensor in named_tensors:
+        if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def first_nonfinite_grad(model: nn.Module) -> Optional[str]:
+    return first_nonfinite((name, parameter.grad) for name, parameter in model.named_parameters())
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped on a NaN or inf; the message names the step and the offending parameter."""
+
+
+class NonFiniteGuard:
+    """Decides, after backward and before the optimizer step, whether a step's numbers may be applied.
+
+    Args:
+        policy: ``skip`` (drop the step, count it) or ``stop`` (raise :class:`NonFiniteError`).
+        max_skips: consecutive skipped steps after which ``skip`` stops too (a run that only makes NaNs).
+    """
+
+    def __init__(self, policy: str, max_skips: int) -> None:
+        if policy not in NONFINITE_POLICIES:
+            raise ValueError(f"trainer.nonfinite={policy}: must be one of {', '.join(NONFINITE_POLICIES)}")
+        self.policy, self.max_skips = policy, max_skips
+        self.skipped = 0  # steps skipped in the whole run
+        self.consecutive = 0
+
+    def step_is_finite(self, step: int, loss: torch.Tensor, grad_norm: Union[torch.Tensor, float], model: nn.Module) -> bool:
+        """True when ``loss`` and ``grad_norm`` (the global gradient norm, so one check covers every
+        gradient) are finite; else counts a skip or raises. ``step`` is 1-based, as logged."""
+        loss_value, norm_value = float(loss.detach()), float(grad_norm)  # one device sync per step
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.consecutive = 0
+            return True
+        layer = first_nonfinite_grad(model)
+        what = f"loss={loss_value}" if not math.isfinite(loss_value) else f"gradient norm={norm_value}"
+        where = f"first non-finite gradient in {layer}" if layer else "every gradient finite"
+        if self.policy == "stop":
+            raise NonFiniteError(f"step {step}: {what} ({where}); trainer.nonfinite=stop")
+        self.skipped += 1
+        self.consecutive += 1
+        if self.consecutive > self.max_skips:
+            raise NonFiniteError(
+                f"step {step}: {what} ({where}) in {self.consecutive} steps in a row, more than "
+                f"trainer.max_nonfinite_skips={self.max_skips}"
+            )
+        log.warning("step %d: %s (%s); step skipped (trainer.nonfinite=skip), %d so far", step, what, where, self.skipped)
+        return False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped, self.consecutive = state["skipped"], state["consecutive"]
