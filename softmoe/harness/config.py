@@ -121,6 +121,11 @@ MOE_RULES: dict[str, Rule] = {
     "router": one_of(*ROUTERS),
     "dispatch": one_of(*DISPATCH_MODES),
     "combine": one_of(*COMBINE_MODES),
+    "k": positive_int,
+    "capacity_factor": optional(positive_number),
+    "batch_priority": boolean,
+    "noise_std": non_negative_number,
+    "aux_loss_weight": non_negative_number,
 }
 TRAINER_RULES: dict[str, Rule] = {
     "max_epochs": positive_int,
@@ -257,6 +262,17 @@ def validate_config(cfg: DictConfig) -> None:
         blocks = moe_blocks(moe, model["depth"])
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if moe["router"] != "soft":
+        for key in ("dispatch", "combine"):
+            if moe[key] != "soft":
+                raise ConfigError(
+                    f"moe.{key}={moe[key]}: only moe.router=soft has {key} modes; moe.router={moe['router']} needs "
+                    f"moe.{key}=soft (or use routing={moe['router']})"
+                )
+    if moe["router"] == "tokens_choice" and moe["k"] > moe["num_experts"]:
+        raise ConfigError(
+            f"moe.k={moe['k']}: experts per token must be at most moe.num_experts={moe['num_experts']}"
+        )
     slots = moe["num_experts"] * moe["slots_per_expert"]
     tokens = num_tokens(model)
     if blocks and "identity" in (moe["dispatch"], moe["combine"]) and slots != tokens:

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from softmoe import capture_routing, moe_layers
+from softmoe.sparse import SparseMoE, auxiliary_loss
 
 from .checkpoint import (
     BEST,
@@ -142,14 +143,15 @@ def evaluate(
 
 
 @torch.no_grad()
-def dispatch_panel(model: nn.Module, image: torch.Tensor, device: torch.device) -> np.ndarray:
-    """The dispatch maps of every MoE block for one image (see :func:`telemetry.dispatch_maps`)."""
+def dispatch_panel(model: nn.Module, image: torch.Tensor, device: torch.device) -> Optional[np.ndarray]:
+    """The dispatch maps of every MoE block for one image (see :func:`telemetry.dispatch_maps`); None when no
+    block records its routing (sparse layers with a ``capacity_factor``)."""
     was_training = model.training
     model.eval()
     with capture_routing(model) as records:
         model(image[None].to(device))
     model.train(was_training)
-    return dispatch_maps(image, records, model)
+    return dispatch_maps(image, records, model) if records else None
 
 
 def train(
@@ -195,10 +197,11 @@ def train(
     clip_norm = trainer.grad_clip_norm or math.inf
     nonfinite = NonFiniteGuard(trainer.nonfinite, trainer.max_nonfinite_skips)  # NaN/inf steps: skip or stop
     moe_blocks = [int(name.split(".")[1]) for name in moe_layers(model)]
+    sparse_router = any(isinstance(layer, SparseMoE) for layer in moe_layers(model).values())
     log.info(
         "model: %s, %s, %.2fM parameters; data=%s: %d train / %d test images; %d steps, %d per epoch",
         cfg.model.name,
-        f"Soft MoE in blocks {moe_blocks}" if moe_blocks else "dense",
+        f"MoE (router={cfg.moe.router}) in blocks {moe_blocks}" if moe_blocks else "dense",
         sum(p.numel() for p in model.parameters()) / 1e6,
         data.name,
         len(data.train),
@@ -279,8 +282,9 @@ def train(
                 ) as routing:
                     logits = forward(images).float()
                     loss = F.cross_entropy(logits, labels, label_smoothing=trainer.label_smoothing)
+                    aux_loss = auxiliary_loss(model)  # Tokens Choice's load-balancing losses; 0 for other routers
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(loss + cfg.moe.aux_loss_weight * aux_loss).backward()
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
                 # fp16: the GradScaler skips inf gradients itself (and lowers its scale); only the loss is ours to check
@@ -298,6 +302,8 @@ def train(
                         latest = scalars
                     if nonfinite.skipped:
                         scalars["train/skipped_steps"] = nonfinite.skipped
+                    if sparse_router:
+                        scalars["train/aux_loss"] = aux_loss.item()  # this step's, before aux_loss_weight
                     routing_scalars, distributions = routing_metrics(model, routing)
                     telemetry.log(step, epoch + 1, {**scalars, **routing_scalars}, distributions)
                     if latest:
@@ -322,8 +328,9 @@ def train(
             # Evaluate at the end of every epoch (and of a run that stops mid-epoch), then checkpoint.
             last_eval = evaluate(forward, test_loader, device, trainer.precision, trainer.eval_batches)
             images = {}
-            if moe_blocks and telemetry.logs_images:
-                images["val/dispatch_maps"] = dispatch_panel(model, panel_image, device)
+            panel = dispatch_panel(model, panel_image, device) if moe_blocks and telemetry.logs_images else None
+            if panel is not None:
+                images["val/dispatch_maps"] = panel
             telemetry.log(step, epoch + 1, {"val/loss": last_eval["loss"], "val/acc": last_eval["acc"]}, images=images)
             if last_eval["acc"] > best["acc"]:
                 best = {"acc": last_eval["acc"], "epoch": epoch + 1}

@@ -1,7 +1,8 @@
 """The one path from the ``model`` and ``moe`` config groups to a network.
 
 ``model`` holds timm ``VisionTransformer`` arguments (plus its ``name``); ``moe`` says which blocks
-get a Soft MoE layer and how it routes. ``moe=dense`` (placement ``none``) builds timm's plain ViT.
+get an MoE layer and how it routes: ``moe.router`` picks the layer class (the paper's Soft MoE or a
+sparse baseline of ``softmoe.sparse``). ``moe=dense`` (placement ``none``) builds timm's plain ViT.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from torch import nn
 
 from softmoe import SoftMoE, SoftMoEVisionTransformer
 from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
+from softmoe.sparse import ExpertsChoiceMoE, TokensChoiceMoE
 
 PLACEMENTS = ("none", "last_half", "every_other", "all")
-ROUTERS = {"soft": SoftMoE}  # moe.router -> the MoE layer class
+ROUTERS = {"soft": SoftMoE, "tokens_choice": TokensChoiceMoE, "experts_choice": ExpertsChoiceMoE}  # moe.router -> class
+# The moe keys each router takes besides num_experts, slots_per_expert and normalize, and their defaults
+# (used when a saved config predates the key).
+ROUTER_KEYS = {
+    "soft": {"dispatch": "soft", "combine": "soft"},
+    "tokens_choice": {"k": 1, "capacity_factor": None, "batch_priority": False, "noise_std": 1.0},
+    "experts_choice": {"capacity_factor": None, "noise_std": 1.0},
+}
 DISPATCH_MODES = DISPATCH_CHOICES
 COMBINE_MODES = COMBINE_CHOICES
 # VisionTransformer arguments a config may set (the rest take classes, set in code).
@@ -73,7 +82,7 @@ def num_tokens(model_cfg: Mapping[str, Any]) -> int:
 
 
 def build_model(model_cfg: Mapping[str, Any], moe_cfg: Mapping[str, Any]) -> nn.Module:
-    """A timm ViT, with Soft MoE MLPs in the blocks ``moe`` names (plain configs or DictConfigs, resolved)."""
+    """A timm ViT, with MoE MLPs in the blocks ``moe`` names (plain configs or DictConfigs, resolved)."""
     model_cfg, moe_cfg = _plain(model_cfg), _plain(moe_cfg)
     kwargs = vit_kwargs(model_cfg)
     blocks = moe_blocks(moe_cfg, kwargs["depth"])
@@ -85,9 +94,14 @@ def build_model(model_cfg: Mapping[str, Any], moe_cfg: Mapping[str, Any]) -> nn.
         moe_layer_index=blocks,
         normalize=moe_cfg["normalize"],
         moe_layer=ROUTERS[moe_cfg["router"]],
-        moe_kwargs={"dispatch": moe_cfg["dispatch"], "combine": moe_cfg["combine"]},
+        moe_kwargs=router_kwargs(moe_cfg),
         **kwargs,
     )
+
+
+def router_kwargs(moe_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments ``moe.router``'s layer class takes from the ``moe`` config."""
+    return {key: moe_cfg.get(key, default) for key, default in ROUTER_KEYS[moe_cfg["router"]].items()}
 
 
 def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:

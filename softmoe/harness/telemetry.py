@@ -24,12 +24,16 @@ from torch import nn
 
 from softmoe import block_index, moe_layers, router_scale, routing_stats
 from softmoe.capture import RoutingRecord
+from softmoe.sparse import SparseMoE, sparse_routing_stats
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 ROUTING_SCALARS = ("dispatch_entropy", "combine_entropy", "dispatch_max", "combine_max", "effective_experts")
 ROUTING_DISTRIBUTIONS = ("expert_utilisation", "slot_utilisation")
+# The sparse layers' own statistics (softmoe.sparse.sparse_routing_stats), those present in each layer's.
+SPARSE_SCALARS = ("dropped_fraction", "dropped_assignment_fraction", "importance_loss", "load_loss", "gshard_loss")
+SPARSE_DISTRIBUTIONS = ("expert_load", "expert_importance")
 
 
 # ----------------------------------------------------------------------------- what is logged
@@ -39,7 +43,10 @@ def routing_metrics(
     model: nn.Module, records: Mapping[str, RoutingRecord]
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Per MoE block i, from one forward pass's routing: scalars ``routing/block{i}/<statistic>`` (the
-    :func:`softmoe.routing_stats` summaries and the router scale) and the utilisation distributions."""
+    :func:`softmoe.routing_stats` summaries and the router scale) and the utilisation distributions; for
+    sparse layers also their dropped fractions, auxiliary losses and ``expert_load``/``expert_importance``
+    distributions (:func:`softmoe.sparse.sparse_routing_stats`, of the layer's last forward: call this
+    right after the pass that filled ``records``)."""
     layers = moe_layers(model)
     scalars: dict[str, float] = {}
     distributions: dict[str, torch.Tensor] = {}
@@ -49,6 +56,13 @@ def routing_metrics(
         scalars.update({prefix + key: stats[key] for key in ROUTING_SCALARS})
         scalars[prefix + "router_scale"] = router_scale(layers[name])
         distributions.update({prefix + key: stats[key] for key in ROUTING_DISTRIBUTIONS})
+    for name, layer in sorted(layers.items(), key=lambda item: block_index(item[0])):
+        if isinstance(layer, SparseMoE) and layer.last_stats is not None:
+            prefix = f"routing/block{block_index(name)}/"
+            stats = sparse_routing_stats(layer)
+            scalars.update({prefix + key: stats[key] for key in SPARSE_SCALARS if key in stats})
+            scalars[prefix + "router_scale"] = router_scale(layer)
+            distributions.update({prefix + key: stats[key].float().cpu() for key in SPARSE_DISTRIBUTIONS})
     return scalars, distributions
 
 
