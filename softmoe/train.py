@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from softmoe.harness.checkpoint import CheckpointError
 from softmoe.harness.config import ConfigError
 from softmoe.harness.data import BadDataError, MissingDataError
+from softmoe.harness.distributed import quiet_other_ranks
 from softmoe.harness.faults import NONFINITE_EXIT_CODE, NonFiniteError, Preempted
 from softmoe.harness.loop import train
 
@@ -45,6 +46,7 @@ def wandb_group_and_name(hydra_cfg: DictConfig) -> tuple[Optional[str], Optional
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
+    quiet_other_ranks()  # under torchrun rank 0 logs; the others only warn, on the console
     group, name = wandb_group_and_name(hydra_cfg)
     try:
         summary = train(cfg, Path(hydra_cfg.runtime.output_dir), wandb_group=group, wandb_name=name)

@@ -126,6 +126,7 @@ MOE_RULES: dict[str, Rule] = {
     "batch_priority": boolean,
     "noise_std": non_negative_number,
     "aux_loss_weight": non_negative_number,
+    "expert_parallel": boolean,
 }
 TRAINER_RULES: dict[str, Rule] = {
     "max_epochs": positive_int,
@@ -144,6 +145,7 @@ TRAINER_RULES: dict[str, Rule] = {
     "checkpoint_every": optional(positive_int),
     "progress_bar": boolean,
     "resume": optional(existing_file),
+    "strategy": one_of("auto", "single", "ddp"),
     "nonfinite": one_of("skip", "stop"),
     "max_nonfinite_skips": positive_int,
 }

@@ -42,12 +42,12 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import ConfigError, planned_steps, resolve_device, validate_config
+from .config import ConfigError, planned_steps, validate_config
 from .data import build_datasets, build_loader
+from .distributed import Distributed
 from .faults import NonFiniteError, NonFiniteGuard, Preempted, PreemptionGuard, first_nonfinite
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
-from .sampler import ResumableSampler
 from .telemetry import Telemetry, dispatch_maps, routing_metrics
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,10 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     if trainer.num_threads:
         torch.set_num_threads(trainer.num_threads)
-    device = resolve_device(trainer.device)
+    # torchrun: data parallel (and expert parallel) on this rank's device; else this one process
+    distributed = Distributed.from_config(cfg)
+    distributed.check_same_run_dir(run_dir)
+    device = distributed.device
 
     # Where the run starts: this directory's last.pt, else trainer.resume, else from scratch.
     start_from = resume_path(run_dir, trainer.resume)
@@ -177,23 +180,26 @@ def train(
 
     # Data. Epoch e's order is drawn from seed + e, so a resumed run skips what it has seen without loading it.
     data = build_datasets(cfg.data, cfg.paths.data_dir)
-    sampler = ResumableSampler(len(data.train), cfg.seed)
+    sampler = distributed.train_sampler(len(data.train), cfg.seed, trainer.batch_size)  # this rank's share of each batch
     pin = device.type == "cuda"
     train_loader = build_loader(
-        data.train, trainer.batch_size, train=True, num_workers=trainer.num_workers, seed=cfg.seed, sampler=sampler, pin_memory=pin
+        data.train, distributed.local_batch_size(trainer.batch_size), train=True, num_workers=trainer.num_workers, seed=cfg.seed, sampler=sampler, pin_memory=pin
     )
-    test_loader = build_loader(data.test, trainer.eval_batch_size, train=False, num_workers=trainer.num_workers, pin_memory=pin)
+    test_loader, eval_batches = distributed.test_loader(
+        data.test, trainer.eval_batch_size, trainer.eval_batches, num_workers=trainer.num_workers, pin_memory=pin
+    )
     steps_per_epoch, total_steps = planned_steps(config["trainer"], len(data.train))
     if steps_per_epoch == 0:  # only for datasets whose size was unknown before they were scanned
         raise ConfigError(f"trainer.batch_size={trainer.batch_size}: larger than the {len(data.train)} training examples")
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     # Model, optimizer (weight decay by parameter name), learning-rate schedule, loss scaling for fp16.
-    model = build_model(config["model"], config["moe"]).to(device)
+    model = distributed.prepare(build_model(config["model"], config["moe"]).to(device))  # expert parallel: local experts
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
-    forward = torch.compile(model) if trainer.compile else model
+    forward = distributed.wrap(model)  # DDP when data parallel; `model` stays the plain module
+    forward = torch.compile(forward) if trainer.compile else forward
     clip_norm = trainer.grad_clip_norm or math.inf
     nonfinite = NonFiniteGuard(trainer.nonfinite, trainer.max_nonfinite_skips)  # NaN/inf steps: skip or stop
     moe_blocks = [int(name.split(".")[1]) for name in moe_layers(model)]
@@ -214,8 +220,8 @@ def train(
     best = {"acc": -1.0, "epoch": 0}
     last_eval = {"loss": math.nan, "acc": math.nan}
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        distributed.load_model_state_dict(model, checkpoint["model"])  # expert parallel: this rank's experts
+        distributed.load_optimizer_state_dict(optimizer, model, checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         window.load_state_dict(checkpoint["window"])
@@ -223,7 +229,8 @@ def train(
         nonfinite.load_state_dict(checkpoint.get("nonfinite", nonfinite.state_dict()))
         log.info("resuming from %s at step %d of %d", start_from, step, total_steps)
 
-    telemetry = Telemetry(
+    telemetry = distributed.telemetry(  # written by rank 0, from metrics averaged over the ranks
+        Telemetry,
         run_dir,
         config["logger"],
         config,
@@ -240,13 +247,18 @@ def train(
         bad = first_nonfinite(model.state_dict().items())  # a NaN weight never reaches a checkpoint
         if bad is not None:
             raise NonFiniteError(f"step {step}: {bad} is not finite; {name} not written, the previous one is kept")
+        # The single-process state dicts: under expert parallelism every rank sends its experts to rank 0.
+        model_state = distributed.model_state_dict(model)
+        optimizer_state = distributed.optimizer_state_dict(optimizer, model)
+        if not distributed.is_main:  # rank 0 alone writes the run directory
+            return
         save_checkpoint(
             run_dir / name,
             {
                 "format": FORMAT_VERSION,
                 "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng": rng_state(),
@@ -286,7 +298,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss + cfg.moe.aux_loss_weight * aux_loss).backward()
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+                grad_norm = distributed.clip_grad_norm_(model, clip_norm)  # over every rank's experts
                 # fp16: the GradScaler skips inf gradients itself (and lowers its scale); only the loss is ours to check
                 if nonfinite.step_is_finite(step + 1, loss, 0.0 if scaler.is_enabled() else grad_norm, model):
                     scaler.step(optimizer)
@@ -313,6 +325,7 @@ def train(
                             img_s=f"{latest['train/throughput']:.0f}",
                         )
                 mid_epoch = step % steps_per_epoch != 0 and step < total_steps
+                distributed.share_signal(preemption)  # a signal to any rank stops every rank at this step
                 if trainer.checkpoint_every and step % trainer.checkpoint_every == 0 and mid_epoch:
                     save(LAST)
                     telemetry.commit()
@@ -326,7 +339,7 @@ def train(
             bar.close()
 
             # Evaluate at the end of every epoch (and of a run that stops mid-epoch), then checkpoint.
-            last_eval = evaluate(forward, test_loader, device, trainer.precision, trainer.eval_batches)
+            last_eval = distributed.reduce_eval(evaluate(forward, test_loader, device, trainer.precision, eval_batches), test_loader)
             images = {}
             panel = dispatch_panel(model, panel_image, device) if moe_blocks and telemetry.logs_images else None
             if panel is not None:
@@ -337,6 +350,7 @@ def train(
                 save(BEST)
             save(LAST)
             telemetry.commit()
+            distributed.share_signal(preemption)
             if preemption.requested and step < total_steps:
                 raise Preempted(preemption.requested, step, preemption.handover())
             trained = (

@@ -1,0 +1,454 @@
+"""Training on several processes: data parallel (DDP) and expert parallelism, launched by ``torchrun``.
+
+    torchrun --standalone --nproc_per_node=4 -m softmoe.train trainer=gpu                 # data parallel
+    torchrun --standalone --nproc_per_node=4 -m softmoe.train moe.expert_parallel=true    # + experts split
+
+``trainer.strategy=auto`` trains data parallel exactly when ``torchrun`` started the process (``RANK``,
+``WORLD_SIZE`` in the environment). ``trainer.batch_size`` is the global batch: every rank takes its
+``batch_size / world_size`` share of each batch of the single-process order, so a step sees the examples the
+single-process step would, and its averaged gradient is that step's gradient. Every rank evaluates its share
+of the test examples and the sums are reduced. Rank 0 alone writes the run directory (checkpoints,
+``metrics.jsonl``, W&B), after averaging the other ranks' training metrics and routing statistics.
+
+Checkpoints always hold the single-process model and optimizer state: with expert parallelism the experts'
+weights and Adam moments are gathered to rank 0 on save and each rank keeps its experts on load, so a run
+saved on W ranks resumes on any number of ranks (and evaluates on one).
+
+The training loop (:mod:`.loop`) calls :class:`Distributed`'s methods at each such point; on one process
+they do nothing but return what the loop would have used.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from softmoe import parallel
+
+from .config import ConfigError, resolve_device
+from .data import build_loader
+from .sampler import ResumableSampler
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "single", "ddp")
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+IGNORED_LABEL = -100  # F.cross_entropy's ignore_index: padding examples add nothing to the test loss
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def export_submitit_tasks() -> None:
+    """Give the tasks of a SLURM job started by submitit (``launcher=slurm hydra.launcher.tasks_per_node=G``) the
+    variables ``torchrun`` would set (rank from ``SLURM_PROCID``, rank 0's node as the address, a port from the job
+    id), so they train data parallel as a torchrun launch does. Every task keeps every GPU of its node."""
+    if launched_by_torchrun() or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def init_process_group() -> None:
+    """Join the ``torchrun`` job's process group (once per process): gloo for CPU tensors, NCCL for CUDA ones."""
+    if dist.is_initialized():
+        return
+    backend = "gloo"
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend)
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class SharedRunDir(Callback):
+    """A Hydra callback (``conf/hydra/default.yaml``) giving every rank of a ``torchrun`` launch rank 0's run directory.
+
+    ``hydra.run.dir`` holds ``${now:...}``, which each rank would resolve at its own moment; here rank 0
+    resolves the run (and sweep) directory and the other ranks adopt its resolver cache, so every ``${now:}``
+    has rank 0's value (a sweep's job directories too: Hydra copies the cache into each job's config).
+    Ranks other than 0 write no ``.hydra/`` files. Without ``torchrun``, or with ``trainer.strategy=single``,
+    it does nothing.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._share(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._share(config)
+
+    @staticmethod
+    def _share(config: DictConfig) -> None:
+        if not launched_by_torchrun() or OmegaConf.select(config, "trainer.strategy") == "single":
+            return
+        init_process_group()
+        cache = None
+        if dist.get_rank() == 0:
+            for key in ("hydra.run.dir", "hydra.sweep.dir"):
+                OmegaConf.select(config, key, throw_on_resolution_failure=False)  # fills the cache
+            cache = OmegaConf.get_cache(config)
+        shared = [cache]
+        dist.broadcast_object_list(shared, src=0)
+        if dist.get_rank() != 0:
+            OmegaConf.set_cache(config, shared[0])
+            config.hydra.output_subdir = None
+
+
+def quiet_other_ranks() -> None:
+    """On ranks other than 0: warnings and errors on the console only, no ``<run dir>/train.log``."""
+    if not (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(logging.WARNING)
+
+
+class ShardedSampler(ResumableSampler):
+    """This rank's share of every global batch of :class:`ResumableSampler`'s order.
+
+    With a DataLoader of batch ``batch_size / world_size``, rank r's k-th batch is the r-th slice of the k-th
+    single-process batch (``skip`` counts global examples, as in the single-process run); the last partial
+    global batch is dropped, as the single-process training loader drops it.
+    """
+
+    def __init__(self, size: int, seed: int, batch_size: int, rank: int, world_size: int) -> None:
+        super().__init__(size, seed)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.as_tensor(list(super().__iter__()), dtype=torch.int64)  # [size - skip]
+        batches = len(order) // self.batch_size
+        shares = order[: batches * self.batch_size].view(batches, self.world_size, -1)  # [batches, ranks, local]
+        return iter(shares[:, self.rank].reshape(-1).tolist())
+
+    def __len__(self) -> int:
+        return (self.size - self.skip) // self.batch_size * (self.batch_size // self.world_size)
+
+
+class _PaddedShard(Dataset):
+    """Examples ``positions`` of ``dataset``; a position past its end is padding: example 0 with an ignored label."""
+
+    def __init__(self, dataset: Dataset, positions: list[int], size: int) -> None:
+        self.dataset, self.positions, self.size = dataset, positions, size
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int):
+        position = self.positions[index]
+        if position < self.size:
+            return self.dataset[position]
+        image, label = self.dataset[0]
+        return image, (IGNORED_LABEL if isinstance(label, int) else torch.full_like(label, IGNORED_LABEL))
+
+
+def _check(key: str, value: Any, problem: str) -> None:
+    shown = str(value).lower() if isinstance(value, bool) else value
+    raise ConfigError(f"{key}={shown}: {problem}")
+
+
+@dataclass
+class Distributed:
+    """How this process takes part in the run: rank, world size, device and the parallelism in use."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    data_parallel: bool = False  # DDP over the world
+    expert_parallel: bool = False  # moe.expert_parallel: each rank holds num_experts / world_size experts
+    find_unused_parameters: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run directory."""
+        return self.rank == 0
+
+    # ------------------------------------------------------------------------- setup
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "Distributed":
+        """Check the launch against ``trainer.strategy`` and ``moe.expert_parallel``, join the process group,
+        pick this rank's device. Raises :class:`ConfigError` (the same on every rank) before anything is built."""
+        trainer, moe = cfg.trainer, cfg.moe
+        strategy = trainer.strategy
+        export_submitit_tasks()
+        torchrun = launched_by_torchrun()
+        world_size = int(os.environ["WORLD_SIZE"]) if torchrun else 1
+        if strategy == "ddp" and not torchrun:
+            _check(
+                "trainer.strategy", strategy,
+                "needs a torchrun launch (RANK and WORLD_SIZE are not set): torchrun --nproc_per_node=N -m softmoe.train ...",
+            )  # fmt: skip
+        if strategy == "single" and torchrun and world_size > 1:
+            _check(
+                "trainer.strategy", strategy,
+                f"this process is one of WORLD_SIZE={world_size} started by torchrun; use trainer.strategy=auto or ddp, "
+                "or run python -m softmoe.train",
+            )  # fmt: skip
+        data_parallel = torchrun and strategy != "single"
+        expert_parallel = bool(moe.expert_parallel)
+        if expert_parallel:
+            if not data_parallel:
+                _check(
+                    "moe.expert_parallel", True,
+                    "needs a distributed launch: torchrun --nproc_per_node=N -m softmoe.train moe.expert_parallel=true",
+                )  # fmt: skip
+            if moe.placement == "none" and not moe.layers:
+                _check("moe.expert_parallel", True, "needs MoE layers to split; moe.placement=none builds a dense ViT")
+            if moe.num_experts % world_size:
+                _check("moe.num_experts", moe.num_experts, f"expert parallelism needs it divisible by the {world_size} processes")
+            if trainer.precision == "fp16":
+                _check("trainer.precision", "fp16", "a loss-scaled step may skip on some ranks only under expert parallelism; use bf16")
+        if data_parallel and trainer.batch_size % world_size:
+            _check(
+                "trainer.batch_size", trainer.batch_size,
+                f"the global batch must be divisible by the {world_size} processes (WORLD_SIZE={world_size})",
+            )  # fmt: skip
+        device = resolve_device(trainer.device)
+        if not data_parallel:
+            return cls(device=device)
+
+        init_process_group()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        # Soft MoE with dispatch and combine both fixed never uses its router: DDP must not wait for its gradients.
+        unused_router = moe.router == "soft" and "soft" not in (moe.dispatch, moe.combine)
+        return cls(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            device=device,
+            data_parallel=True,
+            expert_parallel=expert_parallel,
+            find_unused_parameters=unused_router,
+        )
+
+    def check_same_run_dir(self, run_dir: str) -> None:
+        """Stop if the ranks were given different run directories (e.g. a ``${now:}`` resolved on each rank)."""
+        if not self.data_parallel:
+            return
+        dirs: list[Optional[str]] = [None] * self.world_size
+        dist.all_gather_object(dirs, os.path.abspath(run_dir))
+        if len(set(dirs)) > 1:
+            raise ConfigError(
+                f"hydra.run.dir={run_dir}: the ranks resolved different run directories {sorted(set(dirs))}; "
+                "set hydra.run.dir to a fixed path"
+            )
+
+    # ------------------------------------------------------------------------- data
+
+    def local_batch_size(self, batch_size: int) -> int:
+        return batch_size // self.world_size
+
+    def train_sampler(self, size: int, seed: int, batch_size: int) -> ResumableSampler:
+        if not self.data_parallel:
+            return ResumableSampler(size, seed)
+        return ShardedSampler(size, seed, batch_size, self.rank, self.world_size)
+
+    def test_loader(self, dataset: Dataset, batch_size: int, eval_batches: Optional[int], **loader_kwargs) -> tuple[DataLoader, Optional[int]]:
+        """The test loader and the ``max_batches`` to evaluate it with.
+
+        Several ranks split the examples a single process would evaluate (the first ``eval_batches`` batches):
+        rank r takes examples r, r+W, ..., padded to an equal count with ignored examples, so every rank runs
+        the same number of equal batches (expert parallelism's all_to_all needs them).
+        """
+        if not self.data_parallel:
+            return build_loader(dataset, batch_size, train=False, **loader_kwargs), eval_batches
+        size = len(dataset) if eval_batches is None else min(len(dataset), eval_batches * batch_size)
+        per_rank = math.ceil(size / self.world_size)
+        positions = list(range(self.rank, per_rank * self.world_size, self.world_size))
+        shard = _PaddedShard(dataset, positions, size)
+        local = max(1, math.ceil(batch_size / self.world_size))
+        return build_loader(shard, local, train=False, **loader_kwargs), None
+
+    def reduce_eval(self, metrics: Mapping[str, float], loader: DataLoader) -> dict[str, float]:
+        """Every rank's :func:`loop.evaluate` result (over its padded shard) as the metrics of all examples."""
+        if not self.data_parallel:
+            return dict(metrics)
+        shard: _PaddedShard = loader.dataset
+        seen = len(shard)
+        correct = round(metrics["acc"] * seen)  # padding is never correct: its label is ignored
+        totals = torch.tensor([metrics["loss"] * seen, correct], dtype=torch.float64)
+        dist.all_reduce(totals)
+        return {"loss": totals[0].item() / shard.size, "acc": totals[1].item() / shard.size}
+
+    # ------------------------------------------------------------------------- model and step
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The model every rank trains and checkpoints: rank 0's initial weights; with expert parallelism,
+        this rank's experts only. Call before building the optimizer."""
+        if self.expert_parallel:
+            return parallel.to_expert_parallel(model)
+        return model
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """What the loop calls forward on: DDP (for the replicated parameters only, under expert parallelism)."""
+        if not self.data_parallel:
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        kwargs = dict(device_ids=device_ids, find_unused_parameters=self.find_unused_parameters)
+        if self.expert_parallel:
+            return parallel.distributed_data_parallel(model, **kwargs)
+        return nn.parallel.DistributedDataParallel(model, **kwargs)
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """The global gradient norm, clipped: over every rank's experts under expert parallelism."""
+        if self.expert_parallel:
+            return parallel.clip_grad_norm_(model, max_norm)
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def share_signal(self, preemption: Any) -> None:
+        """Set ``preemption.requested`` on every rank when any rank received a preemption signal, so that all
+        save and stop after the same step (a rank stopping alone would leave the others in a collective)."""
+        if not self.data_parallel:
+            return
+        signal = torch.tensor([preemption.requested or 0])
+        dist.all_reduce(signal, op=dist.ReduceOp.MAX)
+        preemption.requested = int(signal.item()) or None
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def model_state_dict(self, model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+        """The single-process state dict (on rank 0; None elsewhere under expert parallelism). Collective."""
+        if self.expert_parallel:
+            return parallel.gather_expert_parallel_state_dict(model)
+        return model.state_dict()
+
+    def load_model_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        if self.expert_parallel:
+            state = parallel.shard_state_dict(state, model)
+        model.load_state_dict(state)
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> Optional[dict[str, Any]]:
+        """The single-process optimizer state: each expert shard's per-parameter state (Adam's moments) gathered
+        along the experts to rank 0. Collective under expert parallelism."""
+        state = optimizer.state_dict()
+        if not self.expert_parallel:
+            return state
+        for index, layer in self._expert_shards(optimizer, model).items():
+            whole = {}  # a new dict: state_dict() shares each parameter's state dict with the optimizer
+            for key, value in state["state"].get(index, {}).items():
+                if _per_expert(value, layer):
+                    parts = [torch.empty_like(value) for _ in range(self.world_size)] if self.is_main else None
+                    dist.gather(value.contiguous(), parts, dst=0)
+                    value = torch.cat(parts) if self.is_main else value
+                whole[key] = value
+            if index in state["state"]:
+                state["state"][index] = whole
+        return state if self.is_main else None
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, Any]) -> None:
+        if self.expert_parallel:
+            shards = self._expert_shards(optimizer, model)
+            state = {**state, "state": dict(state["state"])}
+            for index, layer in shards.items():
+                first, count = layer.first_expert, layer.num_local_experts
+                state["state"][index] = {
+                    key: value[first : first + count] if _whole_bank(value, layer) else value
+                    for key, value in state["state"].get(index, {}).items()
+                }
+        optimizer.load_state_dict(state)
+
+    @staticmethod
+    def _expert_shards(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[int, parallel.ExpertParallel]:
+        """Optimizer state index -> the expert-parallel layer, for every expert shard the optimizer holds."""
+        owner = {id(p): layer for layer in parallel.expert_parallel_layers(model).values() for p in layer.parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
+        return {index: owner[id(p)] for index, p in enumerate(params) if id(p) in owner}
+
+    # ------------------------------------------------------------------------- telemetry
+
+    def telemetry(self, make: Callable[..., Any], *args, **kwargs) -> "RankZeroTelemetry":
+        """The run's telemetry: built on rank 0 only; every rank logs through it (see :class:`RankZeroTelemetry`)."""
+        return RankZeroTelemetry(make(*args, **kwargs) if self.is_main else None, self)
+
+
+def _per_expert(value: Any, layer: parallel.ExpertParallel) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == layer.num_local_experts
+
+
+def _whole_bank(value: Any, layer: parallel.ExpertParallel) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == layer.num_experts
+
+
+# Summed over ranks (the others are averaged): a rate of the whole job.
+SUMMED_METRICS = ("train/throughput",)
+
+
+class RankZeroTelemetry:
+    """Rank 0's :class:`~.telemetry.Telemetry`, fed by every rank.
+
+    :meth:`log` is collective: the scalars and distributions of all ranks are averaged (throughput summed)
+    before rank 0 writes them; every other call goes to rank 0's telemetry and is a no-op elsewhere.
+    """
+
+    def __init__(self, telemetry: Any, distributed: Distributed) -> None:
+        self._telemetry = telemetry
+        self._distributed = distributed
+        logs_images = [telemetry.logs_images if telemetry is not None else False]
+        if distributed.data_parallel:  # ranks must agree: the dispatch-map panel is a forward pass of all ranks
+            dist.broadcast_object_list(logs_images, src=0)
+        self.logs_images = logs_images[0]
+
+    def log(self, step, epoch, scalars, distributions=None, images=None) -> None:
+        if self._distributed.data_parallel:
+            scalars, distributions = self._reduce(scalars), self._reduce(distributions or {})
+        if self._telemetry is not None:
+            self._telemetry.log(step, epoch, scalars, distributions, images)
+
+    def _reduce(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The mean over ranks of each value (a number or a tensor), the sum for :data:`SUMMED_METRICS`."""
+        if not values:
+            return {}
+        keys = sorted(values)  # every rank logs the same keys
+        flat = torch.cat([torch.as_tensor(values[key], dtype=torch.float64).reshape(-1).cpu() for key in keys])
+        dist.all_reduce(flat)
+        reduced, offset = {}, 0
+        for key in keys:
+            original = values[key]
+            size = original.numel() if isinstance(original, torch.Tensor) else 1
+            total = flat[offset : offset + size]
+            offset += size
+            mean = total if key in SUMMED_METRICS else total / self._distributed.world_size
+            if isinstance(original, torch.Tensor):
+                reduced[key] = mean.view(original.shape).to(original.dtype)
+            else:
+                reduced[key] = mean.item()
+        return reduced
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self._telemetry.run_id if self._telemetry is not None else None
+
+    @property
+    def run_path(self) -> Optional[str]:
+        return self._telemetry.run_path if self._telemetry is not None else None
+
+    def __getattr__(self, name: str) -> Any:
+        # commit, summary, finish, ...: rank 0's methods; no-ops on the other ranks
+        telemetry = self.__dict__.get("_telemetry")
+        if telemetry is not None:
+            return getattr(telemetry, name)
+        return lambda *args, **kwargs: None

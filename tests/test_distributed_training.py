@@ -1,0 +1,169 @@
+"""Data parallel and expert-parallel training under a real ``torchrun`` on two gloo processes, against one process.
+
+One ``torchrun`` launch runs a two-job sweep (``moe.expert_parallel=false,true``: starting processes costs more
+than training the tiny model). Both jobs resume from a single-process run's step-3 checkpoint and train to
+step 6, so they exercise resuming (the sampler's position, the RNGs, and under expert parallelism the experts'
+weights and Adam moments sharded from a whole-model checkpoint) as well as training, checkpointing and telemetry.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONF_DIR
+from softmoe.evaluate import evaluate_run
+from softmoe.harness.checkpoint import load_checkpoint
+from softmoe.harness.config import ConfigError
+from softmoe.harness.distributed import Distributed, ShardedSampler
+from softmoe.harness.loop import train
+from softmoe.harness.sampler import ResumableSampler
+
+ROOT = Path(CONF_DIR).parent
+# Deterministic and schedule-free (a constant rate: a 3-step run is the first half of a 6-step one); no dropout.
+RUN = [
+    "model.depth=2", "moe.layers=[1]", "moe.num_experts=4", "trainer.batch_size=64", "trainer.eval_batches=1",
+    "trainer.eval_batch_size=101", "trainer.log_every=1", "scheduler=constant", "logger=none", "trainer.progress_bar=false",
+]  # fmt: skip
+# float32 sums in another order (per-rank means, then the mean over ranks), through 3 Adam steps
+CLOSE = dict(rtol=1e-5, atol=1e-5)  # measured: weights within 1e-6, Adam moments 1e-8
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(compose_run, tmp_path_factory):
+    """(single-process run dir, torchrun sweep dir, the torchrun process) once the three runs are done."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    train(compose_run(*RUN, "trainer.max_steps=3"), tmp / "first_half")
+    train(compose_run(*RUN, "trainer.max_steps=6"), tmp / "single")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # = torchrun
+        "-m", "softmoe.train", "-m", "moe.expert_parallel=false,true", *RUN, "trainer.max_steps=6",
+        f"trainer.resume={tmp / 'first_half' / 'last.pt'}", f"paths.output_dir={tmp / 'outputs'}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (sweep,) = (tmp / "outputs").glob("multiruns/*/*")  # one sweep directory: every rank used rank 0's ${now:}
+    assert not (tmp / "outputs" / "runs").exists()
+    return tmp / "single", sweep, result
+
+
+def train_events(run_dir):
+    return {e["step"]: e for e in read_metrics(run_dir) if "train/loss" in e}
+
+
+@pytest.mark.parametrize("job,name", [(0, "data parallel"), (1, "expert parallel")])
+def test_two_ranks_match_one_process(runs, job, name):
+    single, sweep, _ = runs
+    run_dir = sweep / str(job)
+    # one writer: the checkpoints, metrics and log of rank 0, nothing per rank
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "best.pt", "last.pt", "metrics.jsonl", "train.log"]
+
+    reference, events = train_events(single), train_events(run_dir)
+    assert sorted(events) == [4, 5, 6]  # resumed after step 3
+    for step, event in events.items():
+        for key in ("train/loss", "train/acc", "train/grad_norm", "train/lr"):
+            assert event[key] == pytest.approx(reference[step][key], rel=1e-5), (name, step, key)
+    (val,) = [e for e in read_metrics(run_dir) if "val/loss" in e]
+    (reference_val,) = [e for e in read_metrics(single) if "val/loss" in e]
+    assert val["val/acc"] == reference_val["val/acc"] and val["val/loss"] == pytest.approx(reference_val["val/loss"], rel=1e-5)
+
+    # the whole single-process model and optimizer state, whatever the experts' placement while training
+    ours, theirs = load_checkpoint(run_dir / "last.pt"), load_checkpoint(single / "last.pt")
+    assert ours["step"] == 6 and list(ours["model"]) == list(theirs["model"])
+    for key, value in theirs["model"].items():
+        torch.testing.assert_close(ours["model"][key], value, **CLOSE, msg=lambda m: f"{name} {key}: {m}")
+    for index, state in theirs["optimizer"]["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(ours["optimizer"]["state"][index][key], value, **CLOSE)
+
+
+def test_a_run_trained_on_two_ranks_with_expert_parallelism_evaluates_on_one(runs, tmp_path):
+    single, sweep, _ = runs
+    ours = evaluate_run(sweep / "1", tmp_path / "ours", checkpoint="last")  # the whole test split, one process
+    theirs = evaluate_run(single, tmp_path / "theirs", checkpoint="last")
+    assert ours["step"] == 6 and ours["test/examples"] == 360
+    assert ours["test/acc"] == theirs["test/acc"] and ours["test/loss"] == pytest.approx(theirs["test/loss"], rel=1e-5)
+
+
+def test_other_ranks_log_nothing_to_the_console_below_warnings(runs):
+    *_, result = runs
+    output = result.stdout + result.stderr
+    assert output.count("done: test accuracy") == 2  # rank 0, once per job
+
+
+# ----------------------------------------------------------------------------- in process, no launch
+
+
+def test_each_rank_takes_its_slice_of_the_single_process_batches():
+    single = ResumableSampler(50, seed=3)
+    ranks = [ShardedSampler(50, 3, batch_size=12, rank=r, world_size=3) for r in range(3)]
+    for skip in (0, 24):  # a resumed epoch skips whole global batches
+        single.set_epoch(2, skip=skip)
+        for sampler in ranks:
+            sampler.set_epoch(2, skip=skip)
+        order = list(single)
+        shares = [list(sampler) for sampler in ranks]
+        assert [len(share) for share in shares] == [len(sampler) for sampler in ranks] == [(50 - skip) // 12 * 4] * 3
+        for batch in range((50 - skip) // 12):  # the global batch = the ranks' batches, in rank order
+            assert sum((share[4 * batch : 4 * batch + 4] for share in shares), []) == order[12 * batch : 12 * batch + 12]
+
+
+TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+
+
+def without_torchrun(monkeypatch):
+    """No torchrun variables now, and none after the test, even those the code under test exports."""
+    for name in [*TORCHRUN_ENV, "LOCAL_WORLD_SIZE"]:
+        monkeypatch.setenv(name, "")  # records the variable's state before the test, to be restored
+        monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize(
+    "overrides,torchrun,message",
+    [
+        (["trainer.strategy=ddp"], False, "trainer.strategy=ddp: needs a torchrun launch"),
+        (["moe.expert_parallel=true"], False, "moe.expert_parallel=true: needs a distributed launch"),
+        (["trainer.strategy=single"], True, "trainer.strategy=single: this process is one of WORLD_SIZE=2"),
+        (["trainer.batch_size=63"], True, "trainer.batch_size=63: the global batch must be divisible by the 2 processes"),
+        (["moe.expert_parallel=true", "moe.num_experts=5"], True, "moe.num_experts=5: expert parallelism needs it divisible"),
+        (["moe.expert_parallel=true", "moe=dense"], True, "moe.expert_parallel=true: needs MoE layers"),
+        (["trainer.strategy=sometimes"], False, "trainer.strategy=sometimes: must be one of auto, single, ddp"),
+    ],
+)
+def test_bad_launches_stop_with_one_line(compose_run, monkeypatch, tmp_path, overrides, torchrun, message):
+    without_torchrun(monkeypatch)
+    for name, value in TORCHRUN_ENV.items():
+        if torchrun:
+            monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")) as error:
+        train(compose_run(*overrides, "logger=none"), tmp_path)  # raised before the process group or data
+    assert "\n" not in str(error.value)
+
+
+def test_one_process_is_not_distributed(compose_run, monkeypatch):
+    without_torchrun(monkeypatch)
+    setup = Distributed.from_config(compose_run())
+    assert (setup.data_parallel, setup.expert_parallel, setup.world_size, setup.is_main) == (False, False, 1, True)
+
+
+def test_a_slurm_job_of_several_submitit_tasks_is_a_torchrun_launch(compose_run, monkeypatch, tmp_path):
+    # the variables SLURM sets for task 3 of a 2-node x 2-task job started by submitit (launcher=slurm)
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+    }  # fmt: skip
+    without_torchrun(monkeypatch)
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="^trainer.batch_size=6: the global batch must be divisible by the 4 processes"):
+        train(compose_run("trainer.batch_size=6", "logger=none"), tmp_path)  # a data-parallel launch of 4 ranks
+    assert [os.environ[name] for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")] == ["3", "4", "1", "gpu07"]
