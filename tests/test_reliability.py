@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import re
 import runpy
 import shutil
 import signal
@@ -385,3 +386,175 @@ def test_the_cli_exits_3_on_a_nonfinite_stop(tmp_path):
     code = run_cli(run_dir, *SYNTHETIC, f"data.nan_examples=[{NAN_EXAMPLE}]", "trainer.nonfinite=stop")
     assert code == NONFINITE_EXIT_CODE == 3
     assert f"error: step {step_holding(NAN_EXAMPLE)}: loss=nan" in output_of(run_dir)
+
+
+# ----------------------------------------------------------------------------- 5. bad configuration
+
+# Each bad override (beyond those of test_configs.py) and the whole one-line message it must give.
+BAD_OVERRIDES = [
+    (["trainer.nonfinite=ignore"], "trainer.nonfinite=ignore: must be one of skip, stop"),
+    (["trainer.max_nonfinite_skips=0"], "trainer.max_nonfinite_skips=0: must be a positive integer"),
+    (["trainer.checkpoint_every=0"], "trainer.checkpoint_every=0: must be a positive integer, or null"),
+    (["trainer.eval_batch_size=0"], "trainer.eval_batch_size=0: must be a positive integer"),
+    (["trainer.grad_clip_norm=-1"], "trainer.grad_clip_norm=-1: must be a number > 0, or null"),
+    (["trainer.num_workers=-1"], "trainer.num_workers=-1: must be an integer >= 0"),
+    (["trainer.compile=yes"], "trainer.compile=yes: must be true or false"),
+    (["trainer.precision=fp16", "trainer.device=cpu"], "trainer.precision=fp16: needs a CUDA device (trainer.device=cpu); use bf16"),
+    (["trainer.eval_batches=0"], "trainer.eval_batches=0: must be a positive integer, or null"),
+    (["trainer.num_threads=0"], "trainer.num_threads=0: must be a positive integer, or null"),
+    (["model.mlp_ratio=0"], "model.mlp_ratio=0: must be a number > 0"),
+    (["model.drop_path_rate=1.0"], "model.drop_path_rate=1.0: must be a number in [0, 1)"),
+    (["model.global_pool=mean"], "model.global_pool=mean: must be one of avg, token, max, avgmax, map"),
+    (["model.embed_dim=2.5"], "model.embed_dim=2.5: must be a positive integer"),
+    (["model.patch_size=0"], "model.patch_size=0: must be a positive integer"),
+    (["moe.layers=[4]"], "moe.layers=[4]: block 4 is beyond model.depth=4; blocks are 0..3"),
+    (["moe.layers=[-1]"], "moe.layers=[-1]: block -1 is beyond model.depth=4; blocks are 0..3"),
+    (
+        ["moe.dispatch=identity", "moe.slots_per_expert=2"],
+        "moe.num_experts=16: identity routing needs num_experts * slots_per_expert = the 16 tokens of each image, "
+        "got 16 * 2 = 32",
+    ),
+    (
+        ["moe.combine=identity", "moe.num_experts=4"],
+        "moe.num_experts=4: identity routing needs num_experts * slots_per_expert = the 16 tokens of each image, "
+        "got 4 * 1 = 4",
+    ),
+    (
+        ["data=synthetic", "data.train_size=16", "trainer.batch_size=32"],
+        "trainer.batch_size=32: larger than the 16 training examples of data=synthetic; must be at most 16",
+    ),
+    (
+        ["data=synthetic", "data.nan_examples=[-1]"],
+        "data.nan_examples=[-1]: must be a list of example indices (integers >= 0), e.g. [] or [3,17]",
+    ),
+    (["data=synthetic", "data.signal=-1"], "data.signal=-1: must be a number >= 0"),
+    (["data.split_seed=-3"], "data.split_seed=-3: must be an integer >= 0"),
+    (
+        ["+data.root=/x"],
+        "data.root=/x: not a key of data=digits; its keys are img_size, in_chans, num_classes, test_size, split_seed, augment",
+    ),
+    (["optimizer=sgd", "optimizer.momentum=1.5"], "optimizer.momentum=1.5: must be a number in [0, 1)"),
+    (["optimizer.eps=0"], "optimizer.eps=0: must be a number > 0"),
+    (["scheduler.min_lr_ratio=2"], "scheduler.min_lr_ratio=2: must be a number in [0, 1]"),
+    (["logger.tags=5"], "logger.tags=5: must be a list of strings"),
+    (["logger.backend=tensorboard"], "logger.backend=tensorboard: must be one of wandb, none"),
+    (["+moe.top_k=2"], "moe.top_k=2: not a key of the moe group"),
+    (["seed=abc"], "seed=abc: must be an integer in [0, 2**32)"),
+    (["seed=4294967296"], "seed=4294967296: must be an integer in [0, 2**32)"),
+    (["paths.data_dir=''"], "paths.data_dir=: must be a non-empty string"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_OVERRIDES, ids=[" ".join(o) for o, _ in BAD_OVERRIDES])
+def test_a_bad_override_stops_with_one_line_before_the_run_directory_is_touched(compose_run, tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as raised:
+        train(compose_run(*overrides), tmp_path / "run")  # the trainer's first act: validate_config
+    assert str(raised.value) == message
+    assert not (tmp_path / "run").exists()  # no data loaded, no model built, nothing written
+
+
+CLI_BAD = [
+    (["trainer.nonfinite=ignore"], 2, "error: trainer.nonfinite=ignore: must be one of skip, stop"),
+    (["+trainer.patience=3"], 2, "error: trainer.patience=3: not a key of the trainer group"),
+    (
+        ["data=synthetic", "data.train_size=16", "trainer.batch_size=32"],
+        2,
+        "error: trainer.batch_size=32: larger than the 16 training examples of data=synthetic; must be at most 16",
+    ),
+    (["optimizer=adam"], 1, "Could not find 'optimizer/adam'"),  # Hydra's own message: an unknown group option
+    (["trainer.max_step=5"], 1, "Could not override 'trainer.max_step'"),  # Hydra's: an unknown key
+]
+
+
+@pytest.mark.parametrize("overrides,code,message", CLI_BAD, ids=[" ".join(o) for o, _, _ in CLI_BAD])
+def test_the_command_line_refuses_bad_overrides_leaving_only_hydras_files(tmp_path, overrides, code, message):
+    run_dir = tmp_path / "run"
+    assert run_cli(run_dir, *overrides) == code
+    output = output_of(run_dir)
+    assert message in output and "Traceback" not in output
+    if code == 2:
+        assert output.strip().splitlines()[-1] == message  # one line
+    assert not run_dir.exists() or {path.name for path in run_dir.iterdir()} <= HYDRA_FILES
+
+
+# ----------------------------------------------------------------------------- 6. bad data
+
+
+def test_skipped_bad_images_are_counted_in_metrics_and_the_summary(compose_run, tmp_path):
+    root = write_image_tree(tmp_path / "images", train={"cat": 6, "dog": 6}, val={"cat": 2, "dog": 2}, size=8)
+    (root / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # unreadable
+    write_png(root / "val" / "bird" / "0.png", size=8)  # a class the training split lacks: label out of range
+    overrides = [
+        "data=imagefolder", f"data.root={root}", "data.img_size=8", "data.num_classes=2", "data.on_bad_file=skip",
+        "model.depth=2", "trainer.batch_size=4", "trainer.max_steps=3", "trainer.log_every=1", "logger=none",
+        "trainer.progress_bar=false",
+    ]  # fmt: skip
+    summary = train(compose_run(*overrides), tmp_path / "run")
+    assert summary.skipped_examples == 2 and summary.steps == 3
+    events = read_events(tmp_path / "run")
+    assert events[0] == {"step": 0, "epoch": 1, "data/skipped_examples": 2}
+    assert_every_step_once(events, total=3)
+
+
+# ----------------------------------------------------------------------------- 7. W&B failures
+
+
+def test_wandb_failing_mid_run_warns_once_and_training_and_metrics_go_on(compose_run, tmp_path, monkeypatch, caplog):
+    import wandb
+
+    from test_train import wandb_offline_run
+
+    real_init, sent = wandb.init, []
+
+    def init_whose_log_breaks(*args, **kwargs):
+        run = real_init(*args, **kwargs)
+        real_log = run.log
+
+        def log(values, step=None, **rest):
+            if len(sent) == 4:
+                raise ConnectionError("api.wandb.ai: connection reset")
+            sent.append(step)
+            return real_log(values, step=step, **rest)
+
+        run.log = log
+        return run
+
+    monkeypatch.setattr(wandb, "init", init_whose_log_breaks)
+    overrides = [*RUN[:-2], "trainer.max_steps=12", "logger.mode=offline", "logger.log_images=false", "trainer.progress_bar=false"]
+    with caplog.at_level(logging.WARNING):
+        summary = train(compose_run(*overrides), tmp_path)
+    assert summary.steps == 12
+    failures = [r.getMessage() for r in caplog.records if "W&B logging failed" in r.getMessage()]
+    assert failures == [f"W&B logging failed (api.wandb.ai: connection reset); training continues, logging to {tmp_path / 'metrics.jsonl'} only"]
+    assert_every_step_once(read_events(tmp_path), total=12)
+    # what reached W&B before the failure is in its offline run file, readable for `wandb sync`
+    run, history = wandb_offline_run(tmp_path)
+    assert run.run_id and [int(step) for step in history["_step"]] == sent == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- 8. soak
+
+
+def test_soak_three_kills_and_twenty_bad_overrides_lose_and_duplicate_nothing(compose_run, uninterrupted, tmp_path):
+    run_dir, bad = tmp_path / "run", iter(BAD_OVERRIDES[:20])
+    logged = 0
+    for cycle in range(3):
+        target = logged + random.randrange(2, 6)  # beyond what the killed run had logged: progress each cycle
+        pid = start_cli(run_dir, *RUN)
+        signal_at_step(pid, run_dir, target, signal.SIGKILL)
+        assert wait(pid) == -signal.SIGKILL
+        events = read_events(run_dir)
+        train_steps = [e["step"] for e in events if "train/lr" in e]
+        assert train_steps == list(range(1, train_steps[-1] + 1)), f"cycle {cycle}: a step lost or logged twice"
+        for name in ("last.pt", PREVIOUS, "best.pt"):
+            if (run_dir / name).exists():
+                load_checkpoint(run_dir / name)  # every checkpoint on disk is whole
+        logged = train_steps[-1]
+        assert load_checkpoint(run_dir / "last.pt")["step"] <= logged
+        before = fingerprint(run_dir)
+        for overrides, message in [next(bad) for _ in range(7 if cycle < 2 else 6)]:  # 7 + 7 + 6 = 20
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                train(compose_run(*overrides), run_dir)
+        assert fingerprint(run_dir) == before, f"cycle {cycle}: a bad config changed the run directory"
+    assert run_cli(run_dir, *RUN) == 0, output_of(run_dir)
+    assert_matches_uninterrupted(run_dir, uninterrupted)
