@@ -38,13 +38,15 @@ def test_tiny_run_reports_every_section(tiny_results):
     for row in results["layer"]:
         assert row["soft_moe_s"] > 0 and row["seed_loop_s"] > 0 and row["floor_s"] > 0
         assert row["floor_s"] == max(row["compute_floor_s"], row["memory_floor_s"])
+        assert row["soft_moe_over_floor_cpu_time"] > 0 and row["seed_loop_over_soft_moe_cpu_time"] > 0
         assert row["ceilings"]["gemm_flops_per_s"] > 0 and row["ceilings"]["copy_bytes_per_s"] > 0
     assert {row["impl"] for row in results["layer_memory"]} == {"soft_moe", "seed_loop"}
     for row in results["layer_memory"]:
         assert row["required_bytes"] == 2 * row["param_bytes"] + row["required_saved_bytes"]
         assert row["saved_activation_bytes"] > 0
     model = results["model"]
-    assert set(model["soft_moe_over_dense"]) == {"inference", "forward_backward", "train_step", "optimizer"}
+    for ratios in (model["soft_moe_over_dense"], model["soft_moe_over_dense_cpu_time"]):
+        assert set(ratios) == {"inference", "forward_backward", "train_step", "optimizer"}
     for name in ("dense", "soft_moe"):
         timings = model["models"][name]
         assert 0 < timings["optimizer_share_of_step"] < 1 and timings["flops_per_image"]["forward"] > 0
