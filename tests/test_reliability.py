@@ -172,16 +172,27 @@ def assert_matches_uninterrupted(run_dir, uninterrupted):
 def test_sigkill_at_a_random_step_then_the_same_command_resumes_exactly(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     kill_step = random.randrange(CHECKPOINT_EVERY + 2, TOTAL_STEPS - 2)
-    pid = start_cli(run_dir, *RUN)
+    with_wandb = [*RUN, "logger=wandb", "logger.mode=offline", "logger.log_images=false"]  # logging draws no randomness
+    pid = start_cli(run_dir, *with_wandb)
     signal_at_step(pid, run_dir, kill_step, signal.SIGKILL)
     assert wait(pid) == -signal.SIGKILL, f"kill at step {kill_step}"
     died_at = [e["step"] for e in read_events(run_dir) if "train/lr" in e][-1]
     saved = load_checkpoint(run_dir / "last.pt")["step"]
     assert saved % CHECKPOINT_EVERY == 0 and 0 < saved <= died_at, (kill_step, died_at, saved)
 
-    assert run_cli(run_dir, *RUN) == 0, output_of(run_dir)  # the same command, the same run directory
+    assert run_cli(run_dir, *with_wandb) == 0, output_of(run_dir)  # the same command, the same run directory
     assert f"resuming from {run_dir / 'last.pt'} at step {saved}" in output_of(run_dir)
     assert_matches_uninterrupted(run_dir, uninterrupted)
+
+    # W&B: the killed run sent only steps its checkpoint covers, the resumed run the rest, each once
+    from test_train import wandb_records
+
+    sent = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        steps = [r.history.step.num for r in wandb_records(path) if r.WhichOneof("record_type") == "history"]
+        sent.append(steps)
+    assert len(sent) == 2 and max(sent[0]) <= saved, (saved, sent)
+    assert sent[0] + sent[1] == sorted(set(sent[0] + sent[1])) and sent[1][-1] == TOTAL_STEPS
 
 
 def test_a_line_torn_by_a_kill_is_dropped_on_resume(compose_run, uninterrupted, tmp_path):
