@@ -4,6 +4,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,11 +49,20 @@ def wandb_records(path):
             yield record
 
 
-def wandb_offline_run(run_dir):
-    """(run record, {history key: [values as JSON]}) of the single offline W&B run in ``run_dir``."""
+def wandb_offline_run(run_dir, timeout=60.0):
+    """(run record, {history key: [values as JSON]}) of the single offline W&B run in ``run_dir``.
+
+    W&B's service process writes the file; on a busy machine it may still be appending after ``run.finish()``
+    returns, so this waits (up to ``timeout`` seconds) for the run's closing ``exit`` record."""
     (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     run, history = None, {}
-    for record in wandb_records(path):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
