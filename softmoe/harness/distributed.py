@@ -290,8 +290,8 @@ class Distributed:
         shard: _PaddedShard = loader.dataset
         seen = len(shard)
         correct = round(metrics["acc"] * seen)  # padding is never correct: its label is ignored
-        totals = torch.tensor([metrics["loss"] * seen, correct], dtype=torch.float64)
-        dist.all_reduce(totals)
+        totals = torch.tensor([metrics["loss"] * seen, correct], dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals)  # on the training device: NCCL reduces CUDA tensors only
         return {"loss": totals[0].item() / shard.size, "acc": totals[1].item() / shard.size}
 
     # ------------------------------------------------------------------------- model and step
@@ -324,7 +324,7 @@ class Distributed:
         save and stop after the same step (a rank stopping alone would leave the others in a collective)."""
         if not self.data_parallel:
             return
-        signal = torch.tensor([preemption.requested or 0])
+        signal = torch.tensor([preemption.requested or 0], device=self.device)  # NCCL needs a CUDA tensor
         dist.all_reduce(signal, op=dist.ReduceOp.MAX)
         preemption.requested = int(signal.item()) or None
 
@@ -423,8 +423,10 @@ class RankZeroTelemetry:
         if not values:
             return {}
         keys = sorted(values)  # every rank logs the same keys
-        flat = torch.cat([torch.as_tensor(values[key], dtype=torch.float64).reshape(-1).cpu() for key in keys])
+        device = self._distributed.device  # NCCL reduces tensors on the rank's CUDA device only
+        flat = torch.cat([torch.as_tensor(values[key], dtype=torch.float64).reshape(-1).to(device) for key in keys])
         dist.all_reduce(flat)
+        flat = flat.cpu()
         reduced, offset = {}, 0
         for key in keys:
             original = values[key]
