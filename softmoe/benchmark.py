@@ -1,7 +1,11 @@
-"""Speed and memory of the Soft MoE layer and model, each measured against what it should cost (issue 5).
+r"""Speed and memory of the Soft MoE layer and model, each measured against what it should cost (issue 5).
 
-    python -m softmoe.benchmark --out experiments/throughput/results.json     # the recorded run
-    python -m softmoe.benchmark --tiny --out /tmp/benchmark.json              # seconds: proves the command works
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 OMP_WAIT_POLICY=PASSIVE \
+        python -m softmoe.benchmark --profile --out experiments/throughput/results.json   # the recorded run
+    python -m softmoe.benchmark --tiny --out /tmp/benchmark.json   # seconds: proves the command works
+
+(On CPU the environment matters as much as the code: experiments/throughput/README.md explains the
+variables above, and ``machine.env`` in the JSON records them.)
 
 In one run, on one machine, it measures:
 
@@ -57,7 +61,7 @@ ENV_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THR
 
 @dataclass(frozen=True)
 class LayerShape:
-    """One Soft MoE layer: tokens [batch, tokens, dim] routed to num_experts x slots_per_expert MLPs dim->hidden->dim."""
+    """One Soft MoE layer: [batch, tokens, dim] routed to num_experts x slots_per_expert MLPs dim->hidden->dim."""
 
     name: str
     batch: int
@@ -98,6 +102,9 @@ class LayerShape:
 
 LAYER_SHAPES = {
     "vit_s16": LayerShape("vit_s16", batch=32, tokens=197, dim=384, hidden=1536, num_experts=128, slots_per_expert=1),
+    # the same layer at 4x the batch: 128 rows per expert matrix instead of 32
+    "vit_s16_b128": LayerShape("vit_s16_b128", batch=128, tokens=197, dim=384, hidden=1536, num_experts=128,
+                               slots_per_expert=1),
     "cpu_small": LayerShape("cpu_small", batch=16, tokens=65, dim=192, hidden=768, num_experts=64, slots_per_expert=1),
     "tiny": LayerShape("tiny", batch=2, tokens=9, dim=16, hidden=32, num_experts=4, slots_per_expert=2),
 }
@@ -635,9 +642,8 @@ def benchmark_model_memory(shape: ModelShape, args, device) -> dict:
         del model, optimizer, cases
         gc.collect()
     if result["dense"]["train_step_peak_bytes"]:
-        result["soft_moe_over_dense"] = {
-            key: result["soft_moe"][key] / result["dense"][key] for key in ("inference_peak_bytes", "train_step_peak_bytes")
-        }
+        result["soft_moe_over_dense"] = {key: result["soft_moe"][key] / result["dense"][key]
+                                         for key in ("inference_peak_bytes", "train_step_peak_bytes")}
     return result
 
 
@@ -664,7 +670,8 @@ def benchmark_compile(shape: LayerShape, args, device) -> List[dict]:
         "shape": shape.name, "pass": pass_name, "compile_s": compile_seconds[pass_name],
         "eager_s": median(times[f"eager/{pass_name}"]["total"]),
         "compiled_s": median(times[f"compiled/{pass_name}"]["total"]),
-        "compiled_over_eager": paired_ratio(times[f"compiled/{pass_name}"]["total"], times[f"eager/{pass_name}"]["total"]),
+        "compiled_over_eager": paired_ratio(times[f"compiled/{pass_name}"]["total"],
+                                            times[f"eager/{pass_name}"]["total"]),
     } for pass_name in ("forward", "forward_backward")]
 
 
@@ -743,14 +750,16 @@ def format_report(results: dict) -> str:
         lines.append(f"{r['shape']:10} {r['dtype']:8} {r['pass']:16} {1e3 * r['soft_moe_s']:10.1f} "
                      f"{1e3 * r['seed_loop_s']:9.1f} "
                      f"{r['seed_loop_over_soft_moe']:5.2f} ({r['seed_loop_over_soft_moe_cpu_time']:4.2f}) "
-                     f"{1e3 * r['floor_s']:9.1f} {r['soft_moe_over_floor']:5.2f} ({r['soft_moe_over_floor_cpu_time']:4.2f}) "
+                     f"{1e3 * r['floor_s']:9.1f} "
+                     f"{r['soft_moe_over_floor']:5.2f} ({r['soft_moe_over_floor_cpu_time']:4.2f}) "
                      f"{r['soft_moe_over_attainable']:11.2f} {c['gemm_flops_per_s'] / 1e9:6.1f} "
                      f"{c['expert_gemm_flops_per_s'] / 1e9:11.1f} {c['copy_bytes_per_s'] / 1e9:5.1f}")
     for r in results.get("layer_memory", []):
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / GIB:.3f} GiB"
         ratio = "n/a" if r["peak_over_required"] is None else f"{r['peak_over_required']:.2f}x"
         lines.append(f"memory {r['shape']} {r['impl']:9}: peak {peak}, required (2 x params + saved) "
-                     f"{r['required_bytes'] / GIB:.3f} GiB -> {ratio}; saves {r['saved_activation_bytes'] / 2**20:.1f} MiB "
+                     f"{r['required_bytes'] / GIB:.3f} GiB -> {ratio}; "
+                     f"saves {r['saved_activation_bytes'] / 2**20:.1f} MiB "
                      f"(needs {r['required_saved_bytes'] / 2**20:.1f} MiB)")
     model = results.get("model")
     if model and "models" in model:
@@ -770,7 +779,8 @@ def format_report(results: dict) -> str:
         for name in ("dense", "soft_moe"):
             r = memory[name]
             if r["train_step_peak_bytes"] is not None:
-                lines.append(f"memory {name:9}: inference peak {r['inference_peak_bytes'] / GIB:.2f} GiB, train step peak "
+                lines.append(f"memory {name:9}: inference peak {r['inference_peak_bytes'] / GIB:.2f} GiB, "
+                             f"train step peak "
                              f"{r['train_step_peak_bytes'] / GIB:.2f} GiB (params {r['param_bytes'] / GIB:.2f}, "
                              f"AdamW state {r['optimizer_state_bytes'] / GIB:.2f})")
     if results.get("profile"):
@@ -779,14 +789,16 @@ def format_report(results: dict) -> str:
     if isinstance(compiled, list):
         lines.append("")
         for r in compiled:
-            lines.append(f"compile {r['shape']} {r['pass']:16}: eager {1e3 * r['eager_s']:.1f} ms, compiled "
-                         f"{1e3 * r['compiled_s']:.1f} ms ({r['compiled_over_eager']:.2f}x), compile {r['compile_s']:.1f} s")
+            lines.append(f"compile {r['shape']} {r['pass']:16}: eager {1e3 * r['eager_s']:.1f} ms, "
+                         f"compiled {1e3 * r['compiled_s']:.1f} ms ({r['compiled_over_eager']:.2f}x), "
+                         f"compile {r['compile_s']:.1f} s")
     if results.get("targets"):
         lines.append("")
         for name, t in results["targets"].items():
             sign = "<=" if t["kind"] == "max" else ">="
             cpu_time = "" if t["value_cpu_time"] is None else f" (CPU time: {t['value_cpu_time']:.2f})"
-            lines.append(f"target {name}: {t['value']:.2f}{cpu_time} {sign} {t['limit']}: {'met' if t['met'] else 'NOT met'}")
+            verdict = "met" if t["met"] else "NOT met"
+            lines.append(f"target {name}: {t['value']:.2f}{cpu_time} {sign} {t['limit']}: {verdict}")
     return "\n".join(lines)
 
 
@@ -809,7 +821,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
     parser.add_argument("--profile", action="store_true",
                         help="add torch.profiler's kernel table of the first layer shape's forward+backward")
-    parser.add_argument("--compile-shape", default="cpu_small", choices=sorted(LAYER_SHAPES))
+    parser.add_argument("--compile-shapes", nargs="+", default=["cpu_small"], choices=sorted(LAYER_SHAPES))
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
     parser.add_argument("--layer-rounds", type=int, default=7)
     parser.add_argument("--model-rounds", type=int, default=3)
@@ -817,7 +829,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth probe's copy")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.layer_shapes, args.bfloat16_shapes, args.model_shape, args.compile_shape = ["tiny"], ["tiny"], "tiny", "tiny"
+        args.layer_shapes = args.bfloat16_shapes = args.compile_shapes = ["tiny"]
+        args.model_shape = "tiny"
         args.model_batch, args.warmup, args.layer_rounds, args.model_rounds = 2, 1, 1, 1
         args.gemm_size, args.copy_mib = args.gemm_size or 128, args.copy_mib or 4
     cuda = args.device.startswith("cuda")
@@ -838,22 +851,27 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                "config": vars(args)}
     started = time.perf_counter()
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    results["layer"] = []
-    for shape_name in args.layer_shapes:
-        for dtype_name in args.dtypes:
-            if dtype_name == "bfloat16" and shape_name not in args.bfloat16_shapes:
-                continue
-            results["layer"] += benchmark_layer(LAYER_SHAPES[shape_name], dtypes[dtype_name], args, device)
+    layer_shapes = [LAYER_SHAPES[name] for name in args.layer_shapes]
+    model_shape = MODEL_SHAPES[args.model_shape]
+    results["layer"] = [
+        row
+        for shape in layer_shapes
+        for dtype in args.dtypes
+        if dtype == "float32" or shape.name in args.bfloat16_shapes
+        for row in benchmark_layer(shape, dtypes[dtype], args, device)
+    ]
     if args.profile:
-        results["profile"] = profile_layer(LAYER_SHAPES[args.layer_shapes[0]], device)
-    results["model"] = {"skipped": "--no-model"} if args.no_model else benchmark_model(MODEL_SHAPES[args.model_shape], args, device)
-    results["compile"] = benchmark_compile(LAYER_SHAPES[args.compile_shape], args, device) if args.compile \
-        else {"skipped": "pass --compile"}
+        results["profile"] = profile_layer(layer_shapes[0], device)
+    results["model"] = {"skipped": "--no-model"} if args.no_model else benchmark_model(model_shape, args, device)
+    results["compile"] = {"skipped": "pass --compile"}
+    if args.compile:
+        results["compile"] = [row for name in args.compile_shapes
+                              for row in benchmark_compile(LAYER_SHAPES[name], args, device)]
     # memory last: the host probe changes how glibc allocates, which would slow the timings
     results["memory_method"] = memory_method(device)
-    results["layer_memory"] = [row for name in args.layer_shapes for row in benchmark_layer_memory(LAYER_SHAPES[name], device)]
+    results["layer_memory"] = [row for shape in layer_shapes for row in benchmark_layer_memory(shape, device)]
     results["model_memory"] = {"skipped": "--no-model"} if args.no_model else \
-        benchmark_model_memory(MODEL_SHAPES[args.model_shape], args, device)
+        benchmark_model_memory(model_shape, args, device)
     results["targets"] = evaluate_targets(results, args.layer_shapes[0])
     results["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     results["wall_s"] = time.perf_counter() - started
