@@ -103,5 +103,29 @@ def main(cfg: DictConfig) -> float:
     return result["test/acc"]
 
 
+def missing_run_error(argv: list[str]) -> Optional[str]:
+    """Why the command line's ``run_dir``/``checkpoint`` cannot be evaluated, or None.
+
+    Checked before Hydra starts: Hydra creates ``<run_dir>/evaluate/`` first thing, so a mistyped
+    ``run_dir`` would otherwise leave a new directory tree behind it."""
+    values = {}
+    for argument in argv:
+        key, sep, value = argument.partition("=")
+        if sep:
+            values[key.lstrip("+")] = value
+    if "run_dir" not in values:
+        return None  # Hydra reports the missing mandatory value itself
+    run_dir, checkpoint = Path(values["run_dir"]), values.get("checkpoint", "best")
+    if not run_dir.is_dir():
+        return f"run_dir={run_dir}: no such directory (a training run directory holds best.pt and last.pt)"
+    if checkpoint in ("best", "last") and not (run_dir / f"{checkpoint}.pt").is_file():
+        return f"run_dir={run_dir}: holds no {checkpoint}.pt (is it a training run directory?)"
+    return None
+
+
 if __name__ == "__main__":
+    error = missing_run_error(sys.argv[1:])
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()

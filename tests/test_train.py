@@ -211,6 +211,20 @@ def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(tmp
         assert [e["step"] for e in read_metrics(tmp_path / str(job))] == [1, 2, 3, 3]
 
 
+def test_evaluate_refuses_a_missing_run_dir_without_creating_it(tmp_path):
+    missing = tmp_path / "no_such_run"
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    for run_dir, message in ((missing, "no such directory"), (empty, "holds no last.pt")):
+        command = [sys.executable, "-m", "softmoe.evaluate", f"run_dir={run_dir}", "checkpoint=last"]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"error: run_dir={run_dir}: {message}" + (
+            " (a training run directory holds best.pt and last.pt)" if run_dir == missing else
+            " (is it a training run directory?)")
+    assert not missing.exists() and list(empty.iterdir()) == []
+
+
 def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path):
     train(compose_run("trainer.max_steps=5", "trainer.batch_size=128", "logger=none", *QUIET), tmp_path)
     result = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last", save_routing=True, routing_examples=4)
