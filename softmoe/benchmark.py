@@ -20,7 +20,9 @@ In one run, on one machine, it measures:
 * ``model``: Soft MoE ViT against the dense timm ViT of the same width and depth: inference,
   forward+backward and a full AdamW training step, as ratios, with the optimizer's share;
 * ``compile``: eager against ``torch.compile`` (``--compile``; compiling is slow on CPU);
-* ``profile``: torch.profiler's kernel table of the layer's forward+backward (``--profile``).
+* ``profile``: torch.profiler's kernel table of the layer's forward+backward (``--profile``);
+* ``model_profile``: where each model's inference time goes, with each part's FLOPs and rate: the MLPs
+  that Soft MoE replaces against its experts and its routing, and the rest (``--profile-model``).
 
 Every time is the median over rounds. A round runs every case of a comparison once, in an order that
 rotates from round to round, and ratios are medians of per-round ratios, so cases compared with each
@@ -31,6 +33,7 @@ On CUDA the same command reports images/s and the fraction of the measured matmu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -482,6 +485,102 @@ def profile_layer(shape: LayerShape, device, iterations: int = 3, rows: int = 16
     return f"{shape.name} float32 forward+backward, {iterations} iterations\n{table}"
 
 
+@contextlib.contextmanager
+def labelled_ranges(modules: Dict[str, nn.Module]):
+    """Wrap each module's forward in a ``record_function(label)`` range while the context is open, so
+    that the profiler can attribute time to parts of a model (a block's MLP, a layer's experts)."""
+    from torch.profiler import record_function
+
+    handles, open_ranges = [], {}
+    for label, module in modules.items():
+        def enter(_module, _inputs, label=label):
+            open_ranges.setdefault(label, []).append(record_function(label).__enter__())
+
+        def leave(_module, _inputs, _output, label=label):
+            open_ranges[label].pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _range_seconds(profiler, label: str, iterations: int) -> float:
+    """Inclusive CPU time of every ``label`` range, per iteration, in seconds."""
+    events = [e for e in profiler.events() if e.name == label]
+    return sum(e.cpu_time_total for e in events) / 1e6 / iterations
+
+
+def profile_model_inference(shape: ModelShape, batch: int, device, iterations: int = 2) -> dict:
+    """Where inference time goes in each model: the blocks that Soft MoE changes (dense MLPs against MoE
+    layers, and inside those the experts against the routing) and everything else, each part's FLOPs
+    (FlopCounterMode) and the rate it runs at. Shows which kernels hold the inference ratio back."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, shape.img_size, shape.img_size, device=device)
+    changed = range(shape.moe_layer_index, shape.depth)
+    report = {"batch": batch, "iterations": iterations, "blocks": [changed.start, changed.stop - 1]}
+    for kind in MODEL_KINDS:
+        model = build_model(shape, kind, device).eval()
+        mlps = {i: model.blocks[i].mlp for i in changed}
+        parts = {"model": model, **{f"block{i}.mlp": mlp for i, mlp in mlps.items()}}
+        if kind == "soft_moe":
+            parts.update({f"block{i}.mlp.experts": mlp.experts for i, mlp in mlps.items()})
+        # FLOPs counted on the meta device, as in model_flops: CPU's fused attention kernel has no FLOP formula
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            build_model(shape, kind, "meta")(torch.empty_like(images, device="meta"))
+        module_flops = counter.get_flop_counts()
+        root = type(model).__name__
+        flops = {"model": sum(module_flops["Global"].values())}
+        for i, mlp in mlps.items():
+            flops[f"block{i}.mlp"] = sum(module_flops.get(f"{root}.blocks.{i}.mlp", {}).values())
+            if kind == "soft_moe":
+                flops[f"block{i}.mlp.experts"] = sum(module_flops.get(f"{root}.blocks.{i}.mlp.experts", {}).values())
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.inference_mode(), labelled_ranges(parts):
+            model(images)  # warm-up
+            with profile(activities=activities) as profiler:
+                for _ in range(iterations):
+                    model(images)
+                _synchronize(device)
+        seconds = {label: _range_seconds(profiler, label, iterations) for label in parts}
+
+        def part(labels: Sequence[str]) -> dict:
+            s, f = sum(seconds[k] for k in labels), sum(flops[k] for k in labels)
+            return {"seconds": s, "gflop": f / 1e9, "gflop_per_s": f / s / 1e9 if s else None}
+
+        mlp_labels = [f"block{i}.mlp" for i in changed]
+        rows = {"whole model": part(["model"]), "changed MLPs": part(mlp_labels)}
+        if kind == "soft_moe":
+            rows["  experts"] = part([f"{k}.experts" for k in mlp_labels])
+            routing = {key: rows["changed MLPs"][key] - rows["  experts"][key] for key in ("seconds", "gflop")}
+            routing["gflop_per_s"] = routing["gflop"] / routing["seconds"] if routing["seconds"] else None
+            rows["  routing (logits, softmaxes, dispatch, combine)"] = routing
+        rest = {key: rows["whole model"][key] - rows["changed MLPs"][key] for key in ("seconds", "gflop")}
+        rest["gflop_per_s"] = rest["gflop"] / rest["seconds"] if rest["seconds"] else None
+        rows["everything else (same in both)"] = rest
+        report[kind] = rows
+        del model, profiler
+        gc.collect()
+    return report
+
+
+def format_model_profile(report: dict) -> str:
+    first, last = report["blocks"]
+    lines = [f"model inference profile, batch {report['batch']}, {report['iterations']} iterations "
+             f"(CPU time per forward; changed MLPs = blocks {first}-{last})",
+             f"{'model':9} {'part':50} {'ms':>8} {'GFLOP':>8} {'GFLOP/s':>8}"]
+    for kind in MODEL_KINDS:
+        for name, row in report[kind].items():
+            rate = "" if row["gflop_per_s"] is None else f"{row['gflop_per_s']:8.1f}"
+            lines.append(f"{kind:9} {name:50} {1e3 * row['seconds']:8.1f} {row['gflop']:8.2f} {rate:>8}")
+    return "\n".join(lines)
+
+
 def benchmark_layer_memory(shape: LayerShape, device) -> List[dict]:
     """Peak memory of one float32 forward+backward of each implementation, against what it must hold:
     its parameters and their gradients, and the activations backward needs."""
@@ -783,6 +882,8 @@ def format_report(results: dict) -> str:
                              f"train step peak "
                              f"{r['train_step_peak_bytes'] / GIB:.2f} GiB (params {r['param_bytes'] / GIB:.2f}, "
                              f"AdamW state {r['optimizer_state_bytes'] / GIB:.2f})")
+    if results.get("model_profile"):
+        lines += ["", format_model_profile(results["model_profile"])]
     if results.get("profile"):
         lines += ["", results["profile"]]
     compiled = results.get("compile")
@@ -821,6 +922,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
     parser.add_argument("--profile", action="store_true",
                         help="add torch.profiler's kernel table of the first layer shape's forward+backward")
+    parser.add_argument("--profile-model", action="store_true",
+                        help="add where each model's inference time goes (changed MLPs, experts, routing, the rest)")
     parser.add_argument("--compile-shapes", nargs="+", default=["cpu_small"], choices=sorted(LAYER_SHAPES))
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
     parser.add_argument("--layer-rounds", type=int, default=7)
@@ -863,6 +966,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     if args.profile:
         results["profile"] = profile_layer(layer_shapes[0], device)
     results["model"] = {"skipped": "--no-model"} if args.no_model else benchmark_model(model_shape, args, device)
+    if args.profile_model:
+        results["model_profile"] = profile_model_inference(model_shape, args.model_batch, device)
     results["compile"] = {"skipped": "pass --compile"}
     if args.compile:
         results["compile"] = [row for name in args.compile_shapes

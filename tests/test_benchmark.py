@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_results(tmp_path_factory):
     # A fresh process: the memory probe retunes glibc's allocator for the rest of the process.
     out = tmp_path_factory.mktemp("benchmark") / "results.json"
-    command = [sys.executable, "-m", "softmoe.benchmark", "--tiny", "--threads", "1", "--profile", "--out", str(out)]
+    command = [sys.executable, "-m", "softmoe.benchmark", "--tiny", "--threads", "1", "--profile", "--profile-model", "--out", str(out)]
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(out.read_text()), completed.stdout
@@ -53,6 +53,19 @@ def test_tiny_run_reports_every_section(tiny_results):
         assert set(results["model_memory"][name]) >= {"param_bytes", "optimizer_state_bytes", "train_step_peak_bytes"}
     assert results["compile"] == {"skipped": "pass --compile"}
     assert "aten::bmm" in results["profile"]
+    profile = results["model_profile"]
+    for name in ("dense", "soft_moe"):
+        parts = profile[name]
+        whole, changed, rest = parts["whole model"], parts["changed MLPs"], parts["everything else (same in both)"]
+        # the profile's FLOPs are the model's FLOPs, split without loss into the parts it reports
+        forward_flops = model["models"][name]["flops_per_image"]["forward"] * results["config"]["model_batch"]
+        assert whole["gflop"] * 1e9 == pytest.approx(forward_flops)
+        assert changed["gflop"] + rest["gflop"] == pytest.approx(whole["gflop"])
+        assert 0 < changed["seconds"] < whole["seconds"] and changed["gflop"] > 0
+    experts = profile["soft_moe"]["  experts"]
+    routing = profile["soft_moe"]["  routing (logits, softmaxes, dispatch, combine)"]
+    assert 0 < experts["seconds"] < profile["soft_moe"]["changed MLPs"]["seconds"] and routing["gflop"] > 0
+    assert "model inference profile" in stdout
     assert set(results["targets"]) == set(TARGETS)
     assert "target model_train_step_over_dense" in stdout and "wrote" in stdout
 
