@@ -1,7 +1,6 @@
 """The training harness end to end: the default run's telemetry, every experiment, exact resume, sweeps, evaluation."""
 
 import json
-import struct
 import subprocess
 import sys
 import time
@@ -9,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from wandb.proto import wandb_internal_pb2
 
 from conftest import CONF_DIR
 from softmoe.evaluate import evaluate_run
 from softmoe.harness.checkpoint import CheckpointError, load_checkpoint
 from softmoe.harness.loop import train
+from softmoe.harness.wandb_files import item_path, read_records
 
 ROOT = Path(CONF_DIR).parent
 EXPERIMENTS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
@@ -27,28 +26,6 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def wandb_records(path):
-    """The protobuf records of a W&B transaction log (``run-<id>.wandb``): a 7-byte header, then LevelDB log
-    blocks of 32 KiB whose records carry a 7-byte header (checksum, length, type: 1 full, 2 first, 3 middle, 4 last)."""
-    data = Path(path).read_bytes()
-    assert data[:4] == b":W&B"
-    block, position, pending = 32768, 7, b""
-    while position + 7 <= len(data):
-        if block - position % block < 7:  # too short for a record header: padding
-            position += block - position % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        if kind == 0:
-            break
-        payload = data[position + 7 : position + 7 + length]
-        position += 7 + length
-        pending = payload if kind in (1, 2) else pending + payload
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            yield record
-
-
 def wandb_offline_run(run_dir, timeout=60.0):
     """(run record, {history key: [values as JSON]}) of the single offline W&B run in ``run_dir``.
 
@@ -57,7 +34,7 @@ def wandb_offline_run(run_dir, timeout=60.0):
     (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
     deadline = time.monotonic() + timeout
     while True:
-        records = list(wandb_records(path))
+        records = list(read_records(path))
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -68,7 +45,7 @@ def wandb_offline_run(run_dir, timeout=60.0):
             run = record.run
         elif kind == "history":
             for item in record.history.item:
-                history.setdefault(item.key or "/".join(item.nested_key), []).append(item.value_json)
+                history.setdefault("/".join(item_path(item)), []).append(item.value_json)
     return run, history
 
 
@@ -192,15 +169,21 @@ def test_a_failing_wandb_never_stops_training(compose_run, tmp_path, monkeypatch
     assert summary.wandb_run_path is None and [e["step"] for e in read_metrics(tmp_path)] == [1, 2, 3, 3]
 
 
-def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(tmp_path):
+def run_offline_sweep(sweep_dir):
+    """``python -m softmoe.train -m moe.num_experts=4,8`` (3 steps each, offline W&B) into ``sweep_dir``; returns
+    the run records of its jobs 0 and 1 once W&B has closed their files."""
     command = [
         sys.executable, "-m", "softmoe.train", "-m", "moe.num_experts=4,8",
         "trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=256", "model.depth=2",
-        "logger.mode=offline", f"hydra.sweep.dir={tmp_path}",
+        "logger.mode=offline", f"hydra.sweep.dir={sweep_dir}",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = [wandb_offline_run(tmp_path / str(job))[0] for job in (0, 1)]
+    return [wandb_offline_run(Path(sweep_dir) / str(job))[0] for job in (0, 1)]
+
+
+def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(tmp_path):
+    runs = run_offline_sweep(tmp_path)
     assert {run.run_group for run in runs} == {str(tmp_path)}
     assert [run.display_name for run in runs] == [
         f"model.depth=2,moe.num_experts={n},trainer.batch_size=256,trainer.log_every=1,trainer.max_steps=3" for n in (4, 8)
