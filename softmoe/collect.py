@@ -2,12 +2,20 @@
 
     python -m softmoe.collect multirun/2026-11-29/12-00-00            # every run dir below it
     python -m softmoe.collect SWEEP_DIR --metric val/acc --by moe.num_experts,moe.slots_per_expert
-    python -m softmoe.collect --wandb ENTITY/PROJECT --group SWEEP_NAME  # the same from the W&B API
+    python -m softmoe.collect --wandb-dir SWEEP_DIR --group SWEEP_DIR    # the same from offline W&B run files
+    python -m softmoe.collect --wandb ENTITY/PROJECT --group SWEEP_DIR   # the same from the W&B API
 
 A run directory is one that holds ``metrics.jsonl`` (one JSON object per log event) and Hydra's
 ``.hydra/overrides.yaml``. Runs are grouped by the overrides that differ between runs, except
 ``seed``; each group reports mean ± std over its runs (seeds) of the metric's final value and of
 its best value. Writes ``results.md`` and ``results.png`` (to ``--out``, default the sweep dir).
+
+W&B keeps a run's resolved config, not its command line, so a W&B run's overrides are the config keys
+(dotted: ``moe.num_experts``) whose values differ between the runs read: the keys and values a sweep
+directory gives, except that a swept config group (``routing=soft,sparse``) shows as the keys it sets.
+``softmoe.train`` names a sweep's W&B group after its sweep directory, as typed in ``hydra.sweep.dir``.
+``--wandb-dir`` reads every ``offline-run-*/run-*.wandb`` below it (what offline runs leave, before
+``wandb sync``); ``--group`` keeps one group's.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 IGNORED_KEYS = ("seed", "hydra.", "logger.", "trainer.device", "paths.")
 
@@ -54,18 +62,28 @@ def parse_overrides(lines: Iterable[str]) -> Dict[str, str]:
     return overrides
 
 
-def read_metrics(path: Path) -> Dict[str, List[float]]:
-    """Every numeric value of ``metrics.jsonl``, by key, in logging order (a torn last line is skipped)."""
+def numeric_history(events: Iterable[Mapping[str, Any]]) -> Dict[str, List[float]]:
+    """Every numeric value of the logged events, by key, in logging order. Keys starting with ``_`` are
+    W&B's bookkeeping (``_step``, ``_runtime``, ``_timestamp``), not metrics."""
     history: Dict[str, List[float]] = {}
-    for line in path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for event in events:
         for key, value in event.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("_"):
                 history.setdefault(key, []).append(float(value))
     return history
+
+
+def read_metrics(path: Path) -> Dict[str, List[float]]:
+    """Every numeric value of ``metrics.jsonl``, by key, in logging order (a torn last line is skipped)."""
+    return numeric_history(_json_lines(path))
+
+
+def _json_lines(path: Path) -> Iterator[Dict[str, Any]]:
+    for line in path.read_text().splitlines():
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
 
 
 def load_sweep(sweep_dir: Path) -> List[RunResult]:
@@ -83,22 +101,140 @@ def load_sweep(sweep_dir: Path) -> List[RunResult]:
     return runs
 
 
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """A nested config as dotted keys: ``{"moe": {"num_experts": 8}}`` -> ``{"moe.num_experts": 8}``."""
+    flat: Dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def override_value(value: Any) -> str:
+    """A config value as a Hydra override writes it: ``8``, ``0.001``, ``soft``, ``true``, ``null``, ``[2,3]``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{key}:{override_value(item)}" for key, item in value.items()) + "}"
+    return str(value)
+
+
+def config_overrides(configs: Sequence[Mapping[str, Any]]) -> List[Dict[str, str]]:
+    """Each run's overrides, from the resolved configs of the runs read together: the dotted keys whose
+    values differ between them, written as a Hydra override would. W&B's own ``_wandb`` entry is dropped;
+    seeds and the other ``IGNORED_KEYS`` stay, for :func:`swept_keys` to skip and ``--by seed`` to use."""
+    flat = [
+        {key: override_value(value) for key, value in flatten_config(config).items()}
+        for config in ({key: value for key, value in config.items() if key != "_wandb"} for config in configs)
+    ]
+    keys = {key for run in flat for key in run}
+    differing = {key for key in keys if len({run.get(key) for run in flat}) > 1}
+    return [{key: value for key, value in run.items() if key in differing} for run in flat]
+
+
+@dataclass
+class WandbRun:
+    """What a W&B run holds for collect: its group, name, resolved config and logged rows (dicts)."""
+
+    group: str
+    name: str
+    config: Dict[str, Any]
+    rows: Iterable[Mapping[str, Any]]
+
+
+def wandb_results(runs: Sequence[WandbRun]) -> List[RunResult]:
+    """The results of W&B runs, whether read from offline run files or through the API."""
+    overrides = config_overrides([run.config for run in runs])
+    return [RunResult(run.name, own, numeric_history(run.rows)) for run, own in zip(runs, overrides)]
+
+
+def offline_run_files(wandb_dir: Path) -> List[Path]:
+    """Every offline W&B run file below ``wandb_dir``; sorted, so a resumed run's files come oldest first
+    (their folders are named ``offline-run-<date>_<time>-<id>``)."""
+    return sorted(path for path in wandb_dir.rglob("run-*.wandb") if path.parent.name.startswith("offline-run-"))
+
+
+def read_offline_run(path: Path) -> Tuple[str, WandbRun]:
+    """The run id and the run of one offline run file. Its rows are the dicts the W&B API's ``scan_history``
+    gives: a histogram or image logged under ``key`` is a dict there, not numbers to report."""
+    from softmoe.harness.wandb_files import read_records
+
+    run_id, run = path.stem[len("run-"):], WandbRun(group="", name="", config={}, rows=[])
+    for record in read_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run_id, run.group, run.name = record.run.run_id, record.run.run_group, record.run.display_name
+            _apply_config_record(run.config, record.run.config)
+        elif kind == "config":  # a later wandb.config.update
+            _apply_config_record(run.config, record.config)
+        elif kind == "history":
+            row: Dict[str, Any] = {}
+            for item in record.history.item:
+                _set_item(row, item)
+            run.rows.append(row)
+    run.name = run.name or run_id
+    return run_id, run
+
+
+def _apply_config_record(config: Dict[str, Any], record) -> None:
+    """A ``ConfigRecord``'s updates and removals applied to ``config``."""
+    from softmoe.harness.wandb_files import item_path
+
+    for item in record.update:
+        _set_item(config, item)
+    for item in record.remove:
+        *parents, last = item_path(item)
+        _nested(config, parents).pop(last, None)
+
+
+def _set_item(target: Dict[str, Any], item) -> None:
+    """A config or history item's value (plain JSON) put in ``target``, in nested dicts where its key is nested."""
+    from softmoe.harness.wandb_files import item_path
+
+    *parents, last = item_path(item)
+    _nested(target, parents)[last] = json.loads(item.value_json)
+
+
+def _nested(target: Dict[str, Any], keys: Sequence[str]) -> Dict[str, Any]:
+    for key in keys:
+        target = target.setdefault(key, {})
+    return target
+
+
+def load_wandb_offline(wandb_dir: Path, group: Optional[str] = None) -> List[RunResult]:
+    """The offline W&B runs below ``wandb_dir`` (those of ``group`` when given). A resumed run left one
+    file per attempt, all with its id: they are read as one run, history in order."""
+    files = offline_run_files(wandb_dir)
+    if not files:
+        raise SystemExit(f"error: no offline W&B runs (offline-run-*/run-*.wandb) below {wandb_dir}")
+    runs: Dict[str, WandbRun] = {}
+    for path in files:
+        run_id, run = read_offline_run(path)
+        if run_id in runs:
+            run.rows = [*runs[run_id].rows, *run.rows]
+        runs[run_id] = run
+    kept = [run for run in runs.values() if group is None or run.group == group]
+    if not kept:
+        found = ", ".join(repr(name) if name else "(no group)" for name in sorted({run.group for run in runs.values()}))
+        raise SystemExit(f"error: no offline W&B run below {wandb_dir} is in group {group!r}; groups found: {found}")
+    return wandb_results(kept)
+
+
 def load_wandb_group(project: str, group: str) -> List[RunResult]:
     """The runs of one W&B group, read through the W&B API (needs network and credentials)."""
     import wandb
 
-    runs = []
-    for run in wandb.Api().runs(project, filters={"group": group}):
-        overrides = parse_overrides(run.config.get("_overrides", []))
-        history: Dict[str, List[float]] = {}
-        for row in run.scan_history():
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    history.setdefault(key, []).append(float(value))
-        runs.append(RunResult(run.name, overrides, history))
+    api_runs = wandb.Api().runs(project, filters={"group": group})
+    runs = [WandbRun(group, run.name, dict(run.config), run.scan_history()) for run in api_runs]
     if not runs:
         raise SystemExit(f"error: W&B project {project!r} has no runs in group {group!r}")
-    return runs
+    return wandb_results(runs)
 
 
 def swept_keys(runs: Sequence[RunResult]) -> List[str]:
@@ -172,14 +308,35 @@ def plot(summaries: Sequence[GroupSummary], by: Sequence[str], metric: str, path
         xs = [x_labels.index(p.values[0] if by else "all") for p in points]
         label = ", ".join(f"{k}={v}" for k, v in zip(by[1:], rest)) or None
         ax.errorbar(xs, [p.final_mean for p in points], yerr=[p.final_std for p in points], marker="o", capsize=3, label=label)
-    ax.set_xticks(range(len(x_labels)), [str(x) for x in x_labels], rotation=30 if len(x_labels) > 4 else 0)
+    tick_labels = [str(x) for x in x_labels]
+    # long values (routing names such as uniform_dispatch_soft_combine) or many of them would overlap
+    slanted = len(tick_labels) > 4 or max(map(len, tick_labels)) > 8
+    ax.set_xticks(range(len(x_labels)), tick_labels, rotation=30 if slanted else 0, ha="right" if slanted else "center")
     ax.set_xlabel(by[0] if by else "")
     ax.set_ylabel(f"final {metric} (mean ± std)")
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if len(series) > 1:  # beside the axes, where it covers no point however many series there are
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight" grows the image to hold the legend and labels
     plt.close(fig)
+
+
+def load_runs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[RunResult]:
+    """The runs the command line names: a sweep directory's, offline W&B files' or a W&B group's."""
+    if args.sweep_dir is not None and (args.wandb or args.wandb_dir):
+        parser.error(f"give sweep_dir or --wandb/--wandb-dir, not both (sweep_dir is {args.sweep_dir})")
+    if args.group is not None and not (args.wandb or args.wandb_dir):
+        parser.error(f"--group {args.group} needs --wandb or --wandb-dir")
+    if args.wandb:
+        if not args.group:
+            parser.error("--wandb needs --group")
+        return load_wandb_group(args.wandb, args.group)
+    if args.wandb_dir is not None:
+        if not args.wandb_dir.is_dir():
+            parser.error(f"--wandb-dir must be an existing directory, got {args.wandb_dir}")
+        return load_wandb_offline(args.wandb_dir, args.group)
+    if args.sweep_dir is None or not args.sweep_dir.is_dir():
+        parser.error(f"sweep_dir must be an existing directory, got {args.sweep_dir}")
+    return load_sweep(args.sweep_dir)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -188,22 +345,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--metric", default="val/acc", help="metric to report (default: val/acc)")
     parser.add_argument("--by", default=None, help="comma-separated override keys to group by (default: the swept keys)")
     parser.add_argument("--out", type=Path, default=None, help="where to write results.md and results.png")
-    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None, help="read runs from the W&B API instead")
-    parser.add_argument("--group", default=None, help="with --wandb: the W&B group (the sweep)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None, help="read runs from the W&B API instead")
+    source.add_argument("--wandb-dir", metavar="DIR", type=Path, default=None,
+                        help="read the offline W&B run files (offline-run-*/run-*.wandb) below DIR instead")
+    parser.add_argument("--group", default=None,
+                        help="the W&B group (a sweep's: its sweep dir); needed with --wandb, optional with --wandb-dir")
     args = parser.parse_args(argv)
 
-    if args.wandb:
-        if not args.group:
-            parser.error("--wandb needs --group")
-        runs = load_wandb_group(args.wandb, args.group)
-    else:
-        if args.sweep_dir is None or not args.sweep_dir.is_dir():
-            parser.error(f"sweep_dir must be an existing directory, got {args.sweep_dir}")
-        runs = load_sweep(args.sweep_dir)
+    runs = load_runs(args, parser)
     by = args.by.split(",") if args.by else swept_keys(runs)
     summaries = summarise(runs, by, args.metric)
     table = markdown_table(summaries, by, args.metric)
-    out = args.out or args.sweep_dir or Path(".")
+    out = args.out or args.sweep_dir or args.wandb_dir or Path(".")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table)
     plot(summaries, by, args.metric, out / "results.png")

@@ -1,11 +1,14 @@
-"""softmoe.collect on sweep directories laid out as Hydra multirun writes them."""
+"""softmoe.collect on sweep directories laid out as Hydra multirun writes them, and on the offline W&B run
+files of a real sweep."""
 
 import json
+import shutil
 
 import pytest
 import yaml
 
 from softmoe import collect
+from test_train import run_offline_sweep
 
 
 def write_run(root, job, overrides, accuracies):
@@ -57,3 +60,118 @@ def test_empty_or_missing_sweeps_say_so(tmp_path):
         collect.main([str(tmp_path)])
     with pytest.raises(SystemExit):
         collect.main([str(tmp_path / "missing")])
+
+
+def test_config_overrides_are_the_differing_keys_written_as_hydra_overrides():
+    configs = [
+        {"_wandb": {"cli_version": "0.31.0"}, "seed": 0, "paths": {"output_dir": "outputs/0"},
+         "moe": {"num_experts": 8, "router": "soft", "layers": [2, 3]}, "optimizer": {"lr": 0.001},
+         "trainer": {"compile": False, "resume": None}},
+        {"_wandb": {"cli_version": "0.31.1"}, "seed": 1, "paths": {"output_dir": "outputs/1"},
+         "moe": {"num_experts": 16, "router": "soft", "layers": None}, "optimizer": {"lr": 0.0003},
+         "trainer": {"compile": True, "resume": None}},
+    ]  # fmt: skip
+    first, second = collect.config_overrides(configs)
+    assert first == {
+        "seed": "0", "paths.output_dir": "outputs/0", "moe.num_experts": "8", "moe.layers": "[2,3]",
+        "optimizer.lr": "0.001", "trainer.compile": "false",
+    }  # fmt: skip
+    assert second == {
+        "seed": "1", "paths.output_dir": "outputs/1", "moe.num_experts": "16", "moe.layers": "null",
+        "optimizer.lr": "0.0003", "trainer.compile": "true",
+    }  # fmt: skip
+    # what the same runs' overrides.yaml would hold
+    typed = ["moe.num_experts=8", "moe.layers=[2,3]", "optimizer.lr=0.001", "trainer.compile=false"]
+    assert {k: v for k, v in first.items() if k in collect.parse_overrides(typed)} == collect.parse_overrides(typed)
+    runs = [collect.RunResult(str(i), overrides) for i, overrides in enumerate((first, second))]
+    assert collect.swept_keys(runs) == ["moe.layers", "moe.num_experts", "optimizer.lr", "trainer.compile"]
+
+
+def test_a_wandb_dir_without_offline_runs_is_named(sweep):
+    with pytest.raises(SystemExit) as error:
+        collect.main(["--wandb-dir", str(sweep)])
+    assert str(error.value) == f"error: no offline W&B runs (offline-run-*/run-*.wandb) below {sweep}"
+
+
+def test_long_x_values_slant_and_many_series_keep_their_legend_beside_the_axes(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    routings = ["soft", "uniform_dispatch_soft_combine", "soft_dispatch_uniform_combine", "identity_dispatch"]
+    summaries = [
+        collect.GroupSummary((routing, str(slots)), 3, 0.9 - 0.01 * slots, 0.01, 0.92, 0.01)
+        for routing in routings for slots in (1, 2, 4, 8, 16, 32)
+    ]  # fmt: skip
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    collect.plot(summaries, ["moe.router", "moe.slots_per_expert"], "val/acc", tmp_path / "results.png")
+    (figure,) = figures
+    axes = figure.axes[0]
+    assert [(label.get_rotation(), label.get_ha()) for label in axes.get_xticklabels()] == [(30.0, "right")] * 4
+    renderer = figure.canvas.get_renderer()
+    legend = axes.get_legend()
+    assert len(legend.get_texts()) == 6 and legend.get_window_extent(renderer).x0 > axes.get_window_extent(renderer).x1
+    plt.close(figure)
+
+
+@pytest.fixture(scope="module")
+def offline_sweep(tmp_path_factory):
+    """A real two-job sweep (moe.num_experts=4,8) that logged to offline W&B: its sweep dir, the group's name."""
+    sweep_dir = tmp_path_factory.mktemp("offline_sweep")
+    run_offline_sweep(sweep_dir)
+    return sweep_dir
+
+
+@pytest.mark.slow
+def test_offline_wandb_files_give_the_sweep_directorys_table(offline_sweep, tmp_path):
+    for metric in ("val/acc", "train/loss"):
+        out = tmp_path / metric.replace("/", "_")
+        from_dirs, from_wandb = out / "dirs", out / "wandb"
+        collect.main([str(offline_sweep), "--metric", metric, "--out", str(from_dirs)])
+        wandb_dir = ["--wandb-dir", str(offline_sweep), "--group", str(offline_sweep)]
+        collect.main([*wandb_dir, "--metric", metric, "--out", str(from_wandb)])
+        table = (from_dirs / "results.md").read_text()
+        assert (from_wandb / "results.md").read_text() == table
+        lines = table.splitlines()
+        assert lines[0] == f"| moe.num_experts | runs | final {metric} | best {metric} |"
+        assert [line.split(" | ")[:2] for line in lines[2:]] == [["| 4", "1"], ["| 8", "1"]]
+        for line, job in zip(lines[2:], (0, 1)):  # the numbers are those the run logged
+            logged = collect.read_metrics(offline_sweep / str(job) / "metrics.jsonl")[metric]
+            assert line.split(" | ")[2] == f"{logged[-1]:.4f} ± 0.0000"
+
+
+@pytest.mark.slow
+def test_offline_wandb_runs_hold_the_overrides_and_every_value_of_metrics_jsonl(offline_sweep):
+    from_dirs = collect.load_sweep(offline_sweep)
+    from_wandb = collect.load_wandb_offline(offline_sweep, group=str(offline_sweep))
+    assert [run.overrides for run in from_wandb] == [{"moe.num_experts": "4"}, {"moe.num_experts": "8"}]
+    name = "model.depth=2,moe.num_experts={},trainer.batch_size=256,trainer.log_every=1,trainer.max_steps=3"
+    assert [run.name for run in from_wandb] == [name.format(4), name.format(8)]
+    for directory, wandb in zip(from_dirs, from_wandb):
+        assert directory.overrides["moe.num_experts"] == wandb.overrides["moe.num_experts"]
+        assert {"train/loss", "train/acc", "routing/block1/dispatch_entropy", "val/acc"} <= set(wandb.history)
+        # W&B has histograms where metrics.jsonl has their min/max/entropy
+        assert set(wandb.history) <= set(directory.history)
+        # W&B keeps one row per step, so step 3's train and val events share one epoch
+        for key in set(wandb.history) - {"epoch"}:
+            assert wandb.history[key] == directory.history[key], key
+        assert len(wandb.history["train/loss"]) == 3 and len(wandb.history["val/acc"]) == 1
+
+
+@pytest.mark.slow
+def test_a_resumed_runs_files_are_read_as_one_run(offline_sweep, tmp_path):
+    (original,) = (offline_sweep / "0").glob("wandb/offline-run-*/run-*.wandb")
+    for attempt in (original.parent.name, "offline-run-29991231_235959-" + original.stem[len("run-"):]):
+        (tmp_path / "0" / "wandb" / attempt).mkdir(parents=True)
+        shutil.copy(original, tmp_path / "0" / "wandb" / attempt / original.name)
+    (run,) = collect.load_wandb_offline(tmp_path)
+    (whole,) = collect.load_wandb_offline(offline_sweep / "0")
+    assert run.history["train/loss"] == 2 * whole.history["train/loss"] and len(run.history["train/loss"]) == 6
+
+
+@pytest.mark.slow
+def test_a_group_with_no_offline_runs_names_the_groups_found(offline_sweep):
+    with pytest.raises(SystemExit) as error:
+        collect.main(["--wandb-dir", str(offline_sweep), "--group", "sweep-2"])
+    assert str(error.value) == (
+        f"error: no offline W&B run below {offline_sweep} is in group 'sweep-2'; groups found: {str(offline_sweep)!r}"
+    )
