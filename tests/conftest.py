@@ -1,8 +1,13 @@
 import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+
+from softmoe.harness.wandb_files import item_path, read_records
 
 # tests/ holds shared helpers (reference implementations, fixtures)
 sys.path.insert(0, os.path.dirname(__file__))
@@ -15,6 +20,7 @@ def _seed_everything():
 
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+ROOT = Path(CONF_DIR).parent
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +33,43 @@ def compose_run():
             return compose("train", overrides=list(overrides), return_hydra_config=hydra_node)
 
     return _compose
+
+
+def wandb_offline_run(run_dir, timeout=60.0):
+    """(run record, {history key: [values as JSON]}) of the single offline W&B run in ``run_dir``.
+
+    W&B's service process writes the file; on a busy machine it may still be appending after ``run.finish()``
+    returns, so this waits (up to ``timeout`` seconds) for the run's closing ``exit`` record."""
+    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(read_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    run, history = None, {}
+    for record in records:
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "history":
+            for item in record.history.item:
+                history.setdefault("/".join(item_path(item)), []).append(item.value_json)
+    return run, history
+
+
+@pytest.fixture(scope="session")
+def offline_sweep(tmp_path_factory):
+    """A real sweep, ``python -m softmoe.train -m moe.num_experts=4,8`` (3 steps each, W&B offline), shared by
+    the tests of the sweep itself and of collecting it; returns its sweep dir once W&B has closed both runs."""
+    sweep_dir = tmp_path_factory.mktemp("offline_sweep")
+    command = [
+        sys.executable, "-m", "softmoe.train", "-m", "moe.num_experts=4,8",
+        "trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=256", "model.depth=2",
+        "logger.mode=offline", f"hydra.sweep.dir={sweep_dir}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in (0, 1):
+        wandb_offline_run(sweep_dir / str(job))  # waits for the run's exit record
+    return sweep_dir

@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from softmoe import collect
-from test_train import run_offline_sweep
 
 
 def write_run(root, job, overrides, accuracies):
@@ -111,14 +110,6 @@ def test_long_x_values_slant_and_many_series_keep_their_legend_beside_the_axes(t
     legend = axes.get_legend()
     assert len(legend.get_texts()) == 6 and legend.get_window_extent(renderer).x0 > axes.get_window_extent(renderer).x1
     plt.close(figure)
-
-
-@pytest.fixture(scope="module")
-def offline_sweep(tmp_path_factory):
-    """A real two-job sweep (moe.num_experts=4,8) that logged to offline W&B: its sweep dir, the group's name."""
-    sweep_dir = tmp_path_factory.mktemp("offline_sweep")
-    run_offline_sweep(sweep_dir)
-    return sweep_dir
 
 
 @pytest.mark.slow

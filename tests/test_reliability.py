@@ -185,11 +185,11 @@ def test_sigkill_at_a_random_step_then_the_same_command_resumes_exactly(uninterr
     assert_matches_uninterrupted(run_dir, uninterrupted)
 
     # W&B: the killed run sent only steps its checkpoint covers, the resumed run the rest, each once
-    from test_train import wandb_records
+    from softmoe.harness.wandb_files import read_records
 
     sent = []
     for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        steps = [r.history.step.num for r in wandb_records(path) if r.WhichOneof("record_type") == "history"]
+        steps = [r.history.step.num for r in read_records(path) if r.WhichOneof("record_type") == "history"]
         sent.append(steps)
     assert len(sent) == 2 and max(sent[0]) <= saved, (saved, sent)
     assert sent[0] + sent[1] == sorted(set(sent[0] + sent[1])) and sent[1][-1] == TOTAL_STEPS
@@ -513,7 +513,7 @@ def test_skipped_bad_images_are_counted_in_metrics_and_the_summary(compose_run, 
 def test_wandb_failing_mid_run_warns_once_and_training_and_metrics_go_on(compose_run, tmp_path, monkeypatch, caplog):
     import wandb
 
-    from test_train import wandb_offline_run
+    from conftest import wandb_offline_run
 
     real_init, sent = wandb.init, []
 

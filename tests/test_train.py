@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONF_DIR
+from conftest import CONF_DIR, wandb_offline_run
 from softmoe.evaluate import evaluate_run
 from softmoe.harness.checkpoint import CheckpointError, load_checkpoint
 from softmoe.harness.loop import train
-from softmoe.harness.wandb_files import item_path, read_records
 
 ROOT = Path(CONF_DIR).parent
 EXPERIMENTS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
@@ -24,29 +23,6 @@ DISTRIBUTIONS = ["expert_utilisation", "slot_utilisation"]
 
 def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def wandb_offline_run(run_dir, timeout=60.0):
-    """(run record, {history key: [values as JSON]}) of the single offline W&B run in ``run_dir``.
-
-    W&B's service process writes the file; on a busy machine it may still be appending after ``run.finish()``
-    returns, so this waits (up to ``timeout`` seconds) for the run's closing ``exit`` record."""
-    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
-    deadline = time.monotonic() + timeout
-    while True:
-        records = list(read_records(path))
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    run, history = None, {}
-    for record in records:
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            run = record.run
-        elif kind == "history":
-            for item in record.history.item:
-                history.setdefault("/".join(item_path(item)), []).append(item.value_json)
-    return run, history
 
 
 def test_default_run_logs_every_metric_to_metrics_jsonl_and_wandb(compose_run, tmp_path):
@@ -169,29 +145,16 @@ def test_a_failing_wandb_never_stops_training(compose_run, tmp_path, monkeypatch
     assert summary.wandb_run_path is None and [e["step"] for e in read_metrics(tmp_path)] == [1, 2, 3, 3]
 
 
-def run_offline_sweep(sweep_dir):
-    """``python -m softmoe.train -m moe.num_experts=4,8`` (3 steps each, offline W&B) into ``sweep_dir``; returns
-    the run records of its jobs 0 and 1 once W&B has closed their files."""
-    command = [
-        sys.executable, "-m", "softmoe.train", "-m", "moe.num_experts=4,8",
-        "trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=256", "model.depth=2",
-        "logger.mode=offline", f"hydra.sweep.dir={sweep_dir}",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [wandb_offline_run(Path(sweep_dir) / str(job))[0] for job in (0, 1)]
-
-
-def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(tmp_path):
-    runs = run_offline_sweep(tmp_path)
-    assert {run.run_group for run in runs} == {str(tmp_path)}
+def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(offline_sweep):
+    runs = [wandb_offline_run(offline_sweep / str(job))[0] for job in (0, 1)]
+    assert {run.run_group for run in runs} == {str(offline_sweep)}
     assert [run.display_name for run in runs] == [
         f"model.depth=2,moe.num_experts={n},trainer.batch_size=256,trainer.log_every=1,trainer.max_steps=3" for n in (4, 8)
     ]
     for job, experts in ((0, 4), (1, 8)):
-        saved = json.loads(load_checkpoint(tmp_path / str(job) / "last.pt")["config"])
+        saved = json.loads(load_checkpoint(offline_sweep / str(job) / "last.pt")["config"])
         assert saved["moe"]["num_experts"] == experts
-        assert [e["step"] for e in read_metrics(tmp_path / str(job))] == [1, 2, 3, 3]
+        assert [e["step"] for e in read_metrics(offline_sweep / str(job))] == [1, 2, 3, 3]
 
 
 def test_evaluate_refuses_a_missing_run_dir_without_creating_it(tmp_path):
