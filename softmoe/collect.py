@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -29,6 +30,14 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 IGNORED_KEYS = ("seed", "hydra.", "logger.", "trainer.device", "paths.")
+
+
+# Metrics whose best value is the smallest: losses and the sparse routers' dropped-token fractions.
+LOWER_IS_BETTER_SUFFIXES = ("loss", "dropped_fraction", "skipped_steps")
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith(LOWER_IS_BETTER_SUFFIXES)
 
 
 @dataclass
@@ -47,7 +56,7 @@ class RunResult:
         values = self.history.get(metric)
         if not values:
             return None
-        return min(values) if metric.endswith("loss") else max(values)
+        return min(values) if lower_is_better(metric) else max(values)
 
 
 def parse_overrides(lines: Iterable[str]) -> Dict[str, str]:
@@ -247,10 +256,12 @@ def swept_keys(runs: Sequence[RunResult]) -> List[str]:
 
 
 def _sort_key(value: Optional[str]):
+    """Numbers by value, then text in natural order (digit runs compared as numbers): 4x4 < 8x2 < 16x1."""
     try:
-        return (0, float(value), "")
+        return (0, float(value), ())
     except (TypeError, ValueError):
-        return (1, 0.0, str(value))
+        chunks = re.split(r"(\d+)", str(value))
+        return (1, 0.0, tuple((0, int(c), "") if c.isdigit() else (1, 0, c) for c in chunks if c))
 
 
 @dataclass

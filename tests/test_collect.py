@@ -50,6 +50,22 @@ def test_explicit_grouping_and_output_dir(sweep, tmp_path_factory):
     assert len(lines) == 2 + 6 and lines[0].startswith("| moe.num_experts | seed | runs | final train/loss")
 
 
+def test_groups_sort_in_natural_order_and_dropped_tokens_are_best_when_fewest(tmp_path):
+    for job, (shape, dropped) in enumerate((("16x1", 0.3), ("4x4", 0.1), ("32x1", 0.2), ("8x2", 0.4))):
+        run = tmp_path / str(job)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"experts_slots={shape}"]))
+        events = [{"step": 1, "routing/block3/dropped_fraction": dropped + 0.5},
+                  {"step": 2, "routing/block3/dropped_fraction": dropped}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    collect.main([str(tmp_path), "--metric", "routing/block3/dropped_fraction"])
+    rows = [line.split(" | ") for line in (tmp_path / "results.md").read_text().splitlines()[2:]]
+    assert [row[0] for row in rows] == ["| 4x4", "| 8x2", "| 16x1", "| 32x1"]
+    # fewer dropped tokens is better: "best" is the smallest fraction, here the last one logged
+    assert [row[2] for row in rows] == [row[3].rstrip(" |") for row in rows]
+    assert rows[0][3] == "0.1000 ± 0.0000 |"
+
+
 def test_parse_overrides():
     assert collect.parse_overrides(["a.b=1", "+c=x=y", "~d", "e=[1,2]"]) == {"a.b": "1", "c": "x=y", "e": "[1,2]"}
 
