@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from softmoe import capture_routing
 from softmoe.harness.data import build_loader
 from softmoe.harness.loop import evaluate
-from softmoe.harness.runs import load_run
+from softmoe.harness.runs import checkpoint_path, load_run
 from softmoe.train import USER_ERRORS
 
 log = logging.getLogger("softmoe.evaluate")
@@ -115,11 +115,13 @@ def missing_run_error(argv: list[str]) -> Optional[str]:
             values[key.lstrip("+")] = value
     if "run_dir" not in values:
         return None  # Hydra reports the missing mandatory value itself
-    run_dir, checkpoint = Path(values["run_dir"]), values.get("checkpoint", "best")
+    run_dir = Path(values["run_dir"])
     if not run_dir.is_dir():
         return f"run_dir={run_dir}: no such directory (a training run directory holds best.pt and last.pt)"
-    if checkpoint in ("best", "last") and not (run_dir / f"{checkpoint}.pt").is_file():
-        return f"run_dir={run_dir}: holds no {checkpoint}.pt (is it a training run directory?)"
+    try:
+        checkpoint_path(run_dir, values.get("checkpoint", "best"))
+    except USER_ERRORS as error:
+        return str(error)
     return None
 
 

@@ -42,6 +42,17 @@ class LoadedRun:
     device: torch.device
 
 
+def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best") -> Path:
+    """``<run_dir>/<checkpoint>.pt``; a ConfigError for a checkpoint name other than best or last, a
+    CheckpointError when the file is not there."""
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"checkpoint={checkpoint}: must be one of {', '.join(CHECKPOINTS)}")
+    path = Path(run_dir) / f"{checkpoint}.pt"
+    if not path.is_file():
+        raise CheckpointError(f"run_dir={run_dir}: holds no {checkpoint}.pt (is it a training run directory?)")
+    return path
+
+
 def load_run(
     run_dir: Union[str, Path], checkpoint: str = "best", *, device: str = "auto", data_dir: Optional[str] = None
 ) -> LoadedRun:
@@ -50,11 +61,7 @@ def load_run(
     ``device``: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ...; ``data_dir``: where the
     datasets are now, when not at the run's ``paths.data_dir`` (relative paths are from the working directory).
     """
-    if checkpoint not in CHECKPOINTS:
-        raise ConfigError(f"checkpoint={checkpoint}: must be one of {', '.join(CHECKPOINTS)}")
-    path = Path(run_dir) / f"{checkpoint}.pt"
-    if not path.is_file():
-        raise CheckpointError(f"run_dir={run_dir}: holds no {checkpoint}.pt (is it a training run directory?)")
+    path = checkpoint_path(run_dir, checkpoint)
     state = load_checkpoint(path)
     cfg = OmegaConf.create(saved_config(state))
     torch_device = resolve_device(device)
