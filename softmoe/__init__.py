@@ -4,7 +4,7 @@ The library imports nothing from the experiment harness (Hydra, W&B): ``from sof
 is all a user of the layer needs.
 """
 
-from .capture import RoutingRecord, block_index, capture_routing, moe_layers
+from .capture import RoutingRecord, block_index, capture_routing, moe_layers, router_parameters
 from .experts import BatchedMlp, StackedExperts
 from .layer import SoftMoE, SoftMoELayerWrapper, l2_normalize
 from .sparse import ExpertsChoiceMoE, SparseMoE, TokensChoiceMoE, auxiliary_loss, sparse_routing_stats
@@ -41,6 +41,7 @@ __all__ = [
     "load_state_dict",
     "moe_layers",
     "resolve_moe_layer_index",
+    "router_parameters",
     "router_scale",
     "routing_stats",
     "slot_similarity",

@@ -6,6 +6,7 @@ shape error from deep inside an einsum.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 
@@ -14,6 +15,13 @@ def require_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def require_positive_number(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a finite number > 0, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def require_choice(name: str, value: Any, allowed: Iterable[str]) -> str:

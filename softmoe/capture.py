@@ -23,6 +23,21 @@ def moe_layers(model: nn.Module) -> Dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if hasattr(module, "_routing_recorder")}
 
 
+# The router's own parameters in every routing layer: Soft MoE's Φ and scale, the sparse routers' weight and scale.
+ROUTER_PARAMETER_NAMES = ("phi", "scale", "router_weight")
+
+
+def router_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """The routers' parameters of every MoE layer of ``model``, by full parameter name (e.g.
+    ``"blocks.3.mlp.phi"``): what a separate optimizer group (learning rate, weight decay) addresses."""
+    return {
+        f"{layer_name}.{name}": parameter
+        for layer_name, layer in moe_layers(model).items()
+        for name, parameter in layer.named_parameters(recurse=False)
+        if name in ROUTER_PARAMETER_NAMES
+    }
+
+
 def block_index(module_name: str) -> int:
     """The transformer block a module belongs to: ``"blocks.7.mlp"`` -> 7."""
     parts = module_name.split(".")

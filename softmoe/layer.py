@@ -21,7 +21,7 @@ from typing import Callable, Optional, Tuple, Type, Union
 import torch
 from torch import nn
 
-from ._checks import require_choice, require_positive_int, require_tokens
+from ._checks import require_choice, require_positive_int, require_positive_number, require_tokens
 from .experts import BatchedMlp, StackedExperts
 
 DISPATCH_CHOICES = ("soft", "uniform", "identity")
@@ -53,6 +53,9 @@ class SoftMoE(nn.Module):
         num_experts: number of experts n.
         slots_per_expert: slots p each expert processes.
         normalize: L2-normalise tokens and Φ (with a learnable ``scale``) when computing the logits.
+        scale_init: the initial value of ``scale`` (vmoe: 1.0). With normalised logits in
+            [-scale, scale], the softmaxes start near uniform unless scale is large against log(m):
+            a small model trained for few steps may never move it far enough to route.
         dispatch: ``"soft"`` (the paper), ``"uniform"`` (every slot averages all tokens) or
             ``"identity"`` (slot i is token i; needs n·p = m). Table 2's ablations.
         combine: ``"soft"`` (the paper), ``"uniform"`` (every token averages all slots) or ``"identity"``.
@@ -73,6 +76,7 @@ class SoftMoE(nn.Module):
         num_experts: int = 128,
         slots_per_expert: int = 1,
         normalize: bool = True,
+        scale_init: float = 1.0,
         dispatch: str = "soft",
         combine: str = "soft",
         experts: Optional[nn.Module] = None,
@@ -85,6 +89,7 @@ class SoftMoE(nn.Module):
         self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
         self.num_slots = self.num_experts * self.slots_per_expert
         self.normalize = bool(normalize)
+        self.scale_init = require_positive_number("scale_init", scale_init)
         self.dispatch_mode = require_choice("dispatch", dispatch, DISPATCH_CHOICES)
         self.combine_mode = require_choice("combine", combine, COMBINE_CHOICES)
 
@@ -112,7 +117,7 @@ class SoftMoE(nn.Module):
     def reset_router(self) -> None:
         lecun_normal_phi_(self.phi.data)
         if self.scale is not None:
-            nn.init.ones_(self.scale)
+            nn.init.constant_(self.scale, self.scale_init)
 
     def init_weights(self) -> None:
         """Called by timm's ViT weight init: the router as vmoe, the experts as timm's ViT Linear layers."""
@@ -171,7 +176,7 @@ class SoftMoE(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
-            f"normalize={self.normalize}, dispatch={self.dispatch_mode!r}, combine={self.combine_mode!r}"
+            f"normalize={self.normalize}, scale_init={self.scale_init}, dispatch={self.dispatch_mode!r}, combine={self.combine_mode!r}"
         )
 
 

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import require_positive_int, require_tokens
+from ._checks import require_positive_int, require_positive_number, require_tokens
 from .experts import BatchedMlp
 from .layer import l2_normalize
 
@@ -83,6 +83,7 @@ class SparseMoE(nn.Module):
         normalize: compute the router logits from L2-normalised tokens and router columns with a
             learnable ``scale``, as the Soft MoE does (paper section 2.3). V-MoE's router is
             ``normalize=False``.
+        scale_init: the initial value of ``scale``, as for :class:`~softmoe.SoftMoE`.
         capacity_factor: None (capacity = ``slots_per_expert``) or C > 0; see the module docstring.
         noise_std: while training, Gaussian noise of std ``noise_std / num_experts`` is added to the
             logits before the softmax, as vmoe's noisy routers do (its default 1.0); 0 disables it.
@@ -101,6 +102,7 @@ class SparseMoE(nn.Module):
         num_experts: int = 128,
         slots_per_expert: int = 1,
         normalize: bool = True,
+        scale_init: float = 1.0,
         capacity_factor: Optional[float] = None,
         noise_std: float = 1.0,
         device=None,
@@ -112,6 +114,7 @@ class SparseMoE(nn.Module):
         self.num_experts = require_positive_int("num_experts", num_experts)
         self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
         self.normalize = bool(normalize)
+        self.scale_init = require_positive_number("scale_init", scale_init)
         self.capacity_factor = (
             None if capacity_factor is None else _require_number("capacity_factor", capacity_factor, minimum=0, inclusive=False)
         )
@@ -133,7 +136,7 @@ class SparseMoE(nn.Module):
         std = math.sqrt(1.0 / self.dim) / 0.87962566103423978
         nn.init.trunc_normal_(self.router_weight, std=std, a=-2 * std, b=2 * std)
         if self.scale is not None:
-            nn.init.ones_(self.scale)
+            nn.init.constant_(self.scale, self.scale_init)
 
     def init_weights(self) -> None:
         """Called by timm's ViT weight init: the router as vmoe, the experts as timm's ViT Linear layers."""

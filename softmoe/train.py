@@ -60,16 +60,11 @@ def main(cfg: DictConfig) -> float:
         log.warning("%s", preempted)
         preempted.handover()  # e.g. submitit's requeue on SLURM; it may exit the process itself
         sys.exit(preempted.exit_code)
-    log.info(
-        "done: test accuracy %.2f%% (final model), best %.2f%% at epoch %d, %d steps",
-        100 * summary.test_acc,
-        100 * summary.best_acc,
-        summary.best_epoch,
-        summary.steps,
-    )
+    log.info("done: %s, %d steps", summary.describe(), summary.steps)
     log.info("run directory: %s", summary.run_dir)
     log.info("W&B run: %s", summary.wandb_run_path or "none")
-    return summary.test_acc  # the objective a Hydra sweeper (e.g. Optuna) maximises
+    # The objective a Hydra sweeper (e.g. Optuna) maximises: validation, never test, accuracy.
+    return summary.best_val_acc
 
 
 if __name__ == "__main__":

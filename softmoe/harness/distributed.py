@@ -267,8 +267,8 @@ class Distributed:
             return ResumableSampler(size, seed)
         return ShardedSampler(size, seed, batch_size, self.rank, self.world_size)
 
-    def test_loader(self, dataset: Dataset, batch_size: int, eval_batches: Optional[int], **loader_kwargs) -> tuple[DataLoader, Optional[int]]:
-        """The test loader and the ``max_batches`` to evaluate it with.
+    def eval_loader(self, dataset: Dataset, batch_size: int, eval_batches: Optional[int], **loader_kwargs) -> tuple[DataLoader, Optional[int]]:
+        """A validation or test loader and the ``max_batches`` to evaluate it with.
 
         Several ranks split the examples a single process would evaluate (the first ``eval_batches`` batches):
         rank r takes examples r, r+W, ..., padded to an equal count with ignored examples, so every rank runs

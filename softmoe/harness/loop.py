@@ -3,7 +3,10 @@
     summary = train(cfg, run_dir)   # what `python -m softmoe.train` runs inside its Hydra job
 
 The run directory receives ``metrics.jsonl``, ``last.pt`` (after every evaluation, and every
-``trainer.checkpoint_every`` steps), ``best.pt`` (best test accuracy) and W&B's files. A run directory
+``trainer.checkpoint_every`` steps), ``best.pt`` (best validation accuracy) and W&B's files.
+
+Model selection reads the validation split alone (``val/*``, held out of the training data). The test
+split (``test/*``) is evaluated once, when training ends: for the final model and for ``best.pt``. A run directory
 that already holds ``last.pt`` continues from it: same weights, optimizer, schedule, data order, RNG
 streams and W&B run, so the resumed run ends exactly where an uninterrupted one would (on CPU).
 """
@@ -36,6 +39,7 @@ from .checkpoint import (
     FORMAT_VERSION,
     LAST,
     check_same_model,
+    load_checkpoint,
     load_resume_checkpoint,
     resume_path,
     rng_state,
@@ -59,13 +63,25 @@ class Summary:
 
     test_acc: float  # the final model's top-1 accuracy on the test split
     test_loss: float
-    best_acc: float  # the best test accuracy over the evaluations, and when
-    best_epoch: int
+    val_acc: float  # the final model's accuracy on the validation split (NaN without one)
+    best_val_acc: float  # the best validation accuracy over the epochs (NaN without a validation split), and when
+    best_val_epoch: int
+    test_acc_at_best_val: float  # the test accuracy of that best-on-validation checkpoint, best.pt (NaN without one)
     steps: int
     run_dir: str
     wandb_run_path: Optional[str]
     skipped_steps: int = 0  # steps dropped for a NaN/inf loss or gradient (trainer.nonfinite=skip)
     skipped_examples: int = 0  # bad examples dropped by data.on_bad_file=skip
+
+    def describe(self) -> str:
+        """The result in one line: test accuracy of the final model and of the best-on-validation checkpoint."""
+        final = f"test accuracy {100 * self.test_acc:.2f}% (final model)"
+        if math.isnan(self.best_val_acc):
+            return f"{final}; no validation split (data.val_size=0), so no checkpoint was selected"
+        return (
+            f"{final}, {100 * self.test_acc_at_best_val:.2f}% (best.pt: best validation accuracy "
+            f"{100 * self.best_val_acc:.2f}% at epoch {self.best_val_epoch})"
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -185,9 +201,11 @@ def train(
     train_loader = build_loader(
         data.train, distributed.local_batch_size(trainer.batch_size), train=True, num_workers=trainer.num_workers, seed=cfg.seed, sampler=sampler, pin_memory=pin
     )
-    test_loader, eval_batches = distributed.test_loader(
-        data.test, trainer.eval_batch_size, trainer.eval_batches, num_workers=trainer.num_workers, pin_memory=pin
-    )
+    eval_options = dict(num_workers=trainer.num_workers, pin_memory=pin)
+    test_loader, eval_batches = distributed.eval_loader(data.test, trainer.eval_batch_size, trainer.eval_batches, **eval_options)
+    val_loader = None  # data.val_size=0: no validation split, so nothing is selected
+    if data.val is not None:
+        val_loader, _ = distributed.eval_loader(data.val, trainer.eval_batch_size, trainer.eval_batches, **eval_options)
     steps_per_epoch, total_steps = planned_steps(config["trainer"], len(data.train))
     if steps_per_epoch == 0:  # only for datasets whose size was unknown before they were scanned
         raise ConfigError(f"trainer.batch_size={trainer.batch_size}: larger than the {len(data.train)} training examples")
@@ -195,7 +213,7 @@ def train(
 
     # Model, optimizer (weight decay by parameter name), learning-rate schedule, loss scaling for fp16.
     model = distributed.prepare(build_model(config["model"], config["moe"]).to(device))  # expert parallel: local experts
-    optimizer = build_optimizer(cfg.optimizer, model)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.moe)
     scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
     forward = distributed.wrap(model)  # DDP when data parallel; `model` stays the plain module
@@ -205,12 +223,13 @@ def train(
     moe_blocks = [int(name.split(".")[1]) for name in moe_layers(model)]
     sparse_router = any(isinstance(layer, SparseMoE) for layer in moe_layers(model).values())
     log.info(
-        "model: %s, %s, %.2fM parameters; data=%s: %d train / %d test images; %d steps, %d per epoch",
+        "model: %s, %s, %.2fM parameters; data=%s: %d train / %d val / %d test images; %d steps, %d per epoch",
         cfg.model.name,
         f"MoE (router={cfg.moe.router}) in blocks {moe_blocks}" if moe_blocks else "dense",
         sum(p.numel() for p in model.parameters()) / 1e6,
         data.name,
         len(data.train),
+        len(data.val) if data.val is not None else 0,
         len(data.test),
         total_steps,
         steps_per_epoch,
@@ -241,7 +260,11 @@ def train(
     )
     if checkpoint is not None:
         set_rng_state(checkpoint["rng"])  # last: building the model and starting W&B may draw from the RNGs
-    panel_image = data.test[0][0]  # the dispatch-map panel shows this test image at every evaluation
+    if val_loader is None:
+        log.warning("data.val_size=0: no validation split, so no model selection: best.pt is not written, "
+                    "and only the final model is tested")
+    # The dispatch-map panel shows this image at every evaluation (a picture of the routing, not a selection).
+    panel_image = (data.val if data.val is not None else data.test)[0][0]
 
     def save(name: str) -> None:
         bad = first_nonfinite(model.state_dict().items())  # a NaN weight never reaches a checkpoint
@@ -338,16 +361,19 @@ def train(
                 tick = time.perf_counter()
             bar.close()
 
-            # Evaluate at the end of every epoch (and of a run that stops mid-epoch), then checkpoint.
-            last_eval = distributed.reduce_eval(evaluate(forward, test_loader, device, trainer.precision, eval_batches), test_loader)
+            # Validate at the end of every epoch (and of a run that stops mid-epoch), keep the best, checkpoint.
             images = {}
             panel = dispatch_panel(model, panel_image, device) if moe_blocks and telemetry.logs_images else None
             if panel is not None:
                 images["val/dispatch_maps"] = panel
-            telemetry.log(step, epoch + 1, {"val/loss": last_eval["loss"], "val/acc": last_eval["acc"]}, images=images)
-            if last_eval["acc"] > best["acc"]:
-                best = {"acc": last_eval["acc"], "epoch": epoch + 1}
-                save(BEST)
+            if val_loader is not None:
+                last_eval = distributed.reduce_eval(evaluate(forward, val_loader, device, trainer.precision, eval_batches), val_loader)
+                telemetry.log(step, epoch + 1, {"val/loss": last_eval["loss"], "val/acc": last_eval["acc"]}, images=images)
+                if last_eval["acc"] > best["acc"]:
+                    best = {"acc": last_eval["acc"], "epoch": epoch + 1}
+                    save(BEST)
+            elif images:
+                telemetry.log(step, epoch + 1, {}, images=images)
             save(LAST)
             telemetry.commit()
             distributed.share_signal(preemption)
@@ -359,28 +385,41 @@ def train(
                 if latest
                 else ""
             )
-            log.info(
-                "epoch %d/%d  step %d  %stest loss %.4f acc %.2f%%",
-                epoch + 1,
-                epochs,
-                step,
-                trained,
-                last_eval["loss"],
-                100 * last_eval["acc"],
-            )
+            validated = f"val loss {last_eval['loss']:.4f} acc {100 * last_eval['acc']:.2f}%" if val_loader is not None else ""
+            log.info("epoch %d/%d  step %d  %s%s", epoch + 1, epochs, step, trained, validated)
 
+        # The test split, once: the final model, then the best-on-validation checkpoint (best.pt).
+        test = distributed.reduce_eval(evaluate(forward, test_loader, device, trainer.precision, eval_batches), test_loader)
+        test_at_best = {"loss": math.nan, "acc": math.nan}
+        if val_loader is not None:
+            if best["epoch"] == epochs:  # the final model is the best one
+                test_at_best = test
+            else:
+                distributed.load_model_state_dict(model, load_checkpoint(run_dir / BEST)["model"])
+                test_at_best = distributed.reduce_eval(evaluate(forward, test_loader, device, trainer.precision, eval_batches), test_loader)
+        telemetry.log(
+            step,
+            epochs,
+            {
+                "test/loss": test["loss"],
+                "test/acc": test["acc"],
+                **({"test/loss_at_best_val": test_at_best["loss"], "test/acc_at_best_val": test_at_best["acc"]} if val_loader is not None else {}),
+            },
+        )
         summary = Summary(
-            test_acc=last_eval["acc"],
-            test_loss=last_eval["loss"],
-            best_acc=best["acc"],
-            best_epoch=best["epoch"],
+            test_acc=test["acc"],
+            test_loss=test["loss"],
+            val_acc=last_eval["acc"] if val_loader is not None else math.nan,
+            best_val_acc=best["acc"] if val_loader is not None else math.nan,
+            best_val_epoch=best["epoch"],
+            test_acc_at_best_val=test_at_best["acc"],
             steps=step,
             run_dir=str(run_dir),
             wandb_run_path=telemetry.run_path,
             skipped_steps=nonfinite.skipped,
             skipped_examples=data.skipped,
         )
-        telemetry.summary({f"summary/{key}": value for key, value in asdict(summary).items() if key.endswith(("acc", "loss", "epoch", "skipped_steps", "skipped_examples"))})
+        telemetry.summary({f"summary/{key}": value for key, value in asdict(summary).items() if key.endswith(("acc", "acc_at_best_val", "loss", "epoch", "skipped_steps", "skipped_examples"))})
     finally:
         preemption.restore()
         telemetry.finish()

@@ -23,9 +23,9 @@ ROUTERS = {"soft": SoftMoE, "tokens_choice": TokensChoiceMoE, "experts_choice": 
 # The moe keys each router takes besides num_experts, slots_per_expert and normalize, and their defaults
 # (used when a saved config predates the key).
 ROUTER_KEYS = {
-    "soft": {"dispatch": "soft", "combine": "soft"},
-    "tokens_choice": {"k": 1, "capacity_factor": None, "batch_priority": False, "noise_std": 1.0},
-    "experts_choice": {"capacity_factor": None, "noise_std": 1.0},
+    "soft": {"scale_init": 1.0, "dispatch": "soft", "combine": "soft"},
+    "tokens_choice": {"scale_init": 1.0, "k": 1, "capacity_factor": None, "batch_priority": False, "noise_std": 1.0},
+    "experts_choice": {"scale_init": 1.0, "capacity_factor": None, "noise_std": 1.0},
 }
 DISPATCH_MODES = DISPATCH_CHOICES
 COMBINE_MODES = COMBINE_CHOICES

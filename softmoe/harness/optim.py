@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from hydra.utils import instantiate
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+
+from softmoe import router_parameters
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +21,8 @@ NO_DECAY_TOKENS = {"pos_embed", "cls_token", "reg_token", "dist_token", "mask_to
 
 def decays(name: str) -> bool:
     """Whether weight decay applies to parameter ``name``: not to biases, norms, LayerScale, position embedding
-    or tokens. The router's Φ (``phi``) and ``scale`` are decayed, as vmoe does."""
+    or tokens. The router's Φ (``phi``) and ``scale`` are decayed, as vmoe does, unless ``moe.router_weight_decay``
+    gives them their own (see :func:`param_groups`)."""
     parts = name.split(".")
     leaf = parts[-1]
     if leaf.endswith("bias") or leaf == "gamma" or leaf in NO_DECAY_TOKENS:
@@ -27,21 +30,50 @@ def decays(name: str) -> bool:
     return not any("norm" in part for part in parts)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: ``decay`` with ``weight_decay`` and ``no_decay`` with none (see :func:`decays`)."""
-    groups = {"decay": [], "no_decay": []}
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr: float,
+    router_lr_mult: float = 1.0,
+    router_weight_decay: Optional[float] = None,
+) -> list[dict[str, Any]]:
+    """``decay`` with ``weight_decay``, ``no_decay`` with none (see :func:`decays`), and, when the model has MoE
+    layers, ``router``: their Φ and scale (:func:`softmoe.router_parameters`) at ``router_lr_mult * lr`` with
+    ``router_weight_decay`` (None: ``weight_decay``)."""
+    router = {id(param) for param in router_parameters(model).values()}
+    groups = {"decay": [], "no_decay": [], "router": []}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups["decay" if decays(name) else "no_decay"].append(param)
-    return [
+            groups["router" if id(param) in router else "decay" if decays(name) else "no_decay"].append(param)
+    result = [
         {"name": "decay", "params": groups["decay"], "weight_decay": weight_decay},
         {"name": "no_decay", "params": groups["no_decay"], "weight_decay": 0.0},
     ]
+    if groups["router"]:
+        result.append(
+            {
+                "name": "router",
+                "params": groups["router"],
+                "lr": router_lr_mult * lr,
+                "weight_decay": weight_decay if router_weight_decay is None else router_weight_decay,
+            }
+        )
+    return result
 
 
-def build_optimizer(optimizer_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(optimizer_cfg: Any, model: nn.Module, moe_cfg: Optional[Any] = None) -> torch.optim.Optimizer:
+    """The ``optimizer`` group's optimizer over :func:`param_groups`, the router's taken from ``moe_cfg``."""
     make = instantiate(optimizer_cfg, _convert_="all")  # a partial: lists become lists, not ListConfigs
-    return make(param_groups(model, optimizer_cfg.get("weight_decay", 0.0)))
+    moe_cfg = moe_cfg or {}
+    return make(
+        param_groups(
+            model,
+            optimizer_cfg.get("weight_decay", 0.0),
+            optimizer_cfg["lr"],
+            router_lr_mult=moe_cfg.get("router_lr_mult", 1.0),
+            router_weight_decay=moe_cfg.get("router_weight_decay"),
+        )
+    )
 
 
 def build_scheduler(scheduler_cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:

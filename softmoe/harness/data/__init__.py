@@ -5,7 +5,9 @@
     loader = build_loader(bundle.train, batch_size, train=True, seed=cfg.seed)
 
 Datasets (one module each): ``digits`` (default, bundled in scikit-learn), ``cifar10``/``cifar100``
-(torchvision files), ``imagefolder`` (ImageNet layout), ``synthetic`` (generated). Data that is
+(torchvision files), ``fashion_mnist`` (IDX files; Debian's package or torchvision's layout),
+``imagefolder`` (ImageNet layout), ``synthetic`` (generated). Every dataset has train / val / test
+splits, the validation split held out of the training examples (``splits.py``). Data that is
 absent raises ``MissingDataError`` saying where we looked and how to fetch it; a bad file or
 example raises ``BadDataError`` naming it, or is skipped and counted with ``data.on_bad_file=skip``.
 """
@@ -19,8 +21,9 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import cifar, digits, imagefolder, synthetic
+from . import cifar, digits, fashion_mnist, imagefolder, synthetic
 from .common import BadDataError, DataBundle, MissingDataError
+from .splits import with_validation
 from .config import DATASETS, checked_config, dataset_size, validate_data_config
 
 log = logging.getLogger(__name__)
@@ -29,16 +32,19 @@ _BUILDERS = {
     "digits": digits.build,
     "cifar10": cifar.build,
     "cifar100": cifar.build,
+    "fashion_mnist": fashion_mnist.build,
     "imagefolder": imagefolder.build,
     "synthetic": synthetic.build,
 }
 
 
 def build_datasets(data_cfg: Any, data_dir: str) -> DataBundle:
-    """Both splits of the dataset ``data_cfg`` names; files are read from ``data.root``, else ``<data_dir>/<name>``."""
+    """The train, validation and test splits of the dataset ``data_cfg`` names; files are read from
+    ``data.root``, else ``<data_dir>/<name>``. The validation split is held out of the training examples
+    (``data.val_size``, by ``data.split_seed``); ``bundle.val`` is None when ``data.val_size=0``."""
     cfg = checked_config(data_cfg)
     root = Path(cfg.get("root") or Path(data_dir) / cfg["name"]).expanduser()
-    bundle = _BUILDERS[cfg["name"]](cfg, root)
+    bundle = with_validation(_BUILDERS[cfg["name"]](cfg, root), cfg["val_size"], cfg.get("split_seed", 0))
     if bundle.skipped:
         log.warning(
             "data=%s: skipped %d bad example(s) (data.on_bad_file=skip); the first: %s",

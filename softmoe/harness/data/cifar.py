@@ -20,7 +20,7 @@ from torchvision import datasets
 from torchvision.datasets.vision import VisionDataset
 from torchvision.transforms import v2
 
-from .common import BadDataError, BadExamples, DataBundle, MissingDataError
+from .common import BadDataError, BadExamples, DataBundle, MissingDataError, download_failed, with_transform
 
 CIFAR_SIDE = 32
 CIFAR_VALUES = 3 * CIFAR_SIDE * CIFAR_SIDE  # one row per image: the red, green, blue planes, row-major
@@ -84,7 +84,14 @@ class CheckedCIFAR10(datasets.CIFAR10):
         VisionDataset.__init__(self, root, transform=transform)
         self.train = train
         if download:
-            self.download()  # torchvision's: a no-op when the official files are present (md5), else fetch and verify
+            try:  # torchvision's: a no-op when the official files are present (md5), else fetch and verify
+                self.download()
+            except Exception as error:  # URLError without a network, or a failed md5 check
+                raise download_failed(
+                    f"cifar{self.num_classes}", self.root, error,
+                    f"Fetch {self.url} elsewhere and extract it there (it holds {self.base_folder}/), or set data.root "
+                    f"to a folder holding {self.base_folder}/.",
+                ) from None  # fmt: skip
         folder = Path(self.root) / self.base_folder
         self._require_files(folder)
         files = self.train_list if train else self.test_list
@@ -161,8 +168,10 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
         cfg["img_size"], cfg["augment"], dataset_class.mean, dataset_class.std
     )
     report = BadExamples(cfg["on_bad_file"])
+    train = dataset_class(root, train=True, report=report, transform=train_transform, download=cfg["download"])
     return report.bundle(
-        train=dataset_class(root, train=True, report=report, transform=train_transform, download=cfg["download"]),
+        train=train,
+        train_eval=with_transform(train, eval_transform),
         test=dataset_class(root, train=False, report=report, transform=eval_transform),
         num_classes=dataset_class.num_classes,
         in_chans=3,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from typing import Optional
 
 from torch.utils.data import Dataset
 
@@ -17,9 +19,12 @@ class BadDataError(ValueError):
 
 @dataclass
 class DataBundle:
-    """Both splits of a dataset and the shape facts the model is built from.
+    """The splits of a dataset and the shape facts the model is built from.
 
-    Items of ``train`` and ``test`` are ``(image float tensor [in_chans, img_size, img_size], label int)``.
+    Items of every split are ``(image float tensor [in_chans, img_size, img_size], label int)``.
+    ``val`` is held out of the training examples (``splits.with_validation``); None when
+    ``data.val_size=0``. ``train_eval`` holds the training examples with the evaluation transform
+    (no augmentation), the source of ``val``; None where the two transforms are the same.
     """
 
     train: Dataset
@@ -30,6 +35,23 @@ class DataBundle:
     name: str
     skipped: int = 0  # bad examples dropped under data.on_bad_file=skip, both splits
     skipped_reasons: tuple[str, ...] = ()  # one line per skipped example, naming its file
+    val: Optional[Dataset] = None
+    train_eval: Optional[Dataset] = None
+
+
+def download_failed(dataset: str, folder, error: BaseException, by_hand: str) -> MissingDataError:
+    """One line for a download that failed (no network, a server error, a bad md5): the dataset, the folder,
+    the last line of the reason, and how to place the files by hand."""
+    lines = str(error).strip().splitlines()
+    reason = lines[-1].strip() if lines else type(error).__name__
+    return MissingDataError(f"data={dataset}: the download into {folder} failed ({reason}). {by_hand}")
+
+
+def with_transform(dataset: Dataset, transform) -> Dataset:
+    """A shallow copy of ``dataset`` (its examples shared, not reloaded) that applies ``transform`` instead."""
+    view = copy.copy(dataset)
+    view.transform = transform
+    return view
 
 
 @dataclass

@@ -11,11 +11,12 @@ from typing import Any, Callable, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder", "synthetic")
 
 DIGITS_EXAMPLES = 1797  # sklearn.datasets.load_digits
 CIFAR_EXAMPLES = {"train": 50_000, "test": 10_000}  # the same for CIFAR-10 and CIFAR-100
-SPLITS = ("train", "test")
+OFFICIAL_SIZES = {"cifar10": CIFAR_EXAMPLES, "cifar100": CIFAR_EXAMPLES, "fashion_mnist": {"train": 60_000, "test": 10_000}}
+SPLITS = ("train", "val", "test")
 
 # A rule returns None for a good value, else what is allowed; it sees the whole config for cross-key checks.
 Rule = Callable[[Any, Mapping[str, Any]], Optional[str]]
@@ -64,6 +65,19 @@ def one_of(*allowed: str) -> Rule:
 def digits_test_size(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     low, high = 10, DIGITS_EXAMPLES - 10  # a stratified split needs every class in both splits
     return None if _is_int(value) and low <= value <= high else f"must be an integer from {low} to {high}"
+
+
+def validation_size(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    """``data.val_size``: a count of training examples to hold out, or a fraction of them; 0 turns validation off."""
+    allowed = "must be a count of training examples to hold out (an integer >= 0; 0: no validation split) or a fraction in (0, 1)"
+    if isinstance(value, float):
+        return None if math.isfinite(value) and 0 < value < 1 else allowed
+    if not _is_int(value) or value < 0:
+        return allowed
+    train = _train_examples(cfg)
+    if train is not None and value >= train:
+        return f"must leave training examples: data={cfg['name']} has {train} to hold them out of"
+    return None
 
 
 def non_negative_number(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
@@ -117,6 +131,8 @@ def _cifar_rules(num_classes: int) -> dict[str, Rule]:
         "in_chans": exactly(3, "CIFAR images are RGB"),
         "num_classes": exactly(num_classes, f"CIFAR-{num_classes} has {num_classes} classes"),
         "augment": boolean,
+        "val_size": validation_size,
+        "split_seed": non_negative_int,
         "on_bad_file": one_of("error", "skip"),
     }
 
@@ -128,11 +144,23 @@ RULES: dict[str, dict[str, Rule]] = {
         "in_chans": exactly(1, "the digits are grayscale"),
         "num_classes": exactly(10, "the digits are 0-9"),
         "test_size": digits_test_size,
+        "val_size": validation_size,
         "split_seed": non_negative_int,
         "augment": boolean,
     },
     "cifar10": _cifar_rules(10),
     "cifar100": _cifar_rules(100),
+    "fashion_mnist": {
+        "root": optional_path,
+        "download": boolean,
+        "img_size": exactly(28, "Fashion-MNIST images are 28x28 pixels"),
+        "in_chans": exactly(1, "Fashion-MNIST images are grayscale"),
+        "num_classes": exactly(10, "Fashion-MNIST has 10 classes"),
+        "augment": boolean,
+        "val_size": validation_size,
+        "split_seed": non_negative_int,
+        "on_bad_file": one_of("error", "skip"),
+    },
     "imagefolder": {
         "root": optional_path,
         "img_size": positive_int,
@@ -143,6 +171,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "crop_pct": crop_fraction,
         "mean": per_channel(positive=False),
         "std": per_channel(positive=True),
+        "val_size": validation_size,
+        "split_seed": non_negative_int,
         "verify": one_of("full", "header", "none"),
         "strict_channels": boolean,
         "on_bad_file": one_of("error", "skip"),
@@ -153,6 +183,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "num_classes": positive_int,
         "train_size": positive_int,
         "test_size": positive_int,
+        "val_size": non_negative_int,
         "seed": non_negative_int,
         "signal": non_negative_number,
         "nan_examples": example_indices,
@@ -207,19 +238,37 @@ def validate_data_config(data_cfg: Any) -> None:
     checked_config(data_cfg)
 
 
-def dataset_size(data_cfg: Any, split: str) -> Optional[int]:
-    """Number of examples in ``split`` ('train' or 'test') when known without loading, else None.
+def _train_examples(cfg: Mapping[str, Any]) -> Optional[int]:
+    """The training examples before the validation split is held out, when known without loading."""
+    name = cfg["name"]
+    if name == "digits":
+        return DIGITS_EXAMPLES - cfg["test_size"] if _is_int(cfg.get("test_size")) else None
+    if name in OFFICIAL_SIZES:
+        return OFFICIAL_SIZES[name]["train"]
+    return None
 
-    CIFAR reports the official sizes (50,000 / 10,000); ImageFolder trees are only counted by scanning.
+
+def dataset_size(data_cfg: Any, split: str) -> Optional[int]:
+    """Number of examples in ``split`` ('train', 'val' or 'test') when known without loading, else None.
+
+    'train' counts what the model trains on, after the validation split is held out. CIFAR and
+    Fashion-MNIST have official sizes; ImageFolder trees are only counted by scanning.
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
     cfg = checked_config(data_cfg)
     name = cfg["name"]
-    if name == "digits":
-        return cfg["test_size"] if split == "test" else DIGITS_EXAMPLES - cfg["test_size"]
-    if name in ("cifar10", "cifar100"):
-        return CIFAR_EXAMPLES[split]
     if name == "synthetic":
         return cfg[f"{split}_size"]
-    return None
+    if name == "digits":
+        test = cfg["test_size"]
+    elif name in OFFICIAL_SIZES:
+        test = OFFICIAL_SIZES[name]["test"]
+    else:
+        return None
+    if split == "test":
+        return test
+    from .splits import validation_count
+
+    val = validation_count(cfg["val_size"], _train_examples(cfg))
+    return val if split == "val" else _train_examples(cfg) - val

@@ -1,7 +1,8 @@
 """``digits``: the 1,797 real 8x8 handwritten digits bundled inside scikit-learn (no download).
 
-The split is fixed by ``data.split_seed`` (stratified, independent of the run seed), so every run
-evaluates on the same test images. All images live in memory as normalised tensors.
+The test split is fixed by ``data.split_seed`` (stratified, independent of the run seed), so every
+run evaluates on the same test images; the validation split is then held out of the training images
+with the same seed (``splits.with_validation``). All images live in memory as normalised tensors.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
     shift = v2.RandomCrop(8, padding=1, fill=-DIGITS_MEAN / DIGITS_STD) if cfg["augment"] else None
     return DataBundle(
         train=TensorImages(train_images, train_labels, transform=shift),
+        train_eval=TensorImages(train_images, train_labels),
         test=TensorImages(test_images, test_labels),
         num_classes=10,
         in_chans=1,

@@ -1,5 +1,8 @@
 """``imagefolder``: an ImageNet-layout tree, ``root/train/<class>/<image>`` and ``root/val/<class>/<image>``.
 
+ImageNet's convention: the official ``val/`` folder is the test split, and the validation split that
+selects models is held out of ``train/`` (``data.val_size``, as big_vision's minival).
+
 Loaded by torchvision's ``ImageFolder`` with timm's standard ViT transforms. Two things differ from
 a plain ``ImageFolder``:
 
@@ -22,7 +25,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from .common import BadDataError, BadExamples, DataBundle, MissingDataError
+from .common import BadDataError, BadExamples, DataBundle, MissingDataError, with_transform
 
 SPLIT_DIRS = {"train": "train", "test": "val"}  # DataBundle split -> folder under data.root
 IMAGE_MODES = {1: "L", 3: "RGB"}  # in_chans -> the PIL mode every image is converted to
@@ -158,5 +161,7 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
             raise _missing_data(root, f"no readable images ({', '.join(IMG_EXTENSIONS)}) under {directory}")
         splits[split] = dataset
     return report.bundle(
-        **splits, num_classes=cfg["num_classes"], in_chans=cfg["in_chans"], img_size=cfg["img_size"], name="imagefolder"
+        **splits,
+        train_eval=with_transform(splits["train"], transforms["test"]),
+        num_classes=cfg["num_classes"], in_chans=cfg["in_chans"], img_size=cfg["img_size"], name="imagefolder"
     )

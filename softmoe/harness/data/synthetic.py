@@ -1,7 +1,9 @@
 """``synthetic``: random images with a learnable class signal, for benchmarks and fast tests.
 
 Image i of a split is ``signal * pattern[label_i] + noise_i``: each class has a smooth random pattern
-(a 4x4 grid of N(0, 1) values, bilinearly upsampled) shared by both splits, plus white N(0, 1) noise.
+(a 4x4 grid of N(0, 1) values, bilinearly upsampled) shared by every split, plus white N(0, 1) noise.
+The validation split (``data.val_size`` images, 0 for none) is generated as a third split: drawn from
+the same distribution as the training images, it is what a hold-out of them would be.
 Everything derives from ``data.seed``, the split and the index, so an item is the same in every
 process and run, and nothing is held in memory but the labels: any size, class count or length.
 ``data.nan_examples`` (tests only) makes the listed training images all NaN, a numerical fault for the
@@ -40,7 +42,7 @@ class SyntheticImages(Dataset):
         self.nan_examples = frozenset(nan_examples)
         self.seed, self.split, self.signal = seed, split, signal
         patterns = np.random.default_rng([seed]).standard_normal((num_classes, in_chans, PATTERN_GRID, PATTERN_GRID))
-        self.patterns = torch.from_numpy(patterns).float()  # [classes, C, 4, 4], the same for both splits
+        self.patterns = torch.from_numpy(patterns).float()  # [classes, C, 4, 4], the same for every split
         self.labels = torch.from_numpy(np.random.default_rng([seed, split]).integers(num_classes, size=size))
 
     def __len__(self) -> int:
@@ -66,6 +68,7 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
             signal=cfg["signal"],
             nan_examples=cfg.get("nan_examples", ()) if split == "train" else (),
         )
-        for index, split in enumerate(("train", "test"))
+        for index, split in enumerate(("train", "test", "val"))
+        if split != "val" or cfg["val_size"]
     }
     return DataBundle(**splits, **shape, name="synthetic")
