@@ -1,14 +1,17 @@
 """Turn a sweep into a results table and a plot.
 
     python -m softmoe.collect multirun/2026-11-29/12-00-00            # every run dir below it
-    python -m softmoe.collect SWEEP_DIR --metric val/acc --by moe.num_experts,moe.slots_per_expert
+    python -m softmoe.collect SWEEP_DIR --by moe.num_experts,moe.slots_per_expert
+    python -m softmoe.collect SWEEP_DIR --metric routing/block3/dispatch_entropy  # a further column, plotted
     python -m softmoe.collect --wandb-dir SWEEP_DIR --group SWEEP_DIR    # the same from offline W&B run files
     python -m softmoe.collect --wandb ENTITY/PROJECT --group SWEEP_DIR   # the same from the W&B API
 
 A run directory is one that holds ``metrics.jsonl`` (one JSON object per log event) and Hydra's
 ``.hydra/overrides.yaml``. Runs are grouped by the overrides that differ between runs, except
-``seed``; each group reports mean ± std over its runs (seeds) of the metric's final value and of
-its best value. Writes ``results.md`` and ``results.png`` (to ``--out``, default the sweep dir).
+``seed``; each group reports mean ± std over its runs (seeds) of the best validation accuracy (the
+selection), the test accuracy of the final model and that of the best-on-validation checkpoint (the
+trainer tests each once), and the final value of any ``--metric``. Nothing is ever selected on a test
+metric. Writes ``results.md`` and ``results.png`` (to ``--out``, default the sweep dir).
 
 W&B keeps a run's resolved config, not its command line, so a W&B run's overrides are the config keys
 (dotted: ``moe.num_experts``) whose values differ between the runs read: the keys and values a sweep
@@ -264,68 +267,128 @@ def _sort_key(value: Optional[str]):
         return (1, 0.0, tuple((0, int(c), "") if c.isdigit() else (1, 0, c) for c in chunks if c))
 
 
+# The columns every table has. Models are selected on the validation split alone; the test split is read for
+# the final model and for the best-on-validation checkpoint, each logged once by the trainer (never a best).
+SELECTION_METRIC = "val/acc"
+RESULT_COLUMNS = (
+    ("best val/acc", SELECTION_METRIC, "best"),
+    ("test/acc (final model)", "test/acc", "final"),
+    ("test/acc (best-val checkpoint)", "test/acc_at_best_val", "final"),
+)
+
+
+@dataclass
+class Cell:
+    """One table cell: the mean and std of a metric over a group's runs (std None for a single run)."""
+
+    mean: float
+    std: Optional[float]
+    runs: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4f} ± {'n/a' if self.std is None else f'{self.std:.4f}'}"
+
+
 @dataclass
 class GroupSummary:
     values: Tuple[Optional[str], ...]
     runs: int
-    final_mean: float
-    final_std: float
-    best_mean: float
-    best_std: float
+    cells: Dict[str, Optional[Cell]]  # column label -> cell (None: no run of the group logged it)
 
 
-def summarise(runs: Sequence[RunResult], by: Sequence[str], metric: str) -> List[GroupSummary]:
+def columns_for(metrics: Sequence[str]) -> List[Tuple[str, str, str]]:
+    """(label, metric, reduction) of the result columns, then each other metric asked for, as its final value.
+    Only the validation metrics may be reduced to their best epoch: a best test value would be a selection
+    on the test split."""
+    columns = list(RESULT_COLUMNS)
+    for metric in metrics:
+        if column_label(metric) not in [label for label, _, _ in columns]:
+            columns.append((column_label(metric), metric, "final"))
+    return columns
+
+
+def column_label(metric: str) -> str:
+    """The table column that reports ``metric``: a result column's label, else ``final <metric>``."""
+    return next((label for label, column_metric, _ in RESULT_COLUMNS if column_metric == metric), f"final {metric}")
+
+
+def summarise(runs: Sequence[RunResult], by: Sequence[str], metrics: Sequence[str] = ()) -> List[GroupSummary]:
+    """Mean ± std over each group's runs (its seeds) of every column of :func:`columns_for` ``metrics``."""
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    columns = columns_for(metrics)
     groups: Dict[Tuple[Optional[str], ...], List[RunResult]] = {}
     for run in runs:
         groups.setdefault(tuple(run.overrides.get(key) for key in by), []).append(run)
     summaries = []
     for values in sorted(groups, key=lambda v: tuple(_sort_key(x) for x in v)):
-        finals = [r.final(metric) for r in groups[values] if r.final(metric) is not None]
-        bests = [r.best(metric) for r in groups[values] if r.best(metric) is not None]
-        if not finals:
-            continue
-        summaries.append(GroupSummary(values, len(finals), *_mean_std(finals), *_mean_std(bests)))
+        cells = {}
+        for label, metric, reduction in columns:
+            found = [getattr(run, reduction)(metric) for run in groups[values]]
+            cells[label] = _cell([value for value in found if value is not None])
+        if any(cells.values()):
+            summaries.append(GroupSummary(values, len(groups[values]), cells))
     if not summaries:
-        raise SystemExit(f"error: no run logged {metric!r}")
+        raise SystemExit(f"error: no run logged any of {', '.join(metric for _, metric, _ in columns)}")
     return summaries
 
 
-def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def _cell(values: Sequence[float]) -> Optional[Cell]:
+    if not values:
+        return None
+    return Cell(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
 
 
-def markdown_table(summaries: Sequence[GroupSummary], by: Sequence[str], metric: str) -> str:
-    header = [*by, "runs", f"final {metric}", f"best {metric}"]
+def markdown_table(summaries: Sequence[GroupSummary], by: Sequence[str], metrics: Sequence[str] = ()) -> str:
+    """The summaries as a markdown table: mean ± std over the runs (seeds) counted in ``runs``."""
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    labels = [label for label, _, _ in columns_for(metrics) if any(s.cells.get(label) for s in summaries)]
+    header = [*by, "runs", *labels]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
-        cells = [*(str(v) for v in s.values), str(s.runs), f"{s.final_mean:.4f} ± {s.final_std:.4f}", f"{s.best_mean:.4f} ± {s.best_std:.4f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [str(s.cells[label]) if s.cells.get(label) else "n/a" for label in labels]
+        lines.append("| " + " | ".join([*(str(v) for v in s.values), str(s.runs), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(summaries: Sequence[GroupSummary], by: Sequence[str], metric: str, path: Path) -> None:
-    """Final metric (mean ± std) against the first swept key, one line per value of the others."""
+def plot(summaries: Sequence[GroupSummary], by: Sequence[str], column: str, path: Path) -> None:
+    """Bars of one table column (mean, with the std over seeds as error bars) against the first swept key,
+    one bar colour per value of the others. The seed count is in the title; the value axis starts at 0 for
+    metrics in [0, 1] (accuracies, entropies) so that a gap of a few tenths of a point looks like one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    shown = [s for s in summaries if s.cells.get(column)]
+    if not shown:
+        raise SystemExit(f"error: no run logged the column {column!r}")
     series: Dict[Tuple, List[GroupSummary]] = {}
-    for s in summaries:
+    for s in shown:
         series.setdefault(s.values[1:], []).append(s)
-    x_labels = sorted({s.values[0] if by else "all" for s in summaries}, key=_sort_key)
-    for rest, points in series.items():
-        xs = [x_labels.index(p.values[0] if by else "all") for p in points]
+    x_labels = sorted({s.values[0] if by else "all" for s in shown}, key=_sort_key)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(x_labels) * len(series) + 2), 4))
+    width = 0.8 / len(series)
+    for index, (rest, points) in enumerate(series.items()):
+        xs = [x_labels.index(p.values[0] if by else "all") + (index - (len(series) - 1) / 2) * width for p in points]
+        cells = [p.cells[column] for p in points]
         label = ", ".join(f"{k}={v}" for k, v in zip(by[1:], rest)) or None
-        ax.errorbar(xs, [p.final_mean for p in points], yerr=[p.final_std for p in points], marker="o", capsize=3, label=label)
+        ax.bar(xs, [c.mean for c in cells], width=width * 0.9, label=label,
+               yerr=[c.std or 0.0 for c in cells], capsize=3, error_kw={"linewidth": 1})  # fmt: skip
     tick_labels = [str(x) for x in x_labels]
     # long values (routing names such as uniform_dispatch_soft_combine) or many of them would overlap
     slanted = len(tick_labels) > 4 or max(map(len, tick_labels)) > 8
     ax.set_xticks(range(len(x_labels)), tick_labels, rotation=30 if slanted else 0, ha="right" if slanted else "center")
-    ax.set_xlabel(by[0] if by else "")
-    ax.set_ylabel(f"final {metric} (mean ± std)")
-    if len(series) > 1:  # beside the axes, where it covers no point however many series there are
+    ax.set_xlabel(by[0] if by else "all runs")
+    ax.set_ylabel(f"{column} (mean ± std)")
+    seeds = sorted({c.runs for p in shown for c in [p.cells[column]]})
+    seed_text = f"{seeds[0]} seeds" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds"
+    ax.set_title(f"{column}: mean ± std over {seed_text} per bar", fontsize=10)
+    means = [p.cells[column].mean for p in shown]
+    if 0 <= min(means) and max(means) <= 1:
+        ax.set_ylim(0, 1.0)
+    if len(series) > 1:  # beside the axes, where it covers no bar however many series there are
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight" grows the image to hold the legend and labels
     plt.close(fig)
@@ -353,7 +416,15 @@ def load_runs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m softmoe.collect", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", nargs="?", type=Path, help="a Hydra multirun directory")
-    parser.add_argument("--metric", default="val/acc", help="metric to report (default: val/acc)")
+    parser.add_argument(
+        "--metric", default="",
+        help="comma-separated further metrics to report, as their final value (e.g. routing/block3/dispatch_entropy); "
+        "the table always has the best val/acc and the test/acc of the final model and of the best-val checkpoint",
+    )
+    parser.add_argument(
+        "--plot", default=None,
+        help="the column to plot (default: test/acc (final model), or the first --metric)",
+    )  # fmt: skip
     parser.add_argument("--by", default=None, help="comma-separated override keys to group by (default: the swept keys)")
     parser.add_argument("--out", type=Path, default=None, help="where to write results.md and results.png")
     source = parser.add_mutually_exclusive_group()
@@ -366,12 +437,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     runs = load_runs(args, parser)
     by = args.by.split(",") if args.by else swept_keys(runs)
-    summaries = summarise(runs, by, args.metric)
-    table = markdown_table(summaries, by, args.metric)
+    metrics = [metric for metric in args.metric.split(",") if metric]
+    summaries = summarise(runs, by, metrics)
+    table = markdown_table(summaries, by, metrics)
     out = args.out or args.sweep_dir or args.wandb_dir or Path(".")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table)
-    plot(summaries, by, args.metric, out / "results.png")
+    column = args.plot or column_label(metrics[0] if metrics else RESULT_COLUMNS[1][1])
+    plot(summaries, by, column, out / "results.png")
     print(table, end="")
     print(f"wrote {out / 'results.md'} and {out / 'results.png'} ({len(runs)} runs)")
     return 0

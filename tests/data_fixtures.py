@@ -85,3 +85,32 @@ def truncate(path: Path, keep: float = 0.5) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     return path
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST (IDX)
+
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file's bytes: magic (0, 0, 0x08 = unsigned byte, ndim), big-endian dimensions, the data."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.tobytes()
+
+
+def write_fashion_mnist(folder: Path, sizes=(("train", 40), ("test", 20)), gz: bool = True, seed: int = 0) -> dict:
+    """The four Fashion-MNIST IDX files (gzipped or not) in ``folder``; returns {split: (images, labels)}."""
+    import gzip
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, count in sizes:
+        images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        for name, array in zip(IDX_FILES[split], (images, labels)):
+            data = idx_bytes(array)
+            (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(data) if gz else data)
+        written[split] = (images, labels)
+    return written

@@ -10,7 +10,9 @@ import yaml
 from softmoe import collect
 
 
-def write_run(root, job, overrides, accuracies):
+def write_run(root, job, overrides, accuracies, test=None):
+    """A run directory as the trainer leaves it: ``val/acc`` per epoch, then the test split once at the end
+    (``test`` = (final model, best-on-validation checkpoint))."""
     run = root / str(job)
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
@@ -18,6 +20,8 @@ def write_run(root, job, overrides, accuracies):
         for step, acc in enumerate(accuracies):
             f.write(json.dumps({"step": step, "train/loss": 1.0 / (step + 1)}) + "\n")
             f.write(json.dumps({"step": step, "val/acc": acc}) + "\n")
+        if test is not None:
+            f.write(json.dumps({"step": len(accuracies), "test/acc": test[0], "test/acc_at_best_val": test[1]}) + "\n")
         f.write('{"step": 99, "val/acc": 0.')  # a torn last line from a killed run is skipped
 
 
@@ -27,30 +31,43 @@ def sweep(tmp_path):
     for experts, base in (("4", 0.80), ("8", 0.90)):
         for seed in (0, 1, 2):
             write_run(tmp_path, job, [f"moe.num_experts={experts}", f"seed={seed}", "logger=none"],
-                      [base - 0.1, base + 0.01 * seed, base - 0.05])
+                      [base - 0.1, base + 0.01 * seed, base - 0.05], test=(base - 0.02 * seed, base + 0.01))
             job += 1
     return tmp_path
 
 
-def test_groups_by_swept_keys_and_reports_mean_and_std_over_seeds(sweep, capsys):
+def test_reports_selection_on_val_and_the_test_split_of_the_final_and_best_val_models(sweep, capsys):
     assert collect.main([str(sweep)]) == 0
     table = (sweep / "results.md").read_text()
     lines = table.splitlines()
-    assert lines[0] == "| moe.num_experts | runs | final val/acc | best val/acc |"
-    assert lines[2] == "| 4 | 3 | 0.7500 ± 0.0000 | 0.8100 ± 0.0100 |"
-    assert lines[3] == "| 8 | 3 | 0.8500 ± 0.0000 | 0.9100 ± 0.0100 |"
+    assert lines[0] == (
+        "| moe.num_experts | runs | best val/acc | test/acc (final model) | test/acc (best-val checkpoint) |"
+    )
+    assert lines[2] == "| 4 | 3 | 0.8100 ± 0.0100 | 0.7800 ± 0.0200 | 0.8100 ± 0.0000 |"
+    assert lines[3] == "| 8 | 3 | 0.9100 ± 0.0100 | 0.8800 ± 0.0200 | 0.9100 ± 0.0000 |"
     assert (sweep / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out
+
+
+def test_a_single_run_has_no_std_and_a_test_metric_is_never_reduced_to_its_best(tmp_path):
+    write_run(tmp_path, 0, ["moe.num_experts=4"], [0.5, 0.7, 0.6], test=(0.65, 0.72))
+    write_run(tmp_path, 1, ["moe.num_experts=8"], [0.5, 0.8])  # still running: no test yet
+    collect.main([str(tmp_path), "--metric", "test/acc,train/loss"])
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert lines[0].endswith("| test/acc (best-val checkpoint) | final train/loss |")  # no "best test/acc"
+    assert lines[2] == "| 4 | 1 | 0.7000 ± n/a | 0.6500 ± n/a | 0.7200 ± n/a | 0.3333 ± n/a |"
+    assert lines[3] == "| 8 | 1 | 0.8000 ± n/a | n/a | n/a | 0.5000 ± n/a |"
 
 
 def test_explicit_grouping_and_output_dir(sweep, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     collect.main([str(sweep), "--by", "moe.num_experts,seed", "--metric", "train/loss", "--out", str(out)])
     lines = (out / "results.md").read_text().splitlines()
-    assert len(lines) == 2 + 6 and lines[0].startswith("| moe.num_experts | seed | runs | final train/loss")
+    assert len(lines) == 2 + 6 and lines[0].startswith("| moe.num_experts | seed | runs | best val/acc |")
+    assert lines[0].endswith("| final train/loss |")
 
 
-def test_groups_sort_in_natural_order_and_dropped_tokens_are_best_when_fewest(tmp_path):
+def test_groups_sort_in_natural_order(tmp_path):
     for job, (shape, dropped) in enumerate((("16x1", 0.3), ("4x4", 0.1), ("32x1", 0.2), ("8x2", 0.4))):
         run = tmp_path / str(job)
         (run / ".hydra").mkdir(parents=True)
@@ -59,11 +76,11 @@ def test_groups_sort_in_natural_order_and_dropped_tokens_are_best_when_fewest(tm
                   {"step": 2, "routing/block3/dropped_fraction": dropped}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     collect.main([str(tmp_path), "--metric", "routing/block3/dropped_fraction"])
-    rows = [line.split(" | ") for line in (tmp_path / "results.md").read_text().splitlines()[2:]]
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert lines[0] == "| experts_slots | runs | final routing/block3/dropped_fraction |"
+    rows = [line.split(" | ") for line in lines[2:]]
     assert [row[0] for row in rows] == ["| 4x4", "| 8x2", "| 16x1", "| 32x1"]
-    # fewer dropped tokens is better: "best" is the smallest fraction, here the last one logged
-    assert [row[2] for row in rows] == [row[3].rstrip(" |") for row in rows]
-    assert rows[0][3] == "0.1000 ± 0.0000 |"
+    assert [row[2] for row in rows] == ["0.1000 ± n/a |", "0.4000 ± n/a |", "0.3000 ± n/a |", "0.2000 ± n/a |"]
 
 
 def test_parse_overrides():
@@ -108,20 +125,28 @@ def test_a_wandb_dir_without_offline_runs_is_named(sweep):
     assert str(error.value) == f"error: no offline W&B runs (offline-run-*/run-*.wandb) below {sweep}"
 
 
-def test_long_x_values_slant_and_many_series_keep_their_legend_beside_the_axes(tmp_path, monkeypatch):
+def test_plot_bars_carry_std_error_bars_the_seed_count_and_an_axis_from_zero(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
     routings = ["soft", "uniform_dispatch_soft_combine", "soft_dispatch_uniform_combine", "identity_dispatch"]
+    column = "test/acc (final model)"
     summaries = [
-        collect.GroupSummary((routing, str(slots)), 3, 0.9 - 0.01 * slots, 0.01, 0.92, 0.01)
+        collect.GroupSummary((routing, str(slots)), 3, {column: collect.Cell(0.95 - 0.001 * slots, 0.004, 3)})
         for routing in routings for slots in (1, 2, 4, 8, 16, 32)
     ]  # fmt: skip
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
-    collect.plot(summaries, ["moe.router", "moe.slots_per_expert"], "val/acc", tmp_path / "results.png")
+    collect.plot(summaries, ["moe.router", "moe.slots_per_expert"], column, tmp_path / "results.png")
     (figure,) = figures
     axes = figure.axes[0]
     assert [(label.get_rotation(), label.get_ha()) for label in axes.get_xticklabels()] == [(30.0, "right")] * 4
+    from matplotlib.container import BarContainer
+
+    bars = [container for container in axes.containers if isinstance(container, BarContainer)]
+    assert len(axes.patches) == 24 and len(bars) == 6  # a bar per group, six series
+    assert all(container.errorbar is not None for container in bars)
+    assert "3 seeds" in axes.get_title() and axes.get_ylabel() == f"{column} (mean ± std)" and axes.get_xlabel()
+    assert axes.get_ylim() == (0.0, 1.0)  # 0.03 between the bars is not drawn as a cliff
     renderer = figure.canvas.get_renderer()
     legend = axes.get_legend()
     assert len(legend.get_texts()) == 6 and legend.get_window_extent(renderer).x0 > axes.get_window_extent(renderer).x1
@@ -130,20 +155,24 @@ def test_long_x_values_slant_and_many_series_keep_their_legend_beside_the_axes(t
 
 @pytest.mark.slow
 def test_offline_wandb_files_give_the_sweep_directorys_table(offline_sweep, tmp_path):
-    for metric in ("val/acc", "train/loss"):
-        out = tmp_path / metric.replace("/", "_")
-        from_dirs, from_wandb = out / "dirs", out / "wandb"
-        collect.main([str(offline_sweep), "--metric", metric, "--out", str(from_dirs)])
-        wandb_dir = ["--wandb-dir", str(offline_sweep), "--group", str(offline_sweep)]
-        collect.main([*wandb_dir, "--metric", metric, "--out", str(from_wandb)])
-        table = (from_dirs / "results.md").read_text()
-        assert (from_wandb / "results.md").read_text() == table
-        lines = table.splitlines()
-        assert lines[0] == f"| moe.num_experts | runs | final {metric} | best {metric} |"
-        assert [line.split(" | ")[:2] for line in lines[2:]] == [["| 4", "1"], ["| 8", "1"]]
-        for line, job in zip(lines[2:], (0, 1)):  # the numbers are those the run logged
-            logged = collect.read_metrics(offline_sweep / str(job) / "metrics.jsonl")[metric]
-            assert line.split(" | ")[2] == f"{logged[-1]:.4f} ± 0.0000"
+    out = tmp_path / "results"
+    from_dirs, from_wandb = out / "dirs", out / "wandb"
+    collect.main([str(offline_sweep), "--metric", "train/loss", "--out", str(from_dirs)])
+    wandb_dir = ["--wandb-dir", str(offline_sweep), "--group", str(offline_sweep)]
+    collect.main([*wandb_dir, "--metric", "train/loss", "--out", str(from_wandb)])
+    table = (from_dirs / "results.md").read_text()
+    assert (from_wandb / "results.md").read_text() == table
+    lines = table.splitlines()
+    assert lines[0] == (
+        "| moe.num_experts | runs | best val/acc | test/acc (final model) | test/acc (best-val checkpoint) "
+        "| final train/loss |"
+    )
+    assert [line.split(" | ")[:2] for line in lines[2:]] == [["| 4", "1"], ["| 8", "1"]]
+    for line, job in zip(lines[2:], (0, 1)):  # the numbers are those the run logged
+        logged = collect.read_metrics(offline_sweep / str(job) / "metrics.jsonl")
+        cells = line.rstrip(" |").split(" | ")[2:]
+        expected = [max(logged["val/acc"]), logged["test/acc"][-1], logged["test/acc_at_best_val"][-1], logged["train/loss"][-1]]
+        assert cells == [f"{value:.4f} ± n/a" for value in expected]
 
 
 @pytest.mark.slow

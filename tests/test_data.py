@@ -17,6 +17,7 @@ from data_fixtures import (
     data_config,
     truncate,
     write_cifar,
+    write_fashion_mnist,
     write_image_tree,
     write_pickle,
     write_png,
@@ -33,6 +34,7 @@ from softmoe.harness.data import (
     dataset_size,
     validate_data_config,
 )
+from softmoe.harness.data import fashion_mnist
 from softmoe.harness.data.cifar import CheckedCIFAR10, CheckedCIFAR100
 from softmoe.harness.data.digits import DIGITS_MEAN, DIGITS_STD
 
@@ -51,7 +53,7 @@ def test_every_dataset_has_a_runnable_config_file():
 
 
 BAD_CONFIGS = [
-    ("digits", {"name": "mnist"}, "data.name=mnist: must be one of digits, cifar10, cifar100, imagefolder, synthetic"),
+    ("digits", {"name": "mnist"}, "data.name=mnist: must be one of digits, cifar10, cifar100, fashion_mnist, imagefolder, synthetic"),
     ("digits", {"img_size": 16}, "data.img_size=16: must be 8 for data=digits"),
     ("digits", {"test_size": 5}, "data.test_size=5: must be an integer from 10 to 1787"),
     ("digits", {"split_seed": -1}, "data.split_seed=-1: must be an integer >= 0"),
@@ -92,22 +94,26 @@ def test_missing_key_names_the_config_file():
 
 def test_root_defaults_to_data_dir_and_name_and_resolves_interpolation(tmp_path):
     write_cifar(tmp_path / "cifar10", "cifar10")
-    assert len(build_datasets(data_config("cifar10"), str(tmp_path)).test) == 3
+    assert len(build_datasets(data_config("cifar10", val_size=0), str(tmp_path)).test) == 3
     # data.root wins over data_dir, and may interpolate the top-level paths.data_dir
     write_cifar(tmp_path / "elsewhere", "cifar10", per_file=2)
-    data = data_config("cifar10", root="${paths.data_dir}/elsewhere")
+    data = data_config("cifar10", root="${paths.data_dir}/elsewhere", val_size=0)
     top = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}, "data": data})
     assert len(build_datasets(top.data, "/nonexistent").test) == 2
 
 
 def test_dataset_size_is_known_without_loading_where_possible():
-    assert dataset_size(data_config("digits"), "train") == 1437
+    # 'train' is what the model trains on: the training examples less the validation split held out of them
+    assert [dataset_size(data_config("digits"), split) for split in ("train", "val", "test")] == [1257, 180, 360]
+    assert dataset_size(data_config("digits", val_size=0), "train") == 1437
     assert dataset_size(data_config("digits", test_size=100), "test") == 100
-    assert dataset_size(data_config("cifar100"), "train") == 50_000
+    assert dataset_size(data_config("cifar100"), "train") == 45_000
+    assert dataset_size(data_config("cifar100", val_size=0.1), "val") == 5_000
+    assert dataset_size(data_config("fashion_mnist"), "train") == 55_000
     assert dataset_size(data_config("synthetic", test_size=7), "test") == 7
     assert dataset_size(data_config("imagefolder"), "train") is None
-    with pytest.raises(ValueError, match="split='val'"):
-        dataset_size(data_config("digits"), "val")
+    with pytest.raises(ValueError, match="split='minival'"):
+        dataset_size(data_config("digits"), "minival")
 
 
 # ----------------------------------------------------------------------------- digits
@@ -119,11 +125,12 @@ def digits():
 
 
 def test_digits_split_sizes_shapes_and_normalisation(digits):
-    assert (len(digits.train), len(digits.test)) == (1437, 360)
+    assert (len(digits.train), len(digits.val), len(digits.test)) == (1257, 180, 360)
     assert (digits.num_classes, digits.in_chans, digits.img_size, digits.skipped) == (10, 1, 8, 0)
     image, label = digits.train[0]
     assert image.shape == (1, 8, 8) and image.dtype == torch.float32 and isinstance(label, int)
-    assert abs(digits.train.images.mean().item()) < 0.05 and abs(digits.train.images.std().item() - 1) < 0.05
+    pixels = digits.train.dataset.images  # the 1,437 non-test images: train and validation
+    assert abs(pixels.mean().item()) < 0.05 and abs(pixels.std().item() - 1) < 0.05
     # raw pixel values are the integers 0..16, so normalisation must be invertible onto them
     raw = digits.test.images * DIGITS_STD + DIGITS_MEAN
     assert torch.allclose(raw * 16, (raw * 16).round(), atol=1e-3) and raw.min() >= -1e-4 and raw.max() <= 1 + 1e-4
@@ -131,14 +138,18 @@ def test_digits_split_sizes_shapes_and_normalisation(digits):
 
 def test_digits_split_is_stratified_and_independent_of_the_run_seed(digits):
     test_counts = Counter(digits.test.labels.tolist())
-    total_counts = Counter(digits.test.labels.tolist() + digits.train.labels.tolist())
+    val_labels = [label for _, label in digits.val]
+    train_labels = [label for _, label in digits.train]
+    total_counts = Counter(digits.test.labels.tolist() + train_labels + val_labels)
     for digit, total in total_counts.items():
         assert abs(test_counts[digit] - 360 * total / 1797) <= 1
+        assert abs(Counter(val_labels)[digit] - 180 * total / 1797) <= 1.5
     torch.manual_seed(1234)
     again = build_datasets(data_config("digits"), "/nonexistent")
     assert torch.equal(again.test.images, digits.test.images) and torch.equal(again.test.labels, digits.test.labels)
+    assert again.val.indices == digits.val.indices and again.train.indices == digits.train.indices
     other = build_datasets(data_config("digits", split_seed=1), "/nonexistent")
-    assert not torch.equal(other.test.labels, digits.test.labels)
+    assert not torch.equal(other.test.labels, digits.test.labels) and other.val.indices != digits.val.indices
 
 
 def test_digits_augmentation_translates_by_at_most_one_pixel(digits):
@@ -204,7 +215,7 @@ def test_loader_over_real_dataset_yields_model_ready_batches(digits):
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_files_load_with_labels_and_transforms(tmp_path, name):
     written = write_cifar(tmp_path, name)
-    bundle = build_datasets(data_config(name, root=str(tmp_path)), "/nonexistent")
+    bundle = build_datasets(data_config(name, root=str(tmp_path), val_size=0), "/nonexistent")
     classes = CIFAR_LAYOUT[name][-1]
     assert (bundle.num_classes, bundle.in_chans, bundle.img_size, bundle.skipped) == (classes, 3, 32, 0)
     assert len(bundle.train) == len(written["train"][1]) and len(bundle.test) == len(written["test"][1])
@@ -225,7 +236,7 @@ def test_cifar_files_load_with_labels_and_transforms(tmp_path, name):
 
 def test_cifar_resizes_to_img_size_and_reads_newer_pickle_protocols(tmp_path):
     write_cifar(tmp_path, "cifar10", protocol=pickle.HIGHEST_PROTOCOL)
-    bundle = build_datasets(data_config("cifar10", root=str(tmp_path), img_size=48, augment=False), "/nonexistent")
+    bundle = build_datasets(data_config("cifar10", root=str(tmp_path), img_size=48, augment=False, val_size=0), "/nonexistent")
     assert bundle.img_size == 48 and bundle.train[0][0].shape == bundle.test[0][0].shape == (3, 48, 48)
 
 
@@ -237,7 +248,7 @@ def test_cifar_download_uses_torchvision_into_the_root(tmp_path, monkeypatch):
         write_cifar(Path(download_root), "cifar10")
 
     monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", fake_download_and_extract_archive)
-    bundle = build_datasets(data_config("cifar10", download=True), str(tmp_path))
+    bundle = build_datasets(data_config("cifar10", download=True, val_size=0), str(tmp_path))
     assert fetched == [(CheckedCIFAR10.url, tmp_path / "cifar10", CheckedCIFAR10.filename, CheckedCIFAR10.tgz_md5)]
     assert len(bundle.train) == 15
 
@@ -246,7 +257,7 @@ def test_cifar_missing_files_say_where_and_how_to_fetch(tmp_path):
     write_cifar(tmp_path, "cifar100")
     (tmp_path / "cifar-100-python" / "test").unlink()
     with pytest.raises(MissingDataError) as raised:
-        build_datasets(data_config("cifar100", root=str(tmp_path)), "/nonexistent")
+        build_datasets(data_config("cifar100", root=str(tmp_path), val_size=0), "/nonexistent")
     message = str(raised.value)
     assert str(tmp_path / "cifar-100-python") in message and "missing test" in message
     assert "data.download=true" in message and "data.root" in message
@@ -292,7 +303,7 @@ def test_cifar_damaged_file_is_named(tmp_path, corrupt, message):
     path = corrupt(tmp_path)
     for policy in ("error", "skip"):  # a damaged file cannot be skipped example by example
         with pytest.raises(BadDataError) as raised:
-            build_datasets(data_config("cifar10", root=str(tmp_path), on_bad_file=policy), "/nonexistent")
+            build_datasets(data_config("cifar10", root=str(tmp_path), on_bad_file=policy, val_size=0), "/nonexistent")
         assert str(raised.value).startswith(f"{path}: ") and message in str(raised.value)
     assert not (tmp_path / "pwned").exists()
 
@@ -301,15 +312,15 @@ def test_cifar_label_out_of_range_is_named_or_skipped_and_counted(tmp_path):
     write_cifar(tmp_path, "cifar10")
     path = _cifar_label_out_of_range(tmp_path)
     with pytest.raises(BadDataError, match=f"^{path}: image 1 has label 10, outside 0..9"):
-        build_datasets(data_config("cifar10", root=str(tmp_path)), "/nonexistent")
-    bundle = build_datasets(data_config("cifar10", root=str(tmp_path), on_bad_file="skip"), "/nonexistent")
+        build_datasets(data_config("cifar10", root=str(tmp_path), val_size=0), "/nonexistent")
+    bundle = build_datasets(data_config("cifar10", root=str(tmp_path), on_bad_file="skip", val_size=0), "/nonexistent")
     assert bundle.skipped == 1 and bundle.skipped_reasons[0].startswith(f"{path}: image 1")
     assert len(bundle.train) == 14 and bundle.train.targets[3:5] == [1, 2]
 
 
 def test_cifar100_reads_fine_labels(tmp_path):
     written = write_cifar(tmp_path, "cifar100", per_file=20)
-    bundle = build_datasets(data_config("cifar100", root=str(tmp_path)), "/nonexistent")
+    bundle = build_datasets(data_config("cifar100", root=str(tmp_path), val_size=0), "/nonexistent")
     assert isinstance(bundle.train, CheckedCIFAR100)
     assert bundle.train.targets == written["train"][1].tolist() and max(bundle.train.targets) >= 10
     assert CheckedCIFAR100.base_folder == "cifar-100-python" and CheckedCIFAR10.base_folder == "cifar-10-batches-py"
@@ -464,3 +475,157 @@ def test_synthetic_class_signal_is_learnable():
     centroids = torch.stack([train_x[train_y == c].mean(0) for c in range(bundle.num_classes)])
     accuracy = (torch.cdist(test_x, centroids).argmin(1) == test_y).float().mean().item()
     assert accuracy > 0.9  # nearest class mean; chance is 0.1
+
+
+# ----------------------------------------------------------------------------- the validation split
+
+
+def test_validation_is_held_out_of_train_disjoint_and_fixed_by_split_seed_alone(digits):
+    train, val = set(digits.train.indices), set(digits.val.indices)
+    assert not train & val and len(train | val) == 1437  # together: every non-test image, each once
+    torch.manual_seed(99)  # the run's seed plays no part
+    assert build_datasets(data_config("digits"), "/nonexistent").val.indices == digits.val.indices
+
+
+def test_validation_images_are_never_augmented():
+    augmented = build_datasets(data_config("digits", augment=True), "/nonexistent")
+    plain_images = augmented.train.dataset.images
+    for position in range(10):
+        image, _ = augmented.val[position]
+        assert torch.equal(image, plain_images[augmented.val.indices[position]])
+    assert augmented.train.dataset.transform is not None and augmented.val.dataset.transform is None
+
+
+def test_val_size_zero_means_no_validation_split_and_a_fraction_means_a_share():
+    none = build_datasets(data_config("digits", val_size=0), "/nonexistent")
+    assert none.val is None and len(none.train) == 1437
+    share = build_datasets(data_config("digits", val_size=0.25), "/nonexistent")
+    assert (len(share.train), len(share.val)) == (1078, 359)
+
+
+def test_cifar_validation_comes_from_the_training_files_with_the_evaluation_transform(tmp_path):
+    written = write_cifar(tmp_path, "cifar10", per_file=4)  # 20 training images
+    bundle = build_datasets(data_config("cifar10", root=str(tmp_path), val_size=5), "/nonexistent")
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (15, 5, len(written["test"][1]))
+    assert not set(bundle.train.indices) & set(bundle.val.indices)
+    images, labels = written["train"]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (CheckedCIFAR10.mean, CheckedCIFAR10.std))
+    for position, index in enumerate(bundle.val.indices):  # the stored pixels, not augmented (augment=true)
+        image, label = bundle.val[position]
+        expected = (torch.from_numpy(images[index]).view(3, 32, 32).float() / 255 - mean) / std
+        assert label == labels[index] and torch.allclose(image, expected, atol=1e-5)
+
+
+def test_imagefolder_tests_on_val_and_validates_on_a_share_of_train(tmp_path):
+    write_image_tree(tmp_path, train={"a": 5, "b": 5, "c": 5}, val={"a": 1, "b": 1, "c": 1})
+    bundle = _imagefolder(tmp_path, val_size=0.2)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (12, 3, 3)
+    assert str(tmp_path / "val") in bundle.test.root and str(tmp_path / "train") in bundle.val.dataset.root
+    assert sorted(bundle.val.dataset.targets[i] for i in bundle.val.indices) == [0, 1, 2]  # stratified
+
+
+def test_synthetic_generates_its_validation_split():
+    bundle = build_datasets(data_config("synthetic", img_size=4, train_size=16, val_size=8, test_size=4), "/nonexistent")
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (16, 8, 4)
+    assert not torch.equal(bundle.val[0][0], bundle.train[0][0])
+    assert build_datasets(data_config("synthetic", val_size=0), "/nonexistent").val is None
+
+
+@pytest.mark.parametrize(
+    "name, val_size, message",
+    [
+        ("digits", -1, "data.val_size=-1: must be a count of training examples to hold out"),
+        ("digits", 1.5, "data.val_size=1.5: must be a count of training examples to hold out"),
+        ("digits", "all", "data.val_size=all: must be a count"),
+        ("digits", 1437, "data.val_size=1437: must leave training examples: data=digits has 1437"),
+        ("cifar10", 50_000, "data.val_size=50000: must leave training examples: data=cifar10 has 50000"),
+        ("fashion_mnist", 1.0, "data.val_size=1.0: must be a count"),
+    ],
+)
+def test_bad_val_size_is_one_line_naming_it(name, val_size, message):
+    with pytest.raises(ValueError) as raised:
+        validate_data_config(data_config(name, val_size=val_size))
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_a_val_size_the_files_cannot_hold_is_named_when_they_are_counted(tmp_path):
+    write_image_tree(tmp_path, train={"a": 2, "b": 2}, val={"a": 1, "b": 1})
+    with pytest.raises(BadDataError, match=r"^data.val_size=4: holds out 4 of the 4 training examples of data=imagefolder"):
+        _imagefolder(tmp_path, val_size=4)
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "plain"])
+def test_fashion_mnist_reads_idx_files_from_data_root(tmp_path, gz):
+    written = write_fashion_mnist(tmp_path, gz=gz)
+    bundle = build_datasets(data_config("fashion_mnist", root=str(tmp_path), val_size=10), "/nonexistent")
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (30, 10, 20)
+    assert (bundle.num_classes, bundle.in_chans, bundle.img_size) == (10, 1, 28)
+    images, labels = written["test"]
+    for index in (0, 7, 19):
+        image, label = bundle.test[index]
+        expected = (torch.from_numpy(images[index]).float() / 255 - fashion_mnist.MEAN) / fashion_mnist.STD
+        assert label == labels[index] and image.shape == (1, 28, 28) and torch.allclose(image[0], expected)
+
+
+def test_fashion_mnist_finds_torchvisions_layout_under_the_data_dir_then_debians(tmp_path, monkeypatch):
+    write_fashion_mnist(tmp_path / "fashion_mnist" / "FashionMNIST" / "raw", gz=False)
+    assert len(build_datasets(data_config("fashion_mnist", val_size=0), str(tmp_path)).train) == 40
+    debian = tmp_path / "usr-share-datasets-fashion-mnist"
+    write_fashion_mnist(debian, sizes=(("train", 30), ("test", 10)))
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", debian)  # where apt-get install dataset-fashion-mnist puts them
+    assert len(build_datasets(data_config("fashion_mnist", val_size=0), str(tmp_path / "empty")).test) == 10
+    # an explicit data.root never falls back to Debian's copy
+    with pytest.raises(MissingDataError, match="apt-get install dataset-fashion-mnist"):
+        build_datasets(data_config("fashion_mnist", root=str(tmp_path / "empty")), "/nonexistent")
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _wrong_magic(path: Path) -> None:
+    path.write_bytes(b"\x00\x00\x08\x01" + path.read_bytes()[4:])
+
+
+@pytest.mark.parametrize(
+    "damage, file, message",
+    [
+        (Path.unlink, "t10k-labels-idx1-ubyte", "are not in"),
+        (_truncate, "train-images-idx3-ubyte", "truncated: 31260 data bytes, its header [40, 28, 28] says 31360"),
+        (_wrong_magic, "t10k-images-idx3-ubyte", "magic number 0x00000801, expected 0x00000803"),
+    ],
+    ids=["missing", "truncated", "wrong magic"],
+)
+def test_fashion_mnist_bad_files_are_named_in_one_line(tmp_path, damage, file, message):
+    write_fashion_mnist(tmp_path, gz=False)
+    damage(tmp_path / file)
+    with pytest.raises((BadDataError, MissingDataError)) as raised:
+        build_datasets(data_config("fashion_mnist", root=str(tmp_path)), "/nonexistent")
+    text = str(raised.value)
+    assert message in text and "\n" not in text
+    if damage is not Path.unlink:
+        assert text.startswith(f"{tmp_path / file}: ")
+
+
+def test_fashion_mnist_label_out_of_range_is_named_or_skipped(tmp_path):
+    write_fashion_mnist(tmp_path, gz=False)
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    data = bytearray(labels.read_bytes())
+    data[8 + 3] = 12  # image 3's label
+    labels.write_bytes(bytes(data))
+    with pytest.raises(BadDataError, match=rf"^{labels}: label 12 of image 3 is outside 0..9"):
+        build_datasets(data_config("fashion_mnist", root=str(tmp_path)), "/nonexistent")
+    bundle = build_datasets(data_config("fashion_mnist", root=str(tmp_path), on_bad_file="skip", val_size=0), "/nonexistent")
+    assert bundle.skipped == 1 and len(bundle.train) == 39
+
+
+@pytest.mark.parametrize("name", ["cifar10", "fashion_mnist"])
+def test_a_download_without_network_fails_in_one_line_saying_how_to_place_the_files(tmp_path, name):
+    with pytest.raises(MissingDataError) as raised:  # torchvision's real download; this machine has no network
+        build_datasets(data_config(name, root=str(tmp_path), download=True), "/nonexistent")
+    text = str(raised.value)
+    assert text.startswith(f"data={name}: the download into {tmp_path}") and "failed" in text and "\n" not in text
+    assert "by hand" in text or "extract it there" in text

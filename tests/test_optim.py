@@ -22,10 +22,54 @@ def test_weight_decay_skips_biases_norms_tokens_and_position_embedding_but_not_t
         assert name in names and decays(name), name
     assert not decays("blocks.1.mlp.experts.norm_weight")  # stacked per-expert LayerNorm [n, h]: 2-d, still a norm
 
-    groups = param_groups(model, weight_decay=0.1)
-    assert [(g["name"], g["weight_decay"]) for g in groups] == [("decay", 0.1), ("no_decay", 0.0)]
+    groups = param_groups(model, weight_decay=0.1, lr=1e-3)
+    # by default the router's group trains exactly as the decayed weights do (vmoe)
+    assert [(g["name"], g["weight_decay"], g.get("lr", 1e-3)) for g in groups] == [
+        ("decay", 0.1, 1e-3), ("no_decay", 0.0, 1e-3), ("router", 0.1, 1e-3)
+    ]
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    assert [id(p) for p in groups[2]["params"]] == [id(names["blocks.1.mlp.phi"]), id(names["blocks.1.mlp.scale"])]
+
+
+def test_the_routers_learning_rate_and_weight_decay_are_their_own_knobs():
+    from omegaconf import OmegaConf
+
+    from softmoe.harness.optim import build_optimizer, build_scheduler
+
+    model = SoftMoEVisionTransformer(num_experts=4, moe_layer_index=1, img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2)
+    optimizer_cfg = OmegaConf.create({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 2e-3, "weight_decay": 0.05})
+    optimizer = build_optimizer(optimizer_cfg, model, {"router_lr_mult": 10.0, "router_weight_decay": 0.0})
+    router = optimizer.param_groups[2]
+    assert router["name"] == "router" and router["lr"] == pytest.approx(2e-2) and router["weight_decay"] == 0.0
+    assert {id(p) for p in router["params"]} == {id(model.blocks[1].mlp.phi), id(model.blocks[1].mlp.scale)}
+    # the schedule scales every group's own rate, so the router keeps 10x the rest at every step
+    scheduler_cfg = OmegaConf.create({"_target_": "softmoe.harness.optim.warmup_cosine", "_partial_": True, "warmup_steps": 2})
+    scheduler = build_scheduler(scheduler_cfg, optimizer, total_steps=10)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+        rates = scheduler.get_last_lr()
+        assert rates[2] == pytest.approx(10 * rates[0]) and rates[0] > 0
+    # a dense model has no router group
+    from timm.models.vision_transformer import VisionTransformer
+
+    dense = VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2)
+    assert [g["name"] for g in param_groups(dense, 0.1, 1e-3, router_lr_mult=10)] == ["decay", "no_decay"]
+
+
+def test_scale_init_sets_the_routers_starting_scale_in_every_router():
+    from softmoe import ExpertsChoiceMoE, SoftMoE, TokensChoiceMoE
+
+    for layer_class in (SoftMoE, TokensChoiceMoE, ExpertsChoiceMoE):
+        layer = layer_class(16, num_experts=4, scale_init=7.5)
+        assert layer.scale.item() == 7.5
+        layer.scale.data.fill_(1.0)
+        layer.init_weights()  # the re-init (timm's init_weights) restores it
+        assert layer.scale.item() == 7.5
+    for bad in (0, -1.0, float("inf"), "10", True):
+        with pytest.raises(ValueError, match=r"scale_init must be a finite number > 0, got"):
+            SoftMoE(16, num_experts=4, scale_init=bad)
 
 
 def multipliers(make, total_steps, **kwargs):

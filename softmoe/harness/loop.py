@@ -406,6 +406,7 @@ def train(
                 **({"test/loss_at_best_val": test_at_best["loss"], "test/acc_at_best_val": test_at_best["acc"]} if val_loader is not None else {}),
             },
         )
+        telemetry.commit()
         summary = Summary(
             test_acc=test["acc"],
             test_loss=test["loss"],

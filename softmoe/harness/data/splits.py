@@ -17,7 +17,7 @@ from typing import Sequence, Union
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from .common import DataBundle
+from .common import BadDataError, DataBundle
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def with_validation(bundle: DataBundle, val_size: Union[int, float], split_seed:
     count = validation_count(val_size, len(bundle.train))
     if count == 0:
         return bundle
-    if count >= len(bundle.train):
-        raise ValueError(
+    if count >= len(bundle.train):  # known only now for a folder of files (the config check knows CIFAR's size)
+        raise BadDataError(
             f"data.val_size={val_size}: holds out {count} of the {len(bundle.train)} training examples of "
             f"data={bundle.name}, leaving none to train on; use fewer (0 turns validation off)"
         )
