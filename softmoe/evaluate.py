@@ -40,23 +40,26 @@ def evaluate_run(
     save_routing: bool = False,
     routing_examples: int = 16,
 ) -> dict[str, Any]:
-    """Test metrics of ``<run_dir>/<checkpoint>.pt``; writes ``evaluation.json`` (and ``routing.pt``) to ``output_dir``."""
+    """Validation and test metrics of ``<run_dir>/<checkpoint>.pt`` (``best``: the best-on-validation checkpoint,
+    ``last``: the final model); writes ``evaluation.json`` (and ``routing.pt``) to ``output_dir``.
+
+    The routing saved for the notebooks is that of validation images: looking inside the model selects nothing,
+    but it need not read the test split either."""
     run = load_run(run_dir, checkpoint, device=device, data_dir=data_dir)
-    loader = build_loader(run.data.test, batch_size or run.cfg.trainer.eval_batch_size, train=False)
-    metrics = evaluate(run.model, loader, run.device, run.cfg.trainer.precision)
-    result = {
-        "checkpoint": str(run.checkpoint),
-        "step": run.step,
-        "test/loss": metrics["loss"],
-        "test/acc": metrics["acc"],
-        "test/examples": len(run.data.test),
-    }
+    result = {"checkpoint": str(run.checkpoint), "step": run.step}
+    for split, dataset in (("val", run.data.val), ("test", run.data.test)):
+        if dataset is None:  # data.val_size=0
+            continue
+        loader = build_loader(dataset, batch_size or run.cfg.trainer.eval_batch_size, train=False)
+        metrics = evaluate(run.model, loader, run.device, run.cfg.trainer.precision)
+        result.update({f"{split}/loss": metrics["loss"], f"{split}/acc": metrics["acc"], f"{split}/examples": len(dataset)})
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
 
     if save_routing:
-        images, labels = next(iter(build_loader(run.data.test, routing_examples, train=False)))
+        shown = run.data.val if run.data.val is not None else run.data.test
+        images, labels = next(iter(build_loader(shown, routing_examples, train=False)))
         with torch.no_grad(), capture_routing(run.model) as records:
             logits = run.model(images.to(run.device))
         routing = {
@@ -90,17 +93,16 @@ def main(cfg: DictConfig) -> float:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    log.info(
-        "%s (step %d): test accuracy %.2f%%, test loss %.4f on %d images",
-        result["checkpoint"],
-        result["step"],
-        100 * result["test/acc"],
-        result["test/loss"],
-        result["test/examples"],
-    )
+    for split in ("val", "test"):
+        if f"{split}/acc" in result:
+            log.info(
+                "%s (step %d): %s accuracy %.2f%%, loss %.4f on %d images",
+                result["checkpoint"], result["step"], "validation" if split == "val" else "test",
+                100 * result[f"{split}/acc"], result[f"{split}/loss"], result[f"{split}/examples"],
+            )  # fmt: skip
     if "routing" in result:
         log.info("routing weights saved to %s", result["routing"])
-    return result["test/acc"]
+    return result.get("val/acc", float("nan"))  # a sweeper over checkpoints selects on validation, never on test
 
 
 def missing_run_error(argv: list[str]) -> Optional[str]:

@@ -143,7 +143,7 @@ BAD_OVERRIDES = [
     (["moe.aux_loss_weight=-0.01"], ["moe.aux_loss_weight=-0.01", "number >= 0"]),
     (["routing=experts_choice", "moe.combine=uniform"], ["moe.combine=uniform", "moe.router=experts_choice", "moe.combine=soft"]),
     (["moe.normalize=maybe"], ["moe.normalize=maybe", "true or false"]),
-    (["trainer.batch_size=5000"], ["trainer.batch_size=5000", "1437 training examples", "at most 1437"]),
+    (["trainer.batch_size=5000"], ["trainer.batch_size=5000", "1257 training examples", "at most 1257"]),
     (["trainer.batch_size=0"], ["trainer.batch_size=0", "positive integer"]),
     (["trainer.max_epochs=0"], ["trainer.max_epochs=0", "positive integer"]),
     (["trainer.max_steps=-5"], ["trainer.max_steps=-5", "positive integer, or null"]),

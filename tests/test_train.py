@@ -32,7 +32,10 @@ def test_default_run_logs_every_metric_to_metrics_jsonl_and_wandb(compose_run, t
     events = read_metrics(tmp_path)
     train_events = [e for e in events if "train/loss" in e]
     val_events = [e for e in events if "val/acc" in e]
-    assert [e["step"] for e in train_events] == [5, 10, 15, 20] and [e["step"] for e in val_events] == [22]
+    test_events = [e for e in events if "test/acc" in e]
+    # an epoch is 19 steps (the 1,257 training digits left beside the 180 of the validation split, batch 64)
+    assert [e["step"] for e in train_events] == [5, 10, 15] and [e["step"] for e in val_events] == [19]
+    assert [e["step"] for e in test_events] == [19] and events[-1] is test_events[0]  # the test split, once, at the end
     assert all(e["epoch"] == 1 for e in events)
     expected = ["train/loss", "train/acc", "train/lr", "train/throughput"]
     for block in (2, 3):  # vit_micro's last half
@@ -43,24 +46,27 @@ def test_default_run_logs_every_metric_to_metrics_jsonl_and_wandb(compose_run, t
         assert 1 <= event["routing/block2/effective_experts"] <= 16
         assert 0 < event["routing/block3/dispatch_entropy"] <= 1
     assert set(val_events[0]) == {"step", "epoch", "val/loss", "val/acc"}
-    assert summary.test_acc == val_events[0]["val/acc"] and summary.best_epoch == 1
+    assert set(test_events[0]) == {"step", "epoch", "test/loss", "test/acc", "test/loss_at_best_val", "test/acc_at_best_val"}
+    assert summary.val_acc == summary.best_val_acc == val_events[0]["val/acc"] and summary.best_val_epoch == 1
+    assert summary.test_acc == summary.test_acc_at_best_val == test_events[0]["test/acc"]
 
     run, history = wandb_offline_run(tmp_path)
     assert (run.run_group, run.display_name, run.run_id) == ("sweep-1", "trainer.max_epochs=1", summary.wandb_run_path.split("/")[-1])
     assert {item.key for item in run.config.update} >= {"model", "moe", "data", "optimizer", "trainer", "seed"}
-    for key in ["train/loss", "train/acc", "train/lr", "train/throughput", "val/loss", "val/acc"]:
+    for key in ["train/loss", "train/acc", "train/lr", "train/throughput", "val/loss", "val/acc", "test/acc", "test/acc_at_best_val"]:
         assert key in history
+    assert history["test/acc"] == [json.dumps(summary.test_acc)]
     assert history["routing/block2/dispatch_entropy"] == [json.dumps(e["routing/block2/dispatch_entropy"]) for e in train_events]
     for block in (2, 3):
         for name in ROUTING_SCALARS:
-            assert len(history[f"routing/block{block}/{name}"]) == 4
+            assert len(history[f"routing/block{block}/{name}"]) == 3
         for name in DISTRIBUTIONS:
-            assert history[f"routing/block{block}/{name}/_type"] == ['"histogram"'] * 4
+            assert history[f"routing/block{block}/{name}/_type"] == ['"histogram"'] * 3
     assert history["val/dispatch_maps/_type"] == ['"image-file"']
-    assert json.loads(history["_step"][-1]) == 22
+    assert json.loads(history["_step"][-1]) == 19
 
     state = load_checkpoint(tmp_path / "last.pt")  # weights_only=True
-    assert state["step"] == 22 and state["wandb_run_id"] == run.run_id
+    assert state["step"] == 19 and state["wandb_run_id"] == run.run_id
     assert (tmp_path / "best.pt").is_file()
 
 
@@ -123,7 +129,8 @@ def test_trainer_resume_starts_from_another_runs_checkpoint(compose_run, tmp_pat
     resume = f"trainer.resume={tmp_path / 'first' / 'last.pt'}"
     summary = train(compose_run(*base, "trainer.max_steps=6", resume), tmp_path / "second")
     assert summary.steps == 6
-    assert [e["step"] for e in read_metrics(tmp_path / "second")] == [5, 5, 6, 6]  # train and val events
+    # epochs of 4 steps: train events at 5 and 6, then the run's end: validation and test at step 6
+    assert [e["step"] for e in read_metrics(tmp_path / "second")] == [5, 6, 6, 6]
 
 
 def test_resuming_a_different_model_is_refused(compose_run, tmp_path):
@@ -142,7 +149,7 @@ def test_a_failing_wandb_never_stops_training(compose_run, tmp_path, monkeypatch
     monkeypatch.setattr(wandb, "init", broken_init)
     cfg = compose_run("trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=256", "logger.mode=online", *QUIET)
     summary = train(cfg, tmp_path)
-    assert summary.wandb_run_path is None and [e["step"] for e in read_metrics(tmp_path)] == [1, 2, 3, 3]
+    assert summary.wandb_run_path is None and [e["step"] for e in read_metrics(tmp_path)] == [1, 2, 3, 3, 3]
 
 
 def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(offline_sweep):
@@ -154,7 +161,7 @@ def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(off
     for job, experts in ((0, 4), (1, 8)):
         saved = json.loads(load_checkpoint(offline_sweep / str(job) / "last.pt")["config"])
         assert saved["moe"]["num_experts"] == experts
-        assert [e["step"] for e in read_metrics(offline_sweep / str(job))] == [1, 2, 3, 3]
+        assert [e["step"] for e in read_metrics(offline_sweep / str(job))] == [1, 2, 3, 3, 3]
 
 
 def test_evaluate_refuses_a_missing_run_dir_without_creating_it(tmp_path):
@@ -174,10 +181,58 @@ def test_evaluate_refuses_a_missing_run_dir_without_creating_it(tmp_path):
 def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path):
     train(compose_run("trainer.max_steps=5", "trainer.batch_size=128", "logger=none", *QUIET), tmp_path)
     result = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last", save_routing=True, routing_examples=4)
-    assert result["test/acc"] == load_checkpoint(tmp_path / "last.pt")["last_eval"]["acc"]
+    (tested,) = [e for e in read_metrics(tmp_path) if "test/acc" in e]  # the trainer's own test of the final model
+    assert result["test/acc"] == tested["test/acc"] and result["test/loss"] == pytest.approx(tested["test/loss"])
+    assert result["val/acc"] == load_checkpoint(tmp_path / "last.pt")["last_eval"]["acc"]
+    assert (result["val/examples"], result["test/examples"]) == (180, 360)
     routing = torch.load(tmp_path / "evaluate" / "routing.pt", weights_only=True)
     assert routing["images"].shape == (4, 1, 8, 8) and routing["labels"].shape == (4,)
     assert sorted(routing["dispatch"]) == ["blocks.2.mlp", "blocks.3.mlp"]
     dispatch = routing["dispatch"]["blocks.2.mlp"]  # [batch, tokens, experts, slots_per_expert]
     assert dispatch.shape == (4, 16, 16, 1)
     torch.testing.assert_close(dispatch.sum(dim=1), torch.ones(4, 16, 1))  # a softmax over tokens per slot
+
+
+def test_best_pt_is_chosen_on_validation_and_the_test_split_is_read_once_at_the_end(compose_run, tmp_path):
+    # lr 1e-12: every epoch validates the same predictions, so the best stays epoch 1 while the final model is epoch 3's;
+    # best.pt is then read back and tested, and must give the final model's numbers
+    run = ["trainer.max_epochs=3", "trainer.batch_size=256", "optimizer.lr=1e-12", "logger=none", *QUIET]
+    summary = train(compose_run(*run), tmp_path)
+    events = read_metrics(tmp_path)
+    assert [e["epoch"] for e in events if "val/acc" in e] == [1, 2, 3]
+    assert [i for i, e in enumerate(events) if any(key.startswith("test/") for key in e)] == [len(events) - 1]
+    assert summary.best_val_epoch == 1 and load_checkpoint(tmp_path / "best.pt")["step"] == 4
+    assert summary.test_acc_at_best_val == summary.test_acc == events[-1]["test/acc_at_best_val"]
+    from_best = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="best")
+    assert from_best["test/acc"] == summary.test_acc_at_best_val and from_best["val/acc"] == summary.best_val_acc
+    assert "test accuracy" in summary.describe() and "best validation accuracy" in summary.describe()
+
+
+def test_without_a_validation_split_nothing_is_selected_and_the_run_says_so(compose_run, tmp_path, caplog):
+    summary = train(compose_run("data.val_size=0", "trainer.max_steps=5", "trainer.batch_size=256", "logger=none", *QUIET), tmp_path)
+    assert not (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
+    assert "data.val_size=0: no validation split, so no model selection" in caplog.text
+    assert [set(e) - {"step", "epoch"} for e in read_metrics(tmp_path) if "train/loss" not in e] == [{"test/acc", "test/loss"}]
+    assert summary.best_val_acc != summary.best_val_acc  # NaN: there is nothing to select on
+    assert summary.describe().endswith("no validation split (data.val_size=0), so no checkpoint was selected")
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_maximises_validation_accuracy_never_test(tmp_path):
+    command = [
+        sys.executable, "-m", "softmoe.train", "-m", "hparams_search=router_optuna", "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=1", "trainer.max_steps=3", "trainer.batch_size=256", "logger=none", *QUIET,
+        f"hydra.sweep.dir={tmp_path}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import yaml
+
+    optimum = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert set(optimum["best_params"]) == {"moe.scale_init", "moe.router_lr_mult", "moe.router_weight_decay", "optimizer.lr"}
+    trials = [read_metrics(tmp_path / str(job)) for job in (0, 1)]
+    best_val = [max(e["val/acc"] for e in events if "val/acc" in e) for events in trials]
+    assert optimum["best_value"] == max(best_val)
+    for job, events in enumerate(trials):  # each trial ran the parameters Optuna proposed
+        saved = json.loads(load_checkpoint(tmp_path / str(job) / "last.pt")["config"])
+        assert 1 <= saved["moe"]["scale_init"] <= 30 and 1e-3 <= saved["optimizer"]["lr"] <= 1e-2
