@@ -159,6 +159,16 @@ def test_timm_reset_mode_redraws_the_router_through_reset_parameters():
     assert SoftMoE.reset_router is SoftMoE.reset_parameters  # the earlier name still works
 
 
+def test_timm_reset_mode_redraws_sparse_routers_too():
+    from softmoe import TokensChoiceMoE
+
+    model = tiny(moe_layer=TokensChoiceMoE)
+    router = model.blocks[3].mlp.router_weight.detach().clone()
+    model.init_weights(mode="reset")
+    assert not torch.equal(model.blocks[3].mlp.router_weight, router)
+    assert TokensChoiceMoE.reset_router is TokensChoiceMoE.reset_parameters
+
+
 def test_fix_init_rescales_expert_fc2():
     torch.manual_seed(0)
     plain = tiny()
