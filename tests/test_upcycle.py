@@ -195,3 +195,19 @@ def test_train_command_stops_on_a_mismatched_checkpoint_before_loading_data(comp
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"error: model.upcycle_from={path}: shape mismatch for 'blocks.2.mlp.fc1.weight'")
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_run_saved_before_upcycling_existed_still_resumes(compose_run, tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from softmoe.harness.checkpoint import CheckpointError, check_same_model
+
+    config = OmegaConf.to_container(compose_run(f"model.upcycle_from={__file__}"), resolve=True)
+    older = json.loads(json.dumps(config))
+    del older["model"]["upcycle_from"], older["model"]["upcycle_noise_std"]
+    check_same_model({"config": json.dumps(older)}, config, tmp_path / "last.pt")  # the starting weights may differ
+    older["model"]["depth"] = 2
+    with pytest.raises(CheckpointError, match="model.depth=4: the checkpoint .* was saved with model.depth=2"):
+        check_same_model({"config": json.dumps(older)}, config, tmp_path / "last.pt")  # the architecture may not
