@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+import torch
+
 
 def require_positive_int(name: str, value: Any) -> int:
     """Return ``value`` if it is an int >= 1, else raise naming ``name``."""
@@ -32,8 +34,19 @@ def require_choice(name: str, value: Any, allowed: Iterable[str]) -> str:
     return value
 
 
+def is_tracing() -> bool:
+    """True while ``torch.fx.symbolic_trace``, ``torch.export`` or ``torch.compile`` traces the code.
+
+    Input checks are skipped then: FX proxies have no concrete shape to check, and under dynamo the checks
+    would only add guards. They run on every eager call.
+    """
+    return torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
 def require_tokens(name: str, x: Any, dim: int) -> None:
-    """Check that ``x`` is a [batch, tokens, dim] tensor with at least one token."""
+    """Check that ``x`` is a [batch, tokens, dim] tensor with at least one token (eager calls only)."""
+    if is_tracing():
+        return
     shape = tuple(getattr(x, "shape", ()))
     if getattr(x, "ndim", None) != 3:
         raise ValueError(f"{name} must have shape [batch, tokens, {dim}], got a tensor of shape {list(shape)}")

@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from ._checks import require_positive_int
+from ._checks import require_choice, require_positive_int
+
+# timm's VisionTransformer weight_init modes (vision_transformer.get_init_weights_vit)
+WEIGHT_INIT_MODES = ("", "jax", "jax_nlhb", "moco", "reset")
 
 
 def _pair(value):
@@ -65,6 +68,9 @@ class BatchedMlp(nn.Module):
         self.fc2_weight = nn.Parameter(torch.empty(n, h, o, **dd))  # [n, hidden, out]
         self.fc2_bias = nn.Parameter(torch.empty(n, o, **dd)) if bias2 else None
         self.drop2 = nn.Dropout(drop2)
+        # The timm weight_init mode init_weights() follows; SoftMoEVisionTransformer.init_weights sets it,
+        # since timm's init calls init_weights() without arguments.
+        self.weight_init_mode = ""
         self.reset_parameters()
 
     @staticmethod
@@ -93,12 +99,30 @@ class BatchedMlp(nn.Module):
                 nn.init.uniform_(bias, -bound, bound)
         self._reset_norm()
 
-    def init_weights(self) -> None:
-        """timm's ViT init (``init_weights_vit_timm``) applied to every expert's Linear layers."""
+    def init_weights(self, mode: Optional[str] = None) -> None:
+        """Initialise every expert as timm's ViT init ``mode`` initialises the dense ``Mlp`` (its
+        ``blocks.<i>.mlp.fc1``/``fc2``), each expert an independent draw.
+
+        ``mode`` is a timm ``weight_init``: ``''`` (trunc_normal(0.02), zero biases), ``'jax'`` /
+        ``'jax_nlhb'`` (xavier_uniform, biases N(0, 1e-6)), ``'moco'`` (xavier_uniform, zero biases) or
+        ``'reset'`` (``reset_parameters``); ``None`` means ``self.weight_init_mode``.
+        """
+        mode = require_choice("mode", self.weight_init_mode if mode is None else mode, WEIGHT_INIT_MODES)
+        if mode == "reset":
+            self.reset_parameters()
+            return
         for weight, bias in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
-            nn.init.trunc_normal_(weight, std=0.02, a=-2.0, b=2.0)
+            if mode.startswith(("jax", "moco")):
+                fan_in, fan_out = weight.shape[1], weight.shape[2]  # one expert's [in, out]
+                bound = math.sqrt(6.0 / (fan_in + fan_out))  # nn.init.xavier_uniform_ of one expert's Linear
+                nn.init.uniform_(weight, -bound, bound)
+            else:
+                nn.init.trunc_normal_(weight, std=0.02, a=-2.0, b=2.0)
             if bias is not None:
-                nn.init.zeros_(bias)
+                if mode.startswith("jax"):
+                    nn.init.normal_(bias, std=1e-6)  # timm's jax init draws the biases of MLP Linears
+                else:
+                    nn.init.zeros_(bias)
         self._reset_norm()
 
     def _reset_norm(self) -> None:
@@ -108,8 +132,9 @@ class BatchedMlp(nn.Module):
             nn.init.zeros_(self.norm_bias)
 
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
-        b, n, p, d = slots.shape
-        x = slots.transpose(0, 1).reshape(n, b * p, d)  # [n, b*p, d]: each expert's slots together
+        b, p = slots.shape[0], slots.shape[2]  # indexed, not unpacked: torch.fx proxies cannot be iterated
+        n = self.num_experts
+        x = slots.transpose(0, 1).reshape(n, -1, self.in_features)  # [n, b*p, d]: each expert's slots together
         x = self._linear(x, self.fc1_weight, self.fc1_bias)  # [n, b*p, h]
         x = self.drop1(self.act(x))
         if self.norm_eps is not None:
@@ -158,9 +183,13 @@ class StackedExperts(nn.Module):
         setattr(owner, leaf, value)
 
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        return run_stacked_experts(self, slots)
+
+    def _forward(self, slots: torch.Tensor) -> torch.Tensor:
         params = dict(self.layer.named_parameters())
         buffers = dict(self.layer.named_buffers())
-        if self.use_vmap:
+        # torch.export cannot lift parameters out of vmap(functional_call) (torch 2.14): it exports the loop
+        if self.use_vmap and not torch.compiler.is_exporting():
             try:
                 return vmap(self._call_one, in_dims=(0, 0, 1), out_dims=1, randomness="different")(
                     params, buffers, slots
@@ -183,3 +212,9 @@ class StackedExperts(nn.Module):
     def _call_one(self, params, buffers, expert_slots: torch.Tensor) -> torch.Tensor:
         """Expert ``i`` on its slots [batch, slots_per_expert, dim]."""
         return functional_call(self.layer, (params, buffers), (expert_slots,))
+
+
+@torch.fx.wrap  # one call in a torch.fx graph: symbolic tracing cannot enter torch.func.vmap (torch.export can)
+def run_stacked_experts(experts: StackedExperts, slots: torch.Tensor) -> torch.Tensor:
+    """``experts(slots)``: slots [batch, num_experts, slots_per_expert, dim] -> [batch, num_experts, slots_per_expert, dim']."""
+    return experts._forward(slots)

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Tuple, Type, Union
 import torch
 from torch import nn
 
-from ._checks import require_choice, require_positive_int, require_positive_number, require_tokens
+from ._checks import is_tracing, require_choice, require_positive_int, require_positive_number, require_tokens
 from .experts import BatchedMlp, StackedExperts
 
 DISPATCH_CHOICES = ("soft", "uniform", "identity")
@@ -31,6 +31,12 @@ COMBINE_CHOICES = ("soft", "uniform", "identity")
 def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(sum(x**2) + eps)`` over ``dim``, as vmoe's router does."""
     return x * torch.rsqrt(x.pow(2).sum(dim=dim, keepdim=True) + eps)
+
+
+@torch.fx.wrap  # one opaque call under torch.fx: a traced tensor's dtype is a proxy, not a dtype
+def routing_dtype(x: torch.Tensor) -> torch.dtype:
+    """The routing precision for tokens ``x``: float32, or float64 for float64 tokens."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def lecun_normal_phi_(phi: torch.Tensor) -> torch.Tensor:
@@ -110,24 +116,27 @@ class SoftMoE(nn.Module):
                 dtype=dtype,
             )
         self.experts = experts
-        self.reset_router()
+        self.reset_parameters()
         # Set by softmoe.capture_routing; called with (dispatch, combine) on every forward while set.
         self._routing_recorder: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
 
-    def reset_router(self) -> None:
+    def reset_parameters(self) -> None:
+        """Re-initialise the router (Φ and scale); the experts keep their weights."""
         lecun_normal_phi_(self.phi.data)
         if self.scale is not None:
             nn.init.constant_(self.scale, self.scale_init)
 
     def init_weights(self) -> None:
-        """Called by timm's ViT weight init: the router as vmoe, the experts as timm's ViT Linear layers."""
-        self.reset_router()
+        """Called by timm's ViT weight init: the router as vmoe, the experts as timm's init mode would the dense MLP."""
+        self.reset_parameters()
         if hasattr(self.experts, "init_weights"):
             self.experts.init_weights()
 
+    reset_router = reset_parameters  # the earlier name of the router's re-init
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits [b, m, n·p] in float32 (float64 for float64 inputs)."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = routing_dtype(x)
         phi = self.phi.reshape(self.dim, self.num_slots)  # [d, s]
         if self.normalize:
             phi = self.scale * l2_normalize(phi, dim=0)
@@ -141,10 +150,10 @@ class SoftMoE(nn.Module):
 
     def routing_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dispatch and combine weights, each [b, m, n·p], at least float32 (softmaxes in float32 under autocast)."""
-        b, m, _ = x.shape
+        b, m = x.shape[0], x.shape[1]  # indexed, not unpacked: torch.fx proxies cannot be iterated
         needs_logits = "soft" in (self.dispatch_mode, self.combine_mode)
         logits = self.logits(x) if needs_logits else None
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = routing_dtype(x)
         dispatch = self._weights(self.dispatch_mode, logits, b, m, x.device, dtype, softmax_dim=1)
         combine = self._weights(self.combine_mode, logits, b, m, x.device, dtype, softmax_dim=2)
         return dispatch, combine
@@ -155,7 +164,7 @@ class SoftMoE(nn.Module):
         shape = (b, m, self.num_slots)
         if mode == "uniform":
             return torch.full(shape, 1.0 / shape[softmax_dim], device=device, dtype=dtype)
-        if m != self.num_slots:
+        if not is_tracing() and m != self.num_slots:
             raise ValueError(
                 f"identity routing needs num_experts * slots_per_expert == number of tokens, "
                 f"got {self.num_experts} * {self.slots_per_expert} = {self.num_slots} slots for {m} tokens"
@@ -164,13 +173,13 @@ class SoftMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_tokens("input", x, self.dim)
-        b, m, d = x.shape
+        b = x.shape[0]
         dispatch, combine = self.routing_weights(x)  # [b, m, s] each
         if self._routing_recorder is not None:
             self._routing_recorder(dispatch, combine)
         dispatch, combine = dispatch.to(x.dtype), combine.to(x.dtype)
         slots = torch.bmm(dispatch.transpose(1, 2), x)  # X̃ = Dᵀ X: [b, s, d]
-        slot_outputs = self.experts(slots.view(b, self.num_experts, self.slots_per_expert, d))  # [b, n, p, d']
+        slot_outputs = self.experts(slots.view(b, self.num_experts, self.slots_per_expert, self.dim))  # [b, n, p, d']
         return torch.bmm(combine, slot_outputs.reshape(b, self.num_slots, -1))  # Y = C Ỹ
 
     def extra_repr(self) -> str:

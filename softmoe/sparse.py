@@ -131,7 +131,7 @@ class SparseMoE(nn.Module):
         self.last_stats: Optional[Stats] = None
         self.aux_loss: Optional[torch.Tensor] = None
 
-    def reset_router(self) -> None:
+    def reset_parameters(self) -> None:
         """LeCun normal (truncated at 2 std, fan_in = d), flax's default for vmoe's router ``Dense``."""
         std = math.sqrt(1.0 / self.dim) / 0.87962566103423978
         nn.init.trunc_normal_(self.router_weight, std=std, a=-2 * std, b=2 * std)
@@ -142,6 +142,8 @@ class SparseMoE(nn.Module):
         """Called by timm's ViT weight init: the router as vmoe, the experts as timm's ViT Linear layers."""
         self.reset_router()
         self.experts.init_weights()
+
+    reset_router = reset_parameters  # the earlier name of the router's re-init
 
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert for an example of ``num_tokens`` tokens (see the module docstring)."""

@@ -3,12 +3,16 @@
 Every expert of an MoE block starts as that block's dense MLP (optionally plus Gaussian noise, so
 the experts can diverge); everything else is copied; the router (Φ and scale, or a sparse
 router's weights) keeps its fresh init.
+
+One rule, ``upcycle_state_dict``, behind every way in: ``upcycle(dense, model)`` for a model you
+built, ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`` (through
+``softmoe.vit.checkpoint_filter_fn``) and the harness's ``model.upcycle_from=PATH``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, Mapping, Optional, Union
+from typing import Collection, Dict, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -18,9 +22,30 @@ from .experts import BatchedMlp
 
 DenseSource = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 
+# A dense timm Mlp's parameters and the expert tensors they become: nn.Linear stores [out, in], the experts
+# [n, in, out]. Noise goes on the two weight matrices only.
+EXPERT_PARAMETERS = (
+    # (dense name, BatchedMlp name, transposed, noisy)
+    ("fc1.weight", "fc1_weight", True, True),
+    ("fc1.bias", "fc1_bias", False, False),
+    ("norm.weight", "norm_weight", False, False),
+    ("norm.bias", "norm_bias", False, False),
+    ("fc2.weight", "fc2_weight", True, True),
+    ("fc2.bias", "fc2_bias", False, False),
+)
+
+
+class _Source(NamedTuple):
+    """Where one entry of the upcycled state dict comes from."""
+
+    dense_key: Optional[str]  # None: the model keeps its own value (router, ``keep_init``)
+    num_experts: int = 0  # > 0: the dense tensor repeated once per expert
+    transposed: bool = False
+    noisy: bool = False
+
 
 def load_state_dict(source: DenseSource) -> Dict[str, torch.Tensor]:
-    """A state dict from a module, a mapping, or a ``.safetensors``/``.pth`` file (never unpickles code)."""
+    """A state dict from a module, a mapping, or a ``.safetensors``/``.pth``/``.bin`` file (never unpickles code)."""
     if isinstance(source, nn.Module):
         return source.state_dict()
     if isinstance(source, Mapping):
@@ -50,73 +75,93 @@ def upcycle(
     """Load a dense ViT's weights into ``model`` (a Soft MoE ViT of the same architecture) and return it.
 
     Args:
-        dense: the dense ViT as a module, a state dict, or a ``.pth``/``.safetensors`` path.
+        dense: the dense ViT as a module, a state dict, or a ``.pth``/``.bin``/``.safetensors`` path.
         model: a :class:`softmoe.SoftMoEVisionTransformer` whose non-MoE shapes match the dense model.
         noise_std: standard deviation of Gaussian noise added to each expert's copied weights.
         generator: RNG for the noise.
     """
-    if noise_std < 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-    dense_state = load_state_dict(dense)
-    target = model.state_dict()
-    new_state: Dict[str, torch.Tensor] = {}
-    used = set()
-
-    for name, layer in moe_layers(model).items():
-        if not isinstance(layer.experts, BatchedMlp):
-            raise ValueError(f"upcycling needs MLP experts, but {name} has {type(layer.experts).__name__}")
-        new_state.update(_expert_weights(name, layer, dense_state, noise_std, generator, used))
-        # everything else in the MoE layer is its router (Φ and scale, or a sparse router): keep its init
-        for key in target:
-            if key.startswith(f"{name}.") and not key.startswith(f"{name}.experts."):
-                new_state[key] = target[key]
-
-    for key, value in target.items():
-        if key in new_state:
-            continue
-        if key not in dense_state:
-            raise ValueError(f"the dense checkpoint has no {key!r} (needed by the Soft MoE model)")
-        if dense_state[key].shape != value.shape:
-            raise ValueError(
-                f"shape mismatch for {key!r}: dense {list(dense_state[key].shape)}, Soft MoE {list(value.shape)}"
-            )
-        new_state[key] = dense_state[key]
-        used.add(key)
-    unused = sorted(set(dense_state) - used)
-    if unused:
-        raise ValueError(f"dense checkpoint entries with no place in the Soft MoE model: {unused[:5]}")
-    model.load_state_dict(new_state)
+    model.load_state_dict(upcycle_state_dict(load_state_dict(dense), model, noise_std, generator))
     return model
 
 
-def _expert_weights(name, layer, dense_state, noise_std, generator, used):
-    """The stacked expert tensors of one MoE layer, each expert a copy of the dense MLP."""
-    experts: BatchedMlp = layer.experts
-    stacked = {}
-    # dense nn.Linear stores [out, in]; experts store [n, in, out]
-    for dense_key, expert_name, transpose in (
-        ("fc1.weight", "fc1_weight", True),
-        ("fc1.bias", "fc1_bias", False),
-        ("norm.weight", "norm_weight", False),
-        ("norm.bias", "norm_bias", False),
-        ("fc2.weight", "fc2_weight", True),
-        ("fc2.bias", "fc2_bias", False),
-    ):
-        param = getattr(experts, expert_name)
-        if param is None:
+def upcycle_state_dict(
+    dense_state: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    noise_std: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    keep_init: Collection[str] = (),
+) -> Dict[str, torch.Tensor]:
+    """The full state dict of ``model`` upcycled from ``dense_state`` (nothing is loaded).
+
+    Raises a ``ValueError`` naming the first key that does not fit. ``keep_init`` lists further keys of
+    ``model`` that keep their own value, e.g. a classifier of a different size.
+    """
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    target = model.state_dict()
+    state: Dict[str, torch.Tensor] = {}
+    for key, source in _sources(dense_state, model, keep_init).items():
+        if source.dense_key is None:
+            state[key] = target[key]
             continue
-        key = f"{name}.{dense_key}"
+        value = dense_state[source.dense_key]
+        if source.num_experts:
+            value = value.T if source.transposed else value
+            value = value.to(target[key].dtype).unsqueeze(0).repeat(source.num_experts, *([1] * value.ndim))
+            if noise_std > 0 and source.noisy:
+                noise = torch.randn(value.shape, generator=generator, dtype=value.dtype)
+                value = value + noise_std * noise.to(value.device)
+        state[key] = value
+    return state
+
+
+def check_upcycle(dense_state: Mapping[str, torch.Tensor], model: nn.Module, keep_init: Collection[str] = ()) -> None:
+    """Raise the ``ValueError`` that upcycling ``model`` from ``dense_state`` would, copying nothing.
+
+    Only shapes are read, so ``model`` may live on the meta device.
+    """
+    _sources(dense_state, model, keep_init)
+
+
+def _sources(dense_state: Mapping[str, torch.Tensor], model: nn.Module, keep_init: Collection[str]) -> Dict[str, _Source]:
+    """For every key of ``model``'s state dict, where its upcycled value comes from; checks every shape."""
+    target = model.state_dict()
+    sources: Dict[str, _Source] = {key: _Source(None) for key in keep_init if key in target}
+    for name, layer in moe_layers(model).items():
+        if not isinstance(layer.experts, BatchedMlp):
+            raise ValueError(f"upcycling needs MLP experts, but {name} has {type(layer.experts).__name__}")
+        for dense_name, expert_name, transposed, noisy in EXPERT_PARAMETERS:
+            key = f"{name}.experts.{expert_name}"
+            if key not in target:  # e.g. no bias, no norm
+                continue
+            dense_key = f"{name}.{dense_name}"
+            if dense_key not in dense_state:
+                raise ValueError(f"the dense checkpoint has no {dense_key!r} to copy into the experts of {name}")
+            shape = tuple(dense_state[dense_key].shape)
+            one_expert = tuple(target[key].shape[1:])
+            if (shape[::-1] if transposed else shape) != one_expert:
+                raise ValueError(
+                    f"shape mismatch for {dense_key!r}: dense {list(shape)}, one expert "
+                    f"{list(one_expert[::-1] if transposed else one_expert)}"
+                )
+            sources[key] = _Source(dense_key, layer.experts.num_experts, transposed, noisy)
+        # everything else in the MoE layer is its router (Φ and scale, or a sparse router): keep its init
+        for key in target:
+            if key.startswith(f"{name}.") and key not in sources:
+                sources[key] = _Source(None)
+
+    for key, value in target.items():
+        if key in sources:
+            continue
         if key not in dense_state:
-            raise ValueError(f"the dense checkpoint has no {key!r} to copy into the experts of {name}")
-        value = dense_state[key].T if transpose else dense_state[key]
-        if tuple(value.shape) != tuple(param.shape[1:]):
+            raise ValueError(f"the dense checkpoint has no {key!r} (needed by the Soft MoE model)")
+        if tuple(dense_state[key].shape) != tuple(value.shape):
             raise ValueError(
-                f"shape mismatch for {key!r}: dense {list(dense_state[key].shape)}, one expert {list(param.shape[1:])}"
+                f"shape mismatch for {key!r}: dense {list(dense_state[key].shape)}, Soft MoE {list(value.shape)}"
             )
-        value = value.to(param.dtype).unsqueeze(0).repeat(experts.num_experts, *([1] * value.ndim))
-        if noise_std > 0 and "weight" in expert_name and "norm" not in expert_name:
-            noise = torch.randn(value.shape, generator=generator, dtype=value.dtype)
-            value = value + noise_std * noise.to(value.device)
-        stacked[f"{name}.experts.{expert_name}"] = value
-        used.add(key)
-    return stacked
+        sources[key] = _Source(key)
+    used = {source.dense_key for source in sources.values()} | set(keep_init)
+    unused = sorted(set(dense_state) - used)
+    if unused:
+        raise ValueError(f"dense checkpoint entries with no place in the Soft MoE model: {unused[:5]}")
+    return sources

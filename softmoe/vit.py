@@ -2,28 +2,44 @@
 
 The class extends timm through its own hooks (``block_fn``/``mlp_layer``), so every timm feature
 (dynamic image size, register tokens, pooling heads, gradient checkpointing, ...) keeps working.
+The registered models are built the way timm builds its own ViTs (``build_model_with_cfg``), so they
+also get pretrained configs, ``features_only`` and checkpoint filtering: ``pretrained=True`` upcycles
+the dense timm weights their tag names (or a local ``pretrained_cfg_overlay=dict(file=...)``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-from timm.layers import Mlp
-from timm.models import register_model
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    get_pretrained_cfg,
+    list_pretrained,
+    register_model,
+    resolve_pretrained_cfg,
+)
 from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from ._checks import require_positive_int
+from .capture import moe_layers
 from .experts import BatchedMlp
 from .layer import SoftMoE
+from .upcycle import upcycle_state_dict
 
 MoELayerIndex = Union[int, Sequence[int]]
 
 
-def resolve_moe_layer_index(moe_layer_index: MoELayerIndex, depth: int) -> List[int]:
-    """The 0-indexed blocks that get a Soft MoE layer: an int k means blocks k..depth-1, a list means exactly those."""
+def resolve_moe_layer_index(moe_layer_index: Optional[MoELayerIndex], depth: int) -> List[int]:
+    """The 0-indexed blocks that get a Soft MoE layer: None means the last half (the paper's placement),
+    an int k means blocks k..depth-1, a list means exactly those."""
+    if moe_layer_index is None:
+        return list(range(depth // 2, depth))
     if isinstance(moe_layer_index, (bool, str, bytes)):
         raise ValueError(f"moe_layer_index must be an int or a list of ints, got {moe_layer_index!r}")
     if isinstance(moe_layer_index, int):
@@ -50,7 +66,8 @@ class SoftMoEVisionTransformer(VisionTransformer):
     Args:
         num_experts: experts per MoE layer.
         slots_per_expert: slots per expert.
-        moe_layer_index: int k (blocks k..depth-1 are MoE) or a list of 0-indexed blocks.
+        moe_layer_index: None (the last half of the blocks, as the paper), an int k (blocks k..depth-1)
+            or a list of 0-indexed blocks.
         normalize: L2-normalise the router inputs (paper section 2.3).
         moe_layer: the MoE ``mlp_layer`` class; it receives timm's MLP kwargs plus ``num_experts``,
             ``slots_per_expert``, ``normalize`` and ``moe_kwargs``.
@@ -62,7 +79,7 @@ class SoftMoEVisionTransformer(VisionTransformer):
         self,
         num_experts: int = 128,
         slots_per_expert: int = 1,
-        moe_layer_index: MoELayerIndex = 6,
+        moe_layer_index: Optional[MoELayerIndex] = None,
         normalize: bool = True,
         moe_layer: Callable[..., torch.nn.Module] = SoftMoE,
         moe_kwargs: Optional[dict] = None,
@@ -88,6 +105,14 @@ class SoftMoEVisionTransformer(VisionTransformer):
         super().__init__(block_fn=block_with_moe, **kwargs)
         self.moe_layer_index = moe_blocks
 
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
+        """timm's init, with every expert initialised as ``mode`` initialises the dense MLP it replaces."""
+        # timm's per-module init calls init_weights() without the mode: tell the expert banks first.
+        for module in self.modules():
+            if isinstance(module, BatchedMlp):
+                module.weight_init_mode = mode or self.weight_init_mode
+        super().init_weights(mode, needs_reset)
+
     def fix_init_weight(self) -> None:
         """timm's depth-scaled init fix, applied to every expert's fc2 in MoE blocks."""
         with torch.no_grad():
@@ -98,60 +123,155 @@ class SoftMoEVisionTransformer(VisionTransformer):
                 fc2_weight = experts.fc2_weight if isinstance(experts, BatchedMlp) else layer.mlp.fc2.weight
                 fc2_weight.div_(scale)
 
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True) -> List[int]:
+        """timm's pruning; ``moe_layer_index`` then lists only the MoE blocks that remain."""
+        take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        self.moe_layer_index = [i for i in self.moe_layer_index if i < len(self.blocks)]
+        return take_indices
 
-def _factory(
-    defaults: dict,
-    pretrained: bool,
-    num_experts: int,
-    slots_per_expert: int,
-    moe_layer_index: MoELayerIndex,
-    kwargs: dict,
-) -> SoftMoEVisionTransformer:
-    if pretrained:
-        raise ValueError(
-            "pretrained=True: no pretrained Soft MoE weights exist; build the model and start it from a "
-            "dense ViT's weights with softmoe.upcycle(dense_state_dict, model)"
-        )
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)  # timm.create_model passes these to every entrypoint
-    return SoftMoEVisionTransformer(
-        num_experts=num_experts,
-        slots_per_expert=slots_per_expert,
-        moe_layer_index=moe_layer_index,
-        **{**defaults, **kwargs},
+
+def checkpoint_filter_fn(
+    state_dict: Dict[str, torch.Tensor], model: SoftMoEVisionTransformer, noise_std: float = 0.0
+) -> Dict[str, torch.Tensor]:
+    """timm's ViT checkpoint filter (layouts, patch and position embedding resampling), then sparse
+    upcycling when the checkpoint is a dense ViT's: each expert starts as its block's dense MLP plus
+    N(0, ``noise_std``²) noise on the weights, the routers keep their init. A Soft MoE checkpoint passes as it is.
+    """
+    state_dict = vit_checkpoint_filter_fn(state_dict, model)
+    expert_prefixes = tuple(f"{name}.experts." for name in moe_layers(model))
+    if any(key.startswith(expert_prefixes) for key in state_dict):
+        return state_dict
+    # A classifier of another size keeps its init; timm's load_pretrained drops the dense one.
+    classifiers = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    target = model.state_dict()
+    keep_init = []
+    for key in [f"{name}.{kind}" for name in classifiers for kind in ("weight", "bias")]:
+        if key in state_dict and (key not in target or state_dict[key].shape != target[key].shape):
+            state_dict.pop(key)
+            if key in target:
+                keep_init.append(key)
+    return upcycle_state_dict(state_dict, model, noise_std=noise_std, keep_init=keep_init)
+
+
+def _create_soft_moe_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> SoftMoEVisionTransformer:
+    """Build ``variant`` as timm builds its ViTs; ``pretrained=True`` upcycles dense weights."""
+    out_indices = kwargs.pop("out_indices", 3)
+    noise_std = kwargs.pop("upcycle_noise_std", 0.0)
+    build = partial(
+        build_model_with_cfg,
+        SoftMoEVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, noise_std=noise_std),
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
     )
+    if not pretrained:
+        return build()
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    if cfg.file is not None or cfg.state_dict is not None:
+        if cfg.file is not None and not os.path.isfile(cfg.file):
+            raise ValueError(
+                f"pretrained_cfg_overlay file={cfg.file!r}: no such file; pass a dense ViT checkpoint "
+                "(.safetensors, .pth or .bin state dict)"
+            )
+        return build()
+    try:
+        return build()
+    except OSError as error:  # what the Hugging Face Hub client raises, offline included
+        raise RuntimeError(
+            f"{variant}: pretrained=True could not fetch the dense weights it upcycles, {cfg.hf_hub_id} "
+            f"({type(error).__name__}); offline, pass a local dense checkpoint with "
+            f"pretrained_cfg_overlay=dict(file=PATH) (.safetensors, .pth or .bin)"
+        ) from None
+
+
+# Each model mirrors a timm ViT. Its pretrained tags are that ViT's: `soft_moe_vit_small.augreg_in21k_ft_in1k`
+# upcycles timm's vit_small_patch16_224.augreg_in21k_ft_in1k and shares its data config.
+DENSE_ARCHITECTURES = {
+    "soft_moe_vit_tiny": "vit_tiny_patch16_224",
+    "soft_moe_vit_small": "vit_small_patch16_224",
+    "soft_moe_vit_base": "vit_base_patch16_224",
+    "soft_moe_vit_large": "vit_large_patch16_224",
+    "soft_moe_vit_huge": "vit_huge_patch14_224",
+    "test_soft_moe_vit": "test_vit",
+    "test_soft_moe_vit2": "test_vit2",
+}
+
+
+def _upcycled_cfgs(name: str, dense: str) -> Dict[str, Dict[str, Any]]:
+    """``name.tag`` -> pretrained config, for every Hub-hosted tag of timm's ``dense``, its default first."""
+    default_tag = get_pretrained_cfg(dense).tag
+    tags = sorted(
+        (model_tag.split(".", 1)[1] for model_tag in list_pretrained(f"{dense}.*")),
+        key=lambda tag: tag != default_tag,
+    )
+    cfgs = {}
+    for tag in tags:
+        cfg = get_pretrained_cfg(f"{dense}.{tag}").to_dict()
+        if not cfg.get("hf_hub_id"):
+            continue
+        for key in ("architecture", "tag"):
+            cfg.pop(key, None)
+        # Loaded as a state dict and upcycled: never through timm's .npz loader for dense ViTs.
+        cfg.update(url="", custom_load=False, description=f"upcycled from timm's {dense}.{tag}")
+        cfgs[f"{name}.{tag}"] = cfg
+    return cfgs
+
+
+default_cfgs = generate_default_cfgs(
+    {key: cfg for name, dense in DENSE_ARCHITECTURES.items() for key, cfg in _upcycled_cfgs(name, dense).items()}
+)
 
 
 @register_model
-def soft_moe_vit_tiny(pretrained=False, num_experts=128, slots_per_expert=1, moe_layer_index=6, **kwargs):
-    """Soft MoE ViT-Ti/16: 12 blocks of width 192, MoE in blocks 6-11."""
-    defaults = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
-    return _factory(defaults, pretrained, num_experts, slots_per_expert, moe_layer_index, kwargs)
+def soft_moe_vit_tiny(pretrained: bool = False, **kwargs) -> SoftMoEVisionTransformer:
+    """Soft MoE ViT-Ti/16: 12 blocks of width 192, 128 experts in blocks 6-11."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_soft_moe_vit("soft_moe_vit_tiny", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def soft_moe_vit_small(pretrained=False, num_experts=128, slots_per_expert=1, moe_layer_index=6, **kwargs):
-    """Soft MoE ViT-S/16: 12 blocks of width 384, MoE in blocks 6-11 (the paper's S/16)."""
-    defaults = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
-    return _factory(defaults, pretrained, num_experts, slots_per_expert, moe_layer_index, kwargs)
+def soft_moe_vit_small(pretrained: bool = False, **kwargs) -> SoftMoEVisionTransformer:
+    """Soft MoE ViT-S/16: 12 blocks of width 384, 128 experts in blocks 6-11 (the paper's S/16)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_soft_moe_vit("soft_moe_vit_small", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def soft_moe_vit_base(pretrained=False, num_experts=128, slots_per_expert=1, moe_layer_index=6, **kwargs):
-    """Soft MoE ViT-B/16: 12 blocks of width 768, MoE in blocks 6-11."""
-    defaults = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
-    return _factory(defaults, pretrained, num_experts, slots_per_expert, moe_layer_index, kwargs)
+def soft_moe_vit_base(pretrained: bool = False, **kwargs) -> SoftMoEVisionTransformer:
+    """Soft MoE ViT-B/16: 12 blocks of width 768, 128 experts in blocks 6-11."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_soft_moe_vit("soft_moe_vit_base", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def soft_moe_vit_large(pretrained=False, num_experts=128, slots_per_expert=1, moe_layer_index=12, **kwargs):
-    """Soft MoE ViT-L/16: 24 blocks of width 1024, MoE in blocks 12-23."""
-    defaults = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
-    return _factory(defaults, pretrained, num_experts, slots_per_expert, moe_layer_index, kwargs)
+def soft_moe_vit_large(pretrained: bool = False, **kwargs) -> SoftMoEVisionTransformer:
+    """Soft MoE ViT-L/16: 24 blocks of width 1024, 128 experts in blocks 12-23."""
+    model_args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+    return _create_soft_moe_vit("soft_moe_vit_large", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def soft_moe_vit_huge(pretrained=False, num_experts=128, slots_per_expert=1, moe_layer_index=16, **kwargs):
-    """Soft MoE ViT-H/14: 32 blocks of width 1280, MoE in blocks 16-31."""
-    defaults = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
-    return _factory(defaults, pretrained, num_experts, slots_per_expert, moe_layer_index, kwargs)
+def soft_moe_vit_huge(pretrained: bool = False, **kwargs) -> SoftMoEVisionTransformer:
+    """Soft MoE ViT-H/14: 32 blocks of width 1280, 128 experts in blocks 16-31."""
+    model_args = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
+    return _create_soft_moe_vit("soft_moe_vit_huge", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_soft_moe_vit(pretrained: bool = False, **kwargs) -> SoftMoEVisionTransformer:
+    """timm's ``test_vit`` (6 blocks of width 64, 160 px) with 8 experts in blocks 3-5: a test-sized model."""
+    model_args = dict(patch_size=16, embed_dim=64, depth=6, num_heads=2, mlp_ratio=3, dynamic_img_size=True, num_experts=8)
+    return _create_soft_moe_vit("test_soft_moe_vit", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_soft_moe_vit2(pretrained: bool = False, **kwargs) -> SoftMoEVisionTransformer:
+    """timm's ``test_vit2`` (GAP, a register token, no class token, layer scale) with 8 experts in blocks 4-7."""
+    model_args = dict(
+        patch_size=16, embed_dim=64, depth=8, num_heads=2, mlp_ratio=3,
+        class_token=False, reg_tokens=1, global_pool="avg", init_values=1e-5, dynamic_img_size=True, num_experts=8,
+    )  # fmt: skip
+    return _create_soft_moe_vit("test_soft_moe_vit2", pretrained, **dict(model_args, **kwargs))

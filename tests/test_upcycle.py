@@ -1,4 +1,9 @@
-"""Sparse upcycling: a Soft MoE ViT started from a dense timm ViT."""
+"""Sparse upcycling: a Soft MoE ViT started from a dense timm ViT (the library, then the harness's
+``model.upcycle_from``; timm's ``pretrained=True`` path is in test_timm.py)."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +11,9 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from softmoe import SoftMoEVisionTransformer, upcycle
+from softmoe.harness.config import ConfigError, validate_config
+from softmoe.harness.model import build_model
+from softmoe.upcycle import check_upcycle, upcycle_state_dict
 
 ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=5)
 
@@ -97,3 +105,109 @@ def test_sparse_router_weights_keep_their_init():
     upcycle(dense, moe)
     assert router and all(torch.equal(moe.state_dict()[k], v) for k, v in router.items())
     assert_experts_compute_the_dense_mlp(dense, moe)
+
+
+def test_check_upcycle_reads_only_shapes_so_a_meta_model_can_be_checked():
+    dense, _ = dense_and_moe()
+    with torch.device("meta"):
+        _, moe_on_meta = dense_and_moe()
+    check_upcycle(dense.state_dict(), moe_on_meta)  # fits: no error
+    narrow = VisionTransformer(**{**ARCH, "embed_dim": 48})
+    with pytest.raises(ValueError, match=r"^shape mismatch for 'blocks\.1\.mlp\.fc1\.weight': dense \[192, 48\], one expert \[128, 32\]$"):
+        check_upcycle(narrow.state_dict(), moe_on_meta)
+
+
+def test_keep_init_keeps_the_models_own_classifier():
+    dense = VisionTransformer(**{**ARCH, "num_classes": 7})
+    _, moe = dense_and_moe()
+    head = moe.head.weight.detach().clone()
+    state = dict(dense.state_dict())
+    state.pop("head.weight"), state.pop("head.bias")
+    upcycled = upcycle_state_dict(state, moe, keep_init=["head.weight", "head.bias"])
+    assert torch.equal(upcycled["head.weight"], head) and set(upcycled) == set(moe.state_dict())
+
+
+# The harness: model.upcycle_from=PATH starts a run from a dense checkpoint
+
+
+def save_dense_run_model(compose_run, path, *overrides):
+    """Save the weights of the harness's dense model (moe=dense) as the user would, to ``path``."""
+    dense = build_model(compose_run("moe=dense", *overrides).model, compose_run("moe=dense").moe)
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(path))
+    else:
+        torch.save({"model": dense.state_dict()}, path)  # the harness checkpoint's layout
+    return dense
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_harness_upcycle_from_starts_the_model_from_the_dense_checkpoint(compose_run, tmp_path, suffix):
+    path = tmp_path / f"dense{suffix}"
+    dense = save_dense_run_model(compose_run, path)
+    cfg = compose_run(f"model.upcycle_from={path}", "model.upcycle_noise_std=0.001")
+    validate_config(cfg)
+    model = build_model(cfg.model, cfg.moe)
+    assert model.moe_layer_index == [2, 3]
+    for key, value in dense.state_dict().items():
+        if not key.startswith(("blocks.2.mlp.", "blocks.3.mlp.")):
+            assert torch.equal(model.state_dict()[key], value), key
+    weights = model.blocks[3].mlp.experts.fc1_weight
+    noise = weights - dense.blocks[3].mlp.fc1.weight.T
+    assert 0.0008 < noise.std().item() < 0.0012 and not torch.equal(weights[0], weights[1])
+    # a run's own checkpoint supplies the weights when it is loaded again: the dense file is not read
+    path.unlink()
+    assert build_model(cfg.model, cfg.moe, upcycle_weights=False).moe_layer_index == [2, 3]
+
+
+def test_harness_names_the_first_mismatched_key_in_one_line(compose_run, tmp_path):
+    path = tmp_path / "narrow.safetensors"
+    save_dense_run_model(compose_run, path, "model.embed_dim=32")
+    with pytest.raises(ConfigError) as raised:
+        validate_config(compose_run(f"model.upcycle_from={path}"))
+    assert str(raised.value) == (
+        f"model.upcycle_from={path}: shape mismatch for 'blocks.2.mlp.fc1.weight': dense [128, 32], one expert [256, 64]"
+    )
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "no such checkpoint file, or null"), (b"not a checkpoint", "not a readable checkpoint (")],
+)
+def test_harness_refuses_a_missing_or_unreadable_checkpoint(compose_run, tmp_path, content, message):
+    path = tmp_path / "dense.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as raised:
+        validate_config(compose_run(f"model.upcycle_from={path}"))
+    assert str(raised.value).startswith(f"model.upcycle_from={path}: {message}") and "\n" not in str(raised.value)
+
+
+def test_train_command_stops_on_a_mismatched_checkpoint_before_loading_data(compose_run, tmp_path):
+    path = tmp_path / "narrow.safetensors"
+    save_dense_run_model(compose_run, path, "model.embed_dim=32")
+    result = subprocess.run(
+        [sys.executable, "-m", "softmoe.train", f"model.upcycle_from={path}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: model.upcycle_from={path}: shape mismatch for 'blocks.2.mlp.fc1.weight'")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_run_saved_before_upcycling_existed_still_resumes(compose_run, tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from softmoe.harness.checkpoint import CheckpointError, check_same_model
+
+    config = OmegaConf.to_container(compose_run(f"model.upcycle_from={__file__}"), resolve=True)
+    older = json.loads(json.dumps(config))
+    del older["model"]["upcycle_from"], older["model"]["upcycle_noise_std"]
+    check_same_model({"config": json.dumps(older)}, config, tmp_path / "last.pt")  # the starting weights may differ
+    older["model"]["depth"] = 2
+    with pytest.raises(CheckpointError, match="model.depth=4: the checkpoint .* was saved with model.depth=2"):
+        check_same_model({"config": json.dumps(older)}, config, tmp_path / "last.pt")  # the architecture may not

@@ -106,13 +106,67 @@ def test_bf16_autocast_forward():
     torch.testing.assert_close(out.float(), reference, rtol=0.1, atol=0.1)
 
 
-@pytest.mark.parametrize("weight_init", ["", "jax", "moco"])
-def test_vit_init_reaches_experts_independently(weight_init):
-    model = tiny(weight_init=weight_init)
-    experts = model.blocks[3].mlp.experts
-    assert not torch.equal(experts.fc1_weight[0], experts.fc1_weight[1])
-    assert torch.all(experts.fc1_bias == 0)
-    assert abs(experts.fc1_weight.std().item() - 0.02) < 0.004  # timm's trunc_normal(std=.02) for ViT Linear layers
+def ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs of a and b."""
+    a, b = a.detach().flatten().double().sort().values, b.detach().flatten().double().sort().values
+    points = torch.cat([a, b])
+    cdf_a = torch.searchsorted(a, points, right=True) / a.numel()
+    cdf_b = torch.searchsorted(b, points, right=True) / b.numel()
+    return (cdf_a - cdf_b).abs().max().item()
+
+
+def init_both(mode):
+    """A Soft MoE ViT and timm's dense ViT of the same shape, both initialised with timm's init ``mode``."""
+    arch = {key: value for key, value in TINY.items() if key != "num_experts"}
+    if mode == "reset":  # not a constructor option: timm's init_weights(mode="reset") calls reset_parameters()
+        models = tiny(num_experts=8), VisionTransformer(**arch)
+        for model in models:
+            model.init_weights(mode="reset")
+        return models
+    return tiny(num_experts=8, weight_init=mode), VisionTransformer(**arch, weight_init=mode)
+
+
+@pytest.mark.parametrize("mode", ["", "jax", "jax_nlhb", "moco", "reset"])
+def test_experts_are_initialised_as_timm_initialises_the_dense_mlp(mode):
+    model, dense = init_both(mode)
+    experts, mlp = model.blocks[3].mlp.experts, dense.blocks[3].mlp
+    for ours, theirs in [
+        (experts.fc1_weight, mlp.fc1.weight), (experts.fc2_weight, mlp.fc2.weight),
+        (experts.fc1_bias, mlp.fc1.bias), (experts.fc2_bias, mlp.fc2.bias),
+    ]:  # fmt: skip
+        if torch.all(theirs == 0):
+            assert torch.all(ours == 0)
+            continue
+        # the same distribution: the 8 experts' draws against the dense layer's (KS 5% critical value 0.02 to 0.09)
+        assert ks_distance(ours, theirs) < (0.05 if theirs.numel() > 1000 else 0.2)
+        assert not torch.equal(ours[0], ours[1])  # each expert its own draw
+
+
+def test_the_init_mode_changes_what_experts_are_drawn_from():
+    (timm_init, _), (jax_init, _) = init_both(""), init_both("jax")
+    w_timm, w_jax = timm_init.blocks[3].mlp.experts.fc1_weight, jax_init.blocks[3].mlp.experts.fc1_weight
+    assert ks_distance(w_timm, w_jax) > 0.3  # trunc_normal(0.02) against xavier_uniform (bound 0.19)
+
+
+def test_timm_reset_mode_redraws_the_router_through_reset_parameters():
+    model = tiny()
+    layer = model.blocks[3].mlp
+    phi = layer.phi.detach().clone()
+    with torch.no_grad():
+        layer.scale.fill_(3.0)
+    model.init_weights(mode="reset")
+    assert not torch.equal(layer.phi, phi) and layer.scale.item() == 1.0
+    assert SoftMoE.reset_router is SoftMoE.reset_parameters  # the earlier name still works
+
+
+def test_timm_reset_mode_redraws_sparse_routers_too():
+    from softmoe import TokensChoiceMoE
+
+    model = tiny(moe_layer=TokensChoiceMoE)
+    router = model.blocks[3].mlp.router_weight.detach().clone()
+    model.init_weights(mode="reset")
+    assert not torch.equal(model.blocks[3].mlp.router_weight, router)
+    assert TokensChoiceMoE.reset_router is TokensChoiceMoE.reset_parameters
 
 
 def test_fix_init_rescales_expert_fc2():
@@ -161,6 +215,13 @@ def test_create_model_runs_a_forward_pass():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_pretrained_weights_point_to_upcycling():
-    with pytest.raises(ValueError, match="softmoe.upcycle"):
-        timm.create_model("soft_moe_vit_tiny", pretrained=True)
+@pytest.mark.parametrize("depth, blocks", [(1, [0]), (2, [1]), (4, [2, 3]), (5, [2, 3, 4]), (24, list(range(12, 24)))])
+def test_factories_put_moe_in_the_last_half_of_any_depth(depth, blocks):
+    with torch.device("meta"):
+        model = timm.create_model("soft_moe_vit_small", depth=depth)
+    assert moe_blocks(model) == blocks == model.moe_layer_index
+
+
+def test_an_explicit_moe_index_beyond_the_depth_is_still_refused():
+    with pytest.raises(ValueError, match=r"moe_layer_index must be in \[0, depth=4\), got 6"):
+        timm.create_model("soft_moe_vit_small", depth=4, moe_layer_index=6)

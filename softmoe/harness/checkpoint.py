@@ -155,6 +155,8 @@ def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path) 
         for key in sorted(set(saved[section]) | set(config[section])):
             if (section, key) == ("moe", "expert_parallel"):
                 continue  # where the experts live, not which model: checkpoints always hold the whole model
+            if (section, key) in (("model", "upcycle_from"), ("model", "upcycle_noise_std")):
+                continue  # where the weights started, not which model: a resumed run takes the checkpoint's
             before, now = saved[section].get(key), config[section].get(key)
             if before != now:
                 raise CheckpointError(

@@ -19,9 +19,11 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from softmoe.upcycle import check_upcycle, load_state_dict
+
 from .data import dataset_size, validate_data_config
 from .data.config import Rule, boolean, format_value, non_negative_int, one_of, positive_int
-from .model import COMBINE_MODES, DISPATCH_MODES, PLACEMENTS, ROUTERS, VIT_ARGUMENTS, moe_blocks, num_tokens
+from .model import COMBINE_MODES, DISPATCH_MODES, PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
 
 
 class ConfigError(ValueError):
@@ -111,6 +113,8 @@ MODEL_RULES: dict[str, Rule] = {
     "global_pool": one_of("avg", "token", "max", "avgmax", "map"),
     "qk_norm": boolean,
     "drop_path_rate": number_in(0, 1, high_open=True),
+    "upcycle_from": optional(existing_file),
+    "upcycle_noise_std": non_negative_number,
 }
 MOE_RULES: dict[str, Rule] = {
     "placement": one_of(*PLACEMENTS),
@@ -207,6 +211,22 @@ def _check_target(section: str, values: Mapping[str, Any]) -> Callable:
     return factory
 
 
+def _check_upcycle_source(model: Mapping[str, Any], moe: Mapping[str, Any]) -> None:
+    """``model.upcycle_from`` is a readable state dict whose every tensor fits the model (built on the meta device)."""
+    shown = f"model.upcycle_from={format_value(model['upcycle_from'])}"
+    try:
+        dense_state = load_state_dict(Path(model["upcycle_from"]).expanduser())
+    except Exception as error:  # torch.load or safetensors refusing the file
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"{shown}: not a readable checkpoint ({first_line})") from None
+    with torch.device("meta"):  # shapes only
+        network = build_model(model, moe, upcycle_weights=False)
+    try:
+        check_upcycle(dense_state, network)
+    except ValueError as error:
+        raise ConfigError(f"{shown}: {error}") from None
+
+
 def resolve_device(name: str) -> torch.device:
     """``trainer.device`` as a device: ``auto`` is CUDA when present, else the CPU."""
     if name == "auto":
@@ -285,6 +305,9 @@ def validate_config(cfg: DictConfig) -> None:
             f"moe.num_experts={moe['num_experts']}: identity routing needs num_experts * slots_per_expert = the "
             f"{tokens} tokens of each image, got {moe['num_experts']} * {moe['slots_per_expert']} = {slots}"
         )
+
+    if model["upcycle_from"] is not None:
+        _check_upcycle_source(model, moe)
 
     trainer = plain["trainer"]
     _check("trainer", trainer, TRAINER_RULES)

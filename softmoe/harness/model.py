@@ -1,20 +1,22 @@
 """The one path from the ``model`` and ``moe`` config groups to a network.
 
-``model`` holds timm ``VisionTransformer`` arguments (plus its ``name``); ``moe`` says which blocks
-get an MoE layer and how it routes: ``moe.router`` picks the layer class (the paper's Soft MoE or a
-sparse baseline of ``softmoe.sparse``). ``moe=dense`` (placement ``none``) builds timm's plain ViT.
+``model`` holds timm ``VisionTransformer`` arguments (plus its ``name`` and where its weights start:
+``upcycle_from``, ``upcycle_noise_std``); ``moe`` says which blocks get an MoE layer and how it routes:
+``moe.router`` picks the layer class (the paper's Soft MoE or a sparse baseline of ``softmoe.sparse``).
+``moe=dense`` (placement ``none``) builds timm's plain ViT.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from softmoe import SoftMoE, SoftMoEVisionTransformer
+from softmoe import SoftMoE, SoftMoEVisionTransformer, upcycle
 from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 from softmoe.sparse import ExpertsChoiceMoE, TokensChoiceMoE
 
@@ -27,6 +29,8 @@ ROUTER_KEYS = {
     "tokens_choice": {"scale_init": 1.0, "k": 1, "capacity_factor": None, "batch_priority": False, "noise_std": 1.0},
     "experts_choice": {"scale_init": 1.0, "capacity_factor": None, "noise_std": 1.0},
 }
+# model keys that are not VisionTransformer arguments
+MODEL_KEYS = ("name", "upcycle_from", "upcycle_noise_std")
 DISPATCH_MODES = DISPATCH_CHOICES
 COMBINE_MODES = COMBINE_CHOICES
 # VisionTransformer arguments a config may set (the rest take classes, set in code).
@@ -71,8 +75,8 @@ def moe_blocks(moe_cfg: Mapping[str, Any], depth: int) -> list[int]:
 
 
 def vit_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``VisionTransformer`` arguments of a ``model`` config: every key but ``name``."""
-    return {key: value for key, value in model_cfg.items() if key != "name"}
+    """The ``VisionTransformer`` arguments of a ``model`` config: every key but ``MODEL_KEYS``."""
+    return {key: value for key, value in model_cfg.items() if key not in MODEL_KEYS}
 
 
 def num_tokens(model_cfg: Mapping[str, Any]) -> int:
@@ -81,9 +85,21 @@ def num_tokens(model_cfg: Mapping[str, Any]) -> int:
     return patches + int(model_cfg.get("class_token", True)) + int(model_cfg.get("reg_tokens", 0) or 0)
 
 
-def build_model(model_cfg: Mapping[str, Any], moe_cfg: Mapping[str, Any]) -> nn.Module:
-    """A timm ViT, with MoE MLPs in the blocks ``moe`` names (plain configs or DictConfigs, resolved)."""
+def build_model(model_cfg: Mapping[str, Any], moe_cfg: Mapping[str, Any], *, upcycle_weights: bool = True) -> nn.Module:
+    """A timm ViT, with MoE MLPs in the blocks ``moe`` names (plain configs or DictConfigs, resolved).
+
+    With ``model.upcycle_from`` set, its weights start from that dense checkpoint (``softmoe.upcycle``);
+    ``upcycle_weights=False`` leaves them freshly initialised, for a model about to load a run's checkpoint.
+    """
     model_cfg, moe_cfg = _plain(model_cfg), _plain(moe_cfg)
+    model = _build_network(model_cfg, moe_cfg)
+    source = model_cfg.get("upcycle_from")  # configs saved before the key existed lack it
+    if upcycle_weights and source is not None:
+        upcycle(os.path.expanduser(source), model, noise_std=model_cfg.get("upcycle_noise_std", 0.0))
+    return model
+
+
+def _build_network(model_cfg: dict[str, Any], moe_cfg: dict[str, Any]) -> nn.Module:
     kwargs = vit_kwargs(model_cfg)
     blocks = moe_blocks(moe_cfg, kwargs["depth"])
     if not blocks:

@@ -67,7 +67,7 @@ def load_run(
     torch_device = resolve_device(device)
 
     data = build_datasets(cfg.data, data_dir or cfg.paths.data_dir)
-    model = build_model(cfg.model, cfg.moe)
+    model = build_model(cfg.model, cfg.moe, upcycle_weights=False)  # the weights are the checkpoint's
     model.load_state_dict(state["model"])
     model.to(torch_device).eval()
     return LoadedRun(model=model, cfg=cfg, data=data, step=state["step"], checkpoint=path, device=torch_device)

@@ -1,0 +1,219 @@
+"""The registered models are first-class timm models: every timm call works on them exactly as on timm's
+own ViT of the same shape (the reference), and only the expert layers differ.
+
+``test_soft_moe_vit`` mirrors timm's ``test_vit`` (and ``test_soft_moe_vit2`` its ``test_vit2``), so the
+size-independent behaviour runs on tiny models; the paper's sizes are checked on the meta device.
+"""
+
+import huggingface_hub.constants
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.data import create_transform, resolve_data_config
+
+import softmoe  # noqa: F401  (registers the models with timm)
+from softmoe import SoftMoE
+from softmoe.vit import DENSE_ARCHITECTURES
+
+PAPER_SIZES = {name: dense for name, dense in DENSE_ARCHITECTURES.items() if name.startswith("soft_moe_")}
+TEST_SIZES = {name: dense for name, dense in DENSE_ARCHITECTURES.items() if name.startswith("test_")}
+IMAGES = torch.randn(2, 3, 160, 160)  # test_vit's input size
+
+
+def moe_blocks(model):
+    return [i for i, block in enumerate(model.blocks) if isinstance(block.mlp, SoftMoE)]
+
+
+def outside_moe_layers(state_dict, blocks):
+    """The entries of a state dict outside the MLPs of ``blocks`` (a Soft MoE model's experts and routers)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(tuple(f"blocks.{i}.mlp." for i in blocks))}
+
+
+def test_every_size_is_registered_with_a_test_sized_twin():
+    assert timm.list_models("soft_moe_*") == sorted(PAPER_SIZES)
+    assert timm.list_models("test_soft_moe_*") == sorted(TEST_SIZES)
+
+
+@pytest.mark.parametrize("name", sorted(DENSE_ARCHITECTURES))
+def test_pretrained_cfg_is_the_dense_vits(name):
+    dense_name = DENSE_ARCHITECTURES[name]
+    with torch.device("meta"):
+        model, dense = timm.create_model(name), timm.create_model(dense_name)
+    assert model.default_cfg is model.pretrained_cfg
+    ours, theirs = dict(model.pretrained_cfg), dict(dense.pretrained_cfg)
+    assert ours.pop("architecture") == name and theirs.pop("architecture") == dense_name
+    # the same weights (by tag and Hub id) and data config; loaded as a state dict, never by timm's .npz loader
+    assert ours.pop("description") == f"upcycled from timm's {dense_name}.{theirs['tag']}"
+    assert (ours.pop("url"), ours.pop("custom_load")) == ("", False)
+    theirs.pop("url"), theirs.pop("custom_load")
+    assert ours == theirs
+    assert ours["hf_hub_id"] == f"timm/{dense_name}.{ours['tag']}"
+    assert (model.num_classes, model.patch_embed.img_size) == (dense.num_classes, dense.patch_embed.img_size)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SIZES))
+def test_every_pretrained_tag_names_the_dense_weights_it_upcycles(name):
+    dense_name = DENSE_ARCHITECTURES[name]
+    tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{name}.*")]
+    assert tags and set(tags) <= {t.split(".", 1)[1] for t in timm.list_pretrained(f"{dense_name}.*")}
+    for tag in tags:
+        cfg = timm.models.get_pretrained_cfg(f"{name}.{tag}")
+        assert cfg.hf_hub_id == f"timm/{dense_name}.{tag}"
+        assert cfg.mean == timm.models.get_pretrained_cfg(f"{dense_name}.{tag}").mean
+
+
+@pytest.mark.parametrize("name", sorted(DENSE_ARCHITECTURES))
+def test_data_config_and_transform_resolve_as_for_the_dense_vit(name):
+    with torch.device("meta"):
+        model, dense = timm.create_model(name), timm.create_model(DENSE_ARCHITECTURES[name])
+    config = resolve_data_config({}, model=model)
+    assert config == resolve_data_config({}, model=dense)
+    assert config["input_size"] == model.pretrained_cfg["input_size"]
+    for training in (False, True):
+        assert repr(create_transform(**config, is_training=training)) == repr(
+            create_transform(**resolve_data_config({}, model=dense), is_training=training)
+        )
+
+
+@pytest.mark.parametrize("name", sorted(TEST_SIZES))
+@pytest.mark.parametrize("out_indices", [(1, 3, 5), (-2, -1), 2])
+def test_features_only_as_for_the_dense_vit(name, out_indices):
+    model = timm.create_model(name, features_only=True, out_indices=out_indices)
+    dense = timm.create_model(DENSE_ARCHITECTURES[name], features_only=True, out_indices=out_indices)
+    assert type(model) is type(dense)
+    assert model.feature_info.get_dicts() == dense.feature_info.get_dicts()
+    features = model(IMAGES)
+    assert [f.shape for f in features] == [f.shape for f in dense(IMAGES)]
+    assert all(f.shape[1:] == (64, 10, 10) for f in features)
+    kept = len(model.model.blocks)  # blocks past the last feature are pruned, MoE blocks among them
+    assert kept == len(dense.model.blocks) and model.model.moe_layer_index == [i for i in moe_blocks(model.model)]
+
+
+@pytest.mark.parametrize("name", sorted(TEST_SIZES))
+def test_forward_intermediates_and_pruning_as_for_the_dense_vit(name):
+    model, dense = timm.create_model(name).eval(), timm.create_model(DENSE_ARCHITECTURES[name]).eval()
+    for kwargs in [dict(indices=3), dict(indices=[0, 4], norm=True, output_fmt="NLC"), dict(indices=2, return_prefix_tokens=True)]:
+        final, intermediates = model.forward_intermediates(IMAGES, **kwargs)
+        dense_final, dense_intermediates = dense.forward_intermediates(IMAGES, **kwargs)
+        assert final.shape == dense_final.shape
+        shapes = lambda xs: [tuple(t.shape for t in x) if isinstance(x, tuple) else x.shape for x in xs]  # noqa: E731
+        assert shapes(intermediates) == shapes(dense_intermediates)
+    blocks_before = model.moe_layer_index
+    assert model.prune_intermediate_layers([1, 4]) == dense.prune_intermediate_layers([1, 4]) == [1, 4]
+    assert len(model.blocks) == len(dense.blocks) == 5
+    assert model.moe_layer_index == moe_blocks(model) == [b for b in blocks_before if b < 5]
+    assert model.forward_intermediates(IMAGES, indices=[1, 4], intermediates_only=True)[1].shape == (2, 64, 10, 10)
+
+
+@pytest.mark.parametrize("name", sorted(TEST_SIZES))
+def test_classifier_checkpointing_and_dynamic_size_as_for_the_dense_vit(name):
+    model, dense = timm.create_model(name), timm.create_model(DENSE_ARCHITECTURES[name])
+    for net in (model, dense):
+        net.reset_classifier(7)
+        net.set_grad_checkpointing(True)
+    assert model(IMAGES).shape == dense(IMAGES).shape == (2, 7)
+    other_size = torch.randn(1, 3, 96, 128)  # dynamic_img_size=True in both test models
+    assert model(other_size).shape == dense(other_size).shape == (1, 7)
+    model.reset_classifier(0)
+    assert model.forward_head(model.forward_features(IMAGES)).shape == (2, 64)
+
+
+def test_moe_keys_are_the_only_state_dict_difference():
+    model, dense = timm.create_model("test_soft_moe_vit"), timm.create_model("test_vit")
+    assert moe_blocks(model) == [3, 4, 5] and model.blocks[3].mlp.num_experts == 8
+    ours, theirs = outside_moe_layers(model.state_dict(), [3, 4, 5]), outside_moe_layers(dense.state_dict(), [3, 4, 5])
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+# Upcycling through timm.create_model(..., pretrained=True)
+
+
+def save_dense(dense, path):
+    state = {k: v.contiguous() for k, v in dense.state_dict().items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".bin"])
+def test_pretrained_file_upcycles_a_dense_checkpoint(tmp_path, suffix):
+    dense = timm.create_model("test_vit").eval()
+    path = save_dense(dense, tmp_path / f"test_vit{suffix}")
+    model = timm.create_model("test_soft_moe_vit", pretrained=True, pretrained_cfg_overlay=dict(file=path)).eval()
+    assert model.pretrained_cfg["file"] == path
+    state = model.state_dict()
+    for key, value in outside_moe_layers(dense.state_dict(), moe_blocks(model)).items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+    slots = torch.randn(2, 8, 1, 64)  # [batch, experts, slots, dim]
+    for i in moe_blocks(model):  # every expert is its block's dense MLP
+        torch.testing.assert_close(model.blocks[i].mlp.experts(slots), dense.blocks[i].mlp(slots), rtol=1e-5, atol=1e-6)
+    # the blocks before the first MoE block compute what the dense ones do
+    (ours,) = model.forward_intermediates(IMAGES, indices=[2], intermediates_only=True)
+    (theirs,) = dense.forward_intermediates(IMAGES, indices=[2], intermediates_only=True)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_pretrained_upcycling_adds_the_configured_noise_and_a_new_head(tmp_path):
+    dense = timm.create_model("test_vit")
+    path = save_dense(dense, tmp_path / "test_vit.pth")
+    model = timm.create_model(
+        "test_soft_moe_vit", pretrained=True, num_classes=10, upcycle_noise_std=0.01, pretrained_cfg_overlay=dict(file=path)
+    )
+    weights = model.blocks[4].mlp.experts.fc1_weight  # [experts, in, hidden]
+    noise = weights - dense.blocks[4].mlp.fc1.weight.T
+    assert abs(noise.std().item() - 0.01) < 0.001 and not torch.equal(weights[0], weights[1])
+    assert torch.equal(model.blocks[4].mlp.experts.fc1_bias[0], dense.blocks[4].mlp.fc1.bias)  # biases: no noise
+    assert model.head.weight.shape == (10, 64)  # a new classifier, as timm gives the dense model
+    assert timm.create_model("test_vit", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=path)).head.weight.shape == (10, 64)
+
+
+def test_pretrained_resamples_position_embeddings_as_timm_does(tmp_path):
+    path = save_dense(timm.create_model("test_vit"), tmp_path / "test_vit.safetensors")
+    kwargs = dict(pretrained=True, img_size=224, pretrained_cfg_overlay=dict(file=path))
+    model, dense = timm.create_model("test_soft_moe_vit", **kwargs), timm.create_model("test_vit", **kwargs)
+    assert model.pos_embed.shape == (1, 1 + 14 * 14, 64)
+    torch.testing.assert_close(model.pos_embed, dense.pos_embed, rtol=0, atol=0)
+
+
+def test_pretrained_features_only_upcycles_too(tmp_path):
+    dense = timm.create_model("test_vit2").eval()
+    path = save_dense(dense, tmp_path / "test_vit2.safetensors")
+    kwargs = dict(pretrained=True, features_only=True, out_indices=(2, 5), pretrained_cfg_overlay=dict(file=path))
+    model = timm.create_model("test_soft_moe_vit2", **kwargs).eval()
+    reference = timm.create_model("test_vit2", **kwargs).eval()
+    early, late = model(IMAGES)
+    dense_early, dense_late = reference(IMAGES)
+    torch.testing.assert_close(early, dense_early)  # before the first MoE block (4): the dense model's features
+    assert late.shape == dense_late.shape
+
+
+def test_a_soft_moe_checkpoint_loads_as_it_is(tmp_path):
+    trained = timm.create_model("test_soft_moe_vit")
+    path = tmp_path / "soft_moe.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path))
+    loaded = timm.create_model("test_soft_moe_vit", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_a_dense_checkpoint_of_another_shape_is_named(tmp_path):
+    path = save_dense(timm.create_model("test_vit", embed_dim=32), tmp_path / "narrow.pth")
+    with pytest.raises(ValueError, match=r"^shape mismatch for 'blocks\.3\.mlp\.fc1\.weight': dense \[96, 32\], one expert \[192, 64\]$"):
+        timm.create_model("test_soft_moe_vit", pretrained=True, pretrained_cfg_overlay=dict(file=path))
+
+
+def test_a_missing_local_file_is_named():
+    with pytest.raises(ValueError, match=r"^pretrained_cfg_overlay file='/nonexistent/vit.pth': no such file"):
+        timm.create_model("test_soft_moe_vit", pretrained=True, pretrained_cfg_overlay=dict(file="/nonexistent/vit.pth"))
+
+
+def test_offline_pretrained_fails_with_one_line_asking_for_a_local_file(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no retries against an unreachable Hub
+    with pytest.raises(RuntimeError) as error:
+        timm.create_model("test_soft_moe_vit", pretrained=True)
+    message = str(error.value)
+    assert "\n" not in message and error.value.__cause__ is None
+    assert "timm/test_vit.r160_in1k" in message and "pretrained_cfg_overlay=dict(file=PATH)" in message
