@@ -115,10 +115,12 @@ def test_routing_analysis_shows_the_libraries_statistics_of_the_run(sweep, execu
 def test_sweep_analysis_tables_accuracy_by_the_swept_key(sweep, executed):
     text, figures = outputs(executed["sweep_analysis.ipynb"])
     assert "2 runs in" in text and "swept: moe.num_experts\n" in text
-    assert "| moe.num_experts | runs | final val/acc | best val/acc |" in text
+    assert "| moe.num_experts | runs | best val/acc | test/acc (final model) | test/acc (best-val checkpoint) |" in text
     for job, experts in enumerate(EXPERTS):
-        final = [event["val/acc"] for event in read_events(sweep / str(job)) if "val/acc" in event][-1]
-        assert f"| {experts} | 1 | {final:.4f} ± 0.0000 |" in text
+        events = read_events(sweep / str(job))
+        best_val = max(event["val/acc"] for event in events if "val/acc" in event)
+        (tested,) = [event for event in events if "test/acc" in event]
+        assert f"| {experts} | 1 | {best_val:.4f} ± n/a | {tested['test/acc']:.4f} ± n/a |" in text
     assert "every run routes the same way: soft dispatch, soft combine" in text
     # experts x slots heatmap, loss and accuracy curves, routing statistics curves
     assert figures == 3

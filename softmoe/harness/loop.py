@@ -236,7 +236,7 @@ def train(
     )
 
     step, window, latest = 0, TrainWindow(device), {}  # latest: the last logged training metrics
-    best = {"acc": -1.0, "epoch": 0}
+    best = {"acc": -1.0, "epoch": 0, "step": -1}  # the best validation accuracy so far: best.pt's
     last_eval = {"loss": math.nan, "acc": math.nan}
     if checkpoint is not None:
         distributed.load_model_state_dict(model, checkpoint["model"])  # expert parallel: this rank's experts
@@ -244,7 +244,9 @@ def train(
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         window.load_state_dict(checkpoint["window"])
-        step, best, last_eval = checkpoint["step"], checkpoint["best"], checkpoint["last_eval"]
+        step, last_eval = checkpoint["step"], checkpoint["last_eval"]
+        if start_from.parent == run_dir:  # another run's checkpoint (trainer.resume): its best.pt stays there
+            best = checkpoint["best"]
         nonfinite.load_state_dict(checkpoint.get("nonfinite", nonfinite.state_dict()))
         log.info("resuming from %s at step %d of %d", start_from, step, total_steps)
 
@@ -370,7 +372,7 @@ def train(
                 last_eval = distributed.reduce_eval(evaluate(forward, val_loader, device, trainer.precision, eval_batches), val_loader)
                 telemetry.log(step, epoch + 1, {"val/loss": last_eval["loss"], "val/acc": last_eval["acc"]}, images=images)
                 if last_eval["acc"] > best["acc"]:
-                    best = {"acc": last_eval["acc"], "epoch": epoch + 1}
+                    best = {"acc": last_eval["acc"], "epoch": epoch + 1, "step": step}
                     save(BEST)
             elif images:
                 telemetry.log(step, epoch + 1, {}, images=images)
@@ -392,7 +394,7 @@ def train(
         test = distributed.reduce_eval(evaluate(forward, test_loader, device, trainer.precision, eval_batches), test_loader)
         test_at_best = {"loss": math.nan, "acc": math.nan}
         if val_loader is not None:
-            if best["epoch"] == epochs:  # the final model is the best one
+            if best.get("step") == step:  # the final model is the best one
                 test_at_best = test
             else:
                 distributed.load_model_state_dict(model, load_checkpoint(run_dir / BEST)["model"])
