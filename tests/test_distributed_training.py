@@ -65,7 +65,7 @@ def test_two_ranks_match_one_process(runs, job, name):
     single, sweep, _ = runs
     run_dir = sweep / str(job)
     # one writer: the checkpoints, metrics and log of rank 0, nothing per rank
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "best.pt", "last.pt", "metrics.jsonl", "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", ".lock", "best.pt", "last.pt", "metrics.jsonl", "train.log"]
 
     reference, events = train_events(single), train_events(run_dir)
     assert sorted(events) == [4, 5, 6]  # resumed after step 3

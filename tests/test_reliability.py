@@ -442,7 +442,8 @@ BAD_OVERRIDES = [
     (["data.split_seed=-3"], "data.split_seed=-3: must be an integer >= 0"),
     (
         ["+data.root=/x"],
-        "data.root=/x: not a key of data=digits; its keys are img_size, in_chans, num_classes, test_size, split_seed, augment",
+        "data.root=/x: not a key of data=digits; its keys are img_size, in_chans, num_classes, test_size, val_size, "
+        "split_seed, augment",
     ),
     (["optimizer=sgd", "optimizer.momentum=1.5"], "optimizer.momentum=1.5: must be a number in [0, 1)"),
     (["optimizer.eps=0"], "optimizer.eps=0: must be a number > 0"),

@@ -21,11 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .data import dataset_size, validate_data_config
 from .data.config import Rule, boolean, format_value, non_negative_int, one_of, positive_int
+from .errors import ConfigError
 from .model import COMBINE_MODES, DISPATCH_MODES, PLACEMENTS, ROUTERS, VIT_ARGUMENTS, moe_blocks, num_tokens
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message is one line naming the key, the value and what is allowed."""
 
 
 def _is_number(value: Any) -> bool:
