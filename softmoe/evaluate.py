@@ -22,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from softmoe import capture_routing
 from softmoe.harness.data import build_loader
+from softmoe.harness.errors import USER_ERRORS
 from softmoe.harness.loop import evaluate
 from softmoe.harness.runs import checkpoint_path, load_run
-from softmoe.train import USER_ERRORS
 
 log = logging.getLogger("softmoe.evaluate")
 

@@ -214,6 +214,7 @@ def test_unknown_options_and_keys_are_named_by_hydra(compose_run, override, frag
         assert fragment in str(raised.value)
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_and_exits_nonzero_before_loading_anything(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "softmoe.train", "moe.num_experts=0", f"hydra.run.dir={tmp_path}"],

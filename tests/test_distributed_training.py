@@ -60,6 +60,7 @@ def train_events(run_dir):
     return {e["step"]: e for e in read_metrics(run_dir) if "train/loss" in e}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job,name", [(0, "data parallel"), (1, "expert parallel")])
 def test_two_ranks_match_one_process(runs, job, name):
     single, sweep, _ = runs
@@ -86,6 +87,7 @@ def test_two_ranks_match_one_process(runs, job, name):
             torch.testing.assert_close(ours["optimizer"]["state"][index][key], value, **CLOSE)
 
 
+@pytest.mark.slow
 def test_a_run_trained_on_two_ranks_with_expert_parallelism_evaluates_on_one(runs, tmp_path):
     single, sweep, _ = runs
     ours = evaluate_run(sweep / "1", tmp_path / "ours", checkpoint="last")  # the whole test split, one process
@@ -94,6 +96,7 @@ def test_a_run_trained_on_two_ranks_with_expert_parallelism_evaluates_on_one(run
     assert ours["test/acc"] == theirs["test/acc"] and ours["test/loss"] == pytest.approx(theirs["test/loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_other_ranks_log_nothing_to_the_console_below_warnings(runs):
     *_, result = runs
     output = result.stdout + result.stderr

@@ -8,7 +8,6 @@ seconds). The child runs the ``softmoe.train`` module as ``__main__``, exactly a
 
 import errno
 import hashlib
-import json
 import logging
 import math
 import os
@@ -17,6 +16,7 @@ import re
 import runpy
 import shutil
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -28,12 +28,14 @@ import torch
 from conftest import CONF_DIR
 from data_fixtures import write_image_tree, write_png
 from softmoe.harness import checkpoint as checkpoint_module
+from softmoe.harness import runs
 from softmoe.harness.checkpoint import PREVIOUS, CheckpointError, CheckpointWriteError, load_checkpoint
 from softmoe.harness.config import ConfigError, validate_config
 from softmoe.harness.faults import NONFINITE_EXIT_CODE, NonFiniteError, PreemptionGuard, preempted_exit_code
 from softmoe.harness.loop import train
 from softmoe.harness.sampler import ResumableSampler
 
+pytestmark = pytest.mark.slow  # forked trainers and end-to-end runs
 ROOT = Path(CONF_DIR).parent
 # 24 steps of batch 32 inside digits' first epoch (44 steps), `last` every 4 steps, an event every step.
 RUN = [
@@ -48,12 +50,8 @@ HYDRA_FILES = {".hydra", "train.log"}  # what Hydra itself writes into a run dir
 
 
 def read_events(run_dir):
-    """The complete lines of ``metrics.jsonl`` (a line torn by a kill is left out)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+    """The complete lines of ``metrics.jsonl`` (a line torn by a kill is left out); none before it exists."""
+    return runs.read_events(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
 
 
 def without_timing(events):
@@ -208,17 +206,24 @@ def test_a_line_torn_by_a_kill_is_dropped_on_resume(compose_run, uninterrupted, 
 # ----------------------------------------------------------------------------- 2. preemption
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=["SIGTERM", "SIGUSR1", "SIGINT (Ctrl-C)"]
+)
 def test_a_preemption_signal_saves_last_and_exits_with_its_code_then_the_rerun_resumes_exactly(
     uninterrupted, tmp_path, signum
 ):
     run_dir = tmp_path / "run"
     pid = start_cli(run_dir, *RUN)
     signal_at_step(pid, run_dir, random.randrange(2, TOTAL_STEPS - 4), signum)
-    assert wait(pid) == preempted_exit_code(signum) == 128 + signum, output_of(run_dir)
+    assert wait(pid) == preempted_exit_code(signum) == 128 + signum, output_of(run_dir)  # 130 for Ctrl-C
     logged = [e["step"] for e in read_events(run_dir) if "train/lr" in e]
     assert load_checkpoint(run_dir / "last.pt")["step"] == logged[-1]  # the step it was in, finished and saved
-    assert f"{signal.Signals(signum).name} received: saved last.pt at step {logged[-1]}" in output_of(run_dir)
+    output = output_of(run_dir)
+    assert output.strip().splitlines()[-1] == (  # one line saying how to resume, no traceback
+        f"{signal.Signals(signum).name} received: saved last.pt at step {logged[-1]}; rerun the same command to "
+        f"resume (exit status {128 + signum})"
+    )
+    assert "Traceback" not in output
 
     assert run_cli(run_dir, *RUN) == 0, output_of(run_dir)
     assert_matches_uninterrupted(run_dir, uninterrupted)
@@ -479,14 +484,36 @@ CLI_BAD = [
 
 
 @pytest.mark.parametrize("overrides,code,message", CLI_BAD, ids=[" ".join(o) for o, _, _ in CLI_BAD])
-def test_the_command_line_refuses_bad_overrides_leaving_only_hydras_files(tmp_path, overrides, code, message):
+def test_the_command_line_refuses_bad_overrides_leaving_no_run_directory(tmp_path, overrides, code, message):
     run_dir = tmp_path / "run"
     assert run_cli(run_dir, *overrides) == code
     output = output_of(run_dir)
     assert message in output and "Traceback" not in output
     if code == 2:
         assert output.strip().splitlines()[-1] == message  # one line
-    assert not run_dir.exists() or {path.name for path in run_dir.iterdir()} <= HYDRA_FILES
+    assert not run_dir.exists()  # not even Hydra's .hydra/ and train.log
+
+
+def test_a_second_process_on_a_live_run_directory_is_refused_and_a_killed_holder_leaves_no_stale_lock(
+    uninterrupted, tmp_path
+):
+    run_dir = tmp_path / "run"
+    first = start_cli(run_dir, *RUN)
+    signal_at_step(first, run_dir, 3, signal.SIGSTOP)  # alive, holding the run directory, making no progress
+    try:
+        before = fingerprint(run_dir)
+        assert run_cli(run_dir, *RUN) == 2  # the same command again
+        last_line = output_of(run_dir).strip().splitlines()[-1]
+        assert last_line == (
+            f"error: {run_dir}: in use by process {first} on {socket.gethostname()}; wait for it to end or stop it, "
+            "or give this run another hydra.run.dir"
+        )
+        assert fingerprint(run_dir) == before  # the second process wrote nothing there
+    finally:
+        os.kill(first, signal.SIGKILL)
+    assert wait(first) == -signal.SIGKILL
+    assert run_cli(run_dir, *RUN) == 0, output_of(run_dir)  # the kernel released the killed process's lock
+    assert_matches_uninterrupted(run_dir, uninterrupted)
 
 
 # ----------------------------------------------------------------------------- 6. bad data
@@ -551,7 +578,8 @@ def test_soak_three_kills_and_twenty_bad_overrides_lose_and_duplicate_nothing(co
     run_dir, bad = tmp_path / "run", iter(BAD_OVERRIDES[:20])
     logged = 0
     for cycle in range(3):
-        target = logged + random.randrange(2, 6)  # beyond what the killed run had logged: progress each cycle
+        # beyond what the killed run had logged (progress each cycle), and past the first checkpoint
+        target = max(logged, CHECKPOINT_EVERY) + random.randrange(2, 6)
         pid = start_cli(run_dir, *RUN)
         signal_at_step(pid, run_dir, target, signal.SIGKILL)
         assert wait(pid) == -signal.SIGKILL

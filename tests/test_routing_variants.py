@@ -39,6 +39,7 @@ def test_every_routing_preset_builds_its_layers(compose_run, routing):
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router", ["soft", "tokens_choice", "experts_choice"])
 def test_each_router_trains_and_logs_its_routing(compose_run, tmp_path, router):
     assert train(compose_run(f"routing={router}", *TINY_RUN, *QUIET), tmp_path).steps == 2
@@ -60,6 +61,7 @@ def test_each_router_trains_and_logs_its_routing(compose_run, tmp_path, router):
         assert all(event["train/aux_loss"] == 0 for event in train_events)
 
 
+@pytest.mark.slow
 def test_sparse_statistics_are_logged_when_capacity_factor_stops_routing_capture(compose_run, tmp_path):
     # capacity ceil(1.5 * 16 tokens / 16 experts) = 2 != slots_per_expert: no dispatch/combine record to summarise
     cfg = compose_run("routing=experts_choice", "moe.capacity_factor=1.5", *TINY_RUN, *QUIET)
@@ -72,6 +74,7 @@ def test_sparse_statistics_are_logged_when_capacity_factor_stops_routing_capture
     assert dispatch_panel(model, torch.zeros(1, 8, 8), torch.device("cpu")) is None  # no dispatch maps to draw
 
 
+@pytest.mark.slow
 def test_aux_loss_weight_changes_the_router_update(compose_run, tmp_path):
     routers = []
     for weight in (0, 100):

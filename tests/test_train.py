@@ -1,6 +1,7 @@
 """The training harness end to end: the default run's telemetry, every experiment, exact resume, sweeps, evaluation."""
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -13,7 +14,9 @@ from conftest import CONF_DIR, wandb_offline_run
 from softmoe.evaluate import evaluate_run
 from softmoe.harness.checkpoint import CheckpointError, load_checkpoint
 from softmoe.harness.loop import train
+from softmoe.harness.runs import read_events
 
+pytestmark = pytest.mark.slow  # end-to-end runs, in this process and as commands
 ROOT = Path(CONF_DIR).parent
 EXPERIMENTS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 QUIET = ["trainer.progress_bar=false"]
@@ -22,7 +25,7 @@ DISTRIBUTIONS = ["expert_utilisation", "slot_utilisation"]
 
 
 def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_events(run_dir)
 
 
 def test_default_run_logs_every_metric_to_metrics_jsonl_and_wandb(compose_run, tmp_path):
@@ -152,6 +155,37 @@ def test_a_failing_wandb_never_stops_training(compose_run, tmp_path, monkeypatch
     assert summary.wandb_run_path is None and [e["step"] for e in read_metrics(tmp_path)] == [1, 2, 3, 3, 3]
 
 
+def test_the_wandb_sync_hint_of_a_resumed_offline_run_uploads_every_part_in_order(compose_run, tmp_path, caplog):
+    run = ["trainer.batch_size=256", "trainer.log_every=1", "model.depth=2", "logger.mode=offline", *QUIET]
+    train(compose_run(*run, "trainer.max_steps=2"), tmp_path)
+    time.sleep(1.1)  # W&B names an attempt's directory after the second it started
+    with caplog.at_level(logging.INFO):
+        train(compose_run(*run, "trainer.max_steps=4"), tmp_path)  # resumes the same W&B run: a second directory
+    parts = sorted(tmp_path.glob("wandb/offline-run-*"))
+    assert len(parts) == 2 and len({part.name.rsplit("-", 1)[1] for part in parts}) == 1  # one run id
+    hints = [r.getMessage() for r in caplog.records if "wandb sync" in r.getMessage()]
+    assert len(hints) == 2  # when the attempt starts, and again when it ends
+    assert all(hint.endswith(f"wandb sync {parts[0]} {parts[1]}") for hint in hints)
+
+
+@pytest.mark.slow
+def test_parallel_sweep_jobs_tag_their_lines_and_the_sweep_ends_with_the_collect_command(tmp_path):
+    command = [
+        sys.executable, "-m", "softmoe.train", "-m", "launcher=joblib", "moe.num_experts=4,8", "trainer.max_steps=2",
+        "trainer.batch_size=256", "trainer.eval_batches=1", "model.depth=2", "logger=none", *QUIET,
+        f"hydra.sweep.dir={tmp_path}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    job_lines = [line for line in lines if not line.startswith("[20")]  # Hydra's own launcher lines are dated
+    assert job_lines[-1] == f"sweep done: {tmp_path}; tabulate it with: python -m softmoe.collect {tmp_path}"
+    for job in (0, 1):
+        assert any(line.startswith(f"[job {job}] model: vit_micro") for line in job_lines)
+        assert f"[job {job}] run directory: {tmp_path / str(job)}" in job_lines
+    assert all(line.startswith(("[job 0] ", "[job 1] ")) for line in job_lines[:-1]), job_lines
+
+
 def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(offline_sweep):
     runs = [wandb_offline_run(offline_sweep / str(job))[0] for job in (0, 1)]
     assert {run.run_group for run in runs} == {str(offline_sweep)}
@@ -162,35 +196,6 @@ def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(off
         saved = json.loads(load_checkpoint(offline_sweep / str(job) / "last.pt")["config"])
         assert saved["moe"]["num_experts"] == experts
         assert [e["step"] for e in read_metrics(offline_sweep / str(job))] == [1, 2, 3, 3, 3]
-
-
-def test_evaluate_refuses_a_missing_run_dir_without_creating_it(tmp_path):
-    missing = tmp_path / "no_such_run"
-    empty = tmp_path / "empty_run"
-    empty.mkdir()
-    for run_dir, message in ((missing, "no such directory"), (empty, "holds no last.pt")):
-        command = [sys.executable, "-m", "softmoe.evaluate", f"run_dir={run_dir}", "checkpoint=last"]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2
-        assert result.stderr.strip() == f"error: run_dir={run_dir}: {message}" + (
-            " (a training run directory holds best.pt and last.pt)" if run_dir == missing else
-            " (is it a training run directory?)")
-    assert not missing.exists() and list(empty.iterdir()) == []
-
-
-def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path):
-    train(compose_run("trainer.max_steps=5", "trainer.batch_size=128", "logger=none", *QUIET), tmp_path)
-    result = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last", save_routing=True, routing_examples=4)
-    (tested,) = [e for e in read_metrics(tmp_path) if "test/acc" in e]  # the trainer's own test of the final model
-    assert result["test/acc"] == tested["test/acc"] and result["test/loss"] == pytest.approx(tested["test/loss"])
-    assert result["val/acc"] == load_checkpoint(tmp_path / "last.pt")["last_eval"]["acc"]
-    assert (result["val/examples"], result["test/examples"]) == (180, 360)
-    routing = torch.load(tmp_path / "evaluate" / "routing.pt", weights_only=True)
-    assert routing["images"].shape == (4, 1, 8, 8) and routing["labels"].shape == (4,)
-    assert sorted(routing["dispatch"]) == ["blocks.2.mlp", "blocks.3.mlp"]
-    dispatch = routing["dispatch"]["blocks.2.mlp"]  # [batch, tokens, experts, slots_per_expert]
-    assert dispatch.shape == (4, 16, 16, 1)
-    torch.testing.assert_close(dispatch.sum(dim=1), torch.ones(4, 16, 1))  # a softmax over tokens per slot
 
 
 def test_best_pt_is_chosen_on_validation_and_the_test_split_is_read_once_at_the_end(compose_run, tmp_path):

@@ -16,12 +16,13 @@ still runs) out of a run directory a live process trains in.
 from __future__ import annotations
 
 import fcntl
-import json
+import logging
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -32,7 +33,7 @@ from .config import resolve_device
 from .data import DataBundle, build_datasets
 from .errors import ConfigError, RunDirInUseError
 from .model import build_model
-from .telemetry import METRICS_FILE
+from .telemetry import METRICS_FILE, json_lines
 
 CHECKPOINTS = ("best", "last")
 LOCK_FILE = ".lock"  # in the run directory; holds the pid and host of the process training there
@@ -89,13 +90,21 @@ def read_events(run_dir: Union[str, Path]) -> list[dict[str, Any]]:
     return list(json_lines(Path(run_dir) / METRICS_FILE))
 
 
-def json_lines(path: Union[str, Path]) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file, in order; a line that does not parse (torn by a kill) is skipped."""
-    for line in Path(path).read_text().splitlines():
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            continue
+HYDRA_FILES = (".hydra", "train.log")  # what Hydra writes into a run directory before the trainer starts
+
+
+def remove_if_unused(run_dir: Union[str, Path]) -> bool:
+    """Delete ``run_dir`` when it holds nothing but Hydra's own files (and the run lock): what a run that never
+    started (a bad config value, missing data) leaves. Returns whether it was deleted."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or any(path.name not in (*HYDRA_FILES, LOCK_FILE) for path in run_dir.iterdir()):
+        return False
+    for handler in logging.getLogger().handlers[:]:  # Hydra's <run_dir>/train.log
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
 
 
 class RunDirLock:

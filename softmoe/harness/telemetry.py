@@ -15,7 +15,7 @@ import math
 import netrc
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Union
 from urllib.parse import urlparse
 
 import numpy as np
@@ -153,6 +153,24 @@ def truncate_after(path: Path, step: int) -> None:
         os.replace(temporary, path)
 
 
+def json_lines(path: Union[str, Path]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (``metrics.jsonl``) in order. A line cut short by a kill (no newline
+    at its end, or not JSON) is skipped: each event is written as one line, newline included."""
+    for line in Path(path).read_text().splitlines(keepends=True):
+        if not line.endswith("\n"):
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
+def offline_run_dirs(wandb_dir: Union[str, Path], run_id: str) -> list[Path]:
+    """The offline W&B directories of run ``run_id`` below ``wandb_dir``, oldest first: a resumed run leaves one per
+    attempt (``offline-run-<date>_<time>-<id>``), and ``wandb sync`` must upload them all, in this order."""
+    return sorted(Path(wandb_dir).glob(f"offline-run-*-{run_id}"))
+
+
 def _event_step(line: str) -> Optional[int]:
     try:
         return json.loads(line)["step"]
@@ -188,6 +206,7 @@ class Telemetry:
         self._metrics = open(self.metrics_path, "a")
         self._pending: list[tuple[int, dict[str, Any]]] = []
         self.wandb = None  # the W&B run, or None
+        self._offline_dir: Optional[Path] = None  # this attempt's offline W&B directory
         self.run_id = run_id
         if logger_cfg["backend"] == "wandb":
             self._start_wandb(Path(run_dir), logger_cfg, config, group, name)
@@ -221,8 +240,8 @@ class Telemetry:
             return
         self._log_images = cfg["log_images"]
         if mode == "offline":
-            directory = self.wandb.settings.sync_dir
-            log.info("W&B: offline (%s); this run is saved in %s; upload it with: wandb sync %s", why, directory, directory)
+            self._offline_dir = Path(self.wandb.settings.sync_dir)
+            log.info("W&B: offline (%s); this run is saved in %s; upload it with: %s", why, self._offline_dir, self.sync_command)
         else:
             log.info("W&B: %s", self.wandb.url)
 
@@ -230,6 +249,14 @@ class Telemetry:
     def run_path(self) -> Optional[str]:
         """The W&B run as ``entity/project/id`` (offline: ``project/id``), or None without W&B."""
         return self.wandb.path if self.wandb is not None else None
+
+    @property
+    def sync_command(self) -> Optional[str]:
+        """``wandb sync`` with every part of an offline run, oldest first (a resumed run has one per attempt)."""
+        if self._offline_dir is None:
+            return None
+        parts = offline_run_dirs(self._offline_dir.parent, self.run_id) or [self._offline_dir]
+        return "wandb sync " + " ".join(str(part) for part in parts)
 
     @property
     def logs_images(self) -> bool:
@@ -291,6 +318,9 @@ class Telemetry:
         self._pending = []
         self._metrics.close()
         self._stop_wandb()
+        if self._offline_dir is not None:
+            log.info("W&B: offline; upload this run with: %s", self.sync_command)
+            self._offline_dir = None
 
     def _stop_wandb(self) -> None:
         run, self.wandb = self.wandb, None
