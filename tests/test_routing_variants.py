@@ -1,7 +1,6 @@
 """Routing variants from the config: every conf/routing preset trains, sparse routers add and log their auxiliary
 loss and routing statistics, and every value each experiment sweeps composes into a valid run."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from softmoe import SoftMoE, moe_layers
 from softmoe.harness.config import validate_config
 from softmoe.harness.loop import dispatch_panel, train
 from softmoe.harness.model import build_model
+from softmoe.harness.runs import read_events
 from softmoe.sparse import ExpertsChoiceMoE, TokensChoiceMoE
 
 ROUTINGS = sorted(path.stem for path in (Path(CONF_DIR) / "routing").glob("*.yaml"))
@@ -24,7 +24,7 @@ LAYER_CLASS = {"tokens_choice": TokensChoiceMoE, "experts_choice": ExpertsChoice
 
 
 def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_events(run_dir)
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
@@ -90,8 +90,17 @@ def swept_values(sweeper_params):
     parser = OverridesParser.create()
     for key, values in sweeper_params.items():
         override = parser.parse_override(f"{key}={values}")
-        for value in override.sweep_string_iterator() if override.is_sweep_override() else [override.value()]:
-            yield f"{key}={value}"
+        if override.is_sweep_override():
+            yield from (f"{key}={value}" for value in override.sweep_string_iterator())
+        else:  # a single value, written back as an override would (null, not Python's None)
+            yield f"{key}={override.get_value_element_as_str()}"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_an_experiment_that_sweeps_runs_as_a_sweep_with_or_without_dash_m(compose_run, experiment):
+    cfg = compose_run(f"experiment={experiment}", hydra_node=True)
+    sweeps = bool(cfg.hydra.sweeper.get("params"))
+    assert sweeps == (str(cfg.hydra.mode) == "RunMode.MULTIRUN"), "a sweep file needs hydra.mode: MULTIRUN"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
