@@ -33,6 +33,17 @@ def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Ten
     return x * torch.rsqrt(x.pow(2).sum(dim=dim, keepdim=True) + eps)
 
 
+# The standard deviation of a unit normal truncated to [-2, 2]: dividing by it gives the truncated draw the
+# variance of the untruncated one, as flax's `variance_scaling(..., "truncated_normal")` does.
+TRUNCATED_NORMAL_STD = 0.87962566103423978
+
+
+def truncated_lecun_normal_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
+    """Flax's ``lecun_normal``: a normal truncated at two standard deviations, of variance 1 / ``fan_in``."""
+    std = math.sqrt(1.0 / fan_in) / TRUNCATED_NORMAL_STD
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
 def lecun_normal_phi_(phi: torch.Tensor) -> torch.Tensor:
     """Initialise Φ [d, n, p] as vmoe does: flax's ``lecun_normal`` on that 3-d shape.
 
@@ -40,8 +51,8 @@ def lecun_normal_phi_(phi: torch.Tensor) -> torch.Tensor:
     normal truncated at two standard deviations, rescaled so the variance is 1 / fan_in.
     """
     d, n, _ = phi.shape
-    std = math.sqrt(1.0 / (d * n)) / 0.87962566103423978
-    return nn.init.trunc_normal_(phi, std=std, a=-2 * std, b=2 * std)
+    return truncated_lecun_normal_(phi, fan_in=d * n)
+
 
 
 class SoftMoE(nn.Module):

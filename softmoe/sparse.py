@@ -54,7 +54,7 @@ from torch import nn
 
 from ._checks import require_positive_int, require_positive_number, require_tokens
 from .experts import BatchedMlp
-from .layer import l2_normalize
+from .layer import l2_normalize, truncated_lecun_normal_
 
 Stats = Dict[str, Union[int, torch.Tensor]]
 
@@ -133,8 +133,7 @@ class SparseMoE(nn.Module):
 
     def reset_router(self) -> None:
         """LeCun normal (truncated at 2 std, fan_in = d), flax's default for vmoe's router ``Dense``."""
-        std = math.sqrt(1.0 / self.dim) / 0.87962566103423978
-        nn.init.trunc_normal_(self.router_weight, std=std, a=-2 * std, b=2 * std)
+        truncated_lecun_normal_(self.router_weight, fan_in=self.dim)
         if self.scale is not None:
             nn.init.constant_(self.scale, self.scale_init)
 

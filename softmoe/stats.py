@@ -15,17 +15,17 @@ from torch import nn
 from .layer import l2_normalize
 
 
-def _entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
+def entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
     """Shannon entropy (nats) along ``dim``, with 0 log 0 = 0."""
     return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=dim)
 
 
-def _normalized_entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
+def normalized_entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
     """Entropy divided by its maximum log(size); a support of one element counts as uniform (1)."""
     size = probs.shape[dim]
     if size == 1:
         return torch.ones_like(probs.sum(dim=dim))
-    return _entropy(probs, dim) / math.log(size)
+    return entropy(probs, dim) / math.log(size)
 
 
 def _check_routing(name: str, weights: torch.Tensor) -> None:
@@ -58,13 +58,13 @@ def routing_stats(dispatch: torch.Tensor, combine: torch.Tensor) -> Dict[str, Un
     slot_utilisation = slot_mass / slot_mass.sum()
     expert_utilisation = slot_utilisation.view(n, p).sum(dim=1)
     return {
-        "dispatch_entropy": _normalized_entropy(dispatch, dim=1).mean().item(),
-        "combine_entropy": _normalized_entropy(combine, dim=2).mean().item(),
+        "dispatch_entropy": normalized_entropy(dispatch, dim=1).mean().item(),
+        "combine_entropy": normalized_entropy(combine, dim=2).mean().item(),
         "dispatch_max": dispatch.amax(dim=1).mean().item(),
         "combine_max": combine.amax(dim=2).mean().item(),
         "expert_utilisation": expert_utilisation.float(),
         "slot_utilisation": slot_utilisation.float(),
-        "effective_experts": math.exp(_entropy(expert_utilisation, dim=0).item()),
+        "effective_experts": math.exp(entropy(expert_utilisation, dim=0).item()),
     }
 
 

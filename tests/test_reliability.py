@@ -30,7 +30,7 @@ from data_fixtures import write_image_tree, write_png
 from softmoe.harness import checkpoint as checkpoint_module
 from softmoe.harness import runs
 from softmoe.harness.checkpoint import PREVIOUS, CheckpointError, CheckpointWriteError, load_checkpoint
-from softmoe.harness.config import ConfigError, validate_config
+from softmoe.harness.config import ConfigError
 from softmoe.harness.faults import NONFINITE_EXIT_CODE, NonFiniteError, PreemptionGuard, preempted_exit_code
 from softmoe.harness.loop import train
 from softmoe.harness.sampler import ResumableSampler

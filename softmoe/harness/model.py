@@ -15,7 +15,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from softmoe import SoftMoE, SoftMoEVisionTransformer
-from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 from softmoe.sparse import ExpertsChoiceMoE, TokensChoiceMoE
 
 PLACEMENTS = ("none", "last_half", "every_other", "all")
@@ -27,8 +26,6 @@ ROUTER_KEYS = {
     "tokens_choice": {"scale_init": 1.0, "k": 1, "capacity_factor": None, "batch_priority": False, "noise_std": 1.0},
     "experts_choice": {"scale_init": 1.0, "capacity_factor": None, "noise_std": 1.0},
 }
-DISPATCH_MODES = DISPATCH_CHOICES
-COMBINE_MODES = COMBINE_CHOICES
 # VisionTransformer arguments a config may set (the rest take classes, set in code).
 VIT_ARGUMENTS = set(inspect.signature(VisionTransformer.__init__).parameters) - {
     "self",

@@ -25,6 +25,7 @@ from torch import nn
 from softmoe import block_index, moe_layers, router_scale, routing_stats
 from softmoe.capture import RoutingRecord
 from softmoe.sparse import SparseMoE, sparse_routing_stats
+from softmoe.stats import normalized_entropy
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +62,18 @@ def routing_metrics(
             prefix = f"routing/block{block_index(name)}/"
             stats = sparse_routing_stats(layer)
             scalars.update({prefix + key: stats[key] for key in SPARSE_SCALARS if key in stats})
-            scalars[prefix + "router_scale"] = router_scale(layer)
+            scalars.setdefault(prefix + "router_scale", router_scale(layer))  # once: a recorded layer has it above
             distributions.update({prefix + key: stats[key].float().cpu() for key in SPARSE_DISTRIBUTIONS})
     return scalars, distributions
 
 
 def distribution_summary(name: str, shares: torch.Tensor) -> dict[str, float]:
     """``<name>_min``, ``_max`` and ``_entropy`` (normalised by log(size): 1 = balanced) of a distribution [size]."""
-    shares = shares.double()
-    size = shares.numel()
-    entropy = -(shares * shares.clamp_min(1e-30).log()).sum().item()
+    shares = shares.double().reshape(-1)
     return {
         f"{name}_min": shares.min().item(),
         f"{name}_max": shares.max().item(),
-        f"{name}_entropy": entropy / math.log(size) if size > 1 else 1.0,
+        f"{name}_entropy": normalized_entropy(shares, dim=0).item(),
     }
 
 
