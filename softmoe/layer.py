@@ -105,7 +105,7 @@ class SoftMoE(nn.Module):
         self.combine_mode = require_choice("combine", combine, COMBINE_CHOICES)
 
         self.phi = nn.Parameter(torch.empty(self.dim, self.num_experts, self.slots_per_expert, device=device, dtype=dtype))
-        # Named and shaped as in the seed implementation so its router weights load unchanged.
+        # Named and shaped as in the reference implementation so its router weights load unchanged.
         self.scale = nn.Parameter(torch.ones(1, device=device, dtype=dtype)) if self.normalize else None
         if experts is None:
             experts = BatchedMlp(
@@ -194,7 +194,7 @@ class SoftMoE(nn.Module):
 class SoftMoELayerWrapper(SoftMoE):
     """Turn any layer mapping [b, m, dim] -> [b, m, d'] into a Soft MoE layer of independent experts.
 
-    The seed implementation's API: ``layer`` is a class (or ``partial``) built ``num_experts`` times
+    The reference implementation's API: ``layer`` is a class (or ``partial``) built ``num_experts`` times
     with ``**layer_kwargs``; expert i receives its slots as a [batch, slots_per_expert, dim] tensor.
     """
 

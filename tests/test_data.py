@@ -124,7 +124,7 @@ def digits():
     return build_datasets(data_config("digits"), "/nonexistent")
 
 
-def test_digits_split_sizes_shapes_and_normalisation(digits):
+def test_digits_split_sizes_shapes_and_normalization(digits):
     assert (len(digits.train), len(digits.val), len(digits.test)) == (1257, 180, 360)
     assert (digits.num_classes, digits.in_chans, digits.img_size, digits.skipped) == (10, 1, 8, 0)
     image, label = digits.train[0]
