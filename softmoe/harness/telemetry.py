@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import netrc
 import os
 from pathlib import Path
@@ -80,37 +79,11 @@ def distribution_summary(name: str, shares: torch.Tensor) -> dict[str, float]:
 def dispatch_maps(
     image: torch.Tensor, records: Mapping[str, RoutingRecord], model: nn.Module, slots: int = 8
 ) -> np.ndarray:
-    """An RGB mosaic [H, W, 3] uint8: a row per MoE block, the image then the dispatch weights of ``slots``
-    slots (spread over all n·p) drawn over its patch grid, each scaled to its own maximum."""
-    grid_h, grid_w = model.patch_embed.grid_size
-    prefix = model.num_prefix_tokens  # class/register tokens come before the patches
-    pixels = image.detach().float().cpu().mean(dim=0)  # [H, W], channels averaged
-    pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min()).clamp_min(1e-12)
-    height, width = pixels.shape
-    zoom = max(1, math.ceil(64 / height))  # draw each map at least 64 pixels tall
-    rows = []
-    for name, record in sorted(records.items(), key=lambda item: block_index(item[0])):
-        dispatch = record.dispatch[0].flatten(1)[prefix:]  # [patches, n·p] of the first image
-        chosen = np.linspace(0, dispatch.shape[1] - 1, min(slots, dispatch.shape[1])).round().astype(int)
-        tiles = [np.stack([pixels.numpy()] * 3, axis=-1)]
-        for slot in chosen:
-            weights = dispatch[:, slot].reshape(grid_h, grid_w).cpu().numpy()
-            weights = weights / max(weights.max(), 1e-12)
-            weights = np.kron(weights, np.ones((height // grid_h, width // grid_w)))  # patches -> pixels
-            tiles.append(_heat(weights))
-        rows.append(np.concatenate([_pad(tile) for tile in tiles], axis=1))
-    mosaic = np.concatenate(rows, axis=0)
-    mosaic = np.kron(mosaic, np.ones((zoom, zoom, 1)))
-    return (mosaic * 255).round().astype(np.uint8)
+    """W&B's ``val/dispatch_maps``: an RGB image [H, W, 3] uint8 of :func:`.figures.plot_dispatch_maps` for one
+    image, a row per MoE block, the same figure the notebooks draw (one colour scale, colorbar, uniform level)."""
+    from .figures import plot_dispatch_maps, render
 
-
-def _heat(weights: np.ndarray) -> np.ndarray:
-    """Black -> red -> yellow -> white for weights in [0, 1]: [h, w] -> [h, w, 3]."""
-    return np.stack([np.clip(3 * weights - k, 0, 1) for k in range(3)], axis=-1)
-
-
-def _pad(tile: np.ndarray) -> np.ndarray:
-    return np.pad(tile, ((1, 1), (1, 1), (0, 0)), constant_values=1.0)
+    return render(plot_dispatch_maps(image[None], records, model, num_slots=slots))
 
 
 # ----------------------------------------------------------------------------- where it goes
