@@ -73,7 +73,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--plot", default=None,
         help="the column to plot (default: test/acc (final model), or the first --metric)",
     )  # fmt: skip
-    parser.add_argument("--by", default=None, help="comma-separated override keys to group by (default: the swept keys)")
+    parser.add_argument(
+        "--by", default=None, help="comma-separated override keys to group by (default: the swept keys)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="where to write results.md and results.png")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None, help="read runs from the W&B API instead")

@@ -52,7 +52,9 @@ def evaluate_run(
             continue
         loader = build_loader(dataset, batch_size or run.cfg.trainer.eval_batch_size, train=False)
         metrics = evaluate(run.model, loader, run.device, run.cfg.trainer.precision)
-        result.update({f"{split}/loss": metrics["loss"], f"{split}/acc": metrics["acc"], f"{split}/examples": len(dataset)})
+        result.update(
+            {f"{split}/loss": metrics["loss"], f"{split}/acc": metrics["acc"], f"{split}/examples": len(dataset)}
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")

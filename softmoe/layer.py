@@ -104,7 +104,9 @@ class SoftMoE(nn.Module):
         self.dispatch_mode = require_choice("dispatch", dispatch, DISPATCH_CHOICES)
         self.combine_mode = require_choice("combine", combine, COMBINE_CHOICES)
 
-        self.phi = nn.Parameter(torch.empty(self.dim, self.num_experts, self.slots_per_expert, device=device, dtype=dtype))
+        self.phi = nn.Parameter(
+            torch.empty(self.dim, self.num_experts, self.slots_per_expert, device=device, dtype=dtype)
+        )
         # Named and shaped as in the reference implementation so its router weights load unchanged.
         self.scale = nn.Parameter(torch.ones(1, device=device, dtype=dtype)) if self.normalize else None
         if experts is None:
@@ -187,7 +189,8 @@ class SoftMoE(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
-            f"normalize={self.normalize}, scale_init={self.scale_init}, dispatch={self.dispatch_mode!r}, combine={self.combine_mode!r}"
+            f"normalize={self.normalize}, scale_init={self.scale_init}, dispatch={self.dispatch_mode!r}, "
+            f"combine={self.combine_mode!r}"
         )
 
 

@@ -116,7 +116,9 @@ class SparseMoE(nn.Module):
         self.normalize = bool(normalize)
         self.scale_init = require_positive_number("scale_init", scale_init)
         self.capacity_factor = (
-            None if capacity_factor is None else _require_number("capacity_factor", capacity_factor, minimum=0, inclusive=False)
+            None
+            if capacity_factor is None
+            else _require_number("capacity_factor", capacity_factor, minimum=0, inclusive=False)
         )
         self.noise_std = _require_number("noise_std", noise_std, minimum=0, inclusive=True)
 
@@ -222,7 +224,9 @@ class SparseMoE(nn.Module):
         self._routing_recorder(dispatch, dispatch * slot_gate.unsqueeze(1))
 
     def extra_repr(self) -> str:
-        capacity = f"capacity_factor={self.capacity_factor}" if self.capacity_factor is not None else "capacity=slots_per_expert"
+        capacity = "capacity=slots_per_expert"
+        if self.capacity_factor is not None:
+            capacity = f"capacity_factor={self.capacity_factor}"
         return (
             f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
             f"{capacity}, normalize={self.normalize}, noise_std={self.noise_std}"
@@ -303,7 +307,8 @@ class TokensChoiceMoE(SparseMoE):
         # A claim's place in its expert's buffer = the number of earlier claims on that expert: group
         # the claims by expert with a stable sort (keeps claim order), then rank them within each group.
         expert, by_expert = torch.sort(expert, dim=1, stable=True)
-        claims = torch.zeros(b, n, dtype=torch.long, device=probs.device).scatter_add_(1, expert, torch.ones_like(expert))
+        claims = torch.zeros(b, n, dtype=torch.long, device=probs.device)
+        claims.scatter_add_(1, expert, torch.ones_like(expert))
         first_claim = claims.cumsum(dim=1) - claims  # [b, n]: where each expert's group starts
         position = torch.arange(k * m, device=probs.device) - first_claim.gather(1, expert)  # [b, k·m]
         discard = n * capacity  # an extra slot that collects the dropped claims, cut off below
@@ -373,7 +378,10 @@ def sparse_routing_stats(layer: SparseMoE) -> Dict[str, Union[int, float, torch.
     stats = getattr(layer, "last_stats", None)
     if stats is None:
         raise ValueError(f"{type(layer).__name__} has no routing statistics yet: run a forward pass through it first")
-    return {name: value.item() if isinstance(value, torch.Tensor) and value.ndim == 0 else value for name, value in stats.items()}
+    return {
+        name: value.item() if isinstance(value, torch.Tensor) and value.ndim == 0 else value
+        for name, value in stats.items()
+    }
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor:
@@ -381,7 +389,9 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor:
 
     Train with ``loss = task_loss + aux_loss_weight * auxiliary_loss(model)``.
     """
-    losses = [module.aux_loss for module in model.modules() if isinstance(module, SparseMoE) and module.aux_loss is not None]
+    losses = [
+        module.aux_loss for module in model.modules() if isinstance(module, SparseMoE) and module.aux_loss is not None
+    ]
     if losses:
         return torch.stack(losses).sum()
     parameter = next(model.parameters(), None)

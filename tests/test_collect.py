@@ -1,4 +1,5 @@
-"""softmoe.collect (and softmoe.harness.sweeps, its library) on sweep directories laid out as Hydra multirun writes them, and on the offline W&B run
+"""softmoe.collect (and softmoe.harness.sweeps, its library) on sweep directories laid out as Hydra multirun writes
+them, and on the offline W&B run
 files of a real sweep."""
 
 import json
@@ -172,7 +173,8 @@ def test_offline_wandb_files_give_the_sweep_directorys_table(offline_sweep, tmp_
     for line, job in zip(lines[2:], (0, 1)):  # the numbers are those the run logged
         logged = sweeps.read_metrics(offline_sweep / str(job) / "metrics.jsonl")
         cells = line.rstrip(" |").split(" | ")[2:]
-        expected = [max(logged["val/acc"]), logged["test/acc"][-1], logged["test/acc_at_best_val"][-1], logged["train/loss"][-1]]
+        finals = [logged[key][-1] for key in ("test/acc", "test/acc_at_best_val", "train/loss")]
+        expected = [max(logged["val/acc"]), *finals]
         assert cells == [f"{value:.4f} ± n/a" for value in expected]
 
 

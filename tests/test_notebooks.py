@@ -143,8 +143,9 @@ def test_what_the_notebooks_tell_you_to_run_is_installed_by_requirements_txt():
     provider = {"execute": "nbclient", "nbconvert": "nbconvert", "lab": "jupyterlab", "notebook": "notebook"}
     for path in sorted(NOTEBOOKS.glob("*.ipynb")):
         text = "\n".join(cell.source for cell in nbformat.read(path, as_version=4).cells)
-        for command in re.findall(r"^\s*(?:\S+=\S+\s+)*jupyter (\w+)", text, flags=re.MULTILINE) + re.findall(r"&& .*?jupyter (\w+)", text):
-            assert provider.get(command) in installed, f"{path.name}: `jupyter {command}` is not installed by requirements.txt"
+        commands = re.findall(r"^\s*(?:\S+=\S+\s+)*jupyter (\w+)", text, flags=re.MULTILINE)
+        for command in commands + re.findall(r"&& .*?jupyter (\w+)", text):
+            assert provider.get(command) in installed, f"{path.name}: `jupyter {command}` is not in requirements.txt"
     assert "ipywidgets" in installed  # tqdm.auto's notebook bars; without it every notebook's imports warn
 
 

@@ -30,7 +30,8 @@ def check_factories(ns):
     assert isinstance(ns["net"], SoftMoEVisionTransformer) and len(ns["net"].blocks) == 8
     # the factories' moe_layer_index=6 (blocks 6-11 at the default depth 12): of depth=8's blocks, 6 and 7
     assert ns["net"].num_experts == 8 and moe_blocks(ns["net"]) == [6, 7]
-    assert timm.list_models("soft_moe_*") == [f"soft_moe_vit_{size}" for size in ("base", "huge", "large", "small", "tiny")]
+    sizes = ("base", "huge", "large", "small", "tiny")
+    assert timm.list_models("soft_moe_*") == [f"soft_moe_vit_{size}" for size in sizes]
 
 
 def check_layer(ns):
@@ -79,7 +80,8 @@ def test_readme_example_runs_and_computes_what_it_says(index):
 REFERENCE_EXAMPLES = code_blocks(REFERENCE_README, "python")
 REFERENCE_CHECKS = [
     lambda ns: ns["preds"].shape == (1, 1000) and moe_blocks(ns["net"]) == list(range(6, 12)),
-    lambda ns: ns["net"].num_experts == 64 and ns["net"].slots_per_expert == 2 and ns["net"].patch_embed.img_size == (128, 128),
+    lambda ns: (ns["net"].num_experts, ns["net"].slots_per_expert, ns["net"].patch_embed.img_size)
+    == (64, 2, (128, 128)),
     lambda ns: moe_blocks(ns["net"]) == list(range(6, 12)),  # "Blocks 6-12": the 0-indexed blocks 6..11
     lambda ns: moe_blocks(ns["net"]) == [0, 2, 4],
     lambda ns: ns["y"].shape == (1, 16, 128),

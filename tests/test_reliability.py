@@ -375,7 +375,8 @@ def test_nonfinite_stop_names_the_step_and_the_first_layer(compose_run, tmp_path
 
 def test_skipping_stops_after_too_many_nonfinite_steps_in_a_row(compose_run, tmp_path):
     every = ",".join(map(str, range(64)))
-    with pytest.raises(NonFiniteError, match=r"^step 4: loss=nan .* in 4 steps in a row, more than trainer.max_nonfinite_skips=3$"):
+    too_many = r"^step 4: loss=nan .* in 4 steps in a row, more than trainer.max_nonfinite_skips=3$"
+    with pytest.raises(NonFiniteError, match=too_many):
         train(compose_run(*SYNTHETIC, f"data.nan_examples=[{every}]", "trainer.max_nonfinite_skips=3"), tmp_path)
 
 
@@ -392,7 +393,9 @@ def test_a_nonfinite_weight_never_reaches_a_checkpoint(compose_run, tmp_path, mo
     monkeypatch.setattr(torch.optim.AdamW, "step", step_that_breaks_a_weight)
     with pytest.raises(NonFiniteError) as raised:
         train(compose_run(*SYNTHETIC), tmp_path)
-    assert str(raised.value) == "step 3: patch_embed.proj.weight is not finite; last.pt not written, the previous one is kept"
+    assert str(raised.value) == (
+        "step 3: patch_embed.proj.weight is not finite; last.pt not written, the previous one is kept"
+    )
     saved = load_checkpoint(tmp_path / "last.pt")
     assert saved["step"] == 2 and all(torch.isfinite(tensor).all() for tensor in saved["model"].values())
 
@@ -415,7 +418,10 @@ BAD_OVERRIDES = [
     (["trainer.grad_clip_norm=-1"], "trainer.grad_clip_norm=-1: must be a number > 0, or null"),
     (["trainer.num_workers=-1"], "trainer.num_workers=-1: must be an integer >= 0"),
     (["trainer.compile=yes"], "trainer.compile=yes: must be true or false"),
-    (["trainer.precision=fp16", "trainer.device=cpu"], "trainer.precision=fp16: needs a CUDA device (trainer.device=cpu); use bf16"),
+    (
+        ["trainer.precision=fp16", "trainer.device=cpu"],
+        "trainer.precision=fp16: needs a CUDA device (trainer.device=cpu); use bf16",
+    ),
     (["trainer.eval_batches=0"], "trainer.eval_batches=0: must be a positive integer, or null"),
     (["trainer.num_threads=0"], "trainer.num_threads=0: must be a positive integer, or null"),
     (["model.mlp_ratio=0"], "model.mlp_ratio=0: must be a number > 0"),
@@ -463,7 +469,9 @@ BAD_OVERRIDES = [
 
 
 @pytest.mark.parametrize("overrides,message", BAD_OVERRIDES, ids=[" ".join(o) for o, _ in BAD_OVERRIDES])
-def test_a_bad_override_stops_with_one_line_before_the_run_directory_is_touched(compose_run, tmp_path, overrides, message):
+def test_a_bad_override_stops_with_one_line_before_the_run_directory_is_touched(
+    compose_run, tmp_path, overrides, message
+):
     with pytest.raises(ConfigError) as raised:
         train(compose_run(*overrides), tmp_path / "run")  # the trainer's first act: validate_config
     assert str(raised.value) == message
@@ -559,12 +567,18 @@ def test_wandb_failing_mid_run_warns_once_and_training_and_metrics_go_on(compose
         return run
 
     monkeypatch.setattr(wandb, "init", init_whose_log_breaks)
-    overrides = [*RUN[:-2], "trainer.max_steps=12", "logger.mode=offline", "logger.log_images=false", "trainer.progress_bar=false"]
+    overrides = [
+        *RUN[:-2], "trainer.max_steps=12", "logger.mode=offline", "logger.log_images=false",
+        "trainer.progress_bar=false",
+    ]  # fmt: skip
     with caplog.at_level(logging.WARNING):
         summary = train(compose_run(*overrides), tmp_path)
     assert summary.steps == 12
     failures = [r.getMessage() for r in caplog.records if "W&B logging failed" in r.getMessage()]
-    assert failures == [f"W&B logging failed (api.wandb.ai: connection reset); training continues, logging to {tmp_path / 'metrics.jsonl'} only"]
+    assert failures == [
+        "W&B logging failed (api.wandb.ai: connection reset); training continues, logging to "
+        f"{tmp_path / 'metrics.jsonl'} only"
+    ]
     assert_every_step_once(read_events(tmp_path), total=12)
     # what reached W&B before the failure is in its offline run file, readable for `wandb sync`
     run, history = wandb_offline_run(tmp_path)

@@ -41,7 +41,8 @@ def test_load_run_names_what_is_wrong(sweep, tmp_path):
 
 
 def test_read_events_skips_a_torn_last_line(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "val/acc": 0.5}\n{"step": 3, "tr')
+    lines = '{"step": 1, "train/loss": 2.0}\n{"step": 2, "val/acc": 0.5}\n{"step": 3, "tr'
+    (tmp_path / "metrics.jsonl").write_text(lines)
     assert read_events(tmp_path) == [{"step": 1, "train/loss": 2.0}, {"step": 2, "val/acc": 0.5}]
 
 

@@ -55,13 +55,15 @@ def test_distribution_summary():
 
 def test_routing_metrics_and_dispatch_maps_cover_every_moe_block():
     model = SoftMoEVisionTransformer(
-        num_experts=4, slots_per_expert=2, moe_layer_index=[0, 2], img_size=8, patch_size=2, embed_dim=16, depth=3, num_heads=2
+        num_experts=4, slots_per_expert=2, moe_layer_index=[0, 2], img_size=8, patch_size=2, embed_dim=16, depth=3,
+        num_heads=2,
     )
     images = torch.randn(5, 3, 8, 8)
     with capture_routing(model) as records:
         model(images)
     scalars, distributions = routing_metrics(model, records)
-    assert sorted(distributions) == [f"routing/block{b}/{n}" for b in (0, 2) for n in ("expert_utilisation", "slot_utilisation")]
+    names = ("expert_utilisation", "slot_utilisation")
+    assert sorted(distributions) == [f"routing/block{b}/{n}" for b in (0, 2) for n in names]
     assert distributions["routing/block2/slot_utilisation"].shape == (8,)
     assert scalars["routing/block0/router_scale"] == 1.0  # initialised to 1
     assert len(scalars) == 2 * 6
@@ -71,7 +73,8 @@ def test_routing_metrics_and_dispatch_maps_cover_every_moe_block():
 
 def test_wandb_dispatch_maps_are_the_notebooks_figure_on_one_labelled_colour_scale():
     model = SoftMoEVisionTransformer(
-        num_experts=4, slots_per_expert=2, moe_layer_index=[0, 2], img_size=8, patch_size=2, embed_dim=16, depth=3, num_heads=2
+        num_experts=4, slots_per_expert=2, moe_layer_index=[0, 2], img_size=8, patch_size=2, embed_dim=16, depth=3,
+        num_heads=2,
     )
     images = torch.randn(2, 3, 8, 8)
     with capture_routing(model) as records:

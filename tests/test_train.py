@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow  # end-to-end runs, in this process and as command
 ROOT = Path(CONF_DIR).parent
 EXPERIMENTS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 QUIET = ["trainer.progress_bar=false"]
-ROUTING_SCALARS = ["dispatch_entropy", "combine_entropy", "dispatch_max", "combine_max", "effective_experts", "router_scale"]
+ROUTING_SCALARS = [
+    "dispatch_entropy", "combine_entropy", "dispatch_max", "combine_max", "effective_experts", "router_scale"
+]  # fmt: skip
 DISTRIBUTIONS = ["expert_utilisation", "slot_utilisation"]
 
 
@@ -49,17 +51,20 @@ def test_default_run_logs_every_metric_to_metrics_jsonl_and_wandb(compose_run, t
         assert 1 <= event["routing/block2/effective_experts"] <= 16
         assert 0 < event["routing/block3/dispatch_entropy"] <= 1
     assert set(val_events[0]) == {"step", "epoch", "val/loss", "val/acc"}
-    assert set(test_events[0]) == {"step", "epoch", "test/loss", "test/acc", "test/loss_at_best_val", "test/acc_at_best_val"}
+    tested = {"test/loss", "test/acc", "test/loss_at_best_val", "test/acc_at_best_val"}
+    assert set(test_events[0]) == {"step", "epoch", *tested}
     assert summary.val_acc == summary.best_val_acc == val_events[0]["val/acc"] and summary.best_val_epoch == 1
     assert summary.test_acc == summary.test_acc_at_best_val == test_events[0]["test/acc"]
 
     run, history = wandb_offline_run(tmp_path)
-    assert (run.run_group, run.display_name, run.run_id) == ("sweep-1", "trainer.max_epochs=1", summary.wandb_run_path.split("/")[-1])
+    run_id = summary.wandb_run_path.split("/")[-1]
+    assert (run.run_group, run.display_name, run.run_id) == ("sweep-1", "trainer.max_epochs=1", run_id)
     assert {item.key for item in run.config.update} >= {"model", "moe", "data", "optimizer", "trainer", "seed"}
-    for key in ["train/loss", "train/acc", "train/lr", "train/throughput", "val/loss", "val/acc", "test/acc", "test/acc_at_best_val"]:
+    for key in ["train/loss", "train/acc", "train/lr", "train/throughput", "val/loss", "val/acc", *tested]:
         assert key in history
     assert history["test/acc"] == [json.dumps(summary.test_acc)]
-    assert history["routing/block2/dispatch_entropy"] == [json.dumps(e["routing/block2/dispatch_entropy"]) for e in train_events]
+    logged = [json.dumps(e["routing/block2/dispatch_entropy"]) for e in train_events]
+    assert history["routing/block2/dispatch_entropy"] == logged
     for block in (2, 3):
         for name in ROUTING_SCALARS:
             assert len(history[f"routing/block{block}/{name}"]) == 3
@@ -79,7 +84,8 @@ def test_every_experiment_runs_two_steps(compose_run, tmp_path, experiment):
     overrides = [f"experiment={experiment}", "trainer.max_steps=2", "trainer.eval_batches=1", "logger=none", *QUIET]
     if cfg.data.name != "digits" or cfg.model.embed_dim > 128:  # no CIFAR/ImageNet here; GPU sizes shrunk
         overrides += ["data=synthetic", f"data.img_size={cfg.data.img_size}", "data.train_size=32", "data.test_size=8"]
-        overrides += ["model.embed_dim=32", "model.num_heads=2", "model.depth=2", "moe.num_experts=4", "trainer.batch_size=8"]
+        overrides += ["model.embed_dim=32", "model.num_heads=2", "model.depth=2", "moe.num_experts=4"]
+        overrides += ["trainer.batch_size=8"]
         overrides += ["trainer.device=cpu", "trainer.compile=false", "trainer.num_workers=0", "trainer.precision=fp32"]
     summary = train(compose_run(*overrides), tmp_path)
     assert summary.steps == 2 and 0 <= summary.test_acc <= 1
@@ -150,7 +156,8 @@ def test_a_failing_wandb_never_stops_training(compose_run, tmp_path, monkeypatch
         raise ConnectionError("api.wandb.ai unreachable")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    cfg = compose_run("trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=256", "logger.mode=online", *QUIET)
+    run = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=256", "logger.mode=online", *QUIET]
+    cfg = compose_run(*run)
     summary = train(cfg, tmp_path)
     assert summary.wandb_run_path is None and [e["step"] for e in read_metrics(tmp_path)] == [1, 2, 3, 3, 3]
 
@@ -190,7 +197,8 @@ def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(off
     runs = [wandb_offline_run(offline_sweep / str(job))[0] for job in (0, 1)]
     assert {run.run_group for run in runs} == {str(offline_sweep)}
     assert [run.display_name for run in runs] == [
-        f"model.depth=2,moe.num_experts={n},trainer.batch_size=256,trainer.log_every=1,trainer.max_steps=3" for n in (4, 8)
+        f"model.depth=2,moe.num_experts={n},trainer.batch_size=256,trainer.log_every=1,trainer.max_steps=3"
+        for n in (4, 8)
     ]
     for job, experts in ((0, 4), (1, 8)):
         saved = json.loads(load_checkpoint(offline_sweep / str(job) / "last.pt")["config"])
@@ -199,7 +207,8 @@ def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(off
 
 
 def test_best_pt_is_chosen_on_validation_and_the_test_split_is_read_once_at_the_end(compose_run, tmp_path):
-    # lr 1e-12: every epoch validates the same predictions, so the best stays epoch 1 while the final model is epoch 3's;
+    # lr 1e-12: every epoch validates the same predictions, so the best stays epoch 1 while the final model is
+    # epoch 3's;
     # best.pt is then read back and tested, and must give the final model's numbers
     run = ["trainer.max_epochs=3", "trainer.batch_size=256", "optimizer.lr=1e-12", "logger=none", *QUIET]
     summary = train(compose_run(*run), tmp_path)
@@ -214,10 +223,12 @@ def test_best_pt_is_chosen_on_validation_and_the_test_split_is_read_once_at_the_
 
 
 def test_without_a_validation_split_nothing_is_selected_and_the_run_says_so(compose_run, tmp_path, caplog):
-    summary = train(compose_run("data.val_size=0", "trainer.max_steps=5", "trainer.batch_size=256", "logger=none", *QUIET), tmp_path)
+    run = ["data.val_size=0", "trainer.max_steps=5", "trainer.batch_size=256", "logger=none", *QUIET]
+    summary = train(compose_run(*run), tmp_path)
     assert not (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
     assert "data.val_size=0: no validation split, so no model selection" in caplog.text
-    assert [set(e) - {"step", "epoch"} for e in read_metrics(tmp_path) if "train/loss" not in e] == [{"test/acc", "test/loss"}]
+    untrained = [set(e) - {"step", "epoch"} for e in read_metrics(tmp_path) if "train/loss" not in e]
+    assert untrained == [{"test/acc", "test/loss"}]
     assert summary.best_val_acc != summary.best_val_acc  # NaN: there is nothing to select on
     assert summary.describe().endswith("no validation split (data.val_size=0), so no checkpoint was selected")
 
@@ -234,7 +245,8 @@ def test_an_optuna_sweep_maximises_validation_accuracy_never_test(tmp_path):
     import yaml
 
     optimum = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
-    assert set(optimum["best_params"]) == {"moe.scale_init", "moe.router_lr_mult", "moe.router_weight_decay", "optimizer.lr"}
+    searched = {"moe.scale_init", "moe.router_lr_mult", "moe.router_weight_decay", "optimizer.lr"}
+    assert set(optimum["best_params"]) == searched
     trials = [read_metrics(tmp_path / str(job)) for job in (0, 1)]
     best_val = [max(e["val/acc"] for e in events if "val/acc" in e) for events in trials]
     assert optimum["best_value"] == max(best_val)

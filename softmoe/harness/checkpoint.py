@@ -65,7 +65,8 @@ def save_checkpoint(path: Path, state: dict[str, Any], *, keep_previous: bool = 
         except OSError as error:
             full = " (the disk is full)" if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
             kept = f"; {path.name} still holds the previous checkpoint" if path.exists() else ""
-            raise CheckpointWriteError(f"{path}: could not be written{full}: {error.strerror or error}{kept}") from error
+            problem = f"{path}: could not be written{full}: {error.strerror or error}{kept}"
+            raise CheckpointWriteError(problem) from error
         if keep_previous and path.exists():
             _keep_previous(path)
         os.replace(temporary, path)

@@ -176,7 +176,8 @@ def _check_target(section: str, values: Mapping[str, Any]) -> Callable:
     try:
         factory = get_object(target)
     except Exception:
-        raise ConfigError(f"{section}._target_={format_value(target)}: must name an importable class or function") from None
+        problem = f"{section}._target_={format_value(target)}: must name an importable class or function"
+        raise ConfigError(problem) from None
     accepted = set(inspect.signature(factory).parameters)
     _check_known(section, values, accepted, f"an argument of {target}")
     return factory

@@ -216,12 +216,14 @@ class Distributed:
         if strategy == "ddp" and not torchrun:
             _check(
                 "trainer.strategy", strategy,
-                "needs a torchrun launch (RANK and WORLD_SIZE are not set): torchrun --nproc_per_node=N -m softmoe.train ...",
+                "needs a torchrun launch (RANK and WORLD_SIZE are not set): "
+                "torchrun --nproc_per_node=N -m softmoe.train ...",
             )  # fmt: skip
         if strategy == "single" and torchrun and world_size > 1:
             _check(
                 "trainer.strategy", strategy,
-                f"this process is one of WORLD_SIZE={world_size} started by torchrun; use trainer.strategy=auto or ddp, "
+                f"this process is one of WORLD_SIZE={world_size} started by torchrun; "
+                "use trainer.strategy=auto or ddp, "
                 "or run python -m softmoe.train",
             )  # fmt: skip
         data_parallel = torchrun and strategy != "single"
@@ -235,9 +237,11 @@ class Distributed:
             if moe.placement == "none" and not moe.layers:
                 _check("moe.expert_parallel", True, "needs MoE layers to split; moe.placement=none builds a dense ViT")
             if moe.num_experts % world_size:
-                _check("moe.num_experts", moe.num_experts, f"expert parallelism needs it divisible by the {world_size} processes")
+                problem = f"expert parallelism needs it divisible by the {world_size} processes"
+                _check("moe.num_experts", moe.num_experts, problem)
             if trainer.precision == "fp16":
-                _check("trainer.precision", "fp16", "a loss-scaled step may skip on some ranks only under expert parallelism; use bf16")
+                problem = "a loss-scaled step may skip on some ranks only under expert parallelism; use bf16"
+                _check("trainer.precision", "fp16", problem)
         if data_parallel and trainer.batch_size % world_size:
             _check(
                 "trainer.batch_size", trainer.batch_size,
@@ -305,7 +309,9 @@ class Distributed:
             val, _ = self._eval_loader(data.val, trainer.eval_batch_size, trainer.eval_batches, **options)
         return Loaders(train=train, sampler=sampler, test=test, val=val, eval_batches=eval_batches)
 
-    def _eval_loader(self, dataset: Dataset, batch_size: int, eval_batches: Optional[int], **loader_kwargs) -> tuple[DataLoader, Optional[int]]:
+    def _eval_loader(
+        self, dataset: Dataset, batch_size: int, eval_batches: Optional[int], **loader_kwargs
+    ) -> tuple[DataLoader, Optional[int]]:
         """A validation or test loader and the ``max_batches`` to evaluate it with.
 
         Several ranks split the examples a single process would evaluate (the first ``eval_batches`` batches):

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 PREEMPTION_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 NONFINITE_POLICIES = ("skip", "stop")
-__all__ = ["NONFINITE_EXIT_CODE", "NonFiniteError", "NonFiniteGuard", "Preempted", "PreemptionGuard", "preempted_exit_code"]
+__all__ = [
+    "NONFINITE_EXIT_CODE", "NonFiniteError", "NonFiniteGuard", "Preempted", "PreemptionGuard", "preempted_exit_code"
+]  # fmt: skip
 
 
 class Preempted(Exception):
@@ -126,7 +128,9 @@ class NonFiniteGuard:
         self.skipped = 0  # steps skipped in the whole run
         self.consecutive = 0
 
-    def step_is_finite(self, step: int, loss: torch.Tensor, grad_norm: Union[torch.Tensor, float], model: nn.Module) -> bool:
+    def step_is_finite(
+        self, step: int, loss: torch.Tensor, grad_norm: Union[torch.Tensor, float], model: nn.Module
+    ) -> bool:
         """True when ``loss`` and ``grad_norm`` (the global gradient norm, so one check covers every
         gradient) are finite; else counts a skip or raises. ``step`` is 1-based, as logged."""
         loss = loss.detach()
@@ -147,7 +151,9 @@ class NonFiniteGuard:
                 f"step {step}: {what} ({where}) in {self.consecutive} steps in a row, more than "
                 f"trainer.max_nonfinite_skips={self.max_skips}"
             )
-        log.warning("step %d: %s (%s); step skipped (trainer.nonfinite=skip), %d so far", step, what, where, self.skipped)
+        log.warning(
+            "step %d: %s (%s); step skipped (trainer.nonfinite=skip), %d so far", step, what, where, self.skipped
+        )
         return False
 
     def state_dict(self) -> dict[str, int]:

@@ -70,9 +70,11 @@ def plot_dispatch_maps(
                 ax.set_title(f"e{slot // p} s{slot % p}", fontsize=8)
     bar = fig.colorbar(mappable, ax=axes[:, 1:], fraction=0.05, label="dispatch weight")
     bar.ax.axhline(1 / tokens, color="white", linewidth=1.5)  # a slot reading all m tokens equally gives each 1/m
-    bar.ax.text(1.6, 1 / tokens, f"uniform 1/m = 1/{tokens}", transform=bar.ax.get_yaxis_transform(), fontsize=7, va="center")
+    uniform = f"uniform 1/m = 1/{tokens}"
+    bar.ax.text(1.6, 1 / tokens, uniform, transform=bar.ax.get_yaxis_transform(), fontsize=7, va="center")
     layers = ", ".join(names)
-    fig.suptitle(f"{layers}: dispatch weights of slots e<expert> s<slot> over the {grid_h}x{grid_w} patches", fontsize=9)
+    title = f"{layers}: dispatch weights of slots e<expert> s<slot> over the {grid_h}x{grid_w} patches"
+    fig.suptitle(title, fontsize=9)
     return fig
 
 

@@ -53,7 +53,7 @@ from .checkpoint import (
 )
 from .config import planned_steps, validate_config
 from .data import build_datasets
-from .distributed import Distributed, RankZeroTelemetry
+from .distributed import Distributed, Loaders, RankZeroTelemetry
 from .errors import ConfigError, NonFiniteError
 from .faults import NonFiniteGuard, Preempted, PreemptionGuard, first_nonfinite
 from .model import build_model
@@ -135,7 +135,9 @@ class TrainWindow:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss_sum": self.loss_sum.item(), "correct": self.correct.item(), "seen": self.seen, "seconds": self.seconds}
+        return {
+            "loss_sum": self.loss_sum.item(), "correct": self.correct.item(), "seen": self.seen, "seconds": self.seconds
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss_sum.fill_(state["loss_sum"])
@@ -238,7 +240,9 @@ class Checkpoints:
     def save(self, state: TrainState, name: str) -> None:
         bad = first_nonfinite(state.model.state_dict().items())  # a NaN weight never reaches a checkpoint
         if bad is not None:
-            raise NonFiniteError(f"step {state.step}: {bad} is not finite; {name} not written, the previous one is kept")
+            raise NonFiniteError(
+                f"step {state.step}: {bad} is not finite; {name} not written, the previous one is kept"
+            )
         fields = state.state_dict(self.distributed)  # collective: every rank sends its experts
         if fields is None:
             return
@@ -305,7 +309,8 @@ def train_step(
 def log_training(telemetry: RankZeroTelemetry, state: TrainState, out: StepOutput, epoch: int) -> Optional[dict]:
     """Log the training metrics since the last event and this step's routing statistics; returns the training
     metrics (None when every step since the last event was skipped)."""
-    scalars = {**(state.window.pop() if state.window.seen else {}), "train/lr": out.lr, "train/grad_norm": out.grad_norm.item()}
+    window = state.window.pop() if state.window.seen else {}
+    scalars = {**window, "train/lr": out.lr, "train/grad_norm": out.grad_norm.item()}
     if state.nonfinite.skipped:
         scalars["train/skipped_steps"] = state.nonfinite.skipped
     if any(isinstance(layer, SparseMoE) for layer in moe_layers(state.model).values()):
@@ -328,10 +333,95 @@ def raise_if_preempted(preemption: PreemptionGuard, step: int) -> None:
         raise Preempted(preemption.requested, step, preemption.handover())
 
 
+def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tuple[Optional[dict], Optional[Path]]:
+    """(the checkpoint the run starts from, its path), or (None, None) for a fresh start: this directory's
+    ``last.pt`` (or the ``last.prev.pt`` kept beside a damaged one), else ``trainer.resume``. Refuses a checkpoint
+    of another model."""
+    start_from = resume_path(run_dir, resume)
+    if start_from is None:
+        return None, None
+    checkpoint, start_from = load_resume_checkpoint(start_from)
+    check_same_model(checkpoint, config, start_from)
+    return checkpoint, start_from
+
+
+def build_state(
+    cfg: DictConfig, config: dict, distributed: Distributed, total_steps: int
+) -> tuple[TrainState, nn.Module]:
+    """A fresh :class:`TrainState` and what to call forward on: the model on this rank's device (expert parallel:
+    its experts; DDP-wrapped when data parallel), AdamW/SGD with weight decay by parameter name, the schedule,
+    loss scaling for fp16, the NaN/inf guard."""
+    trainer, device = cfg.trainer, distributed.device
+    model, forward = distributed.setup_model(build_model(config["model"], config["moe"]).to(device), trainer.compile)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.moe)
+    state = TrainState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(cfg.scheduler, optimizer, total_steps),
+        scaler=torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16"),
+        window=TrainWindow(device),
+        nonfinite=NonFiniteGuard(trainer.nonfinite, trainer.max_nonfinite_skips),  # NaN/inf steps: skip or stop
+    )
+    return state, forward
+
+
+def log_plan(cfg: DictConfig, data, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
+    blocks = sorted(block_index(name) for name in moe_layers(model))
+    log.info(
+        "model: %s, %s, %.2fM parameters; data=%s: %d train / %d val / %d test images; %d steps, %d per epoch",
+        cfg.model.name, f"MoE (router={cfg.moe.router}) in blocks {blocks}" if blocks else "dense",
+        sum(p.numel() for p in model.parameters()) / 1e6, data.name, len(data.train),
+        len(data.val) if data.val is not None else 0, len(data.test), total_steps, steps_per_epoch,
+    )  # fmt: skip
+    if data.val is None:
+        log.warning("data.val_size=0: no validation split, so no model selection: best.pt is not written, "
+                    "and only the final model is tested")  # fmt: skip
+
+
+def validate(
+    state: TrainState, forward: nn.Module, loaders: Loaders, cfg: DictConfig, checkpoints: "Checkpoints",
+    epoch: int, images: dict,
+) -> None:  # fmt: skip
+    """The end of an epoch: validate, keep the best (``best.pt``), log, write ``last.pt``."""
+    telemetry, distributed = checkpoints.telemetry, checkpoints.distributed
+    if loaders.val is not None:
+        state.last_eval = evaluate_split(forward, loaders.val, distributed, cfg.trainer.precision, loaders.eval_batches)
+        metrics = {"val/loss": state.last_eval["loss"], "val/acc": state.last_eval["acc"]}
+        telemetry.log(state.step, epoch + 1, metrics, images=images)
+        if state.last_eval["acc"] > state.best["acc"]:
+            state.best = {"acc": state.last_eval["acc"], "epoch": epoch + 1}
+            checkpoints.save(state, BEST)
+    elif images:
+        telemetry.log(state.step, epoch + 1, {}, images=images)
+    checkpoints.checkpoint_last(state)
+
+
+def test_final_and_best(
+    state: TrainState, forward: nn.Module, loaders: Loaders, cfg: DictConfig, checkpoints: "Checkpoints", epochs: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The test split, once: (the final model's metrics, those of ``best.pt``, the best-on-validation checkpoint;
+    NaN without a validation split). Logged at the run's last step."""
+    distributed, precision = checkpoints.distributed, cfg.trainer.precision
+    test = evaluate_split(forward, loaders.test, distributed, precision, loaders.eval_batches)
+    at_best = {"loss": math.nan, "acc": math.nan}
+    if loaders.val is not None and state.best["epoch"] == epochs:
+        at_best = test  # the final model is the best one
+    elif loaders.val is not None:
+        distributed.load_state(state.model, load_checkpoint(checkpoints.run_dir / BEST)["model"])
+        at_best = evaluate_split(forward, loaders.test, distributed, precision, loaders.eval_batches)
+    metrics = {"test/loss": test["loss"], "test/acc": test["acc"]}
+    if loaders.val is not None:
+        metrics.update({"test/loss_at_best_val": at_best["loss"], "test/acc_at_best_val": at_best["acc"]})
+    checkpoints.telemetry.log(state.step, epochs, metrics)
+    checkpoints.telemetry.commit()
+    return test, at_best
+
+
 def epoch_line(epoch: int, epochs: int, step: int, latest: Optional[dict], last_eval: Optional[dict]) -> str:
     trained = "" if not latest else (
-        f"train loss {latest['train/loss']:.4f} acc {latest['train/acc']:.2%} ({latest['train/throughput']:.0f} img/s)  "
-    )
+        f"train loss {latest['train/loss']:.4f} acc {latest['train/acc']:.2%} "
+        f"({latest['train/throughput']:.0f} img/s)  "
+    )  # fmt: skip
     validated = "" if last_eval is None else f"val loss {last_eval['loss']:.4f} acc {100 * last_eval['acc']:.2f}%"
     return f"epoch {epoch}/{epochs}  step {step}  {trained}{validated}"
 
@@ -353,13 +443,7 @@ def train(
         lock = distributed.claim_run_dir(run_dir)  # one process per run directory (rank 0 holds the lock)
         if lock is not None:
             cleanup.callback(lock.release)
-
-        # Where the run starts: this directory's last.pt (or the last.prev.pt kept beside a damaged one), else
-        # trainer.resume, else from scratch.
-        start_from = resume_path(run_dir, trainer.resume)
-        checkpoint, start_from = load_resume_checkpoint(start_from) if start_from else (None, None)
-        if checkpoint is not None:
-            check_same_model(checkpoint, config, start_from)
+        checkpoint, start_from = resume_checkpoint(run_dir, trainer.resume, config)
         seed_everything(cfg.seed)
 
         # Data. Epoch e's order is drawn from seed + e, so a resumed run skips what it has seen without loading it.
@@ -367,32 +451,17 @@ def train(
         loaders = distributed.build_loaders(data, trainer, cfg.seed)  # this rank's share of every batch
         steps_per_epoch, total_steps = planned_steps(config["trainer"], len(data.train))
         if steps_per_epoch == 0:  # only for datasets whose size was unknown before they were scanned
-            raise ConfigError(f"trainer.batch_size={trainer.batch_size}: larger than the {len(data.train)} training examples")
+            raise ConfigError(
+                f"trainer.batch_size={trainer.batch_size}: larger than the {len(data.train)} training examples"
+            )
         epochs = math.ceil(total_steps / steps_per_epoch)
 
-        # Model (expert parallel: this rank's experts; `forward` is DDP when data parallel), optimizer (weight decay
-        # by parameter name), learning-rate schedule, loss scaling for fp16.
-        model, forward = distributed.setup_model(build_model(config["model"], config["moe"]).to(device), trainer.compile)
-        optimizer = build_optimizer(cfg.optimizer, model, cfg.moe)
-        state = TrainState(
-            model=model,
-            optimizer=optimizer,
-            scheduler=build_scheduler(cfg.scheduler, optimizer, total_steps),
-            scaler=torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16"),
-            window=TrainWindow(device),
-            nonfinite=NonFiniteGuard(trainer.nonfinite, trainer.max_nonfinite_skips),  # NaN/inf steps: skip or stop
-        )
-        moe_blocks = sorted(block_index(name) for name in moe_layers(model))
-        log.info(
-            "model: %s, %s, %.2fM parameters; data=%s: %d train / %d val / %d test images; %d steps, %d per epoch",
-            cfg.model.name, f"MoE (router={cfg.moe.router}) in blocks {moe_blocks}" if moe_blocks else "dense",
-            sum(p.numel() for p in model.parameters()) / 1e6, data.name, len(data.train),
-            len(data.val) if data.val is not None else 0, len(data.test), total_steps, steps_per_epoch,
-        )  # fmt: skip
+        state, forward = build_state(cfg, config, distributed, total_steps)
+        model = state.model
+        log_plan(cfg, data, model, total_steps, steps_per_epoch)
         if checkpoint is not None:
             state.load_state_dict(checkpoint, distributed)  # expert parallel: this rank's experts
             log.info("resuming from %s at step %d of %d", start_from, state.step, total_steps)
-
         telemetry = distributed.telemetry(  # written by rank 0, from metrics averaged over the ranks
             Telemetry, run_dir, config["logger"], config, resume_step=state.step,
             run_id=checkpoint["wandb_run_id"] if checkpoint is not None else None, group=wandb_group, name=wandb_name,
@@ -401,11 +470,9 @@ def train(
         checkpoints = Checkpoints(run_dir, config, distributed, telemetry)
         if checkpoint is not None:
             set_rng_state(checkpoint["rng"])  # last: building the model and starting W&B may draw from the RNGs
-        if loaders.val is None:
-            log.warning("data.val_size=0: no validation split, so no model selection: best.pt is not written, "
-                        "and only the final model is tested")  # fmt: skip
         # The dispatch-map panel shows this image at every evaluation (a picture of the routing, not a selection).
         panel_image = (data.val if data.val is not None else data.test)[0][0]
+        draw_panel = bool(moe_layers(model)) and telemetry.logs_images
         if data.skipped and checkpoint is None:
             telemetry.log(0, 1, {"data/skipped_examples": data.skipped})
         # Ctrl-C, SIGTERM, SIGUSR1, SIGUSR2: finish the step, save last.pt, raise Preempted (faults.py).
@@ -424,7 +491,8 @@ def train(
             for images, labels in bar:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 log_now = every(state.step + 1, trainer.log_every)
-                out = train_step(state, forward, images, labels, cfg, distributed, record_routing=log_now, started=started)
+                out = train_step(state, forward, images, labels, cfg, distributed, record_routing=log_now,
+                                 started=started)  # fmt: skip
                 if log_now:
                     latest = log_training(telemetry, state, out, epoch) or latest
                     if latest:
@@ -441,33 +509,16 @@ def train(
             bar.close()
 
             # Validate at the end of every epoch (and of a run that stops mid-epoch), keep the best, checkpoint.
-            panel = dispatch_panel(model, panel_image, device) if moe_blocks and telemetry.logs_images else None
-            images = {"val/dispatch_maps": panel} if panel is not None else {}
-            if loaders.val is not None:
-                state.last_eval = evaluate_split(forward, loaders.val, distributed, trainer.precision, loaders.eval_batches)
-                telemetry.log(state.step, epoch + 1, {"val/loss": state.last_eval["loss"], "val/acc": state.last_eval["acc"]}, images=images)
-                if state.last_eval["acc"] > state.best["acc"]:
-                    state.best = {"acc": state.last_eval["acc"], "epoch": epoch + 1}
-                    checkpoints.save(state, BEST)
-            elif images:
-                telemetry.log(state.step, epoch + 1, {}, images=images)
-            checkpoints.checkpoint_last(state)
+            panel = dispatch_panel(model, panel_image, device) if draw_panel else None
+            images = {} if panel is None else {"val/dispatch_maps": panel}
+            validate(state, forward, loaders, cfg, checkpoints, epoch, images)
             distributed.share_signal(preemption)
             if state.step < total_steps:
                 raise_if_preempted(preemption, state.step)
-            log.info(epoch_line(epoch + 1, epochs, state.step, latest, state.last_eval if loaders.val is not None else None))
+            validated = state.last_eval if loaders.val is not None else None
+            log.info(epoch_line(epoch + 1, epochs, state.step, latest, validated))
 
-        # The test split, once: the final model, then the best-on-validation checkpoint (best.pt).
-        test = evaluate_split(forward, loaders.test, distributed, trainer.precision, loaders.eval_batches)
-        test_at_best = {"loss": math.nan, "acc": math.nan}
-        if loaders.val is not None and state.best["epoch"] == epochs:
-            test_at_best = test  # the final model is the best one
-        elif loaders.val is not None:
-            distributed.load_state(model, load_checkpoint(run_dir / BEST)["model"])
-            test_at_best = evaluate_split(forward, loaders.test, distributed, trainer.precision, loaders.eval_batches)
-        at_best = {"test/loss_at_best_val": test_at_best["loss"], "test/acc_at_best_val": test_at_best["acc"]}
-        telemetry.log(state.step, epochs, {"test/loss": test["loss"], "test/acc": test["acc"], **(at_best if loaders.val is not None else {})})
-        telemetry.commit()
+        test, test_at_best = test_final_and_best(state, forward, loaders, cfg, checkpoints, epochs)
         summary = Summary(
             test_acc=test["acc"],
             test_loss=test["loss"],

@@ -118,7 +118,9 @@ def truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.endswith("\n") and _event_step(line) is not None and _event_step(line) <= step]
+    kept = [
+        line for line in lines if line.endswith("\n") and _event_step(line) is not None and _event_step(line) <= step
+    ]  # fmt: skip
     if len(kept) != len(lines):
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text("".join(kept))
@@ -213,7 +215,8 @@ class Telemetry:
         self._log_images = cfg["log_images"]
         if mode == "offline":
             self._offline_dir = Path(self.wandb.settings.sync_dir)
-            log.info("W&B: offline (%s); this run is saved in %s; upload it with: %s", why, self._offline_dir, self.sync_command)
+            directory, command = self._offline_dir, self.sync_command
+            log.info("W&B: offline (%s); this run is saved in %s; upload it with: %s", why, directory, command)
         else:
             log.info("W&B: %s", self.wandb.url)
 

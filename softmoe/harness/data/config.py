@@ -27,7 +27,11 @@ DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder", "sy
 
 DIGITS_EXAMPLES = 1797  # sklearn.datasets.load_digits
 CIFAR_EXAMPLES = {"train": 50_000, "test": 10_000}  # the same for CIFAR-10 and CIFAR-100
-OFFICIAL_SIZES = {"cifar10": CIFAR_EXAMPLES, "cifar100": CIFAR_EXAMPLES, "fashion_mnist": {"train": 60_000, "test": 10_000}}
+OFFICIAL_SIZES = {
+    "cifar10": CIFAR_EXAMPLES,
+    "cifar100": CIFAR_EXAMPLES,
+    "fashion_mnist": {"train": 60_000, "test": 10_000},
+}
 SPLITS = ("train", "val", "test")
 
 def optional_path(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
@@ -50,7 +54,10 @@ def digits_test_size(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
 
 def validation_size(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     """``data.val_size``: a count of training examples to hold out, or a fraction of them; 0 turns validation off."""
-    allowed = "must be a count of training examples to hold out (an integer >= 0; 0: no validation split) or a fraction in (0, 1)"
+    allowed = (
+        "must be a count of training examples to hold out (an integer >= 0; 0: no validation split) "
+        "or a fraction in (0, 1)"
+    )
     if isinstance(value, float):
         return None if math.isfinite(value) and 0 < value < 1 else allowed
     if not is_int(value) or value < 0:
