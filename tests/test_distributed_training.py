@@ -121,8 +121,8 @@ def test_each_rank_takes_its_slice_of_the_single_process_batches():
         shares = [list(sampler) for sampler in ranks]
         assert [len(share) for share in shares] == [len(sampler) for sampler in ranks] == [(50 - skip) // 12 * 4] * 3
         for batch in range((50 - skip) // 12):  # the global batch = the ranks' batches, in rank order
-            ranks = sum((share[4 * batch : 4 * batch + 4] for share in shares), [])
-            assert ranks == order[12 * batch : 12 * batch + 12]
+            global_batch = sum((share[4 * batch : 4 * batch + 4] for share in shares), [])
+            assert global_batch == order[12 * batch : 12 * batch + 12]
 
 
 TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
