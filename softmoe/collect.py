@@ -6,19 +6,11 @@
     python -m softmoe.collect --wandb-dir SWEEP_DIR --group SWEEP_DIR    # the same from offline W&B run files
     python -m softmoe.collect --wandb ENTITY/PROJECT --group SWEEP_DIR   # the same from the W&B API
 
-A run directory is one that holds ``metrics.jsonl`` (one JSON object per log event) and Hydra's
-``.hydra/overrides.yaml``. Runs are grouped by the overrides that differ between runs, except
-``seed``; each group reports mean ± std over its runs (seeds) of the best validation accuracy (the
-selection), the test accuracy of the final model and that of the best-on-validation checkpoint (the
-trainer tests each once), and the final value of any ``--metric``. Nothing is ever selected on a test
-metric. Writes ``results.md`` and ``results.png`` (to ``--out``, default the sweep dir).
-
-W&B keeps a run's resolved config, not its command line, so a W&B run's overrides are the config keys
-(dotted: ``moe.num_experts``) whose values differ between the runs read: the keys and values a sweep
-directory gives, except that a swept config group (``routing=soft,sparse``) shows as the keys it sets.
-``softmoe.train`` names a sweep's W&B group after its sweep directory, as typed in ``hydra.sweep.dir``.
-``--wandb-dir`` reads every ``offline-run-*/run-*.wandb`` below it (what offline runs leave, before
-``wandb sync``); ``--group`` keeps one group's.
+Each group of runs (the overrides that differ between runs, except ``seed``) reports mean ± std over its seeds of
+the best validation accuracy (the selection) and the test accuracy of the final model and of the best-on-validation
+checkpoint, and the final value of any ``--metric``; nothing is ever selected on a test metric. Writes
+``results.md`` and ``results.png`` (to ``--out``, default the sweep dir). The reading, grouping and plotting live
+in ``softmoe.harness.sweeps``, which the notebooks import too; this module is the command line.
 """
 
 from __future__ import annotations
