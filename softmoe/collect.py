@@ -6,392 +6,32 @@
     python -m softmoe.collect --wandb-dir SWEEP_DIR --group SWEEP_DIR    # the same from offline W&B run files
     python -m softmoe.collect --wandb ENTITY/PROJECT --group SWEEP_DIR   # the same from the W&B API
 
-A run directory is one that holds ``metrics.jsonl`` (one JSON object per log event) and Hydra's
-``.hydra/overrides.yaml``. Runs are grouped by the overrides that differ between runs, except
-``seed``; each group reports mean ± std over its runs (seeds) of the best validation accuracy (the
-selection), the test accuracy of the final model and that of the best-on-validation checkpoint (the
-trainer tests each once), and the final value of any ``--metric``. Nothing is ever selected on a test
-metric. Writes ``results.md`` and ``results.png`` (to ``--out``, default the sweep dir).
-
-W&B keeps a run's resolved config, not its command line, so a W&B run's overrides are the config keys
-(dotted: ``moe.num_experts``) whose values differ between the runs read: the keys and values a sweep
-directory gives, except that a swept config group (``routing=soft,sparse``) shows as the keys it sets.
-``softmoe.train`` names a sweep's W&B group after its sweep directory, as typed in ``hydra.sweep.dir``.
-``--wandb-dir`` reads every ``offline-run-*/run-*.wandb`` below it (what offline runs leave, before
-``wandb sync``); ``--group`` keeps one group's.
+Each group of runs (the overrides that differ between runs, except ``seed``) reports mean ± std over its seeds of
+the best validation accuracy (the selection) and the test accuracy of the final model and of the best-on-validation
+checkpoint, and the final value of any ``--metric``; nothing is ever selected on a test metric. Writes
+``results.md`` and ``results.png`` (to ``--out``, default the sweep dir). The reading, grouping and plotting live
+in ``softmoe.harness.sweeps``, which the notebooks import too; this module is the command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
-import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
-IGNORED_KEYS = ("seed", "hydra.", "logger.", "trainer.device", "paths.")
-
-
-# Metrics whose best value is the smallest: losses and the sparse routers' dropped-token fractions.
-LOWER_IS_BETTER_SUFFIXES = ("loss", "dropped_fraction", "skipped_steps")
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.endswith(LOWER_IS_BETTER_SUFFIXES)
-
-
-@dataclass
-class RunResult:
-    """One run: its overrides (``key -> value`` as typed) and its metric values in logging order."""
-
-    name: str
-    overrides: Dict[str, str]
-    history: Dict[str, List[float]] = field(default_factory=dict)
-
-    def final(self, metric: str) -> Optional[float]:
-        values = self.history.get(metric)
-        return values[-1] if values else None
-
-    def best(self, metric: str) -> Optional[float]:
-        values = self.history.get(metric)
-        if not values:
-            return None
-        return min(values) if lower_is_better(metric) else max(values)
-
-
-def parse_overrides(lines: Iterable[str]) -> Dict[str, str]:
-    """Hydra override strings (``a.b=1``, ``+x=y``, ``~z``) as a dict; deletions are dropped."""
-    overrides = {}
-    for line in lines:
-        line = str(line).strip()
-        if "=" not in line or line.startswith("~"):
-            continue
-        key, value = line.split("=", 1)
-        overrides[key.lstrip("+")] = value
-    return overrides
-
-
-def numeric_history(events: Iterable[Mapping[str, Any]]) -> Dict[str, List[float]]:
-    """Every numeric value of the logged events, by key, in logging order. Keys starting with ``_`` are
-    W&B's bookkeeping (``_step``, ``_runtime``, ``_timestamp``), not metrics."""
-    history: Dict[str, List[float]] = {}
-    for event in events:
-        for key, value in event.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("_"):
-                history.setdefault(key, []).append(float(value))
-    return history
-
-
-def read_metrics(path: Path) -> Dict[str, List[float]]:
-    """Every numeric value of ``metrics.jsonl``, by key, in logging order (a torn last line is skipped)."""
-    return numeric_history(_json_lines(path))
-
-
-def _json_lines(path: Path) -> Iterator[Dict[str, Any]]:
-    for line in path.read_text().splitlines():
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            continue
-
-
-def load_sweep(sweep_dir: Path) -> List[RunResult]:
-    """Every run directory below ``sweep_dir``."""
-    import yaml
-
-    runs = []
-    for metrics in sorted(sweep_dir.rglob("metrics.jsonl")):
-        run_dir = metrics.parent
-        overrides_file = run_dir / ".hydra" / "overrides.yaml"
-        overrides = parse_overrides(yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else {}
-        runs.append(RunResult(str(run_dir.relative_to(sweep_dir)), overrides, read_metrics(metrics)))
-    if not runs:
-        raise SystemExit(f"error: no run directories (with metrics.jsonl) below {sweep_dir}")
-    return runs
-
-
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """A nested config as dotted keys: ``{"moe": {"num_experts": 8}}`` -> ``{"moe.num_experts": 8}``."""
-    flat: Dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def override_value(value: Any) -> str:
-    """A config value as a Hydra override writes it: ``8``, ``0.001``, ``soft``, ``true``, ``null``, ``[2,3]``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(override_value(item) for item in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ",".join(f"{key}:{override_value(item)}" for key, item in value.items()) + "}"
-    return str(value)
-
-
-def config_overrides(configs: Sequence[Mapping[str, Any]]) -> List[Dict[str, str]]:
-    """Each run's overrides, from the resolved configs of the runs read together: the dotted keys whose
-    values differ between them, written as a Hydra override would. W&B's own ``_wandb`` entry is dropped;
-    seeds and the other ``IGNORED_KEYS`` stay, for :func:`swept_keys` to skip and ``--by seed`` to use."""
-    flat = [
-        {key: override_value(value) for key, value in flatten_config(config).items()}
-        for config in ({key: value for key, value in config.items() if key != "_wandb"} for config in configs)
-    ]
-    keys = {key for run in flat for key in run}
-    differing = {key for key in keys if len({run.get(key) for run in flat}) > 1}
-    return [{key: value for key, value in run.items() if key in differing} for run in flat]
-
-
-@dataclass
-class WandbRun:
-    """What a W&B run holds for collect: its group, name, resolved config and logged rows (dicts)."""
-
-    group: str
-    name: str
-    config: Dict[str, Any]
-    rows: Iterable[Mapping[str, Any]]
-
-
-def wandb_results(runs: Sequence[WandbRun]) -> List[RunResult]:
-    """The results of W&B runs, whether read from offline run files or through the API."""
-    overrides = config_overrides([run.config for run in runs])
-    return [RunResult(run.name, own, numeric_history(run.rows)) for run, own in zip(runs, overrides)]
-
-
-def offline_run_files(wandb_dir: Path) -> List[Path]:
-    """Every offline W&B run file below ``wandb_dir``; sorted, so a resumed run's files come oldest first
-    (their folders are named ``offline-run-<date>_<time>-<id>``)."""
-    return sorted(path for path in wandb_dir.rglob("run-*.wandb") if path.parent.name.startswith("offline-run-"))
-
-
-def read_offline_run(path: Path) -> Tuple[str, WandbRun]:
-    """The run id and the run of one offline run file. Its rows are the dicts the W&B API's ``scan_history``
-    gives: a histogram or image logged under ``key`` is a dict there, not numbers to report."""
-    from softmoe.harness.wandb_files import read_records
-
-    run_id, run = path.stem[len("run-"):], WandbRun(group="", name="", config={}, rows=[])
-    for record in read_records(path):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            run_id, run.group, run.name = record.run.run_id, record.run.run_group, record.run.display_name
-            _apply_config_record(run.config, record.run.config)
-        elif kind == "config":  # a later wandb.config.update
-            _apply_config_record(run.config, record.config)
-        elif kind == "history":
-            row: Dict[str, Any] = {}
-            for item in record.history.item:
-                _set_item(row, item)
-            run.rows.append(row)
-    run.name = run.name or run_id
-    return run_id, run
-
-
-def _apply_config_record(config: Dict[str, Any], record) -> None:
-    """A ``ConfigRecord``'s updates and removals applied to ``config``."""
-    from softmoe.harness.wandb_files import item_path
-
-    for item in record.update:
-        _set_item(config, item)
-    for item in record.remove:
-        *parents, last = item_path(item)
-        _nested(config, parents).pop(last, None)
-
-
-def _set_item(target: Dict[str, Any], item) -> None:
-    """A config or history item's value (plain JSON) put in ``target``, in nested dicts where its key is nested."""
-    from softmoe.harness.wandb_files import item_path
-
-    *parents, last = item_path(item)
-    _nested(target, parents)[last] = json.loads(item.value_json)
-
-
-def _nested(target: Dict[str, Any], keys: Sequence[str]) -> Dict[str, Any]:
-    for key in keys:
-        target = target.setdefault(key, {})
-    return target
-
-
-def load_wandb_offline(wandb_dir: Path, group: Optional[str] = None) -> List[RunResult]:
-    """The offline W&B runs below ``wandb_dir`` (those of ``group`` when given). A resumed run left one
-    file per attempt, all with its id: they are read as one run, history in order."""
-    files = offline_run_files(wandb_dir)
-    if not files:
-        raise SystemExit(f"error: no offline W&B runs (offline-run-*/run-*.wandb) below {wandb_dir}")
-    runs: Dict[str, WandbRun] = {}
-    for path in files:
-        run_id, run = read_offline_run(path)
-        if run_id in runs:
-            run.rows = [*runs[run_id].rows, *run.rows]
-        runs[run_id] = run
-    kept = [run for run in runs.values() if group is None or run.group == group]
-    if not kept:
-        found = ", ".join(repr(name) if name else "(no group)" for name in sorted({run.group for run in runs.values()}))
-        raise SystemExit(f"error: no offline W&B run below {wandb_dir} is in group {group!r}; groups found: {found}")
-    return wandb_results(kept)
-
-
-def load_wandb_group(project: str, group: str) -> List[RunResult]:
-    """The runs of one W&B group, read through the W&B API (needs network and credentials)."""
-    import wandb
-
-    api_runs = wandb.Api().runs(project, filters={"group": group})
-    runs = [WandbRun(group, run.name, dict(run.config), run.scan_history()) for run in api_runs]
-    if not runs:
-        raise SystemExit(f"error: W&B project {project!r} has no runs in group {group!r}")
-    return wandb_results(runs)
-
-
-def swept_keys(runs: Sequence[RunResult]) -> List[str]:
-    """The override keys whose values differ between runs, excluding seeds and non-identity keys."""
-    keys = sorted({key for run in runs for key in run.overrides})
-    return [
-        key for key in keys
-        if not key.startswith(IGNORED_KEYS) and len({run.overrides.get(key) for run in runs}) > 1
-    ]
-
-
-def _sort_key(value: Optional[str]):
-    """Numbers by value, then text in natural order (digit runs compared as numbers): 4x4 < 8x2 < 16x1."""
-    try:
-        return (0, float(value), ())
-    except (TypeError, ValueError):
-        chunks = re.split(r"(\d+)", str(value))
-        return (1, 0.0, tuple((0, int(c), "") if c.isdigit() else (1, 0, c) for c in chunks if c))
-
-
-# The columns every table has. Models are selected on the validation split alone; the test split is read for
-# the final model and for the best-on-validation checkpoint, each logged once by the trainer (never a best).
-SELECTION_METRIC = "val/acc"
-RESULT_COLUMNS = (
-    ("best val/acc", SELECTION_METRIC, "best"),
-    ("test/acc (final model)", "test/acc", "final"),
-    ("test/acc (best-val checkpoint)", "test/acc_at_best_val", "final"),
+from softmoe.harness.sweeps import (
+    RESULT_COLUMNS,
+    RunResult,
+    column_label,
+    load_sweep,
+    load_wandb_group,
+    load_wandb_offline,
+    markdown_table,
+    plot,
+    summarize,
+    swept_keys,
 )
-
-
-@dataclass
-class Cell:
-    """One table cell: the mean and std of a metric over a group's runs (std None for a single run)."""
-
-    mean: float
-    std: Optional[float]
-    runs: int
-
-    def __str__(self) -> str:
-        return f"{self.mean:.4f} ± {'n/a' if self.std is None else f'{self.std:.4f}'}"
-
-
-@dataclass
-class GroupSummary:
-    values: Tuple[Optional[str], ...]
-    runs: int
-    cells: Dict[str, Optional[Cell]]  # column label -> cell (None: no run of the group logged it)
-
-
-def columns_for(metrics: Sequence[str]) -> List[Tuple[str, str, str]]:
-    """(label, metric, reduction) of the result columns, then each other metric asked for, as its final value.
-    Only the validation metrics may be reduced to their best epoch: a best test value would be a selection
-    on the test split."""
-    columns = list(RESULT_COLUMNS)
-    for metric in metrics:
-        if column_label(metric) not in [label for label, _, _ in columns]:
-            columns.append((column_label(metric), metric, "final"))
-    return columns
-
-
-def column_label(metric: str) -> str:
-    """The table column that reports ``metric``: a result column's label, else ``final <metric>``."""
-    return next((label for label, column_metric, _ in RESULT_COLUMNS if column_metric == metric), f"final {metric}")
-
-
-def summarise(runs: Sequence[RunResult], by: Sequence[str], metrics: Sequence[str] = ()) -> List[GroupSummary]:
-    """Mean ± std over each group's runs (its seeds) of every column of :func:`columns_for` ``metrics``."""
-    if isinstance(metrics, str):
-        metrics = [metrics]
-    columns = columns_for(metrics)
-    groups: Dict[Tuple[Optional[str], ...], List[RunResult]] = {}
-    for run in runs:
-        groups.setdefault(tuple(run.overrides.get(key) for key in by), []).append(run)
-    summaries = []
-    for values in sorted(groups, key=lambda v: tuple(_sort_key(x) for x in v)):
-        cells = {}
-        for label, metric, reduction in columns:
-            found = [getattr(run, reduction)(metric) for run in groups[values]]
-            cells[label] = _cell([value for value in found if value is not None])
-        if any(cells.values()):
-            summaries.append(GroupSummary(values, len(groups[values]), cells))
-    if not summaries:
-        raise SystemExit(f"error: no run logged any of {', '.join(metric for _, metric, _ in columns)}")
-    return summaries
-
-
-def _cell(values: Sequence[float]) -> Optional[Cell]:
-    if not values:
-        return None
-    return Cell(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
-
-
-def markdown_table(summaries: Sequence[GroupSummary], by: Sequence[str], metrics: Sequence[str] = ()) -> str:
-    """The summaries as a markdown table: mean ± std over the runs (seeds) counted in ``runs``."""
-    if isinstance(metrics, str):
-        metrics = [metrics]
-    labels = [label for label, _, _ in columns_for(metrics) if any(s.cells.get(label) for s in summaries)]
-    header = [*by, "runs", *labels]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for s in summaries:
-        cells = [str(s.cells[label]) if s.cells.get(label) else "n/a" for label in labels]
-        lines.append("| " + " | ".join([*(str(v) for v in s.values), str(s.runs), *cells]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(summaries: Sequence[GroupSummary], by: Sequence[str], column: str, path: Path) -> None:
-    """Bars of one table column (mean, with the std over seeds as error bars) against the first swept key,
-    one bar colour per value of the others. The seed count is in the title; the value axis starts at 0 for
-    metrics in [0, 1] (accuracies, entropies) so that a gap of a few tenths of a point looks like one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [s for s in summaries if s.cells.get(column)]
-    if not shown:
-        raise SystemExit(f"error: no run logged the column {column!r}")
-    series: Dict[Tuple, List[GroupSummary]] = {}
-    for s in shown:
-        series.setdefault(s.values[1:], []).append(s)
-    x_labels = sorted({s.values[0] if by else "all" for s in shown}, key=_sort_key)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(x_labels) * len(series) + 2), 4))
-    width = 0.8 / len(series)
-    for index, (rest, points) in enumerate(series.items()):
-        xs = [x_labels.index(p.values[0] if by else "all") + (index - (len(series) - 1) / 2) * width for p in points]
-        cells = [p.cells[column] for p in points]
-        label = ", ".join(f"{k}={v}" for k, v in zip(by[1:], rest)) or None
-        ax.bar(xs, [c.mean for c in cells], width=width * 0.9, label=label,
-               yerr=[c.std or 0.0 for c in cells], capsize=3, error_kw={"linewidth": 1})  # fmt: skip
-    tick_labels = [str(x) for x in x_labels]
-    # long values (routing names such as uniform_dispatch_soft_combine) or many of them would overlap
-    slanted = len(tick_labels) > 4 or max(map(len, tick_labels)) > 8
-    ax.set_xticks(range(len(x_labels)), tick_labels, rotation=30 if slanted else 0, ha="right" if slanted else "center")
-    ax.set_xlabel(by[0] if by else "all runs")
-    ax.set_ylabel(f"{column} (mean ± std)")
-    seeds = sorted({c.runs for p in shown for c in [p.cells[column]]})
-    seed_text = f"{seeds[0]} seeds" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds"
-    ax.set_title(f"{column}: mean ± std over {seed_text} per bar", fontsize=10)
-    means = [p.cells[column].mean for p in shown]
-    if 0 <= min(means) and max(means) <= 1:
-        ax.set_ylim(0, 1.0)
-    if len(series) > 1:  # beside the axes, where it covers no bar however many series there are
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight" grows the image to hold the legend and labels
-    plt.close(fig)
 
 
 def load_runs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[RunResult]:
@@ -425,7 +65,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--plot", default=None,
         help="the column to plot (default: test/acc (final model), or the first --metric)",
     )  # fmt: skip
-    parser.add_argument("--by", default=None, help="comma-separated override keys to group by (default: the swept keys)")
+    parser.add_argument(
+        "--by", default=None, help="comma-separated override keys to group by (default: the swept keys)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="where to write results.md and results.png")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None, help="read runs from the W&B API instead")
@@ -438,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs = load_runs(args, parser)
     by = args.by.split(",") if args.by else swept_keys(runs)
     metrics = [metric for metric in args.metric.split(",") if metric]
-    summaries = summarise(runs, by, metrics)
+    summaries = summarize(runs, by, metrics)
     table = markdown_table(summaries, by, metrics)
     out = args.out or args.sweep_dir or args.wandb_dir or Path(".")
     out.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from softmoe import capture_routing
 from softmoe.harness.data import build_loader
+from softmoe.harness.errors import USER_ERRORS
 from softmoe.harness.loop import evaluate
 from softmoe.harness.runs import checkpoint_path, load_run
-from softmoe.train import USER_ERRORS
 
 log = logging.getLogger("softmoe.evaluate")
 
@@ -52,7 +52,9 @@ def evaluate_run(
             continue
         loader = build_loader(dataset, batch_size or run.cfg.trainer.eval_batch_size, train=False)
         metrics = evaluate(run.model, loader, run.device, run.cfg.trainer.precision)
-        result.update({f"{split}/loss": metrics["loss"], f"{split}/acc": metrics["acc"], f"{split}/examples": len(dataset)})
+        result.update(
+            {f"{split}/loss": metrics["loss"], f"{split}/acc": metrics["acc"], f"{split}/examples": len(dataset)}
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -153,7 +153,10 @@ class BatchedMlp(nn.Module):
         return torch.baddbmm(bias.unsqueeze(1), x, weight)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, in={self.in_features}, hidden={self.hidden_features}, out={self.out_features}"
+        return (
+            f"num_experts={self.num_experts}, in={self.in_features}, hidden={self.hidden_features}, "
+            f"out={self.out_features}"
+        )
 
 
 class StackedExperts(nn.Module):

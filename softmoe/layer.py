@@ -39,6 +39,17 @@ def routing_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+# The standard deviation of a unit normal truncated to [-2, 2]: dividing by it gives the truncated draw the
+# variance of the untruncated one, as flax's `variance_scaling(..., "truncated_normal")` does.
+TRUNCATED_NORMAL_STD = 0.87962566103423978
+
+
+def truncated_lecun_normal_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
+    """Flax's ``lecun_normal``: a normal truncated at two standard deviations, of variance 1 / ``fan_in``."""
+    std = math.sqrt(1.0 / fan_in) / TRUNCATED_NORMAL_STD
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
 def lecun_normal_phi_(phi: torch.Tensor) -> torch.Tensor:
     """Initialise Φ [d, n, p] as vmoe does: flax's ``lecun_normal`` on that 3-d shape.
 
@@ -46,8 +57,8 @@ def lecun_normal_phi_(phi: torch.Tensor) -> torch.Tensor:
     normal truncated at two standard deviations, rescaled so the variance is 1 / fan_in.
     """
     d, n, _ = phi.shape
-    std = math.sqrt(1.0 / (d * n)) / 0.87962566103423978
-    return nn.init.trunc_normal_(phi, std=std, a=-2 * std, b=2 * std)
+    return truncated_lecun_normal_(phi, fan_in=d * n)
+
 
 
 class SoftMoE(nn.Module):
@@ -99,8 +110,10 @@ class SoftMoE(nn.Module):
         self.dispatch_mode = require_choice("dispatch", dispatch, DISPATCH_CHOICES)
         self.combine_mode = require_choice("combine", combine, COMBINE_CHOICES)
 
-        self.phi = nn.Parameter(torch.empty(self.dim, self.num_experts, self.slots_per_expert, device=device, dtype=dtype))
-        # Named and shaped as in the seed implementation so its router weights load unchanged.
+        self.phi = nn.Parameter(
+            torch.empty(self.dim, self.num_experts, self.slots_per_expert, device=device, dtype=dtype)
+        )
+        # Named and shaped as in the reference implementation so its router weights load unchanged.
         self.scale = nn.Parameter(torch.ones(1, device=device, dtype=dtype)) if self.normalize else None
         if experts is None:
             experts = BatchedMlp(
@@ -185,14 +198,15 @@ class SoftMoE(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
-            f"normalize={self.normalize}, scale_init={self.scale_init}, dispatch={self.dispatch_mode!r}, combine={self.combine_mode!r}"
+            f"normalize={self.normalize}, scale_init={self.scale_init}, dispatch={self.dispatch_mode!r}, "
+            f"combine={self.combine_mode!r}"
         )
 
 
 class SoftMoELayerWrapper(SoftMoE):
     """Turn any layer mapping [b, m, dim] -> [b, m, d'] into a Soft MoE layer of independent experts.
 
-    The seed implementation's API: ``layer`` is a class (or ``partial``) built ``num_experts`` times
+    The reference implementation's API: ``layer`` is a class (or ``partial``) built ``num_experts`` times
     with ``**layer_kwargs``; expert i receives its slots as a [batch, slots_per_expert, dim] tensor.
     """
 

@@ -54,7 +54,7 @@ from torch import nn
 
 from ._checks import require_positive_int, require_positive_number, require_tokens
 from .experts import BatchedMlp
-from .layer import l2_normalize
+from .layer import l2_normalize, truncated_lecun_normal_
 
 Stats = Dict[str, Union[int, torch.Tensor]]
 
@@ -116,7 +116,9 @@ class SparseMoE(nn.Module):
         self.normalize = bool(normalize)
         self.scale_init = require_positive_number("scale_init", scale_init)
         self.capacity_factor = (
-            None if capacity_factor is None else _require_number("capacity_factor", capacity_factor, minimum=0, inclusive=False)
+            None
+            if capacity_factor is None
+            else _require_number("capacity_factor", capacity_factor, minimum=0, inclusive=False)
         )
         self.noise_std = _require_number("noise_std", noise_std, minimum=0, inclusive=True)
 
@@ -133,8 +135,7 @@ class SparseMoE(nn.Module):
 
     def reset_parameters(self) -> None:
         """LeCun normal (truncated at 2 std, fan_in = d), flax's default for vmoe's router ``Dense``."""
-        std = math.sqrt(1.0 / self.dim) / 0.87962566103423978
-        nn.init.trunc_normal_(self.router_weight, std=std, a=-2 * std, b=2 * std)
+        truncated_lecun_normal_(self.router_weight, fan_in=self.dim)
         if self.scale is not None:
             nn.init.constant_(self.scale, self.scale_init)
 
@@ -225,7 +226,9 @@ class SparseMoE(nn.Module):
         self._routing_recorder(dispatch, dispatch * slot_gate.unsqueeze(1))
 
     def extra_repr(self) -> str:
-        capacity = f"capacity_factor={self.capacity_factor}" if self.capacity_factor is not None else "capacity=slots_per_expert"
+        capacity = "capacity=slots_per_expert"
+        if self.capacity_factor is not None:
+            capacity = f"capacity_factor={self.capacity_factor}"
         return (
             f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
             f"{capacity}, normalize={self.normalize}, noise_std={self.noise_std}"
@@ -306,7 +309,8 @@ class TokensChoiceMoE(SparseMoE):
         # A claim's place in its expert's buffer = the number of earlier claims on that expert: group
         # the claims by expert with a stable sort (keeps claim order), then rank them within each group.
         expert, by_expert = torch.sort(expert, dim=1, stable=True)
-        claims = torch.zeros(b, n, dtype=torch.long, device=probs.device).scatter_add_(1, expert, torch.ones_like(expert))
+        claims = torch.zeros(b, n, dtype=torch.long, device=probs.device)
+        claims.scatter_add_(1, expert, torch.ones_like(expert))
         first_claim = claims.cumsum(dim=1) - claims  # [b, n]: where each expert's group starts
         position = torch.arange(k * m, device=probs.device) - first_claim.gather(1, expert)  # [b, k·m]
         discard = n * capacity  # an extra slot that collects the dropped claims, cut off below
@@ -376,7 +380,10 @@ def sparse_routing_stats(layer: SparseMoE) -> Dict[str, Union[int, float, torch.
     stats = getattr(layer, "last_stats", None)
     if stats is None:
         raise ValueError(f"{type(layer).__name__} has no routing statistics yet: run a forward pass through it first")
-    return {name: value.item() if isinstance(value, torch.Tensor) and value.ndim == 0 else value for name, value in stats.items()}
+    return {
+        name: value.item() if isinstance(value, torch.Tensor) and value.ndim == 0 else value
+        for name, value in stats.items()
+    }
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor:
@@ -384,7 +391,9 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor:
 
     Train with ``loss = task_loss + aux_loss_weight * auxiliary_loss(model)``.
     """
-    losses = [module.aux_loss for module in model.modules() if isinstance(module, SparseMoE) and module.aux_loss is not None]
+    losses = [
+        module.aux_loss for module in model.modules() if isinstance(module, SparseMoE) and module.aux_loss is not None
+    ]
     if losses:
         return torch.stack(losses).sum()
     parameter = next(model.parameters(), None)

@@ -15,17 +15,17 @@ from torch import nn
 from .layer import l2_normalize
 
 
-def _entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
+def entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
     """Shannon entropy (nats) along ``dim``, with 0 log 0 = 0."""
     return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=dim)
 
 
-def _normalized_entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
+def normalized_entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
     """Entropy divided by its maximum log(size); a support of one element counts as uniform (1)."""
     size = probs.shape[dim]
     if size == 1:
         return torch.ones_like(probs.sum(dim=dim))
-    return _entropy(probs, dim) / math.log(size)
+    return entropy(probs, dim) / math.log(size)
 
 
 def _check_routing(name: str, weights: torch.Tensor) -> None:
@@ -38,18 +38,22 @@ def _check_routing(name: str, weights: torch.Tensor) -> None:
 def routing_stats(dispatch: torch.Tensor, combine: torch.Tensor) -> Dict[str, Union[float, torch.Tensor]]:
     """Summaries of one layer's routing for a batch.
 
-    - ``dispatch_entropy``: mean over slots of the entropy of its dispatch distribution over tokens, / log m (1 = uniform, 0 = one token).
+    - ``dispatch_entropy``: mean over slots of the entropy of its dispatch distribution over tokens, / log m
+      (1 = uniform, 0 = one token).
     - ``combine_entropy``: mean over tokens of the entropy of its combine distribution over all n·p slots, / log(n·p).
     - ``dispatch_max``: mean over slots of the largest dispatch weight (-> 1 when dispatch collapses, paper Appendix E).
     - ``combine_max``: mean over tokens of the largest combine weight (-> 1 when combine collapses).
     - ``expert_utilisation``: tensor [n], each expert's share of the total combine mass (sums to 1).
     - ``slot_utilisation``: tensor [n·p], each slot's share of the total combine mass (sums to 1).
-    - ``effective_experts``: exp of the entropy of ``expert_utilisation`` (n when balanced, 1 when one expert takes all).
+    - ``effective_experts``: exp of the entropy of ``expert_utilisation`` (n when balanced, 1 when one expert
+      takes all).
     """
     _check_routing("dispatch", dispatch)
     _check_routing("combine", combine)
     if dispatch.shape != combine.shape:
-        raise ValueError(f"dispatch and combine must have the same shape, got {list(dispatch.shape)} and {list(combine.shape)}")
+        raise ValueError(
+            f"dispatch and combine must have the same shape, got {list(dispatch.shape)} and {list(combine.shape)}"
+        )
     b, m, n, p = dispatch.shape
     dispatch = dispatch.double().reshape(b, m, n * p)
     combine = combine.double().reshape(b, m, n * p)
@@ -58,18 +62,19 @@ def routing_stats(dispatch: torch.Tensor, combine: torch.Tensor) -> Dict[str, Un
     slot_utilisation = slot_mass / slot_mass.sum()
     expert_utilisation = slot_utilisation.view(n, p).sum(dim=1)
     return {
-        "dispatch_entropy": _normalized_entropy(dispatch, dim=1).mean().item(),
-        "combine_entropy": _normalized_entropy(combine, dim=2).mean().item(),
+        "dispatch_entropy": normalized_entropy(dispatch, dim=1).mean().item(),
+        "combine_entropy": normalized_entropy(combine, dim=2).mean().item(),
         "dispatch_max": dispatch.amax(dim=1).mean().item(),
         "combine_max": combine.amax(dim=2).mean().item(),
         "expert_utilisation": expert_utilisation.float(),
         "slot_utilisation": slot_utilisation.float(),
-        "effective_experts": math.exp(_entropy(expert_utilisation, dim=0).item()),
+        "effective_experts": math.exp(entropy(expert_utilisation, dim=0).item()),
     }
 
 
 def cumulative_dispatch_mass(dispatch: torch.Tensor) -> torch.Tensor:
-    """Mean over batch and slots of the sorted cumulative dispatch weight: [m], entry k = mass of the top k+1 tokens (paper Appendix G)."""
+    """Mean over batch and slots of the sorted cumulative dispatch weight: [m], entry k = mass of the top k+1 tokens
+    (paper Appendix G)."""
     _check_routing("dispatch", dispatch)
     b, m, n, p = dispatch.shape
     per_slot = dispatch.double().reshape(b, m, n * p).sort(dim=1, descending=True).values
@@ -80,7 +85,10 @@ def slot_similarity(layer_or_phi: Union[nn.Module, torch.Tensor]) -> torch.Tenso
     """Pairwise cosine similarity [n·p, n·p] of the slot parameters Φ (columns of a [d, n, p] tensor)."""
     phi = getattr(layer_or_phi, "phi", layer_or_phi)
     if not isinstance(phi, torch.Tensor) or phi.ndim != 3:
-        raise ValueError(f"expected a Soft MoE layer or its phi [dim, experts, slots_per_expert], got {type(layer_or_phi).__name__}")
+        raise ValueError(
+            "expected a Soft MoE layer or its phi [dim, experts, slots_per_expert], "
+            f"got {type(layer_or_phi).__name__}"
+        )
     d = phi.shape[0]
     slots = l2_normalize(phi.detach().double().reshape(d, -1), dim=0)  # [d, s]
     return (slots.T @ slots).float()

@@ -5,14 +5,15 @@
     python -m softmoe.train -m moe.num_experts=4,8 moe.slots_per_expert=1,2   # a sweep: one job each
     python -m softmoe.train hydra.run.dir=outputs/my_run           # again later: resumes from its last.pt
 
-A bad value stops the run before anything loads, with one line naming the key (exit status 2).
-Exit statuses: 0 done; 2 a bad config, data or checkpoint; 3 stopped on a NaN/inf (trainer.nonfinite);
-128 + the signal (143 SIGTERM, 138 SIGUSR1, 140 SIGUSR2) preempted after saving last.pt: rerun to resume.
+A bad value stops the run before anything loads, with one line naming the key (exit status 2), and leaves no
+run directory behind. Ctrl-C finishes the step, saves ``last.pt`` and says how to resume (exit status 130).
+Every exit status: ``softmoe/harness/errors.py``.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -22,17 +23,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from softmoe.harness.checkpoint import CheckpointError
-from softmoe.harness.config import ConfigError
-from softmoe.harness.data import BadDataError, MissingDataError
 from softmoe.harness.distributed import quiet_other_ranks
-from softmoe.harness.faults import NONFINITE_EXIT_CODE, NonFiniteError, Preempted
+from softmoe.harness.errors import USER_ERRORS, NonFiniteError, RunDirInUseError, exit_code, preempted_exit_code
+from softmoe.harness.faults import Preempted
 from softmoe.harness.loop import train
+from softmoe.harness.runs import remove_if_unused
+from softmoe.harness.sweeps import tag_console
 
 log = logging.getLogger("softmoe.train")
-
-# Errors whose message is the whole story: printed as one line, no traceback.
-USER_ERRORS = (ConfigError, MissingDataError, BadDataError, CheckpointError)
 
 
 def wandb_group_and_name(hydra_cfg: DictConfig) -> tuple[Optional[str], Optional[str]]:
@@ -47,19 +45,27 @@ def wandb_group_and_name(hydra_cfg: DictConfig) -> tuple[Optional[str], Optional
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     quiet_other_ranks()  # under torchrun rank 0 logs; the others only warn, on the console
+    # parallel jobs (launcher=joblib) share the terminal: each line says whose it is
+    tag = f"[job {hydra_cfg.job.num}] " if hydra_cfg.mode == RunMode.MULTIRUN else ""
+    tag_console(tag)
     group, name = wandb_group_and_name(hydra_cfg)
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        summary = train(cfg, Path(hydra_cfg.runtime.output_dir), wandb_group=group, wandb_name=name)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(NONFINITE_EXIT_CODE)
+        summary = train(cfg, run_dir, wandb_group=group, wandb_name=name)
+    except (*USER_ERRORS, NonFiniteError) as error:
+        print(f"{tag}error: {error}", file=sys.stderr)
+        if not isinstance(error, RunDirInUseError):  # that directory is the other process's
+            remove_if_unused(run_dir)  # a run that never started leaves no directory behind
+        sys.exit(exit_code(error))
     except Preempted as preempted:
         log.warning("%s", preempted)
         preempted.handover()  # e.g. submitit's requeue on SLURM; it may exit the process itself
         sys.exit(preempted.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during a step
+        print(f"{tag}error: interrupted, not saved; rerun the same command to resume from the last checkpoint",
+              file=sys.stderr)  # fmt: skip
+        remove_if_unused(run_dir)
+        sys.exit(preempted_exit_code(signal.SIGINT))
     log.info("done: %s, %d steps", summary.describe(), summary.steps)
     log.info("run directory: %s", summary.run_dir)
     log.info("W&B run: %s", summary.wandb_run_path or "none")

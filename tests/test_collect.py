@@ -1,4 +1,5 @@
-"""softmoe.collect on sweep directories laid out as Hydra multirun writes them, and on the offline W&B run
+"""softmoe.collect (and softmoe.harness.sweeps, its library) on sweep directories laid out as Hydra multirun writes
+them, and on the offline W&B run
 files of a real sweep."""
 
 import json
@@ -8,6 +9,7 @@ import pytest
 import yaml
 
 from softmoe import collect
+from softmoe.harness import sweeps
 
 
 def write_run(root, job, overrides, accuracies, test=None):
@@ -84,7 +86,7 @@ def test_groups_sort_in_natural_order(tmp_path):
 
 
 def test_parse_overrides():
-    assert collect.parse_overrides(["a.b=1", "+c=x=y", "~d", "e=[1,2]"]) == {"a.b": "1", "c": "x=y", "e": "[1,2]"}
+    assert sweeps.parse_overrides(["a.b=1", "+c=x=y", "~d", "e=[1,2]"]) == {"a.b": "1", "c": "x=y", "e": "[1,2]"}
 
 
 def test_empty_or_missing_sweeps_say_so(tmp_path):
@@ -103,7 +105,7 @@ def test_config_overrides_are_the_differing_keys_written_as_hydra_overrides():
          "moe": {"num_experts": 16, "router": "soft", "layers": None}, "optimizer": {"lr": 0.0003},
          "trainer": {"compile": True, "resume": None}},
     ]  # fmt: skip
-    first, second = collect.config_overrides(configs)
+    first, second = sweeps.config_overrides(configs)
     assert first == {
         "seed": "0", "paths.output_dir": "outputs/0", "moe.num_experts": "8", "moe.layers": "[2,3]",
         "optimizer.lr": "0.001", "trainer.compile": "false",
@@ -114,9 +116,9 @@ def test_config_overrides_are_the_differing_keys_written_as_hydra_overrides():
     }  # fmt: skip
     # what the same runs' overrides.yaml would hold
     typed = ["moe.num_experts=8", "moe.layers=[2,3]", "optimizer.lr=0.001", "trainer.compile=false"]
-    assert {k: v for k, v in first.items() if k in collect.parse_overrides(typed)} == collect.parse_overrides(typed)
-    runs = [collect.RunResult(str(i), overrides) for i, overrides in enumerate((first, second))]
-    assert collect.swept_keys(runs) == ["moe.layers", "moe.num_experts", "optimizer.lr", "trainer.compile"]
+    assert {k: v for k, v in first.items() if k in sweeps.parse_overrides(typed)} == sweeps.parse_overrides(typed)
+    runs = [sweeps.RunResult(str(i), overrides) for i, overrides in enumerate((first, second))]
+    assert sweeps.swept_keys(runs) == ["moe.layers", "moe.num_experts", "optimizer.lr", "trainer.compile"]
 
 
 def test_a_wandb_dir_without_offline_runs_is_named(sweep):
@@ -131,12 +133,12 @@ def test_plot_bars_carry_std_error_bars_the_seed_count_and_an_axis_from_zero(tmp
     routings = ["soft", "uniform_dispatch_soft_combine", "soft_dispatch_uniform_combine", "identity_dispatch"]
     column = "test/acc (final model)"
     summaries = [
-        collect.GroupSummary((routing, str(slots)), 3, {column: collect.Cell(0.95 - 0.001 * slots, 0.004, 3)})
+        sweeps.GroupSummary((routing, str(slots)), 3, {column: sweeps.Cell(0.95 - 0.001 * slots, 0.004, 3)})
         for routing in routings for slots in (1, 2, 4, 8, 16, 32)
     ]  # fmt: skip
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
-    collect.plot(summaries, ["moe.router", "moe.slots_per_expert"], column, tmp_path / "results.png")
+    sweeps.plot(summaries, ["moe.router", "moe.slots_per_expert"], column, tmp_path / "results.png")
     (figure,) = figures
     axes = figure.axes[0]
     assert [(label.get_rotation(), label.get_ha()) for label in axes.get_xticklabels()] == [(30.0, "right")] * 4
@@ -169,16 +171,17 @@ def test_offline_wandb_files_give_the_sweep_directorys_table(offline_sweep, tmp_
     )
     assert [line.split(" | ")[:2] for line in lines[2:]] == [["| 4", "1"], ["| 8", "1"]]
     for line, job in zip(lines[2:], (0, 1)):  # the numbers are those the run logged
-        logged = collect.read_metrics(offline_sweep / str(job) / "metrics.jsonl")
+        logged = sweeps.read_metrics(offline_sweep / str(job) / "metrics.jsonl")
         cells = line.rstrip(" |").split(" | ")[2:]
-        expected = [max(logged["val/acc"]), logged["test/acc"][-1], logged["test/acc_at_best_val"][-1], logged["train/loss"][-1]]
+        finals = [logged[key][-1] for key in ("test/acc", "test/acc_at_best_val", "train/loss")]
+        expected = [max(logged["val/acc"]), *finals]
         assert cells == [f"{value:.4f} ± n/a" for value in expected]
 
 
 @pytest.mark.slow
 def test_offline_wandb_runs_hold_the_overrides_and_every_value_of_metrics_jsonl(offline_sweep):
-    from_dirs = collect.load_sweep(offline_sweep)
-    from_wandb = collect.load_wandb_offline(offline_sweep, group=str(offline_sweep))
+    from_dirs = sweeps.load_sweep(offline_sweep)
+    from_wandb = sweeps.load_wandb_offline(offline_sweep, group=str(offline_sweep))
     assert [run.overrides for run in from_wandb] == [{"moe.num_experts": "4"}, {"moe.num_experts": "8"}]
     name = "model.depth=2,moe.num_experts={},trainer.batch_size=256,trainer.log_every=1,trainer.max_steps=3"
     assert [run.name for run in from_wandb] == [name.format(4), name.format(8)]
@@ -199,8 +202,8 @@ def test_a_resumed_runs_files_are_read_as_one_run(offline_sweep, tmp_path):
     for attempt in (original.parent.name, "offline-run-29991231_235959-" + original.stem[len("run-"):]):
         (tmp_path / "0" / "wandb" / attempt).mkdir(parents=True)
         shutil.copy(original, tmp_path / "0" / "wandb" / attempt / original.name)
-    (run,) = collect.load_wandb_offline(tmp_path)
-    (whole,) = collect.load_wandb_offline(offline_sweep / "0")
+    (run,) = sweeps.load_wandb_offline(tmp_path)
+    (whole,) = sweeps.load_wandb_offline(offline_sweep / "0")
     assert run.history["train/loss"] == 2 * whole.history["train/loss"] and len(run.history["train/loss"]) == 6
 
 

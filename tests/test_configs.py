@@ -34,7 +34,8 @@ IMAGENET_SHAPE = ["data=imagefolder"]  # 224 px, 3 channels, 1000 classes; valid
 
 
 def test_every_group_has_options():
-    assert {"model", "moe", "data", "optimizer", "scheduler", "trainer", "logger", "launcher", "experiment", "debug"} <= set(GROUPS)
+    assert {"model", "moe", "data", "optimizer", "scheduler", "trainer", "logger", "launcher"} <= set(GROUPS)
+    assert {"routing", "experts_slots", "experiment", "hparams_search", "debug"} <= set(GROUPS)
     assert set(PAPER_SIZES) <= {option for group, option in OPTIONS if group == "model"}
 
 
@@ -117,7 +118,8 @@ def test_launchers_set_and_build_hydras_launcher(compose_run):
     for option, target in classes.items():
         launcher = build(f"launcher={option}")
         assert f"{type(launcher).__module__}.{type(launcher).__name__}" == target
-    params = build("launcher=slurm", "launcher.partition=gpu", "launcher.time_min=600", "launcher.gpus_per_node=4").params
+    slurm = ["launcher=slurm", "launcher.partition=gpu", "launcher.time_min=600", "launcher.gpus_per_node=4"]
+    params = build(*slurm).params
     assert (params["partition"], params["timeout_min"], params["gpus_per_node"]) == ("gpu", 600, 4)
     assert params["max_num_timeout"] > 0  # requeued after a time-out; submitit always requeues on preemption
 
@@ -141,7 +143,10 @@ BAD_OVERRIDES = [
     (["moe.batch_priority=yes_please"], ["moe.batch_priority=yes_please", "true or false"]),
     (["moe.noise_std=-1"], ["moe.noise_std=-1", "number >= 0"]),
     (["moe.aux_loss_weight=-0.01"], ["moe.aux_loss_weight=-0.01", "number >= 0"]),
-    (["routing=experts_choice", "moe.combine=uniform"], ["moe.combine=uniform", "moe.router=experts_choice", "moe.combine=soft"]),
+    (
+        ["routing=experts_choice", "moe.combine=uniform"],
+        ["moe.combine=uniform", "moe.router=experts_choice", "moe.combine=soft"],
+    ),
     (["moe.normalize=maybe"], ["moe.normalize=maybe", "true or false"]),
     (["trainer.batch_size=5000"], ["trainer.batch_size=5000", "1257 training examples", "at most 1257"]),
     (["trainer.batch_size=0"], ["trainer.batch_size=0", "positive integer"]),
@@ -214,6 +219,7 @@ def test_unknown_options_and_keys_are_named_by_hydra(compose_run, override, frag
         assert fragment in str(raised.value)
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_and_exits_nonzero_before_loading_anything(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "softmoe.train", "moe.num_experts=0", f"hydra.run.dir={tmp_path}"],

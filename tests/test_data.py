@@ -53,7 +53,11 @@ def test_every_dataset_has_a_runnable_config_file():
 
 
 BAD_CONFIGS = [
-    ("digits", {"name": "mnist"}, "data.name=mnist: must be one of digits, cifar10, cifar100, fashion_mnist, imagefolder, synthetic"),
+    (
+        "digits",
+        {"name": "mnist"},
+        "data.name=mnist: must be one of digits, cifar10, cifar100, fashion_mnist, imagefolder, synthetic",
+    ),
     ("digits", {"img_size": 16}, "data.img_size=16: must be 8 for data=digits"),
     ("digits", {"test_size": 5}, "data.test_size=5: must be an integer from 10 to 1787"),
     ("digits", {"split_seed": -1}, "data.split_seed=-1: must be an integer >= 0"),
@@ -88,7 +92,8 @@ def test_bad_config_is_one_line_naming_key_value_and_rule(name, overrides, messa
 def test_missing_key_names_the_config_file():
     cfg = OmegaConf.to_container(data_config("synthetic"))
     del cfg["seed"]
-    with pytest.raises(ValueError, match=r"^data\.seed: missing; data=synthetic needs every key of conf/data/synthetic"):
+    missing = r"^data\.seed: missing; data=synthetic needs every key of conf/data/synthetic"
+    with pytest.raises(ValueError, match=missing):
         validate_data_config(cfg)
 
 
@@ -124,7 +129,7 @@ def digits():
     return build_datasets(data_config("digits"), "/nonexistent")
 
 
-def test_digits_split_sizes_shapes_and_normalisation(digits):
+def test_digits_split_sizes_shapes_and_normalization(digits):
     assert (len(digits.train), len(digits.val), len(digits.test)) == (1257, 180, 360)
     assert (digits.num_classes, digits.in_chans, digits.img_size, digits.skipped) == (10, 1, 8, 0)
     image, label = digits.train[0]
@@ -236,7 +241,8 @@ def test_cifar_files_load_with_labels_and_transforms(tmp_path, name):
 
 def test_cifar_resizes_to_img_size_and_reads_newer_pickle_protocols(tmp_path):
     write_cifar(tmp_path, "cifar10", protocol=pickle.HIGHEST_PROTOCOL)
-    bundle = build_datasets(data_config("cifar10", root=str(tmp_path), img_size=48, augment=False, val_size=0), "/nonexistent")
+    cfg = data_config("cifar10", root=str(tmp_path), img_size=48, augment=False, val_size=0)
+    bundle = build_datasets(cfg, "/nonexistent")
     assert bundle.img_size == 48 and bundle.train[0][0].shape == bundle.test[0][0].shape == (3, 48, 48)
 
 
@@ -525,7 +531,8 @@ def test_imagefolder_tests_on_val_and_validates_on_a_share_of_train(tmp_path):
 
 
 def test_synthetic_generates_its_validation_split():
-    bundle = build_datasets(data_config("synthetic", img_size=4, train_size=16, val_size=8, test_size=4), "/nonexistent")
+    cfg = data_config("synthetic", img_size=4, train_size=16, val_size=8, test_size=4)
+    bundle = build_datasets(cfg, "/nonexistent")
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (16, 8, 4)
     assert not torch.equal(bundle.val[0][0], bundle.train[0][0])
     assert build_datasets(data_config("synthetic", val_size=0), "/nonexistent").val is None
@@ -550,7 +557,8 @@ def test_bad_val_size_is_one_line_naming_it(name, val_size, message):
 
 def test_a_val_size_the_files_cannot_hold_is_named_when_they_are_counted(tmp_path):
     write_image_tree(tmp_path, train={"a": 2, "b": 2}, val={"a": 1, "b": 1})
-    with pytest.raises(BadDataError, match=r"^data.val_size=4: holds out 4 of the 4 training examples of data=imagefolder"):
+    all_held_out = r"^data.val_size=4: holds out 4 of the 4 training examples of data=imagefolder"
+    with pytest.raises(BadDataError, match=all_held_out):
         _imagefolder(tmp_path, val_size=4)
 
 
@@ -618,7 +626,8 @@ def test_fashion_mnist_label_out_of_range_is_named_or_skipped(tmp_path):
     labels.write_bytes(bytes(data))
     with pytest.raises(BadDataError, match=rf"^{labels}: label 12 of image 3 is outside 0..9"):
         build_datasets(data_config("fashion_mnist", root=str(tmp_path)), "/nonexistent")
-    bundle = build_datasets(data_config("fashion_mnist", root=str(tmp_path), on_bad_file="skip", val_size=0), "/nonexistent")
+    cfg = data_config("fashion_mnist", root=str(tmp_path), on_bad_file="skip", val_size=0)
+    bundle = build_datasets(cfg, "/nonexistent")
     assert bundle.skipped == 1 and len(bundle.train) == 39
 
 

@@ -6,7 +6,6 @@ step 6, so they exercise resuming (the sampler's position, the RNGs, and under e
 weights and Adam moments sharded from a whole-model checkpoint) as well as training, checkpointing and telemetry.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -21,20 +20,22 @@ from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.config import ConfigError
 from softmoe.harness.distributed import Distributed, ShardedSampler
 from softmoe.harness.loop import train
+from softmoe.harness.runs import read_events
 from softmoe.harness.sampler import ResumableSampler
 
 ROOT = Path(CONF_DIR).parent
 # Deterministic and schedule-free (a constant rate: a 3-step run is the first half of a 6-step one); no dropout.
 RUN = [
     "model.depth=2", "moe.layers=[1]", "moe.num_experts=4", "trainer.batch_size=64", "trainer.eval_batches=1",
-    "trainer.eval_batch_size=101", "trainer.log_every=1", "scheduler=constant", "logger=none", "trainer.progress_bar=false",
+    "trainer.eval_batch_size=101", "trainer.log_every=1", "scheduler=constant", "logger=none",
+    "trainer.progress_bar=false",
 ]  # fmt: skip
 # float32 sums in another order (per-rank means, then the mean over ranks), through 3 Adam steps
 CLOSE = dict(rtol=1e-5, atol=1e-5)  # measured: weights within 1e-6, Adam moments 1e-8
 
 
 def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_events(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +61,15 @@ def train_events(run_dir):
     return {e["step"]: e for e in read_metrics(run_dir) if "train/loss" in e}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job,name", [(0, "data parallel"), (1, "expert parallel")])
 def test_two_ranks_match_one_process(runs, job, name):
     single, sweep, _ = runs
     run_dir = sweep / str(job)
-    # one writer: the checkpoints, metrics and log of rank 0, nothing per rank
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "best.pt", "last.pt", "metrics.jsonl", "train.log"]
+    # one writer: the checkpoints, metrics, log and lock of rank 0, nothing per rank (best.pt only when validation
+    # beat the best of the checkpoint resumed from)
+    written = {path.name for path in run_dir.iterdir()} - {"best.pt"}
+    assert written == {".hydra", ".lock", "last.pt", "metrics.jsonl", "train.log"}
 
     reference, events = train_events(single), train_events(run_dir)
     assert sorted(events) == [4, 5, 6]  # resumed after step 3
@@ -74,7 +78,8 @@ def test_two_ranks_match_one_process(runs, job, name):
             assert event[key] == pytest.approx(reference[step][key], rel=1e-5), (name, step, key)
     (val,) = [e for e in read_metrics(run_dir) if "val/loss" in e]
     (reference_val,) = [e for e in read_metrics(single) if "val/loss" in e]
-    assert val["val/acc"] == reference_val["val/acc"] and val["val/loss"] == pytest.approx(reference_val["val/loss"], rel=1e-5)
+    assert val["val/acc"] == reference_val["val/acc"]
+    assert val["val/loss"] == pytest.approx(reference_val["val/loss"], rel=1e-5)
 
     # the whole single-process model and optimizer state, whatever the experts' placement while training
     ours, theirs = load_checkpoint(run_dir / "last.pt"), load_checkpoint(single / "last.pt")
@@ -86,6 +91,7 @@ def test_two_ranks_match_one_process(runs, job, name):
             torch.testing.assert_close(ours["optimizer"]["state"][index][key], value, **CLOSE)
 
 
+@pytest.mark.slow
 def test_a_run_trained_on_two_ranks_with_expert_parallelism_evaluates_on_one(runs, tmp_path):
     single, sweep, _ = runs
     ours = evaluate_run(sweep / "1", tmp_path / "ours", checkpoint="last")  # the whole test split, one process
@@ -94,6 +100,7 @@ def test_a_run_trained_on_two_ranks_with_expert_parallelism_evaluates_on_one(run
     assert ours["test/acc"] == theirs["test/acc"] and ours["test/loss"] == pytest.approx(theirs["test/loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_other_ranks_log_nothing_to_the_console_below_warnings(runs):
     *_, result = runs
     output = result.stdout + result.stderr
@@ -114,7 +121,8 @@ def test_each_rank_takes_its_slice_of_the_single_process_batches():
         shares = [list(sampler) for sampler in ranks]
         assert [len(share) for share in shares] == [len(sampler) for sampler in ranks] == [(50 - skip) // 12 * 4] * 3
         for batch in range((50 - skip) // 12):  # the global batch = the ranks' batches, in rank order
-            assert sum((share[4 * batch : 4 * batch + 4] for share in shares), []) == order[12 * batch : 12 * batch + 12]
+            global_batch = sum((share[4 * batch : 4 * batch + 4] for share in shares), [])
+            assert global_batch == order[12 * batch : 12 * batch + 12]
 
 
 TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
@@ -133,8 +141,14 @@ def without_torchrun(monkeypatch):
         (["trainer.strategy=ddp"], False, "trainer.strategy=ddp: needs a torchrun launch"),
         (["moe.expert_parallel=true"], False, "moe.expert_parallel=true: needs a distributed launch"),
         (["trainer.strategy=single"], True, "trainer.strategy=single: this process is one of WORLD_SIZE=2"),
-        (["trainer.batch_size=63"], True, "trainer.batch_size=63: the global batch must be divisible by the 2 processes"),
-        (["moe.expert_parallel=true", "moe.num_experts=5"], True, "moe.num_experts=5: expert parallelism needs it divisible"),
+        (
+            ["trainer.batch_size=63"], True,
+            "trainer.batch_size=63: the global batch must be divisible by the 2 processes",
+        ),
+        (
+            ["moe.expert_parallel=true", "moe.num_experts=5"], True,
+            "moe.num_experts=5: expert parallelism needs it divisible",
+        ),
         (["moe.expert_parallel=true", "moe=dense"], True, "moe.expert_parallel=true: needs MoE layers"),
         (["trainer.strategy=sometimes"], False, "trainer.strategy=sometimes: must be one of auto, single, ddp"),
     ],
@@ -164,6 +178,8 @@ def test_a_slurm_job_of_several_submitit_tasks_is_a_torchrun_launch(compose_run,
     without_torchrun(monkeypatch)
     for name, value in slurm.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(ConfigError, match="^trainer.batch_size=6: the global batch must be divisible by the 4 processes"):
+    indivisible = "^trainer.batch_size=6: the global batch must be divisible by the 4 processes"
+    with pytest.raises(ConfigError, match=indivisible):
         train(compose_run("trainer.batch_size=6", "logger=none"), tmp_path)  # a data-parallel launch of 4 ranks
-    assert [os.environ[name] for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")] == ["3", "4", "1", "gpu07"]
+    exported = [os.environ[name] for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")]
+    assert exported == ["3", "4", "1", "gpu07"]

@@ -298,6 +298,7 @@ def two_rank_results(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_two_ranks(two_rank_results, scenario):
     outcome = two_rank_results.get(scenario)

@@ -11,11 +11,14 @@ from softmoe.harness.optim import constant, decays, param_groups, warmup_cosine,
 
 def test_weight_decay_skips_biases_norms_tokens_and_position_embedding_but_not_the_router():
     model = SoftMoEVisionTransformer(
-        num_experts=4, moe_layer_index=1, img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, reg_tokens=1, num_classes=3
+        num_experts=4, moe_layer_index=1, img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, reg_tokens=1,
+        num_classes=3,
     )
     names = dict(model.named_parameters())
-    for name in ["pos_embed", "cls_token", "reg_token", "blocks.0.norm1.weight", "blocks.0.norm1.bias", "norm.weight",
-                 "blocks.1.mlp.experts.fc1_bias", "blocks.1.mlp.experts.fc2_bias", "blocks.0.attn.qkv.bias", "head.bias"]:  # fmt: skip
+    for name in [
+        "pos_embed", "cls_token", "reg_token", "blocks.0.norm1.weight", "blocks.0.norm1.bias", "norm.weight",
+        "blocks.1.mlp.experts.fc1_bias", "blocks.1.mlp.experts.fc2_bias", "blocks.0.attn.qkv.bias", "head.bias",
+    ]:  # fmt: skip
         assert name in names and not decays(name), name
     for name in ["blocks.1.mlp.phi", "blocks.1.mlp.scale", "blocks.1.mlp.experts.fc1_weight", "blocks.0.mlp.fc1.weight",
                  "blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "head.weight"]:  # fmt: skip
@@ -37,14 +40,20 @@ def test_the_routers_learning_rate_and_weight_decay_are_their_own_knobs():
 
     from softmoe.harness.optim import build_optimizer, build_scheduler
 
-    model = SoftMoEVisionTransformer(num_experts=4, moe_layer_index=1, img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2)
-    optimizer_cfg = OmegaConf.create({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 2e-3, "weight_decay": 0.05})
+    model = SoftMoEVisionTransformer(
+        num_experts=4, moe_layer_index=1, img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2
+    )
+    optimizer_cfg = OmegaConf.create(
+        {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 2e-3, "weight_decay": 0.05}
+    )
     optimizer = build_optimizer(optimizer_cfg, model, {"router_lr_mult": 10.0, "router_weight_decay": 0.0})
     router = optimizer.param_groups[2]
     assert router["name"] == "router" and router["lr"] == pytest.approx(2e-2) and router["weight_decay"] == 0.0
     assert {id(p) for p in router["params"]} == {id(model.blocks[1].mlp.phi), id(model.blocks[1].mlp.scale)}
     # the schedule scales every group's own rate, so the router keeps 10x the rest at every step
-    scheduler_cfg = OmegaConf.create({"_target_": "softmoe.harness.optim.warmup_cosine", "_partial_": True, "warmup_steps": 2})
+    scheduler_cfg = OmegaConf.create(
+        {"_target_": "softmoe.harness.optim.warmup_cosine", "_partial_": True, "warmup_steps": 2}
+    )
     scheduler = build_scheduler(scheduler_cfg, optimizer, total_steps=10)
     for _ in range(5):
         optimizer.step()

@@ -8,7 +8,6 @@ seconds). The child runs the ``softmoe.train`` module as ``__main__``, exactly a
 
 import errno
 import hashlib
-import json
 import logging
 import math
 import os
@@ -17,6 +16,7 @@ import re
 import runpy
 import shutil
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -28,12 +28,14 @@ import torch
 from conftest import CONF_DIR
 from data_fixtures import write_image_tree, write_png
 from softmoe.harness import checkpoint as checkpoint_module
+from softmoe.harness import runs
 from softmoe.harness.checkpoint import PREVIOUS, CheckpointError, CheckpointWriteError, load_checkpoint
-from softmoe.harness.config import ConfigError, validate_config
+from softmoe.harness.config import ConfigError
 from softmoe.harness.faults import NONFINITE_EXIT_CODE, NonFiniteError, PreemptionGuard, preempted_exit_code
 from softmoe.harness.loop import train
 from softmoe.harness.sampler import ResumableSampler
 
+pytestmark = pytest.mark.slow  # forked trainers and end-to-end runs
 ROOT = Path(CONF_DIR).parent
 # 24 steps of batch 32 inside digits' first epoch (44 steps), `last` every 4 steps, an event every step.
 RUN = [
@@ -48,12 +50,8 @@ HYDRA_FILES = {".hydra", "train.log"}  # what Hydra itself writes into a run dir
 
 
 def read_events(run_dir):
-    """The complete lines of ``metrics.jsonl`` (a line torn by a kill is left out)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+    """The complete lines of ``metrics.jsonl`` (a line torn by a kill is left out); none before it exists."""
+    return runs.read_events(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
 
 
 def without_timing(events):
@@ -208,17 +206,24 @@ def test_a_line_torn_by_a_kill_is_dropped_on_resume(compose_run, uninterrupted, 
 # ----------------------------------------------------------------------------- 2. preemption
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=["SIGTERM", "SIGUSR1", "SIGINT (Ctrl-C)"]
+)
 def test_a_preemption_signal_saves_last_and_exits_with_its_code_then_the_rerun_resumes_exactly(
     uninterrupted, tmp_path, signum
 ):
     run_dir = tmp_path / "run"
     pid = start_cli(run_dir, *RUN)
     signal_at_step(pid, run_dir, random.randrange(2, TOTAL_STEPS - 4), signum)
-    assert wait(pid) == preempted_exit_code(signum) == 128 + signum, output_of(run_dir)
+    assert wait(pid) == preempted_exit_code(signum) == 128 + signum, output_of(run_dir)  # 130 for Ctrl-C
     logged = [e["step"] for e in read_events(run_dir) if "train/lr" in e]
     assert load_checkpoint(run_dir / "last.pt")["step"] == logged[-1]  # the step it was in, finished and saved
-    assert f"{signal.Signals(signum).name} received: saved last.pt at step {logged[-1]}" in output_of(run_dir)
+    output = output_of(run_dir)
+    assert output.strip().splitlines()[-1] == (  # one line saying how to resume, no traceback
+        f"{signal.Signals(signum).name} received: saved last.pt at step {logged[-1]}; rerun the same command to "
+        f"resume (exit status {128 + signum})"
+    )
+    assert "Traceback" not in output
 
     assert run_cli(run_dir, *RUN) == 0, output_of(run_dir)
     assert_matches_uninterrupted(run_dir, uninterrupted)
@@ -370,7 +375,8 @@ def test_nonfinite_stop_names_the_step_and_the_first_layer(compose_run, tmp_path
 
 def test_skipping_stops_after_too_many_nonfinite_steps_in_a_row(compose_run, tmp_path):
     every = ",".join(map(str, range(64)))
-    with pytest.raises(NonFiniteError, match=r"^step 4: loss=nan .* in 4 steps in a row, more than trainer.max_nonfinite_skips=3$"):
+    too_many = r"^step 4: loss=nan .* in 4 steps in a row, more than trainer.max_nonfinite_skips=3$"
+    with pytest.raises(NonFiniteError, match=too_many):
         train(compose_run(*SYNTHETIC, f"data.nan_examples=[{every}]", "trainer.max_nonfinite_skips=3"), tmp_path)
 
 
@@ -387,7 +393,9 @@ def test_a_nonfinite_weight_never_reaches_a_checkpoint(compose_run, tmp_path, mo
     monkeypatch.setattr(torch.optim.AdamW, "step", step_that_breaks_a_weight)
     with pytest.raises(NonFiniteError) as raised:
         train(compose_run(*SYNTHETIC), tmp_path)
-    assert str(raised.value) == "step 3: patch_embed.proj.weight is not finite; last.pt not written, the previous one is kept"
+    assert str(raised.value) == (
+        "step 3: patch_embed.proj.weight is not finite; last.pt not written, the previous one is kept"
+    )
     saved = load_checkpoint(tmp_path / "last.pt")
     assert saved["step"] == 2 and all(torch.isfinite(tensor).all() for tensor in saved["model"].values())
 
@@ -410,7 +418,10 @@ BAD_OVERRIDES = [
     (["trainer.grad_clip_norm=-1"], "trainer.grad_clip_norm=-1: must be a number > 0, or null"),
     (["trainer.num_workers=-1"], "trainer.num_workers=-1: must be an integer >= 0"),
     (["trainer.compile=yes"], "trainer.compile=yes: must be true or false"),
-    (["trainer.precision=fp16", "trainer.device=cpu"], "trainer.precision=fp16: needs a CUDA device (trainer.device=cpu); use bf16"),
+    (
+        ["trainer.precision=fp16", "trainer.device=cpu"],
+        "trainer.precision=fp16: needs a CUDA device (trainer.device=cpu); use bf16",
+    ),
     (["trainer.eval_batches=0"], "trainer.eval_batches=0: must be a positive integer, or null"),
     (["trainer.num_threads=0"], "trainer.num_threads=0: must be a positive integer, or null"),
     (["model.mlp_ratio=0"], "model.mlp_ratio=0: must be a number > 0"),
@@ -442,7 +453,8 @@ BAD_OVERRIDES = [
     (["data.split_seed=-3"], "data.split_seed=-3: must be an integer >= 0"),
     (
         ["+data.root=/x"],
-        "data.root=/x: not a key of data=digits; its keys are img_size, in_chans, num_classes, test_size, val_size, split_seed, augment",
+        "data.root=/x: not a key of data=digits; its keys are img_size, in_chans, num_classes, test_size, val_size, "
+        "split_seed, augment",
     ),
     (["optimizer=sgd", "optimizer.momentum=1.5"], "optimizer.momentum=1.5: must be a number in [0, 1)"),
     (["optimizer.eps=0"], "optimizer.eps=0: must be a number > 0"),
@@ -457,7 +469,9 @@ BAD_OVERRIDES = [
 
 
 @pytest.mark.parametrize("overrides,message", BAD_OVERRIDES, ids=[" ".join(o) for o, _ in BAD_OVERRIDES])
-def test_a_bad_override_stops_with_one_line_before_the_run_directory_is_touched(compose_run, tmp_path, overrides, message):
+def test_a_bad_override_stops_with_one_line_before_the_run_directory_is_touched(
+    compose_run, tmp_path, overrides, message
+):
     with pytest.raises(ConfigError) as raised:
         train(compose_run(*overrides), tmp_path / "run")  # the trainer's first act: validate_config
     assert str(raised.value) == message
@@ -478,14 +492,36 @@ CLI_BAD = [
 
 
 @pytest.mark.parametrize("overrides,code,message", CLI_BAD, ids=[" ".join(o) for o, _, _ in CLI_BAD])
-def test_the_command_line_refuses_bad_overrides_leaving_only_hydras_files(tmp_path, overrides, code, message):
+def test_the_command_line_refuses_bad_overrides_leaving_no_run_directory(tmp_path, overrides, code, message):
     run_dir = tmp_path / "run"
     assert run_cli(run_dir, *overrides) == code
     output = output_of(run_dir)
     assert message in output and "Traceback" not in output
     if code == 2:
         assert output.strip().splitlines()[-1] == message  # one line
-    assert not run_dir.exists() or {path.name for path in run_dir.iterdir()} <= HYDRA_FILES
+    assert not run_dir.exists()  # not even Hydra's .hydra/ and train.log
+
+
+def test_a_second_process_on_a_live_run_directory_is_refused_and_a_killed_holder_leaves_no_stale_lock(
+    uninterrupted, tmp_path
+):
+    run_dir = tmp_path / "run"
+    first = start_cli(run_dir, *RUN)
+    signal_at_step(first, run_dir, 3, signal.SIGSTOP)  # alive, holding the run directory, making no progress
+    try:
+        before = fingerprint(run_dir)
+        assert run_cli(run_dir, *RUN) == 2  # the same command again
+        last_line = output_of(run_dir).strip().splitlines()[-1]
+        assert last_line == (
+            f"error: {run_dir}: in use by process {first} on {socket.gethostname()}; wait for it to end or stop it, "
+            "or give this run another hydra.run.dir"
+        )
+        assert fingerprint(run_dir) == before  # the second process wrote nothing there
+    finally:
+        os.kill(first, signal.SIGKILL)
+    assert wait(first) == -signal.SIGKILL
+    assert run_cli(run_dir, *RUN) == 0, output_of(run_dir)  # the kernel released the killed process's lock
+    assert_matches_uninterrupted(run_dir, uninterrupted)
 
 
 # ----------------------------------------------------------------------------- 6. bad data
@@ -531,12 +567,18 @@ def test_wandb_failing_mid_run_warns_once_and_training_and_metrics_go_on(compose
         return run
 
     monkeypatch.setattr(wandb, "init", init_whose_log_breaks)
-    overrides = [*RUN[:-2], "trainer.max_steps=12", "logger.mode=offline", "logger.log_images=false", "trainer.progress_bar=false"]
+    overrides = [
+        *RUN[:-2], "trainer.max_steps=12", "logger.mode=offline", "logger.log_images=false",
+        "trainer.progress_bar=false",
+    ]  # fmt: skip
     with caplog.at_level(logging.WARNING):
         summary = train(compose_run(*overrides), tmp_path)
     assert summary.steps == 12
     failures = [r.getMessage() for r in caplog.records if "W&B logging failed" in r.getMessage()]
-    assert failures == [f"W&B logging failed (api.wandb.ai: connection reset); training continues, logging to {tmp_path / 'metrics.jsonl'} only"]
+    assert failures == [
+        "W&B logging failed (api.wandb.ai: connection reset); training continues, logging to "
+        f"{tmp_path / 'metrics.jsonl'} only"
+    ]
     assert_every_step_once(read_events(tmp_path), total=12)
     # what reached W&B before the failure is in its offline run file, readable for `wandb sync`
     run, history = wandb_offline_run(tmp_path)
@@ -550,7 +592,8 @@ def test_soak_three_kills_and_twenty_bad_overrides_lose_and_duplicate_nothing(co
     run_dir, bad = tmp_path / "run", iter(BAD_OVERRIDES[:20])
     logged = 0
     for cycle in range(3):
-        target = logged + random.randrange(2, 6)  # beyond what the killed run had logged: progress each cycle
+        # beyond what the killed run had logged (progress each cycle), and past the first checkpoint
+        target = max(logged, CHECKPOINT_EVERY) + random.randrange(2, 6)
         pid = start_cli(run_dir, *RUN)
         signal_at_step(pid, run_dir, target, signal.SIGKILL)
         assert wait(pid) == -signal.SIGKILL

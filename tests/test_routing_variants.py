@@ -1,7 +1,6 @@
 """Routing variants from the config: every conf/routing preset trains, sparse routers add and log their auxiliary
 loss and routing statistics, and every value each experiment sweeps composes into a valid run."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from softmoe import SoftMoE, moe_layers
 from softmoe.harness.config import validate_config
 from softmoe.harness.loop import dispatch_panel, train
 from softmoe.harness.model import build_model
+from softmoe.harness.runs import read_events
 from softmoe.sparse import ExpertsChoiceMoE, TokensChoiceMoE
 
 ROUTINGS = sorted(path.stem for path in (Path(CONF_DIR) / "routing").glob("*.yaml"))
@@ -24,7 +24,7 @@ LAYER_CLASS = {"tokens_choice": TokensChoiceMoE, "experts_choice": ExpertsChoice
 
 
 def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_events(run_dir)
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
@@ -35,10 +35,12 @@ def test_every_routing_preset_builds_its_layers(compose_run, routing):
     expected = LAYER_CLASS.get(routing, SoftMoE)
     assert [type(layer) for layer in layers.values()] == ([expected] * 2 if expected else [])
     if expected is SoftMoE:
-        assert {(layer.dispatch_mode, layer.combine_mode) for layer in layers.values()} == {(cfg.moe.dispatch, cfg.moe.combine)}
+        modes = {(layer.dispatch_mode, layer.combine_mode) for layer in layers.values()}
+        assert modes == {(cfg.moe.dispatch, cfg.moe.combine)}
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router", ["soft", "tokens_choice", "experts_choice"])
 def test_each_router_trains_and_logs_its_routing(compose_run, tmp_path, router):
     assert train(compose_run(f"routing={router}", *TINY_RUN, *QUIET), tmp_path).steps == 2
@@ -53,13 +55,15 @@ def test_each_router_trains_and_logs_its_routing(compose_run, tmp_path, router):
             if sparse:
                 assert 0 <= event[f"routing/block{block}/dropped_fraction"] <= 1
                 assert 0 < event[f"routing/block{block}/expert_load_entropy"] <= 1
-                assert 0 <= event[f"routing/block{block}/expert_load_min"] <= 1 / 16 <= event[f"routing/block{block}/expert_load_max"]
+                load = f"routing/block{block}/expert_load"
+                assert 0 <= event[f"{load}_min"] <= 1 / 16 <= event[f"{load}_max"]
     if router == "tokens_choice":  # V-MoE's importance + load losses, > 0 unless perfectly balanced
         assert all(event["train/aux_loss"] > 0 for event in train_events)
     if router == "experts_choice":  # needs no auxiliary loss
         assert all(event["train/aux_loss"] == 0 for event in train_events)
 
 
+@pytest.mark.slow
 def test_sparse_statistics_are_logged_when_capacity_factor_stops_routing_capture(compose_run, tmp_path):
     # capacity ceil(1.5 * 16 tokens / 16 experts) = 2 != slots_per_expert: no dispatch/combine record to summarise
     cfg = compose_run("routing=experts_choice", "moe.capacity_factor=1.5", *TINY_RUN, *QUIET)
@@ -72,6 +76,7 @@ def test_sparse_statistics_are_logged_when_capacity_factor_stops_routing_capture
     assert dispatch_panel(model, torch.zeros(1, 8, 8), torch.device("cpu")) is None  # no dispatch maps to draw
 
 
+@pytest.mark.slow
 def test_aux_loss_weight_changes_the_router_update(compose_run, tmp_path):
     routers = []
     for weight in (0, 100):
@@ -87,8 +92,17 @@ def swept_values(sweeper_params):
     parser = OverridesParser.create()
     for key, values in sweeper_params.items():
         override = parser.parse_override(f"{key}={values}")
-        for value in override.sweep_string_iterator() if override.is_sweep_override() else [override.value()]:
-            yield f"{key}={value}"
+        if override.is_sweep_override():
+            yield from (f"{key}={value}" for value in override.sweep_string_iterator())
+        else:  # a single value, written back as an override would (null, not Python's None)
+            yield f"{key}={override.get_value_element_as_str()}"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_an_experiment_that_sweeps_runs_as_a_sweep_with_or_without_dash_m(compose_run, experiment):
+    cfg = compose_run(f"experiment={experiment}", hydra_node=True)
+    sweeps = bool(cfg.hydra.sweeper.get("params"))
+    assert sweeps == (str(cfg.hydra.mode) == "RunMode.MULTIRUN"), "a sweep file needs hydra.mode: MULTIRUN"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

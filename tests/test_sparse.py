@@ -97,7 +97,9 @@ def check_stats(layer, processed, load):
 @pytest.mark.parametrize("batch_priority", [False, True])
 @pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.0, 8.0])
 def test_tokens_choice_matches_per_token_loop(k, batch_priority, capacity_factor):
-    layer = make_layer(TokensChoiceMoE, k=k, batch_priority=batch_priority, capacity_factor=capacity_factor, normalize=False)
+    layer = make_layer(
+        TokensChoiceMoE, k=k, batch_priority=batch_priority, capacity_factor=capacity_factor, normalize=False
+    )
     layer = sharpen_router(layer).double()
     x = torch.randn(3, 12, DIM, dtype=torch.float64)
     capacity = 2 if capacity_factor is None else min(12, math.ceil(capacity_factor * 12 * k / EXPERTS))
@@ -304,7 +306,10 @@ def test_capture_records_buffers_when_capacity_is_slots_per_expert(cls):
 
 @pytest.mark.parametrize(
     "cls, moe_kwargs",
-    [(TokensChoiceMoE, {"k": 2, "capacity_factor": 1.0, "batch_priority": True}), (ExpertsChoiceMoE, {"capacity_factor": 1.0})],
+    [
+        (TokensChoiceMoE, {"k": 2, "capacity_factor": 1.0, "batch_priority": True}),
+        (ExpertsChoiceMoE, {"capacity_factor": 1.0}),
+    ],
 )
 def test_works_as_moe_layer_of_the_vit(cls, moe_kwargs):
     model = SoftMoEVisionTransformer(

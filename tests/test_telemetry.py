@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from softmoe import SoftMoEVisionTransformer, capture_routing
+from softmoe.harness.figures import plot_dispatch_maps, render
 from softmoe.harness.telemetry import (
     dispatch_maps,
     distribution_summary,
@@ -54,17 +55,35 @@ def test_distribution_summary():
 
 def test_routing_metrics_and_dispatch_maps_cover_every_moe_block():
     model = SoftMoEVisionTransformer(
-        num_experts=4, slots_per_expert=2, moe_layer_index=[0, 2], img_size=8, patch_size=2, embed_dim=16, depth=3, num_heads=2
+        num_experts=4, slots_per_expert=2, moe_layer_index=[0, 2], img_size=8, patch_size=2, embed_dim=16, depth=3,
+        num_heads=2,
     )
     images = torch.randn(5, 3, 8, 8)
     with capture_routing(model) as records:
         model(images)
     scalars, distributions = routing_metrics(model, records)
-    assert sorted(distributions) == [f"routing/block{b}/{n}" for b in (0, 2) for n in ("expert_utilisation", "slot_utilisation")]
+    names = ("expert_utilisation", "slot_utilisation")
+    assert sorted(distributions) == [f"routing/block{b}/{n}" for b in (0, 2) for n in names]
     assert distributions["routing/block2/slot_utilisation"].shape == (8,)
     assert scalars["routing/block0/router_scale"] == 1.0  # initialised to 1
     assert len(scalars) == 2 * 6
     mosaic = dispatch_maps(images[0], records, model, slots=3)
-    zoom = 8  # 8-pixel images are drawn 64 pixels tall
-    assert mosaic.dtype == np.uint8
-    assert mosaic.shape == (2 * 10 * zoom, 4 * 10 * zoom, 3)  # 2 blocks x (image + 3 slots), 1-pixel frames
+    assert mosaic.dtype == np.uint8 and mosaic.ndim == 3 and mosaic.shape[2] == 3
+
+
+def test_wandb_dispatch_maps_are_the_notebooks_figure_on_one_labelled_colour_scale():
+    model = SoftMoEVisionTransformer(
+        num_experts=4, slots_per_expert=2, moe_layer_index=[0, 2], img_size=8, patch_size=2, embed_dim=16, depth=3,
+        num_heads=2,
+    )
+    images = torch.randn(2, 3, 8, 8)
+    with capture_routing(model) as records:
+        model(images)
+    figure = plot_dispatch_maps(images[:1], records, model, num_slots=3)
+    assert np.array_equal(dispatch_maps(images[0], records, model, slots=3), render(figure))  # what W&B receives
+    maps = [image for ax in figure.axes for image in ax.get_images() if image.get_cmap().name == "inferno"]
+    assert len(maps) == 2 * 3 and len({image.get_clim() for image in maps}) == 1  # 2 blocks x 3 slots, one scale
+    colorbar = figure.axes[-1]
+    assert colorbar.get_ylabel() == "dispatch weight"
+    assert [text.get_text() for text in colorbar.texts] == ["uniform 1/m = 1/17"]  # 16 patches and the class token
+    assert [ax.get_title() for ax in figure.axes[1:4]] == ["e0 s0", "e2 s0", "e3 s1"]  # slots spread over all n·p

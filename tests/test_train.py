@@ -1,6 +1,7 @@
 """The training harness end to end: the default run's telemetry, every experiment, exact resume, sweeps, evaluation."""
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -13,16 +14,20 @@ from conftest import CONF_DIR, wandb_offline_run
 from softmoe.evaluate import evaluate_run
 from softmoe.harness.checkpoint import CheckpointError, load_checkpoint
 from softmoe.harness.loop import train
+from softmoe.harness.runs import read_events
 
+pytestmark = pytest.mark.slow  # end-to-end runs, in this process and as commands
 ROOT = Path(CONF_DIR).parent
 EXPERIMENTS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 QUIET = ["trainer.progress_bar=false"]
-ROUTING_SCALARS = ["dispatch_entropy", "combine_entropy", "dispatch_max", "combine_max", "effective_experts", "router_scale"]
+ROUTING_SCALARS = [
+    "dispatch_entropy", "combine_entropy", "dispatch_max", "combine_max", "effective_experts", "router_scale"
+]  # fmt: skip
 DISTRIBUTIONS = ["expert_utilisation", "slot_utilisation"]
 
 
 def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_events(run_dir)
 
 
 def test_default_run_logs_every_metric_to_metrics_jsonl_and_wandb(compose_run, tmp_path):
@@ -46,17 +51,20 @@ def test_default_run_logs_every_metric_to_metrics_jsonl_and_wandb(compose_run, t
         assert 1 <= event["routing/block2/effective_experts"] <= 16
         assert 0 < event["routing/block3/dispatch_entropy"] <= 1
     assert set(val_events[0]) == {"step", "epoch", "val/loss", "val/acc"}
-    assert set(test_events[0]) == {"step", "epoch", "test/loss", "test/acc", "test/loss_at_best_val", "test/acc_at_best_val"}
+    tested = {"test/loss", "test/acc", "test/loss_at_best_val", "test/acc_at_best_val"}
+    assert set(test_events[0]) == {"step", "epoch", *tested}
     assert summary.val_acc == summary.best_val_acc == val_events[0]["val/acc"] and summary.best_val_epoch == 1
     assert summary.test_acc == summary.test_acc_at_best_val == test_events[0]["test/acc"]
 
     run, history = wandb_offline_run(tmp_path)
-    assert (run.run_group, run.display_name, run.run_id) == ("sweep-1", "trainer.max_epochs=1", summary.wandb_run_path.split("/")[-1])
+    run_id = summary.wandb_run_path.split("/")[-1]
+    assert (run.run_group, run.display_name, run.run_id) == ("sweep-1", "trainer.max_epochs=1", run_id)
     assert {item.key for item in run.config.update} >= {"model", "moe", "data", "optimizer", "trainer", "seed"}
-    for key in ["train/loss", "train/acc", "train/lr", "train/throughput", "val/loss", "val/acc", "test/acc", "test/acc_at_best_val"]:
+    for key in ["train/loss", "train/acc", "train/lr", "train/throughput", "val/loss", "val/acc", *tested]:
         assert key in history
     assert history["test/acc"] == [json.dumps(summary.test_acc)]
-    assert history["routing/block2/dispatch_entropy"] == [json.dumps(e["routing/block2/dispatch_entropy"]) for e in train_events]
+    logged = [json.dumps(e["routing/block2/dispatch_entropy"]) for e in train_events]
+    assert history["routing/block2/dispatch_entropy"] == logged
     for block in (2, 3):
         for name in ROUTING_SCALARS:
             assert len(history[f"routing/block{block}/{name}"]) == 3
@@ -76,7 +84,8 @@ def test_every_experiment_runs_two_steps(compose_run, tmp_path, experiment):
     overrides = [f"experiment={experiment}", "trainer.max_steps=2", "trainer.eval_batches=1", "logger=none", *QUIET]
     if cfg.data.name != "digits" or cfg.model.embed_dim > 128:  # no CIFAR/ImageNet here; GPU sizes shrunk
         overrides += ["data=synthetic", f"data.img_size={cfg.data.img_size}", "data.train_size=32", "data.test_size=8"]
-        overrides += ["model.embed_dim=32", "model.num_heads=2", "model.depth=2", "moe.num_experts=4", "trainer.batch_size=8"]
+        overrides += ["model.embed_dim=32", "model.num_heads=2", "model.depth=2", "moe.num_experts=4"]
+        overrides += ["trainer.batch_size=8"]
         overrides += ["trainer.device=cpu", "trainer.compile=false", "trainer.num_workers=0", "trainer.precision=fp32"]
     summary = train(compose_run(*overrides), tmp_path)
     assert summary.steps == 2 and 0 <= summary.test_acc <= 1
@@ -147,16 +156,49 @@ def test_a_failing_wandb_never_stops_training(compose_run, tmp_path, monkeypatch
         raise ConnectionError("api.wandb.ai unreachable")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    cfg = compose_run("trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=256", "logger.mode=online", *QUIET)
+    run = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=256", "logger.mode=online", *QUIET]
+    cfg = compose_run(*run)
     summary = train(cfg, tmp_path)
     assert summary.wandb_run_path is None and [e["step"] for e in read_metrics(tmp_path)] == [1, 2, 3, 3, 3]
+
+
+def test_the_wandb_sync_hint_of_a_resumed_offline_run_uploads_every_part_in_order(compose_run, tmp_path, caplog):
+    run = ["trainer.batch_size=256", "trainer.log_every=1", "model.depth=2", "logger.mode=offline", *QUIET]
+    train(compose_run(*run, "trainer.max_steps=2"), tmp_path)
+    time.sleep(1.1)  # W&B names an attempt's directory after the second it started
+    with caplog.at_level(logging.INFO):
+        train(compose_run(*run, "trainer.max_steps=4"), tmp_path)  # resumes the same W&B run: a second directory
+    parts = sorted(tmp_path.glob("wandb/offline-run-*"))
+    assert len(parts) == 2 and len({part.name.rsplit("-", 1)[1] for part in parts}) == 1  # one run id
+    hints = [r.getMessage() for r in caplog.records if "wandb sync" in r.getMessage()]
+    assert len(hints) == 2  # when the attempt starts, and again when it ends
+    assert all(hint.endswith(f"wandb sync {parts[0]} {parts[1]}") for hint in hints)
+
+
+@pytest.mark.slow
+def test_parallel_sweep_jobs_tag_their_lines_and_the_sweep_ends_with_the_collect_command(tmp_path):
+    command = [
+        sys.executable, "-m", "softmoe.train", "-m", "launcher=joblib", "moe.num_experts=4,8", "trainer.max_steps=2",
+        "trainer.batch_size=256", "trainer.eval_batches=1", "model.depth=2", "logger=none", *QUIET,
+        f"hydra.sweep.dir={tmp_path}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    job_lines = [line for line in lines if not line.startswith("[20")]  # Hydra's own launcher lines are dated
+    assert job_lines[-1] == f"sweep done: {tmp_path}; tabulate it with: python -m softmoe.collect {tmp_path}"
+    for job in (0, 1):
+        assert any(line.startswith(f"[job {job}] model: vit_micro") for line in job_lines)
+        assert f"[job {job}] run directory: {tmp_path / str(job)}" in job_lines
+    assert all(line.startswith(("[job 0] ", "[job 1] ")) for line in job_lines[:-1]), job_lines
 
 
 def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(offline_sweep):
     runs = [wandb_offline_run(offline_sweep / str(job))[0] for job in (0, 1)]
     assert {run.run_group for run in runs} == {str(offline_sweep)}
     assert [run.display_name for run in runs] == [
-        f"model.depth=2,moe.num_experts={n},trainer.batch_size=256,trainer.log_every=1,trainer.max_steps=3" for n in (4, 8)
+        f"model.depth=2,moe.num_experts={n},trainer.batch_size=256,trainer.log_every=1,trainer.max_steps=3"
+        for n in (4, 8)
     ]
     for job, experts in ((0, 4), (1, 8)):
         saved = json.loads(load_checkpoint(offline_sweep / str(job) / "last.pt")["config"])
@@ -164,37 +206,9 @@ def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(off
         assert [e["step"] for e in read_metrics(offline_sweep / str(job))] == [1, 2, 3, 3, 3]
 
 
-def test_evaluate_refuses_a_missing_run_dir_without_creating_it(tmp_path):
-    missing = tmp_path / "no_such_run"
-    empty = tmp_path / "empty_run"
-    empty.mkdir()
-    for run_dir, message in ((missing, "no such directory"), (empty, "holds no last.pt")):
-        command = [sys.executable, "-m", "softmoe.evaluate", f"run_dir={run_dir}", "checkpoint=last"]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2
-        assert result.stderr.strip() == f"error: run_dir={run_dir}: {message}" + (
-            " (a training run directory holds best.pt and last.pt)" if run_dir == missing else
-            " (is it a training run directory?)")
-    assert not missing.exists() and list(empty.iterdir()) == []
-
-
-def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path):
-    train(compose_run("trainer.max_steps=5", "trainer.batch_size=128", "logger=none", *QUIET), tmp_path)
-    result = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last", save_routing=True, routing_examples=4)
-    (tested,) = [e for e in read_metrics(tmp_path) if "test/acc" in e]  # the trainer's own test of the final model
-    assert result["test/acc"] == tested["test/acc"] and result["test/loss"] == pytest.approx(tested["test/loss"])
-    assert result["val/acc"] == load_checkpoint(tmp_path / "last.pt")["last_eval"]["acc"]
-    assert (result["val/examples"], result["test/examples"]) == (180, 360)
-    routing = torch.load(tmp_path / "evaluate" / "routing.pt", weights_only=True)
-    assert routing["images"].shape == (4, 1, 8, 8) and routing["labels"].shape == (4,)
-    assert sorted(routing["dispatch"]) == ["blocks.2.mlp", "blocks.3.mlp"]
-    dispatch = routing["dispatch"]["blocks.2.mlp"]  # [batch, tokens, experts, slots_per_expert]
-    assert dispatch.shape == (4, 16, 16, 1)
-    torch.testing.assert_close(dispatch.sum(dim=1), torch.ones(4, 16, 1))  # a softmax over tokens per slot
-
-
 def test_best_pt_is_chosen_on_validation_and_the_test_split_is_read_once_at_the_end(compose_run, tmp_path):
-    # lr 1e-12: every epoch validates the same predictions, so the best stays epoch 1 while the final model is epoch 3's;
+    # lr 1e-12: every epoch validates the same predictions, so the best stays epoch 1 while the final model is
+    # epoch 3's;
     # best.pt is then read back and tested, and must give the final model's numbers
     run = ["trainer.max_epochs=3", "trainer.batch_size=256", "optimizer.lr=1e-12", "logger=none", *QUIET]
     summary = train(compose_run(*run), tmp_path)
@@ -209,10 +223,12 @@ def test_best_pt_is_chosen_on_validation_and_the_test_split_is_read_once_at_the_
 
 
 def test_without_a_validation_split_nothing_is_selected_and_the_run_says_so(compose_run, tmp_path, caplog):
-    summary = train(compose_run("data.val_size=0", "trainer.max_steps=5", "trainer.batch_size=256", "logger=none", *QUIET), tmp_path)
+    run = ["data.val_size=0", "trainer.max_steps=5", "trainer.batch_size=256", "logger=none", *QUIET]
+    summary = train(compose_run(*run), tmp_path)
     assert not (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
     assert "data.val_size=0: no validation split, so no model selection" in caplog.text
-    assert [set(e) - {"step", "epoch"} for e in read_metrics(tmp_path) if "train/loss" not in e] == [{"test/acc", "test/loss"}]
+    untrained = [set(e) - {"step", "epoch"} for e in read_metrics(tmp_path) if "train/loss" not in e]
+    assert untrained == [{"test/acc", "test/loss"}]
     assert summary.best_val_acc != summary.best_val_acc  # NaN: there is nothing to select on
     assert summary.describe().endswith("no validation split (data.val_size=0), so no checkpoint was selected")
 
@@ -229,7 +245,8 @@ def test_an_optuna_sweep_maximises_validation_accuracy_never_test(tmp_path):
     import yaml
 
     optimum = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
-    assert set(optimum["best_params"]) == {"moe.scale_init", "moe.router_lr_mult", "moe.router_weight_decay", "optimizer.lr"}
+    searched = {"moe.scale_init", "moe.router_lr_mult", "moe.router_weight_decay", "optimizer.lr"}
+    assert set(optimum["best_params"]) == searched
     trials = [read_metrics(tmp_path / str(job)) for job in (0, 1)]
     best_val = [max(e["val/acc"] for e in events if "val/acc" in e) for events in trials]
     assert optimum["best_value"] == max(best_val)

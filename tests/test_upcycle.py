@@ -101,7 +101,9 @@ def test_sparse_router_weights_keep_their_init():
 
     dense = VisionTransformer(**ARCH)
     moe = SoftMoEVisionTransformer(**ARCH, num_experts=3, moe_layer_index=1, moe_layer=TokensChoiceMoE)
-    router = {k: v.clone() for k, v in moe.state_dict().items() if k.startswith("blocks.1.mlp.") and ".experts." not in k}
+    router = {
+        k: v.clone() for k, v in moe.state_dict().items() if k.startswith("blocks.1.mlp.") and ".experts." not in k
+    }
     upcycle(dense, moe)
     assert router and all(torch.equal(moe.state_dict()[k], v) for k, v in router.items())
     assert_experts_compute_the_dense_mlp(dense, moe)

@@ -193,7 +193,7 @@ FACTORIES = {
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
-def test_factories_have_the_seed_defaults(name):
+def test_factories_have_the_reference_defaults(name):
     width, depth, heads, moe, patch = FACTORIES[name]
     with torch.device("meta"):  # paper sizes hold billions of parameters: build them without memory
         model = getattr(softmoe, name)()

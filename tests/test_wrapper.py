@@ -25,7 +25,9 @@ def loop_reference(wrapper, x):
 
 def test_linear_experts_match_the_paper_equations():
     x = torch.rand(2, 16, 128)
-    layer = SoftMoELayerWrapper(dim=128, slots_per_expert=2, num_experts=32, layer=nn.Linear, in_features=128, out_features=32)
+    layer = SoftMoELayerWrapper(
+        dim=128, slots_per_expert=2, num_experts=32, layer=nn.Linear, in_features=128, out_features=32
+    )
     y = layer(x)
     assert y.shape == (2, 16, 32)
     assert layer.experts.layer.weight.shape == (32, 32, 128)  # stacked: [experts, out, in]
@@ -60,13 +62,17 @@ def test_partial_layer_with_an_overlapping_argument_name():
 
 
 def test_experts_are_independent_instances():
-    layer = SoftMoELayerWrapper(dim=8, num_experts=4, slots_per_expert=1, layer=nn.Linear, in_features=8, out_features=8)
+    layer = SoftMoELayerWrapper(
+        dim=8, num_experts=4, slots_per_expert=1, layer=nn.Linear, in_features=8, out_features=8
+    )
     weight = layer.experts.layer.weight
     assert not any(torch.equal(weight[0], weight[i]) for i in range(1, 4))
 
 
 def test_gradients_reach_every_expert_and_the_router():
-    layer = SoftMoELayerWrapper(dim=8, num_experts=4, slots_per_expert=2, layer=nn.Linear, in_features=8, out_features=8)
+    layer = SoftMoELayerWrapper(
+        dim=8, num_experts=4, slots_per_expert=2, layer=nn.Linear, in_features=8, out_features=8
+    )
     layer(torch.randn(2, 6, 8)).pow(2).sum().backward()
     assert layer.phi.grad.abs().sum() > 0 and layer.scale.grad.abs().sum() > 0
     assert torch.all(layer.experts.layer.weight.grad.reshape(4, -1).abs().sum(1) > 0)
@@ -100,6 +106,8 @@ def test_bad_arguments():
         SoftMoELayerWrapper(dim=8, num_experts=0, slots_per_expert=1, layer=nn.Linear, in_features=8, out_features=8)
     with pytest.raises(ValueError, match="layer must be an nn.Module class"):
         SoftMoELayerWrapper(dim=8, num_experts=2, slots_per_expert=1, layer="linear")
-    layer = SoftMoELayerWrapper(dim=8, num_experts=2, slots_per_expert=1, layer=nn.Linear, in_features=8, out_features=8)
+    layer = SoftMoELayerWrapper(
+        dim=8, num_experts=2, slots_per_expert=1, layer=nn.Linear, in_features=8, out_features=8
+    )
     with pytest.raises(ValueError, match="last dimension must equal dim=8"):
         layer(torch.randn(1, 4, 6))

@@ -19,20 +19,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .errors import CheckpointError, CheckpointWriteError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
 BEST = "best.pt"
 PREVIOUS = "last.prev.pt"  # the `last` before the newest one, kept in case the newest is damaged
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: unreadable, or saved by a different model."""
-
-
-class CheckpointWriteError(CheckpointError, OSError):
-    """A checkpoint that could not be written (a full disk, a lost mount); the previous one is untouched."""
 
 
 def content_checksum(state: Any, crc: int = 0) -> int:
@@ -71,7 +65,8 @@ def save_checkpoint(path: Path, state: dict[str, Any], *, keep_previous: bool = 
         except OSError as error:
             full = " (the disk is full)" if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
             kept = f"; {path.name} still holds the previous checkpoint" if path.exists() else ""
-            raise CheckpointWriteError(f"{path}: could not be written{full}: {error.strerror or error}{kept}") from error
+            problem = f"{path}: could not be written{full}: {error.strerror or error}{kept}"
+            raise CheckpointWriteError(problem) from error
         if keep_previous and path.exists():
             _keep_previous(path)
         os.replace(temporary, path)

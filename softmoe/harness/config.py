@@ -10,7 +10,6 @@ the run).
 from __future__ import annotations
 
 import inspect
-import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -20,55 +19,30 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from softmoe.upcycle import check_upcycle, load_state_dict
+from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 
 from .data import dataset_size, validate_data_config
-from .data.config import Rule, boolean, format_value, non_negative_int, one_of, positive_int
-from .model import COMBINE_MODES, DISPATCH_MODES, PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message is one line naming the key, the value and what is allowed."""
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def optional(rule: Rule) -> Rule:
-    def check(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-        problem = None if value is None else rule(value, cfg)
-        return None if problem is None else f"{problem}, or null"
-
-    return check
-
-
-def number_in(low: float, high: float, *, high_open: bool = False) -> Rule:
-    def check(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-        inside = _is_number(value) and low <= value and (value < high if high_open else value <= high)
-        return None if inside else f"must be a number in [{low}, {high}{')' if high_open else ']'}"
-
-    return check
-
-
-def positive_number(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    return None if _is_number(value) and value > 0 else "must be a number > 0"
-
-
-def non_negative_number(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
-
-
-def text(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    return None if isinstance(value, str) and value else "must be a non-empty string"
-
-
-def texts(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
-    return None if ok else "must be a list of strings"
+from .errors import ConfigError
+from .model import PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
+from .rules import (
+    Rule,
+    boolean,
+    format_value,
+    is_int,
+    non_negative_int,
+    non_negative_number,
+    number_in,
+    one_of,
+    optional,
+    positive_int,
+    positive_number,
+    text,
+    texts,
+)
 
 
 def block_list(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ok = isinstance(value, list) and all(is_int(v) for v in value)
     return None if ok else "must be a list of 0-indexed block numbers, e.g. [8,9,10,11]"
 
 
@@ -95,7 +69,7 @@ def existing_file(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
 
 
 def seed_value(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32
+    ok = is_int(value) and 0 <= value < 2**32
     return None if ok else "must be an integer in [0, 2**32)"
 
 
@@ -126,8 +100,8 @@ MOE_RULES: dict[str, Rule] = {
     "router_lr_mult": positive_number,
     "router_weight_decay": optional(non_negative_number),
     "router": one_of(*ROUTERS),
-    "dispatch": one_of(*DISPATCH_MODES),
-    "combine": one_of(*COMBINE_MODES),
+    "dispatch": one_of(*DISPATCH_CHOICES),
+    "combine": one_of(*COMBINE_CHOICES),
     "k": positive_int,
     "capacity_factor": optional(positive_number),
     "batch_priority": boolean,
@@ -205,7 +179,8 @@ def _check_target(section: str, values: Mapping[str, Any]) -> Callable:
     try:
         factory = get_object(target)
     except Exception:
-        raise ConfigError(f"{section}._target_={format_value(target)}: must name an importable class or function") from None
+        problem = f"{section}._target_={format_value(target)}: must name an importable class or function"
+        raise ConfigError(problem) from None
     accepted = set(inspect.signature(factory).parameters)
     _check_known(section, values, accepted, f"an argument of {target}")
     return factory

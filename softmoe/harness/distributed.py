@@ -14,8 +14,12 @@ Checkpoints always hold the single-process model and optimizer state: with exper
 weights and Adam moments are gathered to rank 0 on save and each rank keeps its experts on load, so a run
 saved on W ranks resumes on any number of ranks (and evaluates on one).
 
-The training loop (:mod:`.loop`) calls :class:`Distributed`'s methods at each such point; on one process
-they do nothing but return what the loop would have used.
+The training loop (:mod:`.loop`) calls a few coarse :class:`Distributed` methods: set up the run directory
+(:meth:`~Distributed.claim_run_dir`), the model (:meth:`~Distributed.setup_model`) and the loaders
+(:meth:`~Distributed.build_loaders`); gather and load the checkpointed state (:meth:`~Distributed.gather_state`,
+:meth:`~Distributed.load_state`); reduce across ranks (:meth:`~Distributed.clip_grad_norm_`,
+:meth:`~Distributed.reduce_eval`, :meth:`~Distributed.share_signal`). On one process they do nothing but
+return what the loop would have used.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from softmoe import parallel
 
-from .config import ConfigError, resolve_device
-from .data import build_loader
+from .config import resolve_device
+from .data import DataBundle, build_loader
+from .errors import ConfigError, RunDirInUseError
+from .runs import RunDirLock
 from .sampler import ResumableSampler
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "single", "ddp")
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 IGNORED_LABEL = -100  # F.cross_entropy's ignore_index: padding examples add nothing to the test loss
 
@@ -165,6 +170,17 @@ class _PaddedShard(Dataset):
         return image, (IGNORED_LABEL if isinstance(label, int) else torch.full_like(label, IGNORED_LABEL))
 
 
+@dataclass
+class Loaders:
+    """The loaders of a run, each yielding this rank's share (all of it on one process)."""
+
+    train: DataLoader
+    sampler: ResumableSampler  # the training order: resumable mid-epoch (``set_epoch(epoch, skip=...)``)
+    test: DataLoader
+    val: Optional[DataLoader]  # None when data.val_size=0
+    eval_batches: Optional[int]  # the ``max_batches`` to evaluate val and test with
+
+
 def _check(key: str, value: Any, problem: str) -> None:
     shown = str(value).lower() if isinstance(value, bool) else value
     raise ConfigError(f"{key}={shown}: {problem}")
@@ -200,12 +216,14 @@ class Distributed:
         if strategy == "ddp" and not torchrun:
             _check(
                 "trainer.strategy", strategy,
-                "needs a torchrun launch (RANK and WORLD_SIZE are not set): torchrun --nproc_per_node=N -m softmoe.train ...",
+                "needs a torchrun launch (RANK and WORLD_SIZE are not set): "
+                "torchrun --nproc_per_node=N -m softmoe.train ...",
             )  # fmt: skip
         if strategy == "single" and torchrun and world_size > 1:
             _check(
                 "trainer.strategy", strategy,
-                f"this process is one of WORLD_SIZE={world_size} started by torchrun; use trainer.strategy=auto or ddp, "
+                f"this process is one of WORLD_SIZE={world_size} started by torchrun; "
+                "use trainer.strategy=auto or ddp, "
                 "or run python -m softmoe.train",
             )  # fmt: skip
         data_parallel = torchrun and strategy != "single"
@@ -219,9 +237,11 @@ class Distributed:
             if moe.placement == "none" and not moe.layers:
                 _check("moe.expert_parallel", True, "needs MoE layers to split; moe.placement=none builds a dense ViT")
             if moe.num_experts % world_size:
-                _check("moe.num_experts", moe.num_experts, f"expert parallelism needs it divisible by the {world_size} processes")
+                problem = f"expert parallelism needs it divisible by the {world_size} processes"
+                _check("moe.num_experts", moe.num_experts, problem)
             if trainer.precision == "fp16":
-                _check("trainer.precision", "fp16", "a loss-scaled step may skip on some ranks only under expert parallelism; use bf16")
+                problem = "a loss-scaled step may skip on some ranks only under expert parallelism; use bf16"
+                _check("trainer.precision", "fp16", problem)
         if data_parallel and trainer.batch_size % world_size:
             _check(
                 "trainer.batch_size", trainer.batch_size,
@@ -245,29 +265,53 @@ class Distributed:
             find_unused_parameters=unused_router,
         )
 
-    def check_same_run_dir(self, run_dir: str) -> None:
-        """Stop if the ranks were given different run directories (e.g. a ``${now:}`` resolved on each rank)."""
-        if not self.data_parallel:
-            return
-        dirs: list[Optional[str]] = [None] * self.world_size
-        dist.all_gather_object(dirs, os.path.abspath(run_dir))
-        if len(set(dirs)) > 1:
-            raise ConfigError(
-                f"hydra.run.dir={run_dir}: the ranks resolved different run directories {sorted(set(dirs))}; "
-                "set hydra.run.dir to a fixed path"
-            )
+    def claim_run_dir(self, run_dir: str) -> Optional[RunDirLock]:
+        """Check that every rank was given the same run directory, and lock it for this run: rank 0 takes its
+        :class:`~.runs.RunDirLock` (returned; None on the other ranks). Raises the same error on every rank."""
+        problem = None
+        if self.data_parallel:
+            dirs: list[Optional[str]] = [None] * self.world_size
+            dist.all_gather_object(dirs, os.path.abspath(run_dir))
+            if len(set(dirs)) > 1:
+                raise ConfigError(
+                    f"hydra.run.dir={run_dir}: the ranks resolved different run directories {sorted(set(dirs))}; "
+                    "set hydra.run.dir to a fixed path"
+                )
+        lock = None
+        if self.is_main:
+            try:
+                lock = RunDirLock(run_dir).acquire()
+            except RunDirInUseError as error:
+                problem = str(error)
+        if self.data_parallel:
+            shared = [problem]
+            dist.broadcast_object_list(shared, src=0)
+            problem = shared[0]
+        if problem is not None:
+            raise RunDirInUseError(problem)
+        return lock
 
     # ------------------------------------------------------------------------- data
 
-    def local_batch_size(self, batch_size: int) -> int:
-        return batch_size // self.world_size
+    def build_loaders(self, data: DataBundle, trainer: DictConfig, seed: int) -> Loaders:
+        """The training loader (this rank's share of every global batch, in an order drawn from ``seed`` and
+        the epoch) and the validation and test loaders (this rank's share of their examples)."""
+        if self.data_parallel:
+            sampler = ShardedSampler(len(data.train), seed, trainer.batch_size, self.rank, self.world_size)
+        else:
+            sampler = ResumableSampler(len(data.train), seed)
+        options = dict(num_workers=trainer.num_workers, pin_memory=self.device.type == "cuda")
+        local_batch_size = trainer.batch_size // self.world_size
+        train = build_loader(data.train, local_batch_size, train=True, seed=seed, sampler=sampler, **options)
+        test, eval_batches = self._eval_loader(data.test, trainer.eval_batch_size, trainer.eval_batches, **options)
+        val = None
+        if data.val is not None:
+            val, _ = self._eval_loader(data.val, trainer.eval_batch_size, trainer.eval_batches, **options)
+        return Loaders(train=train, sampler=sampler, test=test, val=val, eval_batches=eval_batches)
 
-    def train_sampler(self, size: int, seed: int, batch_size: int) -> ResumableSampler:
-        if not self.data_parallel:
-            return ResumableSampler(size, seed)
-        return ShardedSampler(size, seed, batch_size, self.rank, self.world_size)
-
-    def eval_loader(self, dataset: Dataset, batch_size: int, eval_batches: Optional[int], **loader_kwargs) -> tuple[DataLoader, Optional[int]]:
+    def _eval_loader(
+        self, dataset: Dataset, batch_size: int, eval_batches: Optional[int], **loader_kwargs
+    ) -> tuple[DataLoader, Optional[int]]:
         """A validation or test loader and the ``max_batches`` to evaluate it with.
 
         Several ranks split the examples a single process would evaluate (the first ``eval_batches`` batches):
@@ -296,22 +340,22 @@ class Distributed:
 
     # ------------------------------------------------------------------------- model and step
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """The model every rank trains and checkpoints: rank 0's initial weights; with expert parallelism,
-        this rank's experts only. Call before building the optimizer."""
+    def setup_model(self, model: nn.Module, compile: bool = False) -> tuple[nn.Module, nn.Module]:
+        """(the module every rank optimizes and checkpoints, what the loop calls forward on), from ``model`` on
+        this rank's device. The first holds rank 0's initial weights (with expert parallelism, this rank's experts
+        only); the second is it wrapped in DDP when data parallel (for the replicated parameters only, under
+        expert parallelism), then ``torch.compile``d when ``compile``."""
         if self.expert_parallel:
-            return parallel.to_expert_parallel(model)
-        return model
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """What the loop calls forward on: DDP (for the replicated parameters only, under expert parallelism)."""
-        if not self.data_parallel:
-            return model
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        kwargs = dict(device_ids=device_ids, find_unused_parameters=self.find_unused_parameters)
-        if self.expert_parallel:
-            return parallel.distributed_data_parallel(model, **kwargs)
-        return nn.parallel.DistributedDataParallel(model, **kwargs)
+            model = parallel.to_expert_parallel(model)
+        forward = model
+        if self.data_parallel:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            kwargs = dict(device_ids=device_ids, find_unused_parameters=self.find_unused_parameters)
+            if self.expert_parallel:
+                forward = parallel.distributed_data_parallel(model, **kwargs)
+            else:
+                forward = nn.parallel.DistributedDataParallel(model, **kwargs)
+        return model, torch.compile(forward) if compile else forward
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """The global gradient norm, clipped: over every rank's experts under expert parallelism."""
@@ -330,23 +374,35 @@ class Distributed:
 
     # ------------------------------------------------------------------------- checkpoints
 
-    def model_state_dict(self, model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
-        """The single-process state dict (on rank 0; None elsewhere under expert parallelism). Collective."""
-        if self.expert_parallel:
-            return parallel.gather_expert_parallel_state_dict(model)
-        return model.state_dict()
+    def gather_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[Optional[dict[str, torch.Tensor]], Optional[dict[str, Any]]]:
+        """The single-process model and optimizer state dicts, on rank 0 (under expert parallelism every rank
+        sends its experts' weights and Adam moments; None on the other ranks). Collective."""
+        if not self.expert_parallel:
+            return model.state_dict(), optimizer.state_dict()
+        model_state = parallel.gather_expert_parallel_state_dict(model)
+        return model_state, self._gather_optimizer_state(optimizer, model)
 
-    def load_model_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    def load_state(
+        self,
+        model: nn.Module,
+        model_state: Mapping[str, torch.Tensor],
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        optimizer_state: Optional[dict[str, Any]] = None,
+    ) -> None:
+        """Load single-process state dicts (a checkpoint's) into this rank's model and optimizer: under expert
+        parallelism each rank keeps its own experts' weights and moments."""
         if self.expert_parallel:
-            state = parallel.shard_state_dict(state, model)
-        model.load_state_dict(state)
+            model_state = parallel.shard_state_dict(model_state, model)
+        model.load_state_dict(model_state)
+        if optimizer is not None:
+            self._load_optimizer_state(optimizer, model, optimizer_state)
 
-    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> Optional[dict[str, Any]]:
+    def _gather_optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> Optional[dict[str, Any]]:
         """The single-process optimizer state: each expert shard's per-parameter state (Adam's moments) gathered
         along the experts to rank 0. Collective under expert parallelism."""
         state = optimizer.state_dict()
-        if not self.expert_parallel:
-            return state
         for index, layer in self._expert_shards(optimizer, model).items():
             whole = {}  # a new dict: state_dict() shares each parameter's state dict with the optimizer
             for key, value in state["state"].get(index, {}).items():
@@ -359,7 +415,7 @@ class Distributed:
                 state["state"][index] = whole
         return state if self.is_main else None
 
-    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, Any]) -> None:
+    def _load_optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, Any]) -> None:
         if self.expert_parallel:
             shards = self._expert_shards(optimizer, model)
             state = {**state, "state": dict(state["state"])}

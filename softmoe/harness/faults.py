@@ -1,23 +1,25 @@
 """What the training loop does when the run is interrupted or its numbers go bad.
 
-Preemption (:class:`PreemptionGuard`): SIGTERM, SIGUSR1 and SIGUSR2 (submitit's preemption signal on
-SLURM) only set a flag; the loop finishes the step it is in, writes ``last.pt`` and raises
-:class:`Preempted`, which ``python -m softmoe.train`` turns into exit status ``128 + signal``
-(143 for SIGTERM, 138 for SIGUSR1, 140 for SIGUSR2), the status a shell gives a process the signal
-killed. A handler installed before ours (submitit's requeue) is then called, so SLURM requeues the job
-and the new job resumes from ``last.pt``.
+Interruption (:class:`PreemptionGuard`): SIGINT (Ctrl-C), SIGTERM, SIGUSR1 and SIGUSR2 (submitit's
+preemption signal on SLURM) only set a flag; the loop finishes the step it is in, writes ``last.pt`` and
+raises :class:`Preempted`, which ``python -m softmoe.train`` turns into one line saying how to resume and
+exit status ``128 + signal`` (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1, 140 for SIGUSR2), the
+status a shell gives a process the signal killed. A handler installed before ours (submitit's requeue) is
+then called, so SLURM requeues the job and the new job resumes from ``last.pt``. A second Ctrl-C stops at
+once, without saving (``KeyboardInterrupt``).
 
 Non-finite numbers (:class:`NonFiniteGuard`): a step whose loss or gradient norm is NaN or inf never
 reaches the optimizer. ``trainer.nonfinite=skip`` drops the step and counts it (``train/skipped_steps``),
 and stops after ``trainer.max_nonfinite_skips`` such steps in a row; ``stop`` stops at once. Stopping
 raises :class:`NonFiniteError` naming the step and the first parameter whose gradient is not finite
-(exit status 3). :func:`first_nonfinite` keeps a NaN weight out of every checkpoint.
+(exit status 3). :func:`first_nonfinite` keeps a NaN weight out of every checkpoint. Deciding whether to
+apply a step needs its answer on the host: the check reads one boolean per step (on an accelerator, one
+device sync per step; the loss and norm values are only read when they are not finite).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import threading
 from types import FrameType
@@ -26,16 +28,15 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from .errors import NONFINITE_EXIT_CODE, NonFiniteError, preempted_exit_code
+
 log = logging.getLogger(__name__)
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-NONFINITE_EXIT_CODE = 3  # stopped on a NaN/inf (2 is a bad config, data or checkpoint)
+PREEMPTION_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 NONFINITE_POLICIES = ("skip", "stop")
-
-
-def preempted_exit_code(signum: int) -> int:
-    """The exit status of a run stopped by ``signum`` after saving: 128 + the signal number, as a shell reports."""
-    return 128 + int(signum)
+__all__ = [
+    "NONFINITE_EXIT_CODE", "NonFiniteError", "NonFiniteGuard", "Preempted", "PreemptionGuard", "preempted_exit_code"
+]  # fmt: skip
 
 
 class Preempted(Exception):
@@ -51,10 +52,11 @@ class Preempted(Exception):
 
 
 class PreemptionGuard:
-    """A context in which the preemption signals ask the loop to stop after its step instead of killing it.
+    """A context in which the preemption signals and Ctrl-C ask the loop to stop after its step instead of killing it.
 
-    ``requested`` is the first signal received, or None. Outside the main thread (where Python cannot
-    install handlers) the guard does nothing and the signals keep their usual effect.
+    ``requested`` is the first signal received, or None. A second SIGINT raises ``KeyboardInterrupt`` at once
+    (the user insists). Outside the main thread (where Python cannot install handlers) the guard does nothing
+    and the signals keep their usual effect.
     """
 
     def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS) -> None:
@@ -65,7 +67,10 @@ class PreemptionGuard:
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.requested is None:
             self.requested = signum
-            log.warning("%s received: stopping after this step, saving last.pt", signal.Signals(signum).name)
+            again = "; Ctrl-C again stops at once, without saving" if signum == signal.SIGINT else ""
+            log.warning("%s received: stopping after this step, saving last.pt%s", signal.Signals(signum).name, again)
+        elif signum == signal.SIGINT == self.requested:
+            raise KeyboardInterrupt
 
     def install(self) -> "PreemptionGuard":
         if threading.current_thread() is threading.main_thread():
@@ -89,7 +94,8 @@ class PreemptionGuard:
         signum, previous = self.requested, self._previous.get(self.requested)
 
         def call() -> None:
-            if signum is not None and callable(previous):
+            # Python's own SIGINT handler would raise KeyboardInterrupt: the run has already stopped cleanly
+            if signum is not None and callable(previous) and previous is not signal.default_int_handler:
                 previous(signum, None)
 
         return call
@@ -107,10 +113,6 @@ def first_nonfinite_grad(model: nn.Module) -> Optional[str]:
     return first_nonfinite((name, parameter.grad) for name, parameter in model.named_parameters())
 
 
-class NonFiniteError(RuntimeError):
-    """The run stopped on a NaN or inf; the message names the step and the offending parameter."""
-
-
 class NonFiniteGuard:
     """Decides, after backward and before the optimizer step, whether a step's numbers may be applied.
 
@@ -126,15 +128,19 @@ class NonFiniteGuard:
         self.skipped = 0  # steps skipped in the whole run
         self.consecutive = 0
 
-    def step_is_finite(self, step: int, loss: torch.Tensor, grad_norm: Union[torch.Tensor, float], model: nn.Module) -> bool:
+    def step_is_finite(
+        self, step: int, loss: torch.Tensor, grad_norm: Union[torch.Tensor, float], model: nn.Module
+    ) -> bool:
         """True when ``loss`` and ``grad_norm`` (the global gradient norm, so one check covers every
         gradient) are finite; else counts a skip or raises. ``step`` is 1-based, as logged."""
-        loss_value, norm_value = float(loss.detach()), float(grad_norm)  # one device sync per step
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
+        loss = loss.detach()
+        finite = torch.isfinite(loss) & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
+        if finite.item():  # the one host read per step
             self.consecutive = 0
             return True
         layer = first_nonfinite_grad(model)
-        what = f"loss={loss_value}" if not math.isfinite(loss_value) else f"gradient norm={norm_value}"
+        loss_finite = torch.isfinite(loss).item()
+        what = f"loss={float(loss)}" if not loss_finite else f"gradient norm={float(grad_norm)}"
         where = f"first non-finite gradient in {layer}" if layer else "every gradient finite"
         if self.policy == "stop":
             raise NonFiniteError(f"step {step}: {what} ({where}); trainer.nonfinite=stop")
@@ -145,7 +151,9 @@ class NonFiniteGuard:
                 f"step {step}: {what} ({where}) in {self.consecutive} steps in a row, more than "
                 f"trainer.max_nonfinite_skips={self.max_skips}"
             )
-        log.warning("step %d: %s (%s); step skipped (trainer.nonfinite=skip), %d so far", step, what, where, self.skipped)
+        log.warning(
+            "step %d: %s (%s); step skipped (trainer.nonfinite=skip), %d so far", step, what, where, self.skipped
+        )
         return False
 
     def state_dict(self) -> dict[str, int]:

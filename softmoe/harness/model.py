@@ -17,7 +17,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from softmoe import SoftMoE, SoftMoEVisionTransformer, upcycle
-from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 from softmoe.sparse import ExpertsChoiceMoE, TokensChoiceMoE
 
 PLACEMENTS = ("none", "last_half", "every_other", "all")
@@ -31,8 +30,6 @@ ROUTER_KEYS = {
 }
 # model keys that are not VisionTransformer arguments
 MODEL_KEYS = ("name", "upcycle_from", "upcycle_noise_std")
-DISPATCH_MODES = DISPATCH_CHOICES
-COMBINE_MODES = COMBINE_CHOICES
 # VisionTransformer arguments a config may set (the rest take classes, set in code).
 VIT_ARGUMENTS = set(inspect.signature(VisionTransformer.__init__).parameters) - {
     "self",

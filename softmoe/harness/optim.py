@@ -81,7 +81,8 @@ def build_scheduler(scheduler_cfg: Any, optimizer: torch.optim.Optimizer, total_
 
 
 def _fit(key: str, steps: int, available: int) -> int:
-    """``scheduler.<key>`` shortened to the ``available`` steps of a short run (a debug run, a quick test), with a warning."""
+    """``scheduler.<key>`` shortened to the ``available`` steps of a short run (a debug run, a quick test), with a
+    warning."""
     if steps <= available:
         return steps
     log.warning(

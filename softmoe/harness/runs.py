@@ -8,11 +8,18 @@
 
 Used by ``python -m softmoe.evaluate`` and the notebooks. The model is rebuilt from the checkpoint alone:
 the resolved config saved inside it (through the one config-to-model path, ``build_model``) and the weights.
+
+:class:`RunDirLock` keeps a second process (the same command started twice, a requeued job while the old one
+still runs) out of a run directory a live process trains in.
 """
 
 from __future__ import annotations
 
-import json
+import fcntl
+import logging
+import os
+import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -22,12 +29,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint, saved_config
-from .config import ConfigError, resolve_device
+from .config import resolve_device
 from .data import DataBundle, build_datasets
+from .errors import ConfigError, RunDirInUseError
 from .model import build_model
-from .telemetry import METRICS_FILE
+from .telemetry import METRICS_FILE, json_lines
 
 CHECKPOINTS = ("best", "last")
+LOCK_FILE = ".lock"  # in the run directory; holds the pid and host of the process training there
 
 
 @dataclass
@@ -78,10 +87,66 @@ def read_events(run_dir: Union[str, Path]) -> list[dict[str, Any]]:
 
     A torn last line (a run killed while writing it) is skipped.
     """
-    events = []
-    for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines():
+    return list(json_lines(Path(run_dir) / METRICS_FILE))
+
+
+HYDRA_FILES = (".hydra", "train.log")  # what Hydra writes into a run directory before the trainer starts
+
+
+def remove_if_unused(run_dir: Union[str, Path]) -> bool:
+    """Delete ``run_dir`` when it holds nothing but Hydra's own files (and the run lock): what a run that never
+    started (a bad config value, missing data) leaves. Returns whether it was deleted."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or any(path.name not in (*HYDRA_FILES, LOCK_FILE) for path in run_dir.iterdir()):
+        return False
+    for handler in logging.getLogger().handlers[:]:  # Hydra's <run_dir>/train.log
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
+class RunDirLock:
+    """An exclusive ``flock`` on ``<run_dir>/.lock`` while a process trains there.
+
+    The kernel drops the lock when its holder exits however it dies (SIGKILL included), so a lock is never
+    stale; the file stays, holding the last holder's pid and host for the message a second process
+    gets. Use as a context manager, or :meth:`acquire` / :meth:`release`.
+    """
+
+    def __init__(self, run_dir: Union[str, Path]) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._file = None
+
+    def acquire(self) -> "RunDirLock":
+        """Take the lock, or raise :class:`RunDirInUseError` naming the process that holds it."""
+        file = open(self.path, "a+")
         try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise RunDirInUseError(
+                f"{self.path.parent}: in use by {holder}; wait for it to end or stop it, or give this run another "
+                "hydra.run.dir"
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        self._file = file
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "RunDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import netrc
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Union
 from urllib.parse import urlparse
 
 import numpy as np
@@ -25,6 +24,7 @@ from torch import nn
 from softmoe import block_index, moe_layers, router_scale, routing_stats
 from softmoe.capture import RoutingRecord
 from softmoe.sparse import SparseMoE, sparse_routing_stats
+from softmoe.stats import normalized_entropy
 
 log = logging.getLogger(__name__)
 
@@ -61,57 +61,29 @@ def routing_metrics(
             prefix = f"routing/block{block_index(name)}/"
             stats = sparse_routing_stats(layer)
             scalars.update({prefix + key: stats[key] for key in SPARSE_SCALARS if key in stats})
-            scalars[prefix + "router_scale"] = router_scale(layer)
+            scalars.setdefault(prefix + "router_scale", router_scale(layer))  # once: a recorded layer has it above
             distributions.update({prefix + key: stats[key].float().cpu() for key in SPARSE_DISTRIBUTIONS})
     return scalars, distributions
 
 
 def distribution_summary(name: str, shares: torch.Tensor) -> dict[str, float]:
     """``<name>_min``, ``_max`` and ``_entropy`` (normalised by log(size): 1 = balanced) of a distribution [size]."""
-    shares = shares.double()
-    size = shares.numel()
-    entropy = -(shares * shares.clamp_min(1e-30).log()).sum().item()
+    shares = shares.double().reshape(-1)
     return {
         f"{name}_min": shares.min().item(),
         f"{name}_max": shares.max().item(),
-        f"{name}_entropy": entropy / math.log(size) if size > 1 else 1.0,
+        f"{name}_entropy": normalized_entropy(shares, dim=0).item(),
     }
 
 
 def dispatch_maps(
     image: torch.Tensor, records: Mapping[str, RoutingRecord], model: nn.Module, slots: int = 8
 ) -> np.ndarray:
-    """An RGB mosaic [H, W, 3] uint8: a row per MoE block, the image then the dispatch weights of ``slots``
-    slots (spread over all n·p) drawn over its patch grid, each scaled to its own maximum."""
-    grid_h, grid_w = model.patch_embed.grid_size
-    prefix = model.num_prefix_tokens  # class/register tokens come before the patches
-    pixels = image.detach().float().cpu().mean(dim=0)  # [H, W], channels averaged
-    pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min()).clamp_min(1e-12)
-    height, width = pixels.shape
-    zoom = max(1, math.ceil(64 / height))  # draw each map at least 64 pixels tall
-    rows = []
-    for name, record in sorted(records.items(), key=lambda item: block_index(item[0])):
-        dispatch = record.dispatch[0].flatten(1)[prefix:]  # [patches, n·p] of the first image
-        chosen = np.linspace(0, dispatch.shape[1] - 1, min(slots, dispatch.shape[1])).round().astype(int)
-        tiles = [np.stack([pixels.numpy()] * 3, axis=-1)]
-        for slot in chosen:
-            weights = dispatch[:, slot].reshape(grid_h, grid_w).cpu().numpy()
-            weights = weights / max(weights.max(), 1e-12)
-            weights = np.kron(weights, np.ones((height // grid_h, width // grid_w)))  # patches -> pixels
-            tiles.append(_heat(weights))
-        rows.append(np.concatenate([_pad(tile) for tile in tiles], axis=1))
-    mosaic = np.concatenate(rows, axis=0)
-    mosaic = np.kron(mosaic, np.ones((zoom, zoom, 1)))
-    return (mosaic * 255).round().astype(np.uint8)
+    """W&B's ``val/dispatch_maps``: an RGB image [H, W, 3] uint8 of :func:`.figures.plot_dispatch_maps` for one
+    image, a row per MoE block, the same figure the notebooks draw (one colour scale, colorbar, uniform level)."""
+    from .figures import plot_dispatch_maps, render
 
-
-def _heat(weights: np.ndarray) -> np.ndarray:
-    """Black -> red -> yellow -> white for weights in [0, 1]: [h, w] -> [h, w, 3]."""
-    return np.stack([np.clip(3 * weights - k, 0, 1) for k in range(3)], axis=-1)
-
-
-def _pad(tile: np.ndarray) -> np.ndarray:
-    return np.pad(tile, ((1, 1), (1, 1), (0, 0)), constant_values=1.0)
+    return render(plot_dispatch_maps(image[None], records, model, num_slots=slots))
 
 
 # ----------------------------------------------------------------------------- where it goes
@@ -146,11 +118,31 @@ def truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.endswith("\n") and _event_step(line) is not None and _event_step(line) <= step]
+    kept = [
+        line for line in lines if line.endswith("\n") and _event_step(line) is not None and _event_step(line) <= step
+    ]  # fmt: skip
     if len(kept) != len(lines):
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text("".join(kept))
         os.replace(temporary, path)
+
+
+def json_lines(path: Union[str, Path]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (``metrics.jsonl``) in order. A line cut short by a kill (no newline
+    at its end, or not JSON) is skipped: each event is written as one line, newline included."""
+    for line in Path(path).read_text().splitlines(keepends=True):
+        if not line.endswith("\n"):
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
+def offline_run_dirs(wandb_dir: Union[str, Path], run_id: str) -> list[Path]:
+    """The offline W&B directories of run ``run_id`` below ``wandb_dir``, oldest first: a resumed run leaves one per
+    attempt (``offline-run-<date>_<time>-<id>``), and ``wandb sync`` must upload them all, in this order."""
+    return sorted(Path(wandb_dir).glob(f"offline-run-*-{run_id}"))
 
 
 def _event_step(line: str) -> Optional[int]:
@@ -188,6 +180,7 @@ class Telemetry:
         self._metrics = open(self.metrics_path, "a")
         self._pending: list[tuple[int, dict[str, Any]]] = []
         self.wandb = None  # the W&B run, or None
+        self._offline_dir: Optional[Path] = None  # this attempt's offline W&B directory
         self.run_id = run_id
         if logger_cfg["backend"] == "wandb":
             self._start_wandb(Path(run_dir), logger_cfg, config, group, name)
@@ -221,8 +214,9 @@ class Telemetry:
             return
         self._log_images = cfg["log_images"]
         if mode == "offline":
-            directory = self.wandb.settings.sync_dir
-            log.info("W&B: offline (%s); this run is saved in %s; upload it with: wandb sync %s", why, directory, directory)
+            self._offline_dir = Path(self.wandb.settings.sync_dir)
+            directory, command = self._offline_dir, self.sync_command
+            log.info("W&B: offline (%s); this run is saved in %s; upload it with: %s", why, directory, command)
         else:
             log.info("W&B: %s", self.wandb.url)
 
@@ -230,6 +224,14 @@ class Telemetry:
     def run_path(self) -> Optional[str]:
         """The W&B run as ``entity/project/id`` (offline: ``project/id``), or None without W&B."""
         return self.wandb.path if self.wandb is not None else None
+
+    @property
+    def sync_command(self) -> Optional[str]:
+        """``wandb sync`` with every part of an offline run, oldest first (a resumed run has one per attempt)."""
+        if self._offline_dir is None:
+            return None
+        parts = offline_run_dirs(self._offline_dir.parent, self.run_id) or [self._offline_dir]
+        return "wandb sync " + " ".join(str(part) for part in parts)
 
     @property
     def logs_images(self) -> bool:
@@ -291,6 +293,9 @@ class Telemetry:
         self._pending = []
         self._metrics.close()
         self._stop_wandb()
+        if self._offline_dir is not None:
+            log.info("W&B: offline; upload this run with: %s", self.sync_command)
+            self._offline_dir = None
 
     def _stop_wandb(self) -> None:
         run, self.wandb = self.wandb, None

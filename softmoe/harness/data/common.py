@@ -8,13 +8,7 @@ from typing import Optional
 
 from torch.utils.data import Dataset
 
-
-class MissingDataError(FileNotFoundError):
-    """The dataset is not on disk; the message says where we looked and how to fetch or lay it out."""
-
-
-class BadDataError(ValueError):
-    """A file or example is unusable (unreadable, wrong channel count, label out of range); the message names it."""
+from ..errors import BadDataError, MissingDataError
 
 
 @dataclass

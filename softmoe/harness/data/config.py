@@ -7,40 +7,32 @@ typo'd override stops with one line naming the key before anything is loaded.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
+
+from ..rules import (
+    Rule,
+    boolean,
+    format_value,
+    is_int,
+    is_number,
+    non_negative_int,
+    non_negative_number,
+    one_of,
+    positive_int,
+)
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder", "synthetic")
 
 DIGITS_EXAMPLES = 1797  # sklearn.datasets.load_digits
 CIFAR_EXAMPLES = {"train": 50_000, "test": 10_000}  # the same for CIFAR-10 and CIFAR-100
-OFFICIAL_SIZES = {"cifar10": CIFAR_EXAMPLES, "cifar100": CIFAR_EXAMPLES, "fashion_mnist": {"train": 60_000, "test": 10_000}}
+OFFICIAL_SIZES = {
+    "cifar10": CIFAR_EXAMPLES,
+    "cifar100": CIFAR_EXAMPLES,
+    "fashion_mnist": {"train": 60_000, "test": 10_000},
+}
 SPLITS = ("train", "val", "test")
-
-# A rule returns None for a good value, else what is allowed; it sees the whole config for cross-key checks.
-Rule = Callable[[Any, Mapping[str, Any]], Optional[str]]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def positive_int(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    return None if _is_int(value) and value >= 1 else "must be a positive integer"
-
-
-def non_negative_int(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    return None if _is_int(value) and value >= 0 else "must be an integer >= 0"
-
-
-def boolean(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    return None if isinstance(value, bool) else "must be true or false"
-
 
 def optional_path(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     if value is None or (isinstance(value, str) and value):
@@ -50,29 +42,25 @@ def optional_path(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
 
 def exactly(expected: int, why: str) -> Rule:
     def rule(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-        return None if _is_int(value) and value == expected else f"must be {expected} for data={cfg['name']} ({why})"
-
-    return rule
-
-
-def one_of(*allowed: str) -> Rule:
-    def rule(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-        return None if value in allowed else f"must be one of {', '.join(allowed)}"
+        return None if is_int(value) and value == expected else f"must be {expected} for data={cfg['name']} ({why})"
 
     return rule
 
 
 def digits_test_size(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     low, high = 10, DIGITS_EXAMPLES - 10  # a stratified split needs every class in both splits
-    return None if _is_int(value) and low <= value <= high else f"must be an integer from {low} to {high}"
+    return None if is_int(value) and low <= value <= high else f"must be an integer from {low} to {high}"
 
 
 def validation_size(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     """``data.val_size``: a count of training examples to hold out, or a fraction of them; 0 turns validation off."""
-    allowed = "must be a count of training examples to hold out (an integer >= 0; 0: no validation split) or a fraction in (0, 1)"
+    allowed = (
+        "must be a count of training examples to hold out (an integer >= 0; 0: no validation split) "
+        "or a fraction in (0, 1)"
+    )
     if isinstance(value, float):
         return None if math.isfinite(value) and 0 < value < 1 else allowed
-    if not _is_int(value) or value < 0:
+    if not is_int(value) or value < 0:
         return allowed
     train = _train_examples(cfg)
     if train is not None and value >= train:
@@ -80,12 +68,8 @@ def validation_size(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
-def non_negative_number(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
-
-
 def crop_fraction(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    return None if _is_number(value) and 0 < value <= 1 else "must be a number in (0, 1]"
+    return None if is_number(value) and 0 < value <= 1 else "must be a number in (0, 1]"
 
 
 def per_channel(positive: bool) -> Rule:
@@ -93,7 +77,7 @@ def per_channel(positive: bool) -> Rule:
         if (
             isinstance(value, (list, tuple))
             and len(value) == cfg["in_chans"]
-            and all(_is_number(v) and (v > 0 or not positive) for v in value)
+            and all(is_number(v) and (v > 0 or not positive) for v in value)
         ):
             return None
         kind = "positive numbers" if positive else "numbers"
@@ -103,12 +87,12 @@ def per_channel(positive: bool) -> Rule:
 
 
 def example_indices(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    ok = isinstance(value, (list, tuple)) and all(_is_int(v) and v >= 0 for v in value)
+    ok = isinstance(value, (list, tuple)) and all(is_int(v) and v >= 0 for v in value)
     return None if ok else "must be a list of example indices (integers >= 0), e.g. [] or [3,17]"
 
 
 def image_channels(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    return None if _is_int(value) and value in (1, 3) else "must be 1 (grayscale) or 3 (RGB)"
+    return None if is_int(value) and value in (1, 3) else "must be 1 (grayscale) or 3 (RGB)"
 
 
 def auto_augment_policy(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
@@ -192,17 +176,6 @@ RULES: dict[str, dict[str, Rule]] = {
 assert tuple(RULES) == DATASETS
 
 
-def format_value(value: Any) -> str:
-    """A value as the user would type it in a Hydra override."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(map(format_value, value)) + "]"
-    return str(value)
-
-
 def _as_dict(data_cfg: Any) -> dict[str, Any]:
     if isinstance(data_cfg, DictConfig):
         return OmegaConf.to_container(data_cfg, resolve=True)  # interpolations resolve against the root config
@@ -242,7 +215,7 @@ def _train_examples(cfg: Mapping[str, Any]) -> Optional[int]:
     """The training examples before the validation split is held out, when known without loading."""
     name = cfg["name"]
     if name == "digits":
-        return DIGITS_EXAMPLES - cfg["test_size"] if _is_int(cfg.get("test_size")) else None
+        return DIGITS_EXAMPLES - cfg["test_size"] if is_int(cfg.get("test_size")) else None
     if name in OFFICIAL_SIZES:
         return OFFICIAL_SIZES[name]["train"]
     return None

@@ -1,0 +1,64 @@
+"""Every error the commands report as one line, and the exit status each one gives.
+
+The harness raises these; ``python -m softmoe.train`` / ``.evaluate`` print ``error: <message>`` (no
+traceback) and exit with :func:`exit_code`. Their messages name the key, the file or the process at fault.
+
+| status | meaning |
+|---|---|
+| 0 | finished |
+| 1 | Hydra refused the command line (an unknown group option or key), with its own message |
+| 2 | :data:`USER_ERRORS`: a bad config value, missing or bad data, an unusable checkpoint, a run directory in use |
+| 3 | :class:`NonFiniteError`: stopped on a NaN/inf |
+| 128 + signal | stopped by a signal after saving ``last.pt`` (130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 140 SIGUSR2) |
+"""
+
+from __future__ import annotations
+
+USER_ERROR_EXIT_CODE = 2
+NONFINITE_EXIT_CODE = 3  # stopped on a NaN/inf (2 is a bad config, data or checkpoint)
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the key, the value and what is allowed."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, or saved by a different model."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (a full disk, a lost mount); the previous one is untouched."""
+
+
+class MissingDataError(FileNotFoundError):
+    """The dataset is not on disk; the message says where we looked and how to fetch or lay it out."""
+
+
+class BadDataError(ValueError):
+    """A file or example is unusable (unreadable, wrong channel count, label out of range); the message names it."""
+
+
+class RunDirInUseError(RuntimeError):
+    """Another live process trains in this run directory; the message names it."""
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped on a NaN or inf; the message names the step and the offending parameter."""
+
+
+# Errors whose message is the whole story: printed as one line, no traceback, exit status 2.
+USER_ERRORS = (ConfigError, MissingDataError, BadDataError, CheckpointError, RunDirInUseError)
+
+
+def preempted_exit_code(signum: int) -> int:
+    """The exit status of a run stopped by ``signum`` after saving: 128 + the signal number, as a shell reports."""
+    return 128 + int(signum)
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit status a command gives for ``error`` (1 for anything unexpected: a traceback is printed)."""
+    if isinstance(error, USER_ERRORS):
+        return USER_ERROR_EXIT_CODE
+    if isinstance(error, NonFiniteError):
+        return NONFINITE_EXIT_CODE
+    return 1

@@ -1,0 +1,46 @@
+"""python -m softmoe.evaluate: a run rebuilt from its checkpoint, its validation and test metrics, its routing."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from softmoe.evaluate import evaluate_run
+from softmoe.harness.checkpoint import load_checkpoint
+from softmoe.harness.loop import train
+from softmoe.harness.runs import read_events
+
+QUIET = ["trainer.progress_bar=false"]
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_missing_run_dir_without_creating_it(tmp_path):
+    missing = tmp_path / "no_such_run"
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    for run_dir, message in ((missing, "no such directory"), (empty, "holds no last.pt")):
+        command = [sys.executable, "-m", "softmoe.evaluate", f"run_dir={run_dir}", "checkpoint=last"]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"error: run_dir={run_dir}: {message}" + (
+            " (a training run directory holds best.pt and last.pt)" if run_dir == missing else
+            " (is it a training run directory?)")
+    assert not missing.exists() and list(empty.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path):
+    train(compose_run("trainer.max_steps=5", "trainer.batch_size=128", "logger=none", *QUIET), tmp_path)
+    result = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last", save_routing=True, routing_examples=4)
+    (tested,) = [e for e in read_events(tmp_path) if "test/acc" in e]  # the trainer's own test of the final model
+    assert result["test/acc"] == tested["test/acc"] and result["test/loss"] == pytest.approx(tested["test/loss"])
+    assert result["val/acc"] == load_checkpoint(tmp_path / "last.pt")["last_eval"]["acc"]
+    assert (result["val/examples"], result["test/examples"]) == (180, 360)
+    routing = torch.load(tmp_path / "evaluate" / "routing.pt", weights_only=True)
+    assert routing["images"].shape == (4, 1, 8, 8) and routing["labels"].shape == (4,)
+    assert sorted(routing["dispatch"]) == ["blocks.2.mlp", "blocks.3.mlp"]
+    dispatch = routing["dispatch"]["blocks.2.mlp"]  # [batch, tokens, experts, slots_per_expert]
+    assert dispatch.shape == (4, 16, 16, 1)
+    torch.testing.assert_close(dispatch.sum(dim=1), torch.ones(4, 16, 1))  # a softmax over tokens per slot

@@ -1,0 +1,74 @@
+"""softmoe.harness.runs: a run directory back in memory, its log, its lock, and what a run that never started leaves."""
+
+import logging
+import os
+import socket
+
+import pytest
+import torch
+
+from softmoe.harness.checkpoint import CheckpointError
+from softmoe.harness.errors import ConfigError, RunDirInUseError
+from softmoe.harness.loop import train
+from softmoe.harness.runs import RunDirLock, load_run, read_events, remove_if_unused
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, compose_run):
+    """Two tiny runs (3 steps, 2 blocks) of 4 and 8 experts, in ``<sweep>/0`` and ``<sweep>/1``."""
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    for job, experts in enumerate((4, 8)):
+        overrides = [f"moe.num_experts={experts}", "model.depth=2", "trainer.max_steps=3", "trainer.batch_size=64",
+                     "trainer.eval_batches=1", "logger=none", "trainer.progress_bar=false"]  # fmt: skip
+        train(compose_run(*overrides), sweep_dir / str(job))
+    return sweep_dir
+
+
+def test_load_run_rebuilds_the_checkpointed_model(sweep):
+    run = load_run(sweep / "1", "last", device="cpu")
+    assert run.step == 3 and run.checkpoint == sweep / "1" / "last.pt" and not run.model.training
+    assert run.cfg.moe.num_experts == 8 and len(run.data.test) == 360
+    saved = torch.load(run.checkpoint, weights_only=True)["model"]
+    for name, tensor in run.model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+
+def test_load_run_names_what_is_wrong(sweep, tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint=latest: must be one of best, last"):
+        load_run(sweep / "0", "latest")
+    with pytest.raises(CheckpointError, match=f"run_dir={tmp_path}: holds no best.pt"):
+        load_run(tmp_path)
+
+
+def test_read_events_skips_a_torn_last_line(tmp_path):
+    lines = '{"step": 1, "train/loss": 2.0}\n{"step": 2, "val/acc": 0.5}\n{"step": 3, "tr'
+    (tmp_path / "metrics.jsonl").write_text(lines)
+    assert read_events(tmp_path) == [{"step": 1, "train/loss": 2.0}, {"step": 2, "val/acc": 0.5}]
+
+
+def test_a_second_lock_on_a_run_directory_names_its_holder(tmp_path):
+    with RunDirLock(tmp_path):
+        with pytest.raises(RunDirInUseError) as raised:
+            RunDirLock(tmp_path).acquire()
+        assert str(raised.value) == (
+            f"{tmp_path}: in use by process {os.getpid()} on {socket.gethostname()}; wait for it to end or stop it, "
+            "or give this run another hydra.run.dir"
+        )
+    with RunDirLock(tmp_path):  # released: free again
+        pass
+
+
+def test_only_a_run_directory_holding_nothing_but_hydras_files_is_removed(tmp_path):
+    unused, used = tmp_path / "unused", tmp_path / "used"
+    for run_dir in (unused, used):
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        handler = logging.FileHandler(run_dir / "train.log")
+        logging.getLogger().addHandler(handler)  # as Hydra opens it
+    (used / "metrics.jsonl").write_text("")
+    assert remove_if_unused(unused) and not unused.exists()
+    assert not remove_if_unused(used) and (used / ".hydra").is_dir()
+    assert not any(getattr(h, "baseFilename", "").startswith(str(unused)) for h in logging.getLogger().handlers)
+    for h in [h for h in logging.getLogger().handlers if getattr(h, "baseFilename", "").startswith(str(tmp_path))]:
+        logging.getLogger().removeHandler(h)
+        h.close()
