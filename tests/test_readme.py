@@ -28,10 +28,28 @@ def check_vit(ns):
 
 def check_factories(ns):
     assert isinstance(ns["net"], SoftMoEVisionTransformer) and len(ns["net"].blocks) == 8
-    # the factories' moe_layer_index=6 (blocks 6-11 at the default depth 12): of depth=8's blocks, 6 and 7
-    assert ns["net"].num_experts == 8 and moe_blocks(ns["net"]) == [6, 7]
+    # no moe_layer_index: the factories put the MoE layers in the last half of the depth given
+    assert ns["net"].num_experts == 8 and moe_blocks(ns["net"]) == [4, 5, 6, 7]
     sizes = ("base", "huge", "large", "small", "tiny")
-    assert timm.list_models("soft_moe_*") == [f"soft_moe_vit_{size}" for size in sizes]
+    assert [name for name in timm.list_models("soft_moe_*") if not name.startswith("test_")] == [
+        f"soft_moe_vit_{size}" for size in sizes
+    ]
+    assert ns["data_config"]["input_size"] == (3, 224, 224) and ns["cfg"]["num_classes"] == 1000
+
+
+def check_features(ns):
+    assert [tuple(m.shape) for m in ns["maps"]] == [(2, 64, 10, 10)] * 3  # three NCHW feature maps
+    assert ns["net"].moe_layer_index == [3, 4] and len(ns["intermediates"]) == 2
+
+
+def check_export(ns):
+    assert ns["explanation"].graph_count == 1 and ns["explanation"].graph_break_count == 0
+    assert ns["exported"].module()(ns["images"]).shape == (2, 10)
+
+
+def check_timm_upcycle(ns):
+    assert isinstance(ns["net"], SoftMoEVisionTransformer) and ns["net"].head.out_features == 10
+    assert 0.8e-3 < ns["noise"].std() < 1.2e-3  # the configured noise around each block's dense MLP
 
 
 def check_layer(ns):
@@ -62,7 +80,10 @@ def check_upcycle(ns):
 
 
 README_EXAMPLES = code_blocks(ROOT / "README.md", "python")
-README_CHECKS = [check_vit, check_factories, check_layer, check_wrapper, check_routing, check_upcycle]
+README_CHECKS = [
+    check_vit, check_factories, check_features, check_export, check_layer, check_wrapper, check_routing, check_upcycle,
+    check_timm_upcycle,
+]  # fmt: skip
 
 
 def test_every_readme_example_has_its_check():
