@@ -28,6 +28,7 @@ from softmoe.harness.data import BadDataError, MissingDataError
 from softmoe.harness.distributed import quiet_other_ranks
 from softmoe.harness.faults import NONFINITE_EXIT_CODE, NonFiniteError, Preempted
 from softmoe.harness.loop import train
+from softmoe.runtime import tune_allocator
 
 log = logging.getLogger("softmoe.train")
 
@@ -46,6 +47,7 @@ def wandb_group_and_name(hydra_cfg: DictConfig) -> tuple[Optional[str], Optional
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
+    tune_allocator()  # glibc keeps freed memory for reuse: the expert gradients are not page-faulted every step
     quiet_other_ranks()  # under torchrun rank 0 logs; the others only warn, on the console
     group, name = wandb_group_and_name(hydra_cfg)
     try:
