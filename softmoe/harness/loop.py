@@ -48,6 +48,7 @@ from .distributed import Distributed
 from .faults import NonFiniteError, NonFiniteGuard, Preempted, PreemptionGuard, first_nonfinite
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
+from .precision import autocast, warn_if_slow
 from .telemetry import Telemetry, dispatch_maps, routing_metrics
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # every device
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 class TrainWindow:
@@ -169,6 +164,7 @@ def train(
     distributed = Distributed.from_config(cfg)
     distributed.check_same_run_dir(run_dir)
     device = distributed.device
+    warn_if_slow(device, trainer.precision)  # bf16 on a CPU without native bf16
 
     # Where the run starts: this directory's last.pt, else trainer.resume, else from scratch.
     start_from = resume_path(run_dir, trainer.resume)
