@@ -29,9 +29,9 @@ M_MMAP_MAX = -4
 
 # What MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 set: no mmap'd chunks, never trim the heap.
 TUNED = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 100_000_000_000}
-# glibc's own behaviour once its dynamic threshold has settled at its maximum (32 MiB on 64-bit):
-# mmap above it, trim the heap's top above twice it.
-GLIBC_DEFAULTS = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 64 * 2**20}
+# glibc's own behaviour for large allocations once its dynamic threshold has settled at its maximum
+# (32 MiB on 64-bit): every allocation above it is a fresh mapping, unmapped when freed.
+GLIBC_DEFAULTS = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20}
 
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (Cooper Lake, Zen 4+), AMX, aarch64
 
