@@ -177,7 +177,8 @@ class BatchedMlp(nn.Module):
         key = (_optimizer_steps, weight._version, weight.data_ptr())
         cached = self._low_precision.get(name)
         if cached is None or cached[1].dtype != dtype or cached[1].device != weight.device:
-            cached = (None, torch.empty_like(weight, dtype=dtype))
+            with torch.inference_mode(False):  # a copy made during inference must still serve training
+                cached = (None, torch.empty_like(weight, dtype=dtype))
         if cached[0] != key:
             with torch.no_grad():
                 cached[1].copy_(weight)

@@ -25,7 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_results(tmp_path_factory):
     # A fresh process: the memory probe retunes glibc's allocator for the rest of the process.
     out = tmp_path_factory.mktemp("benchmark") / "results.json"
-    command = [sys.executable, "-m", "softmoe.benchmark", "--tiny", "--threads", "1", "--profile", "--profile-model", "--out", str(out)]
+    command = [sys.executable, "-m", "softmoe.benchmark", "--tiny", "--threads", "1", "--profile", "--profile-model",
+               "--model-bf16", "yes", "--out", str(out)]
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(out.read_text()), completed.stdout
@@ -56,6 +57,7 @@ def test_tiny_run_reports_every_section(tiny_results):
     model = results["model"]
     for ratios in (model["soft_moe_over_dense"], model["soft_moe_over_dense_cpu_time"]):
         assert set(ratios) == {"inference", "forward_backward", "train_step", "optimizer"}
+    assert set(model["soft_moe_float32_over_bf16"]) == {"inference", "forward_backward", "train_step"}
     for name in ("dense", "soft_moe"):
         timings = model["models"][name]
         assert 0 < timings["optimizer_share_of_step"] < 1 and timings["flops_per_image"]["forward"] > 0

@@ -82,6 +82,17 @@ def test_cached_bf16_weights_follow_load_state_dict_and_are_reused_otherwise():
     torch.testing.assert_close(y, y_expected, rtol=0, atol=0)
 
 
+def test_a_copy_made_in_inference_mode_serves_training():
+    layer = _layer()
+    x = torch.randn(2, 9, 16)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert layer.experts.fc1_weight.grad is not None
+
+
 def test_float32_forward_keeps_no_low_precision_copy():
     layer = _layer()
     layer(torch.randn(2, 9, 16))

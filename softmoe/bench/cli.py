@@ -39,6 +39,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model-shape", default="vit_s16", choices=sorted(MODEL_SHAPES))
     parser.add_argument("--model-batch", type=int, default=32)
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model section")
+    parser.add_argument("--model-bf16", choices=["auto", "yes", "no"], default="auto",
+                        help="also time the Soft MoE model under bf16 autocast, as trainer.precision=bf16 runs it "
+                             "(auto: where the device has native bf16)")
     parser.add_argument("--optimizer", default="fused", choices=["fused", "foreach", "for_loop"], help="AdamW kernel")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
     parser.add_argument("--profile", action="store_true",
@@ -55,6 +58,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     cuda = args.device.startswith("cuda")
     if args.bfloat16_shapes is None:
         args.bfloat16_shapes = args.layer_shapes if cuda or cpu_has_native_bf16() else ["cpu_small"]
+    native_bf16 = cuda or bool(cpu_has_native_bf16())
+    args.model_bf16 = "bfloat16" in args.dtypes and (args.model_bf16 == "yes" or (args.model_bf16 == "auto" and native_bf16))
     if args.tiny:
         args.layer_shapes = args.bfloat16_shapes = args.compile_shapes = ["tiny"]
         args.model_shape = "tiny"

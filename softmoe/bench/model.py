@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..harness.precision import autocast
 from ..vit import SoftMoEVisionTransformer
 from .environment import peak_memory_bytes, tensor_bytes
 from .floors import ceiling_cases
@@ -54,16 +55,19 @@ def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **flags)
 
 
-def model_cases(model: nn.Module, optimizer, images, labels):
+def model_cases(model: nn.Module, optimizer, images, labels, precision: str = "fp32"):
+    """Inference and a training step, under ``precision`` as the trainer runs it (softmoe.harness.precision)."""
+
     def inference():
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(images.device, precision):
             model(images)
 
     def train_step():
         device = images.device
         start, start_cpu = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(images), labels)
+        with autocast(device, precision):
+            loss = F.cross_entropy(model(images).float(), labels)
         synchronize(device)
         forward_done = time.perf_counter()
         loss.backward()
@@ -91,6 +95,9 @@ def benchmark_model(shape: ModelShape, args, device) -> dict:
     for name, model in models.items():
         for case, fn in model_cases(model, optimizers[name], images, labels).items():
             cases[f"{name}/{case}"] = fn
+    if args.model_bf16:  # the Soft MoE model again (same weights and optimizer) under bf16 autocast
+        for case, fn in model_cases(models["soft_moe"], optimizers["soft_moe"], images, labels, "bf16").items():
+            cases[f"soft_moe_bf16/{case}"] = fn
     times = interleaved(cases, args.model_rounds, args.warmup, device)
     ceilings = rates_of(times)
 
@@ -119,11 +126,22 @@ def benchmark_model(shape: ModelShape, args, device) -> dict:
     metrics = ("inference", "forward_backward", "train_step", "optimizer")
     ratios = {m: paired_ratio(series("soft_moe", m), series("dense", m)) for m in metrics}
     ratios_cpu = {m: paired_ratio(series("soft_moe", m, "cpu"), series("dense", m, "cpu")) for m in metrics}
+    result = {"shape": asdict(shape), "batch": args.model_batch, "optimizer": f"AdamW ({args.optimizer})",
+              "soft_moe_over_dense": ratios, "soft_moe_over_dense_cpu_time": ratios_cpu, "models": per_model,
+              "ceilings": {k: v for k, v in ceilings.items() if not k.endswith("seconds")}}
+    if args.model_bf16:
+        result["soft_moe_bf16"] = {
+            **{f"{m}_s": median(series("soft_moe_bf16", m)) for m in ("inference", "forward_backward", "train_step")},
+            "seconds": {m: series("soft_moe_bf16", m) for m in ("inference", "forward_backward", "train_step")}}
+        result["soft_moe_float32_over_bf16"] = {
+            m: paired_ratio(series("soft_moe", m), series("soft_moe_bf16", m))
+            for m in ("inference", "forward_backward", "train_step")}
+        result["soft_moe_float32_over_bf16_cpu_time"] = {
+            m: paired_ratio(series("soft_moe", m, "cpu"), series("soft_moe_bf16", m, "cpu"))
+            for m in ("inference", "forward_backward", "train_step")}
     del models, optimizers, cases
     gc.collect()
-    return {"shape": asdict(shape), "batch": args.model_batch, "optimizer": f"AdamW ({args.optimizer})",
-            "soft_moe_over_dense": ratios, "soft_moe_over_dense_cpu_time": ratios_cpu, "models": per_model,
-            "ceilings": {k: v for k, v in ceilings.items() if not k.endswith("seconds")}}
+    return result
 
 
 def benchmark_model_memory(shape: ModelShape, args, device) -> dict:

@@ -129,6 +129,12 @@ def format_report(results: dict) -> str:
         lines.append("soft_moe / dense: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
         lines.append("soft_moe / dense, CPU time: "
                      + ", ".join(f"{k} {v:.2f}x" for k, v in model["soft_moe_over_dense_cpu_time"].items()))
+        if "soft_moe_float32_over_bf16" in model:
+            b = model["soft_moe_bf16"]
+            lines.append(f"soft_moe bf16 autocast (as trainer.precision=bf16): inference {b['inference_s']:.3f} s, "
+                         f"fwd+bwd {b['forward_backward_s']:.3f} s, train step {b['train_step_s']:.3f} s; float32 / bf16: "
+                         + ", ".join(f"{k} {v:.2f}x ({model['soft_moe_float32_over_bf16_cpu_time'][k]:.2f})"
+                                     for k, v in model["soft_moe_float32_over_bf16"].items()))
     memory = results.get("model_memory")
     if memory and "dense" in memory:
         for name in ("dense", "soft_moe"):
