@@ -63,7 +63,8 @@ def test_tiny_run_reports_every_section(tiny_results):
         assert 0 < timings["optimizer_share_of_step"] < 1 and timings["flops_per_image"]["forward"] > 0
         assert set(results["model_memory"][name]) >= {"param_bytes", "optimizer_state_bytes", "train_step_peak_bytes"}
     assert results["compile"] == {"skipped": "pass --compile"}
-    assert len(results["profile"]) == 2 and all("aten::bmm" in table for table in results["profile"])
+    assert len(results["profile"]) == 3 and all("aten::bmm" in table for table in results["profile"][:2])
+    assert results["profile"][2].startswith("reference_loop") and "aten::addmm" in results["profile"][2]
     profile = results["model_profile"]
     for name in ("dense", "soft_moe"):
         parts = profile[name]

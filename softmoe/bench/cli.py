@@ -45,7 +45,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--optimizer", default="fused", choices=["fused", "foreach", "for_loop"], help="AdamW kernel")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
     parser.add_argument("--profile", action="store_true",
-                        help="add torch.profiler's kernel table of the first layer shape's forward+backward, per dtype")
+                        help="add torch.profiler's kernel tables of the first layer shape's forward+backward, per dtype, "
+                             "and of the reference-style loop's")
     parser.add_argument("--profile-model", action="store_true",
                         help="add where each model's inference time goes (changed MLPs, experts, routing, the rest)")
     parser.add_argument("--compile-shapes", nargs="+", default=["cpu_small"], choices=sorted(LAYER_SHAPES))
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     if args.profile:
         results["profile"] = [profile_layer(first_shape, device, DTYPES[d]) for d in args.dtypes
                               if d == "float32" or first_shape.name in args.bfloat16_shapes]
+        results["profile"].append(profile_layer(first_shape, device, impl="reference_loop"))
     model_shape = MODEL_SHAPES[args.model_shape]
     results["model"] = {"skipped": "--no-model"} if args.no_model else benchmark_model(model_shape, args, device)
     if args.profile_model:

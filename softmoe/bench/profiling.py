@@ -10,19 +10,20 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
-from .layer import build_layer, layer_pass_cases
+from .layer import build_layers, layer_pass_cases
 from .model import MODEL_KINDS, build_model
 from .shapes import LayerShape, ModelShape
 from .timing import synchronize
 
 
 def profile_layer(shape: LayerShape, device, dtype: torch.dtype = torch.float32, iterations: int = 3,
-                  rows: int = 16) -> str:
-    """torch.profiler's table of the layer's forward+backward in ``dtype``: the kernels that take the time."""
+                  rows: int = 16, impl: str = "soft_moe") -> str:
+    """torch.profiler's table of the layer's forward+backward in ``dtype``: the kernels that take the time.
+    ``impl="reference_loop"``: the same for the reference-style loop."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    layer = build_layer(shape, device)
+    layer = build_layers(shape, device)[impl]
     x = torch.randn(shape.batch, shape.tokens, shape.dim, device=device, requires_grad=True)
     step = layer_pass_cases(layer, x, torch.randn_like(x), dtype, device)["forward_backward"]
     step()
@@ -34,7 +35,7 @@ def profile_layer(shape: LayerShape, device, dtype: torch.dtype = torch.float32,
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = profiler.key_averages(group_by_input_shape=True).table(
         sort_by=sort_by, row_limit=rows, max_name_column_width=24, max_shapes_column_width=64)
-    return f"{shape.name} {str(dtype).replace('torch.', '')} forward+backward, {iterations} iterations\n{table}"
+    return f"{impl} {shape.name} {str(dtype).replace('torch.', '')} forward+backward, {iterations} iterations\n{table}"
 
 
 @contextlib.contextmanager
