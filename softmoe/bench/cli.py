@@ -13,7 +13,7 @@ import torch
 
 from ..runtime import cpu_has_native_bf16, tune_allocator
 from . import __doc__ as PACKAGE_DOC
-from .environment import machine_info, memory_method
+from .environment import machine_info, memory_method, release_freed_memory
 from .layer import benchmark_compile, benchmark_layer, benchmark_layer_memory
 from .model import benchmark_model, benchmark_model_memory
 from .profiling import profile_layer, profile_model_inference
@@ -100,6 +100,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                               if d == "float32" or first_shape.name in args.bfloat16_shapes]
         results["profile"].append(profile_layer(first_shape, device, impl="reference_loop"))
     model_shape = MODEL_SHAPES[args.model_shape]
+    release_freed_memory()  # the layer section's heap, before the model section's 16 GB
     results["model"] = {"skipped": "--no-model"} if args.no_model else benchmark_model(model_shape, args, device)
     if args.profile_model:
         results["model_profile"] = profile_model_inference(model_shape, args.model_batch, device)

@@ -86,6 +86,14 @@ def with_allocator(fn: Callable[[], object], allocator: str) -> Callable[[], obj
     return call
 
 
+def release_freed_memory() -> None:
+    """Return the heap's free memory to the system (``malloc_trim``); tune_allocator otherwise keeps it."""
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 # ------------------------------------------------------------------------------------- memory probes
 
 
