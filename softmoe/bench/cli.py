@@ -15,7 +15,7 @@ from ..runtime import cpu_has_native_bf16, tune_allocator
 from . import __doc__ as PACKAGE_DOC
 from .environment import machine_info, memory_method, release_freed_memory
 from .layer import benchmark_compile, benchmark_layer, benchmark_layer_memory
-from .model import benchmark_model, benchmark_model_memory
+from .model import benchmark_model, benchmark_model_bf16, benchmark_model_memory
 from .profiling import profile_layer, profile_model_inference
 from .report import evaluate_targets, format_report
 from .shapes import LAYER_SHAPES, MODEL_SHAPES
@@ -102,6 +102,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     model_shape = MODEL_SHAPES[args.model_shape]
     release_freed_memory()  # the layer section's heap, before the model section's 16 GB
     results["model"] = {"skipped": "--no-model"} if args.no_model else benchmark_model(model_shape, args, device)
+    release_freed_memory()
+    if args.model_bf16 and not args.no_model:
+        results["model_bf16"] = benchmark_model_bf16(model_shape, args, device)
+        release_freed_memory()
     if args.profile_model:
         results["model_profile"] = profile_model_inference(model_shape, args.model_batch, device)
     results["compile"] = {"skipped": "pass --compile"}

@@ -129,12 +129,12 @@ def format_report(results: dict) -> str:
         lines.append("soft_moe / dense: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
         lines.append("soft_moe / dense, CPU time: "
                      + ", ".join(f"{k} {v:.2f}x" for k, v in model["soft_moe_over_dense_cpu_time"].items()))
-        if "soft_moe_float32_over_bf16" in model:
-            b = model["soft_moe_bf16"]
-            lines.append(f"soft_moe bf16 autocast (as trainer.precision=bf16): inference {b['inference_s']:.3f} s, "
-                         f"fwd+bwd {b['forward_backward_s']:.3f} s, train step {b['train_step_s']:.3f} s; float32 / bf16: "
-                         + ", ".join(f"{k} {v:.2f}x ({model['soft_moe_float32_over_bf16_cpu_time'][k]:.2f})"
-                                     for k, v in model["soft_moe_float32_over_bf16"].items()))
+    bf16 = results.get("model_bf16")
+    if bf16:
+        lines.append(f"soft_moe {bf16['shape']['name']} float32 / bf16 autocast (as trainer.precision=bf16), batch "
+                     f"{bf16['batch']}: " + ", ".join(
+                         f"{m} {bf16[m]['float32_s']:.2f} s / {bf16[m]['bf16_s']:.2f} s = {bf16[m]['float32_over_bf16']:.2f}x "
+                         f"({bf16[m]['float32_over_bf16_cpu_time']:.2f})" for m in ("inference", "forward_backward")))
     memory = results.get("model_memory")
     if memory and "dense" in memory:
         for name in ("dense", "soft_moe"):
