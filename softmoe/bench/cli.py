@@ -42,7 +42,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model-bf16", choices=["auto", "yes", "no"], default="auto",
                         help="also time the Soft MoE model under bf16 autocast, as trainer.precision=bf16 runs it "
                              "(auto: where the device has native bf16)")
-    parser.add_argument("--optimizer", default="fused", choices=["fused", "foreach", "for_loop"], help="AdamW kernel")
+    parser.add_argument("--optimizer", default="fused", choices=["fused", "foreach", "for_loop", "sgd"],
+                        help="AdamW kernel, or sgd: plain SGD, no optimizer state (S/16's AdamW state is 6.9 GB)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
     parser.add_argument("--profile", action="store_true",
                         help="add torch.profiler's kernel tables of the first layer shape's forward+backward, per dtype, "
