@@ -75,7 +75,7 @@ def benchmark_layer(shape: LayerShape, dtypes: List[torch.dtype], args, device) 
         for factor in (1, 2, 4):
             cases[f"expert_gemm_x{factor}"], expert_gemm_flops[factor * rows] = expert_gemm_case(
                 shape, device, factor * rows)
-    attainable_flops = {}
+    attainable_flops, glibc_case = {}, None
     for dtype in dtypes:
         d = precision_name(dtype)
         matmuls, attainable_flops = attainable_cases(shape, device, dtype)
@@ -84,13 +84,16 @@ def benchmark_layer(shape: LayerShape, dtypes: List[torch.dtype], args, device) 
         for impl, layer in layers.items():
             for pass_name, fn in layer_pass_cases(layer, x, grad, dtype, device).items():
                 cases[f"{d}/{impl}/{pass_name}"] = fn
-        step = layer_pass_cases(layers["soft_moe"], x, grad, dtype, device)["forward_backward"]
         if dtype == torch.float32 and allocator_available(device):
-            for allocator in ("env_variables", "glibc_defaults"):
-                cases[f"{d}/soft_moe@{allocator}/forward_backward"] = with_allocator(step, allocator)
+            step = layer_pass_cases(layers["soft_moe"], x, grad, dtype, device)["forward_backward"]
+            cases[f"{d}/soft_moe@env_variables/forward_backward"] = with_allocator(step, "env_variables")
+            # last, so that the case after it in every round is a probe that allocates nothing
+            glibc_case = (f"{d}/soft_moe@glibc_defaults/forward_backward", with_allocator(step, "glibc_defaults"))
         if dtype != torch.float32:
             cases[f"{d}/soft_moe@cast_per_step/forward_backward"] = layer_pass_cases(
                 layers["soft_moe"], x, grad, dtype, device, optimizer_step=True)["forward_backward"]
+    if glibc_case is not None:
+        cases[glibc_case[0]] = glibc_case[1]
     times = interleaved(cases, args.layer_rounds, args.warmup, device)
     ceilings = rates_of(times)
     if expert_gemm_flops:
