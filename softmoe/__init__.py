@@ -7,6 +7,7 @@ is all a user of the layer needs.
 from .capture import RoutingRecord, block_index, capture_routing, moe_layers, router_parameters
 from .experts import BatchedMlp, StackedExperts
 from .layer import SoftMoE, SoftMoELayerWrapper, l2_normalize
+from .runtime import cpu_has_native_bf16, tune_allocator
 from .sparse import ExpertsChoiceMoE, SparseMoE, TokensChoiceMoE, auxiliary_loss, sparse_routing_stats
 from .stats import cumulative_dispatch_mass, router_scale, routing_stats, slot_similarity
 from .upcycle import load_state_dict, upcycle
@@ -36,6 +37,7 @@ __all__ = [
     "StackedExperts",
     "block_index",
     "capture_routing",
+    "cpu_has_native_bf16",
     "cumulative_dispatch_mass",
     "l2_normalize",
     "load_state_dict",
@@ -50,5 +52,6 @@ __all__ = [
     "soft_moe_vit_large",
     "soft_moe_vit_small",
     "soft_moe_vit_tiny",
+    "tune_allocator",
     "upcycle",
 ]

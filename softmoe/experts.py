@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._checks import require_choice, require_positive_int
 
@@ -29,6 +30,42 @@ WEIGHT_INIT_MODES = ("", "jax", "jax_nlhb", "moco", "reset")
 
 def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+# Optimizer steps taken in this process. Fused optimizers update weights without bumping their version
+# counters, so the autocast copies of expert weights are keyed on this count as well.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast computes matmuls in on ``device``; None when autocast is off there."""
+    if device.type == "meta" or not torch.amp.is_autocast_available(device.type):
+        return None
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+class _LowPrecisionCopy(torch.autograd.Function):
+    """``copy`` (``weight`` already cast to a lower precision) in the graph as the cast of ``weight``:
+    the gradient flows back to ``weight`` in its own dtype, as through autocast's cast."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+        ctx.weight_dtype = weight.dtype
+        return copy.view_as(copy)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.weight_dtype), None
 
 
 class BatchedMlp(nn.Module):
@@ -71,6 +108,7 @@ class BatchedMlp(nn.Module):
         # The timm weight_init mode init_weights() follows; SoftMoEVisionTransformer.init_weights sets it,
         # since timm's init calls init_weights() without arguments.
         self.weight_init_mode = ""
+        self._low_precision: dict = {}  # weight name: (the weight's version key, its autocast-dtype copy)
         self.reset_parameters()
 
     @staticmethod
@@ -135,7 +173,8 @@ class BatchedMlp(nn.Module):
         b, p = slots.shape[0], slots.shape[2]  # indexed, not unpacked: torch.fx proxies cannot be iterated
         n = self.num_experts
         x = slots.transpose(0, 1).reshape(n, -1, self.in_features)  # [n, b*p, d]: each expert's slots together
-        x = self._linear(x, self.fc1_weight, self.fc1_bias)  # [n, b*p, h]
+        fc1_weight, fc2_weight = self.compute_weight("fc1_weight"), self.compute_weight("fc2_weight")
+        x = self._linear(x, fc1_weight, self.fc1_bias)  # [n, b*p, h]
         x = self.drop1(self.act(x))
         if self.norm_eps is not None:
             x = F.layer_norm(x, (self.hidden_features,), eps=self.norm_eps)
@@ -143,8 +182,38 @@ class BatchedMlp(nn.Module):
                 x = x * self.norm_weight.unsqueeze(1)
             if self.norm_bias is not None:
                 x = x + self.norm_bias.unsqueeze(1)
-        x = self.drop2(self._linear(x, self.fc2_weight, self.fc2_bias))  # [n, b*p, o]
+        x = self.drop2(self._linear(x, fc2_weight, self.fc2_bias))  # [n, b*p, o]
         return x.view(n, b, p, -1).transpose(0, 1)  # [b, n, p, o]
+
+    def compute_weight(self, name: str) -> torch.Tensor:
+        """The weight ``name`` as the matmuls should read it: under autocast, its low-precision copy.
+
+        Autocast would cast the stacked weights afresh at every call (two 151 MB bf16 copies per
+        forward for ViT-S/16 with 128 experts). The copy is kept instead and rewritten in place only
+        when the weight may have changed since: after any ``torch.optim`` optimizer's step, or an in-place
+        write its version counter records (``load_state_dict``, an init). So a training step casts once,
+        and evaluation or gradient-accumulation steps not at all. (A write through ``weight.data``
+        bypasses both; call :meth:`clear_low_precision_copies` after one.) Gradients reach the float32
+        weight as through autocast's own cast."""
+        weight = getattr(self, name)
+        dtype = _autocast_dtype(weight.device)
+        if dtype is None or weight.dtype == dtype or not weight.is_floating_point() or torch.compiler.is_compiling():
+            return weight
+        key = (_optimizer_steps, weight._version, weight.data_ptr())
+        cached = self._low_precision.get(name)
+        if cached is None or cached[1].dtype != dtype or cached[1].device != weight.device:
+            with torch.inference_mode(False):  # a copy made during inference must still serve training
+                cached = (None, torch.empty_like(weight, dtype=dtype))
+        if cached[0] != key:
+            with torch.no_grad():
+                cached[1].copy_(weight)
+            cached = (key, cached[1])
+        self._low_precision[name] = cached
+        return _LowPrecisionCopy.apply(weight, cached[1])
+
+    def clear_low_precision_copies(self) -> None:
+        """Forget the autocast copies of the weights (they are rebuilt at the next autocast forward)."""
+        self._low_precision.clear()
 
     @staticmethod
     def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

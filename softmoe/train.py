@@ -29,6 +29,7 @@ from softmoe.harness.faults import Preempted
 from softmoe.harness.loop import train
 from softmoe.harness.runs import remove_if_unused
 from softmoe.harness.sweeps import tag_console
+from softmoe.runtime import tune_allocator
 
 log = logging.getLogger("softmoe.train")
 
@@ -44,6 +45,7 @@ def wandb_group_and_name(hydra_cfg: DictConfig) -> tuple[Optional[str], Optional
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
+    tune_allocator()  # glibc keeps freed memory for reuse: the expert gradients are not page-faulted every step
     quiet_other_ranks()  # under torchrun rank 0 logs; the others only warn, on the console
     # parallel jobs (launcher=joblib) share the terminal: each line says whose it is
     tag = f"[job {hydra_cfg.job.num}] " if hydra_cfg.mode == RunMode.MULTIRUN else ""

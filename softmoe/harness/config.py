@@ -203,9 +203,11 @@ def _check_upcycle_source(model: Mapping[str, Any], moe: Mapping[str, Any]) -> N
 
 
 def resolve_device(name: str) -> torch.device:
-    """``trainer.device`` as a device: ``auto`` is CUDA when present, else the CPU."""
+    """``trainer.device`` as a device: ``auto`` is CUDA when present, else Apple's GPU (MPS), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     return torch.device(name)
 
 
@@ -289,6 +291,11 @@ def validate_config(cfg: DictConfig) -> None:
     _check_known("trainer", trainer, set(TRAINER_RULES), "a key of the trainer group")
     if trainer["precision"] == "fp16" and resolve_device(trainer["device"]).type != "cuda":
         raise ConfigError(f"trainer.precision=fp16: needs a CUDA device (trainer.device={trainer['device']}); use bf16")
+    if trainer["precision"] != "fp32" and resolve_device(trainer["device"]).type == "mps":
+        raise ConfigError(
+            f"trainer.precision={trainer['precision']}: on Apple's GPU (trainer.device={trainer['device']} is MPS) "
+            "the trainer runs in float32; use trainer.precision=fp32"
+        )
     train_size = dataset_size(cfg.data, "train")
     if train_size is not None and trainer["batch_size"] > train_size:
         raise ConfigError(

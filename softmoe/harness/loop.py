@@ -58,6 +58,7 @@ from .errors import ConfigError, NonFiniteError
 from .faults import NonFiniteGuard, Preempted, PreemptionGuard, first_nonfinite
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
+from .precision import autocast, warn_if_slow
 from .telemetry import Telemetry, dispatch_maps, routing_metrics
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # every device
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 class TrainWindow:
@@ -441,6 +436,7 @@ def train(
     # torchrun: data parallel (and expert parallel) on this rank's device; else this one process
     distributed = Distributed.from_config(cfg)
     device = distributed.device
+    warn_if_slow(device, trainer.precision)  # bf16 on a CPU without native bf16
     cleanup = contextlib.ExitStack()  # closed last, however the run ends: handlers, W&B, the run directory's lock
     try:
         lock = distributed.claim_run_dir(run_dir)  # one process per run directory (rank 0 holds the lock)

@@ -67,7 +67,7 @@ def load_run(
 ) -> LoadedRun:
     """The model, config and data of ``<run_dir>/<checkpoint>.pt``.
 
-    ``device``: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ...; ``data_dir``: where the
+    ``device``: ``auto`` (CUDA when present, else MPS, else the CPU), ``cpu``, ``cuda``, ...; ``data_dir``: where the
     datasets are now, when not at the run's ``paths.data_dir`` (relative paths are from the working directory).
     """
     path = checkpoint_path(run_dir, checkpoint)

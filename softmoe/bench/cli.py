@@ -1,0 +1,141 @@
+"""``python -m softmoe.benchmark``: the arguments, the run of every section, the JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from ..runtime import cpu_has_native_bf16, tune_allocator
+from . import __doc__ as PACKAGE_DOC
+from .environment import machine_info, memory_method, release_freed_memory
+from .layer import benchmark_compile, benchmark_layer, benchmark_layer_memory
+from .model import benchmark_model, benchmark_model_bf16, benchmark_model_memory
+from .profiling import profile_layer, profile_model_inference
+from .report import evaluate_targets, format_report
+from .shapes import LAYER_SHAPES, MODEL_SHAPES
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m softmoe.benchmark", description=PACKAGE_DOC.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="write the JSON results here (nothing is written without it)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny layer and model, 1 round: checks the command in seconds (numbers mean nothing)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--layer-shapes", nargs="+", default=["vit_s16", "cpu_small"], choices=sorted(LAYER_SHAPES))
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    parser.add_argument("--bfloat16-shapes", nargs="+", default=None, choices=sorted(LAYER_SHAPES),
+                        help="layer shapes also run under bf16 autocast (default: all where the device has native "
+                             "bf16, else cpu_small only: emulated bf16 is many times slower)")
+    parser.add_argument("--model-shape", default="vit_s16", choices=sorted(MODEL_SHAPES))
+    parser.add_argument("--model-batch", type=int, default=32)
+    parser.add_argument("--no-model", action="store_true", help="skip the whole-model section")
+    parser.add_argument("--model-bf16", choices=["auto", "yes", "no"], default="auto",
+                        help="also time the Soft MoE model under bf16 autocast, as trainer.precision=bf16 runs it "
+                             "(auto: where the device has native bf16)")
+    parser.add_argument("--optimizer", default="fused", choices=["fused", "foreach", "for_loop", "sgd"],
+                        help="AdamW kernel, or sgd: plain SGD, no optimizer state (S/16's AdamW state is 6.9 GB)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="add torch.profiler's kernel tables of the first layer shape's forward+backward, per dtype, "
+                             "and of the reference-style loop's")
+    parser.add_argument("--profile-model", action="store_true",
+                        help="add where each model's inference time goes (changed MLPs, experts, routing, the rest)")
+    parser.add_argument("--compile-shapes", nargs="+", default=["cpu_small"], choices=sorted(LAYER_SHAPES))
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
+    parser.add_argument("--layer-rounds", type=int, default=7)
+    parser.add_argument("--model-rounds", type=int, default=3)
+    parser.add_argument("--gemm-size", type=int, default=None, help="square GEMM of the rate probe")
+    parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth probe's copy")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.bfloat16_shapes is None:
+        args.bfloat16_shapes = args.layer_shapes if cuda or cpu_has_native_bf16() else ["cpu_small"]
+    native_bf16 = cuda or bool(cpu_has_native_bf16())
+    args.model_bf16 = "bfloat16" in args.dtypes and (args.model_bf16 == "yes" or (args.model_bf16 == "auto" and native_bf16))
+    if args.tiny:
+        args.layer_shapes = args.bfloat16_shapes = args.compile_shapes = ["tiny"]
+        args.model_shape = "tiny"
+        args.model_batch, args.warmup, args.layer_rounds, args.model_rounds = 2, 1, 1, 1
+        args.gemm_size, args.copy_mib = args.gemm_size or 128, args.copy_mib or 4
+    args.gemm_size = args.gemm_size or (8192 if cuda else 2048)
+    args.copy_mib = args.copy_mib or (1024 if cuda else 256)
+    for name in ("model_batch", "warmup", "layer_rounds", "model_rounds", "gemm_size", "copy_mib"):
+        minimum = 0 if name == "warmup" else 1
+        if getattr(args, name) < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
+    return args
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    device = torch.device(args.device)
+    # as every command does at start-up: the "default environment" the targets speak of
+    tuned = tune_allocator()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {"command": " ".join(["python -m softmoe.benchmark", *argv]), "machine": machine_info(device),
+               "config": vars(args)}
+    results["allocator"] = {"tune_allocator_applied": tuned, "summary": (
+        "default environment = softmoe.tune_allocator() at start-up (no environment variables)" if tuned
+        else "glibc not in use: allocator left as it is")}
+    started = time.perf_counter()
+    results["layer"] = [
+        row
+        for name in args.layer_shapes
+        for row in benchmark_layer(LAYER_SHAPES[name], [DTYPES[d] for d in args.dtypes
+                                                        if d == "float32" or name in args.bfloat16_shapes],
+                                   args, device)
+    ]
+    first_shape = LAYER_SHAPES[args.layer_shapes[0]]
+    if args.profile:
+        results["profile"] = [profile_layer(first_shape, device, DTYPES[d]) for d in args.dtypes
+                              if d == "float32" or first_shape.name in args.bfloat16_shapes]
+        results["profile"].append(profile_layer(first_shape, device, impl="reference_loop"))
+    model_shape = MODEL_SHAPES[args.model_shape]
+    release_freed_memory()  # the layer section's heap, before the model section's 16 GB
+    results["model"] = {"skipped": "--no-model"} if args.no_model else benchmark_model(model_shape, args, device)
+    release_freed_memory()
+    if args.model_bf16 and not args.no_model:
+        results["model_bf16"] = benchmark_model_bf16(model_shape, args, device)
+        release_freed_memory()
+    if args.profile_model:
+        results["model_profile"] = profile_model_inference(model_shape, args.model_batch, device)
+    results["compile"] = {"skipped": "pass --compile"}
+    if args.compile:
+        results["compile"] = [row for name in args.compile_shapes
+                              for row in benchmark_compile(LAYER_SHAPES[name], args, device)]
+    # memory last: the host probe changes how glibc allocates, which would slow the timings
+    results["memory_method"] = memory_method(device)
+    results["layer_memory"] = [row for name in args.layer_shapes
+                               for row in benchmark_layer_memory(LAYER_SHAPES[name], device)]
+    results["model_memory"] = {"skipped": "--no-model"} if args.no_model else \
+        benchmark_model_memory(model_shape, args, device)
+    results["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results["targets"] = evaluate_targets(results, args.layer_shapes[0])
+    if args.tiny:  # the sizes mean nothing: values only, no verdicts
+        for target in results["targets"].values():
+            target["met"] = None
+    results["wall_s"] = time.perf_counter() - started
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    results = run(args, argv)
+    print(format_report(results))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwrote {args.out}")
+    return results

@@ -1,0 +1,213 @@
+"""The model section: Soft MoE ViT against the dense timm ViT of the same width and depth: inference,
+forward+backward and a full AdamW training step, side by side, and each one's peak memory."""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..harness.precision import autocast
+from ..vit import SoftMoEVisionTransformer
+from .environment import peak_memory_bytes, tensor_bytes
+from .floors import ceiling_cases
+from .shapes import ModelShape
+from .timing import interleaved, median, paired_ratio, synchronize
+
+
+MODEL_KINDS = ("dense", "soft_moe")
+
+
+def build_model(shape: ModelShape, kind: str, device) -> nn.Module:
+    """timm's dense ``VisionTransformer``, or its Soft MoE twin; ``device="meta"`` allocates nothing."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    with torch.device(device):
+        if kind == "dense":
+            return VisionTransformer(**shape.vit_kwargs())
+        return SoftMoEVisionTransformer(num_experts=shape.num_experts, slots_per_expert=shape.slots_per_expert,
+                                        moe_layer_index=shape.moe_layer_index, **shape.vit_kwargs())
+
+
+def model_flops(shape: ModelShape, batch: int) -> Dict[str, Dict[str, int]]:
+    """FLOPs of inference and of forward+backward, counted by torch's FlopCounterMode on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    for name in MODEL_KINDS:
+        model = build_model(shape, name, "meta")
+        x = torch.empty(batch, 3, shape.img_size, shape.img_size, device="meta")
+        with FlopCounterMode(display=False) as forward:
+            model(x)
+        with FlopCounterMode(display=False) as training:
+            model(x).sum().backward()
+        counts[name] = {"forward": forward.get_total_flops(), "forward_backward": training.get_total_flops()}
+    return counts
+
+
+def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
+    if kind == "sgd":  # no optimizer state: where AdamW's (6.9 GB for S/16) does not fit in memory
+        return torch.optim.SGD(model.parameters(), lr=1e-4, foreach=True)
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[kind]
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **flags)
+
+
+def model_cases(model: nn.Module, optimizer, images, labels, precision: str = "fp32"):
+    """Inference and a training step, under ``precision`` as the trainer runs it (softmoe.harness.precision)."""
+
+    def inference():
+        with torch.inference_mode(), autocast(images.device, precision):
+            model(images)
+
+    def train_step():
+        device = images.device
+        start, start_cpu = time.perf_counter(), time.process_time()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = F.cross_entropy(model(images).float(), labels)
+        synchronize(device)
+        forward_done = time.perf_counter()
+        loss.backward()
+        synchronize(device)
+        backward_done, backward_done_cpu = time.perf_counter(), time.process_time()
+        optimizer.step()
+        synchronize(device)
+        return {"forward": forward_done - start, "backward": backward_done - forward_done,
+                "forward_backward": backward_done - start, "optimizer": time.perf_counter() - backward_done,
+                "cpu_forward_backward": backward_done_cpu - start_cpu,
+                "cpu_optimizer": time.process_time() - backward_done_cpu}
+
+    return {"inference": inference, "train_step": train_step}
+
+
+def benchmark_model(shape: ModelShape, args, device) -> dict:
+    """Soft MoE ViT vs dense ViT: inference, forward+backward and the AdamW step, interleaved."""
+    torch.manual_seed(0)
+    flops = model_flops(shape, args.model_batch)
+    models = {name: build_model(shape, name, device).train() for name in MODEL_KINDS}
+    images = torch.randn(args.model_batch, 3, shape.img_size, shape.img_size, device=device)
+    labels = torch.randint(0, 1000, (args.model_batch,), device=device)
+    optimizers = {name: make_optimizer(model, args.optimizer) for name, model in models.items()}
+    cases, rates_of = ceiling_cases(device, args.gemm_size, args.copy_mib, [torch.float32])
+    for name, model in models.items():
+        for case, fn in model_cases(model, optimizers[name], images, labels).items():
+            cases[f"{name}/{case}"] = fn
+    times = interleaved(cases, args.model_rounds, args.warmup, device)
+    ceilings = rates_of(times)
+
+    def series(name: str, metric: str, clock: str = "wall") -> List[float]:
+        if metric in ("inference", "train_step"):
+            return times[f"{name}/{metric}"]["total" if clock == "wall" else "cpu"]
+        return times[f"{name}/train_step"][metric if clock == "wall" else f"cpu_{metric}"]  # a phase of the step
+
+    per_model = {}
+    for name, model in models.items():
+        step = series(name, "train_step")
+        per_model[name] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "flops_per_image": {k: v / args.model_batch for k, v in flops[name].items()},
+            **{f"{m}_s": median(series(name, m)) for m in ("inference", "forward_backward", "optimizer", "train_step")},
+            "optimizer_share_of_step": paired_ratio(series(name, "optimizer"), step),
+            "inference_images_per_s": args.model_batch / median(series(name, "inference")),
+            "train_images_per_s": args.model_batch / median(step),
+            "inference_fraction_of_gemm_rate":
+                flops[name]["forward"] / median(series(name, "inference")) / ceilings["gemm_float32_flops_per_s"],
+            "forward_backward_fraction_of_gemm_rate":
+                flops[name]["forward_backward"] / median(series(name, "forward_backward"))
+                / ceilings["gemm_float32_flops_per_s"],
+            "seconds": {m: series(name, m) for m in ("inference", "forward", "backward", "optimizer", "train_step")},
+        }
+    metrics = ("inference", "forward_backward", "train_step", "optimizer")
+    ratios = {m: paired_ratio(series("soft_moe", m), series("dense", m)) for m in metrics}
+    ratios_cpu = {m: paired_ratio(series("soft_moe", m, "cpu"), series("dense", m, "cpu")) for m in metrics}
+    result = {"shape": asdict(shape), "batch": args.model_batch, "optimizer": "SGD" if args.optimizer == "sgd" else f"AdamW ({args.optimizer})",
+              "soft_moe_over_dense": ratios, "soft_moe_over_dense_cpu_time": ratios_cpu, "models": per_model,
+              "ceilings": {k: v for k, v in ceilings.items() if not k.endswith("seconds")}}
+    del models, optimizers, cases
+    gc.collect()
+    return result
+
+
+def benchmark_model_bf16(shape: ModelShape, args, device) -> dict:
+    """The Soft MoE model in float32 against bf16 autocast (as ``trainer.precision=bf16`` runs it): inference
+    and forward+backward, side by side. Without an optimizer: S/16's AdamW state (6.9 GB) and the experts'
+    bf16 weight copies (1.7 GB) together do not fit beside float32 training in 24 GiB. The AdamW step,
+    float32 in both, is the model section's. Each bf16 call casts the weights once, as the first call after
+    an optimizer step does (the copies are dropped after each call)."""
+    torch.manual_seed(0)
+    model = build_model(shape, "soft_moe", device).train()
+    images = torch.randn(args.model_batch, 3, shape.img_size, shape.img_size, device=device)
+    labels = torch.randint(0, 1000, (args.model_batch,), device=device)
+    cases = {}
+    for precision in ("fp32", "bf16"):
+        def inference(precision=precision):
+            with torch.inference_mode(), autocast(device, precision):
+                model(images)
+
+        def forward_backward(precision=precision):
+            model.zero_grad(set_to_none=True)
+            with autocast(device, precision):
+                loss = F.cross_entropy(model(images).float(), labels)
+            loss.backward()
+
+        for name, fn in (("inference", inference), ("forward_backward", forward_backward)):
+            cases[f"{precision}/{name}"] = _dropping_bf16_copies(fn, model) if precision == "bf16" else fn
+    times = interleaved(cases, args.model_rounds, args.warmup, device)
+    result = {"shape": asdict(shape), "batch": args.model_batch}
+    for metric in ("inference", "forward_backward"):
+        fp32, bf16 = times[f"fp32/{metric}"], times[f"bf16/{metric}"]
+        result[metric] = {"float32_s": median(fp32["total"]), "bf16_s": median(bf16["total"]),
+                          "float32_over_bf16": paired_ratio(fp32["total"], bf16["total"]),
+                          "float32_over_bf16_cpu_time": paired_ratio(fp32["cpu"], bf16["cpu"]),
+                          "float32_seconds": fp32["total"], "bf16_seconds": bf16["total"]}
+    del model, cases
+    gc.collect()
+    return result
+
+
+def _dropping_bf16_copies(fn, model: nn.Module):
+    """``fn``, then the experts' bf16 weight copies dropped (1.7 GB for S/16)."""
+
+    def call():
+        try:
+            return fn()
+        finally:
+            for module in model.modules():
+                if hasattr(module, "clear_low_precision_copies"):
+                    module.clear_low_precision_copies()
+
+    return call
+
+
+def benchmark_model_memory(shape: ModelShape, args, device) -> dict:
+    """Peak memory of inference and of a training step (after a first step created AdamW's state)."""
+    torch.manual_seed(0)
+    result = {}
+    images = torch.randn(args.model_batch, 3, shape.img_size, shape.img_size, device=device)
+    labels = torch.randint(0, 1000, (args.model_batch,), device=device)
+    for name in MODEL_KINDS:
+        model = build_model(shape, name, device).train()
+        optimizer = make_optimizer(model, args.optimizer)
+        cases = model_cases(model, optimizer, images, labels)
+        cases["train_step"]()
+        params = tensor_bytes(model.parameters())
+        state = tensor_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        optimizer.zero_grad(set_to_none=True)
+        inference = peak_memory_bytes(cases["inference"], device)
+        train = peak_memory_bytes(cases["train_step"], device)
+        result[name] = {
+            "param_bytes": params, "optimizer_state_bytes": state,
+            "inference_peak_bytes": None if inference is None else params + inference,
+            "train_step_peak_bytes": None if train is None else params + state + train,
+        }
+        del model, optimizer, cases
+        gc.collect()
+    if result["dense"]["train_step_peak_bytes"]:
+        result["soft_moe_over_dense"] = {key: result["soft_moe"][key] / result["dense"][key]
+                                         for key in ("inference_peak_bytes", "train_step_peak_bytes")}
+    return result

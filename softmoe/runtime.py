@@ -1,0 +1,84 @@
+"""What the process around the layer should be set to for speed on CPU: the allocator, and whether bf16 pays.
+
+    import softmoe
+    softmoe.tune_allocator()   # once, at start-up; the project's commands call it themselves
+
+**The allocator.** glibc serves every allocation above 32 MiB with a fresh ``mmap`` and returns it to the
+system when it is freed. A Soft MoE layer's expert weight gradients are such allocations (302 MB each for
+ViT-S/16 with 128 experts), made afresh by every backward pass, so every step page-faults them in again:
+on the machines measured that cost more time than computing them (experiments/throughput/README.md).
+:func:`tune_allocator` makes glibc keep freed memory for reuse, which is what the environment variables
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` do, without the variables. The price: memory
+freed by the process stays in it (its resident set does not shrink after a peak).
+
+**bf16.** A CPU multiplies bf16 matrices faster than float32 ones only with native bf16 instructions
+(``avx512_bf16``, AMX, Arm's ``bf16``); without them bf16 is emulated and many times slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+from typing import Optional
+
+# mallopt(3) parameters
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+
+# What MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 set: no mmap'd chunks, never trim the heap.
+TUNED = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 100_000_000_000}
+# glibc's own behaviour for large allocations once its dynamic threshold has settled at its maximum
+# (32 MiB on 64-bit): every allocation above it is a fresh mapping, unmapped when freed.
+GLIBC_DEFAULTS = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20}
+
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (Cooper Lake, Zen 4+), AMX, aarch64
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt  # noqa: B018 -- musl and others lack it
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def set_malloc_options(options: dict) -> bool:
+    """Apply ``{mallopt parameter: value}`` to glibc; False (nothing done) where glibc is not the allocator."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    return all(libc.mallopt(parameter, value) == 1 for parameter, value in options.items())
+
+
+def tune_allocator() -> bool:
+    """Make glibc keep freed memory for reuse instead of unmapping it, so large tensors allocated anew
+    every step (the expert banks' weight gradients) do not page-fault every step. Returns True when
+    applied, False where the C library is not glibc (macOS, musl, Windows), where there is nothing to do."""
+    return set_malloc_options(TUNED)
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):  # x86, aarch64
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> Optional[bool]:
+    """Whether this CPU multiplies bf16 natively; None when its flags cannot be read (not Linux)."""
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return None  # Apple's CPUs: no flags to read; Apple GPUs run through the MPS device instead
+    flags = cpu_flags()
+    if not flags:
+        return None
+    return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)

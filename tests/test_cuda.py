@@ -1,0 +1,114 @@
+"""The GPU path, ready to run on a machine with CUDA: ``python -m pytest -m cuda`` (skipped without a GPU).
+
+* the layer and the model in bf16 + ``torch.compile`` against float32 eager;
+* a short ``trainer=gpu`` run (bf16, compiled);
+* the benchmark's CUDA path: images/s and the fraction of the measured bf16 matmul rate;
+* DDP over NCCL at world size 1, and expert parallelism over NCCL when there are >= 2 GPUs.
+
+No timings are asserted (on a GPU the layer's target, >= 60% of the bf16 matmul rate, is a line of the
+benchmark's report, not a test).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONF_DIR
+from softmoe import SoftMoE, SoftMoEVisionTransformer
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ROOT = Path(CONF_DIR).parent
+SHORT_RUN = ["trainer.max_steps=4", "trainer.eval_batches=1", "trainer.batch_size=64", "trainer.num_workers=2",
+             "trainer.log_every=2", "trainer.progress_bar=false", "logger=none"]
+
+
+def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((approx.float() - exact.float()).norm() / exact.float().norm()).item()
+
+
+def _bf16_compiled_against_fp32_eager(module: torch.nn.Module, x: torch.Tensor):
+    """(relative error of the output, largest relative error of a parameter's gradient)."""
+    eager_out = module(x)
+    eager_out.float().square().mean().backward()
+    eager_grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    compiled = torch.compile(module)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = compiled(x)
+    out.float().square().mean().backward()
+    grad_errors = [_relative_error(p.grad, eager_grads[name]) for name, p in module.named_parameters()
+                   if name in eager_grads and eager_grads[name].norm() > 0]
+    return _relative_error(out, eager_out), max(grad_errors)
+
+
+def test_layer_in_bf16_compiled_matches_float32_eager():
+    torch.manual_seed(0)
+    layer = SoftMoE(128, 512, num_experts=16, slots_per_expert=2).cuda()
+    x = torch.randn(8, 64, 128, device="cuda")
+    output_error, grad_error = _bf16_compiled_against_fp32_eager(layer, x)
+    assert output_error < 2e-2 and grad_error < 5e-2
+
+
+def test_model_in_bf16_compiled_matches_float32_eager():
+    torch.manual_seed(0)
+    model = SoftMoEVisionTransformer(num_experts=8, moe_layer_index=2, img_size=32, patch_size=4, embed_dim=64,
+                                     depth=4, num_heads=2, num_classes=10).cuda()
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    output_error, grad_error = _bf16_compiled_against_fp32_eager(model, x)
+    assert output_error < 3e-2 and grad_error < 1e-1
+
+
+def test_a_short_gpu_run_trains_in_bf16_compiled(compose_run, tmp_path):
+    from softmoe.harness.loop import train
+
+    cfg = compose_run("trainer=gpu", *SHORT_RUN)
+    assert cfg.trainer.precision == "bf16" and cfg.trainer.compile and cfg.trainer.device == "cuda"
+    summary = train(cfg, tmp_path)
+    assert summary.steps == 4 and 0 <= summary.test_acc <= 1 and summary.skipped_steps == 0
+
+
+def test_the_benchmark_reports_images_per_second_and_the_fraction_of_the_bf16_matmul_rate(tmp_path):
+    out = tmp_path / "results.json"
+    command = [sys.executable, "-m", "softmoe.benchmark", "--device", "cuda", "--layer-shapes", "cpu_small",
+               "--model-shape", "tiny", "--model-batch", "8", "--layer-rounds", "2", "--model-rounds", "1",
+               "--gemm-size", "4096", "--copy-mib", "256", "--out", str(out)]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    bf16 = [row for row in results["layer"] if row["dtype"] == "bfloat16" and row["pass"] == "forward_backward"]
+    assert bf16 and 0 < bf16[0]["fraction_of_gemm_rate"] and bf16[0]["ceilings"]["gemm_bfloat16_flops_per_s"] > 0
+    assert "layer_bf16_fraction_of_matmul_rate" in results["targets"]
+    assert "target layer_bf16_fraction_of_matmul_rate:" in completed.stdout
+    for name in ("dense", "soft_moe"):
+        assert results["model"]["models"][name]["train_images_per_s"] > 0
+    assert results["memory_method"] == "torch.cuda.max_memory_allocated"
+
+
+def _torchrun(nproc: int, overrides, tmp_path: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "softmoe.train", *overrides, f"paths.output_dir={tmp_path}"]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_ddp_over_nccl_at_world_size_one(tmp_path):
+    overrides = ["trainer.device=cuda", "trainer.strategy=ddp", "trainer.precision=bf16", *SHORT_RUN]
+    completed = _torchrun(1, overrides, tmp_path)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").glob("*/*")
+    assert (run_dir / "last.pt").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="expert parallelism needs >= 2 GPUs")
+def test_expert_parallel_over_nccl_on_two_gpus(tmp_path):
+    overrides = ["trainer.device=cuda", "trainer.strategy=ddp", "moe.expert_parallel=true", "trainer.precision=bf16",
+                 *SHORT_RUN]
+    completed = _torchrun(2, overrides, tmp_path)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").glob("*/*")
+    assert (run_dir / "last.pt").is_file()

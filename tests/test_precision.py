@@ -1,0 +1,149 @@
+"""bf16 on CPU and the allocator: the experts' cached bf16 weights compute what autocast's own casts compute,
+and are recast exactly when the weights change; the helpers that decide and warn.
+
+No timings here: the speed lives in experiments/throughput/.
+"""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import softmoe.runtime as runtime
+from softmoe import SoftMoE, tune_allocator
+from softmoe.harness.precision import autocast, slow_precision_warning, warn_if_slow
+
+
+def _layer():
+    torch.manual_seed(0)
+    return SoftMoE(16, 32, num_experts=4, slots_per_expert=2)
+
+
+def _uncached(layer):
+    """``layer`` computing as plain autocast does: every call casts the weights afresh."""
+    layer.experts.compute_weight = lambda name: getattr(layer.experts, name)
+    return layer
+
+
+def test_cached_bf16_weights_give_autocasts_outputs_and_gradients():
+    cached = _layer()
+    plain = _uncached(copy.deepcopy(cached))
+    x = torch.randn(3, 9, 16)
+    results = []
+    for layer in (cached, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().square().sum().backward()
+        results.append((y, {name: p.grad for name, p in layer.named_parameters()}))
+    (y_cached, grads_cached), (y_plain, grads_plain) = results
+    assert y_cached.dtype == torch.bfloat16
+    torch.testing.assert_close(y_cached, y_plain, rtol=0, atol=0)
+    for name, grad in grads_plain.items():
+        assert grads_cached[name].dtype == torch.float32
+        torch.testing.assert_close(grads_cached[name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_fused", "adamw_foreach", "sgd"])
+def test_cached_bf16_weights_follow_every_optimizer_step(optimizer):
+    """Fused AdamW updates weights without bumping their version counters; the copies still follow."""
+    make = {
+        "adamw_fused": lambda params: torch.optim.AdamW(params, lr=1e-2, fused=True),
+        "adamw_foreach": lambda params: torch.optim.AdamW(params, lr=1e-2, foreach=True),
+        "sgd": lambda params: torch.optim.SGD(params, lr=0.5),
+    }[optimizer]
+    cached = _layer()
+    plain = _uncached(copy.deepcopy(cached))
+    x = torch.randn(3, 9, 16)
+    for layer in (cached, plain):
+        opt = make(layer.parameters())
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = layer(x).float().square().sum()
+            loss.backward()
+            opt.step()
+    for (name, p_cached), p_plain in zip(cached.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p_cached, p_plain, rtol=0, atol=0, msg=name)
+
+
+def test_cached_bf16_weights_follow_load_state_dict_and_are_reused_otherwise():
+    layer, other = _layer(), _layer()
+    torch.nn.init.normal_(other.experts.fc1_weight)
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+        copy_before = layer.experts._low_precision["fc1_weight"][1]
+        layer(x)
+        assert layer.experts._low_precision["fc1_weight"][1] is copy_before  # reused, not recast
+        layer.load_state_dict(other.state_dict())
+        y = layer(x)
+        y_expected = _uncached(copy.deepcopy(other))(x)
+    torch.testing.assert_close(y, y_expected, rtol=0, atol=0)
+
+
+def test_a_copy_made_in_inference_mode_serves_training():
+    layer = _layer()
+    x = torch.randn(2, 9, 16)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert layer.experts.fc1_weight.grad is not None
+
+
+def test_float32_forward_keeps_no_low_precision_copy():
+    layer = _layer()
+    layer(torch.randn(2, 9, 16))
+    assert layer.experts._low_precision == {}
+
+
+def test_autocast_helper_is_a_no_op_for_fp32_and_bf16_otherwise():
+    cpu = torch.device("cpu")
+    with autocast(cpu, "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast(cpu, "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+@pytest.mark.parametrize("flags, native", [
+    ({"avx2", "fma"}, False),                  # Zen 3: bf16 emulated
+    ({"avx512f", "avx512_bf16"}, True),        # Zen 4/5, Cooper Lake
+    ({"avx512f", "amx_bf16", "amx_tile"}, True),  # Sapphire Rapids
+    ({"fp", "asimd", "bf16"}, True),           # Arm v8.6+
+    (set(), None),                             # flags unreadable
+])
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, flags, native):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(runtime.platform, "system", lambda: "Linux")
+    assert runtime.cpu_has_native_bf16() is native
+
+
+def test_bf16_warns_once_only_on_a_cpu_without_native_bf16(monkeypatch, caplog):
+    import softmoe.harness.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert "slower than fp32" in slow_precision_warning(torch.device("cpu"), "bf16")
+    assert slow_precision_warning(torch.device("cpu"), "fp32") is None
+    assert slow_precision_warning(torch.device("cuda"), "bf16") is None
+    with caplog.at_level(logging.WARNING):
+        warn_if_slow(torch.device("cpu"), "bf16")
+    assert sum("slower than fp32" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert slow_precision_warning(torch.device("cpu"), "bf16") is None
+
+
+def test_tune_allocator_sets_glibc_and_is_harmless_elsewhere(monkeypatch):
+    calls = []
+
+    class FakeGlibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(runtime, "_glibc", lambda: FakeGlibc())
+    assert tune_allocator() is True
+    assert dict(calls) == {runtime.M_MMAP_MAX: 0, runtime.M_TRIM_THRESHOLD: 100_000_000_000}
+    monkeypatch.setattr(runtime, "_glibc", lambda: None)  # macOS, musl, Windows
+    assert tune_allocator() is False
