@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.models import (
@@ -35,6 +35,21 @@ from .upcycle import upcycle_state_dict
 MoELayerIndex = Union[int, Sequence[int]]
 
 
+def block_list_problem(blocks: Sequence[Any], depth: int) -> Optional[Tuple[str, Any]]:
+    """What is wrong with an explicit list of 0-indexed MoE blocks of a ``depth``-block ViT: ``("empty", None)``,
+    ``("beyond", entry)`` (the first entry that is not a block index) or ``("twice", None)``; None if nothing.
+    The one rule behind :func:`resolve_moe_layer_index` and the harness's ``moe.layers`` check, each of which
+    words the problem in its own argument's name."""
+    if not blocks:
+        return ("empty", None)
+    for block in blocks:
+        if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < depth:
+            return ("beyond", block)
+    if len(set(blocks)) != len(blocks):
+        return ("twice", None)
+    return None
+
+
 def resolve_moe_layer_index(moe_layer_index: Optional[MoELayerIndex], depth: int) -> List[int]:
     """The 0-indexed blocks that get a Soft MoE layer: None means the last half (the paper's placement),
     an int k means blocks k..depth-1, a list means exactly those."""
@@ -50,13 +65,16 @@ def resolve_moe_layer_index(moe_layer_index: Optional[MoELayerIndex], depth: int
         blocks = list(moe_layer_index)
     except TypeError:
         raise ValueError(f"moe_layer_index must be an int or a list of ints, got {moe_layer_index!r}") from None
-    if not blocks:
-        raise ValueError("moe_layer_index must name at least one block, got an empty list (use timm's VisionTransformer for a dense model)")
-    bad = [b for b in blocks if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < depth]
-    if bad:
-        raise ValueError(f"moe_layer_index entries must be block indices in [0, depth={depth}), got {list(moe_layer_index)}")
-    if len(set(blocks)) != len(blocks):
-        raise ValueError(f"moe_layer_index lists a block twice: {list(moe_layer_index)}")
+    problem = block_list_problem(blocks, depth)
+    if problem is not None:
+        raise ValueError(
+            {
+                "empty": "moe_layer_index must name at least one block, got an empty list "
+                "(use timm's VisionTransformer for a dense model)",
+                "beyond": f"moe_layer_index entries must be block indices in [0, depth={depth}), got {blocks}",
+                "twice": f"moe_layer_index lists a block twice: {blocks}",
+            }[problem[0]]
+        )
     return sorted(blocks)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from softmoe import SoftMoE, SoftMoEVisionTransformer, upcycle
 from softmoe.sparse import ExpertsChoiceMoE, TokensChoiceMoE
+from softmoe.vit import block_list_problem
 
 PLACEMENTS = ("none", "last_half", "every_other", "all")
 ROUTERS = {"soft": SoftMoE, "tokens_choice": TokensChoiceMoE, "experts_choice": ExpertsChoiceMoE}  # moe.router -> class
@@ -50,15 +51,16 @@ def moe_blocks(moe_cfg: Mapping[str, Any], depth: int) -> list[int]:
     layers = moe_cfg["layers"]
     if layers is not None:
         shown = "[" + ",".join(map(str, layers)) + "]"
-        if not layers:
-            raise ValueError(f"moe.layers={shown}: must name at least one block; use moe=dense for a dense ViT")
-        beyond = [b for b in layers if not 0 <= b < depth]
-        if beyond:
+        problem = block_list_problem(list(layers), depth)  # the library's rule, in the config's words
+        if problem is not None:
+            kind, entry = problem
             raise ValueError(
-                f"moe.layers={shown}: block {beyond[0]} is beyond model.depth={depth}; blocks are 0..{depth - 1}"
+                {
+                    "empty": f"moe.layers={shown}: must name at least one block; use moe=dense for a dense ViT",
+                    "beyond": f"moe.layers={shown}: block {entry} is beyond model.depth={depth}; blocks are 0..{depth - 1}",
+                    "twice": f"moe.layers={shown}: names a block twice",
+                }[kind]
             )
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"moe.layers={shown}: names a block twice")
         return sorted(layers)
     placement = moe_cfg["placement"]
     if placement not in PLACEMENTS:
