@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ._checks import require_choice, require_positive_int
+from ._checks import is_tracing, require_choice, require_positive_int
 
 # timm's VisionTransformer weight_init modes (vision_transformer.get_init_weights_vit)
 WEIGHT_INIT_MODES = ("", "jax", "jax_nlhb", "moco", "reset")
@@ -196,8 +196,10 @@ class BatchedMlp(nn.Module):
         bypasses both; call :meth:`clear_low_precision_copies` after one.) Gradients reach the float32
         weight as through autocast's own cast."""
         weight = getattr(self, name)
+        if is_tracing():  # fx/export/compile: no autocast copy to keep (and a proxy has no version counter)
+            return weight
         dtype = _autocast_dtype(weight.device)
-        if dtype is None or weight.dtype == dtype or not weight.is_floating_point() or torch.compiler.is_compiling():
+        if dtype is None or weight.dtype == dtype or not weight.is_floating_point():
             return weight
         key = (_optimizer_steps, weight._version, weight.data_ptr())
         cached = self._low_precision.get(name)

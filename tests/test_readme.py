@@ -57,6 +57,13 @@ def check_layer(ns):
     assert moe_blocks(ns["vit"]) == [0, 1]  # every block
 
 
+def check_tune_allocator(ns):
+    import platform
+
+    # what the call returned is not kept by the example; calling it again must agree with the platform
+    assert ns["softmoe"].tune_allocator() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
 def check_wrapper(ns):
     assert ns["y"].shape == (1, 16, 128)  # the TransformerEncoderLayer experts keep the width
     assert ns["layer"].num_experts == 16 and ns["layer"].slots_per_expert == 1
@@ -81,8 +88,8 @@ def check_upcycle(ns):
 
 README_EXAMPLES = code_blocks(ROOT / "README.md", "python")
 README_CHECKS = [
-    check_vit, check_factories, check_features, check_export, check_layer, check_wrapper, check_routing, check_upcycle,
-    check_timm_upcycle,
+    check_vit, check_factories, check_features, check_export, check_layer, check_tune_allocator, check_wrapper,
+    check_routing, check_upcycle, check_timm_upcycle,
 ]  # fmt: skip
 
 
