@@ -290,5 +290,6 @@ class StackedExperts(nn.Module):
 
 @torch.fx.wrap  # one call in a torch.fx graph: symbolic tracing cannot enter torch.func.vmap (torch.export can)
 def run_stacked_experts(experts: StackedExperts, slots: torch.Tensor) -> torch.Tensor:
-    """``experts(slots)``: slots [batch, num_experts, slots_per_expert, dim] -> [batch, num_experts, slots_per_expert, dim']."""
+    """``experts(slots)``: slots [batch, num_experts, slots_per_expert, dim] ->
+    [batch, num_experts, slots_per_expert, dim']."""
     return experts._forward(slots)

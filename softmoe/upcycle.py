@@ -123,7 +123,9 @@ def check_upcycle(dense_state: Mapping[str, torch.Tensor], model: nn.Module, kee
     _sources(dense_state, model, keep_init)
 
 
-def _sources(dense_state: Mapping[str, torch.Tensor], model: nn.Module, keep_init: Collection[str]) -> Dict[str, _Source]:
+def _sources(
+    dense_state: Mapping[str, torch.Tensor], model: nn.Module, keep_init: Collection[str]
+) -> Dict[str, _Source]:
     """For every key of ``model``'s state dict, where its upcycled value comes from; checks every shape."""
     target = model.state_dict()
     sources: Dict[str, _Source] = {key: _Source(None) for key in keep_init if key in target}

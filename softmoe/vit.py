@@ -141,7 +141,9 @@ class SoftMoEVisionTransformer(VisionTransformer):
                 fc2_weight = experts.fc2_weight if isinstance(experts, BatchedMlp) else layer.mlp.fc2.weight
                 fc2_weight.div_(scale)
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True) -> List[int]:
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
         """timm's pruning; ``moe_layer_index`` then lists only the MoE blocks that remain."""
         take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
         self.moe_layer_index = [i for i in self.moe_layer_index if i < len(self.blocks)]
@@ -281,7 +283,9 @@ def soft_moe_vit_huge(pretrained: bool = False, **kwargs) -> SoftMoEVisionTransf
 @register_model
 def test_soft_moe_vit(pretrained: bool = False, **kwargs) -> SoftMoEVisionTransformer:
     """timm's ``test_vit`` (6 blocks of width 64, 160 px) with 8 experts in blocks 3-5: a test-sized model."""
-    model_args = dict(patch_size=16, embed_dim=64, depth=6, num_heads=2, mlp_ratio=3, dynamic_img_size=True, num_experts=8)
+    model_args = dict(
+        patch_size=16, embed_dim=64, depth=6, num_heads=2, mlp_ratio=3, dynamic_img_size=True, num_experts=8
+    )
     return _create_soft_moe_vit("test_soft_moe_vit", pretrained, **dict(model_args, **kwargs))
 
 

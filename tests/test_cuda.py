@@ -10,7 +10,6 @@ benchmark's report, not a test).
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

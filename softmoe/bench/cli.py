@@ -46,8 +46,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="AdamW kernel, or sgd: plain SGD, no optimizer state (S/16's AdamW state is 6.9 GB)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
     parser.add_argument("--profile", action="store_true",
-                        help="add torch.profiler's kernel tables of the first layer shape's forward+backward, per dtype, "
-                             "and of the reference-style loop's")
+                        help="add torch.profiler's kernel tables of the first layer shape's forward+backward, "
+                             "per dtype, and of the reference-style loop's")
     parser.add_argument("--profile-model", action="store_true",
                         help="add where each model's inference time goes (changed MLPs, experts, routing, the rest)")
     parser.add_argument("--compile-shapes", nargs="+", default=["cpu_small"], choices=sorted(LAYER_SHAPES))
@@ -61,7 +61,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.bfloat16_shapes is None:
         args.bfloat16_shapes = args.layer_shapes if cuda or cpu_has_native_bf16() else ["cpu_small"]
     native_bf16 = cuda or bool(cpu_has_native_bf16())
-    args.model_bf16 = "bfloat16" in args.dtypes and (args.model_bf16 == "yes" or (args.model_bf16 == "auto" and native_bf16))
+    wanted = args.model_bf16 == "yes" or (args.model_bf16 == "auto" and native_bf16)
+    args.model_bf16 = "bfloat16" in args.dtypes and wanted
     if args.tiny:
         args.layer_shapes = args.bfloat16_shapes = args.compile_shapes = ["tiny"]
         args.model_shape = "tiny"

@@ -125,7 +125,8 @@ def benchmark_model(shape: ModelShape, args, device) -> dict:
     metrics = ("inference", "forward_backward", "train_step", "optimizer")
     ratios = {m: paired_ratio(series("soft_moe", m), series("dense", m)) for m in metrics}
     ratios_cpu = {m: paired_ratio(series("soft_moe", m, "cpu"), series("dense", m, "cpu")) for m in metrics}
-    result = {"shape": asdict(shape), "batch": args.model_batch, "optimizer": "SGD" if args.optimizer == "sgd" else f"AdamW ({args.optimizer})",
+    optimizer_name = "SGD" if args.optimizer == "sgd" else f"AdamW ({args.optimizer})"
+    result = {"shape": asdict(shape), "batch": args.model_batch, "optimizer": optimizer_name,
               "soft_moe_over_dense": ratios, "soft_moe_over_dense_cpu_time": ratios_cpu, "models": per_model,
               "ceilings": {k: v for k, v in ceilings.items() if not k.endswith("seconds")}}
     del models, optimizers, cases
@@ -165,7 +166,7 @@ def benchmark_model_bf16(shape: ModelShape, args, device) -> dict:
                           "float32_over_bf16": paired_ratio(fp32["total"], bf16["total"]),
                           "float32_over_bf16_cpu_time": paired_ratio(fp32["cpu"], bf16["cpu"]),
                           "float32_seconds": fp32["total"], "bf16_seconds": bf16["total"]}
-    del model, cases
+    del cases
     gc.collect()
     return result
 

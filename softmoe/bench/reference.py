@@ -26,7 +26,8 @@ class ReferenceLoopSoftMoE(nn.Module):
 
     @classmethod
     def from_soft_moe(cls, layer: SoftMoE) -> "ReferenceLoopSoftMoE":
-        """The reference-style twin of a normalised ``SoftMoE`` with ``BatchedMlp`` experts, holding the same weights."""
+        """The reference-style twin of a normalised ``SoftMoE`` with ``BatchedMlp`` experts, with the same
+        weights."""
         experts = layer.experts
         twin = cls(layer.dim, experts.hidden_features, layer.num_experts, layer.slots_per_expert)
         twin.to(device=layer.phi.device, dtype=layer.phi.dtype)

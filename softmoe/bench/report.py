@@ -135,7 +135,8 @@ def format_report(results: dict) -> str:
     if bf16:
         lines.append(f"soft_moe {bf16['shape']['name']} float32 / bf16 autocast (as trainer.precision=bf16), batch "
                      f"{bf16['batch']}: " + ", ".join(
-                         f"{m} {bf16[m]['float32_s']:.2f} s / {bf16[m]['bf16_s']:.2f} s = {bf16[m]['float32_over_bf16']:.2f}x "
+                         f"{m} {bf16[m]['float32_s']:.2f} s / {bf16[m]['bf16_s']:.2f} s = "
+                         f"{bf16[m]['float32_over_bf16']:.2f}x "
                          f"({bf16[m]['float32_over_bf16_cpu_time']:.2f})" for m in ("inference", "forward_backward")))
     memory = results.get("model_memory")
     if memory and "dense" in memory:

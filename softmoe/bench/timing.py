@@ -19,9 +19,9 @@ def synchronize(device: torch.device) -> None:
 def interleaved(cases: Dict[str, Callable[[], Optional[dict]]], rounds: int, warmup: int,
                 device: torch.device) -> Dict[str, Dict[str, List[float]]]:
     """Seconds per call of every case, round-robin: round r starts at case r, so no case always runs
-    first (each still follows the same neighbour, except where the round wraps). ``"total"`` is wall-clock time, ``"cpu"`` the CPU time of
-    all this process's threads (on a shared machine it counts the work done, not the waiting for a
-    core). A case may return {phase: seconds} to split its time."""
+    first (each still follows the same neighbour, except where the round wraps). ``"total"`` is wall-clock
+    time, ``"cpu"`` the CPU time of all this process's threads (on a shared machine it counts the work done,
+    not the waiting for a core). A case may return {phase: seconds} to split its time."""
     names = list(cases)
     times: Dict[str, Dict[str, List[float]]] = {name: {"total": [], "cpu": []} for name in names}
     for r in range(warmup + rounds):
