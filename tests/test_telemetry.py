@@ -53,14 +53,20 @@ def test_distribution_summary():
     assert half["u_entropy"] == pytest.approx(math.log(2) / math.log(4))
 
 
-def test_routing_metrics_and_dispatch_maps_cover_every_moe_block():
+def routed_tiny_vit(batch):
+    """A 3-block Soft MoE ViT (MoE in blocks 0 and 2, 4 experts x 2 slots), a batch and its recorded routing."""
     model = SoftMoEVisionTransformer(
         num_experts=4, slots_per_expert=2, moe_layer_index=[0, 2], img_size=8, patch_size=2, embed_dim=16, depth=3,
         num_heads=2,
     )
-    images = torch.randn(5, 3, 8, 8)
+    images = torch.randn(batch, 3, 8, 8)
     with capture_routing(model) as records:
         model(images)
+    return model, images, records
+
+
+def test_routing_metrics_and_dispatch_maps_cover_every_moe_block():
+    model, images, records = routed_tiny_vit(5)
     scalars, distributions = routing_metrics(model, records)
     names = ("expert_utilisation", "slot_utilisation")
     assert sorted(distributions) == [f"routing/block{b}/{n}" for b in (0, 2) for n in names]
@@ -72,13 +78,7 @@ def test_routing_metrics_and_dispatch_maps_cover_every_moe_block():
 
 
 def test_wandb_dispatch_maps_are_the_notebooks_figure_on_one_labelled_colour_scale():
-    model = SoftMoEVisionTransformer(
-        num_experts=4, slots_per_expert=2, moe_layer_index=[0, 2], img_size=8, patch_size=2, embed_dim=16, depth=3,
-        num_heads=2,
-    )
-    images = torch.randn(2, 3, 8, 8)
-    with capture_routing(model) as records:
-        model(images)
+    model, images, records = routed_tiny_vit(2)
     figure = plot_dispatch_maps(images[:1], records, model, num_slots=3)
     assert np.array_equal(dispatch_maps(images[0], records, model, slots=3), render(figure))  # what W&B receives
     maps = [image for ax in figure.axes for image in ax.get_images() if image.get_cmap().name == "inferno"]
