@@ -23,7 +23,7 @@ from .timing import interleaved, median, paired_ratio, synchronize
 MODEL_KINDS = ("dense", "soft_moe")
 
 
-def build_model(shape: ModelShape, kind: str, device) -> nn.Module:
+def build_benchmark_model(shape: ModelShape, kind: str, device) -> nn.Module:
     """timm's dense ``VisionTransformer``, or its Soft MoE twin; ``device="meta"`` allocates nothing."""
     from timm.models.vision_transformer import VisionTransformer
 
@@ -40,7 +40,7 @@ def model_flops(shape: ModelShape, batch: int) -> Dict[str, Dict[str, int]]:
 
     counts = {}
     for name in MODEL_KINDS:
-        model = build_model(shape, name, "meta")
+        model = build_benchmark_model(shape, name, "meta")
         x = torch.empty(batch, 3, shape.img_size, shape.img_size, device="meta")
         with FlopCounterMode(display=False) as forward:
             model(x)
@@ -89,7 +89,7 @@ def benchmark_model(shape: ModelShape, args, device) -> dict:
     """Soft MoE ViT vs dense ViT: inference, forward+backward and the AdamW step, interleaved."""
     torch.manual_seed(0)
     flops = model_flops(shape, args.model_batch)
-    models = {name: build_model(shape, name, device).train() for name in MODEL_KINDS}
+    models = {name: build_benchmark_model(shape, name, device).train() for name in MODEL_KINDS}
     images = torch.randn(args.model_batch, 3, shape.img_size, shape.img_size, device=device)
     labels = torch.randint(0, 1000, (args.model_batch,), device=device)
     optimizers = {name: make_optimizer(model, args.optimizer) for name, model in models.items()}
@@ -141,7 +141,7 @@ def benchmark_model_bf16(shape: ModelShape, args, device) -> dict:
     float32 in both, is the model section's. Each bf16 call casts the weights once, as the first call after
     an optimizer step does (the copies are dropped after each call)."""
     torch.manual_seed(0)
-    model = build_model(shape, "soft_moe", device).train()
+    model = build_benchmark_model(shape, "soft_moe", device).train()
     images = torch.randn(args.model_batch, 3, shape.img_size, shape.img_size, device=device)
     labels = torch.randint(0, 1000, (args.model_batch,), device=device)
     cases = {}
@@ -192,7 +192,7 @@ def benchmark_model_memory(shape: ModelShape, args, device) -> dict:
     images = torch.randn(args.model_batch, 3, shape.img_size, shape.img_size, device=device)
     labels = torch.randint(0, 1000, (args.model_batch,), device=device)
     for name in MODEL_KINDS:
-        model = build_model(shape, name, device).train()
+        model = build_benchmark_model(shape, name, device).train()
         optimizer = make_optimizer(model, args.optimizer)
         cases = model_cases(model, optimizer, images, labels)
         cases["train_step"]()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .layer import build_layers, layer_pass_cases
-from .model import MODEL_KINDS, build_model
+from .model import MODEL_KINDS, build_benchmark_model
 from .shapes import LayerShape, ModelShape
 from .timing import synchronize
 
@@ -78,14 +78,14 @@ def profile_model_inference(shape: ModelShape, batch: int, device, iterations: i
     changed = range(shape.moe_layer_index, shape.depth)
     report = {"batch": batch, "iterations": iterations, "blocks": [changed.start, changed.stop - 1]}
     for kind in MODEL_KINDS:
-        model = build_model(shape, kind, device).eval()
+        model = build_benchmark_model(shape, kind, device).eval()
         mlps = {i: model.blocks[i].mlp for i in changed}
         parts = {"model": model, **{f"block{i}.mlp": mlp for i, mlp in mlps.items()}}
         if kind == "soft_moe":
             parts.update({f"block{i}.mlp.experts": mlp.experts for i, mlp in mlps.items()})
         # FLOPs counted on the meta device, as in model_flops: CPU's fused attention kernel has no FLOP formula
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            build_model(shape, kind, "meta")(torch.empty_like(images, device="meta"))
+            build_benchmark_model(shape, kind, "meta")(torch.empty_like(images, device="meta"))
         module_flops = counter.get_flop_counts()
         root = type(model).__name__
         flops = {"model": sum(module_flops["Global"].values())}
