@@ -27,7 +27,8 @@ ROOT = Path(CONF_DIR).parent
 # Deterministic and schedule-free (a constant rate: a 3-step run is the first half of a 6-step one); no dropout
 # and no stochastic depth (each rank draws its own drop-path masks, one process draws the whole batch's).
 RUN = [
-    "model.depth=2", "model.drop_path_rate=0.0", "moe.layers=[1]", "moe.num_experts=4", "trainer.batch_size=64", "trainer.eval_batches=1",
+    "model.depth=2", "model.drop_path_rate=0.0", "moe.layers=[1]", "moe.num_experts=4", "trainer.batch_size=64",
+    "trainer.eval_batches=1",
     "trainer.eval_batch_size=101", "trainer.log_every=1", "scheduler=constant", "logger=none",
     "trainer.progress_bar=false",
 ]  # fmt: skip

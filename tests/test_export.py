@@ -25,16 +25,26 @@ def soft_moe(**kwargs):
 
 LAYERS = {
     "soft_moe": soft_moe,
-    "soft_moe_uniform_dispatch_identity_combine": partial(soft_moe, dispatch="uniform", combine="identity"),  # 4*3 = 12 tokens
-    "wrapper_linear": partial(SoftMoELayerWrapper, dim=16, num_experts=4, slots_per_expert=2, layer=nn.Linear, in_features=16, out_features=8),
-    "wrapper_timm_mlp": partial(SoftMoELayerWrapper, dim=16, num_experts=4, slots_per_expert=2, layer=Mlp, in_features=16, hidden_features=32),
+    # 4*3 = 12 slots for the 12 tokens, as identity routing needs
+    "soft_moe_uniform_dispatch_identity_combine": partial(soft_moe, dispatch="uniform", combine="identity"),
+    "wrapper_linear": partial(
+        SoftMoELayerWrapper, dim=16, num_experts=4, slots_per_expert=2, layer=nn.Linear, in_features=16, out_features=8
+    ),
+    "wrapper_timm_mlp": partial(
+        SoftMoELayerWrapper, dim=16, num_experts=4, slots_per_expert=2, layer=Mlp, in_features=16, hidden_features=32
+    ),
 }
 VITS = {
     "soft_moe_vit": lambda: SoftMoEVisionTransformer(**VIT, num_experts=4, moe_layer_index=[1, 3]),
-    "soft_moe_vit_gap_registers": lambda: SoftMoEVisionTransformer(**VIT, num_experts=4, class_token=False, global_pool="avg", reg_tokens=2),
+    "soft_moe_vit_gap_registers": lambda: SoftMoEVisionTransformer(
+        **VIT, num_experts=4, class_token=False, global_pool="avg", reg_tokens=2
+    ),
     "timm_vit (reference)": lambda: VisionTransformer(**VIT),
 }
-MODELS = {**{name: (make, TOKENS) for name, make in LAYERS.items()}, **{name: (make, IMAGES) for name, make in VITS.items()}}
+MODELS = {
+    **{name: (make, TOKENS) for name, make in LAYERS.items()},
+    **{name: (make, IMAGES) for name, make in VITS.items()},
+}
 
 
 def eval_model(name):

@@ -93,7 +93,10 @@ def test_features_only_as_for_the_dense_vit(name, out_indices):
 @pytest.mark.parametrize("name", sorted(TEST_SIZES))
 def test_forward_intermediates_and_pruning_as_for_the_dense_vit(name):
     model, dense = timm.create_model(name).eval(), timm.create_model(DENSE_ARCHITECTURES[name]).eval()
-    for kwargs in [dict(indices=3), dict(indices=[0, 4], norm=True, output_fmt="NLC"), dict(indices=2, return_prefix_tokens=True)]:
+    calls = [
+        dict(indices=3), dict(indices=[0, 4], norm=True, output_fmt="NLC"), dict(indices=2, return_prefix_tokens=True)
+    ]
+    for kwargs in calls:
         final, intermediates = model.forward_intermediates(IMAGES, **kwargs)
         dense_final, dense_intermediates = dense.forward_intermediates(IMAGES, **kwargs)
         assert final.shape == dense_final.shape
@@ -160,14 +163,16 @@ def test_pretrained_upcycling_adds_the_configured_noise_and_a_new_head(tmp_path)
     dense = timm.create_model("test_vit")
     path = save_dense(dense, tmp_path / "test_vit.pth")
     model = timm.create_model(
-        "test_soft_moe_vit", pretrained=True, num_classes=10, upcycle_noise_std=0.01, pretrained_cfg_overlay=dict(file=path)
+        "test_soft_moe_vit", pretrained=True, num_classes=10, upcycle_noise_std=0.01,
+        pretrained_cfg_overlay=dict(file=path),
     )
     weights = model.blocks[4].mlp.experts.fc1_weight  # [experts, in, hidden]
     noise = weights - dense.blocks[4].mlp.fc1.weight.T
     assert abs(noise.std().item() - 0.01) < 0.001 and not torch.equal(weights[0], weights[1])
     assert torch.equal(model.blocks[4].mlp.experts.fc1_bias[0], dense.blocks[4].mlp.fc1.bias)  # biases: no noise
     assert model.head.weight.shape == (10, 64)  # a new classifier, as timm gives the dense model
-    assert timm.create_model("test_vit", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=path)).head.weight.shape == (10, 64)
+    dense = timm.create_model("test_vit", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=path))
+    assert dense.head.weight.shape == (10, 64)
 
 
 def test_pretrained_resamples_position_embeddings_as_timm_does(tmp_path):
@@ -201,13 +206,16 @@ def test_a_soft_moe_checkpoint_loads_as_it_is(tmp_path):
 
 def test_a_dense_checkpoint_of_another_shape_is_named(tmp_path):
     path = save_dense(timm.create_model("test_vit", embed_dim=32), tmp_path / "narrow.pth")
-    with pytest.raises(ValueError, match=r"^shape mismatch for 'blocks\.3\.mlp\.fc1\.weight': dense \[96, 32\], one expert \[192, 64\]$"):
+    mismatch = r"^shape mismatch for 'blocks\.3\.mlp\.fc1\.weight': dense \[96, 32\], one expert \[192, 64\]$"
+    with pytest.raises(ValueError, match=mismatch):
         timm.create_model("test_soft_moe_vit", pretrained=True, pretrained_cfg_overlay=dict(file=path))
 
 
 def test_a_missing_local_file_is_named():
     with pytest.raises(ValueError, match=r"^pretrained_cfg_overlay file='/nonexistent/vit.pth': no such file"):
-        timm.create_model("test_soft_moe_vit", pretrained=True, pretrained_cfg_overlay=dict(file="/nonexistent/vit.pth"))
+        timm.create_model(
+            "test_soft_moe_vit", pretrained=True, pretrained_cfg_overlay=dict(file="/nonexistent/vit.pth")
+        )
 
 
 def test_offline_pretrained_fails_with_one_line_asking_for_a_local_file(monkeypatch):

@@ -115,7 +115,8 @@ def test_check_upcycle_reads_only_shapes_so_a_meta_model_can_be_checked():
         _, moe_on_meta = dense_and_moe()
     check_upcycle(dense.state_dict(), moe_on_meta)  # fits: no error
     narrow = VisionTransformer(**{**ARCH, "embed_dim": 48})
-    with pytest.raises(ValueError, match=r"^shape mismatch for 'blocks\.1\.mlp\.fc1\.weight': dense \[192, 48\], one expert \[128, 32\]$"):
+    mismatch = r"^shape mismatch for 'blocks\.1\.mlp\.fc1\.weight': dense \[192, 48\], one expert \[128, 32\]$"
+    with pytest.raises(ValueError, match=mismatch):
         check_upcycle(narrow.state_dict(), moe_on_meta)
 
 
@@ -167,7 +168,8 @@ def test_harness_names_the_first_mismatched_key_in_one_line(compose_run, tmp_pat
     with pytest.raises(ConfigError) as raised:
         validate_config(compose_run(f"model.upcycle_from={path}"))
     assert str(raised.value) == (
-        f"model.upcycle_from={path}: shape mismatch for 'blocks.2.mlp.fc1.weight': dense [128, 32], one expert [256, 64]"
+        f"model.upcycle_from={path}: shape mismatch for 'blocks.2.mlp.fc1.weight': "
+        "dense [128, 32], one expert [256, 64]"
     )
 
 
@@ -195,7 +197,8 @@ def test_train_command_stops_on_a_mismatched_checkpoint_before_loading_data(comp
         timeout=120,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().startswith(f"error: model.upcycle_from={path}: shape mismatch for 'blocks.2.mlp.fc1.weight'")
+    expected = f"error: model.upcycle_from={path}: shape mismatch for 'blocks.2.mlp.fc1.weight'"
+    assert result.stderr.strip().startswith(expected)
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -24,7 +24,9 @@ def test_is_a_timm_vision_transformer():
     assert isinstance(tiny(), VisionTransformer)
 
 
-@pytest.mark.parametrize("index, expected", [(0, [0, 1, 2, 3]), (2, [2, 3]), (3, [3]), ([0, 2], [0, 2]), ([3, 1], [1, 3])])
+@pytest.mark.parametrize(
+    "index, expected", [(0, [0, 1, 2, 3]), (2, [2, 3]), (3, [3]), ([0, 2], [0, 2]), ([3, 1], [1, 3])]
+)
 def test_moe_block_placement(index, expected):
     model = tiny(moe_layer_index=index)
     assert moe_blocks(model) == expected == model.moe_layer_index
@@ -174,7 +176,8 @@ def test_fix_init_rescales_expert_fc2():
     plain = tiny()
     torch.manual_seed(0)
     fixed = tiny(fix_init=True)
-    torch.testing.assert_close(fixed.blocks[3].mlp.experts.fc2_weight, plain.blocks[3].mlp.experts.fc2_weight / (2.0 * 4) ** 0.5)
+    expected = plain.blocks[3].mlp.experts.fc2_weight / (2.0 * 4) ** 0.5
+    torch.testing.assert_close(fixed.blocks[3].mlp.experts.fc2_weight, expected)
 
 
 def test_moe_kwargs_reach_the_layers():
@@ -211,7 +214,9 @@ def test_registered_with_timm(name):
 
 
 def test_create_model_runs_a_forward_pass():
-    model = timm.create_model("soft_moe_vit_small", num_classes=10, img_size=32, patch_size=4, num_experts=8, depth=2, moe_layer_index=1)
+    model = timm.create_model(
+        "soft_moe_vit_small", num_classes=10, img_size=32, patch_size=4, num_experts=8, depth=2, moe_layer_index=1
+    )
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
