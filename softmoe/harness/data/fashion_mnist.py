@@ -33,6 +33,7 @@ FILES = {  # split -> (images, labels), without the .gz
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+FILE_NAMES = tuple(name for pair in FILES.values() for name in pair)  # the four, in FILES' order
 IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801  # unsigned bytes; 3 dimensions / 1 dimension
 SIDE = 28
 NUM_CLASSES = 10
@@ -83,7 +84,7 @@ def search_folders(root: Path, root_given: bool) -> list[Path]:
 def locate(folders: list[Path]) -> Optional[Path]:
     """The first folder holding all four files (each plain or gzipped)."""
     for folder in folders:
-        if all(find_file(folder, name) for pair in FILES.values() for name in pair):
+        if all(find_file(folder, name) for name in FILE_NAMES):
             return folder
     return None
 
@@ -97,7 +98,7 @@ def download(root: Path) -> None:
     except Exception as error:  # URLError, RuntimeError("Error downloading ...") or an md5 mismatch
         raise download_failed(
             "fashion_mnist", root / TORCHVISION_SUBDIR, error,
-            f"Place the four IDX files ({', '.join(name + '.gz' for pair in FILES.values() for name in pair)}) there "
+            f"Place the four IDX files ({', '.join(name + '.gz' for name in FILE_NAMES)}) there "
             "by hand, install Debian's copy with `apt-get install dataset-fashion-mnist`, or set data.root to a folder "
             "holding them.",
         ) from None  # fmt: skip
@@ -127,7 +128,7 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
         folder = locate(folders)
     if folder is None:
         raise MissingDataError(
-            f"data=fashion_mnist: the four IDX files ({', '.join(name for pair in FILES.values() for name in pair)}, "
+            f"data=fashion_mnist: the four IDX files ({', '.join(FILE_NAMES)}, "
             f"each plain or .gz) are not in {' or '.join(map(str, folders))}. Install them with "
             "`apt-get install dataset-fashion-mnist`, fetch them with data.download=true, or set data.root."
         )
