@@ -3,6 +3,7 @@
 * the layer and the model in bf16 + ``torch.compile`` against float32 eager;
 * a short ``trainer=gpu`` run (bf16, compiled);
 * the benchmark's CUDA path: images/s and the fraction of the measured bf16 matmul rate;
+* a fused optimizer's NaN/inf check in bf16 without one device sync per step;
 * DDP over NCCL at world size 1, and expert parallelism over NCCL when there are >= 2 GPUs.
 
 No timings are asserted (on a GPU the layer's target, >= 60% of the bf16 matmul rate, is a line of the
@@ -70,6 +71,13 @@ def test_a_short_gpu_run_trains_in_bf16_compiled(compose_run, tmp_path):
     assert cfg.trainer.precision == "bf16" and cfg.trainer.compile and cfg.trainer.device == "cuda"
     summary = train(cfg, tmp_path)
     assert summary.steps == 4 and 0 <= summary.test_acc <= 1 and summary.skipped_steps == 0
+
+
+def test_a_fused_optimizer_checks_for_nan_on_the_gpu_without_a_sync_per_step(compose_run):
+    from test_nonfinite import FUSED, steps_of  # its steps run with CUDA's sync debug mode set to raise
+
+    state, reads = steps_of(compose_run, FUSED, "trainer.device=cuda", "trainer.precision=bf16")
+    assert reads == [0] * 8 and state.nonfinite.skipped == 1
 
 
 def test_the_benchmark_reports_images_per_second_and_the_fraction_of_the_bf16_matmul_rate(tmp_path):

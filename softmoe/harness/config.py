@@ -136,6 +136,7 @@ OPTIMIZER_RULES: dict[str, Rule] = {
     "weight_decay": non_negative_number,
     "momentum": number_in(0, 1, high_open=True),
     "nesterov": boolean,
+    "fused": optional(boolean),
     "eps": positive_number,
 }
 SCHEDULER_RULES: dict[str, Rule] = {

@@ -9,17 +9,25 @@ then called, so SLURM requeues the job and the new job resumes from ``last.pt``.
 once, without saving (``KeyboardInterrupt``).
 
 Non-finite numbers (:class:`NonFiniteGuard`): a step whose loss or gradient norm is NaN or inf never
-reaches the optimizer. ``trainer.nonfinite=skip`` drops the step and counts it (``train/skipped_steps``),
-and stops after ``trainer.max_nonfinite_skips`` such steps in a row; ``stop`` stops at once. Stopping
-raises :class:`NonFiniteError` naming the step and the first parameter whose gradient is not finite
-(exit status 3). :func:`first_nonfinite` keeps a NaN weight out of every checkpoint. Deciding whether to
-apply a step needs its answer on the host: the check reads one boolean per step (on an accelerator, one
-device sync per step; the loss and norm values are only read when they are not finite).
+changes the weights. ``trainer.nonfinite=skip`` drops the step and counts it (``train/skipped_steps``),
+and stops after ``trainer.max_nonfinite_skips`` such steps in a row; ``stop`` stops. Stopping raises
+:class:`NonFiniteError` naming the step (exit status 3). :func:`first_nonfinite` keeps a NaN weight out of every
+checkpoint.
+
+Where the check runs. An optimizer that can skip a step itself (``optimizer.fused=true``: AdamW, Adam and SGD
+take the ``found_inf`` flag PyTorch's ``GradScaler`` uses) gets the flag on the device: it leaves the weights,
+its moments and its step count as they were, and the host reads the counts only on logging steps, before each
+checkpoint and at the end. A stop then comes at the next of these (at most ``trainer.log_every`` steps late;
+the skipped steps changed nothing), and its message cannot name the layer whose gradient went bad. With any
+other optimizer, or with fp16 loss scaling, whether to call ``optimizer.step()`` must be decided on the host:
+one boolean read per step, free on a CPU, one device sync per step on an accelerator; a stop comes at once and
+names the first non-finite gradient.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 from types import FrameType
@@ -119,14 +127,26 @@ class NonFiniteGuard:
     Args:
         policy: ``skip`` (drop the step, count it) or ``stop`` (raise :class:`NonFiniteError`).
         max_skips: consecutive skipped steps after which ``skip`` stops too (a run that only makes NaNs).
+        device: where the counts live when ``on_device``.
+        on_device: the optimizer skips a flagged step itself (:meth:`flag`) and the host reads the counts in
+            :meth:`settle`; otherwise :meth:`step_is_finite` answers on the host, every step.
     """
 
-    def __init__(self, policy: str, max_skips: int) -> None:
+    def __init__(
+        self, policy: str, max_skips: int, device: Optional[torch.device] = None, on_device: bool = False
+    ) -> None:
         if policy not in NONFINITE_POLICIES:
             raise ValueError(f"trainer.nonfinite={policy}: must be one of {', '.join(NONFINITE_POLICIES)}")
-        self.policy, self.max_skips = policy, max_skips
-        self.skipped = 0  # steps skipped in the whole run
+        self.policy, self.max_skips, self.on_device = policy, max_skips, on_device
+        self.skipped = 0  # steps skipped in the whole run (on the device: as of the last settle)
         self.consecutive = 0
+        self._counts = self._fresh_counts(device, consecutive=0)
+
+    @staticmethod
+    def _fresh_counts(device: Optional[torch.device], consecutive: int) -> torch.Tensor:
+        # The on-device counts since the last settle, one float64 vector so that settle reads them at once:
+        # [skipped, bad steps in a row now, step the limit was passed (-1), first bad step (-1), its loss, its norm]
+        return torch.tensor([0, consecutive, -1, -1, 0, 0], dtype=torch.float64, device=device)
 
     def step_is_finite(
         self, step: int, loss: torch.Tensor, grad_norm: Union[torch.Tensor, float], model: nn.Module
@@ -139,8 +159,7 @@ class NonFiniteGuard:
             self.consecutive = 0
             return True
         layer = first_nonfinite_grad(model)
-        loss_finite = torch.isfinite(loss).item()
-        what = f"loss={float(loss)}" if not loss_finite else f"gradient norm={float(grad_norm)}"
+        what = describe_nonfinite(float(loss), float(grad_norm))
         where = f"first non-finite gradient in {layer}" if layer else "every gradient finite"
         if self.policy == "stop":
             raise NonFiniteError(f"step {step}: {what} ({where}); trainer.nonfinite=stop")
@@ -156,8 +175,54 @@ class NonFiniteGuard:
         )
         return False
 
+    def flag(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """On the device, without waiting for it: 1.0 when ``loss`` or ``grad_norm`` is not finite, else 0.0 (the
+        ``found_inf`` on which a fused optimizer skips its step); counts the step for :meth:`settle`."""
+        loss, grad_norm = loss.detach().double(), grad_norm.detach().double()
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        skipped, in_a_row, over, first, first_loss, first_norm = self._counts.unbind()
+        in_a_row = (in_a_row + 1) * bad
+        passed, is_first = (in_a_row > self.max_skips) & (over < 0), bad & (first < 0)
+        self._counts = torch.stack([
+            skipped + bad, in_a_row, torch.where(passed, step, over), torch.where(is_first, step, first),
+            torch.where(is_first, loss, first_loss), torch.where(is_first, grad_norm, first_norm),
+        ])  # fmt: skip
+        return bad.float()
+
+    def settle(self, step: int) -> None:
+        """Read the on-device counts (one host read) and act on the steps skipped since the last settle: warn, or
+        raise :class:`NonFiniteError` (``stop``, or too many in a row). ``step``: the last step taken."""
+        if not self.on_device:
+            return
+        skipped, in_a_row, over, first, loss, norm = self._counts.tolist()  # the one host read
+        self.consecutive = int(in_a_row)
+        if skipped == 0:
+            return
+        what, checked = describe_nonfinite(loss, norm), f"checked on the device at step {step}"
+        if self.policy == "stop":
+            raise NonFiniteError(f"step {int(first)}: {what} ({checked}); trainer.nonfinite=stop")
+        if over >= 0:
+            run = f"steps {int(over) - self.max_skips}-{int(over)}"
+            raise NonFiniteError(
+                f"step {int(over)}: a non-finite loss or gradient norm in {self.max_skips + 1} steps in a row ({run}), "
+                f"more than trainer.max_nonfinite_skips={self.max_skips} ({checked})"
+            )
+        self.skipped += int(skipped)
+        log.warning(
+            "step %d: %s (%s); %d step(s) skipped since the last check (trainer.nonfinite=skip), %d so far",
+            int(first), what, checked, int(skipped), self.skipped,
+        )  # fmt: skip
+        self._counts = self._fresh_counts(self._counts.device, self.consecutive)  # a run of bad steps carries over
+
     def state_dict(self) -> dict[str, int]:
+        """The counts as of the last :meth:`settle` (on the device; call it first)."""
         return {"skipped": self.skipped, "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped, self.consecutive = state["skipped"], state["consecutive"]
+        self._counts = self._fresh_counts(self._counts.device, self.consecutive)
+
+
+def describe_nonfinite(loss: float, grad_norm: float) -> str:
+    """What went bad: the loss if it did, else the gradient norm."""
+    return f"loss={loss}" if not math.isfinite(loss) else f"gradient norm={grad_norm}"

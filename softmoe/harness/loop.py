@@ -100,7 +100,7 @@ def seed_everything(seed: int) -> None:
 class TrainWindow:
     """Training loss, accuracy and throughput over the steps since the last log event.
 
-    Sums stay on the device, so a step that does not log never waits for the accelerator.
+    Sums and counts stay on the device, so a step that does not log never waits for the accelerator.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -110,21 +110,36 @@ class TrainWindow:
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        self.seen = 0
+        self.examples = torch.zeros((), device=self.device, dtype=torch.int64)
         self.seconds = 0.0
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, seconds: float) -> None:
-        self.loss_sum += loss.detach() * len(labels)
-        self.correct += (logits.detach().argmax(dim=-1) == labels).sum()
-        self.seen += len(labels)
+    def add(
+        self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, seconds: float,
+        applied: Optional[torch.Tensor] = None,
+    ) -> None:  # fmt: skip
+        """Count a step's batch; ``applied`` (a boolean on the device, when the optimizer decides there whether to
+        take the step) leaves out a skipped step without waiting for the device."""
+        loss_sum, correct = loss.detach() * len(labels), (logits.detach().argmax(dim=-1) == labels).sum()
+        examples = len(labels)
+        if applied is not None:
+            loss_sum, correct, examples = torch.where(applied, loss_sum, 0.0), correct * applied, examples * applied
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.examples += examples
         self.seconds += seconds
+
+    @property
+    def seen(self) -> int:
+        """Examples counted since the last log event (a host read)."""
+        return int(self.examples.item())
 
     def pop(self) -> dict[str, float]:
         """The window's metrics (``train/loss`` is the label-smoothed loss the optimizer sees); starts a new window."""
+        loss_sum, correct, seen = self.loss_sum.item(), self.correct.item(), self.seen
         metrics = {
-            "train/loss": self.loss_sum.item() / self.seen,
-            "train/acc": self.correct.item() / self.seen,
-            "train/throughput": self.seen / max(self.seconds, 1e-9),
+            "train/loss": loss_sum / seen,
+            "train/acc": correct / seen,
+            "train/throughput": seen / max(self.seconds, 1e-9),
         }
         self.reset()
         return metrics
@@ -137,7 +152,8 @@ class TrainWindow:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss_sum.fill_(state["loss_sum"])
         self.correct.fill_(state["correct"])
-        self.seen, self.seconds = state["seen"], state["seconds"]
+        self.examples.fill_(state["seen"])
+        self.seconds = state["seconds"]
 
 
 @torch.no_grad()
@@ -236,6 +252,7 @@ class Checkpoints:
     telemetry: RankZeroTelemetry
 
     def save(self, state: TrainState, name: str) -> None:
+        state.nonfinite.settle(state.step)  # the skip counts the checkpoint keeps (and a stop they call for)
         bad = first_nonfinite(state.model.state_dict().items())  # a NaN weight never reaches a checkpoint
         if bad is not None:
             raise NonFiniteError(
@@ -293,8 +310,14 @@ def train_step(
     scaler.scale(loss + cfg.moe.aux_loss_weight * aux_loss).backward()
     scaler.unscale_(state.optimizer)
     grad_norm = distributed.clip_grad_norm_(model, trainer.grad_clip_norm or math.inf)  # over every rank's experts
+    guard = state.nonfinite
+    if guard.on_device:  # a fused optimizer skips a flagged step itself: no waiting for the device (faults.py)
+        state.optimizer.found_inf = guard.flag(state.step + 1, loss, grad_norm)
+        state.optimizer.step()
+        applied = state.optimizer.found_inf == 0
+        state.window.add(loss, logits, labels, seconds=time.perf_counter() - started, applied=applied)
     # fp16: the GradScaler skips inf gradients itself (and lowers its scale); only the loss is ours to check
-    if state.nonfinite.step_is_finite(state.step + 1, loss, 0.0 if scaler.is_enabled() else grad_norm, model):
+    elif guard.step_is_finite(state.step + 1, loss, 0.0 if scaler.is_enabled() else grad_norm, model):
         scaler.step(state.optimizer)
         state.window.add(loss, logits, labels, seconds=time.perf_counter() - started)
     scaler.update()
@@ -307,6 +330,7 @@ def train_step(
 def log_training(telemetry: RankZeroTelemetry, state: TrainState, out: StepOutput, epoch: int) -> Optional[dict]:
     """Log the training metrics since the last event and this step's routing statistics; returns the training
     metrics (None when every step since the last event was skipped)."""
+    state.nonfinite.settle(state.step)  # skips flagged on the device are counted (and acted on) here
     window = state.window.pop() if state.window.seen else {}
     scalars = {**window, "train/lr": out.lr, "train/grad_norm": out.grad_norm.item()}
     if state.nonfinite.skipped:
@@ -352,13 +376,18 @@ def build_state(
     trainer, device = cfg.trainer, distributed.device
     model, forward = distributed.setup_model(build_model(config["model"], config["moe"]).to(device), trainer.compile)
     optimizer = build_optimizer(cfg.optimizer, model, cfg.moe)
+    scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
+    # fused AdamW/Adam/SGD take a found_inf flag (PyTorch sets this attribute on them for GradScaler); with fp16 the
+    # GradScaler passes its own flag, so the loss check stays on the host
+    on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and not scaler.is_enabled()
     state = TrainState(
         model=model,
         optimizer=optimizer,
         scheduler=build_scheduler(cfg.scheduler, optimizer, total_steps),
-        scaler=torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16"),
+        scaler=scaler,
         window=TrainWindow(device),
-        nonfinite=NonFiniteGuard(trainer.nonfinite, trainer.max_nonfinite_skips),  # NaN/inf steps: skip or stop
+        # NaN/inf steps: skip or stop, checked on the device when the optimizer can skip a step itself
+        nonfinite=NonFiniteGuard(trainer.nonfinite, trainer.max_nonfinite_skips, device, on_device=on_device),
     )
     return state, forward
 
