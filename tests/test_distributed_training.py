@@ -1,9 +1,10 @@
 """Data parallel and expert-parallel training under a real ``torchrun`` on two gloo processes, against one process.
 
-One ``torchrun`` launch runs a two-job sweep (``moe.expert_parallel=false,true``: starting processes costs more
-than training the tiny model). Both jobs resume from a single-process run's step-3 checkpoint and train to
-step 6, so they exercise resuming (the sampler's position, the RNGs, and under expert parallelism the experts'
-weights and Adam moments sharded from a whole-model checkpoint) as well as training, checkpointing and telemetry.
+One ``torchrun`` launch runs a four-job sweep (``moe.expert_parallel=false,true`` x ``optimizer.fused=false,true``:
+starting processes costs more than training the tiny model; a fused optimizer checks for NaN on the device). All
+jobs resume from a single-process run's step-3 checkpoint (saved unfused) and train to step 6, so they exercise
+resuming (the sampler's position, the RNGs, and under expert parallelism the experts' weights and Adam moments
+sharded from a whole-model checkpoint) as well as training, checkpointing and telemetry.
 """
 
 import os
@@ -48,7 +49,8 @@ def runs(compose_run, tmp_path_factory):
     train(compose_run(*RUN, "trainer.max_steps=6"), tmp / "single")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # = torchrun
-        "-m", "softmoe.train", "-m", "moe.expert_parallel=false,true", *RUN, "trainer.max_steps=6",
+        "-m", "softmoe.train", "-m", "moe.expert_parallel=false,true", "optimizer.fused=false,true", *RUN,
+        "trainer.max_steps=6",
         f"trainer.resume={tmp / 'first_half' / 'last.pt'}", f"paths.output_dir={tmp / 'outputs'}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -64,7 +66,9 @@ def train_events(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job,name", [(0, "data parallel"), (1, "expert parallel")])
+@pytest.mark.parametrize("job,name", [
+    (0, "data parallel"), (1, "data parallel, fused"), (2, "expert parallel"), (3, "expert parallel, fused")
+])  # fmt: skip
 def test_two_ranks_match_one_process(runs, job, name):
     single, sweep, _ = runs
     run_dir = sweep / str(job)
@@ -96,7 +100,7 @@ def test_two_ranks_match_one_process(runs, job, name):
 @pytest.mark.slow
 def test_a_run_trained_on_two_ranks_with_expert_parallelism_evaluates_on_one(runs, tmp_path):
     single, sweep, _ = runs
-    ours = evaluate_run(sweep / "1", tmp_path / "ours", checkpoint="last")  # the whole test split, one process
+    ours = evaluate_run(sweep / "2", tmp_path / "ours", checkpoint="last")  # the whole test split, one process
     theirs = evaluate_run(single, tmp_path / "theirs", checkpoint="last")
     assert ours["step"] == 6 and ours["test/examples"] == 360
     assert ours["test/acc"] == theirs["test/acc"] and ours["test/loss"] == pytest.approx(theirs["test/loss"], rel=1e-5)
@@ -106,7 +110,7 @@ def test_a_run_trained_on_two_ranks_with_expert_parallelism_evaluates_on_one(run
 def test_other_ranks_log_nothing_to_the_console_below_warnings(runs):
     *_, result = runs
     output = result.stdout + result.stderr
-    assert output.count("done: test accuracy") == 2  # rank 0, once per job
+    assert output.count("done: test accuracy") == 4  # rank 0, once per job
 
 
 # ----------------------------------------------------------------------------- in process, no launch

@@ -57,7 +57,7 @@ from .distributed import Distributed, Loaders, RankZeroTelemetry
 from .errors import ConfigError, NonFiniteError
 from .faults import NonFiniteGuard, Preempted, PreemptionGuard, first_nonfinite
 from .model import build_model
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, keeping_kernel_choice
 from .precision import autocast, warn_if_slow
 from .telemetry import Telemetry, dispatch_maps, routing_metrics
 
@@ -234,7 +234,8 @@ class TrainState:
 
     def load_state_dict(self, checkpoint: dict[str, Any], distributed: Distributed) -> None:
         """Continue from ``checkpoint`` (the RNG states are restored separately, last: see :func:`train`)."""
-        distributed.load_state(self.model, checkpoint["model"], self.optimizer, checkpoint["optimizer"])
+        with keeping_kernel_choice(self.optimizer):  # optimizer.fused is this run's, whatever the checkpoint's
+            distributed.load_state(self.model, checkpoint["model"], self.optimizer, checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.window.load_state_dict(checkpoint["window"])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from hydra.utils import instantiate
@@ -74,6 +75,28 @@ def build_optimizer(optimizer_cfg: Any, model: nn.Module, moe_cfg: Optional[Any]
             router_weight_decay=moe_cfg.get("router_weight_decay"),
         )
     )
+
+
+# How a step is computed (one fused kernel, a loop over tensors, CUDA-graph safe): this run's choice, not state.
+KERNEL_CHOICES = ("fused", "foreach", "capturable")
+
+
+@contextlib.contextmanager
+def keeping_kernel_choice(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Load a checkpoint's optimizer state inside this: ``load_state_dict`` takes every group setting from the
+    checkpoint, ``fused`` and ``foreach`` included, so a run resumed with ``optimizer.fused=true`` from a
+    checkpoint saved without it would silently step unfused. Puts back this run's choices, with the step counters
+    where that kernel wants them (fused and capturable: on the parameters' device, as float32; else on the CPU)."""
+    chosen = [{key: group[key] for key in KERNEL_CHOICES if key in group} for group in optimizer.param_groups]
+    yield
+    for group, choice in zip(optimizer.param_groups, chosen):
+        group.update(choice)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            if torch.is_tensor(state.get("step")):
+                device = parameter.device if on_device else torch.device("cpu")
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
 
 def build_scheduler(scheduler_cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
