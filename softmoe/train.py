@@ -47,9 +47,11 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     tune_allocator()  # glibc keeps freed memory for reuse: the expert gradients are not page-faulted every step
     quiet_other_ranks()  # under torchrun rank 0 logs; the others only warn, on the console
-    # parallel jobs (launcher=joblib) share the terminal: each line says whose it is
-    tag = f"[job {hydra_cfg.job.num}] " if hydra_cfg.mode == RunMode.MULTIRUN else ""
-    tag_console(tag)
+    # parallel jobs (launcher=joblib) share the terminal: each line says whose it is, and a warning every job
+    # repeats is shown once for the sweep
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    tag = f"[job {hydra_cfg.job.num}] " if multirun else ""
+    tag_console(tag, Path(hydra_cfg.sweep.dir) if multirun else None)
     group, name = wandb_group_and_name(hydra_cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:

@@ -35,20 +35,23 @@ def compose_run():
     return _compose
 
 
-def wandb_offline_run(run_dir, timeout=60.0):
-    """(run record, {history key: [values as JSON]}) of the single offline W&B run in ``run_dir``.
-
-    W&B's service process writes the file; on a busy machine it may still be appending after ``run.finish()``
-    returns, so this waits (up to ``timeout`` seconds) for the run's closing ``exit`` record."""
-    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+def wandb_closed_records(path, timeout=60.0):
+    """The records of an offline W&B run file, once it is closed. W&B's service process writes the file; on a busy
+    machine it may still be appending after ``run.finish()`` returns, so this waits (up to ``timeout`` seconds) for
+    the run's closing ``exit`` record."""
     deadline = time.monotonic() + timeout
     while True:
         records = list(read_records(path))
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            break
+            return records
         time.sleep(0.5)
+
+
+def wandb_offline_run(run_dir, timeout=60.0):
+    """(run record, {history key: [values as JSON]}) of the single offline W&B run in ``run_dir``, once closed."""
+    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
     run, history = None, {}
-    for record in records:
+    for record in wandb_closed_records(path, timeout):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run

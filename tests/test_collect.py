@@ -2,11 +2,14 @@
 them, and on the offline W&B run
 files of a real sweep."""
 
+import io
 import json
+import logging
 import shutil
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from softmoe import collect
 from softmoe.harness import sweeps
@@ -153,6 +156,47 @@ def test_plot_bars_carry_std_error_bars_the_seed_count_and_an_axis_from_zero(tmp
     legend = axes.get_legend()
     assert len(legend.get_texts()) == 6 and legend.get_window_extent(renderer).x0 > axes.get_window_extent(renderer).x1
     plt.close(figure)
+
+
+def run_sweep_job(sweep_dir, job, log_lines):
+    """A sweep job as the basic launcher runs it, in this process: Hydra's fresh console handler and the run
+    directory's train.log, the console tagged as softmoe.train tags it, then ``log_lines()``. Returns what the
+    console and train.log got."""
+    console, train_log = io.StringIO(), sweep_dir / str(job) / "train.log"
+    train_log.parent.mkdir(parents=True)
+    root, handlers = logging.getLogger(), [logging.StreamHandler(console), logging.FileHandler(train_log)]
+    saved = root.handlers[:], root.level
+    root.handlers[:], root.level = handlers, logging.INFO
+    try:
+        sweeps.tag_console(f"[job {job}] ", sweep_dir)
+        log_lines()
+    finally:
+        root.handlers[:], root.level = saved
+        logging.captureWarnings(False)
+        for handler in handlers:
+            handler.close()
+    return console.getvalue(), train_log.read_text()
+
+
+def test_a_warning_every_job_of_a_sweep_logs_is_shown_once_but_errors_and_train_logs_keep_every_one(tmp_path):
+    log = logging.getLogger("softmoe.harness.loop")
+    note = " (shown once for the sweep; each job's train.log keeps its own)"
+
+    def log_lines():
+        log.info("model: vit_micro")
+        log.warning("data.val_size=0: no validation split")
+        log.error("W&B could not start")
+
+    first, second = (run_sweep_job(tmp_path, job, log_lines) for job in (0, 1))
+    assert first[0] == f"[job 0] model: vit_micro\n[job 0] data.val_size=0: no validation split{note}\n" \
+                       "[job 0] W&B could not start\n"
+    assert second[0] == "[job 1] model: vit_micro\n[job 1] W&B could not start\n"
+    for _, train_log in (first, second):
+        assert train_log == "model: vit_micro\ndata.val_size=0: no validation split\nW&B could not start\n"
+    # rerunning the sweep (to resume it) starts a new multirun, which shows the warning again, once
+    sweeps.FreshConsoleWarnings().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    third, _ = run_sweep_job(tmp_path, 2, log_lines)
+    assert third == first[0].replace("[job 0]", "[job 2]")
 
 
 @pytest.mark.slow

@@ -2,19 +2,25 @@
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import wandb_closed_records
 from softmoe import SoftMoEVisionTransformer, capture_routing
 from softmoe.harness.figures import plot_dispatch_maps, render
 from softmoe.harness.telemetry import (
+    Telemetry,
     dispatch_maps,
     distribution_summary,
+    offline_run_dir,
+    offline_run_dirs,
     resolve_wandb_mode,
     routing_metrics,
     truncate_after,
+    wait_for_free_offline_dir,
 )
 
 
@@ -42,6 +48,44 @@ def test_resume_drops_the_metrics_logged_after_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "epoch": 1}) + "\n" for s in (5, 10, 10, 15, 20)))
     truncate_after(path, 10)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [5, 10, 10]
+
+
+def test_an_offline_attempt_waits_for_a_second_in_which_no_attempt_of_its_run_started(tmp_path):
+    started = time.time()
+    taken = offline_run_dir(tmp_path, "run1", started)
+    assert taken.name == time.strftime("offline-run-%Y%m%d_%H%M%S-run1", time.localtime(started))  # W&B's name
+    taken.mkdir()  # an attempt of run1 started this second
+    wait_for_free_offline_dir(tmp_path, "run1")
+    assert math.floor(time.time()) > math.floor(started)
+    assert not offline_run_dir(tmp_path, "run1", time.time()).exists()
+
+
+@pytest.mark.slow  # W&B starts its service process
+def test_attempts_of_a_run_resumed_within_one_second_keep_their_own_offline_directories(tmp_path):
+    logger = {"backend": "wandb", "mode": "offline", "project": "softmoe", "entity": None, "group": None,
+              "name": None, "tags": [], "log_images": False}  # fmt: skip
+
+    def attempt(run_id, steps):  # what train() does with its telemetry: resume, log, commit at a checkpoint, finish
+        telemetry = Telemetry(tmp_path, logger, {"seed": 0}, resume_step=steps[0] - 1, run_id=run_id)
+        for step in steps:
+            telemetry.log(step, 1, {"train/loss": 1.0 / step})
+        telemetry.commit()
+        command = telemetry.sync_command
+        telemetry.finish()
+        return telemetry.run_id, command
+
+    run_id, _ = attempt(None, [1, 2])  # starts W&B's service: later attempts start within a fraction of a second
+    time.sleep(1.01 - time.time() % 1)  # so the next two start early in one second: preempted and resumed at once
+    attempt(run_id, [3, 4])
+    _, command = attempt(run_id, [5, 6])
+    parts = offline_run_dirs(tmp_path / "wandb", run_id)
+    assert parts == sorted((tmp_path / "wandb").glob("offline-run-*")) and len(parts) == 3  # one each, no "-1"
+    assert command == "wandb sync " + " ".join(str(part) for part in parts)
+    logged = []
+    for part in parts:
+        records = wandb_closed_records(part / f"run-{run_id}.wandb")
+        logged.append([r.history.step.num for r in records if r.WhichOneof("record_type") == "history"])
+    assert logged == [[1, 2], [3, 4], [5, 6]]
 
 
 def test_distribution_summary():

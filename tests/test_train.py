@@ -4,13 +4,13 @@ import json
 import logging
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import CONF_DIR, wandb_offline_run
+from softmoe.collect import main as collect_main
 from softmoe.evaluate import evaluate_run
 from softmoe.harness.checkpoint import CheckpointError, load_checkpoint
 from softmoe.harness.loop import train
@@ -165,7 +165,6 @@ def test_a_failing_wandb_never_stops_training(compose_run, tmp_path, monkeypatch
 def test_the_wandb_sync_hint_of_a_resumed_offline_run_uploads_every_part_in_order(compose_run, tmp_path, caplog):
     run = ["trainer.batch_size=256", "trainer.log_every=1", "model.depth=2", "logger.mode=offline", *QUIET]
     train(compose_run(*run, "trainer.max_steps=2"), tmp_path)
-    time.sleep(1.1)  # W&B names an attempt's directory after the second it started
     with caplog.at_level(logging.INFO):
         train(compose_run(*run, "trainer.max_steps=4"), tmp_path)  # resumes the same W&B run: a second directory
     parts = sorted(tmp_path.glob("wandb/offline-run-*"))
@@ -191,6 +190,29 @@ def test_parallel_sweep_jobs_tag_their_lines_and_the_sweep_ends_with_the_collect
         assert any(line.startswith(f"[job {job}] model: vit_micro") for line in job_lines)
         assert f"[job {job}] run directory: {tmp_path / str(job)}" in job_lines
     assert all(line.startswith(("[job 0] ", "[job 1] ")) for line in job_lines[:-1]), job_lines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["joblib", "basic"])  # the jobs as processes, or one after another in one
+def test_a_warning_every_sweep_job_repeats_is_shown_once_and_kept_in_each_train_log(launcher, tmp_path):
+    warning = "data.val_size=0: no validation split, so no model selection"
+    command = [
+        sys.executable, "-m", "softmoe.train", "-m", f"launcher={launcher}", "moe.num_experts=4,8", "data.val_size=0",
+        "trainer.max_steps=2", "trainer.batch_size=256", "trainer.eval_batches=1", "model.depth=2", "logger=none",
+        *QUIET, f"hydra.sweep.dir={tmp_path}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    shown = [line for line in lines if warning in line]
+    assert len(shown) == 1 and shown[0].startswith(("[job 0] ", "[job 1] ")), shown
+    assert shown[0].endswith("(shown once for the sweep; each job's train.log keeps its own)")
+    for job in (0, 1):
+        assert any(line.startswith(f"[job {job}] run directory: ") for line in lines)  # both jobs still speak
+        assert (tmp_path / str(job) / "train.log").read_text().count(warning) == 1
+    assert collect_main([str(tmp_path), "--out", str(tmp_path / "results")]) == 0  # the markers are no run
+    table = (tmp_path / "results" / "results.md").read_text().splitlines()
+    assert [row.split(" | ")[:2] for row in table[2:]] == [["| 4", "1"], ["| 8", "1"]]
 
 
 def test_multirun_sweep_runs_each_job_in_its_own_run_dir_and_one_wandb_group(offline_sweep):

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import netrc
 import os
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 from urllib.parse import urlparse
@@ -145,6 +148,24 @@ def offline_run_dirs(wandb_dir: Union[str, Path], run_id: str) -> list[Path]:
     return sorted(Path(wandb_dir).glob(f"offline-run-*-{run_id}"))
 
 
+def offline_run_dir(wandb_dir: Union[str, Path], run_id: str, started: float) -> Path:
+    """The directory W&B gives an offline attempt of run ``run_id`` started at ``started`` (``time.time()``): named
+    by the local date and time to the second, ``offline-run-<YYYYmmdd>_<HHMMSS>-<id>``."""
+    return Path(wandb_dir) / f"offline-run-{datetime.fromtimestamp(started):%Y%m%d_%H%M%S}-{run_id}"
+
+
+def wait_for_free_offline_dir(wandb_dir: Union[str, Path], run_id: str) -> None:
+    """Return once an attempt of run ``run_id`` starting now gets an offline directory of its own. An attempt
+    resumed within the second its previous attempt started (a run preempted and resumed at once) would get that
+    attempt's name: W&B (0.31) then appends ``-1`` to it, which :func:`offline_run_dirs`, and so the ``wandb sync``
+    command, would not list. Waiting for the next second keeps one ``offline-run-<date>_<time>-<id>`` directory
+    per attempt, in the order they started."""
+    now = time.time()
+    while offline_run_dir(wandb_dir, run_id, now).exists():
+        time.sleep(math.floor(now) + 1 - now)
+        now = time.time()
+
+
 def _event_step(line: str) -> Optional[int]:
     try:
         return json.loads(line)["step"]
@@ -194,6 +215,8 @@ class Telemetry:
             from wandb.sdk.lib.runid import generate_id  # from `secrets`: draws nothing from the training RNGs
 
             self.run_id = self.run_id or generate_id()
+            if mode == "offline":
+                wait_for_free_offline_dir(run_dir / "wandb", self.run_id)
             self.wandb = wandb.init(
                 project=cfg["project"],
                 entity=cfg["entity"],
