@@ -25,6 +25,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -323,7 +324,10 @@ def train_step(
         state.window.add(loss, logits, labels, seconds=time.perf_counter() - started)
     scaler.update()
     lr = state.scheduler.get_last_lr()[0]  # the rate this step used
-    state.scheduler.step()
+    with warnings.catch_warnings():
+        # a skipped first step never called optimizer.step(); the schedule still moves on, as for any skipped step
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+        state.scheduler.step()
     state.step += 1
     return StepOutput(lr=lr, grad_norm=grad_norm, aux_loss=aux_loss, routing=routing)
 
