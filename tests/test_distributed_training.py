@@ -7,19 +7,25 @@ resuming (the sampler's position, the RNGs, and under expert parallelism the exp
 sharded from a whole-model checkpoint) as well as training, checkpointing and telemetry.
 """
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from conftest import CONF_DIR
 from softmoe.evaluate import evaluate_run
 from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.config import ConfigError
 from softmoe.harness.distributed import Distributed, ShardedSampler
+from softmoe.harness.faults import PreemptionGuard
 from softmoe.harness.loop import train
 from softmoe.harness.runs import read_events
 from softmoe.harness.sampler import ResumableSampler
@@ -111,6 +117,73 @@ def test_other_ranks_log_nothing_to_the_console_below_warnings(runs):
     *_, result = runs
     output = result.stdout + result.stderr
     assert output.count("done: test accuracy") == 4  # rank 0, once per job
+
+
+def rank_pids(agent_pid):
+    """{rank: pid} of the worker processes a torchrun agent started (read from /proc)."""
+    pids = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+        rank = [entry[5:] for entry in environ if entry.startswith(b"RANK=")]
+        if parent == agent_pid and rank:
+            pids[int(rank[0])] = int(stat.parent.name)
+    return pids
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_a_rerun_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "softmoe.train",
+        *RUN, "trainer.max_steps=40", "trainer.checkpoint_every=1000", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agent = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not [e for e in read_metrics(run_dir) if "train/lr" in e] if (run_dir / "metrics.jsonl").exists() else True:
+        assert agent.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
+        time.sleep(0.01)
+    os.kill(rank_pids(agent.pid)[1], signal.SIGTERM)  # the other rank, not the one that writes
+    output = agent.communicate(timeout=300)[0]
+    assert agent.returncode != 0, output[-3000:]
+    saved = load_checkpoint(run_dir / "last.pt")["step"]
+    assert 1 <= saved < 40 and f"SIGTERM received: saved last.pt at step {saved}" in output, output[-3000:]
+    assert max(e["step"] for e in read_metrics(run_dir) if "train/lr" in e) == saved  # rank 0 stopped there too
+
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert [e["step"] for e in read_metrics(run_dir) if "train/lr" in e] == list(range(1, 41))
+    assert load_checkpoint(run_dir / "last.pt")["step"] == 40
+
+
+def exchange_signals_while_one_arrives_midway(rank, init_file, results_dir):
+    """Two exchanges of preemption signals; SIGTERM reaches rank 1 while it waits for rank 0 in the first."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    distributed = Distributed(rank=rank, world_size=2, data_parallel=True)
+    agreed = []
+    with PreemptionGuard() as guard:
+        for exchange in range(2):
+            if exchange == 0 and rank == 1:
+                threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            if exchange == 0 and rank == 0:
+                time.sleep(1.5)  # rank 1 is inside the exchange when its signal arrives
+            distributed.share_signal(guard)
+            agreed.append(guard.requested)
+    (Path(results_dir) / f"rank{rank}.json").write_text(json.dumps(agreed))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_signal_that_arrives_during_the_exchange_stops_every_rank_at_the_next_one(tmp_path):
+    torch.multiprocessing.spawn(
+        exchange_signals_while_one_arrives_midway, args=(tmp_path / "init", tmp_path), nprocs=2, join=True
+    )
+    agreed = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert agreed == [[None, signal.SIGTERM]] * 2  # not lost: rank 1 had sent 0 before it arrived
 
 
 # ----------------------------------------------------------------------------- in process, no launch

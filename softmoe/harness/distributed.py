@@ -365,10 +365,14 @@ class Distributed:
 
     def share_signal(self, preemption: Any) -> None:
         """Set ``preemption.requested`` on every rank when any rank received a preemption signal, so that all
-        save and stop after the same step (a rank stopping alone would leave the others in a collective)."""
+        save and stop after the same step (a rank stopping alone would leave the others in a collective). Sent:
+        ``received``, which the handler never clears, so a signal that arrives during this exchange (after this
+        rank sent its value) stops every rank at the next one."""
         if not self.data_parallel:
             return
-        signal = torch.tensor([preemption.requested or 0], device=self.device)  # NCCL needs a CUDA tensor
+        # a CPU tensor goes over gloo (the process group is "cpu:gloo,cuda:nccl" on GPUs): reading it back waits
+        # for the other ranks' hosts, never for this GPU's queued kernels
+        signal = torch.tensor([preemption.received or 0])
         dist.all_reduce(signal, op=dist.ReduceOp.MAX)
         preemption.requested = int(signal.item()) or None
 

@@ -62,22 +62,26 @@ class Preempted(Exception):
 class PreemptionGuard:
     """A context in which the preemption signals and Ctrl-C ask the loop to stop after its step instead of killing it.
 
-    ``requested`` is the first signal received, or None. A second SIGINT raises ``KeyboardInterrupt`` at once
+    ``received`` is the first signal this process received, or None; ``requested`` the one the loop acts on: the
+    same in one process, and under torchrun the one every rank agreed on (``Distributed.share_signal`` sets it from
+    every rank's ``received``, so a signal arriving while the ranks exchange theirs is kept for the next
+    exchange, never lost). A second SIGINT raises ``KeyboardInterrupt`` at once
     (the user insists). Outside the main thread (where Python cannot install handlers) the guard does nothing
     and the signals keep their usual effect.
     """
 
     def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS) -> None:
         self.signals = tuple(signals)
+        self.received: Optional[int] = None
         self.requested: Optional[int] = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        if self.requested is None:
-            self.requested = signum
+        if self.received is None:
+            self.received = self.requested = signum
             again = "; Ctrl-C again stops at once, without saving" if signum == signal.SIGINT else ""
             log.warning("%s received: stopping after this step, saving last.pt%s", signal.Signals(signum).name, again)
-        elif signum == signal.SIGINT == self.requested:
+        elif signum == signal.SIGINT == self.received:
             raise KeyboardInterrupt
 
     def install(self) -> "PreemptionGuard":
