@@ -12,6 +12,7 @@ Every exit status: ``softmoe/harness/errors.py``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -27,7 +28,7 @@ from softmoe.harness.distributed import quiet_other_ranks
 from softmoe.harness.errors import USER_ERRORS, NonFiniteError, RunDirInUseError, exit_code, preempted_exit_code
 from softmoe.harness.faults import Preempted
 from softmoe.harness.loop import train
-from softmoe.harness.runs import remove_if_unused
+from softmoe.harness.runs import remove_if_unused, save_hydra_configs
 from softmoe.harness.sweeps import tag_console
 from softmoe.runtime import tune_allocator
 
@@ -55,7 +56,9 @@ def main(cfg: DictConfig) -> float:
     group, name = wandb_group_and_name(hydra_cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        summary = train(cfg, run_dir, wandb_group=group, wandb_name=name)
+        # Hydra's .hydra/ configs are written once this process holds the run directory (conf/hydra/default.yaml)
+        hydra_configs = functools.partial(save_hydra_configs, task_cfg=cfg, hydra_cfg=HydraConfig.instance().cfg)
+        summary = train(cfg, run_dir, wandb_group=group, wandb_name=name, on_claim=hydra_configs)
     except (*USER_ERRORS, NonFiniteError) as error:
         print(f"{tag}error: {error}", file=sys.stderr)
         if not isinstance(error, RunDirInUseError):  # that directory is the other process's

@@ -25,9 +25,10 @@ from softmoe.evaluate import evaluate_run
 from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.config import ConfigError
 from softmoe.harness.distributed import Distributed, ShardedSampler
+from softmoe.harness.errors import RunDirInUseError
 from softmoe.harness.faults import PreemptionGuard
 from softmoe.harness.loop import train
-from softmoe.harness.runs import read_events
+from softmoe.harness.runs import RunDirLock, read_events
 from softmoe.harness.sampler import ResumableSampler
 
 ROOT = Path(CONF_DIR).parent
@@ -184,6 +185,30 @@ def test_a_signal_that_arrives_during_the_exchange_stops_every_rank_at_the_next_
     )
     agreed = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert agreed == [[None, signal.SIGTERM]] * 2  # not lost: rank 1 had sent 0 before it arrived
+
+
+def claim_a_held_run_dir(rank, init_file, run_dir, results_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        Distributed(rank=rank, world_size=2, data_parallel=True).claim_run_dir(run_dir)
+        outcome = "claimed"
+    except RunDirInUseError as error:
+        outcome = str(error)
+    (Path(results_dir) / f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_launch_on_a_run_directory_another_process_holds_is_refused_on_every_rank(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    held = RunDirLock(run_dir).acquire()  # this process holds it, as a live run would
+    try:
+        torch.multiprocessing.spawn(claim_a_held_run_dir, args=(tmp_path / "init", run_dir, tmp_path), nprocs=2)
+    finally:
+        held.release()
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert outcomes[0] == outcomes[1] and outcomes[0].startswith(f"{run_dir}: in use by process {os.getpid()} on ")
 
 
 # ----------------------------------------------------------------------------- in process, no launch

@@ -42,7 +42,6 @@ RUN = [
     "trainer.log_every=1", "trainer.eval_batches=1", "logger=none", "trainer.progress_bar=false",
 ]  # fmt: skip
 CHECKPOINT_EVERY, TOTAL_STEPS = 4, 24
-HYDRA_FILES = {".hydra", "train.log"}  # what Hydra itself writes into a run directory
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -139,12 +138,12 @@ def output_of(run_dir):
 
 
 def fingerprint(run_dir):
-    """{file: sha256} of everything in a run directory but Hydra's own files."""
+    """{file: sha256} of everything in a run directory but its log, ``.hydra/`` configs included."""
     run_dir = Path(run_dir)
     return {
         str(path.relative_to(run_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(run_dir.rglob("*"))
-        if path.is_file() and path.relative_to(run_dir).parts[0] not in HYDRA_FILES
+        if path.is_file() and path.relative_to(run_dir).parts[0] != "train.log"
     }
 
 
@@ -442,13 +441,14 @@ def test_a_second_process_on_a_live_run_directory_is_refused_and_a_killed_holder
     signal_at_step(first, run_dir, 3, signal.SIGSTOP)  # alive, holding the run directory, making no progress
     try:
         before = fingerprint(run_dir)
-        assert run_cli(run_dir, *RUN) == 2  # the same command again
+        assert {".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.jsonl"} <= set(before)
+        assert run_cli(run_dir, *RUN, "seed=1") == 2  # another run given the same directory
         last_line = output_of(run_dir).strip().splitlines()[-1]
         assert last_line == (
             f"error: {run_dir}: in use by process {first} on {socket.gethostname()}; wait for it to end or stop it, "
             "or give this run another hydra.run.dir"
         )
-        assert fingerprint(run_dir) == before  # the second process wrote nothing there
+        assert fingerprint(run_dir) == before  # the second process wrote nothing there, Hydra's configs included
     finally:
         os.kill(first, signal.SIGKILL)
     assert wait(first) == -signal.SIGKILL

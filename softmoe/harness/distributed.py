@@ -92,8 +92,8 @@ class SharedRunDir(Callback):
     ``hydra.run.dir`` holds ``${now:...}``, which each rank would resolve at its own moment; here rank 0
     resolves the run (and sweep) directory and the other ranks adopt its resolver cache, so every ``${now:}``
     has rank 0's value (a sweep's job directories too: Hydra copies the cache into each job's config).
-    Ranks other than 0 write no ``.hydra/`` files. Without ``torchrun``, or with ``trainer.strategy=single``,
-    it does nothing.
+    (Ranks other than 0 write no ``.hydra/`` files: the trainer writes them on the rank holding the run
+    directory.) Without ``torchrun``, or with ``trainer.strategy=single``, it does nothing.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -116,7 +116,6 @@ class SharedRunDir(Callback):
         dist.broadcast_object_list(shared, src=0)
         if dist.get_rank() != 0:
             OmegaConf.set_cache(config, shared[0])
-            config.hydra.output_subdir = None
 
 
 def quiet_other_ranks() -> None:

@@ -28,7 +28,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -459,9 +459,12 @@ def epoch_line(epoch: int, epochs: int, step: int, latest: Optional[dict], last_
 
 
 def train(
-    cfg: DictConfig, run_dir: Path, *, wandb_group: Optional[str] = None, wandb_name: Optional[str] = None
-) -> Summary:
-    """Train the run ``cfg`` describes in ``run_dir``, resuming from its ``last.pt`` if there is one."""
+    cfg: DictConfig, run_dir: Path, *, wandb_group: Optional[str] = None, wandb_name: Optional[str] = None,
+    on_claim: Optional[Callable[[Path], None]] = None,
+) -> Summary:  # fmt: skip
+    """Train the run ``cfg`` describes in ``run_dir``, resuming from its ``last.pt`` if there is one.
+    ``on_claim(run_dir)`` runs once this process holds the run directory (rank 0), before anything else is written
+    there: ``python -m softmoe.train`` writes Hydra's ``.hydra/`` configs then."""
     validate_config(cfg)  # every key, before any data loads or any model is built
     config, trainer, run_dir = OmegaConf.to_container(cfg, resolve=True), cfg.trainer, Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -476,6 +479,8 @@ def train(
         lock = distributed.claim_run_dir(run_dir)  # one process per run directory (rank 0 holds the lock)
         if lock is not None:
             cleanup.callback(lock.release)
+            if on_claim is not None:
+                on_claim(run_dir)
         checkpoint, start_from = resume_checkpoint(run_dir, trainer.resume, config)
         seed_everything(cfg.seed)
 

@@ -90,7 +90,20 @@ def read_events(run_dir: Union[str, Path]) -> list[dict[str, Any]]:
     return list(json_lines(Path(run_dir) / METRICS_FILE))
 
 
-HYDRA_FILES = (".hydra", "train.log")  # what Hydra writes into a run directory before the trainer starts
+HYDRA_FILES = (".hydra", "train.log")  # Hydra's log, and the configs written for it (save_hydra_configs)
+
+
+def save_hydra_configs(run_dir: Union[str, Path], task_cfg: Any, hydra_cfg: Any) -> None:
+    """Write ``<run_dir>/.hydra/{config,hydra,overrides}.yaml`` as Hydra would. Hydra writes them before any job
+    code runs, so a second process refused by the run directory's lock would already have overwritten a live
+    run's; ``conf/hydra/default.yaml`` turns that off (``output_subdir: null``) and the trainer calls this once it
+    holds the directory."""
+    from omegaconf import OmegaConf
+
+    configs = Path(run_dir) / ".hydra"
+    configs.mkdir(parents=True, exist_ok=True)
+    for name, cfg in (("config", task_cfg), ("hydra", hydra_cfg), ("overrides", hydra_cfg.hydra.overrides.task)):
+        (configs / f"{name}.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
 
 
 def remove_if_unused(run_dir: Union[str, Path]) -> bool:
