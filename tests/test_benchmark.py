@@ -32,6 +32,7 @@ def tiny_results(tmp_path_factory):
     return json.loads(out.read_text()), completed.stdout
 
 
+@pytest.mark.slow  # a benchmark process
 def test_tiny_run_reports_every_section(tiny_results):
     results, stdout = tiny_results
     assert {"command", "machine", "config", "allocator", "layer", "layer_memory", "model", "model_memory", "compile",
@@ -90,6 +91,7 @@ def test_tiny_run_reports_every_section(tiny_results):
     assert "wrote" in stdout
 
 
+@pytest.mark.slow  # a benchmark process
 def test_tiny_run_gives_no_verdicts_and_writes_nothing_without_out(tmp_path):
     """--tiny numbers mean nothing, so no target is called met or not; without --out the run writes no
     file, in particular not the tracked experiments/throughput/results.json."""

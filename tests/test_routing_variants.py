@@ -1,6 +1,7 @@
 """Routing variants from the config: every conf/routing preset trains, sparse routers add and log their auxiliary
 loss and routing statistics, and every value each experiment sweeps composes into a valid run."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,16 @@ def test_an_experiment_that_sweeps_runs_as_a_sweep_with_or_without_dash_m(compos
     cfg = compose_run(f"experiment={experiment}", hydra_node=True)
     sweeps = bool(cfg.hydra.sweeper.get("params"))
     assert sweeps == (str(cfg.hydra.mode) == "RunMode.MULTIRUN"), "a sweep file needs hydra.mode: MULTIRUN"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_header_gives_its_command_result_and_run_time(experiment):
+    header = [line for line in (Path(CONF_DIR) / "experiment" / f"{experiment}.yaml").read_text().splitlines()
+              if line.startswith("#")]  # fmt: skip
+    labels = [line.split(":")[0][2:] for line in header if re.match(r"# (Run|Measured|Time): ", line)]
+    assert labels == ["Run", "Measured", "Time"], f"{experiment}.yaml: a header with # Run:, # Measured:, # Time:"
+    start, end = (next(i for i, line in enumerate(header) if line.startswith(f"# {label}:")) for label in labels[:2])
+    assert any(f"experiment={experiment}" in line for line in header[start:end])  # the Run lines name the file
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

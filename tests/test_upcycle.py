@@ -186,6 +186,7 @@ def test_harness_refuses_a_missing_or_unreadable_checkpoint(compose_run, tmp_pat
     assert str(raised.value).startswith(f"model.upcycle_from={path}: {message}") and "\n" not in str(raised.value)
 
 
+@pytest.mark.slow  # the training command in its own process
 def test_train_command_stops_on_a_mismatched_checkpoint_before_loading_data(compose_run, tmp_path):
     path = tmp_path / "narrow.safetensors"
     save_dense_run_model(compose_run, path, "model.embed_dim=32")
