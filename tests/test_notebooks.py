@@ -146,6 +146,8 @@ def test_what_the_notebooks_tell_you_to_run_is_installed_by_requirements_txt():
         commands = re.findall(r"^\s*(?:\S+=\S+\s+)*jupyter (\w+)", text, flags=re.MULTILINE)
         for command in commands + re.findall(r"&& .*?jupyter (\w+)", text):
             assert provider.get(command) in installed, f"{path.name}: `jupyter {command}` is not in requirements.txt"
+        if re.search(r"open\w* (it )?in Jupyter", text) and "jupyterlab" not in installed:
+            assert "pip install jupyterlab" in text, f"{path.name}: says to open it in Jupyter, not how to install it"
     assert "ipywidgets" in installed  # tqdm.auto's notebook bars; without it every notebook's imports warn
 
 
