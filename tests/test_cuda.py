@@ -73,10 +73,12 @@ def test_a_short_gpu_run_trains_in_bf16_compiled(compose_run, tmp_path):
     assert summary.steps == 4 and 0 <= summary.test_acc <= 1 and summary.skipped_steps == 0
 
 
-def test_a_fused_optimizer_checks_for_nan_on_the_gpu_without_a_sync_per_step(compose_run):
-    from test_nonfinite import FUSED, steps_of  # its steps run with CUDA's sync debug mode set to raise
+@pytest.mark.parametrize("fused", ["optimizer.fused=true", "optimizer.fused=null"])  # null: fused on a GPU
+def test_a_fused_optimizer_checks_for_nan_on_the_gpu_without_a_sync_per_step(compose_run, fused):
+    from test_nonfinite import steps_of  # its steps run with CUDA's sync debug mode set to raise
 
-    state, reads = steps_of(compose_run, FUSED, "trainer.device=cuda", "trainer.precision=bf16")
+    state, reads = steps_of(compose_run, fused, "trainer.device=cuda", "trainer.precision=bf16")
+    assert state.nonfinite.on_device and {group["fused"] for group in state.optimizer.param_groups} == {True}
     assert reads == [0] * 8 and state.nonfinite.skipped == 1
 
 

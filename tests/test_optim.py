@@ -136,3 +136,18 @@ def test_a_resumed_run_steps_with_its_own_kernel_choice_not_the_checkpoints(comp
     assert {group["fused"] for group in switched["optimizer"]["param_groups"]} == {after}
     for name, weight in whole["model"].items():  # the kernels round differently (measured: 3.5e-6 at most)
         torch.testing.assert_close(switched["model"][name], weight, rtol=0, atol=1e-5, msg=name)
+
+
+def test_optimizer_fused_null_means_fused_on_a_gpu_and_pytorchs_choice_on_a_cpu(compose_run):
+    from softmoe.harness.optim import build_optimizer, fused_by_default
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fused_by_default(torch.optim.AdamW, cuda) and fused_by_default(torch.optim.SGD, cuda)
+    assert not fused_by_default(torch.optim.AdamW, cpu)  # CPU runs keep the kernel they were measured with
+    assert not fused_by_default(torch.optim.RMSprop, cuda)  # no found_inf-aware fused kernel to choose
+    model = SoftMoEVisionTransformer(num_experts=4, moe_layer_index=1, img_size=8, patch_size=4, embed_dim=16,
+                                     depth=2, num_heads=2, num_classes=3)  # fmt: skip
+    for fused, expected in (("null", None), ("true", True), ("false", False)):
+        cfg = compose_run(f"optimizer.fused={fused}")
+        optimizer = build_optimizer(cfg.optimizer, model, cfg.moe)
+        assert {group["fused"] for group in optimizer.param_groups} == {expected}, fused

@@ -14,14 +14,14 @@ and stops after ``trainer.max_nonfinite_skips`` such steps in a row; ``stop`` st
 :class:`NonFiniteError` naming the step (exit status 3). :func:`first_nonfinite` keeps a NaN weight out of every
 checkpoint.
 
-Where the check runs. An optimizer that can skip a step itself (``optimizer.fused=true``: AdamW, Adam and SGD
-take the ``found_inf`` flag PyTorch's ``GradScaler`` uses) gets the flag on the device: it leaves the weights,
-its moments and its step count as they were, and the host reads the counts only on logging steps, before each
-checkpoint and at the end. A stop then comes at the next of these (at most ``trainer.log_every`` steps late;
-the skipped steps changed nothing), and its message cannot name the layer whose gradient went bad. With any
-other optimizer, or with fp16 loss scaling, whether to call ``optimizer.step()`` must be decided on the host:
-one boolean read per step, free on a CPU, one device sync per step on an accelerator; a stop comes at once and
-names the first non-finite gradient.
+Where the check runs. An optimizer that can skip a step itself (fused AdamW, Adam or SGD: ``optimizer.fused=true``,
+or the default null on a GPU; they take the ``found_inf`` flag PyTorch's ``GradScaler`` uses) gets the flag on the
+device: it leaves the weights, its moments and its step count as they were, and the host reads the counts only on
+logging steps, before each checkpoint and at the end. A stop then comes at the next of these (at most
+``trainer.log_every`` steps late; the skipped steps changed nothing), and its message cannot name the layer whose
+gradient went bad. With any other optimizer (the CPU default), or with fp16 loss scaling, whether to call
+``optimizer.step()`` must be decided on the host: one boolean read per step, free on a CPU, one device sync per
+step on an accelerator; a stop comes at once and names the first non-finite gradient.
 """
 
 from __future__ import annotations

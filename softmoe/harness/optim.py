@@ -62,10 +62,27 @@ def param_groups(
     return result
 
 
+# The optimizers with a fused kernel that skips a step on a device-side flag (found_inf)
+FUSED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+
+
+def fused_by_default(optimizer_class: Any, device: torch.device) -> bool:
+    """What ``optimizer.fused=null`` means: fused on a GPU, where one kernel per step is faster and lets the NaN/inf
+    check run without a device sync per step (``faults.py``); PyTorch's own choice elsewhere (on a CPU its
+    for-loop kernel, so CPU runs stay bit-identical to those measured before the option existed)."""
+    return device.type == "cuda" and optimizer_class in FUSED_OPTIMIZERS
+
+
 def build_optimizer(optimizer_cfg: Any, model: nn.Module, moe_cfg: Optional[Any] = None) -> torch.optim.Optimizer:
     """The ``optimizer`` group's optimizer over :func:`param_groups`, the router's taken from ``moe_cfg``."""
     make = instantiate(optimizer_cfg, _convert_="all")  # a partial: lists become lists, not ListConfigs
     moe_cfg = moe_cfg or {}
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    choice = {}  # optimizer.fused=null (the key present, unset): this device's default
+    if "fused" in optimizer_cfg and optimizer_cfg["fused"] is None:
+        if fused_by_default(getattr(make, "func", None), device):
+            choice["fused"] = True
     return make(
         param_groups(
             model,
@@ -73,7 +90,8 @@ def build_optimizer(optimizer_cfg: Any, model: nn.Module, moe_cfg: Optional[Any]
             optimizer_cfg["lr"],
             router_lr_mult=moe_cfg.get("router_lr_mult", 1.0),
             router_weight_decay=moe_cfg.get("router_weight_decay"),
-        )
+        ),
+        **choice,
     )
 
 
