@@ -49,10 +49,51 @@ def sweep(tmp_path_factory, compose_run):
     return sweep_dir
 
 
+# Run in the kernel right after the notebook's `%matplotlib inline` cell: every figure the notebook shows is also
+# shown as text, "figure check: ok" or its problems (IPython calls each registered formatter on a displayed figure).
+FIGURE_CHECK = """
+import matplotlib.figure
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+
+def _figure_problems(fig):
+    canvas = fig.canvas if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig)  # a Figure() has none yet
+    canvas.draw()  # the layout, as the PNG shows it
+    renderer = canvas.get_renderer()
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    problems = []
+    for ax in fig.axes:
+        if not ax.axison or hasattr(ax, "_colorbar"):  # a picture, or a colorbar (labelled by its own label)
+            continue
+        title = ax.get_title() or "an untitled panel"
+        problems += [f"{title}: no {axis} label" for axis, label in (("x", ax.get_xlabel()), ("y", ax.get_ylabel()))
+                     if not label]
+        bars = [patch.get_window_extent(renderer) for container in ax.containers for patch in container.patches
+                if patch.get_height() > 0]
+        if any(legend.get_window_extent(renderer).overlaps(bar) for legend in legends for bar in bars):
+            problems.append(f"{title}: a legend covers a bar")
+        if any(word in (ax.get_ylabel() + title).lower() for word in ("entropy", "_max", "largest weight")):
+            low, high = ax.get_ylim()  # bounded in [0, 1]: drawn whole, not zoomed into the third decimal
+            if low > 0 or high < 1:
+                problems.append(f"{title}: y from {low:.3f} to {high:.3f}")
+    return problems
+
+
+def _figure_check(fig, printer, cycle):
+    printer.text("figure check: " + ("; ".join(_figure_problems(fig)) or "ok"))
+
+
+get_ipython().display_formatter.formatters["text/plain"].for_type(matplotlib.figure.Figure, _figure_check)
+"""
+
+
 async def execute(name, env):
     """The notebook ``notebooks/<name>`` after running every cell in a fresh kernel with the variables ``env``
-    added to its environment; raises on the first failing cell."""
+    added to its environment (and :data:`FIGURE_CHECK` after its ``%matplotlib inline``); raises on the first
+    failing cell."""
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    inline = next(i for i, cell in enumerate(notebook.cells) if "%matplotlib inline" in cell.source)
+    notebook.cells.insert(inline + 1, nbformat.v4.new_code_cell(FIGURE_CHECK))
     # ipykernel's built-in spec for this interpreter, not a "python3" kernel installed for another one
     kernel = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[]))
     client = NotebookClient(notebook, km=kernel, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}})
@@ -84,6 +125,16 @@ def outputs(notebook):
                 text.append(output.text)
             figures += "image/png" in output.get("data", {})
     return "".join(text), figures
+
+
+@pytest.mark.slow
+def test_every_figure_has_labelled_axes_no_legend_over_a_bar_and_bounded_statistics_unzoomed(executed):
+    for name, notebook in executed.items():
+        if isinstance(notebook, BaseException):
+            raise notebook
+        checks = [output.data["text/plain"] for cell in notebook.cells for output in cell.get("outputs", [])
+                  if "image/png" in output.get("data", {})]  # fmt: skip
+        assert checks and set(checks) == {"figure check: ok"}, f"{name}: {checks}"
 
 
 @pytest.mark.slow
