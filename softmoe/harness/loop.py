@@ -354,10 +354,28 @@ def evaluate_split(
     return distributed.reduce_eval(evaluate(forward, loader, distributed.device, precision, max_batches), loader)
 
 
-def raise_if_preempted(preemption: PreemptionGuard, step: int) -> None:
-    """After ``last.pt`` is written: stop if any rank received a preemption signal or Ctrl-C."""
-    if preemption.requested:
-        raise Preempted(preemption.requested, step, preemption.handover())
+def checkpoint_or_stop(
+    state: TrainState, checkpoints: "Checkpoints", preemption: PreemptionGuard, *, due: bool, saved: bool = False,
+    last_step: bool = False,
+) -> None:  # fmt: skip
+    """The end of a step, on every rank alike: write ``last.pt`` if it is ``due``; then, if any rank received a
+    preemption signal or Ctrl-C, make sure ``last.pt`` holds this step and raise :class:`Preempted`. ``saved``: an
+    epoch's end, whose validation wrote it. After the run's ``last_step`` a signal changes nothing: the run ends."""
+    if due:
+        checkpoints.checkpoint_last(state)
+    checkpoints.distributed.share_signal(preemption)  # a signal to any rank stops every rank at this step
+    if preemption.requested is None or last_step:
+        return
+    if not (due or saved):
+        checkpoints.checkpoint_last(state)
+    raise Preempted(preemption.requested, state.step, preemption.handover())
+
+
+def show_on_bar(bar: tqdm, latest: Optional[dict]) -> None:
+    """The progress bar's figures: the last logged training metrics (none before the first)."""
+    if latest:
+        bar.set_postfix(loss=f"{latest['train/loss']:.3f}", acc=f"{latest['train/acc']:.1%}",
+                        img_s=f"{latest['train/throughput']:.0f}")  # fmt: skip
 
 
 def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tuple[Optional[dict], Optional[Path]]:
@@ -535,26 +553,19 @@ def train(
                                  started=started)  # fmt: skip
                 if log_now:
                     latest = log_training(telemetry, state, out, epoch) or latest
-                    if latest:
-                        bar.set_postfix(loss=f"{latest['train/loss']:.3f}", acc=f"{latest['train/acc']:.1%}",
-                                        img_s=f"{latest['train/throughput']:.0f}")  # fmt: skip
-                mid_epoch = state.step % steps_per_epoch != 0 and state.step < total_steps
-                distributed.share_signal(preemption)  # a signal to any rank stops every rank at this step
-                if mid_epoch and (every(state.step, trainer.checkpoint_every) or preemption.requested):
-                    checkpoints.checkpoint_last(state)
-                    raise_if_preempted(preemption, state.step)  # at an epoch's end: after its validation below
-                if state.step == total_steps:
-                    break
+                    show_on_bar(bar, latest)
+                if state.step % steps_per_epoch == 0 or state.step == total_steps:
+                    break  # the epoch's end (or the run's): validated, saved and checked below
+                checkpoint_or_stop(state, checkpoints, preemption, due=every(state.step, trainer.checkpoint_every))
                 started = time.perf_counter()
             bar.close()
 
-            # Validate at the end of every epoch (and of a run that stops mid-epoch), keep the best, checkpoint.
+            # Validate at the end of every epoch (and of a run that stops mid-epoch), keep the best, write last.pt.
             panel = dispatch_panel(model, panel_image, device) if draw_panel else None
             images = {} if panel is None else {"val/dispatch_maps": panel}
             validate(state, forward, loaders, cfg, checkpoints, epoch, images)
-            distributed.share_signal(preemption)
-            if state.step < total_steps:
-                raise_if_preempted(preemption, state.step)
+            checkpoint_or_stop(state, checkpoints, preemption, due=False, saved=True,
+                               last_step=state.step == total_steps)  # fmt: skip
             validated = state.last_eval if loaders.val is not None else None
             log.info(epoch_line(epoch + 1, epochs, state.step, latest, validated))
 
