@@ -16,6 +16,7 @@ import runpy
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -225,6 +226,26 @@ def test_a_preemption_signal_saves_last_and_exits_with_its_code_then_the_rerun_r
 
     assert run_cli(run_dir, *RUN) == 0, output_of(run_dir)
     assert_matches_uninterrupted(run_dir, uninterrupted)
+
+
+def test_ctrl_c_at_the_terminal_reaches_the_dataloader_workers_too_and_still_says_one_thing_once(tmp_path):
+    """A terminal sends Ctrl-C to the whole foreground process group: the trainer and its DataLoader workers, which
+    were forked with the trainer's handler. Only the trainer acts on it."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "softmoe.train", *RUN, "trainer.num_workers=2", f"hydra.run.dir={run_dir}"]
+    trainer = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while len([e for e in read_events(run_dir) if "train/lr" in e]) < 3:
+        assert trainer.poll() is None and time.monotonic() < deadline, "the run ended before step 3"
+        time.sleep(0.005)
+    os.killpg(trainer.pid, signal.SIGINT)  # as the terminal does: the process group
+    output = trainer.communicate(timeout=300)[0]
+    assert trainer.returncode == 130, output
+    step = load_checkpoint(run_dir / "last.pt")["step"]
+    assert output.count("SIGINT received: stopping after this step") == 1, output  # not once per worker
+    assert output.strip().splitlines()[-1].startswith(f"SIGINT received: saved last.pt at step {step}; rerun")
+    assert "Traceback" not in output
 
 
 def test_the_handler_found_before_ours_is_called_after_saving():

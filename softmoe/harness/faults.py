@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 from types import FrameType
@@ -74,9 +75,12 @@ class PreemptionGuard:
         self.signals = tuple(signals)
         self.received: Optional[int] = None
         self.requested: Optional[int] = None
+        self._owner = os.getpid()  # DataLoader workers fork with this handler; Ctrl-C reaches them too
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if os.getpid() != self._owner:  # a forked worker: the training process decides, and stops it
+            return
         if self.received is None:
             self.received = self.requested = signum
             again = "; Ctrl-C again stops at once, without saving" if signum == signal.SIGINT else ""
