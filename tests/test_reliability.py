@@ -438,6 +438,14 @@ CLI_BAD = [
         2,
         "error: trainer.batch_size=32: larger than the 16 training examples of data=synthetic; must be at most 16",
     ),
+    (
+        ["data=fashion_mnist", "data.root=/nonexistent/fashion"],  # missing data: found only once the run starts
+        2,
+        "error: data=fashion_mnist: the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each plain or .gz) are not in /nonexistent/fashion or "
+        "/nonexistent/fashion/FashionMNIST/raw. Install them with `apt-get install dataset-fashion-mnist`, fetch them "
+        "with data.download=true, or set data.root.",
+    ),
     (["optimizer=adam"], 1, "Could not find 'optimizer/adam'"),  # Hydra's own message: an unknown group option
     (["trainer.max_step=5"], 1, "Could not override 'trainer.max_step'"),  # Hydra's: an unknown key
 ]
