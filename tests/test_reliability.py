@@ -120,13 +120,14 @@ def run_cli(run_dir, *overrides):
     return wait(start_cli(run_dir, *overrides))
 
 
-def signal_at_step(pid, run_dir, step, signum, timeout=300):
-    """Send ``signum`` to ``pid`` once ``metrics.jsonl`` shows training step ``step``."""
+def signal_at_step(pid, run_dir, step, signum, timeout=300, send=os.kill):
+    """Send ``signum`` to ``pid`` once ``metrics.jsonl`` shows training step ``step`` (``send=os.killpg``: to the
+    process group ``pid`` leads, as a terminal's Ctrl-C does)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         logged = [e["step"] for e in read_events(run_dir) if "train/lr" in e]
         if logged and logged[-1] >= step:
-            os.kill(pid, signum)
+            send(pid, signum)
             return
         done, status = os.waitpid(pid, os.WNOHANG)
         assert not done, f"the run ended (status {status}) before step {step}; see {run_dir}.out"
@@ -235,11 +236,7 @@ def test_ctrl_c_at_the_terminal_reaches_the_dataloader_workers_too_and_still_say
     command = [sys.executable, "-m", "softmoe.train", *RUN, "trainer.num_workers=2", f"hydra.run.dir={run_dir}"]
     trainer = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while len([e for e in read_events(run_dir) if "train/lr" in e]) < 3:
-        assert trainer.poll() is None and time.monotonic() < deadline, "the run ended before step 3"
-        time.sleep(0.005)
-    os.killpg(trainer.pid, signal.SIGINT)  # as the terminal does: the process group
+    signal_at_step(trainer.pid, run_dir, 3, signal.SIGINT, send=os.killpg)  # as a terminal does: the process group
     output = trainer.communicate(timeout=300)[0]
     assert trainer.returncode == 130, output
     step = load_checkpoint(run_dir / "last.pt")["step"]

@@ -98,8 +98,6 @@ def save_hydra_configs(run_dir: Union[str, Path], task_cfg: Any, hydra_cfg: Any)
     code runs, so a second process refused by the run directory's lock would already have overwritten a live
     run's; ``conf/hydra/default.yaml`` turns that off (``output_subdir: null``) and the trainer calls this once it
     holds the directory."""
-    from omegaconf import OmegaConf
-
     configs = Path(run_dir) / ".hydra"
     configs.mkdir(parents=True, exist_ok=True)
     for name, cfg in (("config", task_cfg), ("hydra", hydra_cfg), ("overrides", hydra_cfg.hydra.overrides.task)):
