@@ -9,6 +9,7 @@ sharded from a whole-model checkpoint) as well as training, checkpointing and te
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,41 +50,49 @@ def read_metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(compose_run, tmp_path_factory):
-    """(single-process run dir, torchrun sweep dir, the torchrun process) once the three runs are done."""
-    tmp = tmp_path_factory.mktemp("distributed")
+def single_process_runs(compose_run, tmp_path_factory):
+    """(a run to step 3 to resume from, a run to step 6), each on one process."""
+    tmp = tmp_path_factory.mktemp("single_process")
     train(compose_run(*RUN, "trainer.max_steps=3"), tmp / "first_half")
     train(compose_run(*RUN, "trainer.max_steps=6"), tmp / "single")
+    return tmp / "first_half", tmp / "single"
+
+
+def torchrun_sweep(first_half, output_dir, processes, *overrides):
+    """Resume ``first_half`` to step 6 in a multirun on ``processes`` gloo ranks: (sweep dir, the process)."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # = torchrun
-        "-m", "softmoe.train", "-m", "moe.expert_parallel=false,true", "optimizer.fused=false,true", *RUN,
-        "trainer.max_steps=6",
-        f"trainer.resume={tmp / 'first_half' / 'last.pt'}", f"paths.output_dir={tmp / 'outputs'}",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",  # = torchrun
+        "-m", "softmoe.train", "-m", *overrides, *RUN, "trainer.max_steps=6",
+        f"trainer.resume={first_half / 'last.pt'}", f"paths.output_dir={output_dir}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (sweep,) = (tmp / "outputs").glob("multiruns/*/*")  # one sweep directory: every rank used rank 0's ${now:}
-    assert not (tmp / "outputs" / "runs").exists()
-    return tmp / "single", sweep, result
+    (sweep,) = output_dir.glob("multiruns/*/*")  # one sweep directory: every rank used rank 0's ${now:}
+    assert not (output_dir / "runs").exists()
+    return sweep, result
 
 
-def train_events(run_dir):
-    return {e["step"]: e for e in read_metrics(run_dir) if "train/loss" in e}
+@pytest.fixture(scope="module")
+def runs(single_process_runs, tmp_path_factory):
+    """(single-process run dir, torchrun sweep dir, the torchrun process) once the three runs are done."""
+    first_half, single = single_process_runs
+    output_dir = tmp_path_factory.mktemp("distributed") / "outputs"
+    sweep, result = torchrun_sweep(first_half, output_dir, 2, "moe.expert_parallel=false,true", "optimizer.fused=false,true")
+    return single, sweep, result
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("job,name", [
-    (0, "data parallel"), (1, "data parallel, fused"), (2, "expert parallel"), (3, "expert parallel, fused")
-])  # fmt: skip
-def test_two_ranks_match_one_process(runs, job, name):
-    single, sweep, _ = runs
-    run_dir = sweep / str(job)
-    # one writer: the checkpoints, metrics, log and lock of rank 0, nothing per rank (best.pt only when validation
-    # beat the best of the checkpoint resumed from)
-    written = {path.name for path in run_dir.iterdir()} - {"best.pt"}
-    assert written == {".hydra", ".lock", "last.pt", "metrics.jsonl", "train.log"}
+@pytest.fixture(scope="module")
+def mesh_runs(single_process_runs, tmp_path_factory):
+    """(single-process run dir, sweep dir) of 4 ranks as 2 replicas x 2 expert ranks (job 0) and 1 x 4 (job 1)."""
+    first_half, single = single_process_runs
+    output_dir = tmp_path_factory.mktemp("mesh") / "outputs"
+    sweep, _ = torchrun_sweep(first_half, output_dir, 4, "trainer.expert_parallel_size=2,4")
+    return single, sweep
 
+
+def assert_same_training(run_dir, single, name):
+    """Steps 4-6 resumed from step 3 log the single-process run's metrics and save its model and Adam state."""
     reference, events = train_events(single), train_events(run_dir)
     assert sorted(events) == [4, 5, 6]  # resumed after step 3
     for step, event in events.items():
@@ -102,6 +111,34 @@ def test_two_ranks_match_one_process(runs, job, name):
     for index, state in theirs["optimizer"]["state"].items():
         for key, value in state.items():
             torch.testing.assert_close(ours["optimizer"]["state"][index][key], value, **CLOSE)
+
+
+def train_events(run_dir):
+    return {e["step"]: e for e in read_metrics(run_dir) if "train/loss" in e}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job,name", [
+    (0, "data parallel"), (1, "data parallel, fused"), (2, "expert parallel"), (3, "expert parallel, fused")
+])  # fmt: skip
+def test_two_ranks_match_one_process(runs, job, name):
+    single, sweep, _ = runs
+    run_dir = sweep / str(job)
+    # one writer: the checkpoints, metrics, log and lock of rank 0, nothing per rank (best.pt only when validation
+    # beat the best of the checkpoint resumed from)
+    written = {path.name for path in run_dir.iterdir()} - {"best.pt"}
+    assert written == {".hydra", ".lock", "last.pt", "metrics.jsonl", "train.log"}
+    assert_same_training(run_dir, single, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job,name", [(0, "2 replicas x 2 expert ranks"), (1, "1 replica x 4 expert ranks")])
+def test_four_ranks_on_a_data_by_expert_mesh_match_one_process(mesh_runs, job, name):
+    single, sweep = mesh_runs
+    assert_same_training(sweep / str(job), single, name)
+    assert f"expert parallel: {2 if job == 0 else 1} data-parallel replicas x {2 if job == 0 else 4} expert ranks" in (
+        sweep / str(job) / "train.log"
+    ).read_text()
 
 
 @pytest.mark.slow
@@ -254,6 +291,12 @@ def without_torchrun(monkeypatch):
             "moe.num_experts=5: expert parallelism needs it divisible",
         ),
         (["moe.expert_parallel=true", "moe=dense"], True, "moe.expert_parallel=true: needs MoE layers"),
+        (["trainer.expert_parallel_size=2"], False, "trainer.expert_parallel_size=2: needs a distributed launch"),
+        (
+            ["trainer.expert_parallel_size=4"], True,
+            "trainer.expert_parallel_size=4: must divide the 2 processes (WORLD_SIZE=2) into expert groups",
+        ),
+        (["trainer.expert_parallel_size=0"], True, "trainer.expert_parallel_size=0: must be a positive integer, or null"),
         (["trainer.strategy=sometimes"], False, "trainer.strategy=sometimes: must be one of auto, single, ddp"),
     ],
 )
@@ -263,6 +306,30 @@ def test_bad_launches_stop_with_one_line(compose_run, monkeypatch, tmp_path, ove
         if torchrun:
             monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")) as error:
+        train(compose_run(*overrides, "logger=none"), tmp_path)  # raised before the process group or data
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["trainer.expert_parallel_size=3"], "trainer.expert_parallel_size=3: must divide the 4 processes"),
+        (
+            ["trainer.expert_parallel_size=2", "moe.num_experts=5"],
+            "moe.num_experts=5: expert parallelism needs it divisible by the 2 ranks of an expert group "
+            "(trainer.expert_parallel_size=2)",
+        ),
+        (
+            ["moe.expert_parallel=true", "moe.num_experts=6"],
+            "moe.num_experts=6: expert parallelism needs it divisible by the 4 processes",
+        ),
+    ],
+)
+def test_bad_meshes_of_four_processes_stop_with_one_line(compose_run, monkeypatch, tmp_path, overrides, message):
+    without_torchrun(monkeypatch)
+    for name, value in {**TORCHRUN_ENV, "WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="^" + re.escape(message)) as error:
         train(compose_run(*overrides, "logger=none"), tmp_path)  # raised before the process group or data
     assert "\n" not in str(error.value)
 

@@ -257,7 +257,7 @@ class Distributed:
             if moe.placement == "none" and not moe.layers:
                 _check(key, value, "needs MoE layers to split; moe.placement=none builds a dense ViT")
             if size is not None and world_size % size:
-                _check(key, value, f"the {world_size} processes (WORLD_SIZE={world_size}) must split into groups of it")
+                _check(key, value, f"must divide the {world_size} processes (WORLD_SIZE={world_size}) into expert groups")
             size = size or world_size
             if moe.num_experts % size:
                 where = "processes" if size == world_size else f"ranks of an expert group ({key}={size})"
@@ -377,6 +377,8 @@ class Distributed:
         if self.expert_parallel:
             expert_group, data_group = self.mesh["expert"].get_group(), self.mesh["data"].get_group()
             model = parallel.to_expert_parallel(model, expert_group, data_group=data_group)
+            replicas, size = self.mesh.shape
+            log.info("expert parallel: %d data-parallel replicas x %d expert ranks", replicas, size)
         forward = model
         if self.data_parallel:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
