@@ -8,6 +8,7 @@ sharded from a whole-model checkpoint) as well as training, checkpointing and te
 """
 
 import json
+import logging
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
 from softmoe.evaluate import evaluate_run
@@ -352,5 +354,85 @@ def test_a_slurm_job_of_several_submitit_tasks_is_a_torchrun_launch(compose_run,
     indivisible = "^trainer.batch_size=6: the global batch must be divisible by the 4 processes"
     with pytest.raises(ConfigError, match=indivisible):
         train(compose_run("trainer.batch_size=6", "logger=none"), tmp_path)  # a data-parallel launch of 4 ranks
-    exported = [os.environ[name] for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")]
-    assert exported == ["3", "4", "1", "gpu07"]
+    exported = [os.environ[name] for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")]
+    assert exported == ["3", "4", "1", "2", "gpu07"]  # LOCAL_WORLD_SIZE: whether expert groups fit in a node
+
+
+# ----------------------------------------------------------------------------- several nodes (no cluster here)
+
+
+def test_expert_groups_of_a_2_node_by_8_gpu_job_stay_inside_a_node():
+    """SLURM numbers a job's tasks node by node (its default block distribution: rank = node x 8 + local rank), and
+    the mesh puts consecutive ranks in an expert group, so a group of 8, 4 or 2 ranks never leaves its node."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from softmoe.parallel import expert_data_mesh
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=16)  # this process is rank 0 of 16
+    try:
+        for size in (8, 4, 2):
+            mesh = expert_data_mesh("cpu", size)
+            groups = mesh.mesh.tolist()  # [data replica][expert rank] -> global rank
+            assert all(len({rank // 8 for rank in group}) == 1 for group in groups), (size, groups)
+            assert dist.get_process_group_ranks(mesh["expert"].get_group()) == list(range(size))
+            assert dist.get_process_group_ranks(mesh["data"].get_group()) == list(range(0, 16, size))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_groups_that_span_nodes_are_warned_about(monkeypatch, caplog):
+    from softmoe.harness.distributed import warn_if_expert_groups_span_nodes
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with caplog.at_level(logging.WARNING):
+        warn_if_expert_groups_span_nodes(4)
+        assert not caplog.records
+        warn_if_expert_groups_span_nodes(16)
+    (record,) = caplog.records
+    assert "expert groups of 16 ranks span nodes of 8 processes" in record.getMessage()
+
+
+def test_a_2_node_by_8_gpu_slurm_job_composes_one_task_per_gpu(compose_run):
+    cfg = compose_run("launcher=slurm", "launcher.nodes=2", "launcher.gpus_per_node=8", hydra_node=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (2, 8, 8)
+    one_gpu = OmegaConf.to_container(compose_run("launcher=slurm", hydra_node=True).hydra.launcher, resolve=True)
+    assert (one_gpu["nodes"], one_gpu["gpus_per_node"], one_gpu["tasks_per_node"]) == (1, 1, 1)  # sweeps of 1-GPU jobs
+
+
+STAND_INS = {  # SLURM's commands as submitit calls them: sbatch keeps the script it is given and answers as sbatch
+    "sbatch": '#!/bin/sh\ncp "$1" "$SBATCH_CAPTURE"\necho "Submitted batch job 4242"\n',
+    "srun": "#!/bin/sh\nexit 1\n",  # submitit only checks that it exists before submitting
+}
+
+
+@pytest.mark.slow
+def test_the_2_node_by_8_gpu_command_submits_16_ranks_that_requeue_on_preemption(tmp_path):
+    """The documented command (docs/scale_out.md), through Hydra's submitit launcher, up to the sbatch script it
+    submits; the job itself cannot run here."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, script in STAND_INS.items():
+        (bin_dir / name).write_text(script)
+        (bin_dir / name).chmod(0o755)
+    script = tmp_path / "submitted.sh"
+    command = [
+        sys.executable, "-m", "softmoe.train", "-m", "launcher=slurm", "launcher.nodes=2", "launcher.gpus_per_node=8",
+        "trainer.expert_parallel_size=4", "moe.num_experts=128", "logger=none", f"paths.output_dir={tmp_path / 'out'}",
+    ]  # fmt: skip
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_CAPTURE": str(script)}
+    launch = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not script.exists():  # afterwards the launcher waits for the job's results, forever here
+            assert launch.poll() is None and time.monotonic() < deadline, "nothing was submitted"
+            time.sleep(0.2)
+    finally:
+        launch.kill()
+        launch.wait()
+    lines = script.read_text().splitlines()
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--signal=USR2@120", "--open-mode=append"):
+        assert f"#SBATCH {line}" in lines  # 16 ranks; SIGUSR2 120 s before the limit: save, then requeue
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    assert " -u -m submitit.core._submit " in srun and srun.split()[-1].startswith(str(tmp_path / "out"))
+    assert "export SUBMITIT_EXECUTOR=slurm" in lines  # each task becomes a rank: export_submitit_tasks

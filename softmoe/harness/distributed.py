@@ -59,7 +59,7 @@ def launched_by_torchrun() -> bool:
 
 
 def export_submitit_tasks() -> None:
-    """Give the tasks of a SLURM job started by submitit (``launcher=slurm hydra.launcher.tasks_per_node=G``) the
+    """Give the tasks of a SLURM job started by submitit (``launcher=slurm launcher.gpus_per_node=G``: a task per GPU) the
     variables ``torchrun`` would set (rank from ``SLURM_PROCID``, rank 0's node as the address, a port from the job
     id), so they train data parallel as a torchrun launch does. Every task keeps every GPU of its node."""
     if launched_by_torchrun() or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
