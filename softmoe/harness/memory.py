@@ -242,22 +242,23 @@ def make_plan(
     return plan
 
 
-def _gib(value: int) -> str:
-    return f"{value / GIB:.2f}"
+def _count(value: int) -> str:
+    return f"{value / 1e9:.3f} B" if value >= 1e9 else f"{value / 1e6:.1f} M"
 
 
 def format_plan(plan: Plan, title: str) -> str:
     """The plan as a Markdown table, and its recommendation."""
     shapes = plan.shapes
+    unit, size = ("GiB", GIB) if max(row.total for row in plan.rows) >= GIB else ("MiB", 1024**2)
     lines = [
         f"### {title}: {plan.world_size} GPUs of {plan.gpu_memory_gb:g} GB ({plan.gpus_per_node} per node), "
         f"global batch {plan.batch_size}",
         "",
-        f"{shapes.num_parameters / 1e9:.3f} B parameters ({sum(map(math.prod, shapes.experts)) / 1e9:.3f} B in "
+        f"{_count(shapes.num_parameters)} parameters ({_count(sum(map(math.prod, shapes.experts)))} in "
         f"experts, {shapes.moe_block_count} MoE blocks of {shapes.num_experts} experts); "
         f"{math.ceil(plan.batch_size / plan.world_size)} images per rank.",
         "",
-        "GiB per rank, most preferred layout first:",
+        f"{unit} per rank, most preferred layout first:",
         "",
         "| layout | parameters | gradients | optimizer | activations (est.) | buffers (est.) | total | fits |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
@@ -266,7 +267,8 @@ def format_plan(plan: Plan, title: str) -> str:
         cells = [row.parameters, row.gradients, row.optimizer, row.activations, row.buffers, row.total]
         spans = row.layout.expert_parallel_size > 1 and plan.gpus_per_node % row.layout.expert_parallel_size
         name = f"{row.layout}{' (spans nodes)' if spans else ''}"
-        lines.append(f"| {name} | " + " | ".join(map(_gib, cells)) + f" | {'yes' if plan.fits(row) else 'no'} |")
+        figures = " | ".join(f"{cell / size:.2f}" for cell in cells)
+        lines.append(f"| {name} | {figures} | {'yes' if plan.fits(row) else 'no'} |")
     best = plan.recommended
     lines.append("")
     if best is None:
@@ -275,6 +277,6 @@ def format_plan(plan: Plan, title: str) -> str:
             "batch per GPU, or activation checkpointing."
         )
     else:
-        lines.append(f"Recommended: **{best.layout}** ({_gib(best.total)} GiB per rank).")
+        lines.append(f"Recommended: **{best.layout}** ({best.total / size:.2f} {unit} per rank).")
     return "\n".join(lines)
 
