@@ -33,7 +33,11 @@ def compose_plan_config(overrides: Sequence[str]) -> dict[str, Any]:
         config = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(str(error).strip().splitlines()[0]) from None
-    for key, rule in (("world_size", positive_int), ("gpus_per_node", positive_int), ("gpu_memory_gb", positive_number)):
+    for key, rule in (
+        ("world_size", positive_int),
+        ("gpus_per_node", positive_int),
+        ("gpu_memory_gb", positive_number),
+    ):
         problem = rule(config[key], config)
         if problem is not None:
             raise ConfigError(f"{key}={format_value(config[key])}: {problem}")

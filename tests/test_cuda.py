@@ -135,7 +135,8 @@ def test_the_memory_planner_against_max_memory_allocated():
 
     batch = 32
     config = compose_plan_config(
-        ["model=vit_small", "data=imagefolder", "data.img_size=224", "moe.num_experts=32", f"trainer.batch_size={batch}"]
+        ["model=vit_small", "data=imagefolder", "data.img_size=224", "moe.num_experts=32",
+         f"trainer.batch_size={batch}"]
     )
     torch.manual_seed(0)
     model = build_model(config["model"], config["moe"]).cuda()

@@ -80,7 +80,8 @@ def runs(single_process_runs, tmp_path_factory):
     """(single-process run dir, torchrun sweep dir, the torchrun process) once the three runs are done."""
     first_half, single = single_process_runs
     output_dir = tmp_path_factory.mktemp("distributed") / "outputs"
-    sweep, result = torchrun_sweep(first_half, output_dir, 2, "moe.expert_parallel=false,true", "optimizer.fused=false,true")
+    sweep_overrides = ["moe.expert_parallel=false,true", "optimizer.fused=false,true"]
+    sweep, result = torchrun_sweep(first_half, output_dir, 2, *sweep_overrides)
     return single, sweep, result
 
 
@@ -298,7 +299,10 @@ def without_torchrun(monkeypatch):
             ["trainer.expert_parallel_size=4"], True,
             "trainer.expert_parallel_size=4: must divide the 2 processes (WORLD_SIZE=2) into expert groups",
         ),
-        (["trainer.expert_parallel_size=0"], True, "trainer.expert_parallel_size=0: must be a positive integer, or null"),
+        (
+            ["trainer.expert_parallel_size=0"], True,
+            "trainer.expert_parallel_size=0: must be a positive integer, or null",
+        ),
         (["trainer.strategy=sometimes"], False, "trainer.strategy=sometimes: must be one of auto, single, ddp"),
     ],
 )

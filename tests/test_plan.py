@@ -56,7 +56,9 @@ def test_ddp_figures_are_the_bytes_of_the_real_parameters_gradients_and_optimize
     shapes = shapes_of(model, config)  # the planner builds on the meta device; the same shapes
     assert shapes == plan_run([*TINY, f"optimizer={optimizer}", "world_size=1"]).shapes
     planned = rank_memory(shapes, Layout("ddp"), world_size=1, batch_size=8)
-    assert (planned.parameters, planned.gradients, planned.optimizer) == real_state_bytes(model, one_step(model, config))
+    assert (planned.parameters, planned.gradients, planned.optimizer) == real_state_bytes(
+        model, one_step(model, config)
+    )
 
 
 @pytest.mark.parametrize("expert_parallel_size", [2, 4])
@@ -68,7 +70,9 @@ def test_expert_parallel_figures_are_the_bytes_of_one_ranks_real_shard(expert_pa
         if hasattr(block.mlp, "experts"):
             _shard_bank_(block.mlp.experts, 0, count)  # what to_expert_parallel keeps on rank 0
     planned = rank_memory(shapes, Layout("ep", expert_parallel_size), world_size=4, batch_size=8)
-    assert (planned.parameters, planned.gradients, planned.optimizer) == real_state_bytes(model, one_step(model, config))
+    assert (planned.parameters, planned.gradients, planned.optimizer) == real_state_bytes(
+        model, one_step(model, config)
+    )
 
 
 @pytest.fixture

@@ -59,9 +59,10 @@ def launched_by_torchrun() -> bool:
 
 
 def export_submitit_tasks() -> None:
-    """Give the tasks of a SLURM job started by submitit (``launcher=slurm launcher.gpus_per_node=G``: a task per GPU) the
-    variables ``torchrun`` would set (rank from ``SLURM_PROCID``, rank 0's node as the address, a port from the job
-    id), so they train data parallel as a torchrun launch does. Every task keeps every GPU of its node."""
+    """Give the tasks of a SLURM job started by submitit (``launcher=slurm launcher.gpus_per_node=G``: a task per
+    GPU) the variables ``torchrun`` would set (rank from ``SLURM_PROCID``, rank 0's node as the address, a port from
+    the job id, ``LOCAL_WORLD_SIZE``), so they train data parallel as a torchrun launch does. Every task keeps every
+    GPU of its node."""
     if launched_by_torchrun() or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
         return
     if int(os.environ.get("SLURM_NTASKS", "1")) < 2:
@@ -209,10 +210,9 @@ class Distributed:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     data_parallel: bool = False  # DDP over the world
-    expert_parallel: bool = False  # each rank holds num_experts / expert_parallel_size experts
-    expert_parallel_size: int = 1  # ranks per expert group: world_size for flat expert parallelism
+    expert_parallel: bool = False  # each rank holds num_experts / (ranks per expert group) experts
     find_unused_parameters: bool = False
-    mesh: Optional[DeviceMesh] = None  # (data, expert) under expert parallelism
+    mesh: Optional[DeviceMesh] = None  # (data, expert) under expert parallelism: replicas x ranks per expert group
 
     @property
     def is_main(self) -> bool:
@@ -257,11 +257,13 @@ class Distributed:
             if moe.placement == "none" and not moe.layers:
                 _check(key, value, "needs MoE layers to split; moe.placement=none builds a dense ViT")
             if size is not None and world_size % size:
-                _check(key, value, f"must divide the {world_size} processes (WORLD_SIZE={world_size}) into expert groups")
+                problem = f"must divide the {world_size} processes (WORLD_SIZE={world_size}) into expert groups"
+                _check(key, value, problem)
             size = size or world_size
             if moe.num_experts % size:
                 where = "processes" if size == world_size else f"ranks of an expert group ({key}={size})"
-                _check("moe.num_experts", moe.num_experts, f"expert parallelism needs it divisible by the {size} {where}")
+                problem = f"expert parallelism needs it divisible by the {size} {where}"
+                _check("moe.num_experts", moe.num_experts, problem)
             if trainer.precision == "fp16":
                 problem = "a loss-scaled step may skip on some ranks only under expert parallelism; use bf16"
                 _check("trainer.precision", "fp16", problem)
@@ -289,7 +291,6 @@ class Distributed:
             device=device,
             data_parallel=True,
             expert_parallel=expert_parallel,
-            expert_parallel_size=size if expert_parallel else 1,
             find_unused_parameters=unused_router,
             mesh=mesh,
         )

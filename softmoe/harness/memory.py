@@ -279,4 +279,3 @@ def format_plan(plan: Plan, title: str) -> str:
     else:
         lines.append(f"Recommended: **{best.layout}** ({best.total / size:.2f} {unit} per rank).")
     return "\n".join(lines)
-
