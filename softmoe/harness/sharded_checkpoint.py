@@ -1,0 +1,247 @@
+"""Sharded checkpoints (``torch.distributed.checkpoint``, DCP) for ``trainer.strategy=fsdp``: every rank writes its own
+shards, no rank ever holds the whole model, and a checkpoint saved on W ranks loads on any number of ranks.
+
+A checkpoint is a directory (``last.dcp/``, ``best.dcp/``, ``last.prev.dcp/``) holding DCP's per-rank files and
+``.metadata``, and ``train_state.pt``: everything that is not a tensor of the model or optimizer (step, schedule,
+RNG states, config, W&B id), written by rank 0 in :mod:`.checkpoint`'s format.
+
+One key space for every layout: ``model.<name>`` and ``optim.state.<name>.<key>`` / ``optim.param_groups.<name>.<key>``
+(``get_state_dict`` with a flattened optimizer state) with the single-process parameter names. An expert shard
+(``...experts.local_experts.fc1_weight`` on a rank of an expert group) is saved as its slice of the whole bank
+(``...experts.fc1_weight``): a DTensor on an ``(expert, data)`` mesh placed ``[Shard(0), Shard(0)]`` (the bank split
+over the expert group, then by FSDP over the replicas), so DCP knows its offset and any other layout reads it.
+
+Atomic: the ranks write into ``.last.dcp.tmp/``; once DCP has written ``.metadata`` (after every rank's files) and
+rank 0 its ``train_state.pt``, rank 0 renames the old ``last.dcp`` to ``last.prev.dcp`` and the new one into place.
+A crash at any moment leaves a complete ``last.dcp`` or ``last.prev.dcp`` (:func:`find`), never a mix.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from softmoe import parallel
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".dcp"
+TRAIN_STATE = "train_state.pt"  # rank 0's non-tensor state, in checkpoint.py's format
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def directory(run_dir: Path, name: str) -> Path:
+    """``last.pt`` -> ``<run_dir>/last.dcp``: the sharded counterpart of a single-file checkpoint's name."""
+    return Path(run_dir) / (Path(name).stem + SUFFIX)
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / ".metadata").is_file() and (Path(path) / TRAIN_STATE).is_file()
+
+
+def find(run_dir: Path) -> Optional[Path]:
+    """The run directory's sharded ``last`` checkpoint: ``last.dcp``, or ``last.prev.dcp`` when a crash between the
+    two renames of a save left only that one (or a ``last.dcp`` without its metadata)."""
+    for name in ("last", "last.prev"):
+        path = Path(run_dir) / (name + SUFFIX)
+        if is_complete(path):
+            return path
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- key space
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@functools.lru_cache(maxsize=None)
+def _expert_major_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The ``(data, expert)`` mesh transposed to ``(expert, data)``, so ``[Shard(0), Shard(0)]`` splits a bank over
+    the expert group first (outer) and over the replicas second, as expert parallelism and FSDP split it."""
+    ranks = mesh.mesh.transpose(0, 1).contiguous()
+    return DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("expert", "data"))
+
+
+def _expert_layers(model: nn.Module) -> dict[str, parallel.ExpertParallel]:
+    return {f"{name}.{parallel.LOCAL_EXPERTS}.": layer for name, layer in parallel.expert_parallel_layers(model).items()}
+
+
+def _global_expert_shard(local: torch.Tensor, layer: parallel.ExpertParallel, mesh: DeviceMesh) -> DTensor:
+    """This rank's piece of an expert shard (FSDP's DTensor over the replicas, or the plain shard) as a DTensor of
+    the whole bank."""
+    sharded_over_replicas = isinstance(local, DTensor)
+    piece = local.to_local() if sharded_over_replicas else local
+    shape = torch.Size([layer.num_experts, *local.shape[1:]])
+    placements = [Shard(0), Shard(0) if sharded_over_replicas else Replicate()]
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(piece, _expert_major_mesh(mesh), placements, run_check=False, shape=shape, stride=stride)
+
+
+def _rename(key: str, layers: Mapping[str, parallel.ExpertParallel]) -> tuple[str, Optional[parallel.ExpertParallel]]:
+    for prefix, layer in layers.items():
+        if prefix in key:
+            return key.replace(prefix, prefix[: -len(parallel.LOCAL_EXPERTS) - 1]), layer
+    return key, None
+
+
+def global_state(model: nn.Module, template: tuple[dict, dict], mesh: Optional[DeviceMesh]) -> dict[str, Any]:
+    """``template`` (``get_state_dict(model, optimizer)``) in the single-process key space (see the module's
+    docstring): the same tensors (DCP loads into them in place), expert shards as views that are slices of their
+    whole bank."""
+    layers = _expert_layers(model)
+    flat = {}
+    for prefix, state in zip(("model.", "optim."), template):
+        for key, value in state.items():
+            name, layer = _rename(key, layers)
+            if layer is not None and isinstance(value, torch.Tensor) and value.ndim > 0:
+                value = _global_expert_shard(value, layer, mesh)
+            flat[prefix + name] = value
+    return flat
+
+
+def _template(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    return get_state_dict(model, optimizer, options=OPTIONS)
+
+
+def _apply(model: nn.Module, optimizer: torch.optim.Optimizer, flat: Mapping[str, Any], template: tuple) -> None:
+    """``set_state_dict`` with the loaded ``flat`` values, named back to this layout's keys."""
+    layers = _expert_layers(model)
+    for prefix, state in zip(("model.", "optim."), template):
+        for key, value in state.items():
+            name, layer = _rename(key, layers)
+            loaded = flat[prefix + name]
+            if not (isinstance(loaded, DTensor) and layer is not None):  # an expert piece: loaded into ``value``
+                state[key] = loaded
+    set_state_dict(model, optimizer, model_state_dict=template[0], optim_state_dict=template[1], options=OPTIONS)
+
+
+# ----------------------------------------------------------------------------------------------- save and load
+
+
+def save(
+    run_dir: Path, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Optional[DeviceMesh],
+    train_state: Optional[dict[str, Any]], *, keep_previous: bool,
+) -> Path:  # fmt: skip
+    """Write a sharded checkpoint ``<run_dir>/<name>.dcp`` atomically; ``train_state`` is rank 0's (None elsewhere).
+    ``keep_previous``: the one it replaces becomes ``<name>.prev.dcp``. Collective."""
+    final = directory(run_dir, name)
+    temporary = final.with_name(f".{final.name}.tmp")
+    main = not _distributed() or dist.get_rank() == 0
+    if main:  # a save killed half way left this: start clean
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    _barrier()
+    dcp.save(global_state(model, _template(model, optimizer), mesh), checkpoint_id=temporary, no_dist=not _distributed())
+    if main:
+        save_checkpoint(temporary / TRAIN_STATE, train_state)
+        previous = final.with_name(final.name.replace(SUFFIX, ".prev" + SUFFIX))
+        if final.exists():
+            if keep_previous:
+                shutil.rmtree(previous, ignore_errors=True)
+                os.replace(final, previous)
+            else:
+                shutil.rmtree(final)
+        os.replace(temporary, final)
+        _fsync_directory(final.parent)
+    _barrier()
+    return final
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _fsync_directory(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    """The non-tensor state of a sharded checkpoint (step, schedule, RNG, config, W&B id): rank 0's, as saved."""
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: not a complete sharded checkpoint (no .metadata or {TRAIN_STATE})")
+    return load_checkpoint(Path(path) / TRAIN_STATE)
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Optional[DeviceMesh]) -> None:
+    """Load a sharded checkpoint saved on any number of ranks into this rank's part of ``model`` and ``optimizer``
+    (FSDP, expert parallel, both, or one process). Collective when distributed: each rank reads only its pieces."""
+    template = _template(model, optimizer)
+    flat = global_state(model, template, mesh)
+    dcp.load(flat, checkpoint_id=Path(path), no_dist=not _distributed())
+    _apply(model, optimizer, flat, template)
+
+
+def load_full(
+    model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Optional[DeviceMesh],
+    model_state: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any],
+) -> None:  # fmt: skip
+    """Load a single-file checkpoint's whole state (``last.pt``: single-process names, the optimizer's state by
+    parameter index) into a sharded ``model``: each rank copies its slices. For resuming a one-process run on W."""
+    template = _template(model, optimizer)
+    flat = global_state(model, template, mesh)
+    whole = {f"model.{key}": value for key, value in model_state.items()}
+    whole.update(_named_optimizer_state(model, optimizer, optimizer_state))
+    for key, value in flat.items():
+        if key not in whole:
+            raise CheckpointError(f"the checkpoint has no {key!r}")
+        source = whole[key]
+        if isinstance(value, DTensor):
+            shape, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+            piece = source[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+            value.to_local().copy_(piece)
+        elif isinstance(value, torch.Tensor):
+            value.copy_(source)
+        else:
+            flat[key] = source
+    _apply(model, optimizer, flat, template)
+
+
+def _named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> dict:
+    """An ``optimizer.state_dict()`` (by parameter index) in the flattened single-process key space."""
+    names = {id(p): _rename(name, _expert_layers(model))[0] for name, p in model.named_parameters()}
+    flat = {}
+    for saved_group, group in zip(state["param_groups"], optimizer.param_groups):
+        for position, param in zip(saved_group["params"], group["params"]):
+            name = names[id(param)]
+            for key, value in state["state"].get(position, {}).items():
+                flat[f"optim.state.{name}.{key}"] = value
+            for key, value in saved_group.items():
+                if key != "params":
+                    flat[f"optim.param_groups.{name}.{key}"] = value
+    return flat
+
+
+def read_model(path: Path) -> dict[str, torch.Tensor]:
+    """The whole model's single-process state dict from a sharded checkpoint, on this process's CPU (no process
+    group needed): for evaluation, upcycling and export, where the model fits one host."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and hasattr(meta, "size")
+    }
+    dcp.load(state, checkpoint_id=Path(path), no_dist=True)
+    return {key[len("model.") :]: value for key, value in state.items()}

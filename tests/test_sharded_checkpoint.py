@@ -1,0 +1,198 @@
+"""Sharded checkpoints (DCP) that reshard: saved on 4 gloo ranks (FSDP + expert parallelism, 2 x 2), resumed on 2
+(FSDP + 2 expert ranks) and then on 1 process; a one-process checkpoint resumed on 4 FSDP ranks. Every resumed run
+continues with the losses of an uninterrupted one-process run on the same global batches (float32 tolerance).
+And: kill -9 during a sharded save leaves a checkpoint to resume from.
+"""
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from test_expert_parallel import assert_passed_on_every_rank, run_scenarios
+from test_fsdp import FP32, tiny_vit
+
+from softmoe.harness import fsdp, sharded_checkpoint
+from softmoe.harness.checkpoint import FORMAT_VERSION
+from softmoe.parallel import expert_data_mesh, to_expert_parallel
+
+GLOBAL_BATCH = 8
+STEPS = 6  # 2 on 4 ranks, 2 on 2 ranks, 2 on 1 process
+SHARED = {}  # set before the ranks fork: the directories they read and write
+
+
+def batch(step):
+    generator = torch.Generator().manual_seed(100 + step)
+    return torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=generator), torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)
+
+
+def optimizer_for(model):
+    return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+
+
+def train_steps(model, optimizer, steps, clip):
+    """Steps ``steps`` (their global batches; this rank's share of each); the global mean losses."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    share = GLOBAL_BATCH // world_size
+    losses = []
+    for step in steps:
+        images, labels = batch(step)
+        mine = slice(rank * share, (rank + 1) * share)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(images[mine]), labels[mine])
+        loss.backward()
+        clip(model)
+        optimizer.step()
+        loss = loss.detach()
+        if dist.is_initialized():
+            dist.all_reduce(loss)
+        losses.append(loss.item() / world_size)
+    return losses
+
+
+def sharded_model(expert_parallel_size):
+    model, mesh = tiny_vit(seed=dist.get_rank()), None
+    if expert_parallel_size:
+        mesh = expert_data_mesh("cpu", expert_parallel_size)
+        model = to_expert_parallel(model, mesh["expert"].get_group(), data_group=mesh["data"].get_group())
+    return fsdp.shard_model(model, "cpu", expert_mesh=mesh), mesh
+
+
+def clip_sharded(model):
+    return fsdp.clip_grad_norm_(model, 0.05)
+
+
+def clip_single(model):
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+
+
+def run_on(world_size, results_dir, scenario):
+    results_dir.mkdir()
+    results = run_scenarios(results_dir, world_size, {scenario.__name__: scenario})
+    assert_passed_on_every_rank(results, scenario.__name__, world_size)
+
+
+def _write_losses(name, losses):
+    if dist.get_rank() == 0:
+        with open(os.path.join(SHARED["dir"], name), "w") as file:
+            json.dump(losses, file)
+
+
+def four_ranks_fsdp_and_two_by_two_experts_save(rank):
+    model, mesh = sharded_model(expert_parallel_size=2)
+    optimizer = optimizer_for(model)
+    losses = train_steps(model, optimizer, [0], clip_sharded)
+    sharded_checkpoint.save(SHARED["dir"], "last.pt", model, optimizer, mesh, {"format": FORMAT_VERSION, "step": 1},
+                            keep_previous=True)  # fmt: skip
+    losses += train_steps(model, optimizer, [1], clip_sharded)
+    sharded_checkpoint.save(SHARED["dir"], "last.pt", model, optimizer, mesh, {"format": FORMAT_VERSION, "step": 2},
+                            keep_previous=True)  # fmt: skip
+    _write_losses("losses_4.json", losses)
+
+
+def two_ranks_resume_with_two_expert_ranks(rank):
+    model, mesh = sharded_model(expert_parallel_size=2)
+    optimizer = optimizer_for(model)
+    path = sharded_checkpoint.find(SHARED["dir"])
+    assert path.name == "last.dcp" and sharded_checkpoint.read_train_state(path)["step"] == 2
+    sharded_checkpoint.load(path, model, optimizer, mesh)
+    losses = train_steps(model, optimizer, [2, 3], clip_sharded)
+    sharded_checkpoint.save(SHARED["dir"], "last.pt", model, optimizer, mesh, {"format": FORMAT_VERSION, "step": 4},
+                            keep_previous=True)  # fmt: skip
+    _write_losses("losses_2.json", losses)
+
+
+def four_ranks_resume_a_one_process_checkpoint(rank):
+    model, mesh = sharded_model(expert_parallel_size=4)  # every rank one expert of each layer, and FSDP
+    optimizer = optimizer_for(model)
+    saved = torch.load(os.path.join(SHARED["dir"], "single.pt"), weights_only=True)
+    sharded_checkpoint.load_full(model, optimizer, mesh, saved["model"], saved["optimizer"])
+    _write_losses("losses_1_to_4.json", train_steps(model, optimizer, [2, 3], clip_sharded))
+
+
+@pytest.mark.slow
+def test_resharding_4_to_2_to_1_and_1_to_4_continues_the_uninterrupted_losses(tmp_path):
+    SHARED["dir"] = str(tmp_path)
+    reference = tiny_vit(seed=0)
+    reference_optimizer = optimizer_for(reference)
+    expected = train_steps(reference, reference_optimizer, range(STEPS), clip_single)
+
+    run_on(4, tmp_path / "r4", four_ranks_fsdp_and_two_by_two_experts_save)
+    assert sorted(p.name for p in tmp_path.glob("*.dcp")) == ["last.dcp", "last.prev.dcp"]
+    run_on(2, tmp_path / "r2", two_ranks_resume_with_two_expert_ranks)
+
+    single = tiny_vit(seed=3)  # another initialisation: every weight must come from the checkpoint
+    optimizer = optimizer_for(single)
+    path = sharded_checkpoint.find(tmp_path)
+    sharded_checkpoint.load(path, single, optimizer, None)
+    assert sharded_checkpoint.read_model(path).keys() == single.state_dict().keys()
+    resumed_at_1 = train_steps(single, optimizer, [4, 5], clip_single)
+
+    losses = [*json.load(open(tmp_path / "losses_4.json")), *json.load(open(tmp_path / "losses_2.json")), *resumed_at_1]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), **FP32)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(single.state_dict()[key], value, rtol=1e-4, atol=2e-5, msg=lambda m: f"{key}: {m}")
+
+    # 1 -> 4: a one-process checkpoint (last.pt's model and optimizer state) resumed by 4 FSDP + expert ranks
+    one = tiny_vit(seed=0)
+    one_optimizer = optimizer_for(one)
+    train_steps(one, one_optimizer, [0, 1], clip_single)
+    torch.save({"model": one.state_dict(), "optimizer": one_optimizer.state_dict()}, tmp_path / "single.pt")
+    run_on(4, tmp_path / "r1to4", four_ranks_resume_a_one_process_checkpoint)
+    torch.testing.assert_close(torch.tensor(json.load(open(tmp_path / "losses_1_to_4.json"))),
+                               torch.tensor(expected[2:4]), **FP32)  # fmt: skip
+
+
+def _save_forever(run_dir):
+    """A process saving a large sharded checkpoint over and over (step 1, 2, ...) until it is killed."""
+    torch.set_num_threads(1)  # a forked child must not use the parent's intra-op thread pool
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)])  # 16 MiB of weights
+    optimizer = optimizer_for(model)
+    model(torch.randn(2, 1024)).sum().backward()
+    optimizer.step()
+    for step in range(1, 1000):
+        with torch.no_grad():
+            model[0].bias.fill_(step)
+        sharded_checkpoint.save(run_dir, "last.pt", model, optimizer, None, {"format": FORMAT_VERSION, "step": step},
+                                keep_previous=True)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_sharded_save_leaves_a_checkpoint_to_resume_from(tmp_path):
+    saver = multiprocessing.get_context("fork").Process(target=_save_forever, args=(str(tmp_path),))
+    saver.start()
+    temporary = tmp_path / ".last.dcp.tmp"
+    deadline = time.monotonic() + 60
+    try:  # once the first save is complete, kill the process in the middle of the next one (each takes ~0.7 s)
+        while not (sharded_checkpoint.find(tmp_path) and temporary.exists()):
+            assert time.monotonic() < deadline, "the saving process never started its second save"
+            time.sleep(0.001)
+        time.sleep(0.25)
+    finally:
+        os.kill(saver.pid, signal.SIGKILL)
+        saver.join()
+    assert temporary.exists()  # killed during a save: its unfinished directory is left behind
+    assert saver.exitcode == -signal.SIGKILL
+
+    path = sharded_checkpoint.find(tmp_path)
+    step = sharded_checkpoint.read_train_state(path)["step"]
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)])
+    optimizer = optimizer_for(model)
+    sharded_checkpoint.load(path, model, optimizer, None)
+    assert (model[0].bias == step).all()
+    assert optimizer.state_dict()["state"][0]["step"] == 1  # the Adam moments came back too
+
+    # the next save clears the killed one's leftovers; so does a crash between its two renames
+    sharded_checkpoint.save(tmp_path, "last.pt", model, optimizer, None, {"format": FORMAT_VERSION, "step": 99},
+                            keep_previous=True)  # fmt: skip
+    assert not temporary.exists()
+    (tmp_path / "last.prev.dcp").rename(tmp_path / "gone")
+    (tmp_path / "last.dcp").rename(tmp_path / "last.prev.dcp")  # the moment between the renames
+    assert sharded_checkpoint.find(tmp_path) == tmp_path / "last.prev.dcp"
+    assert sharded_checkpoint.read_train_state(tmp_path / "last.prev.dcp")["step"] == 99
