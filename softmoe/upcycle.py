@@ -45,13 +45,18 @@ class _Source(NamedTuple):
 
 
 def load_state_dict(source: DenseSource) -> Dict[str, torch.Tensor]:
-    """A state dict from a module, a mapping, or a ``.safetensors``/``.pth``/``.bin`` file (never unpickles code)."""
+    """A state dict from a module, a mapping, a ``.safetensors``/``.pth``/``.bin`` file (never unpickles code), or a
+    sharded checkpoint's directory (``last.dcp``)."""
     if isinstance(source, nn.Module):
         return source.state_dict()
     if isinstance(source, Mapping):
         state = dict(source)
     else:
         path = os.fspath(source)
+        if os.path.isfile(os.path.join(path, ".metadata")):  # a sharded (DCP) checkpoint of trainer.strategy=fsdp
+            from softmoe.harness.sharded_checkpoint import read_model
+
+            return read_model(path)
         if not os.path.isfile(path):
             raise ValueError(f"dense checkpoint {path!r} does not exist")
         if path.endswith(".safetensors"):

@@ -440,3 +440,46 @@ def test_the_2_node_by_8_gpu_command_submits_16_ranks_that_requeue_on_preemption
     (srun,) = [line for line in lines if line.startswith("srun ")]
     assert " -u -m submitit.core._submit " in srun and srun.split()[-1].startswith(str(tmp_path / "out"))
     assert "export SUBMITIT_EXECUTOR=slurm" in lines  # each task becomes a rank: export_submitit_tasks
+
+
+# trainer.strategy=fsdp: the one torchrun end-to-end test of FSDP2 and sharded checkpoints ------------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(single_process_runs, tmp_path_factory):
+    """(single-process run dir, the run dir of 2 ranks under FSDP + 2 expert ranks resumed from its step-3 last.pt)."""
+    first_half, single = single_process_runs
+    output_dir = tmp_path_factory.mktemp("fsdp") / "outputs"
+    sweep, _ = torchrun_sweep(first_half, output_dir, 2, "trainer.strategy=fsdp", "trainer.expert_parallel_size=2")
+    return single, sweep / "0"
+
+
+@pytest.mark.slow
+def test_fsdp_with_expert_parallelism_resumes_a_one_process_run_and_writes_sharded_checkpoints(fsdp_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from softmoe.harness import sharded_checkpoint
+    from softmoe.to_safetensors import main as to_safetensors
+
+    single, run_dir = fsdp_run
+    reference, events = train_events(single), train_events(run_dir)
+    assert sorted(events) == [4, 5, 6]  # resumed after step 3, from last.pt: one process's checkpoint on 2 ranks
+    for step, event in events.items():
+        for key in ("train/loss", "train/grad_norm"):
+            assert event[key] == pytest.approx(reference[step][key], rel=1e-5), (step, key)
+    assert "checkpoints: sharded (torch.distributed.checkpoint)" in (run_dir / "train.log").read_text()
+    assert not (run_dir / "last.pt").exists() and sorted(p.name for p in (run_dir / "last.dcp").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"
+    ]  # fmt: skip
+
+    # the sharded checkpoint read on one process: the single-process run's weights; evaluated; exported
+    whole, theirs = sharded_checkpoint.read_model(run_dir / "last.dcp"), load_checkpoint(single / "last.pt")["model"]
+    assert list(whole) == list(theirs)
+    for key, value in theirs.items():
+        torch.testing.assert_close(whole[key], value, **CLOSE, msg=lambda m: f"{key}: {m}")
+    ours = evaluate_run(run_dir, tmp_path / "ours", checkpoint="last")
+    assert ours["step"] == 6 and ours["checkpoint"].endswith("last.dcp")
+    assert ours["test/acc"] == evaluate_run(single, tmp_path / "theirs", checkpoint="last")["test/acc"]
+    assert to_safetensors([str(run_dir / "last.dcp"), str(tmp_path / "model.safetensors")]) == 0
+    exported = load_file(tmp_path / "model.safetensors")
+    assert exported.keys() == whole.keys() and all(torch.equal(exported[k], v) for k, v in whole.items())

@@ -20,6 +20,7 @@ from test_fsdp import FP32, tiny_vit
 from softmoe.harness import fsdp, sharded_checkpoint
 from softmoe.harness.checkpoint import FORMAT_VERSION
 from softmoe.parallel import expert_data_mesh, to_expert_parallel
+from softmoe.upcycle import load_state_dict as upcycle_source
 
 GLOBAL_BATCH = 8
 STEPS = 6  # 2 on 4 ranks, 2 on 2 ranks, 2 on 1 process
@@ -83,7 +84,12 @@ def _write_losses(name, losses):
             json.dump(losses, file)
 
 
-def four_ranks_fsdp_and_two_by_two_experts_save(rank):
+def four_ranks_resume_a_one_process_checkpoint_and_save_their_own(rank):
+    _four_ranks_resume_a_one_process_checkpoint()
+    _four_ranks_fsdp_and_two_by_two_experts_save()
+
+
+def _four_ranks_fsdp_and_two_by_two_experts_save():
     model, mesh = sharded_model(expert_parallel_size=2)
     optimizer = optimizer_for(model)
     losses = train_steps(model, optimizer, [0], clip_sharded)
@@ -107,7 +113,7 @@ def two_ranks_resume_with_two_expert_ranks(rank):
     _write_losses("losses_2.json", losses)
 
 
-def four_ranks_resume_a_one_process_checkpoint(rank):
+def _four_ranks_resume_a_one_process_checkpoint():
     model, mesh = sharded_model(expert_parallel_size=4)  # every rank one expert of each layer, and FSDP
     optimizer = optimizer_for(model)
     saved = torch.load(os.path.join(SHARED["dir"], "single.pt"), weights_only=True)
@@ -122,7 +128,13 @@ def test_resharding_4_to_2_to_1_and_1_to_4_continues_the_uninterrupted_losses(tm
     reference_optimizer = optimizer_for(reference)
     expected = train_steps(reference, reference_optimizer, range(STEPS), clip_single)
 
-    run_on(4, tmp_path / "r4", four_ranks_fsdp_and_two_by_two_experts_save)
+    # a one-process checkpoint at step 2 (last.pt's model and optimizer state), for 1 -> 4
+    one = tiny_vit(seed=0)
+    one_optimizer = optimizer_for(one)
+    train_steps(one, one_optimizer, [0, 1], clip_single)
+    torch.save({"model": one.state_dict(), "optimizer": one_optimizer.state_dict()}, tmp_path / "single.pt")
+
+    run_on(4, tmp_path / "r4", four_ranks_resume_a_one_process_checkpoint_and_save_their_own)
     assert sorted(p.name for p in tmp_path.glob("*.dcp")) == ["last.dcp", "last.prev.dcp"]
     run_on(2, tmp_path / "r2", two_ranks_resume_with_two_expert_ranks)
 
@@ -130,7 +142,9 @@ def test_resharding_4_to_2_to_1_and_1_to_4_continues_the_uninterrupted_losses(tm
     optimizer = optimizer_for(single)
     path = sharded_checkpoint.find(tmp_path)
     sharded_checkpoint.load(path, single, optimizer, None)
-    assert sharded_checkpoint.read_model(path).keys() == single.state_dict().keys()
+    whole = sharded_checkpoint.read_model(path)  # the model alone, on one CPU: evaluation, upcycling, export
+    assert whole.keys() == single.state_dict().keys()
+    assert all(torch.equal(value, whole[key]) for key, value in upcycle_source(path).items())
     resumed_at_1 = train_steps(single, optimizer, [4, 5], clip_single)
 
     losses = [*json.load(open(tmp_path / "losses_4.json")), *json.load(open(tmp_path / "losses_2.json")), *resumed_at_1]
@@ -138,12 +152,7 @@ def test_resharding_4_to_2_to_1_and_1_to_4_continues_the_uninterrupted_losses(tm
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(single.state_dict()[key], value, rtol=1e-4, atol=2e-5, msg=lambda m: f"{key}: {m}")
 
-    # 1 -> 4: a one-process checkpoint (last.pt's model and optimizer state) resumed by 4 FSDP + expert ranks
-    one = tiny_vit(seed=0)
-    one_optimizer = optimizer_for(one)
-    train_steps(one, one_optimizer, [0, 1], clip_single)
-    torch.save({"model": one.state_dict(), "optimizer": one_optimizer.state_dict()}, tmp_path / "single.pt")
-    run_on(4, tmp_path / "r1to4", four_ranks_resume_a_one_process_checkpoint)
+    # 1 -> 4: the one-process checkpoint resumed by 4 ranks (FSDP, and every rank an expert group)
     torch.testing.assert_close(torch.tensor(json.load(open(tmp_path / "losses_1_to_4.json"))),
                                torch.tensor(expected[2:4]), **FP32)  # fmt: skip
 

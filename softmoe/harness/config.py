@@ -64,8 +64,12 @@ def device_name(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
-def existing_file(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    return None if isinstance(value, str) and Path(value).expanduser().is_file() else "no such checkpoint file"
+def existing_checkpoint(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    """A checkpoint file (``last.pt``) or a sharded checkpoint's directory (``last.dcp``, with DCP's ``.metadata``)."""
+    path = Path(value).expanduser() if isinstance(value, str) else None
+    if path is not None and (path.is_file() or (path / ".metadata").is_file()):
+        return None
+    return "no such checkpoint file"
 
 
 def seed_value(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
@@ -87,7 +91,7 @@ MODEL_RULES: dict[str, Rule] = {
     "global_pool": one_of("avg", "token", "max", "avgmax", "map"),
     "qk_norm": boolean,
     "drop_path_rate": number_in(0, 1, high_open=True),
-    "upcycle_from": optional(existing_file),
+    "upcycle_from": optional(existing_checkpoint),
     "upcycle_noise_std": non_negative_number,
 }
 MOE_RULES: dict[str, Rule] = {
@@ -125,8 +129,10 @@ TRAINER_RULES: dict[str, Rule] = {
     "log_every": positive_int,
     "checkpoint_every": optional(positive_int),
     "progress_bar": boolean,
-    "resume": optional(existing_file),
-    "strategy": one_of("auto", "single", "ddp"),
+    "resume": optional(existing_checkpoint),
+    "strategy": one_of("auto", "single", "ddp", "fsdp"),
+    "reshard_after_forward": boolean,
+    "activation_checkpointing": boolean,
     "expert_parallel_size": optional(positive_int),
     "nonfinite": one_of("skip", "stop"),
     "max_nonfinite_skips": positive_int,

@@ -44,6 +44,7 @@ from softmoe import parallel
 
 from .config import resolve_device
 from .data import DataBundle, build_loader
+from . import fsdp, sharded_checkpoint
 from .errors import ConfigError, RunDirInUseError
 from .runs import RunDirLock
 from .sampler import ResumableSampler
@@ -212,6 +213,9 @@ class Distributed:
     data_parallel: bool = False  # DDP over the world
     expert_parallel: bool = False  # each rank holds num_experts / (ranks per expert group) experts
     find_unused_parameters: bool = False
+    fsdp: bool = False  # trainer.strategy=fsdp: FSDP2 instead of DDP, sharded (DCP) checkpoints
+    reshard_after_forward: bool = True
+    precision: str = "fp32"
     mesh: Optional[DeviceMesh] = None  # (data, expert) under expert parallelism: replicas x ranks per expert group
 
     @property
@@ -230,7 +234,7 @@ class Distributed:
         export_submitit_tasks()
         torchrun = launched_by_torchrun()
         world_size = int(os.environ["WORLD_SIZE"]) if torchrun else 1
-        if strategy == "ddp" and not torchrun:
+        if strategy in ("ddp", "fsdp") and not torchrun:
             _check(
                 "trainer.strategy", strategy,
                 "needs a torchrun launch (RANK and WORLD_SIZE are not set): "
@@ -244,6 +248,8 @@ class Distributed:
                 "or run python -m softmoe.train",
             )  # fmt: skip
         data_parallel = torchrun and strategy != "single"
+        if strategy == "fsdp" and trainer.precision == "fp16":
+            _check("trainer.precision", "fp16", "trainer.strategy=fsdp trains in fp32 or bf16 (no GradScaler); use bf16")
         size = trainer.get("expert_parallel_size")
         expert_parallel = bool(moe.expert_parallel) or size is not None
         # the key that asked for expert parallelism, as the user typed it
@@ -292,6 +298,9 @@ class Distributed:
             data_parallel=True,
             expert_parallel=expert_parallel,
             find_unused_parameters=unused_router,
+            fsdp=strategy == "fsdp",
+            reshard_after_forward=bool(trainer.reshard_after_forward),
+            precision=trainer.precision,
             mesh=mesh,
         )
 
@@ -381,7 +390,15 @@ class Distributed:
             replicas, size = self.mesh.shape
             log.info("expert parallel: %d data-parallel replicas x %d expert ranks", replicas, size)
         forward = model
-        if self.data_parallel:
+        log.info("checkpoints: %s", self.checkpoint_format)
+        if self.fsdp:
+            size = self.mesh.shape[1] if self.expert_parallel else None
+            log.info("FSDP2 over %d ranks%s (reshard_after_forward=%s)", self.world_size,
+                     f", experts over {self.world_size // size} replicas" if size else "", self.reshard_after_forward)
+            model = fsdp.shard_model(model, self.device.type, expert_mesh=self.mesh, precision=self.precision,
+                                     reshard_after_forward=self.reshard_after_forward)  # fmt: skip
+            forward = model
+        elif self.data_parallel:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             kwargs = dict(device_ids=device_ids, find_unused_parameters=self.find_unused_parameters)
             if self.expert_parallel:
@@ -393,11 +410,13 @@ class Distributed:
     def average_expert_grads(self, model: nn.Module) -> None:
         """Average each expert shard's gradient over its copies in the other data-parallel replicas (DDP, which
         averages the replicated parameters, leaves the experts alone). Call after backward; collective."""
-        if self.expert_parallel:
+        if self.expert_parallel and not self.fsdp:  # FSDP's reduce-scatter over mesh["data"] averages them
             parallel.all_reduce_expert_grads(model)
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """The global gradient norm, clipped: over every rank's experts under expert parallelism."""
+        if self.fsdp:
+            return fsdp.clip_grad_norm_(model, max_norm)
         if self.expert_parallel:
             return parallel.clip_grad_norm_(model, max_norm)
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -417,11 +436,21 @@ class Distributed:
 
     # ------------------------------------------------------------------------- checkpoints
 
+    @property
+    def checkpoint_format(self) -> str:
+        """How this run's checkpoints are written, chosen by the strategy (said in the run's log)."""
+        if self.fsdp:
+            return "sharded (torch.distributed.checkpoint): every rank writes its shards to last.dcp/ and best.dcp/"
+        return "one file, last.pt and best.pt, written by rank 0" + (" (gathered)" if self.data_parallel else "")
+
     def gather_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[Optional[dict[str, torch.Tensor]], Optional[dict[str, Any]]]:
         """The single-process model and optimizer state dicts, on rank 0 (under expert parallelism every rank
-        sends its experts' weights and Adam moments; None on the other ranks). Collective."""
+        sends its experts' weights and Adam moments; None on the other ranks). Collective. Under FSDP: (None, None),
+        each rank writes its own shards instead (:mod:`.sharded_checkpoint`)."""
+        if self.fsdp:
+            return None, None
         if not self.expert_parallel:
             return model.state_dict(), optimizer.state_dict()
         model_state = parallel.gather_expert_parallel_state_dict(model)
@@ -435,7 +464,14 @@ class Distributed:
         optimizer_state: Optional[dict[str, Any]] = None,
     ) -> None:
         """Load single-process state dicts (a checkpoint's) into this rank's model and optimizer: under expert
-        parallelism each rank keeps its own experts' weights and moments."""
+        parallelism each rank keeps its own experts' weights and moments. ``model_state`` may instead be a sharded
+        checkpoint's directory (any world size): each rank reads its pieces, whatever its strategy."""
+        if isinstance(model_state, (str, os.PathLike)):
+            sharded_checkpoint.load(model_state, model, optimizer, self.mesh)
+            return
+        if self.fsdp:
+            sharded_checkpoint.load_full(model, optimizer, self.mesh, model_state, optimizer_state)
+            return
         if self.expert_parallel:
             model_state = parallel.shard_state_dict(model_state, model)
         model.load_state_dict(model_state)

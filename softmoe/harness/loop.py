@@ -40,6 +40,7 @@ from tqdm import tqdm
 from softmoe import block_index, capture_routing, moe_layers
 from softmoe.sparse import SparseMoE, auxiliary_loss
 
+from . import sharded_checkpoint
 from .checkpoint import (
     BEST,
     FORMAT_VERSION,
@@ -261,16 +262,24 @@ class Checkpoints:
                 f"step {state.step}: {bad} is not finite; {name} not written, the previous one is kept"
             )
         fields = state.state_dict(self.distributed)  # collective: every rank sends its experts
-        if fields is None:
-            return
-        checkpoint = {
+        checkpoint = None if fields is None else {
             "format": FORMAT_VERSION,
             **fields,
             "rng": rng_state(),
             "config": json.dumps(self.config),
             "wandb_run_id": self.telemetry.run_id,
-        }
-        save_checkpoint(self.run_dir / name, checkpoint, keep_previous=name == LAST)
+        }  # fmt: skip
+        if self.distributed.fsdp:  # collective: every rank writes its shards, rank 0 the rest
+            model, optimizer, mesh = state.model, state.optimizer, self.distributed.mesh
+            sharded_checkpoint.save(self.run_dir, name, model, optimizer, mesh, checkpoint, keep_previous=name == LAST)
+        elif checkpoint is not None:
+            save_checkpoint(self.run_dir / name, checkpoint, keep_previous=name == LAST)
+
+    def best_model(self) -> Any:
+        """``best``'s model state, as :meth:`Distributed.load_state` takes it (a sharded checkpoint: its directory)."""
+        if self.distributed.fsdp:
+            return str(sharded_checkpoint.directory(self.run_dir, BEST))
+        return load_checkpoint(self.run_dir / BEST)["model"]
 
     def checkpoint_last(self, state: TrainState) -> None:
         """Write ``last.pt``, then send W&B the events it covers (a run resumed from it never sends them twice)."""
@@ -381,14 +390,24 @@ def show_on_bar(bar: tqdm, latest: Optional[dict]) -> None:
 
 def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tuple[Optional[dict], Optional[Path]]:
     """(the checkpoint the run starts from, its path), or (None, None) for a fresh start: this directory's
-    ``last.pt`` (or the ``last.prev.pt`` kept beside a damaged one), else ``trainer.resume``. Refuses a checkpoint
-    of another model."""
+    ``last.pt`` (or the ``last.prev.pt`` kept beside a damaged one) or sharded ``last.dcp``, else ``trainer.resume``.
+    Refuses a checkpoint of another model."""
     start_from = resume_path(run_dir, resume)
+    sharded = sharded_checkpoint.find(run_dir)  # trainer.strategy=fsdp's last.dcp (or last.prev.dcp)
+    if sharded is not None and not (start_from == run_dir / LAST and newer(start_from, sharded)):
+        start_from = sharded  # the run directory's own; of two formats (the strategy changed), the newer
     if start_from is None:
         return None, None
-    checkpoint, start_from = load_resume_checkpoint(start_from)
+    if start_from.is_dir():
+        checkpoint = sharded_checkpoint.resume_checkpoint(start_from)
+    else:
+        checkpoint, start_from = load_resume_checkpoint(start_from)
     check_same_model(checkpoint, config, start_from)
     return checkpoint, start_from
+
+
+def newer(first: Path, second: Path) -> bool:
+    return first.stat().st_mtime > second.stat().st_mtime
 
 
 def build_state(
@@ -398,7 +417,9 @@ def build_state(
     its experts; DDP-wrapped when data parallel), AdamW/SGD with weight decay by parameter name, the schedule,
     loss scaling for fp16, the NaN/inf guard."""
     trainer, device = cfg.trainer, distributed.device
-    model, forward = distributed.setup_model(build_model(config["model"], config["moe"]).to(device), trainer.compile)
+    model = build_model(config["model"], config["moe"]).to(device)
+    model.set_grad_checkpointing(trainer.activation_checkpointing)  # recompute each block's activations in backward
+    model, forward = distributed.setup_model(model, trainer.compile)
     optimizer = build_optimizer(cfg.optimizer, model, cfg.moe)
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
     # fused AdamW/Adam/SGD take a found_inf flag (PyTorch sets this attribute on them for GradScaler); with fp16 the
@@ -458,7 +479,7 @@ def test_final_and_best(
     if loaders.val is not None and state.best.get("step") == state.step:
         at_best = test  # the final model is the best one (by step: a run may end mid-epoch)
     elif loaders.val is not None:
-        distributed.load_state(state.model, load_checkpoint(checkpoints.run_dir / BEST)["model"])
+        distributed.load_state(state.model, checkpoints.best_model())
         at_best = evaluate_split(forward, loaders.test, distributed, precision, loaders.eval_batches)
     metrics = {"test/loss": test["loss"], "test/acc": test["acc"]}
     if loaders.val is not None:

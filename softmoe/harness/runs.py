@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from . import sharded_checkpoint
 from .checkpoint import CheckpointError, load_checkpoint, saved_config
 from .config import resolve_device
 from .data import DataBundle, build_datasets
@@ -52,11 +53,14 @@ class LoadedRun:
 
 
 def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best") -> Path:
-    """``<run_dir>/<checkpoint>.pt``; a ConfigError for a checkpoint name other than best or last, a
+    """``<run_dir>/<checkpoint>.pt`` (or the sharded ``<checkpoint>.dcp`` of an FSDP run); a ConfigError for a checkpoint name other than best or last, a
     CheckpointError when the file is not there."""
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(f"checkpoint={checkpoint}: must be one of {', '.join(CHECKPOINTS)}")
     path = Path(run_dir) / f"{checkpoint}.pt"
+    sharded = sharded_checkpoint.directory(run_dir, checkpoint)  # trainer.strategy=fsdp's
+    if not path.is_file() and sharded_checkpoint.is_complete(sharded):
+        return sharded
     if not path.is_file():
         raise CheckpointError(f"run_dir={run_dir}: holds no {checkpoint}.pt (is it a training run directory?)")
     return path
@@ -71,7 +75,7 @@ def load_run(
     datasets are now, when not at the run's ``paths.data_dir`` (relative paths are from the working directory).
     """
     path = checkpoint_path(run_dir, checkpoint)
-    state = load_checkpoint(path)
+    state = sharded_checkpoint.read_checkpoint(path) if path.is_dir() else load_checkpoint(path)
     cfg = OmegaConf.create(saved_config(state))
     torch_device = resolve_device(device)
 

@@ -18,18 +18,26 @@ A crash at any moment leaves a complete ``last.dcp`` or ``last.prev.dcp`` (:func
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -70,6 +78,14 @@ def find(run_dir: Path) -> Optional[Path]:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _quiet_without_process_group() -> Iterator[None]:
+    """DCP warns that it assumes one process when there is no process group: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized", UserWarning)
+        yield
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,11 +133,13 @@ def global_state(model: nn.Module, template: tuple[dict, dict], mesh: Optional[D
     return flat
 
 
-def _template(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def _template(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[dict, dict]:
+    if optimizer is None:  # the model alone (evaluating best.dcp)
+        return get_model_state_dict(model, options=OPTIONS), {}
     return get_state_dict(model, optimizer, options=OPTIONS)
 
 
-def _apply(model: nn.Module, optimizer: torch.optim.Optimizer, flat: Mapping[str, Any], template: tuple) -> None:
+def _apply(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], flat: Mapping[str, Any], template: tuple) -> None:
     """``set_state_dict`` with the loaded ``flat`` values, named back to this layout's keys."""
     layers = _expert_layers(model)
     for prefix, state in zip(("model.", "optim."), template):
@@ -130,7 +148,10 @@ def _apply(model: nn.Module, optimizer: torch.optim.Optimizer, flat: Mapping[str
             loaded = flat[prefix + name]
             if not (isinstance(loaded, DTensor) and layer is not None):  # an expert piece: loaded into ``value``
                 state[key] = loaded
-    set_state_dict(model, optimizer, model_state_dict=template[0], optim_state_dict=template[1], options=OPTIONS)
+    if optimizer is None:
+        set_model_state_dict(model, template[0], options=OPTIONS)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=template[0], optim_state_dict=template[1], options=OPTIONS)
 
 
 # ----------------------------------------------------------------------------------------------- save and load
@@ -144,22 +165,24 @@ def save(
     ``keep_previous``: the one it replaces becomes ``<name>.prev.dcp``. Collective."""
     final = directory(run_dir, name)
     temporary = final.with_name(f".{final.name}.tmp")
-    main = not _distributed() or dist.get_rank() == 0
+    alone = not _distributed()  # no process group: one process
+    main = alone or dist.get_rank() == 0
     if main:  # a save killed half way left this: start clean
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     _barrier()
-    dcp.save(global_state(model, _template(model, optimizer), mesh), checkpoint_id=temporary, no_dist=not _distributed())
+    with _quiet_without_process_group():
+        dcp.save(global_state(model, _template(model, optimizer), mesh), checkpoint_id=temporary, no_dist=alone)
     if main:
         save_checkpoint(temporary / TRAIN_STATE, train_state)
         previous = final.with_name(final.name.replace(SUFFIX, ".prev" + SUFFIX))
+        replaced = previous if keep_previous else final.with_name(f".{final.name}.old")
         if final.exists():
-            if keep_previous:
-                shutil.rmtree(previous, ignore_errors=True)
-                os.replace(final, previous)
-            else:
-                shutil.rmtree(final)
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(temporary, final)
+        if not keep_previous:
+            shutil.rmtree(replaced, ignore_errors=True)
         _fsync_directory(final.parent)
     _barrier()
     return final
@@ -185,25 +208,27 @@ def read_train_state(path: Path) -> dict[str, Any]:
     return load_checkpoint(Path(path) / TRAIN_STATE)
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Optional[DeviceMesh]) -> None:
+def load(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], mesh: Optional[DeviceMesh]) -> None:
     """Load a sharded checkpoint saved on any number of ranks into this rank's part of ``model`` and ``optimizer``
     (FSDP, expert parallel, both, or one process). Collective when distributed: each rank reads only its pieces."""
     template = _template(model, optimizer)
     flat = global_state(model, template, mesh)
-    dcp.load(flat, checkpoint_id=Path(path), no_dist=not _distributed())
+    with _quiet_without_process_group():
+        dcp.load(flat, checkpoint_id=Path(path), no_dist=not _distributed())
     _apply(model, optimizer, flat, template)
 
 
 def load_full(
-    model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Optional[DeviceMesh],
-    model_state: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any],
+    model: nn.Module, optimizer: Optional[torch.optim.Optimizer], mesh: Optional[DeviceMesh],
+    model_state: Mapping[str, torch.Tensor], optimizer_state: Optional[Mapping[str, Any]],
 ) -> None:  # fmt: skip
     """Load a single-file checkpoint's whole state (``last.pt``: single-process names, the optimizer's state by
     parameter index) into a sharded ``model``: each rank copies its slices. For resuming a one-process run on W."""
     template = _template(model, optimizer)
     flat = global_state(model, template, mesh)
     whole = {f"model.{key}": value for key, value in model_state.items()}
-    whole.update(_named_optimizer_state(model, optimizer, optimizer_state))
+    if optimizer is not None:
+        whole.update(_named_optimizer_state(model, optimizer, optimizer_state))
     for key, value in flat.items():
         if key not in whole:
             raise CheckpointError(f"the checkpoint has no {key!r}")
@@ -243,5 +268,18 @@ def read_model(path: Path) -> dict[str, torch.Tensor]:
         for key, meta in metadata.state_dict_metadata.items()
         if key.startswith("model.") and hasattr(meta, "size")
     }
-    dcp.load(state, checkpoint_id=Path(path), no_dist=True)
+    with _quiet_without_process_group():
+        dcp.load(state, checkpoint_id=Path(path), no_dist=True)
     return {key[len("model.") :]: value for key, value in state.items()}
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint as a single-file checkpoint's dict: its train state and the whole model (no optimizer),
+    on the CPU. For evaluation and export."""
+    return {**read_train_state(path), "model": read_model(path)}
+
+
+def resume_checkpoint(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint as the loop resumes it: the train state, with the directory in place of the model and
+    optimizer states, which each rank then reads its pieces of (``Distributed.load_state``)."""
+    return {**read_train_state(path), "model": str(path), "optimizer": str(path)}

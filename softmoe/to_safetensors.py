@@ -1,0 +1,51 @@
+"""Export a training checkpoint's whole model as one ``.safetensors`` file, for sharing:
+
+    python -m softmoe.to_safetensors outputs/runs/<run>/last.dcp model.safetensors   # an FSDP run's sharded checkpoint
+    python -m softmoe.to_safetensors outputs/runs/<run>/best.pt model.safetensors    # or a single-file one
+
+The file holds the single-process state dict (``timm.create_model(...).load_state_dict(load_file(path))``) and, as
+string metadata, the run's resolved config (``config``, JSON) and its ``step``. The sharded checkpoint is read on
+this host's CPU: the model must fit in its memory (the optimizer state is not read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from softmoe.harness import sharded_checkpoint
+from softmoe.harness.checkpoint import load_checkpoint
+from softmoe.harness.errors import CheckpointError
+
+
+def export(checkpoint: Path, output: Path) -> Path:
+    """Write ``checkpoint``'s model (a ``.pt`` file or a sharded ``.dcp`` directory) to ``output``."""
+    checkpoint = Path(checkpoint)
+    state = sharded_checkpoint.read_checkpoint(checkpoint) if checkpoint.is_dir() else load_checkpoint(checkpoint)
+    tensors = {key: value.contiguous() for key, value in state["model"].items()}
+    save_file(tensors, str(output), metadata={"config": state["config"], "step": str(state["step"])})
+    return Path(output)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m softmoe.to_safetensors", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="last.pt / best.pt, or a sharded last.dcp / best.dcp directory")
+    parser.add_argument("output", type=Path, help="the .safetensors file to write")
+    args = parser.parse_args(argv)
+    if not args.checkpoint.exists():
+        print(f"error: checkpoint={args.checkpoint}: no such file or directory", file=sys.stderr)
+        return 2
+    try:
+        path = export(args.checkpoint, args.output)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
