@@ -303,7 +303,10 @@ def without_torchrun(monkeypatch):
             ["trainer.expert_parallel_size=0"], True,
             "trainer.expert_parallel_size=0: must be a positive integer, or null",
         ),
-        (["trainer.strategy=sometimes"], False, "trainer.strategy=sometimes: must be one of auto, single, ddp"),
+        (["trainer.strategy=sometimes"], False, "trainer.strategy=sometimes: must be one of auto, single, ddp, fsdp"),
+        (["trainer.strategy=fsdp"], False, "trainer.strategy=fsdp: needs a torchrun launch"),
+        (["trainer.reshard_after_forward=sometimes"], True, "trainer.reshard_after_forward=sometimes: must be true or"),
+        (["trainer.activation_checkpointing=2"], False, "trainer.activation_checkpointing=2: must be true or false"),
     ],
 )
 def test_bad_launches_stop_with_one_line(compose_run, monkeypatch, tmp_path, overrides, torchrun, message):
