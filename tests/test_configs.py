@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
 from softmoe import moe_layers
-from softmoe.harness.config import ConfigError, validate_config
+from softmoe.harness.config import ConfigError, check_config, check_launch
 from softmoe.harness.model import build_model, moe_blocks
 from softmoe.harness.optim import build_optimizer, build_scheduler
 
@@ -45,7 +45,7 @@ def test_option_composes_validates_and_builds(compose_run, group, option):
     cfg = compose_run(*overrides)
     if cfg.trainer.device.startswith("cuda") and not torch.cuda.is_available():
         cfg = compose_run(*overrides, "trainer.device=cpu")  # validation refuses cuda on a machine without it
-    validate_config(cfg)
+    check_config(cfg)
     if group in ("model", "moe", "optimizer", "scheduler", "experiment"):
         with torch.device("meta"):  # paper sizes reach billions of parameters: shapes only
             model = build_model(cfg.model, cfg.moe)
@@ -126,6 +126,7 @@ def test_launchers_set_and_build_hydras_launcher(compose_run):
 
 # Each bad override and the fragments its one-line message must contain: the key, the value, what is allowed.
 BAD_OVERRIDES = [
+    (["trainer.strategy=sometimes"], ["trainer.strategy=sometimes", "must be one of auto, single, ddp"]),
     (["moe.num_experts=0"], ["moe.num_experts=0", "positive integer"]),
     (["moe.slots_per_expert=-1"], ["moe.slots_per_expert=-1", "positive integer"]),
     (["moe.num_experts=abc"], ["moe.num_experts=abc", "positive integer"]),
@@ -171,7 +172,7 @@ BAD_OVERRIDES = [
     (["scheduler=rsqrt", "scheduler.warmup_steps=0"], ["scheduler.timescale=null", "warmup_steps"]),
     (["logger.mode=loud"], ["logger.mode=loud", "auto, online, offline, disabled"]),
     (["seed=-1"], ["seed=-1", "2**32"]),
-    (["data.test_size=5"], ["data.test_size=5"]),  # the data group's own check, through validate_config
+    (["data.test_size=5"], ["data.test_size=5"]),  # the data group's own check, through check_config
 ]
 
 
@@ -193,15 +194,49 @@ def with_overrides(compose_run, base, overrides):
 def test_bad_values_stop_with_one_line_naming_key_and_value(compose_run, default_run, overrides, fragments):
     cfg = with_overrides(compose_run, default_run, overrides)
     with pytest.raises(ConfigError) as raised:
-        validate_config(cfg)
+        check_config(cfg)
     message = str(raised.value)
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message
 
 
+@pytest.mark.parametrize(
+    "overrides,torchrun,message",
+    [
+        (["trainer.strategy=ddp"], False, "trainer.strategy=ddp: needs a torchrun launch"),
+        (["moe.expert_parallel=true"], False, "moe.expert_parallel=true: needs a distributed launch"),
+        (["trainer.strategy=single"], True, "trainer.strategy=single: this process is one of WORLD_SIZE=2"),
+        (
+            ["trainer.batch_size=63"], True,
+            "trainer.batch_size=63: the global batch must be divisible by the 2 processes (WORLD_SIZE=2)",
+        ),
+        (
+            ["moe.expert_parallel=true", "moe.num_experts=5"], True,
+            "moe.num_experts=5: expert parallelism needs it divisible by the 2 processes",
+        ),
+        (["moe.expert_parallel=true", "moe=dense"], True, "moe.expert_parallel=true: needs MoE layers"),
+        (
+            ["moe.expert_parallel=true", "trainer.precision=fp16"], True,
+            "trainer.precision=fp16: a loss-scaled step may skip on some ranks only under expert parallelism",
+        ),
+    ],
+)
+def test_bad_launches_stop_with_one_line(compose_run, overrides, torchrun, message):
+    """The config against the launch: ``torchrun`` set RANK and WORLD_SIZE=2, or the process runs alone."""
+    with pytest.raises(ConfigError) as raised:
+        check_launch(compose_run(*overrides), torchrun=torchrun, world_size=2 if torchrun else 1)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_good_launches_pass(compose_run):
+    check_launch(compose_run(), torchrun=False, world_size=1)
+    check_launch(compose_run("trainer.strategy=single"), torchrun=True, world_size=1)
+    check_launch(compose_run("moe.expert_parallel=true", "moe.num_experts=4"), torchrun=True, world_size=2)
+
+
 def test_the_default_run_and_each_bad_value_differ_only_by_it(default_run):
-    validate_config(default_run)  # so each failure above is caused by its override alone
+    check_config(default_run)  # so each failure above is caused by its override alone
 
 
 @pytest.mark.parametrize(

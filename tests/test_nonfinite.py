@@ -16,7 +16,8 @@ from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.data import build_datasets
 from softmoe.harness.distributed import Distributed
 from softmoe.harness.faults import NonFiniteError, NonFiniteGuard
-from softmoe.harness.loop import build_state, train, train_step
+from softmoe.harness.loop import StepSettings, train, train_step
+from softmoe.harness.state import build_state
 from softmoe.harness.runs import read_events
 from softmoe.harness.sampler import ResumableSampler
 
@@ -172,11 +173,12 @@ def steps_of(compose_run, *overrides, on_device=None, steps=8):
     cfg = compose_run(*SYNTHETIC, f"data.nan_examples=[{NAN_EXAMPLE}]", *overrides)
     torch.manual_seed(cfg.seed)
     distributed = Distributed.from_config(cfg)
-    state, forward = build_state(cfg, {"model": cfg.model, "moe": cfg.moe}, distributed, total_steps=steps)
+    state, forward = build_state(cfg, distributed, total_steps=steps)
     if on_device is not None:
         state.nonfinite = NonFiniteGuard("skip", 3, distributed.device, on_device=on_device)
     train_split = build_datasets(cfg.data, cfg.paths.data_dir).train
     sampler = ResumableSampler(len(train_split), cfg.seed)
+    settings = StepSettings.from_config(cfg)
     sampler.set_epoch(0)
     order = list(sampler)
     reads = []
@@ -185,7 +187,7 @@ def steps_of(compose_run, *overrides, on_device=None, steps=8):
         images, labels = torch.stack([image for image, _ in batch]), torch.tensor([label for _, label in batch])
         images, labels = images.to(distributed.device), labels.to(distributed.device)
         with HostReads() as host, syncs_raise(distributed.device):
-            train_step(state, forward, images, labels, cfg, distributed, record_routing=False, started=0.0)
+            train_step(state, forward, images, labels, settings, distributed, record_routing=False, started=0.0)
         reads.append(host.count)
     state.nonfinite.settle(state.step)
     return state, reads

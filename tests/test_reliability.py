@@ -422,7 +422,7 @@ def test_a_bad_override_stops_with_one_line_before_the_run_directory_is_touched(
     compose_run, tmp_path, overrides, message
 ):
     with pytest.raises(ConfigError) as raised:
-        train(compose_run(*overrides), tmp_path / "run")  # the trainer's first act: validate_config
+        train(compose_run(*overrides), tmp_path / "run")  # the trainer's first act: check_config
     assert str(raised.value) == message
     assert not (tmp_path / "run").exists()  # no data loaded, no model built, nothing written
 

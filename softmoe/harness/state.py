@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .distributed import Distributed
 from .faults import NonFiniteGuard
-from .optim import keeping_kernel_choice
+from .model import build_model
+from .optim import build_optimizer, build_scheduler, keeping_kernel_choice
 
 
 @dataclass
@@ -151,6 +152,30 @@ class TrainState:
         self.window.load_state_dict(checkpoint["window"])
         self.step, self.best, self.last_eval = checkpoint["step"], checkpoint["best"], checkpoint["last_eval"]
         self.nonfinite.load_state_dict(checkpoint.get("nonfinite", self.nonfinite.state_dict()))
+
+
+def build_state(config: Mapping[str, Any], distributed: Distributed, total_steps: int) -> tuple[TrainState, nn.Module]:
+    """A fresh :class:`TrainState` and what to call forward on: the model on this rank's device (expert parallel:
+    its experts; DDP-wrapped when data parallel), AdamW/SGD with weight decay by parameter name, the schedule,
+    loss scaling for fp16, the NaN/inf guard."""
+    trainer, device = config["trainer"], distributed.device
+    model = build_model(config["model"], config["moe"]).to(device)
+    model, forward = distributed.setup_model(model, trainer["compile"])
+    optimizer = build_optimizer(config["optimizer"], model, config["moe"])
+    scaler = torch.amp.GradScaler(device.type, enabled=trainer["precision"] == "fp16")
+    # fused AdamW/Adam/SGD take a found_inf flag (PyTorch sets this attribute on them for GradScaler); with fp16 the
+    # GradScaler passes its own flag, so the loss check stays on the host
+    on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and not scaler.is_enabled()
+    state = TrainState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(config["scheduler"], optimizer, total_steps),
+        scaler=scaler,
+        window=TrainWindow(device),
+        # NaN/inf steps: skip or stop, checked on the device when the optimizer can skip a step itself
+        nonfinite=NonFiniteGuard(trainer["nonfinite"], trainer["max_nonfinite_skips"], device, on_device=on_device),
+    )
+    return state, forward
 
 
 # The Summary fields sent to the W&B run summary (as summary/<field>).
