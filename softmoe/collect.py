@@ -65,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--plot", default=None,
         help="the column to plot (default: test/acc (final model), or the first --metric)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--by", default=None, help="comma-separated override keys to group by (default: the swept keys)"
     )

@@ -101,7 +101,7 @@ def main(cfg: DictConfig) -> float:
                 "%s (step %d): %s accuracy %.2f%%, loss %.4f on %d images",
                 result["checkpoint"], result["step"], "validation" if split == "val" else "test",
                 100 * result[f"{split}/acc"], result[f"{split}/loss"], result[f"{split}/examples"],
-            )  # fmt: skip
+            )
     if "routing" in result:
         log.info("routing weights saved to %s", result["routing"])
     return result.get("val/acc", float("nan"))  # a sweeper over checkpoints selects on validation, never on test

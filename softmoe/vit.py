@@ -304,5 +304,5 @@ def test_soft_moe_vit2(pretrained: bool = False, **kwargs) -> SoftMoEVisionTrans
     model_args = dict(
         patch_size=16, embed_dim=64, depth=8, num_heads=2, mlp_ratio=3,
         class_token=False, reg_tokens=1, global_pool="avg", init_values=1e-5, dynamic_img_size=True, num_experts=8,
-    )  # fmt: skip
+    )
     return _create_soft_moe_vit("test_soft_moe_vit2", pretrained, **dict(model_args, **kwargs))

@@ -110,16 +110,16 @@ def test_config_overrides_are_the_differing_keys_written_as_hydra_overrides():
         {"_wandb": {"cli_version": "0.31.1"}, "seed": 1, "paths": {"output_dir": "outputs/1"},
          "moe": {"num_experts": 16, "router": "soft", "layers": None}, "optimizer": {"lr": 0.0003},
          "trainer": {"compile": True, "resume": None}},
-    ]  # fmt: skip
+    ]
     first, second = sweeps.config_overrides(configs)
     assert first == {
         "seed": "0", "paths.output_dir": "outputs/0", "moe.num_experts": "8", "moe.layers": "[2,3]",
         "optimizer.lr": "0.001", "trainer.compile": "false",
-    }  # fmt: skip
+    }
     assert second == {
         "seed": "1", "paths.output_dir": "outputs/1", "moe.num_experts": "16", "moe.layers": "null",
         "optimizer.lr": "0.0003", "trainer.compile": "true",
-    }  # fmt: skip
+    }
     # what the same runs' overrides.yaml would hold
     typed = ["moe.num_experts=8", "moe.layers=[2,3]", "optimizer.lr=0.001", "trainer.compile=false"]
     assert {k: v for k, v in first.items() if k in sweeps.parse_overrides(typed)} == sweeps.parse_overrides(typed)
@@ -140,7 +140,7 @@ def test_plot_bars_carry_std_error_bars_the_seed_count_and_an_axis_from_zero(tmp
     summaries = [
         sweeps.GroupSummary((routing, str(slots)), 3, {column: sweeps.Cell(0.95 - 0.001 * slots, 0.004, 3)})
         for routing in routings for slots in (1, 2, 4, 8, 16, 32)
-    ]  # fmt: skip
+    ]
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
     sweeps.plot(summaries, ["moe.router", "moe.slots_per_expert"], column, tmp_path / "results.png")

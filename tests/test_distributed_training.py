@@ -39,7 +39,7 @@ RUN = [
     "trainer.eval_batches=1",
     "trainer.eval_batch_size=101", "trainer.log_every=1", "scheduler=constant", "logger=none",
     "trainer.progress_bar=false",
-]  # fmt: skip
+]
 # float32 sums in another order (per-rank means, then the mean over ranks), through 3 Adam steps
 CLOSE = dict(rtol=1e-5, atol=1e-5)  # measured: weights within 1e-6, Adam moments 1e-8
 
@@ -59,7 +59,7 @@ def runs(compose_run, tmp_path_factory):
         "-m", "softmoe.train", "-m", "moe.expert_parallel=false,true", "optimizer.fused=false,true", *RUN,
         "trainer.max_steps=6",
         f"trainer.resume={tmp / 'first_half' / 'last.pt'}", f"paths.output_dir={tmp / 'outputs'}",
-    ]  # fmt: skip
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -75,7 +75,7 @@ def train_events(run_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("job,name", [
     (0, "data parallel"), (1, "data parallel, fused"), (2, "expert parallel"), (3, "expert parallel, fused")
-])  # fmt: skip
+])
 def test_two_ranks_match_one_process(runs, job, name):
     single, sweep, _ = runs
     run_dir = sweep / str(job)
@@ -141,7 +141,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_a_rerun_re
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "softmoe.train",
         *RUN, "trainer.max_steps=40", "trainer.checkpoint_every=1000", f"hydra.run.dir={run_dir}",
-    ]  # fmt: skip
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     agent = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
@@ -257,7 +257,7 @@ def test_a_slurm_job_of_several_submitit_tasks_is_a_torchrun_launch(compose_run,
     slurm = {
         "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2",
         "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
-    }  # fmt: skip
+    }
     without_torchrun(monkeypatch)
     for name, value in slurm.items():
         monkeypatch.setenv(name, value)

@@ -109,7 +109,7 @@ def test_an_experiment_that_sweeps_runs_as_a_sweep_with_or_without_dash_m(compos
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_header_gives_its_command_result_and_run_time(experiment):
     header = [line for line in (Path(CONF_DIR) / "experiment" / f"{experiment}.yaml").read_text().splitlines()
-              if line.startswith("#")]  # fmt: skip
+              if line.startswith("#")]
     labels = [line.split(":")[0][2:] for line in header if re.match(r"# (Run|Measured|Time): ", line)]
     assert labels == ["Run", "Measured", "Time"], f"{experiment}.yaml: a header with # Run:, # Measured:, # Time:"
     start, end = (next(i for i, line in enumerate(header) if line.startswith(f"# {label}:")) for label in labels[:2])

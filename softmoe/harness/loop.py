@@ -238,14 +238,14 @@ def show_on_bar(bar: tqdm, latest: Optional[dict]) -> None:
     """The progress bar's figures: the last logged training metrics (none before the first)."""
     if latest:
         bar.set_postfix(loss=f"{latest['train/loss']:.3f}", acc=f"{latest['train/acc']:.1%}",
-                        img_s=f"{latest['train/throughput']:.0f}")  # fmt: skip
+                        img_s=f"{latest['train/throughput']:.0f}")
 
 
 def epoch_line(epoch: int, epochs: int, step: int, latest: Optional[dict], last_eval: Optional[dict]) -> str:
     trained = "" if not latest else (
         f"train loss {latest['train/loss']:.4f} acc {latest['train/acc']:.2%} "
         f"({latest['train/throughput']:.0f} img/s)  "
-    )  # fmt: skip
+    )
     validated = "" if last_eval is None else f"val loss {last_eval['loss']:.4f} acc {100 * last_eval['acc']:.2f}%"
     return f"epoch {epoch}/{epochs}  step {step}  {trained}{validated}"
 

@@ -65,7 +65,7 @@ class TrainWindow:
     def add(
         self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, seconds: float,
         applied: Optional[torch.Tensor] = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Count a step's batch; ``applied`` (a boolean on the device, when the optimizer decides there whether to
         take the step) leaves out a skipped step without waiting for the device."""
         loss_sum, correct = loss.detach() * len(labels), (logits.detach().argmax(dim=-1) == labels).sum()
@@ -96,7 +96,7 @@ class TrainWindow:
     def state_dict(self) -> dict[str, Any]:
         return {
             "loss_sum": self.loss_sum.item(), "correct": self.correct.item(), "seen": self.seen, "seconds": self.seconds
-        }  # fmt: skip
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss_sum.fill_(state["loss_sum"])
@@ -182,4 +182,4 @@ def build_state(config: Mapping[str, Any], distributed: Distributed, total_steps
 SUMMARY_KEYS = (
     "test_acc", "test_loss", "val_acc", "best_val_acc", "best_val_epoch", "test_acc_at_best_val", "skipped_steps",
     "skipped_examples",
-)  # fmt: skip
+)

@@ -377,7 +377,7 @@ def plot(summaries: Sequence[GroupSummary], by: Sequence[str], column: str, path
         cells = [p.cells[column] for p in points]
         label = ", ".join(f"{k}={v}" for k, v in zip(by[1:], rest)) or None
         ax.bar(xs, [c.mean for c in cells], width=width * 0.9, label=label,
-               yerr=[c.std or 0.0 for c in cells], capsize=3, error_kw={"linewidth": 1})  # fmt: skip
+               yerr=[c.std or 0.0 for c in cells], capsize=3, error_kw={"linewidth": 1})
     tick_labels = [str(x) for x in x_labels]
     # long values (routing names such as uniform_dispatch_soft_combine) or many of them would overlap
     slanted = len(tick_labels) > 4 or max(map(len, tick_labels)) > 8

@@ -127,7 +127,7 @@ def truncate_after(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [
         line for line in lines if line.endswith("\n") and _event_step(line) is not None and _event_step(line) <= step
-    ]  # fmt: skip
+    ]
     if len(kept) != len(lines):
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text("".join(kept))
