@@ -1,4 +1,4 @@
-"""Every option of every config group composes, validates and builds its objects; bad values stop with one line.
+"""Every option of every config group composes, passes the checks and builds its objects; bad values stop with one line.
 
 The options are read from conf/<group>/*.yaml, so a new file is tested by being added.
 """
@@ -30,7 +30,7 @@ PAPER_SIZES = {  # our model option -> timm's model of the same size
     "vit_large": "vit_large_patch16_224",
     "vit_huge": "vit_huge_patch14_224",
 }
-IMAGENET_SHAPE = ["data=imagefolder"]  # 224 px, 3 channels, 1000 classes; validating it reads no files
+IMAGENET_SHAPE = ["data=imagefolder"]  # 224 px, 3 channels, 1000 classes; checking it reads no files
 
 
 def test_every_group_has_options():
@@ -40,7 +40,7 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_validates_and_builds(compose_run, group, option):
+def test_option_composes_passes_the_checks_and_builds(compose_run, group, option):
     overrides = [f"{group}={option}"] + (IMAGENET_SHAPE if option in PAPER_SIZES else [])
     cfg = compose_run(*overrides)
     if cfg.trainer.device.startswith("cuda") and not torch.cuda.is_available():

@@ -117,7 +117,7 @@ def test_every_experiment_header_gives_its_command_result_and_run_time(experimen
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_value_an_experiment_sweeps_composes_validates_and_builds(compose_run, experiment):
+def test_every_value_an_experiment_sweeps_composes_passes_the_checks_and_builds(compose_run, experiment):
     base = compose_run(f"experiment={experiment}", hydra_node=True)
     for override in swept_values(base.hydra.sweeper.params or {}):
         if "." in override.split("=")[0] or override.startswith("seed="):  # a value: merged, as Hydra would
