@@ -216,12 +216,12 @@ def check_config(cfg: DictConfig) -> None:
     problem = seed_value(config.get("seed"), config)
     if problem:
         raise ConfigError(f"seed={format_value(config.get('seed'))}: {problem}")
-    check_data_config(cfg.data)
+    check_data_config(config["data"])
     _check_model(config["model"], config["data"])
     _check_moe(config["moe"], config["model"])
     if config["model"]["upcycle_from"] is not None:
         _check_upcycle_source(config["model"], config["moe"])
-    _check_trainer(config["trainer"], cfg.data, config["data"]["name"])
+    _check_trainer(config["trainer"], config["data"])
     _check_optimization(config["optimizer"], config["scheduler"])
     logger = config["logger"]
     check_section("logger", logger, {"backend": LOGGER_RULES["backend"]})
@@ -274,7 +274,7 @@ def _check_moe(moe: dict[str, Any], model: dict[str, Any]) -> None:
         )
 
 
-def _check_trainer(trainer: dict[str, Any], data_cfg: Any, dataset: str) -> None:
+def _check_trainer(trainer: dict[str, Any], data: dict[str, Any]) -> None:
     check_section("trainer", trainer, TRAINER_RULES)
     check_known("trainer", trainer, set(TRAINER_RULES), "not a key of the trainer group")
     if trainer["precision"] == "fp16" and resolve_device(trainer["device"]).type != "cuda":
@@ -284,11 +284,11 @@ def _check_trainer(trainer: dict[str, Any], data_cfg: Any, dataset: str) -> None
             f"trainer.precision={trainer['precision']}: on Apple's GPU (trainer.device={trainer['device']} is MPS) "
             "the trainer runs in float32; use trainer.precision=fp32"
         )
-    train_size = dataset_size(data_cfg, "train")
+    train_size = dataset_size(data, "train")
     if train_size is not None and trainer["batch_size"] > train_size:
         raise ConfigError(
             f"trainer.batch_size={trainer['batch_size']}: larger than the {train_size} training examples of "
-            f"data={dataset}; must be at most {train_size}"
+            f"data={data['name']}; must be at most {train_size}"
         )
 
 
