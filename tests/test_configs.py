@@ -19,6 +19,7 @@ from softmoe import moe_layers
 from softmoe.harness.config import ConfigError, check_config, check_launch
 from softmoe.harness.model import build_model, moe_blocks
 from softmoe.harness.optim import build_optimizer, build_scheduler
+from softmoe.harness.rules import check_known, check_section, plain, positive_int
 
 ROOT = Path(CONF_DIR).parent
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "hydra")
@@ -267,3 +268,22 @@ def test_cli_prints_one_line_and_exits_nonzero_before_loading_anything(tmp_path)
     assert result.stderr.strip() == "error: moe.num_experts=0: must be a positive integer"
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_plain_resolves_interpolations_and_leaves_out_hydras_node():
+    cfg = OmegaConf.create({"data": {"img_size": 8}, "model": {"img_size": "${data.img_size}"}, "hydra": {"job": {}}})
+    assert plain(cfg) == {"data": {"img_size": 8}, "model": {"img_size": 8}}
+    assert plain(cfg.model) == {"img_size": 8}  # a section resolves against its root
+    with pytest.raises(ConfigError, match=r"^model.img_size: Interpolation key 'data.size' not found"):
+        plain(OmegaConf.create({"data": {}, "model": {"img_size": "${data.size}"}}))
+
+
+def test_one_section_checker_names_the_missing_the_bad_and_the_unknown_key():
+    rules = {"depth": positive_int}
+    with pytest.raises(ConfigError, match=r"^model.depth: missing; every key of conf/model/\*.yaml is needed$"):
+        check_section("model", {}, rules)
+    check_section("model", {}, rules, required=None)  # only the keys present
+    with pytest.raises(ConfigError, match=r"^model.depth=true: must be a positive integer$"):
+        check_section("model", {"depth": True}, rules)  # a bool is not an int
+    with pytest.raises(ConfigError, match=r"^model.dept=4: not a key of the model group$"):
+        check_known("model", {"dept": 4, "_target_": "x"}, rules, "not a key of the model group")

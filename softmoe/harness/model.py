@@ -95,6 +95,8 @@ def build_model(model_cfg: Mapping[str, Any], moe_cfg: Mapping[str, Any], *, upc
     model_cfg, moe_cfg = plain(model_cfg), plain(moe_cfg)
     model = _build_network(model_cfg, moe_cfg)
     source = model_cfg.get("upcycle_from")  # configs saved before the key existed lack it
+    # upcycled here, not by create_model(pretrained=True): the source may be a moe=dense run's last.pt, whose every
+    # shape check_config has matched to this model
     if upcycle_weights and source is not None:
         upcycle(os.path.expanduser(source), model, noise_std=model_cfg.get("upcycle_noise_std", 0.0))
     return model
