@@ -128,6 +128,7 @@ def test_launchers_set_and_build_hydras_launcher(compose_run):
 # Each bad override and the fragments its one-line message must contain: the key, the value, what is allowed.
 BAD_OVERRIDES = [
     (["trainer.strategy=sometimes"], ["trainer.strategy=sometimes", "must be one of auto, single, ddp"]),
+    (["trainer.expert_parallel_size=0"], ["trainer.expert_parallel_size=0", "must be a positive integer, or null"]),
     (["moe.num_experts=0"], ["moe.num_experts=0", "positive integer"]),
     (["moe.slots_per_expert=-1"], ["moe.slots_per_expert=-1", "positive integer"]),
     (["moe.num_experts=abc"], ["moe.num_experts=abc", "positive integer"]),
@@ -203,30 +204,45 @@ def test_bad_values_stop_with_one_line_naming_key_and_value(compose_run, default
 
 
 @pytest.mark.parametrize(
-    "overrides,torchrun,message",
+    "overrides,processes,message",
     [
-        (["trainer.strategy=ddp"], False, "trainer.strategy=ddp: needs a torchrun launch"),
-        (["moe.expert_parallel=true"], False, "moe.expert_parallel=true: needs a distributed launch"),
-        (["trainer.strategy=single"], True, "trainer.strategy=single: this process is one of WORLD_SIZE=2"),
+        (["trainer.strategy=ddp"], None, "trainer.strategy=ddp: needs a torchrun launch"),
+        (["moe.expert_parallel=true"], None, "moe.expert_parallel=true: needs a distributed launch"),
+        (["trainer.strategy=single"], 2, "trainer.strategy=single: this process is one of WORLD_SIZE=2"),
         (
-            ["trainer.batch_size=63"], True,
+            ["trainer.batch_size=63"], 2,
             "trainer.batch_size=63: the global batch must be divisible by the 2 processes (WORLD_SIZE=2)",
         ),
         (
-            ["moe.expert_parallel=true", "moe.num_experts=5"], True,
+            ["moe.expert_parallel=true", "moe.num_experts=5"], 2,
             "moe.num_experts=5: expert parallelism needs it divisible by the 2 processes",
         ),
-        (["moe.expert_parallel=true", "moe=dense"], True, "moe.expert_parallel=true: needs MoE layers"),
+        (["moe.expert_parallel=true", "moe=dense"], 2, "moe.expert_parallel=true: needs MoE layers"),
         (
-            ["moe.expert_parallel=true", "trainer.precision=fp16"], True,
+            ["moe.expert_parallel=true", "trainer.precision=fp16"], 2,
             "trainer.precision=fp16: a loss-scaled step may skip on some ranks only under expert parallelism",
+        ),
+        (["trainer.expert_parallel_size=2"], None, "trainer.expert_parallel_size=2: needs a distributed launch"),
+        (
+            ["trainer.expert_parallel_size=4"], 2,
+            "trainer.expert_parallel_size=4: must divide the 2 processes (WORLD_SIZE=2) into expert groups",
+        ),
+        (["trainer.expert_parallel_size=3"], 4, "trainer.expert_parallel_size=3: must divide the 4 processes"),
+        (
+            ["trainer.expert_parallel_size=2", "moe.num_experts=5"], 4,
+            "moe.num_experts=5: expert parallelism needs it divisible by the 2 ranks of an expert group "
+            "(trainer.expert_parallel_size=2)",
+        ),
+        (
+            ["moe.expert_parallel=true", "moe.num_experts=6"], 4,
+            "moe.num_experts=6: expert parallelism needs it divisible by the 4 processes",
         ),
     ],
 )
-def test_bad_launches_stop_with_one_line(compose_run, overrides, torchrun, message):
-    """The config against the launch: ``torchrun`` set RANK and WORLD_SIZE=2, or the process runs alone."""
+def test_bad_launches_stop_with_one_line(compose_run, overrides, processes, message):
+    """The config against the launch: ``processes`` ranks started by torchrun, or None: the process runs alone."""
     with pytest.raises(ConfigError) as raised:
-        check_launch(compose_run(*overrides), torchrun=torchrun, world_size=2 if torchrun else 1)
+        check_launch(compose_run(*overrides), torchrun=processes is not None, world_size=processes or 1)
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
 
 
@@ -234,6 +250,7 @@ def test_good_launches_pass(compose_run):
     check_launch(compose_run(), torchrun=False, world_size=1)
     check_launch(compose_run("trainer.strategy=single"), torchrun=True, world_size=1)
     check_launch(compose_run("moe.expert_parallel=true", "moe.num_experts=4"), torchrun=True, world_size=2)
+    check_launch(compose_run("trainer.expert_parallel_size=2", "moe.num_experts=4"), torchrun=True, world_size=4)
 
 
 def test_the_default_run_and_each_bad_value_differ_only_by_it(default_run):

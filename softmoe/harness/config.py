@@ -130,6 +130,7 @@ TRAINER_RULES: dict[str, Rule] = {
     "progress_bar": boolean,
     "resume": optional(existing_file),
     "strategy": one_of("auto", "single", "ddp"),
+    "expert_parallel_size": optional(positive_int),
     "nonfinite": one_of("skip", "stop"),
     "max_nonfinite_skips": positive_int,
 }
@@ -304,10 +305,19 @@ def _check_optimization(optimizer: dict[str, Any], scheduler: dict[str, Any]) ->
         raise ConfigError("scheduler.timescale=null: means warmup_steps, which is 0; set scheduler.timescale")
 
 
+def expert_group_size(config: Mapping[str, Any], world_size: int) -> Optional[int]:
+    """The ranks each expert group spans: ``trainer.expert_parallel_size``, else every rank under
+    ``moe.expert_parallel``; None without expert parallelism."""
+    size = config["trainer"].get("expert_parallel_size")
+    if size is None and not config["moe"]["expert_parallel"]:
+        return None
+    return size or world_size
+
+
 def check_launch(config: Mapping[str, Any], *, torchrun: bool, world_size: int) -> None:
     """The config against how this process was started (``torchrun`` set RANK and WORLD_SIZE, ``world_size``
-    processes): ``trainer.strategy``, ``moe.expert_parallel`` and what they need. The same error on every rank."""
-    trainer, moe = config["trainer"], config["moe"]
+    processes): ``trainer.strategy``, expert parallelism and what they need. The same error on every rank."""
+    trainer = config["trainer"]
     strategy = trainer["strategy"]
     if strategy == "ddp" and not torchrun:
         raise ConfigError(
@@ -320,8 +330,8 @@ def check_launch(config: Mapping[str, Any], *, torchrun: bool, world_size: int) 
             "use trainer.strategy=auto or ddp, or run python -m softmoe.train"
         )
     data_parallel = torchrun and strategy != "single"
-    if moe["expert_parallel"]:
-        _check_expert_parallel(moe, trainer["precision"], data_parallel, world_size)
+    if expert_group_size(config, world_size) is not None:
+        _check_expert_parallel(config, data_parallel, world_size)
     if data_parallel and trainer["batch_size"] % world_size:
         raise ConfigError(
             f"trainer.batch_size={trainer['batch_size']}: the global batch must be divisible by the {world_size} "
@@ -329,19 +339,25 @@ def check_launch(config: Mapping[str, Any], *, torchrun: bool, world_size: int) 
         )
 
 
-def _check_expert_parallel(moe: Mapping[str, Any], precision: str, data_parallel: bool, world_size: int) -> None:
+def _check_expert_parallel(config: Mapping[str, Any], data_parallel: bool, world_size: int) -> None:
+    moe, size = config["moe"], config["trainer"].get("expert_parallel_size")
+    # the key that asked for expert parallelism, as the user typed it
+    asked = "moe.expert_parallel=true" if size is None else f"trainer.expert_parallel_size={size}"
     if not data_parallel:
-        raise ConfigError(
-            "moe.expert_parallel=true: needs a distributed launch: "
-            "torchrun --nproc_per_node=N -m softmoe.train moe.expert_parallel=true"
-        )
+        raise ConfigError(f"{asked}: needs a distributed launch: torchrun --nproc_per_node=N -m softmoe.train {asked}")
     if moe["placement"] == "none" and not moe["layers"]:
-        raise ConfigError("moe.expert_parallel=true: needs MoE layers to split; moe.placement=none builds a dense ViT")
-    if moe["num_experts"] % world_size:
+        raise ConfigError(f"{asked}: needs MoE layers to split; moe.placement=none builds a dense ViT")
+    if size is not None and world_size % size:
         raise ConfigError(
-            f"moe.num_experts={moe['num_experts']}: expert parallelism needs it divisible by the {world_size} processes"
+            f"{asked}: must divide the {world_size} processes (WORLD_SIZE={world_size}) into expert groups"
         )
-    if precision == "fp16":
+    group = expert_group_size(config, world_size)
+    if moe["num_experts"] % group:
+        where = "processes" if group == world_size else f"ranks of an expert group ({asked})"
+        raise ConfigError(
+            f"moe.num_experts={moe['num_experts']}: expert parallelism needs it divisible by the {group} {where}"
+        )
+    if config["trainer"]["precision"] == "fp16":
         raise ConfigError(
             "trainer.precision=fp16: a loss-scaled step may skip on some ranks only under expert parallelism; use bf16"
         )
