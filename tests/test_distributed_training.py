@@ -415,7 +415,7 @@ def test_fsdp_with_expert_parallelism_resumes_a_one_process_run_and_writes_shard
     assert "checkpoints: sharded (torch.distributed.checkpoint)" in (run_dir / "train.log").read_text()
     assert not (run_dir / "last.pt").exists() and sorted(p.name for p in (run_dir / "last.dcp").glob("*.distcp")) == [
         "__0_0.distcp", "__1_0.distcp"
-    ]  # fmt: skip
+    ]
 
     # the sharded checkpoint read on one process: the single-process run's weights; evaluated; exported
     whole, theirs = sharded_checkpoint.read_model(run_dir / "last.dcp"), load_checkpoint(single / "last.pt")["model"]

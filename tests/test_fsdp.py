@@ -16,13 +16,13 @@ from torch.distributed.tensor import DTensor
 
 from softmoe import SoftMoEVisionTransformer
 from softmoe.harness import fsdp
-from softmoe.parallel import distributed_data_parallel, expert_data_mesh, to_expert_parallel
+from softmoe.parallel import expert_data_mesh, to_expert_parallel
 
 PER_RANK_BATCH = 2
 TINY_VIT = dict(
     img_size=8, patch_size=4, embed_dim=16, depth=3, num_heads=2, mlp_ratio=2.0, num_classes=3,
     num_experts=4, slots_per_expert=2, moe_layer_index=(1, 2),
-)  # fmt: skip
+)
 FP32 = dict(rtol=2e-5, atol=2e-6)  # float32: the reductions add in another order
 WEIGHTS = dict(rtol=2e-5, atol=1e-5)  # after AdamW, which divides near-zero gradients by their own size
 MAX_NORM = 0.05  # small enough that clipping acts on every step
@@ -162,9 +162,9 @@ def bf16_parameters_in_compute_fp32_gradients(rank):
 
 # Starting processes costs more than a scenario: each layout runs at one of the two sizes.
 TWO_RANK_SCENARIOS = {fn.__name__: fn for fn in (fsdp_alone, fsdp_with_every_rank_an_expert_group,
-                                                  fsdp_without_resharding_and_with_activation_checkpointing)}  # fmt: skip
+                                                  fsdp_without_resharding_and_with_activation_checkpointing)}
 FOUR_RANK_SCENARIOS = {fn.__name__: fn for fn in (fsdp_alone, fsdp_with_two_expert_ranks,
-                                                   bf16_parameters_in_compute_fp32_gradients)}  # fmt: skip
+                                                   bf16_parameters_in_compute_fp32_gradients)}
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ SHARED = {}  # set before the ranks fork: the directories they read and write
 
 def batch(step):
     generator = torch.Generator().manual_seed(100 + step)
-    return torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=generator), torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)
+    images = torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=generator)
+    return images, torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)
 
 
 def optimizer_for(model):
@@ -94,10 +95,10 @@ def _four_ranks_fsdp_and_two_by_two_experts_save():
     optimizer = optimizer_for(model)
     losses = train_steps(model, optimizer, [0], clip_sharded)
     sharded_checkpoint.save(SHARED["dir"], "last.pt", model, optimizer, mesh, {"format": FORMAT_VERSION, "step": 1},
-                            keep_previous=True)  # fmt: skip
+                            keep_previous=True)
     losses += train_steps(model, optimizer, [1], clip_sharded)
     sharded_checkpoint.save(SHARED["dir"], "last.pt", model, optimizer, mesh, {"format": FORMAT_VERSION, "step": 2},
-                            keep_previous=True)  # fmt: skip
+                            keep_previous=True)
     _write_losses("losses_4.json", losses)
 
 
@@ -109,7 +110,7 @@ def two_ranks_resume_with_two_expert_ranks(rank):
     sharded_checkpoint.load(path, model, optimizer, mesh)
     losses = train_steps(model, optimizer, [2, 3], clip_sharded)
     sharded_checkpoint.save(SHARED["dir"], "last.pt", model, optimizer, mesh, {"format": FORMAT_VERSION, "step": 4},
-                            keep_previous=True)  # fmt: skip
+                            keep_previous=True)
     _write_losses("losses_2.json", losses)
 
 
@@ -154,7 +155,7 @@ def test_resharding_4_to_2_to_1_and_1_to_4_continues_the_uninterrupted_losses(tm
 
     # 1 -> 4: the one-process checkpoint resumed by 4 ranks (FSDP, and every rank an expert group)
     torch.testing.assert_close(torch.tensor(json.load(open(tmp_path / "losses_1_to_4.json"))),
-                               torch.tensor(expected[2:4]), **FP32)  # fmt: skip
+                               torch.tensor(expected[2:4]), **FP32)
 
 
 def _save_forever(run_dir):
@@ -169,7 +170,7 @@ def _save_forever(run_dir):
         with torch.no_grad():
             model[0].bias.fill_(step)
         sharded_checkpoint.save(run_dir, "last.pt", model, optimizer, None, {"format": FORMAT_VERSION, "step": step},
-                                keep_previous=True)  # fmt: skip
+                                keep_previous=True)
 
 
 @pytest.mark.slow
@@ -199,7 +200,7 @@ def test_kill_9_during_a_sharded_save_leaves_a_checkpoint_to_resume_from(tmp_pat
 
     # the next save clears the killed one's leftovers; so does a crash between its two renames
     sharded_checkpoint.save(tmp_path, "last.pt", model, optimizer, None, {"format": FORMAT_VERSION, "step": 99},
-                            keep_previous=True)  # fmt: skip
+                            keep_previous=True)
     assert not temporary.exists()
     (tmp_path / "last.prev.dcp").rename(tmp_path / "gone")
     (tmp_path / "last.dcp").rename(tmp_path / "last.prev.dcp")  # the moment between the renames

@@ -347,7 +347,7 @@ class Distributed:
             log.info("FSDP2 over %d ranks%s (reshard_after_forward=%s)", self.world_size,
                      f", experts over {self.world_size // size} replicas" if size else "", self.reshard_after_forward)
             model = fsdp.shard_model(model, self.device.type, expert_mesh=self.mesh, precision=self.precision,
-                                     reshard_after_forward=self.reshard_after_forward)  # fmt: skip
+                                     reshard_after_forward=self.reshard_after_forward)
             forward = model
         elif self.data_parallel:
             device_ids = [self.device.index] if self.device.type == "cuda" else None

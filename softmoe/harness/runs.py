@@ -53,8 +53,8 @@ class LoadedRun:
 
 
 def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best") -> Path:
-    """``<run_dir>/<checkpoint>.pt`` (or the sharded ``<checkpoint>.dcp`` of an FSDP run); a ConfigError for a checkpoint name other than best or last, a
-    CheckpointError when the file is not there."""
+    """``<run_dir>/<checkpoint>.pt`` (or the sharded ``<checkpoint>.dcp`` of an FSDP run); a ConfigError for a
+    checkpoint name other than best or last, a CheckpointError when neither is there."""
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(f"checkpoint={checkpoint}: must be one of {', '.join(CHECKPOINTS)}")
     path = Path(run_dir) / f"{checkpoint}.pt"

@@ -97,7 +97,8 @@ def _expert_major_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 
 def _expert_layers(model: nn.Module) -> dict[str, parallel.ExpertParallel]:
-    return {f"{name}.{parallel.LOCAL_EXPERTS}.": layer for name, layer in parallel.expert_parallel_layers(model).items()}
+    layers = parallel.expert_parallel_layers(model)
+    return {f"{name}.{parallel.LOCAL_EXPERTS}.": layer for name, layer in layers.items()}
 
 
 def _global_expert_shard(local: torch.Tensor, layer: parallel.ExpertParallel, mesh: DeviceMesh) -> DTensor:
@@ -139,7 +140,9 @@ def _template(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> t
     return get_state_dict(model, optimizer, options=OPTIONS)
 
 
-def _apply(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], flat: Mapping[str, Any], template: tuple) -> None:
+def _apply(
+    model: nn.Module, optimizer: Optional[torch.optim.Optimizer], flat: Mapping[str, Any], template: tuple
+) -> None:
     """``set_state_dict`` with the loaded ``flat`` values, named back to this layout's keys."""
     layers = _expert_layers(model)
     for prefix, state in zip(("model.", "optim."), template):
@@ -160,7 +163,7 @@ def _apply(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], flat: M
 def save(
     run_dir: Path, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Optional[DeviceMesh],
     train_state: Optional[dict[str, Any]], *, keep_previous: bool,
-) -> Path:  # fmt: skip
+) -> Path:
     """Write a sharded checkpoint ``<run_dir>/<name>.dcp`` atomically; ``train_state`` is rank 0's (None elsewhere).
     ``keep_previous``: the one it replaces becomes ``<name>.prev.dcp``. Collective."""
     final = directory(run_dir, name)
@@ -221,7 +224,7 @@ def load(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer
 def load_full(
     model: nn.Module, optimizer: Optional[torch.optim.Optimizer], mesh: Optional[DeviceMesh],
     model_state: Mapping[str, torch.Tensor], optimizer_state: Optional[Mapping[str, Any]],
-) -> None:  # fmt: skip
+) -> None:
     """Load a single-file checkpoint's whole state (``last.pt``: single-process names, the optimizer's state by
     parameter index) into a sharded ``model``: each rank copies its slices. For resuming a one-process run on W."""
     template = _template(model, optimizer)
