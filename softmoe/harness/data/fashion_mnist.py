@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 
 from .common import BadDataError, BadExamples, DataBundle, MissingDataError, download_failed, with_transform
 from .digits import TensorImages
+from .splits import hold_out
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 TORCHVISION_SUBDIR = Path("FashionMNIST") / "raw"
@@ -134,6 +135,10 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
         )
     report = BadExamples(cfg["on_bad_file"])
     splits = {split: load_split(folder, split, report) for split in FILES}
+    if cfg["train_subset"] is not None and cfg["train_subset"] < len(splits["train"][1]):
+        # a stratified draw that depends on split_seed alone, so every run of a sweep trains on the same images
+        _, kept = hold_out(splits["train"][1].tolist(), cfg["train_subset"], cfg["split_seed"])
+        splits["train"] = tuple(tensor[torch.from_numpy(kept)] for tensor in splits["train"])
     # Random translation by up to 2 pixels (blank background) and horizontal flips: clothes are symmetric.
     augment = v2.Compose([v2.RandomCrop(SIDE, padding=2, fill=-MEAN / STD), v2.RandomHorizontalFlip()])
     train = TensorImages(*splits["train"], transform=augment if cfg["augment"] else None)
