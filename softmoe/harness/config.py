@@ -26,6 +26,7 @@ from .errors import ConfigError
 from .model import PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
 from .rules import (
     Rule,
+    auto_or_boolean,
     boolean,
     format_value,
     is_int,
@@ -36,6 +37,7 @@ from .rules import (
     optional,
     positive_int,
     positive_number,
+    share,
     text,
     texts,
 )
@@ -122,6 +124,8 @@ TRAINER_RULES: dict[str, Rule] = {
     "device": device_name,
     "num_threads": optional(positive_int),
     "num_workers": non_negative_int,
+    "data_on_device": auto_or_boolean,
+    "cuda_memory_fraction": optional(share),
     "log_every": positive_int,
     "checkpoint_every": optional(positive_int),
     "progress_bar": boolean,

@@ -54,9 +54,11 @@ from .checkpoint import (
 )
 from .config import planned_steps, validate_config
 from .data import build_datasets
+from .data.device_loader import training_loader
 from .distributed import Distributed, Loaders, RankZeroTelemetry
 from .errors import ConfigError, NonFiniteError
 from .faults import NonFiniteGuard, Preempted, PreemptionGuard, first_nonfinite
+from .gpu_share import cap_cuda_memory, memory_share
 from .model import build_model
 from .optim import build_optimizer, build_scheduler, keeping_kernel_choice
 from .precision import autocast, warn_if_slow
@@ -492,6 +494,7 @@ def train(
     distributed = Distributed.from_config(cfg)
     device = distributed.device
     warn_if_slow(device, trainer.precision)  # bf16 on a CPU without native bf16
+    cap_cuda_memory(device, trainer.cuda_memory_fraction)  # several runs sharing one GPU (gpu_share.py)
     cleanup = contextlib.ExitStack()  # closed last, however the run ends: handlers, W&B, the run directory's lock
     try:
         lock = distributed.claim_run_dir(run_dir)  # one process per run directory (rank 0 holds the lock)
@@ -505,6 +508,8 @@ def train(
         # Data. Epoch e's order is drawn from seed + e, so a resumed run skips what it has seen without loading it.
         data = build_datasets(cfg.data, cfg.paths.data_dir)
         loaders = distributed.build_loaders(data, trainer, cfg.seed)  # this rank's share of every batch
+        loaders.train = training_loader(loaders.train, loaders.sampler, data.train, trainer.data_on_device, device,
+                                        memory_share(device, trainer.cuda_memory_fraction))  # fmt: skip
         steps_per_epoch, total_steps = planned_steps(config["trainer"], len(data.train))
         if steps_per_epoch == 0:  # only for datasets whose size was unknown before they were scanned
             raise ConfigError(
