@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from data_fixtures import data_config, write_fashion_mnist
+from data_fixtures import data_config, write_cifar, write_fashion_mnist
 from torch.utils.data import Subset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -52,12 +52,13 @@ def epoch(loader, number: int, skip: int = 0, seed: int = 3) -> list:
     return list(loader)
 
 
-def candidates(image: torch.Tensor, padding: int, fill: float) -> list[torch.Tensor]:
-    """Every image v2.RandomCrop(side, padding, fill) then v2.RandomHorizontalFlip can make of ``image``."""
+def candidates(image: torch.Tensor, padding: int, fill: float, then=lambda image: image) -> list[torch.Tensor]:
+    """Every image v2.RandomCrop(side, padding, fill) then v2.RandomHorizontalFlip (then ``then``) can make of
+    ``image``, computed by torchvision one example at a time."""
     side = image.shape[-1]
     padded = TF.pad(image, [padding], fill=fill)
     crops = [TF.crop(padded, top, left, side, side) for top in range(2 * padding + 1) for left in range(2 * padding + 1)]
-    return crops + [TF.horizontal_flip(crop) for crop in crops]
+    return [then(crop) for crop in crops + [TF.horizontal_flip(crop) for crop in crops]]
 
 
 def test_without_augmentation_the_batches_are_the_dataloaders_every_epoch_and_after_a_mid_epoch_resume(tmp_path):
@@ -118,6 +119,30 @@ def test_a_resumed_epoch_draws_the_augmentations_of_the_uninterrupted_one(tmp_pa
     for (images, labels), (resumed_images, resumed_labels) in zip(whole[4:], resumed):
         assert torch.equal(images, resumed_images) and torch.equal(labels, resumed_labels)
     assert not torch.equal(epoch(on_device, 3)[0][0], whole[0][0])  # a new epoch, new draws
+
+
+def test_cifar_goes_to_the_device_converted_once_with_its_crop_fill_converted_too(tmp_path):
+    write_cifar(tmp_path, "cifar10", per_file=8)  # 40 train images
+    plain, augmented = (
+        build_datasets(data_config("cifar10", root=str(tmp_path), val_size=8, augment=augment), "/none")
+        for augment in (False, True)
+    )  # fmt: skip
+    loader, on_device = both_paths(plain.train)
+    for (images, labels), (device_images, device_labels) in zip(epoch(loader, 1), epoch(on_device, 1)):
+        assert torch.equal(device_images, images) and torch.equal(device_labels, labels)
+
+    _, on_device = both_paths(augmented.train)
+    crop = on_device.augmentation[0]
+    mean, std = torch.tensor(plain.train.dataset.mean), torch.tensor(plain.train.dataset.std)
+    assert crop.padding == 4 and torch.allclose(torch.tensor(crop.fill), -mean / std)  # black, normalised
+    to_tensor = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean.tolist(), std.tolist())])
+    raw = torch.from_numpy(augmented.train.dataset.data).permute(0, 3, 1, 2)  # [N, 3, 32, 32] uint8
+    order = list(ResumableSampler(len(augmented.train), 3))
+    for position, (images, labels) in enumerate(epoch(on_device, 0)):
+        for row in range(len(labels)):
+            index = augmented.train.indices[order[position * 8 + row]]
+            choices = candidates(raw[index], 4, 0, then=to_tensor)
+            assert any(torch.allclose(images[row], choice, atol=1e-6) for choice in choices), (position, row)
 
 
 def test_data_on_device_false_and_auto_on_a_cpu_keep_the_dataloader_true_moves_it_or_says_why_not(tmp_path):

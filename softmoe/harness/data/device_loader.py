@@ -1,7 +1,8 @@
 """Small datasets on the device: the training split copied to the accelerator once, batches drawn there.
 
-    loader = device_loader(data.train, batch_size, sampler, device)   # None: this split cannot go there
-    for images, labels in loader: ...                                 # already on ``device``
+    # trainer.data_on_device: the DataLoader, or a DeviceLoader of the same batches (loop.py)
+    loaders.train = training_loader(loaders.train, loaders.sampler, data.train, trainer.data_on_device, device)
+    for images, labels in loaders.train: ...   # already on the device
 
 A :class:`DeviceLoader` stands in for the training ``DataLoader`` (``build_loader``): it takes the same
 resumable ``sampler`` (``set_epoch(epoch, skip=...)``), has a ``generator`` the loop seeds each epoch and
@@ -12,19 +13,21 @@ What it reproduces of the DataLoader path, and what it does not (``tests/test_de
 * the order: the sampler's, so the same examples form the same batches, and a resumed run skips exactly
   what it had seen; without augmentation the batches are identical to the DataLoader's;
 * the augmentation: the dataset's own random crop (constant padding) and horizontal flip, the transforms
-  ``v2.RandomCrop`` and ``v2.RandomHorizontalFlip`` that digits, Fashion-MNIST and synthetic data use, with
+  ``v2.RandomCrop`` and ``v2.RandomHorizontalFlip`` that digits, Fashion-MNIST and CIFAR use, with
   the same distribution of offsets and flips. The draws differ: the DataLoader path draws per example from
   the global RNG as examples load; here one table of draws per epoch, one row per example, comes from
   ``loader.generator`` (seeded ``seed + epoch`` by the loop), so a resumed epoch sees the draws of the
   uninterrupted one whatever the RNG state, and every rank of a data-parallel run draws the same table.
 
-Datasets held as tensors (``TensorImages``, possibly behind ``Subset``) go to the device; others (CIFAR's
-uint8 arrays, image folders) and other transforms stay with the DataLoader, for the reason
-:func:`device_loader` logs.
+Datasets held as tensors (``TensorImages``: digits, Fashion-MNIST, synthetic) go to the device, and so do
+stored images whose transform is the crop and flip then only ``ToImage``/``ToDtype``/``Normalize`` (CIFAR at
+its own 32 px: the split is converted once, and the crop's fill is converted with it). Others (a resize, timm's
+ImageNet pipeline) stay with the DataLoader, for the reason :func:`training_loader` logs.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -34,17 +37,20 @@ from torch.utils.data import Dataset, Sampler, Subset
 from torchvision.transforms import v2
 
 from ..errors import ConfigError
+from .common import with_transform
 from .digits import TensorImages
+from .splits import dataset_labels
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RandomCropSpec:
-    """``v2.RandomCrop(side, padding=padding, fill=fill)`` of a square image: an offset in [0, 2 * padding]."""
+    """``v2.RandomCrop(side, padding=padding, fill=...)`` of a square image: an offset in [0, 2 * padding], the
+    padding filled with ``fill`` as the network sees it (one value, or one per channel)."""
 
     padding: int
-    fill: float
+    fill: Union[float, tuple[float, ...]]
 
 
 @dataclass(frozen=True)
@@ -55,50 +61,73 @@ class FlipSpec:
 
 
 Augmentation = Union[RandomCropSpec, FlipSpec]
+# The deterministic steps from a stored image to the network's tensor (CIFAR's), applied once, on the host.
+TO_TENSOR_STEPS = (v2.ToImage, v2.ToDtype, v2.Normalize, v2.ToPureTensor)
 
 
 class NotOnDevice(ValueError):
     """Why a split cannot be batched on the device (its storage or its transform)."""
 
 
-def augmentation_of(transform, side: int) -> list[Augmentation]:
-    """The device's version of ``transform`` (None, one transform or a ``v2.Compose``), in order."""
-    steps = [] if transform is None else list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
-    specs: list[Augmentation] = []
-    for step in steps:
+def _steps(transform) -> list:
+    return [] if transform is None else list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
+
+
+def _is_random_crop_of_the_whole_image(step) -> bool:
+    return (
+        isinstance(step, v2.RandomCrop) and step.size[0] == step.size[1] and len(set(step.padding)) == 1
+        and step.padding_mode == "constant" and not step.pad_if_needed and isinstance(step.fill, (int, float))
+    )  # fmt: skip
+
+
+def split_tensors(dataset: Dataset, augmented: bool = True) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """(images [N, c, s, s] as the network sees them, labels [N], the device's augmentation) of ``dataset``:
+    ``TensorImages`` (digits, Fashion-MNIST, synthetic), or stored images whose transform is random crop / flip
+    followed by ``TO_TENSOR_STEPS`` (CIFAR at 32 px), possibly behind ``Subset``s. ``augmented=False``: none."""
+    if isinstance(dataset, Subset):
+        images, labels, augmentation = split_tensors(dataset.dataset, augmented)
+        indices = torch.as_tensor(dataset.indices, dtype=torch.int64)
+        return images[indices], labels[indices], augmentation
+    steps = _steps(getattr(dataset, "transform", None))
+    random = list(itertools.takewhile(lambda step: isinstance(step, (v2.RandomCrop, v2.RandomHorizontalFlip)), steps))
+    rest = steps[len(random):]
+    if isinstance(dataset, TensorImages):
+        images, labels, to_tensor = dataset.images, dataset.labels, None
+    elif hasattr(dataset, "transform") and rest and all(isinstance(step, TO_TENSOR_STEPS) for step in rest):
+        to_tensor = v2.Compose(rest)
+        stored = with_transform(dataset, to_tensor)
+        images = torch.stack([stored[index][0] for index in range(len(stored))])  # [N, c, s, s]
+        labels = torch.as_tensor(dataset_labels(dataset), dtype=torch.int64)
+        rest = []
+    else:
+        raise NotOnDevice(f"its examples are a {type(dataset).__name__}, neither tensors in memory nor images whose "
+                          "transform ends in ToImage / ToDtype / Normalize")  # fmt: skip
+    if rest:
+        raise NotOnDevice(f"its transform {rest[0]!r} has no device version (random crop with constant padding "
+                          "of the full image, horizontal flip)")  # fmt: skip
+    augmentation = []
+    for step in random if augmented else []:
         if isinstance(step, v2.RandomHorizontalFlip):
-            specs.append(FlipSpec(float(step.p)))
-        elif (
-            isinstance(step, v2.RandomCrop)
-            and tuple(step.size) == (side, side)
-            and len(set(step.padding)) == 1
-            and step.padding_mode == "constant"
-            and not step.pad_if_needed
-            and isinstance(step.fill, (int, float))
-        ):
-            specs.append(RandomCropSpec(int(step.padding[0]), float(step.fill)))
+            augmentation.append(FlipSpec(float(step.p)))
+        elif _is_random_crop_of_the_whole_image(step) and step.size[0] == images.shape[-1]:
+            fill = float(step.fill) if to_tensor is None else tuple(  # the stored fill value, as the network sees it
+                to_tensor(torch.full((images.shape[1], 1, 1), step.fill, dtype=torch.uint8)).flatten().tolist()
+            )
+            augmentation.append(RandomCropSpec(int(step.padding[0]), fill))
         else:
             raise NotOnDevice(f"its transform {step!r} has no device version (random crop with constant padding "
                               "of the full image, horizontal flip)")  # fmt: skip
-    return specs
-
-
-def split_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """(images [N, c, h, w], labels [N], transform) of a ``TensorImages``, possibly behind ``Subset``s."""
-    if isinstance(dataset, Subset):
-        images, labels, transform = split_tensors(dataset.dataset)
-        indices = torch.as_tensor(dataset.indices, dtype=torch.int64)
-        return images[indices], labels[indices], transform
-    if isinstance(dataset, TensorImages):
-        return dataset.images, dataset.labels, dataset.transform
-    raise NotOnDevice(f"its examples are a {type(dataset).__name__}, not tensors in memory")
+    return images, labels, tuple(augmentation)
 
 
 def random_crop(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, spec: RandomCropSpec) -> torch.Tensor:
     """Each image [c, s, s] of ``images`` padded by ``spec.padding`` with ``spec.fill``, cropped back to s x s at its
     own (top, left): ``v2.RandomCrop``'s output for those offsets."""
-    batch, _, side, _ = images.shape
-    padded = torch.nn.functional.pad(images, [spec.padding] * 4, value=spec.fill)  # [b, c, s + 2p, s + 2p]
+    batch, channels, side, _ = images.shape
+    fill = torch.as_tensor(spec.fill, dtype=images.dtype, device=images.device).expand(channels)[:, None, None]
+    border = torch.ones(side + 2 * spec.padding, side + 2 * spec.padding, dtype=torch.bool, device=images.device)
+    border[spec.padding : spec.padding + side, spec.padding : spec.padding + side] = False
+    padded = torch.where(border, fill, torch.nn.functional.pad(images, [spec.padding] * 4))  # [b, c, s + 2p, s + 2p]
     span = torch.arange(side, device=images.device)
     rows = (top[:, None] + span)[:, :, None]  # [b, s, 1]
     cols = (left[:, None] + span)[:, None, :]  # [b, 1, s]
@@ -162,8 +191,7 @@ def device_loader(
     """``dataset`` copied to ``device`` as a :class:`DeviceLoader` (``train``: augmented, last partial batch
     dropped, as ``build_loader``). Raises :class:`NotOnDevice` saying why it cannot be, e.g. more than
     ``max_bytes`` of images."""
-    images, labels, transform = split_tensors(dataset)
-    augmentation = augmentation_of(transform, images.shape[-1]) if train else []
+    images, labels, augmentation = split_tensors(dataset, augmented=train)
     size = images.element_size() * images.numel()
     if max_bytes is not None and size > max_bytes:
         raise NotOnDevice(f"its {size / 2**20:.0f} MiB of images exceed the {max_bytes / 2**20:.0f} MiB allowed")
