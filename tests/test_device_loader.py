@@ -20,8 +20,9 @@ from softmoe.harness.data.device_loader import (
     NotOnDevice,
     RandomCropSpec,
     device_loader,
-    training_loader,
+    put_on_device,
 )
+from softmoe.harness.distributed import Distributed
 from softmoe.harness.errors import ConfigError
 from softmoe.harness.loop import train
 from softmoe.harness.runs import read_events
@@ -145,17 +146,29 @@ def test_cifar_goes_to_the_device_converted_once_with_its_crop_fill_converted_to
             assert any(torch.allclose(images[row], choice, atol=1e-6) for choice in choices), (position, row)
 
 
-def test_data_on_device_false_and_auto_on_a_cpu_keep_the_dataloader_true_moves_it_or_says_why_not(tmp_path):
+def test_data_on_device_false_and_auto_on_a_cpu_keep_the_dataloaders_true_moves_every_split_or_says_why_not(
+    compose_run, tmp_path
+):
     bundle = fashion(tmp_path, augment=True)
-    loader = build_loader(bundle.train, 8, train=True, sampler=ResumableSampler(len(bundle.train), 0))
-    assert training_loader(loader, loader.sampler, bundle.train, False, CPU) is loader
-    assert training_loader(loader, loader.sampler, bundle.train, "auto", CPU) is loader  # auto: CUDA only
-    moved = training_loader(loader, loader.sampler, bundle.train, True, CPU)
-    assert isinstance(moved, DeviceLoader) and moved.sampler is loader.sampler and moved.batch_size == 8
+    trainer = compose_run("trainer.batch_size=8", "trainer.eval_batch_size=4").trainer
+    for setting in (False, "auto"):  # auto: CUDA devices only
+        loaders = Distributed().build_loaders(bundle, trainer, seed=0)
+        before = (loaders.train, loaders.val, loaders.test)
+        put_on_device(loaders, bundle.train, setting, CPU)
+        assert (loaders.train, loaders.val, loaders.test) == before
+    put_on_device(loaders, bundle.train, True, CPU)
+    assert isinstance(loaders.train, DeviceLoader) and loaders.train.sampler is loaders.sampler
+    assert loaders.train.batch_size == 8 and len(loaders.train.augmentation) == 2
+    for name, expected in (("val", before[1]), ("test", before[2])):  # in order, unaugmented, the last batch kept
+        moved = getattr(loaders, name)
+        assert isinstance(moved, DeviceLoader) and not moved.augmentation and len(moved) == len(expected)
+        for (images, labels), (device_images, device_labels) in zip(expected, moved):
+            assert torch.equal(device_images, images) and torch.equal(device_labels, labels)
+
     rotated = Subset(bundle.train.dataset.__class__(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long),
                                                      transform=v2.RandomRotation(10)), [0, 1, 2])  # fmt: skip
     with pytest.raises(ConfigError, match=r"trainer.data_on_device=true: .* RandomRotation.* has no device version"):
-        training_loader(loader, loader.sampler, rotated, True, CPU)
+        put_on_device(Distributed().build_loaders(bundle, trainer, seed=0), rotated, True, CPU)
     with pytest.raises(NotOnDevice, match="MiB of images exceed"):
         device_loader(bundle.train, 8, device=CPU, max_bytes=1000)
 
@@ -165,8 +178,9 @@ def test_a_run_with_data_on_device_trains_exactly_as_with_the_dataloader_and_res
 ):
     run = ["trainer.max_steps=12", "trainer.batch_size=128", "trainer.checkpoint_every=4", "trainer.log_every=2",
            "model.depth=2", "logger=none", "trainer.progress_bar=false"]  # fmt: skip
-    train(compose_run(*run, "trainer.data_on_device=false"), tmp_path / "dataloader")
-    train(compose_run(*run, "trainer.data_on_device=true"), tmp_path / "device")
+    summaries = [train(compose_run(*run, f"trainer.data_on_device={on}"), tmp_path / name)
+                 for on, name in ((False, "dataloader"), (True, "device"))]  # fmt: skip
+    assert summaries[0].test_acc == summaries[1].test_acc and summaries[0].best_val_acc == summaries[1].best_val_acc
     weights = [load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("dataloader", "device")]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 

@@ -75,4 +75,4 @@ def test_a_gpu_run_with_a_memory_share_batches_the_training_split_on_the_gpu(com
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert summary.steps == 4
-    assert "trainer.data_on_device=auto: 1257 training images on cuda" in caplog.text
+    assert "trainer.data_on_device=auto: train / val / test on cuda" in caplog.text

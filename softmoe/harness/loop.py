@@ -54,7 +54,7 @@ from .checkpoint import (
 )
 from .config import planned_steps, validate_config
 from .data import build_datasets
-from .data.device_loader import training_loader
+from .data.device_loader import put_on_device
 from .distributed import Distributed, Loaders, RankZeroTelemetry
 from .errors import ConfigError, NonFiniteError
 from .faults import NonFiniteGuard, Preempted, PreemptionGuard, first_nonfinite
@@ -508,8 +508,8 @@ def train(
         # Data. Epoch e's order is drawn from seed + e, so a resumed run skips what it has seen without loading it.
         data = build_datasets(cfg.data, cfg.paths.data_dir)
         loaders = distributed.build_loaders(data, trainer, cfg.seed)  # this rank's share of every batch
-        loaders.train = training_loader(loaders.train, loaders.sampler, data.train, trainer.data_on_device, device,
-                                        memory_share(device, trainer.cuda_memory_fraction))  # fmt: skip
+        put_on_device(loaders, data.train, trainer.data_on_device, device,
+                      memory_share(device, trainer.cuda_memory_fraction))  # trainer.data_on_device: no DataLoader
         steps_per_epoch, total_steps = planned_steps(config["trainer"], len(data.train))
         if steps_per_epoch == 0:  # only for datasets whose size was unknown before they were scanned
             raise ConfigError(

@@ -1,7 +1,7 @@
 """Small datasets on the device: the training split copied to the accelerator once, batches drawn there.
 
-    # trainer.data_on_device: the DataLoader, or a DeviceLoader of the same batches (loop.py)
-    loaders.train = training_loader(loaders.train, loaders.sampler, data.train, trainer.data_on_device, device)
+    # trainer.data_on_device: DeviceLoaders of the same batches in place of the DataLoaders (loop.py)
+    put_on_device(loaders, data.train, trainer.data_on_device, device, memory)
     for images, labels in loaders.train: ...   # already on the device
 
 A :class:`DeviceLoader` stands in for the training ``DataLoader`` (``build_loader``): it takes the same
@@ -22,11 +22,12 @@ What it reproduces of the DataLoader path, and what it does not (``tests/test_de
 Datasets held as tensors (``TensorImages``: digits, Fashion-MNIST, synthetic) go to the device, and so do
 stored images whose transform is the crop and flip then only ``ToImage``/``ToDtype``/``Normalize`` (CIFAR at
 its own 32 px: the split is converted once, and the crop's fill is converted with it). Others (a resize, timm's
-ImageNet pipeline) stay with the DataLoader, for the reason :func:`training_loader` logs.
+ImageNet pipeline) stay with the DataLoader, for the reason :func:`put_on_device` logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -201,18 +202,19 @@ def device_loader(
     )  # fmt: skip
 
 
-def training_loader(loader, sampler: Sampler, dataset: Dataset, setting, device: torch.device,
-                    memory: Optional[int] = None):  # fmt: skip
-    """The training loader ``trainer.data_on_device`` (``setting``) asks for: ``loader`` (the DataLoader) or the
-    same batches from a :class:`DeviceLoader`. ``auto`` moves the split to a CUDA device when its images take at
-    most a quarter of ``memory`` (this process's share) and its augmentation has a device version; ``true`` moves
-    it to any device or stops, saying why it cannot."""
+def put_on_device(loaders, data_train: Dataset, setting, device: torch.device, memory: Optional[int] = None) -> None:
+    """Replace ``loaders``' DataLoaders (``distributed.Loaders``: train, val, test) with :class:`DeviceLoader` s of
+    the same batches as ``trainer.data_on_device`` (``setting``) asks. ``auto`` moves the training split to a CUDA
+    device when its images take at most a quarter of ``memory`` (this process's share) and its augmentation has a
+    device version; ``true`` moves it to any device or stops, saying why it cannot. The validation and test splits
+    follow it when they can (one process: a data-parallel rank's padded shard stays with its DataLoader)."""
     if setting is False or (setting == "auto" and device.type != "cuda"):
-        return loader
+        return
     limit = memory // 4 if setting == "auto" and memory is not None else None
+    train = loaders.train
     try:
-        moved = device_loader(dataset, loader.batch_size, device=device, sampler=sampler,
-                              seed=loader.generator.initial_seed(), max_bytes=limit)  # fmt: skip
+        loaders.train = device_loader(data_train, train.batch_size, device=device, sampler=loaders.sampler,
+                                      seed=train.generator.initial_seed(), max_bytes=limit)  # fmt: skip
     except NotOnDevice as reason:
         if setting is True:
             raise ConfigError(
@@ -220,7 +222,14 @@ def training_loader(loader, sampler: Sampler, dataset: Dataset, setting, device:
                 "use trainer.data_on_device=false (or auto)"
             ) from None
         log.info("trainer.data_on_device=auto: the training split stays with the DataLoader: %s", reason)
-        return loader
-    log.info("trainer.data_on_device=%s: %d training images on %s, batched there%s", str(setting).lower(),
-             len(moved.labels), device, f" ({len(moved.augmentation)} augmentation step(s))" if moved.augmentation else "")
-    return moved
+        return
+    moved = ["train"]
+    for name in ("val", "test"):
+        loader = getattr(loaders, name)
+        with contextlib.suppress(NotOnDevice):
+            if loader is not None:
+                setattr(loaders, name, device_loader(loader.dataset, loader.batch_size, device=device, train=False,
+                                                     max_bytes=limit))  # fmt: skip
+                moved.append(name)
+    log.info("trainer.data_on_device=%s: %s on %s, batched there (%d training images, %d augmentation step(s))",
+             str(setting).lower(), " / ".join(moved), device, len(loaders.train.labels), len(loaders.train.augmentation))
