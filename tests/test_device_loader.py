@@ -173,6 +173,7 @@ def test_data_on_device_false_and_auto_on_a_cpu_keep_the_dataloaders_true_moves_
         device_loader(bundle.train, 8, device=CPU, max_bytes=1000)
 
 
+@pytest.mark.slow
 def test_a_run_with_data_on_device_trains_exactly_as_with_the_dataloader_and_resumes_exactly(
     compose_run, tmp_path, monkeypatch
 ):

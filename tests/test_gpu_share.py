@@ -63,6 +63,7 @@ def test_the_memory_fraction_caps_this_processs_allocations():
         torch.cuda.empty_cache()
 
 
+@pytest.mark.slow
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_gpu_run_with_a_memory_share_batches_the_training_split_on_the_gpu(compose_run, tmp_path, caplog):
