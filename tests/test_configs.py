@@ -235,3 +235,25 @@ def test_cli_prints_one_line_and_exits_nonzero_before_loading_anything(tmp_path)
     assert result.stderr.strip() == "error: moe.num_experts=0: must be a positive integer"
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+SWEPT_GROUPS = [  # (experiment, a config group its sweep sets, each swept option)
+    (path.stem, group, option)
+    for path in sorted((Path(CONF_DIR) / "experiment").glob("*.yaml"))
+    for group, options in (OmegaConf.load(path).get("hydra", {}).get("sweeper", {}).get("params", {}) or {}).items()
+    if group in GROUPS
+    for option in str(options).split(",")
+]
+
+
+@pytest.mark.parametrize("experiment,group,option", SWEPT_GROUPS, ids=[f"{e}:{g}={o}" for e, g, o in SWEPT_GROUPS])
+def test_a_studys_swept_group_reaches_the_run_config(compose_run, experiment, group, option):
+    # an experiment's own keys come after the groups: setting a key the swept group sets would void the sweep
+    cfg = compose_run(f"experiment={experiment}", f"{group}={option}")
+    path = Path(CONF_DIR) / group / f"{option}.yaml"
+    header = [line.split()[-1] for line in path.read_text().splitlines() if line.startswith("# @package")]
+    package = header[0] if header else group
+    section = cfg if package == "_global_" else OmegaConf.select(cfg, package)
+    for key, value in OmegaConf.to_container(OmegaConf.load(path)).items():
+        if key != "defaults":
+            assert section[key] == value, f"experiment={experiment} {group}={option}: {key}={section[key]}, not {value}"
