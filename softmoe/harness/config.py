@@ -131,6 +131,7 @@ TRAINER_RULES: dict[str, Rule] = {
     "progress_bar": boolean,
     "resume": optional(existing_file),
     "strategy": one_of("auto", "single", "ddp"),
+    "expert_parallel_size": optional(positive_int),
     "nonfinite": one_of("skip", "stop"),
     "max_nonfinite_skips": positive_int,
 }
