@@ -23,6 +23,7 @@ from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 
 from .data import dataset_size, validate_data_config
 from .errors import ConfigError
+from .plausibility import check_model_name, check_token_count
 from .model import PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
 from .rules import (
     Rule,
@@ -129,6 +130,7 @@ TRAINER_RULES: dict[str, Rule] = {
     "strategy": one_of("auto", "single", "ddp"),
     "nonfinite": one_of("skip", "stop"),
     "max_nonfinite_skips": positive_int,
+    "max_tokens_per_image": optional(positive_int),
 }
 # Only the keys present are checked: each optimizer and schedule takes its own (the rest are its arguments).
 OPTIMIZER_RULES: dict[str, Rule] = {
@@ -290,6 +292,8 @@ def validate_config(cfg: DictConfig) -> None:
     trainer = plain["trainer"]
     _check("trainer", trainer, TRAINER_RULES)
     _check_known("trainer", trainer, set(TRAINER_RULES), "a key of the trainer group")
+    check_model_name(model)  # valid keys, but not what the user meant (plausibility.py)
+    check_token_count(model, trainer["max_tokens_per_image"])
     if trainer["precision"] == "fp16" and resolve_device(trainer["device"]).type != "cuda":
         raise ConfigError(f"trainer.precision=fp16: needs a CUDA device (trainer.device={trainer['device']}); use bf16")
     if trainer["precision"] != "fp32" and resolve_device(trainer["device"]).type == "mps":

@@ -58,6 +58,7 @@ from .distributed import Distributed, Loaders, RankZeroTelemetry
 from .errors import ConfigError, NonFiniteError
 from .faults import NonFiniteGuard, Preempted, PreemptionGuard, first_nonfinite
 from .model import build_model
+from .plausibility import warn_small_splits
 from .optim import build_optimizer, build_scheduler, keeping_kernel_choice
 from .precision import autocast, warn_if_slow
 from .telemetry import Telemetry, dispatch_maps, routing_metrics
@@ -423,6 +424,7 @@ def log_plan(cfg: DictConfig, data, model: nn.Module, total_steps: int, steps_pe
         sum(p.numel() for p in model.parameters()) / 1e6, data.name, len(data.train),
         len(data.val) if data.val is not None else 0, len(data.test), total_steps, steps_per_epoch,
     )  # fmt: skip
+    warn_small_splits(data)
     if data.val is None:
         log.warning("data.val_size=0: no validation split, so no model selection: best.pt is not written, "
                     "and only the final model is tested")  # fmt: skip
