@@ -24,6 +24,7 @@ from softmoe import capture_routing
 from softmoe.harness.data import build_loader
 from softmoe.harness.errors import USER_ERRORS
 from softmoe.harness.loop import evaluate
+from softmoe.harness.overrides import composition_error
 from softmoe.harness.runs import checkpoint_path, load_run
 
 log = logging.getLogger("softmoe.evaluate")
@@ -130,7 +131,7 @@ def missing_run_error(argv: list[str]) -> Optional[str]:
 
 
 if __name__ == "__main__":
-    error = missing_run_error(sys.argv[1:])
+    error = composition_error(sys.argv[1:], "evaluate") or missing_run_error(sys.argv[1:])
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

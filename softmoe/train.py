@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from softmoe.harness.distributed import quiet_other_ranks
 from softmoe.harness.errors import (
+    USER_ERROR_EXIT_CODE,
     USER_ERRORS,
     BadDataError,
     CheckpointWriteError,
@@ -37,6 +38,7 @@ from softmoe.harness.errors import (
 )
 from softmoe.harness.faults import Preempted
 from softmoe.harness.loop import train
+from softmoe.harness.overrides import composition_error
 from softmoe.harness.resume_hint import resume_hint
 from softmoe.harness.runs import remove_if_unused, save_hydra_configs
 from softmoe.harness.sweeps import tag_console
@@ -107,4 +109,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    problem = composition_error(sys.argv[1:], "train")  # a mistyped key or option: one line, before Hydra starts
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
     main()

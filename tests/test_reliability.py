@@ -443,8 +443,9 @@ CLI_BAD = [
         "/nonexistent/fashion/FashionMNIST/raw. Install them with `apt-get install dataset-fashion-mnist`, fetch them "
         "with data.download=true, or set data.root.",
     ),
-    (["optimizer=adam"], 1, "Could not find 'optimizer/adam'"),  # Hydra's own message: an unknown group option
-    (["trainer.max_step=5"], 1, "Could not override 'trainer.max_step'"),  # Hydra's: an unknown key
+    (["optimizer=adam"], 2, "error: optimizer=adam: not an option of optimizer; did you mean optimizer=adamw? "
+                            "(options: adamw, sgd)"),  # what Hydra cannot compose: one line too (overrides.py)
+    (["trainer.max_step=5"], 2, "error: trainer.max_step=5: not a key of the config; did you mean trainer.max_steps?"),
 ]
 
 
