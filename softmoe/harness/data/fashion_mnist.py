@@ -24,7 +24,16 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from .common import BadDataError, BadExamples, DataBundle, MissingDataError, download_failed, with_transform
+from .common import (
+    BadDataError,
+    BadExamples,
+    DataBundle,
+    MissingDataError,
+    download_failed,
+    log_source,
+    removed_if_failed,
+    with_transform,
+)
 from .digits import TensorImages
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -94,7 +103,8 @@ def download(root: Path) -> None:
     from torchvision.datasets import FashionMNIST
 
     try:
-        FashionMNIST(str(root), train=True, download=True)
+        with removed_if_failed(root / TORCHVISION_SUBDIR):
+            FashionMNIST(str(root), train=True, download=True)
     except Exception as error:  # URLError, RuntimeError("Error downloading ...") or an md5 mismatch
         raise download_failed(
             "fashion_mnist", root / TORCHVISION_SUBDIR, error,
@@ -132,6 +142,7 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
             f"each plain or .gz) are not in {' or '.join(map(str, folders))}. Install them with "
             "`apt-get install dataset-fashion-mnist`, fetch them with data.download=true, or set data.root."
         )
+    log_source("fashion_mnist", folder)
     report = BadExamples(cfg["on_bad_file"])
     splits = {split: load_split(folder, split, report) for split in FILES}
     # Random translation by up to 2 pixels (blank background) and horizontal flips: clothes are symmetric.
