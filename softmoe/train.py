@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ from softmoe.harness.errors import (
     preempted_exit_code,
 )
 from softmoe.harness.faults import Preempted
+from softmoe.harness.console import final_dispatch_entropy, next_steps
 from softmoe.harness.loop import train
 from softmoe.harness.overrides import composition_error
 from softmoe.harness.resume_hint import resume_hint
@@ -102,8 +104,13 @@ def main(cfg: DictConfig) -> float:
         say_how_to_resume(tag, run_dir)
         raise
     log.info("done: %s, %d steps", summary.describe(), summary.steps)
+    entropy = final_dispatch_entropy(summary.run_dir)
+    if entropy:
+        log.info(entropy)
     log.info("run directory: %s", summary.run_dir)
     log.info("W&B run: %s", summary.wandb_run_path or "none")
+    if not multirun and os.environ.get("RANK", "0") == "0":
+        log.info("next:\n  %s", "\n  ".join(next_steps(summary.run_dir)))  # a sweep's end names collect
     # The objective a Hydra sweeper (e.g. Optuna) maximises: validation, never test, accuracy.
     return summary.best_val_acc
 

@@ -1,6 +1,7 @@
 """What a user reads when a run stops, and whether it is true: every stop message prints a command that resumes the
 run, from the default run directory too; a second Ctrl-C ends the process at once, even inside a long C++ op."""
 
+import logging
 import os
 import shlex
 import signal
@@ -75,6 +76,24 @@ def test_a_signal_stop_prints_the_command_that_resumes_from_the_default_run_dire
     assert last_line.endswith(f"hydra.run.dir={run_dir.relative_to(tmp_path)}")  # relative to where it was run
     output = assert_it_resumes(printed_resume_command(output), tmp_path, run_dir)
     assert "done: test accuracy" in output
+    if signum == signal.SIGINT:  # the end of a single run: each block's entropy, then the next steps, which run
+        assert_summary_and_next_steps_run(output, tmp_path, run_dir)
+
+
+def assert_summary_and_next_steps_run(output: str, cwd: Path, run_dir: Path) -> None:
+    lines = output.splitlines()
+    entropy = next(line for line in lines if line.startswith("final dispatch entropy (1 = uniform): "))
+    assert [part.split()[:2] for part in entropy.split(": ", 1)[1].split(", ")] == [["block", "1"]]  # depth 2
+    steps = lines[lines.index("next:") + 1:]
+    assert [step.split()[:3] for step in steps] == [
+        ["python", "-m", "softmoe.evaluate"], ["cp", "notebooks/routing_analysis.ipynb", "/tmp/"],
+        ["python", "-m", "softmoe.collect"],
+    ]  # fmt: skip
+    for step in (steps[0], steps[2]):  # the notebook's headless run: tests/test_notebooks.py
+        command = [sys.executable, *shlex.split(step.split("#")[0])[1:]]
+        result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert list((run_dir / "evaluate").glob("evaluation_best_step*.json")) and (run_dir / "results.md").is_file()
 
 
 @pytest.mark.slow
@@ -134,3 +153,20 @@ def test_a_second_ctrl_c_ends_the_process_at_once_even_inside_a_long_cpp_op():
     output = process.stdout.read()
     assert process.returncode == -signal.SIGINT, output  # the shell reports 128 + 2 = 130
     assert "the op ended" not in output
+
+
+def test_ctrl_c_at_an_epochs_last_step_still_prints_that_epochs_line(compose_run, tmp_path, monkeypatch, caplog):
+    from softmoe.harness import loop
+    from softmoe.harness.faults import Preempted
+
+    real_validate = loop.validate
+
+    def validate_after_a_signal(*args, **kwargs):  # SIGTERM lands on the epoch's last step, before its validation
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "validate", validate_after_a_signal)
+    cfg = compose_run(*SYNTHETIC, "trainer.max_steps=16")  # 8 steps per epoch
+    with caplog.at_level(logging.INFO, logger="softmoe.harness.loop"), pytest.raises(Preempted):
+        loop.train(cfg, tmp_path / "run")
+    assert any(message.startswith("epoch 1/2  step 8  train loss") for message in caplog.messages), caplog.messages

@@ -53,6 +53,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import planned_steps, validate_config
+from .console import describe_upcycling
 from .data import build_datasets
 from .distributed import Distributed, Loaders, RankZeroTelemetry
 from .errors import ConfigError, NonFiniteError
@@ -425,6 +426,9 @@ def log_plan(cfg: DictConfig, data, model: nn.Module, total_steps: int, steps_pe
         len(data.val) if data.val is not None else 0, len(data.test), total_steps, steps_per_epoch,
     )  # fmt: skip
     warn_small_splits(data)
+    upcycled = describe_upcycling(cfg.model, model)
+    if upcycled:
+        log.info(upcycled)
     if data.val is None:
         log.warning("data.val_size=0: no validation split, so no model selection: best.pt is not written, "
                     "and only the final model is tested")  # fmt: skip
@@ -566,10 +570,10 @@ def train(
             panel = dispatch_panel(model, panel_image, device) if draw_panel else None
             images = {} if panel is None else {"val/dispatch_maps": panel}
             validate(state, forward, loaders, cfg, checkpoints, epoch, images)
+            validated = state.last_eval if loaders.val is not None else None
+            log.info(epoch_line(epoch + 1, epochs, state.step, latest, validated))  # before a stop, too
             checkpoint_or_stop(state, checkpoints, preemption, due=False, saved=True,
                                last_step=state.step == total_steps)  # fmt: skip
-            validated = state.last_eval if loaders.val is not None else None
-            log.info(epoch_line(epoch + 1, epochs, state.step, latest, validated))
 
         test, test_at_best = test_final_and_best(state, forward, loaders, cfg, checkpoints, epochs)
         summary = Summary(
