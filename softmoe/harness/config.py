@@ -128,6 +128,7 @@ TRAINER_RULES: dict[str, Rule] = {
     "progress_bar": boolean,
     "resume": optional(existing_file),
     "strategy": one_of("auto", "single", "ddp"),
+    "expert_parallel_size": optional(positive_int),
     "nonfinite": one_of("skip", "stop"),
     "max_nonfinite_skips": positive_int,
     "max_tokens_per_image": optional(positive_int),

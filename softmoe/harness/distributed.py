@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node=4 -m softmoe.train trainer=gpu                 # data parallel
     torchrun --standalone --nproc_per_node=4 -m softmoe.train moe.expert_parallel=true    # + experts split
+    torchrun --standalone --nproc_per_node=4 -m softmoe.train trainer.expert_parallel_size=2  # 2 replicas x 2
 
 ``trainer.strategy=auto`` trains data parallel exactly when ``torchrun`` started the process (``RANK``,
 ``WORLD_SIZE`` in the environment). ``trainer.batch_size`` is the global batch: every rank takes its
@@ -36,6 +37,7 @@ import torch.distributed as dist
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.data import DataLoader, Dataset
 
 from softmoe import parallel
@@ -57,9 +59,10 @@ def launched_by_torchrun() -> bool:
 
 
 def export_submitit_tasks() -> None:
-    """Give the tasks of a SLURM job started by submitit (``launcher=slurm hydra.launcher.tasks_per_node=G``) the
-    variables ``torchrun`` would set (rank from ``SLURM_PROCID``, rank 0's node as the address, a port from the job
-    id), so they train data parallel as a torchrun launch does. Every task keeps every GPU of its node."""
+    """Give the tasks of a SLURM job started by submitit (``launcher=slurm launcher.gpus_per_node=G``: a task per
+    GPU) the variables ``torchrun`` would set (rank from ``SLURM_PROCID``, rank 0's node as the address, a port from
+    the job id, ``LOCAL_WORLD_SIZE``), so they train data parallel as a torchrun launch does. Every task keeps every
+    GPU of its node."""
     if launched_by_torchrun() or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
         return
     if int(os.environ.get("SLURM_NTASKS", "1")) < 2:
@@ -180,9 +183,23 @@ class Loaders:
     eval_batches: Optional[int]  # the ``max_batches`` to evaluate val and test with
 
 
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _check(key: str, value: Any, problem: str) -> None:
-    shown = str(value).lower() if isinstance(value, bool) else value
-    raise ConfigError(f"{key}={shown}: {problem}")
+    raise ConfigError(f"{key}={_shown(value)}: {problem}")
+
+
+def warn_if_expert_groups_span_nodes(expert_parallel_size: int) -> None:
+    """Expert groups are consecutive ranks: inside a node exactly when their size divides the processes per node."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if per_node and per_node % expert_parallel_size:
+        log.warning(
+            "expert groups of %d ranks span nodes of %d processes: every MoE layer's all_to_all crosses the network; "
+            "set trainer.expert_parallel_size to a divisor of %d",
+            expert_parallel_size, per_node, per_node,
+        )  # fmt: skip
 
 
 @dataclass
@@ -193,8 +210,9 @@ class Distributed:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     data_parallel: bool = False  # DDP over the world
-    expert_parallel: bool = False  # moe.expert_parallel: each rank holds num_experts / world_size experts
+    expert_parallel: bool = False  # each rank holds num_experts / (ranks per expert group) experts
     find_unused_parameters: bool = False
+    mesh: Optional[DeviceMesh] = None  # (data, expert) under expert parallelism: replicas x ranks per expert group
 
     @property
     def is_main(self) -> bool:
@@ -226,17 +244,25 @@ class Distributed:
                 "or run python -m softmoe.train",
             )  # fmt: skip
         data_parallel = torchrun and strategy != "single"
-        expert_parallel = bool(moe.expert_parallel)
+        size = trainer.get("expert_parallel_size")
+        expert_parallel = bool(moe.expert_parallel) or size is not None
+        # the key that asked for expert parallelism, as the user typed it
+        key, value = ("moe.expert_parallel", True) if size is None else ("trainer.expert_parallel_size", size)
         if expert_parallel:
             if not data_parallel:
                 _check(
-                    "moe.expert_parallel", True,
-                    "needs a distributed launch: torchrun --nproc_per_node=N -m softmoe.train moe.expert_parallel=true",
+                    key, value,
+                    f"needs a distributed launch: torchrun --nproc_per_node=N -m softmoe.train {key}={_shown(value)}",
                 )  # fmt: skip
             if moe.placement == "none" and not moe.layers:
-                _check("moe.expert_parallel", True, "needs MoE layers to split; moe.placement=none builds a dense ViT")
-            if moe.num_experts % world_size:
-                problem = f"expert parallelism needs it divisible by the {world_size} processes"
+                _check(key, value, "needs MoE layers to split; moe.placement=none builds a dense ViT")
+            if size is not None and world_size % size:
+                problem = f"must divide the {world_size} processes (WORLD_SIZE={world_size}) into expert groups"
+                _check(key, value, problem)
+            size = size or world_size
+            if moe.num_experts % size:
+                where = "processes" if size == world_size else f"ranks of an expert group ({key}={size})"
+                problem = f"expert parallelism needs it divisible by the {size} {where}"
                 _check("moe.num_experts", moe.num_experts, problem)
             if trainer.precision == "fp16":
                 problem = "a loss-scaled step may skip on some ranks only under expert parallelism; use bf16"
@@ -253,6 +279,10 @@ class Distributed:
         init_process_group()
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        mesh = None
+        if expert_parallel:
+            mesh = parallel.expert_data_mesh(device.type, size)
+            warn_if_expert_groups_span_nodes(size)
         # Soft MoE with dispatch and combine both fixed never uses its router: DDP must not wait for its gradients.
         unused_router = moe.router == "soft" and "soft" not in (moe.dispatch, moe.combine)
         return cls(
@@ -262,6 +292,7 @@ class Distributed:
             data_parallel=True,
             expert_parallel=expert_parallel,
             find_unused_parameters=unused_router,
+            mesh=mesh,
         )
 
     def claim_run_dir(self, run_dir: str) -> Optional[RunDirLock]:
@@ -345,7 +376,10 @@ class Distributed:
         only); the second is it wrapped in DDP when data parallel (for the replicated parameters only, under
         expert parallelism), then ``torch.compile``d when ``compile``."""
         if self.expert_parallel:
-            model = parallel.to_expert_parallel(model)
+            expert_group, data_group = self.mesh["expert"].get_group(), self.mesh["data"].get_group()
+            model = parallel.to_expert_parallel(model, expert_group, data_group=data_group)
+            replicas, size = self.mesh.shape
+            log.info("expert parallel: %d data-parallel replicas x %d expert ranks", replicas, size)
         forward = model
         if self.data_parallel:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -355,6 +389,12 @@ class Distributed:
             else:
                 forward = nn.parallel.DistributedDataParallel(model, **kwargs)
         return model, torch.compile(forward) if compile else forward
+
+    def average_expert_grads(self, model: nn.Module) -> None:
+        """Average each expert shard's gradient over its copies in the other data-parallel replicas (DDP, which
+        averages the replicated parameters, leaves the experts alone). Call after backward; collective."""
+        if self.expert_parallel:
+            parallel.all_reduce_expert_grads(model)
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """The global gradient norm, clipped: over every rank's experts under expert parallelism."""
@@ -404,15 +444,17 @@ class Distributed:
 
     def _gather_optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> Optional[dict[str, Any]]:
         """The single-process optimizer state: each expert shard's per-parameter state (Adam's moments) gathered
-        along the experts to rank 0. Collective under expert parallelism."""
+        along the experts to the first rank of each expert group (rank 0 keeps it). Collective under expert
+        parallelism."""
         state = optimizer.state_dict()
         for index, layer in self._expert_shards(optimizer, model).items():
             whole = {}  # a new dict: state_dict() shares each parameter's state dict with the optimizer
+            first = layer.rank == 0
             for key, value in state["state"].get(index, {}).items():
                 if _per_expert(value, layer):
-                    parts = [torch.empty_like(value) for _ in range(self.world_size)] if self.is_main else None
-                    dist.gather(value.contiguous(), parts, dst=0)
-                    value = torch.cat(parts) if self.is_main else value
+                    parts = [torch.empty_like(value) for _ in range(layer.world_size)] if first else None
+                    dist.gather(value.contiguous(), parts, dst=dist.get_global_rank(layer.group, 0), group=layer.group)
+                    value = torch.cat(parts) if first else value
                 whole[key] = value
             if index in state["state"]:
                 state["state"][index] = whole

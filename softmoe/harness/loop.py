@@ -312,6 +312,7 @@ def train_step(
         aux_loss = auxiliary_loss(model)  # Tokens Choice's load-balancing losses; 0 for other routers
     state.optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss + cfg.moe.aux_loss_weight * aux_loss).backward()
+    distributed.average_expert_grads(model)  # over the data-parallel copies of this rank's experts (2-D mesh)
     scaler.unscale_(state.optimizer)
     grad_norm = distributed.clip_grad_norm_(model, trainer.grad_clip_norm or math.inf)  # over every rank's experts
     guard = state.nonfinite
