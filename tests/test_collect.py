@@ -136,7 +136,7 @@ def test_plot_bars_carry_std_error_bars_the_seed_count_and_an_axis_from_zero(tmp
     routings = ["soft", "uniform_dispatch_soft_combine", "soft_dispatch_uniform_combine", "identity_dispatch"]
     column = "test/acc (final model)"
     summaries = [
-        sweeps.GroupSummary((routing, str(slots)), 3, {column: sweeps.Cell(0.95 - 0.001 * slots, 0.004, 3, percent=True)})
+        sweeps.GroupSummary((routing, str(slots)), 3, {column: sweeps.Cell(0.95 - 0.001 * slots, 0.004, 3, True)})
         for routing in routings for slots in (1, 2, 4, 8, 16, 32)
     ]  # fmt: skip
     figures = []

@@ -52,7 +52,8 @@ def test_the_command_exits_2_with_one_line_and_hydra_full_error_keeps_hydras_mes
     env.pop("HYDRA_FULL_ERROR", None)
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: trainer.max_step=10: not a key of the config; did you mean trainer.max_steps?"
+    expected = "error: trainer.max_step=10: not a key of the config; did you mean trainer.max_steps?"
+    assert result.stderr.strip() == expected
     assert not (tmp_path / "outputs").exists()
     full = subprocess.run(command, cwd=tmp_path, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
                           timeout=120)  # fmt: skip

@@ -241,7 +241,8 @@ def test_ctrl_c_at_the_terminal_reaches_the_dataloader_workers_too_and_still_say
     assert trainer.returncode == 130, output
     step = load_checkpoint(run_dir / "last.pt")["step"]
     assert output.count("SIGINT received: stopping after this step") == 1, output  # not once per worker
-    assert output.strip().splitlines()[-1].startswith(f"SIGINT received: saved last.pt at step {step} (exit status 130); resume with")
+    last_line = output.strip().splitlines()[-1]
+    assert last_line.startswith(f"SIGINT received: saved last.pt at step {step} (exit status 130); resume with")
     assert "Traceback" not in output
 
 

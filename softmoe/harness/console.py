@@ -1,7 +1,8 @@
 """What the trainer tells its user beyond the metrics: the upcycling it did, each MoE block's final dispatch entropy,
 and what to run next on the finished run.
 
-    upcycled from dense.safetensors: the experts of 2 MoE blocks (2, 3) start from their block's dense MLP, noise std 0.01
+    upcycled from dense.pth: every block's weights, and the experts of 2 MoE block(s) [2, 3] start from their
+        block's dense MLP, noise std 0.01
     final dispatch entropy (1 = uniform): block 2 0.52, block 3 0.66
     next: python -m softmoe.evaluate run_dir=outputs/runs/...       # validation and test accuracy, routing.pt
 """

@@ -3,8 +3,8 @@
 Interruption (:class:`PreemptionGuard`): SIGINT (Ctrl-C), SIGTERM, SIGUSR1 and SIGUSR2 (submitit's
 preemption signal on SLURM) only set a flag; the loop finishes the step it is in, writes ``last.pt`` and
 raises :class:`Preempted`, which ``python -m softmoe.train`` turns into one line naming the command that resumes
-(``resume_hint.py``) and exit status ``128 + signal`` (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1, 140 for SIGUSR2), the
-status a shell gives a process the signal killed. A handler installed before ours (submitit's requeue) is
+(``resume_hint.py``) and exit status ``128 + signal`` (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1, 140 for
+SIGUSR2), the status a shell gives a process the signal killed. A handler installed before ours (submitit's requeue) is
 then called, so SLURM requeues the job and the new job resumes from ``last.pt``. A second Ctrl-C ends the process
 at once, without saving: the kernel gives SIGINT back its default action as it delivers the first one
 (:func:`reset_on_delivery`), so it ends the process even inside a long C++ op, where no Python handler could run (the
@@ -70,8 +70,8 @@ class PreemptionGuard:
     same in one process, and under torchrun the one every rank agreed on (``Distributed.share_signal`` sets it from
     every rank's ``received``, so a signal arriving while the ranks exchange theirs is kept for the next
     exchange, never lost). After the first SIGINT a second one ends the process at once, whatever op is running
-    (the user insists): SIGINT is given back its default action. Outside the main thread (where Python cannot install handlers) the guard does nothing
-    and the signals keep their usual effect.
+    (the user insists): the kernel gives SIGINT back its default action as it delivers the first one. Outside the
+    main thread (where Python cannot install handlers) the guard does nothing and the signals keep their usual effect.
     """
 
     def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS) -> None:
