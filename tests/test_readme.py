@@ -157,7 +157,9 @@ NOT_RUN = {
     'python -m pytest -q -m "not slow"': "the suite itself",
 }
 # Appended to every training command: a few steps, no W&B; the command's own overrides are kept and composed.
-SHORT = ["trainer.max_steps=3", "trainer.eval_batches=1", "logger=none", "trainer.progress_bar=false"]
+SHORT = [
+    "trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_batches=1", "logger=none", "trainer.progress_bar=false"
+]  # fmt: skip
 RUN_DIR = "outputs/runs/<date>/<time>"
 
 
