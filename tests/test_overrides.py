@@ -20,7 +20,7 @@ MISTAKES = [
                                      "(options: adamw, sgd)"),
     (["model=vit_small", "model.patch=4"], "model.patch=4: not a key of the config; did you mean model.patch_size?"),
     (["trainer.patience=3"], "trainer.patience=3: not a key of the config (to add a key: +trainer.patience=3)"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("argv,message", MISTAKES, ids=[" ".join(a) for a, _ in MISTAKES])
@@ -29,7 +29,7 @@ def test_a_mistyped_key_or_option_is_one_line_with_the_closest_valid_one(argv, m
 
 
 @pytest.mark.parametrize("argv", [[], ["-m", "moe.num_experts=4,8"], ["model=vit_small", "+trainer.x=1"],
-                                  ["--cfg", "job"], ["hydra.run.dir=x", "experiment=digits_dense"]])  # fmt: skip
+                                  ["--cfg", "job"], ["hydra.run.dir=x", "experiment=digits_dense"]])
 def test_what_composes_passes(argv):
     assert composition_error(argv, "train") is None
 
@@ -56,6 +56,6 @@ def test_the_command_exits_2_with_one_line_and_hydra_full_error_keeps_hydras_mes
     assert result.stderr.strip() == expected
     assert not (tmp_path / "outputs").exists()
     full = subprocess.run(command, cwd=tmp_path, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+                          timeout=120)
     assert full.returncode == 1 and "Could not override 'trainer.max_step'" in full.stderr
     assert "Traceback" in full.stderr

@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from data_fixtures import write_image_tree
-from softmoe.harness.config import validate_config
+from softmoe.harness.config import check_config
 from softmoe.harness.data import build_datasets
 from softmoe.harness.errors import ConfigError
 from softmoe.harness.plausibility import group_options, warn_small_splits
@@ -16,7 +16,7 @@ def test_own_images_at_the_default_224_px_with_patch_2_are_refused_naming_both_k
     # data.root does not exist: the token count is refused before any data is looked for
     cfg = compose_run("data=imagefolder", "data.root=/nonexistent/images", "data.num_classes=2")
     with pytest.raises(ConfigError) as raised:
-        validate_config(cfg)
+        check_config(cfg)
     message = str(raised.value)
     assert message.startswith("model.patch_size=2: data.img_size=224 makes (224/2)² + 0 = 12,544 tokens per image")
     assert "trainer.max_tokens_per_image=4096" in message and "model.patch_size=16" in message
@@ -25,21 +25,21 @@ def test_own_images_at_the_default_224_px_with_patch_2_are_refused_naming_both_k
 
 def test_the_token_limit_counts_the_class_token_and_can_be_lifted_on_purpose(compose_run):
     over = ("data=synthetic", "data.img_size=64", "model.patch_size=1", "model.class_token=true",
-            "model.global_pool=token")  # fmt: skip
+            "model.global_pool=token")
     with pytest.raises(ConfigError, match=r"\(64/1\)² \+ 1 = 4,097 tokens"):
-        validate_config(compose_run(*over))
-    validate_config(compose_run(*over, "trainer.max_tokens_per_image=null"))
-    validate_config(compose_run(*over, "trainer.max_tokens_per_image=5000"))
+        check_config(compose_run(*over))
+    check_config(compose_run(*over, "trainer.max_tokens_per_image=null"))
+    check_config(compose_run(*over, "trainer.max_tokens_per_image=5000"))
 
 
 def test_a_cpu_sized_own_data_run_passes_the_check(compose_run):
-    validate_config(compose_run("data=imagefolder", "data.root=/x", "data.img_size=32", "model.patch_size=4",
-                                "data.num_classes=2"))  # fmt: skip
+    check_config(compose_run("data=imagefolder", "data.root=/x", "data.img_size=32", "model.patch_size=4",
+                                "data.num_classes=2"))
 
 
 def test_an_unknown_model_name_is_refused_in_one_line(compose_run):
     with pytest.raises(ConfigError) as raised:
-        validate_config(compose_run("model.name=vit_mega"))
+        check_config(compose_run("model.name=vit_mega"))
     assert str(raised.value) == (
         "model.name=vit_mega: not a model; must be one of vit_base, vit_huge, vit_large, vit_micro, vit_small, "
         "vit_tiny (pick one with model=<name>, e.g. model=vit_base; model.name only labels it)"

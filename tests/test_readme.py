@@ -88,7 +88,7 @@ def check_upcycle(ns):
 
 
 README_COMMANDS = [line.split("  #")[0].strip() for block in code_blocks(ROOT / "README.md", "bash")
-                   for line in block.strip().splitlines()]  # fmt: skip
+                   for line in block.strip().splitlines()]
 # The README keeps the first examples; the rest moved to docs/ (issue 22), checked alike.
 EXAMPLE_FILES = {
     "README.md": [check_vit, check_factories, check_layer, check_wrapper, check_routing, check_upcycle],
@@ -159,7 +159,7 @@ NOT_RUN = {
 # Appended to every training command: a few steps, no W&B; the command's own overrides are kept and composed.
 SHORT = [
     "trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_batches=1", "logger=none", "trainer.progress_bar=false"
-]  # fmt: skip
+]
 RUN_DIR = "outputs/runs/<date>/<time>"
 
 
@@ -167,7 +167,7 @@ def test_the_readme_lists_only_commands_this_test_runs_or_names_why_not():
     assert set(NOT_RUN) <= set(README_COMMANDS)
     run = [command for command in README_COMMANDS if command not in NOT_RUN]
     assert all(c.startswith(("python -m softmoe.", "pip install -r requirements.txt && python -m softmoe.", "cp "))
-               for c in run), run  # fmt: skip
+               for c in run), run
     assert len(run) >= 8
 
 

@@ -65,7 +65,7 @@ def assert_it_resumes(command: list[str], cwd: Path, run_dir: Path) -> str:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2], ids=lambda s: s.name)
 def test_a_signal_stop_prints_the_command_that_resumes_from_the_default_run_directory(tmp_path, signum):
     trainer = subprocess.Popen([sys.executable, "-m", "softmoe.train", *RUN], cwd=tmp_path, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = default_run_dir(tmp_path)
     wait_for_step(trainer, run_dir, 3)
     trainer.send_signal(signum)
@@ -88,7 +88,7 @@ def assert_summary_and_next_steps_run(output: str, cwd: Path, run_dir: Path) -> 
     assert [step.split()[:3] for step in steps] == [
         ["python", "-m", "softmoe.evaluate"], ["cp", "notebooks/routing_analysis.ipynb", "/tmp/"],
         ["python", "-m", "softmoe.collect"],
-    ]  # fmt: skip
+    ]
     for step in (steps[0], steps[2]):  # the notebook's headless run: tests/test_notebooks.py
         command = [sys.executable, *shlex.split(step.split("#")[0])[1:]]
         result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
@@ -100,7 +100,7 @@ def assert_summary_and_next_steps_run(output: str, cwd: Path, run_dir: Path) -> 
 def test_a_nonfinite_stop_prints_the_command_that_resumes_from_its_last_checkpoint(tmp_path):
     overrides = [*SYNTHETIC, f"data.nan_examples=[{NAN_EXAMPLE}]", "trainer.nonfinite=stop"]
     result = subprocess.run([sys.executable, "-m", "softmoe.train", *overrides], cwd=tmp_path, env=ENV,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 3, result.stderr
     run_dir = default_run_dir(tmp_path)
     assert load_checkpoint(run_dir / "last.pt")["step"] == step_holding(NAN_EXAMPLE) - 1
@@ -140,7 +140,7 @@ LONG_OP = textwrap.dedent("""
 @pytest.mark.slow
 def test_a_second_ctrl_c_ends_the_process_at_once_even_inside_a_long_cpp_op():
     process = subprocess.Popen([sys.executable, "-c", LONG_OP], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                               stderr=subprocess.STDOUT, text=True)
     try:
         assert process.stdout.readline().strip() == "ready"
         time.sleep(0.5)  # inside torch.mm now
@@ -159,13 +159,13 @@ def test_ctrl_c_at_an_epochs_last_step_still_prints_that_epochs_line(compose_run
     from softmoe.harness import loop
     from softmoe.harness.faults import Preempted
 
-    real_validate = loop.validate
+    real_close_epoch = loop.close_epoch
 
-    def validate_after_a_signal(*args, **kwargs):  # SIGTERM lands on the epoch's last step, before its validation
+    def close_epoch_after_a_signal(*args, **kwargs):  # SIGTERM lands on the epoch's last step, before its validation
         os.kill(os.getpid(), signal.SIGTERM)
-        return real_validate(*args, **kwargs)
+        return real_close_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "validate", validate_after_a_signal)
+    monkeypatch.setattr(loop, "close_epoch", close_epoch_after_a_signal)
     cfg = compose_run(*SYNTHETIC, "trainer.max_steps=16")  # 8 steps per epoch
     with caplog.at_level(logging.INFO, logger="softmoe.harness.loop"), pytest.raises(Preempted):
         loop.train(cfg, tmp_path / "run")

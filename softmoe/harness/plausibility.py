@@ -47,7 +47,7 @@ def check_token_count(model: Mapping[str, Any], max_tokens: Optional[int]) -> No
         return
     size, patch = model["img_size"], model["patch_size"]
     suggested_patch = next((p for p in (16, 8, 4) if size % p == 0 and num_tokens({**model, "patch_size": p})
-                            <= max_tokens), None)  # fmt: skip
+                            <= max_tokens), None)
     instead = f"model.patch_size={suggested_patch} or " if suggested_patch else ""
     raise ConfigError(
         f"model.patch_size={patch}: data.img_size={size} makes ({size}/{patch})² + {tokens - (size // patch) ** 2} = "
@@ -66,4 +66,4 @@ def warn_small_splits(data) -> None:
             log.warning(
                 "the %s split holds %d image(s): its accuracy moves in steps of %.0f points, too coarse to mean "
                 "anything; give it more (%s)", split, len(dataset), step, key,
-            )  # fmt: skip
+            )

@@ -39,6 +39,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .errors import NoRunsError
 from .telemetry import json_lines
 
 IGNORED_KEYS = ("seed", "hydra.", "logger.", "trainer.device", "paths.")
@@ -110,7 +111,7 @@ def load_sweep(sweep_dir: Path) -> List[RunResult]:
         overrides = parse_overrides(yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else {}
         runs.append(RunResult(str(run_dir.relative_to(sweep_dir)), overrides, read_metrics(metrics)))
     if not runs:
-        raise SystemExit(f"error: no run directories (with metrics.jsonl) below {sweep_dir}")
+        raise NoRunsError(f"no run directories (with metrics.jsonl) below {sweep_dir}")
     return runs
 
 
@@ -225,7 +226,7 @@ def load_wandb_offline(wandb_dir: Path, group: Optional[str] = None) -> List[Run
     file per attempt, all with its id: they are read as one run, history in order."""
     files = offline_run_files(wandb_dir)
     if not files:
-        raise SystemExit(f"error: no offline W&B runs (offline-run-*/run-*.wandb) below {wandb_dir}")
+        raise NoRunsError(f"no offline W&B runs (offline-run-*/run-*.wandb) below {wandb_dir}")
     runs: Dict[str, WandbRun] = {}
     for path in files:
         run_id, run = read_offline_run(path)
@@ -235,7 +236,7 @@ def load_wandb_offline(wandb_dir: Path, group: Optional[str] = None) -> List[Run
     kept = [run for run in runs.values() if group is None or run.group == group]
     if not kept:
         found = ", ".join(repr(name) if name else "(no group)" for name in sorted({run.group for run in runs.values()}))
-        raise SystemExit(f"error: no offline W&B run below {wandb_dir} is in group {group!r}; groups found: {found}")
+        raise NoRunsError(f"no offline W&B run below {wandb_dir} is in group {group!r}; groups found: {found}")
     return wandb_results(kept)
 
 
@@ -246,7 +247,7 @@ def load_wandb_group(project: str, group: str) -> List[RunResult]:
     api_runs = wandb.Api().runs(project, filters={"group": group})
     runs = [WandbRun(group, run.name, dict(run.config), run.scan_history()) for run in api_runs]
     if not runs:
-        raise SystemExit(f"error: W&B project {project!r} has no runs in group {group!r}")
+        raise NoRunsError(f"W&B project {project!r} has no runs in group {group!r}")
     return wandb_results(runs)
 
 
@@ -342,7 +343,7 @@ def summarize(runs: Sequence[RunResult], by: Sequence[str], metrics: Sequence[st
         if any(cells.values()):
             summaries.append(GroupSummary(values, len(groups[values]), cells))
     if not summaries:
-        raise SystemExit(f"error: no run logged any of {', '.join(metric for _, metric, _ in columns)}")
+        raise NoRunsError(f"no run logged any of {', '.join(metric for _, metric, _ in columns)}")
     return summaries
 
 
@@ -378,7 +379,7 @@ def plot(summaries: Sequence[GroupSummary], by: Sequence[str], column: str, path
 
     shown = [s for s in summaries if s.cells.get(column)]
     if not shown:
-        raise SystemExit(f"error: no run logged the column {column!r}")
+        raise NoRunsError(f"no run logged the column {column!r}")
     series: Dict[Tuple, List[GroupSummary]] = {}
     for s in shown:
         series.setdefault(s.values[1:], []).append(s)
@@ -393,23 +394,19 @@ def plot(summaries: Sequence[GroupSummary], by: Sequence[str], column: str, path
         label = ", ".join(f"{k}={v}" for k, v in zip(by[1:], rest)) or None
         errors = [c.shown(c.std) if c.std is not None else 0.0 for c in cells] if spread else None
         bars = ax.bar(xs, [c.shown(c.mean) for c in cells], width=width * 0.9, label=label,
-                      yerr=errors, capsize=3 if spread else 0, error_kw={"linewidth": 1})  # fmt: skip
+                      yerr=errors, capsize=3 if spread else 0, error_kw={"linewidth": 1})
         ax.bar_label(bars, labels=[f"{c.shown(c.mean):.2f}" if percent else f"{c.mean:.3g}" for c in cells],
-                     fontsize=6, padding=2)  # fmt: skip
+                     fontsize=6, padding=2)
     tick_labels = [str(x) for x in x_labels]
     # long values (routing names such as uniform_dispatch_soft_combine) or many of them would overlap
     slanted = len(tick_labels) > 4 or max(map(len, tick_labels)) > 8
     ax.set_xticks(range(len(x_labels)), tick_labels, rotation=30 if slanted else 0, ha="right" if slanted else "center")
     ax.set_xlabel(by[0] if by else "all runs")
-    unit = "%, " if percent else ""
-    ax.set_ylabel(f"{column} ({unit}mean ± std)" if spread else f"{column}{' (%)' if percent else ''}")
-    seeds = sorted({c.runs for p in shown for c in [p.cells[column]]})
-    counts = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-    seed_text = f"{counts} seed{'' if seeds[-1] == 1 else 's'}"
-    if spread:
-        ax.set_title(f"{column}: mean ± std over {seed_text} per bar", fontsize=10)
-    else:
-        ax.set_title(f"{column}: {seed_text} per bar, so no spread to show", fontsize=10)
+    ax.set_ylabel(f"{column} ({'%, ' * percent}mean ± std)" if spread else f"{column}{' (%)' * percent}")
+    seeds = sorted({p.cells[column].runs for p in shown})
+    seed_text = f"{seeds[0]}" + (f"-{seeds[-1]}" if len(seeds) > 1 else "") + f" seed{'s' if seeds[-1] > 1 else ''}"
+    title = f"mean ± std over {seed_text} per bar" if spread else f"{seed_text} per bar, so no spread to show"
+    ax.set_title(f"{column}: {title}", fontsize=10)
     means = [p.cells[column].mean for p in shown]
     if 0 <= min(means) and max(means) <= 1:
         ax.set_ylim(0, 100.0 if percent else 1.0)
