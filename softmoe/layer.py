@@ -24,6 +24,7 @@ from torch import nn
 from ._checks import is_tracing, require_choice, require_positive_int, require_positive_number, require_tokens
 from .experts import BatchedMlp, StackedExperts, autocast_dtype_on
 from .routing import NORM_EPS, soft_routing
+from .runtime import auto_tune_pending, tune_allocator_once
 
 DISPATCH_CHOICES = ("soft", "uniform", "identity")
 COMBINE_CHOICES = ("soft", "uniform", "identity")
@@ -206,6 +207,8 @@ class SoftMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_tokens("input", x, self.dim)
+        if auto_tune_pending() and x.device.type == "cpu" and torch.is_grad_enabled() and not is_tracing():
+            tune_allocator_once()  # before the first backward allocates the expert weight gradients
         b = x.shape[0]
         compute_dtype = self.compute_dtype(x)
         x_compute = x.to(compute_dtype)  # cast once: the logits and the slots read the same copy
