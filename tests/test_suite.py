@@ -10,7 +10,8 @@ from torch import nn
 from softmoe import SoftMoE
 from softmoe.bench.cli import main
 from softmoe.bench.step_floor import ADAMW_BYTES_PER_PARAM, ParameterCounts, parameter_counts, step_floor
-from softmoe.bench.suite import ModelPair, create
+from softmoe.bench.model import build_benchmark_model
+from softmoe.bench.shapes import MODEL_SHAPES
 
 
 def _toy_model():
@@ -36,14 +37,15 @@ def test_the_step_floor_adds_the_traffic_at_bandwidth_to_the_flops_at_the_matmul
 
 def test_soft_moe_s16_adamw_moves_the_26_gb_the_issue_counts():
     """Issue 18: Soft MoE S/16's fp32 AdamW moves about 26 GB per step; B/16's 3.7 B parameters about 100 GB."""
-    for factory, params_billion, adamw_gb in (("soft_moe_vit_small", 0.92, 26), ("soft_moe_vit_base", 3.7, 100)):
-        model = create(ModelPair("x", "vit_small_patch16_224", factory, 1, 1), "soft_moe", "meta")
+    for shape, params_billion, adamw_gb in (("vit_s16", 0.92, 26), ("vit_b16", 3.7, 100)):
+        model = build_benchmark_model(MODEL_SHAPES[shape], "soft_moe", "meta")
         counts = parameter_counts(model, expert_grads_written_in_float32=True)
         assert counts.total / 1e9 == pytest.approx(params_billion, rel=0.03)
         assert ADAMW_BYTES_PER_PARAM * counts.total / 1e9 == pytest.approx(adamw_gb, rel=0.05)
         assert counts.experts > 0.95 * counts.total
 
 
+@pytest.mark.slow  # a whole suite run: about a minute on 2 loaded cores
 def test_the_suite_runs_every_section_at_tiny_sizes_on_cpu(tmp_path, capsys):
     out = tmp_path / "suite.json"
     main(["--suite", "gpu", "--tiny", "--device", "cpu", "--suite-compile", "eager", "--out", str(out)])

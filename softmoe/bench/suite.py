@@ -31,8 +31,8 @@ from torch import nn
 
 from .floors import attainable_cases, ceiling_cases
 from .layer import build_layer, layer_pass_cases
-from .model import make_optimizer, model_cases
-from .shapes import LAYER_SHAPES, LayerShape
+from .model import build_benchmark_model, make_optimizer, model_cases, model_flops
+from .shapes import LAYER_SHAPES, MODEL_SHAPES, LayerShape, ModelShape
 from .step_floor import parameter_counts, step_floor
 from .timing import interleaved, median, paired_ratio
 
@@ -41,19 +41,15 @@ BF16 = torch.bfloat16
 
 @dataclass(frozen=True)
 class ModelPair:
-    """A dense timm ViT and its Soft MoE twin, both built by ``timm.create_model`` with ``kwargs``."""
+    """A dense timm ViT and its Soft MoE twin (:class:`.shapes.ModelShape`) and the limits on their ratios."""
 
     label: str
-    dense: str
-    soft_moe: str
+    shape: ModelShape
     forward_backward_limit: float  # Soft MoE / dense
     inference_limit: float
-    kwargs: dict = field(default_factory=dict)
-    soft_moe_kwargs: dict = field(default_factory=dict)  # only where a tiny model needs fewer experts
 
 
-TINY_VIT = dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=10)
-TINY_MOE = dict(num_experts=4, moe_layer_index=1)
+TINY = MODEL_SHAPES["tiny"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +58,6 @@ class SuiteConfig:
     models: List[ModelPair]
     huge: ModelPair  # dense = ViT-H/14, soft_moe = Soft MoE B/16; limit = images/s ratio
     batch: int
-    img_size: int
     gemm_size: int
     copy_mib: int
     rounds: int
@@ -74,42 +69,22 @@ class SuiteConfig:
     def from_args(cls, args) -> "SuiteConfig":
         backend = None if args.suite_compile == "none" else args.suite_compile
         if args.tiny:
-            return cls({"tiny": LAYER_SHAPES["tiny"]},
-                       [ModelPair("tiny", "vit_small_patch16_224", "soft_moe_vit_small", 1.10, 1.05, TINY_VIT, TINY_MOE)],
-                       ModelPair("tiny", "vit_huge_patch14_224", "soft_moe_vit_base", 0.0, 5.7, TINY_VIT, TINY_MOE),
-                       batch=2, img_size=32, gemm_size=128, copy_mib=4, rounds=1, warmup=1,
+            huge = ModelShape("tiny_huge", "vit_huge_patch14_224", "soft_moe_vit_base", 32, TINY.overrides,
+                              TINY.moe_kwargs)
+            return cls({"tiny": LAYER_SHAPES["tiny"]}, [ModelPair("tiny", TINY, 1.10, 1.05)],
+                       ModelPair("tiny", huge, 0.0, 5.7),
+                       batch=2, gemm_size=128, copy_mib=4, rounds=1, warmup=1,
                        compile_backend=backend, budget_s=args.suite_budget_s)
         return cls(
             {"S/16": LayerShape("S/16", batch=256, tokens=197, dim=384, hidden=1536, num_experts=128,
                                 slots_per_expert=1),
              "B/16": LayerShape("B/16", batch=128, tokens=197, dim=768, hidden=3072, num_experts=128,
                                 slots_per_expert=1)},
-            [ModelPair("S/16", "vit_small_patch16_224", "soft_moe_vit_small", 1.10, 1.05),
-             ModelPair("B/16", "vit_base_patch16_224", "soft_moe_vit_base", 1.05, 1.00)],
-            ModelPair("H/14 vs B/16", "vit_huge_patch14_224", "soft_moe_vit_base", 0.0, 5.7),
-            batch=256, img_size=224, gemm_size=8192, copy_mib=1024, rounds=args.suite_rounds, warmup=1,
+            [ModelPair("S/16", MODEL_SHAPES["vit_s16"], 1.10, 1.05), ModelPair("B/16", MODEL_SHAPES["vit_b16"], 1.05, 1.00)],
+            ModelPair("H/14 vs B/16", ModelShape("vit_h14_vs_b16", "vit_huge_patch14_224", "soft_moe_vit_base", 224),
+                      0.0, 5.7),
+            batch=256, gemm_size=8192, copy_mib=1024, rounds=args.suite_rounds, warmup=1,
             compile_backend=backend, budget_s=args.suite_budget_s)
-
-
-def create(pair: ModelPair, kind: str, device) -> nn.Module:
-    """The pair's dense or Soft MoE model through timm's registry, built directly on ``device``."""
-    import timm
-
-    import softmoe  # noqa: F401 -- registers the soft_moe_vit_* factories with timm
-
-    kwargs = dict(pair.kwargs, **(pair.soft_moe_kwargs if kind == "soft_moe" else {}))
-    with torch.device(device):
-        return timm.create_model(getattr(pair, kind), pretrained=False, **kwargs)
-
-
-def training_flops(pair: ModelPair, kind: str, batch: int, img_size: int) -> int:
-    """Forward + backward FLOPs of one step, counted by torch on the meta device (nothing allocated)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = create(pair, kind, "meta")
-    with FlopCounterMode(display=False) as counter:
-        model(torch.empty(batch, 3, img_size, img_size, device="meta")).sum().backward()
-    return counter.get_total_flops()
 
 
 class Suite:
@@ -174,17 +149,16 @@ class Suite:
     def _fraction_of_peak(self, flops: int, seconds: List[float]) -> float:
         return flops / median(seconds) / self.peak["matmul_bf16_flops_per_s"]
 
-    def _inputs(self, batch: Optional[int] = None):
-        batch = batch or self.config.batch
-        images = torch.randn(batch, 3, self.config.img_size, self.config.img_size, device=self.device)
-        return images, torch.randint(0, 10, (batch,), device=self.device)
+    def _inputs(self, shape: ModelShape):
+        images = torch.randn(self.config.batch, 3, shape.img_size, shape.img_size, device=self.device)
+        return images, torch.randint(0, 10, (self.config.batch,), device=self.device)
 
     def model_pair(self, pair: ModelPair) -> dict:
         """Dense against Soft MoE: the training step eager and compiled, then inference under autocast and
         cast to bf16; each model's step beside its floor."""
         torch.manual_seed(0)
-        images, labels = self._inputs()
-        models = {kind: create(pair, kind, self.device).train() for kind in ("dense", "soft_moe")}
+        images, labels = self._inputs(pair.shape)
+        models = {kind: build_benchmark_model(pair.shape, kind, self.device).train() for kind in ("dense", "soft_moe")}
         optimizers = {kind: make_optimizer(model, "fused") for kind, model in models.items()}
         cases = {}
         for kind, model in models.items():
@@ -196,7 +170,8 @@ class Suite:
                     cases[f"{kind}/inference_{variant}"] = model_cases(module, None, images, labels, "bf16")[
                         "inference"]
         times = interleaved(cases, self.config.rounds, self.config.warmup, self.device)
-        result = {"label": pair.label, "dense": pair.dense, "soft_moe": pair.soft_moe, "batch": self.config.batch,
+        result = {"label": pair.label, "dense": pair.shape.dense_model, "soft_moe": pair.shape.soft_moe_model,
+                  "batch": self.config.batch,
                   "forward_backward_limit": pair.forward_backward_limit, "inference_limit": pair.inference_limit,
                   **self._step_figures(pair, models, times)}
         del optimizers, cases
@@ -220,10 +195,10 @@ class Suite:
         """Per model and variant: step, forward+backward and optimizer seconds, the floor, and the ratios."""
         out_dtype_grads = self.device.type == "cuda"  # ExpertLinear: float32 weight grads straight from the GEMM
         figures: dict = {"floor": {}, "step": {}}
+        flops = model_flops(pair.shape, self.config.batch)
         for kind, model in models.items():
             counts = parameter_counts(model, out_dtype_grads)
-            flops = training_flops(pair, kind, self.config.batch, self.config.img_size)
-            floor = step_floor(counts, flops, self.peak["matmul_bf16_flops_per_s"], self.peak["copy_bytes_per_s"])
+            floor = step_floor(counts, flops[kind]["forward_backward"], self.peak["matmul_bf16_flops_per_s"], self.peak["copy_bytes_per_s"])
             figures["floor"][kind] = {"parameters": vars(counts), **floor.as_dict()}
             for variant in ("eager", "compiled"):
                 name = f"{kind}/train_{variant}"
@@ -245,11 +220,11 @@ class Suite:
         """Soft MoE B/16 against ViT-H/14, inference under bf16 autocast, eager: how many times faster."""
         pair = self.config.huge
         torch.manual_seed(0)
-        images, labels = self._inputs()
-        models = {kind: create(pair, kind, self.device).eval() for kind in ("dense", "soft_moe")}
+        images, labels = self._inputs(pair.shape)
+        models = {kind: build_benchmark_model(pair.shape, kind, self.device).eval() for kind in ("dense", "soft_moe")}
         cases = {kind: model_cases(model, None, images, labels, "bf16")["inference"] for kind, model in models.items()}
         times = interleaved(cases, self.config.rounds, self.config.warmup, self.device)
-        result = {"dense": pair.dense, "soft_moe": pair.soft_moe, "batch": self.config.batch,
+        result = {"dense": pair.shape.dense_model, "soft_moe": pair.shape.soft_moe_model, "batch": self.config.batch,
                   "images_per_s": {kind: self.config.batch / median(times[kind]["total"]) for kind in models},
                   "soft_moe_speedup": paired_ratio(times["dense"]["total"], times["soft_moe"]["total"]),
                   "limit": pair.inference_limit}
