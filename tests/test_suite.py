@@ -4,7 +4,6 @@ path at tiny sizes on CPU. No timings are asserted: on a GPU its figures are the
 import json
 
 import pytest
-import torch
 from torch import nn
 
 from softmoe import SoftMoE

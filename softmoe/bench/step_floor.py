@@ -18,7 +18,7 @@ divides by N (each GPU holds 1/N of the experts): the floor here is one GPU's wi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, Tuple
+from typing import Iterable
 
 from torch import nn
 
@@ -101,12 +101,3 @@ def parameter_counts(model: nn.Module, expert_grads_written_in_float32: bool) ->
     exempt = expert_weights if expert_grads_written_in_float32 else 0
     return ParameterCounts(total=_numel(model.parameters()), cast_for_matmuls=cast, gradient_cast=cast - exempt,
                            experts=experts)
-
-
-def floors_by_model(models: Dict[str, nn.Module], flops: Dict[str, int], matmul_rate: float, bandwidth: float,
-                    expert_grads_written_in_float32: bool) -> Dict[str, Tuple[ParameterCounts, StepFloor]]:
-    result = {}
-    for name, model in models.items():
-        counts = parameter_counts(model, expert_grads_written_in_float32)
-        result[name] = (counts, step_floor(counts, flops[name], matmul_rate, bandwidth))
-    return result

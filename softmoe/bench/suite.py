@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -80,7 +80,8 @@ class SuiteConfig:
                                 slots_per_expert=1),
              "B/16": LayerShape("B/16", batch=128, tokens=197, dim=768, hidden=3072, num_experts=128,
                                 slots_per_expert=1)},
-            [ModelPair("S/16", MODEL_SHAPES["vit_s16"], 1.10, 1.05), ModelPair("B/16", MODEL_SHAPES["vit_b16"], 1.05, 1.00)],
+            [ModelPair("S/16", MODEL_SHAPES["vit_s16"], 1.10, 1.05),
+             ModelPair("B/16", MODEL_SHAPES["vit_b16"], 1.05, 1.00)],
             ModelPair("H/14 vs B/16", ModelShape("vit_h14_vs_b16", "vit_huge_patch14_224", "soft_moe_vit_base", 224),
                       0.0, 5.7),
             batch=256, gemm_size=8192, copy_mib=1024, rounds=args.suite_rounds, warmup=1,
@@ -198,7 +199,8 @@ class Suite:
         flops = model_flops(pair.shape, self.config.batch)
         for kind, model in models.items():
             counts = parameter_counts(model, out_dtype_grads)
-            floor = step_floor(counts, flops[kind]["forward_backward"], self.peak["matmul_bf16_flops_per_s"], self.peak["copy_bytes_per_s"])
+            floor = step_floor(counts, flops[kind]["forward_backward"], self.peak["matmul_bf16_flops_per_s"],
+                               self.peak["copy_bytes_per_s"])
             figures["floor"][kind] = {"parameters": vars(counts), **floor.as_dict()}
             for variant in ("eager", "compiled"):
                 name = f"{kind}/train_{variant}"
