@@ -66,3 +66,20 @@ def test_the_suite_runs_every_section_at_tiny_sizes_on_cpu(tmp_path, capsys):
     for name in names:
         assert name in stdout
     assert "NOT met" not in stdout and results["skipped"] == []
+
+
+def test_fresh_process_allocator_runs_time_the_layer_and_pair_ratios_by_round():
+    from softmoe.bench.fresh_process import child, summarize
+
+    run = child("opted_out", "tiny", calls=2, threads=1)
+    assert len(run["seconds"]) == len(run["cpu_seconds"]) == 2 and min(run["seconds"]) > 0
+    def rounds(*per_round):  # (seconds, cpu_seconds) of each round's process
+        return [{"seconds": seconds, "cpu_seconds": cpu} for seconds, cpu in per_round]
+
+    fake = {"library_default": rounds(([2.0, 2.2, 9.0], [1.0]), ([3.0], [1.0])),
+            "tune_allocator": rounds(([2.0], [1.0]), ([2.0], [2.0])),
+            "opted_out": rounds(([4.0], [2.0]), ([2.0], [2.0]))}
+    summary = summarize(fake)
+    assert summary["median_s"] == {"library_default": 2.6, "tune_allocator": 2.0, "opted_out": 3.0}
+    assert summary["library_default_over_tune_allocator"] == pytest.approx((1.1 + 1.5) / 2)
+    assert summary["opted_out_over_tune_allocator_cpu_time"] == pytest.approx((2.0 + 1.0) / 2)
