@@ -68,7 +68,7 @@ def batched_matmul_in(dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> t
     if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and _HAS_OUT_DTYPE[0]:
         try:
             return torch.bmm(a, b, out_dtype=dtype)
-        except (RuntimeError, TypeError):  # a torch without bmm's out_dtype: cast from now on
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch without bmm's out_dtype: cast from now on
             _HAS_OUT_DTYPE[0] = False
     return torch.bmm(a, b).to(dtype)
 

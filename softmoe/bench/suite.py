@@ -178,6 +178,9 @@ class Suite:
         del optimizers, cases
         for model in models.values():  # as deployed: the weights themselves in bf16
             model.zero_grad(set_to_none=True)
+            for module in model.modules():  # the autocast copies have no use once the weights are bf16
+                if hasattr(module, "clear_low_precision_copies"):
+                    module.clear_low_precision_copies()
             model.eval().to(BF16)
         cast = {f"{kind}/inference_bf16": _bf16_inference(model, images) for kind, model in models.items()}
         times.update(interleaved(cast, self.config.rounds, self.config.warmup, self.device))
