@@ -18,12 +18,13 @@ from typing import Any, Optional
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from softmoe import capture_routing
 from softmoe.harness.data import build_loader
 from softmoe.harness.errors import USER_ERRORS
 from softmoe.harness.loop import evaluate
+from softmoe.harness.rules import plain
 from softmoe.harness.runs import checkpoint_path, load_run
 
 log = logging.getLogger("softmoe.evaluate")
@@ -71,7 +72,7 @@ def evaluate_run(
             # module name (e.g. "blocks.2.mlp") -> weights [b, tokens, experts, slots_per_expert]
             "dispatch": {name: record.dispatch.cpu() for name, record in records.items()},
             "combine": {name: record.combine.cpu() for name, record in records.items()},
-            "config": json.dumps(OmegaConf.to_container(run.cfg)),  # the run's resolved config, a JSON string
+            "config": json.dumps(plain(run.cfg)),  # the run's resolved config, a JSON string
             "step": run.step,
         }
         torch.save(routing, output_dir / "routing.pt")
@@ -101,7 +102,7 @@ def main(cfg: DictConfig) -> float:
                 "%s (step %d): %s accuracy %.2f%%, loss %.4f on %d images",
                 result["checkpoint"], result["step"], "validation" if split == "val" else "test",
                 100 * result[f"{split}/acc"], result[f"{split}/loss"], result[f"{split}/examples"],
-            )  # fmt: skip
+            )
     if "routing" in result:
         log.info("routing weights saved to %s", result["routing"])
     return result.get("val/acc", float("nan"))  # a sweeper over checkpoints selects on validation, never on test

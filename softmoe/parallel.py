@@ -20,11 +20,26 @@ through the ``all_to_all``), so after the replicated gradients are averaged too 
 :func:`all_reduce_replicated_grads`) one optimiser step equals the single-process step on the
 global batch. Every rank must run every forward and backward pass: the ``all_to_all`` is collective.
 
+On many ranks the experts' group is smaller than the world: a 2-D mesh of ``D = W / E`` data-parallel
+replicas of ``E`` expert-parallel ranks (:func:`expert_data_mesh`, Megatron's expert-model-parallel size,
+torchtitan's EP degree). The ``all_to_all`` stays inside an expert group (on a cluster: inside a node),
+each replica holds every expert once, and an expert shard's gradient is averaged over its ``D`` copies
+(:func:`all_reduce_expert_grads`, after backward) while the replicated parameters are averaged over all
+``W`` ranks. The flat layout is ``E = W``.
+
 Typical use, with ``torchrun --nproc_per_node=W``::
 
     torch.distributed.init_process_group("nccl")
     model = to_expert_parallel(build_model().cuda())     # every rank keeps its shard of the experts
     model = distributed_data_parallel(model)               # DDP for the replicated parameters only
+    ...
+
+and on a data x expert mesh (``E`` ranks per expert group)::
+
+    mesh = expert_data_mesh("cuda", expert_parallel_size=8)
+    model = to_expert_parallel(model, mesh["expert"].get_group(), data_group=mesh["data"].get_group())
+    model = distributed_data_parallel(model)               # replicated parameters: over the world
+    loss.backward(); all_reduce_expert_grads(model)         # experts: over their data-parallel copies
     ...
     full = gather_expert_parallel_state_dict(model)        # the single-process state dict on rank 0
 """
@@ -37,21 +52,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.nn.parallel import DistributedDataParallel
 
 from .capture import moe_layers
 
 __all__ = [
-    "ExpertParallel",
-    "all_reduce_replicated_grads",
-    "clip_grad_norm_",
-    "distributed_data_parallel",
-    "expert_parallel_layers",
-    "expert_parameter_names",
-    "gather_expert_parallel_state_dict",
-    "shard_state_dict",
-    "to_expert_parallel",
+    "ExpertParallel", "all_reduce_expert_grads", "all_reduce_replicated_grads", "clip_grad_norm_",
+    "distributed_data_parallel", "expert_data_mesh", "expert_parallel_layers", "expert_parameter_names",
+    "gather_expert_parallel_state_dict", "shard_state_dict", "to_expert_parallel",
 ]
 
 # torch 2.14 renamed all_gather_into_tensor (kept, deprecated) to all_gather_single.
@@ -66,6 +76,24 @@ def _process_group(group: Optional[dist.ProcessGroup]) -> dist.ProcessGroup:
             "call torch.distributed.init_process_group(...) before converting the model"
         )
     return dist.group.WORLD if group is None else group
+
+
+def expert_data_mesh(device_type: str, expert_parallel_size: int) -> DeviceMesh:
+    """The world as a ``(data, expert)`` mesh: ``world_size / expert_parallel_size`` replicas of
+    ``expert_parallel_size`` ranks.
+
+    Ranks fill it row by row, so an expert group is ``expert_parallel_size`` consecutive ranks: with
+    ``torchrun``'s numbering (node-major) it stays inside a node whenever ``expert_parallel_size`` divides
+    the processes per node, and the ``all_to_all`` of every MoE layer uses the fast links within it. The
+    data-parallel group of a rank is the ranks holding the same experts, one per replica.
+    """
+    world_size = dist.get_world_size(_process_group(None))
+    if expert_parallel_size < 1 or world_size % expert_parallel_size:
+        raise ValueError(
+            f"expert_parallel_size={expert_parallel_size} must be a positive divisor of the world size {world_size}"
+        )
+    shape = (world_size // expert_parallel_size, expert_parallel_size)
+    return init_device_mesh(device_type, shape, mesh_dim_names=("data", "expert"))
 
 
 def _leading_expert_dim(bank: nn.Module) -> int:
@@ -108,23 +136,37 @@ class ExpertParallel(nn.Module):
             parameters all lead with n_local (:class:`~softmoe.experts.BatchedMlp` or
             :class:`~softmoe.experts.StackedExperts`). Rank r's bank holds global experts r·n_local onwards.
             :func:`to_expert_parallel` builds these from a whole model.
-        group: the process group (default: the world). Must be the group the replicated parameters are
-            averaged over.
+        group: the experts' process group, over which the bank is split (default: the world).
+        data_group: the ranks holding the same experts as this one in the other data-parallel replicas
+            (``mesh["data"]`` of :func:`expert_data_mesh`); None: this rank's experts have no other copy.
+            With it, ``group`` x ``data_group`` must be the whole world.
         uneven_batches: set when ranks may feed different batch sizes (e.g. a last partial batch without
             ``DistributedSampler``'s padding). Costs one small ``all_gather`` and a host sync per call;
             without it, ranks must feed equal batch sizes.
     """
 
     def __init__(
-        self, local_experts: nn.Module, group: Optional[dist.ProcessGroup] = None, *, uneven_batches: bool = False
+        self,
+        local_experts: nn.Module,
+        group: Optional[dist.ProcessGroup] = None,
+        *,
+        data_group: Optional[dist.ProcessGroup] = None,
+        uneven_batches: bool = False,
     ) -> None:
         super().__init__()
         group = _process_group(group)
         self.local_experts = local_experts
-        # The group's name, not the group: a module holding a ProcessGroup cannot be deep-copied (EMA copies).
+        # The groups' names, not the groups: a module holding a ProcessGroup cannot be deep-copied (EMA copies).
         self.group_name = group.group_name
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.data_group_name = None if data_group is None else data_group.group_name
+        self.data_world_size = 1 if data_group is None else dist.get_world_size(data_group)
+        if data_group is not None and self.world_size * self.data_world_size != dist.get_world_size():
+            raise ValueError(
+                f"the experts' group ({self.world_size} ranks) x their data-parallel group ({self.data_world_size}) "
+                f"must span the world of {dist.get_world_size()} ranks: build them with expert_data_mesh"
+            )
         self.num_local_experts = _leading_expert_dim(local_experts)
         self.num_experts = self.world_size * self.num_local_experts
         self.first_expert = self.rank * self.num_local_experts
@@ -133,6 +175,10 @@ class ExpertParallel(nn.Module):
     @property
     def group(self) -> dist.ProcessGroup:
         return _resolve_process_group(self.group_name)
+
+    @property
+    def data_group(self) -> Optional[dist.ProcessGroup]:
+        return None if self.data_group_name is None else _resolve_process_group(self.data_group_name)
 
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
         if slots.ndim != 4 or slots.shape[1] != self.num_experts:
@@ -173,7 +219,7 @@ class ExpertParallel(nn.Module):
     def extra_repr(self) -> str:
         last = self.first_expert + self.num_local_experts - 1
         return (
-            f"num_experts={self.num_experts}, world_size={self.world_size}, "
+            f"num_experts={self.num_experts}, world_size={self.world_size}, data_world_size={self.data_world_size}, "
             f"local experts {self.first_expert}..{last}, uneven_batches={self.uneven_batches}"
         )
 
@@ -217,10 +263,19 @@ def _broadcast_from_first_rank(model: nn.Module, group: dist.ProcessGroup) -> No
         dist.broadcast(tensor.data, src=source, group=group)
 
 
+def _broadcast_over_mesh(model: nn.Module, group: dist.ProcessGroup, data_group: Optional[dist.ProcessGroup]) -> None:
+    """Every rank of the mesh gets the weights of its first rank: each replica takes replica 0's, then each
+    expert group its first rank's (which are, by then, those of the first rank of replica 0)."""
+    if data_group is not None:
+        _broadcast_from_first_rank(model, data_group)
+    _broadcast_from_first_rank(model, group)
+
+
 def to_expert_parallel(
     model: nn.Module,
     group: Optional[dist.ProcessGroup] = None,
     *,
+    data_group: Optional[dist.ProcessGroup] = None,
     uneven_batches: bool = False,
     broadcast: bool = True,
 ) -> nn.Module:
@@ -233,10 +288,11 @@ def to_expert_parallel(
     Args:
         model: a single-process model, built the same way on every rank. Call before creating the
             optimiser (the expert parameters are replaced) and before wrapping in DDP.
-        group: the process group (default: the world).
+        group: the experts' process group (default: the world).
+        data_group: the data-parallel group of this rank's experts (see :class:`ExpertParallel`).
         uneven_batches: see :class:`ExpertParallel`.
-        broadcast: first copy rank 0's parameters and buffers to every rank (as DDP does), so ranks that
-            initialised with different seeds still hold shards of one model.
+        broadcast: first copy the first rank's parameters and buffers to every rank (as DDP does), so ranks
+            that initialised with different seeds still hold shards of one model.
     """
     group = _process_group(group)
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -255,11 +311,11 @@ def to_expert_parallel(
                 f"has num_experts={num_experts}, world size is {world_size}"
             )
     if broadcast:
-        _broadcast_from_first_rank(model, group)
+        _broadcast_over_mesh(model, group, data_group)
     for layer in layers.values():
         count = _leading_expert_dim(layer.experts) // world_size
         local = _shard_bank_(layer.experts, rank * count, count)
-        layer.experts = ExpertParallel(local, group, uneven_batches=uneven_batches)
+        layer.experts = ExpertParallel(local, group, data_group=data_group, uneven_batches=uneven_batches)
     return model
 
 
@@ -324,15 +380,20 @@ def shard_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
     return local
 
 
-def _group_of(model: nn.Module) -> dist.ProcessGroup:
+def _layer_of(model: nn.Module) -> ExpertParallel:
+    """One expert-parallel layer of ``model``, after checking that all of them use the same groups."""
     layers = expert_parallel_layers(model)
     if not layers:
         name = type(_unwrap(model)).__name__
         raise ValueError(f"{name} has no expert-parallel layers: call to_expert_parallel first")
-    names = {layer.group_name for layer in layers.values()}
+    names = {(layer.group_name, str(layer.data_group_name)) for layer in layers.values()}
     if len(names) != 1:
         raise ValueError(f"the expert-parallel layers use different process groups {sorted(names)}; expected one")
-    return next(iter(layers.values())).group
+    return next(iter(layers.values()))
+
+
+def _group_of(model: nn.Module) -> dist.ProcessGroup:
+    return _layer_of(model).group
 
 
 def _split_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
@@ -345,22 +406,43 @@ def _split_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Par
 
 
 @torch.no_grad()
-def all_reduce_replicated_grads(model: nn.Module) -> None:
-    """Average the gradients of the replicated parameters over the experts' group; leave the experts' alone.
-
-    The manual alternative to :func:`distributed_data_parallel`: call after ``loss.backward()`` and
-    before the optimiser step. Parameters without a gradient are skipped; every rank must have
-    gradients for the same parameters.
-    """
-    group = _group_of(model)
-    grads = [p.grad for p in _split_parameters(model)[0] if p.grad is not None]
-    for dtype in {g.dtype for g in grads}:  # one flat all_reduce per dtype
+def _average_grads(params: List[nn.Parameter], group: dist.ProcessGroup) -> None:
+    """Replace each gradient by its mean over ``group``: one flat all_reduce per dtype."""
+    grads = [p.grad for p in params if p.grad is not None]
+    for dtype in sorted({g.dtype for g in grads}, key=str):  # the same order on every rank
         same = [g for g in grads if g.dtype == dtype]
         flat = torch.cat([g.reshape(-1) for g in same])
         dist.all_reduce(flat, group=group)
         flat /= dist.get_world_size(group)
         for grad, reduced in zip(same, flat.split([g.numel() for g in same])):
             grad.copy_(reduced.view_as(grad))
+
+
+def all_reduce_replicated_grads(model: nn.Module) -> None:
+    """Average the gradients of the replicated parameters over every rank of the mesh (the experts' group,
+    then the data-parallel one); leave the experts' alone.
+
+    The manual alternative to :func:`distributed_data_parallel`: call after ``loss.backward()`` and
+    before the optimiser step. Parameters without a gradient are skipped; every rank must have
+    gradients for the same parameters.
+    """
+    layer = _layer_of(model)
+    replicated = _split_parameters(model)[0]
+    for group in (layer.group, layer.data_group):  # a mean of means over equal groups: the mean over all
+        if group is not None:
+            _average_grads(replicated, group)
+
+
+def all_reduce_expert_grads(model: nn.Module) -> None:
+    """Average each expert shard's gradient over its copies in the other data-parallel replicas.
+
+    Call after ``loss.backward()`` (and before clipping and the optimiser step) on a data x expert mesh;
+    nothing to do when the experts' group is the world. The :class:`ExpertParallel` layers have already
+    averaged over the experts' group, so the result is the mean over all ranks, as for a replicated parameter.
+    """
+    data_group = _layer_of(model).data_group
+    if data_group is not None and dist.get_world_size(data_group) > 1:
+        _average_grads(_split_parameters(model)[1], data_group)
 
 
 @torch.no_grad()
@@ -403,8 +485,10 @@ def distributed_data_parallel(model: nn.Module, **ddp_kwargs) -> DistributedData
 
     The expert shards are excluded from DDP (they differ between ranks, so DDP must neither broadcast
     them from rank 0 nor average their gradients, which :class:`ExpertParallel` already averages).
-    ``process_group`` defaults to the experts' group; other keyword arguments go to DDP.
+    ``process_group`` defaults to the experts' group, or the world on a data x expert mesh; other keyword
+    arguments go to DDP. On such a mesh, call :func:`all_reduce_expert_grads` after each backward pass.
     """
-    ddp_kwargs.setdefault("process_group", _group_of(model))
+    layer = _layer_of(model)
+    ddp_kwargs.setdefault("process_group", layer.group if layer.data_group is None else dist.group.WORLD)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
     return DistributedDataParallel(model, **ddp_kwargs)

@@ -70,7 +70,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(preempted.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during a step
         print(f"{tag}error: interrupted, not saved; rerun the same command to resume from the last checkpoint",
-              file=sys.stderr)  # fmt: skip
+              file=sys.stderr)
         remove_if_unused(run_dir)
         sys.exit(preempted_exit_code(signal.SIGINT))
     log.info("done: %s, %d steps", summary.describe(), summary.steps)

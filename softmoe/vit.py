@@ -26,7 +26,7 @@ from timm.models import (
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from ._checks import require_positive_int
+from ._checks import is_int, require_positive_int
 from .capture import moe_layers
 from .experts import BatchedMlp
 from .layer import SoftMoE
@@ -43,18 +43,27 @@ def block_list_problem(blocks: Sequence[Any], depth: int) -> Optional[Tuple[str,
     if not blocks:
         return ("empty", None)
     for block in blocks:
-        if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < depth:
+        if not is_int(block) or not 0 <= block < depth:
             return ("beyond", block)
     if len(set(blocks)) != len(blocks):
         return ("twice", None)
     return None
 
 
+# moe placement -> the 0-indexed blocks of a ``depth``-block ViT that get an MoE layer. The paper's is the last half.
+MOE_PLACEMENTS: Dict[str, Callable[[int], List[int]]] = {
+    "none": lambda depth: [],
+    "last_half": lambda depth: list(range(depth // 2, depth)),
+    "every_other": lambda depth: list(range(1, depth, 2)),
+    "all": lambda depth: list(range(depth)),
+}
+
+
 def resolve_moe_layer_index(moe_layer_index: Optional[MoELayerIndex], depth: int) -> List[int]:
     """The 0-indexed blocks that get a Soft MoE layer: None means the last half (the paper's placement),
     an int k means blocks k..depth-1, a list means exactly those."""
     if moe_layer_index is None:
-        return list(range(depth // 2, depth))
+        return MOE_PLACEMENTS["last_half"](depth)
     if isinstance(moe_layer_index, (bool, str, bytes)):
         raise ValueError(f"moe_layer_index must be an int or a list of ints, got {moe_layer_index!r}")
     if isinstance(moe_layer_index, int):
@@ -295,5 +304,5 @@ def test_soft_moe_vit2(pretrained: bool = False, **kwargs) -> SoftMoEVisionTrans
     model_args = dict(
         patch_size=16, embed_dim=64, depth=8, num_heads=2, mlp_ratio=3,
         class_token=False, reg_tokens=1, global_pool="avg", init_values=1e-5, dynamic_img_size=True, num_experts=8,
-    )  # fmt: skip
+    )
     return _create_soft_moe_vit("test_soft_moe_vit2", pretrained, **dict(model_args, **kwargs))

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from softmoe import collect
 from softmoe.harness import sweeps
+from softmoe.harness.errors import NoRunsError
 
 
 def write_run(root, job, overrides, accuracies, test=None):
@@ -92,9 +93,11 @@ def test_parse_overrides():
     assert sweeps.parse_overrides(["a.b=1", "+c=x=y", "~d", "e=[1,2]"]) == {"a.b": "1", "c": "x=y", "e": "[1,2]"}
 
 
-def test_empty_or_missing_sweeps_say_so(tmp_path):
-    with pytest.raises(SystemExit, match="no run directories"):
-        collect.main([str(tmp_path)])
+def test_empty_or_missing_sweeps_say_so(tmp_path, capsys):
+    assert collect.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: no run directories (with metrics.jsonl) below {tmp_path}\n"
+    with pytest.raises(NoRunsError, match="no run directories"):  # what the notebooks see: no SystemExit
+        sweeps.load_sweep(tmp_path)
     with pytest.raises(SystemExit):
         collect.main([str(tmp_path / "missing")])
 
@@ -107,16 +110,16 @@ def test_config_overrides_are_the_differing_keys_written_as_hydra_overrides():
         {"_wandb": {"cli_version": "0.31.1"}, "seed": 1, "paths": {"output_dir": "outputs/1"},
          "moe": {"num_experts": 16, "router": "soft", "layers": None}, "optimizer": {"lr": 0.0003},
          "trainer": {"compile": True, "resume": None}},
-    ]  # fmt: skip
+    ]
     first, second = sweeps.config_overrides(configs)
     assert first == {
         "seed": "0", "paths.output_dir": "outputs/0", "moe.num_experts": "8", "moe.layers": "[2,3]",
         "optimizer.lr": "0.001", "trainer.compile": "false",
-    }  # fmt: skip
+    }
     assert second == {
         "seed": "1", "paths.output_dir": "outputs/1", "moe.num_experts": "16", "moe.layers": "null",
         "optimizer.lr": "0.0003", "trainer.compile": "true",
-    }  # fmt: skip
+    }
     # what the same runs' overrides.yaml would hold
     typed = ["moe.num_experts=8", "moe.layers=[2,3]", "optimizer.lr=0.001", "trainer.compile=false"]
     assert {k: v for k, v in first.items() if k in sweeps.parse_overrides(typed)} == sweeps.parse_overrides(typed)
@@ -124,10 +127,9 @@ def test_config_overrides_are_the_differing_keys_written_as_hydra_overrides():
     assert sweeps.swept_keys(runs) == ["moe.layers", "moe.num_experts", "optimizer.lr", "trainer.compile"]
 
 
-def test_a_wandb_dir_without_offline_runs_is_named(sweep):
-    with pytest.raises(SystemExit) as error:
-        collect.main(["--wandb-dir", str(sweep)])
-    assert str(error.value) == f"error: no offline W&B runs (offline-run-*/run-*.wandb) below {sweep}"
+def test_a_wandb_dir_without_offline_runs_is_named(sweep, capsys):
+    assert collect.main(["--wandb-dir", str(sweep)]) == 2
+    assert capsys.readouterr().err == f"error: no offline W&B runs (offline-run-*/run-*.wandb) below {sweep}\n"
 
 
 def test_plot_bars_carry_std_error_bars_the_seed_count_and_an_axis_from_zero(tmp_path, monkeypatch):
@@ -138,7 +140,7 @@ def test_plot_bars_carry_std_error_bars_the_seed_count_and_an_axis_from_zero(tmp
     summaries = [
         sweeps.GroupSummary((routing, str(slots)), 3, {column: sweeps.Cell(0.95 - 0.001 * slots, 0.004, 3)})
         for routing in routings for slots in (1, 2, 4, 8, 16, 32)
-    ]  # fmt: skip
+    ]
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
     sweeps.plot(summaries, ["moe.router", "moe.slots_per_expert"], column, tmp_path / "results.png")
@@ -252,9 +254,8 @@ def test_a_resumed_runs_files_are_read_as_one_run(offline_sweep, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_group_with_no_offline_runs_names_the_groups_found(offline_sweep):
-    with pytest.raises(SystemExit) as error:
-        collect.main(["--wandb-dir", str(offline_sweep), "--group", "sweep-2"])
-    assert str(error.value) == (
-        f"error: no offline W&B run below {offline_sweep} is in group 'sweep-2'; groups found: {str(offline_sweep)!r}"
+def test_a_group_with_no_offline_runs_names_the_groups_found(offline_sweep, capsys):
+    assert collect.main(["--wandb-dir", str(offline_sweep), "--group", "sweep-2"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: no offline W&B run below {offline_sweep} is in group 'sweep-2'; groups found: {str(offline_sweep)!r}\n"
     )

@@ -151,3 +151,39 @@ def test_expert_weight_gradients_come_out_of_the_gemm_in_float32():
         y = layer(torch.randn(4, 16, 64, device="cuda"))
     y.float().square().sum().backward()
     assert layer.experts.fc1_weight.grad.dtype == torch.float32 and layer.experts.fc1_weight.grad.abs().sum() > 0
+
+
+def test_the_memory_planner_against_max_memory_allocated():
+    """The planner's exact figures (parameters, gradients, AdamW state) are what the allocator holds between steps,
+    up to its 512-byte rounding per tensor; its activation estimate is within a factor 2 of the peak a forward and
+    backward pass add on top."""
+    import torch.nn.functional as F
+
+    from softmoe.harness.memory import Layout, rank_memory, shapes_of
+    from softmoe.harness.model import build_model
+    from softmoe.plan import compose_plan_config
+
+    batch = 32
+    config = compose_plan_config(
+        ["model=vit_small", "data=imagefolder", "data.img_size=224", "moe.num_experts=32",
+         f"trainer.batch_size={batch}"]
+    )
+    torch.manual_seed(0)
+    model = build_model(config["model"], config["moe"]).cuda()
+    planned = rank_memory(shapes_of(model, config), Layout("ddp"), world_size=1, batch_size=batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(batch, 3, 224, 224, device="cuda")
+    labels = torch.randint(0, 1000, (batch,), device="cuda")
+    tensors = 4 * len(list(model.parameters()))  # parameter, gradient, two moments (the steps are host scalars)
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated: part of the steady state
+        torch.cuda.synchronize()
+        steady = torch.cuda.memory_allocated() - images.untyped_storage().nbytes() - labels.untyped_storage().nbytes()
+        torch.cuda.reset_peak_memory_stats()
+        F.cross_entropy(model(images), labels).backward()
+        torch.cuda.synchronize()
+        added = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        optimizer.step()
+    exact = planned.parameters + planned.gradients + planned.optimizer - 4 * len(list(model.parameters()))
+    assert exact <= steady <= exact + 512 * tensors
+    assert 0.5 * planned.activations <= added <= 2 * planned.activations, (added, planned.activations)

@@ -32,7 +32,7 @@ from softmoe.harness.data import (
     build_datasets,
     build_loader,
     dataset_size,
-    validate_data_config,
+    check_data_config,
 )
 from softmoe.harness.data import fashion_mnist
 from softmoe.harness.data.cifar import CheckedCIFAR10, CheckedCIFAR100
@@ -47,7 +47,7 @@ def test_every_dataset_has_a_runnable_config_file():
     for path in files:
         cfg = OmegaConf.load(path)
         assert cfg.name == path.stem
-        validate_data_config(cfg)
+        check_data_config(cfg)
         header = path.read_text().split("\nname:")[0]
         assert "python -m softmoe.train" in header, f"{path.name} must say at its top the command that uses it"
 
@@ -84,7 +84,7 @@ BAD_CONFIGS = [
 @pytest.mark.parametrize("name, overrides, message", BAD_CONFIGS, ids=[m.split(":")[0] for _, _, m in BAD_CONFIGS])
 def test_bad_config_is_one_line_naming_key_value_and_rule(name, overrides, message):
     with pytest.raises(ValueError) as raised:
-        validate_data_config(data_config(name, **overrides))
+        check_data_config(data_config(name, **overrides))
     assert str(raised.value).startswith(message)
     assert "\n" not in str(raised.value)
 
@@ -94,7 +94,7 @@ def test_missing_key_names_the_config_file():
     del cfg["seed"]
     missing = r"^data\.seed: missing; data=synthetic needs every key of conf/data/synthetic"
     with pytest.raises(ValueError, match=missing):
-        validate_data_config(cfg)
+        check_data_config(cfg)
 
 
 def test_root_defaults_to_data_dir_and_name_and_resolves_interpolation(tmp_path):
@@ -551,7 +551,7 @@ def test_synthetic_generates_its_validation_split():
 )
 def test_bad_val_size_is_one_line_naming_it(name, val_size, message):
     with pytest.raises(ValueError) as raised:
-        validate_data_config(data_config(name, val_size=val_size))
+        check_data_config(data_config(name, val_size=val_size))
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
 
 

@@ -8,6 +8,7 @@ sharded from a whole-model checkpoint) as well as training, checkpointing and te
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
 from softmoe.evaluate import evaluate_run
@@ -39,7 +41,7 @@ RUN = [
     "trainer.eval_batches=1",
     "trainer.eval_batch_size=101", "trainer.log_every=1", "scheduler=constant", "logger=none",
     "trainer.progress_bar=false",
-]  # fmt: skip
+]
 # float32 sums in another order (per-rank means, then the mean over ranks), through 3 Adam steps
 CLOSE = dict(rtol=1e-5, atol=1e-5)  # measured: weights within 1e-6, Adam moments 1e-8
 
@@ -49,41 +51,50 @@ def read_metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(compose_run, tmp_path_factory):
-    """(single-process run dir, torchrun sweep dir, the torchrun process) once the three runs are done."""
-    tmp = tmp_path_factory.mktemp("distributed")
+def single_process_runs(compose_run, tmp_path_factory):
+    """(a run to step 3 to resume from, a run to step 6), each on one process."""
+    tmp = tmp_path_factory.mktemp("single_process")
     train(compose_run(*RUN, "trainer.max_steps=3"), tmp / "first_half")
     train(compose_run(*RUN, "trainer.max_steps=6"), tmp / "single")
+    return tmp / "first_half", tmp / "single"
+
+
+def torchrun_sweep(first_half, output_dir, processes, *overrides):
+    """Resume ``first_half`` to step 6 in a multirun on ``processes`` gloo ranks: (sweep dir, the process)."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # = torchrun
-        "-m", "softmoe.train", "-m", "moe.expert_parallel=false,true", "optimizer.fused=false,true", *RUN,
-        "trainer.max_steps=6",
-        f"trainer.resume={tmp / 'first_half' / 'last.pt'}", f"paths.output_dir={tmp / 'outputs'}",
-    ]  # fmt: skip
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",  # = torchrun
+        "-m", "softmoe.train", "-m", *overrides, *RUN, "trainer.max_steps=6",
+        f"trainer.resume={first_half / 'last.pt'}", f"paths.output_dir={output_dir}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (sweep,) = (tmp / "outputs").glob("multiruns/*/*")  # one sweep directory: every rank used rank 0's ${now:}
-    assert not (tmp / "outputs" / "runs").exists()
-    return tmp / "single", sweep, result
+    (sweep,) = output_dir.glob("multiruns/*/*")  # one sweep directory: every rank used rank 0's ${now:}
+    assert not (output_dir / "runs").exists()
+    return sweep, result
 
 
-def train_events(run_dir):
-    return {e["step"]: e for e in read_metrics(run_dir) if "train/loss" in e}
+@pytest.fixture(scope="module")
+def runs(single_process_runs, tmp_path_factory):
+    """(single-process run dir, torchrun sweep dir, the torchrun process) once the three runs are done."""
+    first_half, single = single_process_runs
+    output_dir = tmp_path_factory.mktemp("distributed") / "outputs"
+    sweep_overrides = ["moe.expert_parallel=false,true", "optimizer.fused=false,true"]
+    sweep, result = torchrun_sweep(first_half, output_dir, 2, *sweep_overrides)
+    return single, sweep, result
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("job,name", [
-    (0, "data parallel"), (1, "data parallel, fused"), (2, "expert parallel"), (3, "expert parallel, fused")
-])  # fmt: skip
-def test_two_ranks_match_one_process(runs, job, name):
-    single, sweep, _ = runs
-    run_dir = sweep / str(job)
-    # one writer: the checkpoints, metrics, log and lock of rank 0, nothing per rank (best.pt only when validation
-    # beat the best of the checkpoint resumed from)
-    written = {path.name for path in run_dir.iterdir()} - {"best.pt"}
-    assert written == {".hydra", ".lock", "last.pt", "metrics.jsonl", "train.log"}
+@pytest.fixture(scope="module")
+def mesh_runs(single_process_runs, tmp_path_factory):
+    """(single-process run dir, sweep dir) of 4 ranks as 2 replicas x 2 expert ranks (job 0) and 1 x 4 (job 1)."""
+    first_half, single = single_process_runs
+    output_dir = tmp_path_factory.mktemp("mesh") / "outputs"
+    sweep, _ = torchrun_sweep(first_half, output_dir, 4, "trainer.expert_parallel_size=2,4")
+    return single, sweep
 
+
+def assert_same_training(run_dir, single, name):
+    """Steps 4-6 resumed from step 3 log the single-process run's metrics and save its model and Adam state."""
     reference, events = train_events(single), train_events(run_dir)
     assert sorted(events) == [4, 5, 6]  # resumed after step 3
     for step, event in events.items():
@@ -102,6 +113,34 @@ def test_two_ranks_match_one_process(runs, job, name):
     for index, state in theirs["optimizer"]["state"].items():
         for key, value in state.items():
             torch.testing.assert_close(ours["optimizer"]["state"][index][key], value, **CLOSE)
+
+
+def train_events(run_dir):
+    return {e["step"]: e for e in read_metrics(run_dir) if "train/loss" in e}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job,name", [
+    (0, "data parallel"), (1, "data parallel, fused"), (2, "expert parallel"), (3, "expert parallel, fused")
+])
+def test_two_ranks_match_one_process(runs, job, name):
+    single, sweep, _ = runs
+    run_dir = sweep / str(job)
+    # one writer: the checkpoints, metrics, log and lock of rank 0, nothing per rank (best.pt only when validation
+    # beat the best of the checkpoint resumed from)
+    written = {path.name for path in run_dir.iterdir()} - {"best.pt"}
+    assert written == {".hydra", ".lock", "last.pt", "metrics.jsonl", "train.log"}
+    assert_same_training(run_dir, single, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job,name", [(0, "2 replicas x 2 expert ranks"), (1, "1 replica x 4 expert ranks")])
+def test_four_ranks_on_a_data_by_expert_mesh_match_one_process(mesh_runs, job, name):
+    single, sweep = mesh_runs
+    assert_same_training(sweep / str(job), single, name)
+    assert f"expert parallel: {2 if job == 0 else 1} data-parallel replicas x {2 if job == 0 else 4} expert ranks" in (
+        sweep / str(job) / "train.log"
+    ).read_text()
 
 
 @pytest.mark.slow
@@ -141,7 +180,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_a_rerun_re
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "softmoe.train",
         *RUN, "trainer.max_steps=40", "trainer.checkpoint_every=1000", f"hydra.run.dir={run_dir}",
-    ]  # fmt: skip
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     agent = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
@@ -239,32 +278,11 @@ def without_torchrun(monkeypatch):
         monkeypatch.delenv(name)
 
 
-@pytest.mark.parametrize(
-    "overrides,torchrun,message",
-    [
-        (["trainer.strategy=ddp"], False, "trainer.strategy=ddp: needs a torchrun launch"),
-        (["moe.expert_parallel=true"], False, "moe.expert_parallel=true: needs a distributed launch"),
-        (["trainer.strategy=single"], True, "trainer.strategy=single: this process is one of WORLD_SIZE=2"),
-        (
-            ["trainer.batch_size=63"], True,
-            "trainer.batch_size=63: the global batch must be divisible by the 2 processes",
-        ),
-        (
-            ["moe.expert_parallel=true", "moe.num_experts=5"], True,
-            "moe.num_experts=5: expert parallelism needs it divisible",
-        ),
-        (["moe.expert_parallel=true", "moe=dense"], True, "moe.expert_parallel=true: needs MoE layers"),
-        (["trainer.strategy=sometimes"], False, "trainer.strategy=sometimes: must be one of auto, single, ddp"),
-    ],
-)
-def test_bad_launches_stop_with_one_line(compose_run, monkeypatch, tmp_path, overrides, torchrun, message):
+def test_a_bad_launch_stops_train_before_the_process_group_or_data(compose_run, monkeypatch, tmp_path):
+    # every launch rule and its message: tests/test_configs.py (config.check_launch)
     without_torchrun(monkeypatch)
-    for name, value in TORCHRUN_ENV.items():
-        if torchrun:
-            monkeypatch.setenv(name, value)
-    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")) as error:
-        train(compose_run(*overrides, "logger=none"), tmp_path)  # raised before the process group or data
-    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="^trainer.strategy=ddp: needs a torchrun launch"):
+        train(compose_run("trainer.strategy=ddp", "logger=none"), tmp_path)
 
 
 def test_one_process_is_not_distributed(compose_run, monkeypatch):
@@ -278,12 +296,92 @@ def test_a_slurm_job_of_several_submitit_tasks_is_a_torchrun_launch(compose_run,
     slurm = {
         "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2",
         "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
-    }  # fmt: skip
+    }
     without_torchrun(monkeypatch)
     for name, value in slurm.items():
         monkeypatch.setenv(name, value)
     indivisible = "^trainer.batch_size=6: the global batch must be divisible by the 4 processes"
     with pytest.raises(ConfigError, match=indivisible):
         train(compose_run("trainer.batch_size=6", "logger=none"), tmp_path)  # a data-parallel launch of 4 ranks
-    exported = [os.environ[name] for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")]
-    assert exported == ["3", "4", "1", "gpu07"]
+    exported = [os.environ[name] for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")]
+    assert exported == ["3", "4", "1", "2", "gpu07"]  # LOCAL_WORLD_SIZE: whether expert groups fit in a node
+
+
+# ----------------------------------------------------------------------------- several nodes (no cluster here)
+
+
+def test_expert_groups_of_a_2_node_by_8_gpu_job_stay_inside_a_node():
+    """SLURM numbers a job's tasks node by node (its default block distribution: rank = node x 8 + local rank), and
+    the mesh puts consecutive ranks in an expert group, so a group of 8, 4 or 2 ranks never leaves its node."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from softmoe.parallel import expert_data_mesh
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=16)  # this process is rank 0 of 16
+    try:
+        for size in (8, 4, 2):
+            mesh = expert_data_mesh("cpu", size)
+            groups = mesh.mesh.tolist()  # [data replica][expert rank] -> global rank
+            assert all(len({rank // 8 for rank in group}) == 1 for group in groups), (size, groups)
+            assert dist.get_process_group_ranks(mesh["expert"].get_group()) == list(range(size))
+            assert dist.get_process_group_ranks(mesh["data"].get_group()) == list(range(0, 16, size))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_groups_that_span_nodes_are_warned_about(monkeypatch, caplog):
+    from softmoe.harness.distributed import warn_if_expert_groups_span_nodes
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with caplog.at_level(logging.WARNING):
+        warn_if_expert_groups_span_nodes(4)
+        assert not caplog.records
+        warn_if_expert_groups_span_nodes(16)
+    (record,) = caplog.records
+    assert "expert groups of 16 ranks span nodes of 8 processes" in record.getMessage()
+
+
+def test_a_2_node_by_8_gpu_slurm_job_composes_one_task_per_gpu(compose_run):
+    cfg = compose_run("launcher=slurm", "launcher.nodes=2", "launcher.gpus_per_node=8", hydra_node=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (2, 8, 8)
+    one_gpu = OmegaConf.to_container(compose_run("launcher=slurm", hydra_node=True).hydra.launcher, resolve=True)
+    assert (one_gpu["nodes"], one_gpu["gpus_per_node"], one_gpu["tasks_per_node"]) == (1, 1, 1)  # sweeps of 1-GPU jobs
+
+
+STAND_INS = {  # SLURM's commands as submitit calls them: sbatch keeps the script it is given and answers as sbatch
+    "sbatch": '#!/bin/sh\ncp "$1" "$SBATCH_CAPTURE"\necho "Submitted batch job 4242"\n',
+    "srun": "#!/bin/sh\nexit 1\n",  # submitit only checks that it exists before submitting
+}
+
+
+@pytest.mark.slow
+def test_the_2_node_by_8_gpu_command_submits_16_ranks_that_requeue_on_preemption(tmp_path):
+    """The documented command (docs/scale_out.md), through Hydra's submitit launcher, up to the sbatch script it
+    submits; the job itself cannot run here."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, script in STAND_INS.items():
+        (bin_dir / name).write_text(script)
+        (bin_dir / name).chmod(0o755)
+    script = tmp_path / "submitted.sh"
+    command = [
+        sys.executable, "-m", "softmoe.train", "-m", "launcher=slurm", "launcher.nodes=2", "launcher.gpus_per_node=8",
+        "trainer.expert_parallel_size=4", "moe.num_experts=128", "logger=none", f"paths.output_dir={tmp_path / 'out'}",
+    ]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_CAPTURE": str(script)}
+    launch = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not script.exists():  # afterwards the launcher waits for the job's results, forever here
+            assert launch.poll() is None and time.monotonic() < deadline, "nothing was submitted"
+            time.sleep(0.2)
+    finally:
+        launch.kill()
+        launch.wait()
+    lines = script.read_text().splitlines()
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--signal=USR2@120", "--open-mode=append"):
+        assert f"#SBATCH {line}" in lines  # 16 ranks; SIGUSR2 120 s before the limit: save, then requeue
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    assert " -u -m submitit.core._submit " in srun and srun.split()[-1].startswith(str(tmp_path / "out"))
+    assert "export SUBMITIT_EXECUTOR=slurm" in lines  # each task becomes a rank: export_submitit_tasks

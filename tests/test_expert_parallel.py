@@ -1,7 +1,8 @@
-"""Expert parallelism on two gloo processes against the single-process model on the concatenated batch.
+"""Expert parallelism on two gloo processes, and on four as a data x expert mesh, against the single-process
+model on the concatenated batch.
 
-One pair of processes runs every scenario (starting processes costs more than the scenarios); each
-scenario is reported as its own test. Within a scenario every rank runs all its collectives before
+One set of processes runs every scenario of its size (starting processes costs more than the scenarios);
+each scenario is reported as its own test. Within a scenario every rank runs all its collectives before
 it asserts anything, so a failure on one rank cannot leave the other waiting in a collective.
 """
 
@@ -23,9 +24,11 @@ from timm.layers import Mlp
 from softmoe import BatchedMlp, SoftMoE, SoftMoELayerWrapper, SoftMoEVisionTransformer
 from softmoe.parallel import (
     ExpertParallel,
+    all_reduce_expert_grads,
     all_reduce_replicated_grads,
     clip_grad_norm_,
     distributed_data_parallel,
+    expert_data_mesh,
     expert_parameter_names,
     gather_expert_parallel_state_dict,
     shard_state_dict,
@@ -37,7 +40,7 @@ PER_RANK_BATCH = 2
 TINY_VIT = dict(
     img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=3,
     num_experts=4, slots_per_expert=2, moe_layer_index=1,
-)  # fmt: skip
+)
 EXACT = dict(rtol=1e-10, atol=1e-12)  # float64 throughout: only the order of additions differs
 
 
@@ -246,16 +249,98 @@ SCENARIOS = {
 }
 
 
+# Four ranks: a data x expert mesh ---------------------------------------------------------------
+
+MESH_WORLD_SIZE = 4
+
+
+def _training_on_a_mesh_matches_single_process(rank, expert_parallel_size, wrap_ddp):
+    """3 SGD steps on 4 x 2 examples, on a (4 / E) x E mesh, equal single-process steps on the 8 examples."""
+    mesh = expert_data_mesh("cpu", expert_parallel_size)
+    expert_group, data_group = mesh["expert"].get_group(), mesh["data"].get_group()
+    reference = tiny_vit(seed=0)
+    model = to_expert_parallel(tiny_vit(seed=rank), expert_group, data_group=data_group)  # rank 0's weights
+    layer = model.blocks[1].mlp.experts
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(MESH_WORLD_SIZE * PER_RANK_BATCH, 3, 8, 8, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 3, (MESH_WORLD_SIZE * PER_RANK_BATCH,), generator=generator)
+    mine = local_slice(rank, [PER_RANK_BATCH] * MESH_WORLD_SIZE)
+    max_norm = 0.01
+
+    def clip_reference():
+        return torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+
+    def reduce_and_clip():
+        if not wrap_ddp:
+            all_reduce_replicated_grads(model)
+        all_reduce_expert_grads(model)
+        return clip_grad_norm_(trained, max_norm)
+
+    trained = distributed_data_parallel(model) if wrap_ddp else model
+    losses_ref, norms_ref = _train(reference, images, labels, clip_reference)
+    losses, norms = _train(trained, images[mine], labels[mine], reduce_and_clip)
+    dist.all_reduce(losses)
+    gathered = gather_expert_parallel_state_dict(trained)  # on the first rank of every replica
+
+    count = 4 // expert_parallel_size
+    assert (layer.num_local_experts, layer.first_expert) == (count, rank % expert_parallel_size * count)
+    assert layer.data_world_size == MESH_WORLD_SIZE // expert_parallel_size
+    assert (norms_ref > max_norm).all()
+    torch.testing.assert_close(losses / MESH_WORLD_SIZE, losses_ref, **EXACT)
+    torch.testing.assert_close(norms, norms_ref, **EXACT)
+    assert (gathered is not None) == (rank % expert_parallel_size == 0)
+    if gathered is not None:
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(gathered[key], value, **EXACT, msg=lambda m: f"{key}: {m}")
+
+
+def two_replicas_of_two_expert_ranks_with_ddp(rank):
+    _training_on_a_mesh_matches_single_process(rank, expert_parallel_size=2, wrap_ddp=True)
+
+
+def two_replicas_of_two_expert_ranks_manual_reduction(rank):
+    _training_on_a_mesh_matches_single_process(rank, expert_parallel_size=2, wrap_ddp=False)
+
+
+def one_group_of_four_expert_ranks(rank):  # the flat layout, as a 1 x 4 mesh
+    _training_on_a_mesh_matches_single_process(rank, expert_parallel_size=4, wrap_ddp=True)
+
+
+def four_replicas_of_one_expert_rank(rank):  # every rank holds every expert: data parallel through the mesh
+    _training_on_a_mesh_matches_single_process(rank, expert_parallel_size=1, wrap_ddp=True)
+
+
+def mesh_errors(rank):
+    with pytest.raises(ValueError, match="expert_parallel_size=3 must be a positive divisor of the world size 4"):
+        expert_data_mesh("cpu", 3)
+    mesh = expert_data_mesh("cpu", 2)
+    message = r"the experts' group \(4 ranks\) x their data-parallel group \(2\) must span the world of 4 ranks"
+    with pytest.raises(ValueError, match=message):
+        ExpertParallel(BatchedMlp(4, 8), dist.group.WORLD, data_group=mesh["data"].get_group())
+
+
+MESH_SCENARIOS = {
+    fn.__name__: fn
+    for fn in (
+        two_replicas_of_two_expert_ranks_with_ddp,
+        two_replicas_of_two_expert_ranks_manual_reduction,
+        one_group_of_four_expert_ranks,
+        four_replicas_of_one_expert_rank,
+        mesh_errors,
+    )
+}
+
+
 # Process management -----------------------------------------------------------------------------
 
 
-def _worker(rank, port, results_dir):
+def _worker(rank, port, results_dir, world_size=WORLD_SIZE, scenarios=SCENARIOS):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     results = {}
     try:
-        for name, scenario in SCENARIOS.items():
+        for name, scenario in scenarios.items():
             try:
                 scenario(rank)
                 results[name] = None
@@ -274,12 +359,12 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_rank_results(tmp_path_factory):
-    results_dir = tmp_path_factory.mktemp("expert_parallel")
+def run_scenarios(results_dir, world_size, scenarios):
+    """{scenario: {rank: None, or the traceback of its failure}} after every rank ran every scenario."""
     # fork, not spawn: the workers inherit the imported torch and timm instead of spending seconds importing them
     context = mp.start_processes(
-        _worker, args=(_free_port(), str(results_dir)), nprocs=WORLD_SIZE, join=False, start_method="fork"
+        _worker, args=(_free_port(), str(results_dir), world_size, scenarios), nprocs=world_size, join=False,
+        start_method="fork",
     )
     deadline = time.monotonic() + 240
     try:
@@ -291,20 +376,40 @@ def two_rank_results(tmp_path_factory):
             if process.is_alive():
                 process.terminate()
     results = {}
-    for rank in range(WORLD_SIZE):
+    for rank in range(world_size):
         with open(results_dir / f"rank{rank}.json") as file:
             for name, error in json.load(file).items():
                 results.setdefault(name, {})[rank] = error
     return results
 
 
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    return run_scenarios(tmp_path_factory.mktemp("expert_parallel"), WORLD_SIZE, SCENARIOS)
+
+
+@pytest.fixture(scope="module")
+def mesh_results(tmp_path_factory):
+    return run_scenarios(tmp_path_factory.mktemp("mesh"), MESH_WORLD_SIZE, MESH_SCENARIOS)
+
+
+def assert_passed_on_every_rank(results, scenario, world_size):
+    outcome = results.get(scenario)
+    assert outcome is not None and len(outcome) == world_size, f"{scenario} did not run on every rank"
+    failures = {rank: error for rank, error in outcome.items() if error}
+    assert not failures, "\n".join(f"rank {rank}:\n{error}" for rank, error in failures.items())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_two_ranks(two_rank_results, scenario):
-    outcome = two_rank_results.get(scenario)
-    assert outcome is not None and len(outcome) == WORLD_SIZE, f"{scenario} did not run on every rank"
-    failures = {rank: error for rank, error in outcome.items() if error}
-    assert not failures, "\n".join(f"rank {rank}:\n{error}" for rank, error in failures.items())
+    assert_passed_on_every_rank(two_rank_results, scenario, WORLD_SIZE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", list(MESH_SCENARIOS))
+def test_four_ranks_on_a_data_by_expert_mesh(mesh_results, scenario):
+    assert_passed_on_every_rank(mesh_results, scenario, MESH_WORLD_SIZE)
 
 
 def test_needs_an_initialised_process_group():

@@ -30,7 +30,7 @@ EXPERTS = (4, 8)
 TINY = [
     "model.depth=2", "trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=64", "trainer.eval_batches=1",
     "logger=none", "trainer.progress_bar=false",
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_every_figure_has_labelled_axes_no_legend_over_a_bar_and_bounded_statist
         if isinstance(notebook, BaseException):
             raise notebook
         checks = [output.data["text/plain"] for cell in notebook.cells for output in cell.get("outputs", [])
-                  if "image/png" in output.get("data", {})]  # fmt: skip
+                  if "image/png" in output.get("data", {})]
         assert checks and set(checks) == {"figure check: ok"}, f"{name}: {checks}"
 
 

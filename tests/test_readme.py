@@ -90,7 +90,7 @@ README_EXAMPLES = code_blocks(ROOT / "README.md", "python")
 README_CHECKS = [
     check_vit, check_factories, check_features, check_export, check_layer, check_tune_allocator, check_wrapper,
     check_routing, check_upcycle, check_timm_upcycle,
-]  # fmt: skip
+]
 
 
 def test_every_readme_example_has_its_check():

@@ -45,7 +45,7 @@ PREEMPTION_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGU
 NONFINITE_POLICIES = ("skip", "stop")
 __all__ = [
     "NONFINITE_EXIT_CODE", "NonFiniteError", "NonFiniteGuard", "Preempted", "PreemptionGuard", "preempted_exit_code"
-]  # fmt: skip
+]
 
 
 class Preempted(Exception):
@@ -194,7 +194,7 @@ class NonFiniteGuard:
         self._counts = torch.stack([
             skipped + bad, in_a_row, torch.where(passed, step, over), torch.where(is_first, step, first),
             torch.where(is_first, loss, first_loss), torch.where(is_first, grad_norm, first_norm),
-        ])  # fmt: skip
+        ])
         return bad.float()
 
     def settle(self, step: int) -> None:
@@ -219,7 +219,7 @@ class NonFiniteGuard:
         log.warning(
             "step %d: %s (%s); %d step(s) skipped since the last check (trainer.nonfinite=skip), %d so far",
             int(first), what, checked, int(skipped), self.skipped,
-        )  # fmt: skip
+        )
         self._counts = self._fresh_counts(self._counts.device, self.consecutive)  # a run of bad steps carries over
 
     def state_dict(self) -> dict[str, int]:

@@ -39,6 +39,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .errors import NoRunsError
 from .telemetry import json_lines
 
 IGNORED_KEYS = ("seed", "hydra.", "logger.", "trainer.device", "paths.")
@@ -110,7 +111,7 @@ def load_sweep(sweep_dir: Path) -> List[RunResult]:
         overrides = parse_overrides(yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else {}
         runs.append(RunResult(str(run_dir.relative_to(sweep_dir)), overrides, read_metrics(metrics)))
     if not runs:
-        raise SystemExit(f"error: no run directories (with metrics.jsonl) below {sweep_dir}")
+        raise NoRunsError(f"no run directories (with metrics.jsonl) below {sweep_dir}")
     return runs
 
 
@@ -225,7 +226,7 @@ def load_wandb_offline(wandb_dir: Path, group: Optional[str] = None) -> List[Run
     file per attempt, all with its id: they are read as one run, history in order."""
     files = offline_run_files(wandb_dir)
     if not files:
-        raise SystemExit(f"error: no offline W&B runs (offline-run-*/run-*.wandb) below {wandb_dir}")
+        raise NoRunsError(f"no offline W&B runs (offline-run-*/run-*.wandb) below {wandb_dir}")
     runs: Dict[str, WandbRun] = {}
     for path in files:
         run_id, run = read_offline_run(path)
@@ -235,7 +236,7 @@ def load_wandb_offline(wandb_dir: Path, group: Optional[str] = None) -> List[Run
     kept = [run for run in runs.values() if group is None or run.group == group]
     if not kept:
         found = ", ".join(repr(name) if name else "(no group)" for name in sorted({run.group for run in runs.values()}))
-        raise SystemExit(f"error: no offline W&B run below {wandb_dir} is in group {group!r}; groups found: {found}")
+        raise NoRunsError(f"no offline W&B run below {wandb_dir} is in group {group!r}; groups found: {found}")
     return wandb_results(kept)
 
 
@@ -246,7 +247,7 @@ def load_wandb_group(project: str, group: str) -> List[RunResult]:
     api_runs = wandb.Api().runs(project, filters={"group": group})
     runs = [WandbRun(group, run.name, dict(run.config), run.scan_history()) for run in api_runs]
     if not runs:
-        raise SystemExit(f"error: W&B project {project!r} has no runs in group {group!r}")
+        raise NoRunsError(f"W&B project {project!r} has no runs in group {group!r}")
     return wandb_results(runs)
 
 
@@ -330,7 +331,7 @@ def summarize(runs: Sequence[RunResult], by: Sequence[str], metrics: Sequence[st
         if any(cells.values()):
             summaries.append(GroupSummary(values, len(groups[values]), cells))
     if not summaries:
-        raise SystemExit(f"error: no run logged any of {', '.join(metric for _, metric, _ in columns)}")
+        raise NoRunsError(f"no run logged any of {', '.join(metric for _, metric, _ in columns)}")
     return summaries
 
 
@@ -364,7 +365,7 @@ def plot(summaries: Sequence[GroupSummary], by: Sequence[str], column: str, path
 
     shown = [s for s in summaries if s.cells.get(column)]
     if not shown:
-        raise SystemExit(f"error: no run logged the column {column!r}")
+        raise NoRunsError(f"no run logged the column {column!r}")
     series: Dict[Tuple, List[GroupSummary]] = {}
     for s in shown:
         series.setdefault(s.values[1:], []).append(s)
@@ -376,7 +377,7 @@ def plot(summaries: Sequence[GroupSummary], by: Sequence[str], column: str, path
         cells = [p.cells[column] for p in points]
         label = ", ".join(f"{k}={v}" for k, v in zip(by[1:], rest)) or None
         ax.bar(xs, [c.mean for c in cells], width=width * 0.9, label=label,
-               yerr=[c.std or 0.0 for c in cells], capsize=3, error_kw={"linewidth": 1})  # fmt: skip
+               yerr=[c.std or 0.0 for c in cells], capsize=3, error_kw={"linewidth": 1})
     tick_labels = [str(x) for x in x_labels]
     # long values (routing names such as uniform_dispatch_soft_combine) or many of them would overlap
     slanted = len(tick_labels) > 4 or max(map(len, tick_labels)) > 8

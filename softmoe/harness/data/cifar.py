@@ -91,7 +91,7 @@ class CheckedCIFAR10(datasets.CIFAR10):
                     f"cifar{self.num_classes}", self.root, error,
                     f"Fetch {self.url} elsewhere and extract it there (it holds {self.base_folder}/), or set data.root "
                     f"to a folder holding {self.base_folder}/.",
-                ) from None  # fmt: skip
+                ) from None
         folder = Path(self.root) / self.base_folder
         self._require_files(folder)
         files = self.train_list if train else self.test_list

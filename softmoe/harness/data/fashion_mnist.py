@@ -101,7 +101,7 @@ def download(root: Path) -> None:
             f"Place the four IDX files ({', '.join(name + '.gz' for name in FILE_NAMES)}) there "
             "by hand, install Debian's copy with `apt-get install dataset-fashion-mnist`, or set data.root to a folder "
             "holding them.",
-        ) from None  # fmt: skip
+        ) from None
 
 
 def load_split(folder: Path, split: str, report: BadExamples) -> tuple[torch.Tensor, torch.Tensor]:

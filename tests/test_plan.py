@@ -1,0 +1,154 @@
+"""The memory planner (``python -m softmoe.plan``) against the real state tensors of small built models: exact for
+parameters, gradients and optimizer state under DDP, expert parallelism and FSDP2's sharding; its layouts and
+recommendation; its one-line errors. The GPU check against ``torch.cuda.max_memory_allocated`` is in
+``tests/test_cuda.py``."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from softmoe.harness.memory import Layout, feasible_layouts, rank_memory, shapes_of
+from softmoe.harness.model import build_model
+from softmoe.parallel import _shard_bank_
+from softmoe.plan import compose_plan_config, main, plan_run
+
+TINY = ["model=vit_micro", "moe.num_experts=4", "moe.slots_per_expert=2", "trainer.batch_size=8"]
+
+
+def real_state_bytes(model, optimizer):
+    """(parameter, gradient, optimizer state) bytes of the tensors the model and optimizer hold after a step."""
+    params = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
+    state = sum(
+        value.untyped_storage().nbytes()
+        for per_param in optimizer.state.values()
+        for value in per_param.values()
+        if isinstance(value, torch.Tensor)
+    )
+    return params, grads, state
+
+
+def built(overrides):
+    config = compose_plan_config([*TINY, *overrides])
+    torch.manual_seed(0)
+    return build_model(config["model"], config["moe"]), config
+
+
+def one_step(model, config):
+    """A real optimizer (the config's) after one step on zero gradients: its state is allocated."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer_cfg = config["optimizer"]
+    if "adam" in optimizer_cfg["_target_"].lower():
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=optimizer_cfg["momentum"])
+    optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_ddp_figures_are_the_bytes_of_the_real_parameters_gradients_and_optimizer_state(optimizer):
+    model, config = built([f"optimizer={optimizer}"])
+    shapes = shapes_of(model, config)  # the planner builds on the meta device; the same shapes
+    assert shapes == plan_run([*TINY, f"optimizer={optimizer}", "world_size=1"]).shapes
+    planned = rank_memory(shapes, Layout("ddp"), world_size=1, batch_size=8)
+    assert (planned.parameters, planned.gradients, planned.optimizer) == real_state_bytes(
+        model, one_step(model, config)
+    )
+
+
+@pytest.mark.parametrize("expert_parallel_size", [2, 4])
+def test_expert_parallel_figures_are_the_bytes_of_one_ranks_real_shard(expert_parallel_size):
+    model, config = built([])
+    shapes = shapes_of(model, config)
+    count = 4 // expert_parallel_size
+    for block in model.blocks:
+        if hasattr(block.mlp, "experts"):
+            _shard_bank_(block.mlp.experts, 0, count)  # what to_expert_parallel keeps on rank 0
+    planned = rank_memory(shapes, Layout("ep", expert_parallel_size), world_size=4, batch_size=8)
+    assert (planned.parameters, planned.gradients, planned.optimizer) == real_state_bytes(
+        model, one_step(model, config)
+    )
+
+
+@pytest.fixture
+def fake_world_of_4():
+    """A process group of 4 ranks in which this process is rank 0 and collectives do nothing: FSDP2 shards
+    exactly as it would on 4 GPUs."""
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        yield init_device_mesh("cpu", (4,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_parameter_figures_are_the_bytes_of_fully_shards_rank_0_shards(fake_world_of_4):
+    model, config = built(["model.num_classes=3"])  # a head of 3 rows over 4 ranks: rank 0 holds 1, rank 3 none
+    shapes = shapes_of(model, config)
+    for block in model.blocks:
+        fully_shard(block, mesh=fake_world_of_4)
+    fully_shard(model, mesh=fake_world_of_4)
+    real = sum(p.to_local().untyped_storage().nbytes() for p in model.parameters())
+    planned = rank_memory(shapes, Layout("fsdp"), world_size=4, batch_size=8)
+    assert planned.parameters == real
+    assert planned.gradients == real  # sharded like the parameters (reduce-scatter)
+    assert planned.optimizer == 2 * real + 4 * len(list(model.parameters()))  # AdamW: two moments and a step each
+
+
+def test_layouts_need_expert_groups_that_divide_the_world_and_the_experts_and_prefer_ones_inside_a_node():
+    names = [str(layout) for layout in feasible_layouts(num_experts=8, world_size=16, gpus_per_node=4)]
+    assert names == ["DDP", "EP 2", "EP 4", "FSDP+EP 2", "FSDP+EP 4", "FSDP", "EP 8", "FSDP+EP 8"]  # 16: 8 experts
+    assert [str(layout) for layout in feasible_layouts(8, 6, 8)] == ["DDP", "EP 2", "FSDP+EP 2", "FSDP"]
+    assert [str(layout) for layout in feasible_layouts(8, 4, 8, moe=False)] == ["DDP", "FSDP"]
+
+
+def test_the_recommendation_is_the_first_layout_that_fits():
+    plan = plan_run([*TINY, "world_size=4", "gpu_memory_gb=80"])
+    assert plan.recommended.layout == Layout("ddp")  # a tiny model fits anywhere
+    tight = plan_run([*TINY, "world_size=4", f"gpu_memory_gb={plan.rows[0].total / 1024**3 / 0.9 * 0.99}"])
+    fitting = [row for row in tight.rows if tight.fits(row)]
+    assert tight.recommended is fitting[0] and tight.recommended.layout != Layout("ddp")
+    state = {str(row.layout): row.state for row in tight.rows}
+    assert state["EP 4"] < state["EP 2"] < state["DDP"] and state["FSDP"] == state["FSDP+EP 4"] < state["EP 4"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["world_size=0"], "error: world_size=0: must be a positive integer"),
+        (["gpu_memory_gb=-1"], "error: gpu_memory_gb=-1: must be a number > 0"),
+        (["model=vit_enormous"], "error: In 'train': Could not find 'model/vit_enormous'"),
+    ],
+)
+def test_bad_values_stop_with_one_line_and_status_2(capsys, overrides, message):
+    with pytest.raises(SystemExit) as exit_status:
+        main([*TINY, *overrides])
+    assert exit_status.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(message) and error.count("\n") == 1
+
+
+def test_the_command_prints_every_layout_and_its_recommendation(capsys):
+    main([*TINY, "world_size=4"])
+    printed = capsys.readouterr().out
+    for name in ("| DDP |", "| EP 2 |", "| EP 4 |", "| FSDP |", "| FSDP+EP 2 |", "| FSDP+EP 4 |"):
+        assert name in printed
+    assert "Recommended: **DDP**" in printed
+
+
+@pytest.mark.slow
+def test_the_plans_in_docs_scale_out_are_the_planners_current_output():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "scale_out_plans.py"
+    spec = importlib.util.spec_from_file_location("scale_out_plans", path)
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    page = generator.PAGE.read_text()
+    assert generator.page_with_plans(page) == page, "stale: run python docs/scale_out_plans.py"
+    assert page.count("Recommended: **") + page.count("Nothing fits") == 9
