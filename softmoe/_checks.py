@@ -12,18 +12,35 @@ from typing import Any, Iterable
 import torch
 
 
+def is_int(value: Any) -> bool:
+    """An int, and not a bool (``True`` is an int to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
 def require_positive_int(name: str, value: Any) -> int:
     """Return ``value`` if it is an int >= 1, else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
+def require_number(name: str, value: Any, *, minimum: float, inclusive: bool) -> float:
+    """Return ``value`` as a float if it is a finite number above ``minimum`` (or equal to it when ``inclusive``),
+    else raise naming ``name``."""
+    if is_number(value) and (value >= minimum if inclusive else value > minimum):
+        return float(value)
+    bound = f">= {minimum}" if inclusive else f"> {minimum}"
+    raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
 def require_positive_number(name: str, value: Any) -> float:
     """Return ``value`` as a float if it is a finite number > 0, else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return require_number(name, value, minimum=0, inclusive=False)
 
 
 def require_choice(name: str, value: Any, allowed: Iterable[str]) -> str:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from softmoe.harness.errors import USER_ERRORS, exit_code
 from softmoe.harness.sweeps import (
     RESULT_COLUMNS,
     RunResult,
@@ -64,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--plot", default=None,
         help="the column to plot (default: test/acc (final model), or the first --metric)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--by", default=None, help="comma-separated override keys to group by (default: the swept keys)"
     )
@@ -76,7 +77,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--group", default=None,
                         help="the W&B group (a sweep's: its sweep dir); needed with --wandb, optional with --wandb-dir")
     args = parser.parse_args(argv)
+    try:
+        return collect(args, parser)
+    except USER_ERRORS as error:  # e.g. a sweep without runs: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return exit_code(error)
 
+
+def collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     runs = load_runs(args, parser)
     by = args.by.split(",") if args.by else swept_keys(runs)
     metrics = [metric for metric in args.metric.split(",") if metric]
@@ -88,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     column = args.plot or column_label(metrics[0] if metrics else RESULT_COLUMNS[1][1])
     plot(summaries, by, column, out / "results.png")
     print(table, end="")
-    print(f"wrote {out / 'results.md'} and {out / 'results.png'} ({len(runs)} runs)")
+    print(f"wrote {out / 'results.md'} and {out / 'results.png'} ({len(runs)} run{'' if len(runs) == 1 else 's'})")
     return 0
 
 

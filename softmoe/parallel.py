@@ -59,17 +59,9 @@ from torch.nn.parallel import DistributedDataParallel
 from .capture import moe_layers
 
 __all__ = [
-    "ExpertParallel",
-    "all_reduce_expert_grads",
-    "all_reduce_replicated_grads",
-    "clip_grad_norm_",
-    "distributed_data_parallel",
-    "expert_data_mesh",
-    "expert_parallel_layers",
-    "expert_parameter_names",
-    "gather_expert_parallel_state_dict",
-    "shard_state_dict",
-    "to_expert_parallel",
+    "ExpertParallel", "all_reduce_expert_grads", "all_reduce_replicated_grads", "clip_grad_norm_",
+    "distributed_data_parallel", "expert_data_mesh", "expert_parallel_layers", "expert_parameter_names",
+    "gather_expert_parallel_state_dict", "shard_state_dict", "to_expert_parallel",
 ]
 
 # torch 2.14 renamed all_gather_into_tensor (kept, deprecated) to all_gather_single.

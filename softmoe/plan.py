@@ -15,12 +15,11 @@ from typing import Any, Optional, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from softmoe.harness.errors import ConfigError
 from softmoe.harness.memory import Plan, format_plan, make_plan, model_shapes
-from softmoe.harness.rules import format_value, positive_int, positive_number
+from softmoe.harness.rules import format_value, plain, positive_int, positive_number
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # what the commands' @hydra.main(config_path="../conf") reads
 
@@ -30,7 +29,7 @@ def compose_plan_config(overrides: Sequence[str]) -> dict[str, Any]:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("plan", overrides=list(overrides))
-        config = OmegaConf.to_container(cfg, resolve=True)
+        config = plain(cfg)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(str(error).strip().splitlines()[0]) from None
     for key, rule in (

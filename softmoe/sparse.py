@@ -52,19 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import require_positive_int, require_positive_number, require_tokens
+from ._checks import is_int, require_number, require_positive_int, require_positive_number, require_tokens
 from .experts import BatchedMlp
 from .layer import l2_normalize, truncated_lecun_normal_
 
 Stats = Dict[str, Union[int, torch.Tensor]]
-
-
-def _require_number(name: str, value, *, minimum: float, inclusive: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and (value >= minimum if inclusive else value > minimum):
-        return float(value)
-    bound = f">= {minimum}" if inclusive else f"> {minimum}"
-    raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def _coefficient_of_variation_squared(values: torch.Tensor) -> torch.Tensor:
@@ -118,16 +110,16 @@ class SparseMoE(nn.Module):
         self.capacity_factor = (
             None
             if capacity_factor is None
-            else _require_number("capacity_factor", capacity_factor, minimum=0, inclusive=False)
+            else require_number("capacity_factor", capacity_factor, minimum=0, inclusive=False)
         )
-        self.noise_std = _require_number("noise_std", noise_std, minimum=0, inclusive=True)
+        self.noise_std = require_number("noise_std", noise_std, minimum=0, inclusive=True)
 
         self.router_weight = nn.Parameter(torch.empty(self.dim, self.num_experts, device=device, dtype=dtype))  # [d, n]
         self.scale = nn.Parameter(torch.ones(1, device=device, dtype=dtype)) if self.normalize else None
         self.experts = BatchedMlp(
             num_experts, in_features, hidden_features, out_features, device=device, dtype=dtype, **mlp_kwargs
         )
-        self.reset_router()
+        self.reset_parameters()
         # Set by softmoe.capture_routing; see the module docstring for when it is called.
         self._routing_recorder: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
         self.last_stats: Optional[Stats] = None
@@ -141,7 +133,7 @@ class SparseMoE(nn.Module):
 
     def init_weights(self) -> None:
         """Called by timm's ViT weight init: the router as vmoe, the experts as timm's ViT Linear layers."""
-        self.reset_router()
+        self.reset_parameters()
         self.experts.init_weights()
 
     reset_router = reset_parameters  # the earlier name of the router's re-init
@@ -279,12 +271,12 @@ class TokensChoiceMoE(SparseMoE):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts:
+        if not is_int(k) or not 1 <= k <= self.num_experts:
             raise ValueError(f"k must be an integer in [1, num_experts={self.num_experts}], got {k!r}")
         self.k = self.choices_per_token = k
         self.batch_priority = bool(batch_priority)
         self.loss_weights = {
-            name: _require_number(f"{name}_weight", weight, minimum=0, inclusive=True)
+            name: require_number(f"{name}_weight", weight, minimum=0, inclusive=True)
             for name, weight in (
                 ("importance_loss", importance_loss_weight),
                 ("load_loss", load_loss_weight),

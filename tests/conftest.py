@@ -70,7 +70,7 @@ def offline_sweep(tmp_path_factory):
         sys.executable, "-m", "softmoe.train", "-m", "moe.num_experts=4,8",
         "trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=256", "model.depth=2",
         "logger.mode=offline", f"hydra.sweep.dir={sweep_dir}",
-    ]  # fmt: skip
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for job in (0, 1):

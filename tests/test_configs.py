@@ -1,4 +1,4 @@
-"""Every option of every config group composes, validates and builds its objects; bad values stop with one line.
+"""Every option of every config group composes, passes the checks and builds its objects; bad values stop with one line.
 
 The options are read from conf/<group>/*.yaml, so a new file is tested by being added.
 """
@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
 from softmoe import moe_layers
-from softmoe.harness.config import ConfigError, validate_config
+from softmoe.harness.config import ConfigError, check_config, check_launch
 from softmoe.harness.model import build_model, moe_blocks
 from softmoe.harness.optim import build_optimizer, build_scheduler
+from softmoe.harness.rules import check_known, check_section, plain, positive_int
 
 ROOT = Path(CONF_DIR).parent
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "hydra")
@@ -30,7 +31,7 @@ PAPER_SIZES = {  # our model option -> timm's model of the same size
     "vit_large": "vit_large_patch16_224",
     "vit_huge": "vit_huge_patch14_224",
 }
-IMAGENET_SHAPE = ["data=imagefolder"]  # 224 px, 3 channels, 1000 classes; validating it reads no files
+IMAGENET_SHAPE = ["data=imagefolder"]  # 224 px, 3 channels, 1000 classes; checking it reads no files
 
 
 def test_every_group_has_options():
@@ -40,15 +41,17 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_validates_and_builds(compose_run, group, option):
+def test_option_composes_passes_the_checks_and_builds(compose_run, group, option):
     overrides = [f"{group}={option}"] + (IMAGENET_SHAPE if option in PAPER_SIZES else [])
+    if (group, option) == ("data", "imagefolder"):  # 224 px at vit_micro's patch 2: refused (test_plausibility.py)
+        overrides.append("model.patch_size=16")
     cfg = compose_run(*overrides)
     if cfg.trainer.device.startswith("cuda") and not torch.cuda.is_available():
         overrides.append("trainer.device=cpu")  # validation refuses cuda on a machine without it
     if cfg.model.upcycle_from is not None:
         overrides.append("model.upcycle_from=null")  # a study's later stage: its source is an earlier stage's output
     cfg = compose_run(*overrides)
-    validate_config(cfg)
+    check_config(cfg)
     if group in ("model", "moe", "optimizer", "scheduler", "experiment"):
         with torch.device("meta"):  # paper sizes reach billions of parameters: shapes only
             model = build_model(cfg.model, cfg.moe)
@@ -129,6 +132,8 @@ def test_launchers_set_and_build_hydras_launcher(compose_run):
 
 # Each bad override and the fragments its one-line message must contain: the key, the value, what is allowed.
 BAD_OVERRIDES = [
+    (["trainer.strategy=sometimes"], ["trainer.strategy=sometimes", "must be one of auto, single, ddp"]),
+    (["trainer.expert_parallel_size=0"], ["trainer.expert_parallel_size=0", "must be a positive integer, or null"]),
     (["moe.num_experts=0"], ["moe.num_experts=0", "positive integer"]),
     (["moe.slots_per_expert=-1"], ["moe.slots_per_expert=-1", "positive integer"]),
     (["moe.num_experts=abc"], ["moe.num_experts=abc", "positive integer"]),
@@ -174,7 +179,7 @@ BAD_OVERRIDES = [
     (["scheduler=rsqrt", "scheduler.warmup_steps=0"], ["scheduler.timescale=null", "warmup_steps"]),
     (["logger.mode=loud"], ["logger.mode=loud", "auto, online, offline, disabled"]),
     (["seed=-1"], ["seed=-1", "2**32"]),
-    (["data.test_size=5"], ["data.test_size=5"]),  # the data group's own check, through validate_config
+    (["data.test_size=5"], ["data.test_size=5"]),  # the data group's own check, through check_config
 ]
 
 
@@ -196,15 +201,65 @@ def with_overrides(compose_run, base, overrides):
 def test_bad_values_stop_with_one_line_naming_key_and_value(compose_run, default_run, overrides, fragments):
     cfg = with_overrides(compose_run, default_run, overrides)
     with pytest.raises(ConfigError) as raised:
-        validate_config(cfg)
+        check_config(cfg)
     message = str(raised.value)
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message
 
 
+@pytest.mark.parametrize(
+    "overrides,processes,message",
+    [
+        (["trainer.strategy=ddp"], None, "trainer.strategy=ddp: needs a torchrun launch"),
+        (["moe.expert_parallel=true"], None, "moe.expert_parallel=true: needs a distributed launch"),
+        (["trainer.strategy=single"], 2, "trainer.strategy=single: this process is one of WORLD_SIZE=2"),
+        (
+            ["trainer.batch_size=63"], 2,
+            "trainer.batch_size=63: the global batch must be divisible by the 2 processes (WORLD_SIZE=2)",
+        ),
+        (
+            ["moe.expert_parallel=true", "moe.num_experts=5"], 2,
+            "moe.num_experts=5: expert parallelism needs it divisible by the 2 processes",
+        ),
+        (["moe.expert_parallel=true", "moe=dense"], 2, "moe.expert_parallel=true: needs MoE layers"),
+        (
+            ["moe.expert_parallel=true", "trainer.precision=fp16"], 2,
+            "trainer.precision=fp16: a loss-scaled step may skip on some ranks only under expert parallelism",
+        ),
+        (["trainer.expert_parallel_size=2"], None, "trainer.expert_parallel_size=2: needs a distributed launch"),
+        (
+            ["trainer.expert_parallel_size=4"], 2,
+            "trainer.expert_parallel_size=4: must divide the 2 processes (WORLD_SIZE=2) into expert groups",
+        ),
+        (["trainer.expert_parallel_size=3"], 4, "trainer.expert_parallel_size=3: must divide the 4 processes"),
+        (
+            ["trainer.expert_parallel_size=2", "moe.num_experts=5"], 4,
+            "moe.num_experts=5: expert parallelism needs it divisible by the 2 ranks of an expert group "
+            "(trainer.expert_parallel_size=2)",
+        ),
+        (
+            ["moe.expert_parallel=true", "moe.num_experts=6"], 4,
+            "moe.num_experts=6: expert parallelism needs it divisible by the 4 processes",
+        ),
+    ],
+)
+def test_bad_launches_stop_with_one_line(compose_run, overrides, processes, message):
+    """The config against the launch: ``processes`` ranks started by torchrun, or None: the process runs alone."""
+    with pytest.raises(ConfigError) as raised:
+        check_launch(compose_run(*overrides), torchrun=processes is not None, world_size=processes or 1)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_good_launches_pass(compose_run):
+    check_launch(compose_run(), torchrun=False, world_size=1)
+    check_launch(compose_run("trainer.strategy=single"), torchrun=True, world_size=1)
+    check_launch(compose_run("moe.expert_parallel=true", "moe.num_experts=4"), torchrun=True, world_size=2)
+    check_launch(compose_run("trainer.expert_parallel_size=2", "moe.num_experts=4"), torchrun=True, world_size=4)
+
+
 def test_the_default_run_and_each_bad_value_differ_only_by_it(default_run):
-    validate_config(default_run)  # so each failure above is caused by its override alone
+    check_config(default_run)  # so each failure above is caused by its override alone
 
 
 @pytest.mark.parametrize(
@@ -235,6 +290,25 @@ def test_cli_prints_one_line_and_exits_nonzero_before_loading_anything(tmp_path)
     assert result.stderr.strip() == "error: moe.num_experts=0: must be a positive integer"
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_plain_resolves_interpolations_and_leaves_out_hydras_node():
+    cfg = OmegaConf.create({"data": {"img_size": 8}, "model": {"img_size": "${data.img_size}"}, "hydra": {"job": {}}})
+    assert plain(cfg) == {"data": {"img_size": 8}, "model": {"img_size": 8}}
+    assert plain(cfg.model) == {"img_size": 8}  # a section resolves against its root
+    with pytest.raises(ConfigError, match=r"^model.img_size: Interpolation key 'data.size' not found"):
+        plain(OmegaConf.create({"data": {}, "model": {"img_size": "${data.size}"}}))
+
+
+def test_one_section_checker_names_the_missing_the_bad_and_the_unknown_key():
+    rules = {"depth": positive_int}
+    with pytest.raises(ConfigError, match=r"^model.depth: missing; every key of conf/model/\*.yaml is needed$"):
+        check_section("model", {}, rules)
+    check_section("model", {}, rules, required=None)  # only the keys present
+    with pytest.raises(ConfigError, match=r"^model.depth=true: must be a positive integer$"):
+        check_section("model", {"depth": True}, rules)  # a bool is not an int
+    with pytest.raises(ConfigError, match=r"^model.dept=4: not a key of the model group$"):
+        check_known("model", {"dept": 4, "_target_": "x"}, rules, "not a key of the model group")
 
 
 SWEPT_GROUPS = [  # (experiment, a config group its sweep sets, each swept option)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from collections import Counter
@@ -32,7 +33,7 @@ from softmoe.harness.data import (
     build_datasets,
     build_loader,
     dataset_size,
-    validate_data_config,
+    check_data_config,
 )
 from softmoe.harness.data import fashion_mnist
 from softmoe.harness.data.cifar import CheckedCIFAR10, CheckedCIFAR100
@@ -47,7 +48,7 @@ def test_every_dataset_has_a_runnable_config_file():
     for path in files:
         cfg = OmegaConf.load(path)
         assert cfg.name == path.stem
-        validate_data_config(cfg)
+        check_data_config(cfg)
         header = path.read_text().split("\nname:")[0]
         assert "python -m softmoe.train" in header, f"{path.name} must say at its top the command that uses it"
 
@@ -84,7 +85,7 @@ BAD_CONFIGS = [
 @pytest.mark.parametrize("name, overrides, message", BAD_CONFIGS, ids=[m.split(":")[0] for _, _, m in BAD_CONFIGS])
 def test_bad_config_is_one_line_naming_key_value_and_rule(name, overrides, message):
     with pytest.raises(ValueError) as raised:
-        validate_data_config(data_config(name, **overrides))
+        check_data_config(data_config(name, **overrides))
     assert str(raised.value).startswith(message)
     assert "\n" not in str(raised.value)
 
@@ -94,7 +95,7 @@ def test_missing_key_names_the_config_file():
     del cfg["seed"]
     missing = r"^data\.seed: missing; data=synthetic needs every key of conf/data/synthetic"
     with pytest.raises(ValueError, match=missing):
-        validate_data_config(cfg)
+        check_data_config(cfg)
 
 
 def test_root_defaults_to_data_dir_and_name_and_resolves_interpolation(tmp_path):
@@ -551,7 +552,7 @@ def test_synthetic_generates_its_validation_split():
 )
 def test_bad_val_size_is_one_line_naming_it(name, val_size, message):
     with pytest.raises(ValueError) as raised:
-        validate_data_config(data_config(name, val_size=val_size))
+        check_data_config(data_config(name, val_size=val_size))
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
 
 
@@ -640,6 +641,31 @@ def test_a_download_without_network_fails_in_one_line_saying_how_to_place_the_fi
     assert "by hand" in text or "extract it there" in text
 
 
+@pytest.mark.parametrize("name", ["cifar10", "fashion_mnist"])
+def test_a_failed_download_leaves_no_empty_folder_behind(tmp_path, monkeypatch, name):
+    from urllib.error import URLError
+
+    def unreachable(url, download_root, *args, **kwargs):  # makes its folder, as torchvision's does, then fails
+        Path(download_root).mkdir(parents=True, exist_ok=True)
+        raise URLError("no network")
+
+    module = "torchvision.datasets.cifar" if name == "cifar10" else "torchvision.datasets.mnist"
+    monkeypatch.setattr(f"{module}.download_and_extract_archive", unreachable)
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", unreachable)
+    root = tmp_path / "data" / name
+    with pytest.raises(MissingDataError):
+        build_datasets(data_config(name, root=str(root), download=True), "/nonexistent")
+    assert list(tmp_path.iterdir()) == []  # not even data/<name>/FashionMNIST/raw
+
+
+def test_the_log_names_the_folder_the_data_was_read_from(tmp_path, caplog):
+    folder = tmp_path / "fashion" / "FashionMNIST" / "raw"
+    write_fashion_mnist(folder)
+    with caplog.at_level(logging.INFO, logger="softmoe.harness.data"):
+        build_datasets(data_config("fashion_mnist", root=str(tmp_path / "fashion"), val_size=10), "/nonexistent")
+    assert f"data=fashion_mnist: read from {folder}" in caplog.messages
+
+
 def test_fashion_mnist_train_subset_keeps_the_same_stratified_images_whatever_the_run_seed(tmp_path):
     write_fashion_mnist(tmp_path, gz=False)  # 40 train images, 4 per class
     cfg = data_config("fashion_mnist", root=str(tmp_path), train_subset=20, val_size=10)
@@ -650,6 +676,6 @@ def test_fashion_mnist_train_subset_keeps_the_same_stratified_images_whatever_th
     assert len(kept) == 20 and torch.equal(kept.images, again.train_eval.dataset.images)
     assert torch.bincount(kept.labels).tolist() == [2] * 10  # stratified: 2 of each class
     with pytest.raises(ValueError, match=r"data.train_subset=60001: must be null \(all 60,000 training images\)"):
-        validate_data_config(data_config("fashion_mnist", train_subset=60001))
+        check_data_config(data_config("fashion_mnist", train_subset=60001))
     with pytest.raises(ValueError, match="data.val_size=20: must leave training examples"):
-        validate_data_config(data_config("fashion_mnist", train_subset=20, val_size=20))
+        check_data_config(data_config("fashion_mnist", train_subset=20, val_size=20))

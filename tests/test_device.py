@@ -6,7 +6,7 @@ MPS cannot run here: the choice is tested with the availability checks replaced.
 import pytest
 import torch
 
-from softmoe.harness.config import ConfigError, resolve_device, validate_config
+from softmoe.harness.config import ConfigError, resolve_device, check_config
 
 
 @pytest.mark.parametrize("cuda, mps, expected", [
@@ -35,10 +35,10 @@ def test_the_mps_path_refuses_reduced_precision(monkeypatch, compose_run, device
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     cfg = compose_run(f"trainer.device={device}", f"trainer.precision={precision}", "logger=none")
     with pytest.raises(ConfigError, match=f"trainer.precision={precision}"):
-        validate_config(cfg)
+        check_config(cfg)
 
 
 def test_the_mps_path_accepts_float32(monkeypatch, compose_run):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    validate_config(compose_run("trainer.device=mps", "trainer.precision=fp32", "logger=none"))
+    check_config(compose_run("trainer.device=mps", "trainer.precision=fp32", "logger=none"))

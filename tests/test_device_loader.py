@@ -25,6 +25,7 @@ from softmoe.harness.data.device_loader import (
 from softmoe.harness.distributed import Distributed
 from softmoe.harness.errors import ConfigError
 from softmoe.harness.loop import train
+from softmoe.harness.rules import plain
 from softmoe.harness.runs import read_events
 from softmoe.harness.sampler import ResumableSampler
 
@@ -150,7 +151,7 @@ def test_data_on_device_false_and_auto_on_a_cpu_keep_the_dataloaders_true_moves_
     compose_run, tmp_path
 ):
     bundle = fashion(tmp_path, augment=True)
-    trainer = compose_run("trainer.batch_size=8", "trainer.eval_batch_size=4").trainer
+    trainer = plain(compose_run("trainer.batch_size=8", "trainer.eval_batch_size=4").trainer)
     for setting in (False, "auto"):  # auto: CUDA devices only
         loaders = Distributed().build_loaders(bundle, trainer, seed=0)
         before = (loaders.train, loaders.val, loaders.test)

@@ -40,7 +40,7 @@ PER_RANK_BATCH = 2
 TINY_VIT = dict(
     img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=3,
     num_experts=4, slots_per_expert=2, moe_layer_index=1,
-)  # fmt: skip
+)
 EXACT = dict(rtol=1e-10, atol=1e-12)  # float64 throughout: only the order of additions differs
 
 
@@ -365,7 +365,7 @@ def run_scenarios(results_dir, world_size, scenarios):
     context = mp.start_processes(
         _worker, args=(_free_port(), str(results_dir), world_size, scenarios), nprocs=world_size, join=False,
         start_method="fork",
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 240
     try:
         while not context.join(timeout=5):

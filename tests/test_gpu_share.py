@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from softmoe.harness.config import validate_config
+from softmoe.harness.config import check_config
 from softmoe.harness.errors import ConfigError
 from softmoe.harness.gpu_share import cap_cuda_memory, memory_share
 from softmoe.harness.loop import train
@@ -25,7 +25,7 @@ def test_the_gpu_sweep_command_composes_n_jobs_each_with_its_memory_share_and_th
     assert cfg.trainer.device == "cuda" and cfg.data.name == "fashion_mnist"
     assert compose_run("trainer=default").trainer.data_on_device is False  # the CPU trainer keeps the DataLoader
     if not torch.cuda.is_available():  # validation refuses cuda on a machine without it
-        validate_config(compose_run(*GPU_SWEEP, "trainer.device=cpu"))
+        check_config(compose_run(*GPU_SWEEP, "trainer.device=cpu"))
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_the_gpu_sweep_command_composes_n_jobs_each_with_its_memory_share_and_th
 )
 def test_bad_values_are_refused_naming_the_key(compose_run, override, message):
     with pytest.raises(ConfigError, match=message):
-        validate_config(compose_run(override))
+        check_config(compose_run(override))
 
 
 def test_on_a_cpu_the_memory_share_is_ignored_with_a_warning(caplog):

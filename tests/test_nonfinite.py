@@ -16,7 +16,8 @@ from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.data import build_datasets
 from softmoe.harness.distributed import Distributed
 from softmoe.harness.faults import NonFiniteError, NonFiniteGuard
-from softmoe.harness.loop import build_state, train, train_step
+from softmoe.harness.loop import StepSettings, train, train_step
+from softmoe.harness.state import build_state
 from softmoe.harness.runs import read_events
 from softmoe.harness.sampler import ResumableSampler
 
@@ -25,7 +26,7 @@ SYNTHETIC = [
     "data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=64", "data.test_size=16",
     "model.depth=2", "trainer.batch_size=8", "trainer.max_steps=8", "trainer.log_every=1",
     "trainer.checkpoint_every=1", "logger=none", "trainer.progress_bar=false",
-]  # fmt: skip
+]
 NAN_EXAMPLE = 37
 FUSED = "optimizer.fused=true"  # the optimizer skips a flagged step itself: the check stays on the device
 
@@ -66,7 +67,7 @@ def test_on_the_device_a_skip_is_reported_at_the_next_log_step(compose_run, tmp_
     summary = train(
         compose_run(*SYNTHETIC, FUSED, f"data.nan_examples=[{NAN_EXAMPLE}]", f"trainer.log_every={log_every}",
                     "trainer.checkpoint_every=null"), tmp_path,
-    )  # fmt: skip
+    )
     assert summary.skipped_steps == 1
     events = [e for e in read_events(tmp_path) if "train/lr" in e]
     reported = math.ceil(bad_step / log_every) * log_every
@@ -90,7 +91,7 @@ def test_nonfinite_stop_names_the_step_and_the_first_layer(compose_run, tmp_path
 def test_on_the_device_a_stop_comes_at_the_next_check_and_saves_nothing_after_it(compose_run, tmp_path):
     bad_step = step_holding(NAN_EXAMPLE)
     overrides = [FUSED, f"data.nan_examples=[{NAN_EXAMPLE}]", "trainer.nonfinite=stop", "trainer.log_every=4",
-                 "trainer.checkpoint_every=2"]  # fmt: skip
+                 "trainer.checkpoint_every=2"]
     with pytest.raises(NonFiniteError) as raised:
         train(compose_run(*SYNTHETIC, *overrides), tmp_path)
     checked = min(math.ceil(bad_step / 2) * 2, math.ceil(bad_step / 4) * 4)  # the first checkpoint or log step
@@ -172,11 +173,12 @@ def steps_of(compose_run, *overrides, on_device=None, steps=8):
     cfg = compose_run(*SYNTHETIC, f"data.nan_examples=[{NAN_EXAMPLE}]", *overrides)
     torch.manual_seed(cfg.seed)
     distributed = Distributed.from_config(cfg)
-    state, forward = build_state(cfg, {"model": cfg.model, "moe": cfg.moe}, distributed, total_steps=steps)
+    state, forward = build_state(cfg, distributed, total_steps=steps)
     if on_device is not None:
         state.nonfinite = NonFiniteGuard("skip", 3, distributed.device, on_device=on_device)
     train_split = build_datasets(cfg.data, cfg.paths.data_dir).train
     sampler = ResumableSampler(len(train_split), cfg.seed)
+    settings = StepSettings.from_config(cfg)
     sampler.set_epoch(0)
     order = list(sampler)
     reads = []
@@ -185,7 +187,7 @@ def steps_of(compose_run, *overrides, on_device=None, steps=8):
         images, labels = torch.stack([image for image, _ in batch]), torch.tensor([label for _, label in batch])
         images, labels = images.to(distributed.device), labels.to(distributed.device)
         with HostReads() as host, syncs_raise(distributed.device):
-            train_step(state, forward, images, labels, cfg, distributed, record_routing=False, started=0.0)
+            train_step(state, forward, images, labels, settings, distributed, record_routing=False, started=0.0)
         reads.append(host.count)
     state.nonfinite.settle(state.step)
     return state, reads

@@ -30,7 +30,7 @@ EXPERTS = (4, 8)
 TINY = [
     "model.depth=2", "trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=64", "trainer.eval_batches=1",
     "logger=none", "trainer.progress_bar=false",
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_every_figure_has_labelled_axes_no_legend_over_a_bar_and_bounded_statist
         if isinstance(notebook, BaseException):
             raise notebook
         checks = [output.data["text/plain"] for cell in notebook.cells for output in cell.get("outputs", [])
-                  if "image/png" in output.get("data", {})]  # fmt: skip
+                  if "image/png" in output.get("data", {})]
         assert checks and set(checks) == {"figure check: ok"}, f"{name}: {checks}"
 
 
@@ -171,7 +171,7 @@ def test_sweep_analysis_tables_accuracy_by_the_swept_key(sweep, executed):
         best_val = max(event["val/acc"] for event in events if "val/acc" in event)
         (test,) = [event for event in events if "test/acc" in event]  # the test split, once
         cells = [best_val, test["test/acc"], test["test/acc_at_best_val"]]
-        assert f"| {experts} | 1 | " + " | ".join(f"{cell:.4f} ± n/a" for cell in cells) + " |" in text
+        assert f"| {experts} | 1 | " + " | ".join(f"{100 * cell:.2f}% ± n/a" for cell in cells) + " |" in text
     assert "every run routes the same way: soft dispatch, soft combine" in text
     # experts x slots heatmap, loss and accuracy curves, routing statistics curves
     assert figures == 3

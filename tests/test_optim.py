@@ -18,10 +18,10 @@ def test_weight_decay_skips_biases_norms_tokens_and_position_embedding_but_not_t
     for name in [
         "pos_embed", "cls_token", "reg_token", "blocks.0.norm1.weight", "blocks.0.norm1.bias", "norm.weight",
         "blocks.1.mlp.experts.fc1_bias", "blocks.1.mlp.experts.fc2_bias", "blocks.0.attn.qkv.bias", "head.bias",
-    ]:  # fmt: skip
+    ]:
         assert name in names and not decays(name), name
     for name in ["blocks.1.mlp.phi", "blocks.1.mlp.scale", "blocks.1.mlp.experts.fc1_weight", "blocks.0.mlp.fc1.weight",
-                 "blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "head.weight"]:  # fmt: skip
+                 "blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "head.weight"]:
         assert name in names and decays(name), name
     assert not decays("blocks.1.mlp.experts.norm_weight")  # stacked per-expert LayerNorm [n, h]: 2-d, still a norm
 
@@ -128,7 +128,7 @@ def test_a_resumed_run_steps_with_its_own_kernel_choice_not_the_checkpoints(comp
 
     run = ["data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=64", "data.test_size=16",
            "model.depth=2", "trainer.batch_size=8", "scheduler=constant", "logger=none", "trainer.progress_bar=false",
-    ]  # fmt: skip  (a constant rate: a 3-step run is the first half of a 6-step one)
+    ]  # a constant rate: a 3-step run is the first half of a 6-step one
     train(compose_run(*run, "trainer.max_steps=3", f"optimizer.fused={before}"), tmp_path / "switched")
     train(compose_run(*run, "trainer.max_steps=6", f"optimizer.fused={after}"), tmp_path / "switched")
     train(compose_run(*run, "trainer.max_steps=6", f"optimizer.fused={after}"), tmp_path / "whole")
@@ -146,7 +146,7 @@ def test_optimizer_fused_null_means_fused_on_a_gpu_and_pytorchs_choice_on_a_cpu(
     assert not fused_by_default(torch.optim.AdamW, cpu)  # CPU runs keep the kernel they were measured with
     assert not fused_by_default(torch.optim.RMSprop, cuda)  # no found_inf-aware fused kernel to choose
     model = SoftMoEVisionTransformer(num_experts=4, moe_layer_index=1, img_size=8, patch_size=4, embed_dim=16,
-                                     depth=2, num_heads=2, num_classes=3)  # fmt: skip
+                                     depth=2, num_heads=2, num_classes=3)
     for fused, expected in (("null", None), ("true", True), ("false", False)):
         cfg = compose_run(f"optimizer.fused={fused}")
         optimizer = build_optimizer(cfg.optimizer, model, cfg.moe)

@@ -41,7 +41,7 @@ ROOT = Path(CONF_DIR).parent
 RUN = [
     "model.depth=2", "trainer.batch_size=32", "trainer.max_steps=24", "trainer.checkpoint_every=4",
     "trainer.log_every=1", "trainer.eval_batches=1", "logger=none", "trainer.progress_bar=false",
-]  # fmt: skip
+]
 CHECKPOINT_EVERY, TOTAL_STEPS = 4, 24
 
 
@@ -219,9 +219,9 @@ def test_a_preemption_signal_saves_last_and_exits_with_its_code_then_the_rerun_r
     logged = [e["step"] for e in read_events(run_dir) if "train/lr" in e]
     assert load_checkpoint(run_dir / "last.pt")["step"] == logged[-1]  # the step it was in, finished and saved
     output = output_of(run_dir)
-    assert output.strip().splitlines()[-1] == (  # one line saying how to resume, no traceback
-        f"{signal.Signals(signum).name} received: saved last.pt at step {logged[-1]}; rerun the same command to "
-        f"resume (exit status {128 + signum})"
+    assert output.strip().splitlines()[-1] == (  # one line naming the command that resumes, no traceback
+        f"{signal.Signals(signum).name} received: saved last.pt at step {logged[-1]} (exit status {128 + signum}); "
+        f"resume with: python -m softmoe.train {' '.join(RUN)} hydra.run.dir={run_dir}"
     )
     assert "Traceback" not in output
 
@@ -235,13 +235,14 @@ def test_ctrl_c_at_the_terminal_reaches_the_dataloader_workers_too_and_still_say
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "softmoe.train", *RUN, "trainer.num_workers=2", f"hydra.run.dir={run_dir}"]
     trainer = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                               stderr=subprocess.STDOUT, text=True)
     signal_at_step(trainer.pid, run_dir, 3, signal.SIGINT, send=os.killpg)  # as a terminal does: the process group
     output = trainer.communicate(timeout=300)[0]
     assert trainer.returncode == 130, output
     step = load_checkpoint(run_dir / "last.pt")["step"]
     assert output.count("SIGINT received: stopping after this step") == 1, output  # not once per worker
-    assert output.strip().splitlines()[-1].startswith(f"SIGINT received: saved last.pt at step {step}; rerun")
+    last_line = output.strip().splitlines()[-1]
+    assert last_line.startswith(f"SIGINT received: saved last.pt at step {step} (exit status 130); resume with")
     assert "Traceback" not in output
 
 
@@ -422,7 +423,7 @@ def test_a_bad_override_stops_with_one_line_before_the_run_directory_is_touched(
     compose_run, tmp_path, overrides, message
 ):
     with pytest.raises(ConfigError) as raised:
-        train(compose_run(*overrides), tmp_path / "run")  # the trainer's first act: validate_config
+        train(compose_run(*overrides), tmp_path / "run")  # the trainer's first act: check_config
     assert str(raised.value) == message
     assert not (tmp_path / "run").exists()  # no data loaded, no model built, nothing written
 
@@ -443,8 +444,9 @@ CLI_BAD = [
         "/nonexistent/fashion/FashionMNIST/raw. Install them with `apt-get install dataset-fashion-mnist`, fetch them "
         "with data.download=true, or set data.root.",
     ),
-    (["optimizer=adam"], 1, "Could not find 'optimizer/adam'"),  # Hydra's own message: an unknown group option
-    (["trainer.max_step=5"], 1, "Could not override 'trainer.max_step'"),  # Hydra's: an unknown key
+    (["optimizer=adam"], 2, "error: optimizer=adam: not an option of optimizer; did you mean optimizer=adamw? "
+                            "(options: adamw, sgd)"),  # what Hydra cannot compose: one line too (overrides.py)
+    (["trainer.max_step=5"], 2, "error: trainer.max_step=5: not a key of the config; did you mean trainer.max_steps?"),
 ]
 
 
@@ -493,7 +495,7 @@ def test_skipped_bad_images_are_counted_in_metrics_and_the_summary(compose_run, 
         "data=imagefolder", f"data.root={root}", "data.img_size=8", "data.num_classes=2", "data.on_bad_file=skip",
         "model.depth=2", "trainer.batch_size=4", "trainer.max_steps=3", "trainer.log_every=1", "logger=none",
         "trainer.progress_bar=false",
-    ]  # fmt: skip
+    ]
     summary = train(compose_run(*overrides), tmp_path / "run")
     assert summary.skipped_examples == 2 and summary.steps == 3
     events = read_events(tmp_path / "run")
@@ -528,7 +530,7 @@ def test_wandb_failing_mid_run_warns_once_and_training_and_metrics_go_on(compose
     overrides = [
         *RUN[:-2], "trainer.max_steps=12", "logger.mode=offline", "logger.log_images=false",
         "trainer.progress_bar=false",
-    ]  # fmt: skip
+    ]
     with caplog.at_level(logging.WARNING):
         summary = train(compose_run(*overrides), tmp_path)
     assert summary.steps == 12

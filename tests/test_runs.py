@@ -19,7 +19,7 @@ def sweep(tmp_path_factory, compose_run):
     sweep_dir = tmp_path_factory.mktemp("sweep")
     for job, experts in enumerate((4, 8)):
         overrides = [f"moe.num_experts={experts}", "model.depth=2", "trainer.max_steps=3", "trainer.batch_size=64",
-                     "trainer.eval_batches=1", "logger=none", "trainer.progress_bar=false"]  # fmt: skip
+                     "trainer.eval_batches=1", "logger=none", "trainer.progress_bar=false"]
         train(compose_run(*overrides), sweep_dir / str(job))
     return sweep_dir
 

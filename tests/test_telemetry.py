@@ -63,7 +63,7 @@ def test_an_offline_attempt_waits_for_a_second_in_which_no_attempt_of_its_run_st
 @pytest.mark.slow  # W&B starts its service process
 def test_attempts_of_a_run_resumed_within_one_second_keep_their_own_offline_directories(tmp_path):
     logger = {"backend": "wandb", "mode": "offline", "project": "softmoe", "entity": None, "group": None,
-              "name": None, "tags": [], "log_images": False}  # fmt: skip
+              "name": None, "tags": [], "log_images": False}
 
     def attempt(run_id, steps):  # what train() does with its telemetry: resume, log, commit at a checkpoint, finish
         telemetry = Telemetry(tmp_path, logger, {"seed": 0}, resume_step=steps[0] - 1, run_id=run_id)

@@ -23,7 +23,7 @@ EXPERIMENTS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob(
 QUIET = ["trainer.progress_bar=false"]
 ROUTING_SCALARS = [
     "dispatch_entropy", "combine_entropy", "dispatch_max", "combine_max", "effective_experts", "router_scale"
-]  # fmt: skip
+]
 DISTRIBUTIONS = ["expert_utilisation", "slot_utilisation"]
 
 
@@ -112,7 +112,7 @@ def test_resume_after_interruption_ends_with_the_same_weights_and_metrics(compos
     run = [
         "trainer.max_steps=30", "trainer.batch_size=88", "trainer.checkpoint_every=7", "trainer.log_every=3",
         "model.depth=2", "model.drop_path_rate=0.1", "logger=none", *QUIET,
-    ]  # fmt: skip
+    ]
     train(compose_run(*run), tmp_path / "whole")
 
     real_step, steps_taken = torch.optim.AdamW.step, []
@@ -187,7 +187,7 @@ def test_parallel_sweep_jobs_tag_their_lines_and_the_sweep_ends_with_the_collect
         sys.executable, "-m", "softmoe.train", "-m", "launcher=joblib", "moe.num_experts=4,8", "trainer.max_steps=2",
         "trainer.batch_size=256", "trainer.eval_batches=1", "model.depth=2", "logger=none", *QUIET,
         f"hydra.sweep.dir={tmp_path}",
-    ]  # fmt: skip
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = (result.stdout + result.stderr).splitlines()
@@ -207,7 +207,7 @@ def test_a_warning_every_sweep_job_repeats_is_shown_once_and_kept_in_each_train_
         sys.executable, "-m", "softmoe.train", "-m", f"launcher={launcher}", "moe.num_experts=4,8", "data.val_size=0",
         "trainer.max_steps=2", "trainer.batch_size=256", "trainer.eval_batches=1", "model.depth=2", "logger=none",
         *QUIET, f"hydra.sweep.dir={tmp_path}",
-    ]  # fmt: skip
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = (result.stdout + result.stderr).splitlines()
@@ -268,7 +268,7 @@ def test_an_optuna_sweep_maximises_validation_accuracy_never_test(tmp_path):
         sys.executable, "-m", "softmoe.train", "-m", "hparams_search=router_optuna", "hydra.sweeper.n_trials=2",
         "hydra.sweeper.n_jobs=1", "trainer.max_steps=3", "trainer.batch_size=256", "logger=none", *QUIET,
         f"hydra.sweep.dir={tmp_path}",
-    ]  # fmt: skip
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     import yaml

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from softmoe import SoftMoEVisionTransformer, upcycle
-from softmoe.harness.config import ConfigError, validate_config
+from softmoe.harness.config import ConfigError, check_config
 from softmoe.harness.model import build_model
 from softmoe.upcycle import check_upcycle, upcycle_state_dict
 
@@ -148,7 +148,7 @@ def test_harness_upcycle_from_starts_the_model_from_the_dense_checkpoint(compose
     path = tmp_path / f"dense{suffix}"
     dense = save_dense_run_model(compose_run, path)
     cfg = compose_run(f"model.upcycle_from={path}", "model.upcycle_noise_std=0.001")
-    validate_config(cfg)
+    check_config(cfg)
     model = build_model(cfg.model, cfg.moe)
     assert model.moe_layer_index == [2, 3]
     for key, value in dense.state_dict().items():
@@ -166,7 +166,7 @@ def test_harness_names_the_first_mismatched_key_in_one_line(compose_run, tmp_pat
     path = tmp_path / "narrow.safetensors"
     save_dense_run_model(compose_run, path, "model.embed_dim=32")
     with pytest.raises(ConfigError) as raised:
-        validate_config(compose_run(f"model.upcycle_from={path}"))
+        check_config(compose_run(f"model.upcycle_from={path}"))
     assert str(raised.value) == (
         f"model.upcycle_from={path}: shape mismatch for 'blocks.2.mlp.fc1.weight': "
         "dense [128, 32], one expert [256, 64]"
@@ -182,7 +182,7 @@ def test_harness_refuses_a_missing_or_unreadable_checkpoint(compose_run, tmp_pat
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(ConfigError) as raised:
-        validate_config(compose_run(f"model.upcycle_from={path}"))
+        check_config(compose_run(f"model.upcycle_from={path}"))
     assert str(raised.value).startswith(f"model.upcycle_from={path}: {message}") and "\n" not in str(raised.value)
 
 

@@ -135,7 +135,7 @@ def test_experts_are_initialised_as_timm_initialises_the_dense_mlp(mode):
     for ours, theirs in [
         (experts.fc1_weight, mlp.fc1.weight), (experts.fc2_weight, mlp.fc2.weight),
         (experts.fc1_bias, mlp.fc1.bias), (experts.fc2_bias, mlp.fc2.bias),
-    ]:  # fmt: skip
+    ]:
         if torch.all(theirs == 0):
             assert torch.all(ours == 0)
             continue

@@ -1,4 +1,4 @@
-"""SoftMoELayerWrapper: the seed's API, any layer as the experts, batched with vmap."""
+"""SoftMoELayerWrapper: any layer as the experts of a Soft MoE layer, batched with vmap."""
 
 import warnings
 from functools import partial

@@ -2,9 +2,10 @@
 
 Every problem is one line, ``<key>=<value>: <what is allowed>``, raised as :class:`ConfigError`;
 ``python -m softmoe.train`` prints it and exits with status 2. The ``data`` group checks itself
-(``softmoe.harness.data.validate_data_config``); this module checks the rest and the keys that
+(``softmoe.harness.data.check_data_config``); this module checks the rest, the keys that
 depend on each other (placement within the depth, batch size within the dataset, schedule within
-the run).
+the run) and, in :func:`check_launch`, the config against how the processes were started (torchrun).
+Every check is written in the vocabulary of :mod:`.rules`.
 """
 
 from __future__ import annotations
@@ -15,19 +16,21 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 from hydra.utils import get_object
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
 from softmoe.upcycle import check_upcycle, load_state_dict
 from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 
-from .data import dataset_size, validate_data_config
+from .data import check_data_config, dataset_size
 from .errors import ConfigError
+from .plausibility import check_model_name, check_token_count
 from .model import PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
 from .rules import (
     Rule,
     auto_or_boolean,
     boolean,
+    check_known,
+    check_section,
     format_value,
     is_int,
     non_negative_int,
@@ -35,6 +38,7 @@ from .rules import (
     number_in,
     one_of,
     optional,
+    plain,
     positive_int,
     positive_number,
     share,
@@ -134,6 +138,7 @@ TRAINER_RULES: dict[str, Rule] = {
     "expert_parallel_size": optional(positive_int),
     "nonfinite": one_of("skip", "stop"),
     "max_nonfinite_skips": positive_int,
+    "max_tokens_per_image": optional(positive_int),
 }
 # Only the keys present are checked: each optimizer and schedule takes its own (the rest are its arguments).
 OPTIMIZER_RULES: dict[str, Rule] = {
@@ -163,23 +168,6 @@ LOGGER_RULES: dict[str, Rule] = {
 PATHS_RULES: dict[str, Rule] = {"data_dir": text, "output_dir": text}
 
 
-def _check(section: str, values: Mapping[str, Any], rules: Mapping[str, Rule], *, required: bool = True) -> None:
-    for key, rule in rules.items():
-        if key not in values:
-            if required:
-                raise ConfigError(f"{section}.{key}: missing; every key of conf/{section}/*.yaml is needed")
-            continue
-        problem = rule(values[key], values)
-        if problem is not None:
-            raise ConfigError(f"{section}.{key}={format_value(values[key])}: {problem}")
-
-
-def _check_known(section: str, values: Mapping[str, Any], known: set[str], what: str) -> None:
-    for key, value in values.items():
-        if key not in known and key not in ("_target_", "_partial_", "_convert_"):
-            raise ConfigError(f"{section}.{key}={format_value(value)}: not {what}")
-
-
 def _check_target(section: str, values: Mapping[str, Any]) -> Callable:
     target = values.get("_target_")
     try:
@@ -188,12 +176,13 @@ def _check_target(section: str, values: Mapping[str, Any]) -> Callable:
         problem = f"{section}._target_={format_value(target)}: must name an importable class or function"
         raise ConfigError(problem) from None
     accepted = set(inspect.signature(factory).parameters)
-    _check_known(section, values, accepted, f"an argument of {target}")
+    check_known(section, values, accepted, f"not an argument of {target}")
     return factory
 
 
 def _check_upcycle_source(model: Mapping[str, Any], moe: Mapping[str, Any]) -> None:
-    """``model.upcycle_from`` is a readable state dict whose every tensor fits the model (built on the meta device)."""
+    """``model.upcycle_from`` is a readable state dict whose every tensor fits the model (built on the meta device:
+    shapes only, no memory and no weights)."""
     shown = f"model.upcycle_from={format_value(model['upcycle_from'])}"
     try:
         dense_state = load_state_dict(Path(model["upcycle_from"]).expanduser())
@@ -224,32 +213,35 @@ def planned_steps(trainer: Mapping[str, Any], train_size: int) -> tuple[int, int
     return steps_per_epoch, total
 
 
-def _as_plain(cfg: DictConfig) -> dict[str, Any]:
-    try:  # without Hydra's own node, present when composed with return_hydra_config=True
-        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
-    except OmegaConfBaseException as error:  # e.g. an interpolation to a key that does not exist
-        first_line = str(error).splitlines()[0]
-        raise ConfigError(f"{getattr(error, 'full_key', '') or 'config'}: {first_line}") from None
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the first bad key of ``cfg``; reads no data and builds no model."""
-    plain = _as_plain(cfg)
+def check_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first bad key of ``cfg``; reads no data (the model is built, if at all,
+    on the meta device: see :func:`_check_upcycle_source`)."""
+    config = plain(cfg)
     for section in ("model", "moe", "data", "optimizer", "scheduler", "trainer", "logger", "paths"):
-        if not isinstance(plain.get(section), dict):
+        if not isinstance(config.get(section), dict):
             raise ConfigError(f"{section}: missing; compose the run from conf/train.yaml")
-    problem = seed_value(plain.get("seed"), plain)
+    problem = seed_value(config.get("seed"), config)
     if problem:
-        raise ConfigError(f"seed={format_value(plain.get('seed'))}: {problem}")
-    try:
-        validate_data_config(cfg.data)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    data = plain["data"]
+        raise ConfigError(f"seed={format_value(config.get('seed'))}: {problem}")
+    check_data_config(config["data"])
+    _check_model(config["model"], config["data"])
+    _check_moe(config["moe"], config["model"])
+    if config["model"]["upcycle_from"] is not None:
+        _check_upcycle_source(config["model"], config["moe"])
+    _check_trainer(config["trainer"], config["data"])
+    check_model_name(config["model"])  # valid keys, but not what the user meant (plausibility.py)
+    check_token_count(config["model"], config["trainer"]["max_tokens_per_image"])
+    _check_optimization(config["optimizer"], config["scheduler"])
+    logger = config["logger"]
+    check_section("logger", logger, {"backend": LOGGER_RULES["backend"]})
+    if logger["backend"] == "wandb":
+        check_section("logger", logger, LOGGER_RULES)
+    check_section("paths", config["paths"], PATHS_RULES)
 
-    model = plain["model"]
-    _check("model", model, MODEL_RULES)
-    _check_known("model", model, set(MODEL_RULES) | VIT_ARGUMENTS, "a key of timm's VisionTransformer")
+
+def _check_model(model: dict[str, Any], data: dict[str, Any]) -> None:
+    check_section("model", model, MODEL_RULES)
+    check_known("model", model, set(MODEL_RULES) | VIT_ARGUMENTS, "not a key of timm's VisionTransformer")
     for key in ("img_size", "in_chans", "num_classes"):
         if model[key] != data[key]:
             raise ConfigError(
@@ -263,9 +255,10 @@ def validate_config(cfg: DictConfig) -> None:
     if model["embed_dim"] % model["num_heads"]:
         raise ConfigError(f"model.num_heads={model['num_heads']}: must divide model.embed_dim={model['embed_dim']}")
 
-    moe = plain["moe"]
-    _check("moe", moe, MOE_RULES)
-    _check_known("moe", moe, set(MOE_RULES), "a key of the moe group")
+
+def _check_moe(moe: dict[str, Any], model: dict[str, Any]) -> None:
+    check_section("moe", moe, MOE_RULES)
+    check_known("moe", moe, set(MOE_RULES), "not a key of the moe group")
     try:
         blocks = moe_blocks(moe, model["depth"])
     except ValueError as error:
@@ -289,12 +282,10 @@ def validate_config(cfg: DictConfig) -> None:
             f"{tokens} tokens of each image, got {moe['num_experts']} * {moe['slots_per_expert']} = {slots}"
         )
 
-    if model["upcycle_from"] is not None:
-        _check_upcycle_source(model, moe)
 
-    trainer = plain["trainer"]
-    _check("trainer", trainer, TRAINER_RULES)
-    _check_known("trainer", trainer, set(TRAINER_RULES), "a key of the trainer group")
+def _check_trainer(trainer: dict[str, Any], data: dict[str, Any]) -> None:
+    check_section("trainer", trainer, TRAINER_RULES)
+    check_known("trainer", trainer, set(TRAINER_RULES), "not a key of the trainer group")
     if trainer["precision"] == "fp16" and resolve_device(trainer["device"]).type != "cuda":
         raise ConfigError(f"trainer.precision=fp16: needs a CUDA device (trainer.device={trainer['device']}); use bf16")
     if trainer["precision"] != "fp32" and resolve_device(trainer["device"]).type == "mps":
@@ -302,25 +293,79 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.precision={trainer['precision']}: on Apple's GPU (trainer.device={trainer['device']} is MPS) "
             "the trainer runs in float32; use trainer.precision=fp32"
         )
-    train_size = dataset_size(cfg.data, "train")
+    train_size = dataset_size(data, "train")
     if train_size is not None and trainer["batch_size"] > train_size:
         raise ConfigError(
             f"trainer.batch_size={trainer['batch_size']}: larger than the {train_size} training examples of "
             f"data={data['name']}; must be at most {train_size}"
         )
 
-    _check("optimizer", plain["optimizer"], OPTIMIZER_RULES, required=False)
-    _check_target("optimizer", plain["optimizer"])
-    if "lr" not in plain["optimizer"]:
+
+def _check_optimization(optimizer: dict[str, Any], scheduler: dict[str, Any]) -> None:
+    # Only the keys present are checked: each optimizer and schedule takes its own.
+    check_section("optimizer", optimizer, OPTIMIZER_RULES, required=None)
+    _check_target("optimizer", optimizer)
+    if "lr" not in optimizer:
         raise ConfigError("optimizer.lr: missing; the schedule scales it")
-    _check("scheduler", plain["scheduler"], SCHEDULER_RULES, required=False)
-    _check_target("scheduler", plain["scheduler"])
-    scheduler = plain["scheduler"]
+    check_section("scheduler", scheduler, SCHEDULER_RULES, required=None)
+    _check_target("scheduler", scheduler)
     if "timescale" in scheduler and scheduler["timescale"] is None and not scheduler.get("warmup_steps"):
         raise ConfigError("scheduler.timescale=null: means warmup_steps, which is 0; set scheduler.timescale")
 
-    logger = plain["logger"]
-    _check("logger", logger, {"backend": LOGGER_RULES["backend"]})
-    if logger["backend"] == "wandb":
-        _check("logger", logger, LOGGER_RULES)
-    _check("paths", plain["paths"], PATHS_RULES)
+
+def expert_group_size(config: Mapping[str, Any], world_size: int) -> Optional[int]:
+    """The ranks each expert group spans: ``trainer.expert_parallel_size``, else every rank under
+    ``moe.expert_parallel``; None without expert parallelism."""
+    size = config["trainer"].get("expert_parallel_size")
+    if size is None and not config["moe"]["expert_parallel"]:
+        return None
+    return size or world_size
+
+
+def check_launch(config: Mapping[str, Any], *, torchrun: bool, world_size: int) -> None:
+    """The config against how this process was started (``torchrun`` set RANK and WORLD_SIZE, ``world_size``
+    processes): ``trainer.strategy``, expert parallelism and what they need. The same error on every rank."""
+    trainer = config["trainer"]
+    strategy = trainer["strategy"]
+    if strategy == "ddp" and not torchrun:
+        raise ConfigError(
+            "trainer.strategy=ddp: needs a torchrun launch (RANK and WORLD_SIZE are not set): "
+            "torchrun --nproc_per_node=N -m softmoe.train ..."
+        )
+    if strategy == "single" and torchrun and world_size > 1:
+        raise ConfigError(
+            f"trainer.strategy=single: this process is one of WORLD_SIZE={world_size} started by torchrun; "
+            "use trainer.strategy=auto or ddp, or run python -m softmoe.train"
+        )
+    data_parallel = torchrun and strategy != "single"
+    if expert_group_size(config, world_size) is not None:
+        _check_expert_parallel(config, data_parallel, world_size)
+    if data_parallel and trainer["batch_size"] % world_size:
+        raise ConfigError(
+            f"trainer.batch_size={trainer['batch_size']}: the global batch must be divisible by the {world_size} "
+            f"processes (WORLD_SIZE={world_size})"
+        )
+
+
+def _check_expert_parallel(config: Mapping[str, Any], data_parallel: bool, world_size: int) -> None:
+    moe, size = config["moe"], config["trainer"].get("expert_parallel_size")
+    # the key that asked for expert parallelism, as the user typed it
+    asked = "moe.expert_parallel=true" if size is None else f"trainer.expert_parallel_size={size}"
+    if not data_parallel:
+        raise ConfigError(f"{asked}: needs a distributed launch: torchrun --nproc_per_node=N -m softmoe.train {asked}")
+    if moe["placement"] == "none" and not moe["layers"]:
+        raise ConfigError(f"{asked}: needs MoE layers to split; moe.placement=none builds a dense ViT")
+    if size is not None and world_size % size:
+        raise ConfigError(
+            f"{asked}: must divide the {world_size} processes (WORLD_SIZE={world_size}) into expert groups"
+        )
+    group = expert_group_size(config, world_size)
+    if moe["num_experts"] % group:
+        where = "processes" if group == world_size else f"ranks of an expert group ({asked})"
+        raise ConfigError(
+            f"moe.num_experts={moe['num_experts']}: expert parallelism needs it divisible by the {group} {where}"
+        )
+    if config["trainer"]["precision"] == "fp16":
+        raise ConfigError(
+            "trainer.precision=fp16: a loss-scaled step may skip on some ranks only under expert parallelism; use bf16"
+        )

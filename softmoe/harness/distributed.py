@@ -30,7 +30,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from softmoe import parallel
 
-from .config import resolve_device
+from .config import check_launch, expert_group_size, resolve_device
 from .data import DataBundle, build_loader
 from .errors import ConfigError, RunDirInUseError
 from .runs import RunDirLock
@@ -183,14 +183,6 @@ class Loaders:
     eval_batches: Optional[int]  # the ``max_batches`` to evaluate val and test with
 
 
-def _shown(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _check(key: str, value: Any, problem: str) -> None:
-    raise ConfigError(f"{key}={_shown(value)}: {problem}")
-
-
 def warn_if_expert_groups_span_nodes(expert_parallel_size: int) -> None:
     """Expert groups are consecutive ranks: inside a node exactly when their size divides the processes per node."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
@@ -199,7 +191,7 @@ def warn_if_expert_groups_span_nodes(expert_parallel_size: int) -> None:
             "expert groups of %d ranks span nodes of %d processes: every MoE layer's all_to_all crosses the network; "
             "set trainer.expert_parallel_size to a divisor of %d",
             expert_parallel_size, per_node, per_node,
-        )  # fmt: skip
+        )
 
 
 @dataclass
@@ -222,75 +214,35 @@ class Distributed:
     # ------------------------------------------------------------------------- setup
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "Distributed":
-        """Check the launch against ``trainer.strategy`` and ``moe.expert_parallel``, join the process group,
-        pick this rank's device. Raises :class:`ConfigError` (the same on every rank) before anything is built."""
-        trainer, moe = cfg.trainer, cfg.moe
-        strategy = trainer.strategy
+    def from_config(cls, config: Mapping[str, Any]) -> "Distributed":
+        """Check the launch against ``trainer.strategy`` and expert parallelism (:func:`~.config.check_launch`), join
+        the process group, pick this rank's device and mesh. Raises :class:`ConfigError` before anything is built."""
+        trainer, moe = config["trainer"], config["moe"]
         export_submitit_tasks()
         torchrun = launched_by_torchrun()
         world_size = int(os.environ["WORLD_SIZE"]) if torchrun else 1
-        if strategy == "ddp" and not torchrun:
-            _check(
-                "trainer.strategy", strategy,
-                "needs a torchrun launch (RANK and WORLD_SIZE are not set): "
-                "torchrun --nproc_per_node=N -m softmoe.train ...",
-            )  # fmt: skip
-        if strategy == "single" and torchrun and world_size > 1:
-            _check(
-                "trainer.strategy", strategy,
-                f"this process is one of WORLD_SIZE={world_size} started by torchrun; "
-                "use trainer.strategy=auto or ddp, "
-                "or run python -m softmoe.train",
-            )  # fmt: skip
-        data_parallel = torchrun and strategy != "single"
-        size = trainer.get("expert_parallel_size")
-        expert_parallel = bool(moe.expert_parallel) or size is not None
-        # the key that asked for expert parallelism, as the user typed it
-        key, value = ("moe.expert_parallel", True) if size is None else ("trainer.expert_parallel_size", size)
-        if expert_parallel:
-            if not data_parallel:
-                _check(
-                    key, value,
-                    f"needs a distributed launch: torchrun --nproc_per_node=N -m softmoe.train {key}={_shown(value)}",
-                )  # fmt: skip
-            if moe.placement == "none" and not moe.layers:
-                _check(key, value, "needs MoE layers to split; moe.placement=none builds a dense ViT")
-            if size is not None and world_size % size:
-                problem = f"must divide the {world_size} processes (WORLD_SIZE={world_size}) into expert groups"
-                _check(key, value, problem)
-            size = size or world_size
-            if moe.num_experts % size:
-                where = "processes" if size == world_size else f"ranks of an expert group ({key}={size})"
-                problem = f"expert parallelism needs it divisible by the {size} {where}"
-                _check("moe.num_experts", moe.num_experts, problem)
-            if trainer.precision == "fp16":
-                problem = "a loss-scaled step may skip on some ranks only under expert parallelism; use bf16"
-                _check("trainer.precision", "fp16", problem)
-        if data_parallel and trainer.batch_size % world_size:
-            _check(
-                "trainer.batch_size", trainer.batch_size,
-                f"the global batch must be divisible by the {world_size} processes (WORLD_SIZE={world_size})",
-            )  # fmt: skip
-        device = resolve_device(trainer.device)
+        check_launch(config, torchrun=torchrun, world_size=world_size)  # the same error on every rank
+        data_parallel = torchrun and trainer["strategy"] != "single"
+        device = resolve_device(trainer["device"])
         if not data_parallel:
             return cls(device=device)
 
         init_process_group()
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        size = expert_group_size(config, world_size)  # None: no expert parallelism
         mesh = None
-        if expert_parallel:
+        if size is not None:
             mesh = parallel.expert_data_mesh(device.type, size)
             warn_if_expert_groups_span_nodes(size)
         # Soft MoE with dispatch and combine both fixed never uses its router: DDP must not wait for its gradients.
-        unused_router = moe.router == "soft" and "soft" not in (moe.dispatch, moe.combine)
+        unused_router = moe["router"] == "soft" and "soft" not in (moe["dispatch"], moe["combine"])
         return cls(
             rank=dist.get_rank(),
             world_size=dist.get_world_size(),
             device=device,
             data_parallel=True,
-            expert_parallel=expert_parallel,
+            expert_parallel=size is not None,
             find_unused_parameters=unused_router,
             mesh=mesh,
         )
@@ -323,20 +275,21 @@ class Distributed:
 
     # ------------------------------------------------------------------------- data
 
-    def build_loaders(self, data: DataBundle, trainer: DictConfig, seed: int) -> Loaders:
+    def build_loaders(self, data: DataBundle, trainer: Mapping[str, Any], seed: int) -> Loaders:
         """The training loader (this rank's share of every global batch, in an order drawn from ``seed`` and
         the epoch) and the validation and test loaders (this rank's share of their examples)."""
         if self.data_parallel:
-            sampler = ShardedSampler(len(data.train), seed, trainer.batch_size, self.rank, self.world_size)
+            sampler = ShardedSampler(len(data.train), seed, trainer["batch_size"], self.rank, self.world_size)
         else:
             sampler = ResumableSampler(len(data.train), seed)
-        options = dict(num_workers=trainer.num_workers, pin_memory=self.device.type == "cuda")
-        local_batch_size = trainer.batch_size // self.world_size
+        options = dict(num_workers=trainer["num_workers"], pin_memory=self.device.type == "cuda")
+        local_batch_size = trainer["batch_size"] // self.world_size
         train = build_loader(data.train, local_batch_size, train=True, seed=seed, sampler=sampler, **options)
-        test, eval_batches = self._eval_loader(data.test, trainer.eval_batch_size, trainer.eval_batches, **options)
+        eval_sizes = trainer["eval_batch_size"], trainer["eval_batches"]
+        test, eval_batches = self._eval_loader(data.test, *eval_sizes, **options)
         val = None
         if data.val is not None:
-            val, _ = self._eval_loader(data.val, trainer.eval_batch_size, trainer.eval_batches, **options)
+            val, _ = self._eval_loader(data.val, *eval_sizes, **options)
         return Loaders(train=train, sampler=sampler, test=test, val=val, eval_batches=eval_batches)
 
     def _eval_loader(
@@ -479,12 +432,6 @@ class Distributed:
         params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
         return {index: owner[id(p)] for index, p in enumerate(params) if id(p) in owner}
 
-    # ------------------------------------------------------------------------- telemetry
-
-    def telemetry(self, make: Callable[..., Any], *args, **kwargs) -> "RankZeroTelemetry":
-        """The run's telemetry: built on rank 0 only; every rank logs through it (see :class:`RankZeroTelemetry`)."""
-        return RankZeroTelemetry(make(*args, **kwargs) if self.is_main else None, self)
-
 
 def _per_expert(value: Any, layer: parallel.ExpertParallel) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == layer.num_local_experts
@@ -492,66 +439,3 @@ def _per_expert(value: Any, layer: parallel.ExpertParallel) -> bool:
 
 def _whole_bank(value: Any, layer: parallel.ExpertParallel) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == layer.num_experts
-
-
-# Summed over ranks (the others are averaged): a rate of the whole job.
-SUMMED_METRICS = ("train/throughput",)
-
-
-class RankZeroTelemetry:
-    """Rank 0's :class:`~.telemetry.Telemetry`, fed by every rank.
-
-    :meth:`log` is collective: the scalars and distributions of all ranks are averaged (throughput summed)
-    before rank 0 writes them; every other call goes to rank 0's telemetry and is a no-op elsewhere.
-    """
-
-    def __init__(self, telemetry: Any, distributed: Distributed) -> None:
-        self._telemetry = telemetry
-        self._distributed = distributed
-        logs_images = [telemetry.logs_images if telemetry is not None else False]
-        if distributed.data_parallel:  # ranks must agree: the dispatch-map panel is a forward pass of all ranks
-            dist.broadcast_object_list(logs_images, src=0)
-        self.logs_images = logs_images[0]
-
-    def log(self, step, epoch, scalars, distributions=None, images=None) -> None:
-        if self._distributed.data_parallel:
-            scalars, distributions = self._reduce(scalars), self._reduce(distributions or {})
-        if self._telemetry is not None:
-            self._telemetry.log(step, epoch, scalars, distributions, images)
-
-    def _reduce(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """The mean over ranks of each value (a number or a tensor), the sum for :data:`SUMMED_METRICS`."""
-        if not values:
-            return {}
-        keys = sorted(values)  # every rank logs the same keys
-        device = self._distributed.device  # NCCL reduces tensors on the rank's CUDA device only
-        flat = torch.cat([torch.as_tensor(values[key], dtype=torch.float64).reshape(-1).to(device) for key in keys])
-        dist.all_reduce(flat)
-        flat = flat.cpu()
-        reduced, offset = {}, 0
-        for key in keys:
-            original = values[key]
-            size = original.numel() if isinstance(original, torch.Tensor) else 1
-            total = flat[offset : offset + size]
-            offset += size
-            mean = total if key in SUMMED_METRICS else total / self._distributed.world_size
-            if isinstance(original, torch.Tensor):
-                reduced[key] = mean.view(original.shape).to(original.dtype)
-            else:
-                reduced[key] = mean.item()
-        return reduced
-
-    @property
-    def run_id(self) -> Optional[str]:
-        return self._telemetry.run_id if self._telemetry is not None else None
-
-    @property
-    def run_path(self) -> Optional[str]:
-        return self._telemetry.run_path if self._telemetry is not None else None
-
-    def __getattr__(self, name: str) -> Any:
-        # commit, summary, finish, ...: rank 0's methods; no-ops on the other ranks
-        telemetry = self.__dict__.get("_telemetry")
-        if telemetry is not None:
-            return getattr(telemetry, name)
-        return lambda *args, **kwargs: None

@@ -1,13 +1,14 @@
 """Every error the commands report as one line, and the exit status each one gives.
 
-The harness raises these; ``python -m softmoe.train`` / ``.evaluate`` print ``error: <message>`` (no
-traceback) and exit with :func:`exit_code`. Their messages name the key, the file or the process at fault.
+The harness raises these; ``python -m softmoe.train`` / ``.evaluate`` / ``.collect`` print ``error: <message>``
+(no traceback) and exit with :func:`exit_code`. Their messages name the key, the file or the process at fault.
 
 | status | meaning |
 |---|---|
 | 0 | finished |
-| 1 | Hydra refused the command line (an unknown group option or key), with its own message |
-| 2 | :data:`USER_ERRORS`: a bad config value, missing or bad data, an unusable checkpoint, a run directory in use |
+| 1 | an unexpected error (a traceback is printed) |
+| 2 | :data:`USER_ERRORS`: a bad config value, missing or bad data, an unusable checkpoint, a busy run dir, no runs; |
+|   | an override Hydra cannot compose (an unknown key or group option, ``overrides.py``) |
 | 3 | :class:`NonFiniteError`: stopped on a NaN/inf |
 | 128 + signal | stopped by a signal after saving ``last.pt`` (130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 140 SIGUSR2) |
 """
@@ -42,12 +43,16 @@ class RunDirInUseError(RuntimeError):
     """Another live process trains in this run directory; the message names it."""
 
 
+class NoRunsError(LookupError):
+    """A sweep directory, W&B directory or project holds no run to report (or none logged the metric asked for)."""
+
+
 class NonFiniteError(RuntimeError):
     """The run stopped on a NaN or inf; the message names the step and the offending parameter."""
 
 
 # Errors whose message is the whole story: printed as one line, no traceback, exit status 2.
-USER_ERRORS = (ConfigError, MissingDataError, BadDataError, CheckpointError, RunDirInUseError)
+USER_ERRORS = (ConfigError, MissingDataError, BadDataError, CheckpointError, RunDirInUseError, NoRunsError)
 
 
 def preempted_exit_code(signum: int) -> int:

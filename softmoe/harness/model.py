@@ -3,7 +3,8 @@
 ``model`` holds timm ``VisionTransformer`` arguments (plus its ``name`` and where its weights start:
 ``upcycle_from``, ``upcycle_noise_std``); ``moe`` says which blocks get an MoE layer and how it routes:
 ``moe.router`` picks the layer class (the paper's Soft MoE or a sparse baseline of ``softmoe.sparse``).
-``moe=dense`` (placement ``none``) builds timm's plain ViT.
+``moe=dense`` (placement ``none``) builds timm's plain ViT. Both are built as a timm user builds them, through
+``timm.create_model`` and this package's registered factories (:mod:`softmoe.vit`).
 """
 
 from __future__ import annotations
@@ -12,23 +13,28 @@ import inspect
 import os
 from typing import Any, Mapping
 
-from omegaconf import DictConfig, OmegaConf
+import timm
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from softmoe import SoftMoE, SoftMoEVisionTransformer, upcycle
+from softmoe import SoftMoE, upcycle
 from softmoe.sparse import ExpertsChoiceMoE, TokensChoiceMoE
-from softmoe.vit import block_list_problem
+from softmoe.vit import MOE_PLACEMENTS, block_list_problem
 
-PLACEMENTS = ("none", "last_half", "every_other", "all")
+from .rules import plain
+
+PLACEMENTS = tuple(MOE_PLACEMENTS)
 ROUTERS = {"soft": SoftMoE, "tokens_choice": TokensChoiceMoE, "experts_choice": ExpertsChoiceMoE}  # moe.router -> class
-# The moe keys each router takes besides num_experts, slots_per_expert and normalize, and their defaults
-# (used when a saved config predates the key).
+# The moe keys each router takes besides num_experts, slots_per_expert and normalize; a saved config that predates
+# a key gets the layer class's default (layer_defaults).
 ROUTER_KEYS = {
-    "soft": {"scale_init": 1.0, "dispatch": "soft", "combine": "soft"},
-    "tokens_choice": {"scale_init": 1.0, "k": 1, "capacity_factor": None, "batch_priority": False, "noise_std": 1.0},
-    "experts_choice": {"scale_init": 1.0, "capacity_factor": None, "noise_std": 1.0},
+    "soft": ("scale_init", "dispatch", "combine"),
+    "tokens_choice": ("scale_init", "k", "capacity_factor", "batch_priority", "noise_std"),
+    "experts_choice": ("scale_init", "capacity_factor", "noise_std"),
 }
+# The registered timm names the harness builds through. Every architecture key comes from the config (the model
+# group sets them all), so the name only picks the class and timm's creation path (pretrained_cfg, features).
+SOFT_MOE_ARCHITECTURE, DENSE_ARCHITECTURE = "soft_moe_vit_tiny", "vit_tiny_patch16_224"
 # model keys that are not VisionTransformer arguments
 MODEL_KEYS = ("name", "upcycle_from", "upcycle_noise_std")
 # VisionTransformer arguments a config may set (the rest take classes, set in code).
@@ -66,12 +72,7 @@ def moe_blocks(moe_cfg: Mapping[str, Any], depth: int) -> list[int]:
     placement = moe_cfg["placement"]
     if placement not in PLACEMENTS:
         raise ValueError(f"moe.placement={placement}: must be one of {', '.join(PLACEMENTS)}")
-    return {
-        "none": [],
-        "last_half": list(range(depth // 2, depth)),
-        "every_other": list(range(1, depth, 2)),
-        "all": list(range(depth)),
-    }[placement]
+    return MOE_PLACEMENTS[placement](depth)
 
 
 def vit_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,20 +92,24 @@ def build_model(model_cfg: Mapping[str, Any], moe_cfg: Mapping[str, Any], *, upc
     With ``model.upcycle_from`` set, its weights start from that dense checkpoint (``softmoe.upcycle``);
     ``upcycle_weights=False`` leaves them freshly initialised, for a model about to load a run's checkpoint.
     """
-    model_cfg, moe_cfg = _plain(model_cfg), _plain(moe_cfg)
+    model_cfg, moe_cfg = plain(model_cfg), plain(moe_cfg)
     model = _build_network(model_cfg, moe_cfg)
     source = model_cfg.get("upcycle_from")  # configs saved before the key existed lack it
+    # upcycled here, not by create_model(pretrained=True): the source may be a moe=dense run's last.pt, whose every
+    # shape check_config has matched to this model
     if upcycle_weights and source is not None:
         upcycle(os.path.expanduser(source), model, noise_std=model_cfg.get("upcycle_noise_std", 0.0))
     return model
 
 
 def _build_network(model_cfg: dict[str, Any], moe_cfg: dict[str, Any]) -> nn.Module:
+    # create_model drops keyword arguments that are None; every ViT argument a config may null defaults to None.
     kwargs = vit_kwargs(model_cfg)
     blocks = moe_blocks(moe_cfg, kwargs["depth"])
     if not blocks:
-        return VisionTransformer(**kwargs)
-    return SoftMoEVisionTransformer(
+        return timm.create_model(DENSE_ARCHITECTURE, **kwargs)
+    return timm.create_model(
+        SOFT_MOE_ARCHITECTURE,
         num_experts=moe_cfg["num_experts"],
         slots_per_expert=moe_cfg["slots_per_expert"],
         moe_layer_index=blocks,
@@ -115,10 +120,19 @@ def _build_network(model_cfg: dict[str, Any], moe_cfg: dict[str, Any]) -> nn.Mod
     )
 
 
+def layer_defaults(layer_class: type) -> dict[str, Any]:
+    """The default of every keyword argument of ``layer_class``, its base classes' included (a subclass may pass
+    ``**kwargs`` on)."""
+    defaults = {}
+    for cls in reversed(layer_class.__mro__):
+        if issubclass(cls, nn.Module) and cls is not nn.Module and "__init__" in vars(cls):
+            parameters = inspect.signature(cls.__init__).parameters.values()
+            defaults.update({p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty})
+    return defaults
+
+
 def router_kwargs(moe_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments ``moe.router``'s layer class takes from the ``moe`` config."""
-    return {key: moe_cfg.get(key, default) for key, default in ROUTER_KEYS[moe_cfg["router"]].items()}
-
-
-def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    router = moe_cfg["router"]
+    defaults = layer_defaults(ROUTERS[router])
+    return {key: moe_cfg.get(key, defaults[key]) for key in ROUTER_KEYS[router]}

@@ -1,24 +1,65 @@
-"""The generic rules every config check is built from (``config.py`` for the run, ``data/config.py`` for data).
+"""The vocabulary every config check is written in (``config.py`` for the run, ``data/config.py`` for data).
 
 A rule takes a value and the section it sits in (for checks across keys) and returns None for a good value,
-else what is allowed: ``"must be a positive integer"``. The caller names the key: ``<key>=<value>: <rule's text>``.
+else what is allowed: ``"must be a positive integer"``. :func:`check_section` names the key and raises
+:class:`ConfigError`: ``<section>.<key>=<value>: <rule's text>``. :func:`plain` turns a config into the plain,
+resolved dict the checks (and the run) read.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Collection, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from softmoe._checks import is_int, is_number
+
+from .errors import ConfigError
 
 Rule = Callable[[Any, Mapping[str, Any]], Optional[str]]
+HYDRA_KEYS = ("_target_", "_partial_", "_convert_")  # instantiate's own keys, in any section
 
 
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def plain(cfg: Any, name: str = "config") -> dict[str, Any]:
+    """``cfg`` (a DictConfig or a mapping, ``name`` in errors) as a plain dict with every interpolation resolved,
+    without Hydra's own ``hydra`` node (present when composed with ``return_hydra_config=True``)."""
+    if isinstance(cfg, DictConfig):
+        if "hydra" in cfg:  # the root only: a masked copy of a section would lose its root, which it interpolates
+            cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+        try:
+            return OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException as error:  # e.g. an interpolation to a key that does not exist
+            first_line = str(error).splitlines()[0]
+            raise ConfigError(f"{getattr(error, 'full_key', '') or name}: {first_line}") from None
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise ConfigError(f"{name} must be a mapping of keys, got {type(cfg).__name__}")
 
 
-def is_number(value: Any) -> bool:
-    """An int or float, finite, not a bool."""
-    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+def check_section(
+    section: str, values: Mapping[str, Any], rules: Mapping[str, Rule], *,
+    required: Optional[str] = "every key of conf/{section}/*.yaml is needed",
+) -> None:
+    """Raise :class:`ConfigError` for the first key of ``rules`` that ``values`` (the config section ``section``)
+    lacks, or whose value its rule refuses. ``required`` says why a missing key is needed (``{section}`` is filled
+    in); None: only the keys present are checked."""
+    for key, rule in rules.items():
+        if key not in values:
+            if required is None:
+                continue
+            raise ConfigError(f"{section}.{key}: missing; {required.format(section=section)}")
+        problem = rule(values[key], values)
+        if problem is not None:
+            raise ConfigError(f"{section}.{key}={format_value(values[key])}: {problem}")
+
+
+def check_known(section: str, values: Mapping[str, Any], known: Collection[str], problem: str) -> None:
+    """Raise :class:`ConfigError` for the first key of ``values`` not in ``known`` (``problem`` says what it is not);
+    instantiate's own keys (``_target_``, ...) are always known."""
+    for key, value in values.items():
+        if key not in known and key not in HYDRA_KEYS:
+            raise ConfigError(f"{section}.{key}={format_value(value)}: {problem}")
 
 
 def positive_int(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:

@@ -17,17 +17,21 @@ import os
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Union
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from softmoe import block_index, moe_layers, router_scale, routing_stats
 from softmoe.capture import RoutingRecord
 from softmoe.sparse import SparseMoE, sparse_routing_stats
 from softmoe.stats import normalized_entropy
+
+if TYPE_CHECKING:  # distributed.py imports the data and config modules, which need none of this one
+    from .distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +127,7 @@ def truncate_after(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [
         line for line in lines if line.endswith("\n") and _event_step(line) is not None and _event_step(line) <= step
-    ]  # fmt: skip
+    ]
     if len(kept) != len(lines):
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text("".join(kept))
@@ -327,3 +331,68 @@ class Telemetry:
                 run.finish()
             except Exception as error:
                 log.warning("W&B finish failed (%s)", error)
+
+
+# ----------------------------------------------------------------------------- every rank logs, rank 0 writes
+
+# Summed over ranks (the others are averaged): a rate of the whole job.
+SUMMED_METRICS = ("train/throughput",)
+
+
+class RankZeroTelemetry:
+    """Rank 0's :class:`Telemetry`, fed by every rank (pass None as ``telemetry`` on the other ranks).
+
+    :meth:`log` is collective: the scalars and distributions of all ranks are averaged (throughput summed)
+    before rank 0 writes them; every other call goes to rank 0's telemetry and is a no-op elsewhere.
+    """
+
+    def __init__(self, telemetry: Optional[Telemetry], distributed: Distributed) -> None:
+        self._telemetry = telemetry
+        self._distributed = distributed
+        logs_images = [telemetry.logs_images if telemetry is not None else False]
+        if distributed.data_parallel:  # ranks must agree: the dispatch-map panel is a forward pass of all ranks
+            dist.broadcast_object_list(logs_images, src=0)
+        self.logs_images = logs_images[0]
+
+    def log(self, step, epoch, scalars, distributions=None, images=None) -> None:
+        if self._distributed.data_parallel:
+            scalars, distributions = self._reduce(scalars), self._reduce(distributions or {})
+        if self._telemetry is not None:
+            self._telemetry.log(step, epoch, scalars, distributions, images)
+
+    def _reduce(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The mean over ranks of each value (a number or a tensor), the sum for :data:`SUMMED_METRICS`."""
+        if not values:
+            return {}
+        keys = sorted(values)  # every rank logs the same keys
+        device = self._distributed.device  # NCCL reduces tensors on the rank's CUDA device only
+        flat = torch.cat([torch.as_tensor(values[key], dtype=torch.float64).reshape(-1).to(device) for key in keys])
+        dist.all_reduce(flat)
+        flat = flat.cpu()
+        reduced, offset = {}, 0
+        for key in keys:
+            original = values[key]
+            size = original.numel() if isinstance(original, torch.Tensor) else 1
+            total = flat[offset : offset + size]
+            offset += size
+            mean = total if key in SUMMED_METRICS else total / self._distributed.world_size
+            if isinstance(original, torch.Tensor):
+                reduced[key] = mean.view(original.shape).to(original.dtype)
+            else:
+                reduced[key] = mean.item()
+        return reduced
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self._telemetry.run_id if self._telemetry is not None else None
+
+    @property
+    def run_path(self) -> Optional[str]:
+        return self._telemetry.run_path if self._telemetry is not None else None
+
+    def __getattr__(self, name: str) -> Any:
+        # commit, summary, finish, ...: rank 0's methods; no-ops on the other ranks
+        telemetry = self.__dict__.get("_telemetry")
+        if telemetry is not None:
+            return getattr(telemetry, name)
+        return lambda *args, **kwargs: None

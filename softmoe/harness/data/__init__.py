@@ -1,6 +1,6 @@
 """The harness's data layer: the ``data`` config group (``conf/data/*.yaml``) turned into datasets and loaders.
 
-    validate_data_config(cfg.data)                    # before anything loads: one line per bad key
+    check_data_config(cfg.data)                    # before anything loads: one line per bad key
     bundle = build_datasets(cfg.data, cfg.paths.data_dir)
     loader = build_loader(bundle.train, batch_size, train=True, seed=cfg.seed)
 
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import cifar, digits, fashion_mnist, imagefolder, synthetic
 from .common import BadDataError, DataBundle, MissingDataError
 from .splits import with_validation
-from .config import DATASETS, checked_config, dataset_size, validate_data_config
+from .config import DATASETS, checked_config, dataset_size, check_data_config
 
 log = logging.getLogger(__name__)
 
@@ -101,5 +101,5 @@ __all__ = [
     "build_datasets",
     "build_loader",
     "dataset_size",
-    "validate_data_config",
+    "check_data_config",
 ]

@@ -9,17 +9,19 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional
 
-from omegaconf import DictConfig, OmegaConf
-
+from ..errors import ConfigError
 from ..rules import (
     Rule,
     boolean,
+    check_known,
+    check_section,
     format_value,
     is_int,
     is_number,
     non_negative_int,
     non_negative_number,
     one_of,
+    plain,
     positive_int,
 )
 
@@ -183,38 +185,20 @@ RULES: dict[str, dict[str, Rule]] = {
 assert tuple(RULES) == DATASETS
 
 
-def _as_dict(data_cfg: Any) -> dict[str, Any]:
-    if isinstance(data_cfg, DictConfig):
-        return OmegaConf.to_container(data_cfg, resolve=True)  # interpolations resolve against the root config
-    if isinstance(data_cfg, Mapping):
-        return dict(data_cfg)
-    raise ValueError(f"data must be a mapping of keys (conf/data/<name>.yaml), got {type(data_cfg).__name__}")
-
-
 def checked_config(data_cfg: Any) -> dict[str, Any]:
-    """``data_cfg`` as a plain dict, after every check of :func:`validate_data_config`."""
-    cfg = _as_dict(data_cfg)
+    """``data_cfg`` as a plain dict, after every check of :func:`check_data_config`."""
+    cfg = plain(data_cfg, "data")
     name = cfg.get("name")
     if name not in DATASETS:
-        raise ValueError(f"data.name={format_value(name)}: must be one of {', '.join(DATASETS)} (conf/data/*.yaml)")
+        raise ConfigError(f"data.name={format_value(name)}: must be one of {', '.join(DATASETS)} (conf/data/*.yaml)")
     rules = RULES[name]
-    unknown = [key for key in cfg if key != "name" and key not in rules]
-    if unknown:
-        key = unknown[0]
-        raise ValueError(
-            f"data.{key}={format_value(cfg[key])}: not a key of data={name}; its keys are {', '.join(rules)}"
-        )
-    for key, rule in rules.items():
-        if key not in cfg:
-            raise ValueError(f"data.{key}: missing; data={name} needs every key of conf/data/{name}.yaml")
-        problem = rule(cfg[key], cfg)
-        if problem is not None:
-            raise ValueError(f"data.{key}={format_value(cfg[key])}: {problem}")
+    check_known("data", cfg, {"name", *rules}, f"not a key of data={name}; its keys are {', '.join(rules)}")
+    check_section("data", cfg, rules, required=f"data={name} needs every key of conf/data/{name}.yaml")
     return cfg
 
 
-def validate_data_config(data_cfg: Any) -> None:
-    """Raise ``ValueError('data.<key>=<value>: <what is allowed>')`` for a bad key or value; loads nothing."""
+def check_data_config(data_cfg: Any) -> None:
+    """Raise ``ConfigError('data.<key>=<value>: <what is allowed>')`` for a bad key or value; loads nothing."""
     checked_config(data_cfg)
 
 

@@ -24,7 +24,16 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from .common import BadDataError, BadExamples, DataBundle, MissingDataError, download_failed, with_transform
+from .common import (
+    BadDataError,
+    BadExamples,
+    DataBundle,
+    MissingDataError,
+    download_failed,
+    log_source,
+    removed_if_failed,
+    with_transform,
+)
 from .digits import TensorImages
 from .splits import hold_out
 
@@ -95,14 +104,15 @@ def download(root: Path) -> None:
     from torchvision.datasets import FashionMNIST
 
     try:
-        FashionMNIST(str(root), train=True, download=True)
+        with removed_if_failed(root / TORCHVISION_SUBDIR):
+            FashionMNIST(str(root), train=True, download=True)
     except Exception as error:  # URLError, RuntimeError("Error downloading ...") or an md5 mismatch
         raise download_failed(
             "fashion_mnist", root / TORCHVISION_SUBDIR, error,
             f"Place the four IDX files ({', '.join(name + '.gz' for name in FILE_NAMES)}) there "
             "by hand, install Debian's copy with `apt-get install dataset-fashion-mnist`, or set data.root to a folder "
             "holding them.",
-        ) from None  # fmt: skip
+        ) from None
 
 
 def load_split(folder: Path, split: str, report: BadExamples) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +143,7 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
             f"each plain or .gz) are not in {' or '.join(map(str, folders))}. Install them with "
             "`apt-get install dataset-fashion-mnist`, fetch them with data.download=true, or set data.root."
         )
+    log_source("fashion_mnist", folder)
     report = BadExamples(cfg["on_bad_file"])
     splits = {split: load_split(folder, split, report) for split in FILES}
     if cfg["train_subset"] is not None and cfg["train_subset"] < len(splits["train"][1]):

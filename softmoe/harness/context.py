@@ -1,0 +1,197 @@
+"""A run's context: what every part of the loop shares, built once by :func:`open_run`.
+
+:class:`RunContext` holds the run's fixed parts (its config, run directory, distributed view, telemetry, loaders,
+the module forward is called on, the preemption guard and the step plan) and writes checkpoints; the changing
+part is the :class:`~.state.TrainState`. The loop's helpers take the context and the state, and read what they use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from softmoe import block_index, moe_layers
+
+from .checkpoint import (
+    FORMAT_VERSION,
+    LAST,
+    check_same_model,
+    load_resume_checkpoint,
+    resume_path,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import planned_steps
+from .console import describe_upcycling
+from .data import DataBundle, build_datasets
+from .data.device_loader import put_on_device
+from .distributed import Distributed, Loaders
+from .errors import ConfigError, NonFiniteError
+from .faults import PreemptionGuard, first_nonfinite
+from .gpu_share import cap_cuda_memory, memory_share
+from .state import NO_BEST, TrainState, build_state
+from .plausibility import warn_small_splits
+from .telemetry import RankZeroTelemetry, Telemetry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The fixed parts of a run. Rank 0 alone writes the run directory; every rank holds a context."""
+
+    config: dict[str, Any]  # the resolved run config (plain), saved inside every checkpoint
+    run_dir: Path
+    distributed: Distributed
+    telemetry: RankZeroTelemetry  # written by rank 0, from metrics averaged over the ranks
+    loaders: Loaders  # this rank's share of every split
+    forward: nn.Module  # what the loop calls: the state's model, DDP-wrapped when data parallel, maybe compiled
+    preemption: PreemptionGuard  # Ctrl-C, SIGTERM, SIGUSR1, SIGUSR2: finish the step, save, stop (faults.py)
+    steps_per_epoch: int
+    total_steps: int
+    panel_image: Optional[torch.Tensor]  # the image whose dispatch maps every evaluation logs; None: no panel
+    skipped_examples: int  # bad examples dropped by data.on_bad_file=skip
+
+    @property
+    def trainer(self) -> dict[str, Any]:
+        return self.config["trainer"]
+
+    @property
+    def precision(self) -> str:
+        return self.trainer["precision"]
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def save(self, state: TrainState, name: str) -> None:
+        """Write ``state`` to ``<run_dir>/<name>`` (rank 0; collective under expert parallelism)."""
+        state.nonfinite.settle(state.step)  # the skip counts the checkpoint keeps (and a stop they call for)
+        bad = first_nonfinite(state.model.state_dict().items())  # a NaN weight never reaches a checkpoint
+        if bad is not None:
+            raise NonFiniteError(
+                f"step {state.step}: {bad} is not finite; {name} not written, the previous one is kept"
+            )
+        fields = state.state_dict(self.distributed)  # collective: every rank sends its experts
+        if fields is None:
+            return
+        checkpoint = {
+            "format": FORMAT_VERSION,
+            **fields,
+            "rng": rng_state(),
+            "config": json.dumps(self.config),
+            "wandb_run_id": self.telemetry.run_id,
+        }
+        save_checkpoint(self.run_dir / name, checkpoint, keep_previous=name == LAST)
+
+    def save_last(self, state: TrainState) -> None:
+        """Write ``last.pt``, then send W&B the events it covers (a run resumed from it never sends them twice)."""
+        self.save(state, LAST)
+        self.telemetry.commit()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device
+
+
+def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tuple[Optional[dict], Optional[Path]]:
+    """(the checkpoint the run starts from, its path), or (None, None) for a fresh start: this directory's
+    ``last.pt`` (or the ``last.prev.pt`` kept beside a damaged one), else ``trainer.resume``. Refuses a checkpoint
+    of another model."""
+    start_from = resume_path(run_dir, resume)
+    if start_from is None:
+        return None, None
+    checkpoint, start_from = load_resume_checkpoint(start_from)
+    check_same_model(checkpoint, config, start_from)
+    return checkpoint, start_from
+
+
+def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
+    blocks = sorted(block_index(name) for name in moe_layers(model))
+    log.info(
+        "model: %s, %s, %.2fM parameters; data=%s: %d train / %d val / %d test images; %d steps, %d per epoch",
+        config["model"]["name"], f"MoE (router={config['moe']['router']}) in blocks {blocks}" if blocks else "dense",
+        sum(p.numel() for p in model.parameters()) / 1e6, data.name, len(data.train),
+        len(data.val) if data.val is not None else 0, len(data.test), total_steps, steps_per_epoch,
+    )
+    warn_small_splits(data)
+    upcycled = describe_upcycling(config["model"], model)
+    if upcycled:
+        log.info(upcycled)
+    if data.val is None:
+        log.warning("data.val_size=0: no validation split, so no model selection: best.pt is not written, "
+                    "and only the final model is tested")
+
+
+def open_run(
+    config: dict, run_dir: Path, distributed: Distributed, cleanup: contextlib.ExitStack, *,
+    wandb_group: Optional[str] = None, wandb_name: Optional[str] = None,
+    on_claim: Optional[Callable[[Path], None]] = None,
+) -> tuple[RunContext, TrainState]:
+    """Claim ``run_dir``, load the data, build the model and continue from its ``last.pt`` if there is one: the
+    run's context and its state, ready for the first step. ``cleanup`` receives what must be undone however the
+    run ends (the directory's lock, W&B, the signal handlers)."""
+    trainer, seed = config["trainer"], config["seed"]
+    lock = distributed.claim_run_dir(run_dir)  # one process per run directory (rank 0 holds the lock)
+    if lock is not None:
+        cleanup.callback(lock.release)
+        if on_claim is not None:
+            on_claim(run_dir)
+    checkpoint, start_from = resume_checkpoint(run_dir, trainer["resume"], config)
+    seed_everything(seed)
+
+    # Data. Epoch e's order is drawn from seed + e, so a resumed run skips what it has seen without loading it.
+    data = build_datasets(config["data"], config["paths"]["data_dir"])
+    loaders = distributed.build_loaders(data, trainer, seed)  # this rank's share of every batch
+    cap_cuda_memory(distributed.device, trainer["cuda_memory_fraction"])  # several runs sharing one GPU
+    put_on_device(loaders, data.train, trainer["data_on_device"], distributed.device,
+                  memory_share(distributed.device, trainer["cuda_memory_fraction"]))  # no DataLoader (data_on_device)
+    steps_per_epoch, total_steps = planned_steps(trainer, len(data.train))
+    if steps_per_epoch == 0:  # only for datasets whose size was unknown before they were scanned
+        raise ConfigError(
+            f"trainer.batch_size={trainer['batch_size']}: larger than the {len(data.train)} training examples"
+        )
+
+    state, forward = build_state(config, distributed, total_steps)
+    log_plan(config, data, state.model, total_steps, steps_per_epoch)
+    if checkpoint is not None:
+        state.load_state_dict(checkpoint, distributed)  # expert parallel: this rank's experts
+        if start_from.parent != run_dir:  # trainer.resume: that run's best.pt stays there; select anew here
+            state.best = dict(NO_BEST)
+        log.info("resuming from %s at step %d of %d", start_from, state.step, total_steps)
+    writer = None  # rank 0 writes metrics.jsonl and W&B, from metrics averaged over the ranks
+    if distributed.is_main:
+        run_id = checkpoint["wandb_run_id"] if checkpoint is not None else None
+        writer = Telemetry(run_dir, config["logger"], config, resume_step=state.step, run_id=run_id, group=wandb_group,
+                           name=wandb_name)
+    telemetry = RankZeroTelemetry(writer, distributed)
+    cleanup.callback(telemetry.finish)
+    if checkpoint is not None:
+        set_rng_state(checkpoint["rng"])  # last: building the model and starting W&B may draw from the RNGs
+    # The dispatch-map panel shows this image at every evaluation (a picture of the routing, not a selection).
+    panel_image = (data.val if data.val is not None else data.test)[0][0]
+    if not (moe_layers(state.model) and telemetry.logs_images):
+        panel_image = None
+    if data.skipped and checkpoint is None:
+        telemetry.log(0, 1, {"data/skipped_examples": data.skipped})
+    preemption = PreemptionGuard().install()
+    cleanup.callback(preemption.restore)
+    run = RunContext(
+        config=config, run_dir=run_dir, distributed=distributed, telemetry=telemetry, loaders=loaders,
+        forward=forward, preemption=preemption, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        panel_image=panel_image, skipped_examples=data.skipped,
+    )
+    return run, state
