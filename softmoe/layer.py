@@ -23,7 +23,7 @@ from torch import nn
 
 from ._checks import is_tracing, require_choice, require_positive_int, require_positive_number, require_tokens
 from .experts import BatchedMlp, StackedExperts, autocast_dtype_on
-from .routing import NORM_EPS, soft_routing
+from .routing import NORM_EPS, SCALE_INIT, soft_routing
 from .runtime import auto_tune_pending, tune_allocator_once
 
 DISPATCH_CHOICES = ("soft", "uniform", "identity")
@@ -95,7 +95,7 @@ class SoftMoE(nn.Module):
         num_experts: int = 128,
         slots_per_expert: int = 1,
         normalize: bool = True,
-        scale_init: float = 1.0,
+        scale_init: float = SCALE_INIT,
         dispatch: str = "soft",
         combine: str = "soft",
         experts: Optional[nn.Module] = None,

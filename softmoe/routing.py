@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 NORM_EPS = 1e-6  # l2_normalize's eps, as vmoe's router
+SCALE_INIT = 1.0  # the router's initial scale, vmoe's default; SoftMoE and the sparse routers share it
 
 
 def routing_dtype_of(dtype: torch.dtype) -> torch.dtype:
