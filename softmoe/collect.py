@@ -96,7 +96,7 @@ def collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     column = args.plot or column_label(metrics[0] if metrics else RESULT_COLUMNS[1][1])
     plot(summaries, by, column, out / "results.png")
     print(table, end="")
-    print(f"wrote {out / 'results.md'} and {out / 'results.png'} ({len(runs)} runs)")
+    print(f"wrote {out / 'results.md'} and {out / 'results.png'} ({len(runs)} run{'' if len(runs) == 1 else 's'})")
     return 0
 
 

@@ -4,7 +4,8 @@
     python -m softmoe.evaluate run_dir=... checkpoint=last save_routing=true
 
 The run is rebuilt from its checkpoint alone: the resolved config saved inside it and the weights.
-Results go to ``<run_dir>/evaluate/``: ``evaluation.json`` and, with ``save_routing=true``, ``routing.pt``.
+Results go to ``<run_dir>/evaluate/``: ``evaluation_<checkpoint>_step<step>.json`` (one per checkpoint, so a
+second evaluation keeps the first) and, with ``save_routing=true``, ``routing.pt`` (validation images).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from softmoe import capture_routing
 from softmoe.harness.data import build_loader
 from softmoe.harness.errors import USER_ERRORS
 from softmoe.harness.loop import evaluate
+from softmoe.harness.overrides import composition_error
 from softmoe.harness.rules import plain
 from softmoe.harness.runs import checkpoint_path, load_run
 
@@ -42,7 +44,8 @@ def evaluate_run(
     routing_examples: int = 16,
 ) -> dict[str, Any]:
     """Validation and test metrics of ``<run_dir>/<checkpoint>.pt`` (``best``: the best-on-validation checkpoint,
-    ``last``: the final model); writes ``evaluation.json`` (and ``routing.pt``) to ``output_dir``.
+    ``last``: the final model); writes ``evaluation_<checkpoint>_step<step>.json`` (and ``routing.pt``) to
+    ``output_dir``.
 
     The routing saved for the notebooks is that of validation images: looking inside the model selects nothing,
     but it need not read the test split either."""
@@ -58,7 +61,10 @@ def evaluate_run(
         )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    # one file per checkpoint and step: evaluating best.pt, then last.pt (or best.pt again after it moved) keeps both
+    result_file = output_dir / f"evaluation_{Path(run.checkpoint).stem}_step{run.step}.json"
+    result_file.write_text(json.dumps(result, indent=2) + "\n")
+    result["file"] = str(result_file)
 
     if save_routing:
         shown = run.data.val if run.data.val is not None else run.data.test
@@ -103,6 +109,7 @@ def main(cfg: DictConfig) -> float:
                 result["checkpoint"], result["step"], "validation" if split == "val" else "test",
                 100 * result[f"{split}/acc"], result[f"{split}/loss"], result[f"{split}/examples"],
             )
+    log.info("written to %s", result["file"])
     if "routing" in result:
         log.info("routing weights saved to %s", result["routing"])
     return result.get("val/acc", float("nan"))  # a sweeper over checkpoints selects on validation, never on test
@@ -131,7 +138,7 @@ def missing_run_error(argv: list[str]) -> Optional[str]:
 
 
 if __name__ == "__main__":
-    error = missing_run_error(sys.argv[1:])
+    error = composition_error(sys.argv[1:], "evaluate") or missing_run_error(sys.argv[1:])
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -22,13 +22,15 @@ import torch
 from torch import nn
 
 from ._checks import is_tracing, require_choice, require_positive_int, require_positive_number, require_tokens
-from .experts import BatchedMlp, StackedExperts
+from .experts import BatchedMlp, StackedExperts, autocast_dtype_on
+from .routing import NORM_EPS, SCALE_INIT, soft_routing
+from .runtime import auto_tune_pending, tune_allocator_once
 
 DISPATCH_CHOICES = ("soft", "uniform", "identity")
 COMBINE_CHOICES = ("soft", "uniform", "identity")
 
 
-def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
+def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = NORM_EPS) -> torch.Tensor:
     """``x / sqrt(sum(x**2) + eps)`` over ``dim``, as vmoe's router does."""
     return x * torch.rsqrt(x.pow(2).sum(dim=dim, keepdim=True) + eps)
 
@@ -93,7 +95,7 @@ class SoftMoE(nn.Module):
         num_experts: int = 128,
         slots_per_expert: int = 1,
         normalize: bool = True,
-        scale_init: float = 1.0,
+        scale_init: float = SCALE_INIT,
         dispatch: str = "soft",
         combine: str = "soft",
         experts: Optional[nn.Module] = None,
@@ -147,33 +149,52 @@ class SoftMoE(nn.Module):
 
     reset_router = reset_parameters  # the earlier name of the router's re-init
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Router logits [b, m, n·p] in float32 (float64 for float64 inputs)."""
-        dtype = routing_dtype(x)
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the layer's matmuls read ``x`` in: autocast's (eager calls), else ``x``'s own."""
+        autocast_dtype = None if is_tracing() or x.dtype == torch.float64 else autocast_dtype_on(x.device)
+        return autocast_dtype or x.dtype
+
+    def raw_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """X·Φ̂ [b, m, s] in ``x``'s dtype, Φ̂ = scale · l2n(Φ) (Φ if normalize=False), normalised in the
+        routing precision even when the parameters are bf16 (``model.to(torch.bfloat16)``)."""
         phi = self.phi.reshape(self.dim, self.num_slots)  # [d, s]
         if self.normalize:
-            phi = self.scale * l2_normalize(phi, dim=0)
-        logits = torch.matmul(x, phi.to(x.dtype))  # [b, m, s]
-        if self.normalize:
-            # l2n(X)·Φ = diag(1/|x|)·X·Φ: scaling the [b, m, s] logits costs less than normalising the
-            # [b, m, d] tokens, and leaves no normalised copy of them to save for backward.
-            squared_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square()  # [b, m, 1]
-            logits = logits * torch.rsqrt(squared_norm + 1e-6)  # l2_normalize's eps
-        return logits.to(dtype)
+            phi = phi.to(routing_dtype(x))
+            phi = self.scale.to(phi.dtype) * l2_normalize(phi, dim=0)
+        return torch.matmul(x, phi.to(x.dtype))  # [b, m, s]
 
-    def routing_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Dispatch and combine weights, each [b, m, n·p], at least float32 (softmaxes in float32 under autocast)."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [b, m, n·p] in float32 (float64 for float64 inputs)."""
+        logits = self.raw_logits(x).to(routing_dtype(x))
+        if self.normalize:
+            # l2n(X)·Φ̂ = diag(1/|x|)·X·Φ̂: scaling the [b, m, s] logits costs less than normalising the
+            # [b, m, d] tokens, and leaves no normalised copy of them to save for backward.
+            squared_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=logits.dtype).square()
+            logits = logits * torch.rsqrt(squared_norm + NORM_EPS)  # [b, m, 1] broadcast
+        return logits
+
+    def routing_weights(self, x: torch.Tensor, x_compute: Optional[torch.Tensor] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Dispatch and combine weights, each [b, m, n·p], at least float32 (softmaxes in float32 under autocast).
+
+        ``x_compute``: ``x`` already cast to :meth:`compute_dtype` (the forward casts it once for the logits
+        and the dispatch); by default ``x`` itself, cast by autocast where it is on."""
         b, m = x.shape[0], x.shape[1]  # indexed, not unpacked: torch.fx proxies cannot be iterated
-        needs_logits = "soft" in (self.dispatch_mode, self.combine_mode)
-        logits = self.logits(x) if needs_logits else None
         dtype = routing_dtype(x)
-        dispatch = self._weights(self.dispatch_mode, logits, b, m, x.device, dtype, softmax_dim=1)
-        combine = self._weights(self.combine_mode, logits, b, m, x.device, dtype, softmax_dim=2)
+        if "soft" in (self.dispatch_mode, self.combine_mode):
+            tokens = x if self.normalize else None
+            raw = self.raw_logits(x if x_compute is None else x_compute)
+            # eager: one autograd node for the scaling and both softmaxes; traced: plain ops for the compiler
+            dispatch, combine = soft_routing(raw, tokens, NORM_EPS, fused=not is_tracing())
+        else:
+            dispatch = combine = None
+        dispatch = self._weights(self.dispatch_mode, dispatch, b, m, x.device, dtype, softmax_dim=1)
+        combine = self._weights(self.combine_mode, combine, b, m, x.device, dtype, softmax_dim=2)
         return dispatch, combine
 
-    def _weights(self, mode, logits, b, m, device, dtype, softmax_dim):
+    def _weights(self, mode, soft_weights, b, m, device, dtype, softmax_dim):
         if mode == "soft":
-            return torch.softmax(logits, dim=softmax_dim)
+            return soft_weights
         shape = (b, m, self.num_slots)
         if mode == "uniform":
             return torch.full(shape, 1.0 / shape[softmax_dim], device=device, dtype=dtype)
@@ -186,12 +207,16 @@ class SoftMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_tokens("input", x, self.dim)
+        if auto_tune_pending() and x.device.type == "cpu" and torch.is_grad_enabled() and not is_tracing():
+            tune_allocator_once()  # before the first backward allocates the expert weight gradients
         b = x.shape[0]
-        dispatch, combine = self.routing_weights(x)  # [b, m, s] each
+        compute_dtype = self.compute_dtype(x)
+        x_compute = x.to(compute_dtype)  # cast once: the logits and the slots read the same copy
+        dispatch, combine = self.routing_weights(x, x_compute)  # [b, m, s] each
         if self._routing_recorder is not None:
             self._routing_recorder(dispatch, combine)
-        dispatch, combine = dispatch.to(x.dtype), combine.to(x.dtype)
-        slots = torch.bmm(dispatch.transpose(1, 2), x)  # X̃ = Dᵀ X: [b, s, d]
+        dispatch, combine = dispatch.to(compute_dtype), combine.to(compute_dtype)
+        slots = torch.bmm(dispatch.transpose(1, 2), x_compute)  # X̃ = Dᵀ X: [b, s, d]
         slot_outputs = self.experts(slots.view(b, self.num_experts, self.slots_per_expert, self.dim))  # [b, n, p, d']
         return torch.bmm(combine, slot_outputs.reshape(b, self.num_slots, -1))  # Y = C Ỹ
 

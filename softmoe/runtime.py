@@ -1,7 +1,8 @@
 """What the process around the layer should be set to for speed on CPU: the allocator, and whether bf16 pays.
 
     import softmoe
-    softmoe.tune_allocator()   # once, at start-up; the project's commands call it themselves
+    softmoe.tune_allocator()   # optional: a Soft MoE layer calls it itself before its first CPU backward
+
 
 **The allocator.** glibc serves every allocation above 32 MiB with a fresh ``mmap`` and returns it to the
 system when it is freed. A Soft MoE layer's expert weight gradients are such allocations (302 MB each for
@@ -11,6 +12,11 @@ on the machines measured that cost more time than computing them (experiments/th
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` do, without the variables. The price: memory
 freed by the process stays in it (its resident set does not shrink after a peak).
 
+A user who never calls it gets it anyway: the first forward pass of a Soft MoE layer on a CPU with gradients
+enabled (a training step, whose backward allocates the weight gradients) calls :func:`tune_allocator_once`.
+To keep glibc's own settings, set ``SOFTMOE_TUNE_ALLOCATOR=0`` in the environment or call
+``softmoe.runtime.set_auto_tune_allocator(False)`` before the first step. Inference never changes them.
+
 **bf16.** A CPU multiplies bf16 matrices faster than float32 ones only with native bf16 instructions
 (``avx512_bf16``, AMX, Arm's ``bf16``); without them bf16 is emulated and many times slower.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 from typing import Optional
 
@@ -36,7 +43,8 @@ GLIBC_DEFAULTS = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20}
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (Cooper Lake, Zen 4+), AMX, aarch64
 
 
-def _glibc() -> Optional[ctypes.CDLL]:
+def glibc_library() -> Optional[ctypes.CDLL]:
+    """The C library through ctypes where it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -49,7 +57,7 @@ def _glibc() -> Optional[ctypes.CDLL]:
 
 def set_malloc_options(options: dict) -> bool:
     """Apply ``{mallopt parameter: value}`` to glibc; False (nothing done) where glibc is not the allocator."""
-    libc = _glibc()
+    libc = glibc_library()
     if libc is None:
         return False
     return all(libc.mallopt(parameter, value) == 1 for parameter, value in options.items())
@@ -60,6 +68,32 @@ def tune_allocator() -> bool:
     every step (the expert banks' weight gradients) do not page-fault every step. Returns True when
     applied, False where the C library is not glibc (macOS, musl, Windows), where there is nothing to do."""
     return set_malloc_options(TUNED)
+
+
+AUTO_TUNE_ENV = "SOFTMOE_TUNE_ALLOCATOR"  # "0": the layers leave the allocator as it is
+_auto_tune = {"enabled": True, "done": False}
+
+
+def set_auto_tune_allocator(enabled: bool) -> None:
+    """Whether the Soft MoE layers may call :func:`tune_allocator` before their first CPU backward (default
+    True; ``SOFTMOE_TUNE_ALLOCATOR=0`` in the environment also switches it off)."""
+    _auto_tune["enabled"] = bool(enabled)
+
+
+def auto_tune_pending() -> bool:
+    """True until the layers have made their one attempt (cheap: read on every training forward on CPU)."""
+    return not _auto_tune["done"]
+
+
+def tune_allocator_once() -> bool:
+    """:func:`tune_allocator`, the first time only, unless switched off (:func:`set_auto_tune_allocator`,
+    ``SOFTMOE_TUNE_ALLOCATOR=0``). Returns whether this call tuned the allocator."""
+    if _auto_tune["done"]:
+        return False
+    _auto_tune["done"] = True
+    if not _auto_tune["enabled"] or os.environ.get(AUTO_TUNE_ENV, "1").strip().lower() in ("0", "false", "no"):
+        return False
+    return tune_allocator()
 
 
 def cpu_flags() -> frozenset:

@@ -55,6 +55,7 @@ from torch import nn
 from ._checks import is_int, require_number, require_positive_int, require_positive_number, require_tokens
 from .experts import BatchedMlp
 from .layer import l2_normalize, truncated_lecun_normal_
+from .routing import SCALE_INIT
 
 Stats = Dict[str, Union[int, torch.Tensor]]
 
@@ -94,7 +95,7 @@ class SparseMoE(nn.Module):
         num_experts: int = 128,
         slots_per_expert: int = 1,
         normalize: bool = True,
-        scale_init: float = 1.0,
+        scale_init: float = SCALE_INIT,
         capacity_factor: Optional[float] = None,
         noise_std: float = 1.0,
         device=None,

@@ -6,7 +6,8 @@
     python -m softmoe.train hydra.run.dir=outputs/my_run           # again later: resumes from its last.pt
 
 A bad value stops the run before anything loads, with one line naming the key (exit status 2), and leaves no
-run directory behind. Ctrl-C finishes the step, saves ``last.pt`` and says how to resume (exit status 130).
+run directory behind. Ctrl-C finishes the step, saves ``last.pt`` and prints the command that resumes (exit status
+130); a second Ctrl-C ends the process at once.
 Every exit status: ``softmoe/harness/errors.py``.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -25,9 +27,21 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from softmoe.harness.distributed import quiet_other_ranks
-from softmoe.harness.errors import USER_ERRORS, NonFiniteError, RunDirInUseError, exit_code, preempted_exit_code
+from softmoe.harness.errors import (
+    USER_ERROR_EXIT_CODE,
+    USER_ERRORS,
+    BadDataError,
+    CheckpointWriteError,
+    NonFiniteError,
+    RunDirInUseError,
+    exit_code,
+    preempted_exit_code,
+)
 from softmoe.harness.faults import Preempted
+from softmoe.harness.console import final_dispatch_entropy, next_steps
 from softmoe.harness.loop import train
+from softmoe.harness.overrides import composition_error
+from softmoe.harness.resume_hint import resume_hint
 from softmoe.harness.runs import remove_if_unused, save_hydra_configs
 from softmoe.harness.sweeps import tag_console
 from softmoe.runtime import tune_allocator
@@ -41,6 +55,17 @@ def wandb_group_and_name(hydra_cfg: DictConfig) -> tuple[Optional[str], Optional
     if hydra_cfg.mode == RunMode.MULTIRUN:
         group = str(hydra_cfg.sweep.dir)
     return group, hydra_cfg.job.override_dirname or "defaults"
+
+
+# Errors that can stop a run after it wrote last.pt (a config error stops it before, and its command is wrong).
+MID_RUN_ERRORS = (NonFiniteError, BadDataError, CheckpointWriteError)
+
+
+def say_how_to_resume(tag: str, run_dir: Path) -> None:
+    """Print the command that continues from the run directory's ``last.pt``, if it holds one."""
+    hint = resume_hint(HydraConfig.get().overrides.task, run_dir)
+    if hint is not None:
+        print(f"{tag}last.pt is kept; {hint}", file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -63,22 +88,36 @@ def main(cfg: DictConfig) -> float:
         print(f"{tag}error: {error}", file=sys.stderr)
         if not isinstance(error, RunDirInUseError):  # that directory is the other process's
             remove_if_unused(run_dir)  # a run that never started leaves no directory behind
+        if isinstance(error, MID_RUN_ERRORS):  # a NaN stop, a bad file met mid-run, a full disk: last.pt is kept
+            say_how_to_resume(tag, run_dir)
         sys.exit(exit_code(error))
     except Preempted as preempted:
-        log.warning("%s", preempted)
+        log.warning("%s; %s", preempted, resume_hint(hydra_cfg.overrides.task, run_dir) or "nothing to resume")
         preempted.handover()  # e.g. submitit's requeue on SLURM; it may exit the process itself
         sys.exit(preempted.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during a step
-        print(f"{tag}error: interrupted, not saved; rerun the same command to resume from the last checkpoint",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C before training started (a second one during a step ends the process)
+        print(f"{tag}error: interrupted before training started", file=sys.stderr)
         remove_if_unused(run_dir)
+        say_how_to_resume(tag, run_dir)  # a resumed run interrupted while loading
         sys.exit(preempted_exit_code(signal.SIGINT))
+    except Exception:  # a crash: Hydra prints the traceback; a checkpoint written before it is not lost
+        say_how_to_resume(tag, run_dir)
+        raise
     log.info("done: %s, %d steps", summary.describe(), summary.steps)
+    entropy = final_dispatch_entropy(summary.run_dir)
+    if entropy:
+        log.info(entropy)
     log.info("run directory: %s", summary.run_dir)
     log.info("W&B run: %s", summary.wandb_run_path or "none")
+    if not multirun and os.environ.get("RANK", "0") == "0":
+        log.info("next:\n  %s", "\n  ".join(next_steps(summary.run_dir)))  # a sweep's end names collect
     # The objective a Hydra sweeper (e.g. Optuna) maximises: validation, never test, accuracy.
     return summary.best_val_acc
 
 
 if __name__ == "__main__":
+    problem = composition_error(sys.argv[1:], "train")  # a mistyped key or option: one line, before Hydra starts
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
     main()

@@ -9,10 +9,14 @@ the dense timm weights their tag names (or a local ``pretrained_cfg_overlay=dict
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import socket
+import threading
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from urllib.parse import urlsplit
 
 import torch
 from timm.models import (
@@ -183,6 +187,50 @@ def checkpoint_filter_fn(
     return upcycle_state_dict(state_dict, model, noise_std=noise_std, keep_init=keep_init)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub's host answers a TCP connection within ``timeout`` seconds, name lookup included
+    (which a socket timeout does not bound: an offline resolver can take 20 s). Always True behind a proxy, which
+    only the Hub client knows how to use."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(constants.ENDPOINT)
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    answered = []
+
+    def connect() -> None:
+        with contextlib.suppress(OSError), socket.create_connection(address, timeout):
+            answered.append(True)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(answered)
+
+
+def hub_weights_cached(hf_hub_id: str) -> bool:
+    """Whether the Hub client's cache holds a weights file of ``hf_hub_id`` (the names timm loads)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, _, revision = hf_hub_id.partition("@")
+    names = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    return any(isinstance(try_to_load_from_cache(repo_id, name, revision=revision or None), str) for name in names)
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool):
+    """The Hub client's offline mode (cached files only, no request) within the block when ``offline``."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _create_soft_moe_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> SoftMoEVisionTransformer:
     """Build ``variant`` as timm builds its ViTs; ``pretrained=True`` upcycles dense weights."""
     out_indices = kwargs.pop("out_indices", 3)
@@ -206,14 +254,23 @@ def _create_soft_moe_vit(variant: str, pretrained: bool = False, **kwargs: Any) 
                 "(.safetensors, .pth or .bin state dict)"
             )
         return build()
+    def unavailable(why: str) -> RuntimeError:
+        return RuntimeError(
+            f"{variant}: pretrained=True could not fetch the dense weights it upcycles, {cfg.hf_hub_id} ({why}); "
+            f"offline, pass a local dense checkpoint with pretrained_cfg_overlay=dict(file=PATH) (.safetensors, .pth "
+            f"or .bin)"
+        )
+
+    # Offline, fail before the model is built (minutes for the paper's sizes) and without the Hub client's five
+    # retries with backoff (80 s of "Retrying in 8s" lines); cached weights still load.
+    offline = bool(cfg.hf_hub_id) and not hub_reachable()
+    if offline and not hub_weights_cached(cfg.hf_hub_id):
+        raise unavailable("the Hugging Face Hub cannot be reached and they are not in its cache")
     try:
-        return build()
-    except OSError as error:  # what the Hugging Face Hub client raises, offline included
-        raise RuntimeError(
-            f"{variant}: pretrained=True could not fetch the dense weights it upcycles, {cfg.hf_hub_id} "
-            f"({type(error).__name__}); offline, pass a local dense checkpoint with "
-            f"pretrained_cfg_overlay=dict(file=PATH) (.safetensors, .pth or .bin)"
-        ) from None
+        with hub_offline(offline):
+            return build()
+    except OSError as error:  # what the Hugging Face Hub client raises
+        raise unavailable(type(error).__name__) from None
 
 
 # Each model mirrors a timm ViT. Its pretrained tags are that ViT's: `soft_moe_vit_small.augreg_in21k_ft_in1k`

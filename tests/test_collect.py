@@ -49,8 +49,8 @@ def test_reports_selection_on_val_and_the_test_split_of_the_final_and_best_val_m
     assert lines[0] == (
         "| moe.num_experts | runs | best val/acc | test/acc (final model) | test/acc (best-val checkpoint) |"
     )
-    assert lines[2] == "| 4 | 3 | 0.8100 ± 0.0100 | 0.7800 ± 0.0200 | 0.8100 ± 0.0000 |"
-    assert lines[3] == "| 8 | 3 | 0.9100 ± 0.0100 | 0.8800 ± 0.0200 | 0.9100 ± 0.0000 |"
+    assert lines[2] == "| 4 | 3 | 81.00% ± 1.00 | 78.00% ± 2.00 | 81.00% ± 0.00 |"  # percent, as the trainer prints
+    assert lines[3] == "| 8 | 3 | 91.00% ± 1.00 | 88.00% ± 2.00 | 91.00% ± 0.00 |"
     assert (sweep / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out
 
@@ -61,8 +61,8 @@ def test_a_single_run_has_no_std_and_a_test_metric_is_never_reduced_to_its_best(
     collect.main([str(tmp_path), "--metric", "test/acc,train/loss"])
     lines = (tmp_path / "results.md").read_text().splitlines()
     assert lines[0].endswith("| test/acc (best-val checkpoint) | final train/loss |")  # no "best test/acc"
-    assert lines[2] == "| 4 | 1 | 0.7000 ± n/a | 0.6500 ± n/a | 0.7200 ± n/a | 0.3333 ± n/a |"
-    assert lines[3] == "| 8 | 1 | 0.8000 ± n/a | n/a | n/a | 0.5000 ± n/a |"
+    assert lines[2] == "| 4 | 1 | 70.00% ± n/a | 65.00% ± n/a | 72.00% ± n/a | 0.3333 ± n/a |"
+    assert lines[3] == "| 8 | 1 | 80.00% ± n/a | n/a | n/a | 0.5000 ± n/a |"
 
 
 def test_explicit_grouping_and_output_dir(sweep, tmp_path_factory):
@@ -138,7 +138,7 @@ def test_plot_bars_carry_std_error_bars_the_seed_count_and_an_axis_from_zero(tmp
     routings = ["soft", "uniform_dispatch_soft_combine", "soft_dispatch_uniform_combine", "identity_dispatch"]
     column = "test/acc (final model)"
     summaries = [
-        sweeps.GroupSummary((routing, str(slots)), 3, {column: sweeps.Cell(0.95 - 0.001 * slots, 0.004, 3)})
+        sweeps.GroupSummary((routing, str(slots)), 3, {column: sweeps.Cell(0.95 - 0.001 * slots, 0.004, 3, True)})
         for routing in routings for slots in (1, 2, 4, 8, 16, 32)
     ]
     figures = []
@@ -152,8 +152,9 @@ def test_plot_bars_carry_std_error_bars_the_seed_count_and_an_axis_from_zero(tmp
     bars = [container for container in axes.containers if isinstance(container, BarContainer)]
     assert len(axes.patches) == 24 and len(bars) == 6  # a bar per group, six series
     assert all(container.errorbar is not None for container in bars)
-    assert "3 seeds" in axes.get_title() and axes.get_ylabel() == f"{column} (mean ± std)" and axes.get_xlabel()
-    assert axes.get_ylim() == (0.0, 1.0)  # 0.03 between the bars is not drawn as a cliff
+    assert "3 seeds" in axes.get_title() and axes.get_ylabel() == f"{column} (%, mean ± std)" and axes.get_xlabel()
+    assert axes.get_ylim() == (0.0, 100.0)  # 3 points between the bars is not drawn as a cliff
+    assert axes.texts[0].get_text() == "94.90"  # each bar says its value: 94.90 is not lost against 94.80
     renderer = figure.canvas.get_renderer()
     legend = axes.get_legend()
     assert len(legend.get_texts()) == 6 and legend.get_window_extent(renderer).x0 > axes.get_window_extent(renderer).x1
@@ -221,7 +222,7 @@ def test_offline_wandb_files_give_the_sweep_directorys_table(offline_sweep, tmp_
         cells = line.rstrip(" |").split(" | ")[2:]
         finals = [logged[key][-1] for key in ("test/acc", "test/acc_at_best_val", "train/loss")]
         expected = [max(logged["val/acc"]), *finals]
-        assert cells == [f"{value:.4f} ± n/a" for value in expected]
+        assert cells == [f"{100 * value:.2f}% ± n/a" for value in expected[:3]] + [f"{expected[3]:.4f} ± n/a"]
 
 
 @pytest.mark.slow
@@ -259,3 +260,21 @@ def test_a_group_with_no_offline_runs_names_the_groups_found(offline_sweep, caps
     assert capsys.readouterr().err == (
         f"error: no offline W&B run below {offline_sweep} is in group 'sweep-2'; groups found: {str(offline_sweep)!r}\n"
     )
+
+
+def test_a_one_seed_chart_draws_no_error_caps_and_says_1_seed(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    column = "test/acc (final model)"
+    summaries = [sweeps.GroupSummary((str(n),), 1, {column: sweeps.Cell(mean, None, 1, percent=True)})
+                 for n, mean in ((4, 0.73), (8, 0.74))]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    sweeps.plot(summaries, ["moe.num_experts"], column, tmp_path / "results.png")
+    (figure,) = figures
+    axes = figure.axes[0]
+    assert all(container.errorbar is None for container in axes.containers if hasattr(container, "errorbar"))
+    assert axes.get_title() == f"{column}: 1 seed per bar, so no spread to show" and "seeds" not in axes.get_title()
+    assert [text.get_text() for text in axes.texts] == ["73.00", "74.00"] and axes.get_ylim() == (0.0, 100.0)
+    assert axes.get_ylabel() == f"{column} (%)"
+    plt.close(figure)

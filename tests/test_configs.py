@@ -43,9 +43,14 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_passes_the_checks_and_builds(compose_run, group, option):
     overrides = [f"{group}={option}"] + (IMAGENET_SHAPE if option in PAPER_SIZES else [])
+    if (group, option) == ("data", "imagefolder"):  # 224 px at vit_micro's patch 2: refused (test_plausibility.py)
+        overrides.append("model.patch_size=16")
     cfg = compose_run(*overrides)
     if cfg.trainer.device.startswith("cuda") and not torch.cuda.is_available():
-        cfg = compose_run(*overrides, "trainer.device=cpu")  # validation refuses cuda on a machine without it
+        overrides.append("trainer.device=cpu")  # validation refuses cuda on a machine without it
+    if cfg.model.upcycle_from is not None:
+        overrides.append("model.upcycle_from=null")  # a study's later stage: its source is an earlier stage's output
+    cfg = compose_run(*overrides)
     check_config(cfg)
     if group in ("model", "moe", "optimizer", "scheduler", "experiment"):
         with torch.device("meta"):  # paper sizes reach billions of parameters: shapes only
@@ -311,3 +316,25 @@ def test_one_section_checker_names_the_missing_the_bad_and_the_unknown_key():
         check_section("model", {"depth": True}, rules)  # a bool is not an int
     with pytest.raises(ConfigError, match=r"^model.dept=4: not a key of the model group$"):
         check_known("model", {"dept": 4, "_target_": "x"}, rules, "not a key of the model group")
+
+
+SWEPT_GROUPS = [  # (experiment, a config group its sweep sets, each swept option)
+    (path.stem, group, option)
+    for path in sorted((Path(CONF_DIR) / "experiment").glob("*.yaml"))
+    for group, options in (OmegaConf.load(path).get("hydra", {}).get("sweeper", {}).get("params", {}) or {}).items()
+    if group in GROUPS
+    for option in str(options).split(",")
+]
+
+
+@pytest.mark.parametrize("experiment,group,option", SWEPT_GROUPS, ids=[f"{e}:{g}={o}" for e, g, o in SWEPT_GROUPS])
+def test_a_studys_swept_group_reaches_the_run_config(compose_run, experiment, group, option):
+    # an experiment's own keys come after the groups: setting a key the swept group sets would void the sweep
+    cfg = compose_run(f"experiment={experiment}", f"{group}={option}")
+    path = Path(CONF_DIR) / group / f"{option}.yaml"
+    header = [line.split()[-1] for line in path.read_text().splitlines() if line.startswith("# @package")]
+    package = header[0] if header else group
+    section = cfg if package == "_global_" else OmegaConf.select(cfg, package)
+    for key, value in OmegaConf.to_container(OmegaConf.load(path)).items():
+        if key != "defaults":
+            assert section[key] == value, f"experiment={experiment} {group}={option}: {key}={section[key]}, not {value}"

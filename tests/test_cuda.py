@@ -138,6 +138,36 @@ def test_fsdp_over_nccl_writes_a_sharded_checkpoint(tmp_path, gpus):
     assert (run_dir / "last.dcp" / ".metadata").is_file() and not (run_dir / "last.pt").exists()
 
 
+def test_the_gpu_suite_runs_at_tiny_sizes_and_gives_no_verdicts(tmp_path):
+    """``--suite gpu --tiny`` on the GPU: every section, compiled with inductor; the full-size run is
+    experiments/throughput/gpu_run.sh."""
+    out = tmp_path / "suite.json"
+    command = [sys.executable, "-m", "softmoe.benchmark", "--suite", "gpu", "--tiny", "--device", "cuda",
+               "--out", str(out)]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["machine"]["gpu"] and results["compile_backend"] == "inductor" and results["skipped"] == []
+    assert {t["met"] for t in results["targets"]} == {None} and len(results["targets"]) == 16
+    assert results["models"][0]["floor"]["soft_moe"]["parameters"]["gradient_cast"] < \
+        results["models"][0]["floor"]["soft_moe"]["parameters"]["cast_for_matmuls"]  # expert grads in float32
+
+
+def test_expert_weight_gradients_come_out_of_the_gemm_in_float32():
+    from softmoe.experts import batched_matmul_in
+
+    a = torch.randn(4, 16, 32, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(4, 32, 8, device="cuda", dtype=torch.bfloat16)
+    product = batched_matmul_in(torch.float32, a, b)
+    assert product.dtype == torch.float32
+    torch.testing.assert_close(product, torch.bmm(a.float(), b.float()), rtol=1e-2, atol=1e-2)
+    layer = SoftMoE(64, 128, num_experts=8).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(torch.randn(4, 16, 64, device="cuda"))
+    y.float().square().sum().backward()
+    assert layer.experts.fc1_weight.grad.dtype == torch.float32 and layer.experts.fc1_weight.grad.abs().sum() > 0
+
+
 def test_the_memory_planner_against_max_memory_allocated():
     """The planner's exact figures (parameters, gradients, AdamW state) are what the allocator holds between steps,
     up to its 512-byte rounding per tensor; its activation estimate is within a factor 2 of the peak a forward and

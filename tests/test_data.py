@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from collections import Counter
@@ -638,3 +639,43 @@ def test_a_download_without_network_fails_in_one_line_saying_how_to_place_the_fi
     text = str(raised.value)
     assert text.startswith(f"data={name}: the download into {tmp_path}") and "failed" in text and "\n" not in text
     assert "by hand" in text or "extract it there" in text
+
+
+@pytest.mark.parametrize("name", ["cifar10", "fashion_mnist"])
+def test_a_failed_download_leaves_no_empty_folder_behind(tmp_path, monkeypatch, name):
+    from urllib.error import URLError
+
+    def unreachable(url, download_root, *args, **kwargs):  # makes its folder, as torchvision's does, then fails
+        Path(download_root).mkdir(parents=True, exist_ok=True)
+        raise URLError("no network")
+
+    module = "torchvision.datasets.cifar" if name == "cifar10" else "torchvision.datasets.mnist"
+    monkeypatch.setattr(f"{module}.download_and_extract_archive", unreachable)
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", unreachable)
+    root = tmp_path / "data" / name
+    with pytest.raises(MissingDataError):
+        build_datasets(data_config(name, root=str(root), download=True), "/nonexistent")
+    assert list(tmp_path.iterdir()) == []  # not even data/<name>/FashionMNIST/raw
+
+
+def test_the_log_names_the_folder_the_data_was_read_from(tmp_path, caplog):
+    folder = tmp_path / "fashion" / "FashionMNIST" / "raw"
+    write_fashion_mnist(folder)
+    with caplog.at_level(logging.INFO, logger="softmoe.harness.data"):
+        build_datasets(data_config("fashion_mnist", root=str(tmp_path / "fashion"), val_size=10), "/nonexistent")
+    assert f"data=fashion_mnist: read from {folder}" in caplog.messages
+
+
+def test_fashion_mnist_train_subset_keeps_the_same_stratified_images_whatever_the_run_seed(tmp_path):
+    write_fashion_mnist(tmp_path, gz=False)  # 40 train images, 4 per class
+    cfg = data_config("fashion_mnist", root=str(tmp_path), train_subset=20, val_size=10)
+    assert dataset_size(cfg, "train") == 10 and dataset_size(cfg, "val") == 10
+    first, again = (build_datasets(cfg, "/nonexistent") for _ in range(2))
+    assert len(first.train) == 10 and len(first.val) == 10
+    kept = first.train_eval.dataset  # the subset's 20 images, which train and val index into
+    assert len(kept) == 20 and torch.equal(kept.images, again.train_eval.dataset.images)
+    assert torch.bincount(kept.labels).tolist() == [2] * 10  # stratified: 2 of each class
+    with pytest.raises(ValueError, match=r"data.train_subset=60001: must be null \(all 60,000 training images\)"):
+        check_data_config(data_config("fashion_mnist", train_subset=60001))
+    with pytest.raises(ValueError, match="data.val_size=20: must leave training examples"):
+        check_data_config(data_config("fashion_mnist", train_subset=20, val_size=20))

@@ -1,7 +1,9 @@
 """python -m softmoe.evaluate: a run rebuilt from its checkpoint, its validation and test metrics, its routing."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +46,20 @@ def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path):
     dispatch = routing["dispatch"]["blocks.2.mlp"]  # [batch, tokens, experts, slots_per_expert]
     assert dispatch.shape == (4, 16, 16, 1)
     torch.testing.assert_close(dispatch.sum(dim=1), torch.ones(4, 16, 1))  # a softmax over tokens per slot
+
+
+@pytest.mark.slow
+def test_a_second_evaluation_keeps_the_first_one_file_per_checkpoint(compose_run, tmp_path):
+    train(compose_run("trainer.max_steps=5", "trainer.batch_size=128", "logger=none", *QUIET), tmp_path)
+    best = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="best")
+    last = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last")
+    assert sorted(path.name for path in (tmp_path / "evaluate").iterdir()) == [
+        "evaluation_best_step5.json", "evaluation_last_step5.json"
+    ]
+    assert best["file"] != last["file"] and json.loads(Path(best["file"]).read_text())["checkpoint"].endswith("best.pt")
+
+
+def test_the_evaluate_config_says_validation_where_the_code_reads_validation_images():
+    comments = (ROOT / "conf" / "evaluate.yaml").read_text()
+    assert "batch of test images" not in comments and "# test images in routing.pt" not in comments
+    assert "a batch of validation images" in comments and "# validation images in routing.pt" in comments

@@ -194,3 +194,86 @@ def test_identity_routing_needs_one_slot_per_token():
     layer = SoftMoE(8, num_experts=2, slots_per_expert=2, dispatch="identity", combine="identity")
     with pytest.raises(ValueError, match="identity routing needs num_experts \\* slots_per_expert == number of tokens"):
         layer(torch.randn(1, 5, 8))
+
+
+def _float64_reference_grads(layer, x):
+    """Output and gradients (input and every parameter) of the float64 reference at ``layer``'s weights."""
+    x = x.detach().clone().requires_grad_(True)
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in layer.named_parameters()}
+    experts = type("Experts", (), {"num_experts": layer.num_experts, **{
+        key: params[f"experts.{key}"] for key in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")}})
+    scale = params["scale"] if layer.normalize else 1.0
+    y = reference_soft_moe(x, params["phi"], reference_mlp_experts(experts), scale=scale, normalize=layer.normalize)
+    return y, x, params
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradients_match_the_float64_reference(normalize):
+    """Backward of the fused router (one autograd node for the scaling and both softmaxes) and of the
+    expert bank: every gradient equals autograd's through the paper's equations written as einsums."""
+    torch.manual_seed(0)
+    layer = make_layer(normalize=normalize).double()
+    if normalize:
+        layer.scale.data.fill_(2.5)
+    x = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    y_ref, x_ref, params_ref = _float64_reference_grads(layer, x)
+    y_ref.backward(grad_y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-11)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, params_ref[name].grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("with_tokens", [True, False], ids=["normalised", "raw"])
+def test_fused_router_passes_gradcheck_and_equals_plain_ops(with_tokens):
+    from softmoe.routing import soft_routing
+
+    torch.manual_seed(0)
+    raw = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True) if with_tokens else None
+    inputs = (raw, tokens) if with_tokens else (raw,)
+
+    def fused(*args):
+        return soft_routing(args[0], args[1] if with_tokens else None, fused=True)
+
+    assert torch.autograd.gradcheck(fused, inputs)
+    grads = [torch.randn(2, 5, 6, dtype=torch.float64) for _ in range(2)]
+    results = []
+    for use_fused in (True, False):
+        outputs = soft_routing(raw, tokens, fused=use_fused)
+        results.append((outputs, torch.autograd.grad(outputs, inputs, grads)))
+    (out_fused, grad_fused), (out_plain, grad_plain) = results
+    for a, b in zip(out_fused + grad_fused, out_plain + grad_plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_fused_router_keeps_float32_for_bf16_logits_and_returns_bf16_gradients():
+    from softmoe.routing import soft_routing
+
+    raw = torch.randn(2, 7, 4).bfloat16().requires_grad_(True)
+    tokens = torch.randn(2, 7, 8).bfloat16().requires_grad_(True)
+    dispatch, combine = soft_routing(raw, tokens)
+    assert dispatch.dtype == combine.dtype == torch.float32
+    (dispatch.square().sum() + combine.square().sum()).backward()
+    assert raw.grad.dtype == tokens.grad.dtype == torch.bfloat16
+    plain = soft_routing(raw.float(), tokens.float(), fused=False)
+    torch.testing.assert_close(dispatch, plain[0], rtol=1e-6, atol=1e-7)
+
+
+def test_a_model_cast_to_bf16_infers_close_to_float32():
+    """``model.to(torch.bfloat16)`` (how models are deployed): routing still normalises and softmaxes in
+    float32, and the output stays within bf16's tolerance of the float32 layer's."""
+    torch.manual_seed(0)
+    layer = make_layer()
+    x = torch.randn(2, 8, 16)
+    expected = layer(x)
+    layer_bf16 = make_layer()
+    layer_bf16.load_state_dict(layer.state_dict())
+    layer_bf16.to(torch.bfloat16)
+    with torch.inference_mode(), capture_routing(layer_bf16) as routing:
+        y = layer_bf16(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and routing[""].dispatch.dtype == torch.float32
+    torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05)

@@ -171,7 +171,7 @@ def test_sweep_analysis_tables_accuracy_by_the_swept_key(sweep, executed):
         best_val = max(event["val/acc"] for event in events if "val/acc" in event)
         (test,) = [event for event in events if "test/acc" in event]  # the test split, once
         cells = [best_val, test["test/acc"], test["test/acc_at_best_val"]]
-        assert f"| {experts} | 1 | " + " | ".join(f"{cell:.4f} ± n/a" for cell in cells) + " |" in text
+        assert f"| {experts} | 1 | " + " | ".join(f"{100 * cell:.2f}% ± n/a" for cell in cells) + " |" in text
     assert "every run routes the same way: soft dispatch, soft combine" in text
     # experts x slots heatmap, loss and accuracy curves, routing statistics curves
     assert figures == 3

@@ -134,7 +134,7 @@ def test_bf16_warns_once_only_on_a_cpu_without_native_bf16(monkeypatch, caplog):
     assert slow_precision_warning(torch.device("cpu"), "bf16") is None
 
 
-def test_tune_allocator_sets_glibc_and_is_harmless_elsewhere(monkeypatch):
+def test_tune_allocator_setsglibc_library_and_is_harmless_elsewhere(monkeypatch):
     calls = []
 
     class FakeGlibc:
@@ -142,8 +142,46 @@ def test_tune_allocator_sets_glibc_and_is_harmless_elsewhere(monkeypatch):
             calls.append((parameter, value))
             return 1
 
-    monkeypatch.setattr(runtime, "_glibc", lambda: FakeGlibc())
+    monkeypatch.setattr(runtime, "glibc_library", lambda: FakeGlibc())
     assert tune_allocator() is True
     assert dict(calls) == {runtime.M_MMAP_MAX: 0, runtime.M_TRIM_THRESHOLD: 100_000_000_000}
-    monkeypatch.setattr(runtime, "_glibc", lambda: None)  # macOS, musl, Windows
+    monkeypatch.setattr(runtime, "glibc_library", lambda: None)  # macOS, musl, Windows
     assert tune_allocator() is False
+
+
+@pytest.fixture
+def fake_glibc(monkeypatch):
+    """glibc's mallopt, recorded; the layers' one automatic attempt not yet made."""
+    calls = []
+
+    class FakeGlibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(runtime, "glibc_library", lambda: FakeGlibc())
+    monkeypatch.setitem(runtime._auto_tune, "done", False)
+    monkeypatch.setitem(runtime._auto_tune, "enabled", True)
+    monkeypatch.delenv(runtime.AUTO_TUNE_ENV, raising=False)
+    return calls
+
+
+def test_the_first_training_forward_on_cpu_tunes_the_allocator_once(fake_glibc):
+    """A user who never calls tune_allocator() gets it before the first backward, and only once."""
+    layer = _layer()
+    with torch.no_grad():
+        layer(torch.randn(2, 9, 16))
+    assert fake_glibc == []  # inference leaves the allocator alone
+    for _ in range(2):
+        layer(torch.randn(2, 9, 16)).sum().backward()
+    assert dict(fake_glibc) == runtime.TUNED and len(fake_glibc) == len(runtime.TUNED)
+
+
+@pytest.mark.parametrize("opt_out", ["environment", "call"])
+def test_the_automatic_allocator_tuning_can_be_switched_off(fake_glibc, monkeypatch, opt_out):
+    if opt_out == "environment":
+        monkeypatch.setenv(runtime.AUTO_TUNE_ENV, "0")
+    else:
+        runtime.set_auto_tune_allocator(False)
+    _layer()(torch.randn(2, 9, 16)).sum().backward()
+    assert fake_glibc == [] and not runtime.auto_tune_pending()

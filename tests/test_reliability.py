@@ -219,9 +219,9 @@ def test_a_preemption_signal_saves_last_and_exits_with_its_code_then_the_rerun_r
     logged = [e["step"] for e in read_events(run_dir) if "train/lr" in e]
     assert load_checkpoint(run_dir / "last.pt")["step"] == logged[-1]  # the step it was in, finished and saved
     output = output_of(run_dir)
-    assert output.strip().splitlines()[-1] == (  # one line saying how to resume, no traceback
-        f"{signal.Signals(signum).name} received: saved last.pt at step {logged[-1]}; rerun the same command to "
-        f"resume (exit status {128 + signum})"
+    assert output.strip().splitlines()[-1] == (  # one line naming the command that resumes, no traceback
+        f"{signal.Signals(signum).name} received: saved last.pt at step {logged[-1]} (exit status {128 + signum}); "
+        f"resume with: python -m softmoe.train {' '.join(RUN)} hydra.run.dir={run_dir}"
     )
     assert "Traceback" not in output
 
@@ -241,7 +241,8 @@ def test_ctrl_c_at_the_terminal_reaches_the_dataloader_workers_too_and_still_say
     assert trainer.returncode == 130, output
     step = load_checkpoint(run_dir / "last.pt")["step"]
     assert output.count("SIGINT received: stopping after this step") == 1, output  # not once per worker
-    assert output.strip().splitlines()[-1].startswith(f"SIGINT received: saved last.pt at step {step}; rerun")
+    last_line = output.strip().splitlines()[-1]
+    assert last_line.startswith(f"SIGINT received: saved last.pt at step {step} (exit status 130); resume with")
     assert "Traceback" not in output
 
 
@@ -443,8 +444,9 @@ CLI_BAD = [
         "/nonexistent/fashion/FashionMNIST/raw. Install them with `apt-get install dataset-fashion-mnist`, fetch them "
         "with data.download=true, or set data.root.",
     ),
-    (["optimizer=adam"], 1, "Could not find 'optimizer/adam'"),  # Hydra's own message: an unknown group option
-    (["trainer.max_step=5"], 1, "Could not override 'trainer.max_step'"),  # Hydra's: an unknown key
+    (["optimizer=adam"], 2, "error: optimizer=adam: not an option of optimizer; did you mean optimizer=adamw? "
+                            "(options: adamw, sgd)"),  # what Hydra cannot compose: one line too (overrides.py)
+    (["trainer.max_step=5"], 2, "error: trainer.max_step=5: not a key of the config; did you mean trainer.max_steps?"),
 ]
 
 

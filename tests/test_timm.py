@@ -225,3 +225,46 @@ def test_offline_pretrained_fails_with_one_line_asking_for_a_local_file(monkeypa
     message = str(error.value)
     assert "\n" not in message and error.value.__cause__ is None
     assert "timm/test_vit.r160_in1k" in message and "pretrained_cfg_overlay=dict(file=PATH)" in message
+
+
+# Offline, the Hub fails at once (no retries, no model built) unless its cache holds the weights.
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """A Hub endpoint nothing listens on and an empty Hub cache; returns the cache folder."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "hub"
+
+
+def test_an_unreachable_hub_fails_in_one_line_before_the_model_is_built(unreachable_hub, monkeypatch, caplog):
+    import softmoe.vit
+
+    built = []
+    monkeypatch.setattr(softmoe.vit, "build_model_with_cfg", lambda *a, **k: built.append(a))
+    with pytest.raises(RuntimeError) as raised:
+        timm.create_model("soft_moe_vit_small.augreg_in21k_ft_in1k", pretrained=True)
+    assert str(raised.value) == (
+        "soft_moe_vit_small: pretrained=True could not fetch the dense weights it upcycles, "
+        "timm/vit_small_patch16_224.augreg_in21k_ft_in1k (the Hugging Face Hub cannot be reached and they are not in "
+        "its cache); offline, pass a local dense checkpoint with pretrained_cfg_overlay=dict(file=PATH) "
+        "(.safetensors, .pth or .bin)"
+    )
+    assert built == [] and "Retrying" not in caplog.text
+
+
+def test_an_unreachable_hub_still_loads_weights_from_its_cache(unreachable_hub, caplog):
+    dense = timm.create_model("test_vit").eval()
+    repo = unreachable_hub / "models--timm--test_vit.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_dense(dense, repo / "snapshots" / ("0" * 40) / "model.safetensors")
+    model = timm.create_model("test_soft_moe_vit", pretrained=True)
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, dense.blocks[0].attn.qkv.weight)
+    assert "Retrying" not in caplog.text

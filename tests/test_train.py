@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import CONF_DIR, wandb_offline_run
+from data_fixtures import write_fashion_mnist
 from softmoe.collect import main as collect_main
 from softmoe.evaluate import evaluate_run
 from softmoe.harness.checkpoint import CheckpointError, load_checkpoint
@@ -82,7 +83,13 @@ def test_default_run_logs_every_metric_to_metrics_jsonl_and_wandb(compose_run, t
 def test_every_experiment_runs_two_steps(compose_run, tmp_path, experiment):
     cfg = compose_run(f"experiment={experiment}")
     overrides = [f"experiment={experiment}", "trainer.max_steps=2", "trainer.eval_batches=1", "logger=none", *QUIET]
-    if cfg.data.name != "digits" or cfg.model.embed_dim > 128:  # no CIFAR/ImageNet here; GPU sizes shrunk
+    if cfg.model.upcycle_from is not None:
+        overrides += ["model.upcycle_from=null"]  # a study's later stage: its source is an earlier stage's output
+    if cfg.data.name == "fashion_mnist":  # the real reader on generated IDX files
+        write_fashion_mnist(tmp_path / "fashion", sizes=(("train", 60), ("test", 20)))
+        overrides += [f"data.root={tmp_path / 'fashion'}", "data.val_size=12", "data.train_subset=null"]
+        overrides += ["trainer.batch_size=8", "trainer.device=cpu", "trainer.compile=false", "trainer.num_workers=0"]
+    elif cfg.data.name != "digits" or cfg.model.embed_dim > 128:  # no CIFAR/ImageNet here; GPU sizes shrunk
         overrides += ["data=synthetic", f"data.img_size={cfg.data.img_size}", "data.train_size=32", "data.test_size=8"]
         overrides += ["model.embed_dim=32", "model.num_heads=2", "model.depth=2", "moe.num_experts=4"]
         overrides += ["trainer.batch_size=8"]

@@ -3,6 +3,7 @@ r"""Speed and memory of the Soft MoE layer and model, each measured against what
     python -m softmoe.benchmark --threads 1 --layer-shapes vit_s16 --profile \
         --out experiments/throughput/results_zen5.json    # a recorded run (experiments/throughput/README.md)
     python -m softmoe.benchmark --tiny                      # seconds: proves the command works; writes nothing
+    python -m softmoe.benchmark --suite gpu --out results_gpu_suite.json   # issue 18's GPU targets, met / NOT met
 
 Nothing is written unless ``--out`` is given. No environment variables are needed: like every command
 of the project, the benchmark calls ``softmoe.tune_allocator()`` at start-up, and that is the "default
@@ -33,5 +34,7 @@ fraction of the measured bf16 matmul rate the layer reaches.
 Modules: :mod:`.shapes` (shapes, FLOP and byte models), :mod:`.reference` (the reference-style loop),
 :mod:`.timing` (side-by-side rounds), :mod:`.environment` (machine, allocator, memory probes),
 :mod:`.floors` (rates and the attainable matmuls), :mod:`.layer` and :mod:`.model` (the sections),
-:mod:`.profiling`, :mod:`.report` (targets and the printed report), :mod:`.cli`.
+:mod:`.profiling`, :mod:`.report` (targets and the printed report), :mod:`.cli`; the GPU suite
+(``--suite gpu``: :mod:`.suite`, :mod:`.suite_report`, :mod:`.step_floor`, the floor of a training step); and
+:mod:`.fresh_process` (the allocator as a user's fresh process gets it).
 """

@@ -27,6 +27,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m softmoe.benchmark", description=PACKAGE_DOC.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="write the JSON results here (nothing is written without it)")
+    parser.add_argument("--suite", choices=["gpu"], default=None,
+                        help="gpu: every target of issue 18 as the trainer trains (bf16, fused AdamW, batch 256, "
+                             "224 px, eager and compiled), each printed as met or NOT met (softmoe/bench/suite.py)")
+    parser.add_argument("--suite-compile", default="inductor",
+                        help="torch.compile backend of the suite's compiled cases; none: eager only")
+    parser.add_argument("--suite-rounds", type=int, default=5, help="timed rounds of each suite comparison")
+    parser.add_argument("--suite-budget-s", type=float, default=150.0,
+                        help="seconds after which the suite compiles nothing more (the cases skipped are listed)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny layer and model, 1 round: checks the command in seconds (numbers mean nothing)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -132,8 +140,16 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    results = run(args, argv)
-    print(format_report(results))
+    command = " ".join(["python -m softmoe.benchmark", *argv])
+    if args.suite:
+        from .suite import run_suite
+        from .suite_report import format_suite
+
+        results = run_suite(args, command)
+        print(format_suite(results))
+    else:
+        results = run(args, argv)
+        print(format_report(results))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

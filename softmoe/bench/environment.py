@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from ..runtime import GLIBC_DEFAULTS, TUNED, _glibc, cpu_flags, cpu_has_native_bf16, set_malloc_options
+from ..runtime import GLIBC_DEFAULTS, TUNED, cpu_flags, cpu_has_native_bf16, glibc_library, set_malloc_options
 
 GIB = 2**30
 ENV_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE",
@@ -57,7 +57,7 @@ ALLOCATORS = ("default_env", "env_variables", "glibc_defaults")
 
 
 def allocator_available(device: torch.device) -> bool:
-    return device.type == "cpu" and _glibc() is not None
+    return device.type == "cpu" and glibc_library() is not None
 
 
 def with_allocator(fn: Callable[[], object], allocator: str) -> Callable[[], object]:
@@ -101,7 +101,7 @@ def with_allocator(fn: Callable[[], object], allocator: str) -> Callable[[], obj
 def release_freed_memory() -> None:
     """Return the heap's free memory to the system (``malloc_trim``); tune_allocator otherwise keeps it."""
     gc.collect()
-    libc = _glibc()
+    libc = glibc_library()
     if libc is not None:
         libc.malloc_trim(0)
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..harness.precision import autocast
-from ..vit import SoftMoEVisionTransformer
 from .environment import peak_memory_bytes, tensor_bytes
 from .floors import ceiling_cases
 from .shapes import ModelShape
@@ -24,14 +23,15 @@ MODEL_KINDS = ("dense", "soft_moe")
 
 
 def build_benchmark_model(shape: ModelShape, kind: str, device) -> nn.Module:
-    """timm's dense ``VisionTransformer``, or its Soft MoE twin; ``device="meta"`` allocates nothing."""
-    from timm.models.vision_transformer import VisionTransformer
+    """timm's dense ViT or its Soft MoE twin through ``timm.create_model`` and this package's registered
+    factories, as a timm user builds them; ``device="meta"`` allocates nothing."""
+    import timm
 
+    import softmoe  # noqa: F401 -- registers the soft_moe_vit_* factories with timm
+
+    name = shape.dense_model if kind == "dense" else shape.soft_moe_model
     with torch.device(device):
-        if kind == "dense":
-            return VisionTransformer(**shape.vit_kwargs())
-        return SoftMoEVisionTransformer(num_experts=shape.num_experts, slots_per_expert=shape.slots_per_expert,
-                                        moe_layer_index=shape.moe_layer_index, **shape.vit_kwargs())
+        return timm.create_model(name, pretrained=False, **shape.create_kwargs(kind))
 
 
 def model_flops(shape: ModelShape, batch: int) -> Dict[str, Dict[str, int]]:

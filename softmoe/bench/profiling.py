@@ -75,8 +75,8 @@ def profile_model_inference(shape: ModelShape, batch: int, device, iterations: i
 
     torch.manual_seed(0)
     images = torch.randn(batch, 3, shape.img_size, shape.img_size, device=device)
-    changed = range(shape.moe_layer_index, shape.depth)
-    report = {"batch": batch, "iterations": iterations, "blocks": [changed.start, changed.stop - 1]}
+    changed = build_benchmark_model(shape, "soft_moe", "meta").moe_layer_index  # the blocks whose MLP differs
+    report = {"batch": batch, "iterations": iterations, "blocks": [changed[0], changed[-1]]}
     for kind in MODEL_KINDS:
         model = build_benchmark_model(shape, kind, device).eval()
         mlps = {i: model.blocks[i].mlp for i in changed}

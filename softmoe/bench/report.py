@@ -71,13 +71,9 @@ def evaluate_targets(results: dict, layer_shape: str) -> dict:
     return targets
 
 
-def format_report(results: dict) -> str:
-    m = results["machine"]
-    load = " -> ".join(f"{a[0]:.2f}" for a in (m.get("load_average_at_start"), m.get("load_average_at_end")) if a)
-    lines = [f"{m['cpu']} ({m.get('cpu_family_model')}; {' '.join(m.get('cpu_flags', []))}; native bf16: "
-             f"{m.get('cpu_native_bf16')}) | {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch threads | "
-             f"torch {m['torch']}, timm {m['timm']} | device {m['device']} | load average {load}",
-             f"allocator: {results.get('allocator', {}).get('summary', '')}", ""]
+def _layer_report_lines(results: dict) -> list:
+    """The layer table, its allocator and dtype variants, and the layer memory lines."""
+    lines = []
     lines.append("layer: ms are medians; ratios (wall clock, CPU time in brackets) are medians of per-round ratios; "
                  "attainable = the layer's 15 bare matmuls at its own shapes; roofline = expert weights (and grads) "
                  "at copy bandwidth")
@@ -118,6 +114,12 @@ def format_report(results: dict) -> str:
                      f"{r['required_bytes'] / GIB:.3f} GiB -> {ratio}; "
                      f"saves {r['saved_activation_bytes'] / 2**20:.1f} MiB "
                      f"(needs {r['required_saved_bytes'] / 2**20:.1f} MiB)")
+    return lines
+
+
+def _model_report_lines(results: dict) -> list:
+    """The model table, its bf16 comparison and the model memory lines."""
+    lines = []
     model = results.get("model")
     if model and "models" in model:
         lines += ["", f"model {model['shape']['name']}, batch {model['batch']}, {model['optimizer']}"]
@@ -147,6 +149,18 @@ def format_report(results: dict) -> str:
                              f"train step peak "
                              f"{r['train_step_peak_bytes'] / GIB:.2f} GiB (params {r['param_bytes'] / GIB:.2f}, "
                              f"optimizer state {r['optimizer_state_bytes'] / GIB:.2f})")
+    return lines
+
+
+def format_report(results: dict) -> str:
+    m = results["machine"]
+    load = " -> ".join(f"{a[0]:.2f}" for a in (m.get("load_average_at_start"), m.get("load_average_at_end")) if a)
+    lines = [f"{m['cpu']} ({m.get('cpu_family_model')}; {' '.join(m.get('cpu_flags', []))}; native bf16: "
+             f"{m.get('cpu_native_bf16')}) | {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch threads | "
+             f"torch {m['torch']}, timm {m['timm']} | device {m['device']} | load average {load}",
+             f"allocator: {results.get('allocator', {}).get('summary', '')}", ""]
+    lines += _layer_report_lines(results)
+    lines += _model_report_lines(results)
     if results.get("model_profile"):
         lines += ["", format_model_profile(results["model_profile"])]
     for profile in results.get("profile") or []:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Tuple
 
 
 class Matmul(NamedTuple):
@@ -85,25 +85,25 @@ LAYER_SHAPES = {
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A ViT and its Soft MoE twin: same width, depth and heads; MoE MLPs in blocks moe_layer_index..depth-1."""
+    """A timm ViT and its Soft MoE twin, both built by ``timm.create_model`` from their registered names with
+    the same ``overrides``; the Soft MoE one also gets ``moe_kwargs`` (its experts and MoE blocks)."""
 
     name: str
+    dense_model: str
+    soft_moe_model: str
     img_size: int
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    num_experts: int
-    slots_per_expert: int
-    moe_layer_index: int
+    overrides: Tuple[Tuple[str, object], ...] = ()  # hashable: the dataclass is frozen
+    moe_kwargs: Tuple[Tuple[str, object], ...] = ()
 
-    def vit_kwargs(self) -> dict:
-        return dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
-                    depth=self.depth, num_heads=self.num_heads)
+    def create_kwargs(self, kind: str) -> dict:
+        return dict(self.overrides, **(dict(self.moe_kwargs) if kind == "soft_moe" else {}))
 
 
 MODEL_SHAPES = {
-    # timm's vit_small_patch16_224 and the paper's Soft MoE S/16: 128 experts in the last 6 blocks.
-    "vit_s16": ModelShape("vit_s16", 224, 16, 384, 12, 6, num_experts=128, slots_per_expert=1, moe_layer_index=6),
-    "tiny": ModelShape("tiny", 32, 16, 32, 2, 2, num_experts=4, slots_per_expert=1, moe_layer_index=1),
+    # timm's vit_small_patch16_224 and the paper's Soft MoE S/16: 128 experts in the last 6 blocks (the defaults).
+    "vit_s16": ModelShape("vit_s16", "vit_small_patch16_224", "soft_moe_vit_small", 224),
+    "vit_b16": ModelShape("vit_b16", "vit_base_patch16_224", "soft_moe_vit_base", 224),
+    "tiny": ModelShape("tiny", "vit_small_patch16_224", "soft_moe_vit_small", 32,
+                       overrides=(("img_size", 32), ("embed_dim", 32), ("depth", 2), ("num_heads", 2)),
+                       moe_kwargs=(("num_experts", 4), ("moe_layer_index", 1))),
 }

@@ -23,9 +23,11 @@ from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 
 from .data import check_data_config, dataset_size
 from .errors import ConfigError
+from .plausibility import check_model_name, check_token_count
 from .model import PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
 from .rules import (
     Rule,
+    auto_or_boolean,
     boolean,
     check_known,
     check_section,
@@ -39,6 +41,7 @@ from .rules import (
     plain,
     positive_int,
     positive_number,
+    share,
     text,
     texts,
 )
@@ -129,6 +132,8 @@ TRAINER_RULES: dict[str, Rule] = {
     "device": device_name,
     "num_threads": optional(positive_int),
     "num_workers": non_negative_int,
+    "data_on_device": auto_or_boolean,
+    "cuda_memory_fraction": optional(share),
     "log_every": positive_int,
     "checkpoint_every": optional(positive_int),
     "progress_bar": boolean,
@@ -139,6 +144,7 @@ TRAINER_RULES: dict[str, Rule] = {
     "expert_parallel_size": optional(positive_int),
     "nonfinite": one_of("skip", "stop"),
     "max_nonfinite_skips": positive_int,
+    "max_tokens_per_image": optional(positive_int),
 }
 # Only the keys present are checked: each optimizer and schedule takes its own (the rest are its arguments).
 OPTIMIZER_RULES: dict[str, Rule] = {
@@ -229,6 +235,8 @@ def check_config(cfg: DictConfig) -> None:
     if config["model"]["upcycle_from"] is not None:
         _check_upcycle_source(config["model"], config["moe"])
     _check_trainer(config["trainer"], config["data"])
+    check_model_name(config["model"])  # valid keys, but not what the user meant (plausibility.py)
+    check_token_count(config["model"], config["trainer"]["max_tokens_per_image"])
     _check_optimization(config["optimizer"], config["scheduler"])
     logger = config["logger"]
     check_section("logger", logger, {"backend": LOGGER_RULES["backend"]})

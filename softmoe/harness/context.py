@@ -36,11 +36,15 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import planned_steps
+from .console import describe_upcycling
 from .data import DataBundle, build_datasets
+from .data.device_loader import put_on_device
 from .distributed import Distributed, Loaders
 from .errors import ConfigError, NonFiniteError
 from .faults import PreemptionGuard, first_nonfinite
+from .gpu_share import cap_cuda_memory, memory_share
 from .state import NO_BEST, TrainState, build_state
+from .plausibility import warn_small_splits
 from .telemetry import RankZeroTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
@@ -144,6 +148,10 @@ def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int,
         sum(p.numel() for p in model.parameters()) / 1e6, data.name, len(data.train),
         len(data.val) if data.val is not None else 0, len(data.test), total_steps, steps_per_epoch,
     )
+    warn_small_splits(data)
+    upcycled = describe_upcycling(config["model"], model)
+    if upcycled:
+        log.info(upcycled)
     if data.val is None:
         log.warning("data.val_size=0: no validation split, so no model selection: best.pt is not written, "
                     "and only the final model is tested")
@@ -169,6 +177,9 @@ def open_run(
     # Data. Epoch e's order is drawn from seed + e, so a resumed run skips what it has seen without loading it.
     data = build_datasets(config["data"], config["paths"]["data_dir"])
     loaders = distributed.build_loaders(data, trainer, seed)  # this rank's share of every batch
+    cap_cuda_memory(distributed.device, trainer["cuda_memory_fraction"])  # several runs sharing one GPU
+    put_on_device(loaders, data.train, trainer["data_on_device"], distributed.device,
+                  memory_share(distributed.device, trainer["cuda_memory_fraction"]))  # no DataLoader (data_on_device)
     steps_per_epoch, total_steps = planned_steps(trainer, len(data.train))
     if steps_per_epoch == 0:  # only for datasets whose size was unknown before they were scanned
         raise ConfigError(

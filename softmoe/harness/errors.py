@@ -6,8 +6,9 @@ The harness raises these; ``python -m softmoe.train`` / ``.evaluate`` / ``.colle
 | status | meaning |
 |---|---|
 | 0 | finished |
-| 1 | Hydra refused the command line (an unknown group option or key), with its own message |
-| 2 | :data:`USER_ERRORS`: a bad config value, missing or bad data, an unusable checkpoint, a busy run dir, no runs |
+| 1 | an unexpected error (a traceback is printed) |
+| 2 | :data:`USER_ERRORS`: a bad config value, missing or bad data, an unusable checkpoint, a busy run dir, no runs; |
+|   | an override Hydra cannot compose (an unknown key or group option, ``overrides.py``) |
 | 3 | :class:`NonFiniteError`: stopped on a NaN/inf |
 | 128 + signal | stopped by a signal after saving ``last.pt`` (130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 140 SIGUSR2) |
 """

@@ -2,11 +2,13 @@
 
 Interruption (:class:`PreemptionGuard`): SIGINT (Ctrl-C), SIGTERM, SIGUSR1 and SIGUSR2 (submitit's
 preemption signal on SLURM) only set a flag; the loop finishes the step it is in, writes ``last.pt`` and
-raises :class:`Preempted`, which ``python -m softmoe.train`` turns into one line saying how to resume and
-exit status ``128 + signal`` (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1, 140 for SIGUSR2), the
-status a shell gives a process the signal killed. A handler installed before ours (submitit's requeue) is
-then called, so SLURM requeues the job and the new job resumes from ``last.pt``. A second Ctrl-C stops at
-once, without saving (``KeyboardInterrupt``).
+raises :class:`Preempted`, which ``python -m softmoe.train`` turns into one line naming the command that resumes
+(``resume_hint.py``) and exit status ``128 + signal`` (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1, 140 for
+SIGUSR2), the status a shell gives a process the signal killed. A handler installed before ours (submitit's requeue) is
+then called, so SLURM requeues the job and the new job resumes from ``last.pt``. A second Ctrl-C ends the process
+at once, without saving: the kernel gives SIGINT back its default action as it delivers the first one
+(:func:`reset_on_delivery`), so it ends the process even inside a long C++ op, where no Python handler could run (the
+shell reports status 130; the last ``last.pt`` is kept).
 
 Non-finite numbers (:class:`NonFiniteGuard`): a step whose loss or gradient norm is NaN or inf never
 changes the weights. ``trainer.nonfinite=skip`` drops the step and counts it (``train/skipped_steps``),
@@ -26,10 +28,12 @@ step on an accelerator; a stop comes at once and names the first non-finite grad
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Any, Callable, Iterable, Optional, Union
@@ -55,8 +59,7 @@ class Preempted(Exception):
         self.signum, self.step, self.handover = int(signum), step, handover
         self.exit_code = preempted_exit_code(signum)
         super().__init__(
-            f"{signal.Signals(signum).name} received: saved last.pt at step {step}; rerun the same command to resume "
-            f"(exit status {self.exit_code})"
+            f"{signal.Signals(signum).name} received: saved last.pt at step {step} (exit status {self.exit_code})"
         )
 
 
@@ -66,9 +69,9 @@ class PreemptionGuard:
     ``received`` is the first signal this process received, or None; ``requested`` the one the loop acts on: the
     same in one process, and under torchrun the one every rank agreed on (``Distributed.share_signal`` sets it from
     every rank's ``received``, so a signal arriving while the ranks exchange theirs is kept for the next
-    exchange, never lost). A second SIGINT raises ``KeyboardInterrupt`` at once
-    (the user insists). Outside the main thread (where Python cannot install handlers) the guard does nothing
-    and the signals keep their usual effect.
+    exchange, never lost). After the first SIGINT a second one ends the process at once, whatever op is running
+    (the user insists): the kernel gives SIGINT back its default action as it delivers the first one. Outside the
+    main thread (where Python cannot install handlers) the guard does nothing and the signals keep their usual effect.
     """
 
     def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS) -> None:
@@ -83,15 +86,18 @@ class PreemptionGuard:
             return
         if self.received is None:
             self.received = self.requested = signum
-            again = "; Ctrl-C again stops at once, without saving" if signum == signal.SIGINT else ""
+            again = ""
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)  # where the kernel could not reset it (not Linux)
+                again = "; Ctrl-C again ends the process at once, without saving this step"
             log.warning("%s received: stopping after this step, saving last.pt%s", signal.Signals(signum).name, again)
-        elif signum == signal.SIGINT == self.received:
-            raise KeyboardInterrupt
 
     def install(self) -> "PreemptionGuard":
         if threading.current_thread() is threading.main_thread():
             for signum in self.signals:
                 self._previous[signum] = signal.signal(signum, self._handle)
+            if signal.SIGINT in self.signals:
+                reset_on_delivery(signal.SIGINT)
         return self
 
     def restore(self) -> None:
@@ -115,6 +121,38 @@ class PreemptionGuard:
                 previous(signum, None)
 
         return call
+
+
+class _SigAction(ctypes.Structure):
+    """Linux's ``struct sigaction`` (glibc and musl, every architecture we run on): handler, 1024-bit mask, flags."""
+
+    _fields_ = [
+        ("handler", ctypes.c_void_p),
+        ("mask", ctypes.c_ulong * (128 // ctypes.sizeof(ctypes.c_ulong))),
+        ("flags", ctypes.c_int),
+        ("restorer", ctypes.c_void_p),
+    ]
+
+
+SA_RESETHAND = 0x80000000  # Linux: the kernel gives the signal back its default action as it delivers it
+
+
+def reset_on_delivery(signum: int) -> bool:
+    """Make the kernel restore ``signum``'s default action when it delivers it to the handler installed now, so that
+    a second ``signum`` ends the process wherever it is. A Python handler runs only between bytecodes, never inside a
+    long C++ op (one step of a model too large for the CPU can take minutes): had the handler itself to restore the
+    default, the second Ctrl-C would wait for the op. Returns whether it could (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        action = _SigAction()
+        if libc.sigaction(signum, None, ctypes.byref(action)) != 0:
+            return False
+        action.flags |= ctypes.c_int(SA_RESETHAND).value
+        return libc.sigaction(signum, ctypes.byref(action), None) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def first_nonfinite(named_tensors: Iterable[tuple[str, Optional[torch.Tensor]]]) -> Optional[str]:

@@ -326,8 +326,8 @@ def train(
             latest = train_epoch(run, state, epoch, latest)
             # Validate at the end of every epoch (and of a run that stops mid-epoch), keep the best, write last.pt.
             close_epoch(run, state, epoch)
-            stop_if_signalled(run, state, saved=True)
             validated = state.last_eval if run.loaders.val is not None else None
-            log.info(epoch_line(epoch + 1, run.epochs, state.step, latest, validated))
+            log.info(epoch_line(epoch + 1, run.epochs, state.step, latest, validated))  # before a stop, too
+            stop_if_signalled(run, state, saved=True)
         test, test_at_best = test_final_and_best(run, state)
         return summarize(run, state, test, test_at_best)

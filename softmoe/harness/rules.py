@@ -90,6 +90,15 @@ def boolean(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     return None if isinstance(value, bool) else "must be true or false"
 
 
+def auto_or_boolean(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    return None if value == "auto" or isinstance(value, bool) else "must be auto, true or false"
+
+
+def share(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    """A share of something whole: a number in (0, 1]."""
+    return None if is_number(value) and 0 < value <= 1 else "must be a number in (0, 1]"
+
+
 def text(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     return None if isinstance(value, str) and value else "must be a non-empty string"
 

@@ -279,15 +279,27 @@ RESULT_COLUMNS = (
 )
 
 
+def is_accuracy(metric: str) -> bool:
+    """Accuracies (``val/acc``, ``test/acc_at_best_val``) are reported in percent, as the trainer prints them."""
+    return metric.rsplit("/", 1)[-1].startswith("acc")
+
+
 @dataclass
 class Cell:
-    """One table cell: the mean and std of a metric over a group's runs (std None for a single run)."""
+    """One table cell: the mean and std of a metric over a group's runs (std None for a single run); ``percent``:
+    an accuracy, shown in percent like every accuracy the commands print."""
 
     mean: float
     std: Optional[float]
     runs: int
+    percent: bool = False
+
+    def shown(self, value: float) -> float:
+        return 100 * value if self.percent else value
 
     def __str__(self) -> str:
+        if self.percent:
+            return f"{self.shown(self.mean):.2f}% ± {'n/a' if self.std is None else f'{self.shown(self.std):.2f}'}"
         return f"{self.mean:.4f} ± {'n/a' if self.std is None else f'{self.std:.4f}'}"
 
 
@@ -327,7 +339,7 @@ def summarize(runs: Sequence[RunResult], by: Sequence[str], metrics: Sequence[st
         cells = {}
         for label, metric, reduction in columns:
             found = [getattr(run, reduction)(metric) for run in groups[values]]
-            cells[label] = _cell([value for value in found if value is not None])
+            cells[label] = _cell([value for value in found if value is not None], percent=is_accuracy(metric))
         if any(cells.values()):
             summaries.append(GroupSummary(values, len(groups[values]), cells))
     if not summaries:
@@ -335,10 +347,11 @@ def summarize(runs: Sequence[RunResult], by: Sequence[str], metrics: Sequence[st
     return summaries
 
 
-def _cell(values: Sequence[float]) -> Optional[Cell]:
+def _cell(values: Sequence[float], percent: bool = False) -> Optional[Cell]:
     if not values:
         return None
-    return Cell(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return Cell(statistics.fmean(values), std, len(values), percent)
 
 
 def markdown_table(summaries: Sequence[GroupSummary], by: Sequence[str], metrics: Sequence[str] = ()) -> str:
@@ -355,9 +368,10 @@ def markdown_table(summaries: Sequence[GroupSummary], by: Sequence[str], metrics
 
 
 def plot(summaries: Sequence[GroupSummary], by: Sequence[str], column: str, path: Path) -> None:
-    """Bars of one table column (mean, with the std over seeds as error bars) against the first swept key,
-    one bar colour per value of the others. The seed count is in the title; the value axis starts at 0 for
-    metrics in [0, 1] (accuracies, entropies) so that a gap of a few tenths of a point looks like one."""
+    """Bars of one table column (mean, with the std over seeds as error bars when there is a spread) against the first
+    swept key, one bar colour per value of the others, each bar labelled with its value. The seed count is in the
+    title; the value axis starts at 0 for metrics in [0, 1] (accuracies in percent, 0-100) so that a gap of a few
+    tenths of a point looks like one, and the labels tell 0.73 from 0.74."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,26 +384,32 @@ def plot(summaries: Sequence[GroupSummary], by: Sequence[str], column: str, path
     for s in shown:
         series.setdefault(s.values[1:], []).append(s)
     x_labels = sorted({s.values[0] if by else "all" for s in shown}, key=_sort_key)
+    percent = all(s.cells[column].percent for s in shown)
+    spread = any(s.cells[column].std is not None for s in shown)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(x_labels) * len(series) + 2), 4))
     width = 0.8 / len(series)
     for index, (rest, points) in enumerate(series.items()):
         xs = [x_labels.index(p.values[0] if by else "all") + (index - (len(series) - 1) / 2) * width for p in points]
         cells = [p.cells[column] for p in points]
         label = ", ".join(f"{k}={v}" for k, v in zip(by[1:], rest)) or None
-        ax.bar(xs, [c.mean for c in cells], width=width * 0.9, label=label,
-               yerr=[c.std or 0.0 for c in cells], capsize=3, error_kw={"linewidth": 1})
+        errors = [c.shown(c.std) if c.std is not None else 0.0 for c in cells] if spread else None
+        bars = ax.bar(xs, [c.shown(c.mean) for c in cells], width=width * 0.9, label=label,
+                      yerr=errors, capsize=3 if spread else 0, error_kw={"linewidth": 1})
+        ax.bar_label(bars, labels=[f"{c.shown(c.mean):.2f}" if percent else f"{c.mean:.3g}" for c in cells],
+                     fontsize=6, padding=2)
     tick_labels = [str(x) for x in x_labels]
     # long values (routing names such as uniform_dispatch_soft_combine) or many of them would overlap
     slanted = len(tick_labels) > 4 or max(map(len, tick_labels)) > 8
     ax.set_xticks(range(len(x_labels)), tick_labels, rotation=30 if slanted else 0, ha="right" if slanted else "center")
     ax.set_xlabel(by[0] if by else "all runs")
-    ax.set_ylabel(f"{column} (mean ± std)")
-    seeds = sorted({c.runs for p in shown for c in [p.cells[column]]})
-    seed_text = f"{seeds[0]} seeds" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds"
-    ax.set_title(f"{column}: mean ± std over {seed_text} per bar", fontsize=10)
+    ax.set_ylabel(f"{column} ({'%, ' * percent}mean ± std)" if spread else f"{column}{' (%)' * percent}")
+    seeds = sorted({p.cells[column].runs for p in shown})
+    seed_text = f"{seeds[0]}" + (f"-{seeds[-1]}" if len(seeds) > 1 else "") + f" seed{'s' if seeds[-1] > 1 else ''}"
+    title = f"mean ± std over {seed_text} per bar" if spread else f"{seed_text} per bar, so no spread to show"
+    ax.set_title(f"{column}: {title}", fontsize=10)
     means = [p.cells[column].mean for p in shown]
     if 0 <= min(means) and max(means) <= 1:
-        ax.set_ylim(0, 1.0)
+        ax.set_ylim(0, 100.0 if percent else 1.0)
     if len(series) > 1:  # beside the axes, where it covers no bar however many series there are
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight" grows the image to hold the legend and labels

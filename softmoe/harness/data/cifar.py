@@ -20,7 +20,16 @@ from torchvision import datasets
 from torchvision.datasets.vision import VisionDataset
 from torchvision.transforms import v2
 
-from .common import BadDataError, BadExamples, DataBundle, MissingDataError, download_failed, with_transform
+from .common import (
+    BadDataError,
+    BadExamples,
+    DataBundle,
+    MissingDataError,
+    download_failed,
+    log_source,
+    removed_if_failed,
+    with_transform,
+)
 
 CIFAR_SIDE = 32
 CIFAR_VALUES = 3 * CIFAR_SIDE * CIFAR_SIDE  # one row per image: the red, green, blue planes, row-major
@@ -85,7 +94,8 @@ class CheckedCIFAR10(datasets.CIFAR10):
         self.train = train
         if download:
             try:  # torchvision's: a no-op when the official files are present (md5), else fetch and verify
-                self.download()
+                with removed_if_failed(Path(self.root)):
+                    self.download()
             except Exception as error:  # URLError without a network, or a failed md5 check
                 raise download_failed(
                     f"cifar{self.num_classes}", self.root, error,
@@ -169,6 +179,7 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
     )
     report = BadExamples(cfg["on_bad_file"])
     train = dataset_class(root, train=True, report=report, transform=train_transform, download=cfg["download"])
+    log_source(name, Path(root) / dataset_class.base_folder)
     return report.bundle(
         train=train,
         train_eval=with_transform(train, eval_transform),

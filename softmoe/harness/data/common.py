@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Iterator, Optional
 
 from torch.utils.data import Dataset
 
@@ -31,6 +34,29 @@ class DataBundle:
     skipped_reasons: tuple[str, ...] = ()  # one line per skipped example, naming its file
     val: Optional[Dataset] = None
     train_eval: Optional[Dataset] = None
+
+
+log = logging.getLogger("softmoe.harness.data")
+
+
+def log_source(dataset: str, folder) -> None:
+    """Say which folder a dataset was read from: one may be found without being named (Debian's Fashion-MNIST)."""
+    log.info("data=%s: read from %s", dataset, folder)
+
+
+@contextlib.contextmanager
+def removed_if_failed(folder: Path) -> Iterator[None]:
+    """Remove the folders below ``folder`` (and itself) that the block created, when it fails and leaves them empty:
+    a failed download leaves no empty ``FashionMNIST/raw/`` for the next run to find."""
+    folder = Path(folder)
+    new = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for path in new:
+            with contextlib.suppress(OSError):  # not empty, or not there: leave it
+                path.rmdir()
+        raise
 
 
 def download_failed(dataset: str, folder, error: BaseException, by_hand: str) -> MissingDataError:

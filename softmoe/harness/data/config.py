@@ -70,6 +70,12 @@ def validation_size(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
+def fashion_train_subset(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    full = OFFICIAL_SIZES["fashion_mnist"]["train"]
+    ok = value is None or (is_int(value) and 0 < value <= full)
+    return None if ok else f"must be null (all {full:,} training images) or a count from 1 to {full}"
+
+
 def crop_fraction(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     return None if is_number(value) and 0 < value <= 1 else "must be a number in (0, 1]"
 
@@ -139,6 +145,7 @@ RULES: dict[str, dict[str, Rule]] = {
     "fashion_mnist": {
         "root": optional_path,
         "download": boolean,
+        "train_subset": fashion_train_subset,  # before val_size, which checks against it
         "img_size": exactly(28, "Fashion-MNIST images are 28x28 pixels"),
         "in_chans": exactly(1, "Fashion-MNIST images are grayscale"),
         "num_classes": exactly(10, "Fashion-MNIST has 10 classes"),
@@ -201,7 +208,7 @@ def _train_examples(cfg: Mapping[str, Any]) -> Optional[int]:
     if name == "digits":
         return DIGITS_EXAMPLES - cfg["test_size"] if is_int(cfg.get("test_size")) else None
     if name in OFFICIAL_SIZES:
-        return OFFICIAL_SIZES[name]["train"]
+        return cfg.get("train_subset") or OFFICIAL_SIZES[name]["train"]
     return None
 
 

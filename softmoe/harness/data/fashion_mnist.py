@@ -24,8 +24,18 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from .common import BadDataError, BadExamples, DataBundle, MissingDataError, download_failed, with_transform
+from .common import (
+    BadDataError,
+    BadExamples,
+    DataBundle,
+    MissingDataError,
+    download_failed,
+    log_source,
+    removed_if_failed,
+    with_transform,
+)
 from .digits import TensorImages
+from .splits import hold_out
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 TORCHVISION_SUBDIR = Path("FashionMNIST") / "raw"
@@ -94,7 +104,8 @@ def download(root: Path) -> None:
     from torchvision.datasets import FashionMNIST
 
     try:
-        FashionMNIST(str(root), train=True, download=True)
+        with removed_if_failed(root / TORCHVISION_SUBDIR):
+            FashionMNIST(str(root), train=True, download=True)
     except Exception as error:  # URLError, RuntimeError("Error downloading ...") or an md5 mismatch
         raise download_failed(
             "fashion_mnist", root / TORCHVISION_SUBDIR, error,
@@ -132,8 +143,13 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
             f"each plain or .gz) are not in {' or '.join(map(str, folders))}. Install them with "
             "`apt-get install dataset-fashion-mnist`, fetch them with data.download=true, or set data.root."
         )
+    log_source("fashion_mnist", folder)
     report = BadExamples(cfg["on_bad_file"])
     splits = {split: load_split(folder, split, report) for split in FILES}
+    if cfg["train_subset"] is not None and cfg["train_subset"] < len(splits["train"][1]):
+        # a stratified draw that depends on split_seed alone, so every run of a sweep trains on the same images
+        _, kept = hold_out(splits["train"][1].tolist(), cfg["train_subset"], cfg["split_seed"])
+        splits["train"] = tuple(tensor[torch.from_numpy(kept)] for tensor in splits["train"])
     # Random translation by up to 2 pixels (blank background) and horizontal flips: clothes are symmetric.
     augment = v2.Compose([v2.RandomCrop(SIDE, padding=2, fill=-MEAN / STD), v2.RandomHorizontalFlip()])
     train = TensorImages(*splits["train"], transform=augment if cfg["augment"] else None)

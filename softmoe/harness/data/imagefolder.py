@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from .common import BadDataError, BadExamples, DataBundle, MissingDataError, with_transform
+from .common import BadDataError, BadExamples, DataBundle, MissingDataError, log_source, with_transform
 
 SPLIT_DIRS = {"train": "train", "test": "val"}  # DataBundle split -> folder under data.root
 IMAGE_MODES = {1: "L", 3: "RGB"}  # in_chans -> the PIL mode every image is converted to
@@ -151,6 +151,7 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
         "train": create_transform(input_size, is_training=cfg["augment"], auto_augment=cfg["auto_augment"], **common),
         "test": create_transform(input_size, is_training=False, **common),
     }
+    log_source("imagefolder", root)
     report = BadExamples(cfg["on_bad_file"])
     splits = {}
     for split, directory in split_dirs.items():

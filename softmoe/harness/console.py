@@ -1,0 +1,70 @@
+"""What the trainer tells its user beyond the metrics: the upcycling it did, each MoE block's final dispatch entropy,
+and what to run next on the finished run.
+
+    upcycled from dense.pth: every block's weights, and the experts of 2 MoE block(s) [2, 3] start from their
+        block's dense MLP, noise std 0.01
+    final dispatch entropy (1 = uniform): block 2 0.52, block 3 0.66
+    next: python -m softmoe.evaluate run_dir=outputs/runs/...       # validation and test accuracy, routing.pt
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from torch import nn
+
+from softmoe import block_index, moe_layers
+
+from .resume_hint import shown_path
+from .telemetry import METRICS_FILE, json_lines
+
+DISPATCH_ENTROPY = re.compile(r"^routing/block(\d+)/dispatch_entropy$")
+
+
+def describe_upcycling(model_cfg: Mapping[str, Any], model: nn.Module) -> Optional[str]:
+    """One line confirming sparse upcycling (``model.upcycle_from``), or None when the run starts from scratch."""
+    source = model_cfg.get("upcycle_from")
+    if source is None:
+        return None
+    blocks = sorted(block_index(name) for name in moe_layers(model))
+    return (
+        f"upcycled from {source}: every block's weights, and the experts of {len(blocks)} MoE block(s) {blocks} "
+        f"start from their block's dense MLP, noise std {model_cfg.get('upcycle_noise_std', 0.0):g}"
+    )
+
+
+def final_dispatch_entropy(run_dir: Union[str, Path]) -> Optional[str]:
+    """Each MoE block's last logged dispatch entropy (``metrics.jsonl``), in one line; None when none was logged."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    last: dict[int, float] = {}
+    for event in json_lines(path):
+        for key, value in event.items():
+            match = DISPATCH_ENTROPY.match(key)
+            if match:
+                last[int(match.group(1))] = value
+    if not last:
+        return None
+    blocks = ", ".join(f"block {block} {last[block]:.2f}" for block in sorted(last))
+    return f"final dispatch entropy (1 = uniform): {blocks}"
+
+
+ROUTING_NOTEBOOK = "notebooks/routing_analysis.ipynb"
+
+
+def next_steps(run_dir: Union[str, Path]) -> list[str]:
+    """The commands that look further at a finished single run, as a sweep's end names ``collect``."""
+    shown, absolute = shown_path(run_dir), str(Path(run_dir).resolve())
+    notebook = (
+        f"cp {ROUTING_NOTEBOOK} /tmp/ && SOFTMOE_RUN_DIR={shlex.quote(absolute)} "
+        "jupyter execute --inplace /tmp/routing_analysis.ipynb"
+    )
+    return [
+        f"python -m softmoe.evaluate run_dir={shlex.quote(shown)}        # best.pt's validation and test accuracy",
+        f"{notebook}        # the routing notebook, headless",
+        f"python -m softmoe.collect {shlex.quote(shown)}        # results.md and results.png of this run",
+    ]

@@ -1,0 +1,139 @@
+"""Command-line overrides Hydra cannot compose, reported as one line with the closest valid key or option.
+
+Hydra reports a mistyped key (``trainer.max_step=10``) or a missing group option (``model=vit_mega``) in 7-15
+lines with no suggestion, and exits 1; every other mistake gets one line and exit status 2. The commands call
+:func:`composition_error` before Hydra starts (which also keeps Hydra from making a run directory for a run that
+cannot start):
+
+    error: trainer.max_step=10: not a key of the config; did you mean trainer.max_steps?
+
+``HYDRA_FULL_ERROR=1`` skips the check, so Hydra's full message and stack trace are shown as before.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .plausibility import CONF_DIR, group_options
+
+HYDRA_FLAGS = ("-m", "--multirun")  # any other flag (--help, --cfg, -cn ...) leaves the command line to Hydra
+
+
+def plain_overrides(parsed: Sequence[Override]) -> list[str]:
+    """The overrides with each sweep replaced by its first value: what the first job of a sweep composes (interval
+    sweeps, an Optuna search's, are left to their sweeper)."""
+    plain = []
+    for override in parsed:
+        if not override.is_sweep_override():
+            plain.append(override.input_line)
+        elif override.is_discrete_sweep():
+            first = next(iter(override.sweep_string_iterator()))
+            plain.append(f"{override.get_key_element()}={first}")
+    return plain
+
+
+def compose_config(config_name: str, overrides: Sequence[str], conf_dir: Path) -> DictConfig:
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+
+
+def all_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config, sections included (``trainer``, ``trainer.max_steps``)."""
+    keys = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            keys.append(dotted)
+            keys.extend(all_keys(value, f"{dotted}."))
+    return keys
+
+
+def closest(word: str, candidates: Sequence[str]) -> str:
+    """``; did you mean <closest>?``, or nothing when no candidate is close."""
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def closest_key(key: str, keys: Sequence[str]) -> str:
+    """:func:`closest` among the keys of the same section, by their last part; a key the typed one begins (or that
+    begins it) first: ``model.patch`` -> ``model.patch_size``."""
+    section, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == section}
+    prefixed = sorted(name for name in siblings if leaf and (name.startswith(leaf) or leaf.startswith(name)))
+    if prefixed:
+        return f"; did you mean {siblings[prefixed[0]]}?"
+    match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.75)
+    return f"; did you mean {siblings[match[0]]}?" if match else ""
+
+
+def group_overrides(parsed: Sequence[Override], conf_dir: Path) -> list[Override]:
+    return [override for override in parsed if (conf_dir / override.key_or_group).is_dir()]
+
+
+def missing_option(parsed: Sequence[Override], conf_dir: Path) -> Optional[str]:
+    """The first group option (of any job of a sweep) that no ``conf/<group>/<option>.yaml`` holds, in one line."""
+    for override in group_overrides(parsed, conf_dir):
+        options = group_options(override.key_or_group, conf_dir)
+        for value in override.sweep_string_iterator() if override.is_discrete_sweep() else [override.value()]:
+            if override.type != OverrideType.DEL and value is not None and str(value) not in options:
+                return (
+                    f"{override.key_or_group}={value}: not an option of {override.key_or_group}"
+                    f"{closest(str(value), options).replace('mean ', f'mean {override.key_or_group}=')} "
+                    f"(options: {', '.join(options)})"
+                )
+    return None
+
+
+def missing_key(parsed: Sequence[Override], config_name: str, conf_dir: Path) -> Optional[str]:
+    """The first key override naming a key the config lacks (or adding one it has), in one line."""
+    groups = group_overrides(parsed, conf_dir)
+    try:
+        base = compose_config(config_name, plain_overrides(groups), conf_dir)
+    except (HydraException, OmegaConfBaseException):
+        return None
+    keys = all_keys(OmegaConf.to_container(base, resolve=False))
+    for override in parsed:
+        if override in groups or override.key_or_group.startswith("hydra"):
+            continue
+        key = override.key_or_group
+        if override.type in (OverrideType.CHANGE, OverrideType.DEL) and key not in keys:
+            added = f" (to add a key: +{override.input_line})" if override.type == OverrideType.CHANGE else ""
+            return f"{override.input_line}: not a key of the config{closest_key(key, keys) or added}"
+        if override.type == OverrideType.ADD and key in keys:
+            return f"{override.input_line}: {key} is already a key; set it without the +: {override.input_line[1:]}"
+    return None
+
+
+def composition_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
+    """Why Hydra would refuse this command line (``sys.argv[1:]``), in one line, or None."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or not conf_dir.is_dir():
+        return None
+    if any(argument.startswith("-") and argument not in HYDRA_FLAGS for argument in argv):
+        return None
+    overrides = [argument for argument in argv if argument not in HYDRA_FLAGS]
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except HydraException as error:  # a syntax error
+            return f"{override}: {str(error).strip().splitlines()[0]} (Hydra's override syntax)"
+    parsed = parser.parse_overrides(overrides)
+    problem = missing_option(parsed, conf_dir)
+    if problem:
+        return problem
+    try:
+        compose_config(config_name, plain_overrides(parsed), conf_dir)
+    except (HydraException, OmegaConfBaseException) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return missing_key(parsed, config_name, conf_dir) or f"{first_line} (HYDRA_FULL_ERROR=1 shows Hydra's message)"
+    return None

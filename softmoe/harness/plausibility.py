@@ -1,0 +1,69 @@
+"""Checks for a config that is valid, key by key, but not what its user meant.
+
+- A token count that hangs a CPU: ``data=imagefolder`` (224 px) with the default ``vit_micro`` (patch 2) makes
+  12,544 tokens per image; one step did not finish in 12 minutes and took 16 GB. :func:`check_token_count` refuses
+  more than ``trainer.max_tokens_per_image`` before any data loads (null lifts the limit, on purpose).
+- A ``model.name`` that no ``conf/model/*.yaml`` has: ``model.name=vit_mega`` trained ``vit_micro`` and printed
+  ``model: vit_mega``. The model is picked with ``model=<option>``; :func:`check_model_name` refuses the rest.
+- A split too small to mean anything: ``data.val_size=0.01`` of 80 images is one validation image.
+  :func:`warn_small_splits` says so in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .errors import ConfigError
+from .model import num_tokens
+from .rules import format_value
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (absent from a wheel)
+SMALL_SPLIT = 20  # fewer examples and one example moves the accuracy by more than 5 points
+
+
+def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    """The options of a config group: the names of ``conf/<group>/*.yaml``."""
+    return sorted(path.stem for path in (conf_dir / group).glob("*.yaml"))
+
+
+def check_model_name(model: Mapping[str, Any], conf_dir: Path = CONF_DIR) -> None:
+    """``model.name`` must be an option of the ``model`` group: it labels the run, it does not pick the model."""
+    options = group_options("model", conf_dir)
+    if options and model["name"] not in options:
+        raise ConfigError(
+            f"model.name={format_value(model['name'])}: not a model; must be one of {', '.join(options)} "
+            f"(pick one with model=<name>, e.g. model={options[0]}; model.name only labels it)"
+        )
+
+
+def check_token_count(model: Mapping[str, Any], max_tokens: Optional[int]) -> None:
+    """Refuse a model whose blocks would see more than ``max_tokens`` tokens per image (None: no limit)."""
+    tokens = num_tokens(model)
+    if max_tokens is None or tokens <= max_tokens:
+        return
+    size, patch = model["img_size"], model["patch_size"]
+    suggested_patch = next((p for p in (16, 8, 4) if size % p == 0 and num_tokens({**model, "patch_size": p})
+                            <= max_tokens), None)
+    instead = f"model.patch_size={suggested_patch} or " if suggested_patch else ""
+    raise ConfigError(
+        f"model.patch_size={patch}: data.img_size={size} makes ({size}/{patch})² + {tokens - (size // patch) ** 2} = "
+        f"{tokens:,} tokens per image, more than trainer.max_tokens_per_image={max_tokens} (one step would take "
+        f"minutes and gigabytes on a CPU); use {instead}model=vit_small, or a smaller data.img_size, or lift the "
+        f"limit with trainer.max_tokens_per_image=null"
+    )
+
+
+def warn_small_splits(data) -> None:
+    """One warning per split too small for its accuracy to mean anything (``data``: a ``DataBundle``)."""
+    for split, dataset in (("validation", data.val), ("test", data.test)):
+        if dataset is not None and len(dataset) < SMALL_SPLIT:
+            step = 100 / len(dataset)
+            key = "data.val_size" if split == "validation" else "the test data"
+            log.warning(
+                "the %s split holds %d image(s): its accuracy moves in steps of %.0f points, too coarse to mean "
+                "anything; give it more (%s)", split, len(dataset), step, key,
+            )

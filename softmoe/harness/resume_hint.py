@@ -1,0 +1,54 @@
+"""The command that resumes a stopped run, for every message that says how to resume.
+
+"Rerun the same command" is wrong for the default run directory, ``outputs/runs/<date>/<time>``: the same command
+run again later makes a new directory and starts at step 0. The command printed here names the directory:
+
+    python -m softmoe.train model.depth=2 hydra.run.dir=outputs/runs/2026-12-04/20-31-07
+
+The run directory holds ``last.pt``, so the trainer continues from it (``loop.resume_checkpoint``). A sweep's job
+resumes the same way, as a single run in its job directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from .checkpoint import LAST
+
+# Overrides the resume command sets itself (the directory), or that would start from somewhere else.
+REPLACED = ("hydra.run.dir=", "trainer.resume=", "+trainer.resume=")
+
+
+def launcher_prefix() -> list[str]:
+    """How this process was started: ``torchrun --nproc_per_node=N`` under torchrun, else ``python``."""
+    per_node = os.environ.get("LOCAL_WORLD_SIZE")
+    if per_node and os.environ.get("TORCHELASTIC_RUN_ID"):
+        nodes = int(os.environ.get("WORLD_SIZE", per_node)) // max(int(per_node), 1)
+        several = [f"--nnodes={nodes}"] if nodes > 1 else []
+        return ["torchrun", *several, f"--nproc_per_node={per_node}"]
+    return ["python"]
+
+
+def shown_path(path: Union[str, Path]) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter to read and to paste)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def resume_command(task_overrides: Sequence[str], run_dir: Union[str, Path], module: str = "softmoe.train") -> str:
+    """The command line that continues the run in ``run_dir``: its overrides, with ``hydra.run.dir`` naming it."""
+    kept = [override for override in task_overrides if not override.startswith(REPLACED)]
+    return shlex.join([*launcher_prefix(), "-m", module, *kept, f"hydra.run.dir={shown_path(run_dir)}"])
+
+
+def resume_hint(task_overrides: Sequence[str], run_dir: Union[str, Path]) -> Optional[str]:
+    """``last.pt is kept; resume with: <command>``, or None when the run directory holds no ``last.pt``."""
+    if not (Path(run_dir) / LAST).is_file():
+        return None
+    return f"resume with: {resume_command(task_overrides, run_dir)}"

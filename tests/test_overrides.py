@@ -1,0 +1,61 @@
+"""Overrides Hydra cannot compose are refused in one line naming the closest valid key or option, exit status 2;
+``HYDRA_FULL_ERROR=1`` still shows Hydra's own message."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from softmoe.harness.overrides import composition_error
+
+MISTAKES = [
+    (["trainer.max_step=10"], "trainer.max_step=10: not a key of the config; did you mean trainer.max_steps?"),
+    (["model=vit_mega"], "model=vit_mega: not an option of model; did you mean model=vit_small? (options: vit_base, "
+                         "vit_huge, vit_large, vit_micro, vit_small, vit_tiny)"),
+    (["-m", "moe.num_experts=4,8", "trainer.max_stepz=2"],  # a sweep: its first job is composed
+     "trainer.max_stepz=2: not a key of the config; did you mean trainer.max_steps?"),
+    (["-m", "optimizer=adamw,adam"], "optimizer=adam: not an option of optimizer; did you mean optimizer=adamw? "
+                                     "(options: adamw, sgd)"),
+    (["model=vit_small", "model.patch=4"], "model.patch=4: not a key of the config; did you mean model.patch_size?"),
+    (["trainer.patience=3"], "trainer.patience=3: not a key of the config (to add a key: +trainer.patience=3)"),
+]
+
+
+@pytest.mark.parametrize("argv,message", MISTAKES, ids=[" ".join(a) for a, _ in MISTAKES])
+def test_a_mistyped_key_or_option_is_one_line_with_the_closest_valid_one(argv, message):
+    assert composition_error(argv, "train") == message
+
+
+@pytest.mark.parametrize("argv", [[], ["-m", "moe.num_experts=4,8"], ["model=vit_small", "+trainer.x=1"],
+                                  ["--cfg", "job"], ["hydra.run.dir=x", "experiment=digits_dense"]])
+def test_what_composes_passes(argv):
+    assert composition_error(argv, "train") is None
+
+
+def test_a_syntax_error_is_one_line():
+    problem = composition_error(["moe.num_experts=["], "train")
+    assert "moe.num_experts=[" in problem and "\n" not in problem
+
+
+def test_evaluate_names_its_own_keys():
+    assert composition_error(["run_dir=x", "checkpont=last"], "evaluate") == (
+        "checkpont=last: not a key of the config; did you mean checkpoint?"
+    )
+
+
+@pytest.mark.slow
+def test_the_command_exits_2_with_one_line_and_hydra_full_error_keeps_hydras_message(tmp_path):
+    command = [sys.executable, "-m", "softmoe.train", "trainer.max_step=10"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    expected = "error: trainer.max_step=10: not a key of the config; did you mean trainer.max_steps?"
+    assert result.stderr.strip() == expected
+    assert not (tmp_path / "outputs").exists()
+    full = subprocess.run(command, cwd=tmp_path, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert full.returncode == 1 and "Could not override 'trainer.max_step'" in full.stderr
+    assert "Traceback" in full.stderr

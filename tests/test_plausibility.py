@@ -1,0 +1,65 @@
+"""Configs that are valid key by key but not what the user meant are refused (or warned about) in one line, before
+any data loads: a token count that hangs a CPU, a model name no config file has, a split of a handful of images."""
+
+import logging
+
+import pytest
+
+from data_fixtures import write_image_tree
+from softmoe.harness.config import check_config
+from softmoe.harness.data import build_datasets
+from softmoe.harness.errors import ConfigError
+from softmoe.harness.plausibility import group_options, warn_small_splits
+
+
+def test_own_images_at_the_default_224_px_with_patch_2_are_refused_naming_both_keys(compose_run):
+    # data.root does not exist: the token count is refused before any data is looked for
+    cfg = compose_run("data=imagefolder", "data.root=/nonexistent/images", "data.num_classes=2")
+    with pytest.raises(ConfigError) as raised:
+        check_config(cfg)
+    message = str(raised.value)
+    assert message.startswith("model.patch_size=2: data.img_size=224 makes (224/2)² + 0 = 12,544 tokens per image")
+    assert "trainer.max_tokens_per_image=4096" in message and "model.patch_size=16" in message
+    assert "trainer.max_tokens_per_image=null" in message and "\n" not in message
+
+
+def test_the_token_limit_counts_the_class_token_and_can_be_lifted_on_purpose(compose_run):
+    over = ("data=synthetic", "data.img_size=64", "model.patch_size=1", "model.class_token=true",
+            "model.global_pool=token")
+    with pytest.raises(ConfigError, match=r"\(64/1\)² \+ 1 = 4,097 tokens"):
+        check_config(compose_run(*over))
+    check_config(compose_run(*over, "trainer.max_tokens_per_image=null"))
+    check_config(compose_run(*over, "trainer.max_tokens_per_image=5000"))
+
+
+def test_a_cpu_sized_own_data_run_passes_the_check(compose_run):
+    check_config(compose_run("data=imagefolder", "data.root=/x", "data.img_size=32", "model.patch_size=4",
+                                "data.num_classes=2"))
+
+
+def test_an_unknown_model_name_is_refused_in_one_line(compose_run):
+    with pytest.raises(ConfigError) as raised:
+        check_config(compose_run("model.name=vit_mega"))
+    assert str(raised.value) == (
+        "model.name=vit_mega: not a model; must be one of vit_base, vit_huge, vit_large, vit_micro, vit_small, "
+        "vit_tiny (pick one with model=<name>, e.g. model=vit_base; model.name only labels it)"
+    )
+
+
+@pytest.mark.parametrize("option", group_options("model"))
+def test_every_model_option_keeps_its_own_name(compose_run, option):
+    assert compose_run(f"model={option}").model.name == option
+
+
+def test_a_one_image_validation_split_is_warned_about_in_one_line(compose_run, tmp_path, caplog):
+    root = write_image_tree(tmp_path / "images", train={"a": 40, "b": 40}, val={"a": 10, "b": 10})
+    cfg = compose_run("data=imagefolder", f"data.root={root}", "data.img_size=32", "data.num_classes=2")
+    data = build_datasets(cfg.data, cfg.paths.data_dir)
+    assert len(data.val) == 1  # val_size=0.01 of 80 images
+    with caplog.at_level(logging.WARNING, logger="softmoe.harness.plausibility"):
+        warn_small_splits(data)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "the validation split holds 1 image(s): its accuracy moves in steps of 100 points, too coarse to mean "
+        "anything; give it more (data.val_size)"
+    )

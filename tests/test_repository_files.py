@@ -1,0 +1,38 @@
+"""The files a newcomer looks for beside the code: how to cite it, what changed, and a test suite that cleans up."""
+
+import json
+import tomllib
+
+import yaml
+
+from conftest import ROOT
+
+
+def test_citation_cff_cites_the_software_and_prefers_the_paper():
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0" and citation["type"] == "software"
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert citation["version"] == version and citation["license"] == "MIT"
+    paper = citation["preferred-citation"]
+    assert paper["title"] == "From Sparse to Soft Mixtures of Experts" and paper["year"] == 2023
+    assert [author["family-names"] for author in paper["authors"]] == ["Puigcerver", "Riquelme", "Mustafa", "Houlsby"]
+
+
+def test_the_changelog_has_an_unreleased_section_and_the_released_version():
+    text = (ROOT / "CHANGELOG.md").read_text()
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert "## Unreleased" in text and f"## {version} " in text
+
+
+def test_pytest_keeps_only_the_temporary_files_of_failed_tests():
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert options["tmp_path_retention_policy"] == "failed"
+
+
+def test_the_routing_notebook_promises_no_fixed_run_time_and_the_readme_gives_its_headless_command():
+    notebook = json.loads((ROOT / "notebooks" / "routing_analysis.ipynb").read_text())
+    text = "".join("".join(cell["source"]) for cell in notebook["cells"])
+    assert "about 2 minutes" not in text
+    readme = (ROOT / "README.md").read_text()
+    headless = "SOFTMOE_RUN_DIR=$PWD/outputs/runs/<date>/<time> jupyter execute --inplace /tmp/routing_analysis.ipynb"
+    assert headless in readme

@@ -1,0 +1,172 @@
+"""What a user reads when a run stops, and whether it is true: every stop message prints a command that resumes the
+run, from the default run directory too; a second Ctrl-C ends the process at once, even inside a long C++ op."""
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from softmoe.harness.checkpoint import load_checkpoint
+from softmoe.harness.resume_hint import resume_command
+from test_nonfinite import NAN_EXAMPLE, SYNTHETIC, step_holding
+from test_reliability import RUN, read_events
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def default_run_dir(cwd: Path, timeout: float = 120) -> Path:
+    """The ``outputs/runs/<date>/<time>`` directory a command started in ``cwd`` without ``hydra.run.dir`` made."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted((cwd / "outputs" / "runs").glob("*/*"))
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no run directory below {cwd}/outputs/runs after {timeout} s")
+
+
+def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(e["step"] >= step for e in read_events(run_dir) if "train/lr" in e):
+            return
+        assert process.poll() is None, f"the run ended before step {step}: {process.communicate()[0]}"
+        time.sleep(0.01)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def printed_resume_command(output: str) -> list[str]:
+    (line,) = [line for line in output.splitlines() if "resume with: " in line]
+    command = shlex.split(line.split("resume with: ", 1)[1])
+    assert command[:3] == ["python", "-m", "softmoe.train"], line
+    return [sys.executable, *command[1:]]
+
+
+def assert_it_resumes(command: list[str], cwd: Path, run_dir: Path) -> str:
+    """Run the printed command as the user would paste it; it must continue from ``last.pt``, not start anew."""
+    saved_step = load_checkpoint(run_dir / "last.pt")["step"]
+    assert saved_step > 0
+    result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert f"resuming from {run_dir.resolve() / 'last.pt'} at step {saved_step} " in output, output
+    assert sorted((cwd / "outputs" / "runs").glob("*/*")) == [run_dir]  # no new directory at step 0
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2], ids=lambda s: s.name)
+def test_a_signal_stop_prints_the_command_that_resumes_from_the_default_run_directory(tmp_path, signum):
+    trainer = subprocess.Popen([sys.executable, "-m", "softmoe.train", *RUN], cwd=tmp_path, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = default_run_dir(tmp_path)
+    wait_for_step(trainer, run_dir, 3)
+    trainer.send_signal(signum)
+    output = trainer.communicate(timeout=300)[0]
+    assert trainer.returncode == 128 + signum, output
+    last_line = output.strip().splitlines()[-1]
+    assert last_line.startswith(f"{signum.name} received: saved last.pt at step "), output
+    assert last_line.endswith(f"hydra.run.dir={run_dir.relative_to(tmp_path)}")  # relative to where it was run
+    output = assert_it_resumes(printed_resume_command(output), tmp_path, run_dir)
+    assert "done: test accuracy" in output
+    if signum == signal.SIGINT:  # the end of a single run: each block's entropy, then the next steps, which run
+        assert_summary_and_next_steps_run(output, tmp_path, run_dir)
+
+
+def assert_summary_and_next_steps_run(output: str, cwd: Path, run_dir: Path) -> None:
+    lines = output.splitlines()
+    entropy = next(line for line in lines if line.startswith("final dispatch entropy (1 = uniform): "))
+    assert [part.split()[:2] for part in entropy.split(": ", 1)[1].split(", ")] == [["block", "1"]]  # depth 2
+    steps = lines[lines.index("next:") + 1:]
+    assert [step.split()[:3] for step in steps] == [
+        ["python", "-m", "softmoe.evaluate"], ["cp", "notebooks/routing_analysis.ipynb", "/tmp/"],
+        ["python", "-m", "softmoe.collect"],
+    ]
+    for step in (steps[0], steps[2]):  # the notebook's headless run: tests/test_notebooks.py
+        command = [sys.executable, *shlex.split(step.split("#")[0])[1:]]
+        result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert list((run_dir / "evaluate").glob("evaluation_best_step*.json")) and (run_dir / "results.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_nonfinite_stop_prints_the_command_that_resumes_from_its_last_checkpoint(tmp_path):
+    overrides = [*SYNTHETIC, f"data.nan_examples=[{NAN_EXAMPLE}]", "trainer.nonfinite=stop"]
+    result = subprocess.run([sys.executable, "-m", "softmoe.train", *overrides], cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr
+    run_dir = default_run_dir(tmp_path)
+    assert load_checkpoint(run_dir / "last.pt")["step"] == step_holding(NAN_EXAMPLE) - 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-2].startswith(f"error: step {step_holding(NAN_EXAMPLE)}: loss=nan")
+    assert lines[-1].startswith("last.pt is kept; resume with: python -m softmoe.train ")
+    # the same data meets the same NaN again, but only after continuing from the step that was saved
+    assert_it_resumes(printed_resume_command(result.stderr), tmp_path, run_dir)
+
+
+def test_the_resume_command_keeps_the_overrides_and_names_the_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    overrides = ["model.depth=2", "hydra.run.dir=old", "trainer.resume=/x/last.pt", "logger.tags=[a b]"]
+    command = resume_command(overrides, tmp_path / "outputs" / "runs" / "d" / "t")
+    assert command == "python -m softmoe.train model.depth=2 'logger.tags=[a b]' hydra.run.dir=outputs/runs/d/t"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resume_command([], "/elsewhere").startswith("torchrun --nproc_per_node=2 -m softmoe.train ")
+
+
+# A process that enters one long C++ op (a single matmul of about a minute on one thread) with the trainer's guard.
+LONG_OP = textwrap.dedent("""
+    import torch
+    from softmoe.harness.faults import PreemptionGuard
+    torch.set_num_threads(1)
+    a = torch.randn(9000, 9000)
+    with PreemptionGuard():
+        print("ready", flush=True)
+        torch.mm(a, a)
+    print("the op ended", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_ends_the_process_at_once_even_inside_a_long_cpp_op():
+    process = subprocess.Popen([sys.executable, "-c", LONG_OP], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(0.5)  # inside torch.mm now
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=20)  # the op itself runs for about a minute
+    finally:
+        process.kill()
+    output = process.stdout.read()
+    assert process.returncode == -signal.SIGINT, output  # the shell reports 128 + 2 = 130
+    assert "the op ended" not in output
+
+
+def test_ctrl_c_at_an_epochs_last_step_still_prints_that_epochs_line(compose_run, tmp_path, monkeypatch, caplog):
+    from softmoe.harness import loop
+    from softmoe.harness.faults import Preempted
+
+    real_close_epoch = loop.close_epoch
+
+    def close_epoch_after_a_signal(*args, **kwargs):  # SIGTERM lands on the epoch's last step, before its validation
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_close_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "close_epoch", close_epoch_after_a_signal)
+    cfg = compose_run(*SYNTHETIC, "trainer.max_steps=16")  # 8 steps per epoch
+    with caplog.at_level(logging.INFO, logger="softmoe.harness.loop"), pytest.raises(Preempted):
+        loop.train(cfg, tmp_path / "run")
+    assert any(message.startswith("epoch 1/2  step 8  train loss") for message in caplog.messages), caplog.messages

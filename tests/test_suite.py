@@ -1,0 +1,85 @@
+"""The GPU suite (``python -m softmoe.benchmark --suite gpu``): its floor arithmetic, exactly, and its whole code
+path at tiny sizes on CPU. No timings are asserted: on a GPU its figures are the report's, not a test's."""
+
+import json
+
+import pytest
+from torch import nn
+
+from softmoe import SoftMoE
+from softmoe.bench.cli import main
+from softmoe.bench.step_floor import ADAMW_BYTES_PER_PARAM, ParameterCounts, parameter_counts, step_floor
+from softmoe.bench.model import build_benchmark_model
+from softmoe.bench.shapes import MODEL_SHAPES
+
+
+def _toy_model():
+    # Linear(8, 8): 72 parameters, cast; SoftMoE: Φ 8·2·1 = 16 cast, scale 1 not, experts 2·(8·16 + 16 + 16·8 + 8)
+    # = 560 cast, of which 512 weights
+    return nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), SoftMoE(8, 16, num_experts=2, slots_per_expert=1))
+
+
+@pytest.mark.parametrize("fp32_grads, gradient_cast", [(True, 72 + 16 + 48), (False, 72 + 16 + 560)])
+def test_parameters_are_counted_by_how_a_bf16_step_touches_them(fp32_grads, gradient_cast):
+    counts = parameter_counts(_toy_model(), expert_grads_written_in_float32=fp32_grads)
+    assert counts == ParameterCounts(total=72 + 16 + 16 + 1 + 560, cast_for_matmuls=72 + 16 + 560,
+                                     gradient_cast=gradient_cast, experts=560)
+
+
+def test_the_step_floor_adds_the_traffic_at_bandwidth_to_the_flops_at_the_matmul_rate():
+    counts = ParameterCounts(total=1000, cast_for_matmuls=800, gradient_cast=300, experts=500)
+    floor = step_floor(counts, flops=4_000, matmul_rate=2_000.0, bandwidth=10_000.0)
+    assert (floor.optimizer_bytes, floor.weight_copy_bytes, floor.gradient_cast_bytes) == (28_000, 4_800, 1_800)
+    assert floor.traffic_bytes == 34_600
+    assert floor.matmul_s == 2.0 and floor.traffic_s == pytest.approx(3.46) and floor.seconds == pytest.approx(5.46)
+
+
+def test_soft_moe_s16_adamw_moves_the_26_gb_the_issue_counts():
+    """Issue 18: Soft MoE S/16's fp32 AdamW moves about 26 GB per step; B/16's 3.7 B parameters about 100 GB."""
+    for shape, params_billion, adamw_gb in (("vit_s16", 0.92, 26), ("vit_b16", 3.7, 100)):
+        model = build_benchmark_model(MODEL_SHAPES[shape], "soft_moe", "meta")
+        counts = parameter_counts(model, expert_grads_written_in_float32=True)
+        assert counts.total / 1e9 == pytest.approx(params_billion, rel=0.03)
+        assert ADAMW_BYTES_PER_PARAM * counts.total / 1e9 == pytest.approx(adamw_gb, rel=0.05)
+        assert counts.experts > 0.95 * counts.total
+
+
+@pytest.mark.slow  # a whole suite run: about a minute on 2 loaded cores
+def test_the_suite_runs_every_section_at_tiny_sizes_on_cpu(tmp_path, capsys):
+    out = tmp_path / "suite.json"
+    main(["--suite", "gpu", "--tiny", "--device", "cpu", "--suite-compile", "eager", "--out", str(out)])
+    results = json.loads(out.read_text())
+    stdout = capsys.readouterr().out
+    assert results["suite"] == "gpu" and results["peak"]["matmul_bf16_flops_per_s"] > 0
+    (layer,) = results["layers"]
+    for key in ("eager_forward_backward_over_matmuls", "compiled_forward_over_mlp", "matmuls_forward_fraction_of_peak"):
+        assert layer[key] > 0
+    (model,) = results["models"]
+    assert set(model["step"]) == {f"{kind}/{variant}" for kind in ("dense", "soft_moe")
+                                  for variant in ("eager", "compiled")}
+    for metric in ("inference_eager", "inference_compiled", "inference_bf16"):
+        assert model[f"{metric}_soft_moe_over_dense"] > 0
+    assert model["floor"]["soft_moe"]["parameters"]["experts"] > 0 and model["floor"]["soft_moe"]["flops"] > 0
+    assert results["huge"]["soft_moe_speedup"] > 0
+    names = [t["name"] for t in results["targets"]]
+    assert len(names) == 8 + 4 + 3 + 1 and all(t["met"] is None for t in results["targets"])
+    for name in names:
+        assert name in stdout
+    assert "NOT met" not in stdout and results["skipped"] == []
+
+
+def test_fresh_process_allocator_runs_time_the_layer_and_pair_ratios_by_round():
+    from softmoe.bench.fresh_process import child, summarize
+
+    run = child("opted_out", "tiny", calls=2, threads=1)
+    assert len(run["seconds"]) == len(run["cpu_seconds"]) == 2 and min(run["seconds"]) > 0
+    def rounds(*per_round):  # (seconds, cpu_seconds) of each round's process
+        return [{"seconds": seconds, "cpu_seconds": cpu} for seconds, cpu in per_round]
+
+    fake = {"library_default": rounds(([2.0, 2.2, 9.0], [1.0]), ([3.0], [1.0])),
+            "tune_allocator": rounds(([2.0], [1.0]), ([2.0], [2.0])),
+            "opted_out": rounds(([4.0], [2.0]), ([2.0], [2.0]))}
+    summary = summarize(fake)
+    assert summary["median_s"] == {"library_default": 2.6, "tune_allocator": 2.0, "opted_out": 3.0}
+    assert summary["library_default_over_tune_allocator"] == pytest.approx((1.1 + 1.5) / 2)
+    assert summary["opted_out_over_tune_allocator_cpu_time"] == pytest.approx((2.0 + 1.0) / 2)
