@@ -59,7 +59,8 @@ def candidates(image: torch.Tensor, padding: int, fill: float, then=lambda image
     ``image``, computed by torchvision one example at a time."""
     side = image.shape[-1]
     padded = TF.pad(image, [padding], fill=fill)
-    crops = [TF.crop(padded, top, left, side, side) for top in range(2 * padding + 1) for left in range(2 * padding + 1)]
+    offsets = range(2 * padding + 1)
+    crops = [TF.crop(padded, top, left, side, side) for top in offsets for left in offsets]
     return [then(crop) for crop in crops + [TF.horizontal_flip(crop) for crop in crops]]
 
 
@@ -77,7 +78,8 @@ def test_without_augmentation_the_batches_are_the_dataloaders_every_epoch_and_af
 def test_augmented_batches_hold_the_same_examples_each_a_crop_and_flip_the_dataloader_could_have_drawn(tmp_path):
     bundle = fashion(tmp_path, augment=True)  # v2.RandomCrop(28, padding=2, fill=-mean/std), v2.RandomHorizontalFlip
     loader, on_device = both_paths(bundle.train)
-    assert on_device.augmentation == (RandomCropSpec(2, bundle.train.dataset.transform.transforms[0].fill), FlipSpec(0.5))
+    fill = bundle.train.dataset.transform.transforms[0].fill
+    assert on_device.augmentation == (RandomCropSpec(2, fill), FlipSpec(0.5))
     originals = bundle.train_eval  # the same examples, unaugmented
     order = list(itertools.islice(iter(ResumableSampler(len(originals), 3)), 48))
     sampler_epoch = [(images, labels) for images, labels in epoch(on_device, 0)]
@@ -128,7 +130,7 @@ def test_cifar_goes_to_the_device_converted_once_with_its_crop_fill_converted_to
     plain, augmented = (
         build_datasets(data_config("cifar10", root=str(tmp_path), val_size=8, augment=augment), "/none")
         for augment in (False, True)
-    )  # fmt: skip
+    )
     loader, on_device = both_paths(plain.train)
     for (images, labels), (device_images, device_labels) in zip(epoch(loader, 1), epoch(on_device, 1)):
         assert torch.equal(device_images, images) and torch.equal(device_labels, labels)
@@ -167,7 +169,7 @@ def test_data_on_device_false_and_auto_on_a_cpu_keep_the_dataloaders_true_moves_
             assert torch.equal(device_images, images) and torch.equal(device_labels, labels)
 
     rotated = Subset(bundle.train.dataset.__class__(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long),
-                                                     transform=v2.RandomRotation(10)), [0, 1, 2])  # fmt: skip
+                                                     transform=v2.RandomRotation(10)), [0, 1, 2])
     with pytest.raises(ConfigError, match=r"trainer.data_on_device=true: .* RandomRotation.* has no device version"):
         put_on_device(Distributed().build_loaders(bundle, trainer, seed=0), rotated, True, CPU)
     with pytest.raises(NotOnDevice, match="MiB of images exceed"):
@@ -179,9 +181,9 @@ def test_a_run_with_data_on_device_trains_exactly_as_with_the_dataloader_and_res
     compose_run, tmp_path, monkeypatch
 ):
     run = ["trainer.max_steps=12", "trainer.batch_size=128", "trainer.checkpoint_every=4", "trainer.log_every=2",
-           "model.depth=2", "logger=none", "trainer.progress_bar=false"]  # fmt: skip
+           "model.depth=2", "logger=none", "trainer.progress_bar=false"]
     summaries = [train(compose_run(*run, f"trainer.data_on_device={on}"), tmp_path / name)
-                 for on, name in ((False, "dataloader"), (True, "device"))]  # fmt: skip
+                 for on, name in ((False, "dataloader"), (True, "device"))]
     assert summaries[0].test_acc == summaries[1].test_acc and summaries[0].best_val_acc == summaries[1].best_val_acc
     weights = [load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("dataloader", "device")]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
@@ -204,5 +206,6 @@ def test_a_run_with_data_on_device_trains_exactly_as_with_the_dataloader_and_res
     train(compose_run(*augmented), tmp_path / "resumed")
     whole, resumed = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("whole", "resumed"))
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
-    losses = [[e["train/loss"] for e in read_events(tmp_path / name) if "train/loss" in e] for name in ("whole", "resumed")]
+    losses = [[e["train/loss"] for e in read_events(tmp_path / name) if "train/loss" in e]
+              for name in ("whole", "resumed")]
     assert losses[0] == losses[1] and len(losses[0]) == 6

@@ -15,7 +15,7 @@ from softmoe.harness.gpu_share import cap_cuda_memory, memory_share
 from softmoe.harness.loop import train
 
 GPU_SWEEP = ["experiment=fashion_converged", "trainer=gpu", "logger=none", "launcher=joblib", "launcher.n_jobs=5",
-             "trainer.cuda_memory_fraction=0.19"]  # fmt: skip
+             "trainer.cuda_memory_fraction=0.19"]
 
 
 def test_the_gpu_sweep_command_composes_n_jobs_each_with_its_memory_share_and_the_split_on_the_device(compose_run):
@@ -69,7 +69,7 @@ def test_the_memory_fraction_caps_this_processs_allocations():
 def test_a_gpu_run_with_a_memory_share_batches_the_training_split_on_the_gpu(compose_run, tmp_path, caplog):
     overrides = ["trainer=gpu", "trainer.cuda_memory_fraction=0.2", "trainer.compile=false", "trainer.max_steps=4",
                  "trainer.eval_batches=1", "trainer.batch_size=64", "data.augment=true", "logger=none",
-                 "trainer.progress_bar=false"]  # fmt: skip
+                 "trainer.progress_bar=false"]
     try:
         with caplog.at_level(logging.INFO, logger="softmoe.harness.data.device_loader"):
             summary = train(compose_run(*overrides), tmp_path)

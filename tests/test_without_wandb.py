@@ -32,10 +32,10 @@ def test_a_logger_none_run_trains_without_wandb_and_no_module_of_ours_imports_it
     (tmp_path / "hidden" / "wandb" / "__init__.py").write_text(STAND_IN)
     importers = tmp_path / "importers.txt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hidden"), str(ROOT)]),
-           "WANDB_IMPORTERS": str(importers)}  # fmt: skip
+           "WANDB_IMPORTERS": str(importers)}
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "softmoe.train", "logger=none", "trainer.max_steps=2", "trainer.eval_batches=1",
-               "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"]  # fmt: skip
+               "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

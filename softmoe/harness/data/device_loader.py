@@ -78,7 +78,7 @@ def _is_random_crop_of_the_whole_image(step) -> bool:
     return (
         isinstance(step, v2.RandomCrop) and step.size[0] == step.size[1] and len(set(step.padding)) == 1
         and step.padding_mode == "constant" and not step.pad_if_needed and isinstance(step.fill, (int, float))
-    )  # fmt: skip
+    )
 
 
 def split_tensors(dataset: Dataset, augmented: bool = True) -> tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -102,10 +102,10 @@ def split_tensors(dataset: Dataset, augmented: bool = True) -> tuple[torch.Tenso
         rest = []
     else:
         raise NotOnDevice(f"its examples are a {type(dataset).__name__}, neither tensors in memory nor images whose "
-                          "transform ends in ToImage / ToDtype / Normalize")  # fmt: skip
+                          "transform ends in ToImage / ToDtype / Normalize")
     if rest:
         raise NotOnDevice(f"its transform {rest[0]!r} has no device version (random crop with constant padding "
-                          "of the full image, horizontal flip)")  # fmt: skip
+                          "of the full image, horizontal flip)")
     augmentation = []
     for step in random if augmented else []:
         if isinstance(step, v2.RandomHorizontalFlip):
@@ -117,7 +117,7 @@ def split_tensors(dataset: Dataset, augmented: bool = True) -> tuple[torch.Tenso
             augmentation.append(RandomCropSpec(int(step.padding[0]), fill))
         else:
             raise NotOnDevice(f"its transform {step!r} has no device version (random crop with constant padding "
-                              "of the full image, horizontal flip)")  # fmt: skip
+                              "of the full image, horizontal flip)")
     return images, labels, tuple(augmentation)
 
 
@@ -142,7 +142,7 @@ class DeviceLoader:
     def __init__(
         self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, sampler: Optional[Sampler] = None,
         augmentation: tuple[Augmentation, ...] = (), drop_last: bool = True, seed: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.images, self.labels = images, labels  # [N, c, s, s], [N]: on the device
         self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
         self.augmentation = tuple(augmentation)
@@ -168,7 +168,8 @@ class DeviceLoader:
                 table.append((flips.to(self.device),))
         return table
 
-    def augment(self, images: torch.Tensor, indices: torch.Tensor, table: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    def augment(self, images: torch.Tensor, indices: torch.Tensor,
+                table: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         for spec, draws in zip(self.augmentation, table):
             if isinstance(spec, RandomCropSpec):
                 images = random_crop(images, draws[0][indices], draws[1][indices], spec)
@@ -188,7 +189,7 @@ class DeviceLoader:
 def device_loader(
     dataset: Dataset, batch_size: int, *, device: torch.device, sampler: Optional[Sampler] = None, train: bool = True,
     seed: int = 0, max_bytes: Optional[int] = None,
-) -> DeviceLoader:  # fmt: skip
+) -> DeviceLoader:
     """``dataset`` copied to ``device`` as a :class:`DeviceLoader` (``train``: augmented, last partial batch
     dropped, as ``build_loader``). Raises :class:`NotOnDevice` saying why it cannot be, e.g. more than
     ``max_bytes`` of images."""
@@ -199,7 +200,7 @@ def device_loader(
     return DeviceLoader(
         images.to(device), labels.to(device), batch_size, sampler=sampler, augmentation=augmentation,
         drop_last=train, seed=seed,
-    )  # fmt: skip
+    )
 
 
 def put_on_device(loaders, data_train: Dataset, setting, device: torch.device, memory: Optional[int] = None) -> None:
@@ -214,7 +215,7 @@ def put_on_device(loaders, data_train: Dataset, setting, device: torch.device, m
     train = loaders.train
     try:
         loaders.train = device_loader(data_train, train.batch_size, device=device, sampler=loaders.sampler,
-                                      seed=train.generator.initial_seed(), max_bytes=limit)  # fmt: skip
+                                      seed=train.generator.initial_seed(), max_bytes=limit)
     except NotOnDevice as reason:
         if setting is True:
             raise ConfigError(
@@ -229,7 +230,8 @@ def put_on_device(loaders, data_train: Dataset, setting, device: torch.device, m
         with contextlib.suppress(NotOnDevice):
             if loader is not None:
                 setattr(loaders, name, device_loader(loader.dataset, loader.batch_size, device=device, train=False,
-                                                     max_bytes=limit))  # fmt: skip
+                                                     max_bytes=limit))
                 moved.append(name)
     log.info("trainer.data_on_device=%s: %s on %s, batched there (%d training images, %d augmentation step(s))",
-             str(setting).lower(), " / ".join(moved), device, len(loaders.train.labels), len(loaders.train.augmentation))
+             str(setting).lower(), " / ".join(moved), device, len(loaders.train.labels),
+             len(loaders.train.augmentation))
