@@ -91,8 +91,8 @@ README_COMMANDS = [line.split("  #")[0].strip() for block in code_blocks(ROOT / 
                    for line in block.strip().splitlines()]
 # The README keeps the first examples; the rest moved to docs/ (issue 22), checked alike.
 EXAMPLE_FILES = {
-    "README.md": [check_vit, check_factories, check_layer, check_wrapper, check_routing, check_upcycle],
-    "docs/library.md": [check_features, check_export, check_timm_upcycle],
+    "README.md": [check_vit, check_layer, check_wrapper, check_routing, check_upcycle],
+    "docs/library.md": [check_factories, check_features, check_export, check_timm_upcycle],
     "docs/benchmarks.md": [check_tune_allocator],
 }
 README_EXAMPLES = [block for name in EXAMPLE_FILES for block in code_blocks(ROOT / name, "python")]
