@@ -202,9 +202,10 @@ def run_readme_command(command: str, work: Path, extra: list[str] = ()) -> str:
 def quick_start_run(readme_workdir):
     """The quick start, shortened: its run directory, relative to the working folder, for the next steps."""
     (command,) = [c for c in README_COMMANDS if c.endswith("python -m softmoe.train")]
+    before = set((readme_workdir / "outputs" / "runs").glob("*/*"))  # the README's other runs share the folder
     output = run_readme_command(command, readme_workdir)
     assert "final dispatch entropy (1 = uniform): block 2 " in output and "next:" in output
-    (run_dir,) = (readme_workdir / "outputs" / "runs").glob("*/*")
+    (run_dir,) = set((readme_workdir / "outputs" / "runs").glob("*/*")) - before
     return str(run_dir.relative_to(readme_workdir))
 
 
