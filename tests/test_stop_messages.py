@@ -62,7 +62,8 @@ def assert_it_resumes(command: list[str], cwd: Path, run_dir: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2], ids=lambda s: s.name)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2],
+                         ids=lambda s: s.name)
 def test_a_signal_stop_prints_the_command_that_resumes_from_the_default_run_directory(tmp_path, signum):
     trainer = subprocess.Popen([sys.executable, "-m", "softmoe.train", *RUN], cwd=tmp_path, env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
