@@ -134,17 +134,9 @@ def test_bf16_warns_once_only_on_a_cpu_without_native_bf16(monkeypatch, caplog):
     assert slow_precision_warning(torch.device("cpu"), "bf16") is None
 
 
-def test_tune_allocator_setsglibc_library_and_is_harmless_elsewhere(monkeypatch):
-    calls = []
-
-    class FakeGlibc:
-        def mallopt(self, parameter, value):
-            calls.append((parameter, value))
-            return 1
-
-    monkeypatch.setattr(runtime, "glibc_library", lambda: FakeGlibc())
+def test_tune_allocator_sets_glibcs_options_and_is_harmless_elsewhere(fake_glibc, monkeypatch):
     assert tune_allocator() is True
-    assert dict(calls) == {runtime.M_MMAP_MAX: 0, runtime.M_TRIM_THRESHOLD: 100_000_000_000}
+    assert dict(fake_glibc) == {runtime.M_MMAP_MAX: 0, runtime.M_TRIM_THRESHOLD: 100_000_000_000}
     monkeypatch.setattr(runtime, "glibc_library", lambda: None)  # macOS, musl, Windows
     assert tune_allocator() is False
 
