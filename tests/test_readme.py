@@ -153,7 +153,8 @@ NOT_RUN = {
     "pip install -r requirements.txt": "installs; the suite runs with it installed",
     "pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu && pip install "
     "-r requirements.txt": "needs download.pytorch.org, which this machine cannot reach (the README says so)",
-    "pip install -r requirements.txt && python -m pytest -q -n auto --maxprocesses=8 --dist loadfile": "the suite itself",
+    "pip install -r requirements.txt && python -m pytest -q -n auto --maxprocesses=8 --dist loadfile":
+        "the suite itself",
     'python -m pytest -q -m "not slow"': "the suite itself",
 }
 # Appended to every training command: a few steps, no W&B; the command's own overrides are kept and composed.
