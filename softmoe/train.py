@@ -68,6 +68,17 @@ def say_how_to_resume(tag: str, run_dir: Path) -> None:
         print(f"{tag}last.pt is kept; {hint}", file=sys.stderr)
 
 
+def say_how_to_resume_after_a_crash(tag: str, run_dir: Path) -> None:
+    """:func:`say_how_to_resume`, even when a signal handler raises inside it. PyTorch reports a DataLoader worker
+    that died (the OOM killer's SIGKILL) from its SIGCHLD handler, which runs in the main thread wherever it is: when
+    the worker's death first surfaced as another error (its half-sent batch), that is here. Its error then follows."""
+    try:
+        say_how_to_resume(tag, run_dir)
+    except Exception:  # a pending handler runs once, at the first chance, before the hint is printed: say it again
+        say_how_to_resume(tag, run_dir)
+        raise
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
@@ -101,7 +112,7 @@ def main(cfg: DictConfig) -> float:
         say_how_to_resume(tag, run_dir)  # a resumed run interrupted while loading
         sys.exit(preempted_exit_code(signal.SIGINT))
     except Exception:  # a crash: Hydra prints the traceback; a checkpoint written before it is not lost
-        say_how_to_resume(tag, run_dir)
+        say_how_to_resume_after_a_crash(tag, run_dir)
         raise
     log.info("done: %s, %d steps", summary.describe(), summary.steps)
     entropy = final_dispatch_entropy(summary.run_dir)
