@@ -8,7 +8,8 @@ SIGUSR2), the status a shell gives a process the signal killed. A handler instal
 then called, so SLURM requeues the job and the new job resumes from ``last.pt``. A second Ctrl-C ends the process
 at once, without saving: the kernel gives SIGINT back its default action as it delivers the first one
 (:func:`reset_on_delivery`), so it ends the process even inside a long C++ op, where no Python handler could run (the
-shell reports status 130; the last ``last.pt`` is kept).
+shell reports status 130; the last ``last.pt`` is kept). Inside such an op the first signal is still answered at
+once: a thread of the guard's (:class:`SignalWatcher`) says "stopping after this step" while the op runs.
 
 Non-finite numbers (:class:`NonFiniteGuard`): a step whose loss or gradient norm is NaN or inf never
 changes the weights. ``trainer.nonfinite=skip`` drops the step and counts it (``train/skipped_steps``),
