@@ -232,6 +232,28 @@ def test_inside_a_long_cpp_op_ctrl_c_is_answered_at_once_and_a_second_one_ends_t
     assert "the op ended" not in output and "SIGINT received" not in output  # the op never ended; said once
 
 
+def test_a_signal_is_said_once_and_one_sent_to_a_forked_worker_alone_not_at_all(caplog):
+    """The guard's handler and its watcher thread both see a signal; one of them says so. A forked child (a DataLoader
+    worker) inherits the wakeup fd the watcher reads, unless it lets it go: a SIGTERM to a worker alone would then be
+    announced by the trainer, which goes on training."""
+    from softmoe.harness.faults import PreemptionGuard
+
+    guard = PreemptionGuard().install()
+    try:
+        worker = os.fork()
+        if worker == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # the guard's handler, inherited, leaves it to the trainer
+            os._exit(0)
+        os.waitpid(worker, 0)
+        assert guard.received is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+    finally:
+        guard.restore()  # waits for the watcher: it has read both signals' wakeups by then
+    assert guard.received == signal.SIGUSR1
+    said = [message for message in caplog.messages if " received: stopping after this step" in message]
+    assert said == ["SIGUSR1 received: stopping after this step, saving last.pt"]
+
+
 def test_ctrl_c_at_an_epochs_last_step_still_prints_that_epochs_line(compose_run, tmp_path, monkeypatch, caplog):
     from softmoe.harness import loop
     from softmoe.harness.faults import Preempted

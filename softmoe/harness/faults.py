@@ -82,30 +82,32 @@ class PreemptionGuard:
         self.requested: Optional[int] = None
         self._owner = os.getpid()  # DataLoader workers fork with this handler; Ctrl-C reaches them too
         self._previous: dict[int, Any] = {}
-        self._first = threading.Lock()  # the handler and the watcher (SignalWatcher) race to note a signal first
+        self._announced: dict[str, object] = {}  # who said "stopping after this step": the handler or the watcher
         self._watcher: Optional[SignalWatcher] = None
-
-    def _note(self, signum: int) -> None:
-        """Record the first preemption signal and say so, once, from whichever of the handler (main thread, between
-        bytecodes) and the watcher (its own thread, at once, while a long op runs) sees it first."""
-        with self._first:
-            if self.received is not None:
-                return
-            self.received = self.requested = signum
-        again = "; Ctrl-C again ends the process at once, without saving this step" if signum == signal.SIGINT else ""
-        log.warning("%s received: stopping after this step, saving last.pt%s", signal.Signals(signum).name, again)
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if os.getpid() != self._owner:  # a forked worker: the training process decides, and stops it
             return
-        self._note(signum)
-        if self.received == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)  # where the kernel could not reset it (not Linux)
+        if self.received is None:
+            self.received = self.requested = signum
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)  # where the kernel could not reset it (not Linux)
+        self._announce(signum)
 
     def _watched(self, signum: int) -> None:
         # a signal handled by someone else now (a guard installed after this one) is not ours to announce
         if signum in self.signals and signal.getsignal(signum) == self._handle:
-            self._note(signum)
+            self._announce(signum)
+
+    def _announce(self, signum: int) -> None:
+        """Say once that the run stops after this step, from whichever sees the first signal first: the handler
+        (main thread, between bytecodes) or the watcher (its own thread, at once, even while a long op runs). Only
+        the handler changes the state: the loop and ``Distributed.share_signal`` read it in the main thread."""
+        me = object()
+        if self._announced.setdefault("by", me) is not me:  # one step under the GIL, even in a nested handler
+            return
+        again = "; Ctrl-C again ends the process at once, without saving this step" if signum == signal.SIGINT else ""
+        log.warning("%s received: stopping after this step, saving last.pt%s", signal.Signals(signum).name, again)
 
     def install(self) -> "PreemptionGuard":
         if threading.current_thread() is threading.main_thread():
@@ -156,11 +158,12 @@ class SignalWatcher:
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)  # set_wakeup_fd's requirement: a signal handler never blocks
         self._previous_fd = -1
+        self._thread = threading.Thread(target=self._run, name="softmoe-signal-watcher", daemon=True)
 
     def start(self) -> "SignalWatcher":
         self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         _watcher_fds.update((self._read, self._write))
-        threading.Thread(target=self._run, name="softmoe-signal-watcher", daemon=True).start()
+        self._thread.start()
         return self
 
     def _run(self) -> None:
@@ -178,6 +181,7 @@ class SignalWatcher:
         with contextlib.suppress(OSError):
             os.write(self._write, b"\0")
         os.close(self._write)
+        self._thread.join()  # it has acted on every signal that came before: nothing is said after the guard ends
 
 
 _watcher_fds: set[int] = set()  # the pipe of each running watcher
