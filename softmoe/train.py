@@ -35,6 +35,7 @@ from softmoe.harness.errors import (
     NonFiniteError,
     RunDirInUseError,
     exit_code,
+    one_line,
     preempted_exit_code,
 )
 from softmoe.harness.faults import Preempted
@@ -97,7 +98,7 @@ def main(cfg: DictConfig) -> float:
         hydra_configs = functools.partial(save_hydra_configs, task_cfg=cfg, hydra_cfg=HydraConfig.instance().cfg)
         summary = train(cfg, run_dir, wandb_group=group, wandb_name=name, on_claim=hydra_configs)
     except (*USER_ERRORS, NonFiniteError) as error:
-        print(f"{tag}error: {error}", file=sys.stderr)
+        print(f"{tag}error: {one_line(error)}", file=sys.stderr)
         if not isinstance(error, RunDirInUseError):  # that directory is the other process's
             remove_if_unused(run_dir, empty_parent_too=default_layout)  # a run that never started leaves no folder
         if isinstance(error, MID_RUN_ERRORS):  # a NaN stop, a bad file met mid-run, a full disk: last.pt is kept
