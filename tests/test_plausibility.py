@@ -9,6 +9,7 @@ from data_fixtures import write_image_tree
 from softmoe.harness.config import check_config
 from softmoe.harness.data import build_datasets
 from softmoe.harness.errors import ConfigError
+from softmoe.harness.loop import train
 from softmoe.harness.plausibility import group_options, warn_small_splits
 
 
@@ -62,4 +63,16 @@ def test_a_one_image_validation_split_is_warned_about_in_one_line(compose_run, t
     assert record.getMessage() == (
         "the validation split holds 1 image(s): its accuracy moves in steps of 100 points, too coarse to mean "
         "anything; give it more (data.val_size)"
+    )
+
+
+def test_a_folder_with_fewer_training_images_than_a_batch_is_refused_saying_how_far_to_lower_it(compose_run, tmp_path):
+    root = write_image_tree(tmp_path / "images", train={"a": 30, "b": 30}, val={"a": 10, "b": 10})
+    cfg = compose_run("data=imagefolder", f"data.root={root}", "data.img_size=32", "model.patch_size=4",
+                      "data.num_classes=2", "data.val_size=0.2", "logger=none")
+    with pytest.raises(ConfigError) as refused:
+        train(cfg, tmp_path / "run")
+    assert str(refused.value) == (
+        "trainer.batch_size=64: larger than the 48 training examples of data=imagefolder (what data.val_size=0.2 "
+        "leaves for training); must be at most 48"
     )

@@ -182,8 +182,10 @@ def open_run(
                   memory_share(distributed.device, trainer["cuda_memory_fraction"]))  # no DataLoader (data_on_device)
     steps_per_epoch, total_steps = planned_steps(trainer, len(data.train))
     if steps_per_epoch == 0:  # only for datasets whose size was unknown before they were scanned
-        raise ConfigError(
-            f"trainer.batch_size={trainer['batch_size']}: larger than the {len(data.train)} training examples"
+        raise ConfigError(  # e.g. a small folder of one's own images: say how far to lower it
+            f"trainer.batch_size={trainer['batch_size']}: larger than the {len(data.train)} training examples of "
+            f"data={config['data']['name']} (what data.val_size={config['data']['val_size']} leaves for training); "
+            f"must be at most {len(data.train)}"
         )
 
     state, forward = build_state(config, distributed, total_steps)
