@@ -156,12 +156,13 @@ class TrainState:
 
 def build_state(config: Mapping[str, Any], distributed: Distributed, total_steps: int) -> tuple[TrainState, nn.Module]:
     """A fresh :class:`TrainState` and what to call forward on: the model on this rank's device (expert parallel:
-    its experts; DDP-wrapped when data parallel), AdamW/SGD with weight decay by parameter name, the schedule,
-    loss scaling for fp16, the NaN/inf guard."""
+    its experts; FSDP: its shards; DDP-wrapped when data parallel), AdamW/SGD with weight decay by parameter name,
+    the schedule, loss scaling for fp16, the NaN/inf guard."""
     trainer, device = config["trainer"], distributed.device
     model = build_model(config["model"], config["moe"]).to(device)
-    model.set_grad_checkpointing(trainer["activation_checkpointing"])  # recompute each block's activations in backward
-    model, forward = distributed.setup_model(model, trainer["compile"])
+    model.set_grad_checkpointing(trainer["activation_checkpointing"])  # recompute each block in backward
+    model = distributed.shard_model(model)  # every rank keeps its part of rank 0's weights
+    forward = distributed.wrap_model(model, trainer["compile"])
     optimizer = build_optimizer(config["optimizer"], model, config["moe"])
     scaler = torch.amp.GradScaler(device.type, enabled=trainer["precision"] == "fp16")
     # fused AdamW/Adam/SGD take a found_inf flag (PyTorch sets this attribute on them for GradScaler); with fp16 the
