@@ -186,7 +186,7 @@ def open_run(
             f"trainer.batch_size={trainer['batch_size']}: larger than the {len(data.train)} training examples"
         )
 
-    state, forward = build_state(config, distributed, total_steps)
+    state, forward = build_state(config, distributed, total_steps, resuming=checkpoint is not None)
     log_plan(config, data, state.model, total_steps, steps_per_epoch)
     if checkpoint is not None:
         state.load_state_dict(checkpoint, distributed)  # expert parallel: this rank's experts
