@@ -17,6 +17,7 @@ from conftest import ROOT
 from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.resume_hint import resume_command
 from test_nonfinite import NAN_EXAMPLE, SYNTHETIC, step_holding
+from test_readme import README_COMMANDS, RUN_DIR
 from test_reliability import RUN, read_events
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -77,11 +78,11 @@ def test_a_signal_stop_prints_the_command_that_resumes_from_the_default_run_dire
     assert last_line.endswith(f"hydra.run.dir={run_dir.relative_to(tmp_path)}")  # relative to where it was run
     output = assert_it_resumes(printed_resume_command(output), tmp_path, run_dir)
     assert "done: test accuracy" in output
-    if signum == signal.SIGINT:  # the end of a single run: each block's entropy, then the next steps, which run
-        assert_summary_and_next_steps_run(output, tmp_path, run_dir)
+    if signum == signal.SIGINT:  # the end of a single run: each block's entropy, then the next steps
+        assert_summary_and_next_steps_are_the_readmes(output, tmp_path, run_dir)
 
 
-def assert_summary_and_next_steps_run(output: str, cwd: Path, run_dir: Path) -> None:
+def assert_summary_and_next_steps_are_the_readmes(output: str, cwd: Path, run_dir: Path) -> None:
     lines = output.splitlines()
     entropy = next(line for line in lines if line.startswith("final dispatch entropy (1 = uniform): "))
     assert [part.split()[:2] for part in entropy.split(": ", 1)[1].split(", ")] == [["block", "1"]]  # depth 2
@@ -90,11 +91,13 @@ def assert_summary_and_next_steps_run(output: str, cwd: Path, run_dir: Path) -> 
         ["python", "-m", "softmoe.evaluate"], ["cp", "notebooks/routing_analysis.ipynb", "/tmp/"],
         ["python", "-m", "softmoe.collect"],
     ]
-    for step in (steps[0], steps[2]):  # the notebook's headless run: tests/test_notebooks.py
-        command = [sys.executable, *shlex.split(step.split("#")[0])[1:]]
-        result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr
-    assert list((run_dir / "evaluate").glob("evaluation_best_step*.json")) and (run_dir / "results.md").is_file()
+    # The printed steps are the README's next steps for this run directory, which tests/test_readme.py runs on the
+    # quick start's run (running them again here would cost half a minute and test nothing more).
+    absolute, relative = str(run_dir.resolve()), str(run_dir.relative_to(cwd))
+    readme = {" ".join(command.split()) for command in README_COMMANDS}
+    for step in steps:
+        step = step.split("  #")[0].replace(absolute, f"$PWD/{RUN_DIR}").replace(relative, RUN_DIR)
+        assert " ".join(step.split()) in readme, (step, sorted(readme))
 
 
 @pytest.mark.slow

@@ -181,44 +181,43 @@ def test_the_wandb_sync_hint_of_a_resumed_offline_run_uploads_every_part_in_orde
     assert all(hint.endswith(f"wandb sync {parts[0]} {parts[1]}") for hint in hints)
 
 
-@pytest.mark.slow
-def test_parallel_sweep_jobs_tag_their_lines_and_the_sweep_ends_with_the_collect_command(tmp_path):
+SWEEP_WARNING = "data.val_size=0: no validation split, so no model selection"
+
+
+@pytest.fixture(scope="module", params=["joblib", "basic"])  # the jobs as processes, or one after another in one
+def two_job_sweep(request, tmp_path_factory):
+    """(sweep directory, console lines) of a 2-job sweep with no validation split: every job warns the same."""
+    sweep_dir = tmp_path_factory.mktemp(f"sweep_{request.param}")
     command = [
-        sys.executable, "-m", "softmoe.train", "-m", "launcher=joblib", "moe.num_experts=4,8", "trainer.max_steps=2",
-        "trainer.batch_size=256", "trainer.eval_batches=1", "model.depth=2", "logger=none", *QUIET,
-        f"hydra.sweep.dir={tmp_path}",
+        sys.executable, "-m", "softmoe.train", "-m", f"launcher={request.param}", "moe.num_experts=4,8",
+        "data.val_size=0", "trainer.max_steps=2", "trainer.batch_size=256", "trainer.eval_batches=1", "model.depth=2",
+        "logger=none", *QUIET, f"hydra.sweep.dir={sweep_dir}",
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = (result.stdout + result.stderr).splitlines()
+    return sweep_dir, (result.stdout + result.stderr).splitlines()
+
+
+def test_sweep_jobs_tag_their_lines_and_the_sweep_ends_with_the_collect_command(two_job_sweep):
+    sweep_dir, lines = two_job_sweep
     job_lines = [line for line in lines if not line.startswith("[20")]  # Hydra's own launcher lines are dated
-    assert job_lines[-1] == f"sweep done: {tmp_path}; tabulate it with: python -m softmoe.collect {tmp_path}"
+    assert job_lines[-1] == f"sweep done: {sweep_dir}; tabulate it with: python -m softmoe.collect {sweep_dir}"
     for job in (0, 1):
         assert any(line.startswith(f"[job {job}] model: vit_micro") for line in job_lines)
-        assert f"[job {job}] run directory: {tmp_path / str(job)}" in job_lines
+        assert f"[job {job}] run directory: {sweep_dir / str(job)}" in job_lines
     assert all(line.startswith(("[job 0] ", "[job 1] ")) for line in job_lines[:-1]), job_lines
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["joblib", "basic"])  # the jobs as processes, or one after another in one
-def test_a_warning_every_sweep_job_repeats_is_shown_once_and_kept_in_each_train_log(launcher, tmp_path):
-    warning = "data.val_size=0: no validation split, so no model selection"
-    command = [
-        sys.executable, "-m", "softmoe.train", "-m", f"launcher={launcher}", "moe.num_experts=4,8", "data.val_size=0",
-        "trainer.max_steps=2", "trainer.batch_size=256", "trainer.eval_batches=1", "model.depth=2", "logger=none",
-        *QUIET, f"hydra.sweep.dir={tmp_path}",
-    ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = (result.stdout + result.stderr).splitlines()
-    shown = [line for line in lines if warning in line]
+def test_a_warning_every_sweep_job_repeats_is_shown_once_and_kept_in_each_train_log(two_job_sweep):
+    sweep_dir, lines = two_job_sweep
+    shown = [line for line in lines if SWEEP_WARNING in line]
     assert len(shown) == 1 and shown[0].startswith(("[job 0] ", "[job 1] ")), shown
     assert shown[0].endswith("(shown once for the sweep; each job's train.log keeps its own)")
     for job in (0, 1):
-        assert any(line.startswith(f"[job {job}] run directory: ") for line in lines)  # both jobs still speak
-        assert (tmp_path / str(job) / "train.log").read_text().count(warning) == 1
-    assert collect_main([str(tmp_path), "--out", str(tmp_path / "results")]) == 0  # the markers are no run
-    table = (tmp_path / "results" / "results.md").read_text().splitlines()
+        assert (sweep_dir / str(job) / "train.log").read_text().count(SWEEP_WARNING) == 1
+    results = sweep_dir.parent / f"{sweep_dir.name}_results"
+    assert collect_main([str(sweep_dir), "--out", str(results)]) == 0  # the markers are no run
+    table = (results / "results.md").read_text().splitlines()
     assert [row.split(" | ")[:2] for row in table[2:]] == [["| 4", "1"], ["| 8", "1"]]
 
 
