@@ -57,8 +57,8 @@ def batch():
 # One process ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [[], ["moe=dense"], ["routing=tokens_choice"], ["+model.init_values=0.1"]],
-                         ids=["soft", "dense", "tokens_choice", "layer_scale"])
+@pytest.mark.parametrize("overrides", [["+model.init_values=0.1"], ["moe=dense"], ["routing=tokens_choice"]],
+                         ids=["soft_with_layer_scale", "dense", "tokens_choice"])
 def test_each_parameter_has_the_default_builds_distribution(compose_run, overrides):
     from scipy.stats import ks_2samp
 
@@ -71,9 +71,12 @@ def test_each_parameter_has_the_default_builds_distribution(compose_run, overrid
         drawn = meta[name]
         if (expected == expected.flatten()[0]).all():  # ones, zeros, the router's scale, layer scale
             assert torch.equal(drawn, expected), name
-        else:  # the same distribution: a two-sample Kolmogorov-Smirnov test, and never the same numbers
-            assert ks_2samp(drawn.flatten().numpy(), expected.flatten().numpy()).pvalue > 1e-3, name
-            assert not torch.equal(drawn, expected), name
+        else:  # the same distribution: a two-sample Kolmogorov-Smirnov test, its threshold low enough that another
+            # CPU's draws are unlikely to fail it, yet every tensor of 1,024 draws or more rejects twice the spread
+            assert not torch.equal(drawn, expected), name  # ... and never the default build's numbers
+            drawn, expected = drawn.flatten().numpy(), expected.flatten().numpy()
+            assert ks_2samp(drawn, expected).pvalue > 1e-6, name
+            assert drawn.size < 1024 or ks_2samp(drawn, 2 * expected).pvalue < 1e-6, name
 
 
 def test_the_draws_depend_on_the_seed_alone_and_leave_the_runs_generators_alone(compose_run):
