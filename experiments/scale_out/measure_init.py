@@ -11,7 +11,6 @@ the process's high-water mark (``ru_maxrss``): before the build (PyTorch, gloo, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import time
@@ -20,12 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
-from torch.distributed.tensor import DTensor
 
 from softmoe.harness.distributed import Distributed
 from softmoe.harness.model import build_model
 from softmoe.harness.rules import plain
 from softmoe.harness.state import build_state
+
+from measure import append_rows, local_bytes  # this folder's (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = [
@@ -55,7 +55,7 @@ def main() -> None:
     model = build_state(config, distributed, total_steps=1)[0].model
     dist.barrier()
     seconds = time.perf_counter() - started
-    pieces = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+    pieces = local_bytes(model.parameters())
     with torch.device("meta"):  # the whole model's size, from its shapes
         whole = sum(p.nbytes for p in build_model(config["model"], config["moe"], upcycle_weights=False).parameters())
     row = {
@@ -63,12 +63,7 @@ def main() -> None:
         "build_seconds": seconds, "model_mib": whole / 2**20, "pieces_mib": pieces / 2**20,
         "rss_before_build_mib": before, "peak_rss_mib": peak_rss_mib(), "load_average": os.getloadavg()[0],
     }
-    rows = [None] * world_size
-    dist.all_gather_object(rows, row)
-    if distributed.rank == 0:
-        with open(args.out, "a") as file:
-            for each in rows:
-                file.write(json.dumps(each) + "\n")
+    append_rows(row, args.out)
     dist.destroy_process_group()
 
 
