@@ -35,6 +35,7 @@ from softmoe.harness.errors import (
     NonFiniteError,
     RunDirInUseError,
     exit_code,
+    one_line,
     preempted_exit_code,
 )
 from softmoe.harness.faults import Preempted
@@ -42,7 +43,7 @@ from softmoe.harness.console import final_dispatch_entropy, next_steps
 from softmoe.harness.loop import train
 from softmoe.harness.overrides import composition_error
 from softmoe.harness.resume_hint import resume_hint
-from softmoe.harness.runs import remove_if_unused, save_hydra_configs
+from softmoe.harness.runs import in_default_layout, remove_if_unused, save_hydra_configs
 from softmoe.harness.sweeps import tag_console
 from softmoe.runtime import tune_allocator
 
@@ -68,6 +69,17 @@ def say_how_to_resume(tag: str, run_dir: Path) -> None:
         print(f"{tag}last.pt is kept; {hint}", file=sys.stderr)
 
 
+def say_how_to_resume_after_a_crash(tag: str, run_dir: Path) -> None:
+    """:func:`say_how_to_resume`, even when a signal handler raises inside it. PyTorch reports a DataLoader worker
+    that died (the OOM killer's SIGKILL) from its SIGCHLD handler, which runs in the main thread wherever it is: when
+    the worker's death first surfaced as another error (its half-sent batch), that is here. Its error then follows."""
+    try:
+        say_how_to_resume(tag, run_dir)
+    except Exception:  # a pending handler runs once, at the first chance, before the hint is printed: say it again
+        say_how_to_resume(tag, run_dir)
+        raise
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
@@ -80,14 +92,15 @@ def main(cfg: DictConfig) -> float:
     tag_console(tag, Path(hydra_cfg.sweep.dir) if multirun else None)
     group, name = wandb_group_and_name(hydra_cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    default_layout = in_default_layout(hydra_cfg)  # outputs/runs/<date>/<time>: its empty <date> goes with it
     try:
         # Hydra's .hydra/ configs are written once this process holds the run directory (conf/hydra/default.yaml)
         hydra_configs = functools.partial(save_hydra_configs, task_cfg=cfg, hydra_cfg=HydraConfig.instance().cfg)
         summary = train(cfg, run_dir, wandb_group=group, wandb_name=name, on_claim=hydra_configs)
     except (*USER_ERRORS, NonFiniteError) as error:
-        print(f"{tag}error: {error}", file=sys.stderr)
+        print(f"{tag}error: {one_line(error)}", file=sys.stderr)
         if not isinstance(error, RunDirInUseError):  # that directory is the other process's
-            remove_if_unused(run_dir)  # a run that never started leaves no directory behind
+            remove_if_unused(run_dir, empty_parent_too=default_layout)  # a run that never started leaves no folder
         if isinstance(error, MID_RUN_ERRORS):  # a NaN stop, a bad file met mid-run, a full disk: last.pt is kept
             say_how_to_resume(tag, run_dir)
         sys.exit(exit_code(error))
@@ -97,11 +110,11 @@ def main(cfg: DictConfig) -> float:
         sys.exit(preempted.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before training started (a second one during a step ends the process)
         print(f"{tag}error: interrupted before training started", file=sys.stderr)
-        remove_if_unused(run_dir)
+        remove_if_unused(run_dir, empty_parent_too=default_layout)
         say_how_to_resume(tag, run_dir)  # a resumed run interrupted while loading
         sys.exit(preempted_exit_code(signal.SIGINT))
     except Exception:  # a crash: Hydra prints the traceback; a checkpoint written before it is not lost
-        say_how_to_resume(tag, run_dir)
+        say_how_to_resume_after_a_crash(tag, run_dir)
         raise
     log.info("done: %s, %d steps", summary.describe(), summary.steps)
     entropy = final_dispatch_entropy(summary.run_dir)

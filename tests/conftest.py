@@ -5,7 +5,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+# Under pytest-xdist (the README's `-n auto`) each worker, and every command it starts, computes on one thread: two
+# workers of two threads each on a 2-core machine would make OpenMP's spinning threads take turns on the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS: torch reads it once, when imported)
 
 from softmoe.harness.wandb_files import item_path, read_records
 

@@ -3,6 +3,7 @@
 The options are read from conf/<group>/*.yaml, so a new file is tested by being added.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -288,7 +289,7 @@ def test_unknown_options_and_keys_are_named_by_hydra(compose_run, override, frag
 @pytest.mark.slow
 def test_cli_prints_one_line_and_exits_nonzero_before_loading_anything(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "softmoe.train", "moe.num_experts=0", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "softmoe.train", "moe.num_experts=0", f"hydra.run.dir={tmp_path}/run"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -297,7 +298,17 @@ def test_cli_prints_one_line_and_exits_nonzero_before_loading_anything(tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: moe.num_experts=0: must be a positive integer"
     assert "Traceback" not in result.stdout + result.stderr
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert list(tmp_path.iterdir()) == []  # the run directory is gone; the user's own folder, empty, stays
+
+
+@pytest.mark.slow
+def test_a_refused_run_in_the_default_layout_leaves_no_empty_date_folder(tmp_path):
+    (tmp_path / "outputs" / "runs" / "2020-01-01" / "12-00-00").mkdir(parents=True)  # an earlier run's, kept
+    command = [sys.executable, "-m", "softmoe.train", "moe.num_experts=0"]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert [path.name for path in (tmp_path / "outputs" / "runs").iterdir()] == ["2020-01-01"]
 
 
 def test_plain_resolves_interpolations_and_leaves_out_hydras_node():

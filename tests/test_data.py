@@ -35,6 +35,7 @@ from softmoe.harness.data import (
     dataset_size,
     check_data_config,
 )
+from softmoe.harness.errors import one_line
 from softmoe.harness.data import fashion_mnist
 from softmoe.harness.data.cifar import CheckedCIFAR10, CheckedCIFAR100
 from softmoe.harness.data.digits import DIGITS_MEAN, DIGITS_STD
@@ -353,6 +354,17 @@ def test_imagefolder_tree_loads_with_vit_transforms(tmp_path):
     assert torch.equal(bundle.test[1][0], image)  # evaluation is deterministic
     images, labels = next(iter(build_loader(bundle.train, 4, train=True)))
     assert images.shape == (4, 3, 16, 16)
+
+
+def test_an_image_that_breaks_in_a_dataloader_worker_is_still_named_in_one_line(tmp_path):
+    write_image_tree(tmp_path, train={"a": 2, "b": 2}, val={"a": 1, "b": 1})
+    bundle = _imagefolder(tmp_path, num_classes=2)
+    (tmp_path / "train" / "a" / "0.png").write_bytes(b"not a PNG any more")  # after the dataset was checked
+    with pytest.raises(BadDataError) as raised:
+        next(iter(build_loader(bundle.train, 4, train=True, num_workers=1)))
+    assert "Original Traceback" in str(raised.value)  # PyTorch's message: the worker's traceback
+    assert one_line(raised.value).startswith(f"{tmp_path / 'train' / 'a' / '0.png'}: unreadable image (")
+    assert "\n" not in one_line(raised.value) and one_line(ValueError("x")) == "x"
 
 
 def test_imagefolder_grayscale(tmp_path):

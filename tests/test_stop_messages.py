@@ -1,6 +1,7 @@
 """What a user reads when a run stops, and whether it is true: every stop message prints a command that resumes the
 run, from the default run directory too; a second Ctrl-C ends the process at once, even inside a long C++ op."""
 
+import contextlib
 import logging
 import os
 import shlex
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from data_fixtures import write_image_tree
 from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.resume_hint import resume_command
 from test_nonfinite import NAN_EXAMPLE, SYNTHETIC, step_holding
@@ -115,6 +117,77 @@ def test_a_nonfinite_stop_prints_the_command_that_resumes_from_its_last_checkpoi
     assert_it_resumes(printed_resume_command(result.stderr), tmp_path, run_dir)
 
 
+# Own images (the README's own-data command, CPU-sized): 24 training images in 3 steps per epoch, 10 epochs, last.pt
+# after each epoch's validation.
+OWN_IMAGES = [
+    "data=imagefolder", "data.root=my_images", "data.img_size=8", "model.patch_size=4", "data.num_classes=2",
+    "data.val_size=8", "model.depth=2", "trainer.batch_size=8", "trainer.max_steps=30", "trainer.log_every=1",
+    "logger=none", "trainer.progress_bar=false",
+]
+
+
+def wait_for_checkpoint(process: subprocess.Popen, run_dir: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (run_dir / "last.pt").is_file():
+        assert process.poll() is None, f"the run ended before its first checkpoint: {process.communicate()[0]}"
+        assert time.monotonic() < deadline, f"no last.pt in {run_dir} after {timeout} s"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_an_image_that_breaks_mid_run_prints_the_command_that_resumes(tmp_path):
+    """A training image becomes unreadable after a checkpoint (a disk going bad, a file rewritten in place): the run
+    stops naming it, keeps last.pt, and the printed command continues from it once the file is good again."""
+    write_image_tree(tmp_path / "my_images", train={"a": 16, "b": 16}, val={"a": 4, "b": 4}, size=8)
+    images = {path: path.read_bytes() for path in (tmp_path / "my_images").rglob("*.png")}
+    trainer = subprocess.Popen([sys.executable, "-m", "softmoe.train", *OWN_IMAGES], cwd=tmp_path, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = default_run_dir(tmp_path)
+    wait_for_checkpoint(trainer, run_dir)
+    trainer.send_signal(signal.SIGSTOP)  # paused after its first checkpoint: it reads nothing until every image is bad
+    for path in images:  # every image, so whatever the run reads next (a training batch, validation, test) is bad
+        path.write_bytes(b"not a PNG any more")
+    trainer.send_signal(signal.SIGCONT)
+    output = trainer.communicate(timeout=300)[0]
+    assert trainer.returncode == 2, output
+    error, hint = output.strip().splitlines()[-2:]
+    assert error.startswith("error: my_images/") and ".png: unreadable image" in error, output  # names the file
+    assert hint.startswith("last.pt is kept; resume with: python -m softmoe.train data=imagefolder "), output
+    for path, data in images.items():
+        path.write_bytes(data)
+    assert "done: test accuracy" in assert_it_resumes(printed_resume_command(output), tmp_path, run_dir)
+
+
+def child_processes(pid: int) -> list[int]:
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
+@pytest.mark.slow
+def test_a_crash_after_a_checkpoint_prints_the_command_that_resumes(tmp_path):
+    """An unexpected error (here a DataLoader worker killed, as the OOM killer does) ends the run with Hydra's
+    traceback; the command printed before it continues from the last checkpoint."""
+    trainer = subprocess.Popen([sys.executable, "-m", "softmoe.train", *RUN, "trainer.num_workers=1"], cwd=tmp_path,
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = default_run_dir(tmp_path)
+    wait_for_checkpoint(trainer, run_dir)
+    killed = set()
+    while trainer.poll() is None:  # a worker ending between two loaders is no error: kill the next one then
+        trainer.send_signal(signal.SIGSTOP)
+        workers = set(child_processes(trainer.pid)) - killed  # a killed worker stays a child until it is reaped
+        for worker in workers:
+            os.kill(worker, signal.SIGKILL)
+        killed |= workers
+        trainer.send_signal(signal.SIGCONT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            trainer.wait(timeout=2)
+    output = trainer.communicate()[0]
+    assert trainer.returncode == 1, output
+    assert "RuntimeError: DataLoader worker (pid " in output and "is killed by signal: Killed" in output, output
+    assert "last.pt is kept; resume with: python -m softmoe.train model.depth=2 " in output, (killed, output)
+    assert "done: test accuracy" in assert_it_resumes(printed_resume_command(output), tmp_path, run_dir)
+
+
 def test_the_resume_command_keeps_the_overrides_and_names_the_run_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE"):
@@ -142,21 +215,46 @@ LONG_OP = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_a_second_ctrl_c_ends_the_process_at_once_even_inside_a_long_cpp_op():
+def test_inside_a_long_cpp_op_ctrl_c_is_answered_at_once_and_a_second_one_ends_the_process():
     process = subprocess.Popen([sys.executable, "-c", LONG_OP], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
         assert process.stdout.readline().strip() == "ready"
         time.sleep(0.5)  # inside torch.mm now
         process.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        # said while the op runs (not when it ends, after the minute a user would wait in silence)
+        said = process.stdout.readline()
+        assert said.startswith("SIGINT received: stopping after this step, saving last.pt; Ctrl-C again "), said
+        time.sleep(0.5)  # had the op ended before the message, the script would have gone on to its last line by now
         process.send_signal(signal.SIGINT)
         process.wait(timeout=20)  # the op itself runs for about a minute
     finally:
         process.kill()
     output = process.stdout.read()
     assert process.returncode == -signal.SIGINT, output  # the shell reports 128 + 2 = 130
-    assert "the op ended" not in output
+    assert "the op ended" not in output and "SIGINT received" not in output  # the op never ended; said once
+
+
+def test_a_signal_is_said_once_and_one_sent_to_a_forked_worker_alone_not_at_all(caplog):
+    """The guard's handler and its watcher thread both see a signal; one of them says so. A forked child (a DataLoader
+    worker) inherits the wakeup fd the watcher reads, unless it lets it go: a SIGTERM to a worker alone would then be
+    announced by the trainer, which goes on training."""
+    from softmoe.harness.faults import PreemptionGuard
+
+    guard = PreemptionGuard().install()
+    try:
+        worker = os.fork()
+        if worker == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # the guard's handler, inherited, leaves it to the trainer
+            os._exit(0)
+        os.waitpid(worker, 0)
+        assert guard.received is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+    finally:
+        guard.restore()  # waits for the watcher: it has read both signals' wakeups by then
+    assert guard.received == signal.SIGUSR1
+    said = [message for message in caplog.messages if " received: stopping after this step" in message]
+    assert said == ["SIGUSR1 received: stopping after this step, saving last.pt"]
 
 
 def test_ctrl_c_at_an_epochs_last_step_still_prints_that_epochs_line(compose_run, tmp_path, monkeypatch, caplog):

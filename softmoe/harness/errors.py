@@ -60,6 +60,18 @@ def preempted_exit_code(signum: int) -> int:
     return 128 + int(signum)
 
 
+def one_line(error: BaseException) -> str:
+    """``error``'s message, as a command prints it after ``error:``. An error raised in a DataLoader worker
+    (``trainer.num_workers`` > 0) reaches the training process with the worker's whole traceback as its message
+    (PyTorch's ``ExceptionWrapper``: "Caught BadDataError in DataLoader worker process 0.\\nOriginal Traceback ...");
+    the original message is its last line, after the error's name."""
+    text, kind = str(error), type(error)
+    if not (text.startswith(f"Caught {kind.__name__} ") and "\nOriginal Traceback" in text):
+        return text
+    last, name = text.rstrip("\n").rsplit("\n", 1)[-1], f"{kind.__module__}.{kind.__qualname__}: "
+    return last[len(name):] if last.startswith(name) else last
+
+
 def exit_code(error: BaseException) -> int:
     """The exit status a command gives for ``error`` (1 for anything unexpected: a traceback is printed)."""
     if isinstance(error, USER_ERRORS):

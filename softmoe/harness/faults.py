@@ -8,7 +8,8 @@ SIGUSR2), the status a shell gives a process the signal killed. A handler instal
 then called, so SLURM requeues the job and the new job resumes from ``last.pt``. A second Ctrl-C ends the process
 at once, without saving: the kernel gives SIGINT back its default action as it delivers the first one
 (:func:`reset_on_delivery`), so it ends the process even inside a long C++ op, where no Python handler could run (the
-shell reports status 130; the last ``last.pt`` is kept).
+shell reports status 130; the last ``last.pt`` is kept). Inside such an op the first signal is still answered at
+once: a thread of the guard's (:class:`SignalWatcher`) says "stopping after this step" while the op runs.
 
 Non-finite numbers (:class:`NonFiniteGuard`): a step whose loss or gradient norm is NaN or inf never
 changes the weights. ``trainer.nonfinite=skip`` drops the step and counts it (``train/skipped_steps``),
@@ -28,6 +29,7 @@ step on an accelerator; a stop comes at once and names the first non-finite grad
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -80,17 +82,32 @@ class PreemptionGuard:
         self.requested: Optional[int] = None
         self._owner = os.getpid()  # DataLoader workers fork with this handler; Ctrl-C reaches them too
         self._previous: dict[int, Any] = {}
+        self._announced: dict[str, object] = {}  # who said "stopping after this step": the handler or the watcher
+        self._watcher: Optional[SignalWatcher] = None
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if os.getpid() != self._owner:  # a forked worker: the training process decides, and stops it
             return
         if self.received is None:
             self.received = self.requested = signum
-            again = ""
             if signum == signal.SIGINT:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)  # where the kernel could not reset it (not Linux)
-                again = "; Ctrl-C again ends the process at once, without saving this step"
-            log.warning("%s received: stopping after this step, saving last.pt%s", signal.Signals(signum).name, again)
+        self._announce(signum)
+
+    def _watched(self, signum: int) -> None:
+        # a signal handled by someone else now (a guard installed after this one) is not ours to announce
+        if signum in self.signals and signal.getsignal(signum) == self._handle:
+            self._announce(signum)
+
+    def _announce(self, signum: int) -> None:
+        """Say once that the run stops after this step, from whichever sees the first signal first: the handler
+        (main thread, between bytecodes) or the watcher (its own thread, at once, even while a long op runs). Only
+        the handler changes the state: the loop and ``Distributed.share_signal`` read it in the main thread."""
+        me = object()
+        if self._announced.setdefault("by", me) is not me:  # one step under the GIL, even in a nested handler
+            return
+        again = "; Ctrl-C again ends the process at once, without saving this step" if signum == signal.SIGINT else ""
+        log.warning("%s received: stopping after this step, saving last.pt%s", signal.Signals(signum).name, again)
 
     def install(self) -> "PreemptionGuard":
         if threading.current_thread() is threading.main_thread():
@@ -98,10 +115,14 @@ class PreemptionGuard:
                 self._previous[signum] = signal.signal(signum, self._handle)
             if signal.SIGINT in self.signals:
                 reset_on_delivery(signal.SIGINT)
+            self._watcher = SignalWatcher(self._watched).start()
         return self
 
     def restore(self) -> None:
         """Put back the handlers found at :meth:`install`."""
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
@@ -121,6 +142,65 @@ class PreemptionGuard:
                 previous(signum, None)
 
         return call
+
+
+class SignalWatcher:
+    """Calls ``on_signal(signum)`` from a thread of its own as soon as a signal with a Python handler arrives, even
+    while the main thread is inside a long C++ op (a step of minutes), where the handler itself cannot run yet.
+
+    Python's C-level handler writes each signal's number to the wakeup fd (:func:`signal.set_wakeup_fd`) at once;
+    this thread reads it. It runs whenever the main thread releases the GIL, which torch's ops do. One watcher at a
+    time (the wakeup fd is one per process): :meth:`stop` puts back the one found at :meth:`start`. Main thread only.
+    """
+
+    def __init__(self, on_signal: Callable[[int], None]) -> None:
+        self.on_signal = on_signal
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)  # set_wakeup_fd's requirement: a signal handler never blocks
+        self._previous_fd = -1
+        self._thread = threading.Thread(target=self._run, name="softmoe-signal-watcher", daemon=True)
+
+    def start(self) -> "SignalWatcher":
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        _watcher_fds.update((self._read, self._write))
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        with os.fdopen(self._read, "rb", buffering=0) as wakeups:
+            while True:
+                data = wakeups.read(64)
+                if not data or 0 in data:  # closed, or stop()'s 0 (no signal has number 0)
+                    return
+                for signum in data:
+                    self.on_signal(signum)
+
+    def stop(self) -> None:
+        signal.set_wakeup_fd(self._previous_fd)  # first: Python's handler must not write to a closed fd
+        _watcher_fds.difference_update((self._read, self._write))  # the thread closes the read end
+        with contextlib.suppress(OSError):
+            os.write(self._write, b"\0")
+        os.close(self._write)
+        self._thread.join()  # it has acted on every signal that came before: nothing is said after the guard ends
+
+
+_watcher_fds: set[int] = set()  # the pipe of each running watcher
+
+
+def _no_watcher_in_a_forked_child() -> None:
+    """A forked child (a DataLoader worker) inherits the wakeup fd and the pipe, not the thread: its signals would
+    reach the parent's watcher, which would announce a SIGTERM sent to a worker alone. The child lets them go."""
+    if _watcher_fds:
+        with contextlib.suppress(ValueError):  # forked from a thread other than the main one
+            signal.set_wakeup_fd(-1)
+        for fd in _watcher_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _watcher_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_no_watcher_in_a_forked_child)
 
 
 class _SigAction(ctypes.Structure):

@@ -15,6 +15,7 @@ still runs) out of a run directory a live process trains in.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -34,6 +36,7 @@ from .config import resolve_device
 from .data import DataBundle, build_datasets
 from .errors import ConfigError, RunDirInUseError
 from .model import build_model
+from .plausibility import CONF_DIR
 from .telemetry import METRICS_FILE, json_lines
 
 CHECKPOINTS = ("best", "last")
@@ -108,9 +111,12 @@ def save_hydra_configs(run_dir: Union[str, Path], task_cfg: Any, hydra_cfg: Any)
         (configs / f"{name}.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
 
 
-def remove_if_unused(run_dir: Union[str, Path]) -> bool:
+def remove_if_unused(run_dir: Union[str, Path], *, empty_parent_too: bool = False) -> bool:
     """Delete ``run_dir`` when it holds nothing but Hydra's own files (and the run lock): what a run that never
-    started (a bad config value, missing data) leaves. Returns whether it was deleted."""
+    started (a bad config value, missing data) leaves. Returns whether it was deleted.
+
+    ``empty_parent_too``: then also the parent folder, if that leaves it empty: the ``<date>`` folder Hydra made for
+    the default ``runs/<date>/<time>`` layout (:func:`in_default_layout`); never a folder the user named."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or any(path.name not in (*HYDRA_FILES, LOCK_FILE) for path in run_dir.iterdir()):
         return False
@@ -119,7 +125,23 @@ def remove_if_unused(run_dir: Union[str, Path]) -> bool:
             logging.getLogger().removeHandler(handler)
             handler.close()
     shutil.rmtree(run_dir, ignore_errors=True)
+    if empty_parent_too:
+        with contextlib.suppress(OSError):  # not empty: another run of that day is in it
+            run_dir.parent.rmdir()
     return True
+
+
+HYDRA_DEFAULTS = CONF_DIR / "hydra" / "default.yaml"
+
+
+def in_default_layout(hydra_cfg: DictConfig) -> bool:
+    """Whether a single run's directory is ``conf/hydra/default.yaml``'s ``<paths.output_dir>/runs/<date>/<time>``,
+    whose ``<date>`` folder Hydra made, and not one named by ``hydra.run.dir`` (on the command line or in a config).
+    ``hydra_cfg``: the run's Hydra node (``HydraConfig.get()``)."""
+    if hydra_cfg.mode != RunMode.RUN:  # a sweep's job directories sit in the sweep directory, which stays
+        return False
+    default = OmegaConf.to_container(OmegaConf.load(HYDRA_DEFAULTS).run, resolve=False)["dir"]
+    return OmegaConf.to_container(hydra_cfg.run, resolve=False)["dir"] == default
 
 
 class RunDirLock:
