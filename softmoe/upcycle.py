@@ -35,7 +35,7 @@ EXPERT_PARAMETERS = (
 )
 
 
-class _Source(NamedTuple):
+class UpcycleSource(NamedTuple):
     """Where one entry of the upcycled state dict comes from."""
 
     dense_key: Optional[str]  # None: the model keeps its own value (router, ``keep_init``)
@@ -105,19 +105,26 @@ def upcycle_state_dict(
         raise ValueError(f"noise_std must be >= 0, got {noise_std}")
     target = model.state_dict()
     state: Dict[str, torch.Tensor] = {}
-    for key, source in _sources(dense_state, model, keep_init).items():
+    for key, source in upcycle_sources(dense_state, model, keep_init).items():
         if source.dense_key is None:
             state[key] = target[key]
             continue
-        value = dense_state[source.dense_key]
-        if source.num_experts:
-            value = value.T if source.transposed else value
-            value = value.to(target[key].dtype).unsqueeze(0).repeat(source.num_experts, *([1] * value.ndim))
-            if noise_std > 0 and source.noisy:
-                noise = torch.randn(value.shape, generator=generator, dtype=value.dtype)
-                value = value + noise_std * noise.to(value.device)
+        value = upcycled_value(dense_state, source, target[key].dtype)
+        if noise_std > 0 and source.noisy:
+            noise = torch.randn(value.shape, generator=generator, dtype=value.dtype)
+            value = value + noise_std * noise.to(value.device)
         state[key] = value
     return state
+
+
+def upcycled_value(dense_state: Mapping[str, torch.Tensor], source: UpcycleSource, dtype: torch.dtype) -> torch.Tensor:
+    """One entry of the upcycled state dict, before noise: the dense tensor ``source`` names, repeated over the
+    experts for an expert bank. ``source.dense_key`` must not be None (that entry keeps the model's own value)."""
+    value = dense_state[source.dense_key]
+    if source.num_experts:
+        value = value.T if source.transposed else value
+        value = value.to(dtype).unsqueeze(0).repeat(source.num_experts, *([1] * value.ndim))
+    return value
 
 
 def check_upcycle(dense_state: Mapping[str, torch.Tensor], model: nn.Module, keep_init: Collection[str] = ()) -> None:
@@ -125,15 +132,16 @@ def check_upcycle(dense_state: Mapping[str, torch.Tensor], model: nn.Module, kee
 
     Only shapes are read, so ``model`` may live on the meta device.
     """
-    _sources(dense_state, model, keep_init)
+    upcycle_sources(dense_state, model, keep_init)
 
 
-def _sources(
-    dense_state: Mapping[str, torch.Tensor], model: nn.Module, keep_init: Collection[str]
-) -> Dict[str, _Source]:
-    """For every key of ``model``'s state dict, where its upcycled value comes from; checks every shape."""
+def upcycle_sources(
+    dense_state: Mapping[str, torch.Tensor], model: nn.Module, keep_init: Collection[str] = ()
+) -> Dict[str, UpcycleSource]:
+    """For every key of ``model``'s state dict, where its upcycled value comes from; checks every shape (only
+    shapes are read: ``model`` may live on the meta device)."""
     target = model.state_dict()
-    sources: Dict[str, _Source] = {key: _Source(None) for key in keep_init if key in target}
+    sources: Dict[str, UpcycleSource] = {key: UpcycleSource(None) for key in keep_init if key in target}
     for name, layer in moe_layers(model).items():
         if not isinstance(layer.experts, BatchedMlp):
             raise ValueError(f"upcycling needs MLP experts, but {name} has {type(layer.experts).__name__}")
@@ -151,11 +159,11 @@ def _sources(
                     f"shape mismatch for {dense_key!r}: dense {list(shape)}, one expert "
                     f"{list(one_expert[::-1] if transposed else one_expert)}"
                 )
-            sources[key] = _Source(dense_key, layer.experts.num_experts, transposed, noisy)
+            sources[key] = UpcycleSource(dense_key, layer.experts.num_experts, transposed, noisy)
         # everything else in the MoE layer is its router (Φ and scale, or a sparse router): keep its init
         for key in target:
             if key.startswith(f"{name}.") and key not in sources:
-                sources[key] = _Source(None)
+                sources[key] = UpcycleSource(None)
 
     for key, value in target.items():
         if key in sources:
@@ -166,7 +174,7 @@ def _sources(
             raise ValueError(
                 f"shape mismatch for {key!r}: dense {list(dense_state[key].shape)}, Soft MoE {list(value.shape)}"
             )
-        sources[key] = _Source(key)
+        sources[key] = UpcycleSource(key)
     used = {source.dense_key for source in sources.values()} | set(keep_init)
     unused = sorted(set(dense_state) - used)
     if unused:

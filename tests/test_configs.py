@@ -136,6 +136,7 @@ BAD_OVERRIDES = [
     (["trainer.strategy=sometimes"], ["trainer.strategy=sometimes", "must be one of auto, single, ddp, fsdp"]),
     (["trainer.reshard_after_forward=sometimes"], ["trainer.reshard_after_forward=sometimes", "true or false"]),
     (["trainer.activation_checkpointing=2"], ["trainer.activation_checkpointing=2", "true or false"]),
+    (["trainer.init_device=cuda"], ["trainer.init_device=cuda", "must be one of cpu, meta"]),
     (["trainer.expert_parallel_size=0"], ["trainer.expert_parallel_size=0", "must be a positive integer, or null"]),
     (["moe.num_experts=0"], ["moe.num_experts=0", "positive integer"]),
     (["moe.slots_per_expert=-1"], ["moe.slots_per_expert=-1", "positive integer"]),

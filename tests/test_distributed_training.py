@@ -392,10 +392,12 @@ def test_the_2_node_by_8_gpu_command_submits_16_ranks_that_requeue_on_preemption
 
 @pytest.fixture(scope="module")
 def fsdp_run(single_process_runs, tmp_path_factory):
-    """(single-process run dir, the run dir of 2 ranks under FSDP + 2 expert ranks resumed from its step-3 last.pt)."""
+    """(single-process run dir, the run dir of 2 ranks under FSDP + 2 expert ranks resumed from its step-3 last.pt),
+    built on the meta device (trainer.init_device=meta: nothing drawn, the checkpoint writes every piece)."""
     first_half, single = single_process_runs
     output_dir = tmp_path_factory.mktemp("fsdp") / "outputs"
-    sweep, _ = torchrun_sweep(first_half, output_dir, 2, "trainer.strategy=fsdp", "trainer.expert_parallel_size=2")
+    overrides = "trainer.strategy=fsdp", "trainer.expert_parallel_size=2", "trainer.init_device=meta"
+    sweep, _ = torchrun_sweep(first_half, output_dir, 2, *overrides)
     return single, sweep / "0"
 
 
@@ -412,7 +414,9 @@ def test_fsdp_with_expert_parallelism_resumes_a_one_process_run_and_writes_shard
     for step, event in events.items():
         for key in ("train/loss", "train/grad_norm"):
             assert event[key] == pytest.approx(reference[step][key], rel=1e-5), (step, key)
-    assert "checkpoints: sharded (torch.distributed.checkpoint)" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert "checkpoints: sharded (torch.distributed.checkpoint)" in log
+    assert "trainer.init_device=meta: no weights drawn, the checkpoint provides them" in log
     assert not (run_dir / "last.pt").exists() and sorted(p.name for p in (run_dir / "last.dcp").glob("*.distcp")) == [
         "__0_0.distcp", "__1_0.distcp"
     ]

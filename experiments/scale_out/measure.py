@@ -102,13 +102,18 @@ def main() -> None:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "load_average": os.getloadavg()[0],
     }
-    rows = [None] * world_size
+    append_rows(row, args.out)
+    dist.destroy_process_group()
+
+
+def append_rows(row: dict, out: str) -> None:
+    """Every rank's ``row``, appended by rank 0 to ``out`` as JSON lines, in rank order. Collective."""
+    rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
-    if rank == 0:
-        with open(args.out, "a") as file:
+    if dist.get_rank() == 0:
+        with open(out, "a") as file:
             for each in rows:
                 file.write(json.dumps(each) + "\n")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ TRAINER_RULES: dict[str, Rule] = {
     "strategy": one_of("auto", "single", "ddp", "fsdp"),
     "reshard_after_forward": boolean,
     "activation_checkpointing": boolean,
+    "init_device": one_of("cpu", "meta"),
     "expert_parallel_size": optional(positive_int),
     "nonfinite": one_of("skip", "stop"),
     "max_nonfinite_skips": positive_int,

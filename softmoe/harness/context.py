@@ -188,7 +188,7 @@ def open_run(
             f"must be at most {len(data.train)}"
         )
 
-    state, forward = build_state(config, distributed, total_steps)
+    state, forward = build_state(config, distributed, total_steps, resuming=checkpoint is not None)
     log_plan(config, data, state.model, total_steps, steps_per_epoch)
     if checkpoint is not None:
         state.load_state_dict(checkpoint, distributed)  # expert parallel: this rank's experts

@@ -16,11 +16,11 @@ weights and Adam moments are gathered to rank 0 on save and each rank keeps its 
 saved on W ranks resumes on any number of ranks (and evaluates on one).
 
 The training loop (:mod:`.loop`) calls a few coarse :class:`Distributed` methods: set up the run directory
-(:meth:`~Distributed.claim_run_dir`), the model (:meth:`~Distributed.setup_model`) and the loaders
-(:meth:`~Distributed.build_loaders`); gather and load the checkpointed state (:meth:`~Distributed.gather_state`,
-:meth:`~Distributed.load_state`); reduce across ranks (:meth:`~Distributed.clip_grad_norm_`,
-:meth:`~Distributed.reduce_eval`, :meth:`~Distributed.share_signal`). On one process they do nothing but
-return what the loop would have used.
+(:meth:`~Distributed.claim_run_dir`), the model (:meth:`~Distributed.shard_model`, then
+:meth:`~Distributed.wrap_model`) and the loaders (:meth:`~Distributed.build_loaders`); gather and load the
+checkpointed state (:meth:`~Distributed.gather_state`, :meth:`~Distributed.load_state`); reduce across ranks
+(:meth:`~Distributed.clip_grad_norm_`, :meth:`~Distributed.reduce_eval`, :meth:`~Distributed.share_signal`). On
+one process they do nothing but return what the loop would have used.
 """
 
 from __future__ import annotations
@@ -330,33 +330,37 @@ class Distributed:
 
     # ------------------------------------------------------------------------- model and step
 
-    def setup_model(self, model: nn.Module, compile: bool = False) -> tuple[nn.Module, nn.Module]:
-        """(the module every rank optimizes and checkpoints, what the loop calls forward on), from ``model`` on
-        this rank's device. The first holds rank 0's initial weights (with expert parallelism, this rank's experts
-        only); the second is it wrapped in DDP when data parallel (for the replicated parameters only, under
-        expert parallelism), then ``torch.compile``d when ``compile``."""
+    def shard_model(self, model: nn.Module, *, broadcast: bool = True) -> nn.Module:
+        """The module every rank optimizes and checkpoints, from ``model`` on this rank's device (or on the meta
+        device, with ``broadcast=False``): with expert parallelism this rank's experts only, under FSDP its shards
+        (DTensors). ``broadcast``: every rank takes rank 0's initial weights (DDP's convention)."""
         if self.expert_parallel:
             expert_group, data_group = self.mesh["expert"].get_group(), self.mesh["data"].get_group()
-            model = parallel.to_expert_parallel(model, expert_group, data_group=data_group)
+            model = parallel.to_expert_parallel(model, expert_group, data_group=data_group, broadcast=broadcast)
             replicas, size = self.mesh.shape
             log.info("expert parallel: %d data-parallel replicas x %d expert ranks", replicas, size)
-        forward = model
         log.info("checkpoints: %s", self.checkpoint_format)
         if self.fsdp:
             size = self.mesh.shape[1] if self.expert_parallel else None
             log.info("FSDP2 over %d ranks%s (reshard_after_forward=%s)", self.world_size,
                      f", experts over {self.world_size // size} replicas" if size else "", self.reshard_after_forward)
             model = fsdp.shard_model(model, self.device.type, expert_mesh=self.mesh, precision=self.precision,
-                                     reshard_after_forward=self.reshard_after_forward)
-            forward = model
-        elif self.data_parallel:
+                                     reshard_after_forward=self.reshard_after_forward, broadcast=broadcast)
+        return model
+
+    def wrap_model(self, model: nn.Module, compile: bool = False) -> nn.Module:
+        """What the loop calls forward on, from :meth:`shard_model`'s module once its weights are in place: wrapped
+        in DDP when data parallel without FSDP (for the replicated parameters only, under expert parallelism), then
+        ``torch.compile``d when ``compile``."""
+        forward = model
+        if self.data_parallel and not self.fsdp:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             kwargs = dict(device_ids=device_ids, find_unused_parameters=self.find_unused_parameters)
             if self.expert_parallel:
                 forward = parallel.distributed_data_parallel(model, **kwargs)
             else:
                 forward = nn.parallel.DistributedDataParallel(model, **kwargs)
-        return model, torch.compile(forward) if compile else forward
+        return torch.compile(forward) if compile else forward
 
     def average_expert_grads(self, model: nn.Module) -> None:
         """Average each expert shard's gradient over its copies in the other data-parallel replicas (DDP, which

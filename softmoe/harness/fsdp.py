@@ -56,11 +56,13 @@ def shard_model(
     expert_mesh: Optional[DeviceMesh] = None,
     precision: str = "fp32",
     reshard_after_forward: bool = True,
+    broadcast: bool = True,
 ) -> nn.Module:
     """``fully_shard`` ``model`` in place and return it: each expert bank over ``expert_mesh["data"]`` (when expert
     parallel: call :func:`softmoe.parallel.to_expert_parallel` first), each of ``model.blocks`` and the root
-    over all ranks. Call before building the optimizer: the parameters become DTensors."""
-    if expert_mesh is None:
+    over all ranks. Call before building the optimizer: the parameters become DTensors. ``broadcast=False``: keep
+    each rank's weights, e.g. of a model on the meta device, whose shards are allocated and filled afterwards."""
+    if broadcast and expert_mesh is None:
         _broadcast_from_rank_zero(model)  # to_expert_parallel broadcasts on its own
     options = dict(mp_policy=mixed_precision_policy(precision), reshard_after_forward=reshard_after_forward)
     for layer in parallel.expert_parallel_layers(model).values():

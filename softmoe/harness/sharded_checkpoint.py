@@ -235,16 +235,22 @@ def load_full(
     for key, value in flat.items():
         if key not in whole:
             raise CheckpointError(f"the checkpoint has no {key!r}")
-        source = whole[key]
-        if isinstance(value, DTensor):
-            shape, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
-            piece = source[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
-            value.to_local().copy_(piece)
-        elif isinstance(value, torch.Tensor):
-            value.copy_(source)
+        if isinstance(value, torch.Tensor):
+            copy_piece(value, whole[key])
         else:
-            flat[key] = source
+            flat[key] = whole[key]
     _apply(model, optimizer, flat, template)
+
+
+@torch.no_grad()
+def copy_piece(piece: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy into ``piece`` its part of ``whole`` (a tensor of the single-process shape, on any device): ``piece`` is
+    this rank's piece as :func:`global_state` names it, a DTensor of the whole tensor, or the whole tensor itself."""
+    if isinstance(piece, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(piece.shape, piece.device_mesh, piece.placements)
+        piece.to_local().copy_(whole[tuple(slice(o, o + s) for o, s in zip(offset, shape))])
+    else:
+        piece.copy_(whole)
 
 
 def _named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> dict:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .distributed import Distributed
 from .faults import NonFiniteGuard
+from .meta_init import build_local_shards
 from .model import build_model
 from .optim import build_optimizer, build_scheduler, keeping_kernel_choice
 
@@ -154,14 +155,21 @@ class TrainState:
         self.nonfinite.load_state_dict(checkpoint.get("nonfinite", self.nonfinite.state_dict()))
 
 
-def build_state(config: Mapping[str, Any], distributed: Distributed, total_steps: int) -> tuple[TrainState, nn.Module]:
+def build_state(
+    config: Mapping[str, Any], distributed: Distributed, total_steps: int, *, resuming: bool = False
+) -> tuple[TrainState, nn.Module]:
     """A fresh :class:`TrainState` and what to call forward on: the model on this rank's device (expert parallel:
-    its experts; DDP-wrapped when data parallel), AdamW/SGD with weight decay by parameter name, the schedule,
-    loss scaling for fp16, the NaN/inf guard."""
+    its experts; FSDP: its shards; DDP-wrapped when data parallel), AdamW/SGD with weight decay by parameter name,
+    the schedule, loss scaling for fp16, the NaN/inf guard. ``resuming``: a checkpoint is about to replace the
+    weights (``trainer.init_device=meta`` then draws none)."""
     trainer, device = config["trainer"], distributed.device
-    model = build_model(config["model"], config["moe"]).to(device)
-    model.set_grad_checkpointing(trainer["activation_checkpointing"])  # recompute each block's activations in backward
-    model, forward = distributed.setup_model(model, trainer["compile"])
+    if trainer["init_device"] == "meta":  # no rank ever holds the whole model (meta_init.py)
+        model = build_local_shards(config, distributed, draw=not resuming)
+    else:  # every rank builds the whole model, then keeps its part of rank 0's
+        model = build_model(config["model"], config["moe"]).to(device)
+        model.set_grad_checkpointing(trainer["activation_checkpointing"])  # recompute each block in backward
+        model = distributed.shard_model(model)
+    forward = distributed.wrap_model(model, trainer["compile"])
     optimizer = build_optimizer(config["optimizer"], model, config["moe"])
     scaler = torch.amp.GradScaler(device.type, enabled=trainer["precision"] == "fp16")
     # fused AdamW/Adam/SGD take a found_inf flag (PyTorch sets this attribute on them for GradScaler); with fp16 the
