@@ -152,3 +152,13 @@ def test_the_plans_in_docs_scale_out_are_the_planners_current_output():
     page = generator.PAGE.read_text()
     assert generator.page_with_plans(page) == page, "stale: run python docs/scale_out_plans.py"
     assert page.count("Recommended: **") + page.count("Nothing fits") == 9
+
+
+def test_a_model_no_gpu_holds_whole_is_told_to_build_on_the_meta_device(capsys):
+    main([*TINY, "world_size=4"])
+    assert "trainer.init_device=meta" not in capsys.readouterr().out  # a tiny model: the default build is fine
+    whole_gib = plan_run([*TINY, "world_size=4"]).rows[0].parameters / 1024**3
+    main([*TINY, "world_size=4", f"gpu_memory_gb={whole_gib / 0.9 * 0.99}"])  # just too small for the whole model
+    printed = capsys.readouterr().out
+    advice = f"Build it with trainer.init_device=meta: the whole model's parameters alone ({whole_gib:.2f} GiB)"
+    assert advice in printed

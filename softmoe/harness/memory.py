@@ -228,6 +228,9 @@ class Plan:
     def fits(self, row: RankMemory) -> bool:
         return row.total <= self.usable_fraction * self.gpu_memory_gb * GIB
 
+    def fits_whole_model(self, parameter_bytes: int) -> bool:
+        return parameter_bytes <= self.usable_fraction * self.gpu_memory_gb * GIB
+
     @property
     def recommended(self) -> Optional[RankMemory]:
         return next((row for row in self.rows if self.fits(row)), None)
@@ -278,4 +281,12 @@ def format_plan(plan: Plan, title: str) -> str:
         )
     else:
         lines.append(f"Recommended: **{best.layout}** ({best.total / size:.2f} {unit} per rank).")
+    whole = next(row.parameters for row in plan.rows if row.layout.strategy == "ddp")  # every parameter, fp32
+    if not plan.fits_whole_model(whole):
+        # trainer.init_device=cpu builds the whole model on every rank (then moves it to the GPU) before sharding
+        lines.append(
+            f"Build it with trainer.init_device=meta: the whole model's parameters alone ({whole / GIB:.2f} GiB) do "
+            "not fit on one GPU, and the default trainer.init_device=cpu builds the whole model on every rank "
+            "before sharding it (docs/scale_out.md)."
+        )
     return "\n".join(lines)
