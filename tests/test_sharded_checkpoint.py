@@ -1,7 +1,8 @@
 """Sharded checkpoints (DCP) that reshard: saved on 4 gloo ranks (FSDP + expert parallelism, 2 x 2), resumed on 2
 (FSDP + 2 expert ranks) and then on 1 process; a one-process checkpoint resumed on 4 FSDP ranks. Every resumed run
 continues with the losses of an uninterrupted one-process run on the same global batches (float32 tolerance).
-And: kill -9 during a sharded save leaves a checkpoint to resume from.
+And: kill -9 during a sharded save leaves a checkpoint to resume from; of a checkpoint in both formats (a run that
+changed strategy), the newer is read.
 """
 
 import json
@@ -9,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +20,9 @@ from test_expert_parallel import assert_passed_on_every_rank, run_scenarios
 from test_fsdp import FP32, tiny_vit
 
 from softmoe.harness import fsdp, sharded_checkpoint
-from softmoe.harness.checkpoint import FORMAT_VERSION
+from softmoe.harness.checkpoint import FORMAT_VERSION, save_checkpoint
+from softmoe.harness.context import RunContext
+from softmoe.harness.runs import checkpoint_path
 from softmoe.parallel import expert_data_mesh, to_expert_parallel
 from softmoe.upcycle import load_state_dict as upcycle_source
 
@@ -206,3 +210,22 @@ def test_kill_9_during_a_sharded_save_leaves_a_checkpoint_to_resume_from(tmp_pat
     (tmp_path / "last.dcp").rename(tmp_path / "last.prev.dcp")  # the moment between the renames
     assert sharded_checkpoint.find(tmp_path) == tmp_path / "last.prev.dcp"
     assert sharded_checkpoint.read_train_state(tmp_path / "last.prev.dcp")["step"] == 99
+
+
+def test_of_a_checkpoint_in_both_formats_the_newer_one_is_read(tmp_path):
+    """A run resumed in its own directory under another strategy leaves ``best.pt`` and ``best.dcp`` side by side: the
+    one written last holds the best model (the trainer tests it, evaluate reads it)."""
+    model = torch.nn.Linear(2, 2)
+    assert sharded_checkpoint.latest(tmp_path, "best.pt") is None
+    save_checkpoint(tmp_path / "best.pt", {"format": FORMAT_VERSION, "step": 1, "model": model.state_dict()})
+    assert sharded_checkpoint.latest(tmp_path, "best.pt") == checkpoint_path(tmp_path, "best") == tmp_path / "best.pt"
+    sharded_checkpoint.save(tmp_path, "best.pt", model, optimizer_for(model), None, {"format": FORMAT_VERSION},
+                            keep_previous=False)
+    run = SimpleNamespace(run_dir=tmp_path)  # RunContext.best_model reads nothing else of the run
+    for newer, older in (("best.dcp", "best.pt"), ("best.pt", "best.dcp")):
+        written = (tmp_path / newer).stat().st_mtime_ns
+        os.utime(tmp_path / older, ns=(written - 10**9, written - 10**9))  # a second earlier
+        assert sharded_checkpoint.latest(tmp_path, "best.pt") == checkpoint_path(tmp_path, "best") == tmp_path / newer
+    assert RunContext.best_model(run).keys() == model.state_dict().keys()  # best.pt's model, for load_state
+    os.utime(tmp_path / "best.pt", ns=(written - 2 * 10**9, written - 2 * 10**9))
+    assert RunContext.best_model(run) == str(tmp_path / "best.dcp")  # its directory: each rank reads its pieces

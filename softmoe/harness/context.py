@@ -40,7 +40,7 @@ from .console import describe_upcycling
 from .data import DataBundle, build_datasets
 from .data.device_loader import put_on_device
 from .distributed import Distributed, Loaders
-from .errors import ConfigError, NonFiniteError
+from .errors import CheckpointError, ConfigError, NonFiniteError
 from .faults import PreemptionGuard, first_nonfinite
 from .gpu_share import cap_cuda_memory, memory_share
 from .state import NO_BEST, TrainState, build_state
@@ -101,10 +101,13 @@ class RunContext:
             save_checkpoint(self.run_dir / name, checkpoint, keep_previous=name == LAST)
 
     def best_model(self) -> Any:
-        """``best``'s model state, as :meth:`Distributed.load_state` takes it (a sharded checkpoint: its directory)."""
-        if self.distributed.fsdp:
-            return str(sharded_checkpoint.directory(self.run_dir, BEST))
-        return load_checkpoint(self.run_dir / BEST)["model"]
+        """``best``'s model state, as :meth:`Distributed.load_state` takes it (a sharded checkpoint: its directory).
+        Not necessarily in this strategy's format: a run resumed in its own directory under another strategy keeps
+        the best it resumed with until it beats it, so the newer of ``best.pt`` and ``best.dcp`` holds it."""
+        path = sharded_checkpoint.latest(self.run_dir, BEST)
+        if path is None:
+            raise CheckpointError(f"{self.run_dir}: holds neither {BEST} nor its sharded counterpart to test")
+        return str(path) if path.is_dir() else load_checkpoint(path)["model"]
 
     def save_last(self, state: TrainState) -> None:
         """Write ``last.pt``, then send W&B the events it covers (a run resumed from it never sends them twice)."""

@@ -56,15 +56,13 @@ class LoadedRun:
 
 
 def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best") -> Path:
-    """``<run_dir>/<checkpoint>.pt`` (or the sharded ``<checkpoint>.dcp`` of an FSDP run); a ConfigError for a
-    checkpoint name other than best or last, a CheckpointError when neither is there."""
+    """``<run_dir>/<checkpoint>.pt`` or the sharded ``<checkpoint>.dcp`` of an FSDP run, the newer when both are there
+    (the run changed strategy); a ConfigError for a checkpoint name other than best or last, a CheckpointError when
+    neither is there."""
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(f"checkpoint={checkpoint}: must be one of {', '.join(CHECKPOINTS)}")
-    path = Path(run_dir) / f"{checkpoint}.pt"
-    sharded = sharded_checkpoint.directory(run_dir, checkpoint)  # trainer.strategy=fsdp's
-    if not path.is_file() and sharded_checkpoint.is_complete(sharded):
-        return sharded
-    if not path.is_file():
+    path = sharded_checkpoint.latest(run_dir, f"{checkpoint}.pt")
+    if path is None:
         raise CheckpointError(f"run_dir={run_dir}: holds no {checkpoint}.pt (is it a training run directory?)")
     return path
 

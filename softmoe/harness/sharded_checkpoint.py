@@ -73,6 +73,15 @@ def find(run_dir: Path) -> Optional[Path]:
     return None
 
 
+def latest(run_dir: Path, name: str) -> Optional[Path]:
+    """``<run_dir>/<name>`` (``best.pt``) or its sharded counterpart (``best.dcp``), whichever was written last; None
+    when neither is there. A run resumed in its own directory under another strategy (FSDP after one process or DDP,
+    or the reverse) leaves both, and the older one is stale."""
+    single, sharded = Path(run_dir) / name, directory(run_dir, name)
+    present = [path for path, there in ((single, single.is_file()), (sharded, is_complete(sharded))) if there]
+    return max(present, key=lambda path: path.stat().st_mtime_ns, default=None)
+
+
 # ----------------------------------------------------------------------------------------------- key space
 
 
