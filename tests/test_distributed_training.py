@@ -1,15 +1,21 @@
-"""Data parallel and expert-parallel training under a real ``torchrun`` on two gloo processes, against one process.
+"""Data parallel and expert-parallel training under a real ``torchrun`` on gloo processes, against one process.
 
 One ``torchrun`` launch runs a four-job sweep (``moe.expert_parallel=false,true`` x ``optimizer.fused=false,true``:
 starting processes costs more than training the tiny model; a fused optimizer checks for NaN on the device). All
 jobs resume from a single-process run's step-3 checkpoint (saved unfused) and train to step 6, so they exercise
 resuming (the sampler's position, the RNGs, and under expert parallelism the experts' weights and Adam moments
 sharded from a whole-model checkpoint) as well as training, checkpointing and telemetry.
+
+The launches after it continue one chain across strategies, 3 steps each, every stage against an uninterrupted
+one-process run to the same step: 2 DDP + EP ranks (that sweep's job 2, step 6, ``last.pt``) -> 2 FSDP + EP ranks
+(step 9, sharded ``last.dcp``) -> 4 DDP + EP ranks as 2 x 2 and 1 x 4 (step 12, ``last.pt``), and one process
+resuming the FSDP run's directory by itself (step 12).
 """
 
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,21 +56,26 @@ def read_metrics(run_dir):
     return read_events(run_dir)
 
 
+RESUMED_STEPS = 3  # every multi-process stage trains 3 steps from the checkpoint before it
+
+
 @pytest.fixture(scope="module")
 def single_process_runs(compose_run, tmp_path_factory):
-    """(a run to step 3 to resume from, a run to step 6), each on one process."""
+    """{steps: a one-process run to that step}: step 3's to resume from; 6, 9 and 12, uninterrupted, to compare each
+    stage of the chain with (about a second each: the model is tiny)."""
     tmp = tmp_path_factory.mktemp("single_process")
-    train(compose_run(*RUN, "trainer.max_steps=3"), tmp / "first_half")
-    train(compose_run(*RUN, "trainer.max_steps=6"), tmp / "single")
-    return tmp / "first_half", tmp / "single"
+    for steps in (3, 6, 9, 12):
+        train(compose_run(*RUN, f"trainer.max_steps={steps}"), tmp / str(steps))
+    return {steps: tmp / str(steps) for steps in (3, 6, 9, 12)}
 
 
-def torchrun_sweep(first_half, output_dir, processes, *overrides):
-    """Resume ``first_half`` to step 6 in a multirun on ``processes`` gloo ranks: (sweep dir, the process)."""
+def torchrun_sweep(checkpoint, output_dir, processes, *overrides, steps=6):
+    """Resume ``checkpoint`` (``last.pt`` or ``last.dcp``) to step ``steps`` in a multirun on ``processes`` gloo ranks:
+    (sweep dir, the process)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",  # = torchrun
-        "-m", "softmoe.train", "-m", *overrides, *RUN, "trainer.max_steps=6",
-        f"trainer.resume={first_half / 'last.pt'}", f"paths.output_dir={output_dir}",
+        "-m", "softmoe.train", "-m", *overrides, *RUN, f"trainer.max_steps={steps}",
+        f"trainer.resume={checkpoint}", f"paths.output_dir={output_dir}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -76,27 +87,29 @@ def torchrun_sweep(first_half, output_dir, processes, *overrides):
 
 @pytest.fixture(scope="module")
 def runs(single_process_runs, tmp_path_factory):
-    """(single-process run dir, torchrun sweep dir, the torchrun process) once the three runs are done."""
-    first_half, single = single_process_runs
+    """(single-process run dir to step 6, torchrun sweep dir, the torchrun process) once the four jobs are done."""
     output_dir = tmp_path_factory.mktemp("distributed") / "outputs"
     sweep_overrides = ["moe.expert_parallel=false,true", "optimizer.fused=false,true"]
-    sweep, result = torchrun_sweep(first_half, output_dir, 2, *sweep_overrides)
-    return single, sweep, result
+    sweep, result = torchrun_sweep(single_process_runs[3] / "last.pt", output_dir, 2, *sweep_overrides)
+    return single_process_runs[6], sweep, result
 
 
 @pytest.fixture(scope="module")
-def mesh_runs(single_process_runs, tmp_path_factory):
-    """(single-process run dir, sweep dir) of 4 ranks as 2 replicas x 2 expert ranks (job 0) and 1 x 4 (job 1)."""
-    first_half, single = single_process_runs
+def mesh_runs(single_process_runs, fsdp_run, tmp_path_factory):
+    """(single-process run dir to step 12, sweep dir) of 4 DDP ranks as 2 replicas x 2 expert ranks (job 0) and
+    1 x 4 (job 1), resumed from the sharded ``last.dcp`` the 2 FSDP + EP ranks wrote at step 9."""
     output_dir = tmp_path_factory.mktemp("mesh") / "outputs"
-    sweep, _ = torchrun_sweep(first_half, output_dir, 4, "trainer.expert_parallel_size=2,4")
-    return single, sweep
+    _, fsdp_dir = fsdp_run
+    sweep, _ = torchrun_sweep(fsdp_dir / "last.dcp", output_dir, 4, "trainer.expert_parallel_size=2,4", steps=12)
+    return single_process_runs[12], sweep
 
 
 def assert_same_training(run_dir, single, name):
-    """Steps 4-6 resumed from step 3 log the single-process run's metrics and save its model and Adam state."""
+    """The steps resumed in ``run_dir`` log the metrics of ``single`` (one process, uninterrupted, to the same step),
+    and save its model and Adam state."""
     reference, events = train_events(single), train_events(run_dir)
-    assert sorted(events) == [4, 5, 6]  # resumed after step 3
+    last = max(reference)
+    assert sorted(events) == list(range(last - RESUMED_STEPS + 1, last + 1))  # resumed: nothing before logged
     for step, event in events.items():
         for key in ("train/loss", "train/acc", "train/grad_norm", "train/lr"):
             assert event[key] == pytest.approx(reference[step][key], rel=1e-5), (name, step, key)
@@ -107,7 +120,7 @@ def assert_same_training(run_dir, single, name):
 
     # the whole single-process model and optimizer state, whatever the experts' placement while training
     ours, theirs = load_checkpoint(run_dir / "last.pt"), load_checkpoint(single / "last.pt")
-    assert ours["step"] == 6 and list(ours["model"]) == list(theirs["model"])
+    assert ours["step"] == last and list(ours["model"]) == list(theirs["model"])
     for key, value in theirs["model"].items():
         torch.testing.assert_close(ours["model"][key], value, **CLOSE, msg=lambda m: f"{name} {key}: {m}")
     for index, state in theirs["optimizer"]["state"].items():
@@ -135,12 +148,16 @@ def test_two_ranks_match_one_process(runs, job, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("job,name", [(0, "2 replicas x 2 expert ranks"), (1, "1 replica x 4 expert ranks")])
-def test_four_ranks_on_a_data_by_expert_mesh_match_one_process(mesh_runs, job, name):
+def test_four_ranks_on_a_data_by_expert_mesh_resume_an_fsdp_run_and_match_one_process(mesh_runs, fsdp_run, job, name):
+    # DDP + EP resuming the sharded checkpoint of 2 FSDP + EP ranks: each rank reads its experts' slices and the
+    # replicated weights from last.dcp, then writes the gathered last.pt of its own strategy
     single, sweep = mesh_runs
     assert_same_training(sweep / str(job), single, name)
-    assert f"expert parallel: {2 if job == 0 else 1} data-parallel replicas x {2 if job == 0 else 4} expert ranks" in (
-        sweep / str(job) / "train.log"
-    ).read_text()
+    log = (sweep / str(job) / "train.log").read_text()
+    replicas, size = (2, 2) if job == 0 else (1, 4)
+    assert f"expert parallel: {replicas} data-parallel replicas x {size} expert ranks" in log
+    assert f"resuming from {fsdp_run[1] / 'last.dcp'} at step 9 of 12" in log
+    assert not (sweep / str(job) / "last.dcp").exists()
 
 
 @pytest.mark.slow
@@ -391,18 +408,19 @@ def test_the_2_node_by_8_gpu_command_submits_16_ranks_that_requeue_on_preemption
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(single_process_runs, tmp_path_factory):
-    """(single-process run dir, the run dir of 2 ranks under FSDP + 2 expert ranks resumed from its step-3 last.pt),
-    built on the meta device (trainer.init_device=meta: nothing drawn, the checkpoint writes every piece)."""
-    first_half, single = single_process_runs
+def fsdp_run(single_process_runs, runs, tmp_path_factory):
+    """(single-process run dir to step 9, the run dir of 2 ranks under FSDP + 2 expert ranks resumed from the step-6
+    last.pt of 2 DDP + EP ranks, ``runs``' job 2), built on the meta device (trainer.init_device=meta: nothing drawn,
+    the checkpoint writes every piece)."""
+    _, ddp_sweep, _ = runs
     output_dir = tmp_path_factory.mktemp("fsdp") / "outputs"
     overrides = "trainer.strategy=fsdp", "trainer.expert_parallel_size=2", "trainer.init_device=meta"
-    sweep, _ = torchrun_sweep(first_half, output_dir, 2, *overrides)
-    return single, sweep / "0"
+    sweep, _ = torchrun_sweep(ddp_sweep / "2" / "last.pt", output_dir, 2, *overrides, steps=9)
+    return single_process_runs[9], sweep / "0"
 
 
 @pytest.mark.slow
-def test_fsdp_with_expert_parallelism_resumes_a_one_process_run_and_writes_sharded_checkpoints(fsdp_run, tmp_path):
+def test_fsdp_with_expert_parallelism_resumes_a_ddp_run_and_writes_sharded_checkpoints(fsdp_run, tmp_path):
     from safetensors.torch import load_file
 
     from softmoe.harness import sharded_checkpoint
@@ -410,7 +428,7 @@ def test_fsdp_with_expert_parallelism_resumes_a_one_process_run_and_writes_shard
 
     single, run_dir = fsdp_run
     reference, events = train_events(single), train_events(run_dir)
-    assert sorted(events) == [4, 5, 6]  # resumed after step 3, from last.pt: one process's checkpoint on 2 ranks
+    assert sorted(events) == [7, 8, 9]  # resumed after step 6, from the gathered last.pt of 2 DDP + EP ranks
     for step, event in events.items():
         for key in ("train/loss", "train/grad_norm"):
             assert event[key] == pytest.approx(reference[step][key], rel=1e-5), (step, key)
@@ -427,8 +445,23 @@ def test_fsdp_with_expert_parallelism_resumes_a_one_process_run_and_writes_shard
     for key, value in theirs.items():
         torch.testing.assert_close(whole[key], value, **CLOSE, msg=lambda m: f"{key}: {m}")
     ours = evaluate_run(run_dir, tmp_path / "ours", checkpoint="last")
-    assert ours["step"] == 6 and ours["checkpoint"].endswith("last.dcp")
+    assert ours["step"] == 9 and ours["checkpoint"].endswith("last.dcp")
     assert ours["test/acc"] == evaluate_run(single, tmp_path / "theirs", checkpoint="last")["test/acc"]
     assert to_safetensors([str(run_dir / "last.dcp"), str(tmp_path / "model.safetensors")]) == 0
     exported = load_file(tmp_path / "model.safetensors")
     assert exported.keys() == whole.keys() and all(torch.equal(exported[k], v) for k, v in whole.items())
+
+
+@pytest.mark.slow
+def test_one_process_continues_an_fsdp_run_directory_by_itself(fsdp_run, single_process_runs, compose_run, tmp_path,
+                                                                 caplog):
+    # the FSDP run's directory as a requeued job finds it (last.dcp and best.dcp, no last.pt), continued by another
+    # strategy without trainer.resume: it finds last.dcp by itself, then writes its own strategy's last.pt
+    _, fsdp_dir = fsdp_run
+    run_dir = tmp_path / "run"
+    for name in ("last.dcp", "best.dcp"):
+        shutil.copytree(fsdp_dir / name, run_dir / name)
+    with caplog.at_level(logging.INFO, logger="softmoe.harness.context"):
+        train(compose_run(*RUN, "trainer.max_steps=12"), run_dir)
+    assert f"resuming from {run_dir / 'last.dcp'} at step 9 of 12" in caplog.text
+    assert_same_training(run_dir, single_process_runs[12], "one process after FSDP")
