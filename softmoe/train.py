@@ -42,7 +42,7 @@ from softmoe.harness.faults import Preempted
 from softmoe.harness.console import final_dispatch_entropy, next_steps
 from softmoe.harness.loop import train
 from softmoe.harness.overrides import composition_error
-from softmoe.harness.resume_hint import resume_hint
+from softmoe.harness.resume_hint import kept_checkpoint, resume_hint
 from softmoe.harness.runs import in_default_layout, remove_if_unused, save_hydra_configs
 from softmoe.harness.sweeps import tag_console
 from softmoe.runtime import tune_allocator
@@ -63,10 +63,10 @@ MID_RUN_ERRORS = (NonFiniteError, BadDataError, CheckpointWriteError)
 
 
 def say_how_to_resume(tag: str, run_dir: Path) -> None:
-    """Print the command that continues from the run directory's ``last.pt``, if it holds one."""
+    """Print the command that continues from the run directory's ``last.pt`` (or ``last.dcp``), if it holds one."""
     hint = resume_hint(HydraConfig.get().overrides.task, run_dir)
     if hint is not None:
-        print(f"{tag}last.pt is kept; {hint}", file=sys.stderr)
+        print(f"{tag}{kept_checkpoint(run_dir).name} is kept; {hint}", file=sys.stderr)
 
 
 def say_how_to_resume_after_a_crash(tag: str, run_dir: Path) -> None:

@@ -37,6 +37,7 @@ from softmoe.harness.errors import RunDirInUseError
 from softmoe.harness.faults import PreemptionGuard
 from softmoe.harness.loop import train
 from softmoe.harness.runs import RunDirLock, read_events
+from softmoe.harness.sharded_checkpoint import read_train_state
 from softmoe.harness.sampler import ResumableSampler
 
 ROOT = Path(CONF_DIR).parent
@@ -192,11 +193,13 @@ def rank_pids(agent_pid):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_a_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("strategy,last", [("ddp", "last.pt"), ("fsdp", "last.dcp")])
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_a_rerun_resumes(tmp_path, strategy, last):
     run_dir = tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "softmoe.train",
-        *RUN, "trainer.max_steps=40", "trainer.checkpoint_every=1000", f"hydra.run.dir={run_dir}",
+        *RUN, "trainer.max_steps=40", "trainer.checkpoint_every=1000", f"trainer.strategy={strategy}",
+        f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     agent = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -207,14 +210,15 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_a_rerun_re
     os.kill(rank_pids(agent.pid)[1], signal.SIGTERM)  # the other rank, not the one that writes
     output = agent.communicate(timeout=300)[0]
     assert agent.returncode != 0, output[-3000:]
-    saved = load_checkpoint(run_dir / "last.pt")["step"]
-    assert 1 <= saved < 40 and f"SIGTERM received: saved last.pt at step {saved}" in output, output[-3000:]
+    saved = (read_train_state if strategy == "fsdp" else load_checkpoint)(run_dir / last)["step"]
+    assert 1 <= saved < 40 and f"SIGTERM received: saved {last} at step {saved}" in output, output[-3000:]
+    assert "resume with: torchrun --nproc_per_node=2 -m softmoe.train " in output  # it finds last.dcp too
     assert max(e["step"] for e in read_metrics(run_dir) if "train/lr" in e) == saved  # rank 0 stopped there too
 
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert [e["step"] for e in read_metrics(run_dir) if "train/lr" in e] == list(range(1, 41))
-    assert load_checkpoint(run_dir / "last.pt")["step"] == 40
+    assert (read_train_state if strategy == "fsdp" else load_checkpoint)(run_dir / last)["step"] == 40
 
 
 def exchange_signals_while_one_arrives_midway(rank, init_file, results_dir):

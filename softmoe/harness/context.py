@@ -213,7 +213,7 @@ def open_run(
         panel_image = None
     if data.skipped and checkpoint is None:
         telemetry.log(0, 1, {"data/skipped_examples": data.skipped})
-    preemption = PreemptionGuard().install()
+    preemption = PreemptionGuard(checkpoint=distributed.last_checkpoint).install()
     cleanup.callback(preemption.restore)
     run = RunContext(
         config=config, run_dir=run_dir, distributed=distributed, telemetry=telemetry, loaders=loaders,

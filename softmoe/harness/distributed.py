@@ -30,6 +30,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 import torch
@@ -42,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from softmoe import parallel
 
+from .checkpoint import LAST
 from .config import check_launch, expert_group_size, resolve_device
 from . import fsdp, sharded_checkpoint
 from .data import DataBundle, build_loader
@@ -390,6 +392,11 @@ class Distributed:
         preemption.requested = int(signal.item()) or None
 
     # ------------------------------------------------------------------------- checkpoints
+
+    @property
+    def last_checkpoint(self) -> str:
+        """The name of the checkpoint a stop saves and a resume continues from."""
+        return sharded_checkpoint.directory(Path(), LAST).name if self.fsdp else LAST
 
     @property
     def checkpoint_format(self) -> str:

@@ -55,13 +55,16 @@ __all__ = [
 
 
 class Preempted(Exception):
-    """The run saved ``last.pt`` at ``step`` and stopped because it received ``signum``."""
+    """The run saved ``checkpoint`` (``last.pt``, or FSDP's ``last.dcp``) at ``step`` and stopped because it
+    received ``signum``."""
 
-    def __init__(self, signum: int, step: int, handover: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, signum: int, step: int, handover: Callable[[], None] = lambda: None, checkpoint: str = "last.pt"
+    ) -> None:
         self.signum, self.step, self.handover = int(signum), step, handover
         self.exit_code = preempted_exit_code(signum)
         super().__init__(
-            f"{signal.Signals(signum).name} received: saved last.pt at step {step} (exit status {self.exit_code})"
+            f"{signal.Signals(signum).name} received: saved {checkpoint} at step {step} (exit status {self.exit_code})"
         )
 
 
@@ -76,8 +79,9 @@ class PreemptionGuard:
     main thread (where Python cannot install handlers) the guard does nothing and the signals keep their usual effect.
     """
 
-    def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS) -> None:
+    def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS, checkpoint: str = "last.pt") -> None:
         self.signals = tuple(signals)
+        self.checkpoint = checkpoint  # what the stop saves: last.pt, or FSDP's last.dcp
         self.received: Optional[int] = None
         self.requested: Optional[int] = None
         self._owner = os.getpid()  # DataLoader workers fork with this handler; Ctrl-C reaches them too
@@ -107,7 +111,8 @@ class PreemptionGuard:
         if self._announced.setdefault("by", me) is not me:  # one step under the GIL, even in a nested handler
             return
         again = "; Ctrl-C again ends the process at once, without saving this step" if signum == signal.SIGINT else ""
-        log.warning("%s received: stopping after this step, saving last.pt%s", signal.Signals(signum).name, again)
+        name = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step, saving %s%s", name, self.checkpoint, again)
 
     def install(self) -> "PreemptionGuard":
         if threading.current_thread() is threading.main_thread():

@@ -196,7 +196,7 @@ def stop_if_signalled(run: RunContext, state: TrainState, *, saved: bool) -> Non
         return
     if not saved:
         run.save_last(state)
-    raise Preempted(preemption.requested, state.step, preemption.handover())
+    raise Preempted(preemption.requested, state.step, preemption.handover(), preemption.checkpoint)
 
 
 def close_epoch(run: RunContext, state: TrainState, epoch: int) -> None:

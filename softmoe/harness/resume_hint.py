@@ -5,8 +5,8 @@ run again later makes a new directory and starts at step 0. The command printed 
 
     python -m softmoe.train model.depth=2 hydra.run.dir=outputs/runs/2026-12-04/20-31-07
 
-The run directory holds ``last.pt``, so the trainer continues from it (``loop.resume_checkpoint``). A sweep's job
-resumes the same way, as a single run in its job directory.
+The run directory holds ``last.pt`` (or FSDP's ``last.dcp``), so the trainer continues from it
+(``loop.resume_checkpoint``). A sweep's job resumes the same way, as a single run in its job directory.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import shlex
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from . import sharded_checkpoint
 from .checkpoint import LAST
 
 # Overrides the resume command sets itself (the directory), or that would start from somewhere else.
@@ -47,8 +48,17 @@ def resume_command(task_overrides: Sequence[str], run_dir: Union[str, Path], mod
     return shlex.join([*launcher_prefix(), "-m", module, *kept, f"hydra.run.dir={shown_path(run_dir)}"])
 
 
+def kept_checkpoint(run_dir: Union[str, Path]) -> Optional[Path]:
+    """The run directory's ``last`` checkpoint a resume continues from: ``last.pt`` (one process, DDP) or the
+    sharded ``last.dcp`` (FSDP; ``last.prev.dcp`` after a crash between its renames), the newer if both are there
+    (a run resumed under another strategy); None when there is none."""
+    single = Path(run_dir) / LAST
+    kept = [path for path in (single if single.is_file() else None, sharded_checkpoint.find(Path(run_dir))) if path]
+    return max(kept, key=lambda path: path.stat().st_mtime_ns, default=None)
+
+
 def resume_hint(task_overrides: Sequence[str], run_dir: Union[str, Path]) -> Optional[str]:
-    """``last.pt is kept; resume with: <command>``, or None when the run directory holds no ``last.pt``."""
-    if not (Path(run_dir) / LAST).is_file():
+    """``resume with: <command>``, or None when the run directory holds no ``last`` checkpoint to resume from."""
+    if kept_checkpoint(run_dir) is None:
         return None
     return f"resume with: {resume_command(task_overrides, run_dir)}"
