@@ -281,3 +281,15 @@ def test_an_optuna_sweep_maximises_validation_accuracy_never_test(tmp_path):
     for job, events in enumerate(trials):  # each trial ran the parameters Optuna proposed
         saved = json.loads(load_checkpoint(tmp_path / str(job) / "last.pt")["config"])
         assert 1 <= saved["moe"]["scale_init"] <= 30 and 1e-3 <= saved["optimizer"]["lr"] <= 1e-2
+
+
+def test_an_epoch_shorter_than_log_every_names_the_step_its_training_figures_come_from(compose_run, tmp_path, caplog):
+    # 4 steps an epoch (1,257 digits at batch 256) and a log every 10 steps: epoch 3 logs at step 10, epoch 4 none
+    run = ["trainer.max_epochs=4", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET]
+    with caplog.at_level(logging.INFO, logger="softmoe.harness.loop"):
+        train(compose_run(*run), tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split()[:4] for line in lines] == [["epoch", f"{e}/4", "step", str(4 * e)] for e in (1, 2, 3, 4)]
+    assert "train loss" not in lines[0] + lines[1]  # nothing logged yet
+    assert "img/s)" in lines[2] and "as logged at step" not in lines[2]  # its own log, at step 10
+    assert "img/s, as logged at step 10)" in lines[3]  # step 10's figures again, said to be

@@ -177,7 +177,7 @@ def log_training(telemetry: RankZeroTelemetry, state: TrainState, out: StepOutpu
         scalars["train/aux_loss"] = out.aux_loss.item()  # this step's, before aux_loss_weight
     routing_scalars, distributions = routing_metrics(state.model, out.routing)
     telemetry.log(state.step, epoch + 1, {**scalars, **routing_scalars}, distributions)
-    return scalars if "train/loss" in scalars else None
+    return {**scalars, "step": state.step} if "train/loss" in scalars else None
 
 
 def evaluate_split(run: RunContext, loader) -> dict[str, float]:
@@ -242,10 +242,15 @@ def show_on_bar(bar: tqdm, latest: Optional[dict]) -> None:
                         img_s=f"{latest['train/throughput']:.0f}")
 
 
-def epoch_line(epoch: int, epochs: int, step: int, latest: Optional[dict], last_eval: Optional[dict]) -> str:
+def epoch_line(epoch: int, epochs: int, step: int, latest: Optional[dict], last_eval: Optional[dict],
+               epoch_start: int = 0) -> str:
+    """The console's line for an epoch that ended at ``step``. The training figures are the last logged ones; when
+    that log came before ``epoch_start`` (an epoch shorter than ``trainer.log_every``) the line names its step, so a
+    figure repeated from an earlier epoch does not read as this epoch's."""
+    logged = "" if not latest or latest["step"] > epoch_start else f", as logged at step {latest['step']}"
     trained = "" if not latest else (
         f"train loss {latest['train/loss']:.4f} acc {latest['train/acc']:.2%} "
-        f"({latest['train/throughput']:.0f} img/s)  "
+        f"({latest['train/throughput']:.0f} img/s{logged})  "
     )
     validated = "" if last_eval is None else f"val loss {last_eval['loss']:.4f} acc {100 * last_eval['acc']:.2f}%"
     return f"epoch {epoch}/{epochs}  step {step}  {trained}{validated}"
@@ -327,7 +332,8 @@ def train(
             # Validate at the end of every epoch (and of a run that stops mid-epoch), keep the best, write last.pt.
             close_epoch(run, state, epoch)
             validated = state.last_eval if run.loaders.val is not None else None
-            log.info(epoch_line(epoch + 1, run.epochs, state.step, latest, validated))  # before a stop, too
+            log.info(epoch_line(epoch + 1, run.epochs, state.step, latest, validated,  # before a stop, too
+                                epoch_start=epoch * run.steps_per_epoch))
             stop_if_signalled(run, state, saved=True)
         test, test_at_best = test_final_and_best(run, state)
         return summarize(run, state, test, test_at_best)
