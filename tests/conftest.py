@@ -41,6 +41,28 @@ def compose_run():
     return _compose
 
 
+class Killed(Exception):
+    """Stands for a process killed mid-step: it writes no checkpoint of its own."""
+
+
+def train_killed_after(steps, cfg, run_dir, monkeypatch):
+    """``train(cfg, run_dir)`` as a process killed after its ``steps``-th AdamW step, before the next one."""
+    from softmoe.harness.loop import train
+
+    real_step, taken = torch.optim.AdamW.step, []
+
+    def dying_step(self, *args, **kwargs):
+        if len(taken) == steps:
+            raise Killed()
+        taken.append(1)
+        return real_step(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", dying_step)
+        with pytest.raises(Killed):
+            train(cfg, run_dir)
+
+
 def wandb_closed_records(path, timeout=60.0):
     """The records of an offline W&B run file, once it is closed. W&B's service process writes the file; on a busy
     machine it may still be appending after ``run.finish()`` returns, so this waits (up to ``timeout`` seconds) for

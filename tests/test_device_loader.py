@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import train_killed_after
 from data_fixtures import data_config, write_cifar, write_fashion_mnist
 from torch.utils.data import Subset
 from torchvision.transforms import v2
@@ -30,10 +31,6 @@ from softmoe.harness.runs import read_events
 from softmoe.harness.sampler import ResumableSampler
 
 CPU = torch.device("cpu")
-
-
-class Killed(Exception):
-    """A process dying mid-step: no checkpoint of its own."""
 
 
 def fashion(tmp_path, augment: bool):
@@ -191,18 +188,7 @@ def test_a_run_with_data_on_device_trains_exactly_as_with_the_dataloader_and_res
     # with augmentation on the device: killed after step 6, resumed from step 4, it ends where the whole run does
     augmented = [*run, "trainer.data_on_device=true", "data.augment=true"]
     train(compose_run(*augmented), tmp_path / "whole")
-    real_step, steps = torch.optim.AdamW.step, []
-
-    def dying_step(self, *args, **kwargs):
-        if len(steps) == 6:
-            raise Killed()
-        steps.append(1)
-        return real_step(self, *args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.optim.AdamW, "step", dying_step)
-        with pytest.raises(Killed):
-            train(compose_run(*augmented), tmp_path / "resumed")
+    train_killed_after(6, compose_run(*augmented), tmp_path / "resumed", monkeypatch)
     train(compose_run(*augmented), tmp_path / "resumed")
     whole, resumed = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("whole", "resumed"))
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONF_DIR, wandb_offline_run
+from conftest import CONF_DIR, train_killed_after, wandb_offline_run
 from data_fixtures import write_fashion_mnist
 from softmoe.collect import main as collect_main
 from softmoe.evaluate import evaluate_run
@@ -98,10 +98,6 @@ def test_every_experiment_runs_two_steps(compose_run, tmp_path, experiment):
     assert summary.steps == 2 and 0 <= summary.test_acc <= 1
 
 
-class Killed(Exception):
-    """Stands for a process killed mid-run."""
-
-
 def without_timing(events):
     return [{key: value for key, value in event.items() if key != "train/throughput"} for event in events]
 
@@ -115,18 +111,7 @@ def test_resume_after_interruption_ends_with_the_same_weights_and_metrics(compos
     ]
     train(compose_run(*run), tmp_path / "whole")
 
-    real_step, steps_taken = torch.optim.AdamW.step, []
-
-    def dying_step(self, *args, **kwargs):
-        if len(steps_taken) == 24:
-            raise Killed()
-        steps_taken.append(1)
-        return real_step(self, *args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.optim.AdamW, "step", dying_step)
-        with pytest.raises(Killed):
-            train(compose_run(*run), tmp_path / "resumed")
+    train_killed_after(24, compose_run(*run), tmp_path / "resumed", monkeypatch)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 21
     assert read_metrics(tmp_path / "resumed")[-1]["step"] == 24  # logged, though no checkpoint covers it
 
