@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from softmoe.harness import sharded_checkpoint
 from softmoe.harness.distributed import quiet_other_ranks
 from softmoe.harness.errors import (
     USER_ERROR_EXIT_CODE,
@@ -42,7 +43,7 @@ from softmoe.harness.faults import Preempted
 from softmoe.harness.console import final_dispatch_entropy, next_steps
 from softmoe.harness.loop import train
 from softmoe.harness.overrides import composition_error
-from softmoe.harness.resume_hint import kept_checkpoint, resume_hint
+from softmoe.harness.resume_hint import resume_command, resume_hint
 from softmoe.harness.runs import in_default_layout, remove_if_unused, save_hydra_configs
 from softmoe.harness.sweeps import tag_console
 from softmoe.runtime import tune_allocator
@@ -64,9 +65,10 @@ MID_RUN_ERRORS = (NonFiniteError, BadDataError, CheckpointWriteError)
 
 def say_how_to_resume(tag: str, run_dir: Path) -> None:
     """Print the command that continues from the run directory's ``last.pt`` (or ``last.dcp``), if it holds one."""
-    hint = resume_hint(HydraConfig.get().overrides.task, run_dir)
-    if hint is not None:
-        print(f"{tag}{kept_checkpoint(run_dir).name} is kept; {hint}", file=sys.stderr)
+    kept = sharded_checkpoint.latest_last(run_dir)
+    if kept is not None:
+        command = resume_command(HydraConfig.get().overrides.task, run_dir)
+        print(f"{tag}{kept.name} is kept; resume with: {command}", file=sys.stderr)
 
 
 def say_how_to_resume_after_a_crash(tag: str, run_dir: Path) -> None:

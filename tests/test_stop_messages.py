@@ -20,7 +20,7 @@ from data_fixtures import write_image_tree
 from softmoe.harness import sharded_checkpoint
 from softmoe.harness.checkpoint import load_checkpoint, save_checkpoint
 from softmoe.harness.faults import Preempted
-from softmoe.harness.resume_hint import kept_checkpoint, resume_command, resume_hint
+from softmoe.harness.resume_hint import resume_command, resume_hint
 from test_nonfinite import NAN_EXAMPLE, SYNTHETIC, step_holding
 from test_readme import README_COMMANDS, RUN_DIR
 from test_reliability import RUN, read_events
@@ -280,10 +280,10 @@ def test_ctrl_c_at_an_epochs_last_step_still_prints_that_epochs_line(compose_run
 def test_the_resume_hint_finds_fsdps_sharded_last_and_a_stop_names_the_file_it_saved(tmp_path):
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
-    assert kept_checkpoint(tmp_path) is None and resume_hint(["model.depth=2"], tmp_path) is None
+    assert sharded_checkpoint.latest_last(tmp_path) is None and resume_hint(["model.depth=2"], tmp_path) is None
     sharded_checkpoint.save(tmp_path, "last.pt", model, optimizer, None, {"step": 3}, keep_previous=True)
-    assert kept_checkpoint(tmp_path) == tmp_path / "last.dcp"  # what an FSDP run writes: resumable too
+    assert sharded_checkpoint.latest_last(tmp_path) == tmp_path / "last.dcp"  # what an FSDP run writes: resumable too
     assert resume_hint(["model.depth=2"], tmp_path).endswith(f"model.depth=2 hydra.run.dir={tmp_path}")
     save_checkpoint(tmp_path / "last.pt", {"step": 5})  # resumed under one process: the newer file is the one
-    assert kept_checkpoint(tmp_path) == tmp_path / "last.pt"
+    assert sharded_checkpoint.latest_last(tmp_path) == tmp_path / "last.pt"
     assert str(Preempted(signal.SIGTERM, 3, checkpoint="last.dcp")).startswith("SIGTERM received: saved last.dcp at")

@@ -126,9 +126,9 @@ def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tup
     ``last.pt`` (or the ``last.prev.pt`` kept beside a damaged one) or sharded ``last.dcp``, else ``trainer.resume``.
     Refuses a checkpoint of another model."""
     start_from = resume_path(run_dir, resume)
-    sharded = sharded_checkpoint.find(run_dir)  # trainer.strategy=fsdp's last.dcp (or last.prev.dcp)
-    if sharded is not None and not (start_from == run_dir / LAST and _newer(start_from, sharded)):
-        start_from = sharded  # the run directory's own; of two formats (the strategy changed), the newer
+    own = sharded_checkpoint.latest_last(run_dir)  # of last.pt and FSDP's last.dcp (the strategy changed), the newer
+    if own is not None and own.is_dir():
+        start_from = own  # the run directory's own sharded checkpoint, before trainer.resume
     if start_from is None:
         return None, None
     if start_from.is_dir():
@@ -137,10 +137,6 @@ def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tup
         checkpoint, start_from = load_resume_checkpoint(start_from)
     check_same_model(checkpoint, config, start_from)
     return checkpoint, start_from
-
-
-def _newer(first: Path, second: Path) -> bool:
-    return first.stat().st_mtime > second.stat().st_mtime
 
 
 def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:

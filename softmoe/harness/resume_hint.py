@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from . import sharded_checkpoint
-from .checkpoint import LAST
 
 # Overrides the resume command sets itself (the directory), or that would start from somewhere else.
 REPLACED = ("hydra.run.dir=", "trainer.resume=", "+trainer.resume=")
@@ -48,17 +47,8 @@ def resume_command(task_overrides: Sequence[str], run_dir: Union[str, Path], mod
     return shlex.join([*launcher_prefix(), "-m", module, *kept, f"hydra.run.dir={shown_path(run_dir)}"])
 
 
-def kept_checkpoint(run_dir: Union[str, Path]) -> Optional[Path]:
-    """The run directory's ``last`` checkpoint a resume continues from: ``last.pt`` (one process, DDP) or the
-    sharded ``last.dcp`` (FSDP; ``last.prev.dcp`` after a crash between its renames), the newer if both are there
-    (a run resumed under another strategy); None when there is none."""
-    single = Path(run_dir) / LAST
-    kept = [path for path in (single if single.is_file() else None, sharded_checkpoint.find(Path(run_dir))) if path]
-    return max(kept, key=lambda path: path.stat().st_mtime_ns, default=None)
-
-
 def resume_hint(task_overrides: Sequence[str], run_dir: Union[str, Path]) -> Optional[str]:
     """``resume with: <command>``, or None when the run directory holds no ``last`` checkpoint to resume from."""
-    if kept_checkpoint(run_dir) is None:
+    if sharded_checkpoint.latest_last(Path(run_dir)) is None:
         return None
     return f"resume with: {resume_command(task_overrides, run_dir)}"

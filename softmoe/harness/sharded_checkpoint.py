@@ -44,7 +44,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from softmoe import parallel
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import LAST, load_checkpoint, save_checkpoint
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,24 @@ def find(run_dir: Path) -> Optional[Path]:
     return None
 
 
-def latest(run_dir: Path, name: str) -> Optional[Path]:
-    """``<run_dir>/<name>`` (``best.pt``) or its sharded counterpart (``best.dcp``), whichever was written last; None
-    when neither is there. A run resumed in its own directory under another strategy (FSDP after one process or DDP,
-    or the reverse) leaves both, and the older one is stale."""
-    single, sharded = Path(run_dir) / name, directory(run_dir, name)
-    present = [path for path, there in ((single, single.is_file()), (sharded, is_complete(sharded))) if there]
+def newer(single: Path, sharded: Optional[Path]) -> Optional[Path]:
+    """Of a single-file checkpoint (when it is a file) and a complete sharded one (or None), the one written last;
+    None when neither is there. A run resumed in its own directory under another strategy (FSDP after one process or
+    DDP, or the reverse) leaves both formats, and the older one is stale."""
+    present = [path for path in (single if single.is_file() else None, sharded) if path is not None]
     return max(present, key=lambda path: path.stat().st_mtime_ns, default=None)
+
+
+def latest(run_dir: Path, name: str) -> Optional[Path]:
+    """``<run_dir>/<name>`` (``best.pt``) or its sharded counterpart (``best.dcp``), whichever was written last."""
+    sharded = directory(run_dir, name)
+    return newer(Path(run_dir) / name, sharded if is_complete(sharded) else None)
+
+
+def latest_last(run_dir: Path) -> Optional[Path]:
+    """The run directory's own ``last`` checkpoint, the one a resume continues from: ``last.pt`` or the sharded
+    :func:`find` (``last.dcp``, or ``last.prev.dcp``), whichever was written last; None when there is neither."""
+    return newer(Path(run_dir) / LAST, find(run_dir))
 
 
 # ----------------------------------------------------------------------------------------------- key space
