@@ -225,11 +225,12 @@ class Plan:
     rows: list[RankMemory] = field(default_factory=list)
     usable_fraction: float = 0.9  # kept free for the CUDA context, the allocator's fragmentation, NCCL
 
-    def fits(self, row: RankMemory) -> bool:
-        return row.total <= self.usable_fraction * self.gpu_memory_gb * GIB
+    @property
+    def usable_bytes(self) -> float:
+        return self.usable_fraction * self.gpu_memory_gb * GIB
 
-    def fits_whole_model(self, parameter_bytes: int) -> bool:
-        return parameter_bytes <= self.usable_fraction * self.gpu_memory_gb * GIB
+    def fits(self, row: RankMemory) -> bool:
+        return row.total <= self.usable_bytes
 
     @property
     def recommended(self) -> Optional[RankMemory]:
@@ -282,7 +283,7 @@ def format_plan(plan: Plan, title: str) -> str:
     else:
         lines.append(f"Recommended: **{best.layout}** ({best.total / size:.2f} {unit} per rank).")
     whole = next(row.parameters for row in plan.rows if row.layout.strategy == "ddp")  # every parameter, fp32
-    if not plan.fits_whole_model(whole):
+    if whole > plan.usable_bytes:
         # trainer.init_device=cpu builds the whole model on every rank (then moves it to the GPU) before sharding
         lines.append(
             f"Build it with trainer.init_device=meta: the whole model's parameters alone ({whole / GIB:.2f} GiB) do "
