@@ -13,6 +13,7 @@ Every exit status: ``softmoe/harness/errors.py``.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -63,23 +64,48 @@ def wandb_group_and_name(hydra_cfg: DictConfig) -> tuple[Optional[str], Optional
 MID_RUN_ERRORS = (NonFiniteError, BadDataError, CheckpointWriteError)
 
 
+def resume_message(tag: str, run_dir: Path) -> Optional[str]:
+    """The line naming the run directory's ``last.pt`` (or ``last.dcp``) and the command that continues from it;
+    None when it holds neither."""
+    kept = sharded_checkpoint.latest_last(run_dir)
+    if kept is None:
+        return None
+    return f"{tag}{kept.name} is kept; resume with: {resume_command(HydraConfig.get().overrides.task, run_dir)}"
+
+
+def say(message: Optional[str]) -> None:
+    if message:
+        print(message, file=sys.stderr)
+
+
 def say_how_to_resume(tag: str, run_dir: Path) -> None:
     """Print the command that continues from the run directory's ``last.pt`` (or ``last.dcp``), if it holds one."""
-    kept = sharded_checkpoint.latest_last(run_dir)
-    if kept is not None:
-        command = resume_command(HydraConfig.get().overrides.task, run_dir)
-        print(f"{tag}{kept.name} is kept; resume with: {command}", file=sys.stderr)
+    say(resume_message(tag, run_dir))
 
 
-def say_how_to_resume_after_a_crash(tag: str, run_dir: Path) -> None:
-    """:func:`say_how_to_resume`, even when a signal handler raises inside it. PyTorch reports a DataLoader worker
-    that died (the OOM killer's SIGKILL) from its SIGCHLD handler, which runs in the main thread wherever it is: when
-    the worker's death first surfaced as another error (its half-sent batch), that is here. Its error then follows."""
+def say_how_to_resume_after_a_crash(tag: str, run_dir: Path, after_the_traceback: bool) -> None:
+    """:func:`say_how_to_resume` for a crash, whose traceback Hydra prints once this function has returned.
+
+    ``after_the_traceback``: the line is printed as the process exits, so it is the last thing on screen rather
+    than above a long traceback. A sweep's job says it at once instead: joblib's worker processes outlive the job.
+
+    A signal handler may raise inside it: PyTorch reports a DataLoader worker that died (the OOM killer's SIGKILL)
+    from its SIGCHLD handler, which runs in the main thread wherever it is; when the worker's death first surfaced
+    as another error (its half-sent batch), that is here. The line is then looked up again and that error follows."""
+    deliver = functools.partial(atexit.register, say_twice_if_interrupted) if after_the_traceback else say
     try:
-        say_how_to_resume(tag, run_dir)
-    except Exception:  # a pending handler runs once, at the first chance, before the hint is printed: say it again
-        say_how_to_resume(tag, run_dir)
+        message = resume_message(tag, run_dir)
+    except Exception:  # a pending handler runs once, at the first chance, before the lookup ends: look again
+        deliver(resume_message(tag, run_dir))
         raise
+    deliver(message)
+
+
+def say_twice_if_interrupted(message: Optional[str]) -> None:
+    try:
+        say(message)
+    except Exception:  # as above: a handler that raised inside the first print
+        say(message)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -116,7 +142,7 @@ def main(cfg: DictConfig) -> float:
         say_how_to_resume(tag, run_dir)  # a resumed run interrupted while loading
         sys.exit(preempted_exit_code(signal.SIGINT))
     except Exception:  # a crash: Hydra prints the traceback; a checkpoint written before it is not lost
-        say_how_to_resume_after_a_crash(tag, run_dir)
+        say_how_to_resume_after_a_crash(tag, run_dir, after_the_traceback=not multirun)
         raise
     log.info("done: %s, %d steps", summary.describe(), summary.steps)
     entropy = final_dispatch_entropy(summary.run_dir)

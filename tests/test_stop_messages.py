@@ -169,7 +169,7 @@ def child_processes(pid: int) -> list[int]:
 @pytest.mark.slow
 def test_a_crash_after_a_checkpoint_prints_the_command_that_resumes(tmp_path):
     """An unexpected error (here a DataLoader worker killed, as the OOM killer does) ends the run with Hydra's
-    traceback; the command printed before it continues from the last checkpoint."""
+    traceback, and the command printed after it, the last line on screen, continues from the last checkpoint."""
     trainer = subprocess.Popen([sys.executable, "-m", "softmoe.train", *RUN, "trainer.num_workers=1"], cwd=tmp_path,
                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = default_run_dir(tmp_path)
@@ -187,7 +187,8 @@ def test_a_crash_after_a_checkpoint_prints_the_command_that_resumes(tmp_path):
     output = trainer.communicate()[0]
     assert trainer.returncode == 1, output
     assert "RuntimeError: DataLoader worker (pid " in output and "is killed by signal: Killed" in output, output
-    assert "last.pt is kept; resume with: python -m softmoe.train model.depth=2 " in output, (killed, output)
+    last_line = output.rstrip().splitlines()[-1]
+    assert last_line.startswith("last.pt is kept; resume with: python -m softmoe.train model.depth=2 "), (killed, output)
     assert "done: test accuracy" in assert_it_resumes(printed_resume_command(output), tmp_path, run_dir)
 
 
