@@ -13,14 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..harness.precision import autocast
-from .environment import allocator_available, peak_memory_bytes, tensor_bytes, with_allocator
+from .environment import peak_memory_bytes, tensor_bytes
 from .floors import ceiling_cases
 from .shapes import ModelShape
 from .timing import interleaved, median, paired_ratio, synchronize
 
 
 MODEL_KINDS = ("dense", "soft_moe")
-GLIBC_INFERENCE = "inference_glibc_defaults"  # inference under glibc's own allocator settings (no tune_allocator)
 
 
 def build_benchmark_model(shape: ModelShape, kind: str, device) -> nn.Module:
@@ -95,32 +94,24 @@ def benchmark_model(shape: ModelShape, args, device) -> dict:
     labels = torch.randint(0, 1000, (args.model_batch,), device=device)
     optimizers = {name: make_optimizer(model, args.optimizer) for name, model in models.items()}
     cases, rates_of = ceiling_cases(device, args.gemm_size, args.copy_mib, [torch.float32])
-    # Inference also under glibc's own allocator settings, as a process that only infers has them (the layer
-    # tunes the allocator at its first training forward): tuning speeds the two models up by different amounts.
-    glibc = allocator_available(device)
     for name, model in models.items():
         for case, fn in model_cases(model, optimizers[name], images, labels).items():
             cases[f"{name}/{case}"] = fn
-        if glibc:
-            cases[f"{name}/{GLIBC_INFERENCE}"] = with_allocator(cases[f"{name}/inference"], "glibc_defaults")
     times = interleaved(cases, args.model_rounds, args.warmup, device)
     ceilings = rates_of(times)
 
     def series(name: str, metric: str, clock: str = "wall") -> List[float]:
         if metric in ("inference", "train_step"):
             return times[f"{name}/{metric}"]["total" if clock == "wall" else "cpu"]
-        if metric == GLIBC_INFERENCE:  # the timed call of with_allocator's case
-            return times[f"{name}/{metric}"]["call" if clock == "wall" else "cpu_call"]
         return times[f"{name}/train_step"][metric if clock == "wall" else f"cpu_{metric}"]  # a phase of the step
 
-    timed = ("inference", "forward_backward", "optimizer", "train_step") + ((GLIBC_INFERENCE,) if glibc else ())
     per_model = {}
     for name, model in models.items():
         step = series(name, "train_step")
         per_model[name] = {
             "params": sum(p.numel() for p in model.parameters()),
             "flops_per_image": {k: v / args.model_batch for k, v in flops[name].items()},
-            **{f"{m}_s": median(series(name, m)) for m in timed},
+            **{f"{m}_s": median(series(name, m)) for m in ("inference", "forward_backward", "optimizer", "train_step")},
             "optimizer_share_of_step": paired_ratio(series(name, "optimizer"), step),
             "inference_images_per_s": args.model_batch / median(series(name, "inference")),
             "train_images_per_s": args.model_batch / median(step),
@@ -131,8 +122,9 @@ def benchmark_model(shape: ModelShape, args, device) -> dict:
                 / ceilings["gemm_float32_flops_per_s"],
             "seconds": {m: series(name, m) for m in ("inference", "forward", "backward", "optimizer", "train_step")},
         }
-    ratios = {m: paired_ratio(series("soft_moe", m), series("dense", m)) for m in timed}
-    ratios_cpu = {m: paired_ratio(series("soft_moe", m, "cpu"), series("dense", m, "cpu")) for m in timed}
+    metrics = ("inference", "forward_backward", "train_step", "optimizer")
+    ratios = {m: paired_ratio(series("soft_moe", m), series("dense", m)) for m in metrics}
+    ratios_cpu = {m: paired_ratio(series("soft_moe", m, "cpu"), series("dense", m, "cpu")) for m in metrics}
     optimizer_name = "SGD" if args.optimizer == "sgd" else f"AdamW ({args.optimizer})"
     result = {"shape": asdict(shape), "batch": args.model_batch, "optimizer": optimizer_name,
               "soft_moe_over_dense": ratios, "soft_moe_over_dense_cpu_time": ratios_cpu, "models": per_model,

@@ -18,11 +18,7 @@ TARGETS = {
         2.0, "min", "layer fwd+bwd, float32 / bf16 autocast with the weights cast once per step"),
     "layer_forward_backward_over_attainable": (
         1.3, "max", "layer fwd+bwd / its 15 bare matmuls at its own shapes"),
-    "model_inference_over_dense": (
-        1.0, "max", "Soft MoE S/16 / dense ViT-S/16, inference, allocator tuned (as in a process that trains)"),
-    "model_inference_glibc_defaults_over_dense": (
-        1.0, "max", "Soft MoE S/16 / dense ViT-S/16, inference under glibc's own allocator settings "
-                    "(as in a process that only infers)"),
+    "model_inference_over_dense": (1.0, "max", "Soft MoE S/16 / dense ViT-S/16, inference"),
     "model_forward_backward_over_dense": (1.15, "max", "Soft MoE S/16 / dense ViT-S/16, fwd+bwd"),
     "model_train_step_over_dense": (1.35, "max", "Soft MoE S/16 / dense ViT-S/16, fwd+bwd+AdamW"),
     "layer_bf16_fraction_of_matmul_rate": (
@@ -57,7 +53,7 @@ def evaluate_targets(results: dict, layer_shape: str) -> dict:
     if bf16 and on_gpu:
         values["layer_bf16_fraction_of_matmul_rate"] = (bf16["fraction_of_gemm_rate"], None)
     model = results.get("model") or {}
-    for metric in ("inference", "inference_glibc_defaults", "forward_backward", "train_step"):
+    for metric in ("inference", "forward_backward", "train_step"):
         if metric == "train_step" and not model.get("optimizer", "").startswith("AdamW"):
             continue  # the training-step target is for AdamW
         if metric in model.get("soft_moe_over_dense", {}):
@@ -133,9 +129,6 @@ def _model_report_lines(results: dict) -> list:
             lines.append(f"{name:10} {r['params'] / 1e6:7.1f}M {r['inference_s']:8.3f} {r['forward_backward_s']:9.3f} "
                          f"{r['optimizer_s']:8.3f} {r['train_step_s']:7.3f} {100 * r['optimizer_share_of_step']:7.1f} "
                          f"{r['inference_images_per_s']:9.1f} {r['train_images_per_s']:11.1f}")
-        if all("inference_glibc_defaults_s" in r for r in model["models"].values()):
-            lines.append("inference under glibc's own allocator settings (a process that only infers): " + ", ".join(
-                f"{name} {r['inference_glibc_defaults_s']:.3f} s" for name, r in model["models"].items()))
         ratios = model["soft_moe_over_dense"]
         lines.append("soft_moe / dense: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
         lines.append("soft_moe / dense, CPU time: "
