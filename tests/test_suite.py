@@ -4,13 +4,15 @@ path at tiny sizes on CPU. No timings are asserted: on a GPU its figures are the
 import json
 
 import pytest
+import torch
 from torch import nn
 
 from softmoe import SoftMoE
 from softmoe.bench.cli import main
+from softmoe.bench.floors import expert_bank_cases
 from softmoe.bench.step_floor import ADAMW_BYTES_PER_PARAM, ParameterCounts, parameter_counts, step_floor
 from softmoe.bench.model import build_benchmark_model
-from softmoe.bench.shapes import MODEL_SHAPES
+from softmoe.bench.shapes import LAYER_SHAPES, MODEL_SHAPES
 
 
 def _toy_model():
@@ -54,6 +56,9 @@ def test_the_suite_runs_every_section_at_tiny_sizes_on_cpu(tmp_path, capsys):
     (layer,) = results["layers"]
     for key in ("eager_forward_backward_over_matmuls", "compiled_forward_over_mlp", "matmuls_forward_fraction_of_peak"):
         assert layer[key] > 0
+    # the experts through bmm and torch._grouped_mm side by side (torch 2.14 runs grouped_mm on CPU too)
+    assert layer["experts_bmm_s"] > 0 and layer["experts_grouped_mm_over_bmm"] > 0
+    assert "experts tiny fc1 + fc2 forward: torch.bmm " in stdout and "x bmm's time)" in stdout
     (model,) = results["models"]
     assert set(model["step"]) == {f"{kind}/{variant}" for kind in ("dense", "soft_moe")
                                   for variant in ("eager", "compiled")}
@@ -83,3 +88,10 @@ def test_fresh_process_allocator_runs_time_the_layer_and_pair_ratios_by_round():
     assert summary["median_s"] == {"library_default": 2.6, "tune_allocator": 2.0, "opted_out": 3.0}
     assert summary["library_default_over_tune_allocator"] == pytest.approx((1.1 + 1.5) / 2)
     assert summary["opted_out_over_tune_allocator_cpu_time"] == pytest.approx((2.0 + 1.0) / 2)
+
+
+def test_the_expert_gemms_through_grouped_mm_compute_what_bmm_computes():
+    """The suite times the same product both ways: torch._grouped_mm's batched form against two bmm calls."""
+    cases, missing = expert_bank_cases(LAYER_SHAPES["tiny"], torch.device("cpu"), torch.float32)
+    assert not missing, missing  # torch 2.14 runs it on CPU
+    torch.testing.assert_close(cases["experts_grouped_mm"](), cases["experts_bmm"]())

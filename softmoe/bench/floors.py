@@ -84,3 +84,23 @@ def attainable_cases(shape: LayerShape, device, dtype) -> Tuple[Dict[str, Callab
 
     flops = {"forward": shape.flops(backward=False), "forward_backward": shape.flops(backward=True)}
     return {"forward": forward, "forward_backward": forward_backward}, flops
+
+
+def expert_bank_cases(shape: LayerShape, device, dtype) -> Tuple[Dict[str, Callable[[], None]], str]:
+    """The experts' two forward GEMMs (fc1, fc2: ``num_experts`` x [rows, ...]) through ``torch.bmm`` and through
+    ``torch._grouped_mm`` (its batched 3-d form), to time side by side; the second case is left out, with the
+    reason returned, where this torch or device cannot run it (it needs bf16 and an sm90 GPU on CUDA)."""
+    fc1, fc2 = (mm for mm in shape.forward_matmuls() if mm.name.startswith("experts"))
+    x = torch.randn(fc1.batch, fc1.rows, fc1.inner, device=device, dtype=dtype)
+    w1 = torch.randn(fc1.batch, fc1.inner, fc1.cols, device=device, dtype=dtype)
+    w2 = torch.randn(fc2.batch, fc2.inner, fc2.cols, device=device, dtype=dtype)
+    cases: Dict[str, Callable[[], None]] = {"experts_bmm": lambda: torch.bmm(torch.bmm(x, w1), w2)}
+    grouped_mm = getattr(torch, "_grouped_mm", None)
+    if grouped_mm is None:
+        return cases, f"torch {torch.__version__} has no torch._grouped_mm"
+    try:
+        grouped_mm(grouped_mm(x, w1), w2)
+    except (RuntimeError, NotImplementedError, TypeError) as error:
+        return cases, f"torch._grouped_mm cannot run here: {str(error).splitlines()[0]}"
+    cases["experts_grouped_mm"] = lambda: grouped_mm(grouped_mm(x, w1), w2)
+    return cases, ""

@@ -10,7 +10,8 @@ Sections, each side by side in interleaved rounds (:func:`.timing.interleaved`):
 
 * ``peak``: the bf16 matmul rate of an 8192³ product and the copy bandwidth;
 * ``layers``: the layer at S/16 and B/16 shapes, eager and compiled, against its bare matmuls
-  (:func:`.floors.attainable_cases`) and timm's ``Mlp`` on the same tokens, each also against peak;
+  (:func:`.floors.attainable_cases`) and timm's ``Mlp`` on the same tokens, each also against peak; and the
+  experts' two GEMMs through ``torch.bmm`` against ``torch._grouped_mm`` (:func:`.floors.expert_bank_cases`);
 * ``models``: Soft MoE against dense at S/16 and B/16: the training step (its forward+backward and its
   optimizer), eager and compiled, beside its floor (:mod:`.step_floor`); inference under autocast and with
   the model cast to bf16;
@@ -29,7 +30,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .floors import attainable_cases, ceiling_cases
+from .floors import attainable_cases, ceiling_cases, expert_bank_cases
 from .layer import build_layer, layer_pass_cases
 from .model import build_benchmark_model, make_optimizer, model_cases, model_flops
 from .shapes import LAYER_SHAPES, MODEL_SHAPES, LayerShape, ModelShape
@@ -124,6 +125,8 @@ class Suite:
         grad = torch.randn_like(x)
         bare, _ = attainable_cases(shape, self.device, BF16)
         cases = {f"matmuls/{pass_name}": fn for pass_name, fn in bare.items()}
+        experts, grouped_mm_missing = expert_bank_cases(shape, self.device, BF16)  # bmm or torch._grouped_mm?
+        cases.update(experts)
         for impl, module in modules.items():
             if module is not None:  # every call starts as after an optimizer step: the bf16 copies are recast
                 for pass_name, fn in layer_pass_cases(module, x, grad, BF16, self.device, optimizer_step=True).items():
@@ -131,6 +134,13 @@ class Suite:
         times = interleaved(cases, self.config.rounds, self.config.warmup, self.device)
         row = {"shape": shape.name, "batch": shape.batch, "tokens": shape.tokens, "dim": shape.dim,
                "hidden": shape.hidden, "num_slots": shape.num_slots}
+        row["experts_bmm_s"] = median(times["experts_bmm"]["total"])
+        if "experts_grouped_mm" in times:
+            row["experts_grouped_mm_s"] = median(times["experts_grouped_mm"]["total"])
+            row["experts_grouped_mm_over_bmm"] = paired_ratio(times["experts_grouped_mm"]["total"],
+                                                              times["experts_bmm"]["total"])
+        else:
+            row["experts_grouped_mm_missing"] = grouped_mm_missing
         for pass_name in ("forward", "forward_backward"):
             flops = shape.flops(pass_name == "forward_backward")
             bare_times = times[f"matmuls/{pass_name}"]["total"]

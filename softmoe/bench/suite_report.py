@@ -65,6 +65,10 @@ def _layer_lines(row: dict) -> List[str]:
                              f"({100 * row[f'{impl}_{pass_name}_fraction_of_peak']:.0f}% of peak)")
         lines.append(f"layer {row['shape']} (b {row['batch']}, d {row['dim']}, {row['num_slots']} slots) {label}: "
                      + "; ".join(cells))
+    grouped = (f"torch._grouped_mm {1e3 * row['experts_grouped_mm_s']:.2f} ms "
+               f"({row['experts_grouped_mm_over_bmm']:.2f}x bmm's time)" if "experts_grouped_mm_s" in row
+               else f"torch._grouped_mm not timed: {row['experts_grouped_mm_missing']}")
+    lines.append(f"experts {row['shape']} fc1 + fc2 forward: torch.bmm {1e3 * row['experts_bmm_s']:.2f} ms; {grouped}")
     return lines
 
 
