@@ -83,28 +83,34 @@ def say_how_to_resume(tag: str, run_dir: Path) -> None:
     say(resume_message(tag, run_dir))
 
 
+# The resume line a crash leaves for the end of the output, printed after Hydra's traceback (registered at import:
+# nothing is left to happen between a crash and its exit but storing the line, which a retry repeats harmlessly).
+_resume_line_at_exit: list = []
+
+
+@atexit.register
+def _say_the_resume_line_at_exit() -> None:
+    if _resume_line_at_exit:
+        try:
+            say(_resume_line_at_exit[-1])
+        except Exception:  # a signal handler raised inside the first print (see the function below): again
+            say(_resume_line_at_exit[-1])
+
+
 def say_how_to_resume_after_a_crash(tag: str, run_dir: Path, after_the_traceback: bool) -> None:
-    """:func:`say_how_to_resume` for a crash, whose traceback Hydra prints once this function has returned.
+    """:func:`say_how_to_resume` for a crash, whose traceback Hydra prints once the crash has left ``main``.
 
     ``after_the_traceback``: the line is printed as the process exits, so it is the last thing on screen rather
     than above a long traceback. A sweep's job says it at once instead: joblib's worker processes outlive the job.
 
-    A signal handler may raise inside it: PyTorch reports a DataLoader worker that died (the OOM killer's SIGKILL)
-    from its SIGCHLD handler, which runs in the main thread wherever it is; when the worker's death first surfaced
-    as another error (its half-sent batch), that is here. The line is then looked up again and that error follows."""
-    deliver = functools.partial(atexit.register, say_twice_if_interrupted) if after_the_traceback else say
-    try:
-        message = resume_message(tag, run_dir)
-    except Exception:  # a pending handler runs once, at the first chance, before the lookup ends: look again
-        deliver(resume_message(tag, run_dir))
-        raise
-    deliver(message)
-
-
-def say_twice_if_interrupted(message: Optional[str]) -> None:
-    try:
-        say(message)
-    except Exception:  # as above: a handler that raised inside the first print
+    A signal handler may raise inside it, from its very first line on: PyTorch reports a DataLoader worker that
+    died (the OOM killer's SIGKILL) from its SIGCHLD handler, which runs in the main thread wherever it is; when
+    the worker's death first surfaced as another error (its half-sent batch), that is here. So the caller calls it
+    inside a ``try`` and, on an error, once more before raising that error (``main``)."""
+    message = resume_message(tag, run_dir)
+    if after_the_traceback:
+        _resume_line_at_exit[:] = [message] if message else []
+    else:
         say(message)
 
 
@@ -142,7 +148,11 @@ def main(cfg: DictConfig) -> float:
         say_how_to_resume(tag, run_dir)  # a resumed run interrupted while loading
         sys.exit(preempted_exit_code(signal.SIGINT))
     except Exception:  # a crash: Hydra prints the traceback; a checkpoint written before it is not lost
-        say_how_to_resume_after_a_crash(tag, run_dir, after_the_traceback=not multirun)
+        try:  # the call inside the try: a signal handler may raise as the function starts (see its docstring)
+            say_how_to_resume_after_a_crash(tag, run_dir, after_the_traceback=not multirun)
+        except Exception:
+            say_how_to_resume_after_a_crash(tag, run_dir, after_the_traceback=not multirun)
+            raise
         raise
     log.info("done: %s, %d steps", summary.describe(), summary.steps)
     entropy = final_dispatch_entropy(summary.run_dir)
