@@ -288,3 +288,28 @@ def test_the_resume_hint_finds_fsdps_sharded_last_and_a_stop_names_the_file_it_s
     save_checkpoint(tmp_path / "last.pt", {"step": 5})  # resumed under one process: the newer file is the one
     assert sharded_checkpoint.latest_last(tmp_path) == tmp_path / "last.pt"
     assert str(Preempted(signal.SIGTERM, 3, checkpoint="last.dcp")).startswith("SIGTERM received: saved last.dcp at")
+
+
+def test_a_crash_leaves_its_resume_line_for_the_exit_and_a_sweep_job_says_it_at_once(compose_run, tmp_path, capsys):
+    """The two ways a crash's resume line is delivered (``softmoe.train``): after Hydra's traceback, by the atexit
+    hook, for a single run; at once for a sweep's job, whose joblib worker process outlives it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from softmoe import train as command
+
+    HydraConfig.instance().set_config(compose_run("model.depth=2", f"hydra.run.dir={tmp_path}", hydra_node=True))
+    command.say_how_to_resume_after_a_crash("", tmp_path, after_the_traceback=True)
+    command._say_the_resume_line_at_exit()
+    assert capsys.readouterr().err == ""  # no last.pt: nothing to say, now or at exit
+    save_checkpoint(tmp_path / "last.pt", {"step": 5})
+    try:
+        command.say_how_to_resume_after_a_crash("", tmp_path, after_the_traceback=True)
+        assert capsys.readouterr().err == ""  # not yet: the traceback comes first
+        command._say_the_resume_line_at_exit()
+        line = capsys.readouterr().err
+        assert line.startswith("last.pt is kept; resume with: python -m softmoe.train model.depth=2 "), line
+        command.say_how_to_resume_after_a_crash("[job 3] ", tmp_path, after_the_traceback=False)
+        assert capsys.readouterr().err.startswith("[job 3] last.pt is kept; resume with: ")
+    finally:
+        command._resume_line_at_exit.clear()  # this test process exits with nothing to say
+        HydraConfig.instance().cfg = None
