@@ -12,6 +12,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from softmoe.harness.memory import Layout, feasible_layouts, rank_memory, shapes_of
 from softmoe.harness.model import build_model
+from softmoe.harness.optim import build_optimizer
 from softmoe.parallel import _shard_bank_
 from softmoe.plan import compose_plan_config, main, plan_run
 
@@ -41,16 +42,12 @@ def one_step(model, config):
     """A real optimizer (the config's) after one step on zero gradients: its state is allocated."""
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    optimizer_cfg = config["optimizer"]
-    if "adam" in optimizer_cfg["_target_"].lower():
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=optimizer_cfg["momentum"])
+    optimizer = build_optimizer(config["optimizer"], model, config["moe"])
     optimizer.step()
     return optimizer
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_bf16", "sgd"])
 def test_ddp_figures_are_the_bytes_of_the_real_parameters_gradients_and_optimizer_state(optimizer):
     model, config = built([f"optimizer={optimizer}"])
     shapes = shapes_of(model, config)  # the planner builds on the meta device; the same shapes

@@ -155,6 +155,9 @@ OPTIMIZER_RULES: dict[str, Rule] = {
     "nesterov": boolean,
     "fused": optional(boolean),
     "eps": positive_number,
+    "state_dtype": one_of("float32", "bfloat16"),
+    "rounding": one_of("stochastic", "nearest"),
+    "compile": boolean,
 }
 SCHEDULER_RULES: dict[str, Rule] = {
     "warmup_steps": non_negative_int,

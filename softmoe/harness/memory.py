@@ -90,7 +90,8 @@ class ModelShapes:
     depth: int
     num_experts: int
     activation_bytes: int  # per element
-    optimizer_states: int  # per-element float32 buffers: AdamW 2, SGD with momentum 1
+    optimizer_states: int  # per-element buffers: AdamW 2, SGD with momentum 1
+    optimizer_state_bytes: int  # bytes per element of each: 4, or 2 for optimizer.state_dtype=bfloat16
     optimizer_scalars: bool  # a float32 `step` per tensor (Adam)
 
     @property
@@ -135,6 +136,7 @@ def shapes_of(model: nn.Module, config: Mapping[str, Any]) -> ModelShapes:
         activation_bytes=FLOAT32 if config["trainer"]["precision"] == "fp32" else 2,
         optimizer_states=2 if adam else int(bool(optimizer.get("momentum", 0))),
         optimizer_scalars=adam,
+        optimizer_state_bytes=2 if optimizer.get("state_dtype") == "bfloat16" else FLOAT32,
     )
 
 
@@ -152,7 +154,8 @@ def _numel(shape: torch.Size, shards: int = 1) -> int:
 
 def _state_bytes(shapes: ModelShapes, elements: int, tensors: int) -> tuple[int, int, int]:
     """(parameter, gradient, optimizer) bytes of ``tensors`` float32 tensors of ``elements`` in all."""
-    optimizer = shapes.optimizer_states * elements * FLOAT32 + (tensors * FLOAT32 if shapes.optimizer_scalars else 0)
+    step_counters = tensors * FLOAT32 if shapes.optimizer_scalars else 0
+    optimizer = shapes.optimizer_states * elements * shapes.optimizer_state_bytes + step_counters
     return elements * FLOAT32, elements * FLOAT32, optimizer
 
 

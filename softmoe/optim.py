@@ -1,0 +1,204 @@
+"""AdamW with its two moments stored in bfloat16: half the optimizer's memory and traffic, its maths in float32.
+
+Soft MoE S/16 has 40x the parameters of ViT-S/16, so float32 AdamW state is 7.5 GB there and its step moves
+28 bytes per parameter (issue 18's floor, ``softmoe/bench/step_floor.py``). With ``state_dtype="bfloat16"`` each
+step reads both moments, updates them in float32 exactly as ``torch.optim.AdamW`` does, and writes them back in
+bfloat16: 20 bytes per parameter, and 4 bytes of state instead of 8.
+
+Rounding. bfloat16 keeps 8 significant bits, so ``exp_avg_sq * 0.999`` rounds back to ``exp_avg_sq``: rounded to
+nearest, the second moment could never decay. ``rounding="stochastic"`` (the default) rounds up with a
+probability equal to the dropped fraction, so every stored moment is unbiased. Its random bits are a hash of the
+element, the step and the parameter's position (no generator state): a resumed run rounds as the uninterrupted
+one would, and eager and compiled steps agree. ``"nearest"`` is there to measure what stochastic rounding buys.
+
+``compile=True`` runs each parameter's update through ``torch.compile``: one fused kernel that reads and writes
+each tensor once, where eager runs a dozen passes. ``state_dtype="float32"`` gives ``torch.optim.AdamW``'s step
+(``foreach=False``) bit for bit in eager.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from ._checks import require_choice, require_number
+
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ROUNDINGS = ("stochastic", "nearest")
+# Eager float32 temporaries are made this many elements at a time (16 MB each), not for a whole 75M-element bank.
+CHUNK = 1 << 22
+
+
+def _mix(h: torch.Tensor) -> torch.Tensor:
+    """One round of a 32-bit integer hash (lowbias32's constants), in int64 so no product overflows."""
+    h = h ^ (h >> 16)
+    h = (h * 0x45D9F3B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def rounding_noise(start: torch.Tensor, length: int, step: torch.Tensor, salt: torch.Tensor, device: torch.device
+                   ) -> torch.Tensor:
+    """16 random bits (int32 in [0, 65536)) for elements ``start ..< start + length`` of tensor ``salt`` at
+    ``step`` (0-d tensors): a hash, so the same element, step and tensor always draw the same bits."""
+    index = torch.arange(length, device=device, dtype=torch.int64) + start
+    seed = (step.to(torch.int64) * 0x27D4EB2F + salt * 0x165667B1) & 0xFFFFFFFF
+    return (_mix(_mix((index * 0x9E3779B1 + seed) & 0xFFFFFFFF)) & 0xFFFF).to(torch.int32)
+
+
+def round_to_bfloat16(x: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+    """float32 ``x`` in bfloat16: to nearest without ``noise``, else stochastically: the 16 bits bfloat16 drops,
+    plus ``noise`` uniform in [0, 65536), carry into the kept bits with probability (dropped bits) / 65536.
+    Finite float32 bit patterns plus the noise never overflow int32, whatever the sign."""
+    if noise is None:
+        return x.to(torch.bfloat16)
+    bits = (x.view(torch.int32) + noise) & -65536  # magnitude rounded up or down; low bits cleared, so exact below
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP, expert parallelism): the update is elementwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def adamw_float32_(param, grad, exp_avg, exp_avg_sq, step: float, lr, beta1, beta2, eps, weight_decay) -> None:
+    """``torch.optim.AdamW``'s single-tensor update, in the same order of operations (so bit for bit)."""
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def adamw_low_precision_(param, grad, exp_avg, exp_avg_sq, step, lr, salt, start, *, beta1: float, beta2: float,
+                         eps: float, weight_decay: float, stochastic: bool) -> None:
+    """The same update with the moments read into float32 and written back in their own dtype, rounded as
+    ``stochastic`` says (the bits: :func:`rounding_noise` of element ``start + i``). ``step``, ``lr`` (float64)
+    and ``salt``, ``start`` (int64) are 0-d tensors on the parameter's device, so a compiled step never
+    recompiles as the learning rate or the step count change."""
+    param.mul_(1 - lr * weight_decay)
+    g = grad.float()
+    m = exp_avg.float().lerp_(g, 1 - beta1)
+    v = exp_avg_sq.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step).sqrt()
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.sub_((lr / bias_correction1) * (m / denom))
+    noise_m = noise_v = None
+    if stochastic:
+        noise_m = rounding_noise(start, m.numel(), step, 2 * salt, param.device)
+        noise_v = rounding_noise(start, v.numel(), step, 2 * salt + 1, param.device)
+    exp_avg.copy_(round_to_bfloat16(m, noise_m))
+    exp_avg_sq.copy_(round_to_bfloat16(v, noise_v))
+
+
+class AdamW(Optimizer):
+    """``torch.optim.AdamW`` (decoupled weight decay) whose moments live in ``state_dtype``.
+
+    Args:
+        params, lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        state_dtype: ``"bfloat16"`` (the moments of float32 parameters in bf16) or ``"float32"`` (torch's
+            AdamW). Parameters that are not float32 keep moments in their own dtype, as torch's do.
+        rounding: how float32 moments become bf16: ``"stochastic"`` (unbiased; see the module docstring) or
+            ``"nearest"``.
+        compile: run each parameter's bf16-state update as one ``torch.compile``d kernel.
+
+    A checkpoint from either optimizer loads into either: the moments are cast to this optimizer's
+    ``state_dtype`` (float32 -> bf16 rounds to nearest once), and ``state_dtype``, ``rounding`` stay this
+    run's choice whatever the checkpoint's groups say.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, state_dtype: str = "bfloat16", rounding: str = "stochastic",
+                 compile: bool = False) -> None:
+        require_number("lr", lr, minimum=0.0, inclusive=True)
+        require_number("eps", eps, minimum=0.0, inclusive=True)
+        require_number("weight_decay", weight_decay, minimum=0.0, inclusive=True)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        require_choice("state_dtype", state_dtype, tuple(STATE_DTYPES))
+        require_choice("rounding", rounding, ROUNDINGS)
+        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps, weight_decay=weight_decay,
+                        state_dtype=state_dtype, rounding=rounding)
+        super().__init__(params, defaults)
+        self.compile = bool(compile)
+        self._compiled_update = None
+        self._scalars: dict = {}  # this step's 0-d hyperparameter tensors, by (name, value, device)
+
+    def _moment_dtype(self, param: torch.Tensor, group: dict) -> torch.dtype:
+        return STATE_DTYPES[group["state_dtype"]] if param.dtype == torch.float32 else param.dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._scalars.clear()
+        salt = 0  # each parameter's position: its rounding bits differ from every other parameter's
+        for group in self.param_groups:
+            for param in group["params"]:
+                salt += 1
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("softmoe.optim.AdamW does not support sparse gradients")
+                state = self.state[param]
+                if not state:
+                    dtype = self._moment_dtype(param, group)
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                state["step"] += 1
+                self._update(param, state, group, salt)
+        return loss
+
+    def _update(self, param: torch.Tensor, state: dict, group: dict, salt: int) -> None:
+        beta1, beta2 = group["betas"]
+        p, g, m, v = (_local(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"]))
+        if m.dtype == p.dtype:
+            adamw_float32_(p, g, m, v, state["step"].item(), group["lr"], beta1, beta2, group["eps"],
+                           group["weight_decay"])
+            return
+        if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+            raise ValueError(f"softmoe.optim.AdamW with state_dtype={group['state_dtype']!r} updates contiguous "
+                             f"parameters; got one of shape {tuple(p.shape)} with strides {p.stride()}")
+        device = p.device
+        step = self._scalar(state["step"].item(), torch.float64, device)
+        lr = self._scalar(group["lr"], torch.float64, device)
+        constants = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                         stochastic=group["rounding"] == "stochastic")
+        flat = [t.view(-1) for t in (p, g.contiguous(), m, v)]
+        salt_t = self._scalar(salt, torch.int64, device)
+        if self.compile:  # one fused kernel: no float32 temporaries, so no chunks
+            self._compiled()(*flat, step, lr, salt_t, self._scalar(0, torch.int64, device), **constants)
+            return
+        for start in range(0, p.numel(), CHUNK):
+            pieces = [t[start:start + CHUNK] for t in flat]
+            adamw_low_precision_(*pieces, step, lr, salt_t, self._scalar(start, torch.int64, device), **constants)
+
+    def _scalar(self, value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (value, dtype, device)
+        if key not in self._scalars:
+            self._scalars[key] = torch.tensor(value, dtype=dtype, device=device)
+        return self._scalars[key]
+
+    def _compiled(self):
+        if self._compiled_update is None:
+            self._compiled_update = torch.compile(adamw_low_precision_, fullgraph=True)
+        return self._compiled_update
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        chosen = [{key: group[key] for key in ("state_dtype", "rounding")} for group in self.param_groups]
+        super().load_state_dict(state_dict)  # casts every moment to its parameter's dtype
+        for group, choice in zip(self.param_groups, chosen):
+            group.update(choice)
+            for param in group["params"]:
+                state = self.state.get(param, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key] = state[key].to(self._moment_dtype(param, group))
