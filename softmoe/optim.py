@@ -7,9 +7,10 @@ bfloat16: 20 bytes per parameter, and 4 bytes of state instead of 8.
 
 Rounding. bfloat16 keeps 8 significant bits, so ``exp_avg_sq * 0.999`` rounds back to ``exp_avg_sq``: rounded to
 nearest, the second moment could never decay. ``rounding="stochastic"`` (the default) rounds up with a
-probability equal to the dropped fraction, so every stored moment is unbiased. Its random bits are a hash of the
-element, the step and the parameter's position (no generator state): a resumed run rounds as the uninterrupted
-one would, and eager and compiled steps agree. ``"nearest"`` is there to measure what stochastic rounding buys.
+probability equal to the dropped fraction, so every stored moment is unbiased. Its random bits are the
+parameter's and the gradient's low mantissa bits, xor a hash of the step (no generator state): a resumed run
+rounds as the uninterrupted one would, and eager and compiled steps agree. ``"nearest"`` measures what stochastic
+rounding buys.
 
 ``compile=True`` runs each parameter's update through ``torch.compile``: one fused kernel that reads and writes
 each tensor once, where eager runs a dozen passes. ``state_dtype="float32"`` gives ``torch.optim.AdamW``'s step
@@ -18,7 +19,7 @@ each tensor once, where eager runs a dozen passes. ``state_dtype="float32"`` giv
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch.optim import Optimizer
@@ -31,20 +32,22 @@ ROUNDINGS = ("stochastic", "nearest")
 CHUNK = 1 << 22
 
 
-def _mix(h: torch.Tensor) -> torch.Tensor:
-    """One round of a 32-bit integer hash (lowbias32's constants), in int64 so no product overflows."""
-    h = h ^ (h >> 16)
-    h = (h * 0x45D9F3B) & 0xFFFFFFFF
-    return h ^ (h >> 16)
+def step_bits(step: int, salt: int) -> int:
+    """16 bits that change with every step and differ between parameters (a 32-bit integer hash of both)."""
+    h = (step * 0x27D4EB2F + salt * 0x165667B1) & 0xFFFFFFFF
+    for _ in range(2):
+        h ^= h >> 16
+        h = (h * 0x45D9F3B) & 0xFFFFFFFF
+    return (h ^ (h >> 16)) & 0xFFFF
 
 
-def rounding_noise(start: torch.Tensor, length: int, step: torch.Tensor, salt: torch.Tensor, device: torch.device
-                   ) -> torch.Tensor:
-    """16 random bits (int32 in [0, 65536)) for elements ``start ..< start + length`` of tensor ``salt`` at
-    ``step`` (0-d tensors): a hash, so the same element, step and tensor always draw the same bits."""
-    index = torch.arange(length, device=device, dtype=torch.int64) + start
-    seed = (step.to(torch.int64) * 0x27D4EB2F + salt * 0x165667B1) & 0xFFFFFFFF
-    return (_mix(_mix((index * 0x9E3779B1 + seed) & 0xFFFFFFFF)) & 0xFFFF).to(torch.int32)
+def rounding_noise(param: torch.Tensor, grad: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """16 pseudo-random bits per element (int32 in [0, 65536)): the low mantissa bits of the float32 parameter
+    and gradient, which no moment's rounding depends on, xor ``bits`` (:func:`step_bits`, a 0-d tensor), which
+    vary them from step to step even where both are zero. Two cheap passes, where a counter-based hash of each
+    element's index cost more integer work than the whole AdamW update; and no generator state, so a resumed run
+    and a compiled step draw what the uninterrupted eager one did."""
+    return (param.view(torch.int32) ^ grad.view(torch.int32) ^ bits) & 0xFFFF
 
 
 def round_to_bfloat16(x: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
@@ -73,26 +76,21 @@ def adamw_float32_(param, grad, exp_avg, exp_avg_sq, step: float, lr, beta1, bet
     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
-def adamw_low_precision_(param, grad, exp_avg, exp_avg_sq, step, lr, salt, start, *, beta1: float, beta2: float,
-                         eps: float, weight_decay: float, stochastic: bool) -> None:
+def adamw_low_precision_(param, grad, exp_avg, exp_avg_sq, decay, step_size, bias_correction2_sqrt, bits, *,
+                         beta1: float, beta2: float, eps: float, stochastic: bool) -> None:
     """The same update with the moments read into float32 and written back in their own dtype, rounded as
-    ``stochastic`` says (the bits: :func:`rounding_noise` of element ``start + i``). ``step``, ``lr`` (float64)
-    and ``salt``, ``start`` (int64) are 0-d tensors on the parameter's device, so a compiled step never
-    recompiles as the learning rate or the step count change."""
-    param.mul_(1 - lr * weight_decay)
+    ``stochastic`` says (the bits: :func:`rounding_noise`). The step's scalars (``decay = 1 - lr * weight_decay``,
+    ``step_size = lr / bias_correction1``, float32; ``bits``, int32) are 0-d tensors computed once per step: a
+    compiled step neither recompiles as they change nor recomputes their powers for every element."""
+    noise = rounding_noise(param, grad, bits) if stochastic else None  # from the parameter before its update
+    param.mul_(decay)
     g = grad.float()
     m = exp_avg.float().lerp_(g, 1 - beta1)
     v = exp_avg_sq.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step).sqrt()
     denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-    param.sub_((lr / bias_correction1) * (m / denom))
-    noise_m = noise_v = None
-    if stochastic:
-        noise_m = rounding_noise(start, m.numel(), step, 2 * salt, param.device)
-        noise_v = rounding_noise(start, v.numel(), step, 2 * salt + 1, param.device)
-    exp_avg.copy_(round_to_bfloat16(m, noise_m))
-    exp_avg_sq.copy_(round_to_bfloat16(v, noise_v))
+    param.sub_(step_size * (m / denom))
+    exp_avg.copy_(round_to_bfloat16(m, noise))
+    exp_avg_sq.copy_(round_to_bfloat16(v, None if noise is None else noise ^ 0x5A5A))  # other bits for v
 
 
 class AdamW(Optimizer):
@@ -104,7 +102,8 @@ class AdamW(Optimizer):
             AdamW). Parameters that are not float32 keep moments in their own dtype, as torch's do.
         rounding: how float32 moments become bf16: ``"stochastic"`` (unbiased; see the module docstring) or
             ``"nearest"``.
-        compile: run each parameter's bf16-state update as one ``torch.compile``d kernel.
+        compile: run each parameter's bf16-state update as one ``torch.compile``d kernel; a string names the
+            ``torch.compile`` backend (True: inductor's).
 
     A checkpoint from either optimizer loads into either: the moments are cast to this optimizer's
     ``state_dtype`` (float32 -> bf16 rounds to nearest once), and ``state_dtype``, ``rounding`` stay this
@@ -113,7 +112,7 @@ class AdamW(Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, state_dtype: str = "bfloat16", rounding: str = "stochastic",
-                 compile: bool = False) -> None:
+                 compile: Union[bool, str] = False) -> None:
         require_number("lr", lr, minimum=0.0, inclusive=True)
         require_number("eps", eps, minimum=0.0, inclusive=True)
         require_number("weight_decay", weight_decay, minimum=0.0, inclusive=True)
@@ -125,7 +124,9 @@ class AdamW(Optimizer):
         defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps, weight_decay=weight_decay,
                         state_dtype=state_dtype, rounding=rounding)
         super().__init__(params, defaults)
-        self.compile = bool(compile)
+        if not isinstance(compile, (bool, str)):
+            raise ValueError(f"compile must be true, false or a torch.compile backend name, got {compile!r}")
+        self.compile = compile
         self._compiled_update = None
         self._scalars: dict = {}  # this step's 0-d hyperparameter tensors, by (name, value, device)
 
@@ -167,19 +168,18 @@ class AdamW(Optimizer):
         if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
             raise ValueError(f"softmoe.optim.AdamW with state_dtype={group['state_dtype']!r} updates contiguous "
                              f"parameters; got one of shape {tuple(p.shape)} with strides {p.stride()}")
+        step, lr = state["step"].item(), group["lr"]
         device = p.device
-        step = self._scalar(state["step"].item(), torch.float64, device)
-        lr = self._scalar(group["lr"], torch.float64, device)
-        constants = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                         stochastic=group["rounding"] == "stochastic")
+        scalars = [self._scalar(value, torch.float32, device) for value in (  # in double, as torch's AdamW
+            1 - lr * group["weight_decay"], lr / (1 - beta1**step), (1 - beta2**step) ** 0.5)]
+        scalars.append(self._scalar(step_bits(int(step), salt), torch.int32, device))
+        constants = dict(beta1=beta1, beta2=beta2, eps=group["eps"], stochastic=group["rounding"] == "stochastic")
         flat = [t.view(-1) for t in (p, g.contiguous(), m, v)]
-        salt_t = self._scalar(salt, torch.int64, device)
         if self.compile:  # one fused kernel: no float32 temporaries, so no chunks
-            self._compiled()(*flat, step, lr, salt_t, self._scalar(0, torch.int64, device), **constants)
+            self._compiled()(*flat, *scalars, **constants)
             return
         for start in range(0, p.numel(), CHUNK):
-            pieces = [t[start:start + CHUNK] for t in flat]
-            adamw_low_precision_(*pieces, step, lr, salt_t, self._scalar(start, torch.int64, device), **constants)
+            adamw_low_precision_(*(t[start:start + CHUNK] for t in flat), *scalars, **constants)
 
     def _scalar(self, value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (value, dtype, device)
@@ -189,7 +189,8 @@ class AdamW(Optimizer):
 
     def _compiled(self):
         if self._compiled_update is None:
-            self._compiled_update = torch.compile(adamw_low_precision_, fullgraph=True)
+            backend = self.compile if isinstance(self.compile, str) else "inductor"
+            self._compiled_update = torch.compile(adamw_low_precision_, backend=backend, fullgraph=True)
         return self._compiled_update
 
     def load_state_dict(self, state_dict: dict) -> None:

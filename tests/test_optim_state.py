@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from softmoe.optim import AdamW, round_to_bfloat16, rounding_noise
+from softmoe.optim import AdamW, round_to_bfloat16, rounding_noise, step_bits
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 
@@ -70,7 +70,10 @@ def test_a_bf16_state_step_is_the_float64_update_of_the_stored_moments(rounding)
 
 def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
     exact = torch.tensor([1.0 + 3 / 1024, -0.3, 7e-5, -2.5e3], dtype=torch.float32).repeat_interleave(50_000)
-    noise = rounding_noise(torch.tensor(0), exact.numel(), torch.tensor(3.0), torch.tensor(5), exact.device)
+    generator = torch.Generator().manual_seed(0)  # the noise's sources: a parameter and a gradient
+    param, grad = (torch.randn(exact.shape, generator=generator) for _ in range(2))
+    noise = rounding_noise(param, grad, torch.tensor(step_bits(3, 5), dtype=torch.int32))
+    assert 0 <= noise.min() and noise.max() < 65536
     rounded = round_to_bfloat16(exact, noise).float()
     down = round_to_bfloat16(exact.view(torch.int32).bitwise_and(-65536).view(torch.float32), None).float()
     up = torch.nextafter(down.to(torch.bfloat16), down.sign().to(torch.bfloat16) * float("inf")).float()

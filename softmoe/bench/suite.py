@@ -15,7 +15,9 @@ Sections, each side by side in interleaved rounds (:func:`.timing.interleaved`):
 * ``models``: Soft MoE against dense at S/16 and B/16: the training step (its forward+backward and its
   optimizer), eager and compiled, beside its floor (:mod:`.step_floor`); inference under autocast and with
   the model cast to bf16;
-* ``huge``: Soft MoE B/16 against ViT-H/14 in inference (the paper: 5.7x faster).
+* ``huge``: Soft MoE B/16 against ViT-H/14 in inference (the paper: 5.7x faster);
+* ``optimizer``: AdamW's step alone at S/16, float32 moments (fused) against bf16 moments
+  (:mod:`.optimizer_step`), reported without a target.
 
 ``--tiny`` runs the same code at toy sizes (any device; no verdicts): the tests use it on CPU.
 """
@@ -33,6 +35,7 @@ from torch import nn
 from .floors import attainable_cases, ceiling_cases, expert_bank_cases
 from .layer import build_layer, layer_pass_cases
 from .model import build_benchmark_model, make_optimizer, model_cases, model_flops
+from .optimizer_step import optimizer_section
 from .shapes import LAYER_SHAPES, MODEL_SHAPES, LayerShape, ModelShape
 from .step_floor import parameter_counts, step_floor
 from .timing import interleaved, median, paired_ratio
@@ -99,12 +102,16 @@ class Suite:
 
     def compile(self, module: nn.Module, what: str) -> Optional[nn.Module]:
         """``torch.compile(module)``, or None (said so in the report) past the time budget or without a backend."""
-        if self.config.compile_backend is None:
-            return None
-        if time.perf_counter() - self.started > self.config.budget_s:
-            self.skipped.append(f"{what} compiled: past the {self.config.budget_s:.0f} s budget")
+        if self.config.compile_backend is None or self.past_budget(what):
             return None
         return torch.compile(module, backend=self.config.compile_backend)
+
+    def past_budget(self, what: str) -> bool:
+        """Whether compiling ``what`` now would pass the time budget (then said so in the report)."""
+        if time.perf_counter() - self.started <= self.config.budget_s:
+            return False
+        self.skipped.append(f"{what} compiled: past the {self.config.budget_s:.0f} s budget")
+        return True
 
     def measure_peak(self) -> dict:
         cases, rates_of = ceiling_cases(self.device, self.config.gemm_size, self.config.copy_mib, [BF16])
@@ -277,6 +284,8 @@ def run_suite(args, command: str) -> dict:
     results["layers"] = [suite.layer(shape) for shape in config.layer_shapes.values()]
     results["models"] = [suite.model_pair(pair) for pair in config.models]
     results["huge"] = suite.huge()
+    results["optimizer"] = optimizer_section(suite, config.models[0].shape)
+    _release(device)
     results["skipped"] = suite.skipped
     results["targets"] = suite_targets(results, verdicts=not args.tiny)
     results["wall_s"] = time.perf_counter() - suite.started

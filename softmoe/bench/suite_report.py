@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import List
 
+from .optimizer_step import optimizer_lines
+
 LAYER_OVER_MATMULS_LIMIT = 1.5  # the layer / the bare matmuls it must do
 LAYER_OVER_MLP_LIMIT = 1.0  # the layer / timm's dense Mlp on the same tokens
 STEP_OVER_FLOOR_LIMIT = 1.15  # the training step / its floor (optimizer, weight copies, casts, FLOPs)
@@ -105,6 +107,8 @@ def format_suite(results: dict) -> str:
     huge = results["huge"]
     lines += ["", f"inference images/s: {huge['dense']} {huge['images_per_s']['dense']:.0f}, "
                   f"{huge['soft_moe']} {huge['images_per_s']['soft_moe']:.0f}"]
+    if "optimizer" in results:
+        lines += [""] + optimizer_lines(results["optimizer"])
     lines += [f"skipped: {what}" for what in results["skipped"]]
     lines += ["", "targets (no verdicts: --tiny sizes mean nothing)" if results["tiny"] else "targets"]
     for t in results["targets"]:
