@@ -17,7 +17,7 @@ MISTAKES = [
     (["-m", "moe.num_experts=4,8", "trainer.max_stepz=2"],  # a sweep: its first job is composed
      "trainer.max_stepz=2: not a key of the config; did you mean trainer.max_steps?"),
     (["-m", "optimizer=adamw,adam"], "optimizer=adam: not an option of optimizer; did you mean optimizer=adamw? "
-                                     "(options: adamw, sgd)"),
+                                     "(options: adamw, adamw_bf16, sgd)"),
     (["model=vit_small", "model.patch=4"], "model.patch=4: not a key of the config; did you mean model.patch_size?"),
     (["trainer.patience=3"], "trainer.patience=3: not a key of the config (to add a key: +trainer.patience=3)"),
 ]
