@@ -41,9 +41,9 @@ def step_bits(step: int, salt: int) -> int:
     return (h ^ (h >> 16)) & 0xFFFF
 
 
-def rounding_noise(param: torch.Tensor, grad: torch.Tensor, bits) -> torch.Tensor:
+def rounding_noise(param: torch.Tensor, grad: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """16 pseudo-random bits per element (int32 in [0, 65536)): the low mantissa bits of the float32 parameter
-    and gradient, which no moment's rounding depends on, xor ``bits`` (:func:`step_bits`), which
+    and gradient, which no moment's rounding depends on, xor ``bits`` (:func:`step_bits`, a 0-d tensor), which
     vary them from step to step even where both are zero. Two cheap passes, where a counter-based hash of each
     element's index cost more integer work than the whole AdamW update; and no generator state, so a resumed run
     and a compiled step draw what the uninterrupted eager one did."""
@@ -76,14 +76,13 @@ def adamw_float32_(param, grad, exp_avg, exp_avg_sq, step: float, lr, beta1, bet
     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
-def adamw_low_precision_(param, grad, exp_avg, exp_avg_sq, decay: float, step_size: float,
-                         bias_correction2_sqrt: float, bits: int, *, beta1: float, beta2: float, eps: float,
-                         stochastic: bool) -> None:
+def adamw_low_precision_(param, grad, exp_avg, exp_avg_sq, decay, step_size, bias_correction2_sqrt, bits, *,
+                         beta1: float, beta2: float, eps: float, stochastic: bool) -> None:
     """The same update with the moments read into float32 and written back in their own dtype, rounded as
     ``stochastic`` says (the bits: :func:`rounding_noise`). The step's scalars (``decay = 1 - lr * weight_decay``,
-    ``step_size = lr / bias_correction1``) are computed once per step, in double as torch's AdamW does, not per
-    element. Compiled, they are the kernel's arguments: after its first recompile (automatic dynamic) the step
-    compiles no more as they change, and no scalar is copied to the device."""
+    ``step_size = lr / bias_correction1``, ``bias_correction2_sqrt``: float32; ``bits``: int32) are computed once
+    per step, in double as torch's AdamW does, and passed as 0-d tensors: a compiled step would recompile for
+    every new Python number (dynamo guards on them), and would compute their powers for every element."""
     noise = rounding_noise(param, grad, bits) if stochastic else None  # from the parameter before its update
     param.mul_(decay)
     g = grad.float()
@@ -130,6 +129,7 @@ class AdamW(Optimizer):
             raise ValueError(f"compile must be true, false or a torch.compile backend name, got {compile!r}")
         self.compile = compile
         self._compiled_update = None
+        self._scalars: dict = {}  # this step's 0-d scalar tensors, by (value, dtype, device)
 
     def _moment_dtype(self, param: torch.Tensor, group: dict) -> torch.dtype:
         return STATE_DTYPES[group["state_dtype"]] if param.dtype == torch.float32 else param.dtype
@@ -140,6 +140,7 @@ class AdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._scalars.clear()
         salt = 0  # each parameter's position: its rounding bits differ from every other parameter's
         for group in self.param_groups:
             for param in group["params"]:
@@ -169,8 +170,10 @@ class AdamW(Optimizer):
             raise ValueError(f"softmoe.optim.AdamW with state_dtype={group['state_dtype']!r} updates contiguous "
                              f"parameters; got one of shape {tuple(p.shape)} with strides {p.stride()}")
         step, lr = state["step"].item(), group["lr"]
-        scalars = (1 - lr * group["weight_decay"], lr / (1 - beta1**step), (1 - beta2**step) ** 0.5,
-                   step_bits(int(step), salt))
+        device = p.device
+        scalars = [self._scalar(value, torch.float32, device) for value in (
+            1 - lr * group["weight_decay"], lr / (1 - beta1**step), (1 - beta2**step) ** 0.5)]
+        scalars.append(self._scalar(step_bits(int(step), salt), torch.int32, device))
         constants = dict(beta1=beta1, beta2=beta2, eps=group["eps"], stochastic=group["rounding"] == "stochastic")
         flat = [t.view(-1) for t in (p, g.contiguous(), m, v)]
         if self.compile:  # one fused kernel: no float32 temporaries, so no chunks
@@ -178,6 +181,14 @@ class AdamW(Optimizer):
             return
         for start in range(0, p.numel(), CHUNK):
             adamw_low_precision_(*(t[start:start + CHUNK] for t in flat), *scalars, **constants)
+
+    def _scalar(self, value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``value`` as a 0-d tensor on ``device``, made once per step. ``torch.full`` writes it with a kernel
+        argument; ``torch.tensor(value, device=...)`` would copy it from the host and wait for the device."""
+        key = (value, dtype, device)
+        if key not in self._scalars:
+            self._scalars[key] = torch.full((), value, dtype=dtype, device=device)
+        return self._scalars[key]
 
     def _compiled(self):
         if self._compiled_update is None:
