@@ -1,4 +1,4 @@
-"""AdamW with its two moments stored in bfloat16: half the optimizer's memory and traffic, its maths in float32.
+"""AdamW with its two moments stored in bfloat16: half the moments' memory, 29% less traffic, maths in float32.
 
 Soft MoE S/16 has 40x the parameters of ViT-S/16, so float32 AdamW state is 7.5 GB there and its step moves
 28 bytes per parameter (issue 18's floor, ``softmoe/bench/step_floor.py``). With ``state_dtype="bfloat16"`` each
