@@ -100,3 +100,17 @@ def test_the_expert_gemms_through_grouped_mm_compute_what_bmm_computes():
     cases, missing = expert_bank_cases(LAYER_SHAPES["tiny"], torch.device("cpu"), torch.float32)
     assert not missing, missing  # torch 2.14 runs it on CPU
     torch.testing.assert_close(cases["experts_grouped_mm"](), cases["experts_bmm"]())
+
+
+def test_a_section_without_a_target_that_fails_is_listed_as_skipped_not_raised():
+    from softmoe.bench.suite import optional_section
+
+    class Suite:
+        skipped = []
+
+    def broken():
+        raise RuntimeError("no kernel for this GPU")
+
+    assert optional_section(Suite, "optimizer", broken) is None
+    assert Suite.skipped == ["optimizer section: RuntimeError: no kernel for this GPU"]
+    assert optional_section(Suite, "optimizer", lambda: {"steps": {}}) == {"steps": {}}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -255,6 +255,16 @@ class Suite:
         return result
 
 
+def optional_section(suite: Suite, name: str, measure: Callable[[], dict]) -> Optional[dict]:
+    """``measure()``, or None with the error listed under ``skipped``: a section reported without a target must
+    not cost the figures measured before it (the JSON is written once, at the end)."""
+    try:
+        return measure()
+    except Exception as error:  # noqa: BLE001 -- said in the report instead
+        suite.skipped.append(f"{name} section: {type(error).__name__}: {error}")
+        return None
+
+
 def _bf16_inference(model: nn.Module, images: torch.Tensor):
     images = images.to(BF16)
 
@@ -284,7 +294,9 @@ def run_suite(args, command: str) -> dict:
     results["layers"] = [suite.layer(shape) for shape in config.layer_shapes.values()]
     results["models"] = [suite.model_pair(pair) for pair in config.models]
     results["huge"] = suite.huge()
-    results["optimizer"] = optimizer_section(suite, config.models[0].shape)
+    optimizer = optional_section(suite, "optimizer", lambda: optimizer_section(suite, config.models[0].shape))
+    if optimizer is not None:
+        results["optimizer"] = optimizer
     _release(device)
     results["skipped"] = suite.skipped
     results["targets"] = suite_targets(results, verdicts=not args.tiny)
