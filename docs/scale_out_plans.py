@@ -24,6 +24,8 @@ MODELS = {
     "Soft MoE H/14": ["model=vit_huge"],
 }
 WORLD_SIZES = (8, 64, 256)
+# The same recipe with AdamW's moments in bfloat16 (softmoe/optim.py): where halving the optimizer column matters.
+BF16_MOMENTS = {"Soft MoE B/16, AdamW's moments in bf16 (optimizer=adamw_bf16)": (["model=vit_base"], 8)}
 
 
 def plans_markdown() -> str:
@@ -34,6 +36,12 @@ def plans_markdown() -> str:
             plan = make_plan(first.shapes, world_size, first.batch_size, first.gpu_memory_gb, first.gpus_per_node)
             command = "python -m softmoe.plan " + " ".join([*model, *COMMON, f"world_size={world_size}"])
             sections.append(format_plan(plan, name) + f"\n\n`{command}`")
+    for name, (model, world_size) in BF16_MOMENTS.items():
+        overrides = [*model, *[o for o in COMMON if o != "optimizer=adamw"], "optimizer=adamw_bf16"]
+        first = plan_run(overrides)
+        plan = make_plan(first.shapes, world_size, first.batch_size, first.gpu_memory_gb, first.gpus_per_node)
+        command = "python -m softmoe.plan " + " ".join([*overrides, f"world_size={world_size}"])
+        sections.append(format_plan(plan, name) + f"\n\n`{command}`")
     return "\n\n".join(sections)
 
 

@@ -148,7 +148,7 @@ def test_the_plans_in_docs_scale_out_are_the_planners_current_output():
     spec.loader.exec_module(generator)
     page = generator.PAGE.read_text()
     assert generator.page_with_plans(page) == page, "stale: run python docs/scale_out_plans.py"
-    assert page.count("Recommended: **") + page.count("Nothing fits") == 9
+    assert page.count("Recommended: **") + page.count("Nothing fits") == 3 * 3 + 1  # and B/16 with bf16 moments
 
 
 def test_a_model_no_gpu_holds_whole_is_told_to_build_on_the_meta_device(capsys):

@@ -445,7 +445,7 @@ CLI_BAD = [
         "with data.download=true, or set data.root.",
     ),
     (["optimizer=adam"], 2, "error: optimizer=adam: not an option of optimizer; did you mean optimizer=adamw? "
-                            "(options: adamw, sgd)"),  # what Hydra cannot compose: one line too (overrides.py)
+                            "(options: adamw, adamw_bf16, sgd)"),  # Hydra cannot compose it: one line (overrides.py)
     (["trainer.max_step=5"], 2, "error: trainer.max_step=5: not a key of the config; did you mean trainer.max_steps?"),
 ]
 
