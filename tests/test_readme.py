@@ -53,6 +53,10 @@ def check_timm_upcycle(ns):
     assert 0.8e-3 < ns["noise"].std() < 1.2e-3  # the configured noise around each block's dense MLP
 
 
+def check_bf16_moments(ns):
+    assert ns["moments"] == {torch.bfloat16} and len(ns["optimizer"].state) == len(list(ns["net"].parameters()))
+
+
 def check_layer(ns):
     assert ns["y"].shape == (4, 50, 64) and tuple(ns["layer"].phi.shape) == (64, 8, 2)
     assert moe_blocks(ns["vit"]) == [0, 1]  # every block
@@ -92,7 +96,7 @@ README_COMMANDS = [line.split("  #")[0].strip() for block in code_blocks(ROOT / 
 # The README keeps the first examples; the rest moved to docs/ (issue 22), checked alike.
 EXAMPLE_FILES = {
     "README.md": [check_vit, check_layer, check_wrapper, check_routing, check_upcycle],
-    "docs/library.md": [check_factories, check_features, check_export, check_timm_upcycle],
+    "docs/library.md": [check_factories, check_features, check_export, check_timm_upcycle, check_bf16_moments],
     "docs/benchmarks.md": [check_tune_allocator],
 }
 README_EXAMPLES = [block for name in EXAMPLE_FILES for block in code_blocks(ROOT / name, "python")]
