@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from .checkpoint import LAST
 from .errors import NONFINITE_EXIT_CODE, NonFiniteError, preempted_exit_code
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Preempted(Exception):
     received ``signum``."""
 
     def __init__(
-        self, signum: int, step: int, handover: Callable[[], None] = lambda: None, checkpoint: str = "last.pt"
+        self, signum: int, step: int, handover: Callable[[], None] = lambda: None, checkpoint: str = LAST
     ) -> None:
         self.signum, self.step, self.handover = int(signum), step, handover
         self.exit_code = preempted_exit_code(signum)
@@ -79,7 +80,7 @@ class PreemptionGuard:
     main thread (where Python cannot install handlers) the guard does nothing and the signals keep their usual effect.
     """
 
-    def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS, checkpoint: str = "last.pt") -> None:
+    def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS, checkpoint: str = LAST) -> None:
         self.signals = tuple(signals)
         self.checkpoint = checkpoint  # what the stop saves: last.pt, or FSDP's last.dcp
         self.received: Optional[int] = None

@@ -130,8 +130,13 @@ def _upcycled(dense_state: Mapping[str, torch.Tensor], source: UpcycleSource, na
     return whole
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``t``: a DTensor's local shard, else ``t`` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _local_bytes(tensors: Iterator[torch.Tensor]) -> int:
-    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+    return sum(_local(t).nbytes for t in tensors)
 
 
 @torch.no_grad()
@@ -183,7 +188,7 @@ def build_local_shards(config: Mapping[str, Any], distributed: Distributed, *, d
     model.to_empty(device=distributed.device)
     with torch.no_grad():
         for param in model.parameters():  # a piece nothing writes stays NaN: the first save refuses it
-            (param.to_local() if isinstance(param, DTensor) else param).fill_(math.nan)
+            _local(param).fill_(math.nan)
     if draw:
         source = model_cfg.get("upcycle_from")
         dense_state = None if source is None else load_state_dict(os.path.expanduser(source))
