@@ -25,6 +25,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._checks import require_choice, require_number
+from .parallel import local_tensor
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ROUNDINGS = ("stochastic", "nearest")
@@ -58,11 +59,6 @@ def round_to_bfloat16(x: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.T
         return x.to(torch.bfloat16)
     bits = (x.view(torch.int32) + noise) & -65536  # magnitude rounded up or down; low bits cleared, so exact below
     return bits.view(torch.float32).to(torch.bfloat16)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (FSDP, expert parallelism): the update is elementwise."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def adamw_float32_(param, grad, exp_avg, exp_avg_sq, step: float, lr, beta1, beta2, eps, weight_decay) -> None:
@@ -161,7 +157,8 @@ class AdamW(Optimizer):
 
     def _update(self, param: torch.Tensor, state: dict, group: dict, salt: int) -> None:
         beta1, beta2 = group["betas"]
-        p, g, m, v = (_local(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"]))
+        # the update is elementwise: a sharded parameter (FSDP) is updated shard by shard
+        p, g, m, v = (local_tensor(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"]))
         if m.dtype == p.dtype:
             adamw_float32_(p, g, m, v, state["step"].item(), group["lr"], beta1, beta2, group["eps"],
                            group["weight_decay"])

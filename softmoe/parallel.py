@@ -54,9 +54,15 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .capture import moe_layers
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``tensor``: a DTensor's local shard (FSDP, a device mesh), else ``tensor`` itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 __all__ = [
     "ExpertParallel", "all_reduce_expert_grads", "all_reduce_replicated_grads", "clip_grad_norm_",

@@ -23,7 +23,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from softmoe import parallel
 
@@ -75,10 +74,6 @@ def shard_model(
     return model
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     """The global L2 gradient norm of a :func:`shard_model` model, every gradient scaled by the same clip factor.
@@ -86,7 +81,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     Every rank's local gradient shards are disjoint pieces of the whole model (dense parameters sharded over the
     world; an expert bank split over its group, then over the replicas), so the squared norm is one sum over the
     world. Collective."""
-    grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
+    grads = [parallel.local_tensor(p.grad) for p in model.parameters() if p.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
     squares = torch.zeros((), dtype=torch.float64, device=device)
     for grad in grads:

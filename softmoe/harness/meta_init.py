@@ -49,9 +49,9 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
+from softmoe.parallel import local_tensor
 from softmoe.upcycle import UpcycleSource, load_state_dict, upcycle_sources, upcycled_value
 
 from .distributed import Distributed
@@ -130,13 +130,8 @@ def _upcycled(dense_state: Mapping[str, torch.Tensor], source: UpcycleSource, na
     return whole
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of ``t``: a DTensor's local shard, else ``t`` itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _local_bytes(tensors: Iterator[torch.Tensor]) -> int:
-    return sum(_local(t).nbytes for t in tensors)
+    return sum(local_tensor(t).nbytes for t in tensors)
 
 
 @torch.no_grad()
@@ -188,7 +183,7 @@ def build_local_shards(config: Mapping[str, Any], distributed: Distributed, *, d
     model.to_empty(device=distributed.device)
     with torch.no_grad():
         for param in model.parameters():  # a piece nothing writes stays NaN: the first save refuses it
-            _local(param).fill_(math.nan)
+            local_tensor(param).fill_(math.nan)
     if draw:
         source = model_cfg.get("upcycle_from")
         dense_state = None if source is None else load_state_dict(os.path.expanduser(source))
