@@ -28,20 +28,22 @@ WORLD_SIZES = (8, 64, 256)
 BF16_MOMENTS = {"Soft MoE B/16, AdamW's moments in bf16 (optimizer=adamw_bf16)": (["model=vit_base"], 8)}
 
 
+def plan_section(name: str, overrides: list[str], world_size: int, run=None) -> str:
+    """One plan as markdown, with the command that prints it; ``run``: ``overrides`` already composed and built."""
+    run = run or plan_run(overrides)
+    plan = make_plan(run.shapes, world_size, run.batch_size, run.gpu_memory_gb, run.gpus_per_node)
+    command = "python -m softmoe.plan " + " ".join([*overrides, f"world_size={world_size}"])
+    return format_plan(plan, name) + f"\n\n`{command}`"
+
+
 def plans_markdown() -> str:
     sections = []
     for name, model in MODELS.items():
         first = plan_run([*model, *COMMON])  # composed and built once per model
-        for world_size in WORLD_SIZES:
-            plan = make_plan(first.shapes, world_size, first.batch_size, first.gpu_memory_gb, first.gpus_per_node)
-            command = "python -m softmoe.plan " + " ".join([*model, *COMMON, f"world_size={world_size}"])
-            sections.append(format_plan(plan, name) + f"\n\n`{command}`")
+        sections += [plan_section(name, [*model, *COMMON], world_size, first) for world_size in WORLD_SIZES]
     for name, (model, world_size) in BF16_MOMENTS.items():
         overrides = [*model, *[o for o in COMMON if o != "optimizer=adamw"], "optimizer=adamw_bf16"]
-        first = plan_run(overrides)
-        plan = make_plan(first.shapes, world_size, first.batch_size, first.gpu_memory_gb, first.gpus_per_node)
-        command = "python -m softmoe.plan " + " ".join([*overrides, f"world_size={world_size}"])
-        sections.append(format_plan(plan, name) + f"\n\n`{command}`")
+        sections.append(plan_section(name, overrides, world_size))
     return "\n\n".join(sections)
 
 
