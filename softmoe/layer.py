@@ -207,7 +207,8 @@ class SoftMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_tokens("input", x, self.dim)
-        if auto_tune_pending() and x.device.type == "cpu" and torch.is_grad_enabled() and not is_tracing():
+        # is_tracing() first: under torch.fx.symbolic_trace, x.device.type == "cpu" is a proxy, not a bool
+        if auto_tune_pending() and not is_tracing() and x.device.type == "cpu" and torch.is_grad_enabled():
             tune_allocator_once()  # before the first backward allocates the expert weight gradients
         b = x.shape[0]
         compute_dtype = self.compute_dtype(x)

@@ -19,6 +19,19 @@ from softmoe.harness.wandb_files import item_path, read_records
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def _first_backward_before_any_compile():
+    """One backward now, when this pytest process starts. The autograd engine decides once per process, at its
+    first backward, whether a forked child may run autograd; a process whose first backward came after
+    torch.compile or torch.export had run makes every forked child fail with "Unable to handle autograd's threading
+    in combination with fork-based multiprocessing". The tests that fork a trainer (tests/test_reliability.py)
+    would then pass or fail with the tests pytest-xdist happened to run before them in the same worker."""
+    weight = torch.ones(1, requires_grad=True)
+    (weight * 2).sum().backward()
+
+
+_first_backward_before_any_compile()
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -334,8 +335,14 @@ MESH_SCENARIOS = {
 # Process management -----------------------------------------------------------------------------
 
 
-def _worker(rank, port, results_dir, world_size=WORLD_SIZE, scenarios=SCENARIOS):
+def _worker(rank, port, results_dir, world_size, scenarios, cwd):
+    os.chdir(cwd)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    shared = os.path.join(results_dir, SHARED_FILE)
+    if os.path.exists(shared):  # what the parent prepared: into the SHARED dict of the scenarios' module
+        modules = {sys.modules[scenario.__module__] for scenario in scenarios.values()}
+        for module in modules:
+            module.SHARED.update(torch.load(shared, weights_only=False))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     results = {}
@@ -359,12 +366,35 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def run_scenarios(results_dir, world_size, scenarios):
-    """{scenario: {rank: None, or the traceback of its failure}} after every rank ran every scenario."""
-    # fork, not spawn: the workers inherit the imported torch and timm instead of spending seconds importing them
+SHARED_FILE = "shared.pt"
+# Modules the rank processes need, imported once by the fork server rather than by every rank
+FORK_SERVER_PRELOAD = ["torch", "torch.distributed", "timm", "softmoe", "softmoe.harness.fsdp", "test_expert_parallel"]
+
+
+def fork_server():
+    """The multiprocessing context whose processes fork from a fork server (see ``run_scenarios`` for why); the
+    server imports ``FORK_SERVER_PRELOAD`` when it starts, once per pytest process."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    return context
+
+
+def run_scenarios(results_dir, world_size, scenarios, shared=None):
+    """{scenario: {rank: None, or the traceback of its failure}} after every rank ran every scenario.
+
+    The ranks start from a fork server, not by forking this test process, so they never inherit what earlier
+    tests in the same pytest-xdist worker left behind: an autograd engine that refuses to run in forked children
+    (tests/conftest.py explains when, and guards the tests that must fork), OpenMP's thread pool, global state.
+    The server is started once per pytest process with torch, timm and softmoe imported, so each rank starts in
+    well under a second. The scenarios are pickled by name (they are module-level functions); what they need from
+    the parent is ``shared``, which every rank finds in its module's ``SHARED`` dict.
+    """
+    if shared is not None:
+        torch.save(shared, results_dir / SHARED_FILE)
+    fork_server()
     context = mp.start_processes(
-        _worker, args=(_free_port(), str(results_dir), world_size, scenarios), nprocs=world_size, join=False,
-        start_method="fork",
+        _worker, args=(_free_port(), str(results_dir), world_size, scenarios, os.getcwd()), nprocs=world_size,
+        join=False, start_method="forkserver",
     )
     deadline = time.monotonic() + 240
     try:

@@ -1,7 +1,7 @@
 """FSDP2 (``trainer.strategy=fsdp``) on 2 and 4 gloo processes, with and without expert parallelism, against one
 process on the global batch and against DDP, in float32.
 
-The ranks are forked once per world size and run every scenario (see tests/test_expert_parallel.py's
+The ranks start once per world size and run every scenario (see tests/test_expert_parallel.py's
 ``run_scenarios``); every rank runs all its collectives before it asserts anything.
 """
 

@@ -36,7 +36,7 @@ SMALL = [
     "moe.num_experts=8", "scheduler=constant", "trainer.init_device=meta",
 ]
 WORLD_SIZE, PER_RANK_BATCH = 4, 2
-SHARED = {}  # set before the ranks fork: the configs and the one-process results they compare against
+SHARED = {}  # set before the ranks start (run_scenarios hands it to them): the configs and the one-process results
 
 
 def configs(compose_run, *overrides):
@@ -258,7 +258,7 @@ def four_rank_results(compose_run, dense_checkpoint, tmp_path_factory):
     SHARED["model_bytes"] = sum(value.nbytes for value in SHARED["weights"].values())
     SHARED["largest_bytes"] = max(value.nbytes for value in SHARED["weights"].values())
     assert math.isclose(SHARED["model_bytes"] / 2**10, 156, rel_tol=0.05)  # as SMALL's comment says
-    return run_scenarios(tmp_path_factory.mktemp("meta_init"), WORLD_SIZE, SCENARIOS)
+    return run_scenarios(tmp_path_factory.mktemp("meta_init"), WORLD_SIZE, SCENARIOS, shared=SHARED)
 
 
 @pytest.mark.slow

@@ -3,10 +3,6 @@ bit; its bf16 update against an independent float64 AdamW; stochastic rounding u
 resumes through ``state_dict`` and through the trainer; checkpoints of either optimizer loading into the other."""
 
 import io
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -148,23 +144,12 @@ def test_checkpoints_load_across_the_two_state_dtypes_and_keep_this_runs_choice(
     torch.testing.assert_close(loaded, reference.to(torch.bfloat16).float(), rtol=0, atol=0)
 
 
-def compiled_update_agrees_with_the_eager_one():
+def test_a_compiled_update_agrees_with_the_eager_one():
     eager_params, compiled_params = parameters(), parameters()
     step_with([(AdamW(eager_params, **HYPER), eager_params),
                (AdamW(compiled_params, compile=True, **HYPER), compiled_params)], steps=3)
     for mine, reference in zip(compiled_params, eager_params):  # fused kernels may round a float op differently
         torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-6)
-
-
-def test_a_compiled_update_agrees_with_the_eager_one():
-    """In a process of its own: after inductor has compiled in a process, the gloo tests that fork their ranks
-    from it (tests/test_expert_parallel.py's run_scenarios) fail their backward ("Unable to handle autograd's
-    threading in combination with fork-based multiprocessing") when pytest-xdist runs them in the same worker."""
-    check = "import test_optim_state as t; t.compiled_update_agrees_with_the_eager_one()"
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
-    result = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("kwargs,named", [

@@ -6,7 +6,6 @@ changed strategy), the newer is read.
 """
 
 import json
-import multiprocessing
 import os
 import signal
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_expert_parallel import assert_passed_on_every_rank, run_scenarios
+from test_expert_parallel import assert_passed_on_every_rank, fork_server, run_scenarios
 from test_fsdp import FP32, tiny_vit
 
 from softmoe.harness import fsdp, sharded_checkpoint
@@ -28,7 +27,7 @@ from softmoe.upcycle import load_state_dict as upcycle_source
 
 GLOBAL_BATCH = 8
 STEPS = 6  # 2 on 4 ranks, 2 on 2 ranks, 2 on 1 process
-SHARED = {}  # set before the ranks fork: the directories they read and write
+SHARED = {}  # set before the ranks start (run_scenarios hands it to them): the directories they read and write
 
 
 def batch(step):
@@ -79,7 +78,7 @@ def clip_single(model):
 
 def run_on(world_size, results_dir, scenario):
     results_dir.mkdir()
-    results = run_scenarios(results_dir, world_size, {scenario.__name__: scenario})
+    results = run_scenarios(results_dir, world_size, {scenario.__name__: scenario}, shared=SHARED)
     assert_passed_on_every_rank(results, scenario.__name__, world_size)
 
 
@@ -164,7 +163,7 @@ def test_resharding_4_to_2_to_1_and_1_to_4_continues_the_uninterrupted_losses(tm
 
 def _save_forever(run_dir):
     """A process saving a large sharded checkpoint over and over (step 1, 2, ...) until it is killed."""
-    torch.set_num_threads(1)  # a forked child must not use the parent's intra-op thread pool
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)])  # 16 MiB of weights
     optimizer = optimizer_for(model)
@@ -179,12 +178,13 @@ def _save_forever(run_dir):
 
 @pytest.mark.slow
 def test_kill_9_during_a_sharded_save_leaves_a_checkpoint_to_resume_from(tmp_path):
-    saver = multiprocessing.get_context("fork").Process(target=_save_forever, args=(str(tmp_path),))
+    saver = fork_server().Process(target=_save_forever, args=(str(tmp_path),))  # it runs a backward: no plain fork
     saver.start()
     temporary = tmp_path / ".last.dcp.tmp"
     deadline = time.monotonic() + 60
     try:  # once the first save is complete, kill the process in the middle of the next one (each takes ~0.7 s)
         while not (sharded_checkpoint.find(tmp_path) and temporary.exists()):
+            assert saver.is_alive(), f"the saving process ended (exit code {saver.exitcode}) before its second save"
             assert time.monotonic() < deadline, "the saving process never started its second save"
             time.sleep(0.001)
         time.sleep(0.25)
