@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Callable, Optional, Tuple, Type, Union
 
 import torch
@@ -51,6 +52,52 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+# id(weight): (weakref to the weight, weakref to its bank, the weight's name there), for every expert weight whose
+# low-precision copy a bank keeps. Keyed by id and checked by identity: tensors compare elementwise, so they cannot
+# be dictionary keys; weak, so a bank or a weight that goes away takes nothing with it.
+_copy_owners: dict = {}
+
+
+def _owner_of(weight: torch.Tensor):
+    entry = _copy_owners.get(id(weight))
+    bank = None if entry is None or entry[0]() is not weight else entry[1]()
+    if bank is None or getattr(bank, entry[2], None) is not weight:  # gone, or a weight the bank no longer holds
+        return None, None
+    return bank, entry[2]
+
+
+def low_precision_copy(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The low-precision copy an expert bank keeps of ``weight`` for autocast (None: no bank keeps one).
+
+    An optimizer that writes ``copy.copy_(weight)`` as it updates ``weight`` (in the same kernel, it adds a 2-byte
+    write to the update instead of the bank's 6-byte recast) then calls :func:`copy_written`, and the next forward
+    uses the copy as it is (:class:`softmoe.optim.AdamW` does)."""
+    bank, name = _owner_of(weight)
+    if bank is None or name not in bank._low_precision:
+        return None
+    return bank._low_precision[name][1]
+
+
+def copy_written(weight: torch.Tensor) -> None:
+    """Tell the bank that keeps ``weight``'s low-precision copy that the copy now holds ``weight`` cast, from inside
+    an optimizer's ``step``: the step post-hook counts that step when it returns, so the copy is taken as current
+    for the weights that step leaves. Called anywhere else, the copy is recast at the next forward, as usual."""
+    bank, name = _owner_of(weight)
+    if bank is not None and name in bank._low_precision:
+        bank._low_precision[name] = (_copy_key(weight, steps=_optimizer_steps + 1), bank._low_precision[name][1])
+
+
+def _copy_key(weight: torch.Tensor, steps: int) -> tuple:
+    """What a copy is current for: the optimizer steps counted, the weight's in-place writes, its storage."""
+    return steps, weight._version, weight.data_ptr()
+
+
+def _forget_owner(weight_id: int) -> None:
+    entry = _copy_owners.get(weight_id)
+    if entry is not None and entry[0]() is None:  # not a newer weight that reuses the id
+        del _copy_owners[weight_id]
 
 
 def autocast_dtype_on(device: torch.device) -> Optional[torch.dtype]:
@@ -230,18 +277,23 @@ class BatchedMlp(nn.Module):
         when the weight may have changed since: after any ``torch.optim`` optimizer's step (or
         :func:`weights_changed`), or an in-place write its version counter records (``load_state_dict``,
         an init). So a training step casts once, and evaluation or gradient-accumulation steps not at all.
-        (A write through ``weight.data`` bypasses both; call :meth:`clear_low_precision_copies` after one.)"""
+        :class:`softmoe.optim.AdamW` writes the copy in its update instead (:func:`low_precision_copy`), and then
+        the forward casts nothing. (A write through ``weight.data`` bypasses both; call
+        :meth:`clear_low_precision_copies` after one.)"""
         weight = getattr(self, name)
         if is_tracing():  # fx/export/compile: no autocast copy to keep (and a proxy has no version counter)
             return weight
         dtype = autocast_dtype_on(weight.device)
         if dtype is None or weight.dtype == dtype or not weight.is_floating_point():
             return weight
-        key = (_optimizer_steps, weight._version, weight.data_ptr())
+        key = _copy_key(weight, steps=_optimizer_steps)
         cached = self._low_precision.get(name)
         if cached is None or cached[1].dtype != dtype or cached[1].device != weight.device:
             with torch.inference_mode(False):  # a copy made during inference must still serve training
                 cached = (None, torch.empty_like(weight, dtype=dtype))
+        if _owner_of(weight)[0] is not self:  # a new copy, or a new weight object (a deepcopy, a replaced weight)
+            weight_id = id(weight)
+            _copy_owners[weight_id] = (weakref.ref(weight, lambda _: _forget_owner(weight_id)), weakref.ref(self), name)
         if cached[0] != key:
             with torch.no_grad():
                 cached[1].copy_(weight)
@@ -252,6 +304,11 @@ class BatchedMlp(nn.Module):
     def clear_low_precision_copies(self) -> None:
         """Forget the autocast copies of the weights (they are rebuilt at the next autocast forward)."""
         self._low_precision.clear()
+
+    def copy_is_current(self, name: str) -> bool:
+        """Whether the next autocast forward reads weight ``name``'s copy as it is, without recasting it."""
+        cached = self._low_precision.get(name)
+        return cached is not None and cached[0] == _copy_key(getattr(self, name), steps=_optimizer_steps)
 
     def _linear(self, x: torch.Tensor, name: str, bias: Optional[torch.Tensor]) -> torch.Tensor:
         weight = getattr(self, name)

@@ -13,8 +13,13 @@ rounds as the uninterrupted one would, and eager and compiled steps agree. ``"ne
 rounding buys.
 
 ``compile=True`` runs each parameter's update through ``torch.compile``: one fused kernel that reads and writes
-each tensor once, where eager runs a dozen passes. ``state_dtype="float32"`` gives ``torch.optim.AdamW``'s step
-(``foreach=False``) bit for bit in eager.
+each tensor once, where eager runs a dozen passes (float32 moments too). ``state_dtype="float32"`` gives
+``torch.optim.AdamW``'s step (``foreach=False``) bit for bit in eager.
+
+The expert banks' bf16 copies. Under autocast an expert bank reads its weights through a bf16 copy that it recasts
+after every optimizer step (4 bytes read, 2 written per weight). This optimizer writes that copy from the updated
+weight inside the update (``write_expert_copies=True``, the default): compiled, 2 bytes written in the same
+kernel, and the next forward casts nothing. The copy is the bank's own cast, bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._checks import require_choice, require_number
+from .experts import copy_written, low_precision_copy
 from .parallel import local_tensor
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -72,22 +78,28 @@ def adamw_float32_(param, grad, exp_avg, exp_avg_sq, step: float, lr, beta1, bet
     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
-def adamw_low_precision_(param, grad, exp_avg, exp_avg_sq, decay, step_size, bias_correction2_sqrt, bits, *,
-                         beta1: float, beta2: float, eps: float, stochastic: bool) -> None:
-    """The same update with the moments read into float32 and written back in their own dtype, rounded as
-    ``stochastic`` says (the bits: :func:`rounding_noise`). The step's scalars (``decay = 1 - lr * weight_decay``,
-    ``step_size = lr / bias_correction1``, ``bias_correction2_sqrt``: float32; ``bits``: int32) are computed once
-    per step, in double as torch's AdamW does, and passed as 0-d tensors: a compiled step would recompile for
-    every new Python number (dynamo guards on them), and would compute their powers for every element."""
-    noise = rounding_noise(param, grad, bits) if stochastic else None  # from the parameter before its update
+def adamw_low_precision_(param, grad, exp_avg, exp_avg_sq, decay, step_size, bias_correction2_sqrt, bits,
+                         weight_copy=None, *, beta1: float, beta2: float, eps: float, stochastic: bool) -> None:
+    """The same update with the moments read into float32 and written back in their own dtype (bf16: rounded as
+    ``stochastic`` says, the bits from :func:`rounding_noise`; float32: updated in place). The step's scalars
+    (``decay = 1 - lr * weight_decay``, ``step_size = lr / bias_correction1``, ``bias_correction2_sqrt``: float32;
+    ``bits``: int32) are computed once per step, in double as torch's AdamW does, and passed as 0-d tensors: a
+    compiled step would recompile for every new Python number (dynamo guards on them), and would compute their
+    powers for every element. ``weight_copy``: an expert bank's low-precision copy of ``param``, rewritten from
+    the updated parameter (compiled, in the same kernel: a 2-byte write instead of the bank's 6-byte recast)."""
+    low_precision = exp_avg.dtype != torch.float32
+    noise = rounding_noise(param, grad, bits) if stochastic and low_precision else None  # before the update
     param.mul_(decay)
     g = grad.float()
-    m = exp_avg.float().lerp_(g, 1 - beta1)
+    m = exp_avg.float().lerp_(g, 1 - beta1)  # float32 moments: .float() is the moment itself, updated in place
     v = exp_avg_sq.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
     param.sub_(step_size * (m / denom))
-    exp_avg.copy_(round_to_bfloat16(m, noise))
-    exp_avg_sq.copy_(round_to_bfloat16(v, None if noise is None else noise ^ 0x5A5A))  # other bits for v
+    if low_precision:
+        exp_avg.copy_(round_to_bfloat16(m, noise))
+        exp_avg_sq.copy_(round_to_bfloat16(v, None if noise is None else noise ^ 0x5A5A))  # other bits for v
+    if weight_copy is not None:
+        weight_copy.copy_(param)
 
 
 class AdamW(Optimizer):
@@ -99,8 +111,12 @@ class AdamW(Optimizer):
             AdamW). Parameters that are not float32 keep moments in their own dtype, as torch's do.
         rounding: how float32 moments become bf16: ``"stochastic"`` (unbiased; see the module docstring) or
             ``"nearest"``.
-        compile: run each parameter's bf16-state update as one ``torch.compile``d kernel; a string names the
-            ``torch.compile`` backend (True: inductor's).
+        compile: run each parameter's update (float32 or bf16 moments) as one ``torch.compile``d kernel; a
+            string names the ``torch.compile`` backend (True: inductor's).
+        write_expert_copies: where an expert bank keeps an autocast copy of a parameter
+            (:meth:`softmoe.experts.BatchedMlp.compute_weight`), rewrite it from the updated parameter in the
+            update itself, so the next forward casts nothing. Compiled, that is one 2-byte write per parameter in
+            the update's kernel where the bank's recast reads 4 bytes and writes 2; eager, the same pass moves.
 
     A checkpoint from either optimizer loads into either: the moments are cast to this optimizer's
     ``state_dtype`` (float32 -> bf16 rounds to nearest once), and ``state_dtype``, ``rounding`` stay this
@@ -109,7 +125,7 @@ class AdamW(Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, state_dtype: str = "bfloat16", rounding: str = "stochastic",
-                 compile: Union[bool, str] = False) -> None:
+                 compile: Union[bool, str] = False, write_expert_copies: bool = True) -> None:
         require_number("lr", lr, minimum=0.0, inclusive=True)
         require_number("eps", eps, minimum=0.0, inclusive=True)
         require_number("weight_decay", weight_decay, minimum=0.0, inclusive=True)
@@ -124,6 +140,9 @@ class AdamW(Optimizer):
         if not isinstance(compile, (bool, str)):
             raise ValueError(f"compile must be true, false or a torch.compile backend name, got {compile!r}")
         self.compile = compile
+        if not isinstance(write_expert_copies, bool):
+            raise ValueError(f"write_expert_copies must be true or false, got {write_expert_copies!r}")
+        self.write_expert_copies = write_expert_copies
         self._compiled_update = None
         self._scalars: dict = {}  # this step's 0-d scalar tensors, by (value, dtype, device)
 
@@ -159,9 +178,13 @@ class AdamW(Optimizer):
         beta1, beta2 = group["betas"]
         # the update is elementwise: a sharded parameter (FSDP) is updated shard by shard
         p, g, m, v = (local_tensor(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"]))
-        if m.dtype == p.dtype:
+        weight_copy = low_precision_copy(param) if self.write_expert_copies else None
+        if m.dtype == p.dtype and not (self.compile and p.dtype == torch.float32):
             adamw_float32_(p, g, m, v, state["step"].item(), group["lr"], beta1, beta2, group["eps"],
                            group["weight_decay"])
+            if weight_copy is not None:
+                weight_copy.copy_(p)
+                copy_written(param)
             return
         if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
             raise ValueError(f"softmoe.optim.AdamW with state_dtype={group['state_dtype']!r} updates contiguous "
@@ -172,12 +195,21 @@ class AdamW(Optimizer):
             1 - lr * group["weight_decay"], lr / (1 - beta1**step), (1 - beta2**step) ** 0.5)]
         scalars.append(self._scalar(step_bits(int(step), salt), torch.int32, device))
         constants = dict(beta1=beta1, beta2=beta2, eps=group["eps"], stochastic=group["rounding"] == "stochastic")
-        flat = [t.view(-1) for t in (p, g.contiguous(), m, v)]
+        # flat aliases with no base: dynamo guards on a view's base (its rank and strides), which would recompile
+        # the update for every parameter shape
+        flat = [t.view(-1).detach() for t in (p, g.contiguous(), m, v)]
+        flat.append(None if weight_copy is None else weight_copy.view(-1).detach())
         if self.compile:  # one fused kernel: no float32 temporaries, so no chunks
-            self._compiled()(*flat, *scalars, **constants)
-            return
-        for start in range(0, p.numel(), CHUNK):
-            adamw_low_precision_(*(t[start:start + CHUNK] for t in flat), *scalars, **constants)
+            for t in flat:  # one graph for every size: a one-element parameter would otherwise compile its own
+                if t is not None:
+                    torch._dynamo.decorators.mark_unbacked(t, 0)
+            self._compiled()(*flat[:4], *scalars, flat[4], **constants)
+        else:
+            for start in range(0, p.numel(), CHUNK):
+                chunk = [None if t is None else t[start:start + CHUNK] for t in flat]
+                adamw_low_precision_(*chunk[:4], *scalars, chunk[4], **constants)
+        if weight_copy is not None:
+            copy_written(param)
 
     def _scalar(self, value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``value`` as a 0-d tensor on ``device``, made once per step. ``torch.full`` writes it with a kernel
@@ -190,7 +222,7 @@ class AdamW(Optimizer):
     def _compiled(self):
         if self._compiled_update is None:
             backend = self.compile if isinstance(self.compile, str) else "inductor"
-            self._compiled_update = torch.compile(adamw_low_precision_, backend=backend, fullgraph=True)
+            self._compiled_update = torch.compile(adamw_low_precision_, backend=backend, fullgraph=True, dynamic=True)
         return self._compiled_update
 
     def load_state_dict(self, state_dict: dict) -> None:

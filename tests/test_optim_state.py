@@ -144,12 +144,21 @@ def test_checkpoints_load_across_the_two_state_dtypes_and_keep_this_runs_choice(
     torch.testing.assert_close(loaded, reference.to(torch.bfloat16).float(), rtol=0, atol=0)
 
 
-def test_a_compiled_update_agrees_with_the_eager_one():
-    eager_params, compiled_params = parameters(), parameters()
-    step_with([(AdamW(eager_params, **HYPER), eager_params),
-               (AdamW(compiled_params, compile=True, **HYPER), compiled_params)], steps=3)
-    for mine, reference in zip(compiled_params, eager_params):  # fused kernels may round a float op differently
-        torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "float32"])
+def test_a_compiled_update_agrees_with_the_eager_one_and_writes_the_copies(state_dtype):
+    from softmoe import SoftMoE
+
+    torch.manual_seed(0)
+    eager, compiled = SoftMoE(16, 32, num_experts=4, slots_per_expert=2), SoftMoE(16, 32, num_experts=4,
+                                                                                   slots_per_expert=2)
+    compiled.load_state_dict(eager.state_dict())
+    _train_under_bf16_autocast(eager, AdamW(eager.parameters(), state_dtype=state_dtype, **HYPER))
+    written = _train_under_bf16_autocast(compiled, AdamW(compiled.parameters(), state_dtype=state_dtype,
+                                                         compile=True, **HYPER))
+    assert all(written)  # the kernel's cast is round-to-nearest-even, as the bank's
+    for (name, mine), reference in zip(compiled.named_parameters(), eager.parameters()):
+        # fused kernels may round a float op differently
+        torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("kwargs,named", [
@@ -179,3 +188,51 @@ def test_a_run_with_optimizer_adamw_bf16_resumes_as_one_run(compose_run, tmp_pat
     assert {m.dtype for m in moments} == {torch.bfloat16}
     for name, weight in whole["model"].items():
         assert torch.equal(resumed["model"][name], weight), name
+
+
+def _train_under_bf16_autocast(layer, optimizer, steps=3):
+    """Autocast training steps; after each, whether the banks' copies are current and equal their weights cast."""
+    generator = torch.Generator().manual_seed(3)
+    current = []
+    for _ in range(steps):
+        x = torch.randn(3, 9, 16, generator=generator)
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = layer(x).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        for name in ("fc1_weight", "fc2_weight"):
+            copy = layer.experts._low_precision[name][1]
+            current.append(layer.experts.copy_is_current(name)
+                           and torch.equal(copy, getattr(layer.experts, name).detach().to(torch.bfloat16)))
+    return current
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_the_update_writes_the_expert_banks_copies_so_the_forward_recasts_nothing(state_dtype):
+    """The copy written by the step is the cast the bank would make: the same training, bit for bit."""
+    from softmoe import SoftMoE
+
+    torch.manual_seed(0)
+    writing = SoftMoE(16, 32, num_experts=4, slots_per_expert=2)
+    recasting = SoftMoE(16, 32, num_experts=4, slots_per_expert=2)
+    recasting.load_state_dict(writing.state_dict())
+    written = _train_under_bf16_autocast(writing, AdamW(writing.parameters(), state_dtype=state_dtype, **HYPER))
+    recast = _train_under_bf16_autocast(
+        recasting, AdamW(recasting.parameters(), state_dtype=state_dtype, write_expert_copies=False, **HYPER))
+    assert all(written)
+    assert not any(recast)  # stale after each step: recast at the next forward
+    for (name, mine), reference in zip(writing.named_parameters(), recasting.parameters()):
+        assert torch.equal(mine, reference), name
+
+
+def test_a_bank_whose_weight_was_replaced_is_recast_not_trusted():
+    from softmoe import SoftMoE
+
+    layer = SoftMoE(16, 32, num_experts=4, slots_per_expert=2)
+    optimizer = AdamW(layer.parameters(), **HYPER)
+    _train_under_bf16_autocast(layer, optimizer, steps=1)
+    old = layer.experts.fc1_weight
+    layer.experts.fc1_weight = torch.nn.Parameter(old.detach() * 2)  # the optimizer still steps the old one
+    _train_under_bf16_autocast(layer, AdamW([old], **HYPER), steps=1)
+    assert not layer.experts.copy_is_current("fc1_weight")

@@ -66,11 +66,16 @@ def test_the_suite_runs_every_section_at_tiny_sizes_on_cpu(tmp_path, capsys):
         assert model[f"{metric}_soft_moe_over_dense"] > 0
     assert model["floor"]["soft_moe"]["parameters"]["experts"] > 0 and model["floor"]["soft_moe"]["flops"] > 0
     assert results["huge"]["soft_moe_speedup"] > 0
-    optimizer = results["optimizer"]  # AdamW alone: float32 moments (fused) against bf16 ones (compiled)
-    assert optimizer["bf16_state_compiled"] and optimizer["bf16_state_over_float32_fused"] > 0
-    assert {name: step["bytes"] / optimizer["parameters"] for name, step in optimizer["steps"].items()} == {
-        "float32_fused": 28, "bf16_state": 20}
-    assert "softmoe AdamW bf16 moments, compiled" in stdout
+    # AdamW and the copies' refresh: torch fused + the banks' recast against softmoe's AdamW writing the copies
+    optimizer = results["optimizer"]
+    assert optimizer["compiled"] and set(optimizer["over_float32_fused"]) == {"float32_writes_copies", "bf16_state"}
+    assert all(ratio > 0 for ratio in optimizer["over_float32_fused"].values())
+    count, copied = optimizer["parameters"], optimizer["expert_weights_copied"]
+    assert 0 < copied < count
+    assert {name: step["bytes"] for name, step in optimizer["steps"].items()} == {
+        "float32_fused": 28 * count + 6 * copied, "float32_writes_copies": 28 * count + 2 * copied,
+        "bf16_state": 20 * count + 2 * copied}
+    assert "softmoe AdamW {} moments, writes the copies" not in stdout and "softmoe AdamW compiled)" in stdout
     names = [t["name"] for t in results["targets"]]
     assert len(names) == 8 + 4 + 3 + 1 and all(t["met"] is None for t in results["targets"])
     for name in names:

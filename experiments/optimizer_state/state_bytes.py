@@ -3,12 +3,21 @@
 
     python experiments/optimizer_state/state_bytes.py
 
-Prints the table of experiments/optimizer_state/README.md ("What it saves").
+Prints the table of experiments/optimizer_state/README.md ("What it saves"), then what the expert banks' bf16
+copies move per step: recast by the bank after the step (read 4 bytes, write 2 per expert weight) or written by
+softmoe.optim.AdamW's update (2), as experiments/throughput/README.md quotes it.
 """
 
 from softmoe.bench.model import build_benchmark_model
 from softmoe.bench.shapes import MODEL_SHAPES
-from softmoe.bench.step_floor import ADAMW_BF16_STATE_BYTES_PER_PARAM, ADAMW_BYTES_PER_PARAM, parameter_counts
+from softmoe.bench.step_floor import (
+    ADAMW_BF16_STATE_BYTES_PER_PARAM,
+    ADAMW_BYTES_PER_PARAM,
+    CAST_BYTES_PER_PARAM,
+    COPY_WRITE_BYTES,
+    parameter_counts,
+)
+from softmoe.experts import BatchedMlp
 
 MOMENTS = 2  # exp_avg and exp_avg_sq
 
@@ -24,6 +33,14 @@ def main() -> None:
             print(f"| {name} | {count / 1e6:.1f} M | {ADAMW_BYTES_PER_PARAM * count / 1e9:.2f} GB "
                   f"| {ADAMW_BF16_STATE_BYTES_PER_PARAM * count / 1e9:.2f} GB | {MOMENTS * 4 * count / 1e9:.2f} GB "
                   f"| {MOMENTS * 2 * count / 1e9:.2f} GB |")
+    print("\n| model | expert weights in bf16 copies | copies recast by the banks | written by the update |\n"
+          "|---|---|---|---|")
+    for shape in ("vit_s16", "vit_b16"):
+        model = build_benchmark_model(MODEL_SHAPES[shape], "soft_moe", "meta")
+        copied = sum(getattr(bank, name).numel() for bank in model.modules() if isinstance(bank, BatchedMlp)
+                     for name in ("fc1_weight", "fc2_weight"))
+        print(f"| {MODEL_SHAPES[shape].soft_moe_model} | {copied / 1e6:.1f} M | "
+              f"{CAST_BYTES_PER_PARAM * copied / 1e9:.2f} GB | {COPY_WRITE_BYTES * copied / 1e9:.2f} GB |")
 
 
 if __name__ == "__main__":

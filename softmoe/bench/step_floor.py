@@ -26,6 +26,7 @@ ADAMW_BYTES_PER_PARAM = 7 * 4  # reads param, grad, exp_avg, exp_avg_sq; writes 
 # softmoe.optim.AdamW with bf16 moments: the same reads and writes, the moments 2 bytes each: 4 + 4 + 2 + 2 + 4 + 2 + 2
 ADAMW_BF16_STATE_BYTES_PER_PARAM = 20
 CAST_BYTES_PER_PARAM = 4 + 2  # float32 <-> bf16: read one, write the other
+COPY_WRITE_BYTES = 2  # a bf16 copy written by the optimizer's update, which has the float32 weight at hand
 
 
 @dataclass(frozen=True)

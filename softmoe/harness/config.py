@@ -158,6 +158,7 @@ OPTIMIZER_RULES: dict[str, Rule] = {
     "state_dtype": one_of("float32", "bfloat16"),
     "rounding": one_of("stochastic", "nearest"),
     "compile": boolean,
+    "write_expert_copies": boolean,
 }
 SCHEDULER_RULES: dict[str, Rule] = {
     "warmup_steps": non_negative_int,
