@@ -236,3 +236,17 @@ def test_a_bank_whose_weight_was_replaced_is_recast_not_trusted():
     layer.experts.fc1_weight = torch.nn.Parameter(old.detach() * 2)  # the optimizer still steps the old one
     _train_under_bf16_autocast(layer, AdamW([old], **HYPER), steps=1)
     assert not layer.experts.copy_is_current("fc1_weight")
+
+
+def test_a_deepcopied_model_has_its_own_copies_written_and_leaves_the_originals_alone():
+    import copy
+
+    from softmoe import SoftMoE
+
+    original = SoftMoE(16, 32, num_experts=4, slots_per_expert=2)
+    _train_under_bf16_autocast(original, AdamW(original.parameters(), **HYPER), steps=1)
+    originals_copy = original.experts._low_precision["fc1_weight"][1].clone()
+    clone = copy.deepcopy(original)
+    assert all(_train_under_bf16_autocast(clone, AdamW(clone.parameters(), **HYPER), steps=2))
+    assert torch.equal(original.experts._low_precision["fc1_weight"][1], originals_copy)
+    assert not torch.equal(clone.experts.fc1_weight, original.experts.fc1_weight)
