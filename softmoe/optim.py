@@ -199,10 +199,9 @@ class AdamW(Optimizer):
         # the update for every parameter shape
         flat = [t.view(-1).detach() for t in (p, g.contiguous(), m, v)]
         flat.append(None if weight_copy is None else weight_copy.view(-1).detach())
-        if self.compile:  # one fused kernel: no float32 temporaries, so no chunks
-            for t in flat:  # one graph for every size: a one-element parameter would otherwise compile its own
-                if t is not None:
-                    torch._dynamo.decorators.mark_unbacked(t, 0)
+        # one fused kernel: no float32 temporaries, so no chunks. A one-element parameter (a layer's scale) runs
+        # eagerly: dynamo would compile a graph of its own for size 1
+        if self.compile and p.numel() > 1:
             self._compiled()(*flat[:4], *scalars, flat[4], **constants)
         else:
             for start in range(0, p.numel(), CHUNK):
@@ -222,6 +221,10 @@ class AdamW(Optimizer):
     def _compiled(self):
         if self._compiled_update is None:
             backend = self.compile if isinstance(self.compile, str) else "inductor"
+            # dynamic: one graph for every parameter size (per moment dtype, and with or without a copy to write),
+            # where a static graph per size would pass dynamo's recompile limit (8) on a ViT's parameters. On a
+            # GPU the size is one more kernel argument; inductor's CPU kernel for it takes about twice the static
+            # one's time (experiments/optimizer_state/step_time.py)
             self._compiled_update = torch.compile(adamw_low_precision_, backend=backend, fullgraph=True, dynamic=True)
         return self._compiled_update
 

@@ -7,7 +7,9 @@ import io
 import pytest
 import torch
 
-from softmoe.optim import AdamW, round_to_bfloat16, rounding_noise, step_bits
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+from softmoe.optim import AdamW, adamw_low_precision_, round_to_bfloat16, rounding_noise, step_bits
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 
@@ -153,8 +155,12 @@ def test_a_compiled_update_agrees_with_the_eager_one_and_writes_the_copies(state
                                                                                    slots_per_expert=2)
     compiled.load_state_dict(eager.state_dict())
     _train_under_bf16_autocast(eager, AdamW(eager.parameters(), state_dtype=state_dtype, **HYPER))
-    written = _train_under_bf16_autocast(compiled, AdamW(compiled.parameters(), state_dtype=state_dtype,
-                                                         compile=True, **HYPER))
+    graphs_before = len(_debug_get_cache_entry_list(adamw_low_precision_.__code__))
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        written = _train_under_bf16_autocast(compiled, AdamW(compiled.parameters(), state_dtype=state_dtype,
+                                                             compile=True, **HYPER))
+    # one graph with the copy to write and one without, whatever the parameters' shapes (6 here, of 1 to 3 dims)
+    assert len(_debug_get_cache_entry_list(adamw_low_precision_.__code__)) - graphs_before <= 2
     assert all(written)  # the kernel's cast is round-to-nearest-even, as the bank's
     for (name, mine), reference in zip(compiled.named_parameters(), eager.parameters()):
         # fused kernels may round a float op differently
