@@ -162,9 +162,12 @@ def test_a_compiled_update_agrees_with_the_eager_one_and_writes_the_copies(state
     # one graph with the copy to write and one without, whatever the parameters' shapes (6 here, of 1 to 3 dims)
     assert len(_debug_get_cache_entry_list(adamw_low_precision_.__code__)) - graphs_before <= 2
     assert all(written)  # the kernel's cast is round-to-nearest-even, as the bank's
+    # Fused kernels may round a float op differently. With bf16 moments, a last-bit difference in a parameter also
+    # changes its stochastic rounding bits, and now and then a moment by one bf16 step: an update off by up to
+    # 2**-8 of the learning rate (1e-2), on some CPUs and not others
+    atol = 1e-6 if state_dtype == "float32" else 1e-4
     for (name, mine), reference in zip(compiled.named_parameters(), eager.parameters()):
-        # fused kernels may round a float op differently
-        torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(mine, reference, rtol=1e-6, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("kwargs,named", [
