@@ -184,8 +184,14 @@ class AdamW(Optimizer):
                            group["weight_decay"])
             if weight_copy is not None:
                 weight_copy.copy_(p)
-                copy_written(param)
-            return
+        else:
+            self._fused_update(p, g, m, v, weight_copy, state, group, salt)
+        if weight_copy is not None:
+            copy_written(param)
+
+    def _fused_update(self, p, g, m, v, weight_copy, state: dict, group: dict, salt: int) -> None:
+        """:func:`adamw_low_precision_` on the local tensors: compiled into one kernel, or eager in chunks."""
+        beta1, beta2 = group["betas"]
         if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
             raise ValueError(f"softmoe.optim.AdamW with state_dtype={group['state_dtype']!r} updates contiguous "
                              f"parameters; got one of shape {tuple(p.shape)} with strides {p.stride()}")
@@ -207,8 +213,6 @@ class AdamW(Optimizer):
             for start in range(0, p.numel(), CHUNK):
                 chunk = [None if t is None else t[start:start + CHUNK] for t in flat]
                 adamw_low_precision_(*chunk[:4], *scalars, chunk[4], **constants)
-        if weight_copy is not None:
-            copy_written(param)
 
     def _scalar(self, value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``value`` as a 0-d tensor on ``device``, made once per step. ``torch.full`` writes it with a kernel

@@ -25,11 +25,11 @@ def _toy_model():
 def test_parameters_are_counted_by_how_a_bf16_step_touches_them(fp32_grads, gradient_cast):
     counts = parameter_counts(_toy_model(), expert_grads_written_in_float32=fp32_grads)
     assert counts == ParameterCounts(total=72 + 16 + 16 + 1 + 560, cast_for_matmuls=72 + 16 + 560,
-                                     gradient_cast=gradient_cast, experts=560)
+                                     gradient_cast=gradient_cast, experts=560, expert_weights=512)
 
 
 def test_the_step_floor_adds_the_traffic_at_bandwidth_to_the_flops_at_the_matmul_rate():
-    counts = ParameterCounts(total=1000, cast_for_matmuls=800, gradient_cast=300, experts=500)
+    counts = ParameterCounts(total=1000, cast_for_matmuls=800, gradient_cast=300, experts=500, expert_weights=400)
     floor = step_floor(counts, flops=4_000, matmul_rate=2_000.0, bandwidth=10_000.0)
     assert (floor.optimizer_bytes, floor.weight_copy_bytes, floor.gradient_cast_bytes) == (28_000, 4_800, 1_800)
     assert floor.traffic_bytes == 34_600

@@ -17,7 +17,6 @@ from softmoe.bench.step_floor import (
     COPY_WRITE_BYTES,
     parameter_counts,
 )
-from softmoe.experts import BatchedMlp
 
 MOMENTS = 2  # exp_avg and exp_avg_sq
 
@@ -37,8 +36,7 @@ def main() -> None:
           "|---|---|---|---|")
     for shape in ("vit_s16", "vit_b16"):
         model = build_benchmark_model(MODEL_SHAPES[shape], "soft_moe", "meta")
-        copied = sum(getattr(bank, name).numel() for bank in model.modules() if isinstance(bank, BatchedMlp)
-                     for name in ("fc1_weight", "fc2_weight"))
+        copied = parameter_counts(model, expert_grads_written_in_float32=True).expert_weights
         print(f"| {MODEL_SHAPES[shape].soft_moe_model} | {copied / 1e6:.1f} M | "
               f"{CAST_BYTES_PER_PARAM * copied / 1e9:.2f} GB | {COPY_WRITE_BYTES * copied / 1e9:.2f} GB |")
 

@@ -19,7 +19,13 @@ import torch
 from ..experts import BatchedMlp
 from ..optim import AdamW
 from .model import build_benchmark_model, make_optimizer
-from .step_floor import ADAMW_BF16_STATE_BYTES_PER_PARAM, ADAMW_BYTES_PER_PARAM, CAST_BYTES_PER_PARAM, COPY_WRITE_BYTES
+from .step_floor import (
+    ADAMW_BF16_STATE_BYTES_PER_PARAM,
+    ADAMW_BYTES_PER_PARAM,
+    CAST_BYTES_PER_PARAM,
+    COPY_WRITE_BYTES,
+    parameter_counts,
+)
 from .timing import interleaved, median, paired_ratio
 
 # bytes per parameter, and per expert weight that a bank keeps a bf16 copy of
@@ -67,8 +73,8 @@ def optimizer_section(suite, shape) -> dict:
 
     times = interleaved({name: stepping(optimizer) for name, optimizer in optimizers.items()}, suite.config.rounds,
                         suite.config.warmup, suite.device)
-    count = sum(p.numel() for p in params)
-    copied = sum(getattr(bank, name).numel() for bank in banks for name in ("fc1_weight", "fc2_weight"))
+    counts = parameter_counts(model, expert_grads_written_in_float32=True)
+    count, copied = counts.total, counts.expert_weights
     bandwidth = suite.peak["copy_bytes_per_s"]
     steps = {}
     for name, (per_param, per_copy) in BYTES.items():

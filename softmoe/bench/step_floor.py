@@ -37,6 +37,7 @@ class ParameterCounts:
     cast_for_matmuls: int  # read by bf16 matmuls through a bf16 copy made once per step
     gradient_cast: int  # of those, whose float32 gradient is cast from a bf16 one (not written by the GEMM)
     experts: int  # in expert banks (what expert parallelism divides)
+    expert_weights: int  # of those, the banks' matmul weights: the ones that keep a bf16 copy across calls
 
 
 @dataclass(frozen=True)
@@ -103,4 +104,4 @@ def parameter_counts(model: nn.Module, expert_grads_written_in_float32: bool) ->
             cast += _numel((module.phi,))
     exempt = expert_weights if expert_grads_written_in_float32 else 0
     return ParameterCounts(total=_numel(model.parameters()), cast_for_matmuls=cast, gradient_cast=cast - exempt,
-                           experts=experts)
+                           experts=experts, expert_weights=expert_weights)
