@@ -188,10 +188,8 @@ class ExpertParallel(nn.Module):
 
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
         if slots.ndim != 4 or slots.shape[1] != self.num_experts:
-            raise ValueError(
-                f"slots must have shape [batch, num_experts={self.num_experts}, slots_per_expert, dim], "
-                f"got {list(slots.shape)}"
-            )
+            raise ValueError(f"slots must have shape [batch, num_experts={self.num_experts}, slots_per_expert, dim], "
+                             f"got {list(slots.shape)}")
         b, n, p, d = slots.shape
         w, n_local = self.world_size, self.num_local_experts
         # Split sizes along dim 0 of the buffers: b examples go to every rank, b_r come from rank r.
@@ -201,9 +199,10 @@ class ExpertParallel(nn.Module):
         # Grouped by the rank owning the experts: [w, b, n_local, p, d] -> [w·b, n_local, p, d].
         outgoing = slots.reshape(b, w, n_local, p, d).transpose(0, 1).reshape(w * b, n_local, p, d)
         incoming = all_to_all_single_autograd(outgoing, received_sizes, sent_sizes, self.group_name)
-        # [Σ b_r, n_local, p, d]: every rank's examples for this rank's experts, in rank order.
+        # [Σ b_r, n_local, p, d]: every rank's examples for this rank's experts, in rank order. The experts return a
+        # transposed view, which torch 2.11's all_to_all refuses (2.14 copies it): hence contiguous().
         outputs = self._local_experts_mean_grad(incoming)  # [Σ b_r, n_local, p, d']
-        returned = all_to_all_single_autograd(outputs, sent_sizes, received_sizes, self.group_name)
+        returned = all_to_all_single_autograd(outputs.contiguous(), sent_sizes, received_sizes, self.group_name)
         return returned.view(w, b, n_local, p, -1).transpose(0, 1).reshape(b, n, p, -1)
 
     def _local_experts_mean_grad(self, slots: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from timm.layers import Mlp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from softmoe import BatchedMlp, SoftMoE, SoftMoELayerWrapper, SoftMoEVisionTransformer
 from softmoe.parallel import (
@@ -218,6 +219,31 @@ def training_with_ddp(rank):
     _training_matches_single_process(rank, wrap_ddp=True, norm_type=2.0)
 
 
+class _AllToAllInputs(TorchDispatchMode):
+    """Records whether each all_to_all's input is contiguous, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.contiguous = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "all_to_all" in func.name():
+            self.contiguous.append(args[0].is_contiguous())
+        return func(*args, **(kwargs or {}))
+
+
+def collectives_get_contiguous_inputs(rank):
+    """torch 2.11's all_to_all (the GPU machines' torch) refuses a non-contiguous input where 2.14's copies it;
+    the experts return a transposed view, so the layer must pass its outputs contiguous, forward and backward."""
+    for make_layer in (soft_moe_layer, stacked_layer):
+        layer = to_expert_parallel(make_layer())
+        x = torch.randn(PER_RANK_BATCH, 6, 8, dtype=torch.float64, requires_grad=True)
+        with _AllToAllInputs() as recorded:
+            layer(x).square().sum().backward()
+        assert len(recorded.contiguous) == 4, recorded.contiguous  # two forward, two backward
+        assert all(recorded.contiguous), f"{make_layer.__name__}: contiguous inputs {recorded.contiguous}"
+
+
 def clear_errors(rank):
     """Argument errors are raised on every rank before any collective."""
     with pytest.raises(ValueError, match=r"num_experts divisible by the world size: .* num_experts=3, world size is 2"):
@@ -245,6 +271,7 @@ SCENARIOS = {
         state_dict_round_trip,
         training_with_manual_grad_reduction,
         training_with_ddp,
+        collectives_get_contiguous_inputs,
         clear_errors,
     )
 }
