@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from softmoe import SoftMoE
-from softmoe.bench.cli import main
+from softmoe.bench.cli import main, parse_args
 from softmoe.bench.floors import expert_bank_cases
 from softmoe.bench.step_floor import ADAMW_BYTES_PER_PARAM, ParameterCounts, parameter_counts, step_floor
 from softmoe.bench.model import build_benchmark_model
@@ -51,7 +51,14 @@ def test_the_suite_runs_every_section_at_tiny_sizes_on_cpu(tmp_path, capsys):
     out = tmp_path / "suite.json"
     main(["--suite", "gpu", "--tiny", "--device", "cpu", "--suite-compile", "eager", "--out", str(out)])
     results = json.loads(out.read_text())
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out
+    # each section printed as it was measured (stderr), so a run cut short still shows what it measured
+    progress = [line for line in captured.err.splitlines() if line.startswith("[suite] ")]
+    for first_words in ("[suite] layer tiny", "[suite] models tiny", "[suite] inference images/s",
+                        "[suite] optimizer step"):
+        assert any(line.startswith(first_words) for line in progress), (first_words, progress)
+    assert results["failed"] == [] and "partial" not in results
     assert results["suite"] == "gpu" and results["peak"]["matmul_bf16_flops_per_s"] > 0
     (layer,) = results["layers"]
     for key in ("eager_forward_backward_over_matmuls", "compiled_forward_over_mlp", "matmuls_forward_fraction_of_peak"):
@@ -105,6 +112,36 @@ def test_the_expert_gemms_through_grouped_mm_compute_what_bmm_computes():
     cases, missing = expert_bank_cases(LAYER_SHAPES["tiny"], torch.device("cpu"), torch.float32)
     assert not missing, missing  # torch 2.14 runs it on CPU
     torch.testing.assert_close(cases["experts_grouped_mm"](), cases["experts_bmm"]())
+
+
+def test_a_section_that_fails_is_listed_and_the_others_are_still_measured_and_saved(tmp_path):
+    """On a lent GPU, one section out of memory (B/16 on an 80 GB card) must not cost the figures of the rest."""
+    from softmoe.bench.cli import _suite_progress
+    from softmoe.bench.suite import Suite, SuiteConfig, required_section
+    from softmoe.bench.suite_report import format_suite, suite_targets
+
+    args = parse_args(["--suite", "gpu", "--tiny", "--device", "cpu", "--suite-compile", "none"])
+    suite = Suite(SuiteConfig.from_args(args), torch.device("cpu"))
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.\nmore detail")
+
+    assert required_section(suite, "models B/16", out_of_memory) is None
+    assert suite.failed == ["models B/16: OutOfMemoryError: CUDA out of memory. Tried to allocate 3.00 GiB."]
+    huge = {"dense": "vit_huge_patch14_224", "soft_moe": "soft_moe_vit_base", "batch": 2, "limit": 5.7,
+            "images_per_s": {"dense": 1.0, "soft_moe": 6.0}, "soft_moe_speedup": 6.0}
+    assert required_section(suite, "huge", lambda: huge) is huge
+    results = {"command": "c", "suite": "gpu", "tiny": False, "compile_backend": None, "layers": [], "models": [],
+               "machine": {"cpu": "cpu", "torch": torch.__version__, "timm": "t"}, "wall_s": 1.0,
+               "peak": {"matmul_bf16_flops_per_s": 1e12, "gemm_size": 8, "copy_bytes_per_s": 1e9},
+               "skipped": suite.skipped, "failed": suite.failed, "huge": huge}
+    out = tmp_path / "suite.json"
+    _suite_progress(str(out))("huge", huge, results)  # the results so far, on disk after each section
+    assert json.loads(out.read_text()) == {**results, "partial": True}
+    results["targets"] = suite_targets(results)
+    report = format_suite(results)
+    assert "FAILED, its targets not measured: models B/16: OutOfMemoryError" in report
+    assert "1 targets, 1 met; 1 sections FAILED" in report
 
 
 def test_a_section_without_a_target_that_fails_is_listed_as_skipped_not_raised():

@@ -3,9 +3,12 @@
 #
 # Here, once, from the project root (downloads timm, hydra, omegaconf and wandb wheels into .whl/, ignored by git):
 #     bash ../shared/gpu/wheels.sh
-# Then, with the device tool, one call (about 9 minutes of the 15 a task is lent):
-#     run(command="bash experiments/throughput/gpu_run.sh", carry=[".whl"], timeout_s=590)
-# Its files come back under $OUT: results_gpu_suite.json, gpu_suite.log, gpu_pytest.log, gpu.txt.
+# Then, with the device tool, one call (about 9 minutes of the 15 a task is lent), on an H200: Soft MoE B/16's
+# training step holds 66 GB of weights, gradients, AdamW moments and bf16 copies before its activations at batch
+# 256, likely more than an 80 GB H100 has (unmeasured; there that section would fail, and the rest be measured):
+#     run(command="bash experiments/throughput/gpu_run.sh", carry=[".whl"], kind="nvidia-h200", timeout_s=590)
+# Its files come back under $OUT: results_gpu_suite.json, gpu_suite.log, gpu_pytest.log, gpu.txt. The JSON is
+# rewritten after each section ("partial": true until the end), so a run cut short keeps what it measured.
 # The benchmark itself needs only torch and timm (no Hydra, no W&B); the CUDA tests need the rest.
 set -uo pipefail
 [ -d .whl ] || { echo "no .whl/: run 'bash ../shared/gpu/wheels.sh' here first and carry .whl"; exit 2; }

@@ -145,14 +145,32 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         from .suite import run_suite
         from .suite_report import format_suite
 
-        results = run_suite(args, command)
+        results = run_suite(args, command, progress=_suite_progress(args.out))
         print(format_suite(results))
     else:
         results = run(args, argv)
         print(format_report(results))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        _write_json(args.out, results)
         print(f"\nwrote {args.out}")
     return results
+
+
+def _write_json(path: str, results: dict) -> None:
+    """Written whole to a temporary file, then renamed: a process killed mid-write leaves the previous file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(f"{path}.tmp", path)
+
+
+def _suite_progress(out: Optional[str]):
+    """After each suite section: its lines on stderr, and the results so far in ``out`` (``"partial": true``)."""
+    from .suite_report import section_lines
+
+    def progress(key: str, figures: dict, results: dict) -> None:
+        print("\n".join(f"[suite] {line}" for line in section_lines(key, figures)), file=sys.stderr, flush=True)
+        if out:
+            _write_json(out, {**results, "partial": True})
+
+    return progress

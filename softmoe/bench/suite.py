@@ -97,7 +97,8 @@ class Suite:
 
     def __init__(self, config: SuiteConfig, device: torch.device) -> None:
         self.config, self.device, self.started = config, device, time.perf_counter()
-        self.skipped: List[str] = []
+        self.skipped: List[str] = []  # what was not measured, and why: the report lists it
+        self.failed: List[str] = []  # sections that raised (:func:`required_section`)
         self.peak: dict = {}
 
     def compile(self, module: nn.Module, what: str) -> Optional[nn.Module]:
@@ -257,12 +258,25 @@ class Suite:
 
 def optional_section(suite: Suite, name: str, measure: Callable[[], dict]) -> Optional[dict]:
     """``measure()``, or None with the error listed under ``skipped``: a section reported without a target must
-    not cost the figures measured before it (the JSON is written once, at the end)."""
+    not cost the figures measured before it."""
     try:
         return measure()
     except Exception as error:  # noqa: BLE001 -- said in the report instead
         suite.skipped.append(f"{name} section: {type(error).__name__}: {error}")
         return None
+
+
+def required_section(suite: Suite, name: str, measure: Callable[[], dict]) -> Optional[dict]:
+    """``measure()``, or None with the error listed under ``failed``: one section that fails (out of GPU memory,
+    say, for B/16's 66 GB of weights, gradients and moments on an 80 GB card) must not cost the others' figures
+    on a GPU lent for minutes. Its targets go unreported, and the command exits non-zero."""
+    try:
+        return measure()
+    except Exception as error:  # noqa: BLE001 -- said in the report, and in the exit status
+        message = str(error).strip().splitlines()
+        suite.failed.append(f"{name}: {type(error).__name__}: {message[0] if message else ''}")
+    _release(suite.device)  # what the failed section held, now that its frames are gone
+    return None
 
 
 def _bf16_inference(model: nn.Module, images: torch.Tensor):
@@ -281,8 +295,11 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_suite(args, command: str) -> dict:
-    """Every section of the suite, then the targets; ``results["targets"]`` lists each with met / NOT met."""
+def run_suite(args, command: str, progress: Optional[Callable[[str, dict, dict], None]] = None) -> dict:
+    """Every section of the suite, then the targets; ``results["targets"]`` lists each with met / NOT met.
+
+    ``progress(section, its figures, results so far)`` is called after each section that measured something,
+    so a run cut short (a timeout on a lent GPU) still leaves what it measured."""
     from .environment import machine_info
     from .suite_report import suite_targets
 
@@ -290,15 +307,27 @@ def run_suite(args, command: str) -> dict:
     config = SuiteConfig.from_args(args)
     suite = Suite(config, device)
     results = {"command": command, "suite": args.suite, "tiny": bool(args.tiny), "machine": machine_info(device),
-               "compile_backend": config.compile_backend, "peak": suite.measure_peak()}
-    results["layers"] = [suite.layer(shape) for shape in config.layer_shapes.values()]
-    results["models"] = [suite.model_pair(pair) for pair in config.models]
-    results["huge"] = suite.huge()
+               "compile_backend": config.compile_backend, "peak": suite.measure_peak(), "layers": [], "models": [],
+               "skipped": suite.skipped, "failed": suite.failed}
+    sections = [(f"layer {name}", "layers", lambda shape=shape: suite.layer(shape))
+                for name, shape in config.layer_shapes.items()]
+    sections += [(f"models {pair.label}", "models", lambda pair=pair: suite.model_pair(pair)) for pair in config.models]
+    sections += [("huge", "huge", suite.huge)]
+    for name, key, measure in sections:
+        figures = required_section(suite, name, measure)
+        if figures is not None:
+            if key == "huge":
+                results[key] = figures
+            else:  # one row per layer shape or model pair
+                results[key].append(figures)
+            if progress is not None:
+                progress(key, figures, results)
     optimizer = optional_section(suite, "optimizer", lambda: optimizer_section(suite, config.models[0].shape))
     if optimizer is not None:
         results["optimizer"] = optimizer
+        if progress is not None:
+            progress("optimizer", optimizer, results)
     _release(device)
-    results["skipped"] = suite.skipped
     results["targets"] = suite_targets(results, verdicts=not args.tiny)
     results["wall_s"] = time.perf_counter() - suite.started
     return results

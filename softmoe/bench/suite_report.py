@@ -49,9 +49,10 @@ def suite_targets(results: dict, verdicts: bool = True) -> List[dict]:
             if key in model:
                 targets.append(_target(f"{label} {what}, Soft MoE / dense", model[key], model["inference_limit"],
                                        "max", verdicts))
-    huge = results["huge"]
-    targets.append(_target(f"inference {huge['dense']} / {huge['soft_moe']} time (Soft MoE speed-up)",
-                           huge["soft_moe_speedup"], huge["limit"], "min", verdicts))
+    huge = results.get("huge")  # absent when its section failed
+    if huge is not None:
+        targets.append(_target(f"inference {huge['dense']} / {huge['soft_moe']} time (Soft MoE speed-up)",
+                               huge["soft_moe_speedup"], huge["limit"], "min", verdicts))
     return targets
 
 
@@ -92,6 +93,17 @@ def _model_lines(model: dict) -> List[str]:
     return lines
 
 
+def _huge_lines(huge: dict) -> List[str]:
+    return [f"inference images/s: {huge['dense']} {huge['images_per_s']['dense']:.0f}, "
+            f"{huge['soft_moe']} {huge['images_per_s']['soft_moe']:.0f}"]
+
+
+def section_lines(key: str, figures: dict) -> List[str]:
+    """The report's lines for one section's figures (``key``: its key in the results), as soon as it is measured."""
+    lines_of = {"layers": _layer_lines, "models": _model_lines, "huge": _huge_lines, "optimizer": optimizer_lines}
+    return lines_of[key](figures)
+
+
 def format_suite(results: dict) -> str:
     m, peak = results["machine"], results["peak"]
     device = m.get("gpu") or f"{m['cpu']} ({m.get('cpu_family_model')})"
@@ -101,20 +113,20 @@ def format_suite(results: dict) -> str:
              f"peak: bf16 matmul {peak['matmul_bf16_flops_per_s'] / 1e12:.1f} TFLOP/s ({peak['gemm_size']}³), "
              f"copy {peak['copy_bytes_per_s'] / 1e9:.0f} GB/s", ""]
     for row in results["layers"]:
-        lines += _layer_lines(row)
+        lines += section_lines("layers", row)
     for model in results["models"]:
-        lines += [""] + _model_lines(model)
-    huge = results["huge"]
-    lines += ["", f"inference images/s: {huge['dense']} {huge['images_per_s']['dense']:.0f}, "
-                  f"{huge['soft_moe']} {huge['images_per_s']['soft_moe']:.0f}"]
-    if "optimizer" in results:
-        lines += [""] + optimizer_lines(results["optimizer"])
+        lines += [""] + section_lines("models", model)
+    for key in ("huge", "optimizer"):
+        if key in results:
+            lines += [""] + section_lines(key, results[key])
     lines += [f"skipped: {what}" for what in results["skipped"]]
+    lines += [f"FAILED, its targets not measured: {what}" for what in results.get("failed", [])]
     lines += ["", "targets (no verdicts: --tiny sizes mean nothing)" if results["tiny"] else "targets"]
     for t in results["targets"]:
         sign = "<=" if t["kind"] == "max" else ">="
         verdict = "" if t["met"] is None else (": met" if t["met"] else ": NOT met")
         lines.append(f"  {t['name']}: {t['value']:.2f} {sign} {t['limit']}{verdict}")
-    lines.append(f"\n{len(results['targets'])} targets, {sum(t['met'] is True for t in results['targets'])} met; "
-                 f"{results['wall_s']:.0f} s")
+    failed = f"; {len(results['failed'])} sections FAILED" if results.get("failed") else ""
+    lines.append(f"\n{len(results['targets'])} targets, {sum(t['met'] is True for t in results['targets'])} met"
+                 f"{failed}; {results['wall_s']:.0f} s")
     return "\n".join(lines)
