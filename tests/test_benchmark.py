@@ -104,6 +104,25 @@ def test_tiny_run_gives_no_verdicts_and_writes_nothing_without_out(tmp_path):
     assert "target reference_loop_over_layer_forward_backward:" in completed.stdout
 
 
+@pytest.mark.slow  # a process
+def test_the_cpu_inference_script_times_both_models_and_each_block_part(tmp_path):
+    """experiments/throughput/cpu_inference.py --blocks: where the two models' inference times differ."""
+    script = os.path.join(REPO, "experiments", "throughput", "cpu_inference.py")
+    command = [sys.executable, script, "--shape", "tiny", "--batch", "2", "--rounds", "2", "--threads", "1",
+               "--allocator", "tuned", "--blocks"]
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout)
+    assert result["soft_moe_over_dense"] > 0 and result["allocator"] == "tuned" and result["threads"] == 1
+    blocks = result["blocks"]
+    assert blocks["moe_blocks"] == [1]  # the tiny shape's one Soft MoE block
+    for kind in ("dense", "soft_moe"):  # the 2 blocks' attention and MLP, each timed
+        assert sorted(blocks["median_s"][kind]) == ["0.attn", "0.mlp", "1.attn", "1.mlp"]
+        assert all(seconds > 0 for seconds in blocks["median_s"][kind].values())
+    assert blocks["moe_layer_over_dense_mlp"] > 0 and blocks["attention_soft_moe_over_dense"] > 0
+
+
 def test_reference_loop_baseline_computes_the_same_function():
     torch.manual_seed(0)
     layer = SoftMoE(8, 16, num_experts=3, slots_per_expert=2).double()

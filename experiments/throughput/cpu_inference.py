@@ -10,11 +10,15 @@ time, which counts work done rather than waiting for a core on a shared machine)
 (the layer tunes the allocator at its first *training* forward); ``tuned`` calls ``softmoe.tune_allocator()``
 first, as in a process that also trains (and in ``python -m softmoe.benchmark``). Both models run under the
 same setting. ``--threads 0`` keeps torch's own thread count.
+
+``--blocks`` also times each block's attention and MLP (forward hooks; medians over the calls) and reports the
+Soft MoE layers' time against the dense MLPs': where the two models' difference sits.
 """
 
 import argparse
 import json
 import os
+import time
 
 import torch
 
@@ -32,6 +36,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 0: torch's own")
     parser.add_argument("--allocator", choices=("glibc", "tuned"), default="glibc")
     parser.add_argument("--shape", default="vit_s16", choices=sorted(MODEL_SHAPES))
+    parser.add_argument("--blocks", action="store_true", help="also time each block's attention and MLP")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,8 +47,9 @@ def main() -> None:
     shape, device = MODEL_SHAPES[args.shape], torch.device("cpu")
     images = torch.randn(args.batch, 3, shape.img_size, shape.img_size)
     load, machine = os.getloadavg(), machine_info(device)
-    cases = {kind: model_cases(build_benchmark_model(shape, kind, device).eval(), None, images, None)["inference"]
-             for kind in MODEL_KINDS}
+    models = {kind: build_benchmark_model(shape, kind, device).eval() for kind in MODEL_KINDS}
+    block_seconds = {kind: time_blocks(model) for kind, model in models.items()} if args.blocks else None
+    cases = {kind: model_cases(model, None, images, None)["inference"] for kind, model in models.items()}
     times = interleaved(cases, args.rounds, 1, device)
     result = {"batch": args.batch, "rounds": args.rounds, "threads": torch.get_num_threads(),
               "allocator": args.allocator,
@@ -51,7 +57,43 @@ def main() -> None:
               "soft_moe_over_dense": paired_ratio(times["soft_moe"]["total"], times["dense"]["total"]),
               "soft_moe_over_dense_cpu_time": paired_ratio(times["soft_moe"]["cpu"], times["dense"]["cpu"]),
               "load_average": [load[0], os.getloadavg()[0]], "machine": machine}
+    if block_seconds is not None:
+        result["blocks"] = summarize_blocks(block_seconds, models["soft_moe"])
     print(json.dumps(result))
+
+
+def time_blocks(model: torch.nn.Module) -> dict:
+    """{"<block>.attn" / "<block>.mlp": [seconds of each call]}, filled by forward hooks as the model runs."""
+    seconds: dict = {}
+    for index, block in enumerate(model.blocks):
+        for part in ("attn", "mlp"):
+            module, name = getattr(block, part), f"{index}.{part}"
+
+            def start(module, inputs):
+                module._started = time.perf_counter()
+
+            def stop(module, inputs, output, name=name):
+                seconds.setdefault(name, []).append(time.perf_counter() - module._started)
+
+            module.register_forward_pre_hook(start)
+            module.register_forward_hook(stop)
+    return seconds
+
+
+def summarize_blocks(block_seconds: dict, soft_moe_model: torch.nn.Module) -> dict:
+    """Median seconds per block part, and the Soft MoE layers' mean against the dense MLPs' in the same blocks."""
+    medians = {kind: {name: median(calls) for name, calls in seconds.items()}
+               for kind, seconds in block_seconds.items()}
+    moe_blocks = [i for i, block in enumerate(soft_moe_model.blocks) if isinstance(block.mlp, softmoe.SoftMoE)]
+
+    def mean(kind, names):
+        return sum(medians[kind][name] for name in names) / len(names)
+
+    moe_mlps = [f"{i}.mlp" for i in moe_blocks]
+    attns = [f"{i}.attn" for i in range(len(soft_moe_model.blocks))]
+    return {"median_s": medians, "moe_blocks": moe_blocks,
+            "moe_layer_over_dense_mlp": mean("soft_moe", moe_mlps) / mean("dense", moe_mlps),
+            "attention_soft_moe_over_dense": mean("soft_moe", attns) / mean("dense", attns)}
 
 
 if __name__ == "__main__":
