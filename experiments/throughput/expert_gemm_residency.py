@@ -6,7 +6,9 @@ against the same product with its weight already in cache, and against a tall pr
 Times fc1's shape (x [32, 384] @ W [384, 1536] per expert, 128 experts) four ways, median of --rounds:
 ``streamed`` (torch.bmm over 128 distinct weights: every weight comes from memory, as in the model),
 ``loop`` (one torch.mm per expert, same weights), ``resident`` (128 torch.mm on one weight, which stays in
-cache) and ``tall`` (one weight, all 4,096 rows in one product). Prints one JSON line of GFLOP/s.
+cache) and ``tall`` (one weight, all 4,096 rows in one product). Prints one JSON line of GFLOP/s, and the rate
+at which the same threads read the 128 weights (``weights.sum()``, 302 MB): with the tall rate, the two floors
+of the streamed product, reading its weights and doing its FLOPs.
 """
 
 import argparse
@@ -47,16 +49,27 @@ def main() -> None:
     def tall():
         torch.mm(tall_x, one[0], out=tall_out)
 
-    rates = {}
-    for case in (streamed, loop, resident, tall):
+    def read():
+        weights.sum()
+
+    def median_seconds(case):
         case()
         seconds = []
         for _ in range(args.rounds):
             start = time.perf_counter()
             case()
             seconds.append(time.perf_counter() - start)
-        rates[case.__name__] = 2 * EXPERTS * ROWS * DIM * HIDDEN / sorted(seconds)[len(seconds) // 2] / 1e9
-    print(json.dumps({"gflop_per_s": rates, "threads": args.threads, "rounds": args.rounds,
+        return sorted(seconds)[len(seconds) // 2]
+
+    flops = 2 * EXPERTS * ROWS * DIM * HIDDEN
+    rates = {case.__name__: flops / median_seconds(case) / 1e9 for case in (streamed, loop, resident, tall)}
+    weight_bytes = weights.numel() * weights.element_size()
+    read_seconds = median_seconds(read)
+    print(json.dumps({"gflop_per_s": rates, "weight_read_gb_per_s": weight_bytes / read_seconds / 1e9,
+                      "streamed_ms": 1e3 * flops / rates["streamed"] / 1e9,
+                      "floors_ms": {"read_weights": 1e3 * read_seconds,
+                                    "flops_at_tall_rate": 1e3 * flops / rates["tall"] / 1e9},
+                      "threads": args.threads, "rounds": args.rounds,
                       "load_average": [load[0], os.getloadavg()[0]], "machine": machine_info(torch.device("cpu"))}))
 
 
