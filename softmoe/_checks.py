@@ -57,7 +57,12 @@ def is_tracing() -> bool:
     Input checks are skipped then: FX proxies have no concrete shape to check, and under dynamo the checks
     would only add guards. They run on every eager call.
     """
-    return torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    return torch.compiler.is_compiling() or _is_fx_symbolic_tracing()
+
+
+# is_fx_symbolic_tracing: torch 2.11 and 2.14 have it, 2.8 only is_fx_tracing (the same flag there)
+_is_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
+                                  torch.fx._symbolic_trace.is_fx_tracing)
 
 
 def require_tokens(name: str, x: Any, dim: int) -> None:
