@@ -136,6 +136,21 @@ def test_the_expert_gemm_script_reports_each_case_and_both_floors_of_the_streame
     assert result["streamed_ms"] > 0 and sorted(result["floors_ms"]) == ["flops_at_tall_rate", "read_weights"]
 
 
+@pytest.mark.slow  # a process
+def test_the_optimizer_state_readme_tables_are_what_state_bytes_prints():
+    """experiments/optimizer_state/README.md quotes the script's tables (counted on the meta device, exact)."""
+    script = os.path.join(REPO, "experiments", "optimizer_state", "state_bytes.py")
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    completed = subprocess.run([sys.executable, script], cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with open(os.path.join(REPO, "experiments", "optimizer_state", "README.md")) as f:
+        readme = f.read().splitlines()
+    printed = [line for line in completed.stdout.splitlines() if line.strip()]
+    assert len(printed) == 10 and "| soft_moe_vit_base | 3685.7 M |" in completed.stdout  # 2 tables, 4 + 2 rows
+    assert [line for line in printed if line not in readme] == []
+
+
 def test_reference_loop_baseline_computes_the_same_function():
     torch.manual_seed(0)
     layer = SoftMoE(8, 16, num_experts=3, slots_per_expert=2).double()
