@@ -20,18 +20,20 @@ import torch
 
 from softmoe.bench.environment import machine_info
 
-EXPERTS, ROWS, DIM, HIDDEN = 128, 32, 384, 1536
+ROWS, DIM, HIDDEN = 32, 384, 1536
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--experts", type=int, default=128, help="fewer: a quick check of the script, not the model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    x, weights = torch.randn(EXPERTS, ROWS, DIM), torch.randn(EXPERTS, DIM, HIDDEN)
-    out = torch.empty(EXPERTS, ROWS, HIDDEN)
+    experts = args.experts
+    x, weights = torch.randn(experts, ROWS, DIM), torch.randn(experts, DIM, HIDDEN)
+    out = torch.empty(experts, ROWS, HIDDEN)
     one = weights[:1].contiguous()
     tall_x, tall_out = x.view(-1, DIM), out.view(-1, HIDDEN)
 
@@ -39,11 +41,11 @@ def main() -> None:
         torch.bmm(x, weights, out=out)
 
     def loop():
-        for i in range(EXPERTS):
+        for i in range(experts):
             torch.mm(x[i], weights[i], out=out[i])
 
     def resident():
-        for i in range(EXPERTS):
+        for i in range(experts):
             torch.mm(x[i], one[0], out=out[i])
 
     def tall():
@@ -61,7 +63,7 @@ def main() -> None:
             seconds.append(time.perf_counter() - start)
         return sorted(seconds)[len(seconds) // 2]
 
-    flops = 2 * EXPERTS * ROWS * DIM * HIDDEN
+    flops = 2 * experts * ROWS * DIM * HIDDEN
     rates = {case.__name__: flops / median_seconds(case) / 1e9 for case in (streamed, loop, resident, tall)}
     weight_bytes = weights.numel() * weights.element_size()
     read_seconds = median_seconds(read)
@@ -69,7 +71,7 @@ def main() -> None:
                       "streamed_ms": 1e3 * flops / rates["streamed"] / 1e9,
                       "floors_ms": {"read_weights": 1e3 * read_seconds,
                                     "flops_at_tall_rate": 1e3 * flops / rates["tall"] / 1e9},
-                      "threads": args.threads, "rounds": args.rounds,
+                      "threads": args.threads, "rounds": args.rounds, "experts": experts,
                       "load_average": [load[0], os.getloadavg()[0]], "machine": machine_info(torch.device("cpu"))}))
 
 
