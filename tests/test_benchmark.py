@@ -21,6 +21,14 @@ from softmoe.bench.shapes import LAYER_SHAPES
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_from(cwd, command) -> subprocess.CompletedProcess:
+    """``command`` run in ``cwd`` with this checkout importable, after it succeeded."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
 @pytest.fixture(scope="module")
 def tiny_results(tmp_path_factory):
     # A fresh process: the memory probe retunes glibc's allocator for the rest of the process.
@@ -96,9 +104,7 @@ def test_tiny_run_gives_no_verdicts_and_writes_nothing_without_out(tmp_path):
     """--tiny numbers mean nothing, so no target is called met or not; without --out the run writes no
     file, in particular not the tracked experiments/throughput/results.json."""
     command = [sys.executable, "-m", "softmoe.benchmark", "--tiny", "--threads", "1", "--no-model"]
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = run_from(tmp_path, command)
     assert list(tmp_path.iterdir()) == []
     assert ": met" not in completed.stdout and "NOT met" not in completed.stdout and "wrote" not in completed.stdout
     assert "target reference_loop_over_layer_forward_backward:" in completed.stdout
@@ -110,10 +116,7 @@ def test_the_cpu_inference_script_times_both_models_and_each_block_part(tmp_path
     script = os.path.join(REPO, "experiments", "throughput", "cpu_inference.py")
     command = [sys.executable, script, "--shape", "tiny", "--batch", "2", "--rounds", "2", "--threads", "1",
                "--allocator", "tuned", "--blocks"]
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads(completed.stdout)
+    result = json.loads(run_from(tmp_path, command).stdout)
     assert result["soft_moe_over_dense"] > 0 and result["allocator"] == "tuned" and result["threads"] == 1
     blocks = result["blocks"]
     assert blocks["moe_blocks"] == [1]  # the tiny shape's one Soft MoE block
@@ -126,11 +129,8 @@ def test_the_cpu_inference_script_times_both_models_and_each_block_part(tmp_path
 @pytest.mark.slow  # a process
 def test_the_expert_gemm_script_reports_each_case_and_both_floors_of_the_streamed_product(tmp_path):
     script = os.path.join(REPO, "experiments", "throughput", "expert_gemm_residency.py")
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     command = [sys.executable, script, "--threads", "1", "--rounds", "1", "--experts", "4"]
-    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads(completed.stdout)
+    result = json.loads(run_from(tmp_path, command).stdout)
     assert sorted(result["gflop_per_s"]) == ["loop", "resident", "streamed", "tall"]
     assert min(result["gflop_per_s"].values()) > 0 and result["weight_read_gb_per_s"] > 0
     assert result["streamed_ms"] > 0 and sorted(result["floors_ms"]) == ["flops_at_tall_rate", "read_weights"]
@@ -141,10 +141,7 @@ def test_the_expert_gemm_script_reports_each_case_and_both_floors_of_the_streame
 def test_the_optimizer_state_readme_tables_are_what_state_bytes_prints():
     """experiments/optimizer_state/README.md quotes the script's tables (counted on the meta device, exact)."""
     script = os.path.join(REPO, "experiments", "optimizer_state", "state_bytes.py")
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    completed = subprocess.run([sys.executable, script], cwd=REPO, env=env, capture_output=True, text=True,
-                               timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = run_from(REPO, [sys.executable, script])
     with open(os.path.join(REPO, "experiments", "optimizer_state", "README.md")) as f:
         readme = f.read().splitlines()
     printed = [line for line in completed.stdout.splitlines() if line.strip()]
