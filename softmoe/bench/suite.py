@@ -309,24 +309,23 @@ def run_suite(args, command: str, progress: Optional[Callable[[str, dict, dict],
     results = {"command": command, "suite": args.suite, "tiny": bool(args.tiny), "machine": machine_info(device),
                "compile_backend": config.compile_backend, "peak": suite.measure_peak(), "layers": [], "models": [],
                "skipped": suite.skipped, "failed": suite.failed}
-    sections = [(f"layer {name}", "layers", lambda shape=shape: suite.layer(shape))
+    # (name, key in the results, measure, runner): the optimizer section has no target, so its failure is a skip
+    sections = [(f"layer {name}", "layers", lambda shape=shape: suite.layer(shape), required_section)
                 for name, shape in config.layer_shapes.items()]
-    sections += [(f"models {pair.label}", "models", lambda pair=pair: suite.model_pair(pair)) for pair in config.models]
-    sections += [("huge", "huge", suite.huge)]
-    for name, key, measure in sections:
-        figures = required_section(suite, name, measure)
-        if figures is not None:
-            if key == "huge":
-                results[key] = figures
-            else:  # one row per layer shape or model pair
-                results[key].append(figures)
-            if progress is not None:
-                progress(key, figures, results)
-    optimizer = optional_section(suite, "optimizer", lambda: optimizer_section(suite, config.models[0].shape))
-    if optimizer is not None:
-        results["optimizer"] = optimizer
+    sections += [(f"models {pair.label}", "models", lambda pair=pair: suite.model_pair(pair), required_section)
+                 for pair in config.models]
+    sections += [("huge", "huge", suite.huge, required_section),
+                 ("optimizer", "optimizer", lambda: optimizer_section(suite, config.models[0].shape), optional_section)]
+    for name, key, measure, run_section in sections:
+        figures = run_section(suite, name, measure)
+        if figures is None:
+            continue
+        if isinstance(results.get(key), list):  # one row per layer shape or model pair
+            results[key].append(figures)
+        else:
+            results[key] = figures
         if progress is not None:
-            progress("optimizer", optimizer, results)
+            progress(key, figures, results)
     _release(device)
     results["targets"] = suite_targets(results, verdicts=not args.tiny)
     results["wall_s"] = time.perf_counter() - suite.started
