@@ -4,29 +4,18 @@ No timings are asserted here: the numbers live in experiments/throughput/ with t
 """
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from processes import REPO, run_from
 from softmoe import SoftMoE
 from softmoe.bench.floors import attainable_cases
 from softmoe.bench.reference import ReferenceLoopSoftMoE
 from softmoe.bench.report import TARGETS
 from softmoe.bench.shapes import LAYER_SHAPES
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_from(cwd, command) -> subprocess.CompletedProcess:
-    """``command`` run in ``cwd`` with this checkout importable, after it succeeded."""
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return completed
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +24,7 @@ def tiny_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("benchmark") / "results.json"
     command = [sys.executable, "-m", "softmoe.benchmark", "--tiny", "--threads", "1", "--profile", "--profile-model",
                "--model-bf16", "yes", "--out", str(out)]
-    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = run_from(REPO, command)
     return json.loads(out.read_text()), completed.stdout
 
 
@@ -108,45 +96,6 @@ def test_tiny_run_gives_no_verdicts_and_writes_nothing_without_out(tmp_path):
     assert list(tmp_path.iterdir()) == []
     assert ": met" not in completed.stdout and "NOT met" not in completed.stdout and "wrote" not in completed.stdout
     assert "target reference_loop_over_layer_forward_backward:" in completed.stdout
-
-
-@pytest.mark.slow  # a process
-def test_the_cpu_inference_script_times_both_models_and_each_block_part(tmp_path):
-    """experiments/throughput/cpu_inference.py --blocks: where the two models' inference times differ."""
-    script = os.path.join(REPO, "experiments", "throughput", "cpu_inference.py")
-    command = [sys.executable, script, "--shape", "tiny", "--batch", "2", "--rounds", "2", "--threads", "1",
-               "--allocator", "tuned", "--blocks"]
-    result = json.loads(run_from(tmp_path, command).stdout)
-    assert result["soft_moe_over_dense"] > 0 and result["allocator"] == "tuned" and result["threads"] == 1
-    blocks = result["blocks"]
-    assert blocks["moe_blocks"] == [1]  # the tiny shape's one Soft MoE block
-    for kind in ("dense", "soft_moe"):  # the 2 blocks' attention and MLP, each timed
-        assert sorted(blocks["median_s"][kind]) == ["0.attn", "0.mlp", "1.attn", "1.mlp"]
-        assert all(seconds > 0 for seconds in blocks["median_s"][kind].values())
-    assert blocks["moe_layer_over_dense_mlp"] > 0 and blocks["attention_soft_moe_over_dense"] > 0
-
-
-@pytest.mark.slow  # a process
-def test_the_expert_gemm_script_reports_each_case_and_both_floors_of_the_streamed_product(tmp_path):
-    script = os.path.join(REPO, "experiments", "throughput", "expert_gemm_residency.py")
-    command = [sys.executable, script, "--threads", "1", "--rounds", "1", "--experts", "4"]
-    result = json.loads(run_from(tmp_path, command).stdout)
-    assert sorted(result["gflop_per_s"]) == ["loop", "resident", "streamed", "tall"]
-    assert min(result["gflop_per_s"].values()) > 0 and result["weight_read_gb_per_s"] > 0
-    assert result["streamed_ms"] > 0 and sorted(result["floors_ms"]) == ["flops_at_tall_rate", "read_weights"]
-    assert result["experts"] == 4
-
-
-@pytest.mark.slow  # a process
-def test_the_optimizer_state_readme_tables_are_what_state_bytes_prints():
-    """experiments/optimizer_state/README.md quotes the script's tables (counted on the meta device, exact)."""
-    script = os.path.join(REPO, "experiments", "optimizer_state", "state_bytes.py")
-    completed = run_from(REPO, [sys.executable, script])
-    with open(os.path.join(REPO, "experiments", "optimizer_state", "README.md")) as f:
-        readme = f.read().splitlines()
-    printed = [line for line in completed.stdout.splitlines() if line.strip()]
-    assert len(printed) == 10 and "| soft_moe_vit_base | 3685.7 M |" in completed.stdout  # 2 tables, 4 + 2 rows
-    assert [line for line in printed if line not in readme] == []
 
 
 def test_reference_loop_baseline_computes_the_same_function():

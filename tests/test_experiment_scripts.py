@@ -1,0 +1,129 @@
+"""The measurement scripts under experiments/ run, report what their READMEs say they report, and those READMEs
+quote them: each script at the smallest size that still exercises its code, in its own process (torchrun where
+the study runs torchrun).
+
+No timings are asserted: the numbers live in each study's folder with the machine they came from.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from processes import REPO, run_from
+from softmoe import SoftMoEVisionTransformer
+
+SCALE_OUT = os.path.join(REPO, "experiments", "scale_out")
+
+pytestmark = pytest.mark.slow  # every test here starts a process
+
+
+def torchrun(script, processes, *arguments):
+    """``script`` at ``processes`` gloo ranks on this host, one thread each, as the study's run scripts start it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               script, *arguments]
+    return run_from(REPO, command, env={"OMP_NUM_THREADS": "1"})
+
+
+def json_lines(path):
+    with open(path) as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+def test_the_cpu_inference_script_times_both_models_and_each_block_part(tmp_path):
+    """experiments/throughput/cpu_inference.py --blocks: where the two models' inference times differ."""
+    script = os.path.join(REPO, "experiments", "throughput", "cpu_inference.py")
+    command = [sys.executable, script, "--shape", "tiny", "--batch", "2", "--rounds", "2", "--threads", "1",
+               "--allocator", "tuned", "--blocks"]
+    result = json.loads(run_from(tmp_path, command).stdout)
+    assert result["soft_moe_over_dense"] > 0 and result["allocator"] == "tuned" and result["threads"] == 1
+    blocks = result["blocks"]
+    assert blocks["moe_blocks"] == [1]  # the tiny shape's one Soft MoE block
+    for kind in ("dense", "soft_moe"):  # the 2 blocks' attention and MLP, each timed
+        assert sorted(blocks["median_s"][kind]) == ["0.attn", "0.mlp", "1.attn", "1.mlp"]
+        assert all(seconds > 0 for seconds in blocks["median_s"][kind].values())
+    assert blocks["moe_layer_over_dense_mlp"] > 0 and blocks["attention_soft_moe_over_dense"] > 0
+
+
+def test_the_expert_gemm_script_reports_each_case_and_both_floors_of_the_streamed_product(tmp_path):
+    script = os.path.join(REPO, "experiments", "throughput", "expert_gemm_residency.py")
+    command = [sys.executable, script, "--threads", "1", "--rounds", "1", "--experts", "4"]
+    result = json.loads(run_from(tmp_path, command).stdout)
+    assert sorted(result["gflop_per_s"]) == ["loop", "resident", "streamed", "tall"]
+    assert min(result["gflop_per_s"].values()) > 0 and result["weight_read_gb_per_s"] > 0
+    assert result["streamed_ms"] > 0 and sorted(result["floors_ms"]) == ["flops_at_tall_rate", "read_weights"]
+    assert result["experts"] == 4
+
+
+def test_the_optimizer_state_readme_tables_are_what_state_bytes_prints():
+    """experiments/optimizer_state/README.md quotes the script's tables (counted on the meta device, exact)."""
+    script = os.path.join(REPO, "experiments", "optimizer_state", "state_bytes.py")
+    completed = run_from(REPO, [sys.executable, script])
+    with open(os.path.join(REPO, "experiments", "optimizer_state", "README.md")) as f:
+        readme = f.read().splitlines()
+    printed = [line for line in completed.stdout.splitlines() if line.strip()]
+    assert len(printed) == 10 and "| soft_moe_vit_base | 3685.7 M |" in completed.stdout  # 2 tables, 4 + 2 rows
+    assert [line for line in printed if line not in readme] == []
+
+
+def test_the_optimizer_step_script_times_all_four_steps_on_the_same_parameters(tmp_path):
+    """experiments/optimizer_state/step_time.py at 2 experts (its default is one S/16 bank's 128)."""
+    script = os.path.join(REPO, "experiments", "optimizer_state", "step_time.py")
+    result = json.loads(run_from(tmp_path, [sys.executable, script, "--experts", "2", "--rounds", "1"]).stdout)
+    steps = ["bf16_compiled", "bf16_eager", "torch_for_loop", "torch_fused"]
+    assert sorted(result["seconds"]) == steps and sorted(result["over_torch_for_loop"]) == steps
+    assert all(seconds > 0 for seconds in result["seconds"].values())
+    assert result["over_torch_for_loop"]["torch_for_loop"] == 1.0
+    assert result["parameters"] == 2 * (2 * 384 * 1536 + 1536 + 384)  # fc1 and fc2: weights and biases
+    # bytes each step must move: float32 moments read and write more than bf16 ones
+    assert result["bytes_per_step"]["float32_moments"] > result["bytes_per_step"]["bf16_moments"] > 0
+    assert result["machine"] and len(result["load_average"]) == 2
+
+
+def test_the_scale_out_readme_tables_are_what_report_writes_from_the_committed_results(tmp_path):
+    """report.py, run on a copy of the folder, leaves its README as it is: the tables are the JSON lines'."""
+    folder = shutil.copytree(SCALE_OUT, tmp_path / "scale_out")
+    run_from(folder, [sys.executable, str(folder / "report.py")])
+    with open(os.path.join(SCALE_OUT, "README.md")) as original:
+        assert (folder / "README.md").read_text() == original.read()
+
+
+def test_the_scale_out_script_shards_every_parameter_of_fsdp_with_expert_parallelism_exactly_once(tmp_path):
+    """measure.py's most involved layout, FSDP + EP, at 2 ranks (one replica of 2 expert ranks) for 1 step: one row
+    per rank, and the ranks' parameters, gradients and AdamW state add up to the whole model's, each exactly once."""
+    out = tmp_path / "results.jsonl"
+    torchrun(os.path.join(SCALE_OUT, "measure.py"), 2, "--layout", "fsdp_ep", "--out", str(out), "--steps", "1",
+             "--batch-per-rank", "2")
+    rows = json_lines(out)
+    assert [(row["layout"], row["rank"], row["world_size"]) for row in rows] == [("fsdp_ep", 0, 2), ("fsdp_ep", 1, 2)]
+    sys.path.insert(0, SCALE_OUT)
+    try:
+        from measure import MODEL
+    finally:
+        sys.path.remove(SCALE_OUT)
+    with torch.device("meta"):
+        parameters = list(SoftMoEVisionTransformer(**MODEL).parameters())
+    whole_mib = sum(p.nbytes for p in parameters) / 2**20
+    assert sum(row["parameters_mib"] for row in rows) == pytest.approx(whole_mib, rel=1e-12)
+    for row in rows:
+        assert row["gradients_mib"] == row["parameters_mib"]
+        # exp_avg and exp_avg_sq per parameter shard, and the step counters (one float32 each)
+        assert row["optimizer_mib"] == pytest.approx(2 * row["parameters_mib"] + len(parameters) * 4 / 2**20)
+        assert row["step_seconds"] > 0 and row["peak_rss_mib"] > 0
+
+
+def test_the_model_build_script_on_meta_keeps_each_rank_below_the_whole_model(tmp_path):
+    """measure_init.py --init-device meta at 2 ranks: each rank holds its half of the model, and its memory grows
+    by less than the whole model (built on the meta device, it never holds all of it)."""
+    out = tmp_path / "init.jsonl"
+    torchrun(os.path.join(SCALE_OUT, "measure_init.py"), 2, "--init-device", "meta", "--out", str(out))
+    rows = json_lines(out)
+    assert [(row["init_device"], row["rank"]) for row in rows] == [("meta", 0), ("meta", 1)]
+    model_mib = rows[0]["model_mib"]
+    assert sum(row["pieces_mib"] for row in rows) == pytest.approx(model_mib, rel=1e-12)
+    for row in rows:
+        assert row["build_seconds"] > 0
+        assert 0 < row["peak_rss_mib"] - row["rss_before_build_mib"] < model_mib
