@@ -60,18 +60,36 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling() or _is_fx_symbolic_tracing()
 
 
+def _autocast_casts(x: torch.Tensor) -> bool:
+    """Whether autocast, on for ``x``'s device, casts ``x`` and the weights to one dtype (float64 it leaves alone)."""
+    device = x.device.type
+    return (x.dtype != torch.float64 and torch.amp.is_autocast_available(device)
+            and torch.is_autocast_enabled(device))
+
+
 # is_fx_symbolic_tracing: torch 2.11 and 2.14 have it, 2.8 only is_fx_tracing (the same flag there)
 _is_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
                                   torch.fx._symbolic_trace.is_fx_tracing)
 
 
-def require_tokens(name: str, x: Any, dim: int) -> None:
-    """Check that ``x`` is a [batch, tokens, dim] tensor with at least one token (eager calls only)."""
+def require_tokens(name: str, x: Any, dim: int, parameter: torch.Tensor) -> None:
+    """Check that ``x`` is a floating-point [batch, tokens, dim] tensor with at least one token, in the dtype of the
+    layer's ``parameter`` unless autocast casts both (eager calls only)."""
     if is_tracing():
         return
-    shape = tuple(getattr(x, "shape", ()))
-    if getattr(x, "ndim", None) != 3:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor of shape [batch, tokens, {dim}], got {type(x).__name__}")
+    shape = tuple(x.shape)
+    if x.ndim != 3:
         raise ValueError(f"{name} must have shape [batch, tokens, {dim}], got a tensor of shape {list(shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype != parameter.dtype and not _autocast_casts(x):
+        autocast = "" if x.dtype == torch.float64 else ", or run under torch.autocast"  # which leaves float64 alone
+        raise ValueError(
+            f"{name} dtype {x.dtype} does not match the layer's parameters ({parameter.dtype}): cast one to the "
+            f"other (x.to({parameter.dtype}) or layer.to({x.dtype})){autocast}"
+        )
     if shape[-1] != dim:
         raise ValueError(f"{name} last dimension must equal dim={dim}, got shape {list(shape)}")
     if shape[1] < 1:

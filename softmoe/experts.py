@@ -256,7 +256,7 @@ class BatchedMlp(nn.Module):
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
         b, p = slots.shape[0], slots.shape[2]  # indexed, not unpacked: torch.fx proxies cannot be iterated
         n = self.num_experts
-        x = slots.transpose(0, 1).reshape(n, -1, self.in_features)  # [n, b*p, d]: each expert's slots together
+        x = slots.transpose(0, 1).reshape(n, b * p, self.in_features)  # [n, b*p, d]: each expert's slots together
         x = self._linear(x, "fc1_weight", self.fc1_bias)  # [n, b*p, h]
         x = self.drop1(self.act(x))
         if self.norm_eps is not None:
@@ -266,7 +266,7 @@ class BatchedMlp(nn.Module):
             if self.norm_bias is not None:
                 x = x + self.norm_bias.unsqueeze(1)
         x = self.drop2(self._linear(x, "fc2_weight", self.fc2_bias))  # [n, b*p, o]
-        return x.view(n, b, p, -1).transpose(0, 1)  # [b, n, p, o]
+        return x.view(n, b, p, self.out_features).transpose(0, 1)  # [b, n, p, o]
 
     def compute_weight(self, name: str) -> torch.Tensor:
         """The weight ``name`` as the matmuls should read it: under autocast, its low-precision copy
@@ -359,24 +359,44 @@ class StackedExperts(nn.Module):
         params = dict(self.layer.named_parameters())
         buffers = dict(self.layer.named_buffers())
         # torch.export cannot lift parameters out of vmap(functional_call) (torch 2.14): it exports the loop
+        vmap_error = None
         if self.use_vmap and not torch.compiler.is_exporting():
             try:
                 return vmap(self._call_one, in_dims=(0, 0, 1), out_dims=1, randomness="different")(
                     params, buffers, slots
                 )
-            except (RuntimeError, NotImplementedError, ValueError) as error:
-                self.use_vmap = False
-                warnings.warn(
-                    f"{type(self.layer).__name__} cannot run under torch.func.vmap ({error}); "
-                    "falling back to a loop over experts for this layer",
-                    stacklevel=2,
-                )
-        outputs = [
-            self._call_one(
-                {k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}, slots[:, i]
+            except (RuntimeError, NotImplementedError, ValueError, AssertionError) as error:
+                vmap_error = error
+        outputs = self._loop(params, buffers, slots)  # raises if the layer cannot run at all
+        if vmap_error is not None:  # the loop ran where vmap could not: use it from now on
+            self.use_vmap = False
+            warnings.warn(
+                f"{type(self.layer).__name__} cannot run under torch.func.vmap ({vmap_error}); "
+                "falling back to a loop over experts for this layer",
+                stacklevel=3,
             )
-            for i in range(self.num_experts)
-        ]
+        return outputs
+
+    def _loop(self, params, buffers, slots: torch.Tensor) -> torch.Tensor:
+        """The experts one after the other; an expert that cannot take its slots raises naming the layer."""
+        outputs = []
+        for i in range(self.num_experts):
+            expert_params, expert_buffers = {k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}
+            try:
+                outputs.append(self._call_one(expert_params, expert_buffers, slots[:, i]))
+            except (RuntimeError, AssertionError, ValueError) as error:
+                if isinstance(error, torch.OutOfMemoryError):
+                    raise
+                # most often the layer's arguments do not fit the wrapper's dim (an in_features, a d_model), which
+                # torch reports as a matmul's shapes or an assert: say which layer and which input.
+                # A bad argument (an assert) is a ValueError; torch's RuntimeErrors stay RuntimeErrors
+                kind = RuntimeError if isinstance(error, RuntimeError) else ValueError
+                layer = repr(self.layer) if "\n" not in repr(self.layer) else type(self.layer).__name__
+                raise kind(
+                    f"expert {i} ({layer}) cannot take its slots: each expert is called on a [batch, "
+                    f"slots_per_expert, dim] tensor, here of shape {list(slots[:, i].shape)}, and raised: {error}. "
+                    f"Check the layer's arguments against dim={slots.shape[-1]}"
+                ) from error
         return torch.stack(outputs, dim=1)
 
     def _call_one(self, params, buffers, expert_slots: torch.Tensor) -> torch.Tensor:

@@ -206,7 +206,7 @@ class SoftMoE(nn.Module):
         return torch.eye(m, device=device, dtype=dtype).expand(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        require_tokens("input", x, self.dim)
+        require_tokens("input", x, self.dim, self.phi)
         # is_tracing() first: under torch.fx.symbolic_trace, x.device.type == "cpu" is a proxy, not a bool
         if auto_tune_pending() and not is_tracing() and x.device.type == "cpu" and torch.is_grad_enabled():
             tune_allocator_once()  # before the first backward allocates the expert weight gradients
@@ -219,7 +219,8 @@ class SoftMoE(nn.Module):
         dispatch, combine = dispatch.to(compute_dtype), combine.to(compute_dtype)
         slots = torch.bmm(dispatch.transpose(1, 2), x_compute)  # X̃ = Dᵀ X: [b, s, d]
         slot_outputs = self.experts(slots.view(b, self.num_experts, self.slots_per_expert, self.dim))  # [b, n, p, d']
-        return torch.bmm(combine, slot_outputs.reshape(b, self.num_slots, -1))  # Y = C Ỹ
+        # the output width spelled out, not -1: an empty batch has no elements to infer it from
+        return torch.bmm(combine, slot_outputs.reshape(b, self.num_slots, slot_outputs.shape[-1]))  # Y = C Ỹ
 
     def extra_repr(self) -> str:
         return (

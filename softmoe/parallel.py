@@ -203,7 +203,8 @@ class ExpertParallel(nn.Module):
         # transposed view, which torch 2.11's all_to_all refuses (2.14 copies it): hence contiguous().
         outputs = self._local_experts_mean_grad(incoming)  # [Σ b_r, n_local, p, d']
         returned = all_to_all_single_autograd(outputs.contiguous(), sent_sizes, received_sizes, self.group_name)
-        return returned.view(w, b, n_local, p, -1).transpose(0, 1).reshape(b, n, p, -1)
+        width = outputs.shape[-1]  # spelled out, not -1: an empty batch has no elements to infer it from
+        return returned.view(w, b, n_local, p, width).transpose(0, 1).reshape(b, n, p, width)
 
     def _local_experts_mean_grad(self, slots: torch.Tensor) -> torch.Tensor:
         """The local experts, with their parameters' gradients averaged over ranks, not summed.

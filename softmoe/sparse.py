@@ -171,7 +171,7 @@ class SparseMoE(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        require_tokens("input", x, self.dim)
+        require_tokens("input", x, self.dim, self.router_weight)
         b, m, d = x.shape
         capacity = self.capacity(m)
         logits = self.logits(x)  # [b, m, n]
@@ -183,7 +183,8 @@ class SparseMoE(nn.Module):
         padded = F.pad(x, (0, 0, 0, 1))  # [b, m + 1, d]: row m is what empty slots hold
         buffer = padded.gather(1, index.expand(-1, -1, d))  # [b, n·capacity, d]
         outputs = self.experts(buffer.view(b, self.num_experts, capacity, d))  # [b, n, capacity, d']
-        outputs = outputs.reshape(b, self.num_experts * capacity, -1) * slot_gate.unsqueeze(-1).to(outputs.dtype)
+        outputs = outputs.reshape(b, self.num_experts * capacity, outputs.shape[-1])  # the width, not -1: b may be 0
+        outputs = outputs * slot_gate.unsqueeze(-1).to(outputs.dtype)
         y = outputs.new_zeros(b, m + 1, outputs.shape[-1]).scatter_add(1, index.expand_as(outputs), outputs)
 
         losses = self._auxiliary_losses(logits, noisy_logits, probs)  # name -> scalar with grad

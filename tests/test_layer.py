@@ -190,6 +190,42 @@ def test_bad_inputs_raise_clear_errors(shape, message):
         make_layer()(torch.randn(*shape))
 
 
+@pytest.mark.parametrize(
+    "dtype, autocast, message",
+    [(torch.int64, False, "input must be a floating-point tensor, got dtype torch.int64"),
+     (torch.bfloat16, False, r"input dtype torch.bfloat16 does not match the layer's parameters \(torch.float32\): "
+      r"cast one to the other \(x.to\(torch.float32\) or layer.to\(torch.bfloat16\)\), or run under torch.autocast$"),
+     (torch.float64, False, r"input dtype torch.float64 does not match .*layer.to\(torch.float64\)\)$"),
+     (torch.float64, True, r"input dtype torch.float64 does not match .*layer.to\(torch.float64\)\)$")],
+    ids=["integers", "bf16_without_autocast", "float64", "float64_under_autocast_which_leaves_it_alone"],
+)
+def test_an_input_in_another_dtype_than_the_layer_is_named(dtype, autocast, message):
+    x = torch.randn(2, 5, 16).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), pytest.raises(ValueError, match=message):
+        make_layer()(x)
+    with pytest.raises(ValueError, match="input must be a tensor of shape \\[batch, tokens, 16\\], got list"):
+        make_layer()([[0.0] * 16])
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_takes_an_input_in_either_dtype(x_dtype):
+    layer = make_layer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(2, 5, 16, dtype=x_dtype))
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 16) and torch.isfinite(y).all()
+
+
+def test_an_empty_batch_gives_an_empty_output_and_gradient():
+    """As timm's ViT does: a batch of 0 examples (the last one of an evenly split loader) is not an error."""
+    layer = make_layer(out_features=12)
+    x = torch.randn(0, 5, 16, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 5, 12)
+    y.sum().backward()
+    assert x.grad.shape == (0, 5, 16)
+    assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())  # zero, not missing
+
+
 def test_identity_routing_needs_one_slot_per_token():
     layer = SoftMoE(8, num_experts=2, slots_per_expert=2, dispatch="identity", combine="identity")
     with pytest.raises(ValueError, match="identity routing needs num_experts \\* slots_per_expert == number of tokens"):

@@ -364,6 +364,27 @@ def test_bad_input_shapes_are_named(cls, shape):
 
 
 @pytest.mark.parametrize("cls", LAYERS)
+def test_an_input_in_another_dtype_than_the_router_is_named(cls):
+    with pytest.raises(ValueError, match=r"input dtype torch.float64 does not match the layer's parameters"):
+        make_layer(cls)(torch.randn(2, 12, DIM, dtype=torch.float64))
+
+
+# Tokens Choice's load-balancing losses are means over the examples: over none, NaN (as a cross-entropy's), and
+# torch warns that the variance over an empty batch has no degrees of freedom
+@pytest.mark.filterwarnings("ignore:.*degrees of freedom is <= 0:UserWarning")
+@pytest.mark.parametrize("cls", LAYERS)
+def test_an_empty_batch_gives_an_empty_output(cls):
+    x = torch.randn(0, 12, DIM, requires_grad=True)
+    layer = make_layer(cls)
+    y = layer(x)
+    assert y.shape == (0, 12, DIM)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    if cls is TokensChoiceMoE:
+        assert layer.aux_loss.isnan()
+
+
+@pytest.mark.parametrize("cls", LAYERS)
 def test_stats_before_any_forward_is_an_error(cls):
     with pytest.raises(ValueError, match="run a forward pass"):
         sparse_routing_stats(make_layer(cls))

@@ -64,6 +64,10 @@ def test_forward_shapes_features_and_head():
     assert model(x).shape == (2, 5)
 
 
+def test_an_empty_batch_gives_empty_logits_as_timms_vit_does():
+    assert tiny()(torch.randn(0, 3, 16, 16)).shape == (0, 10)
+
+
 @pytest.mark.parametrize("global_pool", ["token", "avg", "map", ""])
 def test_global_pool_options(global_pool):
     model = tiny(global_pool=global_pool, class_token=global_pool == "token")

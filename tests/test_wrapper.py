@@ -111,3 +111,24 @@ def test_bad_arguments():
     )
     with pytest.raises(ValueError, match="last dimension must equal dim=8"):
         layer(torch.randn(1, 4, 6))
+
+
+@pytest.mark.parametrize(
+    "layer, kwargs, error",
+    [(nn.Linear, dict(in_features=4, out_features=8), RuntimeError),  # torch: "mat1 and mat2 shapes cannot be ..."
+     (nn.TransformerEncoderLayer, dict(d_model=16, nhead=2, batch_first=True), ValueError)],  # torch: an assert
+    ids=["linear", "transformer_layer"],
+)
+def test_a_layer_whose_arguments_do_not_fit_dim_names_the_expert_its_input_and_dim(layer, kwargs, error):
+    wrapper = SoftMoELayerWrapper(dim=8, num_experts=2, slots_per_expert=3, layer=layer, **kwargs)
+    message = r"expert 0 \(.*\) cannot take its slots: .* here of shape \[2, 3, 8\], and raised: .*against dim=8"
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(error, match=message):
+        warnings.simplefilter("always")
+        wrapper(torch.randn(2, 5, 8))
+    assert not any("falling back" in str(w.message) for w in caught)  # the loop failed too: no fallback to announce
+
+
+def test_an_empty_batch_gives_an_empty_output():
+    layer = SoftMoELayerWrapper(dim=8, num_experts=2, slots_per_expert=1, layer=nn.Linear, in_features=8,
+                                out_features=6)
+    assert layer(torch.randn(0, 3, 8)).shape == (0, 3, 6)
