@@ -100,6 +100,18 @@ def _forget_owner(weight_id: int) -> None:
         del _copy_owners[weight_id]
 
 
+def require_slots(slots: torch.Tensor, num_experts: int, dim: Optional[int] = None) -> None:
+    """Check that a bank of ``num_experts`` can take ``slots`` [batch, num_experts, slots_per_expert, dim] (eager
+    calls only: the Soft MoE layer always passes that shape; a user calling a bank directly may not)."""
+    if is_tracing():
+        return
+    shape = list(getattr(slots, "shape", ()))
+    if len(shape) != 4 or shape[1] != num_experts or (dim is not None and shape[3] != dim):
+        width = "dim" if dim is None else f"in_features={dim}"
+        raise ValueError(f"slots must have shape [batch, num_experts={num_experts}, slots_per_expert, {width}], "
+                         f"got {shape}")
+
+
 def autocast_dtype_on(device: torch.device) -> Optional[torch.dtype]:
     """The dtype autocast computes matmuls in on ``device``; None when autocast is off there."""
     if device.type == "meta" or not torch.amp.is_autocast_available(device.type):
@@ -254,6 +266,7 @@ class BatchedMlp(nn.Module):
             nn.init.zeros_(self.norm_bias)
 
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        require_slots(slots, self.num_experts, self.in_features)
         b, p = slots.shape[0], slots.shape[2]  # indexed, not unpacked: torch.fx proxies cannot be iterated
         n = self.num_experts
         x = slots.transpose(0, 1).reshape(n, b * p, self.in_features)  # [n, b*p, d]: each expert's slots together
@@ -353,6 +366,7 @@ class StackedExperts(nn.Module):
         setattr(owner, leaf, value)
 
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        require_slots(slots, self.num_experts)
         return run_stacked_experts(self, slots)
 
     def _forward(self, slots: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from reference import reference_mlp_experts, reference_routing, reference_soft_moe
-from softmoe import SoftMoE, capture_routing
+from softmoe import BatchedMlp, SoftMoE, StackedExperts, capture_routing
 
 
 class IdentityExperts(nn.Module):
@@ -224,6 +224,23 @@ def test_an_empty_batch_gives_an_empty_output_and_gradient():
     y.sum().backward()
     assert x.grad.shape == (0, 5, 16)
     assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())  # zero, not missing
+
+
+def linear_bank():
+    return StackedExperts(4, lambda: nn.Linear(8, 8))
+
+
+@pytest.mark.parametrize(
+    "bank, shape, message",
+    [(BatchedMlp, (2, 3, 8),
+      r"slots must have shape \[batch, num_experts=4, slots_per_expert, in_features=8\], got \[2, 3, 8\]"),
+     (BatchedMlp, (2, 4, 1, 6), r"in_features=8\], got \[2, 4, 1, 6\]"),
+     (linear_bank, (2, 3, 1, 8), r"num_experts=4, slots_per_expert, dim\], got \[2, 3, 1, 8\]")],
+    ids=["three_dims", "wrong_width", "wrong_expert_count"],
+)
+def test_an_expert_bank_called_directly_names_the_slots_it_takes(bank, shape, message):
+    with pytest.raises(ValueError, match=message):
+        (bank(4, 8) if bank is BatchedMlp else bank())(torch.randn(*shape))
 
 
 def test_identity_routing_needs_one_slot_per_token():

@@ -94,6 +94,9 @@ def test_capture_records_each_moe_layer_only_inside_the_context():
     assert list(moe_layers(net)) == ["blocks.0.mlp", "blocks.2.mlp"]
     assert [block_index(name) for name in moe_layers(net)] == [0, 2]
     assert router_scale(net.blocks[2].mlp) == 3.0
+    for not_a_router in (net, net.blocks[1].mlp):  # not 1.0 by default: there is no scale to read
+        with pytest.raises(ValueError, match="expected a Soft MoE or sparse MoE layer"):
+            router_scale(not_a_router)
     with capture_routing(net) as routing:
         net(torch.randn(5, 3, 8, 8))
     assert sorted(routing) == ["blocks.0.mlp", "blocks.2.mlp"]
