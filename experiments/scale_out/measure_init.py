@@ -29,8 +29,8 @@ from measure import append_rows, local_bytes  # this folder's (the script's fold
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = [
-    "model=vit_small", "data=synthetic", "data.img_size=32", "model.patch_size=4", "moe.num_experts=32",
-    "trainer.strategy=fsdp", "scheduler=constant",
+    "model=vit_small", "data=synthetic", "data.img_size=32", "model.patch_size=4", "trainer.strategy=fsdp",
+    "scheduler=constant",
 ]
 
 
@@ -42,10 +42,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--init-device", choices=("cpu", "meta"), required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--num-experts", type=int, default=32, help="per MoE block (the README's runs: 32)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     world_size = int(os.environ["WORLD_SIZE"])
-    overrides = [*OVERRIDES, f"trainer.expert_parallel_size={world_size}", f"trainer.init_device={args.init_device}"]
+    overrides = [*OVERRIDES, f"moe.num_experts={args.num_experts}", f"trainer.expert_parallel_size={world_size}",
+                 f"trainer.init_device={args.init_device}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         config = plain(compose("train", overrides=overrides))
     distributed = Distributed.from_config(config)  # joins torchrun's process group
