@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from softmoe.harness.errors import ConfigError
 from softmoe.harness.memory import Plan, format_plan, make_plan, model_shapes
+from softmoe.harness.overrides import composition_error
 from softmoe.harness.rules import format_value, plain, positive_int, positive_number
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # what the commands' @hydra.main(config_path="../conf") reads
@@ -54,8 +55,23 @@ def plan_run(overrides: Sequence[str]) -> Plan:
     )
 
 
+def command_line_error(overrides: Sequence[str]) -> Optional[str]:
+    """Why the command line cannot be planned, in one line (as the train command words it), or None."""
+    flags = [argument for argument in overrides if argument.startswith("-")]
+    if flags:
+        return f"{flags[0]}: python -m softmoe.plan takes the train command's overrides (key=value) only"
+    return composition_error(overrides, "plan")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     overrides = list(sys.argv[1:] if argv is None else argv)
+    if overrides in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return
+    problem = command_line_error(overrides)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
         plan = plan_run(overrides)
     except (ConfigError, ValueError) as error:

@@ -118,7 +118,11 @@ def test_the_recommendation_is_the_first_layout_that_fits():
     [
         (["world_size=0"], "error: world_size=0: must be a positive integer"),
         (["gpu_memory_gb=-1"], "error: gpu_memory_gb=-1: must be a number > 0"),
-        (["model=vit_enormous"], "error: In 'train': Could not find 'model/vit_enormous'"),
+        (["model=vit_enormous"], "error: model=vit_enormous: not an option of model (options: vit_base, "),
+        (["trainer.batch_sise=4"], "error: trainer.batch_sise=4: not a key of the config; did you mean "
+                                   "trainer.batch_size?"),
+        (["world_sise=4"], "error: world_sise=4: not a key of the config; did you mean world_size?"),
+        (["--world-size", "4"], "error: --world-size: python -m softmoe.plan takes the train command's overrides"),
     ],
 )
 def test_bad_values_stop_with_one_line_and_status_2(capsys, overrides, message):
@@ -127,6 +131,11 @@ def test_bad_values_stop_with_one_line_and_status_2(capsys, overrides, message):
     assert exit_status.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith(message) and error.count("\n") == 1
+
+
+def test_help_prints_the_commands_usage(capsys):
+    main(["--help"])
+    assert capsys.readouterr().out.startswith("Plan the memory of a run on many GPUs")
 
 
 def test_the_command_prints_every_layout_and_its_recommendation(capsys):

@@ -114,6 +114,30 @@ def test_the_expert_gemms_through_grouped_mm_compute_what_bmm_computes():
     torch.testing.assert_close(cases["experts_grouped_mm"](), cases["experts_bmm"]())
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [(["--threads", "0"], "--threads must be >= 1, got 0"),
+     (["--suite", "gpu", "--tiny", "--suite-rounds", "0"], "--suite-rounds must be >= 1, got 0"),
+     (["--suite", "gpu", "--tiny", "--suite-budget-s", "-1"], "--suite-budget-s must be >= 0, got -1.0"),
+     (["--device", "gpu"], "--device must be a torch device (cpu, cuda, cuda:1, ...), got 'gpu'"),
+     (["--suite", "gpu", "--device", "cpu"], "--suite gpu measures a CUDA GPU at full size, not --device cpu; add "
+                                             "--tiny to check the command on this device")],
+    ids=["threads", "suite_rounds", "suite_budget", "device", "full_suite_on_a_cpu"],
+)
+def test_bad_arguments_stop_the_command_with_one_line_naming_them(capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_status:
+        parse_args(arguments)
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m softmoe.benchmark: error: {message}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no GPU")
+def test_a_cuda_device_where_torch_sees_none_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cuda"])
+    assert capsys.readouterr().err.endswith("error: --device cuda: torch sees no CUDA GPU here\n")
+
+
 def test_a_section_that_fails_is_listed_and_the_others_are_still_measured_and_saved(tmp_path):
     """On a lent GPU, one section out of memory (B/16 on an 80 GB card) must not cost the figures of the rest."""
     from softmoe.bench.cli import _suite_progress

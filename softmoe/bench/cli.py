@@ -65,6 +65,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--gemm-size", type=int, default=None, help="square GEMM of the rate probe")
     parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth probe's copy")
     args = parser.parse_args(argv)
+    check_device(parser, args)
     cuda = args.device.startswith("cuda")
     if args.bfloat16_shapes is None:
         args.bfloat16_shapes = args.layer_shapes if cuda or cpu_has_native_bf16() else ["cpu_small"]
@@ -78,11 +79,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.gemm_size, args.copy_mib = args.gemm_size or 128, args.copy_mib or 4
     args.gemm_size = args.gemm_size or (8192 if cuda else 2048)
     args.copy_mib = args.copy_mib or (1024 if cuda else 256)
-    for name in ("model_batch", "warmup", "layer_rounds", "model_rounds", "gemm_size", "copy_mib"):
-        minimum = 0 if name == "warmup" else 1
-        if getattr(args, name) < minimum:
-            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
+    for name in ("model_batch", "warmup", "layer_rounds", "model_rounds", "gemm_size", "copy_mib", "threads",
+                 "suite_rounds", "suite_budget_s"):
+        minimum = 0 if name in ("warmup", "suite_budget_s") else 1
+        value = getattr(args, name)
+        if value is not None and value < minimum:  # threads None: torch's own
+            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
     return args
+
+
+def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--device names a device torch has here, and --suite gpu runs at full size on a GPU only."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device must be a torch device (cpu, cuda, cuda:1, ...), got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA GPU here")
+    if args.suite == "gpu" and device.type != "cuda" and not args.tiny:
+        # the full-size suite on a CPU would run for hours: batch 256 at 224 px, B/16's 3.7 B parameters
+        parser.error(f"--suite gpu measures a CUDA GPU at full size, not --device {args.device}; add --tiny to check "
+                     "the command on this device")
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
