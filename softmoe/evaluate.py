@@ -126,7 +126,11 @@ def missing_run_error(argv: list[str]) -> Optional[str]:
         if sep:
             values[key.lstrip("+")] = value
     if "run_dir" not in values:
-        return None  # Hydra reports the missing mandatory value itself
+        if any(argument.startswith("-") for argument in argv):
+            return None  # --help, --cfg job, ...: Hydra's own flags, which need no run
+        # Hydra would fail on hydra.run.dir (${run_dir}/evaluate) before it could say what is missing
+        return ("run_dir: missing; name the training run directory to evaluate: "
+                "python -m softmoe.evaluate run_dir=outputs/runs/<date>/<time>")
     run_dir = Path(values["run_dir"])
     if not run_dir.is_dir():
         return f"run_dir={run_dir}: no such directory (a training run directory holds best.pt and last.pt)"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from softmoe.evaluate import evaluate_run
+from softmoe.evaluate import evaluate_run, missing_run_error
 from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.loop import train
 from softmoe.harness.runs import read_events
@@ -30,6 +30,13 @@ def test_evaluate_refuses_a_missing_run_dir_without_creating_it(tmp_path):
             " (a training run directory holds best.pt and last.pt)" if run_dir == missing else
             " (is it a training run directory?)")
     assert not missing.exists() and list(empty.iterdir()) == []
+
+
+def test_evaluate_without_a_run_dir_says_so_and_leaves_hydras_flags_to_hydra():
+    assert missing_run_error([]) == missing_run_error(["checkpoint=last"]) == (
+        "run_dir: missing; name the training run directory to evaluate: "
+        "python -m softmoe.evaluate run_dir=outputs/runs/<date>/<time>")
+    assert missing_run_error(["--help"]) is None and missing_run_error(["--cfg", "job"]) is None
 
 
 @pytest.mark.slow
