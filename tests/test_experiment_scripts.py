@@ -58,6 +58,18 @@ def test_the_expert_gemm_script_reports_each_case_and_both_floors_of_the_streame
     assert result["experts"] == 4
 
 
+def test_the_expert_gemm_kernel_script_checks_each_kernel_against_bmm_and_times_it(tmp_path):
+    """expert_gemm_kernels.py at 2 experts, without its inductor case (a 10 s compile; its committed runs have it)."""
+    script = os.path.join(REPO, "experiments", "throughput", "expert_gemm_kernels.py")
+    command = [sys.executable, script, "--threads", "1", "--rounds", "1", "--experts", "2", "--no-compile"]
+    result = json.loads(run_from(tmp_path, command).stdout)
+    available = {"mkl_packed": torch.backends.mkl.is_available(), "onednn": torch.backends.mkldnn.is_available()}
+    kernels = {"bmm", *(name for name, here in available.items() if here)}
+    assert set(result["ms"]) == set(result["over_bmm"]) == set(result["max_abs_error_vs_bmm"]) == kernels
+    assert result["over_bmm"]["bmm"] == 1.0 and min(result["gflop_per_s"].values()) > 0
+    assert max(result["max_abs_error_vs_bmm"].values()) < 1e-4 and result["inductor_compile_s"] is None
+
+
 def test_the_optimizer_state_readme_tables_are_what_state_bytes_prints():
     """experiments/optimizer_state/README.md quotes the script's tables (counted on the meta device, exact)."""
     script = os.path.join(REPO, "experiments", "optimizer_state", "state_bytes.py")
