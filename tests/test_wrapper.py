@@ -34,6 +34,9 @@ def test_linear_experts_match_the_paper_equations():
     torch.testing.assert_close(y.double(), loop_reference(layer, x), rtol=1e-4, atol=1e-5)
 
 
+# torch's note that vmap runs CPU flash attention through its slow per-example fallback ("Please file us an issue"):
+# expected here, where the experts are transformer layers, and about torch's speed, not this package's results
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
 def test_transformer_layer_experts_attend_within_one_example():
     x = torch.rand(3, 16, 32)
     layer = SoftMoELayerWrapper(
