@@ -44,6 +44,27 @@ class UpcycleSource(NamedTuple):
     noisy: bool = False
 
 
+def why_torch_load_failed(error: Exception) -> str:
+    """``torch.load(..., weights_only=True)``'s refusal of a file in a few words a user can act on: its own messages
+    run to 20 lines and, for bytes it cannot parse at all, suggest ``weights_only=False``, which would not help."""
+    message = str(error)
+    if "PytorchStreamReader" in message or isinstance(error, EOFError):
+        return "truncated or damaged: torch.load cannot read its archive"
+    if isinstance(error, KeyError) or "Unsupported operand" in message or "invalid load key" in message:
+        return "not a file torch.save wrote"
+    if "weights_only" in message or "GLOBAL" in message:  # a real pickle, of objects loading would have to construct
+        return "it holds Python objects that loading would have to execute; refused (weights_only=True)"
+    return (message.strip().splitlines() or [type(error).__name__])[0]
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file torch.load or safetensors cannot read; ``reason`` says why in a few words."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"dense checkpoint {path!r} is not a readable checkpoint ({reason})")
+        self.reason = reason
+
+
 def load_state_dict(source: DenseSource) -> Dict[str, torch.Tensor]:
     """A state dict from a module, a mapping, a ``.safetensors``/``.pth``/``.bin`` file (never unpickles code), or a
     sharded checkpoint's directory (``last.dcp``)."""
@@ -62,9 +83,15 @@ def load_state_dict(source: DenseSource) -> Dict[str, torch.Tensor]:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            state = load_file(path)
+            try:
+                state = load_file(path)
+            except Exception as error:  # safetensors' own errors are one line already
+                raise UnreadableCheckpointError(path, str(error).strip() or type(error).__name__) from None
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise UnreadableCheckpointError(path, why_torch_load_failed(error)) from None
     for wrapper_key in ("model", "state_dict"):  # common checkpoint layouts
         if wrapper_key in state and isinstance(state[wrapper_key], Mapping):
             state = dict(state[wrapper_key])

@@ -40,7 +40,7 @@ def test_loading_refuses_a_pickle_that_would_run_code(tmp_path):
 
     path = tmp_path / "last.pt"
     torch.save({"format": checkpoint.FORMAT_VERSION, "model": Payload()}, path)  # a real checkpoint file, poisoned
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint \\(it holds Python objects"):
         load_checkpoint(path)
     assert not marker.exists()
 
@@ -49,7 +49,14 @@ def test_a_truncated_checkpoint_is_reported_with_its_path(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint(path, state(1))
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=f"{path}: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=f"{path}: not a readable checkpoint \\(truncated or damaged"):
+        load_checkpoint(path)
+
+
+def test_bytes_torch_save_did_not_write_are_not_taken_for_a_pickle_of_python_objects(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=f"{path}: not a readable checkpoint \\(not a file torch.save wrote\\)$"):
         load_checkpoint(path)
 
 

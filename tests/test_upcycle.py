@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 from softmoe import SoftMoEVisionTransformer, upcycle
 from softmoe.harness.config import ConfigError, check_config
 from softmoe.harness.model import build_model
-from softmoe.upcycle import check_upcycle, upcycle_state_dict
+from softmoe.upcycle import check_upcycle, load_state_dict, upcycle_state_dict
 
 ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=5)
 
@@ -92,8 +92,27 @@ def test_checkpoint_files_are_loaded_without_unpickling_code(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": Payload()}, path)
     _, moe = dense_and_moe()
-    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+    with pytest.raises(ValueError, match=r"is not a readable checkpoint \(it holds Python objects that loading would "
+                                         r"have to execute; refused \(weights_only=True\)\)"):
         upcycle(path, moe)
+
+
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [("bytes.pth", b"not a checkpoint", "not a file torch.save wrote"),
+     ("cut.pth", None, "truncated or damaged: torch.load cannot read its archive"),
+     ("bytes.safetensors", b"not a checkpoint", "Error while deserializing header")],
+)
+def test_an_unreadable_file_says_why_in_a_few_words(tmp_path, name, content, reason):
+    """torch.load's own message for bytes it cannot parse suggests weights_only=False, which would not help."""
+    path = tmp_path / name
+    if content is None:  # a real checkpoint, cut short
+        torch.save(dense_and_moe()[0].state_dict(), path)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"dense checkpoint '{path}' is not a readable checkpoint \\({reason}"):
+        load_state_dict(path)
 
 
 def test_sparse_router_weights_keep_their_init():
@@ -175,7 +194,8 @@ def test_harness_names_the_first_mismatched_key_in_one_line(compose_run, tmp_pat
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "no such checkpoint file, or null"), (b"not a checkpoint", "not a readable checkpoint (")],
+    [(None, "no such checkpoint file, or null"),
+     (b"not a checkpoint", "not a readable checkpoint (not a file torch.save wrote)")],
 )
 def test_harness_refuses_a_missing_or_unreadable_checkpoint(compose_run, tmp_path, content, message):
     path = tmp_path / "dense.pth"

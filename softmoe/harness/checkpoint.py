@@ -19,6 +19,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from softmoe.upcycle import why_torch_load_failed
+
 from .errors import CheckpointError, CheckpointWriteError
 
 log = logging.getLogger(__name__)
@@ -100,10 +102,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, corrupted, or carrying objects other than tensors and containers
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
-            reason = "it holds Python objects that loading would have to execute; refused (weights_only=True)"
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({why_torch_load_failed(error)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a softmoe checkpoint of format {FORMAT_VERSION}")
     if "checksum" in state:

@@ -18,7 +18,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig
 
-from softmoe.upcycle import check_upcycle, load_state_dict
+from softmoe.upcycle import UnreadableCheckpointError, check_upcycle, load_state_dict
 from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 
 from .data import check_data_config, dataset_size
@@ -197,7 +197,9 @@ def _check_upcycle_source(model: Mapping[str, Any], moe: Mapping[str, Any]) -> N
     shown = f"model.upcycle_from={format_value(model['upcycle_from'])}"
     try:
         dense_state = load_state_dict(Path(model["upcycle_from"]).expanduser())
-    except Exception as error:  # torch.load or safetensors refusing the file
+    except UnreadableCheckpointError as error:
+        raise ConfigError(f"{shown}: not a readable checkpoint ({error.reason})") from None
+    except Exception as error:  # a sharded checkpoint's reader refusing the directory
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ConfigError(f"{shown}: not a readable checkpoint ({first_line})") from None
     with torch.device("meta"):  # shapes only
