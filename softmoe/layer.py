@@ -246,6 +246,7 @@ class SoftMoELayerWrapper(SoftMoE):
         normalize: bool = True,
         **layer_kwargs,
     ) -> None:
+        require_positive_int("dim", dim)  # named as the wrapper takes it, before SoftMoE checks it as in_features
         require_positive_int("num_experts", num_experts)
         if not callable(layer):
             raise ValueError(f"layer must be an nn.Module class or a callable returning one, got {layer!r}")

@@ -107,6 +107,8 @@ def test_layers_vmap_cannot_run_fall_back_to_a_correct_loop():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_experts must be a positive integer, got 0"):
         SoftMoELayerWrapper(dim=8, num_experts=0, slots_per_expert=1, layer=nn.Linear, in_features=8, out_features=8)
+    with pytest.raises(ValueError, match="dim must be a positive integer, got 0"):
+        SoftMoELayerWrapper(dim=0, num_experts=2, slots_per_expert=1, layer=nn.Linear, in_features=8, out_features=8)
     with pytest.raises(ValueError, match="layer must be an nn.Module class"):
         SoftMoELayerWrapper(dim=8, num_experts=2, slots_per_expert=1, layer="linear")
     layer = SoftMoELayerWrapper(
