@@ -6,8 +6,9 @@
     python -m softmoe.train hydra.run.dir=outputs/my_run           # again later: resumes from its last.pt
 
 A bad value stops the run before anything loads, with one line naming the key (exit status 2), and leaves no
-run directory behind. Ctrl-C finishes the step, saves ``last.pt`` and prints the command that resumes (exit status
-130); a second Ctrl-C ends the process at once.
+run directory behind; in a sweep, a bad value in any job stops it before its first job starts. Ctrl-C finishes
+the step, saves ``last.pt`` and prints the command that resumes (exit status 130); a second Ctrl-C ends the
+process at once.
 Every exit status: ``softmoe/harness/errors.py``.
 """
 
@@ -46,6 +47,7 @@ from softmoe.harness.loop import train
 from softmoe.harness.overrides import composition_error
 from softmoe.harness.resume_hint import resume_command, resume_hint
 from softmoe.harness.runs import in_default_layout, remove_if_unused, save_hydra_configs
+from softmoe.harness.sweep_check import sweep_job_error
 from softmoe.harness.sweeps import tag_console
 from softmoe.runtime import tune_allocator
 
@@ -167,7 +169,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    problem = composition_error(sys.argv[1:], "train")  # a mistyped key or option: one line, before Hydra starts
+    # a mistyped key or option, or a sweep with a bad value in any job: one line, before Hydra starts
+    problem = composition_error(sys.argv[1:], "train") or sweep_job_error(sys.argv[1:], "train")
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)

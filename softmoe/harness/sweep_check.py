@@ -1,0 +1,74 @@
+"""Every job of a command-line sweep checked before the first one starts.
+
+Each job checks its own config when it starts (:func:`~.config.check_config`), so a sweep with one bad value
+(``moe.num_experts=4,0``) used to run every job before that one, perhaps for hours, then stop at it. The train
+command calls :func:`sweep_job_error` before Hydra starts: it composes the config of every job the basic sweeper
+would run (the cartesian product of the discrete sweeps) and checks each, reading no data and building models, if
+at all, on the meta device. Interval sweeps (an Optuna search's ``interval(...)``) are left to their sweeper: their
+values are not known before it draws them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import check_config
+from .errors import ConfigError
+from .overrides import HYDRA_FLAGS, compose_config, plain_overrides
+from .plausibility import CONF_DIR
+
+MAX_JOBS_CHECKED = 1000  # a larger grid is checked job by job as it runs, as before
+
+
+def sweep_jobs(overrides: Sequence[str]) -> Iterator[list[str]]:
+    """Each job's overrides, in the basic sweeper's order: the fixed overrides, then one value of each discrete
+    sweep (the last sweep varying fastest). Interval sweeps are dropped."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    fixed, axes = [], []
+    for override in parsed:
+        if not override.is_sweep_override():
+            fixed.append(override.input_line)
+        elif override.is_discrete_sweep():
+            key = override.get_key_element()
+            axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+    for values in itertools.product(*axes):
+        yield [*fixed, *values]
+
+
+def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
+    """The first job of this multirun (``-m``, or a config that sets ``hydra.mode: MULTIRUN``, as the experiments
+    do) whose config the job would refuse, in one line naming the job and its swept values; None when every job
+    passes, or the command line is no multirun, or Hydra will refuse it anyway (``overrides.composition_error``)."""
+    overrides = [argument for argument in argv if argument not in HYDRA_FLAGS]
+    if any(argument.startswith("-") for argument in overrides):
+        return None  # --help, --cfg, ...: Hydra's
+    try:
+        parser = OverridesParser.create()
+        base = compose_config(config_name, plain_overrides(parser.parse_overrides(overrides)), conf_dir)
+    except (HydraException, OmegaConfBaseException):
+        return None
+    if len(overrides) == len(argv) and "MULTIRUN" not in str(OmegaConf.select(base, "hydra.mode")):
+        return None
+    # the basic sweeper's order: the config's hydra.sweeper.params, then the command line's overrides
+    params = OmegaConf.select(base, "hydra.sweeper.params") or {}
+    jobs = list(itertools.islice(sweep_jobs([*(f"{k}={v}" for k, v in params.items()), *overrides]),
+                                 MAX_JOBS_CHECKED + 1))
+    if len(jobs) < 2 or len(jobs) > MAX_JOBS_CHECKED:
+        return None  # one job checks itself before anything loads; a huge grid is checked as it runs
+    fixed = set(overrides)
+    for number, job in enumerate(jobs):
+        try:
+            check_config(compose_config(config_name, job, conf_dir))
+        except ConfigError as error:
+            swept = " ".join(override for override in job if override not in fixed)
+            return f"job {number} ({swept}): {error}; no job was started"
+        except (HydraException, OmegaConfBaseException):
+            return None  # a composition error: overrides.composition_error reports it
+    return None

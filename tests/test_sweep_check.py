@@ -1,0 +1,53 @@
+"""A sweep with a bad value in any job is refused before its first job starts: one line naming the job and its
+swept values, exit status 2, no sweep directory."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from softmoe.harness.sweep_check import sweep_job_error, sweep_jobs
+
+
+def test_jobs_come_in_the_basic_sweepers_order_and_interval_sweeps_are_left_to_their_sweeper():
+    assert list(sweep_jobs(["a=1", "b=x,y", "c=1,2", "d=interval(0,1)"])) == [
+        ["a=1", "b=x", "c=1"], ["a=1", "b=x", "c=2"], ["a=1", "b=y", "c=1"], ["a=1", "b=y", "c=2"],
+    ]
+
+
+def test_a_bad_value_in_a_later_job_is_named_with_the_job():
+    assert sweep_job_error(["-m", "moe.num_experts=4,0", "seed=0,1"], "train") == (
+        "job 2 (moe.num_experts=0 seed=0): moe.num_experts=0: must be a positive integer; no job was started"
+    )
+
+
+def test_an_experiments_own_sweep_is_checked_without_minus_m():
+    """conf/experiment/table2_routing.yaml sweeps routing x seed in hydra.sweeper.params, in MULTIRUN mode."""
+    problem = sweep_job_error(["experiment=table2_routing", "trainer.max_epochs=0"], "train")
+    assert problem == ("job 0 (routing=soft seed=0): trainer.max_epochs=0: must be a positive integer; "
+                       "no job was started")
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "moe.num_experts=4,8", "seed=0,1"],  # every job is valid
+    ["experiment=table2_routing"],
+    ["moe.num_experts=0"],  # no sweep: the run checks itself before anything loads
+    ["-m", "moe.num_experts=0"],  # one job, likewise
+    ["--cfg", "job", "moe.num_experts=4,0"],  # Hydra's flags: left to Hydra
+    ["-m", "trainer.max_stepz=2,3"],  # a key Hydra cannot compose: overrides.composition_error names it
+])
+def test_what_the_check_leaves_alone(argv):
+    assert sweep_job_error(argv, "train") is None
+
+
+@pytest.mark.slow
+def test_the_command_starts_no_job_and_makes_no_sweep_directory(tmp_path):
+    command = [sys.executable, "-m", "softmoe.train", "-m", "moe.num_experts=4,0", "logger=none"]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: job 1 (moe.num_experts=0): moe.num_experts=0: must be a positive "
+                                     "integer; no job was started")
+    assert list(tmp_path.iterdir()) == []
