@@ -1,4 +1,4 @@
-"""Every job of a command-line sweep checked before the first one starts.
+"""Every job of a sweep (the command line's, or an experiment's own) checked before the first one starts.
 
 Each job checks its own config when it starts (:func:`~.config.check_config`), so a sweep with one bad value
 (``moe.num_experts=4,0``) used to run every job before that one, perhaps for hours, then stop at it. The train
