@@ -132,8 +132,6 @@ def missing_run_error(argv: list[str]) -> Optional[str]:
         return ("run_dir: missing; name the training run directory to evaluate: "
                 "python -m softmoe.evaluate run_dir=outputs/runs/<date>/<time>")
     run_dir = Path(values["run_dir"])
-    if not run_dir.is_dir():
-        return f"run_dir={run_dir}: no such directory (a training run directory holds best.pt and last.pt)"
     try:
         checkpoint_path(run_dir, values.get("checkpoint", "best"))
     except USER_ERRORS as error:

@@ -38,6 +38,9 @@ def test_load_run_names_what_is_wrong(sweep, tmp_path):
         load_run(sweep / "0", "latest")
     with pytest.raises(CheckpointError, match=f"run_dir={tmp_path}: holds no best.pt"):
         load_run(tmp_path)
+    placeholder = "../outputs/runs/<date>/<time>"  # the routing notebook's RUN_DIR, left as it is
+    with pytest.raises(CheckpointError, match=f"run_dir={placeholder}: no such directory"):
+        load_run(placeholder)
 
 
 def test_read_events_skips_a_torn_last_line(tmp_path):
