@@ -48,7 +48,7 @@ from softmoe.harness.overrides import composition_error
 from softmoe.harness.resume_hint import resume_command, resume_hint
 from softmoe.harness.runs import in_default_layout, remove_if_unused, save_hydra_configs
 from softmoe.harness.sweep_check import sweep_job_error
-from softmoe.harness.sweeps import tag_console
+from softmoe.harness.sweep_console import tag_console
 from softmoe.runtime import tune_allocator
 
 log = logging.getLogger("softmoe.train")

@@ -12,7 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from softmoe import collect
-from softmoe.harness import sweeps
+from softmoe.harness import sweep_console, sweeps
 from softmoe.harness.errors import NoRunsError
 
 
@@ -71,6 +71,16 @@ def test_explicit_grouping_and_output_dir(sweep, tmp_path_factory):
     lines = (out / "results.md").read_text().splitlines()
     assert len(lines) == 2 + 6 and lines[0].startswith("| moe.num_experts | seed | runs | best val/acc |")
     assert lines[0].endswith("| final train/loss |")
+
+
+def test_grouping_by_a_key_no_run_overrides_is_refused_not_pooled(sweep, capsys):
+    """A typo in --by would put every run in one group: different configs averaged as if they were seeds."""
+    assert collect.main([str(sweep), "--by", "moe.num_expert"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: no run overrides 'moe.num_expert', so grouping by it would pool every run; "
+                            "did you mean moe.num_experts? (the runs override: ")
+    with pytest.raises(NoRunsError, match="no run overrides 'moe.num_expert'"):  # the notebooks' summarize too
+        sweeps.summarize(sweeps.load_sweep(sweep), ["moe.num_expert"])
 
 
 def test_groups_sort_in_natural_order(tmp_path):
@@ -171,7 +181,7 @@ def run_sweep_job(sweep_dir, job, log_lines):
     saved = root.handlers[:], root.level
     root.handlers[:], root.level = handlers, logging.INFO
     try:
-        sweeps.tag_console(f"[job {job}] ", sweep_dir)
+        sweep_console.tag_console(f"[job {job}] ", sweep_dir)
         log_lines()
     finally:
         root.handlers[:], root.level = saved
@@ -197,7 +207,8 @@ def test_a_warning_every_job_of_a_sweep_logs_is_shown_once_but_errors_and_train_
     for _, train_log in (first, second):
         assert train_log == "model: vit_micro\ndata.val_size=0: no validation split\nW&B could not start\n"
     # rerunning the sweep (to resume it) starts a new multirun, which shows the warning again, once
-    sweeps.FreshConsoleWarnings().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    hydra_config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    sweep_console.FreshConsoleWarnings().on_multirun_start(hydra_config)
     third, _ = run_sweep_job(tmp_path, 2, log_lines)
     assert third == first[0].replace("[job 0]", "[job 2]")
 

@@ -18,26 +18,19 @@ directory gives, except that a swept config group (``routing=soft,sparse``) show
 :func:`load_wandb_offline` reads every ``offline-run-*/run-*.wandb`` below a directory (what offline runs
 leave, before ``wandb sync``).
 
-:class:`SweepEndHint` is the Hydra callback that prints the ``collect`` command when a multirun ends.
-:func:`tag_console` tags each job's console lines and shows a warning that every job repeats once for the sweep
-(marker files in ``<sweep dir>/.console_warnings``, which :class:`FreshConsoleWarnings` clears when a multirun starts).
+What a sweep's jobs print on the console while they run is ``sweep_console.py``'s.
 """
 
 from __future__ import annotations
 
-import hashlib
+import difflib
 import json
-import logging
-import os
 import re
-import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
 from .errors import NoRunsError
 from .telemetry import json_lines
@@ -260,6 +253,18 @@ def swept_keys(runs: Sequence[RunResult]) -> List[str]:
     ]
 
 
+def check_group_keys(runs: Sequence[RunResult], by: Sequence[str]) -> None:
+    """Refuse a key no run overrides (a typo: ``moe.num_expert``): grouping by it would pool every run into one
+    mean ± std, different configs averaged as if they were seeds."""
+    keys = sorted({key for run in runs for key in run.overrides})
+    for key in by:
+        if key not in keys:
+            match = difflib.get_close_matches(key, keys, n=1)
+            hint = f"; did you mean {match[0]}?" if match else ""
+            raise NoRunsError(f"no run overrides {key!r}, so grouping by it would pool every run{hint} (the runs "
+                              f"override: {', '.join(keys) or 'nothing'})")
+
+
 def _sort_key(value: Optional[str]):
     """Numbers by value, then text in natural order (digit runs compared as numbers): 4x4 < 8x2 < 16x1."""
     try:
@@ -330,6 +335,7 @@ def summarize(runs: Sequence[RunResult], by: Sequence[str], metrics: Sequence[st
     """Mean ± std over each group's runs (its seeds) of every column of :func:`columns_for` ``metrics``."""
     if isinstance(metrics, str):
         metrics = [metrics]
+    check_group_keys(runs, by)
     columns = columns_for(metrics)
     groups: Dict[Tuple[Optional[str], ...], List[RunResult]] = {}
     for run in runs:
@@ -414,87 +420,3 @@ def plot(summaries: Sequence[GroupSummary], by: Sequence[str], column: str, path
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight" grows the image to hold the legend and labels
     plt.close(fig)
-
-
-# A warning every job of a sweep logs is shown on the console by the first job only: that job creates the marker
-# <sweep dir>/.console_warnings/<sha1 of the message> (it holds no metrics.jsonl, so collect finds no run there).
-CONSOLE_WARNINGS_DIR = ".console_warnings"
-SHOWN_ONCE_NOTE = " (shown once for the sweep; each job's train.log keeps its own)"
-
-
-class _FirstInSweep(logging.Filter):
-    """Passes a warning to the console only if no job of the sweep has shown its message yet; errors always pass.
-    ``O_CREAT | O_EXCL`` makes creating the marker atomic, so of parallel jobs exactly one shows it."""
-
-    def __init__(self, sweep_dir: Path) -> None:
-        super().__init__()
-        self.markers = Path(sweep_dir) / CONSOLE_WARNINGS_DIR
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not logging.WARNING <= record.levelno < logging.ERROR:
-            return True
-        if not hasattr(record, "first_in_sweep"):  # decided once a record, however many console handlers it meets
-            record.first_in_sweep = self._claim(record.getMessage())
-        return record.first_in_sweep
-
-    def _claim(self, message: str) -> bool:
-        marker = self.markers / hashlib.sha1(message.encode()).hexdigest()
-        try:
-            self.markers.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return False
-        except OSError:  # no marker can be written (a read-only sweep dir): better every job's copy than none
-            return True
-        return True
-
-
-class _SweepConsole(logging.Formatter):
-    """A sweep job's console lines: each starts with the job's tag; a warning shown once for the sweep says so."""
-
-    def __init__(self, tag: str, inner: Optional[logging.Formatter]) -> None:
-        super().__init__()
-        self.tag, self.inner = tag, inner or logging.Formatter()
-
-    def format(self, record: logging.LogRecord) -> str:
-        lines = self.inner.format(record).splitlines() or [""]
-        if getattr(record, "first_in_sweep", False):
-            lines[0] += SHOWN_ONCE_NOTE
-        return "\n".join(self.tag + line for line in lines)
-
-
-def tag_console(tag: str, sweep_dir: Optional[Path] = None) -> None:
-    """Start every console line of this process's log with ``tag`` (e.g. ``[job 3] ``), so the lines of a sweep's
-    parallel jobs (``launcher=joblib``) can be told apart; Python warnings go through the log too. With the sweep's
-    ``sweep_dir``, a warning every job logs (the same message) is shown on the console once for the whole sweep, by
-    the first job to log it, whether the jobs are processes or run one after another in this one. The run
-    directory's ``train.log`` is left as it is: it keeps every warning of its job."""
-    if not tag and sweep_dir is None:
-        return
-    logging.captureWarnings(True)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            if not isinstance(handler.formatter, _SweepConsole):
-                handler.setFormatter(_SweepConsole(tag, handler.formatter))
-            if sweep_dir is not None and not any(isinstance(f, _FirstInSweep) for f in handler.filters):
-                handler.addFilter(_FirstInSweep(sweep_dir))
-
-
-class FreshConsoleWarnings(Callback):
-    """A Hydra callback (``conf/hydra/default.yaml``): when a multirun starts, forget the warnings an earlier multirun
-    in the same sweep directory showed, so that rerunning a sweep (to resume it) shows them again, once."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
-            return
-        shutil.rmtree(Path(config.hydra.sweep.dir) / CONSOLE_WARNINGS_DIR, ignore_errors=True)
-
-
-class SweepEndHint(Callback):
-    """A Hydra callback (``conf/hydra/default.yaml``): when a multirun ends, print the command that tabulates it."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
-            return
-        sweep_dir = config.hydra.sweep.dir
-        print(f"sweep done: {sweep_dir}; tabulate it with: python -m softmoe.collect {sweep_dir}", flush=True)
