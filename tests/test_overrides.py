@@ -20,6 +20,9 @@ MISTAKES = [
                                      "(options: adamw, adamw_bf16, sgd)"),
     (["model=vit_small", "model.patch=4"], "model.patch=4: not a key of the config; did you mean model.patch_size?"),
     (["trainer.patience=3"], "trainer.patience=3: not a key of the config (to add a key: +trainer.patience=3)"),
+    (["moe.num_experts=4,8"], "moe.num_experts=4,8: several values; add -m to sweep over them (one job each), or "
+                              "write moe.num_experts=[4,8] for a list"),  # Hydra: 5 lines, exit status 1
+    (["optimizer.lr=interval(0.1,1)"], "optimizer.lr=interval(0.1,1): a sweep; add -m to run it"),
 ]
 
 
@@ -29,7 +32,8 @@ def test_a_mistyped_key_or_option_is_one_line_with_the_closest_valid_one(argv, m
 
 
 @pytest.mark.parametrize("argv", [[], ["-m", "moe.num_experts=4,8"], ["model=vit_small", "+trainer.x=1"],
-                                  ["--cfg", "job"], ["hydra.run.dir=x", "experiment=digits_dense"]])
+                                  ["--cfg", "job"], ["hydra.run.dir=x", "experiment=digits_dense"],
+                                  ["experiment=table2_routing", "seed=0,1"]])  # a config in MULTIRUN mode: no -m
 def test_what_composes_passes(argv):
     assert composition_error(argv, "train") is None
 

@@ -1,7 +1,8 @@
 """Command-line overrides Hydra cannot compose, reported as one line with the closest valid key or option.
 
 Hydra reports a mistyped key (``trainer.max_step=10``) or a missing group option (``model=vit_mega``) in 7-15
-lines with no suggestion, and exits 1; every other mistake gets one line and exit status 2. The commands call
+lines with no suggestion, and a sweep without ``-m`` (``moe.num_experts=4,8``) in 5, and exits 1; every other
+mistake gets one line and exit status 2. The commands call
 :func:`composition_error` before Hydra starts (which also keeps Hydra from making a run directory for a run that
 cannot start):
 
@@ -132,8 +133,21 @@ def composition_error(argv: Sequence[str], config_name: str, conf_dir: Path = CO
     if problem:
         return problem
     try:
-        compose_config(config_name, plain_overrides(parsed), conf_dir)
+        composed = compose_config(config_name, plain_overrides(parsed), conf_dir)
     except (HydraException, OmegaConfBaseException) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return missing_key(parsed, config_name, conf_dir) or f"{first_line} (HYDRA_FULL_ERROR=1 shows Hydra's message)"
+    multirun = len(overrides) < len(argv) or "MULTIRUN" in str(OmegaConf.select(composed, "hydra.mode"))
+    return None if multirun else sweep_without_multirun(parsed)
+
+
+def sweep_without_multirun(parsed: Sequence[Override]) -> Optional[str]:
+    """A sweep (``moe.num_experts=4,8``) on a single run's command line, which Hydra refuses in 5 lines, in one."""
+    for override in parsed:
+        if override.is_discrete_sweep():
+            values = ",".join(override.sweep_string_iterator())
+            return (f"{override.input_line}: several values; add -m to sweep over them (one job each), or write "
+                    f"{override.get_key_element()}=[{values}] for a list")
+        if override.is_sweep_override():
+            return f"{override.input_line}: a sweep; add -m to run it"
     return None
