@@ -2,9 +2,8 @@
 
 Hydra reports a mistyped key (``trainer.max_step=10``) or a missing group option (``model=vit_mega``) in 7-15
 lines with no suggestion, and a sweep without ``-m`` (``moe.num_experts=4,8``) in 5, and exits 1; every other
-mistake gets one line and exit status 2. The commands call
-:func:`composition_error` before Hydra starts (which also keeps Hydra from making a run directory for a run that
-cannot start):
+mistake gets one line and exit status 2. The commands call :func:`composition_error` before Hydra starts (which
+also keeps Hydra from making a run directory for a run that cannot start):
 
     error: trainer.max_step=10: not a key of the config; did you mean trainer.max_steps?
 
