@@ -7,7 +7,7 @@ shape error from deep inside an einsum.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -60,11 +60,13 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling() or _is_fx_symbolic_tracing()
 
 
-def _autocast_casts(x: torch.Tensor) -> bool:
-    """Whether autocast, on for ``x``'s device, casts ``x`` and the weights to one dtype (float64 it leaves alone)."""
-    device = x.device.type
-    return (x.dtype != torch.float64 and torch.amp.is_autocast_available(device)
-            and torch.is_autocast_enabled(device))
+def autocast_dtype_on(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast computes matmuls in on ``device``; None when autocast is off there."""
+    if device.type == "meta" or not torch.amp.is_autocast_available(device.type):
+        return None
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
 
 
 # is_fx_symbolic_tracing: torch 2.11 and 2.14 have it, 2.8 only is_fx_tracing (the same flag there)
@@ -84,7 +86,8 @@ def require_tokens(name: str, x: Any, dim: int, parameter: torch.Tensor) -> None
         raise ValueError(f"{name} must have shape [batch, tokens, {dim}], got a tensor of shape {list(shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dtype != parameter.dtype and not _autocast_casts(x):
+    # autocast, where it is on, casts x and the weights to one dtype; float64 it leaves alone
+    if x.dtype != parameter.dtype and (x.dtype == torch.float64 or autocast_dtype_on(x.device) is None):
         autocast = "" if x.dtype == torch.float64 else ", or run under torch.autocast"  # which leaves float64 alone
         raise ValueError(
             f"{name} dtype {x.dtype} does not match the layer's parameters ({parameter.dtype}): cast one to the "

@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ._checks import is_tracing, require_choice, require_positive_int
+from ._checks import autocast_dtype_on, is_tracing, require_choice, require_positive_int
 
 # timm's VisionTransformer weight_init modes (vision_transformer.get_init_weights_vit)
 WEIGHT_INIT_MODES = ("", "jax", "jax_nlhb", "moco", "reset")
@@ -110,15 +110,6 @@ def require_slots(slots: torch.Tensor, num_experts: int, dim: Optional[int] = No
         width = "dim" if dim is None else f"in_features={dim}"
         raise ValueError(f"slots must have shape [batch, num_experts={num_experts}, slots_per_expert, {width}], "
                          f"got {shape}")
-
-
-def autocast_dtype_on(device: torch.device) -> Optional[torch.dtype]:
-    """The dtype autocast computes matmuls in on ``device``; None when autocast is off there."""
-    if device.type == "meta" or not torch.amp.is_autocast_available(device.type):
-        return None
-    if not torch.is_autocast_enabled(device.type):
-        return None
-    return torch.get_autocast_dtype(device.type)
 
 
 def batched_matmul_in(dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

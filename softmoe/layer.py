@@ -21,8 +21,15 @@ from typing import Callable, Optional, Tuple, Type, Union
 import torch
 from torch import nn
 
-from ._checks import is_tracing, require_choice, require_positive_int, require_positive_number, require_tokens
-from .experts import BatchedMlp, StackedExperts, autocast_dtype_on
+from ._checks import (
+    autocast_dtype_on,
+    is_tracing,
+    require_choice,
+    require_positive_int,
+    require_positive_number,
+    require_tokens,
+)
+from .experts import BatchedMlp, StackedExperts
 from .routing import NORM_EPS, SCALE_INIT, soft_routing
 from .runtime import auto_tune_pending, tune_allocator_once
 
