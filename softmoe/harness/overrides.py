@@ -13,6 +13,7 @@ also keeps Hydra from making a run directory for a run that cannot start):
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -43,8 +44,24 @@ def plain_overrides(parsed: Sequence[Override]) -> list[str]:
 
 
 def compose_config(config_name: str, overrides: Sequence[str], conf_dir: Path) -> DictConfig:
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    """The config (with its ``hydra`` node), read-only: the command-line checks compose the first job's config
+    more than once before a command starts (:func:`composition_error`, then ``sweep_check``), so it is kept."""
+    return _composed(config_name, tuple(overrides), str(conf_dir))
+
+
+@functools.lru_cache(maxsize=8)
+def _composed(config_name: str, overrides: tuple, conf_dir: str) -> DictConfig:
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        config = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    OmegaConf.set_readonly(config, True)  # shared by every caller: none may change it
+    return config
+
+
+def runs_as_multirun(argv: Sequence[str], composed: DictConfig) -> bool:
+    """Whether the command runs a sweep: ``-m`` on its command line, or a config that sets ``hydra.mode: MULTIRUN``
+    (the experiments do)."""
+    mode = OmegaConf.select(composed, "hydra.mode")
+    return any(argument in HYDRA_FLAGS for argument in argv) or "MULTIRUN" in str(mode)
 
 
 def all_keys(node: Any, prefix: str = "") -> list[str]:
@@ -136,8 +153,7 @@ def composition_error(argv: Sequence[str], config_name: str, conf_dir: Path = CO
     except (HydraException, OmegaConfBaseException) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return missing_key(parsed, config_name, conf_dir) or f"{first_line} (HYDRA_FULL_ERROR=1 shows Hydra's message)"
-    multirun = len(overrides) < len(argv) or "MULTIRUN" in str(OmegaConf.select(composed, "hydra.mode"))
-    return None if multirun else sweep_without_multirun(parsed)
+    return None if runs_as_multirun(argv, composed) else sweep_without_multirun(parsed)
 
 
 def sweep_without_multirun(parsed: Sequence[Override]) -> Optional[str]:

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import check_config
 from .errors import ConfigError
-from .overrides import HYDRA_FLAGS, compose_config, plain_overrides
+from .overrides import HYDRA_FLAGS, compose_config, plain_overrides, runs_as_multirun
 from .plausibility import CONF_DIR
 
 MAX_JOBS_CHECKED = 200  # at about 0.2 s a job, 40 s at most; a larger grid is checked job by job as it runs
@@ -54,7 +54,7 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
         base = compose_config(config_name, plain_overrides(parser.parse_overrides(overrides)), conf_dir)
     except (HydraException, OmegaConfBaseException):
         return None
-    if len(overrides) == len(argv) and "MULTIRUN" not in str(OmegaConf.select(base, "hydra.mode")):
+    if not runs_as_multirun(argv, base):
         return None
     # the basic sweeper's order: the config's hydra.sweeper.params, then the command line's overrides
     params = OmegaConf.select(base, "hydra.sweeper.params") or {}
