@@ -18,9 +18,14 @@ class RoutingRecord:
     combine: torch.Tensor
 
 
+def is_routing_layer(module: nn.Module) -> bool:
+    """A Soft MoE or sparse MoE layer: anything with a routing recorder."""
+    return hasattr(module, "_routing_recorder")
+
+
 def moe_layers(model: nn.Module) -> Dict[str, nn.Module]:
-    """The routing layers of ``model`` (anything with a routing recorder), by module name."""
-    return {name: module for name, module in model.named_modules() if hasattr(module, "_routing_recorder")}
+    """The routing layers of ``model`` (:func:`is_routing_layer`), by module name."""
+    return {name: module for name, module in model.named_modules() if is_routing_layer(module)}
 
 
 # The router's own parameters in every routing layer: Soft MoE's Φ and scale, the sparse routers' weight and scale.

@@ -12,6 +12,7 @@ from typing import Dict, Union
 import torch
 from torch import nn
 
+from .capture import is_routing_layer
 from .layer import l2_normalize
 
 
@@ -96,7 +97,7 @@ def slot_similarity(layer_or_phi: Union[nn.Module, torch.Tensor]) -> torch.Tenso
 
 def router_scale(layer: nn.Module) -> float:
     """The layer's learnable logit scale (1.0 when the layer does not normalise)."""
-    if not hasattr(layer, "_routing_recorder"):  # a model or a dense MLP: no router, so no scale to read
+    if not is_routing_layer(layer):  # a model or a dense MLP: no router, so no scale to read
         raise ValueError(f"expected a Soft MoE or sparse MoE layer (softmoe.moe_layers(model) lists a model's), "
                          f"got {type(layer).__name__}")
     scale = getattr(layer, "scale", None)
