@@ -69,7 +69,6 @@ def lecun_normal_phi_(phi: torch.Tensor) -> torch.Tensor:
     return truncated_lecun_normal_(phi, fan_in=d * n)
 
 
-
 class SoftMoE(nn.Module):
     """A Soft MoE layer whose experts are timm-style MLPs; a drop-in ``mlp_layer`` for timm's ``Block``.
 
