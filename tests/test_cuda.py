@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import CONF_DIR
+from reference import relative_error
 from softmoe import SoftMoE, SoftMoEVisionTransformer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -29,10 +30,6 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 ROOT = Path(CONF_DIR).parent
 SHORT_RUN = ["trainer.max_steps=4", "trainer.eval_batches=1", "trainer.batch_size=64", "trainer.num_workers=2",
              "trainer.log_every=2", "trainer.progress_bar=false", "logger=none"]
-
-
-def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    return ((approx.float() - exact.float()).norm() / exact.float().norm()).item()
 
 
 def _bf16_compiled_against_fp32_eager(module: torch.nn.Module, x: torch.Tensor):
@@ -45,9 +42,9 @@ def _bf16_compiled_against_fp32_eager(module: torch.nn.Module, x: torch.Tensor):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = compiled(x)
     out.float().square().mean().backward()
-    grad_errors = [_relative_error(p.grad, eager_grads[name]) for name, p in module.named_parameters()
+    grad_errors = [relative_error(p.grad, eager_grads[name]) for name, p in module.named_parameters()
                    if name in eager_grads and eager_grads[name].norm() > 0]
-    return _relative_error(out, eager_out), max(grad_errors)
+    return relative_error(out, eager_out), max(grad_errors)
 
 
 def test_layer_in_bf16_compiled_matches_float32_eager():

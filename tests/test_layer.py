@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from reference import reference_mlp_experts, reference_routing, reference_soft_moe
+from reference import (
+    BF16_RELATIVE_ERROR,
+    reference_mlp_experts,
+    reference_routing,
+    reference_soft_moe,
+    relative_error,
+)
 from softmoe import BatchedMlp, SoftMoE, StackedExperts, capture_routing
 
 
@@ -128,12 +134,16 @@ def test_router_parameters_follow_device_and_dtype():
 def test_bf16_autocast_keeps_routing_in_float32():
     layer = make_layer()
     x = torch.randn(2, 8, 16)
-    reference = layer(x)
+    with capture_routing(layer) as routing_fp32:
+        reference = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16), capture_routing(layer) as routing:
         y = layer(x)
     assert y.dtype == torch.bfloat16
     assert routing[""].dispatch.dtype == torch.float32 and routing[""].combine.dtype == torch.float32
-    torch.testing.assert_close(y.float(), reference, rtol=0.05, atol=0.05)
+    for weights in ("dispatch", "combine"):  # the same routing as in float32, not merely the same dtype
+        error = relative_error(getattr(routing[""], weights), getattr(routing_fp32[""], weights))
+        assert error < BF16_RELATIVE_ERROR / 4, (weights, error)
+    assert relative_error(y, reference) < BF16_RELATIVE_ERROR
 
 
 def test_timm_mlp_kwargs_and_norm_layer():
@@ -322,11 +332,13 @@ def test_a_model_cast_to_bf16_infers_close_to_float32():
     torch.manual_seed(0)
     layer = make_layer()
     x = torch.randn(2, 8, 16)
-    expected = layer(x)
+    with capture_routing(layer) as routing_fp32:
+        expected = layer(x)
     layer_bf16 = make_layer()
     layer_bf16.load_state_dict(layer.state_dict())
     layer_bf16.to(torch.bfloat16)
     with torch.inference_mode(), capture_routing(layer_bf16) as routing:
         y = layer_bf16(x.bfloat16())
     assert y.dtype == torch.bfloat16 and routing[""].dispatch.dtype == torch.float32
-    torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05)
+    assert relative_error(routing[""].dispatch, routing_fp32[""].dispatch) < BF16_RELATIVE_ERROR / 4
+    assert relative_error(y, expected) < BF16_RELATIVE_ERROR
