@@ -161,18 +161,24 @@ def test_timm_mlp_kwargs_and_norm_layer():
     "dispatch, combine", [("soft", "uniform"), ("uniform", "soft"), ("uniform", "uniform"), ("identity", "identity")]
 )
 def test_routing_ablations_follow_their_definitions(dispatch, combine):
-    layer = SoftMoE(8, num_experts=3, slots_per_expert=2, dispatch=dispatch, combine=combine, experts=IdentityExperts())
-    x = torch.randn(2, 6, 8)
+    # 3 experts x 2 slots. 5 tokens, so that uniform dispatch (1/5 per token) and uniform combine (1/6 per slot)
+    # differ; identity (slot i is token i) needs as many tokens as slots
+    tokens, slots = (6 if dispatch == "identity" else 5), 6
+    layer = SoftMoE(8, num_experts=3, slots_per_expert=2, dispatch=dispatch, combine=combine,
+                    experts=IdentityExperts()).double()
+    x = torch.randn(2, tokens, 8, dtype=torch.float64)
     with capture_routing(layer) as routing:
-        layer(x)
-    d, c = routing[""].dispatch.reshape(2, 6, 6), routing[""].combine.reshape(2, 6, 6)
-    expected = {"uniform": torch.full((2, 6, 6), 1 / 6), "identity": torch.eye(6).expand(2, 6, 6)}
-    if dispatch != "soft":
-        torch.testing.assert_close(d, expected[dispatch])
-    if combine != "soft":
-        torch.testing.assert_close(c, expected[combine])
-    if (dispatch, combine) == ("identity", "identity"):
-        torch.testing.assert_close(layer(x), x)  # slots are the tokens, identity experts: Y = X
+        y = layer(x)
+    d, c = routing[""].dispatch.reshape(2, tokens, slots), routing[""].combine.reshape(2, tokens, slots)
+    soft = [w.reshape(2, tokens, slots) for w in reference_routing(x, layer.phi.detach(), layer.scale.item())]
+    eye = torch.eye(slots, dtype=torch.float64).expand(2, slots, slots)
+    expected_dispatch = {"soft": soft[0], "uniform": torch.full_like(d, 1 / tokens), "identity": eye}[dispatch]
+    expected_combine = {"soft": soft[1], "uniform": torch.full_like(c, 1 / slots), "identity": eye}[combine]
+    torch.testing.assert_close(d, expected_dispatch, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(c, expected_combine, rtol=1e-10, atol=1e-12)
+    # identity experts: Y = C (Dᵀ X), from the expected weights
+    slot_inputs = torch.einsum("bms,bmd->bsd", expected_dispatch, x)
+    torch.testing.assert_close(y, torch.einsum("bms,bsd->bmd", expected_combine, slot_inputs), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(
