@@ -1,4 +1,6 @@
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,6 +38,24 @@ _first_backward_before_any_compile()
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+RESUMING = re.compile(r"^resuming from (.+) at step (\d+) of \d+$")  # softmoe.harness.context's line
+
+
+@pytest.fixture
+def resumed_from(caplog):
+    """A function giving [(checkpoint path, step)] of every resume logged so far in this test. A resumed CPU run
+    ends bit for bit where one that ignored its checkpoint and started again would, so only this line tells them
+    apart."""
+    caplog.set_level(logging.INFO, logger="softmoe.harness.context")
+
+    def resumes():
+        matches = (RESUMING.match(record.getMessage()) for record in caplog.records
+                   if record.name == "softmoe.harness.context")
+        return [(Path(match.group(1)), int(match.group(2))) for match in matches if match]
+
+    return resumes
 
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")

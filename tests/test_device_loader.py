@@ -175,7 +175,7 @@ def test_data_on_device_false_and_auto_on_a_cpu_keep_the_dataloaders_true_moves_
 
 @pytest.mark.slow
 def test_a_run_with_data_on_device_trains_exactly_as_with_the_dataloader_and_resumes_exactly(
-    compose_run, tmp_path, monkeypatch
+    compose_run, tmp_path, monkeypatch, resumed_from
 ):
     run = ["trainer.max_steps=12", "trainer.batch_size=128", "trainer.checkpoint_every=4", "trainer.log_every=2",
            "model.depth=2", "logger=none", "trainer.progress_bar=false"]
@@ -190,6 +190,7 @@ def test_a_run_with_data_on_device_trains_exactly_as_with_the_dataloader_and_res
     train(compose_run(*augmented), tmp_path / "whole")
     train_killed_after(6, compose_run(*augmented), tmp_path / "resumed", monkeypatch)
     train(compose_run(*augmented), tmp_path / "resumed")
+    assert resumed_from() == [(tmp_path / "resumed" / "last.pt", 4)]
     whole, resumed = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("whole", "resumed"))
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
     losses = [[e["train/loss"] for e in read_events(tmp_path / name) if "train/loss" in e]

@@ -121,7 +121,8 @@ def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(caplog):
 
 
 @pytest.mark.parametrize("before,after", [(False, True), (True, False)])
-def test_a_resumed_run_steps_with_its_own_kernel_choice_not_the_checkpoints(compose_run, tmp_path, before, after):
+def test_a_resumed_run_steps_with_its_own_kernel_choice_not_the_checkpoints(compose_run, tmp_path, before, after,
+                                                                            resumed_from):
     """optimizer.fused is configuration: a checkpoint of the other kernel resumes, and trains as one run would."""
     from softmoe.harness.checkpoint import load_checkpoint
     from softmoe.harness.loop import train
@@ -131,6 +132,7 @@ def test_a_resumed_run_steps_with_its_own_kernel_choice_not_the_checkpoints(comp
     ]  # a constant rate: a 3-step run is the first half of a 6-step one
     train(compose_run(*run, "trainer.max_steps=3", f"optimizer.fused={before}"), tmp_path / "switched")
     train(compose_run(*run, "trainer.max_steps=6", f"optimizer.fused={after}"), tmp_path / "switched")
+    assert resumed_from() == [(tmp_path / "switched" / "last.pt", 3)]
     train(compose_run(*run, "trainer.max_steps=6", f"optimizer.fused={after}"), tmp_path / "whole")
     switched, whole = (load_checkpoint(tmp_path / name / "last.pt") for name in ("switched", "whole"))
     assert {group["fused"] for group in switched["optimizer"]["param_groups"]} == {after}

@@ -182,7 +182,7 @@ def test_bad_arguments_are_named(kwargs, named):
     assert named in str(error.value)
 
 
-def test_a_run_with_optimizer_adamw_bf16_resumes_as_one_run(compose_run, tmp_path):
+def test_a_run_with_optimizer_adamw_bf16_resumes_as_one_run(compose_run, tmp_path, resumed_from):
     from softmoe.harness.checkpoint import load_checkpoint
     from softmoe.harness.loop import train
 
@@ -191,6 +191,7 @@ def test_a_run_with_optimizer_adamw_bf16_resumes_as_one_run(compose_run, tmp_pat
            "trainer.progress_bar=false"]  # a constant rate: a 3-step run is the first half of a 6-step one
     train(compose_run(*run, "trainer.max_steps=3"), tmp_path / "resumed")
     train(compose_run(*run, "trainer.max_steps=6"), tmp_path / "resumed")
+    assert resumed_from() == [(tmp_path / "resumed" / "last.pt", 3)]
     train(compose_run(*run, "trainer.max_steps=6"), tmp_path / "whole")
     resumed, whole = (load_checkpoint(tmp_path / name / "last.pt") for name in ("resumed", "whole"))
     moments = [state["exp_avg_sq"] for state in whole["optimizer"]["state"].values()]

@@ -193,13 +193,14 @@ def test_sigkill_at_a_random_step_then_the_same_command_resumes_exactly(uninterr
     assert sent[0] + sent[1] == sorted(set(sent[0] + sent[1])) and sent[1][-1] == TOTAL_STEPS
 
 
-def test_a_line_torn_by_a_kill_is_dropped_on_resume(compose_run, uninterrupted, tmp_path):
+def test_a_line_torn_by_a_kill_is_dropped_on_resume(compose_run, uninterrupted, tmp_path, resumed_from):
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted["dir"], run_dir)
     shutil.copy(run_dir / PREVIOUS, run_dir / "last.pt")  # killed after step 20's checkpoint ...
     with open(run_dir / "metrics.jsonl", "a") as file:
         file.write('{"step": 25, "epoch": 1, "train/lo')  # ... while writing a line
     train(compose_run(*RUN), run_dir)
+    assert resumed_from() == [(run_dir / "last.pt", TOTAL_STEPS - CHECKPOINT_EVERY)]
     assert_matches_uninterrupted(run_dir, uninterrupted)
 
 

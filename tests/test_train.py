@@ -102,7 +102,8 @@ def without_timing(events):
     return [{key: value for key, value in event.items() if key != "train/throughput"} for event in events]
 
 
-def test_resume_after_interruption_ends_with_the_same_weights_and_metrics(compose_run, tmp_path, monkeypatch):
+def test_resume_after_interruption_ends_with_the_same_weights_and_metrics(compose_run, tmp_path, monkeypatch,
+                                                                          resumed_from):
     # 30 steps: an epoch of 16 (batch 88), then 14; `last` at 7, 14, 16 (epoch end), 21, 28, 30. The first
     # attempt dies after step 24, so it resumes mid-epoch from step 21 and redoes steps 22-24.
     run = [
@@ -115,7 +116,9 @@ def test_resume_after_interruption_ends_with_the_same_weights_and_metrics(compos
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 21
     assert read_metrics(tmp_path / "resumed")[-1]["step"] == 24  # logged, though no checkpoint covers it
 
+    assert resumed_from() == []
     summary = train(compose_run(*run), tmp_path / "resumed")  # the same command in the same run dir resumes
+    assert resumed_from() == [(tmp_path / "resumed" / "last.pt", 21)]
     whole, resumed = (load_checkpoint(tmp_path / name / "last.pt") for name in ("whole", "resumed"))
     assert summary.steps == 30
     for name, tensor in whole["model"].items():
