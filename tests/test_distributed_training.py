@@ -145,6 +145,11 @@ def test_two_ranks_match_one_process(runs, job, name):
     written = {path.name for path in run_dir.iterdir()} - {"best.pt"}
     assert written == {".hydra", ".lock", "last.pt", "metrics.jsonl", "train.log"}
     assert_same_training(run_dir, single, name)
+    # each job ran as its name says: matching one process would not show a sweep value silently ignored
+    log = (run_dir / "train.log").read_text()
+    expert_parallel = "expert parallel: 1 data-parallel replicas x 2 expert ranks" in log
+    fused = {group["fused"] for group in load_checkpoint(run_dir / "last.pt")["optimizer"]["param_groups"]}
+    assert (expert_parallel, fused) == ("expert parallel" in name, {"fused" in name}), (expert_parallel, fused)
 
 
 @pytest.mark.slow
