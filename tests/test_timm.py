@@ -193,6 +193,17 @@ def test_pretrained_features_only_upcycles_too(tmp_path):
     dense_early, dense_late = reference(IMAGES)
     torch.testing.assert_close(early, dense_early)  # before the first MoE block (4): the dense model's features
     assert late.shape == dense_late.shape
+    # after it the features differ (a Soft MoE layer mixes its experts' outputs), but they come from upcycled
+    # weights: every expert is its block's dense MLP, and every other weight is the dense model's
+    blocks = moe_blocks(model.model)
+    assert blocks == [4, 5]
+    slots = torch.randn(2, 8, 1, dense.embed_dim)  # [batch, experts, slots, dim]
+    for i in blocks:
+        torch.testing.assert_close(model.model.blocks[i].mlp.experts(slots), dense.blocks[i].mlp(slots), rtol=1e-5,
+                                   atol=1e-6)
+    dense_state = dense.state_dict()
+    for key, value in outside_moe_layers(model.model.state_dict(), blocks).items():  # (blocks 6-7 pruned)
+        torch.testing.assert_close(value, dense_state[key], rtol=0, atol=0, msg=key)
 
 
 def test_a_soft_moe_checkpoint_loads_as_it_is(tmp_path):
