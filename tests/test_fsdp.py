@@ -137,10 +137,17 @@ def fsdp_without_resharding_and_with_activation_checkpointing(rank):
     images, labels = global_batch(dist.get_world_size())
     reference = tiny_vit(seed=0)
     sharded = fsdp.shard_model(model, "cpu", reshard_after_forward=False)
+    block_calls, after_forward = [], []  # both options leave the numbers as they are: check they act
+    sharded.blocks[0].register_forward_pre_hook(lambda *_: block_calls.append(1))  # (a recomputation stops early)
+    sharded.register_forward_hook(  # a block's weight after the whole forward: still gathered, not its shard
+        lambda *_: after_forward.append(isinstance(sharded.blocks[0].attn.qkv.weight, DTensor)))
     losses_ref, _ = train(reference, images, labels, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0))
     losses, _ = train(sharded, *_rank_batch(images, labels), lambda m: fsdp.clip_grad_norm_(m, 1.0))
     dist.all_reduce(losses)
     torch.testing.assert_close(losses / dist.get_world_size(), losses_ref, **FP32)
+    assert len(block_calls) == 2 * len(losses)  # each step: the forward and its recomputation in backward
+    assert after_forward == [False] * len(losses)
+    assert isinstance(sharded.blocks[0].attn.qkv.weight, DTensor)  # resharded after backward
 
 
 def bf16_parameters_in_compute_fp32_gradients(rank):
