@@ -1,5 +1,7 @@
 """The Soft MoE layer against the paper's equations, and the properties they imply."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -112,8 +114,9 @@ def test_experts_are_initialised_independently():
     for weight in (experts.fc1_weight, experts.fc2_weight):
         flat = weight.reshape(8, -1)
         assert not any(torch.equal(flat[0], flat[i]) for i in range(1, 8))
-    # each expert is drawn as its own nn.Linear would be: uniform within 1/sqrt(fan_in)
-    assert experts.fc1_weight.abs().max() <= 16**-0.5
+    # each expert is drawn as its own nn.Linear would be: uniform within 1/sqrt(fan_in), up to that bound
+    for weight, fan_in in ((experts.fc1_weight, 16), (experts.fc2_weight, 32)):
+        assert 0.95 * fan_in**-0.5 <= weight.abs().max() <= fan_in**-0.5
 
 
 def test_phi_lecun_normal_init_and_scale():
@@ -121,6 +124,12 @@ def test_phi_lecun_normal_init_and_scale():
     assert layer.phi.shape == (256, 64, 4) and layer.scale.shape == (1,) and layer.scale.item() == 1.0
     expected_std = (1.0 / (256 * 64)) ** 0.5  # flax lecun_normal on [d, n, p]: fan_in = d * n
     assert abs(layer.phi.std().item() / expected_std - 1) < 0.05
+    # truncated at two standard deviations of the normal before truncation (an untruncated draw of 65,536 values
+    # reaches about 4 expected_std), and drawn up to there
+    density_at_2, mass_within_2 = math.exp(-2) / math.sqrt(2 * math.pi), math.erf(2 / math.sqrt(2))
+    truncated_std = math.sqrt(1 - 4 * density_at_2 / mass_within_2)  # a unit normal's, truncated to [-2, 2]
+    cut = 2 * expected_std / truncated_std
+    assert 0.95 * cut <= layer.phi.abs().max() <= cut
     assert SoftMoE(8, num_experts=2, normalize=False).scale is None
 
 
