@@ -84,13 +84,15 @@ def test_cached_bf16_weights_follow_load_state_dict_and_are_reused_otherwise():
 
 def test_a_copy_made_in_inference_mode_serves_training():
     layer = _layer()
+    plain = _uncached(copy.deepcopy(layer))
     x = torch.randn(2, 9, 16)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        layer(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-    y.float().sum().backward()
-    assert layer.experts.fc1_weight.grad is not None
+        layer(x)  # makes the bf16 copies, as inference tensors
+    for each in (layer, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            each(x).float().square().sum().backward()
+    for name, parameter in plain.named_parameters():  # the gradients autocast's own casts give
+        torch.testing.assert_close(dict(layer.named_parameters())[name].grad, parameter.grad, rtol=0, atol=0, msg=name)
 
 
 def test_float32_forward_keeps_no_low_precision_copy():

@@ -293,7 +293,12 @@ def test_capture_records_buffers_when_capacity_is_slots_per_expert(cls):
     slots = torch.einsum("bmnp,bmd->bnpd", dispatch, x)
     expected = torch.einsum("bmnp,bnpd->bmd", combine, layer.experts(slots))
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-12)
-    routing_stats(dispatch, combine)  # the Soft MoE statistics accept the sparse buffers
+    # the Soft MoE statistics read the sparse buffers: each expert's share of the combine mass, and how full the
+    # slots are (a filled slot's dispatch column is one token's 1, an empty one is 0)
+    stats = routing_stats(dispatch, combine)
+    shares = combine.sum(dim=(0, 1, 3)) / combine.sum()
+    torch.testing.assert_close(stats["expert_utilisation"], shares.float())
+    assert stats["dispatch_max"] == pytest.approx((dispatch.sum(dim=1) > 0).double().mean().item())
 
     layer.capacity_factor = 1.0  # capacity 3 != slots_per_expert: the recorder's shape would be wrong, so no record
     with capture_routing(layer) as routing:
@@ -357,10 +362,15 @@ def test_bad_arguments_are_named(cls, kwargs, message):
 
 
 @pytest.mark.parametrize("cls", LAYERS)
-@pytest.mark.parametrize("shape", [(12, DIM), (2, 12, DIM + 1), (2, 0, DIM)])
-def test_bad_input_shapes_are_named(cls, shape):
-    with pytest.raises(ValueError, match="input"):
+@pytest.mark.parametrize("shape, message", [
+    ((12, DIM), f"input must have shape [batch, tokens, {DIM}], got a tensor of shape [12, {DIM}]"),
+    ((2, 12, DIM + 1), f"input last dimension must equal dim={DIM}, got shape [2, 12, {DIM + 1}]"),
+    ((2, 0, DIM), f"input must hold at least one token, got shape [2, 0, {DIM}]"),
+])
+def test_bad_input_shapes_are_named(cls, shape, message):
+    with pytest.raises(ValueError) as raised:
         make_layer(cls)(torch.randn(*shape))
+    assert str(raised.value) == message
 
 
 @pytest.mark.parametrize("cls", LAYERS)

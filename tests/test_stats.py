@@ -70,7 +70,7 @@ def test_bad_shapes():
         routing_stats(*uniform(1, 2, 2, 1)[:1], uniform(1, 3, 2, 1)[1])
 
 
-def test_slot_similarity_and_scale():
+def test_slot_similarity_is_the_cosine_between_slot_parameters():  # router_scale: the capture test below
     phi = torch.zeros(3, 2, 2)
     phi[0, 0, 0] = phi[0, 0, 1] = 2.0  # expert 0's two slots point the same way
     phi[1, 1, 0] = 1.0
