@@ -14,6 +14,8 @@ benchmark's report, not a test).
 """
 
 import json
+import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -64,13 +66,16 @@ def test_model_in_bf16_compiled_matches_float32_eager():
     assert output_error < 3e-2 and grad_error < 1e-1
 
 
-def test_a_short_gpu_run_trains_in_bf16_compiled(compose_run, tmp_path):
+def test_a_short_gpu_run_trains_in_bf16_compiled(compose_run, tmp_path, caplog):
     from softmoe.harness.loop import train
 
     cfg = compose_run("trainer=gpu", *SHORT_RUN)
     assert cfg.trainer.precision == "bf16" and cfg.trainer.compile and cfg.trainer.device == "cuda"
-    summary = train(cfg, tmp_path)
+    with caplog.at_level(logging.INFO, logger="softmoe.harness.context"):
+        summary = train(cfg, tmp_path)
     assert summary.steps == 4 and 0 <= summary.test_acc <= 1 and summary.skipped_steps == 0
+    (compute,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compute: ")]
+    assert compute.startswith("compute: cuda") and compute.endswith(", precision bf16, torch.compile"), compute
 
 
 @pytest.mark.parametrize("fused", ["optimizer.fused=true", "optimizer.fused=null"])  # null: fused on a GPU
@@ -105,12 +110,23 @@ def _torchrun(nproc: int, overrides, tmp_path: Path) -> subprocess.CompletedProc
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+def assert_trained_on_the_gpu_in_bf16(run_dir: Path) -> None:
+    """The run's log names a CUDA device and bf16, and every step's loss is finite."""
+    from softmoe.harness.runs import read_events
+
+    (compute,) = [line for line in (run_dir / "train.log").read_text().splitlines() if "] - compute: " in line]
+    assert "compute: cuda" in compute and ", precision bf16" in compute, compute
+    losses = [event["train/loss"] for event in read_events(run_dir) if "train/loss" in event]
+    assert losses and all(math.isfinite(loss) for loss in losses), losses
+
+
 def test_ddp_over_nccl_at_world_size_one(tmp_path):
     overrides = ["trainer.device=cuda", "trainer.strategy=ddp", "trainer.precision=bf16", *SHORT_RUN]
     completed = _torchrun(1, overrides, tmp_path)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").glob("*/*")
     assert (run_dir / "last.pt").is_file()
+    assert_trained_on_the_gpu_in_bf16(run_dir)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="expert parallelism needs >= 2 GPUs")
@@ -121,6 +137,8 @@ def test_expert_parallel_over_nccl_on_two_gpus(tmp_path):
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").glob("*/*")
     assert (run_dir / "last.pt").is_file()
+    assert_trained_on_the_gpu_in_bf16(run_dir)
+    assert "expert parallel: 1 data-parallel replicas x 2 expert ranks" in (run_dir / "train.log").read_text()
 
 
 @pytest.mark.parametrize("gpus", [1, 2])
@@ -134,6 +152,7 @@ def test_fsdp_over_nccl_writes_a_sharded_checkpoint(tmp_path, gpus):
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").glob("*/*")
     assert (run_dir / "last.dcp" / ".metadata").is_file() and not (run_dir / "last.pt").exists()
+    assert_trained_on_the_gpu_in_bf16(run_dir)
 
 
 def test_the_gpu_suite_runs_at_tiny_sizes_and_gives_no_verdicts(tmp_path):

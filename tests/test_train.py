@@ -195,6 +195,7 @@ def test_sweep_jobs_tag_their_lines_and_the_sweep_ends_with_the_collect_command(
     assert job_lines[-1] == f"sweep done: {sweep_dir}; tabulate it with: python -m softmoe.collect {sweep_dir}"
     for job in (0, 1):
         assert any(line.startswith(f"[job {job}] model: vit_micro") for line in job_lines)
+        assert f"[job {job}] compute: cpu, precision fp32" in job_lines  # what trainer.device=auto chose
         assert f"[job {job}] run directory: {sweep_dir / str(job)}" in job_lines
     assert all(line.startswith(("[job 0] ", "[job 1] ")) for line in job_lines[:-1]), job_lines
 

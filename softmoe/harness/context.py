@@ -139,7 +139,8 @@ def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tup
     return checkpoint, start_from
 
 
-def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
+def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int, steps_per_epoch: int,
+             device: torch.device) -> None:
     blocks = sorted(block_index(name) for name in moe_layers(model))
     log.info(
         "model: %s, %s, %.2fM parameters; data=%s: %d train / %d val / %d test images; %d steps, %d per epoch",
@@ -147,6 +148,9 @@ def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int,
         sum(p.numel() for p in model.parameters()) / 1e6, data.name, len(data.train),
         len(data.val) if data.val is not None else 0, len(data.test), total_steps, steps_per_epoch,
     )
+    trainer = config["trainer"]  # what trainer.device=auto chose, and how the steps run on it
+    compiled = ", torch.compile" if trainer["compile"] else ""
+    log.info("compute: %s, precision %s%s", device, trainer["precision"], compiled)
     warn_small_splits(data)
     upcycled = describe_upcycling(config["model"], model)
     if upcycled:
@@ -188,7 +192,7 @@ def open_run(
         )
 
     state, forward = build_state(config, distributed, total_steps, resuming=checkpoint is not None)
-    log_plan(config, data, state.model, total_steps, steps_per_epoch)
+    log_plan(config, data, state.model, total_steps, steps_per_epoch, distributed.device)
     if checkpoint is not None:
         state.load_state_dict(checkpoint, distributed)  # expert parallel: this rank's experts
         if start_from.parent != run_dir:  # trainer.resume: that run's best.pt stays there; select anew here
