@@ -62,7 +62,7 @@ BAD_CONFIGS = [
     ),
     ("digits", {"img_size": 16}, "data.img_size=16: must be 8 for data=digits"),
     ("digits", {"test_size": 5}, "data.test_size=5: must be an integer from 10 to 1787"),
-    ("digits", {"split_seed": -1}, "data.split_seed=-1: must be an integer >= 0"),
+    ("digits", {"split_seed": -1}, "data.split_seed=-1: must be an integer in [0, 2**32)"),
     ("digits", {"root": "/data"}, "data.root=/data: not a key of data=digits"),
     ("cifar10", {"num_classes": 100}, "data.num_classes=100: must be 10 for data=cifar10"),
     ("cifar100", {"in_chans": 1}, "data.in_chans=1: must be 3 for data=cifar100"),

@@ -120,6 +120,21 @@ def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(caplog):
     assert "scheduler.warmup_steps=50 is longer than this run allows" in caplog.text
 
 
+def test_a_checkpoint_of_another_optimizer_is_refused_before_the_data_loads(compose_run, tmp_path):
+    """SGD's state has no Adam moments: resuming an AdamW run with optimizer=sgd failed at its first step."""
+    from softmoe.harness.checkpoint import CheckpointError
+    from softmoe.harness.loop import train
+
+    run = ["data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=64", "data.test_size=16",
+           "model.depth=2", "trainer.batch_size=8", "logger=none", "trainer.progress_bar=false"]
+    train(compose_run(*run, "trainer.max_steps=2"), tmp_path)
+    refused = (f"optimizer._target_=torch.optim.SGD: the checkpoint {tmp_path / 'last.pt'} was saved with "
+               "optimizer._target_=torch.optim.AdamW, whose state another optimizer cannot take")
+    with pytest.raises(CheckpointError) as raised:
+        train(compose_run(*run, "trainer.max_steps=4", "optimizer=sgd"), tmp_path)
+    assert str(raised.value).startswith(refused)
+
+
 @pytest.mark.parametrize("before,after", [(False, True), (True, False)])
 def test_a_resumed_run_steps_with_its_own_kernel_choice_not_the_checkpoints(compose_run, tmp_path, before, after,
                                                                             resumed_from):

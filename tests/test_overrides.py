@@ -14,6 +14,8 @@ MISTAKES = [
     (["trainer.max_step=10"], "trainer.max_step=10: not a key of the config; did you mean trainer.max_steps?"),
     (["model=vit_mega"], "model=vit_mega: not an option of model; did you mean model=vit_small? (options: vit_base, "
                          "vit_huge, vit_large, vit_micro, vit_small, vit_tiny)"),
+    (["trainer=null"], "trainer=null: a config group takes one of its options (default, gpu); leave trainer out for "
+                       "the config's own default"),  # Hydra: "Config group override must be a string or a list"
     (["-m", "moe.num_experts=4,8", "trainer.max_stepz=2"],  # a sweep: its first job is composed
      "trainer.max_stepz=2: not a key of the config; did you mean trainer.max_steps?"),
     (["-m", "optimizer=adamw,adam"], "optimizer=adam: not an option of optimizer; did you mean optimizer=adamw? "

@@ -401,7 +401,8 @@ BAD_OVERRIDES = [
         "data.nan_examples=[-1]: must be a list of example indices (integers >= 0), e.g. [] or [3,17]",
     ),
     (["data=synthetic", "data.signal=-1"], "data.signal=-1: must be a number >= 0"),
-    (["data.split_seed=-3"], "data.split_seed=-3: must be an integer >= 0"),
+    (["data.split_seed=-3"], "data.split_seed=-3: must be an integer in [0, 2**32)"),
+    (["data.split_seed=4294967296"], "data.split_seed=4294967296: must be an integer in [0, 2**32)"),  # sklearn's
     (
         ["+data.root=/x"],
         "data.root=/x: not a key of data=digits; its keys are img_size, in_chans, num_classes, test_size, val_size, "
@@ -409,6 +410,22 @@ BAD_OVERRIDES = [
     ),
     (["optimizer=sgd", "optimizer.momentum=1.5"], "optimizer.momentum=1.5: must be a number in [0, 1)"),
     (["optimizer.eps=0"], "optimizer.eps=0: must be a number > 0"),
+    (["optimizer.betas=[1.5,0.999]"], "optimizer.betas=[1.5,0.999]: must be two numbers in [0, 1), e.g. [0.9,0.999]"),
+    (["optimizer.betas=0.9"], "optimizer.betas=0.9: must be two numbers in [0, 1), e.g. [0.9,0.999]"),
+    (
+        ["optimizer=sgd", "optimizer.momentum=0"],
+        "optimizer.momentum=0: optimizer.nesterov=true needs a momentum > 0; set a momentum, or "
+        "optimizer.nesterov=false",
+    ),
+    (
+        ["model.global_pool=token"],
+        "model.global_pool=token: pools the class token, so needs model.class_token=true (or pool with avg, max, "
+        "avgmax or map)",
+    ),
+    (
+        ["model.mlp_ratio=0.001"],  # timm would build int(64 * 0.001) = 0 hidden features as 64
+        "model.mlp_ratio=0.001: model.embed_dim=64 x mlp_ratio must be at least 1 (the MLP's hidden features)",
+    ),
     (["scheduler.min_lr_ratio=2"], "scheduler.min_lr_ratio=2: must be a number in [0, 1]"),
     (["logger.tags=5"], "logger.tags=5: must be a list of strings"),
     (["logger.backend=tensorboard"], "logger.backend=tensorboard: must be one of wandb, none"),

@@ -156,7 +156,9 @@ def test_a_failing_wandb_never_stops_training(compose_run, tmp_path, monkeypatch
         summary = train(compose_run(*run), tmp_path)
     assert summary.wandb_run_path is None and [e["step"] for e in read_metrics(tmp_path)] == [1, 2, 3, 3, 3]
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "softmoe.harness.telemetry"]
-    assert warning.startswith("W&B could not start (") and "127.0.0.1:9" in warning  # with W&B's own reason
+    # W&B's own reason in brackets: it varies (a wandb service an earlier test of this process started keeps its
+    # own server address, so it may name api.wandb.ai rather than 127.0.0.1:9)
+    assert warning.startswith("W&B could not start (")
     assert warning.endswith(f"training continues, logging to {tmp_path / 'metrics.jsonl'} only")
 
 

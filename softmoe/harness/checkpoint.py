@@ -143,8 +143,15 @@ def saved_config(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
-    """Refuse to resume a checkpoint whose ``model`` or ``moe`` config differs from this run's."""
+    """Refuse to resume a checkpoint whose ``model`` or ``moe`` config, or whose optimizer class, differs from this
+    run's (another optimizer's state does not fit: SGD's has no Adam moments)."""
     saved = saved_config(state)
+    before, now = (cfg.get("optimizer", {}).get("_target_") for cfg in (saved, config))
+    if before is not None and before != now:
+        raise CheckpointError(
+            f"optimizer._target_={now}: the checkpoint {path} was saved with optimizer._target_={before}, whose "
+            "state another optimizer cannot take; resume with the same optimizer or start a new run directory"
+        )
     for section in ("model", "moe"):
         for key in sorted(set(saved[section]) | set(config[section])):
             if (section, key) == ("moe", "expert_parallel"):

@@ -33,6 +33,7 @@ from .rules import (
     check_section,
     format_value,
     is_int,
+    is_number,
     non_negative_int,
     non_negative_number,
     number_in,
@@ -41,6 +42,7 @@ from .rules import (
     plain,
     positive_int,
     positive_number,
+    seed_value,
     share,
     text,
     texts,
@@ -78,9 +80,9 @@ def existing_checkpoint(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     return "no such checkpoint file"
 
 
-def seed_value(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    ok = is_int(value) and 0 <= value < 2**32
-    return None if ok else "must be an integer in [0, 2**32)"
+def betas(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(is_number(b) and 0 <= b < 1 for b in value)
+    return None if ok else "must be two numbers in [0, 1), e.g. [0.9,0.999]"
 
 
 MODEL_RULES: dict[str, Rule] = {
@@ -151,6 +153,7 @@ TRAINER_RULES: dict[str, Rule] = {
 OPTIMIZER_RULES: dict[str, Rule] = {
     "lr": positive_number,
     "weight_decay": non_negative_number,
+    "betas": betas,
     "momentum": number_in(0, 1, high_open=True),
     "nesterov": boolean,
     "fused": optional(boolean),
@@ -267,6 +270,12 @@ def _check_model(model: dict[str, Any], data: dict[str, Any]) -> None:
         )
     if model["embed_dim"] % model["num_heads"]:
         raise ConfigError(f"model.num_heads={model['num_heads']}: must divide model.embed_dim={model['embed_dim']}")
+    if int(model["embed_dim"] * model["mlp_ratio"]) < 1:  # timm would silently use embed_dim instead
+        raise ConfigError(f"model.mlp_ratio={model['mlp_ratio']}: model.embed_dim={model['embed_dim']} x mlp_ratio "
+                          "must be at least 1 (the MLP's hidden features)")
+    if model["global_pool"] == "token" and not model["class_token"]:
+        raise ConfigError("model.global_pool=token: pools the class token, so needs model.class_token=true "
+                          "(or pool with avg, max, avgmax or map)")
 
 
 def _check_moe(moe: dict[str, Any], model: dict[str, Any]) -> None:
@@ -320,6 +329,9 @@ def _check_optimization(optimizer: dict[str, Any], scheduler: dict[str, Any]) ->
     _check_target("optimizer", optimizer)
     if "lr" not in optimizer:
         raise ConfigError("optimizer.lr: missing; the schedule scales it")
+    if optimizer.get("nesterov") and not optimizer.get("momentum"):
+        raise ConfigError(f"optimizer.momentum={format_value(optimizer.get('momentum'))}: optimizer.nesterov=true "
+                          "needs a momentum > 0; set a momentum, or optimizer.nesterov=false")
     check_section("scheduler", scheduler, SCHEDULER_RULES, required=None)
     _check_target("scheduler", scheduler)
     if "timescale" in scheduler and scheduler["timescale"] is None and not scheduler.get("warmup_steps"):

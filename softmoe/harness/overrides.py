@@ -102,7 +102,10 @@ def missing_option(parsed: Sequence[Override], conf_dir: Path) -> Optional[str]:
     for override in group_overrides(parsed, conf_dir):
         options = group_options(override.key_or_group, conf_dir)
         for value in override.sweep_string_iterator() if override.is_discrete_sweep() else [override.value()]:
-            if override.type != OverrideType.DEL and value is not None and str(value) not in options:
+            if override.type != OverrideType.DEL and value is None:  # Hydra: a ValueError and its traceback
+                return (f"{override.key_or_group}=null: a config group takes one of its options "
+                        f"({', '.join(options)}); leave {override.key_or_group} out for the config's own default")
+            if override.type != OverrideType.DEL and str(value) not in options:
                 return (
                     f"{override.key_or_group}={value}: not an option of {override.key_or_group}"
                     f"{closest(str(value), options).replace('mean ', f'mean {override.key_or_group}=')} "

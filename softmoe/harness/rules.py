@@ -78,6 +78,11 @@ def non_negative_number(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     return None if is_number(value) and value >= 0 else "must be a number >= 0"
 
 
+def seed_value(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    """A random seed as numpy and scikit-learn take it."""
+    return None if is_int(value) and 0 <= value < 2**32 else "must be an integer in [0, 2**32)"
+
+
 def number_in(low: float, high: float, *, high_open: bool = False) -> Rule:
     def check(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
         inside = is_number(value) and low <= value and (value < high if high_open else value <= high)

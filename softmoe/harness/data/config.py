@@ -23,6 +23,7 @@ from ..rules import (
     one_of,
     plain,
     positive_int,
+    seed_value,
 )
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder", "synthetic")
@@ -124,7 +125,7 @@ def _cifar_rules(num_classes: int) -> dict[str, Rule]:
         "num_classes": exactly(num_classes, f"CIFAR-{num_classes} has {num_classes} classes"),
         "augment": boolean,
         "val_size": validation_size,
-        "split_seed": non_negative_int,
+        "split_seed": seed_value,
         "on_bad_file": one_of("error", "skip"),
     }
 
@@ -137,7 +138,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "num_classes": exactly(10, "the digits are 0-9"),
         "test_size": digits_test_size,
         "val_size": validation_size,
-        "split_seed": non_negative_int,
+        "split_seed": seed_value,
         "augment": boolean,
     },
     "cifar10": _cifar_rules(10),
@@ -151,7 +152,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "num_classes": exactly(10, "Fashion-MNIST has 10 classes"),
         "augment": boolean,
         "val_size": validation_size,
-        "split_seed": non_negative_int,
+        "split_seed": seed_value,
         "on_bad_file": one_of("error", "skip"),
     },
     "imagefolder": {
@@ -165,7 +166,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "mean": per_channel(positive=False),
         "std": per_channel(positive=True),
         "val_size": validation_size,
-        "split_seed": non_negative_int,
+        "split_seed": seed_value,
         "verify": one_of("full", "header", "none"),
         "strict_channels": boolean,
         "on_bad_file": one_of("error", "skip"),
