@@ -50,7 +50,7 @@ def why_torch_load_failed(error: Exception) -> str:
     message = str(error)
     if "PytorchStreamReader" in message or isinstance(error, EOFError):
         return "truncated or damaged: torch.load cannot read its archive"
-    if isinstance(error, KeyError) or "Unsupported operand" in message or "invalid load key" in message:
+    if isinstance(error, (KeyError, IndexError)) or "Unsupported operand" in message or "invalid load key" in message:
         return "not a file torch.save wrote"
     if "weights_only" in message or "GLOBAL" in message:  # a real pickle, of objects loading would have to construct
         return "it holds Python objects that loading would have to execute; refused (weights_only=True)"

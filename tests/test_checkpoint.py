@@ -53,9 +53,11 @@ def test_a_truncated_checkpoint_is_reported_with_its_path(tmp_path):
         load_checkpoint(path)
 
 
-def test_bytes_torch_save_did_not_write_are_not_taken_for_a_pickle_of_python_objects(tmp_path):
+@pytest.mark.parametrize("content", [b"not a checkpoint", b"root:x:0:0:root:/root:/bin/bash\n"],
+                         ids=["bytes", "a text file"])  # torch.load: a pickle error, "list index out of range"
+def test_bytes_torch_save_did_not_write_are_not_taken_for_a_pickle_of_python_objects(tmp_path, content):
     path = tmp_path / "last.pt"
-    path.write_bytes(b"not a checkpoint")
+    path.write_bytes(content)
     with pytest.raises(CheckpointError, match=f"{path}: not a readable checkpoint \\(not a file torch.save wrote\\)$"):
         load_checkpoint(path)
 

@@ -35,7 +35,7 @@ from softmoe.harness.data import (
     dataset_size,
     check_data_config,
 )
-from softmoe.harness.errors import one_line
+from softmoe.harness.errors import ConfigError, one_line
 from softmoe.harness.data import fashion_mnist
 from softmoe.harness.data.cifar import CheckedCIFAR10, CheckedCIFAR100
 from softmoe.harness.data.digits import DIGITS_MEAN, DIGITS_STD
@@ -391,7 +391,7 @@ def test_imagefolder_missing_tree_explains_the_layout(tmp_path):
 
 def test_imagefolder_more_classes_than_num_classes(tmp_path):
     write_image_tree(tmp_path, train={"a": 1, "b": 1, "c": 1, "d": 1}, val={"a": 1})
-    with pytest.raises(ValueError, match=r"^data\.num_classes=3: .* has 4 class folders; set data\.num_classes=4"):
+    with pytest.raises(ConfigError, match=r"^data\.num_classes=3: .* has 4 class folders; set data\.num_classes=4"):
         _imagefolder(tmp_path)
 
 

@@ -383,6 +383,11 @@ BAD_OVERRIDES = [
     (["moe.layers=[4]"], "moe.layers=[4]: block 4 is beyond model.depth=4; blocks are 0..3"),
     (["moe.layers=[-1]"], "moe.layers=[-1]: block -1 is beyond model.depth=4; blocks are 0..3"),
     (
+        ["model.depth=1", "moe=every_other"],  # was built as a dense ViT
+        "moe.placement=every_other: puts no MoE block in a model of model.depth=1; name the blocks with moe.layers "
+        "(e.g. moe.layers=[0]), or use moe=dense for a dense ViT",
+    ),
+    (
         ["moe.dispatch=identity", "moe.slots_per_expert=2"],
         "moe.num_experts=16: identity routing needs num_experts * slots_per_expert = the 16 tokens of each image, "
         "got 16 * 2 = 32",

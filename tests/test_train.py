@@ -14,6 +14,7 @@ from data_fixtures import write_fashion_mnist
 from softmoe.collect import main as collect_main
 from softmoe.evaluate import evaluate_run
 from softmoe.harness.checkpoint import CheckpointError, load_checkpoint
+from softmoe.harness.errors import ConfigError
 from softmoe.harness.loop import train
 from softmoe.harness.runs import read_events
 
@@ -135,6 +136,11 @@ def test_trainer_resume_starts_from_another_runs_checkpoint(compose_run, tmp_pat
     assert summary.steps == 6
     # epochs of 4 steps: train events at 5 and 6, then the run's end: validation and test at step 6
     assert [e["step"] for e in read_metrics(tmp_path / "second")] == [5, 6, 6, 6]
+    # another run's checkpoint already at this run's last step: nothing to train (was: no best.pt to test)
+    with pytest.raises(ConfigError) as raised:
+        train(compose_run(*base, "trainer.max_steps=4", resume), tmp_path / "third")
+    assert str(raised.value) == (f"{resume}: that checkpoint is at step 4, already this run's 4 steps; raise "
+                                 "trainer.max_steps (or trainer.max_epochs) to train on from it")
 
 
 def test_resuming_a_different_model_is_refused(compose_run, tmp_path):

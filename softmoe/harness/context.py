@@ -191,6 +191,11 @@ def open_run(
             f"must be at most {len(data.train)}"
         )
 
+    if checkpoint is not None and start_from.parent != run_dir and checkpoint["step"] >= total_steps:
+        raise ConfigError(  # else: "resuming at step 10 of 10", then no best.pt of this run to test
+            f"trainer.resume={trainer['resume']}: that checkpoint is at step {checkpoint['step']}, already this "
+            f"run's {total_steps} steps; raise trainer.max_steps (or trainer.max_epochs) to train on from it"
+        )
     state, forward = build_state(config, distributed, total_steps, resuming=checkpoint is not None)
     log_plan(config, data, state.model, total_steps, steps_per_epoch, distributed.device)
     if checkpoint is not None:

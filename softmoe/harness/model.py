@@ -72,7 +72,11 @@ def moe_blocks(moe_cfg: Mapping[str, Any], depth: int) -> list[int]:
     placement = moe_cfg["placement"]
     if placement not in PLACEMENTS:
         raise ValueError(f"moe.placement={placement}: must be one of {', '.join(PLACEMENTS)}")
-    return MOE_PLACEMENTS[placement](depth)
+    blocks = MOE_PLACEMENTS[placement](depth)
+    if not blocks and placement != "none":  # every_other in a 1-block model: a dense ViT nobody asked for
+        raise ValueError(f"moe.placement={placement}: puts no MoE block in a model of model.depth={depth}; name "
+                         "the blocks with moe.layers (e.g. moe.layers=[0]), or use moe=dense for a dense ViT")
+    return blocks
 
 
 def vit_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:

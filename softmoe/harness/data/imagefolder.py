@@ -25,6 +25,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from ..errors import ConfigError
 from .common import BadDataError, BadExamples, DataBundle, MissingDataError, log_source, with_transform
 
 SPLIT_DIRS = {"train": "train", "test": "val"}  # DataBundle split -> folder under data.root
@@ -140,7 +141,7 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
     except FileNotFoundError:
         raise _missing_data(root, f"no class folders in {split_dirs['train']}") from None
     if len(classes) > cfg["num_classes"]:
-        raise ValueError(
+        raise ConfigError(  # the train command's one line, exit 2 (a ValueError printed a traceback)
             f"data.num_classes={cfg['num_classes']}: {split_dirs['train']} has {len(classes)} class folders; "
             f"set data.num_classes={len(classes)} or more"
         )
