@@ -26,7 +26,7 @@ from typing import Optional
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from softmoe.harness import sharded_checkpoint
 from softmoe.harness.distributed import quiet_other_ranks
@@ -45,6 +45,7 @@ from softmoe.harness.faults import Preempted
 from softmoe.harness.console import final_dispatch_entropy, next_steps
 from softmoe.harness.loop import train
 from softmoe.harness.overrides import composition_error
+from softmoe.harness.plausibility import check_model_choice
 from softmoe.harness.resume_hint import resume_command, resume_hint
 from softmoe.harness.runs import in_default_layout, remove_if_unused, save_hydra_configs
 from softmoe.harness.sweep_check import sweep_job_error
@@ -131,6 +132,7 @@ def main(cfg: DictConfig) -> float:
     default_layout = in_default_layout(hydra_cfg)  # outputs/runs/<date>/<time>: its empty <date> goes with it
     try:
         # Hydra's .hydra/ configs are written once this process holds the run directory (conf/hydra/default.yaml)
+        check_model_choice(OmegaConf.select(cfg, "model.name"), hydra_cfg.runtime.choices.get("model"))
         hydra_configs = functools.partial(save_hydra_configs, task_cfg=cfg, hydra_cfg=HydraConfig.instance().cfg)
         summary = train(cfg, run_dir, wandb_group=group, wandb_name=name, on_claim=hydra_configs)
     except (*USER_ERRORS, NonFiniteError) as error:

@@ -307,10 +307,14 @@ def test_cli_prints_one_line_and_exits_nonzero_before_loading_anything(tmp_path)
 @pytest.mark.slow
 def test_a_refused_run_in_the_default_layout_leaves_no_empty_date_folder(tmp_path):
     (tmp_path / "outputs" / "runs" / "2020-01-01" / "12-00-00").mkdir(parents=True)  # an earlier run's, kept
-    command = [sys.executable, "-m", "softmoe.train", "moe.num_experts=0"]
+    # refused by the train command itself, which alone knows Hydra's choice of model (it trained vit_micro as
+    # "vit_small"); moe.num_experts=0 above is refused by the config's checks
+    command = [sys.executable, "-m", "softmoe.train", "model.name=vit_small"]
     result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("error: model.name=vit_small: labels the run, but model=vit_micro builds it; "
+                                     "pick the model with model=vit_small (and leave model.name alone)")
     assert [path.name for path in (tmp_path / "outputs" / "runs").iterdir()] == ["2020-01-01"]
 
 

@@ -4,7 +4,8 @@
   12,544 tokens per image; one step did not finish in 12 minutes and took 16 GB. :func:`check_token_count` refuses
   more than ``trainer.max_tokens_per_image`` before any data loads (null lifts the limit, on purpose).
 - A ``model.name`` that no ``conf/model/*.yaml`` has: ``model.name=vit_mega`` trained ``vit_micro`` and printed
-  ``model: vit_mega``. The model is picked with ``model=<option>``; :func:`check_model_name` refuses the rest.
+  ``model: vit_mega``. The model is picked with ``model=<option>``; :func:`check_model_name` refuses the rest, and
+  :func:`check_model_choice` (the train command, which knows Hydra's choice) another option's name.
 - A split too small to mean anything: ``data.val_size=0.01`` of 80 images is one validation image.
   :func:`warn_small_splits` says so in one line.
 """
@@ -37,6 +38,16 @@ def check_model_name(model: Mapping[str, Any], conf_dir: Path = CONF_DIR) -> Non
         raise ConfigError(
             f"model.name={format_value(model['name'])}: not a model; must be one of {', '.join(options)} "
             f"(pick one with model=<name>, e.g. model={options[0]}; model.name only labels it)"
+        )
+
+
+def check_model_choice(name: Any, chosen: Optional[str]) -> None:
+    """``model.name`` must be the ``model`` option Hydra composed (``chosen``; None: not known here):
+    ``model.name=vit_small`` over the default ``model=vit_micro`` trained vit_micro and labelled it vit_small."""
+    if chosen is not None and name is not None and name != chosen:
+        raise ConfigError(
+            f"model.name={format_value(name)}: labels the run, but model={chosen} builds it; pick the model with "
+            f"model={name} (and leave model.name alone)"
         )
 
 
