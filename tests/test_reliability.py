@@ -438,6 +438,8 @@ BAD_OVERRIDES = [
     (["seed=abc"], "seed=abc: must be an integer in [0, 2**32)"),
     (["seed=4294967296"], "seed=4294967296: must be an integer in [0, 2**32)"),
     (["paths.data_dir=''"], "paths.data_dir=: must be a non-empty string"),
+    (["launcher=joblib", "launcher.n_jobs=0"], "launcher.n_jobs=0: must be an integer other than 0 (-1: every core)"),
+    (["launcher=slurm", "launcher.nodes=0"], "launcher.nodes=0: must be a positive integer"),  # submitit's own error
 ]
 
 

@@ -180,6 +180,21 @@ LOGGER_RULES: dict[str, Rule] = {
     "log_images": boolean,
 }
 PATHS_RULES: dict[str, Rule] = {"data_dir": text, "output_dir": text}
+# Only the keys present: each launcher (conf/launcher/*.yaml) takes its own, which Hydra's launcher reads.
+LAUNCHER_RULES: dict[str, Rule] = {
+    "name": one_of("basic", "joblib", "submitit_local", "slurm"),
+    "n_jobs": lambda value, cfg: None if is_int(value) and value != 0 else "must be an integer other than 0 "
+                                                                           "(-1: every core)",
+    "partition": optional(text),
+    "account": optional(text),
+    "qos": optional(text),
+    "time_min": positive_int,
+    "nodes": positive_int,
+    "gpus_per_node": positive_int,
+    "cpus_per_task": positive_int,
+    "mem_gb": positive_int,
+    "max_requeues": non_negative_int,
+}
 
 
 def _check_target(section: str, values: Mapping[str, Any]) -> Callable:
@@ -253,6 +268,8 @@ def check_config(cfg: DictConfig) -> None:
     if logger["backend"] == "wandb":
         check_section("logger", logger, LOGGER_RULES)
     check_section("paths", config["paths"], PATHS_RULES)
+    if isinstance(config.get("launcher"), dict):  # checked here too: a sweep checks every job before it launches
+        check_section("launcher", config["launcher"], LAUNCHER_RULES, required=None)
 
 
 def _check_model(model: dict[str, Any], data: dict[str, Any]) -> None:
