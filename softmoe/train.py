@@ -131,8 +131,8 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     default_layout = in_default_layout(hydra_cfg)  # outputs/runs/<date>/<time>: its empty <date> goes with it
     try:
-        # Hydra's .hydra/ configs are written once this process holds the run directory (conf/hydra/default.yaml)
         check_model_choice(OmegaConf.select(cfg, "model.name"), hydra_cfg.runtime.choices.get("model"))
+        # Hydra's .hydra/ configs are written once this process holds the run directory (conf/hydra/default.yaml)
         hydra_configs = functools.partial(save_hydra_configs, task_cfg=cfg, hydra_cfg=HydraConfig.instance().cfg)
         summary = train(cfg, run_dir, wandb_group=group, wandb_name=name, on_claim=hydra_configs)
     except (*USER_ERRORS, NonFiniteError) as error:
