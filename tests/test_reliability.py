@@ -380,6 +380,14 @@ BAD_OVERRIDES = [
     (["model.global_pool=mean"], "model.global_pool=mean: must be one of avg, token, max, avgmax, map"),
     (["model.embed_dim=2.5"], "model.embed_dim=2.5: must be a positive integer"),
     (["model.patch_size=0"], "model.patch_size=0: must be a positive integer"),
+    # timm's own arguments added to the model, checked by their signature (softmoe/harness/vit_arguments.py)
+    (["+model.reg_tokens=abc"], "model.reg_tokens=abc: must be an integer >= 0"),  # crashed inside the check
+    (["+model.reg_tokens=-1"], "model.reg_tokens=-1: must be an integer >= 0"),
+    (["+model.weight_init=bogus"], "model.weight_init=bogus: must be one of skip, reset, jax, jax_nlhb, moco, ''"),
+    (["+model.pos_embed=bogus"], "model.pos_embed=bogus: must be one of learn, none, ''"),
+    (["+model.drop_rate=2"], "model.drop_rate=2: must be a number in [0, 1)"),
+    (["+model.qkv_bias=maybe"], "model.qkv_bias=maybe: must be true or false"),
+    (["+model.fc_norm=maybe"], "model.fc_norm=maybe: must be true or false, or null"),
     (["moe.layers=[4]"], "moe.layers=[4]: block 4 is beyond model.depth=4; blocks are 0..3"),
     (["moe.layers=[-1]"], "moe.layers=[-1]: block -1 is beyond model.depth=4; blocks are 0..3"),
     (

@@ -25,6 +25,7 @@ from .data import check_data_config, dataset_size
 from .errors import ConfigError
 from .plausibility import check_model_name, check_token_count
 from .model import PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
+from .vit_arguments import vit_argument_rules
 from .rules import (
     Rule,
     auto_or_boolean,
@@ -180,6 +181,7 @@ LOGGER_RULES: dict[str, Rule] = {
     "log_images": boolean,
 }
 PATHS_RULES: dict[str, Rule] = {"data_dir": text, "output_dir": text}
+VIT_ARGUMENT_RULES = vit_argument_rules(VIT_ARGUMENTS, MODEL_RULES)
 # Only the keys present: each launcher (conf/launcher/*.yaml) takes its own, which Hydra's launcher reads.
 LAUNCHER_RULES: dict[str, Rule] = {
     "name": one_of("basic", "joblib", "submitit_local", "slurm"),
@@ -275,6 +277,7 @@ def check_config(cfg: DictConfig) -> None:
 def _check_model(model: dict[str, Any], data: dict[str, Any]) -> None:
     check_section("model", model, MODEL_RULES)
     check_known("model", model, set(MODEL_RULES) | VIT_ARGUMENTS, "not a key of timm's VisionTransformer")
+    check_section("model", model, VIT_ARGUMENT_RULES, required=None)  # those added with +model.<argument>
     for key in ("img_size", "in_chans", "num_classes"):
         if model[key] != data[key]:
             raise ConfigError(

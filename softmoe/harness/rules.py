@@ -115,7 +115,7 @@ def texts(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
 
 def one_of(*allowed: str) -> Rule:
     def check(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-        return None if value in allowed else f"must be one of {', '.join(allowed)}"
+        return None if value in allowed else f"must be one of {', '.join(a if a else repr(a) for a in allowed)}"
 
     return check
 
