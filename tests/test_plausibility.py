@@ -22,6 +22,14 @@ def test_own_images_at_the_default_224_px_with_patch_2_are_refused_naming_both_k
     assert message.startswith("model.patch_size=2: data.img_size=224 makes (224/2)² + 0 = 12,544 tokens per image")
     assert "trainer.max_tokens_per_image=4096" in message and "model.patch_size=16" in message
     assert "trainer.max_tokens_per_image=null" in message and "\n" not in message
+    assert "use model.patch_size=16, model=vit_small, a smaller data.img_size, or lift" in message  # 224 = 14 x 16 px
+
+
+def test_the_token_limit_suggests_only_models_whose_patches_tile_the_image(compose_run):
+    # digits' 8 px images: vit_small's 16 px patches do not fit them (model=vit_small is refused on digits)
+    with pytest.raises(ConfigError) as raised:
+        check_config(compose_run("trainer.max_tokens_per_image=1"))
+    assert "use model.patch_size=8, a smaller data.img_size, or lift the limit" in str(raised.value)
 
 
 def test_the_token_limit_counts_the_class_token_and_can_be_lifted_on_purpose(compose_run):

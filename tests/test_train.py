@@ -180,6 +180,14 @@ def test_the_wandb_sync_hint_of_a_resumed_offline_run_uploads_every_part_in_orde
     assert all(hint.endswith(f"wandb sync {parts[0]} {parts[1]}") for hint in hints)
 
 
+def test_a_validation_fraction_that_rounds_to_no_image_is_named_as_given(compose_run, tmp_path, caplog):
+    run = ["data.val_size=0.0001", "trainer.max_steps=1", "trainer.eval_batches=1", "model.depth=2", "logger=none",
+           *QUIET]  # 0.0001 of digits' 1,437 training images
+    with caplog.at_level(logging.WARNING, logger="softmoe.harness.context"):
+        train(compose_run(*run), tmp_path)
+    assert "data.val_size=0.0001 holds out 0 images: no validation split, so no model selection" in caplog.text
+
+
 SWEEP_WARNING = "data.val_size=0: no validation split, so no model selection"
 
 

@@ -156,8 +156,10 @@ def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int,
     if upcycled:
         log.info(upcycled)
     if data.val is None:
-        log.warning("data.val_size=0: no validation split, so no model selection: best.pt is not written, "
-                    "and only the final model is tested")
+        asked = config["data"]["val_size"]  # a fraction may round to no image at all: say so, not "=0"
+        why = "data.val_size=0" if asked == 0 else f"data.val_size={asked} holds out 0 images"
+        log.warning("%s: no validation split, so no model selection: best.pt is not written, and only the final "
+                    "model is tested", why)
 
 
 def open_run(

@@ -59,11 +59,13 @@ def check_token_count(model: Mapping[str, Any], max_tokens: Optional[int]) -> No
     size, patch = model["img_size"], model["patch_size"]
     suggested_patch = next((p for p in (16, 8, 4) if size % p == 0 and num_tokens({**model, "patch_size": p})
                             <= max_tokens), None)
-    instead = f"model.patch_size={suggested_patch} or " if suggested_patch else ""
+    instead = [f"model.patch_size={suggested_patch}"] if suggested_patch else []
+    if size % 16 == 0:  # vit_small's patches (16 px) tile the image
+        instead.append("model=vit_small")
     raise ConfigError(
         f"model.patch_size={patch}: data.img_size={size} makes ({size}/{patch})² + {tokens - (size // patch) ** 2} = "
         f"{tokens:,} tokens per image, more than trainer.max_tokens_per_image={max_tokens} (one step would take "
-        f"minutes and gigabytes on a CPU); use {instead}model=vit_small, or a smaller data.img_size, or lift the "
+        f"minutes and gigabytes on a CPU); use {', '.join([*instead, 'a smaller data.img_size'])}, or lift the "
         f"limit with trainer.max_tokens_per_image=null"
     )
 
