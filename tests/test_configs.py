@@ -3,6 +3,7 @@
 The options are read from conf/<group>/*.yaml, so a new file is tested by being added.
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -357,3 +358,11 @@ def test_a_studys_swept_group_reaches_the_run_config(compose_run, experiment, gr
     for key, value in OmegaConf.to_container(OmegaConf.load(path)).items():
         if key != "defaults":
             assert section[key] == value, f"experiment={experiment} {group}={option}: {key}={section[key]}, not {value}"
+
+
+def test_a_target_that_does_not_import_is_one_line_without_hydras_own_log(compose_run, caplog):
+    with pytest.raises(ConfigError) as raised:
+        check_config(compose_run("optimizer._target_=torch.optim.Bogus"))
+    assert str(raised.value) == "optimizer._target_=torch.optim.Bogus: must name an importable class or function"
+    assert [record.getMessage() for record in caplog.records if record.name == "hydra.utils"] == []  # was 3 lines
+    assert not logging.getLogger("hydra.utils").disabled  # silenced for that call only

@@ -11,6 +11,7 @@ Every check is written in the vocabulary of :mod:`.rules`.
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -201,11 +202,15 @@ LAUNCHER_RULES: dict[str, Rule] = {
 
 def _check_target(section: str, values: Mapping[str, Any]) -> Callable:
     target = values.get("_target_")
+    hydra_log = logging.getLogger("hydra.utils")  # get_object logs 3 lines of its own before it raises
+    was_disabled, hydra_log.disabled = hydra_log.disabled, True
     try:
         factory = get_object(target)
     except Exception:
         problem = f"{section}._target_={format_value(target)}: must name an importable class or function"
         raise ConfigError(problem) from None
+    finally:
+        hydra_log.disabled = was_disabled
     accepted = set(inspect.signature(factory).parameters)
     check_known(section, values, accepted, f"not an argument of {target}")
     return factory
