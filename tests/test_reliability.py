@@ -442,10 +442,6 @@ BAD_OVERRIDES = [
     (["scheduler.min_lr_ratio=2"], "scheduler.min_lr_ratio=2: must be a number in [0, 1]"),
     (["logger.tags=5"], "logger.tags=5: must be a list of strings"),
     (["logger.backend=tensorboard"], "logger.backend=tensorboard: must be one of wandb, none"),
-    (
-        ["logger=none", "+logger.mode=offline"],
-        "logger.mode=offline: logger=none takes no other key; pick the logger with logger=none or logger=wandb",
-    ),
     (["+moe.top_k=2"], "moe.top_k=2: not a key of the moe group"),
     (["seed=abc"], "seed=abc: must be an integer in [0, 2**32)"),
     (["seed=4294967296"], "seed=4294967296: must be an integer in [0, 2**32)"),

@@ -274,9 +274,6 @@ def check_config(cfg: DictConfig) -> None:
     check_section("logger", logger, {"backend": LOGGER_RULES["backend"]})
     if logger["backend"] == "wandb":
         check_section("logger", logger, LOGGER_RULES)
-    else:  # +logger.mode=offline under logger=none would be silently ignored
-        check_known("logger", logger, {"backend"},
-                    "logger=none takes no other key; pick the logger with logger=none or logger=wandb")
     check_section("paths", config["paths"], PATHS_RULES)
     if isinstance(config.get("launcher"), dict):  # checked here too: a sweep checks every job before it launches
         check_section("launcher", config["launcher"], LAUNCHER_RULES, required=None)
