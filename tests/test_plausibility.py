@@ -84,3 +84,16 @@ def test_a_folder_with_fewer_training_images_than_a_batch_is_refused_saying_how_
         "trainer.batch_size=64: larger than the 48 training examples of data=imagefolder (what data.val_size=0.2 "
         "leaves for training); must be at most 48"
     )
+
+
+def test_slots_per_image_are_held_to_the_token_limit_and_it_can_be_lifted(compose_run):
+    # 16,000 slots for the 16 tokens of digits' images: the first step ran out of memory, with no message
+    with pytest.raises(ConfigError) as raised:
+        check_config(compose_run("moe.slots_per_expert=1000"))
+    assert str(raised.value) == (
+        "moe.slots_per_expert=1000: moe.num_experts x moe.slots_per_expert = 16 x 1000 = 16,000 slots per image for "
+        "its 16 tokens, more than trainer.max_tokens_per_image=4096 (each slot is a vector every expert layer "
+        "processes, as a token is); use fewer, or lift the limit with trainer.max_tokens_per_image=null"
+    )
+    check_config(compose_run("moe.slots_per_expert=1000", "trainer.max_tokens_per_image=null"))
+    check_config(compose_run("moe.slots_per_expert=1000", "moe=dense"))  # no Soft MoE layer, no slots

@@ -24,7 +24,7 @@ from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 
 from .data import check_data_config, dataset_size
 from .errors import ConfigError
-from .plausibility import check_model_name, check_token_count
+from .plausibility import check_model_name, check_slot_count, check_token_count
 from .model import PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
 from .vit_arguments import vit_argument_rules
 from .rules import (
@@ -269,6 +269,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_trainer(config["trainer"], config["data"])
     check_model_name(config["model"])  # valid keys, but not what the user meant (plausibility.py)
     check_token_count(config["model"], config["trainer"]["max_tokens_per_image"])
+    check_slot_count(config["model"], config["moe"], config["trainer"]["max_tokens_per_image"])
     _check_optimization(config["optimizer"], config["scheduler"])
     logger = config["logger"]
     check_section("logger", logger, {"backend": LOGGER_RULES["backend"]})

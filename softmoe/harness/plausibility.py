@@ -6,6 +6,8 @@
 - A ``model.name`` that no ``conf/model/*.yaml`` has: ``model.name=vit_mega`` trained ``vit_micro`` and printed
   ``model: vit_mega``. The model is picked with ``model=<option>``; :func:`check_model_name` refuses the rest, and
   :func:`check_model_choice` (the train command, which knows Hydra's choice) another option's name.
+- Slots that hang a CPU the same way: ``moe.slots_per_expert=1000`` (16,000 slots for 16 tokens) ran out of
+  memory at the first step; :func:`check_slot_count` holds slots per image to the same limit.
 - A split too small to mean anything: ``data.val_size=0.01`` of 80 images is one validation image.
   :func:`warn_small_splits` says so in one line.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .errors import ConfigError
-from .model import num_tokens
+from .model import moe_blocks, num_tokens
 from .rules import format_value
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,22 @@ def check_token_count(model: Mapping[str, Any], max_tokens: Optional[int]) -> No
         f"{tokens:,} tokens per image, more than trainer.max_tokens_per_image={max_tokens} (one step would take "
         f"minutes and gigabytes on a CPU); use {', '.join([*instead, 'a smaller data.img_size'])}, or lift the "
         f"limit with trainer.max_tokens_per_image=null"
+    )
+
+
+def check_slot_count(model: Mapping[str, Any], moe: Mapping[str, Any], max_tokens: Optional[int]) -> None:
+    """Refuse a Soft MoE layer with more slots per image than ``max_tokens``: each slot is a vector the experts
+    process, as a token is a vector a block processes (``moe.slots_per_expert=1000`` ran out of memory at the first
+    step with no message)."""
+    slots = moe["num_experts"] * moe["slots_per_expert"]
+    if max_tokens is None or slots <= max_tokens or moe["router"] != "soft" or not moe_blocks(moe, model["depth"]):
+        return
+    key = "slots_per_expert" if moe["slots_per_expert"] > 1 else "num_experts"
+    raise ConfigError(
+        f"moe.{key}={moe[key]}: moe.num_experts x moe.slots_per_expert = {moe['num_experts']} x "
+        f"{moe['slots_per_expert']} = {slots:,} slots per image for its {num_tokens(model):,} tokens, more than "
+        f"trainer.max_tokens_per_image={max_tokens} (each slot is a vector every expert layer processes, as a "
+        f"token is); use fewer, or lift the limit with trainer.max_tokens_per_image=null"
     )
 
 
