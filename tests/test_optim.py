@@ -120,18 +120,21 @@ def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(caplog):
     assert "scheduler.warmup_steps=50 is longer than this run allows" in caplog.text
 
 
+# A run of a few seconds: 64 synthetic 8x8 images, batches of 8, a 2-block model
+SMALL_RUN = ["data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=64", "data.test_size=16",
+             "model.depth=2", "trainer.batch_size=8", "logger=none", "trainer.progress_bar=false"]
+
+
 def test_a_checkpoint_of_another_optimizer_is_refused_before_the_data_loads(compose_run, tmp_path):
     """SGD's state has no Adam moments: resuming an AdamW run with optimizer=sgd failed at its first step."""
     from softmoe.harness.checkpoint import CheckpointError
     from softmoe.harness.loop import train
 
-    run = ["data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=64", "data.test_size=16",
-           "model.depth=2", "trainer.batch_size=8", "logger=none", "trainer.progress_bar=false"]
-    train(compose_run(*run, "trainer.max_steps=2"), tmp_path)
+    train(compose_run(*SMALL_RUN, "trainer.max_steps=2"), tmp_path)
     refused = (f"optimizer._target_=torch.optim.SGD: the checkpoint {tmp_path / 'last.pt'} was saved with "
                "optimizer._target_=torch.optim.AdamW, whose state another optimizer cannot take")
     with pytest.raises(CheckpointError) as raised:
-        train(compose_run(*run, "trainer.max_steps=4", "optimizer=sgd"), tmp_path)
+        train(compose_run(*SMALL_RUN, "trainer.max_steps=4", "optimizer=sgd"), tmp_path)
     assert str(raised.value).startswith(refused)
 
 
@@ -142,9 +145,7 @@ def test_a_resumed_run_steps_with_its_own_kernel_choice_not_the_checkpoints(comp
     from softmoe.harness.checkpoint import load_checkpoint
     from softmoe.harness.loop import train
 
-    run = ["data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=64", "data.test_size=16",
-           "model.depth=2", "trainer.batch_size=8", "scheduler=constant", "logger=none", "trainer.progress_bar=false",
-    ]  # a constant rate: a 3-step run is the first half of a 6-step one
+    run = [*SMALL_RUN, "scheduler=constant"]  # a constant rate: a 3-step run is the first half of a 6-step one
     train(compose_run(*run, "trainer.max_steps=3", f"optimizer.fused={before}"), tmp_path / "switched")
     train(compose_run(*run, "trainer.max_steps=6", f"optimizer.fused={after}"), tmp_path / "switched")
     assert resumed_from() == [(tmp_path / "switched" / "last.pt", 3)]

@@ -87,6 +87,11 @@ def betas(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     return None if ok else "must be two numbers in [0, 1), e.g. [0.9,0.999]"
 
 
+def jobs_at_once(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    """joblib's ``n_jobs``: a count of jobs, or negative for every core but ``-1 - n_jobs`` (0 means nothing)."""
+    return None if is_int(value) and value != 0 else "must be an integer other than 0 (-1: every core)"
+
+
 MODEL_RULES: dict[str, Rule] = {
     "name": text,
     "img_size": positive_int,
@@ -186,8 +191,7 @@ VIT_ARGUMENT_RULES = vit_argument_rules(VIT_ARGUMENTS, MODEL_RULES)
 # Only the keys present: each launcher (conf/launcher/*.yaml) takes its own, which Hydra's launcher reads.
 LAUNCHER_RULES: dict[str, Rule] = {
     "name": one_of("basic", "joblib", "submitit_local", "slurm"),
-    "n_jobs": lambda value, cfg: None if is_int(value) and value != 0 else "must be an integer other than 0 "
-                                                                           "(-1: every core)",
+    "n_jobs": jobs_at_once,
     "partition": optional(text),
     "account": optional(text),
     "qos": optional(text),

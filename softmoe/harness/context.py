@@ -193,7 +193,8 @@ def open_run(
             f"must be at most {len(data.train)}"
         )
 
-    if checkpoint is not None and start_from.parent != run_dir and checkpoint["step"] >= total_steps:
+    from_another_run = checkpoint is not None and start_from.parent != run_dir  # trainer.resume's, not its own
+    if from_another_run and checkpoint["step"] >= total_steps:
         raise ConfigError(  # else: "resuming at step 10 of 10", then no best.pt of this run to test
             f"trainer.resume={trainer['resume']}: that checkpoint is at step {checkpoint['step']}, already this "
             f"run's {total_steps} steps; raise trainer.max_steps (or trainer.max_epochs) to train on from it"
@@ -202,7 +203,7 @@ def open_run(
     log_plan(config, data, state.model, total_steps, steps_per_epoch, distributed.device)
     if checkpoint is not None:
         state.load_state_dict(checkpoint, distributed)  # expert parallel: this rank's experts
-        if start_from.parent != run_dir:  # trainer.resume: that run's best.pt stays there; select anew here
+        if from_another_run:  # that run's best.pt stays there; select anew here
             state.best = dict(NO_BEST)
         log.info("resuming from %s at step %d of %d", start_from, state.step, total_steps)
     writer = None  # rank 0 writes metrics.jsonl and W&B, from metrics averaged over the ranks
