@@ -25,6 +25,13 @@ MISTAKES = [
     (["moe.num_experts=4,8"], "moe.num_experts=4,8: several values; add -m to sweep over them (one job each), or "
                               "write moe.num_experts=[4,8] for a list"),  # Hydra: 5 lines, exit status 1
     (["optimizer.lr=interval(0.1,1)"], "optimizer.lr=interval(0.1,1): a sweep; add -m to run it"),
+    (["~moe.layers"], "~moe.layers: moe.layers is null already, and Hydra deletes only a key that holds a value; "
+                      "leave ~moe.layers out, or give moe.layers a value with moe.layers=..."),  # Hydra: "not exist"
+    (["logger=none", "+logger.mode=bogus"], "+logger.mode=bogus: logger=none writes metrics.jsonl only and ignores "
+                                            "logger.mode; choose logger=wandb to use it, or leave it out"),
+    (["-m", "logger=wandb,none", "logger.project=x"], "logger.project=x: logger=none writes metrics.jsonl only and "
+                                                      "ignores logger.project; choose logger=wandb to use it, or "
+                                                      "leave it out"),  # the sweep's second job
 ]
 
 
@@ -35,7 +42,9 @@ def test_a_mistyped_key_or_option_is_one_line_with_the_closest_valid_one(argv, m
 
 @pytest.mark.parametrize("argv", [[], ["-m", "moe.num_experts=4,8"], ["model=vit_small", "+trainer.x=1"],
                                   ["--cfg", "job"], ["hydra.run.dir=x", "experiment=digits_dense"],
-                                  ["experiment=table2_routing", "seed=0,1"]])  # a config in MULTIRUN mode: no -m
+                                  ["experiment=table2_routing", "seed=0,1"],  # a config in MULTIRUN mode: no -m
+                                  ["experiment=appc_slots_per_expert", "logger=none"],  # its logger.tags: not typed
+                                  ["logger=none", "logger.backend=none"], ["logger.mode=offline"]])
 def test_what_composes_passes(argv):
     assert composition_error(argv, "train") is None
 

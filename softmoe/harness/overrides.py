@@ -126,6 +126,9 @@ def missing_key(parsed: Sequence[Override], config_name: str, conf_dir: Path) ->
         if override in groups or override.key_or_group.startswith("hydra"):
             continue
         key = override.key_or_group
+        if override.type == OverrideType.DEL and key in keys and OmegaConf.select(base, key) is None:
+            return (f"{override.input_line}: {key} is null already, and Hydra deletes only a key that holds a "
+                    f"value; leave {override.input_line} out, or give {key} a value with {key}=...")
         if override.type in (OverrideType.CHANGE, OverrideType.DEL) and key not in keys:
             added = f" (to add a key: +{override.input_line})" if override.type == OverrideType.CHANGE else ""
             return f"{override.input_line}: not a key of the config{closest_key(key, keys) or added}"
@@ -156,7 +159,26 @@ def composition_error(argv: Sequence[str], config_name: str, conf_dir: Path = CO
     except (HydraException, OmegaConfBaseException) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return missing_key(parsed, config_name, conf_dir) or f"{first_line} (HYDRA_FULL_ERROR=1 shows Hydra's message)"
-    return None if runs_as_multirun(argv, composed) else sweep_without_multirun(parsed)
+    if not runs_as_multirun(argv, composed):
+        return sweep_without_multirun(parsed) or setting_ignored_without_logger(parsed, composed)
+    return setting_ignored_without_logger(parsed, composed)
+
+
+def setting_ignored_without_logger(parsed: Sequence[Override], composed: DictConfig) -> Optional[str]:
+    """A ``logger.*`` key typed beside ``logger=none`` (in any job of a sweep), which writes ``metrics.jsonl`` only
+    and would ignore it without a word. Keys an experiment's config sets (``logger.tags``) are not typed, so pass."""
+    chosen = [override for override in parsed if override.key_or_group == "logger"]
+    if chosen and chosen[-1].is_discrete_sweep():
+        loggers = [str(value) for value in chosen[-1].sweep_string_iterator()]
+    else:
+        loggers = [str(OmegaConf.select(composed, "hydra.runtime.choices.logger"))]
+    if "none" not in loggers:
+        return None
+    for override in parsed:
+        if override.key_or_group.startswith("logger.") and override.key_or_group != "logger.backend":
+            return (f"{override.input_line}: logger=none writes metrics.jsonl only and ignores "
+                    f"{override.key_or_group}; choose logger=wandb to use it, or leave it out")
+    return None
 
 
 def sweep_without_multirun(parsed: Sequence[Override]) -> Optional[str]:
