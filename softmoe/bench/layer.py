@@ -94,6 +94,23 @@ def _glibc_cases(layers, x, grad, dtypes: List[torch.dtype], device) -> dict:
     return {BESIDE_GLIBC: step, "fp32/soft_moe@glibc_defaults/forward_backward": with_allocator(step, "glibc_defaults")}
 
 
+def _variant_ratios(times: dict, d: str, pass_name: str) -> dict:
+    """The layer under each allocator setting and recasting its bf16 weights per call, against the layer as the
+    commands run it in the same rounds."""
+    ratios = {}
+    for variant in ("env_variables", "glibc_defaults", "cast_per_step"):
+        name = f"{d}/soft_moe@{variant}/{pass_name}"
+        if name in times:
+            # the glibc case times its call apart from the untimed call that restores the heap
+            timed = times[name].get("call", times[name]["total"])
+            timed_cpu = times[name].get("cpu_call", times[name]["cpu"])
+            beside = times[BESIDE_GLIBC if variant == "glibc_defaults" else f"{d}/soft_moe/{pass_name}"]
+            ratios[f"soft_moe@{variant}_s"] = median(timed)
+            ratios[f"soft_moe_over_soft_moe@{variant}"] = paired_ratio(beside["total"], timed)
+            ratios[f"soft_moe_over_soft_moe@{variant}_cpu_time"] = paired_ratio(beside["cpu"], timed_cpu)
+    return ratios
+
+
 def benchmark_layer(shape: LayerShape, dtypes: List[torch.dtype], args, device) -> List[dict]:
     """For one shape, in one interleaved set of rounds: per compute dtype, the Soft MoE layer, the
     reference-style loop and the bare matmuls of the layer; in float32 the layer under the environment
@@ -154,16 +171,7 @@ def benchmark_layer(shape: LayerShape, dtypes: List[torch.dtype], args, device) 
                 "attainable_cpu_seconds": cpu(bare),
             }
             row["soft_moe_over_weight_roofline"] = row["soft_moe_s"] / row["weight_roofline_s"]
-            for variant in ("env_variables", "glibc_defaults", "cast_per_step"):
-                name = f"{d}/soft_moe@{variant}/{pass_name}"
-                if name in times:
-                    # the glibc case times its call apart from the untimed call that restores the heap
-                    timed = times[name].get("call", wall(name))
-                    timed_cpu = times[name].get("cpu_call", cpu(name))
-                    beside = BESIDE_GLIBC if variant == "glibc_defaults" else soft  # the same rounds' layer
-                    row[f"soft_moe@{variant}_s"] = median(timed)
-                    row[f"soft_moe_over_soft_moe@{variant}"] = paired_ratio(wall(beside), timed)
-                    row[f"soft_moe_over_soft_moe@{variant}_cpu_time"] = paired_ratio(cpu(beside), timed_cpu)
+            row.update(_variant_ratios(times, d, pass_name))
             if dtype != torch.float32 and torch.float32 in dtypes:
                 fp32 = f"fp32/soft_moe/{pass_name}"
                 row["float32_over_this"] = paired_ratio(wall(fp32), wall(soft))
