@@ -3,7 +3,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -96,23 +95,21 @@ def train_killed_after(steps, cfg, run_dir, monkeypatch):
             train(cfg, run_dir)
 
 
-def wandb_closed_records(path, timeout=60.0):
-    """The records of an offline W&B run file, once it is closed. W&B's service process writes the file; on a busy
-    machine it may still be appending after ``run.finish()`` returns, so this waits (up to ``timeout`` seconds) for
-    the run's closing ``exit`` record."""
-    deadline = time.monotonic() + timeout
-    while True:
-        records = list(read_records(path))
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.5)
+def wandb_closed_records(path):
+    """The records of an offline W&B run file, which must be closed: training returns only once the run's closing
+    ``exit`` record is on disk (``Telemetry`` waits for it: W&B's service process may still be appending after
+    ``run.finish()`` returns)."""
+    records = list(read_records(path))
+    assert records and records[-1].WhichOneof("record_type") == "exit", (
+        f"{path} lacks its closing exit record, though the run that wrote it has returned")
+    return records
 
 
-def wandb_offline_run(run_dir, timeout=60.0):
-    """(run record, {history key: [values as JSON]}) of the single offline W&B run in ``run_dir``, once closed."""
+def wandb_offline_run(run_dir):
+    """(run record, {history key: [values as JSON]}) of the single offline W&B run in ``run_dir``, closed."""
     (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
     run, history = None, {}
-    for record in wandb_closed_records(path, timeout):
+    for record in wandb_closed_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
@@ -135,5 +132,5 @@ def offline_sweep(tmp_path_factory):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for job in (0, 1):
-        wandb_offline_run(sweep_dir / str(job))  # waits for the run's exit record
+        wandb_offline_run(sweep_dir / str(job))  # each run's file is closed
     return sweep_dir

@@ -167,7 +167,23 @@ def assert_matches_uninterrupted(run_dir, uninterrupted):
 # ----------------------------------------------------------------------------- 1. kill and resume
 
 
-def test_sigkill_at_a_random_step_then_the_same_command_resumes_exactly(uninterrupted, tmp_path):
+@pytest.fixture(params=["own", "shared"], ids=["own W&B service", "a detached W&B service both attempts share"])
+def wandb_service(request, monkeypatch):
+    """The W&B service the training processes log through. "own": each starts its own, and the killed one's goes
+    with it. "shared": ``wandb beta core start``'s detached service, named by ``WANDB_SERVICE`` (as a process that
+    used W&B passes its own service to the processes it starts); it keeps the killed attempt's stream open."""
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)  # a W&B test earlier in this worker exported its own
+    if request.param == "own":
+        yield
+        return
+    wandb_cli = [sys.executable, "-c", "from wandb.cli.cli import cli; cli()", "beta", "core"]
+    token = subprocess.run([*wandb_cli, "start"], capture_output=True, text=True, timeout=120, check=True).stdout
+    monkeypatch.setenv("WANDB_SERVICE", token.strip())
+    yield
+    subprocess.run([*wandb_cli, "stop"], capture_output=True, timeout=120)
+
+
+def test_sigkill_at_a_random_step_then_the_same_command_resumes_exactly(uninterrupted, wandb_service, tmp_path):
     run_dir = tmp_path / "run"
     kill_step = random.randrange(CHECKPOINT_EVERY + 2, TOTAL_STEPS - 2)
     with_wandb = [*RUN, "logger=wandb", "logger.mode=offline", "logger.log_images=false"]  # logging draws no randomness
@@ -181,7 +197,7 @@ def test_sigkill_at_a_random_step_then_the_same_command_resumes_exactly(uninterr
     assert run_cli(run_dir, *with_wandb) == 0, output_of(run_dir)  # the same command, the same run directory
     output = output_of(run_dir)
     assert f"resuming from {run_dir / 'last.pt'} at step {saved}" in output
-    assert "W&B could not start" not in output, output  # (its service under load: the W&B check below would fail)
+    assert "W&B could not start" not in output, output
     assert_matches_uninterrupted(run_dir, uninterrupted)
 
     # W&B: the killed run sent only steps its checkpoint covers, the resumed run the rest, each once
@@ -194,6 +210,7 @@ def test_sigkill_at_a_random_step_then_the_same_command_resumes_exactly(uninterr
         sent.append(steps)
     listing = sorted(str(path.relative_to(run_dir)) for path in run_dir.glob("wandb/**/*"))
     assert len(sent) == 2 and max(sent[0]) <= saved, (saved, sent, listing, output)
+    assert [path.parent for path in files] == sorted(run_dir.glob("wandb/offline-run-*")), listing  # no strays
     assert sent[0] + sent[1] == sorted(set(sent[0] + sent[1])) and sent[1][-1] == TOTAL_STEPS
 
 

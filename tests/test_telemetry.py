@@ -2,6 +2,7 @@
 
 import json
 import math
+import threading
 import time
 
 import numpy as np
@@ -22,6 +23,7 @@ from softmoe.harness.telemetry import (
     truncate_after,
     wait_for_free_offline_dir,
 )
+from softmoe.harness.wandb_files import wait_for_exit_record
 
 
 @pytest.fixture
@@ -86,6 +88,29 @@ def test_attempts_of_a_run_resumed_within_one_second_keep_their_own_offline_dire
         records = wandb_closed_records(part / f"run-{run_id}.wandb")
         logged.append([r.history.step.num for r in records if r.WhichOneof("record_type") == "history"])
     assert logged == [[1, 2], [3, 4], [5, 6]]
+
+
+@pytest.mark.slow  # W&B starts its service process
+def test_waiting_for_a_runs_exit_record_sees_a_file_still_being_written(tmp_path):
+    logger = {"backend": "wandb", "mode": "offline", "project": "softmoe", "entity": None, "group": None,
+              "name": None, "tags": [], "log_images": False}
+    (tmp_path / "run").mkdir()
+    telemetry = Telemetry(tmp_path / "run", logger, {"seed": 0}, resume_step=0)
+    telemetry.log(1, 1, {"train/loss": 1.0})
+    telemetry.commit()
+    telemetry.finish()  # returns with the file closed (wandb_closed_records asserts it)
+    (written,) = (tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb")
+    whole = written.read_bytes()
+    assert wandb_closed_records(written)
+
+    writing = tmp_path / "offline-run-x" / written.name
+    writing.parent.mkdir()
+    writing.write_bytes(whole[:-1])  # its last record, the exit record, not yet whole
+    assert not wait_for_exit_record(writing.parent, timeout_s=0.3)
+    threading.Timer(0.5, writing.write_bytes, [whole]).start()  # W&B's service finishing the file
+    started = time.monotonic()
+    assert wait_for_exit_record(writing.parent, timeout_s=30)
+    assert 0.4 < time.monotonic() - started < 30
 
 
 def test_distribution_summary():

@@ -14,6 +14,7 @@ import logging
 import math
 import netrc
 import os
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # distributed.py imports the data and config modules, which n
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_WRITE_TIMEOUT_S = 30  # how long a finished offline run may take to put its file on disk
 ROUTING_SCALARS = ("dispatch_entropy", "combine_entropy", "dispatch_max", "combine_max", "effective_experts")
 ROUTING_DISTRIBUTIONS = ("expert_utilisation", "slot_utilisation")
 # The sparse layers' own statistics (softmoe.sparse.sparse_routing_stats), those present in each layer's.
@@ -170,6 +172,28 @@ def wait_for_free_offline_dir(wandb_dir: Union[str, Path], run_id: str) -> None:
         now = time.time()
 
 
+def init_wandb(wandb, **settings) -> Any:
+    """``wandb.init(**settings)``. A W&B service this process inherited (``WANDB_SERVICE``: a detached ``wandb beta
+    core``, or the service of the process that started this one) keeps the stream of an attempt of this run that was
+    killed, and refuses the run's id ("run ID ... is in use"). The run directory's lock rules out a live attempt, so
+    this one then logs through a service of its own."""
+    try:
+        return wandb.init(**settings)
+    except Exception as error:
+        if "is in use" not in str(error) or not os.environ.get("WANDB_SERVICE"):
+            raise
+        log.info("W&B: the service named by WANDB_SERVICE still holds run %s (%s), from an attempt that was "
+                 "killed; this attempt starts its own", settings["id"], error)
+        os.environ.pop("WANDB_SERVICE")
+        wandb.teardown()
+        wandb_dir = Path(settings["dir"]) / "wandb"
+        for refused in offline_run_dirs(wandb_dir, settings["id"]):  # the refused start's folder holds no run file
+            if not any(refused.glob("run-*.wandb")):
+                shutil.rmtree(refused, ignore_errors=True)
+        wait_for_free_offline_dir(wandb_dir, settings["id"])  # else W&B names this start's folder <refused>-1
+        return wandb.init(**settings)
+
+
 def _event_step(line: str) -> Optional[int]:
     try:
         return json.loads(line)["step"]
@@ -221,7 +245,8 @@ class Telemetry:
             self.run_id = self.run_id or generate_id()
             if mode == "offline":
                 wait_for_free_offline_dir(run_dir / "wandb", self.run_id)
-            self.wandb = wandb.init(
+            self.wandb = init_wandb(
+                wandb,
                 project=cfg["project"],
                 entity=cfg["entity"],
                 group=cfg["group"] or group,
@@ -326,11 +351,19 @@ class Telemetry:
 
     def _stop_wandb(self) -> None:
         run, self.wandb = self.wandb, None
-        if run is not None:
-            try:
-                run.finish()
-            except Exception as error:
-                log.warning("W&B finish failed (%s)", error)
+        if run is None:
+            return
+        try:
+            run.finish()
+        except Exception as error:
+            log.warning("W&B finish failed (%s)", error)
+            return
+        from .wandb_files import wait_for_exit_record  # imports wandb, which logger=none never needs
+
+        # the file is whole before training returns, for `collect` or the next attempt to read
+        if self._offline_dir is not None and not wait_for_exit_record(self._offline_dir, WANDB_WRITE_TIMEOUT_S):
+            log.warning("W&B's offline file in %s lacks its exit record %d s after the run finished: it may miss "
+                        "the last steps", self._offline_dir, WANDB_WRITE_TIMEOUT_S)
 
 
 # ----------------------------------------------------------------------------- every rank logs, rank 0 writes

@@ -10,6 +10,7 @@ header (CRC-32C, length, type: 1 full, 2 first, 3 middle, 4 last) and hold one p
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 from typing import Iterator, List, Union
 
@@ -51,3 +52,21 @@ def item_path(item) -> List[str]:
     """Where a config or history item goes: W&B fills either ``key`` or ``nested_key`` (a logged histogram
     ``routing/block2/expert_utilisation`` is stored as ``[..., "values"]``, ``[..., "bins"]``, ``[..., "_type"]``)."""
     return [item.key] if item.key else list(item.nested_key)
+
+
+def wait_for_exit_record(run_dir: Union[str, Path], timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Whether the run file in the offline run folder ``run_dir`` ends with W&B's ``exit`` record (its last) within
+    ``timeout_s``. ``wandb.finish()`` returns once W&B's service has taken the exit record, which can be before its
+    writer has put the file's tail on disk: a reader straight after it (``collect``, a resumed run's next attempt)
+    then found a file without its last steps."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for path in Path(run_dir).glob("run-*.wandb"):
+            last = None
+            for record in read_records(path):
+                last = record
+            if last is not None and last.WhichOneof("record_type") == "exit":
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
