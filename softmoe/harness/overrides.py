@@ -159,9 +159,8 @@ def composition_error(argv: Sequence[str], config_name: str, conf_dir: Path = CO
     except (HydraException, OmegaConfBaseException) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return missing_key(parsed, config_name, conf_dir) or f"{first_line} (HYDRA_FULL_ERROR=1 shows Hydra's message)"
-    if not runs_as_multirun(argv, composed):
-        return sweep_without_multirun(parsed) or setting_ignored_without_logger(parsed, composed)
-    return setting_ignored_without_logger(parsed, composed)
+    sweep_problem = None if runs_as_multirun(argv, composed) else sweep_without_multirun(parsed)
+    return sweep_problem or setting_ignored_without_logger(parsed, composed)
 
 
 def setting_ignored_without_logger(parsed: Sequence[Override], composed: DictConfig) -> Optional[str]:
