@@ -14,7 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 import torch  # noqa: E402  (after OMP_NUM_THREADS: torch reads it once, when imported)
 
-from softmoe.harness.wandb_files import item_path, read_records
+from softmoe.harness.wandb_files import is_closed, item_path, read_records
 
 # tests/ holds shared helpers (reference implementations, fixtures)
 sys.path.insert(0, os.path.dirname(__file__))
@@ -99,10 +99,8 @@ def wandb_closed_records(path):
     """The records of an offline W&B run file, which must be closed: training returns only once the run's closing
     ``exit`` record is on disk (``Telemetry`` waits for it: W&B's service process may still be appending after
     ``run.finish()`` returns)."""
-    records = list(read_records(path))
-    assert records and records[-1].WhichOneof("record_type") == "exit", (
-        f"{path} lacks its closing exit record, though the run that wrote it has returned")
-    return records
+    assert is_closed(path), f"{path} lacks its closing exit record, though the run that wrote it has returned"
+    return list(read_records(path))
 
 
 def wandb_offline_run(run_dir):

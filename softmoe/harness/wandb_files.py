@@ -54,6 +54,14 @@ def item_path(item) -> List[str]:
     return [item.key] if item.key else list(item.nested_key)
 
 
+def is_closed(path: Union[str, Path]) -> bool:
+    """Whether a run file ends with W&B's closing ``exit`` record, the last one a finished run writes."""
+    last = None
+    for last in read_records(path):
+        pass
+    return last is not None and last.WhichOneof("record_type") == "exit"
+
+
 def wait_for_exit_record(run_dir: Union[str, Path], timeout_s: float, poll_s: float = 0.05) -> bool:
     """Whether the run file in the offline run folder ``run_dir`` ends with W&B's ``exit`` record (its last) within
     ``timeout_s``. ``wandb.finish()`` returns once W&B's service has taken the exit record, which can be before its
@@ -61,12 +69,8 @@ def wait_for_exit_record(run_dir: Union[str, Path], timeout_s: float, poll_s: fl
     then found a file without its last steps."""
     deadline = time.monotonic() + timeout_s
     while True:
-        for path in Path(run_dir).glob("run-*.wandb"):
-            last = None
-            for record in read_records(path):
-                last = record
-            if last is not None and last.WhichOneof("record_type") == "exit":
-                return True
+        if any(is_closed(path) for path in Path(run_dir).glob("run-*.wandb")):
+            return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll_s)
