@@ -177,13 +177,15 @@ def run_sweep_job(sweep_dir, job, log_lines):
     console, train_log = io.StringIO(), sweep_dir / str(job) / "train.log"
     train_log.parent.mkdir(parents=True)
     root, handlers = logging.getLogger(), [logging.StreamHandler(console), logging.FileHandler(train_log)]
-    saved = root.handlers[:], root.level
-    root.handlers[:], root.level = handlers, logging.INFO
+    saved_handlers, saved_level = root.handlers[:], root.level
+    root.handlers[:] = handlers
+    root.setLevel(logging.INFO)  # not `root.level = ...`: setLevel clears the loggers' cached isEnabledFor answers
     try:
         sweep_console.tag_console(f"[job {job}] ", sweep_dir)
         log_lines()
     finally:
-        root.handlers[:], root.level = saved
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
         logging.captureWarnings(False)
         for handler in handlers:
             handler.close()
