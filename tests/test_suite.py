@@ -56,7 +56,7 @@ def test_the_suite_runs_every_section_at_tiny_sizes_on_cpu(tmp_path, capsys):
     # each section printed as it was measured (stderr), so a run cut short still shows what it measured
     progress = [line for line in captured.err.splitlines() if line.startswith("[suite] ")]
     for first_words in ("[suite] layer tiny", "[suite] models tiny", "[suite] inference images/s",
-                        "[suite] optimizer step"):
+                        "[suite] optimizer step", "[suite] profile"):
         assert any(line.startswith(first_words) for line in progress), (first_words, progress)
     assert results["failed"] == [] and "partial" not in results
     assert results["suite"] == "gpu" and results["peak"]["matmul_bf16_flops_per_s"] > 0
@@ -83,11 +83,48 @@ def test_the_suite_runs_every_section_at_tiny_sizes_on_cpu(tmp_path, capsys):
         "float32_fused": 28 * count + 6 * copied, "float32_writes_copies": 28 * count + 2 * copied,
         "bf16_state": 20 * count + 2 * copied}
     assert "softmoe AdamW {} moments, writes the copies" not in stdout and "softmoe AdamW compiled)" in stdout
+    # where the time goes: the layer eager and "compiled" (backend eager here), both models' training steps
+    cases = {case["what"]: case for case in results["profile"]["cases"]}
+    assert list(cases) == ["layer tiny eager fwd+bwd", "layer tiny compiled fwd+bwd",
+                           "tiny dense training step eager", "tiny soft_moe training step eager"]
+    for what, case in cases.items():
+        assert case["clock"] == "cpu" and sum(case["shares"].values()) == pytest.approx(1.0)
+        assert case["shares"]["matmuls"] > 0 and "aten::" in case["table"]
+        assert any(line.startswith(f"[suite] profile {what}: ") for line in progress)
+    assert cases["tiny soft_moe training step eager"]["shares"]["optimizer"] > 0
+    assert cases["layer tiny eager fwd+bwd"]["shares"]["softmaxes"] > 0
     names = [t["name"] for t in results["targets"]]
     assert len(names) == 8 + 4 + 3 + 1 and all(t["met"] is None for t in results["targets"])
     for name in names:
         assert name in stdout
     assert "NOT met" not in stdout and results["skipped"] == []
+
+
+@pytest.mark.parametrize("name, category", [
+    ("aten::bmm", "matmuls"), ("aten::_grouped_mm", "matmuls"), ("triton_tem_fused_mm_0", "matmuls"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"), ("aten::_to_copy", "copies and casts"),
+    ("aten::_softmax_backward_data", "softmaxes"), ("aten::linalg_vector_norm", "norms and reductions"),
+    ("aten::_fused_adamw_", "optimizer"), ("aten::_foreach_mul_", "optimizer"),
+    ("triton_per_fused__softmax_0", "compiled (fused) kernels"),
+    ("## Call CompiledFxGraph fx3a ##", "compiled (fused) kernels"),
+    ("aten::gelu_backward", "other aten ops (elementwise)"),
+    ("autograd::engine::evaluate_function: BmmBackward0", "framework (autograd, Python)")])
+def test_profiled_ops_fall_into_the_categories_of_issue_18s_profile(name, category):
+    from softmoe.bench.profiling import op_category
+
+    assert op_category(name) == category
+
+
+def test_a_profile_splits_self_time_by_category_without_counting_nested_ops_twice():
+    from softmoe.bench.profiling import profile_calls
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    profile = profile_calls(lambda: torch.softmax(torch.matmul(a, b), dim=-1).to(torch.float64), torch.device("cpu"),
+                            iterations=2)
+    # aten::matmul's own time is only its call into aten::mm: the product is counted once, as a matmul
+    assert set(profile["shares"]) >= {"matmuls", "softmaxes", "copies and casts"}
+    assert sum(profile["ms"].values()) == pytest.approx(profile["ms_per_iteration"])
+    assert sum(profile["shares"].values()) == pytest.approx(1.0) and "aten::mm" in profile["table"]
 
 
 def test_fresh_process_allocator_runs_time_the_layer_and_pair_ratios_by_round():

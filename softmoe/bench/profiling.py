@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Dict, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 from torch import nn
@@ -20,22 +20,74 @@ def profile_layer(shape: LayerShape, device, dtype: torch.dtype = torch.float32,
                   rows: int = 16, impl: str = "soft_moe") -> str:
     """torch.profiler's table of the layer's forward+backward in ``dtype``: the kernels that take the time.
     ``impl="reference_loop"``: the same for the reference-style loop."""
-    from torch.profiler import ProfilerActivity, profile
-
     torch.manual_seed(0)
     layer = build_layers(shape, device)[impl]
     x = torch.randn(shape.batch, shape.tokens, shape.dim, device=device, requires_grad=True)
     step = layer_pass_cases(layer, x, torch.randn_like(x), dtype, device)["forward_backward"]
     step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    table = profile_calls(step, device, iterations, rows)["table"]
+    return f"{impl} {shape.name} {str(dtype).replace('torch.', '')} forward+backward, {iterations} iterations\n{table}"
+
+
+# Where a profile's time goes, by the op that spends it: the categories of issue 18's profile table. Each op's
+# *self* time (on a GPU the kernels it launched), so nested ops are not counted twice.
+MATMUL_OPS = {"bmm", "baddbmm", "mm", "addmm", "addbmm", "_grouped_mm", "_scaled_mm"}
+COPY_OPS = {"copy_", "_to_copy", "clone", "contiguous", "to", "_copy_from", "_copy_from_and_resize"}
+SOFTMAX_OPS = {"_softmax", "_softmax_backward_data", "softmax", "_log_softmax", "_log_softmax_backward_data"}
+REDUCTION_OPS = {"native_layer_norm", "native_layer_norm_backward", "linalg_vector_norm", "linalg_vecdot", "sum",
+                 "mean", "norm", "amax", "max"}
+PROFILE_CATEGORIES = ("matmuls", "attention", "copies and casts", "softmaxes", "norms and reductions", "optimizer",
+                      "compiled (fused) kernels", "other aten ops (elementwise)", "framework (autograd, Python)")
+
+
+def op_category(name: str) -> str:
+    """The category of ``PROFILE_CATEGORIES`` an op (``aten::bmm``) or compiled kernel (``triton_poi_...``) is in."""
+    if not name.startswith("aten::"):
+        if name.startswith("triton_tem_"):  # inductor's GEMM templates (max-autotune)
+            return "matmuls"
+        # a GPU's Triton kernels each have a range of their own; a CPU's C++ kernels run inside the graph's call
+        compiled = name.startswith(("triton_", "## Call CompiledFxGraph"))
+        return "compiled (fused) kernels" if compiled else "framework (autograd, Python)"
+    op = name[len("aten::"):]
+    if op in MATMUL_OPS:
+        return "matmuls"
+    if "attention" in op or "scaled_dot_product" in op:
+        return "attention"
+    if op.startswith(("_fused_adam", "_foreach_")):
+        return "optimizer"
+    for category, ops in (("copies and casts", COPY_OPS), ("softmaxes", SOFTMAX_OPS),
+                          ("norms and reductions", REDUCTION_OPS)):
+        if op in ops:
+            return category
+    return "other aten ops (elementwise)"
+
+
+def profile_calls(call: Callable[[], object], device, iterations: int = 3, rows: int = 16) -> dict:
+    """``call()`` run ``iterations`` times under torch.profiler: its kernel table (``rows`` rows, by self time)
+    and the time per iteration of each category (``op_category``); device time on a GPU, else CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities, record_shapes=True) as profiler:
         for _ in range(iterations):
-            step()
+            call()
         synchronize(device)
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    averages = profiler.key_averages()
+    microseconds = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+    for event in averages:
+        if event.device_type != DeviceType.CPU:  # a kernel's own row: its time is also its launching op's
+            continue
+        microseconds[op_category(event.key)] += getattr(event, sort_by)
+    total = sum(microseconds.values())
     table = profiler.key_averages(group_by_input_shape=True).table(
-        sort_by=sort_by, row_limit=rows, max_name_column_width=24, max_shapes_column_width=64)
-    return f"{impl} {shape.name} {str(dtype).replace('torch.', '')} forward+backward, {iterations} iterations\n{table}"
+        sort_by=sort_by, row_limit=rows, max_name_column_width=32, max_shapes_column_width=64)
+    return {"clock": "device" if on_gpu else "cpu", "iterations": iterations,
+            "ms_per_iteration": total / 1e3 / iterations,
+            "ms": {c: us / 1e3 / iterations for c, us in microseconds.items() if us > 0},
+            "shares": {c: us / total for c, us in microseconds.items() if us > 0 and total > 0}, "table": table}
 
 
 @contextlib.contextmanager

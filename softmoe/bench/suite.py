@@ -17,7 +17,9 @@ Sections, each side by side in interleaved rounds (:func:`.timing.interleaved`):
   the model cast to bf16;
 * ``huge``: Soft MoE B/16 against ViT-H/14 in inference (the paper: 5.7x faster);
 * ``optimizer``: AdamW's step alone at S/16, float32 moments (fused) against bf16 moments
-  (:mod:`.optimizer_step`), reported without a target.
+  (:mod:`.optimizer_step`), reported without a target;
+* ``profile``: where the time goes, by op category (:func:`.profiling.profile_calls`): the S/16 layer's fwd+bwd
+  eager and compiled, and S/16's dense and Soft MoE training steps, eager; reported without a target.
 
 ``--tiny`` runs the same code at toy sizes (any device; no verdicts): the tests use it on CPU.
 """
@@ -36,6 +38,7 @@ from .floors import attainable_cases, ceiling_cases, expert_bank_cases
 from .layer import build_layer, layer_pass_cases
 from .model import build_benchmark_model, make_optimizer, model_cases, model_flops
 from .optimizer_step import optimizer_section
+from .profiling import profile_calls
 from .shapes import LAYER_SHAPES, MODEL_SHAPES, LayerShape, ModelShape
 from .step_floor import parameter_counts, step_floor
 from .timing import interleaved, median, paired_ratio
@@ -239,6 +242,29 @@ class Suite:
                     times[soft_moe]["total"], times[dense]["total"])
         return figures
 
+    def profile(self) -> dict:
+        """Where the time of what remains goes (torch.profiler, by op category): the first layer shape's fwd+bwd
+        eager and compiled, and the first model pair's training steps, eager. Reported without a target."""
+        shape, pair = next(iter(self.config.layer_shapes.values())), self.config.models[0]
+        cases = []
+        torch.manual_seed(0)
+        layer = build_layer(shape, self.device)
+        x = torch.randn(shape.batch, shape.tokens, shape.dim, device=self.device, requires_grad=True)
+        for impl, module in (("eager", layer), ("compiled", self.compile(layer, f"profile of layer {shape.name}"))):
+            if module is not None:
+                step = layer_pass_cases(module, x, torch.randn_like(x), BF16, self.device,
+                                        optimizer_step=True)["forward_backward"]
+                cases.append(_profiled(f"layer {shape.name} {impl} fwd+bwd", step, self.device))
+        del layer, x
+        images, labels = self._inputs(pair.shape)
+        for kind in ("dense", "soft_moe"):
+            model = build_benchmark_model(pair.shape, kind, self.device).train()
+            step = model_cases(model, make_optimizer(model, "fused"), images, labels, "bf16")["train_step"]
+            cases.append(_profiled(f"{pair.label} {kind} training step eager", step, self.device))
+            del model, step
+            _release(self.device)
+        return {"cases": cases}
+
     def huge(self) -> dict:
         """Soft MoE B/16 against ViT-H/14, inference under bf16 autocast, eager: how many times faster."""
         pair = self.config.huge
@@ -279,6 +305,11 @@ def required_section(suite: Suite, name: str, measure: Callable[[], dict]) -> Op
     return None
 
 
+def _profiled(what: str, step: Callable[[], object], device: torch.device, iterations: int = 2) -> dict:
+    step()  # warm-up: the first call allocates and (compiled) compiles
+    return {"what": what, **profile_calls(step, device, iterations, rows=12)}
+
+
 def _bf16_inference(model: nn.Module, images: torch.Tensor):
     images = images.to(BF16)
 
@@ -309,13 +340,14 @@ def run_suite(args, command: str, progress: Optional[Callable[[str, dict, dict],
     results = {"command": command, "suite": args.suite, "tiny": bool(args.tiny), "machine": machine_info(device),
                "compile_backend": config.compile_backend, "peak": suite.measure_peak(), "layers": [], "models": [],
                "skipped": suite.skipped, "failed": suite.failed}
-    # (name, key in the results, measure, runner): the optimizer section has no target, so its failure is a skip
+    # (name, key in the results, measure, runner): optimizer and profile have no target, so their failure is a skip
     sections = [(f"layer {name}", "layers", lambda shape=shape: suite.layer(shape), required_section)
                 for name, shape in config.layer_shapes.items()]
     sections += [(f"models {pair.label}", "models", lambda pair=pair: suite.model_pair(pair), required_section)
                  for pair in config.models]
     sections += [("huge", "huge", suite.huge, required_section),
-                 ("optimizer", "optimizer", lambda: optimizer_section(suite, config.models[0].shape), optional_section)]
+                 ("optimizer", "optimizer", lambda: optimizer_section(suite, config.models[0].shape), optional_section),
+                 ("profile", "profile", suite.profile, optional_section)]
     for name, key, measure, run_section in sections:
         figures = run_section(suite, name, measure)
         if figures is None:

@@ -98,9 +98,20 @@ def _huge_lines(huge: dict) -> List[str]:
             f"{huge['soft_moe']} {huge['images_per_s']['soft_moe']:.0f}"]
 
 
+def _profile_lines(profile: dict) -> List[str]:
+    """Each profiled case's time by op category, largest first (its kernel table is in the JSON)."""
+    lines = []
+    for case in profile["cases"]:
+        shares = sorted(case["shares"].items(), key=lambda item: -item[1])
+        lines.append(f"profile {case['what']}: {case['ms_per_iteration']:.2f} ms of {case['clock']} time: "
+                     + ", ".join(f"{category} {100 * share:.0f}%" for category, share in shares))
+    return lines
+
+
 def section_lines(key: str, figures: dict) -> List[str]:
     """The report's lines for one section's figures (``key``: its key in the results), as soon as it is measured."""
-    lines_of = {"layers": _layer_lines, "models": _model_lines, "huge": _huge_lines, "optimizer": optimizer_lines}
+    lines_of = {"layers": _layer_lines, "models": _model_lines, "huge": _huge_lines, "optimizer": optimizer_lines,
+                "profile": _profile_lines}
     return lines_of[key](figures)
 
 
@@ -116,7 +127,7 @@ def format_suite(results: dict) -> str:
         lines += section_lines("layers", row)
     for model in results["models"]:
         lines += [""] + section_lines("models", model)
-    for key in ("huge", "optimizer"):
+    for key in ("huge", "optimizer", "profile"):
         if key in results:
             lines += [""] + section_lines(key, results[key])
     lines += [f"skipped: {what}" for what in results["skipped"]]
