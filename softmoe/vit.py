@@ -30,9 +30,9 @@ from timm.models import (
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from ._checks import is_int, require_positive_int
+from ._checks import autocast_dtype_on, is_int, require_positive_int
 from .capture import moe_layers
-from .experts import BatchedMlp
+from .experts import BatchedMlp, hold_expert_copies
 from .layer import SoftMoE
 from .upcycle import upcycle_state_dict
 
@@ -135,6 +135,22 @@ class SoftMoEVisionTransformer(VisionTransformer):
 
         super().__init__(block_fn=block_with_moe, **kwargs)
         self.moe_layer_index = moe_blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's forward. Compiled under autocast, the expert banks' low-precision copies are brought up to date
+        eagerly before the graph and read by it (:func:`~softmoe.experts.hold_expert_copies`): the graph then casts
+        no expert weight, where it would cast all of them at every call. Costs a graph break at each end, so
+        ``torch.compile(model, fullgraph=True)`` under autocast fails; ``compiled_reads_expert_copies = False``
+        (on the model or the class) keeps the casts in the graph instead."""
+        if not (self.compiled_reads_expert_copies and torch.compiler.is_compiling()) or \
+                torch.compiler.is_exporting() or autocast_dtype_on(x.device) is None:
+            return super().forward(x)
+        hold_expert_copies(self, True)
+        x = super().forward(x)
+        hold_expert_copies(self, False)
+        return x
+
+    compiled_reads_expert_copies = True
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """timm's init, with every expert initialised as ``mode`` initialises the dense MLP it replaces."""
