@@ -244,3 +244,14 @@ def test_the_readme_is_for_newcomers_in_the_order_they_need():
     for name in ("scale_out", "reliability", "benchmarks", "cpu_history", "training", "library"):
         assert f"(docs/{name}.md)" in text and (ROOT / "docs" / f"{name}.md").is_file()
     assert "could not try the CPU-only install" in text
+
+
+def test_the_config_groups_table_names_every_option_of_each_group():
+    """Each row of the README's config-group table names every ``conf/<group>/*.yaml`` option, and no other."""
+    rows = re.findall(r"^\| `(\w+)` \| (.*?) \|", (ROOT / "README.md").read_text(), flags=re.M)
+    groups = {group: set(re.findall(r"`(\w+)`", options))
+              for group, options in rows if (ROOT / "conf" / group).is_dir()}
+    assert len(groups) >= 14
+    for group, named in groups.items():
+        options = {path.stem for path in (ROOT / "conf" / group).glob("*.yaml")}
+        assert named == options, f"{group}: missing {sorted(options - named)}, not options {sorted(named - options)}"
