@@ -48,6 +48,19 @@ def test_the_cpu_inference_script_times_both_models_and_each_block_part(tmp_path
     assert blocks["moe_layer_over_dense_mlp"] > 0 and blocks["attention_soft_moe_over_dense"] > 0
 
 
+def test_the_compiled_copies_script_times_both_soft_moe_settings_beside_dense(tmp_path):
+    """experiments/throughput/compiled_copies.py: compiled autocast inference, copies read against cast in graph."""
+    script = os.path.join(REPO, "experiments", "throughput", "compiled_copies.py")
+    command = [sys.executable, script, "--shape", "tiny", "--batch", "2", "--rounds", "2", "--backend", "aot_eager",
+               "--out", str(tmp_path / "result.json")]
+    result = json.loads(run_from(tmp_path, command).stdout)
+    assert result == json.loads((tmp_path / "result.json").read_text())
+    assert set(result["seconds"]) == {"dense", "soft_moe_reads_copies", "soft_moe_casts_in_graph"}
+    assert min(result["seconds"].values()) > 0 and result["casts_in_graph_over_reads_copies"] > 0
+    assert set(result["soft_moe_over_dense"]) == {"soft_moe_reads_copies", "soft_moe_casts_in_graph"}
+    assert result["backend"] == "aot_eager" and result["machine"]["cpu"]
+
+
 def test_the_expert_gemm_script_reports_each_case_and_both_floors_of_the_streamed_product(tmp_path):
     script = os.path.join(REPO, "experiments", "throughput", "expert_gemm_residency.py")
     command = [sys.executable, script, "--threads", "1", "--rounds", "1", "--experts", "4"]
