@@ -128,3 +128,30 @@ def test_under_autocast_dynamo_breaks_the_graph_only_to_hold_the_copies_unless_t
         explanation = torch._dynamo.explain(model)(IMAGES)
         assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
         torch.compile(model, fullgraph=True, backend="aot_eager")(IMAGES)
+
+
+def test_a_compiled_forward_reads_the_copies_softmoe_adamw_wrote_without_casting_them_again():
+    """softmoe's AdamW writes each copy in its update (2 bytes, not the recast's 6): the held copy is that one."""
+    from softmoe.optim import AdamW
+
+    model, eager = twin_models()
+    compiled = torch.compile(model, backend="aot_eager")
+    # the eager twin steps first: any optimizer step in the process makes every copy stale but the ones it wrote
+    optimizers = [AdamW(m.parameters(), lr=1e-3, state_dtype="float32") for m in (eager, model)]
+    banks = [model.blocks[i].mlp.experts for i in VIT["moe_layer_index"]]
+    for step in range(3):
+        outputs = []
+        for module, optimizer in zip((eager, compiled), optimizers):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", torch.bfloat16):
+                out = module(IMAGES)
+            out.float().square().mean().backward()
+            outputs.append(out.float())
+            optimizer.step()
+        torch.testing.assert_close(*outputs, rtol=0.02, atol=0.02)
+        copies = [bank._low_precision[name][1] for bank in banks for name in ("fc1_weight", "fc2_weight")]
+        written = [copy._version for copy in copies]  # an in-place recast would bump these
+        assert all(bank.copy_is_current(name) for bank in banks for name in ("fc1_weight", "fc2_weight"))
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            compiled(IMAGES)
+        assert [copy._version for copy in copies] == written, step
