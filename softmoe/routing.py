@@ -46,12 +46,15 @@ class RouterSoftmaxes(torch.autograd.Function):
             logits = logits * inv_norm
         dispatch = torch.softmax(logits, dim=1)
         combine = torch.softmax(logits, dim=2)
+        ctx.eps = eps
         ctx.save_for_backward(raw_logits, tokens, inv_norm, dispatch, combine)
         return dispatch, combine
 
     @staticmethod
     def backward(ctx, grad_dispatch: Optional[torch.Tensor], grad_combine: Optional[torch.Tensor]):
         raw_logits, tokens, inv_norm, dispatch, combine = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate again
+            return RouterSoftmaxes._differentiable_backward(ctx, raw_logits, tokens, grad_dispatch, grad_combine)
         grad_logits = None
         if grad_dispatch is not None:
             grad_logits = torch._softmax_backward_data(grad_dispatch.to(dispatch.dtype), dispatch, 1, dispatch.dtype)
@@ -68,6 +71,20 @@ class RouterSoftmaxes(torch.autograd.Function):
                 grad_tokens = (tokens.to(inv_norm.dtype) * (grad_inv_norm * inv_norm.pow(3)).neg_()).to(tokens.dtype)
             grad_logits = grad_logits.mul_(inv_norm)
         return grad_logits.to(raw_logits.dtype), grad_tokens, None
+
+    @staticmethod
+    def _differentiable_backward(ctx, raw_logits, tokens, grad_dispatch, grad_combine):
+        """The backward as autograd's through :func:`soft_routing_reference`: the fast one above writes in place
+        and saves the inverse norms without their dependence on the tokens, so it has no backward of its own."""
+        inputs = [(raw_logits, ctx.needs_input_grad[0]), (tokens, tokens is not None and ctx.needs_input_grad[1])]
+        wanted = [tensor for tensor, needed in inputs if needed]
+        pairs = [(output, grad) for output, grad in zip(soft_routing_reference(raw_logits, tokens, ctx.eps),
+                                                         (grad_dispatch, grad_combine)) if grad is not None]
+        if not wanted or not pairs:
+            return None, None, None
+        outputs, grads = zip(*pairs)
+        found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+        return tuple(next(found) if needed else None for _, needed in inputs) + (None,)
 
 
 def soft_routing_reference(raw_logits: torch.Tensor, tokens: Optional[torch.Tensor],

@@ -357,3 +357,25 @@ def test_a_model_cast_to_bf16_infers_close_to_float32():
     assert y.dtype == torch.bfloat16 and routing[""].dispatch.dtype == torch.float32
     assert relative_error(routing[""].dispatch, routing_fp32[""].dispatch) < BF16_RELATIVE_ERROR / 4
     assert relative_error(y, expected) < BF16_RELATIVE_ERROR
+
+
+@pytest.mark.parametrize("with_tokens", [True, False], ids=["normalised", "raw"])
+def test_fused_router_passes_gradgradcheck(with_tokens):
+    """create_graph=True: the fused router's backward is itself differentiable (its fast backward writes in place)."""
+    from softmoe.routing import soft_routing
+
+    torch.manual_seed(0)
+    raw = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    if with_tokens:
+        assert torch.autograd.gradgradcheck(lambda r, t: soft_routing(r, t, fused=True), (raw, tokens))
+    else:
+        assert torch.autograd.gradgradcheck(lambda r: soft_routing(r, None, fused=True), (raw,))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_layers_second_derivatives_pass_gradgradcheck(normalize):
+    torch.manual_seed(0)
+    layer = SoftMoE(4, 6, num_experts=2, slots_per_expert=2, normalize=normalize).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(layer, (x,))
