@@ -163,22 +163,30 @@ class ExpertLinear(torch.autograd.Function):
     As autocast's own cast would, the gradients reach ``weight`` and ``bias`` in their own dtype (float32),
     but without a cast of their own: the weight gradient is written in float32 by the GEMM itself on CUDA
     (:func:`batched_matmul_in`), which saves a pass over a 151 MB (bf16) + 302 MB (float32) tensor per
-    expert weight and step at S/16."""
+    expert weight and step at S/16.
+
+    Under ``create_graph=True`` the backward reads ``weight`` cast afresh instead of its detached copy, and the
+    weight gradient is cast by its own op, so that autograd can differentiate the gradients again."""
 
     @staticmethod
     def forward(ctx, x, weight, weight_copy, bias):
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight_copy)
+        ctx.save_for_backward(x, weight_copy, weight)
         if bias is None:
             return torch.bmm(x, weight_copy)
         return torch.baddbmm(bias.to(x.dtype).unsqueeze(1), x, weight_copy)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight_copy = ctx.saved_tensors
-        grad_x = torch.bmm(grad, weight_copy.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        grad_weight = batched_matmul_in(ctx.weight_dtype, x.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+        x, weight_copy, weight = ctx.saved_tensors
+        double_backward = torch.is_grad_enabled()  # the copy is detached: only weight's own cast carries grad_x to it
+        read = weight.to(weight_copy.dtype) if double_backward else weight_copy
+        grad_x = torch.bmm(grad, read.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (torch.bmm(x.transpose(1, 2), grad).to(ctx.weight_dtype) if double_backward
+                           else batched_matmul_in(ctx.weight_dtype, x.transpose(1, 2), grad))
         grad_bias = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
             grad_bias = grad.sum(1).to(ctx.bias_dtype)  # as autocast's cast of the bias: summed in grad's dtype

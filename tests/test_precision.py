@@ -44,6 +44,23 @@ def test_cached_bf16_weights_give_autocasts_outputs_and_gradients():
         torch.testing.assert_close(grads_cached[name], grad, rtol=0, atol=0, msg=name)
 
 
+def test_second_derivatives_through_cached_bf16_weights_are_autocasts():
+    """create_graph=True (a gradient penalty): the gradient's own gradient reaches the weights through their
+    cached copies as it does through autocast's casts."""
+    cached = _layer()
+    plain = _uncached(copy.deepcopy(cached))
+    results = []
+    for layer in (cached, plain):
+        x = torch.randn(3, 9, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+            grad_x, = torch.autograd.grad(y.float().square().sum(), x, create_graph=True)
+        grad_x.square().sum().backward()
+        results.append({name: p.grad for name, p in layer.named_parameters()})
+    for name, grad in results[1].items():
+        torch.testing.assert_close(results[0][name], grad, rtol=1e-2, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw_fused", "adamw_foreach", "sgd"])
 def test_cached_bf16_weights_follow_every_optimizer_step(optimizer):
     """Fused AdamW updates weights without bumping their version counters; the copies still follow."""
