@@ -15,6 +15,7 @@ Every example of a batch is routed on its own: no token of one example reaches a
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 from typing import Callable, Optional, Tuple, Type, Union
 
@@ -260,3 +261,15 @@ class SoftMoELayerWrapper(SoftMoE):
         super().__init__(
             dim, num_experts=num_experts, slots_per_expert=slots_per_expert, normalize=normalize, experts=experts
         )
+        # nn.MultiheadAttention and the torch Transformer layers read [sequence, batch, dim] by default
+        sequence_first = [name for name, module in experts.layer.named_modules()
+                          if getattr(module, "batch_first", None) is False]
+        if sequence_first:
+            where = "" if sequence_first[0] == "" else f" (its {sequence_first[0]})"
+            warnings.warn(
+                f"SoftMoELayerWrapper: layer {type(experts.layer).__name__}{where} has batch_first=False, but each "
+                "expert receives its slots as [batch, slots_per_expert, dim]: it would attend across the examples "
+                "of a batch. Pass batch_first=True",
+                UserWarning,
+                stacklevel=2,
+            )

@@ -1,8 +1,10 @@
 """The README's examples run as written and compute what they say, and so do the reference implementation's
 (with our import name)."""
 
+import contextlib
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,10 @@ def check_tune_allocator(ns):
 def check_wrapper(ns):
     assert ns["y"].shape == (1, 16, 128)  # the TransformerEncoderLayer experts keep the width
     assert ns["layer"].num_experts == 16 and ns["layer"].slots_per_expert == 1
+    layer, x = ns["layer"].eval(), torch.rand(3, 16, 128)  # eval: no dropout
+    with warnings.catch_warnings():  # torch: vmap runs eval's fast path through its per-example fallback
+        warnings.filterwarnings("ignore", "There is a performance drop")
+        torch.testing.assert_close(layer(x)[:1], layer(x[:1]))  # batch_first=True: no expert attends across examples
 
 
 def check_routing(ns):
@@ -136,7 +142,10 @@ def test_reference_readme_example_runs_with_our_import_name(index):
     # A reader runs the examples in order (later ones use earlier imports). Their defaults build models
     # of up to 27 B parameters: run them on the meta device (shapes, no memory).
     namespace = {"__name__": "reference_example"}
-    with torch.device("meta"):
+    # Its last example builds nn.TransformerEncoderLayer experts without batch_first=True: they would attend across
+    # the batch, which the wrapper warns about (this README passes batch_first=True)
+    warns = pytest.warns(UserWarning, match="batch_first=False") if index == 4 else contextlib.nullcontext()
+    with torch.device("meta"), warns:
         for i, example in enumerate(REFERENCE_EXAMPLES[: index + 1]):
             source = example.replace("soft_moe_pytorch", "softmoe")
             exec(compile(source, f"reference README example {i}", "exec"), namespace)

@@ -50,6 +50,24 @@ def test_transformer_layer_experts_attend_within_one_example():
     torch.testing.assert_close(y.double(), loop_reference(layer, x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+@pytest.mark.parametrize("layer, kwargs, where",
+                         [(nn.TransformerEncoderLayer, dict(d_model=16, nhead=2), r" \(its self_attn\)"),
+                          (nn.MultiheadAttention, dict(embed_dim=16, num_heads=2), "")],
+                         ids=["transformer_layer", "attention"])
+def test_a_sequence_first_layer_warns_that_it_would_attend_across_the_batch(layer, kwargs, where):
+    message = rf"layer {layer.__name__}{where} has batch_first=False, .* Pass batch_first=True"
+    with pytest.warns(UserWarning, match=message):
+        wrapper = SoftMoELayerWrapper(dim=16, num_experts=2, slots_per_expert=3, layer=layer, **kwargs)
+    if layer is nn.TransformerEncoderLayer:  # what the warning is about: examples mix
+        wrapper.eval()
+        x = torch.randn(2, 5, 16)
+        assert not torch.allclose(wrapper(x)[:1], wrapper(x[:1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # batch-first: no warning
+        SoftMoELayerWrapper(dim=16, num_experts=2, slots_per_expert=3, layer=layer, batch_first=True, **kwargs)
+
+
 def test_partial_layer_with_an_overlapping_argument_name():
     class Scaled(nn.Module):
         def __init__(self, dim, factor):
