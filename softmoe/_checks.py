@@ -7,7 +7,7 @@ shape error from deep inside an einsum.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -97,3 +97,21 @@ def require_tokens(name: str, x: Any, dim: int, parameter: torch.Tensor) -> None
         raise ValueError(f"{name} last dimension must equal dim={dim}, got shape {list(shape)}")
     if shape[1] < 1:
         raise ValueError(f"{name} must hold at least one token, got shape {list(shape)}")
+
+
+def require_expert_output(layer: Callable[[], str], output: Any, slots: torch.Tensor, stacked: bool) -> Any:
+    """Return ``output`` if it is what an expert must return for its ``slots``, one [batch, slots_per_expert, d']
+    tensor (``stacked``: every expert's, [batch, num_experts, slots_per_expert, d']), else raise naming the layer,
+    ``layer()`` (eager calls only). ``slots``: the bank's [batch, num_experts, slots_per_expert, dim]."""
+    if is_tracing():
+        return output
+    shape = list(output.shape) if isinstance(output, torch.Tensor) else None
+    if shape is not None and stacked and len(shape) > 1:
+        del shape[1]
+    b, p, d = slots.shape[0], slots.shape[2], slots.shape[3]
+    if shape is not None and len(shape) == 3 and shape[:2] == [b, p]:
+        return output
+    returned = f"a tensor of shape {shape}" if shape is not None else f"a {type(output).__name__}"
+    raise ValueError(f"each expert must return a tensor of shape [batch, slots_per_expert, d'] for its [batch, "
+                     f"slots_per_expert, dim] slots, here [{b}, {p}, {d}] -> [{b}, {p}, d'], but {layer()} returned "
+                     f"{returned}")

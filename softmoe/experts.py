@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ._checks import autocast_dtype_on, is_tracing, require_choice, require_positive_int
+from ._checks import autocast_dtype_on, is_tracing, require_choice, require_expert_output, require_positive_int
 
 # timm's VisionTransformer weight_init modes (vision_transformer.get_init_weights_vit)
 WEIGHT_INIT_MODES = ("", "jax", "jax_nlhb", "moco", "reset")
@@ -401,6 +401,9 @@ class StackedExperts(nn.Module):
         super().__init__()
         self.num_experts = require_positive_int("num_experts", num_experts)
         instances = [layer_factory() for _ in range(num_experts)]
+        if not isinstance(instances[0], nn.Module):
+            raise ValueError(f"layer must build an nn.Module, but calling it returned {instances[0]!r}: pass an "
+                             "nn.Module class, or a callable returning one such as functools.partial(MyLayer, ...)")
         params, buffers = stack_module_state(instances)
         self.layer = instances[0]
         for name, value in params.items():
@@ -425,11 +428,13 @@ class StackedExperts(nn.Module):
         vmap_error = None
         if self.use_vmap and not torch.compiler.is_exporting():
             try:
-                return vmap(self._call_one, in_dims=(0, 0, 1), out_dims=1, randomness="different")(
+                outputs = vmap(self._call_one, in_dims=(0, 0, 1), out_dims=1, randomness="different")(
                     params, buffers, slots
                 )
-            except (RuntimeError, NotImplementedError, ValueError, AssertionError) as error:
+            except (RuntimeError, NotImplementedError, ValueError, AssertionError, TypeError) as error:
                 vmap_error = error
+            else:
+                return require_expert_output(self._layer_name, outputs, slots, stacked=True)
         outputs = self._loop(params, buffers, slots)  # raises if the layer cannot run at all
         if vmap_error is not None:  # the loop ran where vmap could not: use it from now on
             self.use_vmap = False
@@ -446,21 +451,24 @@ class StackedExperts(nn.Module):
         for i in range(self.num_experts):
             expert_params, expert_buffers = {k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}
             try:
-                outputs.append(self._call_one(expert_params, expert_buffers, slots[:, i]))
-            except (RuntimeError, AssertionError, ValueError) as error:
+                output = self._call_one(expert_params, expert_buffers, slots[:, i])
+            except (RuntimeError, AssertionError, ValueError, TypeError) as error:
                 if isinstance(error, torch.OutOfMemoryError):
                     raise
                 # most often the layer's arguments do not fit the wrapper's dim (an in_features, a d_model), which
-                # torch reports as a matmul's shapes or an assert: say which layer and which input.
-                # A bad argument (an assert) is a ValueError; torch's RuntimeErrors stay RuntimeErrors
-                kind = RuntimeError if isinstance(error, RuntimeError) else ValueError
-                layer = repr(self.layer) if "\n" not in repr(self.layer) else type(self.layer).__name__
+                # torch reports as a matmul's shapes or an assert, or its forward takes other arguments (a
+                # TypeError): say which layer and which input. A bad argument (an assert) is a ValueError
+                kind = next((kind for kind in (RuntimeError, TypeError) if isinstance(error, kind)), ValueError)
                 raise kind(
-                    f"expert {i} ({layer}) cannot take its slots: each expert is called on a [batch, "
+                    f"expert {i} ({self._layer_name()}) cannot take its slots: each expert is called on a [batch, "
                     f"slots_per_expert, dim] tensor, here of shape {list(slots[:, i].shape)}, and raised: {error}. "
                     f"Check the layer's arguments against dim={slots.shape[-1]}"
                 ) from error
+            outputs.append(require_expert_output(self._layer_name, output, slots, stacked=False))
         return torch.stack(outputs, dim=1)
+
+    def _layer_name(self) -> str:
+        return repr(self.layer) if "\n" not in repr(self.layer) else type(self.layer).__name__
 
     def _call_one(self, params, buffers, expert_slots: torch.Tensor) -> torch.Tensor:
         """Expert ``i`` on its slots [batch, slots_per_expert, dim]."""

@@ -257,6 +257,12 @@ class SoftMoELayerWrapper(SoftMoE):
         require_positive_int("num_experts", num_experts)
         if not callable(layer):
             raise ValueError(f"layer must be an nn.Module class or a callable returning one, got {layer!r}")
+        if isinstance(layer, nn.Module):  # built num_experts times: an instance cannot be
+            name = type(layer).__name__
+            raise ValueError(
+                f"layer must be an nn.Module class or a callable returning one, got a {name} instance: pass the class "
+                f"and its arguments (layer={name}, ...) or functools.partial({name}, ...)"
+            )
         experts = StackedExperts(num_experts, partial(layer, **layer_kwargs))
         super().__init__(
             dim, num_experts=num_experts, slots_per_expert=slots_per_expert, normalize=normalize, experts=experts

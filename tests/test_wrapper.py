@@ -136,6 +136,56 @@ def test_bad_arguments():
         layer(torch.randn(1, 4, 6))
 
 
+class Pooled(nn.Module):
+    """One vector per example: not the [batch, slots_per_expert, d'] an expert must return."""
+
+    def forward(self, x):
+        return x.mean(dim=1)
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x, y):
+        return x + y
+
+
+@pytest.mark.parametrize(
+    "layer, message",
+    [(nn.Linear(8, 8), r"layer must be an nn.Module class or a callable returning one, got a Linear instance: pass "
+      r"the class and its arguments \(layer=Linear, ...\) or functools.partial\(Linear, ...\)"),
+     (lambda: torch.relu, "layer must build an nn.Module, but calling it returned <built-in method relu")],
+    ids=["an_instance", "a_function_returning_a_function"],
+)
+def test_a_layer_that_does_not_build_modules_is_named(layer, message):
+    with pytest.raises(ValueError, match=message):
+        SoftMoELayerWrapper(dim=8, num_experts=2, slots_per_expert=1, layer=layer)
+
+
+@pytest.mark.parametrize("use_vmap", [True, False], ids=["vmap", "loop"])
+@pytest.mark.parametrize(
+    "layer, kwargs, returned",
+    [(Pooled, {}, r"Pooled\(\) returned a tensor of shape \[2, 8\]"),
+     (nn.MultiheadAttention, dict(embed_dim=8, num_heads=2, batch_first=True), "MultiheadAttention returned a tuple")],
+    ids=["pooled", "a_tuple"],
+)
+def test_an_expert_returning_another_shape_is_named(use_vmap, layer, kwargs, returned):
+    wrapper = SoftMoELayerWrapper(dim=8, num_experts=2, slots_per_expert=3, layer=layer, **kwargs)
+    wrapper.experts.use_vmap = use_vmap
+    if layer is nn.MultiheadAttention:  # it takes query, key and value: called on the slots as all three
+        wrapper.experts.layer.forward = lambda x: nn.MultiheadAttention.forward(wrapper.experts.layer, x, x, x)
+    message = (r"each expert must return a tensor of shape \[batch, slots_per_expert, d'\] for its \[batch, "
+               rf"slots_per_expert, dim\] slots, here \[2, 3, 8\] -> \[2, 3, d'\], but {returned}$")
+    with pytest.raises(ValueError, match=message):
+        wrapper(torch.randn(2, 5, 8))
+
+
+def test_a_layer_whose_forward_takes_other_arguments_names_the_expert_and_its_input():
+    wrapper = SoftMoELayerWrapper(dim=8, num_experts=2, slots_per_expert=3, layer=TwoInputs)
+    message = (r"expert 0 \(TwoInputs\(\)\) cannot take its slots: .* here of shape \[2, 3, 8\], and raised: "
+               r".*missing 1 required positional argument: 'y'")
+    with pytest.raises(TypeError, match=message):
+        wrapper(torch.randn(2, 5, 8))
+
+
 @pytest.mark.parametrize(
     "layer, kwargs, error",
     [(nn.Linear, dict(in_features=4, out_features=8), RuntimeError),  # torch: "mat1 and mat2 shapes cannot be ..."
