@@ -7,14 +7,16 @@ shape error from deep inside an einsum.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 
 
 def is_int(value: Any) -> bool:
-    """An int, and not a bool (``True`` is an int to Python, never a count to a user)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (an int, a NumPy integer: any ``numbers.Integral``), and not a bool (``True`` is an int to Python,
+    never a count to a user)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:
@@ -23,10 +25,10 @@ def is_number(value: Any) -> bool:
 
 
 def require_positive_int(name: str, value: Any) -> int:
-    """Return ``value`` if it is an int >= 1, else raise naming ``name``."""
+    """Return ``value`` as an int if it is an integer >= 1, else raise naming ``name``."""
     if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def require_number(name: str, value: Any, *, minimum: float, inclusive: bool) -> float:

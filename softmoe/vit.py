@@ -70,10 +70,10 @@ def resolve_moe_layer_index(moe_layer_index: Optional[MoELayerIndex], depth: int
         return MOE_PLACEMENTS["last_half"](depth)
     if isinstance(moe_layer_index, (bool, str, bytes)):
         raise ValueError(f"moe_layer_index must be an int or a list of ints, got {moe_layer_index!r}")
-    if isinstance(moe_layer_index, int):
+    if is_int(moe_layer_index):
         if not 0 <= moe_layer_index < depth:
             raise ValueError(f"moe_layer_index must be in [0, depth={depth}), got {moe_layer_index}")
-        return list(range(moe_layer_index, depth))
+        return list(range(int(moe_layer_index), depth))
     try:
         blocks = list(moe_layer_index)
     except TypeError:
@@ -88,7 +88,7 @@ def resolve_moe_layer_index(moe_layer_index: Optional[MoELayerIndex], depth: int
                 "twice": f"moe_layer_index lists a block twice: {blocks}",
             }[problem[0]]
         )
-    return sorted(blocks)
+    return sorted(map(int, blocks))
 
 
 class SoftMoEVisionTransformer(VisionTransformer):

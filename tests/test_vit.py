@@ -1,5 +1,6 @@
 """SoftMoEVisionTransformer: a timm VisionTransformer subclass whose chosen blocks hold Soft MoE layers."""
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -46,6 +47,16 @@ def test_moe_block_placement(index, expected):
 def test_bad_moe_layer_index(index, message):
     with pytest.raises(ValueError, match=message):
         tiny(moe_layer_index=index)
+
+
+def test_numpy_integers_count_as_integers():
+    """An index or a count read from a NumPy array (a sweep's grid) is an integer like any other."""
+    model = tiny(moe_layer_index=[np.int64(3), np.int32(1)], num_experts=np.int64(4), slots_per_expert=np.int16(2))
+    assert model.moe_layer_index == [1, 3] and all(type(i) is int for i in model.moe_layer_index)
+    assert (model.blocks[1].mlp.num_experts, model.blocks[1].mlp.slots_per_expert) == (4, 2)
+    assert tiny(moe_layer_index=np.int64(2)).moe_layer_index == [2, 3]
+    with pytest.raises(ValueError, match="num_experts must be a positive integer, got True"):
+        tiny(num_experts=True)
 
 
 def test_bad_expert_counts():
