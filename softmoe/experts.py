@@ -216,8 +216,9 @@ class BatchedMlp(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.num_experts = require_positive_int("num_experts", num_experts)
         self.in_features = require_positive_int("in_features", in_features)
-        self.hidden_features = require_positive_int("hidden_features", hidden_features or in_features)
-        self.out_features = require_positive_int("out_features", out_features or in_features)
+        hidden_features, out_features = (in_features if v is None else v for v in (hidden_features, out_features))
+        self.hidden_features = require_positive_int("hidden_features", hidden_features)
+        self.out_features = require_positive_int("out_features", out_features)
         n, d, h, o = self.num_experts, self.in_features, self.hidden_features, self.out_features
         bias1, bias2 = _pair(bias)
         drop1, drop2 = _pair(drop)

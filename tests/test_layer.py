@@ -197,6 +197,9 @@ def test_routing_ablations_follow_their_definitions(dispatch, combine):
         (lambda: SoftMoE(16, slots_per_expert=0), "slots_per_expert must be a positive integer, got 0"),
         (lambda: SoftMoE(16, num_experts=2, dispatch="hard"), "dispatch must be one of"),
         (lambda: SoftMoE(16, num_experts=2, combine="topk"), "combine must be one of"),
+        (lambda: SoftMoE(16, 0, num_experts=2), "hidden_features must be a positive integer, got 0"),
+        (lambda: SoftMoE(16, out_features=0, num_experts=2), "out_features must be a positive integer, got 0"),
+        (lambda: BatchedMlp(2, 16, 0), "hidden_features must be a positive integer, got 0"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(make, message):
