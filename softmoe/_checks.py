@@ -45,6 +45,27 @@ def require_positive_number(name: str, value: Any) -> float:
     return require_number(name, value, minimum=0, inclusive=False)
 
 
+def require_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is True or False, else raise naming ``name`` (``bool("no")`` is True)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def require_module_class(name: str, value: Any) -> Any:
+    """Return ``value`` if it can build modules: an ``nn.Module`` class or a callable returning one, not a module
+    instance (called to build each module, an instance would be called on no input), else raise naming ``name``."""
+    if not callable(value):
+        raise ValueError(f"{name} must be an nn.Module class or a callable returning one, got {value!r}")
+    if isinstance(value, torch.nn.Module):
+        kind = type(value).__name__
+        raise ValueError(
+            f"{name} must be an nn.Module class or a callable returning one, got a {kind} instance: pass the class "
+            f"and its arguments ({name}={kind}, ...) or functools.partial({kind}, ...)"
+        )
+    return value
+
+
 def require_choice(name: str, value: Any, allowed: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``allowed``, else raise naming ``name``."""
     allowed = tuple(allowed)

@@ -23,14 +23,18 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ._checks import autocast_dtype_on, is_tracing, require_choice, require_expert_output, require_positive_int
+from ._checks import (autocast_dtype_on, is_tracing, require_choice, require_expert_output, require_module_class,
+                      require_positive_int)
 
 # timm's VisionTransformer weight_init modes (vision_transformer.get_init_weights_vit)
 WEIGHT_INIT_MODES = ("", "jax", "jax_nlhb", "moco", "reset")
 
 
-def _pair(value):
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+def _pair(name: str, value):
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be one value for both layers or a pair (fc1's, fc2's), got {value!r}")
+    return pair
 
 
 # Optimizer steps taken in this process. Fused optimizers update weights without bumping their version
@@ -220,12 +224,12 @@ class BatchedMlp(nn.Module):
         self.hidden_features = require_positive_int("hidden_features", hidden_features)
         self.out_features = require_positive_int("out_features", out_features)
         n, d, h, o = self.num_experts, self.in_features, self.hidden_features, self.out_features
-        bias1, bias2 = _pair(bias)
-        drop1, drop2 = _pair(drop)
+        bias1, bias2 = _pair("bias", bias)
+        drop1, drop2 = _pair("drop", drop)
 
         self.fc1_weight = nn.Parameter(torch.empty(n, d, h, **dd))  # [n, in, hidden]
         self.fc1_bias = nn.Parameter(torch.empty(n, h, **dd)) if bias1 else None
-        self.act = act_layer()
+        self.act = require_module_class("act_layer", act_layer)()
         self.drop1 = nn.Dropout(drop1)
         self.norm_eps, self.norm_weight, self.norm_bias = self._make_norm(norm_layer, n, h, dd)
         self.fc2_weight = nn.Parameter(torch.empty(n, h, o, **dd))  # [n, hidden, out]

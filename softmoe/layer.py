@@ -25,7 +25,9 @@ from torch import nn
 from ._checks import (
     autocast_dtype_on,
     is_tracing,
+    require_bool,
     require_choice,
+    require_module_class,
     require_positive_int,
     require_positive_number,
     require_tokens,
@@ -114,7 +116,7 @@ class SoftMoE(nn.Module):
         self.num_experts = require_positive_int("num_experts", num_experts)
         self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
         self.num_slots = self.num_experts * self.slots_per_expert
-        self.normalize = bool(normalize)
+        self.normalize = require_bool("normalize", normalize)
         self.scale_init = require_positive_number("scale_init", scale_init)
         self.dispatch_mode = require_choice("dispatch", dispatch, DISPATCH_CHOICES)
         self.combine_mode = require_choice("combine", combine, COMBINE_CHOICES)
@@ -255,14 +257,7 @@ class SoftMoELayerWrapper(SoftMoE):
     ) -> None:
         require_positive_int("dim", dim)  # named as the wrapper takes it, before SoftMoE checks it as in_features
         require_positive_int("num_experts", num_experts)
-        if not callable(layer):
-            raise ValueError(f"layer must be an nn.Module class or a callable returning one, got {layer!r}")
-        if isinstance(layer, nn.Module):  # built num_experts times: an instance cannot be
-            name = type(layer).__name__
-            raise ValueError(
-                f"layer must be an nn.Module class or a callable returning one, got a {name} instance: pass the class "
-                f"and its arguments (layer={name}, ...) or functools.partial({name}, ...)"
-            )
+        require_module_class("layer", layer)  # built num_experts times
         experts = StackedExperts(num_experts, partial(layer, **layer_kwargs))
         super().__init__(
             dim, num_experts=num_experts, slots_per_expert=slots_per_expert, normalize=normalize, experts=experts

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import is_int, require_number, require_positive_int, require_positive_number, require_tokens
+from ._checks import is_int, require_bool, require_number, require_positive_int, require_positive_number, require_tokens
 from .experts import BatchedMlp
 from .layer import l2_normalize, truncated_lecun_normal_
 from .routing import SCALE_INIT
@@ -106,7 +106,7 @@ class SparseMoE(nn.Module):
         self.dim = require_positive_int("in_features", in_features)
         self.num_experts = require_positive_int("num_experts", num_experts)
         self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
-        self.normalize = bool(normalize)
+        self.normalize = require_bool("normalize", normalize)
         self.scale_init = require_positive_number("scale_init", scale_init)
         self.capacity_factor = (
             None

@@ -200,6 +200,13 @@ def test_routing_ablations_follow_their_definitions(dispatch, combine):
         (lambda: SoftMoE(16, 0, num_experts=2), "hidden_features must be a positive integer, got 0"),
         (lambda: SoftMoE(16, out_features=0, num_experts=2), "out_features must be a positive integer, got 0"),
         (lambda: BatchedMlp(2, 16, 0), "hidden_features must be a positive integer, got 0"),
+        (lambda: SoftMoE(16, num_experts=2, bias=(True,)),
+         r"bias must be one value for both layers or a pair \(fc1's, fc2's\), got \(True,\)"),
+        (lambda: SoftMoE(16, num_experts=2, drop=[0.1, 0.1, 0.2]), r"drop must be one value .* got \[0.1, 0.1, 0.2\]"),
+        (lambda: SoftMoE(16, num_experts=2, act_layer=nn.GELU()),
+         r"act_layer must be an nn.Module class or a callable returning one, got a GELU instance: pass the class"),
+        (lambda: SoftMoE(16, num_experts=2, act_layer="gelu"), "act_layer must be an nn.Module class .* got 'gelu'"),
+        (lambda: SoftMoE(16, num_experts=2, normalize="no"), "normalize must be True or False, got 'no'"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(make, message):

@@ -354,6 +354,7 @@ def test_auxiliary_loss_of_a_model_without_sparse_layers_is_zero():
         (TokensChoiceMoE, {"noise_std": -0.1}, "noise_std must be a finite number >= 0, got -0.1"),
         (TokensChoiceMoE, {"load_loss_weight": -1}, "load_loss_weight"),
         (ExpertsChoiceMoE, {"num_experts": 0}, "num_experts"),
+        (TokensChoiceMoE, {"normalize": "no"}, "normalize must be True or False, got 'no'"),
     ],
 )
 def test_bad_arguments_are_named(cls, kwargs, message):
