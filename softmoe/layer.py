@@ -139,6 +139,12 @@ class SoftMoE(nn.Module):
                 device=device,
                 dtype=dtype,
             )
+        elif not isinstance(experts, nn.Module):
+            raise ValueError(f"experts must be an nn.Module mapping slots [b, n, p, d] to [b, n, p, d'] (see "
+                             f"softmoe.experts), got {experts!r}")
+        elif getattr(experts, "num_experts", num_experts) != num_experts:
+            raise ValueError(f"experts holds num_experts={experts.num_experts} experts, but the layer has "
+                             f"num_experts={num_experts}: build the bank with the layer's num_experts")
         self.experts = experts
         self.reset_parameters()
         # Set by softmoe.capture_routing; called with (dispatch, combine) on every forward while set.

@@ -207,6 +207,10 @@ def test_routing_ablations_follow_their_definitions(dispatch, combine):
          r"act_layer must be an nn.Module class or a callable returning one, got a GELU instance: pass the class"),
         (lambda: SoftMoE(16, num_experts=2, act_layer="gelu"), "act_layer must be an nn.Module class .* got 'gelu'"),
         (lambda: SoftMoE(16, num_experts=2, normalize="no"), "normalize must be True or False, got 'no'"),
+        (lambda: SoftMoE(16, num_experts=4, experts="mlp"),
+         r"experts must be an nn.Module mapping slots \[b, n, p, d\] to \[b, n, p, d'\] .* got 'mlp'"),
+        (lambda: SoftMoE(16, num_experts=4, experts=BatchedMlp(3, 16)),
+         "experts holds num_experts=3 experts, but the layer has num_experts=4"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(make, message):
