@@ -17,6 +17,7 @@ from typing import Collection, Dict, Mapping, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
+from ._checks import require_number
 from .capture import moe_layers
 from .experts import BatchedMlp
 
@@ -128,8 +129,7 @@ def upcycle_state_dict(
     Raises a ``ValueError`` naming the first key that does not fit. ``keep_init`` lists further keys of
     ``model`` that keep their own value, e.g. a classifier of a different size.
     """
-    if noise_std < 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    noise_std = require_number("noise_std", noise_std, minimum=0, inclusive=True)
     target = model.state_dict()
     state: Dict[str, torch.Tensor] = {}
     for key, source in upcycle_sources(dense_state, model, keep_init).items():

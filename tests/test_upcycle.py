@@ -1,6 +1,7 @@
 """Sparse upcycling: a Soft MoE ViT started from a dense timm ViT (the library, then the harness's
 ``model.upcycle_from``; timm's ``pretrained=True`` path is in test_timm.py)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,8 +81,13 @@ def test_mismatched_architectures_are_named():
         upcycle(dense, moe)
     with pytest.raises(ValueError, match="does not exist"):
         upcycle("/nonexistent/vit.pth", moe)
-    with pytest.raises(ValueError, match="noise_std must be >= 0"):
-        upcycle(dense, moe, noise_std=-1)
+
+
+@pytest.mark.parametrize("noise_std", [-1, None, float("inf"), float("nan"), "0.1"])
+def test_a_noise_std_other_than_a_finite_number_from_0_is_named(noise_std):
+    dense, moe = dense_and_moe()
+    with pytest.raises(ValueError, match=rf"noise_std must be a finite number >= 0, got {re.escape(repr(noise_std))}$"):
+        upcycle(dense, moe, noise_std=noise_std)
 
 
 def test_checkpoint_files_are_loaded_without_unpickling_code(tmp_path):
