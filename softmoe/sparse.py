@@ -168,7 +168,10 @@ class SparseMoE(nn.Module):
     def _route(self, probs: torch.Tensor, capacity: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Buffers from router probabilities [b, m, n]: ``slot_token`` (long, m for an empty slot) and
         ``slot_gate`` (0 for an empty slot), each [b, n · capacity], expert-major."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} does not route: SparseMoE is what the sparse layers share, use TokensChoiceMoE "
+            "or ExpertsChoiceMoE (or override _route in a subclass)"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_tokens("input", x, self.dim, self.router_weight)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from softmoe import SoftMoEVisionTransformer, capture_routing, moe_layers, routing_stats
-from softmoe.sparse import ExpertsChoiceMoE, TokensChoiceMoE, auxiliary_loss, sparse_routing_stats
+from softmoe.sparse import ExpertsChoiceMoE, SparseMoE, TokensChoiceMoE, auxiliary_loss, sparse_routing_stats
 
 DIM, HIDDEN, EXPERTS = 8, 16, 4
 LAYERS = (TokensChoiceMoE, ExpertsChoiceMoE)
@@ -399,3 +399,9 @@ def test_an_empty_batch_gives_an_empty_output(cls):
 def test_stats_before_any_forward_is_an_error(cls):
     with pytest.raises(ValueError, match="run a forward pass"):
         sparse_routing_stats(make_layer(cls))
+
+
+def test_the_shared_base_class_says_which_layers_route():
+    message = "SparseMoE does not route: .* use TokensChoiceMoE or ExpertsChoiceMoE"
+    with pytest.raises(NotImplementedError, match=message):
+        SparseMoE(DIM, num_experts=4)(torch.randn(2, 5, DIM))
