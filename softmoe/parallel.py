@@ -57,6 +57,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from ._checks import require_positive_int
 from .capture import moe_layers
 
 
@@ -94,10 +95,8 @@ def expert_data_mesh(device_type: str, expert_parallel_size: int) -> DeviceMesh:
     data-parallel group of a rank is the ranks holding the same experts, one per replica.
     """
     world_size = dist.get_world_size(_process_group(None))
-    if expert_parallel_size < 1 or world_size % expert_parallel_size:
-        raise ValueError(
-            f"expert_parallel_size={expert_parallel_size} must be a positive divisor of the world size {world_size}"
-        )
+    if world_size % require_positive_int("expert_parallel_size", expert_parallel_size):
+        raise ValueError(f"expert_parallel_size={expert_parallel_size} must divide the world size {world_size}")
     shape = (world_size // expert_parallel_size, expert_parallel_size)
     return init_device_mesh(device_type, shape, mesh_dim_names=("data", "expert"))
 
@@ -308,7 +307,8 @@ def to_expert_parallel(
         if isinstance(getattr(layer, "experts", None), nn.Module) and not isinstance(layer.experts, ExpertParallel)
     }
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoE layer with an expert bank to split over the ranks")
+        why = "is already expert-parallel" if expert_parallel_layers(model) else "has no MoE layer with an expert bank"
+        raise ValueError(f"{type(model).__name__} {why}: to_expert_parallel splits the experts over the ranks once")
     for name, layer in layers.items():  # check every layer before changing any
         num_experts = _leading_expert_dim(layer.experts)
         if num_experts % world_size:

@@ -253,6 +253,8 @@ def clear_errors(rank):
     with pytest.raises(ValueError, match="must stack every parameter and buffer over the experts"):
         ExpertParallel(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 8)))
     layer = to_expert_parallel(SoftMoE(8, num_experts=4))
+    with pytest.raises(ValueError, match="SoftMoE is already expert-parallel: to_expert_parallel splits the experts"):
+        to_expert_parallel(layer)
     with pytest.raises(ValueError, match=r"slots must have shape \[batch, num_experts=4, .* got \[2, 2, 1, 8\]"):
         layer.experts(torch.randn(2, 2, 1, 8))
     wrong = {**SoftMoE(8, num_experts=2).state_dict(), "phi": layer.phi.detach()}
@@ -339,8 +341,11 @@ def four_replicas_of_one_expert_rank(rank):  # every rank holds every expert: da
 
 
 def mesh_errors(rank):
-    with pytest.raises(ValueError, match="expert_parallel_size=3 must be a positive divisor of the world size 4"):
+    with pytest.raises(ValueError, match="expert_parallel_size=3 must divide the world size 4"):
         expert_data_mesh("cpu", 3)
+    for size in (0, 1.0, True):
+        with pytest.raises(ValueError, match=f"expert_parallel_size must be a positive integer, got {size!r}"):
+            expert_data_mesh("cpu", size)
     mesh = expert_data_mesh("cpu", 2)
     message = r"the experts' group \(4 ranks\) x their data-parallel group \(2\) must span the world of 4 ranks"
     with pytest.raises(ValueError, match=message):
