@@ -27,12 +27,13 @@ from timm.models import (
     register_model,
     resolve_pretrained_cfg,
 )
+from timm.layers import Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from ._checks import autocast_dtype_on, is_int, require_positive_int
+from ._checks import autocast_dtype_on, is_int, require_choice, require_positive_int
 from .capture import moe_layers
-from .experts import BatchedMlp, hold_expert_copies
+from .experts import WEIGHT_INIT_MODES, BatchedMlp, hold_expert_copies
 from .layer import SoftMoE
 from .upcycle import upcycle_state_dict
 
@@ -91,6 +92,33 @@ def resolve_moe_layer_index(moe_layer_index: Optional[MoELayerIndex], depth: int
     return sorted(map(int, blocks))
 
 
+def _name(value: Any) -> str:
+    return getattr(value, "__name__", None) or repr(value)
+
+
+def require_timm_mlp(mlp_layer: Optional[Callable]) -> None:
+    """Refuse an ``mlp_layer`` other than timm's ``Mlp``: it would build the dense blocks only."""
+    if mlp_layer not in (None, Mlp):
+        raise ValueError(
+            f"mlp_layer={_name(mlp_layer)} would build only the dense blocks' MLPs: the MoE blocks' experts are timm "
+            "Mlp-shaped (BatchedMlp). Leave mlp_layer at timm's Mlp; for other experts pass moe_layer, a layer class "
+            "taking timm's MLP arguments plus num_experts, slots_per_expert and normalize"
+        )
+
+
+def require_moe_blocks(blocks: torch.nn.Module, moe_blocks: List[int], built: List[torch.nn.Module],
+                       block_fn: Callable) -> None:
+    """Check that every block in ``moe_blocks`` holds one of the MoE layers ``built`` for them: a ``block_fn`` that
+    ignores its ``mlp_layer`` (timm's ParallelScalingBlock fuses its own MLP) would leave a dense model."""
+    built_ids = {id(layer) for layer in built}
+    missing = [i for i in moe_blocks if not any(id(module) in built_ids for module in blocks[i].modules())]
+    if missing:
+        raise ValueError(
+            f"block_fn={_name(block_fn)} does not build its MLP with the mlp_layer it is given, so blocks {missing} of "
+            f"moe_layer_index={moe_blocks} hold no MoE layer: use a block that does, such as timm's Block"
+        )
+
+
 class SoftMoEVisionTransformer(VisionTransformer):
     """timm ``VisionTransformer`` whose blocks in ``moe_layer_index`` use Soft MoE MLPs.
 
@@ -121,6 +149,7 @@ class SoftMoEVisionTransformer(VisionTransformer):
         self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
         moe_blocks = resolve_moe_layer_index(moe_layer_index, require_positive_int("depth", depth))
         block_fn = kwargs.pop("block_fn", Block)
+        require_timm_mlp(kwargs.get("mlp_layer"))
         moe_mlp = partial(
             moe_layer,
             num_experts=num_experts,
@@ -128,12 +157,18 @@ class SoftMoEVisionTransformer(VisionTransformer):
             normalize=normalize,
             **(moe_kwargs or {}),
         )
+        built = []  # every MoE layer moe_mlp built: each MoE block must hold one
+
+        def build_moe(*args: Any, **mlp_kwargs: Any) -> torch.nn.Module:
+            built.append(moe_mlp(*args, **mlp_kwargs))
+            return built[-1]
 
         def block_with_moe(*, depth: int, mlp_layer: Callable, **block_kwargs: Any) -> torch.nn.Module:
             # timm builds block i with depth=i: swap the MLP of the chosen blocks.
-            return block_fn(depth=depth, mlp_layer=moe_mlp if depth in moe_blocks else mlp_layer, **block_kwargs)
+            return block_fn(depth=depth, mlp_layer=build_moe if depth in moe_blocks else mlp_layer, **block_kwargs)
 
         super().__init__(block_fn=block_with_moe, **kwargs)
+        require_moe_blocks(self.blocks, moe_blocks, built, block_fn)
         self.moe_layer_index = moe_blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +189,7 @@ class SoftMoEVisionTransformer(VisionTransformer):
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """timm's init, with every expert initialised as ``mode`` initialises the dense MLP it replaces."""
+        require_choice("weight_init", mode or self.weight_init_mode, WEIGHT_INIT_MODES)  # before timm's bare assert
         # timm's per-module init calls init_weights() without the mode: tell the expert banks first.
         for module in self.modules():
             if isinstance(module, BatchedMlp):

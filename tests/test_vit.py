@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-from timm.layers import Mlp
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import Mlp, SwiGLU
+from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock, VisionTransformer
 
 from reference import BF16_RELATIVE_ERROR, relative_error
 
@@ -57,6 +57,29 @@ def test_numpy_integers_count_as_integers():
     assert tiny(moe_layer_index=np.int64(2)).moe_layer_index == [2, 3]
     with pytest.raises(ValueError, match="num_experts must be a positive integer, got True"):
         tiny(num_experts=True)
+
+
+def test_a_block_that_ignores_its_mlp_layer_is_named():
+    """timm's ParallelScalingBlock fuses its own MLP: it would build a dense model under the MoE model's name."""
+    message = (r"block_fn=ParallelScalingBlock does not build its MLP with the mlp_layer it is given, so blocks "
+               r"\[3, 4, 5\] of moe_layer_index=\[3, 4, 5\] hold no MoE layer")
+    with pytest.raises(ValueError, match=message):
+        timm.create_model("test_soft_moe_vit", block_fn=ParallelScalingBlock)
+    assert moe_blocks(timm.create_model("test_soft_moe_vit", block_fn=ResPostBlock)) == [3, 4, 5]  # it uses it
+
+
+def test_an_mlp_layer_the_experts_would_not_follow_is_named():
+    message = (r"mlp_layer=SwiGLU would build only the dense blocks' MLPs: the MoE blocks' experts are timm "
+               r"Mlp-shaped \(BatchedMlp\)\. .* pass moe_layer")
+    with pytest.raises(ValueError, match=message):
+        tiny(mlp_layer=SwiGLU)
+    assert moe_blocks(tiny(mlp_layer=Mlp)) == [2, 3]  # timm's own: what the experts are
+
+
+def test_an_unknown_weight_init_is_named_before_timms_assert():
+    message = "weight_init must be one of '', 'jax', 'jax_nlhb', 'moco', 'reset', got 'foo'"
+    with pytest.raises(ValueError, match=message):
+        timm.create_model("test_soft_moe_vit", weight_init="foo")
 
 
 def test_bad_expert_counts():
