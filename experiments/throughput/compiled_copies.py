@@ -61,7 +61,7 @@ def main() -> None:
                                                                total["soft_moe_reads_copies"]),
               "soft_moe_over_dense": {name: paired_ratio(total[name], total["dense"])
                                       for name in ("soft_moe_reads_copies", "soft_moe_casts_in_graph")},
-              "load_average": [load[0], os.getloadavg()[0]], "machine": machine}
+              "rounds_s": total, "load_average": [load[0], os.getloadavg()[0]], "machine": machine}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
