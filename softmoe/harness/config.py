@@ -68,7 +68,7 @@ def device_name(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     if kind != "cuda" or (index and not index.isdigit()):
         return allowed
     if not torch.cuda.is_available():
-        return "CUDA is not available on this machine; use trainer.device=auto or cpu"
+        return "CUDA is not available on this machine; use auto or cpu"
     if index and int(index) >= torch.cuda.device_count():
         return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
     return None
@@ -202,6 +202,24 @@ LAUNCHER_RULES: dict[str, Rule] = {
     "mem_gb": positive_int,
     "max_requeues": non_negative_int,
 }
+# python -m softmoe.evaluate's own arguments (conf/evaluate.yaml), top-level keys
+EVALUATE_RULES: dict[str, Rule] = {
+    "checkpoint": one_of("best", "last"),
+    "device": device_name,
+    "batch_size": optional(positive_int),
+    "data_dir": optional(text),
+    "save_routing": boolean,
+    "routing_examples": positive_int,
+}
+
+
+def check_evaluate(arguments: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for the first bad argument of ``python -m softmoe.evaluate`` (those of
+    :data:`EVALUATE_RULES`), before anything loads: ``batch_size=0: must be a positive integer, or null``."""
+    for key, rule in EVALUATE_RULES.items():
+        problem = rule(arguments[key], arguments)
+        if problem is not None:
+            raise ConfigError(f"{key}={format_value(arguments[key])}: {problem}")
 
 
 def _check_target(section: str, values: Mapping[str, Any]) -> Callable:
