@@ -63,6 +63,21 @@ def test_a_bad_argument_is_refused_in_one_line_before_anything_loads(tmp_path, a
     assert str(raised.value) == message and list(tmp_path.iterdir()) == []
 
 
+def test_a_run_without_best_pt_is_pointed_to_checkpoint_last(tmp_path):
+    from softmoe.harness.checkpoint import save_checkpoint
+    from softmoe.harness.console import next_steps
+
+    # a data.val_size=0 run writes no best.pt; it printed `evaluate run_dir=...`, which then failed
+    save_checkpoint(tmp_path / "last.pt", {"format": 1, "step": 2})
+    assert missing_run_error([f"run_dir={tmp_path}"]) == (
+        f"run_dir={tmp_path}: holds no best.pt, only last.pt: no validation selected a model (data.val_size=0, or a "
+        "run stopped before its first validation); pass checkpoint=last")
+    assert missing_run_error([f"run_dir={tmp_path}", "checkpoint=last"]) is None
+    assert next_steps(tmp_path)[0].startswith(f"python -m softmoe.evaluate run_dir={tmp_path} checkpoint=last ")
+    save_checkpoint(tmp_path / "best.pt", {"format": 1, "step": 2})
+    assert next_steps(tmp_path)[0].startswith(f"python -m softmoe.evaluate run_dir={tmp_path}        # best.pt's")
+
+
 def test_good_arguments_pass_the_check(tmp_path):
     assert argument_error([f"run_dir={tmp_path}", "checkpoint=last", "batch_size=7", "device=cpu",
                            "save_routing=true", "routing_examples=4", f"data_dir={tmp_path}"]) is None
