@@ -150,7 +150,7 @@ def test_resuming_a_different_model_is_refused(compose_run, tmp_path):
         train(compose_run(*base, "moe.num_experts=8"), tmp_path)
 
 
-def test_a_run_directory_resumes_only_the_experiment_it_holds(compose_run, tmp_path, resumed_from):
+def test_a_run_directory_resumes_only_the_experiment_it_holds(compose_run, tmp_path, resumed_from, caplog):
     # was: another learning rate in the same directory resumed the finished run, "resuming ... at step 2 of 2",
     # and its old accuracy was reported under the new value
     run = ["data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=32", "data.test_size=8",
@@ -176,6 +176,12 @@ def test_a_run_directory_resumes_only_the_experiment_it_holds(compose_run, tmp_p
     train(compose_run(*run, "trainer.device=cpu", "trainer.log_every=1", "trainer.eval_batch_size=3",
                       "optimizer.fused=false", "logger=none", f"trainer.resume={last}"), tmp_path)
     assert resumed_from() == [(last, 2)]
+    other = tmp_path / "other.pt"  # was: silently ignored
+    other.write_bytes(last.read_bytes())
+    train(compose_run(*run, f"trainer.resume={other}"), tmp_path)
+    assert resumed_from() == [(last, 2), (last, 2)]
+    assert (f"trainer.resume={other} is ignored: this run directory holds its own last.pt, which it continues; a new "
+            "run directory starts from trainer.resume") in caplog.text
 
 
 @pytest.mark.slow

@@ -139,6 +139,9 @@ def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tup
     check_same_model(checkpoint, config, start_from)
     if start_from.parent == run_dir:  # not trainer.resume's: this directory's run, to continue as it was started
         check_same_experiment(checkpoint, config, start_from)
+        if resume and Path(resume).expanduser().resolve() != start_from.resolve():
+            log.warning("trainer.resume=%s is ignored: this run directory holds its own %s, which it continues; a "
+                        "new run directory starts from trainer.resume", resume, start_from.name)
     return checkpoint, start_from
 
 
