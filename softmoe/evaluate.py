@@ -23,9 +23,11 @@ from omegaconf import DictConfig
 
 from softmoe import capture_routing
 from softmoe.harness.data import build_loader
-from softmoe.harness.errors import USER_ERRORS
+from softmoe.harness.config import check_evaluate
+from softmoe.harness.errors import USER_ERRORS, ConfigError
 from softmoe.harness.loop import evaluate
-from softmoe.harness.overrides import composition_error
+from softmoe.harness.overrides import compose_config, composition_error
+from softmoe.harness.plausibility import CONF_DIR
 from softmoe.harness.rules import plain
 from softmoe.harness.runs import checkpoint_path, load_run
 
@@ -49,6 +51,8 @@ def evaluate_run(
 
     The routing saved for the notebooks is that of validation images: looking inside the model selects nothing,
     but it need not read the test split either."""
+    check_evaluate({"checkpoint": checkpoint, "device": device, "batch_size": batch_size, "data_dir": data_dir,
+                    "save_routing": save_routing, "routing_examples": routing_examples})
     run = load_run(run_dir, checkpoint, device=device, data_dir=data_dir)
     result = {"checkpoint": str(run.checkpoint), "step": run.step}
     for split, dataset in (("val", run.data.val), ("test", run.data.test)):
@@ -139,8 +143,21 @@ def missing_run_error(argv: list[str]) -> Optional[str]:
     return None
 
 
+def argument_error(argv: list[str]) -> Optional[str]:
+    """A bad value of the command line's arguments (``batch_size=0``, ``device=cuda`` without one), checked as
+    :func:`evaluate_run` checks them, but before Hydra starts: it would create ``<run_dir>/evaluate/`` first."""
+    if any(argument.startswith("-") for argument in argv):
+        return None  # Hydra's own flags
+    try:
+        check_evaluate(plain(compose_config("evaluate", argv, CONF_DIR)))
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
 if __name__ == "__main__":
-    error = composition_error(sys.argv[1:], "evaluate") or missing_run_error(sys.argv[1:])
+    argv = sys.argv[1:]
+    error = composition_error(argv, "evaluate") or missing_run_error(argv) or argument_error(argv)
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from softmoe.harness.config import check_config, check_launch
 from softmoe.harness.errors import ConfigError
 from softmoe.harness.memory import Plan, format_plan, make_plan, model_shapes
 from softmoe.harness.overrides import composition_error
@@ -41,9 +42,9 @@ def compose_plan_config(overrides: Sequence[str]) -> dict[str, Any]:
         problem = rule(config[key], config)
         if problem is not None:
             raise ConfigError(f"{key}={format_value(config[key])}: {problem}")
-    problem = positive_int(config["trainer"]["batch_size"], config)
-    if problem is not None:
-        raise ConfigError(f"trainer.batch_size={format_value(config['trainer']['batch_size'])}: {problem}")
+    # the run as the train command would check it, started by torchrun on world_size GPUs (not this machine's)
+    check_config(config, on_this_machine=False)
+    check_launch(config, torchrun=True, world_size=config["world_size"])
     return config
 
 

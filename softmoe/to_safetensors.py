@@ -11,8 +11,10 @@ this host's CPU: the model must fit in its memory (the optimizer state is not re
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from safetensors.torch import save_file
 
@@ -30,13 +32,38 @@ def export(checkpoint: Path, output: Path) -> Path:
     return Path(output)
 
 
+def argument_problem(checkpoint: Path, output: Path) -> Optional[str]:
+    """What is wrong with the two paths, in one line, before anything is read: a checkpoint that is not one, an output
+    that would replace a file that is not a ``.safetensors`` file (a training checkpoint: its run could no longer
+    resume) or could not be written."""
+    if not checkpoint.exists():
+        return f"checkpoint={checkpoint}: no such file or directory"
+    if checkpoint.is_dir() and checkpoint.suffix != sharded_checkpoint.SUFFIX:
+        return (f"checkpoint={checkpoint}: a directory, not a checkpoint; name a run's best.pt or last.pt (or a "
+                "sharded best.dcp or last.dcp directory)")
+    if output.exists() and output.resolve() == checkpoint.resolve():
+        return f"output={output}: is the checkpoint itself; name a new .safetensors file, e.g. model.safetensors"
+    if output.is_dir():
+        return f"output={output}: a directory; name the .safetensors file to write, e.g. {output / 'model.safetensors'}"
+    if output.exists() and output.suffix != ".safetensors":
+        return (f"output={output}: an existing file that is not a .safetensors file, which this would replace; name a "
+                "new file, or a .safetensors file to overwrite")
+    folder = output.parent
+    if not folder.is_dir():
+        return f"output={output}: its folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"output={output}: its folder {folder} is not writable"
+    return None
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m softmoe.to_safetensors", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="last.pt / best.pt, or a sharded last.dcp / best.dcp directory")
     parser.add_argument("output", type=Path, help="the .safetensors file to write")
     args = parser.parse_args(argv)
-    if not args.checkpoint.exists():
-        print(f"error: checkpoint={args.checkpoint}: no such file or directory", file=sys.stderr)
+    problem = argument_problem(args.checkpoint, args.output)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         path = export(args.checkpoint, args.output)

@@ -82,3 +82,43 @@ def test_the_sampler_resumes_an_epoch_where_it_stopped():
     assert sorted(whole) == list(range(20))
     sampler.set_epoch(3)
     assert list(sampler) != whole
+
+
+def exportable(path):
+    path.parent.mkdir()
+    save_checkpoint(path, {**state(3), "model": {"weight": torch.ones(2)}, "config": "{}"})
+    return path
+
+
+def test_to_safetensors_writes_the_model_and_refuses_to_replace_a_checkpoint_in_one_line(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from softmoe.to_safetensors import main as to_safetensors
+
+    last, other = exportable(tmp_path / "run" / "last.pt"), exportable(tmp_path / "copy" / "last.pt")
+    kept = last.read_bytes(), other.read_bytes()
+    (tmp_path / "read-only").mkdir(mode=0o500)
+    refused = {
+        # was: both overwrote a training checkpoint with a .safetensors file; that run could no longer resume
+        (last, last): f"output={last}: is the checkpoint itself; name a new .safetensors file, e.g. model.safetensors",
+        (last, other): f"output={other}: an existing file that is not a .safetensors file, which this would replace; "
+                       "name a new file, or a .safetensors file to overwrite",
+        # were: a SafetensorError traceback, once the checkpoint was read
+        (last, tmp_path / "no" / "m.safetensors"): f"output={tmp_path / 'no' / 'm.safetensors'}: its folder "
+                                                   f"{tmp_path / 'no'} does not exist",
+        (last, tmp_path): f"output={tmp_path}: a directory; name the .safetensors file to write, e.g. "
+                          f"{tmp_path / 'model.safetensors'}",
+        (last.parent, tmp_path / "m.safetensors"): f"checkpoint={last.parent}: a directory, not a checkpoint; name a "
+                                                   "run's best.pt or last.pt (or a sharded best.dcp or last.dcp "
+                                                   "directory)",
+    }
+    if os.geteuid() != 0:  # root writes anywhere
+        refused[last, tmp_path / "read-only" / "m.safetensors"] = (
+            f"output={tmp_path / 'read-only' / 'm.safetensors'}: its folder {tmp_path / 'read-only'} is not writable")
+    for (source, output), message in refused.items():
+        assert to_safetensors([str(source), str(output)]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert (last.read_bytes(), other.read_bytes()) == kept and not (tmp_path / "no").exists()
+    for _ in range(2):  # a .safetensors file is replaced
+        assert to_safetensors([str(last), str(tmp_path / "model.safetensors")]) == 0
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["weight"], torch.ones(2))

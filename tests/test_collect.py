@@ -10,6 +10,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from conftest import train_killed_after
 from softmoe import collect
 from softmoe.harness import sweep_console, sweeps
 from softmoe.harness.errors import NoRunsError
@@ -256,14 +257,14 @@ def test_offline_wandb_runs_hold_the_overrides_and_every_value_of_metrics_jsonl(
 
 
 @pytest.mark.slow
-def test_a_resumed_runs_files_are_read_as_one_run_in_step_order(compose_run, tmp_path):
+def test_a_resumed_runs_files_are_read_as_one_run_in_step_order(compose_run, tmp_path, monkeypatch):
     from softmoe.harness.loop import train
     from softmoe.harness.runs import read_events
 
-    run = ["trainer.batch_size=256", "trainer.log_every=1", "model.depth=2", "logger.mode=offline",
-           "trainer.progress_bar=false"]
-    train(compose_run(*run, "trainer.max_steps=2"), tmp_path)
-    train(compose_run(*run, "trainer.max_steps=4"), tmp_path)  # resumes the same W&B run: a second file
+    run = ["trainer.batch_size=256", "trainer.log_every=1", "trainer.max_steps=4", "trainer.checkpoint_every=2",
+           "model.depth=2", "logger.mode=offline", "trainer.progress_bar=false"]
+    train_killed_after(3, compose_run(*run), tmp_path, monkeypatch)  # last.pt at step 2, step 3 logged
+    train(compose_run(*run), tmp_path)  # resumes the same W&B run: a second file
     assert len(list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))) == 2
     (whole,) = sweeps.load_wandb_offline(tmp_path)
     # steps 1-2 from the first file, 3-4 from the second: the losses metrics.jsonl holds, in its order

@@ -30,14 +30,14 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
 from softmoe.evaluate import evaluate_run
-from softmoe.harness.checkpoint import load_checkpoint
+from softmoe.harness.checkpoint import load_checkpoint, save_checkpoint
 from softmoe.harness.config import ConfigError
 from softmoe.harness.distributed import Distributed, ShardedSampler
 from softmoe.harness.errors import RunDirInUseError
 from softmoe.harness.faults import PreemptionGuard
 from softmoe.harness.loop import train
 from softmoe.harness.runs import RunDirLock, read_events
-from softmoe.harness.sharded_checkpoint import read_train_state
+from softmoe.harness.sharded_checkpoint import TRAIN_STATE, read_train_state
 from softmoe.harness.sampler import ResumableSampler
 
 ROOT = Path(CONF_DIR).parent
@@ -470,6 +470,12 @@ def test_one_process_continues_an_fsdp_run_directory_by_itself(fsdp_run, single_
     run_dir = tmp_path / "run"
     for name in ("last.dcp", "best.dcp"):
         shutil.copytree(fsdp_dir / name, run_dir / name)
+    # as a 12-step run stopped at step 9 leaves it: a run directory resumes only the run its config describes
+    train_state = run_dir / "last.dcp" / TRAIN_STATE
+    state = load_checkpoint(train_state)
+    config = json.loads(state["config"])
+    config["trainer"]["max_steps"] = 12
+    save_checkpoint(train_state, {**state, "config": json.dumps(config)})
     with caplog.at_level(logging.INFO, logger="softmoe.harness.context"):
         train(compose_run(*RUN, "trainer.max_steps=12"), run_dir)
     assert f"resuming from {run_dir / 'last.dcp'} at step 9 of 12" in caplog.text

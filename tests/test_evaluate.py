@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT
-from softmoe.evaluate import evaluate_run, missing_run_error
+from softmoe.evaluate import argument_error, evaluate_run, missing_run_error
+from softmoe.harness.errors import ConfigError
 from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.loop import train
 from softmoe.harness.runs import read_events
@@ -37,6 +39,48 @@ def test_evaluate_without_a_run_dir_says_so_and_leaves_hydras_flags_to_hydra():
         "run_dir: missing; name the training run directory to evaluate: "
         "python -m softmoe.evaluate run_dir=outputs/runs/<date>/<time>")
     assert missing_run_error(["--help"]) is None and missing_run_error(["--cfg", "job"]) is None
+
+
+BAD_ARGUMENTS = [  # were: a torch traceback, the run's own batch size (0 or ...), true, tracebacks
+    (["batch_size=abc"], "batch_size=abc: must be a positive integer, or null"),
+    (["batch_size=0"], "batch_size=0: must be a positive integer, or null"),
+    (["save_routing=true", "routing_examples=0"], "routing_examples=0: must be a positive integer"),
+    (["save_routing=maybe"], "save_routing=maybe: must be true or false"),
+    (["device=foo"], "device=foo: must be auto, cpu, cuda, cuda:<index> or mps"),
+    (["device=meta"], "device=meta: must be auto, cpu, cuda, cuda:<index> or mps"),
+    *([] if torch.cuda.is_available() else
+      [(["device=cuda"], "device=cuda: CUDA is not available on this machine; use auto or cpu")]),
+]
+
+
+@pytest.mark.parametrize("arguments,message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_a_bad_argument_is_refused_in_one_line_before_anything_loads(tmp_path, arguments, message):
+    run_dir = tmp_path / "run"  # holds nothing: the refusal comes before any file is read
+    assert argument_error([f"run_dir={run_dir}", *arguments]) == message  # the command line, before Hydra starts
+    composed = {key: yaml.safe_load(value) for key, value in (a.split("=", 1) for a in arguments)}
+    with pytest.raises(ConfigError) as raised:  # evaluate_run, as the command and the notebooks call it
+        evaluate_run(run_dir, tmp_path / "evaluate", **composed)
+    assert str(raised.value) == message and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_without_best_pt_is_pointed_to_checkpoint_last(tmp_path):
+    from softmoe.harness.checkpoint import save_checkpoint
+    from softmoe.harness.console import next_steps
+
+    # a data.val_size=0 run writes no best.pt; it printed `evaluate run_dir=...`, which then failed
+    save_checkpoint(tmp_path / "last.pt", {"format": 1, "step": 2})
+    assert missing_run_error([f"run_dir={tmp_path}"]) == (
+        f"run_dir={tmp_path}: holds no best.pt, only last.pt: no validation selected a model (data.val_size=0, or a "
+        "run stopped before its first validation); pass checkpoint=last")
+    assert missing_run_error([f"run_dir={tmp_path}", "checkpoint=last"]) is None
+    assert next_steps(tmp_path)[0].startswith(f"python -m softmoe.evaluate run_dir={tmp_path} checkpoint=last ")
+    save_checkpoint(tmp_path / "best.pt", {"format": 1, "step": 2})
+    assert next_steps(tmp_path)[0].startswith(f"python -m softmoe.evaluate run_dir={tmp_path}        # best.pt's")
+
+
+def test_good_arguments_pass_the_check(tmp_path):
+    assert argument_error([f"run_dir={tmp_path}", "checkpoint=last", "batch_size=7", "device=cpu",
+                           "save_routing=true", "routing_examples=4", f"data_dir={tmp_path}"]) is None
 
 
 @pytest.mark.slow

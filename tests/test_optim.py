@@ -146,9 +146,10 @@ def test_a_resumed_run_steps_with_its_own_kernel_choice_not_the_checkpoints(comp
     from softmoe.harness.loop import train
 
     run = [*SMALL_RUN, "scheduler=constant"]  # a constant rate: a 3-step run is the first half of a 6-step one
-    train(compose_run(*run, "trainer.max_steps=3", f"optimizer.fused={before}"), tmp_path / "switched")
-    train(compose_run(*run, "trainer.max_steps=6", f"optimizer.fused={after}"), tmp_path / "switched")
-    assert resumed_from() == [(tmp_path / "switched" / "last.pt", 3)]
+    train(compose_run(*run, "trainer.max_steps=3", f"optimizer.fused={before}"), tmp_path / "first")
+    resume = f"trainer.resume={tmp_path / 'first' / 'last.pt'}"
+    train(compose_run(*run, "trainer.max_steps=6", f"optimizer.fused={after}", resume), tmp_path / "switched")
+    assert resumed_from() == [(tmp_path / "first" / "last.pt", 3)]
     train(compose_run(*run, "trainer.max_steps=6", f"optimizer.fused={after}"), tmp_path / "whole")
     switched, whole = (load_checkpoint(tmp_path / name / "last.pt") for name in ("switched", "whole"))
     assert {group["fused"] for group in switched["optimizer"]["param_groups"]} == {after}

@@ -189,9 +189,10 @@ def test_a_run_with_optimizer_adamw_bf16_resumes_as_one_run(compose_run, tmp_pat
     run = ["optimizer=adamw_bf16", "data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=64",
            "data.test_size=16", "model.depth=2", "trainer.batch_size=8", "scheduler=constant", "logger=none",
            "trainer.progress_bar=false"]  # a constant rate: a 3-step run is the first half of a 6-step one
-    train(compose_run(*run, "trainer.max_steps=3"), tmp_path / "resumed")
-    train(compose_run(*run, "trainer.max_steps=6"), tmp_path / "resumed")
-    assert resumed_from() == [(tmp_path / "resumed" / "last.pt", 3)]
+    train(compose_run(*run, "trainer.max_steps=3"), tmp_path / "first")
+    train(compose_run(*run, "trainer.max_steps=6", f"trainer.resume={tmp_path / 'first' / 'last.pt'}"),
+          tmp_path / "resumed")
+    assert resumed_from() == [(tmp_path / "first" / "last.pt", 3)]
     train(compose_run(*run, "trainer.max_steps=6"), tmp_path / "whole")
     resumed, whole = (load_checkpoint(tmp_path / name / "last.pt") for name in ("resumed", "whole"))
     moments = [state["exp_avg_sq"] for state in whole["optimizer"]["state"].values()]

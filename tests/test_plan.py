@@ -84,7 +84,8 @@ def fake_world_of_4():
 
 
 def test_fsdp_parameter_figures_are_the_bytes_of_fully_shards_rank_0_shards(fake_world_of_4):
-    model, config = built(["model.num_classes=3"])  # a head of 3 rows over 4 ranks: rank 0 holds 1, rank 3 none
+    # a head of 3 rows over 4 ranks: rank 0 holds 1, rank 3 none
+    model, config = built(["data=synthetic", "data.num_classes=3"])
     shapes = shapes_of(model, config)
     for block in model.blocks:
         fully_shard(block, mesh=fake_world_of_4)
@@ -123,6 +124,12 @@ def test_the_recommendation_is_the_first_layout_that_fits():
                                    "trainer.batch_size?"),
         (["world_sise=4"], "error: world_sise=4: not a key of the config; did you mean world_size?"),
         (["--world-size", "4"], "error: --world-size: python -m softmoe.plan takes the train command's overrides"),
+        # were: timm's AssertionError traceback; a plan of runs the train command refuses
+        (["model.num_heads=5"], "error: model.num_heads=5: must divide model.embed_dim="),
+        (["model=vit_base"], "error: model.patch_size=16: must divide the image size data.img_size="),
+        (["world_size=3", "trainer.batch_size=64"], "error: trainer.batch_size=64: the global batch must be divisible "
+                                                    "by the 3 processes (WORLD_SIZE=3)"),
+        (["trainer.device=gpu"], "error: trainer.device=gpu: must be auto, cpu, cuda, cuda:<index> or mps"),
     ],
 )
 def test_bad_values_stop_with_one_line_and_status_2(capsys, overrides, message):
@@ -131,6 +138,11 @@ def test_bad_values_stop_with_one_line_and_status_2(capsys, overrides, message):
     assert exit_status.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith(message) and error.count("\n") == 1
+
+
+def test_a_run_for_gpus_is_planned_on_a_machine_without_one(capsys):
+    main([*TINY, "world_size=4", "trainer.device=cuda", "trainer.precision=fp16"])  # the GPUs are the job's
+    assert "Recommended: **DDP**" in capsys.readouterr().out
 
 
 def test_help_prints_the_commands_usage(capsys):

@@ -157,9 +157,10 @@ def test_the_expert_gemms_through_grouped_mm_compute_what_bmm_computes():
      (["--suite", "gpu", "--tiny", "--suite-rounds", "0"], "--suite-rounds must be >= 1, got 0"),
      (["--suite", "gpu", "--tiny", "--suite-budget-s", "-1"], "--suite-budget-s must be >= 0, got -1.0"),
      (["--device", "gpu"], "--device must be a torch device (cpu, cuda, cuda:1, ...), got 'gpu'"),
+     (["--device", "meta"], "--device meta: the benchmark measures cpu, cuda or mps, not meta"),  # was: a traceback
      (["--suite", "gpu", "--device", "cpu"], "--suite gpu measures a CUDA GPU at full size, not --device cpu; add "
                                              "--tiny to check the command on this device")],
-    ids=["threads", "suite_rounds", "suite_budget", "device", "full_suite_on_a_cpu"],
+    ids=["threads", "suite_rounds", "suite_budget", "device", "meta", "full_suite_on_a_cpu"],
 )
 def test_bad_arguments_stop_the_command_with_one_line_naming_them(capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_status:
@@ -173,6 +174,26 @@ def test_a_cuda_device_where_torch_sees_none_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--device", "cuda"])
     assert capsys.readouterr().err.endswith("error: --device cuda: torch sees no CUDA GPU here\n")
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks the refusal where torch sees no MPS device")
+def test_an_mps_device_where_torch_sees_none_is_refused(capsys):
+    with pytest.raises(SystemExit):  # was: a traceback from deep inside the first section
+        parse_args(["--device", "mps"])
+    assert capsys.readouterr().err.endswith("error: --device mps: torch sees no MPS device (Apple's GPU) here\n")
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_anything_is_measured(tmp_path, capsys):
+    # was: every section measured, then IsADirectoryError, and <out>.tmp left beside it
+    (tmp_path / "a file").write_text("")
+    for out, problem in [(tmp_path, f"a directory; name the JSON file to write, e.g. {tmp_path / 'bench.json'}"),
+                         (tmp_path / "a file" / "bench.json", f"cannot be written ({tmp_path / 'a file'} is a file)")]:
+        with pytest.raises(SystemExit) as exit_status:
+            parse_args(["--tiny", "--out", str(out)])
+        assert exit_status.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"python -m softmoe.benchmark: error: --out {out}: {problem}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
+    assert parse_args(["--tiny", "--out", str(tmp_path / "new" / "bench.json")]).out  # its folder is made when written
 
 
 def test_a_section_that_fails_is_listed_and_the_others_are_still_measured_and_saved(tmp_path):

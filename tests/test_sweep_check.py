@@ -30,6 +30,20 @@ def test_an_experiments_own_sweep_is_checked_without_minus_m():
                        "no job was started")
 
 
+def test_a_later_jobs_missing_dataset_is_named_before_the_first_job_trains(tmp_path):
+    # was: job 0 trained digits to the end, then job 1 stopped on "CIFAR-10 not found"
+    problem = sweep_job_error(["-m", "data=digits,cifar10", f"paths.data_dir={tmp_path}"], "train")
+    assert problem.startswith(f"job 1 (data=cifar10): data=cifar10: CIFAR-10 not found in {tmp_path / 'cifar10'}")
+    assert problem.endswith("or set data.root to the folder that holds cifar-10-batches-py/; no job was started")
+    assert list(tmp_path.iterdir()) == []  # looked for, nothing made
+    folder = tmp_path / "fashion_mnist"  # the IDX files present (their contents are read when a job builds the data)
+    folder.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (folder / name).write_bytes(b"")
+    assert sweep_job_error(["-m", "data=digits,fashion_mnist", f"paths.data_dir={tmp_path}"], "train") is None
+
+
 @pytest.mark.parametrize("argv", [
     ["-m", "moe.num_experts=4,8", "seed=0,1"],  # every job is valid
     ["experiment=table2_routing"],

@@ -150,6 +150,40 @@ def test_resuming_a_different_model_is_refused(compose_run, tmp_path):
         train(compose_run(*base, "moe.num_experts=8"), tmp_path)
 
 
+def test_a_run_directory_resumes_only_the_experiment_it_holds(compose_run, tmp_path, resumed_from, caplog):
+    # was: another learning rate in the same directory resumed the finished run, "resuming ... at step 2 of 2",
+    # and its old accuracy was reported under the new value
+    run = ["data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=32", "data.test_size=8",
+           "model.depth=2", "trainer.batch_size=16", "trainer.max_steps=2", "logger=none", *QUIET]
+    train(compose_run(*run), tmp_path)
+    last, kept = tmp_path / "last.pt", (tmp_path / "last.pt").read_bytes()
+    claimed = []  # python -m softmoe.train writes .hydra/ here: a refused config must not
+    with pytest.raises(CheckpointError) as raised:
+        train(compose_run(*run, "optimizer.lr=0.01"), tmp_path, on_claim=claimed.append)
+    assert str(raised.value) == (
+        f"optimizer.lr=0.01: this run directory's checkpoint {last} was saved with optimizer.lr=0.003, and a run "
+        f"directory resumes only the experiment it holds; rerun with optimizer.lr=0.003, or start a new run "
+        f"directory from it with trainer.resume={last} (a new hydra.run.dir, or hydra.sweep.dir for a sweep)"
+    )
+    with pytest.raises(CheckpointError) as raised:  # a longer run: another schedule, a second test result
+        train(compose_run(*run, "trainer.max_steps=4"), tmp_path, on_claim=claimed.append)
+    assert str(raised.value).startswith(f"trainer.max_steps=4: this run directory's checkpoint {last} is of a run "
+                                        "of trainer.max_steps=2, which is not lengthened in place")
+    assert str(raised.value).endswith(f"or to train on, start a new run directory from it with trainer.resume={last} "
+                                      "trainer.max_steps=4")
+    assert claimed == [] and last.read_bytes() == kept and resumed_from() == []
+    # where it runs, what it logs, its kernels: the same experiment, which resumes
+    train(compose_run(*run, "trainer.device=cpu", "trainer.log_every=1", "trainer.eval_batch_size=3",
+                      "optimizer.fused=false", "logger=none", f"trainer.resume={last}"), tmp_path)
+    assert resumed_from() == [(last, 2)]
+    other = tmp_path / "other.pt"  # was: silently ignored
+    other.write_bytes(last.read_bytes())
+    train(compose_run(*run, f"trainer.resume={other}"), tmp_path)
+    assert resumed_from() == [(last, 2), (last, 2)]
+    assert (f"trainer.resume={other} is ignored: this run directory holds its own last.pt, which it continues; a new "
+            "run directory starts from trainer.resume") in caplog.text
+
+
 @pytest.mark.slow
 def test_a_failing_wandb_never_stops_training(compose_run, tmp_path, monkeypatch, caplog):
     # the real client, online, against a server that refuses every connection (as with no network), giving up
@@ -168,11 +202,13 @@ def test_a_failing_wandb_never_stops_training(compose_run, tmp_path, monkeypatch
     assert warning.endswith(f"training continues, logging to {tmp_path / 'metrics.jsonl'} only")
 
 
-def test_the_wandb_sync_hint_of_a_resumed_offline_run_uploads_every_part_in_order(compose_run, tmp_path, caplog):
-    run = ["trainer.batch_size=256", "trainer.log_every=1", "model.depth=2", "logger.mode=offline", *QUIET]
-    train(compose_run(*run, "trainer.max_steps=2"), tmp_path)
+def test_the_wandb_sync_hint_of_a_resumed_offline_run_uploads_every_part_in_order(compose_run, tmp_path, caplog,
+                                                                                   monkeypatch):
+    run = ["trainer.batch_size=256", "trainer.log_every=1", "trainer.max_steps=4", "trainer.checkpoint_every=2",
+           "model.depth=2", "logger.mode=offline", *QUIET]
+    train_killed_after(3, compose_run(*run), tmp_path, monkeypatch)  # last.pt at step 2
     with caplog.at_level(logging.INFO):
-        train(compose_run(*run, "trainer.max_steps=4"), tmp_path)  # resumes the same W&B run: a second directory
+        train(compose_run(*run), tmp_path)  # resumes the same W&B run: a second directory
     parts = sorted(tmp_path.glob("wandb/offline-run-*"))
     assert len(parts) == 2 and len({part.name.rsplit("-", 1)[1] for part in parts}) == 1  # one run id
     hints = [r.getMessage() for r in caplog.records if "wandb sync" in r.getMessage()]

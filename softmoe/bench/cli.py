@@ -66,6 +66,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth probe's copy")
     args = parser.parse_args(argv)
     check_device(parser, args)
+    check_out(parser, args.out)
     cuda = args.device.startswith("cuda")
     if args.bfloat16_shapes is None:
         args.bfloat16_shapes = args.layer_shapes if cuda or cpu_has_native_bf16() else ["cpu_small"]
@@ -94,12 +95,32 @@ def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         device = torch.device(args.device)
     except RuntimeError:
         parser.error(f"--device must be a torch device (cpu, cuda, cuda:1, ...), got {args.device!r}")
+    if device.type not in ("cpu", "cuda", "mps"):
+        parser.error(f"--device {args.device}: the benchmark measures cpu, cuda or mps, not {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA GPU here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"--device {args.device}: torch sees no MPS device (Apple's GPU) here")
     if args.suite == "gpu" and device.type != "cuda" and not args.tiny:
         # the full-size suite on a CPU would run for hours: batch 256 at 224 px, B/16's 3.7 B parameters
         parser.error(f"--suite gpu measures a CUDA GPU at full size, not --device {args.device}; add --tiny to check "
                      "the command on this device")
+
+
+def check_out(parser: argparse.ArgumentParser, out: Optional[str]) -> None:
+    """--out names a file that can be written (its missing folders are made): checked before minutes of measuring."""
+    if out is None:
+        return
+    path = os.path.abspath(out)
+    if os.path.isdir(path):
+        parser.error(f"--out {out}: a directory; name the JSON file to write, e.g. {os.path.join(out, 'bench.json')}")
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):  # the nearest folder that exists, in which the rest would be made
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        parser.error(f"--out {out}: cannot be written ({folder} is a file)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        parser.error(f"--out {out}: cannot be written ({folder} is not writable)")
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:

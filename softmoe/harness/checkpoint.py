@@ -22,6 +22,7 @@ import torch
 from softmoe.upcycle import why_torch_load_failed
 
 from .errors import CheckpointError, CheckpointWriteError
+from .rules import format_value
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,57 @@ def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path) 
                     f"{section}.{key}={json.dumps(now)}: the checkpoint {path} was saved with {section}.{key}="
                     f"{json.dumps(before)}; resume with the same model or start a new run directory"
                 )
+
+
+# Keys (or whole sections) that change where a run reads and writes, how fast it computes and what it logs, not what
+# it trains or reports: a run directory resumes under other values of these (conf/hydra/default.yaml leaves the same
+# out of a run's name). Every other key defines the experiment the directory holds.
+NOT_THE_EXPERIMENT = (
+    "logger", "launcher", "paths", "data.root", "data.download", "model.upcycle_from", "model.upcycle_noise_std",
+    "moe.expert_parallel", "optimizer.fused", "optimizer.compile", "optimizer.write_expert_copies",
+    "trainer.device", "trainer.num_threads", "trainer.num_workers", "trainer.data_on_device",
+    "trainer.cuda_memory_fraction", "trainer.eval_batch_size", "trainer.log_every", "trainer.checkpoint_every",
+    "trainer.progress_bar", "trainer.resume", "trainer.strategy", "trainer.expert_parallel_size",
+    "trainer.reshard_after_forward", "trainer.activation_checkpointing", "trainer.init_device", "trainer.compile",
+    "trainer.nonfinite", "trainer.max_nonfinite_skips", "trainer.max_tokens_per_image",
+)
+RUN_LENGTH = ("trainer.max_steps", "trainer.max_epochs")
+
+
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``config``'s values by dotted key (``optimizer.lr``); lists are values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_experiment(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """Refuse to resume the run directory's own checkpoint under a config that changes the experiment (every key but
+    :data:`NOT_THE_EXPERIMENT`): the directory would report the old run's results under the new values. A key the
+    checkpoint's config lacks (added to the configs after it was written) is not compared."""
+    saved, now = flat_config(saved_config(state)), flat_config(config)
+    for key in sorted(set(saved) | set(now), key=lambda key: (not key.endswith(".name"), key)):  # data.name first
+        if key not in saved or key.startswith(tuple(f"{ignored}." for ignored in NOT_THE_EXPERIMENT)):
+            continue
+        if key in NOT_THE_EXPERIMENT or saved[key] == now.get(key):
+            continue
+        before, after = format_value(saved[key]), format_value(now.get(key))
+        new_run = f"start a new run directory from it with trainer.resume={path}"
+        if key in RUN_LENGTH:
+            raise CheckpointError(
+                f"{key}={after}: this run directory's checkpoint {path} is of a run of {key}={before}, which is not "
+                f"lengthened in place (its learning-rate schedule would change mid-run and it would report a second "
+                f"test result); rerun with {key}={before}, or to train on, {new_run} {key}={after}"
+            )
+        raise CheckpointError(
+            f"{key}={after}: this run directory's checkpoint {path} was saved with {key}={before}, and a run directory "
+            f"resumes only the experiment it holds; rerun with {key}={before}, or {new_run} (a new hydra.run.dir, or "
+            "hydra.sweep.dir for a sweep)"
+        )
 
 
 def rng_state() -> dict[str, Any]:

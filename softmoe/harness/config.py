@@ -56,19 +56,23 @@ def block_list(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     return None if ok else "must be a list of 0-indexed block numbers, e.g. [8,9,10,11]"
 
 
+def device_spelling(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    """A device name, whether or not this machine has that device (``python -m softmoe.plan`` plans for another)."""
+    kind, _, index = value.partition(":") if isinstance(value, str) else ("", "", "")
+    ok = value in ("auto", "cpu", "mps") or (kind == "cuda" and (not index or index.isdigit()))
+    return None if ok else "must be auto, cpu, cuda, cuda:<index> or mps"
+
+
 def device_name(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    allowed = "must be auto, cpu, cuda, cuda:<index> or mps"
-    if not isinstance(value, str):
-        return allowed
-    if value in ("auto", "cpu"):
-        return None
+    """A device name this machine has."""
+    problem = device_spelling(value, cfg)
+    if problem is not None or value in ("auto", "cpu"):
+        return problem
     if value == "mps":
         return None if torch.backends.mps.is_available() else "MPS is not available on this machine; use auto or cpu"
-    kind, _, index = value.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
-        return allowed
+    _, _, index = value.partition(":")
     if not torch.cuda.is_available():
-        return "CUDA is not available on this machine; use trainer.device=auto or cpu"
+        return "CUDA is not available on this machine; use auto or cpu"
     if index and int(index) >= torch.cuda.device_count():
         return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
     return None
@@ -202,6 +206,24 @@ LAUNCHER_RULES: dict[str, Rule] = {
     "mem_gb": positive_int,
     "max_requeues": non_negative_int,
 }
+# python -m softmoe.evaluate's own arguments (conf/evaluate.yaml), top-level keys
+EVALUATE_RULES: dict[str, Rule] = {
+    "checkpoint": one_of("best", "last"),
+    "device": device_name,
+    "batch_size": optional(positive_int),
+    "data_dir": optional(text),
+    "save_routing": boolean,
+    "routing_examples": positive_int,
+}
+
+
+def check_evaluate(arguments: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for the first bad argument of ``python -m softmoe.evaluate`` (those of
+    :data:`EVALUATE_RULES`), before anything loads: ``batch_size=0: must be a positive integer, or null``."""
+    for key, rule in EVALUATE_RULES.items():
+        problem = rule(arguments[key], arguments)
+        if problem is not None:
+            raise ConfigError(f"{key}={format_value(arguments[key])}: {problem}")
 
 
 def _check_target(section: str, values: Mapping[str, Any]) -> Callable:
@@ -255,9 +277,10 @@ def planned_steps(trainer: Mapping[str, Any], train_size: int) -> tuple[int, int
     return steps_per_epoch, total
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig, *, on_this_machine: bool = True) -> None:
     """Raise :class:`ConfigError` for the first bad key of ``cfg``; reads no data (the model is built, if at all,
-    on the meta device: see :func:`_check_upcycle_source`)."""
+    on the meta device: see :func:`_check_upcycle_source`). ``on_this_machine=False``: the run is planned for GPUs
+    elsewhere (``python -m softmoe.plan``), so ``trainer.device`` is not looked for here, and ``auto`` is a GPU."""
     config = plain(cfg)
     for section in ("model", "moe", "data", "optimizer", "scheduler", "trainer", "logger", "paths"):
         if not isinstance(config.get(section), dict):
@@ -270,7 +293,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_moe(config["moe"], config["model"])
     if config["model"]["upcycle_from"] is not None:
         _check_upcycle_source(config["model"], config["moe"])
-    _check_trainer(config["trainer"], config["data"])
+    _check_trainer(config["trainer"], config["data"], on_this_machine)
     check_model_name(config["model"])  # valid keys, but not what the user meant (plausibility.py)
     check_token_count(config["model"], config["trainer"]["max_tokens_per_image"])
     check_slot_count(config["model"], config["moe"], config["trainer"]["max_tokens_per_image"])
@@ -335,12 +358,15 @@ def _check_moe(moe: dict[str, Any], model: dict[str, Any]) -> None:
         )
 
 
-def _check_trainer(trainer: dict[str, Any], data: dict[str, Any]) -> None:
-    check_section("trainer", trainer, TRAINER_RULES)
+def _check_trainer(trainer: dict[str, Any], data: dict[str, Any], on_this_machine: bool = True) -> None:
+    rules = TRAINER_RULES if on_this_machine else {**TRAINER_RULES, "device": device_spelling}
+    check_section("trainer", trainer, rules)
     check_known("trainer", trainer, set(TRAINER_RULES), "not a key of the trainer group")
-    if trainer["precision"] == "fp16" and resolve_device(trainer["device"]).type != "cuda":
+    device = trainer["device"]
+    device_type = resolve_device(device).type if on_this_machine else device.partition(":")[0].replace("auto", "cuda")
+    if trainer["precision"] == "fp16" and device_type != "cuda":
         raise ConfigError(f"trainer.precision=fp16: needs a CUDA device (trainer.device={trainer['device']}); use bf16")
-    if trainer["precision"] != "fp32" and resolve_device(trainer["device"]).type == "mps":
+    if trainer["precision"] != "fp32" and device_type == "mps":
         raise ConfigError(
             f"trainer.precision={trainer['precision']}: on Apple's GPU (trainer.device={trainer['device']} is MPS) "
             "the trainer runs in float32; use trainer.precision=fp32"

@@ -18,6 +18,7 @@ from torch import nn
 
 from softmoe import block_index, moe_layers
 
+from . import sharded_checkpoint
 from .resume_hint import shown_path
 from .telemetry import METRICS_FILE, json_lines
 
@@ -63,8 +64,12 @@ def next_steps(run_dir: Union[str, Path]) -> list[str]:
         f"cp {ROUTING_NOTEBOOK} /tmp/ && SOFTMOE_RUN_DIR={shlex.quote(absolute)} "
         "jupyter execute --inplace /tmp/routing_analysis.ipynb"
     )
+    if sharded_checkpoint.latest(run_dir, "best.pt") is None:  # data.val_size=0: nothing selected, no best.pt
+        evaluate = f"python -m softmoe.evaluate run_dir={shlex.quote(shown)} checkpoint=last        # the final model's"
+    else:
+        evaluate = f"python -m softmoe.evaluate run_dir={shlex.quote(shown)}        # best.pt's validation and test"
     return [
-        f"python -m softmoe.evaluate run_dir={shlex.quote(shown)}        # best.pt's validation and test accuracy",
+        f"{evaluate} accuracy",
         f"{notebook}        # the routing notebook, headless",
         f"python -m softmoe.collect {shlex.quote(shown)}        # results.md and results.png of this run",
     ]

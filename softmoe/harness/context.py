@@ -27,6 +27,7 @@ from .checkpoint import (
     BEST,
     FORMAT_VERSION,
     LAST,
+    check_same_experiment,
     check_same_model,
     load_checkpoint,
     load_resume_checkpoint,
@@ -124,7 +125,7 @@ def seed_everything(seed: int) -> None:
 def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tuple[Optional[dict], Optional[Path]]:
     """(the checkpoint the run starts from, its path), or (None, None) for a fresh start: this directory's
     ``last.pt`` (or the ``last.prev.pt`` kept beside a damaged one) or sharded ``last.dcp``, else ``trainer.resume``.
-    Refuses a checkpoint of another model."""
+    Refuses a checkpoint of another model, and the run directory's own checkpoint under another experiment."""
     start_from = resume_path(run_dir, resume)
     own = sharded_checkpoint.latest_last(run_dir)  # of last.pt and FSDP's last.dcp (the strategy changed), the newer
     if own is not None and own.is_dir():
@@ -136,6 +137,11 @@ def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tup
     else:
         checkpoint, start_from = load_resume_checkpoint(start_from)
     check_same_model(checkpoint, config, start_from)
+    if start_from.parent == run_dir:  # not trainer.resume's: this directory's run, to continue as it was started
+        check_same_experiment(checkpoint, config, start_from)
+        if resume and Path(resume).expanduser().resolve() != start_from.resolve():
+            log.warning("trainer.resume=%s is ignored: this run directory holds its own %s, which it continues; a "
+                        "new run directory starts from trainer.resume", resume, start_from.name)
     return checkpoint, start_from
 
 
@@ -174,9 +180,10 @@ def open_run(
     lock = distributed.claim_run_dir(run_dir)  # one process per run directory (rank 0 holds the lock)
     if lock is not None:
         cleanup.callback(lock.release)
-        if on_claim is not None:
-            on_claim(run_dir)
+    # before on_claim writes .hydra/: a refused config leaves the directory's record of its run as it was
     checkpoint, start_from = resume_checkpoint(run_dir, trainer["resume"], config)
+    if lock is not None and on_claim is not None:
+        on_claim(run_dir)
     seed_everything(seed)
 
     # Data. Epoch e's order is drawn from seed + e, so a resumed run skips what it has seen without loading it.

@@ -65,6 +65,9 @@ def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best") -> Path
         raise CheckpointError(f"run_dir={run_dir}: no such directory (a training run directory holds best.pt and "
                               "last.pt)")
     path = sharded_checkpoint.latest(run_dir, f"{checkpoint}.pt")
+    if path is None and checkpoint == "best" and sharded_checkpoint.latest(run_dir, "last.pt") is not None:
+        raise CheckpointError(f"run_dir={run_dir}: holds no best.pt, only last.pt: no validation selected a model "
+                              "(data.val_size=0, or a run stopped before its first validation); pass checkpoint=last")
     if path is None:
         raise CheckpointError(f"run_dir={run_dir}: holds no {checkpoint}.pt (is it a training run directory?)")
     return path

@@ -4,8 +4,9 @@ Each job checks its own config when it starts (:func:`~.config.check_config`), s
 (``moe.num_experts=4,0``) used to run every job before that one, perhaps for hours, then stop at it. The train
 command calls :func:`sweep_job_error` before Hydra starts: it composes the config of every job the basic sweeper
 would run (the cartesian product of the discrete sweeps) and checks each, reading no data and building models, if
-at all, on the meta device. Interval sweeps (an Optuna search's ``interval(...)``) are left to their sweeper: their
-values are not known before it draws them.
+at all, on the meta device; it also looks for each distinct dataset's files (``data.check_data_present``), so a
+sweep over ``data=digits,cifar10`` without CIFAR-10 on disk does not train job 0 first. Interval sweeps (an Optuna
+search's ``interval(...)``) are left to their sweeper: their values are not known before it draws them.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import check_config
-from .errors import ConfigError
+from .data import check_data_present
+from .errors import ConfigError, MissingDataError
 from .overrides import HYDRA_FLAGS, compose_config, plain_overrides, runs_as_multirun
 from .plausibility import CONF_DIR
+from .rules import plain
 
 MAX_JOBS_CHECKED = 200  # at about 0.2 s a job, 40 s at most; a larger grid is checked job by job as it runs
 
@@ -62,13 +65,19 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
                                  MAX_JOBS_CHECKED + 1))
     if len(jobs) < 2 or len(jobs) > MAX_JOBS_CHECKED:
         return None  # one job checks itself before anything loads; a huge grid is checked as it runs
-    fixed = set(overrides)
+    fixed, data_checked = set(overrides), []
     for number, job in enumerate(jobs):
         try:
-            check_config(compose_config(config_name, job, conf_dir))
-        except ConfigError as error:
+            composed = compose_config(config_name, job, conf_dir)
+            check_config(composed)
+            config = plain(composed)
+            data = (config["data"], config["paths"]["data_dir"])
+            if data not in data_checked:  # each distinct dataset once: its files are looked for, not read
+                data_checked.append(data)
+                check_data_present(*data)
+        except (ConfigError, MissingDataError) as error:
             swept = " ".join(override for override in job if override not in fixed)
-            return f"job {number} ({swept}): {error}; no job was started"
+            return f"job {number} ({swept}): {str(error).rstrip('.')}; no job was started"
         except (HydraException, OmegaConfBaseException):
             return None  # a composition error: overrides.composition_error reports it
     return None

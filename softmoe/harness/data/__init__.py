@@ -38,12 +38,34 @@ _BUILDERS = {
 }
 
 
+# Whether a dataset's files are there, without reading them; the datasets without files have none.
+_PRESENCE_CHECKS = {
+    "cifar10": cifar.check_present,
+    "cifar100": cifar.check_present,
+    "fashion_mnist": fashion_mnist.check_present,
+    "imagefolder": imagefolder.check_present,
+}
+
+
+def _root(cfg: dict[str, Any], data_dir: str) -> Path:
+    return Path(cfg.get("root") or Path(data_dir) / cfg["name"]).expanduser()
+
+
+def check_data_present(data_cfg: Any, data_dir: str) -> None:
+    """Raise the :class:`MissingDataError` :func:`build_datasets` would for files that are not there, reading none
+    of them: a sweep checks every job's data before its first job starts."""
+    cfg = checked_config(data_cfg)
+    check = _PRESENCE_CHECKS.get(cfg["name"])
+    if check is not None:
+        check(cfg, _root(cfg, data_dir))
+
+
 def build_datasets(data_cfg: Any, data_dir: str) -> DataBundle:
     """The train, validation and test splits of the dataset ``data_cfg`` names; files are read from
     ``data.root``, else ``<data_dir>/<name>``. The validation split is held out of the training examples
     (``data.val_size``, by ``data.split_seed``); ``bundle.val`` is None when ``data.val_size=0``."""
     cfg = checked_config(data_cfg)
-    root = Path(cfg.get("root") or Path(data_dir) / cfg["name"]).expanduser()
+    root = _root(cfg, data_dir)
     bundle = with_validation(_BUILDERS[cfg["name"]](cfg, root), cfg["val_size"], cfg.get("split_seed", 0))
     if bundle.skipped:
         log.warning(
@@ -102,4 +124,5 @@ __all__ = [
     "build_loader",
     "dataset_size",
     "check_data_config",
+    "check_data_present",
 ]

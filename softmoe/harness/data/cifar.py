@@ -112,16 +112,17 @@ class CheckedCIFAR10(datasets.CIFAR10):
         self.classes = self._read_class_names(folder / self.meta["filename"])
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
 
-    def _require_files(self, folder: Path) -> None:
+    @classmethod
+    def _require_files(cls, folder: Path) -> None:
         """One message listing every missing file of both splits, and how to fetch them."""
-        names = [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
+        names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         missing = [name for name in names if not (folder / name).is_file()]
         if missing:
-            config_name = f"cifar{self.num_classes}"
+            config_name = f"cifar{cls.num_classes}"
             raise MissingDataError(
-                f"data={config_name}: CIFAR-{self.num_classes} not found in {folder} (missing {', '.join(missing)}). "
+                f"data={config_name}: CIFAR-{cls.num_classes} not found in {folder} (missing {', '.join(missing)}). "
                 f"Fetch it once with `python -m softmoe.train data={config_name} data.download=true`, "
-                f"or set data.root to the folder that holds {self.base_folder}/."
+                f"or set data.root to the folder that holds {cls.base_folder}/."
             )
 
     def _read_batch(self, path: Path, report: BadExamples) -> tuple[np.ndarray, list[int]]:
@@ -163,6 +164,9 @@ class CheckedCIFAR100(CheckedCIFAR10, datasets.CIFAR100):
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
+DATASET_CLASSES = {"cifar10": CheckedCIFAR10, "cifar100": CheckedCIFAR100}
+
+
 def cifar_transforms(img_size: int, augment: bool, mean: tuple, std: tuple) -> tuple[Callable, Callable]:
     """(train, eval) transforms from a PIL image: the standard pad-4 random crop and flip, then resize to img_size."""
     resize = [v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC)] if img_size != CIFAR_SIDE else []
@@ -171,9 +175,17 @@ def cifar_transforms(img_size: int, augment: bool, mean: tuple, std: tuple) -> t
     return v2.Compose(augmentation + resize + to_tensor), v2.Compose(resize + to_tensor)
 
 
+def check_present(cfg: dict[str, Any], root: Path) -> None:
+    """The :class:`MissingDataError` :func:`build` would raise for files that are not there, reading none (with
+    ``data.download=true`` they are fetched then)."""
+    if not cfg["download"]:
+        dataset_class = DATASET_CLASSES[cfg["name"]]
+        dataset_class._require_files(Path(root) / dataset_class.base_folder)
+
+
 def build(cfg: dict[str, Any], root: Path) -> DataBundle:
     name = cfg["name"]
-    dataset_class = {"cifar10": CheckedCIFAR10, "cifar100": CheckedCIFAR100}[name]
+    dataset_class = DATASET_CLASSES[name]
     train_transform, eval_transform = cifar_transforms(
         cfg["img_size"], cfg["augment"], dataset_class.mean, dataset_class.std
     )

@@ -131,6 +131,22 @@ def load_split(folder: Path, split: str, report: BadExamples) -> tuple[torch.Ten
     return ((pixels - MEAN) / STD).unsqueeze(1), torch.from_numpy(labels[keep].astype(np.int64))
 
 
+def _not_found(folders: list[Path]) -> MissingDataError:
+    return MissingDataError(
+        f"data=fashion_mnist: the four IDX files ({', '.join(FILE_NAMES)}, "
+        f"each plain or .gz) are not in {' or '.join(map(str, folders))}. Install them with "
+        "`apt-get install dataset-fashion-mnist`, fetch them with data.download=true, or set data.root."
+    )
+
+
+def check_present(cfg: dict[str, Any], root: Path) -> None:
+    """The :class:`MissingDataError` :func:`build` would raise for files that are not there, reading none (with
+    ``data.download=true`` they are fetched then)."""
+    folders = search_folders(root, root_given=cfg["root"] is not None)
+    if not cfg["download"] and locate(folders) is None:
+        raise _not_found(folders)
+
+
 def build(cfg: dict[str, Any], root: Path) -> DataBundle:
     folders = search_folders(root, root_given=cfg["root"] is not None)
     folder = locate(folders)
@@ -138,11 +154,7 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
         download(root)
         folder = locate(folders)
     if folder is None:
-        raise MissingDataError(
-            f"data=fashion_mnist: the four IDX files ({', '.join(FILE_NAMES)}, "
-            f"each plain or .gz) are not in {' or '.join(map(str, folders))}. Install them with "
-            "`apt-get install dataset-fashion-mnist`, fetch them with data.download=true, or set data.root."
-        )
+        raise _not_found(folders)
     log_source("fashion_mnist", folder)
     report = BadExamples(cfg["on_bad_file"])
     splits = {split: load_split(folder, split, report) for split in FILES}

@@ -129,9 +129,8 @@ def _missing_data(root: Path, problem: str) -> MissingDataError:
     )
 
 
-def build(cfg: dict[str, Any], root: Path) -> DataBundle:
-    from timm.data import create_transform
-
+def _split_dirs_and_classes(root: Path) -> tuple[dict[str, Path], list[str], dict[str, int]]:
+    """Each split's folder, and the class folders of ``train/``; a :class:`MissingDataError` when they are not there."""
     split_dirs = {split: root / folder for split, folder in SPLIT_DIRS.items()}
     missing = [str(path) for path in split_dirs.values() if not path.is_dir()]
     if missing:
@@ -140,6 +139,18 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
         classes, class_to_idx = find_classes(str(split_dirs["train"]))
     except FileNotFoundError:
         raise _missing_data(root, f"no class folders in {split_dirs['train']}") from None
+    return split_dirs, classes, class_to_idx
+
+
+def check_present(cfg: dict[str, Any], root: Path) -> None:
+    """The :class:`MissingDataError` :func:`build` would raise for folders that are not there, reading no image."""
+    _split_dirs_and_classes(root)
+
+
+def build(cfg: dict[str, Any], root: Path) -> DataBundle:
+    from timm.data import create_transform
+
+    split_dirs, classes, class_to_idx = _split_dirs_and_classes(root)
     if len(classes) > cfg["num_classes"]:
         raise ConfigError(  # the train command's one line, exit 2 (a ValueError printed a traceback)
             f"data.num_classes={cfg['num_classes']}: {split_dirs['train']} has {len(classes)} class folders; "
