@@ -143,6 +143,18 @@ def test_trainer_resume_starts_from_another_runs_checkpoint(compose_run, tmp_pat
                                  "trainer.max_steps (or trainer.max_epochs) to train on from it")
 
 
+def test_a_run_started_from_another_runs_checkpoint_logs_to_a_wandb_run_of_its_own(compose_run, tmp_path):
+    """Both directories hold offline W&B files; under one run id, `wandb sync` would merge two runs into one."""
+    base = ["trainer.batch_size=256", "model.depth=2", "logger.mode=offline", *QUIET]
+    first = train(compose_run(*base, "trainer.max_steps=2"), tmp_path / "first")
+    resume = f"trainer.resume={tmp_path / 'first' / 'last.pt'}"
+    second = train(compose_run(*base, "trainer.max_steps=3", resume), tmp_path / "second")
+    first_id, second_id = (summary.wandb_run_path.split("/")[-1] for summary in (first, second))
+    assert first_id and second_id and first_id != second_id
+    assert load_checkpoint(tmp_path / "second" / "last.pt")["wandb_run_id"] == second_id
+    assert list((tmp_path / "second" / "wandb").glob(f"offline-run-*-{second_id}"))
+
+
 def test_resuming_a_different_model_is_refused(compose_run, tmp_path):
     base = ["trainer.max_steps=2", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET]
     train(compose_run(*base), tmp_path)

@@ -215,7 +215,8 @@ def open_run(
         log.info("resuming from %s at step %d of %d", start_from, state.step, total_steps)
     writer = None  # rank 0 writes metrics.jsonl and W&B, from metrics averaged over the ranks
     if distributed.is_main:
-        run_id = checkpoint["wandb_run_id"] if checkpoint is not None else None
+        # a new run directory is a new run: trainer.resume's checkpoint seeds its weights, not its W&B run
+        run_id = checkpoint["wandb_run_id"] if checkpoint is not None and not from_another_run else None
         writer = Telemetry(run_dir, config["logger"], config, resume_step=state.step, run_id=run_id, group=wandb_group,
                            name=wandb_name)
     telemetry = RankZeroTelemetry(writer, distributed)
