@@ -5,6 +5,7 @@ graphs are inspected (``aot_eager``: no inductor code generation, so these run i
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
@@ -31,7 +32,7 @@ def graph_catcher():
     def keep(kind):
         def compiler(graph_module, example_inputs):
             graphs.append((kind, graph_module))
-            return graph_module.forward
+            return make_boxed_func(graph_module.forward)
         return compiler
 
     backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
