@@ -99,8 +99,9 @@ _is_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_trac
 
 def require_tokens(name: str, x: Any, dim: int, parameter: torch.Tensor) -> None:
     """Check that ``x`` is a floating-point [batch, tokens, dim] tensor with at least one token, in the dtype of the
-    layer's ``parameter`` unless autocast casts both (eager calls only)."""
-    if is_tracing():
+    layer's ``parameter`` unless autocast casts both (eager calls, and under ``torch.compile``: dynamo guards on
+    these static properties anyway, and a wrong input then gets this line, not an error from inside the graph)."""
+    if _is_fx_symbolic_tracing() or torch.compiler.is_exporting():  # proxies, or export's symbolic shapes
         return
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a tensor of shape [batch, tokens, {dim}], got {type(x).__name__}")

@@ -1,6 +1,6 @@
 """Traceable and compilable: torch.fx, torch.export and torch.compile(fullgraph=True) give one graph that
 computes what eager mode does, for the layer, the wrapper with MLP-like experts and the ViT; timm's dense
-ViT of the same shape is the reference. Eager mode keeps its input checks.
+ViT of the same shape is the reference. Eager mode and compiled calls keep their input checks.
 """
 
 from functools import partial
@@ -102,6 +102,15 @@ def test_eager_calls_keep_the_input_check_after_tracing():
     torch.export.export(model, (TOKENS,))
     with pytest.raises(ValueError, match=r"input last dimension must equal dim=16, got shape \[2, 12, 8\]"):
         model(torch.randn(2, 12, 8))
+
+
+def test_a_compiled_layer_checks_its_input_as_eager_mode_does():
+    compiled = torch.compile(soft_moe(), backend="aot_eager")
+    compiled(TOKENS)
+    with pytest.raises(ValueError, match=r"input last dimension must equal dim=16, got shape \[2, 12, 8\]"):
+        compiled(torch.randn(2, 12, 8))
+    with pytest.raises(ValueError, match=r"must have shape \[batch, tokens, 16\], got a tensor of shape \[12, 16\]"):
+        compiled(torch.randn(12, 16))
 
 
 def test_registered_test_model_exports():
