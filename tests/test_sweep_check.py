@@ -44,6 +44,13 @@ def test_a_later_jobs_missing_dataset_is_named_before_the_first_job_trains(tmp_p
     assert sweep_job_error(["-m", "data=digits,fashion_mnist", f"paths.data_dir={tmp_path}"], "train") is None
 
 
+def test_a_key_one_swept_group_option_lacks_is_named_with_the_job_and_that_options_keys():
+    # was: Hydra's 5-line "Could not override 'optimizer.betas'", exit status 1, after writing multirun.yaml
+    problem = sweep_job_error(["-m", "optimizer=adamw,sgd", "optimizer.betas=[0.9,0.99]"], "train")
+    assert problem == ("job 1 (optimizer=sgd): optimizer.betas=[0.9,0.99]: not a key of optimizer=sgd; its keys are "
+                       "lr, momentum, nesterov, weight_decay, fused; no job was started")
+
+
 @pytest.mark.parametrize("argv", [
     ["-m", "moe.num_experts=4,8", "seed=0,1"],  # every job is valid
     ["experiment=table2_routing"],
@@ -65,3 +72,15 @@ def test_the_command_starts_no_job_and_makes_no_sweep_directory(tmp_path):
     assert result.stderr.strip() == ("error: job 1 (moe.num_experts=0): moe.num_experts=0: must be a positive "
                                      "integer; no job was started")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_later_job_hydra_cannot_compose_stops_the_command_in_one_line_before_hydra_writes(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "softmoe.train", "-m", "debug=default", "optimizer=adamw,sgd",
+               "optimizer.betas=[0.9,0.99]", f"hydra.sweep.dir={sweep_dir}"]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stderr.count("\n")) == (2, 1)
+    assert result.stderr.startswith("error: job 1 (optimizer=sgd): optimizer.betas=[0.9,0.99]: not a key of ")
+    assert list(tmp_path.iterdir()) == []  # no multirun.yaml, no sweep directory
