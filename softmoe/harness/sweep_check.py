@@ -5,8 +5,10 @@ Each job checks its own config when it starts (:func:`~.config.check_config`), s
 command calls :func:`sweep_job_error` before Hydra starts: it composes the config of every job the basic sweeper
 would run (the cartesian product of the discrete sweeps) and checks each, reading no data and building models, if
 at all, on the meta device; it also looks for each distinct dataset's files (``data.check_data_present``), so a
-sweep over ``data=digits,cifar10`` without CIFAR-10 on disk does not train job 0 first. Interval sweeps (an Optuna
-search's ``interval(...)``) are left to their sweeper: their values are not known before it draws them.
+sweep over ``data=digits,cifar10`` without CIFAR-10 on disk does not train job 0 first; and a launcher this machine
+cannot start (``launcher=slurm`` without SLURM's commands) is refused before Hydra makes the sweep dir. Interval
+sweeps (an Optuna search's ``interval(...)``) are left to their sweeper: their values are not known before it draws
+them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import check_config
+from .config import check_config, check_launcher_here
 from .data import check_data_present
 from .errors import ConfigError, MissingDataError
 from .overrides import (
@@ -77,7 +79,8 @@ def job_composition_error(job: Sequence[str], config_name: str, conf_dir: Path, 
 
 def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
     """The first job of this multirun (``-m``, or a config that sets ``hydra.mode: MULTIRUN``, as the experiments
-    do) whose config the job would refuse, in one line naming the job and its swept values; None when every job
+    do) whose config the job would refuse, in one line naming the job and its swept values (or a launcher this
+    machine lacks, :func:`~.config.check_launcher_here`); None when every job
     passes, or the command line is no multirun, or Hydra will refuse its first job anyway
     (``overrides.composition_error``)."""
     overrides = [argument for argument in argv if argument not in HYDRA_FLAGS]
@@ -90,6 +93,10 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
         return None
     if not runs_as_multirun(argv, base):
         return None
+    try:
+        check_launcher_here(OmegaConf.select(base, "launcher.name"))
+    except ConfigError as error:
+        return str(error)
     # the basic sweeper's order: the config's hydra.sweeper.params, then the command line's overrides
     params = OmegaConf.select(base, "hydra.sweeper.params") or {}
     jobs = list(itertools.islice(sweep_jobs([*(f"{k}={v}" for k, v in params.items()), *overrides]),
