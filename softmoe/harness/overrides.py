@@ -210,9 +210,9 @@ def no_directory_reason(path: Path) -> Optional[str]:
     return None
 
 
-def output_dir_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
-    """Why Hydra could not make this command line's run directory (a sweep's: ``hydra.sweep.dir``), in one line naming
-    the key, or None; Hydra would stop on a ``FileExistsError`` or ``FileNotFoundError`` traceback."""
+def output_dir(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[tuple[str, Path]]:
+    """(``hydra.run.dir`` or, for a sweep, ``hydra.sweep.dir``; the directory it names) of this command line, as
+    Hydra is about to resolve it (``${now:}`` a moment earlier), or None when it does not compose."""
     overrides = [argument for argument in argv if argument not in HYDRA_FLAGS]
     if any(argument.startswith("-") for argument in overrides):
         return None
@@ -223,5 +223,12 @@ def output_dir_error(argv: Sequence[str], config_name: str, conf_dir: Path = CON
         return None
     key = "hydra.sweep.dir" if runs_as_multirun(argv, composed) else "hydra.run.dir"
     directory = OmegaConf.select(composed, key, throw_on_resolution_failure=False)
-    problem = no_directory_reason(Path(directory)) if directory else None
+    return (key, Path(directory)) if directory else None
+
+
+def output_dir_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
+    """Why Hydra could not make this command line's run directory (a sweep's: ``hydra.sweep.dir``), in one line naming
+    the key, or None; Hydra would stop on a ``FileExistsError`` or ``FileNotFoundError`` traceback."""
+    key, directory = output_dir(argv, config_name, conf_dir) or (None, None)
+    problem = no_directory_reason(directory) if directory else None
     return f"{key}={directory}: {problem}; it must name a directory, or where one can be made" if problem else None
