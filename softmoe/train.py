@@ -44,7 +44,7 @@ from softmoe.harness.errors import (
 from softmoe.harness.faults import Preempted
 from softmoe.harness.console import final_dispatch_entropy, next_steps
 from softmoe.harness.loop import train
-from softmoe.harness.overrides import composition_error, output_dir, output_dir_error
+from softmoe.harness.overrides import composition_error, multirun_flag_first, output_dir, output_dir_error
 from softmoe.harness.plausibility import check_model_choice
 from softmoe.harness.resume_hint import resume_command, resume_hint
 from softmoe.harness.runs import missing_parents, remove_if_unused, save_hydra_configs
@@ -176,6 +176,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = multirun_flag_first(sys.argv[1:])  # -m anywhere: Hydra's parser takes it before the overrides
     # a mistyped key or option, a sweep with a bad value in any job, a run dir Hydra cannot make: one line, before
     # Hydra starts
     problem = (composition_error(sys.argv[1:], "train") or sweep_job_error(sys.argv[1:], "train")

@@ -31,6 +31,12 @@ from .plausibility import CONF_DIR, group_options
 HYDRA_FLAGS = ("-m", "--multirun")  # any other flag (--help, --cfg, -cn ...) leaves the command line to Hydra
 
 
+def multirun_flag_first(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``-m`` (``--multirun``) moved before the overrides, where Hydra's parser takes it:
+    ``debug=default -m seed=0,1`` was 8 lines of usage and "unrecognized arguments"."""
+    return [*(a for a in argv if a in HYDRA_FLAGS), *(a for a in argv if a not in HYDRA_FLAGS)]
+
+
 def plain_overrides(parsed: Sequence[Override]) -> list[str]:
     """The overrides with each sweep replaced by its first value: what the first job of a sweep composes (interval
     sweeps, an Optuna search's, are left to their sweeper)."""
