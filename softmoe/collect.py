@@ -8,7 +8,8 @@
 
 Each group of runs (the overrides that differ between runs, except ``seed``) reports mean ± std over its seeds of
 the best validation accuracy (the selection) and the test accuracy of the final model and of the best-on-validation
-checkpoint, and the final value of any ``--metric``; nothing is ever selected on a test metric. Writes
+checkpoint, and the final value of any ``--metric``; nothing is ever selected on a test metric. A run that has not
+logged its test result (still training, stopped, cut short) is left out of the table, with a warning naming it. Writes
 ``results.md`` and ``results.png`` (to ``--out``, default the sweep dir). The reading, grouping and plotting live
 in ``softmoe.harness.sweeps``, which the notebooks import too; this module is the command line.
 """
@@ -20,11 +21,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from softmoe.harness.errors import USER_ERRORS, exit_code
+from softmoe.harness.errors import USER_ERRORS, ConfigError, NoRunsError, exit_code
 from softmoe.harness.sweeps import (
     RESULT_COLUMNS,
     RunResult,
     column_label,
+    is_finished,
     load_sweep,
     load_wandb_group,
     load_wandb_offline,
@@ -84,19 +86,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exit_code(error)
 
 
+def make_out_dir(out: Path) -> None:
+    """``--out``, made if missing; one that cannot be a directory is a user's mistake, not a traceback."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file of that name (FileExistsError), a file on the path, no permission
+        raise ConfigError(f"--out {out} cannot be a directory ({error.strerror}: {error.filename}); --out names the "
+                          "directory results.md and results.png go to") from None
+
+
+def warn_unfinished(runs: Sequence[RunResult], sweep_dir: Optional[Path]) -> None:
+    """One line naming the runs the table leaves out: no test result yet (still training, stopped, cut short)."""
+    unfinished = [str(sweep_dir / run.name) if sweep_dir else run.name for run in runs if not is_finished(run)]
+    if len(unfinished) == len(runs):
+        raise NoRunsError(f"no run has finished (logged test/acc) yet: {', '.join(unfinished)}")
+    if unfinished:
+        print(f"warning: left out of the table {len(unfinished)} unfinished run{'' if len(unfinished) == 1 else 's'} "
+              f"(no test/acc logged yet): {', '.join(unfinished)}", file=sys.stderr)
+
+
 def collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        make_out_dir(args.out)  # refused before any run is read
     runs = load_runs(args, parser)
     by = args.by.split(",") if args.by else swept_keys(runs)
     metrics = [metric for metric in args.metric.split(",") if metric]
+    warn_unfinished(runs, args.sweep_dir)
     summaries = summarize(runs, by, metrics)
     table = markdown_table(summaries, by, metrics)
     out = args.out or args.sweep_dir or args.wandb_dir or Path(".")
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     (out / "results.md").write_text(table)
     column = args.plot or column_label(metrics[0] if metrics else RESULT_COLUMNS[1][1])
     plot(summaries, by, column, out / "results.png")
     print(table, end="")
-    print(f"wrote {out / 'results.md'} and {out / 'results.png'} ({len(runs)} run{'' if len(runs) == 1 else 's'})")
+    pooled = sum(summary.runs for summary in summaries)
+    print(f"wrote {out / 'results.md'} and {out / 'results.png'} ({pooled} run{'' if pooled == 1 else 's'})")
     return 0
 
 

@@ -44,10 +44,10 @@ from softmoe.harness.errors import (
 from softmoe.harness.faults import Preempted
 from softmoe.harness.console import final_dispatch_entropy, next_steps
 from softmoe.harness.loop import train
-from softmoe.harness.overrides import composition_error
+from softmoe.harness.overrides import composition_error, multirun_flag_first, output_dir, output_dir_error
 from softmoe.harness.plausibility import check_model_choice
 from softmoe.harness.resume_hint import resume_command, resume_hint
-from softmoe.harness.runs import in_default_layout, remove_if_unused, save_hydra_configs
+from softmoe.harness.runs import missing_parents, remove_if_unused, save_hydra_configs
 from softmoe.harness.sweep_check import sweep_job_error
 from softmoe.harness.sweep_console import tag_console
 from softmoe.runtime import tune_allocator
@@ -117,6 +117,11 @@ def say_how_to_resume_after_a_crash(tag: str, run_dir: Path, after_the_traceback
         say(message)
 
 
+# How many parent folders of the run directory Hydra is about to make (outputs/debug/<date> in a fresh working
+# directory), counted before it starts: a run that never starts removes them again, and no folder that was there.
+_run_dir_parents_to_make: list = [0]
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
@@ -129,7 +134,7 @@ def main(cfg: DictConfig) -> float:
     tag_console(tag, Path(hydra_cfg.sweep.dir) if multirun else None)
     group, name = wandb_group_and_name(hydra_cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    default_layout = in_default_layout(hydra_cfg)  # outputs/runs/<date>/<time>: its empty <date> goes with it
+    new_parents = _run_dir_parents_to_make[0] if not multirun else 0  # a job's folder is in its sweep dir, which stays
     try:
         check_model_choice(OmegaConf.select(cfg, "model.name"), hydra_cfg.runtime.choices.get("model"))
         # Hydra's .hydra/ configs are written once this process holds the run directory (conf/hydra/default.yaml)
@@ -138,7 +143,7 @@ def main(cfg: DictConfig) -> float:
     except (*USER_ERRORS, NonFiniteError) as error:
         print(f"{tag}error: {one_line(error)}", file=sys.stderr)
         if not isinstance(error, RunDirInUseError):  # that directory is the other process's
-            remove_if_unused(run_dir, empty_parent_too=default_layout)  # a run that never started leaves no folder
+            remove_if_unused(run_dir, new_parents=new_parents)  # a run that never started leaves no folder
         if isinstance(error, MID_RUN_ERRORS):  # a NaN stop, a bad file met mid-run, a full disk: last.pt is kept
             say_how_to_resume(tag, run_dir)
         sys.exit(exit_code(error))
@@ -148,7 +153,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(preempted.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before training started (a second one during a step ends the process)
         print(f"{tag}error: interrupted before training started", file=sys.stderr)
-        remove_if_unused(run_dir, empty_parent_too=default_layout)
+        remove_if_unused(run_dir, new_parents=new_parents)
         say_how_to_resume(tag, run_dir)  # a resumed run interrupted while loading
         sys.exit(preempted_exit_code(signal.SIGINT))
     except Exception:  # a crash: Hydra prints the traceback; a checkpoint written before it is not lost
@@ -171,9 +176,14 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    # a mistyped key or option, or a sweep with a bad value in any job: one line, before Hydra starts
-    problem = composition_error(sys.argv[1:], "train") or sweep_job_error(sys.argv[1:], "train")
+    sys.argv[1:] = multirun_flag_first(sys.argv[1:])  # -m anywhere: Hydra's parser takes it before the overrides
+    # a mistyped key or option, a sweep with a bad value in any job, a run dir Hydra cannot make: one line, before
+    # Hydra starts
+    problem = (composition_error(sys.argv[1:], "train") or sweep_job_error(sys.argv[1:], "train")
+               or output_dir_error(sys.argv[1:], "train"))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
+    _, planned_run_dir = output_dir(sys.argv[1:], "train") or (None, None)
+    _run_dir_parents_to_make[0] = missing_parents(planned_run_dir) if planned_run_dir else 0
     main()

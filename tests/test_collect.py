@@ -55,14 +55,71 @@ def test_reports_selection_on_val_and_the_test_split_of_the_final_and_best_val_m
     assert "wrote" in capsys.readouterr().out
 
 
-def test_a_single_run_has_no_std_and_a_test_metric_is_never_reduced_to_its_best(tmp_path):
+def test_a_single_run_has_no_std_and_a_test_metric_is_never_reduced_to_its_best(tmp_path, capsys):
     write_run(tmp_path, 0, ["moe.num_experts=4"], [0.5, 0.7, 0.6], test=(0.65, 0.72))
-    write_run(tmp_path, 1, ["moe.num_experts=8"], [0.5, 0.8])  # still running: no test yet
+    write_run(tmp_path, 1, ["moe.num_experts=8"], [0.5, 0.8], test=(0.75, 0.8))
+    write_run(tmp_path, 2, ["moe.num_experts=8"], [0.5, 0.9])  # still running: no test yet, so left out
     collect.main([str(tmp_path), "--metric", "test/acc,train/loss"])
     lines = (tmp_path / "results.md").read_text().splitlines()
     assert lines[0].endswith("| test/acc (best-val checkpoint) | final train/loss |")  # no "best test/acc"
     assert lines[2] == "| 4 | 1 | 70.00% ± n/a | 65.00% ± n/a | 72.00% ± n/a | 0.3333 ± n/a |"
-    assert lines[3] == "| 8 | 1 | 80.00% ± n/a | n/a | n/a | 0.5000 ± n/a |"
+    assert lines[3] == "| 8 | 1 | 80.00% ± n/a | 75.00% ± n/a | 80.00% ± n/a | 0.5000 ± n/a |"
+    output = capsys.readouterr()
+    assert output.err == f"warning: left out of the table 1 unfinished run (no test/acc logged yet): {tmp_path / '2'}\n"
+    assert output.out.endswith("(2 runs)\n")
+
+
+def test_a_cell_over_fewer_runs_than_its_row_says_how_many():
+    """A further metric that one seed did not log (a dense run has no routing statistics) is not shown as if it
+    were the mean over the row's runs."""
+    runs = [sweeps.RunResult(str(seed), {"seed": str(seed)}, {"val/acc": [0.5], "test/acc": [0.6]}) for seed in (0, 1)]
+    runs[0].history["routing/block1/dispatch_entropy"] = [0.9]
+    by, metrics = [], ["routing/block1/dispatch_entropy"]
+    lines = sweeps.markdown_table(sweeps.summarize(runs, by, metrics), by, metrics).splitlines()
+    assert lines[2] == "| 2 | 50.00% ± 0.00 | 60.00% ± 0.00 | 0.9000 ± n/a (n=1) |"
+
+
+@pytest.mark.slow
+def test_unfinished_runs_of_a_real_sweep_are_named_and_left_out_and_the_run_count_is_what_the_table_pools(
+        offline_sweep, tmp_path, capsys):
+    """A run cut mid-run (the first half of its metrics.jsonl) or one that logged nothing would add a partial best
+    val/acc to its group's mean while missing from the test columns."""
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(offline_sweep, sweep, ignore=shutil.ignore_patterns("wandb", "*.pt"))
+    shutil.copytree(sweep / "0", sweep / "2")  # moe.num_experts=4 again, cut short
+    logged = (sweep / "0" / "metrics.jsonl").read_bytes()
+    (sweep / "2" / "metrics.jsonl").write_bytes(logged[:len(logged) // 2])
+    shutil.copytree(sweep / "1" / ".hydra", sweep / "3" / ".hydra")  # moe.num_experts=8 again, nothing logged
+    (sweep / "3" / "metrics.jsonl").write_text("")
+    assert collect.main([str(sweep)]) == 0
+    output = capsys.readouterr()
+    assert output.err == (f"warning: left out of the table 2 unfinished runs (no test/acc logged yet): {sweep / '2'}, "
+                          f"{sweep / '3'}\n")
+    assert output.out.endswith("(2 runs)\n")
+    for line, job in zip((sweep / "results.md").read_text().splitlines()[2:], (0, 1)):
+        logged = sweeps.read_metrics(sweep / str(job) / "metrics.jsonl")
+        expected = [max(logged["val/acc"]), logged["test/acc"][-1], logged["test/acc_at_best_val"][-1]]
+        assert line.split(" | ")[1:] == ["1", *(f"{100 * value:.2f}% ± n/a" for value in expected[:2]),
+                                         f"{100 * expected[2]:.2f}% ± n/a |"]
+
+
+def test_a_sweep_whose_runs_have_not_finished_says_so(tmp_path, capsys):
+    write_run(tmp_path, 0, ["seed=0"], [0.5, 0.8])
+    assert collect.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: no run has finished (logged test/acc) yet: {tmp_path / '0'}\n"
+    assert not (tmp_path / "results.md").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(sweep, capsys):
+    out = sweep / "0" / "metrics.jsonl"
+    assert collect.main([str(sweep), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: --out {out} cannot be a directory (File exists: {out}); --out names "
+                                       "the directory results.md and results.png go to\n")
+    assert collect.main([str(sweep), "--out", str(out / "results")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {out / 'results'} cannot be a directory (Not a directory")
+    assert not (sweep / "results.md").exists()
 
 
 def test_explicit_grouping_and_output_dir(sweep, tmp_path_factory):
@@ -89,14 +146,14 @@ def test_groups_sort_in_natural_order(tmp_path):
         (run / ".hydra").mkdir(parents=True)
         (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"experts_slots={shape}"]))
         events = [{"step": 1, "routing/block3/dropped_fraction": dropped + 0.5},
-                  {"step": 2, "routing/block3/dropped_fraction": dropped}]
+                  {"step": 2, "routing/block3/dropped_fraction": dropped}, {"step": 2, "test/acc": 0.5}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     collect.main([str(tmp_path), "--metric", "routing/block3/dropped_fraction"])
     lines = (tmp_path / "results.md").read_text().splitlines()
-    assert lines[0] == "| experts_slots | runs | final routing/block3/dropped_fraction |"
+    assert lines[0] == "| experts_slots | runs | test/acc (final model) | final routing/block3/dropped_fraction |"
     rows = [line.split(" | ") for line in lines[2:]]
     assert [row[0] for row in rows] == ["| 4x4", "| 8x2", "| 16x1", "| 32x1"]
-    assert [row[2] for row in rows] == ["0.1000 ± n/a |", "0.4000 ± n/a |", "0.3000 ± n/a |", "0.2000 ± n/a |"]
+    assert [row[3] for row in rows] == ["0.1000 ± n/a |", "0.4000 ± n/a |", "0.3000 ± n/a |", "0.2000 ± n/a |"]
 
 
 def test_parse_overrides():

@@ -319,6 +319,23 @@ def test_a_refused_run_in_the_default_layout_leaves_no_empty_date_folder(tmp_pat
     assert [path.name for path in (tmp_path / "outputs" / "runs").iterdir()] == ["2020-01-01"]
 
 
+@pytest.mark.slow
+def test_a_refused_run_removes_the_folders_it_made_and_only_those(tmp_path):
+    # was: an empty outputs/debug/<date>/ (debug=default), an empty outputs/runs/ (the default layout)
+    def refused(cwd, *overrides):
+        command = [sys.executable, "-m", "softmoe.train", *overrides, "moe.num_experts=0"]
+        result = subprocess.run(command, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                                text=True, timeout=120)
+        assert (result.returncode, result.stderr) == (2, "error: moe.num_experts=0: must be a positive integer\n")
+
+    refused(tmp_path, "debug=default")
+    refused(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "outputs" / "debug").mkdir(parents=True)  # the user's, empty: kept
+    refused(tmp_path, "debug=default")
+    assert [path.relative_to(tmp_path) for path in tmp_path.rglob("*")] == [Path("outputs"), Path("outputs/debug")]
+
+
 def test_plain_resolves_interpolations_and_leaves_out_hydras_node():
     cfg = OmegaConf.create({"data": {"img_size": 8}, "model": {"img_size": "${data.img_size}"}, "hydra": {"job": {}}})
     assert plain(cfg) == {"data": {"img_size": 8}, "model": {"img_size": 8}}

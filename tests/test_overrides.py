@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from softmoe.harness.overrides import composition_error
+from softmoe.harness.overrides import composition_error, multirun_flag_first, output_dir_error
 
 MISTAKES = [
     (["trainer.max_step=10"], "trainer.max_step=10: not a key of the config; did you mean trainer.max_steps?"),
@@ -74,3 +74,48 @@ def test_the_command_exits_2_with_one_line_and_hydra_full_error_keeps_hydras_mes
                           timeout=120)
     assert full.returncode == 1 and "Could not override 'trainer.max_step'" in full.stderr
     assert "Traceback" in full.stderr
+
+
+def test_a_run_directory_hydra_cannot_make_is_one_line_naming_the_key(tmp_path):
+    # was: Hydra's FileExistsError / FileNotFoundError traceback, exit status 1
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    end = "; it must name a directory, or where one can be made"
+    assert output_dir_error([f"hydra.run.dir={afile}"], "train") == f"hydra.run.dir={afile}: {afile} is a file{end}"
+    assert output_dir_error([f"hydra.run.dir={afile / 'run'}"], "train") == (
+        f"hydra.run.dir={afile / 'run'}: {afile}, on its path, is a file{end}")
+    assert output_dir_error(["-m", "seed=0,1", f"hydra.sweep.dir={afile}"], "train") == (
+        f"hydra.sweep.dir={afile}: {afile} is a file{end}")
+    if os.path.isdir("/proc/self"):
+        assert output_dir_error(["hydra.run.dir=/proc/x/y"], "train") == (
+            f"hydra.run.dir=/proc/x/y: no folder can be made in /proc (No such file or directory){end}")
+    for argv in ([f"hydra.run.dir={tmp_path}"], [f"hydra.run.dir={tmp_path / 'new' / 'run'}"], []):
+        assert output_dir_error(argv, "train") is None
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]  # looked for, nothing made or left
+
+
+@pytest.mark.slow
+def test_the_command_refuses_a_file_as_its_run_directory_in_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    command = [sys.executable, "-m", "softmoe.train", "debug=default", f"hydra.run.dir={afile}"]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stderr.count("\n")) == (2, 1)
+    assert result.stderr.startswith(f"error: hydra.run.dir={afile}: {afile} is a file")
+
+
+def test_minus_m_after_the_overrides_goes_before_them_where_hydra_takes_it():
+    assert multirun_flag_first(["debug=default", "-m", "seed=0,1"]) == ["-m", "debug=default", "seed=0,1"]
+    assert multirun_flag_first(["a=1", "--multirun"]) == ["--multirun", "a=1"]
+    assert multirun_flag_first(["a=1", "b=2"]) == ["a=1", "b=2"]
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_with_minus_m_after_an_override(tmp_path):
+    # was: Hydra's 8-line usage, "unrecognized arguments: seed=0,1"
+    command = [sys.executable, "-m", "softmoe.train", "debug=default", "-m", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all((tmp_path / job / "metrics.jsonl").is_file() for job in ("0", "1"))

@@ -2,6 +2,8 @@
 swept values, exit status 2, no sweep directory."""
 
 import os
+import shutil
+import stat
 import subprocess
 import sys
 
@@ -44,6 +46,27 @@ def test_a_later_jobs_missing_dataset_is_named_before_the_first_job_trains(tmp_p
     assert sweep_job_error(["-m", "data=digits,fashion_mnist", f"paths.data_dir={tmp_path}"], "train") is None
 
 
+def test_a_key_one_swept_group_option_lacks_is_named_with_the_job_and_that_options_keys():
+    # was: Hydra's 5-line "Could not override 'optimizer.betas'", exit status 1, after writing multirun.yaml
+    problem = sweep_job_error(["-m", "optimizer=adamw,sgd", "optimizer.betas=[0.9,0.99]"], "train")
+    assert problem == ("job 1 (optimizer=sgd): optimizer.betas=[0.9,0.99]: not a key of optimizer=sgd; its keys are "
+                       "lr, momentum, nesterov, weight_decay, fused; no job was started")
+
+
+def test_a_slurm_sweep_on_a_machine_without_slurm_is_refused_before_submitit_is_asked(tmp_path, monkeypatch):
+    # was: submitit's 'Could not detect "srun"' traceback, exit status 1, after Hydra wrote multirun.yaml
+    argv = ["-m", "launcher=slurm", "seed=0,1"]
+    monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM here, whatever this machine has
+    assert sweep_job_error(argv, "train") == (
+        "launcher=slurm: sbatch and srun not found on this machine (no SLURM here); run the sweep on a SLURM login "
+        "node, or use launcher=submitit_local (or joblib) to run its jobs on this machine"
+    )
+    for command in ("sbatch", "srun"):  # a login node: SLURM's commands on the PATH
+        (tmp_path / command).write_text("#!/bin/sh\n")
+        (tmp_path / command).chmod(stat.S_IRWXU)
+    assert sweep_job_error(argv, "train") is None
+
+
 @pytest.mark.parametrize("argv", [
     ["-m", "moe.num_experts=4,8", "seed=0,1"],  # every job is valid
     ["experiment=table2_routing"],
@@ -65,3 +88,21 @@ def test_the_command_starts_no_job_and_makes_no_sweep_directory(tmp_path):
     assert result.stderr.strip() == ("error: job 1 (moe.num_experts=0): moe.num_experts=0: must be a positive "
                                      "integer; no job was started")
     assert list(tmp_path.iterdir()) == []
+
+
+NO_SLURM = pytest.mark.skipif(shutil.which("srun") is not None, reason="SLURM is installed here")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, error", [
+    (["debug=default", "optimizer=adamw,sgd", "optimizer.betas=[0.9,0.99]"],
+     "error: job 1 (optimizer=sgd): optimizer.betas=[0.9,0.99]: not a key of "),  # was: Hydra's 5 lines, exit 1
+    pytest.param(["launcher=slurm", "debug=default", "seed=0,1"], "error: launcher=slurm: ", marks=NO_SLURM),
+])
+def test_a_sweep_that_cannot_launch_stops_in_one_line_before_hydra_writes(tmp_path, overrides, error):
+    command = [sys.executable, "-m", "softmoe.train", "-m", *overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stderr.count("\n")) == (2, 1)
+    assert result.stderr.startswith(error)
+    assert list(tmp_path.iterdir()) == []  # no multirun.yaml, no sweep directory

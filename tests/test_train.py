@@ -196,6 +196,24 @@ def test_a_run_directory_resumes_only_the_experiment_it_holds(compose_run, tmp_p
             "run directory starts from trainer.resume") in caplog.text
 
 
+def test_rerunning_a_finished_run_says_so_and_logs_its_test_result_once(compose_run, tmp_path, caplog):
+    # was: "resuming ... at step 2 of 2", then the test split evaluated and logged a second time
+    caplog.set_level(logging.INFO, logger="softmoe.harness.loop")
+    run = ["trainer.max_steps=2", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET]
+    first = train(compose_run(*run), tmp_path)
+    assert train(compose_run(*run), tmp_path) == first
+    tested = [event for event in read_metrics(tmp_path) if "test/acc" in event]
+    assert len(tested) == 1
+    assert f"{tmp_path} finished already, at step 2: its test results are those it logged then" in caplog.text
+    # stopped while testing: last.pt at the final step, no test result logged; the rerun tests it, once
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(event) + "\n" for event in read_metrics(tmp_path)
+                                                    if "test/acc" not in event))
+    caplog.clear()
+    assert train(compose_run(*run), tmp_path) == first
+    assert [event for event in read_metrics(tmp_path) if "test/acc" in event] == tested
+    assert "finished already" not in caplog.text
+
+
 @pytest.mark.slow
 def test_a_failing_wandb_never_stops_training(compose_run, tmp_path, monkeypatch, caplog):
     # the real client, online, against a server that refuses every connection (as with no network), giving up

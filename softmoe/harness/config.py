@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -305,6 +306,19 @@ def check_config(cfg: DictConfig, *, on_this_machine: bool = True) -> None:
     check_section("paths", config["paths"], PATHS_RULES)
     if isinstance(config.get("launcher"), dict):  # checked here too: a sweep checks every job before it launches
         check_section("launcher", config["launcher"], LAUNCHER_RULES, required=None)
+
+
+SLURM_COMMANDS = ("sbatch", "srun")  # submitit submits a sweep with sbatch; each of its tasks runs under srun
+
+
+def check_launcher_here(launcher: Optional[str]) -> None:
+    """A sweep's launcher against this machine, before Hydra launches it: ``launcher=slurm`` submits through
+    SLURM's commands (without them, submitit's "Could not detect srun" traceback, after the sweep dir is made)."""
+    missing = [command for command in SLURM_COMMANDS if shutil.which(command) is None]
+    if launcher == "slurm" and missing:
+        raise ConfigError(f"launcher=slurm: {' and '.join(missing)} not found on this machine (no SLURM here); "
+                          "run the sweep on a SLURM login node, or use launcher=submitit_local (or joblib) to run "
+                          "its jobs on this machine")
 
 
 def _check_model(model: dict[str, Any], data: dict[str, Any]) -> None:

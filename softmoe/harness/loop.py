@@ -47,7 +47,7 @@ from .faults import Preempted
 from .precision import autocast, warn_if_slow
 from .rules import plain
 from .state import SUMMARY_KEYS, Summary, TrainState
-from .telemetry import RankZeroTelemetry, dispatch_maps, routing_metrics
+from .telemetry import METRICS_FILE, RankZeroTelemetry, dispatch_maps, routing_metrics, json_lines
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,18 @@ def test_final_and_best(run: RunContext, state: TrainState) -> tuple[dict[str, f
     return test, at_best
 
 
+def logged_test(run: RunContext, state: TrainState) -> Optional[tuple[dict[str, float], dict[str, float]]]:
+    """The test results the run logged at ``state.step``, as :func:`test_final_and_best` returns them: a finished
+    run's command run again finds them; None when they were never logged (a run stopped while testing)."""
+    metrics = run.run_dir / METRICS_FILE
+    logged = [event for event in json_lines(metrics) if event.get("step") == state.step and "test/acc" in event] \
+        if metrics.is_file() else []
+    if not logged:
+        return None
+    return tuple({"loss": logged[-1].get(f"test/loss{at}", math.nan), "acc": logged[-1].get(f"test/acc{at}", math.nan)}
+                 for at in ("", "_at_best_val"))
+
+
 def show_on_bar(bar: tqdm, latest: Optional[dict]) -> None:
     """The progress bar's figures: the last logged training metrics (none before the first)."""
     if latest:
@@ -326,6 +338,9 @@ def train(
         run, state = open_run(config, run_dir, distributed, cleanup, wandb_group=wandb_group, wandb_name=wandb_name,
                               on_claim=on_claim)
         latest = None  # the last logged training metrics
+        tested = logged_test(run, state) if state.step >= run.total_steps else None
+        if tested:  # the test split is evaluated and logged once per run
+            log.info("%s finished already, at step %d: its test results are those it logged then", run_dir, state.step)
         while state.step < run.total_steps:
             epoch = state.step // run.steps_per_epoch  # 0-based; logs and messages count from 1
             latest = train_epoch(run, state, epoch, latest)
@@ -335,5 +350,5 @@ def train(
             log.info(epoch_line(epoch + 1, run.epochs, state.step, latest, validated,  # before a stop, too
                                 epoch_start=epoch * run.steps_per_epoch))
             stop_if_signalled(run, state, saved=True)
-        test, test_at_best = test_final_and_best(run, state)
+        test, test_at_best = tested or test_final_and_best(run, state)
         return summarize(run, state, test, test_at_best)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -28,6 +29,12 @@ from omegaconf.errors import OmegaConfBaseException
 from .plausibility import CONF_DIR, group_options
 
 HYDRA_FLAGS = ("-m", "--multirun")  # any other flag (--help, --cfg, -cn ...) leaves the command line to Hydra
+
+
+def multirun_flag_first(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``-m`` (``--multirun``) moved before the overrides, where Hydra's parser takes it:
+    ``debug=default -m seed=0,1`` was 8 lines of usage and "unrecognized arguments"."""
+    return [*(a for a in argv if a in HYDRA_FLAGS), *(a for a in argv if a not in HYDRA_FLAGS)]
 
 
 def plain_overrides(parsed: Sequence[Override]) -> list[str]:
@@ -190,3 +197,44 @@ def sweep_without_multirun(parsed: Sequence[Override]) -> Optional[str]:
         if override.is_sweep_override():
             return f"{override.input_line}: a sweep; add -m to run it"
     return None
+
+
+def no_directory_reason(path: Path) -> Optional[str]:
+    """Why no directory can be at ``path``: a file there or on its way, or a nearest existing folder that takes no new
+    one (``/proc``, no permission), found by making and removing a temporary folder in it; None when one can."""
+    for place in (path, *path.parents):
+        if place.is_dir():
+            if place == path:
+                return None
+            try:
+                tempfile.TemporaryDirectory(dir=place).cleanup()
+            except OSError as error:
+                return f"no folder can be made in {place} ({error.strerror})"
+            return None
+        if place.exists() or place.is_symlink():
+            return f"{place} is a file" if place == path else f"{place}, on its path, is a file"
+    return None
+
+
+def output_dir(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[tuple[str, Path]]:
+    """(``hydra.run.dir`` or, for a sweep, ``hydra.sweep.dir``; the directory it names) of this command line, as
+    Hydra is about to resolve it (``${now:}`` a moment earlier), or None when it does not compose."""
+    overrides = [argument for argument in argv if argument not in HYDRA_FLAGS]
+    if any(argument.startswith("-") for argument in overrides):
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        composed = compose_config(config_name, plain_overrides(parsed), conf_dir)
+    except (HydraException, OmegaConfBaseException):
+        return None
+    key = "hydra.sweep.dir" if runs_as_multirun(argv, composed) else "hydra.run.dir"
+    directory = OmegaConf.select(composed, key, throw_on_resolution_failure=False)
+    return (key, Path(directory)) if directory else None
+
+
+def output_dir_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
+    """Why Hydra could not make this command line's run directory (a sweep's: ``hydra.sweep.dir``), in one line naming
+    the key, or None; Hydra would stop on a ``FileExistsError`` or ``FileNotFoundError`` traceback."""
+    key, directory = output_dir(argv, config_name, conf_dir) or (None, None)
+    problem = no_directory_reason(directory) if directory else None
+    return f"{key}={directory}: {problem}; it must name a directory, or where one can be made" if problem else None

@@ -15,7 +15,6 @@ still runs) out of a run directory a live process trains in.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -36,7 +34,6 @@ from .config import resolve_device
 from .data import DataBundle, build_datasets
 from .errors import ConfigError, RunDirInUseError
 from .model import build_model
-from .plausibility import CONF_DIR
 from .telemetry import METRICS_FILE, json_lines
 
 CHECKPOINTS = ("best", "last")
@@ -115,12 +112,13 @@ def save_hydra_configs(run_dir: Union[str, Path], task_cfg: Any, hydra_cfg: Any)
         (configs / f"{name}.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
 
 
-def remove_if_unused(run_dir: Union[str, Path], *, empty_parent_too: bool = False) -> bool:
+def remove_if_unused(run_dir: Union[str, Path], *, new_parents: int = 0) -> bool:
     """Delete ``run_dir`` when it holds nothing but Hydra's own files (and the run lock): what a run that never
     started (a bad config value, missing data) leaves. Returns whether it was deleted.
 
-    ``empty_parent_too``: then also the parent folder, if that leaves it empty: the ``<date>`` folder Hydra made for
-    the default ``runs/<date>/<time>`` layout (:func:`in_default_layout`); never a folder the user named."""
+    ``new_parents``: then also up to that many of its parent folders, innermost first, each only if that leaves it
+    empty: those Hydra made for it (:func:`missing_parents`, counted before Hydra started), never a folder that was
+    there before."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or any(path.name not in (*HYDRA_FILES, LOCK_FILE) for path in run_dir.iterdir()):
         return False
@@ -129,23 +127,23 @@ def remove_if_unused(run_dir: Union[str, Path], *, empty_parent_too: bool = Fals
             logging.getLogger().removeHandler(handler)
             handler.close()
     shutil.rmtree(run_dir, ignore_errors=True)
-    if empty_parent_too:
-        with contextlib.suppress(OSError):  # not empty: another run of that day is in it
-            run_dir.parent.rmdir()
+    for parent in run_dir.absolute().parents[:new_parents]:
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: another run of that day is in it
+            break
     return True
 
 
-HYDRA_DEFAULTS = CONF_DIR / "hydra" / "default.yaml"
-
-
-def in_default_layout(hydra_cfg: DictConfig) -> bool:
-    """Whether a single run's directory is ``conf/hydra/default.yaml``'s ``<paths.output_dir>/runs/<date>/<time>``,
-    whose ``<date>`` folder Hydra made, and not one named by ``hydra.run.dir`` (on the command line or in a config).
-    ``hydra_cfg``: the run's Hydra node (``HydraConfig.get()``)."""
-    if hydra_cfg.mode != RunMode.RUN:  # a sweep's job directories sit in the sweep directory, which stays
-        return False
-    default = OmegaConf.to_container(OmegaConf.load(HYDRA_DEFAULTS).run, resolve=False)["dir"]
-    return OmegaConf.to_container(hydra_cfg.run, resolve=False)["dir"] == default
+def missing_parents(run_dir: Union[str, Path]) -> int:
+    """How many of ``run_dir``'s parent folders do not exist yet (``outputs/debug/<date>`` in a fresh working
+    directory: 3): those that making it makes, which a run that never starts removes again."""
+    missing = 0
+    for parent in Path(run_dir).absolute().parents:
+        if parent.exists():
+            break
+        missing += 1
+    return missing
 
 
 class RunDirLock:

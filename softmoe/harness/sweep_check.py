@@ -5,8 +5,10 @@ Each job checks its own config when it starts (:func:`~.config.check_config`), s
 command calls :func:`sweep_job_error` before Hydra starts: it composes the config of every job the basic sweeper
 would run (the cartesian product of the discrete sweeps) and checks each, reading no data and building models, if
 at all, on the meta device; it also looks for each distinct dataset's files (``data.check_data_present``), so a
-sweep over ``data=digits,cifar10`` without CIFAR-10 on disk does not train job 0 first. Interval sweeps (an Optuna
-search's ``interval(...)``) are left to their sweeper: their values are not known before it draws them.
+sweep over ``data=digits,cifar10`` without CIFAR-10 on disk does not train job 0 first; and a launcher this machine
+cannot start (``launcher=slurm`` without SLURM's commands) is refused before Hydra makes the sweep dir. Interval
+sweeps (an Optuna search's ``interval(...)``) are left to their sweeper: their values are not known before it draws
+them.
 """
 
 from __future__ import annotations
@@ -16,14 +18,23 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import check_config
+from .config import check_config, check_launcher_here
 from .data import check_data_present
 from .errors import ConfigError, MissingDataError
-from .overrides import HYDRA_FLAGS, compose_config, plain_overrides, runs_as_multirun
+from .overrides import (
+    HYDRA_FLAGS,
+    all_keys,
+    compose_config,
+    group_overrides,
+    missing_key,
+    plain_overrides,
+    runs_as_multirun,
+)
 from .plausibility import CONF_DIR
 from .rules import plain
 
@@ -45,10 +56,33 @@ def sweep_jobs(overrides: Sequence[str]) -> Iterator[list[str]]:
         yield [*fixed, *values]
 
 
+def job_composition_error(job: Sequence[str], config_name: str, conf_dir: Path, error: Exception) -> str:
+    """Why Hydra cannot compose one job of a sweep whose first job composes, in one line: mostly a key that one
+    swept group option has and another lacks (``optimizer=adamw,sgd optimizer.betas=[0.9,0.99]``)."""
+    parsed = OverridesParser.create().parse_overrides(list(job))
+    groups = group_overrides(parsed, conf_dir)
+    chosen = {override.key_or_group: override.value() for override in groups}
+    try:
+        keys = all_keys(OmegaConf.to_container(compose_config(config_name, plain_overrides(groups), conf_dir)))
+    except (HydraException, OmegaConfBaseException):
+        keys = None
+    for override in (override for override in parsed if override not in groups):
+        section = override.key_or_group.split(".")[0]
+        if keys is not None and override.type == OverrideType.CHANGE and section in chosen \
+                and override.key_or_group not in keys:
+            own = [key.split(".")[1] for key in keys if key.startswith(f"{section}.") and key.count(".") == 1]
+            return (f"{override.input_line}: not a key of {section}={chosen[section]}; its keys are "
+                    f"{', '.join(key for key in own if not key.startswith('_'))}")
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return missing_key(parsed, config_name, conf_dir) or f"{first_line} (HYDRA_FULL_ERROR=1 shows Hydra's message)"
+
+
 def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
     """The first job of this multirun (``-m``, or a config that sets ``hydra.mode: MULTIRUN``, as the experiments
-    do) whose config the job would refuse, in one line naming the job and its swept values; None when every job
-    passes, or the command line is no multirun, or Hydra will refuse it anyway (``overrides.composition_error``)."""
+    do) whose config the job would refuse, in one line naming the job and its swept values (or a launcher this
+    machine lacks, :func:`~.config.check_launcher_here`); None when every job
+    passes, or the command line is no multirun, or Hydra will refuse its first job anyway
+    (``overrides.composition_error``)."""
     overrides = [argument for argument in argv if argument not in HYDRA_FLAGS]
     if any(argument.startswith("-") for argument in overrides):
         return None  # --help, --cfg, ...: Hydra's
@@ -59,6 +93,10 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
         return None
     if not runs_as_multirun(argv, base):
         return None
+    try:
+        check_launcher_here(OmegaConf.select(base, "launcher.name"))
+    except ConfigError as error:
+        return str(error)
     # the basic sweeper's order: the config's hydra.sweeper.params, then the command line's overrides
     params = OmegaConf.select(base, "hydra.sweeper.params") or {}
     jobs = list(itertools.islice(sweep_jobs([*(f"{k}={v}" for k, v in params.items()), *overrides]),
@@ -76,8 +114,11 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
                 data_checked.append(data)
                 check_data_present(*data)
         except (ConfigError, MissingDataError) as error:
-            swept = " ".join(override for override in job if override not in fixed)
-            return f"job {number} ({swept}): {str(error).rstrip('.')}; no job was started"
-        except (HydraException, OmegaConfBaseException):
-            return None  # a composition error: overrides.composition_error reports it
+            problem = str(error).rstrip(".")
+        except (HydraException, OmegaConfBaseException) as error:
+            problem = job_composition_error(job, config_name, conf_dir, error)
+        else:
+            continue
+        swept = " ".join(override for override in job if override not in fixed)
+        return f"job {number} ({swept}): {problem}; no job was started"
     return None

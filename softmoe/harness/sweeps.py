@@ -9,7 +9,8 @@ A run directory is one that holds ``metrics.jsonl`` (one JSON object per log eve
 ``seed``; each group reports mean ± std over its runs (seeds) of the best validation accuracy (the
 selection), the test accuracy of the final model and that of the best-on-validation checkpoint (the
 trainer tests each once), and the final value of any further metric. Nothing is ever selected on a test
-metric.
+metric. A run that has not logged its test result (still training, stopped, or its file cut short) is
+left out (:func:`is_finished`): its best validation accuracy so far would be pooled with finished runs'.
 
 W&B keeps a run's resolved config, not its command line, so a W&B run's overrides are the config keys
 (dotted: ``moe.num_experts``) whose values differ between the runs read: the keys and values a sweep
@@ -330,14 +331,23 @@ def column_label(metric: str) -> str:
     return next((label for label, column_metric, _ in RESULT_COLUMNS if column_metric == metric), f"final {metric}")
 
 
+def is_finished(run: RunResult) -> bool:
+    """Whether ``run`` logged ``test/acc``, which the trainer logs once, when training ends."""
+    return run.final(RESULT_COLUMNS[1][1]) is not None
+
+
 def summarize(runs: Sequence[RunResult], by: Sequence[str], metrics: Sequence[str] = ()) -> List[GroupSummary]:
-    """Mean ± std over each group's runs (its seeds) of every column of :func:`columns_for` ``metrics``."""
+    """Mean ± std over each group's finished runs (its seeds) of every column of :func:`columns_for` ``metrics``.
+    Unfinished runs (:func:`is_finished`) are left out: a run stopped early would add its best val/acc so far."""
     if isinstance(metrics, str):
         metrics = [metrics]
     check_group_keys(runs, by)
+    finished = [run for run in runs if is_finished(run)]
+    if not finished:
+        raise NoRunsError(f"no run has finished (logged test/acc): {', '.join(run.name for run in runs)}")
     columns = columns_for(metrics)
     groups: Dict[Tuple[Optional[str], ...], List[RunResult]] = {}
-    for run in runs:
+    for run in finished:
         groups.setdefault(tuple(run.overrides.get(key) for key in by), []).append(run)
     summaries = []
     for values in sorted(groups, key=lambda v: tuple(_sort_key(x) for x in v)):
@@ -345,10 +355,7 @@ def summarize(runs: Sequence[RunResult], by: Sequence[str], metrics: Sequence[st
         for label, metric, reduction in columns:
             found = [getattr(run, reduction)(metric) for run in groups[values]]
             cells[label] = _cell([value for value in found if value is not None], percent=is_accuracy(metric))
-        if any(cells.values()):
-            summaries.append(GroupSummary(values, len(groups[values]), cells))
-    if not summaries:
-        raise NoRunsError(f"no run logged any of {', '.join(metric for _, metric, _ in columns)}")
+        summaries.append(GroupSummary(values, len(groups[values]), cells))
     return summaries
 
 
@@ -360,16 +367,23 @@ def _cell(values: Sequence[float], percent: bool = False) -> Optional[Cell]:
 
 
 def markdown_table(summaries: Sequence[GroupSummary], by: Sequence[str], metrics: Sequence[str] = ()) -> str:
-    """The summaries as a markdown table: mean ± std over the runs (seeds) counted in ``runs``."""
+    """The summaries as a markdown table: mean ± std over the runs (seeds) counted in ``runs``; a cell over fewer
+    runs (a metric some runs did not log) says how many: ``(n=2)``."""
     if isinstance(metrics, str):
         metrics = [metrics]
     labels = [label for label, _, _ in columns_for(metrics) if any(s.cells.get(label) for s in summaries)]
     header = [*by, "runs", *labels]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
-        cells = [str(s.cells[label]) if s.cells.get(label) else "n/a" for label in labels]
+        cells = [_shown_cell(s.cells.get(label), s.runs) for label in labels]
         lines.append("| " + " | ".join([*(str(v) for v in s.values), str(s.runs), *cells]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _shown_cell(cell: Optional[Cell], runs: int) -> str:
+    if cell is None:
+        return "n/a"
+    return str(cell) if cell.runs == runs else f"{cell} (n={cell.runs})"
 
 
 def plot(summaries: Sequence[GroupSummary], by: Sequence[str], column: str, path: Path) -> None:
