@@ -179,11 +179,11 @@ if __name__ == "__main__":
     sys.argv[1:] = multirun_flag_first(sys.argv[1:])  # -m anywhere: Hydra's parser takes it before the overrides
     # a mistyped key or option, a sweep with a bad value in any job, a run dir Hydra cannot make: one line, before
     # Hydra starts
+    planned = output_dir(sys.argv[1:], "train")  # composed once: checked here, its missing parents counted below
     problem = (composition_error(sys.argv[1:], "train") or sweep_job_error(sys.argv[1:], "train")
-               or output_dir_error(sys.argv[1:], "train"))
+               or output_dir_error(planned))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
-    _, planned_run_dir = output_dir(sys.argv[1:], "train") or (None, None)
-    _run_dir_parents_to_make[0] = missing_parents(planned_run_dir) if planned_run_dir else 0
+    _run_dir_parents_to_make[0] = missing_parents(planned[1]) if planned else 0
     main()

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from softmoe.harness.overrides import composition_error, multirun_flag_first, output_dir_error
+from softmoe.harness.overrides import composition_error, multirun_flag_first, output_dir, output_dir_error
 
 MISTAKES = [
     (["trainer.max_step=10"], "trainer.max_step=10: not a key of the config; did you mean trainer.max_steps?"),
@@ -81,16 +81,20 @@ def test_a_run_directory_hydra_cannot_make_is_one_line_naming_the_key(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("")
     end = "; it must name a directory, or where one can be made"
-    assert output_dir_error([f"hydra.run.dir={afile}"], "train") == f"hydra.run.dir={afile}: {afile} is a file{end}"
-    assert output_dir_error([f"hydra.run.dir={afile / 'run'}"], "train") == (
+
+    def output_dir_error_of(argv):  # as the train command checks it: the directory its command line names
+        return output_dir_error(output_dir(argv, "train"))
+
+    assert output_dir_error_of([f"hydra.run.dir={afile}"]) == f"hydra.run.dir={afile}: {afile} is a file{end}"
+    assert output_dir_error_of([f"hydra.run.dir={afile / 'run'}"]) == (
         f"hydra.run.dir={afile / 'run'}: {afile}, on its path, is a file{end}")
-    assert output_dir_error(["-m", "seed=0,1", f"hydra.sweep.dir={afile}"], "train") == (
+    assert output_dir_error_of(["-m", "seed=0,1", f"hydra.sweep.dir={afile}"]) == (
         f"hydra.sweep.dir={afile}: {afile} is a file{end}")
     if os.path.isdir("/proc/self"):
-        assert output_dir_error(["hydra.run.dir=/proc/x/y"], "train") == (
+        assert output_dir_error_of(["hydra.run.dir=/proc/x/y"]) == (
             f"hydra.run.dir=/proc/x/y: no folder can be made in /proc (No such file or directory){end}")
     for argv in ([f"hydra.run.dir={tmp_path}"], [f"hydra.run.dir={tmp_path / 'new' / 'run'}"], []):
-        assert output_dir_error(argv, "train") is None
+        assert output_dir_error_of(argv) is None
     assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]  # looked for, nothing made or left
 
 

@@ -232,9 +232,9 @@ def output_dir(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR)
     return (key, Path(directory)) if directory else None
 
 
-def output_dir_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
-    """Why Hydra could not make this command line's run directory (a sweep's: ``hydra.sweep.dir``), in one line naming
-    the key, or None; Hydra would stop on a ``FileExistsError`` or ``FileNotFoundError`` traceback."""
-    key, directory = output_dir(argv, config_name, conf_dir) or (None, None)
+def output_dir_error(planned: Optional[tuple[str, Path]]) -> Optional[str]:
+    """Why Hydra could not make the run directory :func:`output_dir` found (a sweep's: ``hydra.sweep.dir``), in one
+    line naming the key, or None; Hydra would stop on a ``FileExistsError`` or ``FileNotFoundError`` traceback."""
+    key, directory = planned or (None, None)
     problem = no_directory_reason(directory) if directory else None
     return f"{key}={directory}: {problem}; it must name a directory, or where one can be made" if problem else None
