@@ -5,6 +5,7 @@ is all a user of the layer needs.
 """
 
 from .capture import RoutingRecord, block_index, capture_routing, moe_layers, router_parameters
+from .cpu_packing import pack_experts_for_cpu
 from .experts import BatchedMlp, StackedExperts
 from .layer import SoftMoE, SoftMoELayerWrapper, l2_normalize
 from .runtime import cpu_has_native_bf16, tune_allocator
@@ -42,6 +43,7 @@ __all__ = [
     "l2_normalize",
     "load_state_dict",
     "moe_layers",
+    "pack_experts_for_cpu",
     "resolve_moe_layer_index",
     "router_parameters",
     "router_scale",

@@ -25,6 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._checks import (autocast_dtype_on, is_tracing, require_choice, require_expert_output, require_module_class,
                       require_positive_int)
+from .cpu_packing import PackedExpertWeights
 
 # timm's VisionTransformer weight_init modes (vision_transformer.get_init_weights_vit)
 WEIGHT_INIT_MODES = ("", "jax", "jax_nlhb", "moco", "reset")
@@ -241,6 +242,7 @@ class BatchedMlp(nn.Module):
         self.weight_init_mode = ""
         self._low_precision: dict = {}  # weight name: (the weight's version key, its autocast-dtype copy)
         self._copies_held = False  # a compiled forward reads the copies (hold_expert_copies)
+        self.cpu_packing: Optional[PackedExpertWeights] = None  # softmoe.pack_experts_for_cpu
         self.reset_parameters()
 
     @staticmethod
@@ -306,6 +308,11 @@ class BatchedMlp(nn.Module):
         b, p = slots.shape[0], slots.shape[2]  # indexed, not unpacked: torch.fx proxies cannot be iterated
         n = self.num_experts
         x = slots.transpose(0, 1).reshape(n, b * p, self.in_features)  # [n, b*p, d]: each expert's slots together
+        if self.cpu_packing is not None:
+            key = tuple(_copy_key(getattr(self, name), _optimizer_steps) for name in ("fc1_weight", "fc2_weight"))
+            packed = self.cpu_packing.forward(self, x, key)
+            if packed is not None:
+                return packed.view(n, b, p, self.out_features).transpose(0, 1)
         x = self._linear(x, "fc1_weight", self.fc1_bias)  # [n, b*p, h]
         x = self.drop1(self.act(x))
         if self.norm_eps is not None:
