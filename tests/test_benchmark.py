@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from processes import REPO, run_from
 from softmoe import SoftMoE
 from softmoe.bench.floors import attainable_cases
+from softmoe.cpu_packing import packing_available
 from softmoe.bench.reference import ReferenceLoopSoftMoE
 from softmoe.bench.report import TARGETS
 from softmoe.bench.shapes import LAYER_SHAPES
@@ -58,6 +59,12 @@ def test_tiny_run_reports_every_section(tiny_results):
     for metric in ("inference", "forward_backward"):
         assert results["model_bf16"][metric]["float32_over_bf16"] > 0
     assert "float32 / bf16 autocast" in stdout
+    if packing_available():  # the expert banks packed for oneDNN, beside both models in rounds of their own
+        packed = model["packed_inference"]
+        assert packed["banks"] == packed["banks_packed"] == 1
+        assert set(packed["seconds"]) == {"dense", "soft_moe", "soft_moe_packed"}
+        assert packed["soft_moe_packed_over_dense"] > 0 and packed["soft_moe_packed_over_soft_moe"] > 0
+        assert "1 of 1 expert banks ran packed" in stdout
     for name in ("dense", "soft_moe"):
         timings = model["models"][name]
         assert 0 < timings["optimizer_share_of_step"] < 1 and timings["flops_per_image"]["forward"] > 0
@@ -80,6 +87,8 @@ def test_tiny_run_reports_every_section(tiny_results):
     assert "model inference profile" in stdout
     # every CPU target is a line of the report; the GPU-only one is not measured here
     cpu_targets = set(TARGETS) - {"layer_bf16_fraction_of_matmul_rate"}
+    if not packing_available():
+        cpu_targets.discard("model_inference_packed_over_dense")
     if not results["allocator"]["tune_allocator_applied"]:
         cpu_targets.discard("layer_forward_backward_default_env_over_env_variables")
     assert set(results["targets"]) == cpu_targets

@@ -8,6 +8,7 @@ No timings are asserted: the numbers live in each study's folder with the machin
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -46,6 +47,22 @@ def test_the_cpu_inference_script_times_both_models_and_each_block_part(tmp_path
         assert sorted(blocks["median_s"][kind]) == ["0.attn", "0.mlp", "1.attn", "1.mlp"]
         assert all(seconds > 0 for seconds in blocks["median_s"][kind].values())
     assert blocks["moe_layer_over_dense_mlp"] > 0 and blocks["attention_soft_moe_over_dense"] > 0
+
+
+def test_the_cpu_inference_script_times_the_packed_models_beside_the_unpacked(tmp_path):
+    """cpu_inference.py --packed: Soft MoE with its experts packed for oneDNN, and both models with every Linear
+    packed too; the script checks each against its unpacked model's output before timing it."""
+    script = os.path.join(REPO, "experiments", "throughput", "cpu_inference.py")
+    command = [sys.executable, script, "--shape", "tiny", "--batch", "2", "--rounds", "2", "--threads", "1",
+               "--packed"]
+    result = json.loads(run_from(tmp_path, command).stdout)
+    assert result["packed_banks"] == "1 of 1"  # the tiny shape: 2 images x 2 slots = 4 rows per expert
+    assert set(result["seconds"]) == {"dense", "soft_moe", "soft_moe_packed", "dense_all_packed",
+                                      "soft_moe_all_packed"}
+    assert all(ratio["wall"] > 0 and ratio["cpu"] > 0 for ratio in result["packed"].values())
+    assert len(result["packed"]) == 4
+    refused = subprocess.run(command + ["--blocks"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--blocks and --packed time different things" in refused.stderr
 
 
 def test_the_compiled_copies_script_times_both_soft_moe_settings_beside_dense(tmp_path):

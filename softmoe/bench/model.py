@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cpu_packing import pack_experts_for_cpu, packing_available
 from ..harness.precision import autocast
 from .environment import peak_memory_bytes, tensor_bytes
 from .floors import ceiling_cases
@@ -129,9 +130,51 @@ def benchmark_model(shape: ModelShape, args, device) -> dict:
     result = {"shape": asdict(shape), "batch": args.model_batch, "optimizer": optimizer_name,
               "soft_moe_over_dense": ratios, "soft_moe_over_dense_cpu_time": ratios_cpu, "models": per_model,
               "ceilings": {k: v for k, v in ceilings.items() if not k.endswith("seconds")}}
-    del models, optimizers, cases
+    del optimizers, cases
+    for model in models.values():
+        model.zero_grad(set_to_none=True)  # room for the packed weights (3.6 GB at S/16)
+    gc.collect()
+    if device.type == "cpu" and packing_available():
+        result["packed_inference"] = benchmark_packed_inference(models, images, args)
+    del models
     gc.collect()
     return result
+
+
+def benchmark_packed_inference(models: Dict[str, nn.Module], images: torch.Tensor, args) -> dict:
+    """CPU: the Soft MoE model's inference with its expert weights packed for oneDNN (``pack_experts_for_cpu``),
+    beside the dense model and the same model unpacked, in rounds of their own: packing is for a process that
+    only infers, so no training step runs between (it would change the weights and have them packed again)."""
+    soft_moe = models["soft_moe"]
+    pack_experts_for_cpu(soft_moe)
+    banks = [m for m in soft_moe.modules() if getattr(m, "cpu_packing", None) is not None]
+    packings = [bank.cpu_packing for bank in banks]
+
+    def soft_moe_inference(packed: bool):
+        def call():
+            for bank, packing in zip(banks, packings):  # one model, its packing switched on for this call only
+                bank.cpu_packing = packing if packed else None
+            try:
+                with torch.inference_mode():
+                    soft_moe(images)
+            finally:
+                for bank in banks:
+                    bank.cpu_packing = None
+        return call
+
+    cases = {"dense": model_cases(models["dense"], None, images, None)["inference"],
+             "soft_moe": soft_moe_inference(False), "soft_moe_packed": soft_moe_inference(True)}
+    cases["soft_moe_packed"]()  # packs the weights, outside the timed rounds
+    used = sum(packing.key is not None for packing in packings)  # none below MIN_ROWS rows per expert
+    times = interleaved(cases, args.model_rounds, args.warmup, images.device)
+    pack_experts_for_cpu(soft_moe, pack=False)
+    wall = {name: t["total"] for name, t in times.items()}
+    cpu = {name: t["cpu"] for name, t in times.items()}
+    return {"banks": len(banks), "banks_packed": used, "seconds": {name: median(t) for name, t in wall.items()},
+            "soft_moe_packed_over_dense": paired_ratio(wall["soft_moe_packed"], wall["dense"]),
+            "soft_moe_packed_over_dense_cpu_time": paired_ratio(cpu["soft_moe_packed"], cpu["dense"]),
+            "soft_moe_packed_over_soft_moe": paired_ratio(wall["soft_moe_packed"], wall["soft_moe"]),
+            "soft_moe_over_dense": paired_ratio(wall["soft_moe"], wall["dense"])}
 
 
 def benchmark_model_bf16(shape: ModelShape, args, device) -> dict:

@@ -19,6 +19,8 @@ TARGETS = {
     "layer_forward_backward_over_attainable": (
         1.3, "max", "layer fwd+bwd / its 15 bare matmuls at its own shapes"),
     "model_inference_over_dense": (1.0, "max", "Soft MoE S/16 / dense ViT-S/16, inference"),
+    "model_inference_packed_over_dense": (
+        1.0, "max", "CPU: Soft MoE S/16, experts packed (pack_experts_for_cpu) / dense ViT-S/16, inference"),
     "model_forward_backward_over_dense": (1.15, "max", "Soft MoE S/16 / dense ViT-S/16, fwd+bwd"),
     "model_train_step_over_dense": (1.35, "max", "Soft MoE S/16 / dense ViT-S/16, fwd+bwd+AdamW"),
     "layer_bf16_fraction_of_matmul_rate": (
@@ -59,6 +61,10 @@ def evaluate_targets(results: dict, layer_shape: str) -> dict:
         if metric in model.get("soft_moe_over_dense", {}):
             values[f"model_{metric}_over_dense"] = (model["soft_moe_over_dense"][metric],
                                                     model["soft_moe_over_dense_cpu_time"][metric])
+    packed = model.get("packed_inference")
+    if packed:
+        values["model_inference_packed_over_dense"] = (packed["soft_moe_packed_over_dense"],
+                                                       packed["soft_moe_packed_over_dense_cpu_time"])
     for row in results.get("layer_memory", []):
         if row["shape"] == layer_shape and row["impl"] == "soft_moe" and row["peak_over_required"] is not None:
             values["layer_peak_memory_over_required"] = (row["peak_over_required"], None)
@@ -133,6 +139,15 @@ def _model_report_lines(results: dict) -> list:
         lines.append("soft_moe / dense: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
         lines.append("soft_moe / dense, CPU time: "
                      + ", ".join(f"{k} {v:.2f}x" for k, v in model["soft_moe_over_dense_cpu_time"].items()))
+    packed = (model or {}).get("packed_inference")
+    if packed:
+        seconds = packed["seconds"]
+        lines.append(f"inference, experts packed for oneDNN (pack_experts_for_cpu; {packed['banks_packed']} of "
+                     f"{packed['banks']} expert banks ran packed), rounds of their own: dense "
+                     f"{seconds['dense']:.3f} s, soft_moe {seconds['soft_moe']:.3f} s, packed "
+                     f"{seconds['soft_moe_packed']:.3f} s; packed / dense {packed['soft_moe_packed_over_dense']:.2f}x "
+                     f"({packed['soft_moe_packed_over_dense_cpu_time']:.2f}), packed / unpacked "
+                     f"{packed['soft_moe_packed_over_soft_moe']:.2f}x")
     bf16 = results.get("model_bf16")
     if bf16:
         lines.append(f"soft_moe {bf16['shape']['name']} float32 / bf16 autocast (as trainer.precision=bf16), batch "

@@ -105,5 +105,6 @@ MODEL_SHAPES = {
     "vit_b16": ModelShape("vit_b16", "vit_base_patch16_224", "soft_moe_vit_base", 224),
     "tiny": ModelShape("tiny", "vit_small_patch16_224", "soft_moe_vit_small", 32,
                        overrides=(("img_size", 32), ("embed_dim", 32), ("depth", 2), ("num_heads", 2)),
-                       moe_kwargs=(("num_experts", 4), ("moe_layer_index", 1))),
+                       # 2 slots per expert: batch 2 gives 4 rows per expert, enough for the packed CPU path to run
+                       moe_kwargs=(("num_experts", 4), ("slots_per_expert", 2), ("moe_layer_index", 1))),
 }
