@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from softmoe import SoftMoE, SoftMoEVisionTransformer
+from softmoe import BatchedMlp, SoftMoE, SoftMoEVisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_README = Path(__file__).with_name("fixtures") / "reference-README.md"  # soft_moe_pytorch's README, verbatim
@@ -71,6 +71,12 @@ def check_tune_allocator(ns):
     assert ns["softmoe"].tune_allocator() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 
+def check_cpu_packing(ns):
+    assert ns["banks"] == 2
+    torch.testing.assert_close(ns["packed"], ns["unpacked"], rtol=1e-5, atol=1e-5)
+    assert all(bank.cpu_packing is None for bank in ns["net"].modules() if isinstance(bank, BatchedMlp))
+
+
 def check_wrapper(ns):
     assert ns["y"].shape == (1, 16, 128)  # the TransformerEncoderLayer experts keep the width
     assert ns["layer"].num_experts == 16 and ns["layer"].slots_per_expert == 1
@@ -102,7 +108,8 @@ README_COMMANDS = [line.split("  #")[0].strip() for block in code_blocks(ROOT / 
 # The README keeps the first examples; the rest moved to docs/ (issue 22), checked alike.
 EXAMPLE_FILES = {
     "README.md": [check_vit, check_layer, check_wrapper, check_routing, check_upcycle],
-    "docs/library.md": [check_factories, check_features, check_export, check_timm_upcycle, check_bf16_moments],
+    "docs/library.md": [check_factories, check_features, check_export, check_timm_upcycle, check_cpu_packing,
+                        check_bf16_moments],
     "docs/benchmarks.md": [check_tune_allocator],
 }
 README_EXAMPLES = [block for name in EXAMPLE_FILES for block in code_blocks(ROOT / name, "python")]
