@@ -52,7 +52,8 @@ class PackedExpertWeights:
 
     def forward(self, bank: nn.Module, x: torch.Tensor, key: tuple) -> Optional[torch.Tensor]:
         """``bank``'s MLP on ``x`` [n, rows, in] through the packed weights, or None where they do not apply (the
-        bank's own path runs then). ``key`` says what the weights are now (the bank's copy key of each)."""
+        bank's own path runs then). ``key`` says what the weights are now (the bank's copy key of each). Eager
+        calls only: the bank does not call it while fx, export or compile trace it."""
         if not self._applies(bank, x):
             return None
         if self.key != key:
@@ -79,7 +80,6 @@ class PackedExpertWeights:
                 and all(type(w) in (torch.Tensor, nn.Parameter) and w.device.type == "cpu"
                         and w.dtype == torch.float32 for w in weights)  # whole weights (not DTensor shards)
                 and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling()
                 and bank.norm_eps is None  # the per-expert LayerNorm variant keeps the bank's path
                 and not (bank.training and (bank.drop1.p > 0 or bank.drop2.p > 0)))
 

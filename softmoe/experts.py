@@ -308,7 +308,7 @@ class BatchedMlp(nn.Module):
         b, p = slots.shape[0], slots.shape[2]  # indexed, not unpacked: torch.fx proxies cannot be iterated
         n = self.num_experts
         x = slots.transpose(0, 1).reshape(n, b * p, self.in_features)  # [n, b*p, d]: each expert's slots together
-        if self.cpu_packing is not None:
+        if self.cpu_packing is not None and not is_tracing():  # a graph keeps the bank's own path
             key = tuple(_copy_key(getattr(self, name), _optimizer_steps) for name in ("fc1_weight", "fc2_weight"))
             packed = self.cpu_packing.forward(self, x, key)
             if packed is not None:

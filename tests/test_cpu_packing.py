@@ -119,6 +119,20 @@ def test_calls_packing_cannot_serve_run_the_banks_own_path(case):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("trace", ["fx", "compile"])
+def test_a_traced_packed_bank_keeps_its_own_path(trace):
+    """fx and torch.compile trace the bank's own path (oneDNN's packed tensors cannot enter a graph), fullgraph."""
+    bank = make_bank()
+    plain = copy.deepcopy(bank)
+    pack_experts_for_cpu(bank)
+    slots = torch.randn(MIN_ROWS, 4, 1, 8)
+    traced = torch.fx.symbolic_trace(bank) if trace == "fx" else torch.compile(bank, backend="eager", fullgraph=True)
+    with torch.inference_mode():
+        out, expected = traced(slots), plain(slots)
+    assert bank.cpu_packing.key is None
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_training_after_packing_reaches_every_parameter():
     bank = make_bank().train()
     pack_experts_for_cpu(bank)
