@@ -95,6 +95,7 @@ def test_the_expert_gemm_kernel_script_checks_each_kernel_against_bmm_and_times_
     result = json.loads(run_from(tmp_path, command).stdout)
     available = {"mkl_packed": torch.backends.mkl.is_available(), "onednn": torch.backends.mkldnn.is_available()}
     kernels = {"bmm", *(name for name, here in available.items() if here)}
+    kernels |= {"onednn_packed"} if available["onednn"] else set()
     assert set(result["ms"]) == set(result["over_bmm"]) == set(result["max_abs_error_vs_bmm"]) == kernels
     assert result["over_bmm"]["bmm"] == 1.0 and min(result["gflop_per_s"].values()) > 0
     assert max(result["max_abs_error_vs_bmm"].values()) < 1e-4 and result["inductor_compile_s"] is None

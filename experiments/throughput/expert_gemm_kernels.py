@@ -10,6 +10,8 @@ product, interleaved round by round, through every CPU kernel torch can reach wi
 - ``mkl_packed``: MKL's GEMM on weights packed once ahead of time (``torch.ops.mkl._mkl_linear``, what
   inductor's freezing uses), one call per expert, so no call repacks a weight;
 - ``onednn``: oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``), one call per expert;
+- ``onednn_packed``: the same on weights reordered once ahead of time (``torch.ops.mkldnn._reorder_linear_weight``),
+  as ``softmoe.pack_experts_for_cpu`` runs the experts (session 15);
 - ``inductor_cpp``: ``torch.compile`` with max-autotune and freezing, whose C++ GEMM template packs the weights at
   compile time and generates its own micro-kernel (left out with ``--no-compile``: it compiles for about 10 s).
 
@@ -57,6 +59,9 @@ def per_expert_cases(x: torch.Tensor, weights: torch.Tensor) -> dict:
     if torch.backends.mkldnn.is_available():
         cases["onednn"] = lambda: [torch.ops.mkldnn._linear_pointwise(x[e], linear_weights[e], None, "none", [], "")
                                    for e in range(experts)]
+        reordered = [torch.ops.mkldnn._reorder_linear_weight(linear_weights[e], ROWS) for e in range(experts)]
+        cases["onednn_packed"] = lambda: [torch.ops.mkldnn._linear_pointwise(x[e], reordered[e], None, "none", [], "")
+                                          for e in range(experts)]
     return cases
 
 
