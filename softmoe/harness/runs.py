@@ -135,6 +135,29 @@ def remove_if_unused(run_dir: Union[str, Path], *, new_parents: int = 0) -> bool
     return True
 
 
+SWEEP_RECORD = "multirun.yaml"  # a sweep's config, which Hydra's basic sweeper writes before its first job starts
+
+
+def read_sweep_record(sweep_dir: Union[str, Path]) -> Optional[bytes]:
+    """``<sweep_dir>/multirun.yaml``'s bytes, or None when there is none."""
+    try:
+        return (Path(sweep_dir) / SWEEP_RECORD).read_bytes()
+    except OSError:  # no such file (a new sweep), or no such directory
+        return None
+
+
+def restore_sweep_record(sweep_dir: Union[str, Path], record: Optional[bytes]) -> None:
+    """Put ``<sweep_dir>/multirun.yaml`` back as :func:`read_sweep_record` found it (None: no file). Written beside
+    it and renamed over it: parallel jobs that refuse their run directories may restore it at once."""
+    path = Path(sweep_dir) / SWEEP_RECORD
+    if record is None:
+        path.unlink(missing_ok=True)
+        return
+    temporary = path.with_name(f".{SWEEP_RECORD}.{socket.gethostname()}.{os.getpid()}")
+    temporary.write_bytes(record)
+    os.replace(temporary, path)
+
+
 def missing_parents(run_dir: Union[str, Path]) -> int:
     """How many of ``run_dir``'s parent folders do not exist yet (``outputs/debug/<date>`` in a fresh working
     directory: 3): those that making it makes, which a run that never starts removes again."""
