@@ -49,7 +49,7 @@ from softmoe.harness.overrides import composition_error, multirun_flag_first, ou
 from softmoe.harness.plausibility import check_model_choice
 from softmoe.harness.resume_hint import resume_command, resume_hint
 from softmoe.harness.runs import (
-    missing_parents,
+    NewRunDirParents,
     read_sweep_record,
     remove_if_unused,
     restore_sweep_record,
@@ -124,10 +124,6 @@ def say_how_to_resume_after_a_crash(tag: str, run_dir: Path, after_the_traceback
         say(message)
 
 
-# How many parent folders of the run directory Hydra is about to make (outputs/debug/<date> in a fresh working
-# directory), counted before it starts: a run that never starts removes them again, and no folder that was there.
-_run_dir_parents_to_make: list = [0]
-
 # (sweep dir, its multirun.yaml's bytes or None), read before Hydra starts: Hydra's basic sweeper rewrites that file
 # before the first job runs (a plain copy goes to joblib's and submitit's job processes, which pickle main by value).
 _sweep_record_found: list = [None]
@@ -156,7 +152,9 @@ def main(cfg: DictConfig) -> float:
     tag_console(tag, Path(hydra_cfg.sweep.dir) if multirun else None)
     group, name = wandb_group_and_name(hydra_cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    new_parents = _run_dir_parents_to_make[0] if not multirun else 0  # a job's folder is in its sweep dir, which stays
+    # the parent folders Hydra made for the run directory (outputs/debug/<date> in a fresh working directory): a
+    # run that never starts removes them again, no folder that was there; a job's is in its sweep dir, which stays
+    new_parents = NewRunDirParents.count if not multirun else 0
     try:
         check_model_choice(OmegaConf.select(cfg, "model.name"), hydra_cfg.runtime.choices.get("model"))
         # Hydra's .hydra/ configs are written once this process holds the run directory (conf/hydra/default.yaml)
@@ -203,13 +201,12 @@ if __name__ == "__main__":
     sys.argv[1:] = multirun_flag_first(sys.argv[1:])  # -m anywhere: Hydra's parser takes it before the overrides
     # a mistyped key or option, a sweep with a bad value in any job, a run dir Hydra cannot make: one line, before
     # Hydra starts
-    planned = output_dir(sys.argv[1:], "train")  # composed once: checked here, its missing parents counted below
+    planned = output_dir(sys.argv[1:], "train")  # composed once: checked here, a sweep's multirun.yaml read below
     problem = (composition_error(sys.argv[1:], "train") or sweep_job_error(sys.argv[1:], "train")
                or output_dir_error(planned))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
-    _run_dir_parents_to_make[0] = missing_parents(planned[1]) if planned else 0
     if planned and planned[0] == "hydra.sweep.dir":
         _sweep_record_found[0] = (planned[1].absolute(), read_sweep_record(planned[1]))
     main()
