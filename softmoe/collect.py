@@ -21,11 +21,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from softmoe.harness.errors import USER_ERRORS, ConfigError, NoRunsError, exit_code
+from softmoe.harness.errors import USER_ERRORS, ConfigError, exit_code
 from softmoe.harness.sweeps import (
     RESULT_COLUMNS,
     RunResult,
     column_label,
+    finished_runs,
     is_finished,
     load_sweep,
     load_wandb_group,
@@ -96,10 +97,10 @@ def make_out_dir(out: Path) -> None:
 
 
 def warn_unfinished(runs: Sequence[RunResult], sweep_dir: Optional[Path]) -> None:
-    """One line naming the runs the table leaves out: no test result yet (still training, stopped, cut short)."""
+    """One line naming the runs the table leaves out: no test result yet (still training, stopped, cut short);
+    none finished is :func:`~softmoe.harness.sweeps.finished_runs`' error."""
+    finished_runs(runs)
     unfinished = [str(sweep_dir / run.name) if sweep_dir else run.name for run in runs if not is_finished(run)]
-    if len(unfinished) == len(runs):
-        raise NoRunsError(f"no run has finished (logged test/acc) yet: {', '.join(unfinished)}")
     if unfinished:
         print(f"warning: left out of the table {len(unfinished)} unfinished run{'' if len(unfinished) == 1 else 's'} "
               f"(no test/acc logged yet): {', '.join(unfinished)}", file=sys.stderr)

@@ -36,6 +36,7 @@ from softmoe.harness.errors import (
     BadDataError,
     CheckpointWriteError,
     NonFiniteError,
+    OtherExperimentError,
     RunDirInUseError,
     exit_code,
     one_line,
@@ -47,7 +48,13 @@ from softmoe.harness.loop import train
 from softmoe.harness.overrides import composition_error, multirun_flag_first, output_dir, output_dir_error
 from softmoe.harness.plausibility import check_model_choice
 from softmoe.harness.resume_hint import resume_command, resume_hint
-from softmoe.harness.runs import missing_parents, remove_if_unused, save_hydra_configs
+from softmoe.harness.runs import (
+    NewRunDirParents,
+    read_sweep_record,
+    remove_if_unused,
+    restore_sweep_record,
+    save_hydra_configs,
+)
 from softmoe.harness.sweep_check import sweep_job_error
 from softmoe.harness.sweep_console import tag_console
 from softmoe.runtime import tune_allocator
@@ -117,9 +124,20 @@ def say_how_to_resume_after_a_crash(tag: str, run_dir: Path, after_the_traceback
         say(message)
 
 
-# How many parent folders of the run directory Hydra is about to make (outputs/debug/<date> in a fresh working
-# directory), counted before it starts: a run that never starts removes them again, and no folder that was there.
-_run_dir_parents_to_make: list = [0]
+# (sweep dir, its multirun.yaml's bytes or None), read before Hydra starts: Hydra's basic sweeper rewrites that file
+# before the first job runs (a plain copy goes to joblib's and submitit's job processes, which pickle main by value).
+_sweep_record_found: list = [None]
+
+
+def keep_sweep_record(sweep_dir: Path) -> None:
+    """Put ``<sweep dir>/multirun.yaml`` back as this command found it: a job that refuses its run directory (it
+    holds another experiment, or a live process trains there) changed no run of the sweep, so the sweep's record of
+    its runs must not change either. Hydra writes the file before any job code runs, so refusing the rerun before it
+    would mean loading every job's checkpoint before Hydra starts; undoing the one write is what the job can do.
+    Every torchrun rank puts it back after its own sweeper's write, so none of those writes is left last."""
+    found = _sweep_record_found[0]
+    if found is not None and found[0] == sweep_dir.absolute():  # else ${now:} moved on: a new sweep dir
+        restore_sweep_record(sweep_dir, found[1])
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -134,7 +152,9 @@ def main(cfg: DictConfig) -> float:
     tag_console(tag, Path(hydra_cfg.sweep.dir) if multirun else None)
     group, name = wandb_group_and_name(hydra_cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    new_parents = _run_dir_parents_to_make[0] if not multirun else 0  # a job's folder is in its sweep dir, which stays
+    # the parent folders Hydra made for the run directory (outputs/debug/<date> in a fresh working directory): a
+    # run that never starts removes them again, no folder that was there; a job's is in its sweep dir, which stays
+    new_parents = NewRunDirParents.count if not multirun else 0
     try:
         check_model_choice(OmegaConf.select(cfg, "model.name"), hydra_cfg.runtime.choices.get("model"))
         # Hydra's .hydra/ configs are written once this process holds the run directory (conf/hydra/default.yaml)
@@ -144,6 +164,8 @@ def main(cfg: DictConfig) -> float:
         print(f"{tag}error: {one_line(error)}", file=sys.stderr)
         if not isinstance(error, RunDirInUseError):  # that directory is the other process's
             remove_if_unused(run_dir, new_parents=new_parents)  # a run that never started leaves no folder
+        if multirun and isinstance(error, (OtherExperimentError, RunDirInUseError)):  # a refused rerun
+            keep_sweep_record(Path(hydra_cfg.sweep.dir))
         if isinstance(error, MID_RUN_ERRORS):  # a NaN stop, a bad file met mid-run, a full disk: last.pt is kept
             say_how_to_resume(tag, run_dir)
         sys.exit(exit_code(error))
@@ -179,11 +201,12 @@ if __name__ == "__main__":
     sys.argv[1:] = multirun_flag_first(sys.argv[1:])  # -m anywhere: Hydra's parser takes it before the overrides
     # a mistyped key or option, a sweep with a bad value in any job, a run dir Hydra cannot make: one line, before
     # Hydra starts
-    planned = output_dir(sys.argv[1:], "train")  # composed once: checked here, its missing parents counted below
+    planned = output_dir(sys.argv[1:], "train")  # composed once: checked here, a sweep's multirun.yaml read below
     problem = (composition_error(sys.argv[1:], "train") or sweep_job_error(sys.argv[1:], "train")
                or output_dir_error(planned))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
-    _run_dir_parents_to_make[0] = missing_parents(planned[1]) if planned else 0
+    if planned and planned[0] == "hydra.sweep.dir":
+        _sweep_record_found[0] = (planned[1].absolute(), read_sweep_record(planned[1]))
     main()

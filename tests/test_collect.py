@@ -105,11 +105,31 @@ def test_unfinished_runs_of_a_real_sweep_are_named_and_left_out_and_the_run_coun
                                          f"{100 * expected[2]:.2f}% ± n/a |"]
 
 
-def test_a_sweep_whose_runs_have_not_finished_says_so(tmp_path, capsys):
+def test_a_sweep_whose_runs_have_not_finished_says_so_in_one_message(tmp_path, capsys):
+    # was two messages: the command's "no run has finished (logged test/acc) yet: <run dirs>", the notebooks'
+    # (summarize) "no run has finished (logged test/acc): <run names>", neither naming the folder searched
     write_run(tmp_path, 0, ["seed=0"], [0.5, 0.8])
+    write_run(tmp_path, 1, ["seed=1"], [0.5])
+    message = (f"no run has finished: none of the run directories below {tmp_path} logged test/acc (the trainer logs "
+               "it when training ends): 0, 1")
     assert collect.main([str(tmp_path)]) == 2
-    assert capsys.readouterr().err == f"error: no run has finished (logged test/acc) yet: {tmp_path / '0'}\n"
+    assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "results.md").exists()
+    runs = sweeps.load_sweep(tmp_path)
+    with pytest.raises(NoRunsError) as raised:  # what the notebooks see
+        sweeps.summarize(runs, sweeps.swept_keys(runs))
+    assert str(raised.value) == message
+
+
+@pytest.mark.slow
+def test_offline_wandb_runs_none_of_which_finished_name_the_folder_searched(compose_run, tmp_path, monkeypatch, capsys):
+    run = ["trainer.batch_size=256", "trainer.log_every=1", "trainer.max_steps=4", "model.depth=2",
+           "logger.mode=offline", "trainer.progress_bar=false"]
+    train_killed_after(2, compose_run(*run), tmp_path / "run", monkeypatch)  # steps 1-2 logged, no test/acc
+    (killed,) = sweeps.load_wandb_offline(tmp_path)
+    assert collect.main(["--wandb-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: no run has finished: none of the offline W&B runs below {tmp_path} "
+                                       f"logged test/acc (the trainer logs it when training ends): {killed.name}\n")
 
 
 def test_an_out_that_is_a_file_is_refused_in_one_line(sweep, capsys):

@@ -21,6 +21,7 @@ from softmoe import moe_layers
 from softmoe.harness.config import ConfigError, check_config, check_launch
 from softmoe.harness.model import build_model, moe_blocks
 from softmoe.harness.optim import build_optimizer, build_scheduler
+from softmoe.harness.overrides import output_dir
 from softmoe.harness.rules import check_known, check_section, plain, positive_int
 
 ROOT = Path(CONF_DIR).parent
@@ -334,6 +335,24 @@ def test_a_refused_run_removes_the_folders_it_made_and_only_those(tmp_path):
     (tmp_path / "outputs" / "debug").mkdir(parents=True)  # the user's, empty: kept
     refused(tmp_path, "debug=default")
     assert [path.relative_to(tmp_path) for path in tmp_path.rglob("*")] == [Path("outputs"), Path("outputs/debug")]
+
+
+@pytest.mark.slow
+def test_a_refused_run_removes_the_folder_hydra_made_though_the_path_resolved_before_hydra_differs(tmp_path):
+    # The command resolves the run directory before Hydra starts (its checks), and Hydra resolves it again: a run
+    # started just before midnight looked at today's outputs/runs/<date>/, there already, so it removed nothing
+    # but the run directory and left tomorrow's <date>/, which Hydra made, empty. No test waits for midnight;
+    # ${hydra.job.name} differs between the two resolutions every time ('app' for the checks, which compose
+    # through Hydra's compose API; 'train' for the run), so it stands in for the date here.
+    run_dir = f"hydra.run.dir={tmp_path}/${{hydra.job.name}}/run"
+    planned = output_dir([run_dir], "train")[1].parent
+    assert planned != tmp_path / "train"  # the premise: the checks' path is not Hydra's
+    planned.mkdir()  # "today's" folder, there already
+    command = [sys.executable, "-m", "softmoe.train", run_dir, "moe.num_experts=0"]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (2, "error: moe.num_experts=0: must be a positive integer\n")
+    assert list(tmp_path.iterdir()) == [planned]  # was: and an empty <tmp>/train/, which Hydra made
 
 
 def test_plain_resolves_interpolations_and_leaves_out_hydras_node():

@@ -1,7 +1,9 @@
 """A sweep with a bad value in any job is refused before its first job starts: one line naming the job and its
-swept values, exit status 2, no sweep directory."""
+swept values, exit status 2, no sweep directory. A rerun that its jobs refuse leaves the sweep directory as it was."""
 
+import hashlib
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -106,3 +108,44 @@ def test_a_sweep_that_cannot_launch_stops_in_one_line_before_hydra_writes(tmp_pa
     assert (result.returncode, result.stderr.count("\n")) == (2, 1)
     assert result.stderr.startswith(error)
     assert list(tmp_path.iterdir()) == []  # no multirun.yaml, no sweep directory
+
+
+def sweep_fingerprint(sweep_dir):
+    """{file: sha256} of a sweep directory's record (``multirun.yaml``) and its runs, ``.hydra/`` configs included;
+    not the log a refused job appends to and the lock it took (which names the last process to hold it), nor the
+    launchers' and the console's own folders."""
+    return {
+        str(path.relative_to(sweep_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(sweep_dir.rglob("*"))
+        if path.is_file() and path.name not in ("train.log", ".lock")
+        and path.relative_to(sweep_dir).parts[0] not in (".console_warnings", ".submitit")
+    }
+
+
+@pytest.mark.slow
+def test_a_sweep_rerun_its_jobs_refuse_leaves_the_sweep_directorys_record_as_it_was(tmp_path):
+    # was: Hydra's sweeper rewrote multirun.yaml with optimizer.lr=0.01 before job 0 refused its run directory (which
+    # holds the optimizer.lr=0.003 run), so the sweep's record named an experiment none of its runs is
+    sweep_dir = tmp_path / "sweep"
+    tiny = ["data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=32", "data.test_size=8",
+            "model.depth=2", "trainer.batch_size=16", "trainer.max_steps=2", "logger=none",
+            "trainer.progress_bar=false"]
+
+    def sweep(*overrides):
+        command = [sys.executable, "-m", "softmoe.train", "-m", "seed=0,1", *tiny, *overrides,
+                   f"hydra.sweep.dir={sweep_dir}"]
+        return subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True, timeout=300)
+
+    assert sweep().returncode == 0
+    before = sweep_fingerprint(sweep_dir)
+    assert {"multirun.yaml", "0/.hydra/config.yaml", "1/.hydra/overrides.yaml", "1/last.pt"} <= set(before)
+    # jobs one after another in this process, and in joblib's worker processes (main reaches them pickled)
+    for launcher in ("basic", "joblib"):
+        refused = sweep("optimizer.lr=0.01", f"launcher={launcher}")
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        # joblib's jobs refuse at once, and the first to stop the sweep may be either
+        assert re.search(rf"\[job ([01])\] error: optimizer.lr=0.01: this run directory's checkpoint "
+                         rf"{re.escape(str(sweep_dir))}/\1/last.pt was saved with optimizer.lr=0.003", refused.stderr)
+        assert sweep_fingerprint(sweep_dir) == before
+        assert sorted(path.name for path in sweep_dir.iterdir() if path.is_file()) == ["multirun.yaml"]

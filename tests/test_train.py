@@ -14,7 +14,7 @@ from data_fixtures import write_fashion_mnist
 from softmoe.collect import main as collect_main
 from softmoe.evaluate import evaluate_run
 from softmoe.harness.checkpoint import CheckpointError, load_checkpoint
-from softmoe.harness.errors import ConfigError
+from softmoe.harness.errors import ConfigError, OtherExperimentError
 from softmoe.harness.loop import train
 from softmoe.harness.runs import read_events
 
@@ -157,9 +157,15 @@ def test_a_run_started_from_another_runs_checkpoint_logs_to_a_wandb_run_of_its_o
 
 def test_resuming_a_different_model_is_refused(compose_run, tmp_path):
     base = ["trainer.max_steps=2", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET]
-    train(compose_run(*base), tmp_path)
-    with pytest.raises(CheckpointError, match="moe.num_experts=8"):
-        train(compose_run(*base, "moe.num_experts=8"), tmp_path)
+    train(compose_run(*base), tmp_path / "run")
+    # in its own run directory: another experiment (a sweep's rerun puts its multirun.yaml back on this error)
+    with pytest.raises(OtherExperimentError, match="moe.num_experts=8"):
+        train(compose_run(*base, "moe.num_experts=8"), tmp_path / "run")
+    # another run's checkpoint, in a new run directory: refused as a checkpoint this model cannot take
+    with pytest.raises(CheckpointError, match="moe.num_experts=8") as raised:
+        train(compose_run(*base, "moe.num_experts=8", f"trainer.resume={tmp_path / 'run' / 'last.pt'}"),
+              tmp_path / "new")
+    assert not isinstance(raised.value, OtherExperimentError)
 
 
 def test_a_run_directory_resumes_only_the_experiment_it_holds(compose_run, tmp_path, resumed_from, caplog):
@@ -170,14 +176,14 @@ def test_a_run_directory_resumes_only_the_experiment_it_holds(compose_run, tmp_p
     train(compose_run(*run), tmp_path)
     last, kept = tmp_path / "last.pt", (tmp_path / "last.pt").read_bytes()
     claimed = []  # python -m softmoe.train writes .hydra/ here: a refused config must not
-    with pytest.raises(CheckpointError) as raised:
+    with pytest.raises(OtherExperimentError) as raised:
         train(compose_run(*run, "optimizer.lr=0.01"), tmp_path, on_claim=claimed.append)
     assert str(raised.value) == (
         f"optimizer.lr=0.01: this run directory's checkpoint {last} was saved with optimizer.lr=0.003, and a run "
         f"directory resumes only the experiment it holds; rerun with optimizer.lr=0.003, or start a new run "
         f"directory from it with trainer.resume={last} (a new hydra.run.dir, or hydra.sweep.dir for a sweep)"
     )
-    with pytest.raises(CheckpointError) as raised:  # a longer run: another schedule, a second test result
+    with pytest.raises(OtherExperimentError) as raised:  # a longer run: another schedule, a second test result
         train(compose_run(*run, "trainer.max_steps=4"), tmp_path, on_claim=claimed.append)
     assert str(raised.value).startswith(f"trainer.max_steps=4: this run directory's checkpoint {last} is of a run "
                                         "of trainer.max_steps=2, which is not lengthened in place")

@@ -21,7 +21,7 @@ import torch
 
 from softmoe.upcycle import why_torch_load_failed
 
-from .errors import CheckpointError, CheckpointWriteError
+from .errors import CheckpointError, CheckpointWriteError, OtherExperimentError
 from .rules import format_value
 
 log = logging.getLogger(__name__)
@@ -206,12 +206,12 @@ def check_same_experiment(state: dict[str, Any], config: dict[str, Any], path: P
         before, after = format_value(saved[key]), format_value(now.get(key))
         new_run = f"start a new run directory from it with trainer.resume={path}"
         if key in RUN_LENGTH:
-            raise CheckpointError(
+            raise OtherExperimentError(
                 f"{key}={after}: this run directory's checkpoint {path} is of a run of {key}={before}, which is not "
                 f"lengthened in place (its learning-rate schedule would change mid-run and it would report a second "
                 f"test result); rerun with {key}={before}, or to train on, {new_run} {key}={after}"
             )
-        raise CheckpointError(
+        raise OtherExperimentError(
             f"{key}={after}: this run directory's checkpoint {path} was saved with {key}={before}, and a run directory "
             f"resumes only the experiment it holds; rerun with {key}={before}, or {new_run} (a new hydra.run.dir, or "
             "hydra.sweep.dir for a sweep)"

@@ -41,7 +41,7 @@ from .console import describe_upcycling
 from .data import DataBundle, build_datasets
 from .data.device_loader import put_on_device
 from .distributed import Distributed, Loaders
-from .errors import CheckpointError, ConfigError, NonFiniteError
+from .errors import CheckpointError, ConfigError, NonFiniteError, OtherExperimentError
 from .faults import PreemptionGuard, first_nonfinite
 from .gpu_share import cap_cuda_memory, memory_share
 from .state import NO_BEST, TrainState, build_state
@@ -125,7 +125,8 @@ def seed_everything(seed: int) -> None:
 def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tuple[Optional[dict], Optional[Path]]:
     """(the checkpoint the run starts from, its path), or (None, None) for a fresh start: this directory's
     ``last.pt`` (or the ``last.prev.pt`` kept beside a damaged one) or sharded ``last.dcp``, else ``trainer.resume``.
-    Refuses a checkpoint of another model, and the run directory's own checkpoint under another experiment."""
+    Refuses a checkpoint of another model, and the run directory's own checkpoint under another experiment
+    (:class:`~.errors.OtherExperimentError`)."""
     start_from = resume_path(run_dir, resume)
     own = sharded_checkpoint.latest_last(run_dir)  # of last.pt and FSDP's last.dcp (the strategy changed), the newer
     if own is not None and own.is_dir():
@@ -136,8 +137,14 @@ def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tup
         checkpoint = sharded_checkpoint.resume_checkpoint(start_from)
     else:
         checkpoint, start_from = load_resume_checkpoint(start_from)
-    check_same_model(checkpoint, config, start_from)
-    if start_from.parent == run_dir:  # not trainer.resume's: this directory's run, to continue as it was started
+    own = start_from.parent == run_dir  # not trainer.resume's: this directory's run, to continue as it was started
+    try:
+        check_same_model(checkpoint, config, start_from)
+    except CheckpointError as error:
+        if own:  # the directory holds another model's run: refused as another experiment's is
+            raise OtherExperimentError(str(error)) from None
+        raise
+    if own:
         check_same_experiment(checkpoint, config, start_from)
         if resume and Path(resume).expanduser().resolve() != start_from.resolve():
             log.warning("trainer.resume=%s is ignored: this run directory holds its own %s, which it continues; a "

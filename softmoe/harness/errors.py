@@ -27,6 +27,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, or saved by a different model."""
 
 
+class OtherExperimentError(CheckpointError):
+    """The run directory's own checkpoint is of another experiment than the config (another model, learning rate,
+    run length): a run directory resumes only the experiment it holds, so the run is refused before it writes."""
+
+
 class CheckpointWriteError(CheckpointError, OSError):
     """A checkpoint that could not be written (a full disk, a lost mount); the previous one is untouched."""
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -117,7 +118,7 @@ def remove_if_unused(run_dir: Union[str, Path], *, new_parents: int = 0) -> bool
     started (a bad config value, missing data) leaves. Returns whether it was deleted.
 
     ``new_parents``: then also up to that many of its parent folders, innermost first, each only if that leaves it
-    empty: those Hydra made for it (:func:`missing_parents`, counted before Hydra started), never a folder that was
+    empty: those Hydra made for it (:class:`NewRunDirParents`, counted as Hydra started), never a folder that was
     there before."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or any(path.name not in (*HYDRA_FILES, LOCK_FILE) for path in run_dir.iterdir()):
@@ -135,6 +136,29 @@ def remove_if_unused(run_dir: Union[str, Path], *, new_parents: int = 0) -> bool
     return True
 
 
+SWEEP_RECORD = "multirun.yaml"  # a sweep's config, which Hydra's basic sweeper writes before its first job starts
+
+
+def read_sweep_record(sweep_dir: Union[str, Path]) -> Optional[bytes]:
+    """``<sweep_dir>/multirun.yaml``'s bytes, or None when there is none."""
+    try:
+        return (Path(sweep_dir) / SWEEP_RECORD).read_bytes()
+    except OSError:  # no such file (a new sweep), or no such directory
+        return None
+
+
+def restore_sweep_record(sweep_dir: Union[str, Path], record: Optional[bytes]) -> None:
+    """Put ``<sweep_dir>/multirun.yaml`` back as :func:`read_sweep_record` found it (None: no file). Written beside
+    it and renamed over it: parallel jobs that refuse their run directories may restore it at once."""
+    path = Path(sweep_dir) / SWEEP_RECORD
+    if record is None:
+        path.unlink(missing_ok=True)
+        return
+    temporary = path.with_name(f".{SWEEP_RECORD}.{socket.gethostname()}.{os.getpid()}")
+    temporary.write_bytes(record)
+    os.replace(temporary, path)
+
+
 def missing_parents(run_dir: Union[str, Path]) -> int:
     """How many of ``run_dir``'s parent folders do not exist yet (``outputs/debug/<date>`` in a fresh working
     directory: 3): those that making it makes, which a run that never starts removes again."""
@@ -144,6 +168,21 @@ def missing_parents(run_dir: Union[str, Path]) -> int:
             break
         missing += 1
     return missing
+
+
+class NewRunDirParents(Callback):
+    """A Hydra callback (``conf/hydra/default.yaml``): as a single run starts, how many parent folders of its run
+    directory Hydra is about to make (:func:`missing_parents`), for a run that never starts to remove again.
+
+    Counted here, on the config Hydra makes the directory from, and not on a path resolved before Hydra started: that
+    one resolved ``${now:}`` a moment earlier, so a run started just before midnight counted today's date folder,
+    there already, and left tomorrow's, which Hydra made, behind. Resolving ``hydra.run.dir`` fills the ``${now:}``
+    cache Hydra's ``run_job`` then reads: the same path."""
+
+    count = 0  # this process's run; a class attribute, since Hydra holds the instance
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        NewRunDirParents.count = missing_parents(OmegaConf.select(config, "hydra.run.dir"))
 
 
 class RunDirLock:

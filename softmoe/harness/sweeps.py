@@ -48,11 +48,13 @@ def lower_is_better(metric: str) -> bool:
 
 @dataclass
 class RunResult:
-    """One run: its overrides (``key -> value`` as typed) and its metric values in logging order."""
+    """One run: its overrides (``key -> value`` as typed) and its metric values in logging order; ``read_from``
+    names what its loader searched (``the run directories below <sweep dir>``), for messages about the runs."""
 
     name: str
     overrides: Dict[str, str]
     history: Dict[str, List[float]] = field(default_factory=dict)
+    read_from: str = ""
 
     def final(self, metric: str) -> Optional[float]:
         values = self.history.get(metric)
@@ -102,7 +104,8 @@ def load_sweep(sweep_dir: Path) -> List[RunResult]:
         run_dir = metrics.parent
         overrides_file = run_dir / ".hydra" / "overrides.yaml"
         overrides = parse_overrides(yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else {}
-        runs.append(RunResult(str(run_dir.relative_to(sweep_dir)), overrides, read_metrics(metrics)))
+        runs.append(RunResult(str(run_dir.relative_to(sweep_dir)), overrides, read_metrics(metrics),
+                              read_from=f"the run directories below {sweep_dir}"))
     if not runs:
         raise NoRunsError(f"no run directories (with metrics.jsonl) below {sweep_dir}")
     return runs
@@ -155,10 +158,10 @@ class WandbRun:
     rows: Iterable[Mapping[str, Any]]
 
 
-def wandb_results(runs: Sequence[WandbRun]) -> List[RunResult]:
-    """The results of W&B runs, whether read from offline run files or through the API."""
+def wandb_results(runs: Sequence[WandbRun], read_from: str) -> List[RunResult]:
+    """The results of W&B runs, whether read from offline run files or through the API (``read_from`` says which)."""
     overrides = config_overrides([run.config for run in runs])
-    return [RunResult(run.name, own, numeric_history(run.rows)) for run, own in zip(runs, overrides)]
+    return [RunResult(run.name, own, numeric_history(run.rows), read_from) for run, own in zip(runs, overrides)]
 
 
 def offline_run_files(wandb_dir: Path) -> List[Path]:
@@ -230,7 +233,8 @@ def load_wandb_offline(wandb_dir: Path, group: Optional[str] = None) -> List[Run
     if not kept:
         found = ", ".join(repr(name) if name else "(no group)" for name in sorted({run.group for run in runs.values()}))
         raise NoRunsError(f"no offline W&B run below {wandb_dir} is in group {group!r}; groups found: {found}")
-    return wandb_results(kept)
+    in_group = f" in group {group!r}" if group is not None else ""
+    return wandb_results(kept, f"the offline W&B runs below {wandb_dir}{in_group}")
 
 
 def load_wandb_group(project: str, group: str) -> List[RunResult]:
@@ -241,7 +245,7 @@ def load_wandb_group(project: str, group: str) -> List[RunResult]:
     runs = [WandbRun(group, run.name, dict(run.config), run.scan_history()) for run in api_runs]
     if not runs:
         raise NoRunsError(f"W&B project {project!r} has no runs in group {group!r}")
-    return wandb_results(runs)
+    return wandb_results(runs, f"the runs of W&B project {project!r} in group {group!r}")
 
 
 def swept_keys(runs: Sequence[RunResult]) -> List[str]:
@@ -336,15 +340,24 @@ def is_finished(run: RunResult) -> bool:
     return run.final(RESULT_COLUMNS[1][1]) is not None
 
 
+def finished_runs(runs: Sequence[RunResult]) -> List[RunResult]:
+    """The runs that logged ``test/acc`` (:func:`is_finished`); when none did, a NoRunsError naming what was searched,
+    what was looked for and the runs found: the one message for it, from ``collect`` and the notebooks alike."""
+    finished = [run for run in runs if is_finished(run)]
+    if not finished:
+        searched = " and ".join(dict.fromkeys(run.read_from for run in runs if run.read_from)) or "the runs given"
+        raise NoRunsError(f"no run has finished: none of {searched} logged {RESULT_COLUMNS[1][1]} (the trainer logs "
+                          f"it when training ends): {', '.join(run.name for run in runs)}")
+    return finished
+
+
 def summarize(runs: Sequence[RunResult], by: Sequence[str], metrics: Sequence[str] = ()) -> List[GroupSummary]:
     """Mean ± std over each group's finished runs (its seeds) of every column of :func:`columns_for` ``metrics``.
     Unfinished runs (:func:`is_finished`) are left out: a run stopped early would add its best val/acc so far."""
     if isinstance(metrics, str):
         metrics = [metrics]
     check_group_keys(runs, by)
-    finished = [run for run in runs if is_finished(run)]
-    if not finished:
-        raise NoRunsError(f"no run has finished (logged test/acc): {', '.join(run.name for run in runs)}")
+    finished = finished_runs(runs)
     columns = columns_for(metrics)
     groups: Dict[Tuple[Optional[str], ...], List[RunResult]] = {}
     for run in finished:
