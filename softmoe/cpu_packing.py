@@ -1,11 +1,10 @@
 """Expert weights packed once for oneDNN: faster float32 inference on CPU (opt-in, :func:`pack_experts_for_cpu`).
 
 At inference each expert multiplies few rows (batch 32, one slot per expert: 32 rows) by its own weight. ``bmm``
-(MKL) repacks every weight into its kernel's layout at every call, a cost a 32-row product cannot amortise: on an
-AMD EPYC Zen 4, fc1 of Soft MoE S/16 runs at 129 GFLOP/s where one weight's 4,096-row product reaches 194, and
-keeping the weight in cache does not help (134). oneDNN's linear on a weight reordered ahead of time skips the
-repacking: the expert MLP (both products, bias and GELU fused into the first) takes 62 ms instead of 90 there
-(``experiments/throughput/cpu_packing.py``).
+(MKL) repacks every weight into its kernel's layout at every call, a cost a 32-row product cannot amortise.
+oneDNN's linear on a weight reordered once ahead of time skips it: on an AMD EPYC Zen 4, fc1 of Soft MoE S/16 took
+0.80-0.88x ``bmm``'s time, and the whole model's float32 inference at batch 32 went from 1.03-1.04x ViT-S/16's
+time to 0.99x (``experiments/throughput/README.md``, session 15). Bias and GELU are fused into fc1's product.
 
 The cost is memory: while packed, every expert weight has a second float32 copy in oneDNN's layout (3.6 GB for
 Soft MoE S/16's 128 experts in 6 blocks). So it is opt-in, for a process that runs inference; training, autocast,
@@ -20,8 +19,8 @@ import torch
 from torch import nn
 
 # Fewer rows per expert than this and bmm is faster: the product is bound by reading the weight, which bmm does
-# faster from the plain layout (fc1 of S/16 on Zen 4: bmm 10-13 ms at 1-2 rows against 16-17, even at 3, oneDNN
-# ahead from 4 rows: 13 against 17 ms).
+# faster from the plain layout (fc1 of S/16 on Zen 4, one run in session 15: bmm 10-13 ms at 1-2 rows against
+# 16-17, even at 3, oneDNN ahead from 4 rows: 13 against 17 ms).
 MIN_ROWS = 4
 
 _GELU_ALGORITHMS = {"none": "none", "tanh": "tanh"}  # nn.GELU's approximate -> oneDNN's fused GELU
@@ -86,7 +85,7 @@ class PackedExpertWeights:
     def _pack(self, bank: nn.Module, key: tuple, rows: int) -> None:
         self.key, self.fc1, self.fc2 = None, [], []  # the stale packing goes before the new one is made
         # oneDNN picks the layout for the rows it is told; packed for 32, 128 or 256 rows each ran the others within
-        # 2% (fc1 of S/16, Zen 4), so the first call's rows serve later batch sizes too
+        # 2% (fc1 of S/16, Zen 4, one run in session 15), so the first call's rows serve later batch sizes too
         with torch.no_grad():
             for name, packed in (("fc1_weight", self.fc1), ("fc2_weight", self.fc2)):
                 linear_layout = getattr(bank, name).transpose(1, 2)  # [n, out, in], nn.Linear's
