@@ -9,7 +9,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from softmoe import SoftMoEVisionTransformer
+from softmoe import SoftMoE, SoftMoEVisionTransformer
 from softmoe.experts import hold_expert_copies
 
 NUM_EXPERTS = 4
@@ -67,6 +67,42 @@ def test_a_compiled_forward_under_autocast_reads_the_copies_instead_of_casting_e
     # 2 MoE blocks x (fc1, fc2): each weight either cast in the graph or read as its bf16 copy
     expected = (0, 4) if reads_copies else (4, 0)
     assert reads == {"forward": expected, "inference": expected}
+
+
+class OwnModel(torch.nn.Module):
+    """A model of a user's own around a Soft MoE layer, holding the copies as docs/library.md tells it to."""
+
+    def __init__(self, hold: bool):
+        super().__init__()
+        self.hold = hold
+        self.embed = torch.nn.Linear(8, 16)
+        self.moe = SoftMoE(16, num_experts=NUM_EXPERTS, slots_per_expert=1)
+
+    def forward(self, x):
+        if self.hold:
+            hold_expert_copies(self, True)
+        x = self.moe(self.embed(x))
+        if self.hold:
+            hold_expert_copies(self, False)
+        return x
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_model_of_ones_own_compiled_under_autocast_reads_the_copies_it_holds(hold):
+    torch.manual_seed(0)
+    model = OwnModel(hold)
+    backend, graphs = graph_catcher()
+    compiled = torch.compile(model, backend=backend)
+    tokens = torch.randn(2, 5, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        compiled(tokens).float().sum().backward()
+        with torch.no_grad():
+            out = compiled(tokens)
+    reads = [expert_weight_reads(graph) for kind, graph in graphs if kind in ("forward", "inference")]
+    assert len(reads) == 2  # the graph between the two holds: its forward and its inference graph
+    assert set(reads) == {(0, 2) if hold else (2, 0)}  # fc1 and fc2: read as bf16 copies, or cast in the graph
+    with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+        torch.testing.assert_close(out, model(tokens), rtol=0, atol=0)
 
 
 def test_compiled_training_under_autocast_follows_eager_through_optimizer_steps_and_weight_edits():
