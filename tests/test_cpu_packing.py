@@ -63,6 +63,21 @@ def test_packed_bank_matches_float64_reference(act_layer, bias, batch, slots_per
     torch.testing.assert_close(packed_out, plain_out, rtol=1e-5, atol=1e-5)
 
 
+def test_no_grad_runs_packed_as_inference_mode_does_and_reads_what_inference_mode_packed():
+    bank = make_bank()
+    slots = torch.randn(MIN_ROWS, 4, 1, 8)
+    pack_experts_for_cpu(bank)
+    with torch.no_grad():
+        packed_no_grad = bank(slots)
+    assert bank.cpu_packing.key is not None
+    torch.testing.assert_close(packed_no_grad.double(), reference_mlp(bank, slots), rtol=1e-5, atol=1e-5)
+    pack_experts_for_cpu(bank)  # packed afresh, this time under inference_mode, then read under no_grad
+    with torch.inference_mode():
+        packed_inference = bank(slots)
+    with torch.no_grad():
+        assert torch.equal(bank(slots), packed_inference)
+
+
 def test_each_example_and_expert_stays_its_own():
     """Changing one example's slots of one expert changes that output row only (no mixing across experts/rows)."""
     bank = make_bank()
