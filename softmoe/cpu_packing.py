@@ -76,8 +76,8 @@ class PackedExpertWeights:
         weights = (bank.fc1_weight, bank.fc2_weight)
         return (not torch.is_grad_enabled()  # oneDNN's packed linear has no backward
                 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] >= MIN_ROWS
-                and all(type(w) in (torch.Tensor, nn.Parameter) and w.device.type == "cpu"
-                        and w.dtype == torch.float32 for w in weights)  # whole weights (not DTensor shards)
+                and bank._whole_weights()
+                and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
                 and not torch.is_autocast_enabled("cpu")
                 and bank.norm_eps is None  # the per-expert LayerNorm variant keeps the bank's path
                 and not (bank.training and (bank.drop1.p > 0 or bank.drop2.p > 0)))

@@ -369,9 +369,8 @@ class BatchedMlp(nn.Module):
         """See :func:`hold_expert_copies`: copies held only where autocast casts, for whole (not DTensor) weights."""
         names = ("fc1_weight", "fc2_weight")
         dtype = autocast_dtype_on(self.fc1_weight.device) if hold else None
-        whole = all(type(getattr(self, name)) in (torch.Tensor, nn.Parameter) for name in names)
         self._copies_held = False
-        if dtype is None or not whole:
+        if dtype is None or not self._whole_weights():
             _held_banks.discard(self)
             return
         copies = [self.compute_weight(name) for name in names]  # eager: recasts a stale copy, as a forward would
@@ -379,6 +378,11 @@ class BatchedMlp(nn.Module):
                                 for copy, name in zip(copies, names))
         if self._copies_held:
             _held_banks.add(self)
+
+    def _whole_weights(self) -> bool:
+        """Whether fc1's and fc2's weights are whole tensors here, not DTensor shards (FSDP gathers those inside the
+        forward): only whole weights can be held as copies or packed ahead of a call."""
+        return all(type(getattr(self, name)) in (torch.Tensor, nn.Parameter) for name in ("fc1_weight", "fc2_weight"))
 
     def copy_is_current(self, name: str) -> bool:
         """Whether the next autocast forward reads weight ``name``'s copy as it is, without recasting it."""
