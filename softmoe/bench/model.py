@@ -149,14 +149,14 @@ def benchmark_packed_inference(models: Dict[str, nn.Module], images: torch.Tenso
     pack_experts_for_cpu(soft_moe)
     banks = [m for m in soft_moe.modules() if getattr(m, "cpu_packing", None) is not None]
     packings = [bank.cpu_packing for bank in banks]
+    inference = model_cases(soft_moe, None, images, None)["inference"]
 
     def soft_moe_inference(packed: bool):
         def call():
             for bank, packing in zip(banks, packings):  # one model, its packing switched on for this call only
                 bank.cpu_packing = packing if packed else None
             try:
-                with torch.inference_mode():
-                    soft_moe(images)
+                inference()
             finally:
                 for bank in banks:
                     bank.cpu_packing = None
