@@ -89,23 +89,23 @@ def packed_cases(models: dict, images: torch.Tensor):
     how many of the Soft MoE model's expert banks ran packed (none below softmoe.cpu_packing.MIN_ROWS rows)."""
     soft_moe = copy.deepcopy(models["soft_moe"])  # the same weights; the unpacked model stays as it is
     softmoe.pack_experts_for_cpu(soft_moe)
-    switches = {kind: pack_linears(model) for kind, model in (("dense", models["dense"]), ("soft_moe", soft_moe))}
-    packed = {"soft_moe_packed": (soft_moe, False), "dense_all_packed": (models["dense"], True),
-              "soft_moe_all_packed": (soft_moe, True)}
+    instances = {"dense": models["dense"], "soft_moe": soft_moe}
+    switches = {kind: pack_linears(model) for kind, model in instances.items()}
+    with torch.inference_mode():  # each unpacked model's output, once, for its packed cases to match
+        expected = {kind: models[kind](images) for kind in instances}
+    packed = {"soft_moe_packed": ("soft_moe", False), "dense_all_packed": ("dense", True),
+              "soft_moe_all_packed": ("soft_moe", True)}
     cases = {}
-    for name, (model, linears_packed) in packed.items():
-        kind = "dense" if model is models["dense"] else "soft_moe"
+    for name, (kind, linears_packed) in packed.items():
 
-        def run(model=model, kind=kind, linears_packed=linears_packed):
+        def run(kind=kind, linears_packed=linears_packed):
             switches[kind][0] = linears_packed
             with torch.inference_mode():
-                output = model(images)
+                output = instances[kind](images)
             switches[kind][0] = False  # the unpacked cases of the same model run as before
             return output
 
-        with torch.inference_mode():
-            expected = models[kind](images)
-        error = (run() - expected).abs().max().item()
+        error = (run() - expected[kind]).abs().max().item()
         if error > 1e-4:
             raise RuntimeError(f"{name} differs from its unpacked model by {error:.2e}")
         cases[name] = run
