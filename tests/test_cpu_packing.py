@@ -1,6 +1,7 @@
 """Expert weights packed for oneDNN (softmoe.pack_experts_for_cpu): CPU float32 inference as the paper's MLP experts
 compute it, and every call the packing cannot serve runs the bank's own path."""
 
+import contextlib
 import copy
 import io
 
@@ -91,30 +92,22 @@ def test_each_example_and_expert_stays_its_own():
     assert differs[2, 1] and differs.sum() == 1
 
 
+@contextlib.contextmanager
+def inference_under_autocast():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        yield
+
+
 def fallback_cases():
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     inference = torch.inference_mode
     return {
         "grad enabled": (make_bank, MIN_ROWS, torch.enable_grad),
-        "autocast": (make_bank, MIN_ROWS, lambda: _both(inference(), autocast())),
+        "autocast": (make_bank, MIN_ROWS, inference_under_autocast),
         "too few rows": (make_bank, MIN_ROWS - 1, inference),
         "dropout in training": (lambda: make_bank(drop=0.5).train(), MIN_ROWS, inference),
         "expert LayerNorm": (lambda: make_bank(norm_layer=nn.LayerNorm), MIN_ROWS, inference),
         "float64 weights": (lambda: make_bank(dtype=torch.float64), MIN_ROWS, inference),
     }
-
-
-class _both:
-    def __init__(self, *contexts):
-        self.contexts = contexts
-
-    def __enter__(self):
-        for context in self.contexts:
-            context.__enter__()
-
-    def __exit__(self, *exc):
-        for context in reversed(self.contexts):
-            context.__exit__(*exc)
 
 
 @pytest.mark.parametrize("case", list(fallback_cases()))
