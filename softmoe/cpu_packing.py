@@ -13,7 +13,7 @@ autograd, compiled graphs and other devices read the weights as before.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -49,14 +49,16 @@ class PackedExpertWeights:
     def __reduce__(self):
         return (PackedExpertWeights, ())
 
-    def forward(self, bank: nn.Module, x: torch.Tensor, key: tuple) -> Optional[torch.Tensor]:
+    def forward(self, bank: nn.Module, x: torch.Tensor, key: Callable[[], tuple]) -> Optional[torch.Tensor]:
         """``bank``'s MLP on ``x`` [n, rows, in] through the packed weights, or None where they do not apply (the
-        bank's own path runs then). ``key`` says what the weights are now (the bank's copy key of each). Eager
-        calls only: the bank does not call it while fx, export or compile trace it."""
+        bank's own path runs then). ``key()`` says what the weights are now (the bank's copy key of each), asked
+        only where the packed weights apply. Eager calls only: the bank does not call it while fx, export or
+        compile trace it."""
         if not self._applies(bank, x):
             return None
-        if self.key != key:
-            self._pack(bank, key, rows=x.shape[1])
+        weights_key = key()
+        if self.key != weights_key:
+            self._pack(bank, weights_key, rows=x.shape[1])
         linear = torch.ops.mkldnn._linear_pointwise
         x = x.contiguous()  # one gather of each expert's rows (strided in x) rather than a copy inside each call
         fc1_bias = _per_expert(bank.fc1_bias, bank.num_experts)

@@ -309,8 +309,8 @@ class BatchedMlp(nn.Module):
         n = self.num_experts
         x = slots.transpose(0, 1).reshape(n, b * p, self.in_features)  # [n, b*p, d]: each expert's slots together
         if self.cpu_packing is not None and not is_tracing():  # a graph keeps the bank's own path
-            key = tuple(_copy_key(getattr(self, name), _optimizer_steps) for name in ("fc1_weight", "fc2_weight"))
-            packed = self.cpu_packing.forward(self, x, key)
+            packed = self.cpu_packing.forward(self, x, key=lambda: tuple(  # computed only where packing applies
+                _copy_key(getattr(self, name), _optimizer_steps) for name in ("fc1_weight", "fc2_weight")))
             if packed is not None:
                 return packed.view(n, b, p, self.out_features).transpose(0, 1)
         x = self._linear(x, "fc1_weight", self.fc1_bias)  # [n, b*p, h]

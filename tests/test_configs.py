@@ -5,6 +5,7 @@ The options are read from conf/<group>/*.yaml, so a new file is tested by being 
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -337,22 +338,46 @@ def test_a_refused_run_removes_the_folders_it_made_and_only_those(tmp_path):
     assert [path.relative_to(tmp_path) for path in tmp_path.rglob("*")] == [Path("outputs"), Path("outputs/debug")]
 
 
+# `python -c` runs the train command with a date resolver standing in for a clock that passes midnight between the
+# command's checks (which compose the config before Hydra starts) and Hydra's own run: the first config it resolves
+# in (the checks') is "today", every later one (Hydra's) "tomorrow". No test waits for midnight.
+TRAIN_ACROSS_MIDNIGHT = """
+import runpy
+from omegaconf import OmegaConf
+first = []
+def day(_root_):
+    first.append(id(_root_)) if not first else None
+    return "today" if id(_root_) == first[0] else "tomorrow"
+OmegaConf.register_new_resolver("day", day)
+runpy.run_module("softmoe.train", run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 def test_a_refused_run_removes_the_folder_hydra_made_though_the_path_resolved_before_hydra_differs(tmp_path):
     # The command resolves the run directory before Hydra starts (its checks), and Hydra resolves it again: a run
     # started just before midnight looked at today's outputs/runs/<date>/, there already, so it removed nothing
-    # but the run directory and left tomorrow's <date>/, which Hydra made, empty. No test waits for midnight;
-    # ${hydra.job.name} differs between the two resolutions every time ('app' for the checks, which compose
-    # through Hydra's compose API; 'train' for the run), so it stands in for the date here.
-    run_dir = f"hydra.run.dir={tmp_path}/${{hydra.job.name}}/run"
-    planned = output_dir([run_dir], "train")[1].parent
-    assert planned != tmp_path / "train"  # the premise: the checks' path is not Hydra's
-    planned.mkdir()  # "today's" folder, there already
-    command = [sys.executable, "-m", "softmoe.train", run_dir, "moe.num_experts=0"]
+    # but the run directory and left tomorrow's <date>/, which Hydra made, empty.
+    (tmp_path / "today").mkdir()  # today's folder, there already
+    command = [sys.executable, "-c", TRAIN_ACROSS_MIDNIGHT, f"hydra.run.dir={tmp_path}/${{day:}}/run",
+               "moe.num_experts=0"]
     result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                             text=True, timeout=120)
     assert (result.returncode, result.stderr) == (2, "error: moe.num_experts=0: must be a positive integer\n")
-    assert list(tmp_path.iterdir()) == [planned]  # was: and an empty <tmp>/train/, which Hydra made
+    assert list(tmp_path.iterdir()) == [tmp_path / "today"]  # was: and an empty <tmp>/tomorrow/, which Hydra made
+
+
+@pytest.mark.slow
+def test_the_checks_resolve_the_job_name_as_hydras_run_does(tmp_path):
+    """``${hydra.job.name}`` in the run directory: the checks looked at <dir>/app/ (the compose API's default name)
+    while Hydra ran in <dir>/train/, so a run directory with another experiment's checkpoint was not refused."""
+    run_dir = f"hydra.run.dir={tmp_path}/${{hydra.job.name}}/run"
+    assert output_dir([run_dir], "train") == ("hydra.run.dir", tmp_path / "train" / "run")
+    assert output_dir(["-m", f"hydra.sweep.dir={tmp_path}/${{hydra.job.name}}"], "train")[1] == tmp_path / "train"
+    # each command is named after its config, as the checks assume
+    commands = {path.stem: re.findall(r'^@hydra\.main\(.*config_name="(\w+)"', path.read_text(), re.MULTILINE)
+                for path in (ROOT / "softmoe").glob("*.py")}
+    assert commands["train"] == ["train"] and all(names in ([], [stem]) for stem, names in commands.items())
 
 
 def test_plain_resolves_interpolations_and_leaves_out_hydras_node():

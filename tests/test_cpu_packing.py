@@ -127,6 +127,27 @@ def test_calls_packing_cannot_serve_run_the_banks_own_path(case):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("case", list(fallback_cases()))
+def test_a_call_packing_cannot_serve_does_not_ask_for_the_weights_key(case):
+    """The weights' key (a version and storage test per weight) is work for the packed path alone."""
+    build, rows, context = fallback_cases()[case]
+    bank = build()
+    pack_experts_for_cpu(bank)
+    x = torch.randn(4, rows, 8, dtype=bank.fc1_weight.dtype)  # [n, rows, in], as the bank passes it
+
+    def key():
+        raise AssertionError(f"{case}: the key was asked for")
+
+    with context():
+        assert bank.cpu_packing.forward(bank, x, key) is None
+    with torch.inference_mode():  # and a call it serves asks once
+        asked = []
+        plain = make_bank()
+        pack_experts_for_cpu(plain)
+        plain.cpu_packing.forward(plain, torch.randn(4, MIN_ROWS, 8), lambda: asked.append(1) or ("k",))
+    assert asked == [1] and plain.cpu_packing.key == ("k",)
+
+
 @pytest.mark.parametrize("trace", ["fx", "compile"])
 def test_a_traced_packed_bank_keeps_its_own_path(trace):
     """fx and torch.compile trace the bank's own path (oneDNN's packed tensors cannot enter a graph), fullgraph."""

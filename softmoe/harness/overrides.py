@@ -58,7 +58,10 @@ def compose_config(config_name: str, overrides: Sequence[str], conf_dir: Path) -
 
 @functools.lru_cache(maxsize=8)
 def _composed(config_name: str, overrides: tuple, conf_dir: str) -> DictConfig:
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+    # job_name: the name Hydra's own run gives the job, its module's (each command is named after its config:
+    # softmoe/train.py composes train), so ${hydra.job.name} in hydra.run.dir resolves here as the run will; the
+    # compose API's own default ('app') had the checks look at another run directory
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name=config_name):
         config = compose(config_name, overrides=list(overrides), return_hydra_config=True)
     OmegaConf.set_readonly(config, True)  # shared by every caller: none may change it
     return config
