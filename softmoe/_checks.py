@@ -83,13 +83,27 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling() or _is_fx_symbolic_tracing()
 
 
+# Autocast is always available on these; asking torch is for other devices only: torch 2.11's dynamo cannot trace
+# the question (a graph break at every call, and an error under fullgraph=True)
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+
+
 def autocast_dtype_on(device: torch.device) -> Optional[torch.dtype]:
     """The dtype autocast computes matmuls in on ``device``; None when autocast is off there."""
-    if device.type == "meta" or not torch.amp.is_autocast_available(device.type):
+    if device.type == "meta" or (device.type not in _AUTOCAST_DEVICE_TYPES
+                                 and not torch.amp.is_autocast_available(device.type)):
         return None
     if not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
+
+
+def is_exporting() -> bool:
+    """True while ``torch.export`` traces the code, and only then. Not ``torch.compiler.is_exporting()``, which
+    torch 2.11's dynamo folds to True under every ``torch.compile`` (2.14 reads the flag, as this does): on 2.11 a
+    compiled model skipped its input checks and cast its expert weights in the graph as if exported."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)  # the flag torch.export sets while it traces
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 # is_fx_symbolic_tracing: torch 2.11 and 2.14 have it, 2.8 only is_fx_tracing (the same flag there)
@@ -101,7 +115,7 @@ def require_tokens(name: str, x: Any, dim: int, parameter: torch.Tensor) -> None
     """Check that ``x`` is a floating-point [batch, tokens, dim] tensor with at least one token, in the dtype of the
     layer's ``parameter`` unless autocast casts both (eager calls, and under ``torch.compile``: dynamo guards on
     these static properties anyway, and a wrong input then gets this line, not an error from inside the graph)."""
-    if _is_fx_symbolic_tracing() or torch.compiler.is_exporting():  # proxies, or export's symbolic shapes
+    if _is_fx_symbolic_tracing() or is_exporting():  # proxies, or export's symbolic shapes
         return
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a tensor of shape [batch, tokens, {dim}], got {type(x).__name__}")

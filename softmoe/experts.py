@@ -23,8 +23,8 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ._checks import (autocast_dtype_on, is_tracing, require_choice, require_expert_output, require_module_class,
-                      require_positive_int)
+from ._checks import (autocast_dtype_on, is_exporting, is_tracing, require_choice, require_expert_output,
+                      require_module_class, require_positive_int)
 from .cpu_packing import PackedExpertWeights
 
 # timm's VisionTransformer weight_init modes (vision_transformer.get_init_weights_vit)
@@ -339,7 +339,7 @@ class BatchedMlp(nn.Module):
         weight = getattr(self, name)
         if is_tracing():  # fx/export/compile: no copy is kept here (and a proxy has no version counter) ...
             held = self._low_precision.get(name) if self._copies_held else None
-            if held is not None and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+            if held is not None and torch.compiler.is_compiling() and not is_exporting():
                 return held[1]  # ... but hold_expert_copies brought this one up to date before the graph ran
             return weight
         dtype = autocast_dtype_on(weight.device)
@@ -443,7 +443,7 @@ class StackedExperts(nn.Module):
         buffers = dict(self.layer.named_buffers())
         # torch.export cannot lift parameters out of vmap(functional_call) (torch 2.14): it exports the loop
         vmap_error = None
-        if self.use_vmap and not torch.compiler.is_exporting():
+        if self.use_vmap and not is_exporting():
             try:
                 outputs = vmap(self._call_one, in_dims=(0, 0, 1), out_dims=1, randomness="different")(
                     params, buffers, slots

@@ -31,7 +31,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from ._checks import autocast_dtype_on, is_int, require_choice, require_positive_int
+from ._checks import autocast_dtype_on, is_exporting, is_int, require_choice, require_positive_int
 from .capture import moe_layers
 from .experts import WEIGHT_INIT_MODES, BatchedMlp, hold_expert_copies
 from .layer import SoftMoE
@@ -178,7 +178,7 @@ class SoftMoEVisionTransformer(VisionTransformer):
         ``torch.compile(model, fullgraph=True)`` under autocast fails; ``compiled_reads_expert_copies = False``
         (on the model or the class) keeps the casts in the graph instead."""
         if not (self.compiled_reads_expert_copies and torch.compiler.is_compiling()) or \
-                torch.compiler.is_exporting() or autocast_dtype_on(x.device) is None:
+                is_exporting() or autocast_dtype_on(x.device) is None:
             return super().forward(x)
         hold_expert_copies(self, True)
         x = super().forward(x)

@@ -13,6 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from softmoe import SoftMoE, SoftMoELayerWrapper, SoftMoEVisionTransformer, runtime
+from softmoe._checks import is_exporting
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 TOKENS = torch.randn(2, 12, 16)  # [batch, tokens, dim]
@@ -139,3 +140,21 @@ def test_compiled_training_step_matches_eager_gradients():
     model(IMAGES).square().mean().backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(compiled_grads[name], param.grad, msg=name)
+
+
+class ExportingBranch(nn.Module):
+    def forward(self, x):
+        return x * 2 if is_exporting() else x * 3
+
+
+@pytest.mark.parametrize("trace", ["compile", "export", "export_strict"])
+def test_is_exporting_is_true_under_torch_export_only(trace):
+    """torch 2.11's dynamo folds torch.compiler.is_exporting() to True under every torch.compile: a compiled model
+    then skipped its input checks and cast its expert weights in the graph. softmoe's own test reads the flag."""
+    x = torch.ones(2)
+    if trace == "compile":
+        out = torch.compile(ExportingBranch(), backend="eager", fullgraph=True)(x)
+    else:
+        out = torch.export.export(ExportingBranch(), (x,), strict=trace == "export_strict").module()(x)
+    assert torch.equal(out, x * (3 if trace == "compile" else 2))
+    assert not is_exporting()  # and eagerly
