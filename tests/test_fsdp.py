@@ -181,8 +181,13 @@ def bf16_parameters_in_compute_fp32_gradients(rank):
     together = relative_error(torch.cat([grad.flatten() for grad in dense_grads.values()]),
                               torch.cat([reference_grads[name].flatten() for name in dense_grads]))
     assert together < 1.5 * BF16_RELATIVE_ERROR, together
+    # A router's scale has one gradient, summed over every token and slot with much cancellation: bf16's noise in
+    # it is far larger, and depends on torch's kernels, FSDP or not (blocks.2's, measured: 0.031 here on torch
+    # 2.14, 0.196 on 2.11; 0.047 and 0.27 in one process with the model cast to bf16). Its bound still catches the
+    # sum over ranks (3.0).
     for name, grad in dense_grads.items():
-        assert relative_error(grad, reference_grads[name]) < 5 * BF16_RELATIVE_ERROR, name
+        bound = 0.5 if grad.numel() == 1 else 5 * BF16_RELATIVE_ERROR
+        assert relative_error(grad, reference_grads[name]) < bound, name
 
 
 # Starting processes costs more than a scenario: each layout runs at one of the two sizes.
