@@ -6,6 +6,7 @@
 * a fused optimizer's NaN/inf check in bf16 without one device sync per step;
 * DDP over NCCL at world size 1, and expert parallelism over NCCL when there are >= 2 GPUs;
 * softmoe.optim.AdamW compiled (Triton) writing the expert banks' bf16 copies, against its eager steps;
+* a compiled model under CUDA autocast reads the expert banks' held bf16 copies, casting none in its graph;
 * FSDP2 (bf16 compute, fp32 reduction) with sharded checkpoints at world size 1, and FSDP + expert parallelism
   on >= 2 GPUs (written with issue 19's FSDP work on a machine without a GPU: not yet run).
 
@@ -64,6 +65,22 @@ def test_model_in_bf16_compiled_matches_float32_eager():
     x = torch.randn(8, 3, 32, 32, device="cuda")
     output_error, grad_error = _bf16_compiled_against_fp32_eager(model, x)
     assert output_error < 3e-2 and grad_error < 1e-1
+
+
+def test_a_compiled_model_under_cuda_autocast_reads_the_expert_copies_it_holds():
+    """As tests/test_compiled_copies.py on CPU, on the GPU under the machine's own torch: the graphs read the 4
+    bf16 copies and cast no expert weight (on torch 2.11 they cast all of them until 3f445a3, unseen on 2.14)."""
+    from test_compiled_copies import IMAGES, expert_weight_reads, graph_catcher, twin_models
+
+    model = twin_models()[0].cuda()
+    backend, graphs = graph_catcher()
+    compiled = torch.compile(model, backend=backend)
+    with torch.autocast("cuda", torch.bfloat16):
+        compiled(IMAGES.cuda()).float().sum().backward()
+        with torch.no_grad():
+            compiled(IMAGES.cuda())
+    reads = {kind: expert_weight_reads(graph) for kind, graph in graphs if kind != "backward"}
+    assert reads == {"forward": (0, 4), "inference": (0, 4)}
 
 
 def test_a_short_gpu_run_trains_in_bf16_compiled(compose_run, tmp_path, caplog):
