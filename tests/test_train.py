@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import wandb
 import torch
+import wandb
 
 from conftest import CONF_DIR, train_killed_after, wandb_offline_run
 from data_fixtures import write_fashion_mnist
