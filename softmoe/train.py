@@ -132,9 +132,11 @@ _sweep_record_found: list = [None]
 def keep_sweep_record(sweep_dir: Path) -> None:
     """Put ``<sweep dir>/multirun.yaml`` back as this command found it: a job that refuses its run directory (it
     holds another experiment, or a live process trains there) changed no run of the sweep, so the sweep's record of
-    its runs must not change either. Hydra writes the file before any job code runs, so refusing the rerun before it
-    would mean loading every job's checkpoint before Hydra starts; undoing the one write is what the job can do.
-    Every torchrun rank puts it back after its own sweeper's write, so none of those writes is left last."""
+    its runs must not change either. The command refuses such a rerun before Hydra starts (``sweep_check`` reads each
+    job's checkpoint config); this is for what it cannot foresee: a process that took a run directory since, a grid
+    of more jobs than it checks, run directories named after ``hydra.job.id``, which only the launcher knows. Hydra
+    writes the file before any job code runs, so undoing that one write is what the job can do. Every torchrun rank
+    puts it back after its own sweeper's write, so none of those writes is left last."""
     found = _sweep_record_found[0]
     if found is not None and found[0] == sweep_dir.absolute():  # else ${now:} moved on: a new sweep dir
         restore_sweep_record(sweep_dir, found[1])

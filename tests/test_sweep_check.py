@@ -2,9 +2,11 @@
 swept values, exit status 2, no sweep directory. A rerun that its jobs refuse leaves the sweep directory as it was."""
 
 import hashlib
+import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -12,6 +14,13 @@ import sys
 import pytest
 
 from conftest import ROOT
+from softmoe.harness.checkpoint import FORMAT_VERSION, save_checkpoint
+from softmoe.harness.distributed import TORCHRUN_VARIABLES
+from softmoe.harness.overrides import compose_config
+from softmoe.harness.plausibility import CONF_DIR
+from softmoe.harness.rules import plain
+from softmoe.harness.runs import RunDirLock
+from softmoe.harness.sharded_checkpoint import TRAIN_STATE
 from softmoe.harness.sweep_check import sweep_job_error, sweep_jobs
 
 
@@ -92,6 +101,65 @@ def test_the_command_starts_no_job_and_makes_no_sweep_directory(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def save_config_checkpoint(path, argv, job, **changed):
+    """A checkpoint at ``path`` (a file, or a sharded checkpoint's folder) holding the config job ``job`` of
+    ``argv``'s sweep composes, with ``changed`` ({"optimizer.lr": 0.01}) in place of its values: as a run of that
+    other experiment would have saved it. It carries no model: the check must not need one."""
+    config = plain(compose_config("train", list(sweep_jobs(argv[1:]))[job], CONF_DIR))  # argv[0]: -m
+    for key, value in changed.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    state = {"format": FORMAT_VERSION, "config": json.dumps(config), "step": 2}
+    if path.suffix == ".dcp":  # FSDP's: shards beside rank 0's train state; its .metadata marks it complete
+        path.mkdir(parents=True)
+        (path / ".metadata").write_bytes(b"")
+        path = path / TRAIN_STATE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, state)
+
+
+@pytest.mark.parametrize("checkpoint", ["last.pt", "last.dcp"])
+def test_a_later_jobs_run_directory_holding_another_experiment_is_named_before_any_job_starts(tmp_path, checkpoint):
+    # was: job 0 ran to its end, then job 1 refused its run directory
+    argv = ["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
+    save_config_checkpoint(tmp_path / "1" / checkpoint, argv, job=1, **{"optimizer.lr": 0.01})
+    problem = sweep_job_error(argv, "train")
+    assert problem.startswith(f"job 1 (seed=1): optimizer.lr=0.003: this run directory's checkpoint "
+                              f"{tmp_path / '1' / checkpoint} was saved with optimizer.lr=0.01, and a run directory "
+                              "resumes only the experiment it holds; rerun with optimizer.lr=0.01")
+    assert problem.endswith("; no job was started")
+    # the same experiment resumes (or reports its finished run): nothing to refuse
+    assert sweep_job_error(["-m", "seed=0,1", "optimizer.lr=0.01", f"hydra.sweep.dir={tmp_path}"], "train") is None
+    # another model's checkpoint, named as the run names it
+    assert sweep_job_error(["-m", "seed=0,1", "optimizer.lr=0.01", "moe.num_experts=4",
+                            f"hydra.sweep.dir={tmp_path}"], "train").startswith(
+        f"job 1 (seed=1): moe.num_experts=4: the checkpoint {tmp_path / '1' / checkpoint} was saved with "
+        "moe.num_experts=16; resume with the same model")
+
+
+def test_a_checkpoint_the_check_cannot_read_is_left_to_the_job(tmp_path):
+    """The job falls back to the last.prev.pt beside a damaged last.pt, or says itself why it cannot resume."""
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "last.pt").write_bytes(b"not a checkpoint")
+    assert sweep_job_error(["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path}"], "train") is None
+
+
+def test_a_run_directory_a_live_process_trains_in_is_named_before_any_job_starts(tmp_path, monkeypatch):
+    argv = ["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
+    (tmp_path / "1").mkdir()
+    with RunDirLock(tmp_path / "1"):  # the lock a live run holds
+        assert sweep_job_error(argv, "train") == (
+            f"job 1 (seed=1): {tmp_path / '1'}: in use by process {os.getpid()} on {socket.gethostname()}; wait for "
+            "it to end or stop it, or give this run another hydra.run.dir; no job was started")
+        lock_file = (tmp_path / "1" / ".lock").read_bytes()
+        with monkeypatch.context() as torchrun:  # a rank of a torchrun sweep: rank 0's jobs may hold it already
+            for name in TORCHRUN_VARIABLES:
+                torchrun.setenv(name, "0")
+            assert sweep_job_error(argv, "train") is None
+    assert (tmp_path / "1" / ".lock").read_bytes() == lock_file  # looked at, not taken: the holder stays named
+    assert sweep_job_error(argv, "train") is None  # its run ended: the directory is free
+
+
 NO_SLURM = pytest.mark.skipif(shutil.which("srun") is not None, reason="SLURM is installed here")
 
 
@@ -123,9 +191,9 @@ def sweep_fingerprint(sweep_dir):
 
 
 @pytest.mark.slow
-def test_a_sweep_rerun_its_jobs_refuse_leaves_the_sweep_directorys_record_as_it_was(tmp_path):
-    # was: Hydra's sweeper rewrote multirun.yaml with optimizer.lr=0.01 before job 0 refused its run directory (which
-    # holds the optimizer.lr=0.003 run), so the sweep's record named an experiment none of its runs is
+def test_a_sweep_rerun_its_jobs_would_refuse_starts_none_and_leaves_the_sweep_directory_as_it_was(tmp_path):
+    # was: each job refused its run directory (which holds the optimizer.lr=0.003 run) only once it started: after
+    # the jobs before it had run, and under launcher=submitit_local in submitit's 25-line traceback, exit status 1
     sweep_dir = tmp_path / "sweep"
     tiny = ["data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=32", "data.test_size=8",
             "model.depth=2", "trainer.batch_size=16", "trainer.max_steps=2", "logger=none",
@@ -138,14 +206,27 @@ def test_a_sweep_rerun_its_jobs_refuse_leaves_the_sweep_directorys_record_as_it_
                               capture_output=True, text=True, timeout=300)
 
     assert sweep().returncode == 0
+    for job in ("0", "1"):  # joblib's job ids, for the jobs below that name their run directories after them
+        shutil.copytree(sweep_dir / job, sweep_dir / f"train_{job}")
     before = sweep_fingerprint(sweep_dir)
     assert {"multirun.yaml", "0/.hydra/config.yaml", "1/.hydra/overrides.yaml", "1/last.pt"} <= set(before)
-    # jobs one after another in this process, and in joblib's worker processes (main reaches them pickled)
-    for launcher in ("basic", "joblib"):
+    for launcher in ("basic", "joblib", "submitit_local"):
         refused = sweep("optimizer.lr=0.01", f"launcher={launcher}")
+        assert (refused.returncode, refused.stderr) == (2, (
+            f"error: job 0 (seed=0): optimizer.lr=0.01: this run directory's checkpoint {sweep_dir}/0/last.pt was "
+            "saved with optimizer.lr=0.003, and a run directory resumes only the experiment it holds; rerun with "
+            f"optimizer.lr=0.003, or start a new run directory from it with trainer.resume={sweep_dir}/0/last.pt (a "
+            "new hydra.run.dir, or hydra.sweep.dir for a sweep); no job was started\n"))
+        assert sweep_fingerprint(sweep_dir) == before
+    # run directories named after hydra.job.id, which only the launcher knows: each job refuses its own when it
+    # starts, and puts back the multirun.yaml Hydra's sweeper rewrote before it; one after another in this process,
+    # and in joblib's worker processes (main reaches them pickled)
+    for launcher in ("basic", "joblib"):
+        refused = sweep("optimizer.lr=0.01", f"launcher={launcher}", "hydra.sweep.subdir=${hydra.job.id}")
         assert refused.returncode == 2, refused.stderr[-2000:]
         # joblib's jobs refuse at once, and the first to stop the sweep may be either
         assert re.search(rf"\[job ([01])\] error: optimizer.lr=0.01: this run directory's checkpoint "
-                         rf"{re.escape(str(sweep_dir))}/\1/last.pt was saved with optimizer.lr=0.003", refused.stderr)
+                         rf"{re.escape(str(sweep_dir))}/(train_)?\1/last.pt was saved with optimizer.lr=0.003",
+                         refused.stderr)
         assert sweep_fingerprint(sweep_dir) == before
         assert sorted(path.name for path in sweep_dir.iterdir() if path.is_file()) == ["multirun.yaml"]

@@ -27,11 +27,7 @@ from .checkpoint import (
     BEST,
     FORMAT_VERSION,
     LAST,
-    check_same_experiment,
-    check_same_model,
     load_checkpoint,
-    load_resume_checkpoint,
-    resume_path,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -41,11 +37,12 @@ from .console import describe_upcycling
 from .data import DataBundle, build_datasets
 from .data.device_loader import put_on_device
 from .distributed import Distributed, Loaders
-from .errors import CheckpointError, ConfigError, NonFiniteError, OtherExperimentError
+from .errors import CheckpointError, ConfigError, NonFiniteError
 from .faults import PreemptionGuard, first_nonfinite
 from .gpu_share import cap_cuda_memory, memory_share
 from .state import NO_BEST, TrainState, build_state
 from .plausibility import warn_small_splits
+from .resume import resume_checkpoint
 from .telemetry import RankZeroTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
@@ -120,36 +117,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # every device
-
-
-def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tuple[Optional[dict], Optional[Path]]:
-    """(the checkpoint the run starts from, its path), or (None, None) for a fresh start: this directory's
-    ``last.pt`` (or the ``last.prev.pt`` kept beside a damaged one) or sharded ``last.dcp``, else ``trainer.resume``.
-    Refuses a checkpoint of another model, and the run directory's own checkpoint under another experiment
-    (:class:`~.errors.OtherExperimentError`)."""
-    start_from = resume_path(run_dir, resume)
-    own = sharded_checkpoint.latest_last(run_dir)  # of last.pt and FSDP's last.dcp (the strategy changed), the newer
-    if own is not None and own.is_dir():
-        start_from = own  # the run directory's own sharded checkpoint, before trainer.resume
-    if start_from is None:
-        return None, None
-    if start_from.is_dir():
-        checkpoint = sharded_checkpoint.resume_checkpoint(start_from)
-    else:
-        checkpoint, start_from = load_resume_checkpoint(start_from)
-    own = start_from.parent == run_dir  # not trainer.resume's: this directory's run, to continue as it was started
-    try:
-        check_same_model(checkpoint, config, start_from)
-    except CheckpointError as error:
-        if own:  # the directory holds another model's run: refused as another experiment's is
-            raise OtherExperimentError(str(error)) from None
-        raise
-    if own:
-        check_same_experiment(checkpoint, config, start_from)
-        if resume and Path(resume).expanduser().resolve() != start_from.resolve():
-            log.warning("trainer.resume=%s is ignored: this run directory holds its own %s, which it continues; a "
-                        "new run directory starts from trainer.resume", resume, start_from.name)
-    return checkpoint, start_from
 
 
 def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int, steps_per_epoch: int,

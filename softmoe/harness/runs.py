@@ -206,16 +206,32 @@ class RunDirLock:
             file.seek(0)
             holder = file.read().strip() or "another process"
             file.close()
-            raise RunDirInUseError(
-                f"{self.path.parent}: in use by {holder}; wait for it to end or stop it, or give this run another "
-                "hydra.run.dir"
-            ) from None
+            raise RunDirInUseError(self._in_use(holder)) from None
         file.seek(0)
         file.truncate()
         file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
         file.flush()
         self._file = file
         return self
+
+    def in_use(self) -> Optional[str]:
+        """Why :meth:`acquire` would refuse now (a live process holds the lock), in one line, or None. Takes no lock
+        and writes nothing: a shared lock conflicts only with a holder's exclusive one, and is dropped at once."""
+        try:
+            file = open(self.path)
+        except OSError:  # no lock file: no process has trained here (or the directory is not one)
+            return None
+        with file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return self._in_use(file.read().strip() or "another process")
+            fcntl.flock(file, fcntl.LOCK_UN)
+        return None
+
+    def _in_use(self, holder: str) -> str:
+        return (f"{self.path.parent}: in use by {holder}; wait for it to end or stop it, or give this run another "
+                "hydra.run.dir")
 
     def release(self) -> None:
         if self._file is not None:

@@ -5,7 +5,9 @@ Each job checks its own config when it starts (:func:`~.config.check_config`), s
 command calls :func:`sweep_job_error` before Hydra starts: it composes the config of every job the basic sweeper
 would run (the cartesian product of the discrete sweeps) and checks each, reading no data and building models, if
 at all, on the meta device; it also looks for each distinct dataset's files (``data.check_data_present``), so a
-sweep over ``data=digits,cifar10`` without CIFAR-10 on disk does not train job 0 first; and a launcher this machine
+sweep over ``data=digits,cifar10`` without CIFAR-10 on disk does not train job 0 first; it looks into each job's run
+directory that exists (a rerun of the sweep), for a live process training there or a checkpoint of another
+experiment, reading the checkpoint's config alone (``resume.resume_refusal``); and a launcher this machine
 cannot start (``launcher=slurm`` without SLURM's commands) is refused before Hydra makes the sweep dir. Interval
 sweeps (an Optuna search's ``interval(...)``) are left to their sweeper: their values are not known before it draws
 them.
@@ -13,6 +15,7 @@ them.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -20,11 +23,12 @@ from typing import Iterator, Optional, Sequence
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import check_config, check_launcher_here
 from .data import check_data_present
+from .distributed import launched_by_torchrun
 from .errors import ConfigError, MissingDataError
 from .overrides import (
     HYDRA_FLAGS,
@@ -36,7 +40,9 @@ from .overrides import (
     runs_as_multirun,
 )
 from .plausibility import CONF_DIR
+from .resume import resume_refusal
 from .rules import plain
+from .runs import RunDirLock
 
 MAX_JOBS_CHECKED = 200  # at about 0.2 s a job, 40 s at most; a larger grid is checked job by job as it runs
 
@@ -105,20 +111,47 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
         return None  # one job checks itself before anything loads; a huge grid is checked as it runs
     fixed, data_checked = set(overrides), []
     for number, job in enumerate(jobs):
-        try:
-            composed = compose_config(config_name, job, conf_dir)
-            check_config(composed)
-            config = plain(composed)
-            data = (config["data"], config["paths"]["data_dir"])
-            if data not in data_checked:  # each distinct dataset once: its files are looked for, not read
-                data_checked.append(data)
-                check_data_present(*data)
-        except (ConfigError, MissingDataError) as error:
-            problem = str(error).rstrip(".")
-        except (HydraException, OmegaConfBaseException) as error:
-            problem = job_composition_error(job, config_name, conf_dir, error)
-        else:
-            continue
-        swept = " ".join(override for override in job if override not in fixed)
-        return f"job {number} ({swept}): {problem}; no job was started"
+        problem = job_problem(job, number, config_name, conf_dir, data_checked)
+        if problem:
+            swept = " ".join(override for override in job if override not in fixed)
+            return f"job {number} ({swept}): {problem}; no job was started"
     return None
+
+
+def job_problem(job: Sequence[str], number: int, config_name: str, conf_dir: Path, data_checked: list) -> Optional[str]:
+    """Why job ``number`` (its overrides ``job``) would refuse to start, in one line, or None: its config, its
+    dataset's files (each distinct dataset once: looked for, not read; ``data_checked`` holds those seen), and its
+    run directory (a live process trains there, or its checkpoint is of another experiment: a rerun it refuses)."""
+    try:
+        composed = compose_config(config_name, job, conf_dir)
+        check_config(composed)
+        config = plain(composed)
+        data = (config["data"], config["paths"]["data_dir"])
+        if data not in data_checked:
+            data_checked.append(data)
+            check_data_present(*data)
+    except (ConfigError, MissingDataError) as error:
+        return str(error).rstrip(".")
+    except (HydraException, OmegaConfBaseException) as error:
+        return job_composition_error(job, config_name, conf_dir, error)
+    run_dir = job_run_dir(composed, number)
+    if run_dir is None or not run_dir.is_dir():
+        return None
+    # under torchrun each rank checks its sweep for itself, and rank 0 may hold job 0's lock by the time another rank
+    # looks: the ranks' own lock check (Distributed.claim_run_dir) settles that one
+    in_use = None if launched_by_torchrun() else RunDirLock(run_dir).in_use()
+    problem = in_use or resume_refusal(run_dir, config["trainer"]["resume"], config)
+    return problem.rstrip(".") if problem else None
+
+
+def job_run_dir(composed: DictConfig, number: int) -> Optional[Path]:
+    """Where job ``number`` will run: ``hydra.sweep.dir``/``hydra.sweep.subdir`` with ``hydra.job.num`` set as every
+    launcher sets it; None where the path names what only the launcher knows (``hydra.job.id``: submitit's is the
+    SLURM job's)."""
+    config = copy.deepcopy(composed)
+    OmegaConf.set_readonly(config, False)
+    with open_dict(config):
+        config.hydra.job.num = number
+    sweep_dir, subdir = (OmegaConf.select(config, key, throw_on_resolution_failure=False)
+                         for key in ("hydra.sweep.dir", "hydra.sweep.subdir"))
+    return Path(str(sweep_dir), str(subdir)) if sweep_dir is not None and subdir is not None else None

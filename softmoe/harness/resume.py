@@ -1,0 +1,94 @@
+"""Which checkpoint a run continues from, and the reruns it refuses.
+
+A run continues from its run directory's own ``last.pt`` (or FSDP's ``last.dcp``, the newer of them), else from
+``trainer.resume``. It refuses a checkpoint of another model, and its own directory's checkpoint under another
+experiment (:class:`~.errors.OtherExperimentError`): the directory would report the old run's results under the new
+values. :func:`resume_checkpoint` is the run's own check, on the checkpoint it loads; :func:`resume_refusal` asks
+the same before a sweep starts (``sweep_check``), reading only each checkpoint's config, so that a rerun one job
+would refuse starts no job at all rather than running those before it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import sharded_checkpoint
+from .checkpoint import check_same_experiment, check_same_model, load_resume_checkpoint, resume_path
+from .errors import CheckpointError, OtherExperimentError
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_to_resume(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
+    """The checkpoint a run in ``run_dir`` starts from (a sharded one: its directory), or None for a fresh start."""
+    start_from = resume_path(run_dir, resume)
+    own = sharded_checkpoint.latest_last(run_dir)  # of last.pt and FSDP's last.dcp (the strategy changed), the newer
+    if own is not None and own.is_dir():
+        start_from = own  # the run directory's own sharded checkpoint, before trainer.resume
+    return start_from
+
+
+def check_resumable(checkpoint: dict[str, Any], config: dict[str, Any], start_from: Path, run_dir: Path) -> None:
+    """Refuse ``checkpoint`` (read from ``start_from``) for the run ``config`` in ``run_dir``: another model's, or,
+    from the run directory itself, another experiment's (:class:`~.errors.OtherExperimentError`)."""
+    own = start_from.parent == run_dir  # not trainer.resume's: this directory's run, to continue as it was started
+    try:
+        check_same_model(checkpoint, config, start_from)
+    except CheckpointError as error:
+        if own:  # the directory holds another model's run: refused as another experiment's is
+            raise OtherExperimentError(str(error)) from None
+        raise
+    if own:
+        check_same_experiment(checkpoint, config, start_from)
+
+
+def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tuple[Optional[dict], Optional[Path]]:
+    """(the checkpoint the run starts from, its path), or (None, None) for a fresh start: this directory's
+    ``last.pt`` (or the ``last.prev.pt`` kept beside a damaged one) or sharded ``last.dcp``, else ``trainer.resume``.
+    Refuses what :func:`check_resumable` refuses."""
+    start_from = checkpoint_to_resume(run_dir, resume)
+    if start_from is None:
+        return None, None
+    if start_from.is_dir():
+        checkpoint = sharded_checkpoint.resume_checkpoint(start_from)
+    else:
+        checkpoint, start_from = load_resume_checkpoint(start_from)
+    check_resumable(checkpoint, config, start_from, run_dir)
+    if start_from.parent == run_dir and resume and Path(resume).expanduser().resolve() != start_from.resolve():
+        log.warning("trainer.resume=%s is ignored: this run directory holds its own %s, which it continues; a "
+                    "new run directory starts from trainer.resume", resume, start_from.name)
+    return checkpoint, start_from
+
+
+def saved_config_only(path: Path) -> Optional[dict[str, Any]]:
+    """``{"config": ...}`` of the checkpoint at ``path`` (a sharded one: its directory), read without its tensors
+    (memory-mapped, never copied in), or None where it cannot be read so: the run itself then says why, or falls
+    back to the ``last.prev.pt`` beside a damaged ``last.pt``."""
+    try:
+        if path.is_dir():
+            state = sharded_checkpoint.read_train_state(path)  # the small file beside the shards
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {"config": state["config"]}
+    except Exception:  # unreadable, damaged, not a checkpoint: not this check's to report
+        return None
+
+
+def resume_refusal(run_dir: Path, resume: Optional[str], config: dict[str, Any]) -> Optional[str]:
+    """Why the run ``config`` would refuse to start in ``run_dir`` (:func:`check_resumable`), in one line, or None;
+    reads no tensor. A checkpoint it cannot read this way is left to the run."""
+    start_from = checkpoint_to_resume(run_dir, resume)
+    if start_from is None or not start_from.exists():
+        return None
+    checkpoint = saved_config_only(start_from)
+    if checkpoint is None:
+        return None
+    try:
+        check_resumable(checkpoint, config, start_from, run_dir)
+    except CheckpointError as error:
+        return str(error)
+    return None
