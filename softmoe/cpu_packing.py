@@ -75,7 +75,7 @@ class PackedExpertWeights:
 
     @staticmethod
     def _applies(bank: nn.Module, x: torch.Tensor) -> bool:
-        weights = (bank.fc1_weight, bank.fc2_weight)
+        weights = [getattr(bank, name) for name in bank.WEIGHT_NAMES]
         return (not torch.is_grad_enabled()  # oneDNN's packed linear has no backward
                 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] >= MIN_ROWS
                 and bank._whole_weights()

@@ -205,6 +205,8 @@ class BatchedMlp(nn.Module):
     Weights are kept in ``x @ W`` layout so each layer is one ``baddbmm`` over the experts.
     """
 
+    WEIGHT_NAMES = ("fc1_weight", "fc2_weight")  # the stacked weights autocast's copies and CPU packing are kept of
+
     def __init__(
         self,
         num_experts: int,
@@ -310,7 +312,7 @@ class BatchedMlp(nn.Module):
         x = slots.transpose(0, 1).reshape(n, b * p, self.in_features)  # [n, b*p, d]: each expert's slots together
         if self.cpu_packing is not None and not is_tracing():  # a graph keeps the bank's own path
             packed = self.cpu_packing.forward(self, x, key=lambda: tuple(  # computed only where packing applies
-                _copy_key(getattr(self, name), _optimizer_steps) for name in ("fc1_weight", "fc2_weight")))
+                _copy_key(getattr(self, name), _optimizer_steps) for name in self.WEIGHT_NAMES))
             if packed is not None:
                 return packed.view(n, b, p, self.out_features).transpose(0, 1)
         x = self._linear(x, "fc1_weight", self.fc1_bias)  # [n, b*p, h]
@@ -367,22 +369,21 @@ class BatchedMlp(nn.Module):
 
     def _hold_copies(self, hold: bool) -> None:
         """See :func:`hold_expert_copies`: copies held only where autocast casts, for whole (not DTensor) weights."""
-        names = ("fc1_weight", "fc2_weight")
         dtype = autocast_dtype_on(self.fc1_weight.device) if hold else None
         self._copies_held = False
         if dtype is None or not self._whole_weights():
             _held_banks.discard(self)
             return
-        copies = [self.compute_weight(name) for name in names]  # eager: recasts a stale copy, as a forward would
+        copies = [self.compute_weight(name) for name in self.WEIGHT_NAMES]  # eager: a stale copy recast
         self._copies_held = all(copy is not getattr(self, name) and copy.dtype == dtype
-                                for copy, name in zip(copies, names))
+                                for copy, name in zip(copies, self.WEIGHT_NAMES))
         if self._copies_held:
             _held_banks.add(self)
 
     def _whole_weights(self) -> bool:
         """Whether fc1's and fc2's weights are whole tensors here, not DTensor shards (FSDP gathers those inside the
         forward): only whole weights can be held as copies or packed ahead of a call."""
-        return all(type(getattr(self, name)) in (torch.Tensor, nn.Parameter) for name in ("fc1_weight", "fc2_weight"))
+        return all(type(getattr(self, name)) in (torch.Tensor, nn.Parameter) for name in self.WEIGHT_NAMES)
 
     def copy_is_current(self, name: str) -> bool:
         """Whether the next autocast forward reads weight ``name``'s copy as it is, without recasting it."""

@@ -44,7 +44,7 @@ def _refresh_copies(banks, device) -> None:
     """What the next autocast forward does to the banks' copies: recast each one the step left stale."""
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         for bank in banks:
-            for name in ("fc1_weight", "fc2_weight"):
+            for name in bank.WEIGHT_NAMES:
                 bank.compute_weight(name)
 
 
