@@ -111,6 +111,20 @@ _is_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_trac
                                   torch.fx._symbolic_trace.is_fx_tracing)
 
 
+def require_parameter_dtype(name: str, x: torch.Tensor, parameter: torch.Tensor, owner: str) -> None:
+    """Check that the tensor ``x`` is floating-point, in the dtype of the ``owner``'s (``layer``, ``model``)
+    ``parameter`` unless autocast casts both."""
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    # autocast, where it is on, casts x and the weights to one dtype; float64 it leaves alone
+    if x.dtype != parameter.dtype and (x.dtype == torch.float64 or autocast_dtype_on(x.device) is None):
+        autocast = "" if x.dtype == torch.float64 else ", or run under torch.autocast"  # which leaves float64 alone
+        raise ValueError(
+            f"{name} dtype {x.dtype} does not match the {owner}'s parameters ({parameter.dtype}): cast one to the "
+            f"other (x.to({parameter.dtype}) or {owner}.to({x.dtype})){autocast}"
+        )
+
+
 def require_tokens(name: str, x: Any, dim: int, parameter: torch.Tensor) -> None:
     """Check that ``x`` is a floating-point [batch, tokens, dim] tensor with at least one token, in the dtype of the
     layer's ``parameter`` unless autocast casts both (eager calls, and under ``torch.compile``: dynamo guards on
@@ -122,15 +136,7 @@ def require_tokens(name: str, x: Any, dim: int, parameter: torch.Tensor) -> None
     shape = tuple(x.shape)
     if x.ndim != 3:
         raise ValueError(f"{name} must have shape [batch, tokens, {dim}], got a tensor of shape {list(shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    # autocast, where it is on, casts x and the weights to one dtype; float64 it leaves alone
-    if x.dtype != parameter.dtype and (x.dtype == torch.float64 or autocast_dtype_on(x.device) is None):
-        autocast = "" if x.dtype == torch.float64 else ", or run under torch.autocast"  # which leaves float64 alone
-        raise ValueError(
-            f"{name} dtype {x.dtype} does not match the layer's parameters ({parameter.dtype}): cast one to the "
-            f"other (x.to({parameter.dtype}) or layer.to({x.dtype})){autocast}"
-        )
+    require_parameter_dtype(name, x, parameter, "layer")
     if shape[-1] != dim:
         raise ValueError(f"{name} last dimension must equal dim={dim}, got shape {list(shape)}")
     if shape[1] < 1:

@@ -36,6 +36,7 @@ from .capture import moe_layers
 from .experts import WEIGHT_INIT_MODES, BatchedMlp, hold_expert_copies
 from .layer import SoftMoE
 from .upcycle import upcycle_state_dict
+from .vit_checks import require_images, require_vit_arguments
 
 MoELayerIndex = Union[int, Sequence[int]]
 
@@ -150,6 +151,7 @@ class SoftMoEVisionTransformer(VisionTransformer):
         moe_blocks = resolve_moe_layer_index(moe_layer_index, require_positive_int("depth", depth))
         block_fn = kwargs.pop("block_fn", Block)
         require_timm_mlp(kwargs.get("mlp_layer"))
+        require_vit_arguments(kwargs)
         moe_mlp = partial(
             moe_layer,
             num_experts=num_experts,
@@ -186,6 +188,12 @@ class SoftMoEVisionTransformer(VisionTransformer):
         return x
 
     compiled_reads_expert_copies = True
+
+    def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """timm's, after :func:`~softmoe.vit_checks.require_images`: a wrong input is named, not met by timm's
+        assert or the patch convolution."""
+        require_images(x, self)
+        return super().forward_features(x, *args, **kwargs)
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """timm's init, with every expert initialised as ``mode`` initialises the dense MLP it replaces."""

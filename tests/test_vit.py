@@ -89,6 +89,64 @@ def test_bad_expert_counts():
         tiny(slots_per_expert=-2)
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"num_heads": 3}, "num_heads=3 must divide embed_dim=32 (each head takes an equal share)"),  # was: timm's assert
+    ({"global_pool": "token", "class_token": False}, "global_pool='token' reads the class token, and "
+                                                     "class_token=False builds none: set class_token=True"),
+    ({"embed_dim": 0}, "embed_dim must be a positive integer, got 0"),  # was: ZeroDivisionError
+    ({"patch_size": 0}, "patch_size must be a positive integer or a (height, width) pair of them, got 0"),
+    ({"img_size": (16, 16, 16)}, "img_size must be a positive integer or a (height, width) pair of them, got "
+                                 "(16, 16, 16)"),
+])
+def test_timm_arguments_timm_would_assert_on_are_named(bad, message):
+    with pytest.raises(ValueError) as raised:
+        tiny(**bad)
+    assert str(raised.value).startswith(message)
+
+
+def test_the_factories_check_timms_arguments_too():
+    with pytest.raises(ValueError, match=r"^num_heads=5 must divide embed_dim=192 "):
+        softmoe.soft_moe_vit_tiny(num_experts=4, num_heads=5)
+
+
+@pytest.mark.parametrize("x, message", [
+    # each was an error from inside timm or torch: a tuple unpacking, the patch convolution, timm's assert
+    (torch.randn(3, 16, 16), "x must be images of shape [batch, 3, height, width] (in_chans=3), got a tensor of "
+                             "shape [3, 16, 16]"),
+    (torch.randn(2, 1, 16, 16), "x must be images of shape [batch, 3, height, width] (in_chans=3), got a tensor of "
+                                "shape [2, 1, 16, 16]"),
+    (torch.randn(2, 3, 8, 8), "x must be 16x16 images (img_size), got 8x8: resize them, or build the model with "
+                              "dynamic_img_size=True"),
+    (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "x must be a floating-point tensor, got dtype torch.uint8"),
+    (torch.randn(2, 3, 16, 16, dtype=torch.float64), "x dtype torch.float64 does not match the model's parameters "
+                                                     "(torch.float32): cast one to the other"),
+    ([[0.0]], "x must be a tensor of images [batch, 3, height, width] (in_chans=3), got list"),
+])
+def test_a_wrong_input_is_named_before_timm_sees_it(x, message):
+    model = tiny()
+    for call in (model, model.forward_features):
+        with pytest.raises(ValueError) as raised:
+            call(x)
+        assert str(raised.value).startswith(message)
+
+
+def test_other_image_sizes_need_a_multiple_of_the_patch_under_dynamic_img_size():
+    model = tiny(dynamic_img_size=True)
+    assert model(torch.randn(1, 3, 24, 20)).shape == (1, 10)
+    with pytest.raises(ValueError, match=r"^x is 25x20 images, which patch_size=4x4 does not divide: crop or resize "
+                                         r"them, or build the model with dynamic_img_pad=True$"):
+        model(torch.randn(1, 3, 25, 20))
+    padded = tiny(dynamic_img_size=True, dynamic_img_pad=True)
+    assert padded(torch.randn(1, 3, 25, 20)).shape == (1, 10)
+
+
+def test_autocast_and_a_model_cast_to_the_inputs_dtype_take_it():
+    model = tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(2, 3, 16, 16)).dtype == torch.bfloat16
+    assert model.to(torch.float64)(torch.randn(2, 3, 16, 16, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_forward_shapes_features_and_head():
     model = tiny()
     x = torch.randn(2, 3, 16, 16)
