@@ -218,6 +218,27 @@ def test_bad_values_stop_with_one_line_naming_key_and_value(compose_run, default
         assert fragment in message
 
 
+def test_a_run_directory_given_as_a_checkpoint_names_the_checkpoint_in_it(compose_run, tmp_path):
+    # was: "no such checkpoint file", though the directory exists and holds last.pt
+    run_dir, empty = tmp_path / "run", tmp_path / "empty"
+    run_dir.mkdir()
+    empty.mkdir()
+    (run_dir / "last.pt").write_bytes(b"")
+    expected = {
+        f"trainer.resume={run_dir}": f"trainer.resume={run_dir}: a run directory, not a checkpoint; name one of its "
+        f"checkpoints ({run_dir / 'last.pt'}) to start a new run from it; to continue that run instead, set "
+        f"hydra.run.dir={run_dir}, or null",
+        f"model.upcycle_from={run_dir}": f"model.upcycle_from={run_dir}: a run directory, not a checkpoint; name one "
+        f"of its checkpoints ({run_dir / 'last.pt'}), or null",
+        f"trainer.resume={empty}": f"trainer.resume={empty}: a directory holding no checkpoint (last.pt, best.pt); "
+        "name a checkpoint file, or null",
+    }
+    for override, message in expected.items():
+        with pytest.raises(ConfigError) as raised:
+            check_config(compose_run(override))
+        assert str(raised.value) == message
+
+
 @pytest.mark.parametrize(
     "overrides,processes,message",
     [

@@ -54,6 +54,31 @@ def test_a_syntax_error_is_one_line():
     assert "moe.num_experts=[" in problem and "\n" not in problem
 
 
+BARE = "not key=value (each argument sets a key, or picks a config group's option)"
+
+
+def test_an_argument_without_its_key_is_named_with_what_it_likely_meant(tmp_path):
+    """was: Hydra's grammar, e.g. "missing EQUAL at '<EOF>'" or "extraneous input '/' expecting {EQUAL, ...}"."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "best.pt").write_bytes(b"")
+    meant = {
+        ("train", "vit_small"): "model=vit_small",
+        ("train", "soft"): "routing=soft",
+        ("train", str(run_dir)): f"hydra.run.dir={run_dir} (to continue the run there)",
+        ("train", str(run_dir / "best.pt")): f"trainer.resume={run_dir / 'best.pt'} (to start a new run from it)",
+        ("evaluate", str(run_dir)): f"run_dir={run_dir}",
+        ("evaluate", str(run_dir / "best.pt")): f"run_dir={run_dir} checkpoint=best",
+        ("plan", "vit_base"): "model=vit_base",
+    }
+    for (command, argument), guess in meant.items():
+        assert composition_error([argument], command) == f"{argument}: {BARE}; did you mean {guess}?"
+    assert composition_error(["-m", "moe.num_experts=4,8", "vit_tiny"], "train") == (
+        f"vit_tiny: {BARE}; did you mean model=vit_tiny?")
+    for command in ("train", "evaluate"):  # nothing it could have meant: no guess
+        assert composition_error(["bogus"], command) == f"bogus: {BARE}"
+
+
 def test_evaluate_names_its_own_keys():
     assert composition_error(["run_dir=x", "checkpont=last"], "evaluate") == (
         "checkpont=last: not a key of the config; did you mean checkpoint?"

@@ -81,10 +81,23 @@ def device_name(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
 
 def existing_checkpoint(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     """A checkpoint file (``last.pt``) or a sharded checkpoint's directory (``last.dcp``, with DCP's ``.metadata``)."""
-    path = Path(value).expanduser() if isinstance(value, str) else None
+    path = Path(value).expanduser() if isinstance(value, str) and value else None
     if path is not None and (path.is_file() or (path / ".metadata").is_file()):
         return None
+    if path is not None and path.is_dir():
+        inside = [name for name in ("last.pt", "best.pt", "last.dcp", "best.dcp") if (path / name).exists()]
+        if inside:  # a run directory: the checkpoint in it was meant
+            return f"a run directory, not a checkpoint; name one of its checkpoints ({path / inside[0]})"
+        return "a directory holding no checkpoint (last.pt, best.pt); name a checkpoint file"
     return "no such checkpoint file"
+
+
+def resumable_checkpoint(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    """:func:`existing_checkpoint`; a run directory's own checkpoint is also continued in place, its run resumed."""
+    problem = existing_checkpoint(value, cfg)
+    if problem and problem.startswith("a run directory"):
+        return f"{problem} to start a new run from it; to continue that run instead, set hydra.run.dir={value}"
+    return problem
 
 
 def betas(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
@@ -151,7 +164,7 @@ TRAINER_RULES: dict[str, Rule] = {
     "log_every": positive_int,
     "checkpoint_every": optional(positive_int),
     "progress_bar": boolean,
-    "resume": optional(existing_checkpoint),
+    "resume": optional(resumable_checkpoint),
     "strategy": one_of("auto", "single", "ddp", "fsdp"),
     "reshard_after_forward": boolean,
     "activation_checkpointing": boolean,

@@ -159,7 +159,8 @@ def composition_error(argv: Sequence[str], config_name: str, conf_dir: Path = CO
         try:
             parser.parse_override(override)
         except HydraException as error:  # a syntax error
-            return f"{override}: {str(error).strip().splitlines()[0]} (Hydra's override syntax)"
+            return (bare_argument(override, config_name, conf_dir)
+                    or f"{override}: {str(error).strip().splitlines()[0]} (Hydra's override syntax)")
     parsed = parser.parse_overrides(overrides)
     problem = missing_option(parsed, conf_dir)
     if problem:
@@ -171,6 +172,38 @@ def composition_error(argv: Sequence[str], config_name: str, conf_dir: Path = CO
         return missing_key(parsed, config_name, conf_dir) or f"{first_line} (HYDRA_FULL_ERROR=1 shows Hydra's message)"
     sweep_problem = None if runs_as_multirun(argv, composed) else sweep_without_multirun(parsed)
     return sweep_problem or setting_ignored_without_logger(parsed, composed)
+
+
+# What a path typed without its key most likely meant, by command: (for a directory, for a checkpoint file)
+PATH_ARGUMENTS = {
+    "train": ("hydra.run.dir={} (to continue the run there)", "trainer.resume={} (to start a new run from it)"),
+    "evaluate": ("run_dir={}", "run_dir={parent} checkpoint={stem}"),
+}
+
+
+def bare_argument(argument: str, config_name: str, conf_dir: Path) -> Optional[str]:
+    """An argument without ``=`` (``vit_small``, a run directory's path), which Hydra's parser refuses in its own
+    grammar's terms, in one line with what it likely meant: the key that takes that path, or the config group
+    that has that option. None for an argument with ``=`` (a real syntax error: Hydra's message)."""
+    if "=" in argument or argument.startswith("~"):
+        return None
+    path = Path(argument).expanduser()
+    for_directory, for_file = PATH_ARGUMENTS.get(config_name, (None, None))
+    meant = None
+    if path.is_dir() and for_directory:
+        meant = for_directory.format(argument)
+    elif path.is_file() and for_file and (config_name != "evaluate" or path.stem in ("best", "last")):
+        meant = for_file.format(argument, parent=path.parent, stem=path.stem)
+    else:
+        try:
+            groups = OmegaConf.select(compose_config(config_name, [], conf_dir), "hydra.runtime.choices") or {}
+        except (HydraException, OmegaConfBaseException):
+            groups = {}
+        options = [f"{group}={argument}" for group in groups
+                   if "/" not in group and argument in group_options(group, conf_dir)]
+        meant = " or ".join(options) or None
+    guess = f"; did you mean {meant}?" if meant else ""
+    return f"{argument}: not key=value (each argument sets a key, or picks a config group's option){guess}"
 
 
 def setting_ignored_without_logger(parsed: Sequence[Override], composed: DictConfig) -> Optional[str]:
