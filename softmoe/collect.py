@@ -52,8 +52,11 @@ def load_runs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List
         if not args.wandb_dir.is_dir():
             parser.error(f"--wandb-dir must be an existing directory, got {args.wandb_dir}")
         return load_wandb_offline(args.wandb_dir, args.group)
-    if args.sweep_dir is None or not args.sweep_dir.is_dir():
-        parser.error(f"sweep_dir must be an existing directory, got {args.sweep_dir}")
+    if args.sweep_dir is None:
+        parser.error("name the runs to tabulate: a sweep (or run) directory, --wandb-dir DIR or --wandb ENTITY/PROJECT")
+    if not args.sweep_dir.is_dir():
+        what = "a file" if args.sweep_dir.exists() else "no such directory"
+        parser.error(f"sweep_dir must be an existing directory, got {args.sweep_dir} ({what})")
     return load_sweep(args.sweep_dir)
 
 

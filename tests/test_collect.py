@@ -5,12 +5,15 @@ files of a real sweep."""
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import train_killed_after
+from conftest import ROOT, train_killed_after
 from softmoe import collect
 from softmoe.harness import sweep_console, sweeps
 from softmoe.harness.errors import NoRunsError
@@ -185,8 +188,24 @@ def test_empty_or_missing_sweeps_say_so(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: no run directories (with metrics.jsonl) below {tmp_path}\n"
     with pytest.raises(NoRunsError, match="no run directories"):  # what the notebooks see: no SystemExit
         sweeps.load_sweep(tmp_path)
-    with pytest.raises(SystemExit):
-        collect.main([str(tmp_path / "missing")])
+    for argv, message in (([str(tmp_path / "missing")], f"{tmp_path / 'missing'} (no such directory)"),
+                          ([], "name the runs to tabulate: a sweep (or run) directory, --wandb-dir DIR or --wandb "
+                               "ENTITY/PROJECT")):  # was: "sweep_dir must be an existing directory, got None"
+        with pytest.raises(SystemExit):
+            collect.main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_the_wandb_api_out_of_reach_is_one_line_naming_the_offline_files(tmp_path):
+    """Here no API key is configured (a fresh HOME): W&B's UsageError was a 20-line traceback, exit status 1."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path), WANDB_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "softmoe.collect", "--wandb", "me/proj", "--group", "sweep"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr.count("\n")) == (2, 1), result.stderr[-2000:]
+    assert result.stderr.startswith("error: W&B project 'me/proj': the W&B API could not be read (")
+    assert result.stderr.endswith("); log in with `wandb login` where W&B is reachable, or read the runs' offline "
+                                  "files (python -m softmoe.collect --wandb-dir SWEEP_DIR)\n")
 
 
 def test_config_overrides_are_the_differing_keys_written_as_hydra_overrides():

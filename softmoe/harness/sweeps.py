@@ -241,11 +241,17 @@ def load_wandb_group(project: str, group: str) -> List[RunResult]:
     """The runs of one W&B group, read through the W&B API (needs network and credentials)."""
     import wandb
 
-    api_runs = wandb.Api().runs(project, filters={"group": group})
-    runs = [WandbRun(group, run.name, dict(run.config), run.scan_history()) for run in api_runs]
-    if not runs:
-        raise NoRunsError(f"W&B project {project!r} has no runs in group {group!r}")
-    return wandb_results(runs, f"the runs of W&B project {project!r} in group {group!r}")
+    try:
+        api_runs = wandb.Api().runs(project, filters={"group": group})
+        runs = [WandbRun(group, run.name, dict(run.config), run.scan_history()) for run in api_runs]
+        if not runs:
+            raise NoRunsError(f"W&B project {project!r} has no runs in group {group!r}")
+        return wandb_results(runs, f"the runs of W&B project {project!r} in group {group!r}")  # reads each history
+    except wandb.errors.Error as error:  # no API key, a rejected one, W&B out of reach: W&B's own traceback
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise NoRunsError(f"W&B project {project!r}: the W&B API could not be read ({reason}); log in with `wandb "
+                          "login` where W&B is reachable, or read the runs' offline files (python -m softmoe.collect "
+                          "--wandb-dir SWEEP_DIR)") from None
 
 
 def swept_keys(runs: Sequence[RunResult]) -> List[str]:
