@@ -162,6 +162,21 @@ def check_upcycle(dense_state: Mapping[str, torch.Tensor], model: nn.Module, kee
     upcycle_sources(dense_state, model, keep_init)
 
 
+def missing_dense_mlp(dense_state: Mapping[str, torch.Tensor], dense_key: str, name: str) -> str:
+    """Why ``dense_state`` has no ``dense_key`` for the MoE layer ``name``, in one line: a Soft MoE checkpoint (its
+    blocks hold experts), one of fewer blocks than the model, or some other model's."""
+    if any(".experts." in key for key in dense_state):
+        return (f"the checkpoint is of an MoE model ({next(key for key in dense_state if '.experts.' in key)!r}), "
+                "not a dense ViT: upcycle from a dense ViT's checkpoint (e.g. a moe=dense run's last.pt), or resume "
+                "an MoE run with trainer.resume")
+    blocks = {key.split(".")[1] for key in dense_state if key.startswith("blocks.") and key.count(".") > 1}
+    block = name.split(".")[1] if name.startswith("blocks.") else None
+    if blocks and block is not None and block not in blocks:
+        return (f"the dense checkpoint has {len(blocks)} block{'' if len(blocks) == 1 else 's'}, and the model's MoE layer {name} is beyond them: "
+                "upcycle into a model of the checkpoint's depth")
+    return f"the dense checkpoint has no {dense_key!r} to copy into the experts of {name}"
+
+
 def upcycle_sources(
     dense_state: Mapping[str, torch.Tensor], model: nn.Module, keep_init: Collection[str] = ()
 ) -> Dict[str, UpcycleSource]:
@@ -178,7 +193,7 @@ def upcycle_sources(
                 continue
             dense_key = f"{name}.{dense_name}"
             if dense_key not in dense_state:
-                raise ValueError(f"the dense checkpoint has no {dense_key!r} to copy into the experts of {name}")
+                raise ValueError(missing_dense_mlp(dense_state, dense_key, name))
             shape = tuple(dense_state[dense_key].shape)
             one_expert = tuple(target[key].shape[1:])
             if (shape[::-1] if transposed else shape) != one_expert:

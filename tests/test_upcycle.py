@@ -83,6 +83,18 @@ def test_mismatched_architectures_are_named():
         upcycle("/nonexistent/vit.pth", moe)
 
 
+def test_a_soft_moe_checkpoint_or_a_shallower_dense_one_is_named_as_such():
+    # was, for both: "the dense checkpoint has no 'blocks.1.mlp.fc1.weight' to copy into the experts of blocks.1.mlp"
+    _, moe = dense_and_moe()
+    with pytest.raises(ValueError, match=r"^the checkpoint is of an MoE model \('blocks.1.mlp.experts.fc1_weight'\), "
+                                         r"not a dense ViT: upcycle from a dense ViT's checkpoint"):
+        upcycle(dense_and_moe()[1], moe)
+    shallow = VisionTransformer(**{**ARCH, "depth": 1})
+    with pytest.raises(ValueError, match=r"^the dense checkpoint has 1 block, and the model's MoE layer blocks.1.mlp "
+                                         r"is beyond them: upcycle into a model of the checkpoint's depth$"):
+        upcycle(shallow, moe)
+
+
 @pytest.mark.parametrize("noise_std", [-1, None, float("inf"), float("nan"), "0.1"])
 def test_a_noise_std_other_than_a_finite_number_from_0_is_named(noise_std):
     dense, moe = dense_and_moe()
