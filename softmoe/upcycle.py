@@ -172,8 +172,9 @@ def missing_dense_mlp(dense_state: Mapping[str, torch.Tensor], dense_key: str, n
     blocks = {key.split(".")[1] for key in dense_state if key.startswith("blocks.") and key.count(".") > 1}
     block = name.split(".")[1] if name.startswith("blocks.") else None
     if blocks and block is not None and block not in blocks:
-        return (f"the dense checkpoint has {len(blocks)} block{'' if len(blocks) == 1 else 's'}, and the model's MoE layer {name} is beyond them: "
-                "upcycle into a model of the checkpoint's depth")
+        counted = f"{len(blocks)} block{'' if len(blocks) == 1 else 's'}"
+        return (f"the dense checkpoint has {counted}, and the model's MoE layer {name} is beyond them: upcycle into a "
+                "model of the checkpoint's depth")
     return f"the dense checkpoint has no {dense_key!r} to copy into the experts of {name}"
 
 

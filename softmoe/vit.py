@@ -35,7 +35,7 @@ from ._checks import autocast_dtype_on, is_exporting, is_int, require_choice, re
 from .capture import moe_layers
 from .experts import WEIGHT_INIT_MODES, BatchedMlp, hold_expert_copies
 from .layer import SoftMoE
-from .upcycle import upcycle_state_dict
+from .upcycle import UnreadableCheckpointError, load_state_dict, upcycle_state_dict
 from .vit_checks import require_images, require_vit_arguments
 
 MoELayerIndex = Union[int, Sequence[int]]
@@ -313,7 +313,17 @@ def _create_soft_moe_vit(variant: str, pretrained: bool = False, **kwargs: Any) 
                 f"pretrained_cfg_overlay file={cfg.file!r}: no such file; pass a dense ViT checkpoint "
                 "(.safetensors, .pth or .bin state dict)"
             )
-        return build()
+        try:
+            return build()
+        except Exception:
+            if cfg.file is not None:
+                try:  # timm's loader failed; where the file is why, this package's loader says so in a few words
+                    load_state_dict(cfg.file)
+                except UnreadableCheckpointError as unreadable:
+                    raise ValueError(f"pretrained_cfg_overlay file={cfg.file!r}: not a readable checkpoint "
+                                     f"({unreadable.reason}); pass a dense ViT checkpoint (.safetensors, .pth or .bin "
+                                     "state dict)") from None
+            raise
     def unavailable(why: str) -> RuntimeError:
         return RuntimeError(
             f"{variant}: pretrained=True could not fetch the dense weights it upcycles, {cfg.hf_hub_id} ({why}); "

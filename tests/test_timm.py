@@ -5,6 +5,8 @@ own ViT of the same shape (the reference), and only the expert layers differ.
 size-independent behaviour runs on tiny models; the paper's sizes are checked on the meta device.
 """
 
+from pathlib import Path
+
 import huggingface_hub.constants
 import pytest
 import timm
@@ -227,6 +229,24 @@ def test_a_missing_local_file_is_named():
         timm.create_model(
             "test_soft_moe_vit", pretrained=True, pretrained_cfg_overlay=dict(file="/nonexistent/vit.pth")
         )
+
+
+@pytest.mark.parametrize("name, content, reason", [
+    ("notes.pth", b"# a markdown file", "not a file torch.save wrote"),
+    ("cut.pth", None, "truncated or damaged: torch.load cannot read its archive"),
+    ("bad.safetensors", b"garbage bytes here", "Error while deserializing header"),
+])
+def test_a_local_file_that_is_no_checkpoint_is_named_without_torchs_advice_to_unpickle(tmp_path, name, content, reason):
+    # was: torch's 20-line "weights_only=True blocked loading ... retry with weights_only=False" from timm's loader
+    path = tmp_path / name
+    if content is None:  # the first 100 bytes of a real checkpoint
+        content = Path(save_dense(timm.create_model("test_vit"), tmp_path / "whole.pth")).read_bytes()[:100]
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as raised:
+        timm.create_model("test_soft_moe_vit", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert str(raised.value).startswith(f"pretrained_cfg_overlay file={str(path)!r}: not a readable checkpoint "
+                                        f"({reason}")
+    assert "weights_only=False" not in str(raised.value)
 
 
 def test_offline_pretrained_fails_with_one_line_asking_for_a_local_file(monkeypatch):
