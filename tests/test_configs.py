@@ -152,6 +152,8 @@ BAD_OVERRIDES = [
     (["moe.dispatch=hard"], ["moe.dispatch=hard", "soft", "uniform", "identity"]),
     (["moe.dispatch=identity", "moe.num_experts=8"], ["moe.num_experts=8", "identity", "16 tokens"]),
     (["routing=identity", "experts_slots=8x4"], ["moe.num_experts=8", "identity", "16 tokens", "8 * 4 = 32"]),
+    (["moe.dispatch=identity", "+model.patch_drop_rate=0.5"],  # was: the layer's ValueError at step 1, a traceback
+     ["model.patch_drop_rate=0.5", "drops tokens in training", "identity routing"]),
     (["routing=tokens_choice", "moe.k=17"], ["moe.k=17", "at most moe.num_experts=16"]),
     (["moe.k=0"], ["moe.k=0", "positive integer"]),
     (["moe.capacity_factor=0"], ["moe.capacity_factor=0", "number > 0, or null"]),

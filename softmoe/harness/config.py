@@ -383,6 +383,12 @@ def _check_moe(moe: dict[str, Any], model: dict[str, Any]) -> None:
             f"moe.num_experts={moe['num_experts']}: identity routing needs num_experts * slots_per_expert = the "
             f"{tokens} tokens of each image, got {moe['num_experts']} * {moe['slots_per_expert']} = {slots}"
         )
+    if blocks and "identity" in (moe["dispatch"], moe["combine"]) and model.get("patch_drop_rate"):
+        raise ConfigError(
+            f"model.patch_drop_rate={model['patch_drop_rate']}: drops tokens in training, and identity routing (moe."
+            "dispatch or moe.combine=identity) needs every token, one per slot; leave patch dropout out, or route "
+            "with moe.dispatch=soft and moe.combine=soft"
+        )
 
 
 def _check_trainer(trainer: dict[str, Any], data: dict[str, Any], on_this_machine: bool = True) -> None:
