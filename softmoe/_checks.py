@@ -40,6 +40,13 @@ def require_number(name: str, value: Any, *, minimum: float, inclusive: bool) ->
     raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
+def require_probability(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a number in [0, 1] (a dropout rate), else raise naming ``name``."""
+    if is_number(value) and 0 <= value <= 1:
+        return float(value)
+    raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
 def require_positive_number(name: str, value: Any) -> float:
     """Return ``value`` as a float if it is a finite number > 0, else raise naming ``name``."""
     return require_number(name, value, minimum=0, inclusive=False)

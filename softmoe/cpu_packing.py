@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ._checks import require_bool
+
 # Fewer rows per expert than this and bmm is faster: the product is bound by reading the weight, which bmm does
 # faster from the plain layout (fc1 of S/16 on Zen 4, one run in session 15: bmm 10-13 ms at 1-2 rows against
 # 16-17, even at 3, oneDNN ahead from 4 rows: 13 against 17 ms).
@@ -113,6 +115,7 @@ def pack_experts_for_cpu(module: nn.Module, pack: bool = True) -> int:
 
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    require_bool("pack", pack)
     if pack and not packing_available():
         raise RuntimeError("pack_experts_for_cpu needs torch built with oneDNN (torch.backends.mkldnn.is_available() "
                            "is False here); CPU inference runs unpacked without it")

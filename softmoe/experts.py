@@ -24,7 +24,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._checks import (autocast_dtype_on, is_exporting, is_tracing, require_choice, require_expert_output,
-                      require_module_class, require_positive_int)
+                      require_module_class, require_positive_int, require_probability)
 from .cpu_packing import PackedExpertWeights
 
 # timm's VisionTransformer weight_init modes (vision_transformer.get_init_weights_vit)
@@ -229,7 +229,7 @@ class BatchedMlp(nn.Module):
         self.out_features = require_positive_int("out_features", out_features)
         n, d, h, o = self.num_experts, self.in_features, self.hidden_features, self.out_features
         bias1, bias2 = _pair("bias", bias)
-        drop1, drop2 = _pair("drop", drop)
+        drop1, drop2 = (require_probability("drop", rate) for rate in _pair("drop", drop))
 
         self.fc1_weight = nn.Parameter(torch.empty(n, d, h, **dd))  # [n, in, hidden]
         self.fc1_bias = nn.Parameter(torch.empty(n, h, **dd)) if bias1 else None

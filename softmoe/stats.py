@@ -30,6 +30,9 @@ def normalized_entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _check_routing(name: str, weights: torch.Tensor) -> None:
+    if not isinstance(weights, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor [batch, tokens, experts, slots_per_expert] (a routing record's "
+                         f"{name}), got {type(weights).__name__}")
     if weights.ndim != 4:
         raise ValueError(
             f"{name} must have shape [batch, tokens, experts, slots_per_expert], got shape {list(weights.shape)}"

@@ -41,6 +41,9 @@ def argument_problem(checkpoint: Path, output: Path) -> Optional[str]:
     if checkpoint.is_dir() and checkpoint.suffix != sharded_checkpoint.SUFFIX:
         return (f"checkpoint={checkpoint}: a directory, not a checkpoint; name a run's best.pt or last.pt (or a "
                 "sharded best.dcp or last.dcp directory)")
+    if checkpoint.suffix == ".safetensors":
+        return (f"checkpoint={checkpoint}: a .safetensors file, an export already; name the training checkpoint it "
+                "came from (a run's best.pt or last.pt)")
     if output.exists() and output.resolve() == checkpoint.resolve():
         return f"output={output}: is the checkpoint itself; name a new .safetensors file, e.g. model.safetensors"
     if output.is_dir():

@@ -122,3 +122,8 @@ def test_to_safetensors_writes_the_model_and_refuses_to_replace_a_checkpoint_in_
     for _ in range(2):  # a .safetensors file is replaced
         assert to_safetensors([str(last), str(tmp_path / "model.safetensors")]) == 0
     assert torch.equal(load_file(tmp_path / "model.safetensors")["weight"], torch.ones(2))
+    # was: "not a softmoe checkpoint of format 1"
+    assert to_safetensors([str(tmp_path / "model.safetensors"), str(tmp_path / "again.safetensors")]) == 2
+    assert capsys.readouterr().err == (f"error: checkpoint={tmp_path / 'model.safetensors'}: a .safetensors file, an "
+                                       "export already; name the training checkpoint it came from (a run's best.pt "
+                                       "or last.pt)\n")

@@ -227,6 +227,8 @@ def test_a_packed_bank_copies_pickles_and_keeps_its_state_dict():
 def test_bad_module_names_the_argument():
     with pytest.raises(TypeError, match="module must be an nn.Module, got str"):
         pack_experts_for_cpu("model")
+    with pytest.raises(ValueError, match="pack must be True or False, got 'yes'"):  # was: taken as True
+        pack_experts_for_cpu(nn.Linear(2, 2), pack="yes")
 
 
 def test_the_float64_reference_sees_a_wrong_expert():

@@ -41,6 +41,10 @@ def test_load_run_names_what_is_wrong(sweep, tmp_path):
     placeholder = "../outputs/runs/<date>/<time>"  # the routing notebook's RUN_DIR, left as it is
     with pytest.raises(CheckpointError, match=f"run_dir={placeholder}: no such directory"):
         load_run(placeholder)
+    best = sweep / "0" / "best.pt"  # a checkpoint's path where its run directory's was meant
+    with pytest.raises(CheckpointError, match=f"^run_dir={best}: a file, not a directory \\(a training run directory "
+                                              "holds best.pt and last.pt\\)$"):
+        load_run(best)
 
 
 def test_read_events_skips_a_torn_last_line(tmp_path):

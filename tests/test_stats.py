@@ -66,6 +66,9 @@ def test_cumulative_dispatch_mass():
 def test_bad_shapes():
     with pytest.raises(ValueError, match=r"dispatch must have shape \[batch, tokens, experts, slots_per_expert\]"):
         routing_stats(torch.ones(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"dispatch must be a tensor \[batch, tokens, experts, slots_per_expert\] "
+                                         r"\(a routing record's dispatch\), got NoneType"):  # was: an AttributeError
+        routing_stats(None, None)
     with pytest.raises(ValueError, match="same shape"):
         routing_stats(*uniform(1, 2, 2, 1)[:1], uniform(1, 3, 2, 1)[1])
 

@@ -59,9 +59,9 @@ def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best") -> Path
     neither is there."""
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(f"checkpoint={checkpoint}: must be one of {', '.join(CHECKPOINTS)}")
-    if not Path(run_dir).is_dir():  # a notebook's placeholder left as it is, a mistyped path
-        raise CheckpointError(f"run_dir={run_dir}: no such directory (a training run directory holds best.pt and "
-                              "last.pt)")
+    if not Path(run_dir).is_dir():  # a notebook's placeholder left as it is, a mistyped path, a checkpoint's path
+        what = "a file, not a directory" if Path(run_dir).exists() else "no such directory"
+        raise CheckpointError(f"run_dir={run_dir}: {what} (a training run directory holds best.pt and last.pt)")
     path = sharded_checkpoint.latest(run_dir, f"{checkpoint}.pt")
     if path is None and checkpoint == "best" and sharded_checkpoint.latest(run_dir, "last.pt") is not None:
         raise CheckpointError(f"run_dir={run_dir}: holds no best.pt, only last.pt: no validation selected a model "
