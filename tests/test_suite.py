@@ -159,8 +159,14 @@ def test_the_expert_gemms_through_grouped_mm_compute_what_bmm_computes():
      (["--device", "gpu"], "--device must be a torch device (cpu, cuda, cuda:1, ...), got 'gpu'"),
      (["--device", "meta"], "--device meta: the benchmark measures cpu, cuda or mps, not meta"),  # was: a traceback
      (["--suite", "gpu", "--device", "cpu"], "--suite gpu measures a CUDA GPU at full size, not --device cpu; add "
-                                             "--tiny to check the command on this device")],
-    ids=["threads", "suite_rounds", "suite_budget", "device", "meta", "full_suite_on_a_cpu"],
+                                             "--tiny to check the command on this device"),
+     # were: accepted, --tiny's values (or the default GEMM and copy sizes) replacing them
+     (["--tiny", "--warmup", "-1"], "--warmup must be >= 0, got -1"),
+     (["--tiny", "--model-batch", "0"], "--model-batch must be >= 1, got 0"),
+     (["--gemm-size", "0"], "--gemm-size must be >= 1, got 0"),
+     (["--tiny", "--copy-mib", "0"], "--copy-mib must be >= 1, got 0")],
+    ids=["threads", "suite_rounds", "suite_budget", "device", "meta", "full_suite_on_a_cpu", "tiny_warmup",
+         "tiny_model_batch", "gemm_size", "tiny_copy_mib"],
 )
 def test_bad_arguments_stop_the_command_with_one_line_naming_them(capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_status:

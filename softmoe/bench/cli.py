@@ -67,6 +67,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_device(parser, args)
     check_out(parser, args.out)
+    # the values given, before --tiny and the device's defaults replace any: a bad one is named, not dropped
+    for name in ("model_batch", "warmup", "layer_rounds", "model_rounds", "gemm_size", "copy_mib", "threads",
+                 "suite_rounds", "suite_budget_s"):
+        minimum = 0 if name in ("warmup", "suite_budget_s") else 1
+        value = getattr(args, name)
+        if value is not None and value < minimum:  # threads None: torch's own
+            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
     cuda = args.device.startswith("cuda")
     if args.bfloat16_shapes is None:
         args.bfloat16_shapes = args.layer_shapes if cuda or cpu_has_native_bf16() else ["cpu_small"]
@@ -80,12 +87,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.gemm_size, args.copy_mib = args.gemm_size or 128, args.copy_mib or 4
     args.gemm_size = args.gemm_size or (8192 if cuda else 2048)
     args.copy_mib = args.copy_mib or (1024 if cuda else 256)
-    for name in ("model_batch", "warmup", "layer_rounds", "model_rounds", "gemm_size", "copy_mib", "threads",
-                 "suite_rounds", "suite_budget_s"):
-        minimum = 0 if name in ("warmup", "suite_budget_s") else 1
-        value = getattr(args, name)
-        if value is not None and value < minimum:  # threads None: torch's own
-            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
     return args
 
 
