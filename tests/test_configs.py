@@ -180,6 +180,7 @@ BAD_OVERRIDES = [
     (["model.depth=0"], ["model.depth=0", "positive integer"]),
     (["model.img_size=32"], ["model.img_size=32", "data.img_size=8"]),
     (["+model.wings=2"], ["model.wings=2", "VisionTransformer"]),
+    (["+model.act_layer=relu"], ["model.act_layer=relu", "takes a class", "set it in code"]),  # was: "not a key"
     (["optimizer.lr=0"], ["optimizer.lr=0", "number > 0"]),
     (["optimizer.lr=fast"], ["optimizer.lr=fast", "number > 0"]),
     (["optimizer.weight_decay=-1"], ["optimizer.weight_decay=-1", "number >= 0"]),

@@ -26,7 +26,7 @@ from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 from .data import check_data_config, dataset_size
 from .errors import ConfigError
 from .plausibility import check_model_name, check_slot_count, check_token_count
-from .model import PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
+from .model import CODE_ONLY_VIT_ARGUMENTS, PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
 from .vit_arguments import vit_argument_rules
 from .rules import (
     Rule,
@@ -336,6 +336,12 @@ def check_launcher_here(launcher: Optional[str]) -> None:
 
 def _check_model(model: dict[str, Any], data: dict[str, Any]) -> None:
     check_section("model", model, MODEL_RULES)
+    code_only = sorted(set(model) & CODE_ONLY_VIT_ARGUMENTS)  # timm's arguments, but not a config's to give
+    if code_only:
+        key = code_only[0]
+        raise ConfigError(f"model.{key}={format_value(model[key])}: a VisionTransformer argument that takes a class "
+                          "or a device, which a config cannot give; set it in code (SoftMoEVisionTransformer("
+                          f"{key}=...)), or leave it out")
     check_known("model", model, set(MODEL_RULES) | VIT_ARGUMENTS, "not a key of timm's VisionTransformer")
     check_section("model", model, VIT_ARGUMENT_RULES, required=None)  # those added with +model.<argument>
     for key in ("img_size", "in_chans", "num_classes"):

@@ -37,19 +37,13 @@ ROUTER_KEYS = {
 SOFT_MOE_ARCHITECTURE, DENSE_ARCHITECTURE = "soft_moe_vit_tiny", "vit_tiny_patch16_224"
 # model keys that are not VisionTransformer arguments
 MODEL_KEYS = ("name", "upcycle_from", "upcycle_noise_std")
-# VisionTransformer arguments a config may set (the rest take classes, set in code).
-VIT_ARGUMENTS = set(inspect.signature(VisionTransformer.__init__).parameters) - {
-    "self",
-    "embed_layer",
-    "embed_norm_layer",
-    "norm_layer",
-    "act_layer",
-    "block_fn",
-    "mlp_layer",
-    "attn_layer",
-    "device",
+# VisionTransformer arguments that take classes (or a device, a dtype): set in code, not by a config
+CODE_ONLY_VIT_ARGUMENTS = {
+    "embed_layer", "embed_norm_layer", "norm_layer", "act_layer", "block_fn", "mlp_layer", "attn_layer", "device",
     "dtype",
 }
+# VisionTransformer arguments a config may set
+VIT_ARGUMENTS = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"} - CODE_ONLY_VIT_ARGUMENTS
 
 
 def moe_blocks(moe_cfg: Mapping[str, Any], depth: int) -> list[int]:
