@@ -122,6 +122,9 @@ def test_a_sweep_whose_runs_have_not_finished_says_so_in_one_message(tmp_path, c
     with pytest.raises(NoRunsError) as raised:  # what the notebooks see
         sweeps.summarize(runs, sweeps.swept_keys(runs))
     assert str(raised.value) == message
+    # a single run's own directory (was: "...when training ends): .")
+    assert collect.main([str(tmp_path / "1")]) == 2
+    assert capsys.readouterr().err.endswith("(the trainer logs it when training ends): the directory itself\n")
 
 
 @pytest.mark.slow

@@ -352,8 +352,9 @@ def finished_runs(runs: Sequence[RunResult]) -> List[RunResult]:
     finished = [run for run in runs if is_finished(run)]
     if not finished:
         searched = " and ".join(dict.fromkeys(run.read_from for run in runs if run.read_from)) or "the runs given"
+        names = ", ".join("the directory itself" if run.name == "." else run.name for run in runs)  # a run's own dir
         raise NoRunsError(f"no run has finished: none of {searched} logged {RESULT_COLUMNS[1][1]} (the trainer logs "
-                          f"it when training ends): {', '.join(run.name for run in runs)}")
+                          f"it when training ends): {names}")
     return finished
 
 
