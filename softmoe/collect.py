@@ -33,6 +33,7 @@ from softmoe.harness.sweeps import (
     load_wandb_offline,
     markdown_table,
     plot,
+    plotted,
     summarize,
     swept_keys,
 )
@@ -118,10 +119,11 @@ def collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     warn_unfinished(runs, args.sweep_dir)
     summaries = summarize(runs, by, metrics)
     table = markdown_table(summaries, by, metrics)
+    column = args.plot or column_label(metrics[0] if metrics else RESULT_COLUMNS[1][1])
+    plotted(summaries, column)  # a column no run logged is refused before results.md is written
     out = args.out or args.sweep_dir or args.wandb_dir or Path(".")
     make_out_dir(out)
     (out / "results.md").write_text(table)
-    column = args.plot or column_label(metrics[0] if metrics else RESULT_COLUMNS[1][1])
     plot(summaries, by, column, out / "results.png")
     print(table, end="")
     pooled = sum(summary.runs for summary in summaries)

@@ -187,7 +187,7 @@ def main(cfg: DictConfig) -> float:
             say_how_to_resume_after_a_crash(tag, run_dir, after_the_traceback=not multirun)
             raise
         raise
-    log.info("done: %s, %d steps", summary.describe(), summary.steps)
+    log.info("done: %s, %d step%s", summary.describe(), summary.steps, "" if summary.steps == 1 else "s")
     entropy = final_dispatch_entropy(summary.run_dir)
     if entropy:
         log.info(entropy)

@@ -211,6 +211,17 @@ def test_the_wandb_api_out_of_reach_is_one_line_naming_the_offline_files(tmp_pat
                                   "files (python -m softmoe.collect --wandb-dir SWEEP_DIR)\n")
 
 
+def test_a_metric_no_run_logged_writes_nothing(tmp_path, capsys):
+    # was: the one-line error, after results.md had been written without the column
+    for job, seed in enumerate((0, 1)):
+        write_run(tmp_path / "sweep", job, [f"seed={seed}"], [0.5, 0.8], test=(0.7, 0.75))
+    out = tmp_path / "out"
+    metric = "routing/block2/dispatch_entropy"
+    assert collect.main([str(tmp_path / "sweep"), "--metric", metric, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == "error: no run logged the column 'final routing/block2/dispatch_entropy'\n"
+    assert not out.exists() and not (tmp_path / "sweep" / "results.md").exists()
+
+
 def test_config_overrides_are_the_differing_keys_written_as_hydra_overrides():
     configs = [
         {"_wandb": {"cli_version": "0.31.0"}, "seed": 0, "paths": {"output_dir": "outputs/0"},

@@ -97,16 +97,19 @@ def assert_summary_and_next_steps_are_the_readmes(output: str, cwd: Path, run_di
     entropy = next(line for line in lines if line.startswith("final dispatch entropy (1 = uniform): "))
     assert [part.split()[:2] for part in entropy.split(": ", 1)[1].split(", ")] == [["block", "1"]]  # depth 2
     steps = lines[lines.index("next:") + 1:]
+    # the notebook named where it is: this run's working directory is not the repository's root (was: a relative
+    # notebooks/routing_analysis.ipynb, which cp did not find from here)
+    notebook = str(ROOT / "notebooks" / "routing_analysis.ipynb")
     assert [step.split()[:3] for step in steps] == [
-        ["python", "-m", "softmoe.evaluate"], ["cp", "notebooks/routing_analysis.ipynb", "/tmp/"],
-        ["python", "-m", "softmoe.collect"],
+        ["python", "-m", "softmoe.evaluate"], ["cp", notebook, "/tmp/"], ["python", "-m", "softmoe.collect"],
     ]
     # The printed steps are the README's next steps for this run directory, which tests/test_readme.py runs on the
     # quick start's run (running them again here would cost half a minute and test nothing more).
     absolute, relative = str(run_dir.resolve()), str(run_dir.relative_to(cwd))
     readme = {" ".join(command.split()) for command in README_COMMANDS}
     for step in steps:
-        step = step.split("  #")[0].replace(absolute, f"$PWD/{RUN_DIR}").replace(relative, RUN_DIR)
+        step = step.split("  #")[0].replace(notebook, "notebooks/routing_analysis.ipynb")
+        step = step.replace(absolute, f"$PWD/{RUN_DIR}").replace(relative, RUN_DIR)
         assert " ".join(step.split()) in readme, (step, sorted(readme))
 
 

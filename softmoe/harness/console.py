@@ -55,13 +55,17 @@ def final_dispatch_entropy(run_dir: Union[str, Path]) -> Optional[str]:
 
 
 ROUTING_NOTEBOOK = "notebooks/routing_analysis.ipynb"
+# this checkout's copy, named so that the printed command works from any directory (an install without the
+# repository's notebooks/ prints ROUTING_NOTEBOOK, to run from a clone's root)
+_CHECKOUT_NOTEBOOK = Path(__file__).resolve().parents[2] / ROUTING_NOTEBOOK
 
 
 def next_steps(run_dir: Union[str, Path]) -> list[str]:
     """The commands that look further at a finished single run, as a sweep's end names ``collect``."""
     shown, absolute = shown_path(run_dir), str(Path(run_dir).resolve())
+    source = shown_path(_CHECKOUT_NOTEBOOK) if _CHECKOUT_NOTEBOOK.is_file() else ROUTING_NOTEBOOK
     notebook = (
-        f"cp {ROUTING_NOTEBOOK} /tmp/ && SOFTMOE_RUN_DIR={shlex.quote(absolute)} "
+        f"cp {shlex.quote(source)} /tmp/ && SOFTMOE_RUN_DIR={shlex.quote(absolute)} "
         "jupyter execute --inplace /tmp/routing_analysis.ipynb"
     )
     if sharded_checkpoint.latest(run_dir, "best.pt") is None:  # data.val_size=0: nothing selected, no best.pt

@@ -406,6 +406,14 @@ def _shown_cell(cell: Optional[Cell], runs: int) -> str:
     return str(cell) if cell.runs == runs else f"{cell} (n={cell.runs})"
 
 
+def plotted(summaries: Sequence[GroupSummary], column: str) -> List[GroupSummary]:
+    """The groups that have a value in ``column``, the bars :func:`plot` draws; a NoRunsError when none has."""
+    shown = [s for s in summaries if s.cells.get(column)]
+    if not shown:
+        raise NoRunsError(f"no run logged the column {column!r}")
+    return shown
+
+
 def plot(summaries: Sequence[GroupSummary], by: Sequence[str], column: str, path: Path) -> None:
     """Bars of one table column (mean, with the std over seeds as error bars when there is a spread) against the first
     swept key, one bar colour per value of the others, each bar labelled with its value. The seed count is in the
@@ -416,9 +424,7 @@ def plot(summaries: Sequence[GroupSummary], by: Sequence[str], column: str, path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [s for s in summaries if s.cells.get(column)]
-    if not shown:
-        raise NoRunsError(f"no run logged the column {column!r}")
+    shown = plotted(summaries, column)
     series: Dict[Tuple, List[GroupSummary]] = {}
     for s in shown:
         series.setdefault(s.values[1:], []).append(s)
