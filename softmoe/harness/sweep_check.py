@@ -154,4 +154,6 @@ def job_run_dir(composed: DictConfig, number: int) -> Optional[Path]:
         config.hydra.job.num = number
     sweep_dir, subdir = (OmegaConf.select(config, key, throw_on_resolution_failure=False)
                          for key in ("hydra.sweep.dir", "hydra.sweep.subdir"))
-    return Path(str(sweep_dir), str(subdir)) if sweep_dir is not None and subdir is not None else None
+    if sweep_dir is None or subdir is None:
+        return None
+    return Path(str(sweep_dir), str(subdir)).absolute()  # as Hydra gives the job its output dir, and its messages
