@@ -13,6 +13,9 @@ import sys
 
 import pytest
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
 from conftest import ROOT
 from softmoe.harness.checkpoint import FORMAT_VERSION, save_checkpoint
 from softmoe.harness.distributed import TORCHRUN_VARIABLES
@@ -28,6 +31,18 @@ def test_jobs_come_in_the_basic_sweepers_order_and_interval_sweeps_are_left_to_t
     assert list(sweep_jobs(["a=1", "b=x,y", "c=1,2", "d=interval(0,1)"])) == [
         ["a=1", "b=x", "c=1"], ["a=1", "b=x", "c=2"], ["a=1", "b=y", "c=1"], ["a=1", "b=y", "c=2"],
     ]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["a=1", "b=x,y", "c=1,2"],
+    # a key given twice: the last value, at the first one's place (was: both kept, 4 jobs of moe.layers=[3] checked
+    # where Hydra runs 2 of moe.layers=[2,3]; conf/experiment/table4_placement.yaml's sweep, then its README's loop)
+    ["moe.layers=[3],[11]", "seed=0,1", "moe.layers=[2,3]"],
+    ["seed=0", "model=vit_micro", "seed=1,2", "+trainer.x=1"],
+])
+def test_jobs_are_the_basic_sweepers_own(overrides):
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    assert list(sweep_jobs(overrides)) == BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 
 
 def test_a_bad_value_in_a_later_job_is_named_with_the_job():

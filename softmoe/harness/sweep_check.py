@@ -48,18 +48,20 @@ MAX_JOBS_CHECKED = 200  # at about 0.2 s a job, 40 s at most; a larger grid is c
 
 
 def sweep_jobs(overrides: Sequence[str]) -> Iterator[list[str]]:
-    """Each job's overrides, in the basic sweeper's order: the fixed overrides, then one value of each discrete
-    sweep (the last sweep varying fastest). Interval sweeps are dropped."""
+    """Each job's overrides, as Hydra's basic sweeper makes them (``BasicSweeper.split_arguments``): one value per
+    key, a key given twice taking its last value at the place of its first (an experiment's ``hydra.sweeper.params``
+    sweep, then the command line's ``seed=0``), and the cartesian product of the discrete sweeps, the last varying
+    fastest. Interval sweeps are dropped: their values are the sweeper's to draw."""
     parsed = OverridesParser.create().parse_overrides(list(overrides))
-    fixed, axes = [], []
+    values_of: dict[str, list[str]] = {}
     for override in parsed:
+        key = override.get_key_element()
         if not override.is_sweep_override():
-            fixed.append(override.input_line)
+            values_of[key] = [override.input_line]
         elif override.is_discrete_sweep():
-            key = override.get_key_element()
-            axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
-    for values in itertools.product(*axes):
-        yield [*fixed, *values]
+            values_of[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+    for values in itertools.product(*values_of.values()):
+        yield list(values)
 
 
 def job_composition_error(job: Sequence[str], config_name: str, conf_dir: Path, error: Exception) -> str:
