@@ -171,3 +171,15 @@ def test_the_model_build_script_on_meta_lays_the_model_out_over_the_ranks_exactl
     assert 0 < rows[0]["pieces_mib"] < model_mib
     assert sum(row["pieces_mib"] for row in rows) == pytest.approx(model_mib, rel=1e-12)
     assert all(row["build_seconds"] > 0 and row["peak_rss_mib"] >= row["rss_before_build_mib"] for row in rows)
+
+
+@pytest.mark.parametrize("script", [("scale_out", "report.py"), ("optimizer_state", "state_bytes.py")])
+def test_scripts_without_options_answer_help_and_change_nothing(script):
+    """was: both ignored --help and ran; report.py rewrote the README's tables."""
+    readme = os.path.join(REPO, "experiments", script[0], "README.md")
+    with open(readme, "rb") as file:
+        before = file.read()
+    completed = run_from(REPO, [sys.executable, os.path.join(REPO, "experiments", *script), "--help"])
+    assert completed.stdout.startswith(f"usage: {script[1]} [-h]")
+    with open(readme, "rb") as file:
+        assert file.read() == before

@@ -8,6 +8,8 @@ copies move per step: recast by the bank after the step (read 4 bytes, write 2 p
 softmoe.optim.AdamW's update (2), as experiments/throughput/README.md quotes it.
 """
 
+import argparse
+
 from softmoe.bench.model import build_benchmark_model
 from softmoe.bench.shapes import MODEL_SHAPES
 from softmoe.bench.step_floor import (
@@ -42,4 +44,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # no options: --help says what it does (before, it ran, and report.py rewrote the README's tables)
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()
