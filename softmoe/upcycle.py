@@ -165,10 +165,10 @@ def check_upcycle(dense_state: Mapping[str, torch.Tensor], model: nn.Module, kee
 def missing_dense_mlp(dense_state: Mapping[str, torch.Tensor], dense_key: str, name: str) -> str:
     """Why ``dense_state`` has no ``dense_key`` for the MoE layer ``name``, in one line: a Soft MoE checkpoint (its
     blocks hold experts), one of fewer blocks than the model, or some other model's."""
-    if any(".experts." in key for key in dense_state):
-        return (f"the checkpoint is of an MoE model ({next(key for key in dense_state if '.experts.' in key)!r}), "
-                "not a dense ViT: upcycle from a dense ViT's checkpoint (e.g. a moe=dense run's last.pt), or resume "
-                "an MoE run with trainer.resume")
+    expert_key = next((key for key in dense_state if ".experts." in key), None)
+    if expert_key is not None:
+        return (f"the checkpoint is of an MoE model ({expert_key!r}), not a dense ViT: upcycle from a dense ViT's "
+                "checkpoint (e.g. a moe=dense run's last.pt), or resume an MoE run with trainer.resume")
     blocks = {key.split(".")[1] for key in dense_state if key.startswith("blocks.") and key.count(".") > 1}
     block = name.split(".")[1] if name.startswith("blocks.") else None
     if blocks and block is not None and block not in blocks:

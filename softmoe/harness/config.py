@@ -23,6 +23,8 @@ from omegaconf import DictConfig
 from softmoe.upcycle import UnreadableCheckpointError, check_upcycle, load_state_dict
 from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 
+from . import sharded_checkpoint
+from .checkpoint import BEST, LAST
 from .data import check_data_config, dataset_size
 from .errors import ConfigError
 from .plausibility import check_model_name, check_slot_count, check_token_count
@@ -85,9 +87,9 @@ def existing_checkpoint(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     if path is not None and (path.is_file() or (path / ".metadata").is_file()):
         return None
     if path is not None and path.is_dir():
-        inside = [name for name in ("last.pt", "best.pt", "last.dcp", "best.dcp") if (path / name).exists()]
-        if inside:  # a run directory: the checkpoint in it was meant
-            return f"a run directory, not a checkpoint; name one of its checkpoints ({path / inside[0]})"
+        inside = next(filter(None, (sharded_checkpoint.latest(path, name) for name in (LAST, BEST))), None)
+        if inside is not None:  # a run directory: the checkpoint in it was meant
+            return f"a run directory, not a checkpoint; name one of its checkpoints ({inside})"
         return "a directory holding no checkpoint (last.pt, best.pt); name a checkpoint file"
     return "no such checkpoint file"
 
