@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from softmoe.harness import sharded_checkpoint
+from softmoe.harness import sharded_checkpoint, sweep_stop
 from softmoe.harness.distributed import quiet_other_ranks
 from softmoe.harness.errors import (
     USER_ERROR_EXIT_CODE,
@@ -56,7 +56,8 @@ from softmoe.harness.runs import (
     save_hydra_configs,
 )
 from softmoe.harness.sweep_check import sweep_job_error
-from softmoe.harness.sweep_console import tag_console
+from softmoe.harness.sweep_console import EVERY_JOB, tag_console
+from softmoe.harness.sweep_stop import sweep_resume_line
 from softmoe.runtime import tune_allocator
 
 log = logging.getLogger("softmoe.train")
@@ -70,6 +71,9 @@ def wandb_group_and_name(hydra_cfg: DictConfig) -> tuple[Optional[str], Optional
     return group, hydra_cfg.job.override_dirname or "defaults"
 
 
+# A sweep job's objective when it stopped or never started (a float, as Optuna's sweeper needs; NaN: no result)
+NO_OBJECTIVE = float("nan")
+
 # Errors that can stop a run after it wrote last.pt (a config error stops it before, and its command is wrong).
 MID_RUN_ERRORS = (NonFiniteError, BadDataError, CheckpointWriteError)
 
@@ -80,7 +84,9 @@ def resume_message(tag: str, run_dir: Path) -> Optional[str]:
     kept = sharded_checkpoint.latest_last(run_dir)
     if kept is None:
         return None
-    return f"{tag}{kept.name} is kept; resume with: {resume_command(HydraConfig.get().overrides.task, run_dir)}"
+    hydra_cfg = HydraConfig.get()
+    command = resume_command(hydra_cfg.overrides.task, run_dir, sweep_job=hydra_cfg.mode == RunMode.MULTIRUN)
+    return f"{tag}{kept.name} is kept; resume with: {command}"
 
 
 def say(message: Optional[str]) -> None:
@@ -157,6 +163,12 @@ def main(cfg: DictConfig) -> float:
     # the parent folders Hydra made for the run directory (outputs/debug/<date> in a fresh working directory): a
     # run that never starts removes them again, no folder that was there; a job's is in its sweep dir, which stays
     new_parents = NewRunDirParents.count if not multirun else 0
+    sweep_stop.ignore_ctrl_c_between_jobs()  # a joblib worker; its job's stop guard takes Ctrl-C while it trains
+    stopped = sweep_stop.stop_requested()
+    if stopped is not None:  # a job of a parallel sweep that was stopped while it waited for a worker
+        print(f"{tag}not started: the sweep was stopped by {signal.Signals(stopped).name}", file=sys.stderr)
+        remove_if_unused(run_dir)
+        return NO_OBJECTIVE
     try:
         check_model_choice(OmegaConf.select(cfg, "model.name"), hydra_cfg.runtime.choices.get("model"))
         # Hydra's .hydra/ configs are written once this process holds the run directory (conf/hydra/default.yaml)
@@ -172,8 +184,14 @@ def main(cfg: DictConfig) -> float:
             say_how_to_resume(tag, run_dir)
         sys.exit(exit_code(error))
     except Preempted as preempted:
-        log.warning("%s; %s", preempted, resume_hint(hydra_cfg.overrides.task, run_dir) or "nothing to resume")
+        hint = resume_hint(hydra_cfg.overrides.task, run_dir, sweep_job=multirun)
+        log.warning("%s; %s", preempted, hint or "nothing to resume", extra=EVERY_JOB)
+        if sweep_stop.in_parallel_sweep():  # the worker outlives its job: an exit would abort the other jobs' saves
+            sweep_stop.request_stop(preempted.signum)  # the whole sweep stops, as under the basic launcher
+            return NO_OBJECTIVE
         preempted.handover()  # e.g. submitit's requeue on SLURM; it may exit the process itself
+        if multirun and os.environ.get("RANK", "0") == "0":  # the basic launcher: this exit stops the sweep
+            say(sweep_resume_line(preempted.signum, hydra_cfg.sweep.dir, sys.argv[1:]))
         sys.exit(preempted.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before training started (a second one during a step ends the process)
         print(f"{tag}error: interrupted before training started", file=sys.stderr)
@@ -211,4 +229,8 @@ if __name__ == "__main__":
         sys.exit(USER_ERROR_EXIT_CODE)
     if planned and planned[0] == "hydra.sweep.dir":
         _sweep_record_found[0] = (planned[1].absolute(), read_sweep_record(planned[1]))
-    main()
+    try:
+        main()
+    except sweep_stop.SweepEndedAtOnce as ended:  # a second Ctrl-C to a stopping joblib sweep
+        print(ended.message, file=sys.stderr)
+        sys.exit(ended.exit_code)

@@ -22,7 +22,7 @@ from torch import nn
 
 from softmoe import block_index, moe_layers
 
-from . import sharded_checkpoint
+from . import sharded_checkpoint, sweep_stop
 from .checkpoint import (
     BEST,
     FORMAT_VERSION,
@@ -203,7 +203,8 @@ def open_run(
         panel_image = None
     if data.skipped and checkpoint is None:
         telemetry.log(0, 1, {"data/skipped_examples": data.skipped})
-    preemption = PreemptionGuard(checkpoint=distributed.last_checkpoint).install()
+    preemption = PreemptionGuard(checkpoint=distributed.last_checkpoint, stop_requested=sweep_stop.stop_requested)
+    preemption.install()
     cleanup.callback(preemption.restore)
     run = RunContext(
         config=config, run_dir=run_dir, distributed=distributed, telemetry=telemetry, loaders=loaders,

@@ -45,6 +45,7 @@ from torch import nn
 
 from .checkpoint import LAST
 from .errors import NONFINITE_EXIT_CODE, NonFiniteError, preempted_exit_code
+from .sweep_console import EVERY_JOB
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,16 @@ class PreemptionGuard:
     main thread (where Python cannot install handlers) the guard does nothing and the signals keep their usual effect.
     """
 
-    def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS, checkpoint: str = LAST) -> None:
+    def __init__(
+        self,
+        signals: Iterable[int] = PREEMPTION_SIGNALS,
+        checkpoint: str = LAST,
+        stop_requested: Optional[Callable[[], Optional[int]]] = None,
+    ) -> None:
         self.signals = tuple(signals)
         self.checkpoint = checkpoint  # what the stop saves: last.pt, or FSDP's last.dcp
+        # a stop asked for without a signal to this process (a parallel sweep stopped: sweep_stop.py); read once a step
+        self.stop_requested = stop_requested
         self.received: Optional[int] = None
         self.requested: Optional[int] = None
         self._owner = os.getpid()  # DataLoader workers fork with this handler; Ctrl-C reaches them too
@@ -113,7 +121,15 @@ class PreemptionGuard:
             return
         again = "; Ctrl-C again ends the process at once, without saving this step" if signum == signal.SIGINT else ""
         name = signal.Signals(signum).name
-        log.warning("%s received: stopping after this step, saving %s%s", name, self.checkpoint, again)
+        log.warning("%s received: stopping after this step, saving %s%s", name, self.checkpoint, again, extra=EVERY_JOB)
+
+    def check_stop_requested(self) -> None:
+        """Act on :attr:`stop_requested` as on the signal it names, if no signal came first."""
+        if self.received is None and self.stop_requested is not None:
+            signum = self.stop_requested()
+            if signum is not None:
+                self.received = self.requested = signum
+                self._announce(signum)
 
     def install(self) -> "PreemptionGuard":
         if threading.current_thread() is threading.main_thread():

@@ -191,6 +191,7 @@ def stop_if_signalled(run: RunContext, state: TrainState, *, saved: bool) -> Non
     ``last.pt`` holds this step (``saved``: it already does) and raise :class:`Preempted`. After the run's last
     step a signal changes nothing: the run ends."""
     preemption = run.preemption
+    preemption.check_stop_requested()
     run.distributed.share_signal(preemption)  # a signal to any rank stops every rank at this step
     if preemption.requested is None or state.step == run.total_steps:
         return

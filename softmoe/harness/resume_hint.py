@@ -6,7 +6,8 @@ run again later makes a new directory and starts at step 0. The command printed 
     python -m softmoe.train model.depth=2 hydra.run.dir=outputs/runs/2026-12-04/20-31-07
 
 The run directory holds ``last.pt`` (or FSDP's ``last.dcp``), so the trainer continues from it
-(``loop.resume_checkpoint``). A sweep's job resumes the same way, as a single run in its job directory.
+(``loop.resume_checkpoint``). A sweep's job resumes the same way, as a single run in its job directory
+(``hydra.mode=RUN``); rerunning the whole sweep into its ``hydra.sweep.dir`` resumes every job (``sweep_stop.py``).
 """
 
 from __future__ import annotations
@@ -41,14 +42,19 @@ def shown_path(path: Union[str, Path]) -> str:
         return str(path)
 
 
-def resume_command(task_overrides: Sequence[str], run_dir: Union[str, Path], module: str = "softmoe.train") -> str:
-    """The command line that continues the run in ``run_dir``: its overrides, with ``hydra.run.dir`` naming it."""
+def resume_command(
+    task_overrides: Sequence[str], run_dir: Union[str, Path], module: str = "softmoe.train", *, sweep_job: bool = False
+) -> str:
+    """The command line that continues the run in ``run_dir``: its overrides, with ``hydra.run.dir`` naming it.
+    ``sweep_job``: a sweep's job, which resumes as a single run, so ``hydra.mode=RUN`` too: an experiment file that
+    sweeps sets ``hydra.mode: MULTIRUN``, which would start a new sweep elsewhere and ignore ``hydra.run.dir``."""
     kept = [override for override in task_overrides if not override.startswith(REPLACED)]
-    return shlex.join([*launcher_prefix(), "-m", module, *kept, f"hydra.run.dir={shown_path(run_dir)}"])
+    single_run = ["hydra.mode=RUN"] if sweep_job else []
+    return shlex.join([*launcher_prefix(), "-m", module, *kept, *single_run, f"hydra.run.dir={shown_path(run_dir)}"])
 
 
-def resume_hint(task_overrides: Sequence[str], run_dir: Union[str, Path]) -> Optional[str]:
+def resume_hint(task_overrides: Sequence[str], run_dir: Union[str, Path], *, sweep_job: bool = False) -> Optional[str]:
     """``resume with: <command>``, or None when the run directory holds no ``last`` checkpoint to resume from."""
     if sharded_checkpoint.latest_last(Path(run_dir)) is None:
         return None
-    return f"resume with: {resume_command(task_overrides, run_dir)}"
+    return f"resume with: {resume_command(task_overrides, run_dir, sweep_job=sweep_job)}"

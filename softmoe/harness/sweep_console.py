@@ -18,11 +18,15 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .sweep_stop import STOP_FILE
+
 
 # A warning every job of a sweep logs is shown on the console by the first job only: that job creates the marker
 # <sweep dir>/.console_warnings/<sha1 of the message> (it holds no metrics.jsonl, so collect finds no run there).
 CONSOLE_WARNINGS_DIR = ".console_warnings"
 SHOWN_ONCE_NOTE = " (shown once for the sweep; each job's train.log keeps its own)"
+# ``extra=`` of a warning about this job alone (its stop, its resume command): shown for every job, never once
+EVERY_JOB = {"every_job": True}
 
 
 class _FirstInSweep(logging.Filter):
@@ -34,7 +38,7 @@ class _FirstInSweep(logging.Filter):
         self.markers = Path(sweep_dir) / CONSOLE_WARNINGS_DIR
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not logging.WARNING <= record.levelno < logging.ERROR:
+        if not logging.WARNING <= record.levelno < logging.ERROR or getattr(record, "every_job", False):
             return True
         if not hasattr(record, "first_in_sweep"):  # decided once a record, however many console handlers it meets
             record.first_in_sweep = self._claim(record.getMessage())
@@ -100,4 +104,6 @@ class SweepEndHint(Callback):
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
             return
         sweep_dir = config.hydra.sweep.dir
+        if (Path(sweep_dir) / STOP_FILE).exists():  # stopped, not done: sweep_stop.SweepStop says how to resume
+            return
         print(f"sweep done: {sweep_dir}; tabulate it with: python -m softmoe.collect {sweep_dir}", flush=True)

@@ -1,0 +1,152 @@
+"""Ctrl-C (or SIGTERM) on a sweep: every running job saves its step, no new job starts, one line says how to resume.
+
+Under ``launcher=joblib`` the jobs run in worker processes of the sweep's process. Left to joblib, the first job
+to stop by a signal (its exit status 130 is an exception in the parent) or the parent's own KeyboardInterrupt
+aborts the pool and kills the other workers, mid-save; a worker waiting for its next job dies of the Ctrl-C
+and breaks the pool the same way. So, in a process-parallel sweep (:class:`SweepStop`, a Hydra callback in
+``conf/hydra/default.yaml``):
+
+- the sweep's process takes the first SIGINT or SIGTERM itself and writes the stop file
+  ``<sweep dir>/.sweep_stop`` (the signal's number); a second one ends it, and every job, at once;
+- a job stops after its step when it receives the signal (the terminal sends Ctrl-C to every process) or finds
+  the stop file (a signal sent to the sweep's process alone), saves ``last.pt`` and returns instead of exiting, so
+  the other jobs finish saving theirs; a job that stops writes the stop file too, so the whole sweep stops, as it
+  does under the basic launcher;
+- a job that starts after the stop file appeared does not run (:func:`stop_requested`);
+- a worker between jobs ignores SIGINT (:func:`ignore_ctrl_c_between_jobs`);
+- when the last job has returned, the sweep prints the command that resumes it and exits with ``128 + signal``.
+
+Rerunning a sweep into its ``hydra.sweep.dir`` resumes each job from the ``last.pt`` it left, and a finished job
+reports its result again (``docs/reliability.md``). Under the basic launcher the jobs run in this process: a stop
+exits it (the job's own line, then the sweep's, :func:`sweep_resume_line`).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from .errors import preempted_exit_code
+from .resume_hint import launcher_prefix, shown_path
+
+STOP_FILE = ".sweep_stop"  # in the sweep directory: the number of the signal that stopped the sweep
+STOP_FILE_ENV = "SOFTMOE_SWEEP_STOP_FILE"  # set for the jobs of a process-parallel sweep: where to look for it
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# launchers whose jobs run in worker processes the sweep's process waits on (Hydra's joblib plugin)
+PROCESS_PARALLEL_LAUNCHERS = ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",)
+
+
+def _stop_file() -> Optional[Path]:
+    named = os.environ.get(STOP_FILE_ENV)
+    return Path(named) if named else None
+
+
+def in_parallel_sweep() -> bool:
+    """Whether this process runs a job of a process-parallel sweep (``launcher=joblib``)."""
+    return _stop_file() is not None
+
+
+def stop_requested() -> Optional[int]:
+    """The signal that stopped this process's sweep, or None (and None outside a process-parallel sweep)."""
+    path = _stop_file()
+    return None if path is None else stop_signal_of(path)
+
+
+def request_stop(signum: int) -> None:
+    """Stop this process's sweep: the other jobs stop after their step, and no new job starts."""
+    path = _stop_file()
+    if path is not None and not path.exists():
+        path.write_text(str(int(signum)))
+
+
+def ignore_ctrl_c_between_jobs() -> None:
+    """In a joblib worker: a Ctrl-C that arrives while no job runs is the sweep process's to answer; the worker
+    would otherwise die of it, and joblib would kill every other worker, mid-save. A job's own stop guard
+    (``faults.PreemptionGuard``) takes SIGINT while it trains and puts this back when it ends."""
+    if in_parallel_sweep():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def sweep_resume_command(sweep_dir: Union[str, Path], argv: Sequence[str]) -> str:
+    """The sweep's command line ``argv`` rerun into the same ``hydra.sweep.dir``: it resumes every unfinished job."""
+    kept = [arg for arg in argv if arg not in ("-m", "--multirun") and not arg.startswith("hydra.sweep.dir=")]
+    return shlex.join([*launcher_prefix(), "-m", "softmoe.train", "-m", *kept,
+                       f"hydra.sweep.dir={shown_path(sweep_dir)}"])
+
+
+def sweep_resume_line(signum: int, sweep_dir: Union[str, Path], argv: Sequence[str]) -> str:
+    """The line a stopped sweep ends with: the signal, and the rerun that resumes every unfinished job."""
+    name = signal.Signals(signum).name
+    return f"sweep stopped by {name}; rerun it to resume its unfinished jobs: {sweep_resume_command(sweep_dir, argv)}"
+
+
+class SweepEndedAtOnce(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM to a stopping sweep: joblib ends every worker at once (it does for any
+    KeyboardInterrupt), and ``python -m softmoe.train`` exits with ``128 + signal`` after :attr:`message`."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum, self.message = signum, message
+        self.exit_code = preempted_exit_code(signum)
+
+
+class SweepStop(Callback):
+    """A Hydra callback (``conf/hydra/default.yaml``): in a process-parallel sweep, the first SIGINT or SIGTERM stops
+    the sweep as the module docstring says; a second one ends it at once (:class:`SweepEndedAtOnce`)."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+        self._stop_file: Optional[Path] = None
+        self._sweep_dir = ""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if str(config.hydra.launcher.get("_target_")) not in PROCESS_PARALLEL_LAUNCHERS:
+            return
+        self._sweep_dir = str(config.hydra.sweep.dir)
+        self._stop_file = Path(self._sweep_dir).absolute() / STOP_FILE
+        self._stop_file.parent.mkdir(parents=True, exist_ok=True)
+        self._stop_file.unlink(missing_ok=True)  # an earlier run of this sweep was stopped: this one resumes it
+        os.environ[STOP_FILE_ENV] = str(self._stop_file)  # the workers start after this, with this environment
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if stop_signal_of(self._stop_file) is None:  # the first: stop (a job may have asked for it already)
+            request_stop(signum)
+            again = "Ctrl-C" if signum == signal.SIGINT else name
+            print(f"sweep: {name} received: each running job stops after its step and saves last.pt, no further "
+                  f"job starts; {again} again ends every job at once", file=sys.stderr, flush=True)
+            return
+        for other in STOP_SIGNALS:  # the end is under way: a third signal is the previous handlers' to answer
+            signal.signal(other, self._previous.get(other, signal.SIG_DFL))
+        resume = sweep_resume_command(self._sweep_dir, sys.argv[1:])
+        raise SweepEndedAtOnce(signum, f"sweep: {name} again: every job ended at once, keeping the last.pt it "
+                                       f"saved before; rerun the sweep to resume its unfinished jobs: {resume}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._stop_file is None:
+            return
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        os.environ.pop(STOP_FILE_ENV, None)
+        stopped = stop_signal_of(self._stop_file)
+        self._stop_file.unlink(missing_ok=True)
+        if stopped is not None:
+            print(sweep_resume_line(stopped, self._sweep_dir, sys.argv[1:]), file=sys.stderr, flush=True)
+            sys.exit(preempted_exit_code(stopped))
+
+
+def stop_signal_of(path: Path) -> Optional[int]:
+    """The signal number a stop file holds; None where there is none (nobody stopped the sweep)."""
+    try:
+        return int(path.read_text() or signal.SIGINT)  # empty: read as it was being written
+    except (OSError, ValueError):
+        return None

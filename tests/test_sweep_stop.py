@@ -1,0 +1,140 @@
+"""Ctrl-C on a sweep (``softmoe/harness/sweep_stop.py``): under ``launcher=joblib`` every running job saves its step,
+no new job starts, and the printed commands resume each job, and the whole sweep, where it stopped."""
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from softmoe.harness import sweep_stop
+from softmoe.harness.checkpoint import load_checkpoint
+from softmoe.harness.resume_hint import resume_command
+from test_reliability import read_events
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV.pop(sweep_stop.STOP_FILE_ENV, None)
+STEPS = 60
+SWEEP = [
+    "launcher=joblib", "moe.num_experts=4,8,16", f"trainer.max_steps={STEPS}", "model.depth=2",
+    "trainer.batch_size=32", "trainer.eval_batches=1", "trainer.log_every=1", "trainer.num_threads=1", "logger=none",
+    "trainer.progress_bar=false",
+]
+
+
+def trained_steps(run_dir):
+    return [event["step"] for event in read_events(run_dir) if "train/lr" in event]
+
+
+def pasted(command_line):
+    """A printed ``python -m softmoe.train ...`` command as the user would paste it, with this interpreter."""
+    command = shlex.split(command_line)
+    assert command[:3] == ["python", "-m", "softmoe.train"], command_line
+    return [sys.executable, *command[1:]]
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_joblib_sweep_saves_every_running_job_and_the_printed_commands_resume_them(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "softmoe.train", "-m", *SWEEP, f"hydra.sweep.dir={sweep_dir}"]
+    # a session of its own, as a terminal's foreground job: Ctrl-C goes to the sweep's process and its 2 workers
+    sweep = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not all(trained_steps(sweep_dir / str(job)) for job in (0, 1)):
+        assert sweep.poll() is None and time.monotonic() < deadline, "the jobs ended before their first step"
+        time.sleep(0.01)
+    os.killpg(sweep.pid, signal.SIGINT)
+    lines = sweep.communicate(timeout=300)[0].splitlines()
+    assert sweep.returncode == 130, lines[-20:]
+    assert not any("Traceback" in line for line in lines), lines  # was: joblib's abort, a job killed mid-save
+    for job in (0, 1):  # each stopped after its step, saved it, and said how to resume it alone
+        (said,) = [line for line in lines if line.startswith(f"[job {job}] SIGINT received: saved last.pt at step")]
+        step = int(said.split("at step ")[1].split()[0])
+        assert 1 <= step < STEPS and load_checkpoint(sweep_dir / str(job) / "last.pt")["step"] == step
+        assert max(trained_steps(sweep_dir / str(job))) == step
+        # alone, a job resumes as a single run, whatever mode its experiment file sets (the last test below)
+        assert said.endswith(f" hydra.mode=RUN hydra.run.dir={sweep_dir / str(job)}"), said
+    assert "[job 2] not started: the sweep was stopped by SIGINT" in lines and not (sweep_dir / "2").exists()
+    assert lines[-1].startswith("sweep stopped by SIGINT; rerun it to resume its unfinished jobs: python -m ")
+
+    rerun = pasted(lines[-1].split("unfinished jobs: ")[1])
+    resumed = subprocess.run(rerun, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for job in (0, 1, 2):  # every step once: nothing lost, nothing trained twice
+        assert trained_steps(sweep_dir / str(job)) == list(range(1, STEPS + 1)), job
+    assert not (sweep_dir / sweep_stop.STOP_FILE).exists()
+
+
+@pytest.fixture
+def handlers_kept():
+    """This process's SIGINT and SIGTERM handlers, put back after the test (and no stop file left named)."""
+    previous = {signum: signal.getsignal(signum) for signum in sweep_stop.STOP_SIGNALS}
+    yield previous
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    os.environ.pop(sweep_stop.STOP_FILE_ENV, None)
+
+
+def test_a_second_signal_to_a_stopping_sweep_ends_it_at_once_and_names_the_rerun(
+    tmp_path, monkeypatch, compose_run, capsys, handlers_kept
+):
+    """The sweep process's handlers, called as the signals would call them (what joblib then does with the
+    KeyboardInterrupt, ending every worker, is joblib's)."""
+    cfg = compose_run("launcher=joblib", f"hydra.sweep.dir={tmp_path}", hydra_node=True)
+    monkeypatch.setattr(sys, "argv", ["softmoe/train.py", "-m", "launcher=joblib", "seed=0,1"])
+    callback = sweep_stop.SweepStop()
+    callback.on_multirun_start(cfg)
+    assert os.environ[sweep_stop.STOP_FILE_ENV] == str(tmp_path / sweep_stop.STOP_FILE)
+    assert sweep_stop.in_parallel_sweep() and sweep_stop.stop_requested() is None
+    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the first: every job stops after its step
+    assert sweep_stop.stop_requested() == signal.SIGTERM
+    assert "sweep: SIGTERM received: each running job stops after its step" in capsys.readouterr().err
+    with pytest.raises(sweep_stop.SweepEndedAtOnce) as ended:  # the second: at once
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    assert ended.value.exit_code == 130 and isinstance(ended.value, KeyboardInterrupt)
+    assert ended.value.message.endswith(
+        f"rerun the sweep to resume its unfinished jobs: python -m softmoe.train -m launcher=joblib seed=0,1 "
+        f"hydra.sweep.dir={tmp_path}")
+    assert all(signal.getsignal(signum) == handler for signum, handler in handlers_kept.items())  # a third: theirs
+
+
+def test_a_stopped_sweeps_end_names_the_rerun_and_exits_with_the_signals_status(
+    tmp_path, compose_run, capsys, monkeypatch, handlers_kept
+):
+    cfg = compose_run("launcher=joblib", f"hydra.sweep.dir={tmp_path}", hydra_node=True)
+    monkeypatch.setattr(sys, "argv", ["softmoe/train.py", "launcher=joblib", "seed=0,1", "--multirun"])
+    callback = sweep_stop.SweepStop()
+    callback.on_multirun_start(cfg)
+    sweep_stop.request_stop(signal.SIGINT)  # as a job that received Ctrl-C alone does
+    with pytest.raises(SystemExit) as exited:
+        callback.on_multirun_end(cfg)
+    assert exited.value.code == 130 and not (tmp_path / sweep_stop.STOP_FILE).exists()
+    assert capsys.readouterr().err == (
+        f"sweep stopped by SIGINT; rerun it to resume its unfinished jobs: python -m softmoe.train -m "
+        f"launcher=joblib seed=0,1 hydra.sweep.dir={tmp_path}\n")
+    assert sweep_stop.STOP_FILE_ENV not in os.environ and sweep_stop.stop_requested() is None
+    assert all(signal.getsignal(signum) == handler for signum, handler in handlers_kept.items())
+
+
+def test_under_the_basic_launcher_the_callback_changes_nothing(tmp_path, compose_run):
+    cfg = compose_run(f"hydra.sweep.dir={tmp_path}", hydra_node=True)
+    before = {signum: signal.getsignal(signum) for signum in sweep_stop.STOP_SIGNALS}
+    sweep_stop.SweepStop().on_multirun_start(cfg)
+    assert {signum: signal.getsignal(signum) for signum in sweep_stop.STOP_SIGNALS} == before
+    assert sweep_stop.STOP_FILE_ENV not in os.environ and not any(tmp_path.iterdir())
+
+
+def test_a_sweep_jobs_resume_command_runs_a_single_run_even_where_its_experiment_file_sweeps(compose_run, tmp_path):
+    """``experiment=table2_routing`` sets ``hydra.mode: MULTIRUN``: without ``hydra.mode=RUN`` its job's resume
+    command would start a new sweep in a new directory and leave the job's ``last.pt`` where it was."""
+    assert compose_run("experiment=table2_routing", hydra_node=True).hydra.mode.name == "MULTIRUN"
+    command = shlex.split(resume_command(["experiment=table2_routing", "seed=1"], tmp_path, sweep_job=True))
+    assert command[-2:] == ["hydra.mode=RUN", f"hydra.run.dir={tmp_path}"]
+    cfg = compose_run(*command[3:], hydra_node=True)
+    assert cfg.hydra.mode.name == "RUN" and cfg.hydra.run.dir == str(tmp_path) and cfg.seed == 1
+    assert "hydra.mode=RUN" not in resume_command(["seed=1"], tmp_path)  # a single run's command stays as it was
