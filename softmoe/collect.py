@@ -6,8 +6,9 @@
     python -m softmoe.collect --wandb-dir SWEEP_DIR --group SWEEP_DIR    # the same from offline W&B run files
     python -m softmoe.collect --wandb ENTITY/PROJECT --group SWEEP_DIR   # the same from the W&B API
 
-Each group of runs (the overrides that differ between runs, except ``seed``) reports mean ± std over its seeds of
-the best validation accuracy (the selection) and the test accuracy of the final model and of the best-on-validation
+Each group of runs (the overrides that differ between the finished runs, except ``seed`` and the keys that do not
+change an experiment: ``launcher``, ``logger``, ``trainer.device``, ...) reports mean ± std over its seeds of the
+best validation accuracy (the selection) and the test accuracy of the final model and of the best-on-validation
 checkpoint, and the final value of any ``--metric``; nothing is ever selected on a test metric. A run that has not
 logged its test result (still training, stopped, cut short) is left out of the table, with a warning naming it. Writes
 ``results.md`` and ``results.png`` (to ``--out``, default the sweep dir). The reading, grouping and plotting live
@@ -114,9 +115,10 @@ def collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         make_out_dir(args.out)  # refused before any run is read
     runs = load_runs(args, parser)
-    by = args.by.split(",") if args.by else swept_keys(runs)
-    metrics = [metric for metric in args.metric.split(",") if metric]
     warn_unfinished(runs, args.sweep_dir)
+    # grouped by what differs between the runs the table pools: an unfinished run's overrides make no column
+    by = args.by.split(",") if args.by else swept_keys(finished_runs(runs))
+    metrics = [metric for metric in args.metric.split(",") if metric]
     summaries = summarize(runs, by, metrics)
     table = markdown_table(summaries, by, metrics)
     column = args.plot or column_label(metrics[0] if metrics else RESULT_COLUMNS[1][1])

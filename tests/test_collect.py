@@ -166,6 +166,27 @@ def test_grouping_by_a_key_no_run_overrides_is_refused_not_pooled(sweep, capsys)
         sweeps.summarize(sweeps.load_sweep(sweep), ["moe.num_expert"])
 
 
+def test_keys_that_do_not_change_an_experiment_and_unfinished_runs_make_no_column(tmp_path, capsys):
+    """A basic and a joblib sweep of the same settings, pooled, were split into `basic` and `joblib` rows; an
+    unfinished run without a launcher override added a `launcher` column reading `basic` in every row."""
+    for job, (launcher, experts, seed) in enumerate((("basic", 4, 0), ("basic", 8, 0), ("joblib", 4, 1),
+                                                      ("joblib", 8, 1))):
+        write_run(tmp_path / "pooled", job, [f"moe.num_experts={experts}", f"seed={seed}", f"launcher={launcher}",
+                                             "trainer.device=cpu"], [0.5], test=(0.5 + seed / 10, 0.5))
+    write_run(tmp_path / "pooled", 4, ["moe.num_experts=4", "optimizer.lr=0.01"], [0.5])  # still training
+    assert collect.main([str(tmp_path / "pooled")]) == 0
+    header, _, *rows = (tmp_path / "pooled" / "results.md").read_text().splitlines()
+    assert header.startswith("| moe.num_experts | runs | best val/acc |")
+    assert rows == ["| 4 | 2 | 50.00% ± 0.00 | 55.00% ± 7.07 | 50.00% ± 0.00 |",
+                    "| 8 | 2 | 50.00% ± 0.00 | 55.00% ± 7.07 | 50.00% ± 0.00 |"]
+    assert collect.main([str(tmp_path / "pooled"), "--by", "launcher"]) == 0  # an explicit --by still wins
+    rows = (tmp_path / "pooled" / "results.md").read_text().splitlines()
+    assert rows[0].startswith("| launcher | runs |")
+    assert [row.split(" | ")[:3] for row in rows[2:]] == [["| basic", "2", "50.00% ± 0.00"],
+                                                          ["| joblib", "2", "50.00% ± 0.00"]]
+    assert sweeps.non_identity_keys() >= {"launcher", "logger", "trainer.device", "trainer.num_workers"}
+
+
 def test_groups_sort_in_natural_order(tmp_path):
     for job, (shape, dropped) in enumerate((("16x1", 0.3), ("4x4", 0.1), ("32x1", 0.2), ("8x2", 0.4))):
         run = tmp_path / str(job)

@@ -1,16 +1,17 @@
 """A sweep's runs, back in memory and summarised: what ``python -m softmoe.collect`` and the notebooks share.
 
     runs = load_sweep(Path("outputs/multiruns/2026-11-29/12-00-00"))   # every run dir below it
-    by = swept_keys(runs)                                              # the overrides that differ, but seed
+    by = swept_keys(finished_runs(runs))                               # the overrides that differ, but seed
     print(markdown_table(summarize(runs, by), by))                     # mean ± std over seeds per group
 
 A run directory is one that holds ``metrics.jsonl`` (one JSON object per log event) and Hydra's
-``.hydra/overrides.yaml``. Runs are grouped by the overrides that differ between runs, except
-``seed``; each group reports mean ± std over its runs (seeds) of the best validation accuracy (the
-selection), the test accuracy of the final model and that of the best-on-validation checkpoint (the
-trainer tests each once), and the final value of any further metric. Nothing is ever selected on a test
-metric. A run that has not logged its test result (still training, stopped, or its file cut short) is
-left out (:func:`is_finished`): its best validation accuracy so far would be pooled with finished runs'.
+``.hydra/overrides.yaml``. Runs are grouped by the overrides that differ between the finished runs, except
+``seed`` and the keys that do not change an experiment (``launcher``, ``logger``, ``trainer.device``: the
+``exclude_keys`` of ``conf/hydra/default.yaml``); each group reports mean ± std over its runs (seeds) of the best
+validation accuracy (the selection), the test accuracy of the final model and that of the best-on-validation
+checkpoint (the trainer tests each once), and the final value of any further metric. Nothing is ever selected on a
+test metric. A run that has not logged its test result (still training, stopped, or its file cut short) is left
+out (:func:`is_finished`): its best validation accuracy so far would be pooled with finished runs'.
 
 W&B keeps a run's resolved config, not its command line, so a W&B run's overrides are the config keys
 (dotted: ``moe.num_experts``) whose values differ between the runs read: the keys and values a sweep
@@ -25,6 +26,7 @@ What a sweep's jobs print on the console while they run is ``sweep_console.py``'
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
 import statistics
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import NoRunsError
+from .plausibility import CONF_DIR
 from .telemetry import json_lines
 
 IGNORED_KEYS = ("seed", "hydra.", "logger.", "trainer.device", "paths.")
@@ -254,12 +257,28 @@ def load_wandb_group(project: str, group: str) -> List[RunResult]:
                           "--wandb-dir SWEEP_DIR)") from None
 
 
+@functools.lru_cache(maxsize=1)
+def non_identity_keys() -> frozenset:
+    """The keys the trainer leaves out of a run's name, as not changing its experiment (``launcher``, ``logger``,
+    ``trainer.device``, ...): ``hydra.job.config.override_dirname.exclude_keys`` of ``conf/hydra/default.yaml``."""
+    import yaml
+
+    hydra_config = CONF_DIR / "hydra" / "default.yaml"
+    if not hydra_config.is_file():  # an installed wheel, which has no conf/
+        return frozenset()
+    override_dirname = yaml.safe_load(hydra_config.read_text())["job"]["config"]["override_dirname"]
+    return frozenset(override_dirname.get("exclude_keys") or ())
+
+
 def swept_keys(runs: Sequence[RunResult]) -> List[str]:
-    """The override keys whose values differ between runs, excluding seeds and non-identity keys."""
+    """The override keys whose values differ between ``runs``, except seeds and keys that do not change an
+    experiment (:data:`IGNORED_KEYS`, :func:`non_identity_keys`). ``collect`` passes the runs its table pools
+    (:func:`finished_runs`): a key only an unfinished run sets is no column."""
     keys = sorted({key for run in runs for key in run.overrides})
     return [
         key for key in keys
-        if not key.startswith(IGNORED_KEYS) and len({run.overrides.get(key) for run in runs}) > 1
+        if not key.startswith(IGNORED_KEYS) and key not in non_identity_keys()
+        and len({run.overrides.get(key) for run in runs}) > 1
     ]
 
 
