@@ -9,7 +9,8 @@
 Each group of runs (the overrides that differ between the finished runs, except ``seed`` and the keys that do not
 change an experiment: ``launcher``, ``logger``, ``trainer.device``, ...) reports mean ± std over its seeds of the
 best validation accuracy (the selection) and the test accuracy of the final model and of the best-on-validation
-checkpoint, and the final value of any ``--metric``; nothing is ever selected on a test metric. A run that has not
+checkpoint, and the final value of any ``--metric``; nothing is ever selected on a test metric. The ± is the
+sample standard deviation over the seeds (n - 1 in the denominator; ``n/a`` for one seed). A run that has not
 logged its test result (still training, stopped, cut short) is left out of the table, with a warning naming it. Writes
 ``results.md`` and ``results.png`` (to ``--out``, default the sweep dir). The reading, grouping and plotting live
 in ``softmoe.harness.sweeps``, which the notebooks import too; this module is the command line.
@@ -63,7 +64,10 @@ def load_runs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m softmoe.collect", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m softmoe.collect", description=__doc__.split("\n\n")[0],
+        epilog="Each cell is the mean ± the sample standard deviation (n - 1) over a group's seeds; n/a for one seed.",
+    )
     parser.add_argument("sweep_dir", nargs="?", type=Path, help="a Hydra multirun directory")
     parser.add_argument(
         "--metric", default="",

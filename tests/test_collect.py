@@ -58,6 +58,15 @@ def test_reports_selection_on_val_and_the_test_split_of_the_final_and_best_val_m
     assert "wrote" in capsys.readouterr().out
 
 
+def test_help_says_the_spread_is_the_sample_standard_deviation_over_seeds(capsys):
+    """The seeds 0.80, 0.81, 0.82 of the sweep fixture are shown as ± 1.00 points: n - 1, not n (0.82)."""
+    with pytest.raises(SystemExit):
+        collect.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Each cell is the mean ± the sample standard deviation (n - 1) over a group's seeds; n/a for one seed." \
+        in help_text
+
+
 def test_a_single_run_has_no_std_and_a_test_metric_is_never_reduced_to_its_best(tmp_path, capsys):
     write_run(tmp_path, 0, ["moe.num_experts=4"], [0.5, 0.7, 0.6], test=(0.65, 0.72))
     write_run(tmp_path, 1, ["moe.num_experts=8"], [0.5, 0.8], test=(0.75, 0.8))

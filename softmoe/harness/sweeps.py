@@ -9,9 +9,10 @@ A run directory is one that holds ``metrics.jsonl`` (one JSON object per log eve
 ``seed`` and the keys that do not change an experiment (``launcher``, ``logger``, ``trainer.device``: the
 ``exclude_keys`` of ``conf/hydra/default.yaml``); each group reports mean ± std over its runs (seeds) of the best
 validation accuracy (the selection), the test accuracy of the final model and that of the best-on-validation
-checkpoint (the trainer tests each once), and the final value of any further metric. Nothing is ever selected on a
-test metric. A run that has not logged its test result (still training, stopped, or its file cut short) is left
-out (:func:`is_finished`): its best validation accuracy so far would be pooled with finished runs'.
+checkpoint (the trainer tests each once), and the final value of any further metric; the std is the sample standard
+deviation over the seeds (``statistics.stdev``, n - 1 in the denominator), ``n/a`` for one run. Nothing is ever
+selected on a test metric. A run that has not logged its test result (still training, stopped, or its file cut
+short) is left out (:func:`is_finished`): its best validation accuracy so far would be pooled with finished runs'.
 
 W&B keeps a run's resolved config, not its command line, so a W&B run's overrides are the config keys
 (dotted: ``moe.num_experts``) whose values differ between the runs read: the keys and values a sweep
@@ -406,8 +407,8 @@ def _cell(values: Sequence[float], percent: bool = False) -> Optional[Cell]:
 
 
 def markdown_table(summaries: Sequence[GroupSummary], by: Sequence[str], metrics: Sequence[str] = ()) -> str:
-    """The summaries as a markdown table: mean ± std over the runs (seeds) counted in ``runs``; a cell over fewer
-    runs (a metric some runs did not log) says how many: ``(n=2)``."""
+    """The summaries as a markdown table: mean ± sample std (n - 1) over the runs (seeds) counted in ``runs``; a cell
+    over fewer runs (a metric some runs did not log) says how many: ``(n=2)``."""
     if isinstance(metrics, str):
         metrics = [metrics]
     labels = [label for label, _, _ in columns_for(metrics) if any(s.cells.get(label) for s in summaries)]
