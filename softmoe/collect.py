@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
-from softmoe.harness.errors import USER_ERRORS, ConfigError, exit_code
+from softmoe.harness.errors import USER_ERRORS, ConfigError, NoRunsError, exit_code
+from softmoe.harness.overrides import closest
 from softmoe.harness.sweeps import (
     RESULT_COLUMNS,
     RunResult,
@@ -35,10 +36,12 @@ from softmoe.harness.sweeps import (
     load_wandb_offline,
     markdown_table,
     plot,
-    plotted,
     summarize,
     swept_keys,
+    table_columns,
 )
+
+FEW = 8  # logged metrics a --metric no run logged lists, when none is close to it
 
 
 def load_runs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[RunResult]:
@@ -76,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument(
         "--plot", default=None,
-        help="the column to plot (default: test/acc (final model), or the first --metric)",
+        help="the column to plot, by its label or its metric's name when one column reports it (test/acc: "
+        "test/acc (final model)); default: test/acc (final model), or the first --metric",
     )
     parser.add_argument(
         "--by", default=None, help="comma-separated override keys to group by (default: the swept keys)"
@@ -115,6 +119,37 @@ def warn_unfinished(runs: Sequence[RunResult], sweep_dir: Optional[Path]) -> Non
               f"(no test/acc logged yet): {', '.join(unfinished)}", file=sys.stderr)
 
 
+def logged_metrics(runs: Sequence[RunResult]) -> List[str]:
+    """Every metric some finished run (one the table pools) logged, sorted."""
+    return sorted({metric for run in finished_runs(runs) for metric in run.history})
+
+
+def check_metrics(metrics: Sequence[str], logged: Sequence[str]) -> None:
+    """Refuse a ``--metric`` no finished run logged (a typo: ``block2`` where only block 3 is an MoE block), naming
+    the closest logged metric, else a few of those with its first part (``routing/``), else of all."""
+    for metric in metrics:
+        if metric in logged:
+            continue
+        hint = closest(metric, logged)
+        if not hint:
+            alike = [name for name in logged if name.split("/")[0] == metric.split("/")[0]] or logged
+            more = f", ... ({len(alike)} in all)" if len(alike) > FEW else ""
+            hint = f" (the runs logged: {', '.join(alike[:FEW])}{more})"
+        raise NoRunsError(f"--metric {metric}: no finished run logged it{hint}")
+
+
+def plot_column(requested: str, columns: Sequence[Tuple[str, str]], logged: Sequence[str]) -> str:
+    """The table column ``--plot`` names: a column's label, or the metric of exactly one column (``test/acc``: the
+    column ``test/acc (final model)``); else a NoRunsError naming the closest label or metric, and every label."""
+    labels = [label for label, _ in columns]
+    matching = [label for label, metric in columns if requested in (label, metric)]
+    if len(matching) == 1:
+        return matching[0]
+    reported = f"; add --metric {requested} to report and plot it" if requested in logged else ""
+    hint = reported or closest(requested, [*labels, *(metric for _, metric in columns)])
+    raise NoRunsError(f"--plot {requested}: not a column of the table{hint} (its columns: {', '.join(labels)})")
+
+
 def collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         make_out_dir(args.out)  # refused before any run is read
@@ -123,10 +158,13 @@ def collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # grouped by what differs between the runs the table pools: an unfinished run's overrides make no column
     by = args.by.split(",") if args.by else swept_keys(finished_runs(runs))
     metrics = [metric for metric in args.metric.split(",") if metric]
+    logged = logged_metrics(runs)
+    check_metrics(metrics, logged)
     summaries = summarize(runs, by, metrics)
     table = markdown_table(summaries, by, metrics)
-    column = args.plot or column_label(metrics[0] if metrics else RESULT_COLUMNS[1][1])
-    plotted(summaries, column)  # a column no run logged is refused before results.md is written
+    column = column_label(metrics[0] if metrics else RESULT_COLUMNS[1][1])
+    if args.plot:  # a column the table lacks is refused before results.md is written
+        column = plot_column(args.plot, table_columns(summaries, metrics), logged)
     out = args.out or args.sweep_dir or args.wandb_dir or Path(".")
     make_out_dir(out)
     (out / "results.md").write_text(table)

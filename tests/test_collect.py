@@ -248,8 +248,32 @@ def test_a_metric_no_run_logged_writes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     metric = "routing/block2/dispatch_entropy"
     assert collect.main([str(tmp_path / "sweep"), "--metric", metric, "--out", str(out)]) == 2
-    assert capsys.readouterr().err == "error: no run logged the column 'final routing/block2/dispatch_entropy'\n"
+    assert capsys.readouterr().err == ("error: --metric routing/block2/dispatch_entropy: no finished run logged it "
+                                       "(the runs logged: step, test/acc, test/acc_at_best_val, train/loss, val/acc)\n")
     assert not out.exists() and not (tmp_path / "sweep" / "results.md").exists()
+
+
+def test_a_metric_of_a_block_without_moe_names_the_logged_one_and_plot_takes_a_metrics_name(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """Were: "no run logged the column 'final routing/block2/dispatch_entropy'" (block 3 is the only MoE block), and
+    "no run logged the column 'test/acc'" for --plot test/acc (its column is "test/acc (final model)")."""
+    for job, seed in enumerate((0, 1)):
+        write_run(tmp_path, job, [f"seed={seed}"], [0.5, 0.8], test=(0.7, 0.75))
+        with open(tmp_path / str(job) / "metrics.jsonl", "a") as f:
+            f.write('\n{"step": 2, "routing/block3/dispatch_entropy": 0.9}\n')
+    assert collect.main([str(tmp_path), "--metric", "routing/block2/dispatch_entropy"]) == 2
+    assert capsys.readouterr().err == ("error: --metric routing/block2/dispatch_entropy: no finished run logged it; "
+                                       "did you mean routing/block3/dispatch_entropy?\n")
+    plotted = []
+    monkeypatch.setattr(collect, "plot", lambda summaries, by, column, path: plotted.append(column))
+    for name, column in (("test/acc", "test/acc (final model)"), ("val/acc", "best val/acc"),
+                         ("test/acc (best-val checkpoint)", "test/acc (best-val checkpoint)")):
+        assert collect.main([str(tmp_path), "--plot", name]) == 0 and plotted.pop() == column
+    columns = "(its columns: best val/acc, test/acc (final model), test/acc (best-val checkpoint))"
+    for name, hint in (("train/loss", "; add --metric train/loss to report and plot it"),
+                       ("test/acc_best", "; did you mean test/acc_at_best_val?"), ("loss", "")):
+        assert collect.main([str(tmp_path), "--plot", name]) == 2
+        assert capsys.readouterr().err == f"error: --plot {name}: not a column of the table{hint} {columns}\n"
 
 
 def test_config_overrides_are_the_differing_keys_written_as_hydra_overrides():

@@ -409,15 +409,19 @@ def _cell(values: Sequence[float], percent: bool = False) -> Optional[Cell]:
 def markdown_table(summaries: Sequence[GroupSummary], by: Sequence[str], metrics: Sequence[str] = ()) -> str:
     """The summaries as a markdown table: mean ± sample std (n - 1) over the runs (seeds) counted in ``runs``; a cell
     over fewer runs (a metric some runs did not log) says how many: ``(n=2)``."""
-    if isinstance(metrics, str):
-        metrics = [metrics]
-    labels = [label for label, _, _ in columns_for(metrics) if any(s.cells.get(label) for s in summaries)]
+    labels = [label for label, _ in table_columns(summaries, metrics)]
     header = [*by, "runs", *labels]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
         cells = [_shown_cell(s.cells.get(label), s.runs) for label in labels]
         lines.append("| " + " | ".join([*(str(v) for v in s.values), str(s.runs), *cells]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def table_columns(summaries: Sequence[GroupSummary], metrics: Sequence[str] = ()) -> List[Tuple[str, str]]:
+    """(label, metric) of the columns :func:`markdown_table` shows: those of :func:`columns_for` some group has."""
+    metrics = [metrics] if isinstance(metrics, str) else metrics
+    return [(label, metric) for label, metric, _ in columns_for(metrics) if any(s.cells.get(label) for s in summaries)]
 
 
 def _shown_cell(cell: Optional[Cell], runs: int) -> str:
