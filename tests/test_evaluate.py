@@ -78,6 +78,20 @@ def test_a_run_without_best_pt_is_pointed_to_checkpoint_last(tmp_path):
     assert next_steps(tmp_path)[0].startswith(f"python -m softmoe.evaluate run_dir={tmp_path}        # best.pt's")
 
 
+def test_a_sweep_directory_is_named_as_one_with_the_runs_to_evaluate(tmp_path):
+    """Was: "holds no best.pt (is it a training run directory?)"."""
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    for job in (0, 1, 2, 3, 5):  # a Hydra sweep's job directories; job 4 has not started
+        (tmp_path / str(job) / ".hydra").mkdir(parents=True)
+    assert missing_run_error([f"run_dir={tmp_path}"]) == (
+        f"run_dir={tmp_path}: a sweep directory; evaluate one of its runs: run_dir={tmp_path / '0'} (runs 0-3, 5)")
+    (tmp_path / "seed0").mkdir()  # an experiment's own hydra.sweep.subdir
+    (tmp_path / "seed0" / "metrics.jsonl").write_text("")
+    assert missing_run_error([f"run_dir={tmp_path}", "checkpoint=last"]) == (
+        f"run_dir={tmp_path}: a sweep directory; evaluate one of its runs: run_dir={tmp_path / '0'} (runs 0, 1, 2, 3, "
+        "5, seed0)")
+
+
 def test_good_arguments_pass_the_check(tmp_path):
     assert argument_error([f"run_dir={tmp_path}", "checkpoint=last", "batch_size=7", "device=cpu",
                            "save_routing=true", "routing_examples=4", f"data_dir={tmp_path}"]) is None

@@ -67,8 +67,31 @@ def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best") -> Path
         raise CheckpointError(f"run_dir={run_dir}: holds no best.pt, only last.pt: no validation selected a model "
                               "(data.val_size=0, or a run stopped before its first validation); pass checkpoint=last")
     if path is None:
-        raise CheckpointError(f"run_dir={run_dir}: holds no {checkpoint}.pt (is it a training run directory?)")
+        raise CheckpointError(sweep_dir_message(Path(run_dir))
+                              or f"run_dir={run_dir}: holds no {checkpoint}.pt (is it a training run directory?)")
     return path
+
+
+def sweep_dir_message(run_dir: Path) -> Optional[str]:
+    """What to evaluate instead of a sweep directory (Hydra's ``multirun.yaml`` beside its jobs' run directories):
+    one of its runs, and their names (``runs 0-5``: numbered jobs as ranges); None for any other directory."""
+    if not (run_dir / "multirun.yaml").is_file():
+        return None
+    runs = [path.name for path in run_dir.iterdir() if (path / ".hydra").is_dir() or (path / METRICS_FILE).is_file()]
+    if not runs:
+        return f"run_dir={run_dir}: a sweep directory whose jobs have written no run directory yet"
+    if all(name.isdigit() for name in runs):  # Hydra's own job numbers (hydra.sweep.subdir)
+        spans: list[list[int]] = []
+        for job in sorted(map(int, runs)):
+            if spans and job == spans[-1][1] + 1:
+                spans[-1][1] = job
+            else:
+                spans.append([job, job])
+        first, names = str(spans[0][0]), ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+    else:  # an experiment's own hydra.sweep.subdir (seed0, ...)
+        runs = sorted(runs)
+        first, names = runs[0], ", ".join(runs[:6]) + (f", ... ({len(runs)} in all)" if len(runs) > 6 else "")
+    return f"run_dir={run_dir}: a sweep directory; evaluate one of its runs: run_dir={run_dir / first} (runs {names})"
 
 
 def load_run(
