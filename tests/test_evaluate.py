@@ -13,6 +13,7 @@ from conftest import ROOT
 from softmoe.evaluate import argument_error, evaluate_run, missing_run_error
 from softmoe.harness.errors import ConfigError
 from softmoe.harness.checkpoint import load_checkpoint
+from softmoe.harness.overrides import composition_error
 from softmoe.harness.loop import train
 from softmoe.harness.runs import read_events
 
@@ -90,6 +91,28 @@ def test_a_sweep_directory_is_named_as_one_with_the_runs_to_evaluate(tmp_path):
     assert missing_run_error([f"run_dir={tmp_path}", "checkpoint=last"]) == (
         f"run_dir={tmp_path}: a sweep directory; evaluate one of its runs: run_dir={tmp_path / '0'} (runs 0, 1, 2, 3, "
         "5, seed0)")
+
+
+EVALUATE_KEYS = "run_dir, checkpoint, device, batch_size, data_dir, save_routing, routing_examples"
+
+
+def test_a_group_of_trains_config_is_refused_in_one_line_naming_evaluates_keys(tmp_path):
+    """Was: "Could not override 'experiment'. No match in the defaults list." (evaluate composes no group)."""
+    for argument in ("experiment=digits_dense", "+experiment=digits_dense", "model=vit_mega"):
+        assert composition_error([f"run_dir={tmp_path}", argument], "evaluate") == (
+            f"{argument}: not a config group of evaluate; its keys: {EVALUATE_KEYS}")
+    assert composition_error(["experiment=digits_dense"], "train") is None  # train's own group
+
+
+@pytest.mark.slow
+def test_help_shows_evaluates_keys_not_trains_groups():
+    result = subprocess.run([sys.executable, "-m", "softmoe.evaluate", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("python -m softmoe.evaluate run_dir=DIR [KEY=VALUE ...]")
+    assert "Configuration groups" not in result.stdout and "digits_dense" not in result.stdout
+    described = [line.split()[0] for line in result.stdout.split("== What each key means ==\n")[1].splitlines()[:7]]
+    assert ", ".join(described) == EVALUATE_KEYS
+    assert "\nbatch_size: null\n" in result.stdout  # the defaults, from conf/evaluate.yaml itself
 
 
 def test_good_arguments_pass_the_check(tmp_path):

@@ -107,6 +107,23 @@ def group_overrides(parsed: Sequence[Override], conf_dir: Path) -> list[Override
     return [override for override in parsed if (conf_dir / override.key_or_group).is_dir()]
 
 
+def unused_group(parsed: Sequence[Override], config_name: str, conf_dir: Path) -> Optional[str]:
+    """A group the config does not compose (``experiment=...`` to evaluate, whose config is a checkpoint's), which
+    Hydra refuses as "Could not override 'experiment'. No match in the defaults list.", with the keys it takes."""
+    try:
+        base = compose_config(config_name, [], conf_dir)
+    except (HydraException, OmegaConfBaseException):
+        return None
+    choices = OmegaConf.select(base, "hydra.runtime.choices") or {}
+    for override in group_overrides(parsed, conf_dir):
+        if override.key_or_group not in choices:
+            keys = [key for key in base if key != "hydra"]
+            groups = sorted(group for group in choices if not group.startswith("hydra"))
+            takes = ", ".join(keys) + (f"; its groups: {', '.join(groups)}" if groups else "")
+            return f"{override.input_line}: not a config group of {config_name}; its keys: {takes}"
+    return None
+
+
 def missing_option(parsed: Sequence[Override], conf_dir: Path) -> Optional[str]:
     """The first group option (of any job of a sweep) that no ``conf/<group>/<option>.yaml`` holds, in one line."""
     for override in group_overrides(parsed, conf_dir):
@@ -162,7 +179,7 @@ def composition_error(argv: Sequence[str], config_name: str, conf_dir: Path = CO
             return (bare_argument(override, config_name, conf_dir)
                     or f"{override}: {str(error).strip().splitlines()[0]} (Hydra's override syntax)")
     parsed = parser.parse_overrides(overrides)
-    problem = missing_option(parsed, conf_dir)
+    problem = unused_group(parsed, config_name, conf_dir) or missing_option(parsed, conf_dir)
     if problem:
         return problem
     try:
