@@ -378,3 +378,15 @@ def test_an_epoch_shorter_than_log_every_names_the_step_its_training_figures_com
     assert "train loss" not in lines[0] + lines[1]  # nothing logged yet
     assert "img/s)" in lines[2] and "as logged at step" not in lines[2]  # its own log, at step 10
     assert "img/s, as logged at step 10)" in lines[3]  # step 10's figures again, said to be
+
+
+def test_a_rerun_whose_earlier_attempt_saved_no_checkpoint_says_it_starts_over(compose_run, tmp_path, caplog):
+    """A sweep rerun restarts a job killed before its first checkpoint: the job says so, and its earlier lines go."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "epoch": 1, "train/loss": 2.0}) + "\n")
+    run = ["trainer.max_steps=2", "trainer.log_every=1", "trainer.batch_size=256", "trainer.eval_batches=1",
+           "model.depth=2", "logger=none", *QUIET]
+    with caplog.at_level(logging.INFO, logger="softmoe.harness.context"):
+        train(compose_run(*run), tmp_path)
+    assert (f"{tmp_path} holds no last.pt: its earlier attempt stopped before its first checkpoint; starting at "
+            "step 0") in caplog.messages
+    assert [event["step"] for event in read_events(tmp_path) if "train/loss" in event] == [1, 2]

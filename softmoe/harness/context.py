@@ -43,7 +43,7 @@ from .gpu_share import cap_cuda_memory, memory_share
 from .state import NO_BEST, TrainState, build_state
 from .plausibility import warn_small_splits
 from .resume import resume_checkpoint
-from .telemetry import RankZeroTelemetry, Telemetry
+from .telemetry import METRICS_FILE, RankZeroTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,9 @@ def open_run(
         if from_another_run:  # that run's best.pt stays there; select anew here
             state.best = dict(NO_BEST)
         log.info("resuming from %s at step %d of %d", start_from, state.step, total_steps)
+    elif (run_dir / METRICS_FILE).is_file():  # say why a rerun starts over: no attempt here got to a checkpoint
+        log.info("%s holds no last.pt: its earlier attempt stopped before its first checkpoint; starting at step 0",
+                 run_dir)
     writer = None  # rank 0 writes metrics.jsonl and W&B, from metrics averaged over the ranks
     if distributed.is_main:
         # a new run directory is a new run: trainer.resume's checkpoint seeds its weights, not its W&B run
