@@ -73,6 +73,21 @@ def compose_run():
     return _compose
 
 
+@pytest.fixture
+def user_config(tmp_path):
+    """user_config("experiment/mine", text): writes a config file of the user's own into a folder outside the
+    repository; returns the override that adds that folder to Hydra's search path."""
+    folder = tmp_path / "user_conf"
+
+    def _write(name, text):
+        path = folder / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return f"hydra.searchpath=[file://{folder}]"
+
+    return _write
+
+
 class Killed(Exception):
     """Stands for a process killed mid-step: it writes no checkpoint of its own."""
 

@@ -79,6 +79,17 @@ def test_an_argument_without_its_key_is_named_with_what_it_likely_meant(tmp_path
         assert composition_error(["bogus"], command) == f"bogus: {BARE}"
 
 
+def test_an_experiment_kept_in_a_hydra_searchpath_folder_is_an_option(user_config):
+    """was: "experiment=mine: not an option of experiment" for a file Hydra itself finds and composes."""
+    searchpath = user_config("experiment/mine", "# @package _global_\nseed: 3\n")
+    assert composition_error([searchpath, "experiment=mine"], "train") is None
+    assert composition_error([searchpath, "experiment=mien"], "train").startswith(
+        "experiment=mien: not an option of experiment; did you mean experiment=mine? (options: appc_slots_per_expert, "
+    )
+    assert composition_error(["experiment=mine"], "train").startswith(  # without the search path: not found
+        "experiment=mine: not an option of experiment (options: appc_slots_per_expert, ")
+
+
 def test_evaluate_names_its_own_keys():
     assert composition_error(["run_dir=x", "checkpont=last"], "evaluate") == (
         "checkpont=last: not a key of the config; did you mean checkpoint?"

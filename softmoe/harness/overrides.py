@@ -124,11 +124,27 @@ def unused_group(parsed: Sequence[Override], config_name: str, conf_dir: Path) -
     return None
 
 
+def search_dirs(parsed: Sequence[Override], conf_dir: Path) -> list[Path]:
+    """``conf_dir``, then each folder a ``hydra.searchpath=[file://...]`` override adds, in Hydra's order: a user's
+    own experiment files kept outside the repository are options too (``pkg://`` entries are left out)."""
+    entries = next((override.value() for override in parsed if override.key_or_group == "hydra.searchpath"), None)
+    entries = entries if isinstance(entries, list) else []
+    return [conf_dir, *(Path(str(entry).removeprefix("file://")) for entry in entries
+                        if "://" not in str(entry) or str(entry).startswith("file://"))]
+
+
+def option_values(override: Override) -> list[Any]:
+    """The values an override gives a key or group: a discrete sweep's each, else its one value."""
+    return list(override.sweep_iterator()) if override.is_discrete_sweep() else [override.value()]
+
+
 def missing_option(parsed: Sequence[Override], conf_dir: Path) -> Optional[str]:
-    """The first group option (of any job of a sweep) that no ``conf/<group>/<option>.yaml`` holds, in one line."""
+    """The first group option (of any job of a sweep) that no ``conf/<group>/<option>.yaml`` holds (nor the group's
+    folder in a ``hydra.searchpath`` one), in one line."""
+    dirs = search_dirs(parsed, conf_dir)
     for override in group_overrides(parsed, conf_dir):
-        options = group_options(override.key_or_group, conf_dir)
-        for value in override.sweep_string_iterator() if override.is_discrete_sweep() else [override.value()]:
+        options = sorted({option for folder in dirs for option in group_options(override.key_or_group, folder)})
+        for value in option_values(override):
             if override.type != OverrideType.DEL and value is None:  # Hydra: a ValueError and its traceback
                 return (f"{override.key_or_group}=null: a config group takes one of its options "
                         f"({', '.join(options)}); leave {override.key_or_group} out for the config's own default")
