@@ -419,8 +419,10 @@ def test_one_section_checker_names_the_missing_the_bad_and_the_unknown_key():
     check_section("model", {}, rules, required=None)  # only the keys present
     with pytest.raises(ConfigError, match=r"^model.depth=true: must be a positive integer$"):
         check_section("model", {"depth": True}, rules)  # a bool is not an int
-    with pytest.raises(ConfigError, match=r"^model.dept=4: not a key of the model group$"):
+    with pytest.raises(ConfigError, match=r"^model.dept=4: not a key of the model group; did you mean model.depth\?$"):
         check_known("model", {"dept": 4, "_target_": "x"}, rules, "not a key of the model group")
+    with pytest.raises(ConfigError, match=r"^model.wings=2: not a key of the model group$"):  # nothing close
+        check_known("model", {"wings": 2}, rules, "not a key of the model group")
 
 
 SWEPT_GROUPS = [  # (experiment, a config group its sweep sets, each swept option)

@@ -58,6 +58,19 @@ def test_an_experiments_own_sweep_is_checked_without_minus_m():
                        "no job was started")
 
 
+EXPERIMENT_SWEEP = "hydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      seed: 0,1\n"
+
+
+def test_a_mistyped_key_in_an_experiment_file_gets_the_did_you_mean_the_command_line_gets(user_config):
+    """was: "trainer.max_step=40: not a key of the trainer group", where trainer.max_step=40 typed on the command
+    line gets "did you mean trainer.max_steps?"."""
+    searchpath = user_config("experiment/mine", f"# @package _global_\ntrainer:\n  max_step: 40\n{EXPERIMENT_SWEEP}")
+    assert sweep_job_error([searchpath, "experiment=mine"], "train") == (
+        "job 0 (seed=0): trainer.max_step=40: not a key of the trainer group; did you mean trainer.max_steps?; "
+        "no job was started"
+    )
+
+
 def test_a_later_jobs_missing_dataset_is_named_before_the_first_job_trains(tmp_path):
     # was: job 0 trained digits to the end, then job 1 stopped on "CIFAR-10 not found"
     problem = sweep_job_error(["-m", "data=digits,cifar10", f"paths.data_dir={tmp_path}"], "train")

@@ -12,7 +12,6 @@ also keeps Hydra from making a run directory for a run that cannot start):
 
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 import tempfile
@@ -27,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .plausibility import CONF_DIR, group_options
+from .rules import closest, closest_key
 
 HYDRA_FLAGS = ("-m", "--multirun")  # any other flag (--help, --cfg, -cn ...) leaves the command line to Hydra
 
@@ -83,24 +83,6 @@ def all_keys(node: Any, prefix: str = "") -> list[str]:
             keys.append(dotted)
             keys.extend(all_keys(value, f"{dotted}."))
     return keys
-
-
-def closest(word: str, candidates: Sequence[str]) -> str:
-    """``; did you mean <closest>?``, or nothing when no candidate is close."""
-    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return f"; did you mean {match[0]}?" if match else ""
-
-
-def closest_key(key: str, keys: Sequence[str]) -> str:
-    """:func:`closest` among the keys of the same section, by their last part; a key the typed one begins (or that
-    begins it) first: ``model.patch`` -> ``model.patch_size``."""
-    section, _, leaf = key.rpartition(".")
-    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == section}
-    prefixed = sorted(name for name in siblings if leaf and (name.startswith(leaf) or leaf.startswith(name)))
-    if prefixed:
-        return f"; did you mean {siblings[prefixed[0]]}?"
-    match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.75)
-    return f"; did you mean {siblings[match[0]]}?" if match else ""
 
 
 def group_overrides(parsed: Sequence[Override], conf_dir: Path) -> list[Override]:

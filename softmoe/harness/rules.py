@@ -3,12 +3,14 @@
 A rule takes a value and the section it sits in (for checks across keys) and returns None for a good value,
 else what is allowed: ``"must be a positive integer"``. :func:`check_section` names the key and raises
 :class:`ConfigError`: ``<section>.<key>=<value>: <rule's text>``. :func:`plain` turns a config into the plain,
-resolved dict the checks (and the run) read.
+resolved dict the checks (and the run) read. :func:`closest_key` is the one "did you mean": an unknown key typed on the
+command line (``overrides.py``) or written in a config file (:func:`check_known`) is named with the closest known one.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Collection, Mapping, Optional
+import difflib
+from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -59,7 +61,8 @@ def check_known(section: str, values: Mapping[str, Any], known: Collection[str],
     instantiate's own keys (``_target_``, ...) are always known."""
     for key, value in values.items():
         if key not in known and key not in HYDRA_KEYS:
-            raise ConfigError(f"{section}.{key}={format_value(value)}: {problem}")
+            guess = closest_key(f"{section}.{key}", [f"{section}.{name}" for name in known])
+            raise ConfigError(f"{section}.{key}={format_value(value)}: {problem}{guess}")
 
 
 def positive_int(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
@@ -139,3 +142,21 @@ def format_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(map(format_value, value)) + "]"
     return str(value)
+
+
+def closest(word: str, candidates: Sequence[str]) -> str:
+    """``; did you mean <closest>?``, or nothing when no candidate is close."""
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def closest_key(key: str, keys: Sequence[str]) -> str:
+    """:func:`closest` among the keys of the same section, by their last part; a key the typed one begins (or that
+    begins it) first: ``model.patch`` -> ``model.patch_size``."""
+    section, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == section}
+    prefixed = sorted(name for name in siblings if leaf and (name.startswith(leaf) or leaf.startswith(name)))
+    if prefixed:
+        return f"; did you mean {siblings[prefixed[0]]}?"
+    match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.75)
+    return f"; did you mean {siblings[match[0]]}?" if match else ""
