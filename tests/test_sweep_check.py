@@ -71,6 +71,20 @@ def test_a_mistyped_key_in_an_experiment_file_gets_the_did_you_mean_the_command_
     )
 
 
+def test_an_option_an_experiment_file_sweeps_that_no_file_holds_is_named_with_the_options(user_config):
+    """was: "In 'train': Could not find 'experts_slots/3x5' (HYDRA_FULL_ERROR=1 shows Hydra's message)"."""
+    sweep = EXPERIMENT_SWEEP.replace("seed: 0,1", "experts_slots: 16x1,4x4,3x5")
+    searchpath = user_config("experiment/mine", f"# @package _global_\n{sweep}")
+    assert sweep_job_error([searchpath, "experiment=mine"], "train") == (
+        "hydra.sweeper.params: experts_slots=3x5: not an option of experts_slots (options: 128x1, 16x1, 16x2, 16x8, "
+        "2x8, 32x1, 32x4, 4x4, 4x8, 64x1, 64x2, 8x1, 8x16, 8x2, 8x4)"
+    )
+    one_job = EXPERIMENT_SWEEP.replace("seed: 0,1", "experts_slots: 3x5")  # one job: checked all the same
+    searchpath = user_config("experiment/one", f"# @package _global_\n{one_job}")
+    assert sweep_job_error([searchpath, "experiment=one"], "train").startswith(
+        "hydra.sweeper.params: experts_slots=3x5: not an option of experts_slots (options: 128x1, ")
+
+
 def test_a_later_jobs_missing_dataset_is_named_before_the_first_job_trains(tmp_path):
     # was: job 0 trained digits to the end, then job 1 stopped on "CIFAR-10 not found"
     problem = sweep_job_error(["-m", "data=digits,cifar10", f"paths.data_dir={tmp_path}"], "train")

@@ -8,7 +8,8 @@ at all, on the meta device; it also looks for each distinct dataset's files (``d
 sweep over ``data=digits,cifar10`` without CIFAR-10 on disk does not train job 0 first; it looks into each job's run
 directory that exists (a rerun of the sweep), for a live process training there or a checkpoint of another
 experiment, reading the checkpoint's config alone (``resume.resume_refusal``); and a launcher this machine
-cannot start (``launcher=slurm`` without SLURM's commands) is refused before Hydra makes the sweep dir. Interval
+cannot start (``launcher=slurm`` without SLURM's commands) is refused before Hydra makes the sweep dir, as is a group
+option that an experiment's ``hydra.sweeper.params`` sweeps and no file holds (with the options). Interval
 sweeps (an Optuna search's ``interval(...)``) are left to their sweeper: their values are not known before it draws
 them.
 """
@@ -36,6 +37,7 @@ from .overrides import (
     compose_config,
     group_overrides,
     missing_key,
+    missing_option,
     plain_overrides,
     runs_as_multirun,
 )
@@ -106,9 +108,11 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
     except ConfigError as error:
         return str(error)
     # the basic sweeper's order: the config's hydra.sweeper.params, then the command line's overrides
-    params = OmegaConf.select(base, "hydra.sweeper.params") or {}
-    jobs = list(itertools.islice(sweep_jobs([*(f"{k}={v}" for k, v in params.items()), *overrides]),
-                                 MAX_JOBS_CHECKED + 1))
+    params = [f"{key}={value}" for key, value in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()]
+    problem = params_option_error(params, overrides, conf_dir)
+    if problem:
+        return problem
+    jobs = list(itertools.islice(sweep_jobs([*params, *overrides]), MAX_JOBS_CHECKED + 1))
     if len(jobs) < 2 or len(jobs) > MAX_JOBS_CHECKED:
         return None  # one job checks itself before anything loads; a huge grid is checked as it runs
     fixed, data_checked = set(overrides), []
@@ -118,6 +122,15 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
             swept = " ".join(override for override in job if override not in fixed)
             return f"job {number} ({swept}): {problem}; no job was started"
     return None
+
+
+def params_option_error(params: Sequence[str], overrides: Sequence[str], conf_dir: Path) -> Optional[str]:
+    """A group option that a config's ``hydra.sweeper.params`` sweeps (``experts_slots: 16x1,3x5``) and no config
+    file holds, named as the command line's would be (was: Hydra's "Could not find 'experts_slots/3x5'")."""
+    parser = OverridesParser.create()
+    searchpath = [o for o in parser.parse_overrides(list(overrides)) if o.key_or_group == "hydra.searchpath"]
+    problem = missing_option([*parser.parse_overrides(list(params)), *searchpath], conf_dir)
+    return f"hydra.sweeper.params: {problem}" if problem else None
 
 
 def job_problem(job: Sequence[str], number: int, config_name: str, conf_dir: Path, data_checked: list) -> Optional[str]:
