@@ -29,6 +29,8 @@ MISTAKES = [
                       "leave ~moe.layers out, or give moe.layers a value with moe.layers=..."),  # Hydra: "not exist"
     (["logger=none", "+logger.mode=bogus"], "+logger.mode=bogus: logger=none writes metrics.jsonl only and ignores "
                                             "logger.mode; choose logger=wandb to use it, or leave it out"),
+    (["hydra.mode=multirun"], "hydra.mode=multirun: must be one of RUN, MULTIRUN"),  # was: "Error merging override"
+    (["hydra.job.chdir=maybe"], "hydra.job.chdir=maybe: Value 'maybe' is not a valid bool (type str)"),
     (["-m", "logger=wandb,none", "logger.project=x"], "logger.project=x: logger=none writes metrics.jsonl only and "
                                                       "ignores logger.project; choose logger=wandb to use it, or "
                                                       "leave it out"),  # the sweep's second job
@@ -88,6 +90,14 @@ def test_an_experiment_kept_in_a_hydra_searchpath_folder_is_an_option(user_confi
     )
     assert composition_error(["experiment=mine"], "train").startswith(  # without the search path: not found
         "experiment=mine: not an option of experiment (options: appc_slots_per_expert, ")
+
+
+def test_a_value_hydras_schema_refuses_in_an_experiment_file_is_named_with_its_key_and_file(user_config):
+    """was: "In 'experiment/bad_mode': ValidationError raised while composing config: (HYDRA_FULL_ERROR=1 ...)"."""
+    searchpath = user_config("experiment/bad_mode", "# @package _global_\nhydra:\n  mode: multirun\n")
+    assert composition_error([searchpath, "experiment=bad_mode"], "train") == (
+        "hydra.mode=multirun: must be one of RUN, MULTIRUN (in experiment/bad_mode.yaml)"
+    )
 
 
 def test_evaluate_names_its_own_keys():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .plausibility import CONF_DIR, group_options
-from .rules import closest, closest_key
+from .rules import closest, closest_key, format_value
 
 HYDRA_FLAGS = ("-m", "--multirun")  # any other flag (--help, --cfg, -cn ...) leaves the command line to Hydra
 
@@ -183,10 +184,26 @@ def composition_error(argv: Sequence[str], config_name: str, conf_dir: Path = CO
     try:
         composed = compose_config(config_name, plain_overrides(parsed), conf_dir)
     except (HydraException, OmegaConfBaseException) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return missing_key(parsed, config_name, conf_dir) or f"{first_line} (HYDRA_FULL_ERROR=1 shows Hydra's message)"
+        return missing_key(parsed, config_name, conf_dir) or hydra_refusal(error)
     sweep_problem = None if runs_as_multirun(argv, composed) else sweep_without_multirun(parsed)
     return sweep_problem or setting_ignored_without_logger(parsed, composed)
+
+
+def hydra_refusal(error: Exception) -> str:
+    """Why Hydra did not compose, in one line: a value a schema refuses (Hydra's own, ``hydra.mode: multirun``, on the
+    command line or in a config file) named with its key and what is allowed, and the file that set it; else the first
+    line of Hydra's message (was: "In 'experiment/x': ValidationError raised while composing config:")."""
+    refused = error
+    while refused is not None and not getattr(refused, "full_key", None):
+        refused = refused.__cause__ or refused.__context__
+    if refused is None:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"{first_line} (HYDRA_FULL_ERROR=1 shows Hydra's message)"
+    allowed = str(refused).strip().splitlines()[0]
+    choices = re.fullmatch(r"Invalid value '.*', expected one of \[(.*)\]", allowed)
+    where = re.match(r"In '([^']+)'", str(error))
+    return (f"{refused.full_key}={format_value(getattr(refused, 'value', '?'))}: "
+            f"{f'must be one of {choices[1]}' if choices else allowed}{f' (in {where[1]}.yaml)' if where else ''}")
 
 
 # What a path typed without its key most likely meant, by command: (for a directory, for a checkpoint file)

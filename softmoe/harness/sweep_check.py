@@ -36,6 +36,7 @@ from .overrides import (
     all_keys,
     compose_config,
     group_overrides,
+    hydra_refusal,
     missing_key,
     missing_option,
     plain_overrides,
@@ -83,8 +84,7 @@ def job_composition_error(job: Sequence[str], config_name: str, conf_dir: Path, 
             own = [key.split(".")[1] for key in keys if key.startswith(f"{section}.") and key.count(".") == 1]
             return (f"{override.input_line}: not a key of {section}={chosen[section]}; its keys are "
                     f"{', '.join(key for key in own if not key.startswith('_'))}")
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return missing_key(parsed, config_name, conf_dir) or f"{first_line} (HYDRA_FULL_ERROR=1 shows Hydra's message)"
+    return missing_key(parsed, config_name, conf_dir) or hydra_refusal(error)
 
 
 def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
