@@ -2,13 +2,21 @@
 ``HYDRA_FULL_ERROR=1`` still shows Hydra's own message."""
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT
-from softmoe.harness.overrides import composition_error, multirun_flag_first, output_dir, output_dir_error
+from softmoe.harness.overrides import (
+    composition_error,
+    is_global_group,
+    multirun_flag_first,
+    output_dir,
+    output_dir_error,
+)
+from softmoe.harness.plausibility import CONF_DIR
 
 MISTAKES = [
     (["trainer.max_step=10"], "trainer.max_step=10: not a key of the config; did you mean trainer.max_steps?"),
@@ -98,6 +106,51 @@ def test_a_value_hydras_schema_refuses_in_an_experiment_file_is_named_with_its_k
     assert composition_error([searchpath, "experiment=bad_mode"], "train") == (
         "hydra.mode=multirun: must be one of RUN, MULTIRUN (in experiment/bad_mode.yaml)"
     )
+
+
+MINE = "moe:\n  layers: [3]\nhydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      seed: 0,1\n"
+
+
+def test_an_experiment_file_without_its_global_header_is_refused_for_a_run_and_a_sweep(user_config):
+    """was: its keys composed under experiment.*, and the defaults ran (its sweep too) without a word."""
+    searchpath = user_config("experiment/mine", MINE)
+    path = searchpath.removeprefix("hydra.searchpath=[file://").removesuffix("]") + "/experiment/mine.yaml"
+    message = (f"experiment=mine: {path}'s keys landed under experiment.* (experiment.moe, experiment.hydra); its "
+               "first line must be '# @package _global_', as in every file of conf/experiment/")
+    assert composition_error([searchpath, "experiment=mine"], "train") == message
+    assert composition_error(["-m", searchpath, "experiment=digits_dense,mine"], "train") == message
+    user_config("experiment/mine", f"# Mine.\n# @package _global_\n{MINE}")  # Hydra reads no header after a comment
+    assert composition_error([searchpath, "experiment=mine"], "train") == message
+    user_config("experiment/mine", f"# @package _global_\n{MINE}")
+    assert composition_error([searchpath, "experiment=mine"], "train") is None
+
+
+def test_every_group_of_global_files_is_held_to_its_header(tmp_path):
+    conf_dir = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf_dir)
+    (conf_dir / "experiment" / "mine.yaml").write_text(MINE)
+    assert composition_error(["experiment=mine"], "train", conf_dir) == (
+        "experiment=mine: conf/experiment/mine.yaml's keys landed under experiment.* (experiment.moe, "
+        "experiment.hydra); its first line must be '# @package _global_', as in every file of conf/experiment/"
+    )
+    (conf_dir / "launcher" / "mine.yaml").write_text("# @package hydra\nlauncher:\n  n_jobs: 2\n")
+    assert composition_error(["-m", "launcher=mine"], "train", conf_dir) == (
+        "launcher=mine: conf/launcher/mine.yaml's keys landed under hydra.* (hydra.launcher); its first line must "
+        "be '# @package _global_', as in every file of conf/launcher/"
+    )
+    groups = [group.name for group in CONF_DIR.iterdir() if is_global_group(group.name, CONF_DIR, "")]
+    assert sorted(groups) == ["debug", "experiment", "hparams_search", "launcher"]
+
+
+@pytest.mark.slow
+def test_the_command_refuses_an_experiment_file_without_its_global_header_before_hydra_starts(tmp_path, user_config):
+    searchpath = user_config("experiment/mine", MINE)
+    command = [sys.executable, "-m", "softmoe.train", "-m", searchpath, "experiment=mine"]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: experiment=mine: ") and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["user_conf"]  # no sweep directory
 
 
 def test_evaluate_names_its_own_keys():

@@ -7,6 +7,9 @@ also keeps Hydra from making a run directory for a run that cannot start):
 
     error: trainer.max_step=10: not a key of the config; did you mean trainer.max_steps?
 
+An experiment file without its first line ``# @package _global_`` composes with its keys under ``experiment.*``,
+where nothing reads them, and the defaults ran; :func:`not_global` refuses it (and any group whose files are global).
+
 ``HYDRA_FULL_ERROR=1`` skips the check, so Hydra's full message and stack trace are shown as before.
 """
 
@@ -23,6 +26,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
+from hydra.plugins.config_source import ConfigSource
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -140,6 +144,42 @@ def missing_option(parsed: Sequence[Override], conf_dir: Path) -> Optional[str]:
     return None
 
 
+def package_of(path: Path) -> Optional[str]:
+    """The package a config file's header names (``# @package _global_``), read as Hydra reads it: from the comment
+    lines that begin the file, up to the first other line; None without one, or with one Hydra cannot read."""
+    try:
+        return ConfigSource._get_header_dict(path.read_text())["package"]
+    except ValueError:  # "Expected header format: KEY VALUE": Hydra's own error names it
+        return None
+
+
+def is_global_group(group: str, conf_dir: Path, option: str) -> bool:
+    """Whether every file of ``conf_dir/group`` but ``option``'s own is ``# @package _global_`` (experiment, launcher,
+    debug, hparams_search): each option of such a group sets keys across the whole config."""
+    others = [path for path in (conf_dir / group).glob("*.yaml") if path.stem != option]
+    return bool(others) and all(package_of(path) == "_global_" for path in others)
+
+
+def not_global(parsed: Sequence[Override], conf_dir: Path) -> Optional[str]:
+    """An option (of any job of a sweep) of a group of global files (:func:`is_global_group`) whose own file lacks
+    that header, in one line: Hydra puts its keys under ``<group>.*``, where nothing reads them, and runs the defaults
+    without a word (its ``hydra.mode: MULTIRUN`` and sweep too)."""
+    dirs = search_dirs(parsed, conf_dir)
+    for override in (override for override in group_overrides(parsed, conf_dir) if override.type != OverrideType.DEL):
+        group = override.key_or_group
+        for option in (option for option in option_values(override) if is_global_group(group, conf_dir, option)):
+            path = next((folder / group / f"{option}.yaml" for folder in dirs
+                         if (folder / group / f"{option}.yaml").is_file()), None)
+            package = package_of(path) if path else "_global_"
+            if package != "_global_":
+                package = package or group.replace("/", ".")
+                keys = ", ".join(f"{package}.{key}" for key in OmegaConf.load(path) if key != "defaults")
+                shown = path.relative_to(conf_dir.parent) if path.is_relative_to(conf_dir.parent) else path
+                return (f"{group}={option}: {shown}'s keys landed under {package}.* ({keys}); its first line must "
+                        f"be '# @package _global_', as in every file of {conf_dir.name}/{group}/")
+    return None
+
+
 def missing_key(parsed: Sequence[Override], config_name: str, conf_dir: Path) -> Optional[str]:
     """The first key override naming a key the config lacks (or adding one it has), in one line."""
     groups = group_overrides(parsed, conf_dir)
@@ -178,7 +218,8 @@ def composition_error(argv: Sequence[str], config_name: str, conf_dir: Path = CO
             return (bare_argument(override, config_name, conf_dir)
                     or f"{override}: {str(error).strip().splitlines()[0]} (Hydra's override syntax)")
     parsed = parser.parse_overrides(overrides)
-    problem = unused_group(parsed, config_name, conf_dir) or missing_option(parsed, conf_dir)
+    problem = (unused_group(parsed, config_name, conf_dir) or missing_option(parsed, conf_dir)
+               or not_global(parsed, conf_dir))
     if problem:
         return problem
     try:
