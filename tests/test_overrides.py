@@ -37,6 +37,15 @@ MISTAKES = [
                       "leave ~moe.layers out, or give moe.layers a value with moe.layers=..."),  # Hydra: "not exist"
     (["logger=none", "+logger.mode=bogus"], "+logger.mode=bogus: logger=none writes metrics.jsonl only and ignores "
                                             "logger.mode; choose logger=wandb to use it, or leave it out"),
+    (["experts_slots=16x1", "moe.slots_per_expert=2"],  # was: 16 x 2 trained, named experts_slots=16x1
+     "experts_slots=16x1 moe.slots_per_expert=2: experts_slots=16x1 sets moe.slots_per_expert=1 and names the run "
+     "after it; drop one of the two, e.g. experts_slots=16x2 alone"),
+    (["-m", "experts_slots=16x2,8x2", "moe.num_experts=16"],
+     "experts_slots=8x2 moe.num_experts=16: experts_slots=8x2 sets moe.num_experts=8 and names the run after it; "
+     "drop one of the two, e.g. experts_slots=16x2 alone"),
+    (["experts_slots=16x1", "moe.slots_per_expert=3"],  # no option is 16x3
+     "experts_slots=16x1 moe.slots_per_expert=3: experts_slots=16x1 sets moe.slots_per_expert=1 and names the run "
+     "after it; drop one of the two, e.g. moe.num_experts=16 moe.slots_per_expert=3 without experts_slots"),
     (["hydra.mode=multirun"], "hydra.mode=multirun: must be one of RUN, MULTIRUN"),  # was: "Error merging override"
     (["hydra.job.chdir=maybe"], "hydra.job.chdir=maybe: Value 'maybe' is not a valid bool (type str)"),
     (["-m", "logger=wandb,none", "logger.project=x"], "logger.project=x: logger=none writes metrics.jsonl only and "
@@ -54,7 +63,9 @@ def test_a_mistyped_key_or_option_is_one_line_with_the_closest_valid_one(argv, m
                                   ["--cfg", "job"], ["hydra.run.dir=x", "experiment=digits_dense"],
                                   ["experiment=table2_routing", "seed=0,1"],  # a config in MULTIRUN mode: no -m
                                   ["experiment=appc_slots_per_expert", "logger=none"],  # its logger.tags: not typed
-                                  ["logger=none", "logger.backend=none"], ["logger.mode=offline"]])
+                                  ["logger=none", "logger.backend=none"], ["logger.mode=offline"],
+                                  ["experts_slots=16x1", "moe.slots_per_expert=1"],  # the option's own value
+                                  ["moe.slots_per_expert=3"]])
 def test_what_composes_passes(argv):
     assert composition_error(argv, "train") is None
 

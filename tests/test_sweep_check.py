@@ -85,6 +85,14 @@ def test_an_option_an_experiment_file_sweeps_that_no_file_holds_is_named_with_th
         "hydra.sweeper.params: experts_slots=3x5: not an option of experts_slots (options: 128x1, ")
 
 
+def test_a_key_that_changes_what_an_experiments_swept_option_sets_is_refused_naming_both():
+    """conf/experiment/fig6_experts_slots.yaml sweeps experts_slots in hydra.sweeper.params."""
+    assert sweep_job_error(["experiment=fig6_experts_slots", "moe.slots_per_expert=2"], "train") == (
+        "experts_slots=16x1 moe.slots_per_expert=2: experts_slots=16x1 sets moe.slots_per_expert=1 and names the run "
+        "after it; drop one of the two, e.g. experts_slots=16x2 alone"
+    )
+
+
 def test_a_later_jobs_missing_dataset_is_named_before_the_first_job_trains(tmp_path):
     # was: job 0 trained digits to the end, then job 1 stopped on "CIFAR-10 not found"
     problem = sweep_job_error(["-m", "data=digits,cifar10", f"paths.data_dir={tmp_path}"], "train")

@@ -180,6 +180,47 @@ def not_global(parsed: Sequence[Override], conf_dir: Path) -> Optional[str]:
     return None
 
 
+# Groups whose option is named by the values it sets (experts_slots=16x1: moe.num_experts=16, moe.slots_per_expert=1),
+# and names the run (its W&B name, collect's table): a key override that changes one of them makes that name wrong
+NAMED_BY_VALUES = ("experts_slots",)
+
+
+def option_settings(group: str, option: str, dirs: Sequence[Path]) -> dict[str, Any]:
+    """The keys a group option's file sets (its top level, under its package) and their values; {} without a file."""
+    path = next((folder / group / f"{option}.yaml" for folder in dirs if (folder / group / f"{option}.yaml").is_file()),
+                None)
+    if path is None:
+        return {}
+    package = package_of(path) or group.replace("/", ".")
+    prefix = "" if package == "_global_" else f"{package}."
+    return {f"{prefix}{key}": value for key, value in OmegaConf.to_container(OmegaConf.load(path)).items()
+            if key != "defaults"}
+
+
+def conflicting_overrides(parsed: Sequence[Override], conf_dir: Path, chosen: Any = None) -> Optional[str]:
+    """A key override (of any job of a sweep) that changes a value an option of a :data:`NAMED_BY_VALUES` group sets
+    (``experts_slots=16x1 moe.slots_per_expert=2`` trained 16 x 2 as a run named experts_slots=16x1), in one line naming
+    both; a key set to the option's own value passes. ``chosen``: ``hydra.runtime.choices``, for the option the config
+    itself picks when the overrides name none."""
+    dirs = search_dirs(parsed, conf_dir)
+    keys = {override.key_or_group: override for override in parsed if override.type != OverrideType.DEL}
+    for group in NAMED_BY_VALUES:
+        options = option_values(keys[group]) if group in keys else [(chosen or {}).get(group)]
+        for option in (str(option) for option in options if option is not None):
+            settings = option_settings(group, option, dirs)
+            for key, value in settings.items():
+                changed = [other for other in option_values(keys[key]) if other != value] if key in keys else []
+                if changed:
+                    wanted = {**settings, key: changed[0]}
+                    match = next((other for other in group_options(group, conf_dir)
+                                  if option_settings(group, other, dirs) == wanted), None)
+                    instead = (f"{group}={match} alone" if match else
+                               f"{' '.join(f'{k}={format_value(v)}' for k, v in wanted.items())} without {group}")
+                    return (f"{group}={option} {keys[key].input_line}: {group}={option} sets {key}="
+                            f"{format_value(value)} and names the run after it; drop one of the two, e.g. {instead}")
+    return None
+
+
 def missing_key(parsed: Sequence[Override], config_name: str, conf_dir: Path) -> Optional[str]:
     """The first key override naming a key the config lacks (or adding one it has), in one line."""
     groups = group_overrides(parsed, conf_dir)
@@ -227,7 +268,8 @@ def composition_error(argv: Sequence[str], config_name: str, conf_dir: Path = CO
     except (HydraException, OmegaConfBaseException) as error:
         return missing_key(parsed, config_name, conf_dir) or hydra_refusal(error)
     sweep_problem = None if runs_as_multirun(argv, composed) else sweep_without_multirun(parsed)
-    return sweep_problem or setting_ignored_without_logger(parsed, composed)
+    return (sweep_problem or setting_ignored_without_logger(parsed, composed)
+            or conflicting_overrides(parsed, conf_dir, OmegaConf.select(composed, "hydra.runtime.choices")))
 
 
 def hydra_refusal(error: Exception) -> str:

@@ -35,6 +35,7 @@ from .overrides import (
     HYDRA_FLAGS,
     all_keys,
     compose_config,
+    conflicting_overrides,
     group_overrides,
     hydra_refusal,
     missing_key,
@@ -109,7 +110,8 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
         return str(error)
     # the basic sweeper's order: the config's hydra.sweeper.params, then the command line's overrides
     params = [f"{key}={value}" for key, value in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()]
-    problem = params_option_error(params, overrides, conf_dir)
+    problem = params_option_error(params, overrides, conf_dir) or conflicting_overrides(
+        parser.parse_overrides([*params, *overrides]), conf_dir, OmegaConf.select(base, "hydra.runtime.choices"))
     if problem:
         return problem
     jobs = list(itertools.islice(sweep_jobs([*params, *overrides]), MAX_JOBS_CHECKED + 1))
