@@ -55,7 +55,7 @@ from softmoe.harness.runs import (
     restore_sweep_record,
     save_hydra_configs,
 )
-from softmoe.harness.sweep_check import sweep_job_error
+from softmoe.harness.sweep_check import sweep_job_error, sweep_warning
 from softmoe.harness.sweep_console import EVERY_JOB, tag_console
 from softmoe.harness.sweep_stop import sweep_resume_line
 from softmoe.runtime import tune_allocator
@@ -227,6 +227,9 @@ if __name__ == "__main__":
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
+    warning = sweep_warning(sys.argv[1:], "train")  # once for the sweep, here: not once per job
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if planned and planned[0] == "hydra.sweep.dir":
         _sweep_record_found[0] = (planned[1].absolute(), read_sweep_record(planned[1]))
     try:

@@ -10,7 +10,7 @@ from softmoe.harness.config import check_config
 from softmoe.harness.data import build_datasets
 from softmoe.harness.errors import ConfigError
 from softmoe.harness.loop import train
-from softmoe.harness.plausibility import group_options, warn_small_splits
+from softmoe.harness.plausibility import group_options, threads_warning, warn_small_splits
 
 
 def test_own_images_at_the_default_224_px_with_patch_2_are_refused_naming_both_keys(compose_run):
@@ -97,3 +97,21 @@ def test_slots_per_image_are_held_to_the_token_limit_and_it_can_be_lifted(compos
     )
     check_config(compose_run("moe.slots_per_expert=1000", "trainer.max_tokens_per_image=null"))
     check_config(compose_run("moe.slots_per_expert=1000", "moe=dense"))  # no Soft MoE layer, no slots
+
+
+TURNS = "the jobs take turns on the cores, each slower than alone; use"
+
+
+def test_parallel_jobs_asking_for_more_threads_than_cores_are_warned_about_with_the_value_to_use(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # joblib's default for a null num_threads
+    assert threads_warning(8, 1, None, 2) == (
+        f"launcher.n_jobs=8 x trainer.num_threads=1 = 8 threads at once on 2 cores: {TURNS} launcher.n_jobs=2")
+    assert threads_warning(2, 2, None, 2) == (
+        f"launcher.n_jobs=2 x trainer.num_threads=2 = 4 threads at once on 2 cores: {TURNS} trainer.num_threads=1 "
+        "(cores / n_jobs, as conf/launcher/joblib.yaml advises)")
+    assert threads_warning(8, None, 4, 2) == (  # 4 jobs: 4 at once; null: joblib gives each cores // 4, at least 1
+        f"launcher.n_jobs=8 (4 at once) x trainer.num_threads=null (1 each) = 4 threads at once on 2 cores: {TURNS} "
+        "launcher.n_jobs=2")
+    assert threads_warning(-1, 2, None, 4).startswith("launcher.n_jobs=-1 (4 at once) x trainer.num_threads=2 = 8 ")
+    for fits in ((2, 1, None, 2), (8, 1, 2, 2), (3, None, None, 4), (-1, None, None, 16)):
+        assert threads_warning(*fits) is None

@@ -24,7 +24,7 @@ from softmoe.harness.plausibility import CONF_DIR
 from softmoe.harness.rules import plain
 from softmoe.harness.runs import RunDirLock
 from softmoe.harness.sharded_checkpoint import TRAIN_STATE
-from softmoe.harness.sweep_check import sweep_job_error, sweep_jobs
+from softmoe.harness.sweep_check import sweep_job_error, sweep_jobs, sweep_warning
 
 
 def test_jobs_come_in_the_basic_sweepers_order_and_interval_sweeps_are_left_to_their_sweeper():
@@ -91,6 +91,30 @@ def test_a_key_that_changes_what_an_experiments_swept_option_sets_is_refused_nam
         "experts_slots=16x1 moe.slots_per_expert=2: experts_slots=16x1 sets moe.slots_per_expert=1 and names the run "
         "after it; drop one of the two, e.g. experts_slots=16x2 alone"
     )
+
+
+def test_a_joblib_sweep_with_more_threads_than_cores_gets_one_warning_from_the_parent(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    warning = "launcher.n_jobs=2 x trainer.num_threads=2 = 4 threads at once on 2 cores: the jobs take turns"
+    assert sweep_warning(["-m", "launcher=joblib", "trainer.num_threads=2", "seed=0,1"], "train").startswith(warning)
+    assert sweep_warning(["-m", "launcher=joblib", "launcher.n_jobs=8", "seed=0,1,2"], "train").startswith(
+        "launcher.n_jobs=8 (3 at once) x trainer.num_threads=1 = 3 threads at once on 2 cores: the jobs take turns")
+    assert sweep_warning(["experiment=fig6_experts_slots", "launcher=joblib"], "train") is None  # 2 x 1 on 2 cores
+    assert sweep_warning(["launcher=joblib", "trainer.num_threads=2"], "train") is None  # one run, no sweep
+    assert sweep_warning(["-m", "trainer.num_threads=2", "seed=0,1"], "train") is None  # one job at a time
+
+
+@pytest.mark.slow
+def test_the_joblib_warning_is_printed_once_for_the_sweep_and_the_sweep_runs(tmp_path):
+    threads = os.cpu_count()  # 2 jobs at once of every core's threads: always more than the cores
+    command = [sys.executable, "-m", "softmoe.train", "-m", "launcher=joblib", f"trainer.num_threads={threads}",
+               "debug=default", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warning = f"warning: launcher.n_jobs=2 x trainer.num_threads={threads} = {2 * threads} threads at once on "
+    assert result.stderr.count(warning) == 1 and result.stderr.startswith(warning)
+    assert all((tmp_path / "sweep" / job / "metrics.jsonl").is_file() for job in ("0", "1"))
 
 
 def test_a_later_jobs_missing_dataset_is_named_before_the_first_job_trains(tmp_path):

@@ -10,11 +10,14 @@
   memory at the first step; :func:`check_slot_count` holds slots per image to the same limit.
 - A split too small to mean anything: ``data.val_size=0.01`` of 80 images is one validation image.
   :func:`warn_small_splits` says so in one line.
+- Parallel jobs that take turns on the cores: ``launcher=joblib launcher.n_jobs=8`` on 2 cores (or ``n_jobs=2`` with
+  ``trainer.num_threads=2``); :func:`threads_warning` says so once for the sweep, with the value to use.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -86,6 +89,24 @@ def check_slot_count(model: Mapping[str, Any], moe: Mapping[str, Any], max_token
         f"trainer.max_tokens_per_image={max_tokens} (each slot is a vector every expert layer processes, as a "
         f"token is); use fewer, or lift the limit with trainer.max_tokens_per_image=null"
     )
+
+
+def threads_warning(n_jobs: int, num_threads: Optional[int], jobs: Optional[int], cores: int) -> Optional[str]:
+    """Why a joblib sweep's jobs would take turns on the cores, in one line, or None: ``n_jobs`` jobs at once (no more
+    than the sweep's ``jobs``, when known; -1: one per core), each computing on ``trainer.num_threads`` threads. Null
+    leaves torch's default, which in a joblib worker is cores // n_jobs, at least 1 (joblib sets OMP_NUM_THREADS
+    there, unless this process has it set)."""
+    at_once = n_jobs if n_jobs > 0 else max(cores + 1 + n_jobs, 1)
+    at_once = min(at_once, jobs) if jobs else at_once
+    threads = num_threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or max(cores // at_once, 1)
+    if at_once * threads <= cores:
+        return None
+    fix = (f"trainer.num_threads={cores // at_once} (cores / n_jobs, as conf/launcher/joblib.yaml advises)"
+           if cores >= at_once else f"launcher.n_jobs={max(cores // threads, 1)}")
+    return (f"launcher.n_jobs={n_jobs}{f' ({at_once} at once)' if at_once != n_jobs else ''} x trainer.num_threads="
+            f"{format_value(num_threads)}{'' if num_threads else f' ({threads} each)'} = {at_once * threads} threads "
+            f"at once on {cores} cores: "
+            f"the jobs take turns on the cores, each slower than alone; use {fix}")
 
 
 def warn_small_splits(data) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -43,7 +44,7 @@ from .overrides import (
     plain_overrides,
     runs_as_multirun,
 )
-from .plausibility import CONF_DIR
+from .plausibility import CONF_DIR, threads_warning
 from .resume import resume_refusal
 from .rules import plain
 from .runs import RunDirLock
@@ -88,28 +89,52 @@ def job_composition_error(job: Sequence[str], config_name: str, conf_dir: Path, 
     return missing_key(parsed, config_name, conf_dir) or hydra_refusal(error)
 
 
+def multirun_config(argv: Sequence[str], config_name: str, conf_dir: Path) -> tuple[list[str], Optional[DictConfig]]:
+    """(the overrides, the first job's config) of a multirun command line; the config is None for a single run, one
+    Hydra will refuse anyway (``overrides.composition_error``), or one with Hydra's flags (``--help``, ``--cfg``)."""
+    overrides = [argument for argument in argv if argument not in HYDRA_FLAGS]
+    if any(argument.startswith("-") for argument in overrides):
+        return overrides, None
+    try:
+        base = compose_config(config_name, plain_overrides(OverridesParser.create().parse_overrides(overrides)),
+                              conf_dir)
+    except (HydraException, OmegaConfBaseException):
+        return overrides, None
+    return overrides, base if runs_as_multirun(argv, base) else None
+
+
+def swept_params(base: DictConfig) -> list[str]:
+    """The config's own ``hydra.sweeper.params`` as overrides: the basic sweeper sweeps them, then the command
+    line's."""
+    return [f"{key}={value}" for key, value in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()]
+
+
+def sweep_warning(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
+    """What a multirun that will start should be told once, before its jobs (``plausibility.threads_warning``: more
+    threads at once than cores), in one line; None otherwise."""
+    overrides, base = multirun_config(argv, config_name, conf_dir)
+    if base is None or OmegaConf.select(base, "launcher.name") != "joblib":
+        return None
+    basic = str(OmegaConf.select(base, "hydra.sweeper._target_")).endswith("BasicSweeper")
+    jobs = sum(1 for _ in sweep_jobs([*swept_params(base), *overrides])) if basic else None  # Optuna's: its own
+    return threads_warning(OmegaConf.select(base, "launcher.n_jobs"), OmegaConf.select(base, "trainer.num_threads"),
+                           jobs, os.cpu_count() or 1)
+
+
 def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
     """The first job of this multirun (``-m``, or a config that sets ``hydra.mode: MULTIRUN``, as the experiments
     do) whose config the job would refuse, in one line naming the job and its swept values (or a launcher this
     machine lacks, :func:`~.config.check_launcher_here`); None when every job
     passes, or the command line is no multirun, or Hydra will refuse its first job anyway
     (``overrides.composition_error``)."""
-    overrides = [argument for argument in argv if argument not in HYDRA_FLAGS]
-    if any(argument.startswith("-") for argument in overrides):
-        return None  # --help, --cfg, ...: Hydra's
-    try:
-        parser = OverridesParser.create()
-        base = compose_config(config_name, plain_overrides(parser.parse_overrides(overrides)), conf_dir)
-    except (HydraException, OmegaConfBaseException):
-        return None
-    if not runs_as_multirun(argv, base):
+    overrides, base = multirun_config(argv, config_name, conf_dir)
+    if base is None:
         return None
     try:
         check_launcher_here(OmegaConf.select(base, "launcher.name"))
     except ConfigError as error:
         return str(error)
-    # the basic sweeper's order: the config's hydra.sweeper.params, then the command line's overrides
-    params = [f"{key}={value}" for key, value in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()]
+    params, parser = swept_params(base), OverridesParser.create()
     problem = params_option_error(params, overrides, conf_dir) or conflicting_overrides(
         parser.parse_overrides([*params, *overrides]), conf_dir, OmegaConf.select(base, "hydra.runtime.choices"))
     if problem:
