@@ -147,9 +147,11 @@ def missing_option(parsed: Sequence[Override], conf_dir: Path) -> Optional[str]:
 def package_of(path: Path) -> Optional[str]:
     """The package a config file's header names (``# @package _global_``), read as Hydra reads it: from the comment
     lines that begin the file, up to the first other line; None without one, or with one Hydra cannot read."""
-    try:
+    try:  # Hydra's own reader (a private helper of hydra-core 1.3): the check reads headers as Hydra will
         return ConfigSource._get_header_dict(path.read_text())["package"]
     except ValueError:  # "Expected header format: KEY VALUE": Hydra's own error names it
+        return None
+    except AttributeError:  # another hydra-core without it: no file counts as global, so nothing is refused
         return None
 
 
