@@ -345,7 +345,7 @@ class BatchedMlp(nn.Module):
                 return held[1]  # ... but hold_expert_copies brought this one up to date before the graph ran
             return weight
         dtype = autocast_dtype_on(weight.device)
-        if dtype is None or weight.dtype == dtype or not weight.is_floating_point():
+        if dtype is None or weight.dtype in (dtype, torch.float64) or not weight.is_floating_point():  # as autocast
             return weight
         key = _copy_key(weight, steps=_optimizer_steps)
         cached = self._low_precision.get(name)

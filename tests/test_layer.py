@@ -396,3 +396,14 @@ def test_the_layers_second_derivatives_pass_gradgradcheck(normalize):
     layer = SoftMoE(4, 6, num_experts=2, slots_per_expert=2, normalize=normalize).double()
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(layer, (x,))
+
+
+def test_a_float64_layer_under_autocast_computes_in_float64():
+    """Autocast leaves float64 alone: a float64 layer's output under it is the one without it, in float64."""
+    layer = make_layer().double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-14)
