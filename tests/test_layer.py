@@ -1,6 +1,7 @@
 """The Soft MoE layer against the paper's equations, and the properties they imply."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -398,6 +399,28 @@ def test_the_layers_second_derivatives_pass_gradgradcheck(normalize):
     assert torch.autograd.gradgradcheck(layer, (x,))
 
 
+def test_a_bf16_layer_normalises_phi_in_float32_before_rounding_it():
+    """``model.to(torch.bfloat16)``: Φ̂ = scale · l2n(Φ) is computed from the bf16 Φ in float32 and rounded once,
+    not normalised in bf16 arithmetic (which would round the squares, their sum and the rsqrt)."""
+    layer = make_layer(dim=64, num_experts=8).to(torch.bfloat16)
+    layer.scale.data.fill_(1.7)
+    x = torch.randn(2, 5, 64).bfloat16()
+    phi = layer.phi.detach().float().reshape(64, 16)
+    phi_hat = (layer.scale.detach().float() * phi * torch.rsqrt(phi.square().sum(0, keepdim=True) + 1e-6)).bfloat16()
+    assert torch.equal(layer.raw_logits(x), torch.matmul(x, phi_hat))
+
+
+@pytest.mark.parametrize("mode", ["soft", "uniform", "identity"])
+def test_a_bf16_layers_routing_weights_are_float32_in_every_mode(mode):
+    layer = SoftMoE(8, num_experts=3, slots_per_expert=2, dispatch=mode, combine=mode).to(torch.bfloat16)
+    with torch.inference_mode(), capture_routing(layer) as routing:
+        layer(torch.randn(2, 6, 8).bfloat16())
+    record = routing[""]
+    assert record.dispatch.dtype == record.combine.dtype == torch.float32
+    if mode == "uniform":  # 1/6 and 1/6 exactly as float32 holds them, not bf16's 0.1669921875
+        assert torch.all(record.dispatch == torch.tensor(1 / 6)) and torch.all(record.combine == torch.tensor(1 / 6))
+
+
 def test_a_float64_layer_under_autocast_computes_in_float64():
     """Autocast leaves float64 alone: a float64 layer's output under it is the one without it, in float64."""
     layer = make_layer().double()
@@ -407,3 +430,92 @@ def test_a_float64_layer_under_autocast_computes_in_float64():
         y = layer(x)
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_logits_are_the_papers_normalised_tokens_times_scaled_normalised_phi(normalize):
+    layer = make_layer(normalize=normalize).double()
+    if normalize:
+        layer.scale.data.fill_(2.5)
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    phi = layer.phi.detach().reshape(16, 8)
+    if normalize:
+        x_hat = x / torch.sqrt(x.square().sum(-1, keepdim=True) + 1e-6)
+        expected = x_hat @ (2.5 * phi / torch.sqrt(phi.square().sum(0, keepdim=True) + 1e-6))
+    else:
+        expected = x @ phi
+    logits = layer.logits(x)
+    assert logits.dtype == torch.float64 and logits.shape == (2, 7, 8)
+    torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-12)
+    dispatch, combine = layer.routing_weights(x)  # the softmaxes of these logits
+    torch.testing.assert_close(dispatch, torch.softmax(expected, dim=1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(combine, torch.softmax(expected, dim=2), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("needs_grad", ["logits", "tokens"])
+def test_the_fused_router_gives_a_gradient_to_whichever_input_alone_needs_one(needs_grad):
+    from softmoe.routing import soft_routing
+
+    raw = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=needs_grad == "logits")
+    tokens = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=needs_grad == "tokens")
+    wanted = raw if needs_grad == "logits" else tokens
+    grads = [torch.randn(2, 5, 6, dtype=torch.float64) for _ in range(2)]
+    fused, = torch.autograd.grad(soft_routing(raw, tokens, fused=True), wanted, grads)
+    plain, = torch.autograd.grad(soft_routing(raw, tokens, fused=False), wanted, grads)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-14)
+
+
+def test_the_fused_routers_second_derivatives_keep_the_norms_eps_for_tokens_near_zero():
+    """create_graph=True: the differentiable backward uses the forward's eps (here not the default one); tokens of
+    squared norm about eps (a zero-padded token, say) are where a backward with another eps goes wrong."""
+    from softmoe.routing import soft_routing
+
+    torch.manual_seed(0)
+    raw = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    tokens = (3e-3 * torch.randn(2, 4, 2, dtype=torch.float64)).requires_grad_(True)
+    grads = [torch.randn(2, 4, 3, dtype=torch.float64) for _ in range(2)]
+    results = []
+    for fused in (True, False):
+        routed = soft_routing(raw, tokens, 1e-5, fused=fused)
+        first = torch.autograd.grad(routed, (raw, tokens), grads, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in first), (raw, tokens))
+        results.append(first + second)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_expert_layernorm_follows_timms_mlp_per_expert_in_float64():
+    """fc1 -> GELU -> LayerNorm (its own eps, each expert its own affine) -> fc2, as timm's Mlp with norm_layer."""
+    bank = BatchedMlp(3, 8, 12, 6, norm_layer=partial(nn.LayerNorm, eps=0.1)).double()
+    with torch.no_grad():
+        bank.norm_weight.copy_(torch.rand(3, 12) + 0.5)
+        bank.norm_bias.copy_(torch.randn(3, 12))
+    slots = torch.randn(2, 3, 2, 8, dtype=torch.float64)
+    for i in range(3):
+        h = torch.nn.functional.gelu(slots[:, i] @ bank.fc1_weight[i] + bank.fc1_bias[i])
+        h = torch.nn.functional.layer_norm(h, (12,), bank.norm_weight[i], bank.norm_bias[i], eps=0.1)
+        expected = h @ bank.fc2_weight[i] + bank.fc2_bias[i]
+        torch.testing.assert_close(bank(slots)[:, i], expected, rtol=1e-10, atol=1e-12, msg=f"expert {i}")
+
+
+def test_the_hidden_dropout_follows_the_activation_as_in_timms_mlp():
+    """drop1 scales act(h) by 1/(1-p) or zeroes it; before the activation it would give act(h/(1-p)) instead."""
+    bank = BatchedMlp(2, 4, 6, 6, drop=(0.5, 0.0)).double().train()
+    with torch.no_grad():
+        bank.fc2_weight.copy_(torch.eye(6).expand(2, 6, 6))  # fc2 passes the hidden units through
+        bank.fc2_bias.zero_()
+    slots = torch.randn(3, 2, 5, 4, dtype=torch.float64)
+    hidden = torch.nn.functional.gelu(torch.einsum("bnpd,ndh->bnph", slots, bank.fc1_weight) + bank.fc1_bias[:, None])
+    out = bank(slots)
+    kept = out != 0
+    assert kept.any() and (~kept).any()
+    torch.testing.assert_close(out[kept], 2 * hidden[kept], rtol=1e-12, atol=1e-14)
+
+
+def test_init_weights_resets_the_expert_layernorm_in_every_mode():
+    bank = BatchedMlp(2, 8, 12, norm_layer=nn.LayerNorm)
+    for mode in ("", "jax", "jax_nlhb", "moco", "reset"):
+        with torch.no_grad():
+            bank.norm_weight.fill_(3.0), bank.norm_bias.fill_(-1.0)
+        bank.init_weights(mode)
+        assert torch.all(bank.norm_weight == 1) and torch.all(bank.norm_bias == 0), mode
