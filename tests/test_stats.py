@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from softmoe import (
-    SoftMoEVisionTransformer, block_index, capture_routing, cumulative_dispatch_mass, moe_layers, router_scale,
-    routing_stats, slot_similarity,
+    SoftMoE, SoftMoEVisionTransformer, block_index, capture_routing, cumulative_dispatch_mass, moe_layers,
+    router_parameters, router_scale, routing_stats, slot_similarity,
 )
 
 
@@ -105,7 +105,7 @@ def test_capture_records_each_moe_layer_only_inside_the_context():
     assert sorted(routing) == ["blocks.0.mlp", "blocks.2.mlp"]
     record = routing["blocks.2.mlp"]
     assert record.dispatch.shape == record.combine.shape == (5, 5, 2, 2)  # [batch, 1 + 4 tokens, experts, slots]
-    assert not record.dispatch.requires_grad
+    assert not record.dispatch.requires_grad and not record.combine.requires_grad  # neither keeps the graph alive
     stats = routing_stats(record.dispatch, record.combine)
     assert 0 < stats["dispatch_entropy"] <= 1 and 1 <= stats["effective_experts"] <= 2
 
@@ -121,3 +121,67 @@ def test_capture_records_each_moe_layer_only_inside_the_context():
 def test_block_index_needs_a_block():
     with pytest.raises(ValueError, match="not inside a 'blocks.<index>' container"):
         block_index("head")
+
+
+def test_a_support_of_one_element_counts_as_uniform():
+    """One token (dispatch over m = 1) or one slot (combine over n·p = 1): entropy 1, not 0/0 or 0."""
+    stats = routing_stats(torch.ones(2, 1, 3, 1), torch.full((2, 1, 3, 1), 1 / 3))
+    assert stats["dispatch_entropy"] == 1.0 and stats["combine_entropy"] == pytest.approx(1.0)
+    stats = routing_stats(torch.full((2, 4, 1, 1), 0.25), torch.ones(2, 4, 1, 1))
+    assert stats["combine_entropy"] == 1.0 and stats["dispatch_entropy"] == pytest.approx(1.0)
+
+
+def test_slot_utilisation_is_a_share_of_the_mass_a_dropped_token_does_not_add_to():
+    """A sparse layer's dropped token has an all-zero combine row: the shares still sum to 1."""
+    combine = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]).view(1, 4, 2, 1)
+    stats = routing_stats(torch.full((1, 4, 2, 1), 0.25), combine)
+    torch.testing.assert_close(stats["slot_utilisation"], torch.tensor([2 / 3, 1 / 3]))
+    torch.testing.assert_close(stats["expert_utilisation"], torch.tensor([2 / 3, 1 / 3]))
+
+
+def test_cumulative_dispatch_mass_averages_over_examples_and_slots():
+    dispatch = torch.tensor([[[0.5, 1.0], [0.3, 0.0], [0.2, 0.0]],  # example 0: slots 0 and 1
+                             [[0.1, 0.4], [0.1, 0.4], [0.8, 0.2]]]).view(2, 3, 2, 1)
+    expected = torch.tensor([[0.5, 0.8, 1.0], [1.0, 1.0, 1.0], [0.8, 0.9, 1.0], [0.4, 0.8, 1.0]]).mean(0)
+    torch.testing.assert_close(cumulative_dispatch_mass(dispatch), expected)
+
+
+def test_router_scale_of_a_layer_that_does_not_normalise_is_one():
+    assert router_scale(SoftMoE(8, num_experts=2, normalize=False)) == 1.0
+
+
+def test_router_parameters_are_named_in_full_for_every_layer():
+    net = model()
+    parameters = router_parameters(net)
+    assert list(parameters) == ["blocks.0.mlp.phi", "blocks.0.mlp.scale", "blocks.2.mlp.phi", "blocks.2.mlp.scale"]
+    assert parameters["blocks.2.mlp.phi"] is net.blocks[2].mlp.phi
+
+
+def test_a_layer_called_twice_keeps_its_latest_routing():
+    layer = SoftMoE(8, num_experts=2, slots_per_expert=2)
+    with capture_routing(layer) as routing:
+        layer(torch.randn(1, 3, 8))
+        layer(torch.randn(2, 5, 8))
+    assert routing[""].dispatch.shape == (2, 5, 2, 2)
+
+
+def test_a_nested_capture_leaves_the_outer_one_recording():
+    layer = SoftMoE(8, num_experts=2, slots_per_expert=2)
+    with capture_routing(layer) as outer:
+        with capture_routing(layer) as inner:
+            layer(torch.randn(1, 3, 8))
+        layer(torch.randn(2, 5, 8))
+    assert inner[""].dispatch.shape == (1, 3, 2, 2) and outer[""].dispatch.shape == (2, 5, 2, 2)
+    assert layer._routing_recorder is None
+
+
+def test_an_error_inside_the_capture_still_stops_the_recording():
+    layer = SoftMoE(8, num_experts=2, slots_per_expert=2)
+    with pytest.raises(RuntimeError, match="inside"), capture_routing(layer):
+        raise RuntimeError("inside")
+    assert layer._routing_recorder is None
+
+
+def test_block_index_reads_the_index_after_blocks_anywhere_in_the_name():
+    """A wrapped model's names: torch.compile's _orig_mod, DDP's module."""
+    assert block_index("_orig_mod.blocks.7.mlp") == 7 and block_index("module.blocks.11.mlp.experts") == 11
