@@ -99,6 +99,20 @@ def test_cached_bf16_weights_follow_load_state_dict_and_are_reused_otherwise():
     torch.testing.assert_close(y, y_expected, rtol=0, atol=0)
 
 
+def test_a_weight_whose_data_is_replaced_is_recast():
+    """``weight.data = new`` bumps no version counter and counts no optimizer step: the copy is keyed on the
+    weight's storage too."""
+    layer = _layer()
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+        layer.experts.fc1_weight.data = 2 * layer.experts.fc1_weight.detach()
+        y = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _uncached(layer)(x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
 def test_a_copy_made_in_inference_mode_serves_training():
     layer = _layer()
     plain = _uncached(copy.deepcopy(layer))

@@ -205,3 +205,36 @@ def test_an_empty_batch_gives_an_empty_output():
     layer = SoftMoELayerWrapper(dim=8, num_experts=2, slots_per_expert=1, layer=nn.Linear, in_features=8,
                                 out_features=6)
     assert layer(torch.randn(0, 3, 8)).shape == (0, 3, 6)
+
+
+def test_each_expert_draws_its_own_dropout_mask():
+    """vmap with randomness="different": in training the experts drop different units of the same input."""
+    from softmoe.experts import StackedExperts
+
+    bank = StackedExperts(4, lambda: nn.Dropout(0.5)).train()
+    out = bank(torch.ones(1, 4, 3, 16))
+    assert bank.use_vmap
+    assert not any(torch.equal(out[:, 0], out[:, i]) for i in range(1, 4))
+
+
+class Offset(nn.Module):
+    """A layer whose state is a buffer, drawn per instance."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("offset", torch.randn(dim))
+
+    def forward(self, x):
+        return x + self.offset
+
+
+def test_buffers_are_stacked_and_each_expert_reads_its_own():
+    from softmoe.experts import StackedExperts
+
+    bank = StackedExperts(3, partial(Offset, 8))
+    offsets = bank.state_dict()["layer.offset"]
+    assert offsets.shape == (3, 8) and not torch.equal(offsets[0], offsets[1])
+    slots = torch.randn(2, 3, 4, 8)
+    for use_vmap in (True, False):
+        bank.use_vmap = use_vmap
+        torch.testing.assert_close(bank(slots), slots + offsets[None, :, None], msg=f"use_vmap={use_vmap}")
