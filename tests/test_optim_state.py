@@ -70,6 +70,28 @@ def test_a_bf16_state_step_is_the_float64_update_of_the_stored_moments(rounding)
             assert ((stored.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-30).all()
 
 
+def test_the_eager_update_in_chunks_is_the_update_in_one(monkeypatch):
+    """Eager bf16 steps go CHUNK elements at a time: chunks of 7 over parameters of 1200, 7 and 60 elements."""
+    import softmoe.optim
+
+    whole, chunked = parameters(), parameters()
+    step_with([(AdamW(whole, **HYPER), whole)], steps=2)
+    monkeypatch.setattr(softmoe.optim, "CHUNK", 7)
+    step_with([(AdamW(chunked, **HYPER), chunked)], steps=2)
+    for mine, reference in zip(chunked, whole):
+        assert torch.equal(mine, reference)
+
+
+def test_parameters_that_are_not_float32_keep_moments_in_their_own_dtype():
+    params = [torch.nn.Parameter(torch.randn(5, dtype=dtype)) for dtype in (torch.float64, torch.bfloat16)]
+    optimizer = AdamW(params, **HYPER)
+    for param in params:
+        param.grad = torch.randn_like(param)
+    assert optimizer.step(closure=lambda: 3.5) == 3.5  # step returns the closure's loss, as torch's optimizers do
+    for param in params:
+        assert optimizer.state[param]["exp_avg"].dtype == optimizer.state[param]["exp_avg_sq"].dtype == param.dtype
+
+
 def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
     exact = torch.tensor([1.0 + 3 / 1024, -0.3, 7e-5, -2.5e3], dtype=torch.float32).repeat_interleave(50_000)
     generator = torch.Generator().manual_seed(0)  # the noise's sources: a parameter and a gradient
