@@ -32,16 +32,16 @@ def assert_experts_compute_the_dense_mlp(dense, moe):
         torch.testing.assert_close(moe.blocks[i].mlp.experts(slots), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("source", ["module", "state_dict", "pth", "safetensors"])
+@pytest.mark.parametrize("source", ["module", "state_dict", "pth", "pth_state_dict", "safetensors"])
 def test_upcycled_experts_compute_the_dense_mlp(source, tmp_path):
     dense, moe = dense_and_moe()
     if source == "module":
         given = dense
     elif source == "state_dict":
         given = dense.state_dict()
-    elif source == "pth":
+    elif source in ("pth", "pth_state_dict"):  # the harness's layout, and the other common one
         given = tmp_path / "vit.pth"
-        torch.save({"model": dense.state_dict()}, given)
+        torch.save({"model" if source == "pth" else "state_dict": dense.state_dict()}, given)
     else:
         given = tmp_path / "vit.safetensors"
         save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(given))
@@ -165,6 +165,34 @@ def test_keep_init_keeps_the_models_own_classifier():
     state.pop("head.weight"), state.pop("head.bias")
     upcycled = upcycle_state_dict(state, moe, keep_init=["head.weight", "head.bias"])
     assert torch.equal(upcycled["head.weight"], head) and set(upcycled) == set(moe.state_dict())
+
+
+def test_keep_init_keeps_the_models_classifier_where_the_checkpoint_has_one_of_another_size():
+    """The usual case: fine-tuning to other classes, from a checkpoint that still holds its own head."""
+    dense = VisionTransformer(**{**ARCH, "num_classes": 7})
+    _, moe = dense_and_moe()
+    head = moe.head.weight.detach().clone()
+    upcycled = upcycle_state_dict(dense.state_dict(), moe, keep_init=["head.weight", "head.bias"])
+    assert torch.equal(upcycled["head.weight"], head)
+
+
+def test_a_dense_entry_with_no_place_in_the_model_is_named():
+    dense, moe = dense_and_moe()
+    state = {**dense.state_dict(), "extra.weight": torch.ones(2)}
+    message = r"^dense checkpoint entries with no place in the Soft MoE model: \['extra.weight'\]$"
+    with pytest.raises(ValueError, match=message):
+        upcycle(state, moe)
+
+
+def test_the_dense_mlps_layernorm_is_upcycled_into_every_expert():
+    """timm's scale_mlp_norm: fc1 -> act -> norm -> fc2, with the norm's weight and bias copied to each expert."""
+    dense = VisionTransformer(**ARCH, scale_mlp_norm=True)
+    moe = SoftMoEVisionTransformer(**ARCH, scale_mlp_norm=True, num_experts=3, slots_per_expert=2, moe_layer_index=1)
+    with torch.no_grad():
+        dense.blocks[1].mlp.norm.weight.uniform_(0.5, 1.5)
+        dense.blocks[1].mlp.norm.bias.normal_()
+    upcycle(dense, moe)
+    assert_experts_compute_the_dense_mlp(dense, moe)
 
 
 # The harness: model.upcycle_from=PATH starts a run from a dense checkpoint
