@@ -380,6 +380,18 @@ def test_an_input_in_another_dtype_than_the_router_is_named(cls):
         make_layer(cls)(torch.randn(2, 12, DIM, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("cls", LAYERS)
+def test_a_float64_layer_under_autocast_computes_in_float64(cls):
+    """Autocast leaves float64 alone, the expert bank's weights included (they were cast to bf16)."""
+    layer = make_layer(cls).double().eval()
+    x = torch.randn(2, 12, DIM, dtype=torch.float64)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-14)
+
+
 # Tokens Choice's load-balancing losses are means over the examples: over none, NaN (as a cross-entropy's), and
 # torch warns that the variance over an empty batch has no degrees of freedom
 @pytest.mark.filterwarnings("ignore:.*degrees of freedom is <= 0:UserWarning")
