@@ -18,7 +18,7 @@ from test_reliability import read_events
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 ENV.pop(sweep_stop.STOP_FILE_ENV, None)
-STEPS = 60
+STEPS = 400  # a job finishes its steps in seconds: this many keep both running until the signal, under load too
 SWEEP = [
     "launcher=joblib", "moe.num_experts=4,8,16", f"trainer.max_steps={STEPS}", "model.depth=2",
     "trainer.batch_size=32", "trainer.eval_batches=1", "trainer.log_every=1", "trainer.num_threads=1", "logger=none",

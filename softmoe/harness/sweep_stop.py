@@ -16,6 +16,10 @@ and breaks the pool the same way. So, in a process-parallel sweep (:class:`Sweep
 - a worker between jobs ignores SIGINT (:func:`ignore_ctrl_c_between_jobs`);
 - when the last job has returned, the sweep prints the command that resumes it and exits with ``128 + signal``.
 
+One window is left to joblib: a Ctrl-C in the seconds a new worker spends starting (importing torch, before this
+package's code runs in it) ends that worker, and joblib then ends the sweep with its traceback; no job has trained
+long by then.
+
 Rerunning a sweep into its ``hydra.sweep.dir`` resumes each job from the ``last.pt`` it left, and a finished job
 reports its result again (``docs/reliability.md``). Under the basic launcher the jobs run in this process: a stop
 exits it (the job's own line, then the sweep's, :func:`sweep_resume_line`).
