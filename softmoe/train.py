@@ -190,7 +190,7 @@ def main(cfg: DictConfig) -> float:
             sweep_stop.request_stop(preempted.signum)  # the whole sweep stops, as under the basic launcher
             return NO_OBJECTIVE
         preempted.handover()  # e.g. submitit's requeue on SLURM; it may exit the process itself
-        if multirun and os.environ.get("RANK", "0") == "0":  # the basic launcher: this exit stops the sweep
+        if sweep_stop.in_this_process(hydra_cfg) and os.environ.get("RANK", "0") == "0":  # this exit ends the sweep
             say(sweep_resume_line(preempted.signum, hydra_cfg.sweep.dir, sys.argv[1:]))
         sys.exit(preempted.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before training started (a second one during a step ends the process)

@@ -138,3 +138,11 @@ def test_a_sweep_jobs_resume_command_runs_a_single_run_even_where_its_experiment
     cfg = compose_run(*command[3:], hydra_node=True)
     assert cfg.hydra.mode.name == "RUN" and cfg.hydra.run.dir == str(tmp_path) and cfg.seed == 1
     assert "hydra.mode=RUN" not in resume_command(["seed=1"], tmp_path)  # a single run's command stays as it was
+
+
+@pytest.mark.parametrize("launcher,in_process", [("basic", True), ("joblib", False), ("submitit_local", False)])
+def test_only_a_basic_launcher_sweeps_job_ends_the_sweep_and_names_its_rerun(compose_run, launcher, in_process):
+    """A submitit job's ``sys.argv`` is submitit's, so it prints no sweep command; a joblib job returns instead."""
+    cfg = compose_run(f"launcher={launcher}", "hydra.mode=MULTIRUN", hydra_node=True)
+    assert sweep_stop.in_this_process(cfg.hydra) is in_process
+    assert not sweep_stop.in_this_process(compose_run(hydra_node=True).hydra)  # a single run

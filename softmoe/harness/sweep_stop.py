@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .errors import preempted_exit_code
@@ -45,6 +46,7 @@ STOP_FILE_ENV = "SOFTMOE_SWEEP_STOP_FILE"  # set for the jobs of a process-paral
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # launchers whose jobs run in worker processes the sweep's process waits on (Hydra's joblib plugin)
 PROCESS_PARALLEL_LAUNCHERS = ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",)
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
 def _stop_file() -> Optional[Path]:
@@ -68,6 +70,13 @@ def request_stop(signum: int) -> None:
     path = _stop_file()
     if path is not None and not path.exists():
         path.write_text(str(int(signum)))
+
+
+def in_this_process(hydra_cfg: Any) -> bool:
+    """Whether this job is one of a sweep whose jobs run one after another in the sweep's own process (the basic
+    launcher), so that its stop ends the sweep and ``sys.argv`` is the sweep's command line (a submitit job's is
+    submitit's)."""
+    return hydra_cfg.mode == RunMode.MULTIRUN and str(hydra_cfg.launcher.get("_target_")) == BASIC_LAUNCHER
 
 
 def ignore_ctrl_c_between_jobs() -> None:
