@@ -182,6 +182,17 @@ def test_other_ranks_log_nothing_to_the_console_below_warnings(runs):
     assert output.count("done: test accuracy") == 4  # rank 0, once per job
 
 
+@pytest.mark.slow
+def test_the_console_shows_the_training_metrics_averaged_over_the_ranks_as_metrics_jsonl_does(runs):
+    # each rank trains on its own slice, so rank 0's own loss is not the step's; the epoch line shows the logged one
+    _, sweep, _ = runs
+    for job in range(4):
+        last = train_events(sweep / str(job))[6]
+        line = f"step 6  train loss {last['train/loss']:.4f} acc {last['train/acc']:.2%} "
+        line += f"({last['train/throughput']:.0f} img/s)"
+        assert line in (sweep / str(job) / "train.log").read_text(), job
+
+
 def rank_pids(agent_pid):
     """{rank: pid} of the worker processes a torchrun agent started (read from /proc)."""
     pids = {}

@@ -176,8 +176,9 @@ def log_training(telemetry: RankZeroTelemetry, state: TrainState, out: StepOutpu
     if any(isinstance(layer, SparseMoE) for layer in moe_layers(state.model).values()):
         scalars["train/aux_loss"] = out.aux_loss.item()  # this step's, before aux_loss_weight
     routing_scalars, distributions = routing_metrics(state.model, out.routing)
-    telemetry.log(state.step, epoch + 1, {**scalars, **routing_scalars}, distributions)
-    return {**scalars, "step": state.step} if "train/loss" in scalars else None
+    logged = telemetry.log(state.step, epoch + 1, {**scalars, **routing_scalars}, distributions)
+    # the console's figures are the logged ones: averaged over the ranks (throughput summed), not rank 0's own
+    return {**{key: logged[key] for key in scalars}, "step": state.step} if "train/loss" in scalars else None
 
 
 def evaluate_split(run: RunContext, loader) -> dict[str, float]:

@@ -376,7 +376,8 @@ class RankZeroTelemetry:
     """Rank 0's :class:`Telemetry`, fed by every rank (pass None as ``telemetry`` on the other ranks).
 
     :meth:`log` is collective: the scalars and distributions of all ranks are averaged (throughput summed)
-    before rank 0 writes them; every other call goes to rank 0's telemetry and is a no-op elsewhere.
+    before rank 0 writes them, and returned (the console shows those, not rank 0's own); every other call goes
+    to rank 0's telemetry and is a no-op elsewhere.
     """
 
     def __init__(self, telemetry: Optional[Telemetry], distributed: Distributed) -> None:
@@ -387,11 +388,13 @@ class RankZeroTelemetry:
             dist.broadcast_object_list(logs_images, src=0)
         self.logs_images = logs_images[0]
 
-    def log(self, step, epoch, scalars, distributions=None, images=None) -> None:
+    def log(self, step, epoch, scalars, distributions=None, images=None) -> dict[str, Any]:
+        """Log on rank 0; returns the scalars as logged (reduced over the ranks), for the console."""
         if self._distributed.data_parallel:
             scalars, distributions = self._reduce(scalars), self._reduce(distributions or {})
         if self._telemetry is not None:
             self._telemetry.log(step, epoch, scalars, distributions, images)
+        return dict(scalars)
 
     def _reduce(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """The mean over ranks of each value (a number or a tensor), the sum for :data:`SUMMED_METRICS`."""
