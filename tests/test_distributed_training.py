@@ -187,10 +187,16 @@ def test_the_console_shows_the_training_metrics_averaged_over_the_ranks_as_metri
     # each rank trains on its own slice, so rank 0's own loss is not the step's; the epoch line shows the logged one
     _, sweep, _ = runs
     for job in range(4):
-        last = train_events(sweep / str(job))[6]
-        line = f"step 6  train loss {last['train/loss']:.4f} acc {last['train/acc']:.2%} "
-        line += f"({last['train/throughput']:.0f} img/s)"
+        e = train_events(sweep / str(job))[6]
+        line = f"step 6  train loss {e['train/loss']:.4f} acc {e['train/acc']:.2%} ({e['train/throughput']:.0f} img/s)"
         assert line in (sweep / str(job) / "train.log").read_text(), job
+
+
+@pytest.mark.slow
+def test_the_model_line_counts_the_whole_model_under_expert_parallelism(runs):
+    _, sweep, _ = runs  # an expert-parallel rank (jobs 2 and 3) holds half of each expert bank
+    logs = [(sweep / str(job) / "train.log").read_text() for job in range(4)]
+    assert [log.split(" parameters;")[0].rsplit(", ", 1)[1] for log in logs] == ["0.20M"] * 4
 
 
 def rank_pids(agent_pid):

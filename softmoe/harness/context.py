@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from softmoe import block_index, moe_layers
+from softmoe.parallel import ExpertParallel
 
 from . import sharded_checkpoint, sweep_stop
 from .checkpoint import (
@@ -119,13 +120,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # every device
 
 
+def whole_model_parameters(model: nn.Module) -> int:
+    """The whole model's parameter count on any rank: under expert parallelism a rank holds 1 / E of each expert
+    bank (FSDP's DTensors already count as their whole tensors)."""
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, ExpertParallel):
+            total += (module.world_size - 1) * sum(p.numel() for p in module.local_experts.parameters())
+    return total
+
+
 def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int, steps_per_epoch: int,
              device: torch.device) -> None:
     blocks = sorted(block_index(name) for name in moe_layers(model))
     log.info(
         "model: %s, %s, %.2fM parameters; data=%s: %d train / %d val / %d test images; %d steps, %d per epoch",
         config["model"]["name"], f"MoE (router={config['moe']['router']}) in blocks {blocks}" if blocks else "dense",
-        sum(p.numel() for p in model.parameters()) / 1e6, data.name, len(data.train),
+        whole_model_parameters(model) / 1e6, data.name, len(data.train),
         len(data.val) if data.val is not None else 0, len(data.test), total_steps, steps_per_epoch,
     )
     trainer = config["trainer"]  # what trainer.device=auto chose, and how the steps run on it
