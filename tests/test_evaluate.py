@@ -79,6 +79,19 @@ def test_a_run_without_best_pt_is_pointed_to_checkpoint_last(tmp_path):
     assert next_steps(tmp_path)[0].startswith(f"python -m softmoe.evaluate run_dir={tmp_path}        # best.pt's")
 
 
+def test_an_fsdp_run_is_pointed_to_its_best_dcp_not_best_pt(tmp_path):
+    from softmoe.harness.console import next_steps
+    from softmoe.harness.state import Summary
+
+    (tmp_path / "best.dcp").mkdir()  # trainer.strategy=fsdp writes the sharded best.dcp/ and no best.pt
+    (tmp_path / "best.dcp" / ".metadata").write_bytes(b"")
+    (tmp_path / "best.dcp" / "train_state.pt").write_bytes(b"")
+    assert next_steps(tmp_path)[0].startswith(f"python -m softmoe.evaluate run_dir={tmp_path}        # best.dcp's")
+    summary = Summary(0.5, 1.0, 0.5, 0.5, 1, 0.25, 3, str(tmp_path), None)
+    assert summary.describe() == (
+        "test accuracy 50.00% (final model), 25.00% (best.dcp: best validation accuracy 50.00% at epoch 1)")
+
+
 def test_a_sweep_directory_is_named_as_one_with_the_runs_to_evaluate(tmp_path):
     """Was: "holds no best.pt (is it a training run directory?)"."""
     (tmp_path / "multirun.yaml").write_text("hydra: {}\n")

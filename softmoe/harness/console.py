@@ -68,10 +68,11 @@ def next_steps(run_dir: Union[str, Path]) -> list[str]:
         f"cp {shlex.quote(source)} /tmp/ && SOFTMOE_RUN_DIR={shlex.quote(absolute)} "
         "jupyter execute --inplace /tmp/routing_analysis.ipynb"
     )
-    if sharded_checkpoint.latest(run_dir, "best.pt") is None:  # data.val_size=0: nothing selected, no best.pt
+    best = sharded_checkpoint.latest(run_dir, "best.pt")  # best.dcp under trainer.strategy=fsdp
+    if best is None:  # data.val_size=0: nothing selected, no best.pt
         evaluate = f"python -m softmoe.evaluate run_dir={shlex.quote(shown)} checkpoint=last        # the final model's"
     else:
-        evaluate = f"python -m softmoe.evaluate run_dir={shlex.quote(shown)}        # best.pt's validation and test"
+        evaluate = f"python -m softmoe.evaluate run_dir={shlex.quote(shown)}        # {best.name}'s validation and test"
     return [
         f"{evaluate} accuracy",
         f"{notebook}        # the routing notebook, headless",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
@@ -19,6 +20,7 @@ from .faults import NonFiniteGuard
 from .meta_init import build_local_shards
 from .model import build_model
 from .optim import build_optimizer, build_scheduler, keeping_kernel_choice
+from .sharded_checkpoint import latest
 
 
 @dataclass
@@ -42,8 +44,10 @@ class Summary:
         final = f"test accuracy {100 * self.test_acc:.2f}% (final model)"
         if math.isnan(self.best_val_acc):
             return f"{final}; no validation split (data.val_size=0), so no checkpoint was selected"
+        best = latest(Path(self.run_dir), "best.pt") if self.run_dir else None  # best.dcp under FSDP
+        name = best.name if best is not None else "best.pt"
         return (
-            f"{final}, {100 * self.test_acc_at_best_val:.2f}% (best.pt: best validation accuracy "
+            f"{final}, {100 * self.test_acc_at_best_val:.2f}% ({name}: best validation accuracy "
             f"{100 * self.best_val_acc:.2f}% at epoch {self.best_val_epoch})"
         )
 
