@@ -234,7 +234,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_a_rerun_re
     assert agent.returncode != 0, output[-3000:]
     saved = (read_train_state if strategy == "fsdp" else load_checkpoint)(run_dir / last)["step"]
     assert 1 <= saved < 40 and f"SIGTERM received: saved {last} at step {saved}" in output, output[-3000:]
-    assert "resume with: torchrun --nproc_per_node=2 -m softmoe.train " in output  # it finds last.dcp too
+    assert "resume with: torchrun --standalone --nproc_per_node=2 -m softmoe.train " in output  # it finds last.dcp too
     assert max(e["step"] for e in read_metrics(run_dir) if "train/lr" in e) == saved  # rank 0 stopped there too
 
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -210,7 +210,9 @@ def test_the_resume_command_keeps_the_overrides_and_names_the_run_directory(tmp_
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert resume_command([], "/elsewhere").startswith("torchrun --nproc_per_node=2 -m softmoe.train ")
+    assert resume_command([], "/elsewhere").startswith("torchrun --standalone --nproc_per_node=2 -m softmoe.train ")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # 2 nodes: their rendezvous is the user's to name
+    assert resume_command([], "/elsewhere").startswith("torchrun --nnodes=2 --nproc_per_node=2 -m softmoe.train ")
 
 
 # A process that enters one long C++ op (a single matmul of about a minute on one thread) with the trainer's guard.

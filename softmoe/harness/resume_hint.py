@@ -24,12 +24,14 @@ REPLACED = ("hydra.run.dir=", "trainer.resume=", "+trainer.resume=")
 
 
 def launcher_prefix() -> list[str]:
-    """How this process was started: ``torchrun --nproc_per_node=N`` under torchrun, else ``python``."""
+    """How this process was started: ``torchrun --standalone --nproc_per_node=N`` under torchrun on one node (its own
+    rendezvous on a free port: without ``--standalone`` torchrun waits on port 29500, which another job may hold),
+    ``torchrun --nnodes=M --nproc_per_node=N`` on several (their rendezvous is the user's to name), else ``python``."""
     per_node = os.environ.get("LOCAL_WORLD_SIZE")
     if per_node and os.environ.get("TORCHELASTIC_RUN_ID"):
         nodes = int(os.environ.get("WORLD_SIZE", per_node)) // max(int(per_node), 1)
-        several = [f"--nnodes={nodes}"] if nodes > 1 else []
-        return ["torchrun", *several, f"--nproc_per_node={per_node}"]
+        launch = [f"--nnodes={nodes}"] if nodes > 1 else ["--standalone"]
+        return ["torchrun", *launch, f"--nproc_per_node={per_node}"]
     return ["python"]
 
 
