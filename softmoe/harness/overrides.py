@@ -162,6 +162,12 @@ def is_global_group(group: str, conf_dir: Path, option: str) -> bool:
     return bool(others) and all(package_of(path) == "_global_" for path in others)
 
 
+def option_file(group: str, option: str, dirs: Sequence[Path]) -> Optional[Path]:
+    """The file of a group option: the first ``<folder>/<group>/<option>.yaml`` of :func:`search_dirs`, or None."""
+    return next((folder / group / f"{option}.yaml" for folder in dirs if (folder / group / f"{option}.yaml").is_file()),
+                None)
+
+
 def not_global(parsed: Sequence[Override], conf_dir: Path) -> Optional[str]:
     """An option (of any job of a sweep) of a group of global files (:func:`is_global_group`) whose own file lacks
     that header, in one line: Hydra puts its keys under ``<group>.*``, where nothing reads them, and runs the defaults
@@ -170,8 +176,7 @@ def not_global(parsed: Sequence[Override], conf_dir: Path) -> Optional[str]:
     for override in (override for override in group_overrides(parsed, conf_dir) if override.type != OverrideType.DEL):
         group = override.key_or_group
         for option in (option for option in option_values(override) if is_global_group(group, conf_dir, option)):
-            path = next((folder / group / f"{option}.yaml" for folder in dirs
-                         if (folder / group / f"{option}.yaml").is_file()), None)
+            path = option_file(group, option, dirs)
             package = package_of(path) if path else "_global_"
             if package != "_global_":
                 package = package or group.replace("/", ".")
@@ -189,8 +194,7 @@ NAMED_BY_VALUES = ("experts_slots",)
 
 def option_settings(group: str, option: str, dirs: Sequence[Path]) -> dict[str, Any]:
     """The keys a group option's file sets (its top level, under its package) and their values; {} without a file."""
-    path = next((folder / group / f"{option}.yaml" for folder in dirs if (folder / group / f"{option}.yaml").is_file()),
-                None)
+    path = option_file(group, option, dirs)
     if path is None:
         return {}
     package = package_of(path) or group.replace("/", ".")
