@@ -146,3 +146,16 @@ def test_only_a_basic_launcher_sweeps_job_ends_the_sweep_and_names_its_rerun(com
     cfg = compose_run(f"launcher={launcher}", "hydra.mode=MULTIRUN", hydra_node=True)
     assert sweep_stop.in_this_process(cfg.hydra) is in_process
     assert not sweep_stop.in_this_process(compose_run(hydra_node=True).hydra)  # a single run
+
+
+def test_the_sweeps_first_signal_stops_it_even_after_a_job_stopped_it_already(tmp_path, compose_run, capsys,
+                                                                               handlers_kept):
+    """A job that received SIGINT alone writes the stop file; Ctrl-C to the sweep's process then is its first, not
+    its second: it must not end the saving jobs at once."""
+    callback = sweep_stop.SweepStop()
+    callback.on_multirun_start(compose_run("launcher=joblib", f"hydra.sweep.dir={tmp_path}", hydra_node=True))
+    sweep_stop.request_stop(signal.SIGINT)
+    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # no SweepEndedAtOnce
+    assert "sweep: SIGINT received: each running job stops after its step" in capsys.readouterr().err
+    with pytest.raises(sweep_stop.SweepEndedAtOnce):
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)

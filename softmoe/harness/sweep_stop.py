@@ -118,6 +118,7 @@ class SweepStop(Callback):
         self._previous: dict[int, Any] = {}
         self._stop_file: Optional[Path] = None
         self._sweep_dir = ""
+        self._signalled = False  # this process took a stop signal: the next one ends the sweep at once
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if str(config.hydra.launcher.get("_target_")) not in PROCESS_PARALLEL_LAUNCHERS:
@@ -132,7 +133,8 @@ class SweepStop(Callback):
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if stop_signal_of(self._stop_file) is None:  # the first: stop (a job may have asked for it already)
+        if not self._signalled:  # the first to this process (a job that stopped may have written the file already)
+            self._signalled = True
             request_stop(signum)
             again = "Ctrl-C" if signum == signal.SIGINT else name
             print(f"sweep: {name} received: each running job stops after its step and saves last.pt, no further "
