@@ -18,9 +18,11 @@ from test_reliability import read_events
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 ENV.pop(sweep_stop.STOP_FILE_ENV, None)
-STEPS = 400  # a job finishes its steps in seconds: this many keep both running until the signal, under load too
+# a job finishes its steps in seconds: 400 keep jobs 0 and 1 running until the signal, under load too; job 2, which
+# the signal stops before it starts, trains its few steps only in the rerun
+STEPS = (400, 401, 4)
 SWEEP = [
-    "launcher=joblib", "moe.num_experts=4,8,16", f"trainer.max_steps={STEPS}", "model.depth=2",
+    "launcher=joblib", f"trainer.max_steps={','.join(map(str, STEPS))}", "model.depth=2",
     "trainer.batch_size=32", "trainer.eval_batches=1", "trainer.log_every=1", "trainer.num_threads=1", "logger=none",
     "trainer.progress_bar=false",
 ]
@@ -55,7 +57,7 @@ def test_ctrl_c_on_a_joblib_sweep_saves_every_running_job_and_the_printed_comman
     for job in (0, 1):  # each stopped after its step, saved it, and said how to resume it alone
         (said,) = [line for line in lines if line.startswith(f"[job {job}] SIGINT received: saved last.pt at step")]
         step = int(said.split("at step ")[1].split()[0])
-        assert 1 <= step < STEPS and load_checkpoint(sweep_dir / str(job) / "last.pt")["step"] == step
+        assert 1 <= step < STEPS[job] and load_checkpoint(sweep_dir / str(job) / "last.pt")["step"] == step
         assert max(trained_steps(sweep_dir / str(job))) == step
         # alone, a job resumes as a single run, whatever mode its experiment file sets (the last test below)
         assert said.endswith(f" hydra.mode=RUN hydra.run.dir={sweep_dir / str(job)}"), said
@@ -66,7 +68,7 @@ def test_ctrl_c_on_a_joblib_sweep_saves_every_running_job_and_the_printed_comman
     resumed = subprocess.run(rerun, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for job in (0, 1, 2):  # every step once: nothing lost, nothing trained twice
-        assert trained_steps(sweep_dir / str(job)) == list(range(1, STEPS + 1)), job
+        assert trained_steps(sweep_dir / str(job)) == list(range(1, STEPS[job] + 1)), job
     assert not (sweep_dir / sweep_stop.STOP_FILE).exists()
 
 

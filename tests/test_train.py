@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -270,21 +271,34 @@ SWEEP_WARNING = "data.val_size=0: no validation split, so no model selection"
 
 @pytest.fixture(scope="module", params=["joblib", "basic"])  # the jobs as processes, or one after another in one
 def two_job_sweep(request, tmp_path_factory):
-    """(sweep directory, console lines) of a 2-job sweep with no validation split: every job warns the same."""
+    """(sweep directory, console lines, stderr) of a 2-job sweep with no validation split: every job warns the same.
+    Each joblib job takes every core's threads: 2 at once are more threads than cores, which its parent warns of."""
     sweep_dir = tmp_path_factory.mktemp(f"sweep_{request.param}")
+    threads = os.cpu_count() if request.param == "joblib" else 1
     command = [
         sys.executable, "-m", "softmoe.train", "-m", f"launcher={request.param}", "moe.num_experts=4,8",
         "data.val_size=0", "trainer.max_steps=2", "trainer.batch_size=256", "trainer.eval_batches=1", "model.depth=2",
-        "logger=none", *QUIET, f"hydra.sweep.dir={sweep_dir}",
+        f"trainer.num_threads={threads}", "logger=none", *QUIET, f"hydra.sweep.dir={sweep_dir}",
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    return sweep_dir, (result.stdout + result.stderr).splitlines()
+    return sweep_dir, (result.stdout + result.stderr).splitlines(), result.stderr
+
+
+def test_a_joblib_sweep_of_more_threads_than_cores_is_warned_once_before_its_jobs_and_runs_them(two_job_sweep):
+    sweep_dir, _, stderr = two_job_sweep  # the fixture checked that both jobs ran
+    threads = os.cpu_count()
+    warning = f"warning: launcher.n_jobs=2 x trainer.num_threads={threads} = {2 * threads} threads at once on "
+    if sweep_dir.name.startswith("sweep_joblib"):
+        assert stderr.startswith(warning) and stderr.count(warning) == 1, stderr[:1000]  # the parent's, not each job's
+    else:
+        assert "threads at once" not in stderr  # one job at a time
 
 
 def test_sweep_jobs_tag_their_lines_and_the_sweep_ends_with_the_collect_command(two_job_sweep):
-    sweep_dir, lines = two_job_sweep
-    job_lines = [line for line in lines if not line.startswith("[20")]  # Hydra's own launcher lines are dated
+    sweep_dir, lines, _ = two_job_sweep
+    # Hydra's own launcher lines are dated; the parent's warning of joblib's threads is the test above's
+    job_lines = [line for line in lines if not line.startswith(("[20", "warning: launcher.n_jobs="))]
     assert job_lines[-1] == f"sweep done: {sweep_dir}; tabulate it with: python -m softmoe.collect {sweep_dir}"
     for job in (0, 1):
         assert any(line.startswith(f"[job {job}] model: vit_micro") for line in job_lines)
@@ -294,7 +308,7 @@ def test_sweep_jobs_tag_their_lines_and_the_sweep_ends_with_the_collect_command(
 
 
 def test_a_warning_every_sweep_job_repeats_is_shown_once_and_kept_in_each_train_log(two_job_sweep):
-    sweep_dir, lines = two_job_sweep
+    sweep_dir, lines, _ = two_job_sweep
     shown = [line for line in lines if SWEEP_WARNING in line]
     assert len(shown) == 1 and shown[0].startswith(("[job 0] ", "[job 1] ")), shown
     assert shown[0].endswith("(shown once for the sweep; each job's train.log keeps its own)")
