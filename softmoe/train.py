@@ -55,7 +55,7 @@ from softmoe.harness.runs import (
     restore_sweep_record,
     save_hydra_configs,
 )
-from softmoe.harness.sweep_check import sweep_job_error, sweep_warning
+from softmoe.harness.sweep_check import single_run_error, sweep_job_error, sweep_warning
 from softmoe.harness.sweep_console import EVERY_JOB, tag_console
 from softmoe.harness.sweep_stop import sweep_resume_line
 from softmoe.runtime import tune_allocator
@@ -223,9 +223,10 @@ if __name__ == "__main__":
     # Hydra starts
     planned = output_dir(sys.argv[1:], "train")  # composed once: checked here, a sweep's multirun.yaml read below
     problem = (composition_error(sys.argv[1:], "train") or sweep_job_error(sys.argv[1:], "train")
-               or output_dir_error(planned))
+               or output_dir_error(planned) or single_run_error(sys.argv[1:], "train"))
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun, once per node: its ranks read the same files
+            print(f"error: {problem}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
     warning = sweep_warning(sys.argv[1:], "train")  # once for the sweep, here: not once per job
     if warning:

@@ -293,6 +293,20 @@ def test_a_launch_on_a_run_directory_another_process_holds_is_refused_on_every_r
     assert outcomes[0] == outcomes[1] and outcomes[0].startswith(f"{run_dir}: in use by process {os.getpid()} on ")
 
 
+@pytest.mark.slow
+def test_a_bad_value_under_torchrun_is_one_line_and_makes_no_run_directory(tmp_path):
+    # was: each rank made the default run directory and printed the line, and the first rank to refuse removed the
+    # directory while another rank's Hydra opened its train.log there: a FileNotFoundError traceback, exit status 1
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "softmoe.train", "moe.num_experts=0", "logger=none"]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "exitcode  : 2 " in output, output[-3000:]  # torchrun's report of each rank
+    assert output.count("error: moe.num_experts=0: must be a positive integer\n") == 1, output[-3000:]
+    assert "Error: [Errno" not in output and list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- in process, no launch
 
 

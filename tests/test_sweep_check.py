@@ -24,7 +24,7 @@ from softmoe.harness.plausibility import CONF_DIR
 from softmoe.harness.rules import plain
 from softmoe.harness.runs import RunDirLock
 from softmoe.harness.sharded_checkpoint import TRAIN_STATE
-from softmoe.harness.sweep_check import sweep_job_error, sweep_jobs, sweep_warning
+from softmoe.harness.sweep_check import single_run_error, sweep_job_error, sweep_jobs, sweep_warning
 
 
 def test_jobs_come_in_the_basic_sweepers_order_and_interval_sweeps_are_left_to_their_sweeper():
@@ -206,6 +206,11 @@ def test_a_checkpoint_the_check_cannot_read_is_left_to_the_job(tmp_path):
     assert sweep_job_error(["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path}"], "train") is None
 
 
+# the variables torchrun gives rank 0 of 2 processes
+RANK_0_OF_2 = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+assert set(RANK_0_OF_2) == set(TORCHRUN_VARIABLES)
+
+
 def test_a_run_directory_a_live_process_trains_in_is_named_before_any_job_starts(tmp_path, monkeypatch):
     argv = ["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
     (tmp_path / "1").mkdir()
@@ -215,11 +220,40 @@ def test_a_run_directory_a_live_process_trains_in_is_named_before_any_job_starts
             "it to end or stop it, or give this run another hydra.run.dir; no job was started")
         lock_file = (tmp_path / "1" / ".lock").read_bytes()
         with monkeypatch.context() as torchrun:  # a rank of a torchrun sweep: rank 0's jobs may hold it already
-            for name in TORCHRUN_VARIABLES:
-                torchrun.setenv(name, "0")
+            for name, value in RANK_0_OF_2.items():
+                torchrun.setenv(name, value)
             assert sweep_job_error(argv, "train") is None
     assert (tmp_path / "1" / ".lock").read_bytes() == lock_file  # looked at, not taken: the holder stays named
     assert sweep_job_error(argv, "train") is None  # its run ended: the directory is free
+
+
+def test_a_single_run_gets_a_sweep_jobs_checks_before_hydra_makes_its_run_directory(tmp_path, monkeypatch):
+    # the run's own error lines (test_configs.py and test_data.py check them as the run prints them), found before
+    # Hydra makes a run directory: under torchrun one rank removed it under another's Hydra (test_distributed_training)
+    assert single_run_error(["moe.num_experts=0"], "train") == "moe.num_experts=0: must be a positive integer"
+    assert single_run_error(["data=cifar10", f"paths.data_dir={tmp_path}"], "train").startswith(
+        f"data=cifar10: CIFAR-10 not found in {tmp_path / 'cifar10'}")
+    run_dir = tmp_path / "run"
+    argv = [f"hydra.run.dir={run_dir}"]
+    save_config_checkpoint(run_dir / "last.pt", ["-m", *argv], job=0, **{"optimizer.lr": 0.01})
+    assert single_run_error(argv, "train").startswith(
+        f"optimizer.lr=0.003: this run directory's checkpoint {run_dir / 'last.pt'} was saved with optimizer.lr=0.01,")
+    assert single_run_error([*argv, "optimizer.lr=0.01"], "train") is None  # its own experiment: it resumes
+    with RunDirLock(run_dir):
+        assert single_run_error([*argv, "optimizer.lr=0.01"], "train").startswith(f"{run_dir}: in use by process ")
+    # the launch, as the run will see it (config.check_launch): this process's, or each torchrun rank's own
+    assert single_run_error(["trainer.strategy=ddp"], "train").startswith("trainer.strategy=ddp: needs a torchrun ")
+    with monkeypatch.context() as torchrun:
+        for name, value in RANK_0_OF_2.items():
+            torchrun.setenv(name, value)
+        assert single_run_error(["moe.num_experts=3", "moe.expert_parallel=true"], "train") == (
+            "moe.num_experts=3: expert parallelism needs it divisible by the 2 processes")
+    # a sweep's jobs may get their ranks from their launcher (a SLURM job's tasks): each checks its own launch
+    assert sweep_job_error(["-m", "trainer.strategy=ddp", "seed=0,1"], "train") is None
+    # left to the others: a sweep (sweep_job_error), Hydra's flags, a command line Hydra refuses (composition_error)
+    for argv in (["-m", "moe.num_experts=0"], ["experiment=table2_routing", "trainer.max_epochs=0"],
+                 ["moe.num_experts=0", "--cfg", "job"], ["moe.num_expert=4"]):
+        assert single_run_error(argv, "train") is None, argv
 
 
 NO_SLURM = pytest.mark.skipif(shutil.which("srun") is not None, reason="SLURM is installed here")

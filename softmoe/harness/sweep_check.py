@@ -12,6 +12,8 @@ cannot start (``launcher=slurm`` without SLURM's commands) is refused before Hyd
 option that an experiment's ``hydra.sweeper.params`` sweeps and no file holds (with the options). Interval
 sweeps (an Optuna search's ``interval(...)``) are left to their sweeper: their values are not known before it draws
 them.
+
+A single run is checked the same way (:func:`single_run_error`), so that a run it refuses makes no run directory.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import check_config, check_launcher_here
+from .config import check_config, check_launch, check_launcher_here
 from .data import check_data_present
 from .distributed import launched_by_torchrun
 from .errors import ConfigError, MissingDataError
@@ -147,8 +149,25 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
         problem = job_problem(job, number, config_name, conf_dir, data_checked)
         if problem:
             swept = " ".join(override for override in job if override not in fixed)
-            return f"job {number} ({swept}): {problem}; no job was started"
+            return f"job {number} ({swept}): {problem.rstrip('.')}; no job was started"
     return None
+
+
+def single_run_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
+    """Why this command line's single run (no sweep) would refuse to start, in one line, or None: a sweep job's
+    checks (:func:`job_problem`), before Hydra makes the run directory. A run refused here makes none; one refused
+    once started removes the one it made, and under torchrun that pulled the directory from under another rank,
+    whose Hydra was still opening its ``train.log`` there (a 30-line traceback, exit status 1)."""
+    overrides = [argument for argument in argv if argument not in HYDRA_FLAGS]
+    if any(argument.startswith("-") for argument in overrides):
+        return None
+    try:
+        composed = compose_config(config_name, overrides, conf_dir)  # composition_error's, read from its cache
+    except (HydraException, OmegaConfBaseException):
+        return None  # composition_error names it
+    if runs_as_multirun(argv, composed):
+        return None
+    return job_problem(overrides, None, config_name, conf_dir, [])
 
 
 def params_option_error(params: Sequence[str], overrides: Sequence[str], conf_dir: Path) -> Optional[str]:
@@ -160,20 +179,23 @@ def params_option_error(params: Sequence[str], overrides: Sequence[str], conf_di
     return f"hydra.sweeper.params: {problem}" if problem else None
 
 
-def job_problem(job: Sequence[str], number: int, config_name: str, conf_dir: Path, data_checked: list) -> Optional[str]:
-    """Why job ``number`` (its overrides ``job``) would refuse to start, in one line, or None: its config, its
-    dataset's files (each distinct dataset once: looked for, not read; ``data_checked`` holds those seen), and its
-    run directory (a live process trains there, or its checkpoint is of another experiment: a rerun it refuses)."""
+def job_problem(job: Sequence[str], number: Optional[int], config_name: str, conf_dir: Path,
+                data_checked: list) -> Optional[str]:
+    """Why job ``number`` (its overrides ``job``; None: a single run) would refuse to start, in one line, or None:
+    its config, its dataset's files (each distinct dataset once: looked for, not read; ``data_checked`` holds those
+    seen), and its run directory (a live process trains there, or its checkpoint is of another experiment: a rerun it
+    refuses). The line is the run's own ``error:`` line, as it would print it once started."""
     try:
         composed = compose_config(config_name, job, conf_dir)
         check_config(composed)
         config = plain(composed)
+        check_launch_as_the_run_will(config, single_run=number is None)
         data = (config["data"], config["paths"]["data_dir"])
         if data not in data_checked:
             data_checked.append(data)
             check_data_present(*data)
     except (ConfigError, MissingDataError) as error:
-        return str(error).rstrip(".")
+        return str(error)
     except (HydraException, OmegaConfBaseException) as error:
         return job_composition_error(job, config_name, conf_dir, error)
     run_dir = job_run_dir(composed, number)
@@ -182,14 +204,25 @@ def job_problem(job: Sequence[str], number: int, config_name: str, conf_dir: Pat
     # under torchrun each rank checks its sweep for itself, and rank 0 may hold job 0's lock by the time another rank
     # looks: the ranks' own lock check (Distributed.claim_run_dir) settles that one
     in_use = None if launched_by_torchrun() else RunDirLock(run_dir).in_use()
-    problem = in_use or resume_refusal(run_dir, config["trainer"]["resume"], config)
-    return problem.rstrip(".") if problem else None
+    return in_use or resume_refusal(run_dir, config["trainer"]["resume"], config)
 
 
-def job_run_dir(composed: DictConfig, number: int) -> Optional[Path]:
+def check_launch_as_the_run_will(config: dict, single_run: bool) -> None:
+    """:func:`~.config.check_launch` (``trainer.strategy``, expert parallelism) against this process's launch, where
+    the run sees the same one: under torchrun (its variables), or a single run started here. A sweep's jobs may get
+    theirs from their launcher (a SLURM job's tasks): they check it themselves."""
+    torchrun = launched_by_torchrun()
+    if torchrun or (single_run and "SUBMITIT_EXECUTOR" not in os.environ):
+        check_launch(config, torchrun=torchrun, world_size=int(os.environ["WORLD_SIZE"]) if torchrun else 1)
+
+
+def job_run_dir(composed: DictConfig, number: Optional[int]) -> Optional[Path]:
     """Where job ``number`` will run: ``hydra.sweep.dir``/``hydra.sweep.subdir`` with ``hydra.job.num`` set as every
     launcher sets it; None where the path names what only the launcher knows (``hydra.job.id``: submitit's is the
-    SLURM job's)."""
+    SLURM job's). A single run's (``number`` None): ``hydra.run.dir``."""
+    if number is None:
+        run_dir = OmegaConf.select(composed, "hydra.run.dir", throw_on_resolution_failure=False)
+        return Path(str(run_dir)).absolute() if run_dir is not None else None
     config = copy.deepcopy(composed)
     OmegaConf.set_readonly(config, False)
     with open_dict(config):
