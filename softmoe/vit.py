@@ -36,7 +36,7 @@ from .capture import moe_layers
 from .experts import WEIGHT_INIT_MODES, BatchedMlp, hold_expert_copies
 from .layer import SoftMoE
 from .upcycle import UnreadableCheckpointError, load_state_dict, upcycle_state_dict
-from .vit_checks import require_images, require_vit_arguments
+from .vit_checks import require_global_pool, require_images, require_num_classes, require_vit_arguments
 
 MoELayerIndex = Union[int, Sequence[int]]
 
@@ -194,6 +194,18 @@ class SoftMoEVisionTransformer(VisionTransformer):
         assert or the patch convolution."""
         require_images(x, self)
         return super().forward_features(x, *args, **kwargs)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """timm's, with the arguments timm would meet with a bare assert (or a negative ``num_classes``, with no head
+        at all) named first."""
+        require_num_classes(num_classes)
+        if global_pool is not None:
+            require_global_pool(global_pool, self.has_class_token)
+            if global_pool in ("map", "prr") and global_pool != self.global_pool:  # the pool's weights are built once
+                raise ValueError(f"reset_classifier cannot add or change attention pooling: "
+                                 f"global_pool={global_pool!r} on a model that pools with {self.global_pool!r}; build "
+                                 "the model with it instead")
+        super().reset_classifier(num_classes, global_pool)
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """timm's init, with every expert initialised as ``mode`` initialises the dense MLP it replaces."""

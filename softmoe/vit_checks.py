@@ -11,7 +11,8 @@ import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
-from ._checks import _is_fx_symbolic_tracing, is_exporting, is_int, require_parameter_dtype, require_positive_int
+from ._checks import (_is_fx_symbolic_tracing, is_exporting, is_int, require_choice, require_parameter_dtype,
+                      require_positive_int, require_positive_number, require_probability)
 
 _TIMM_DEFAULTS = {name: parameter.default
                   for name, parameter in inspect.signature(VisionTransformer.__init__).parameters.items()}
@@ -25,20 +26,59 @@ def _sizes(name: str, value: Any) -> tuple:
     return sizes
 
 
+# timm's VisionTransformer asserts global_pool is one of these ('' returns every token's logits)
+GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token", "map", "prr")
+# Dropout rates, each handed to nn.Dropout or DropPath: torch's error for 1.5 does not say which argument it was,
+# and DropPath takes a negative drop_path_rate as 0 without a word.
+DROP_RATES = ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
+
+
 def require_vit_arguments(kwargs: Mapping[str, Any]) -> None:
     """Check the timm ``VisionTransformer`` arguments in ``kwargs`` (timm's defaults for the rest) that timm would
-    meet with a bare assert (``num_heads`` not dividing ``embed_dim``, token pooling without a class token) or a
-    division by zero (a zero size)."""
+    meet with a bare assert (``num_heads`` not dividing ``embed_dim``, an unknown ``global_pool``, token pooling
+    without a class token), a division by zero (a zero size), an error that does not name them (a negative width
+    from ``mlp_ratio``, a dropout rate above 1) or not at all (a negative ``num_classes`` or drop path rate)."""
     argument = {**_TIMM_DEFAULTS, **kwargs}
     embed_dim = require_positive_int("embed_dim", argument["embed_dim"])
     num_heads = require_positive_int("num_heads", argument["num_heads"])
     if embed_dim % num_heads:
         raise ValueError(f"num_heads={num_heads} must divide embed_dim={embed_dim} (each head takes an equal share)")
+    require_mlp_ratio(argument["mlp_ratio"], embed_dim)
     require_positive_int("in_chans", argument["in_chans"])
+    require_num_classes(argument["num_classes"])
     _sizes("patch_size", argument["patch_size"])
     if argument["img_size"] is not None:
         _sizes("img_size", argument["img_size"])
-    if argument["global_pool"] == "token" and not argument["class_token"]:
+    require_global_pool(argument["global_pool"], argument["class_token"])
+    require_choice("pos_embed", argument["pos_embed"], ("learn", "none", ""))
+    for name in DROP_RATES:
+        require_probability(name, argument[name])
+    patch_drop_rate = require_probability("patch_drop_rate", argument["patch_drop_rate"])
+    if patch_drop_rate == 1:  # timm's PatchDropout asserts 0 <= rate < 1: it would drop every patch
+        raise ValueError("patch_drop_rate must be a number in [0, 1), got 1: a rate of 1 would drop every patch")
+
+
+def require_mlp_ratio(mlp_ratio: Any, embed_dim: int) -> None:
+    """Check that ``mlp_ratio`` gives every MLP (and expert) a hidden width of at least one, ``int(embed_dim *
+    mlp_ratio)`` as timm's ``Block`` computes it."""
+    require_positive_number("mlp_ratio", mlp_ratio)
+    if int(embed_dim * mlp_ratio) < 1:
+        raise ValueError(f"mlp_ratio={mlp_ratio!r} gives the MLPs a hidden width of int(embed_dim={embed_dim} * "
+                         f"mlp_ratio) = 0: it must be at least 1 / embed_dim")
+
+
+def require_num_classes(num_classes: Any) -> None:
+    """Check ``num_classes``: a count of classes, or 0 for no classifier (timm builds none for any number below 1,
+    so a negative one would silently leave the model without its head)."""
+    if not is_int(num_classes) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative integer (0: no classifier, the pooled features are the "
+                         f"output), got {num_classes!r}")
+
+
+def require_global_pool(global_pool: Any, class_token: bool) -> None:
+    """Check ``global_pool`` against timm's pooling types, and that token pooling has a class token to read."""
+    require_choice("global_pool", global_pool, GLOBAL_POOLS)
+    if global_pool == "token" and not class_token:
         raise ValueError("global_pool='token' reads the class token, and class_token=False builds none: set "
                          "class_token=True, or pool the tokens another way (global_pool='avg', 'avgmax', 'max', 'map')")
 

@@ -97,11 +97,37 @@ def test_bad_expert_counts():
     ({"patch_size": 0}, "patch_size must be a positive integer or a (height, width) pair of them, got 0"),
     ({"img_size": (16, 16, 16)}, "img_size must be a positive integer or a (height, width) pair of them, got "
                                  "(16, 16, 16)"),
+    ({"global_pool": "mean"}, "global_pool must be one of '', 'avg', 'avgmax', 'max', 'token', 'map', 'prr', got "
+                              "'mean'"),  # was: timm's bare assert
+    ({"pos_embed": "sincos"}, "pos_embed must be one of 'learn', 'none', '', got 'sincos'"),  # was: a bare assert
+    ({"mlp_ratio": -1}, "mlp_ratio must be a finite number > 0, got -1"),  # was: torch's "negative dimension -32"
+    ({"mlp_ratio": 0.01}, "mlp_ratio=0.01 gives the MLPs a hidden width of int(embed_dim=32 * mlp_ratio) = 0"),
+    ({"num_classes": -1}, "num_classes must be a non-negative integer"),  # was: no head at all, without a word
+    ({"drop_rate": 1.5}, "drop_rate must be a number in [0, 1], got 1.5"),  # was: torch's, naming no argument
+    ({"drop_path_rate": -0.1}, "drop_path_rate must be a number in [0, 1], got -0.1"),  # was: taken as 0
+    ({"attn_drop_rate": 2}, "attn_drop_rate must be a number in [0, 1], got 2"),
+    ({"patch_drop_rate": 1.0}, "patch_drop_rate must be a number in [0, 1), got 1"),  # was: timm's bare assert
 ])
 def test_timm_arguments_timm_would_assert_on_are_named(bad, message):
     with pytest.raises(ValueError) as raised:
         tiny(**bad)
     assert str(raised.value).startswith(message)
+
+
+@pytest.mark.parametrize("num_classes, global_pool, message", [
+    (-3, None, "num_classes must be a non-negative integer (0: no classifier, the pooled features are the output), "
+               "got -3"),
+    (5, "mean", "global_pool must be one of '', 'avg', 'avgmax', 'max', 'token', 'map', 'prr', got 'mean'"),
+    (5, "map", "reset_classifier cannot add or change attention pooling: global_pool='map' on a model that pools "
+               "with 'token'"),  # each of these was a bare assert of timm's, or no head without a word
+])
+def test_reset_classifier_names_what_timm_would_assert_on(num_classes, global_pool, message):
+    model = tiny()
+    with pytest.raises(ValueError) as raised:
+        model.reset_classifier(num_classes, global_pool)
+    assert str(raised.value).startswith(message)
+    model.reset_classifier(5, "avg")
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 5)
 
 
 def test_the_factories_check_timms_arguments_too():
