@@ -265,8 +265,11 @@ class SoftMoELayerWrapper(SoftMoE):
         require_positive_int("num_experts", num_experts)
         require_module_class("layer", layer)  # built num_experts times
         experts = StackedExperts(num_experts, partial(layer, **layer_kwargs))
+        # device= and dtype= are the layer's arguments (nn.Linear's, timm's Mlp's); the router must follow them, or
+        # SoftMoELayerWrapper(..., device="cuda") would leave Φ on the CPU, beside experts on the GPU.
         super().__init__(
-            dim, num_experts=num_experts, slots_per_expert=slots_per_expert, normalize=normalize, experts=experts
+            dim, num_experts=num_experts, slots_per_expert=slots_per_expert, normalize=normalize, experts=experts,
+            device=layer_kwargs.get("device"), dtype=layer_kwargs.get("dtype"),
         )
         # nn.MultiheadAttention and the torch Transformer layers read [sequence, batch, dim] by default
         sequence_first = [name for name, module in experts.layer.named_modules()

@@ -82,6 +82,17 @@ def test_partial_layer_with_an_overlapping_argument_name():
     assert layer(torch.randn(2, 5, 16)).shape == (2, 5, 16)
 
 
+@pytest.mark.parametrize("where", [dict(dtype=torch.float64), dict(device="meta")], ids=["dtype", "device"])
+def test_the_router_follows_the_device_and_dtype_given_to_the_layer(where):
+    layer = SoftMoELayerWrapper(16, 4, 2, nn.Linear, in_features=16, out_features=8, **where)  # was: Φ on the CPU
+    expected = {"dtype": torch.float32, "device": "cpu", **where}
+    for parameter in layer.parameters():
+        assert (parameter.dtype, parameter.device) == (expected["dtype"], torch.device(expected["device"]))
+    with torch.device(expected["device"]):
+        x = torch.rand(2, 5, 16, dtype=expected["dtype"])
+    assert layer(x).shape == (2, 5, 8)
+
+
 def test_experts_are_independent_instances():
     layer = SoftMoELayerWrapper(
         dim=8, num_experts=4, slots_per_expert=1, layer=nn.Linear, in_features=8, out_features=8
