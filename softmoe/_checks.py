@@ -118,6 +118,22 @@ _is_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_trac
                                   torch.fx._symbolic_trace.is_fx_tracing)
 
 
+def require_parameter_device(name: str, x: torch.Tensor, parameter: torch.Tensor, owner: str) -> None:
+    """Check that the tensor ``x`` is on the device of the ``owner``'s (``layer``, ``model``) ``parameter``: torch's
+    own error names neither (a bmm's "found at least two devices", a convolution's "Input type and weight type"),
+    and a model left on the meta device returns meta tensors for CPU inputs without one."""
+    if x.device != parameter.device and parameter.device.type == "meta":
+        raise ValueError(
+            f"{name} is on {x.device}, but the {owner}'s parameters are on the meta device (shapes, no values): "
+            f"materialise it first ({owner}.to_empty(device={str(x.device)!r}), then load or initialise its weights)"
+        )
+    if x.device != parameter.device:
+        raise ValueError(
+            f"{name} is on {x.device}, but the {owner}'s parameters are on {parameter.device}: move one to the other "
+            f"(x.to({str(parameter.device)!r}) or {owner}.to({str(x.device)!r}))"
+        )
+
+
 def require_parameter_dtype(name: str, x: torch.Tensor, parameter: torch.Tensor, owner: str) -> None:
     """Check that the tensor ``x`` is floating-point, in the dtype of the ``owner``'s (``layer``, ``model``)
     ``parameter`` unless autocast casts both."""
@@ -143,6 +159,7 @@ def require_tokens(name: str, x: Any, dim: int, parameter: torch.Tensor) -> None
     shape = tuple(x.shape)
     if x.ndim != 3:
         raise ValueError(f"{name} must have shape [batch, tokens, {dim}], got a tensor of shape {list(shape)}")
+    require_parameter_device(name, x, parameter, "layer")
     require_parameter_dtype(name, x, parameter, "layer")
     if shape[-1] != dim:
         raise ValueError(f"{name} last dimension must equal dim={dim}, got shape {list(shape)}")

@@ -11,8 +11,8 @@ import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
-from ._checks import (_is_fx_symbolic_tracing, is_exporting, is_int, require_choice, require_parameter_dtype,
-                      require_positive_int, require_positive_number, require_probability)
+from ._checks import (_is_fx_symbolic_tracing, is_exporting, is_int, require_choice, require_parameter_device,
+                      require_parameter_dtype, require_positive_int, require_positive_number, require_probability)
 
 _TIMM_DEFAULTS = {name: parameter.default
                   for name, parameter in inspect.signature(VisionTransformer.__init__).parameters.items()}
@@ -97,6 +97,7 @@ def require_images(x: Any, model: VisionTransformer) -> None:
         raise ValueError(f"x must be a tensor of images {expected}, got {type(x).__name__}")
     if x.ndim != 4 or x.shape[1] != channels:
         raise ValueError(f"x must be images of shape {expected}, got a tensor of shape {list(x.shape)}")
+    require_parameter_device("x", x, embed.proj.weight, "model")
     require_parameter_dtype("x", x, embed.proj.weight, "model")
     size, patch = tuple(x.shape[2:]), tuple(embed.patch_size)
     if embed.img_size is not None and embed.strict_img_size and size != tuple(embed.img_size):

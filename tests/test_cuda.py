@@ -50,6 +50,16 @@ def _bf16_compiled_against_fp32_eager(module: torch.nn.Module, x: torch.Tensor):
     return relative_error(out, eager_out), max(grad_errors)
 
 
+def test_an_input_on_another_device_than_the_layer_or_model_is_named():
+    layer = SoftMoE(16, 32, num_experts=4).cuda()
+    with pytest.raises(ValueError, match=r"^input is on cpu, but the layer's parameters are on cuda:0: move one to "
+                                         r"the other \(x.to\('cuda:0'\) or layer.to\('cpu'\)\)$"):
+        layer(torch.randn(2, 5, 16))  # was: torch's "found at least two devices" from inside the router's matmul
+    model = SoftMoEVisionTransformer(num_experts=4, img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)
+    with pytest.raises(ValueError, match=r"^x is on cuda:0, but the model's parameters are on cpu"):
+        model(torch.randn(2, 3, 16, 16, device="cuda"))  # was: the patch convolution's "Input type ... weight type"
+
+
 def test_layer_in_bf16_compiled_matches_float32_eager():
     torch.manual_seed(0)
     layer = SoftMoE(128, 512, num_experts=16, slots_per_expert=2).cuda()

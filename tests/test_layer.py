@@ -250,6 +250,13 @@ def test_an_input_in_another_dtype_than_the_layer_is_named(dtype, autocast, mess
         make_layer()([[0.0] * 16])
 
 
+def test_a_layer_left_on_the_meta_device_is_named_not_run():
+    layer = make_layer(device="meta")  # was: a meta tensor returned for a CPU input, without a word
+    with pytest.raises(ValueError, match=r"^input is on cpu, but the layer's parameters are on the meta device "
+                                         r"\(shapes, no values\): materialise it first \(layer.to_empty"):
+        layer(torch.randn(2, 5, 16))
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_autocast_takes_an_input_in_either_dtype(x_dtype):
     layer = make_layer()

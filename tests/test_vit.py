@@ -156,6 +156,13 @@ def test_a_wrong_input_is_named_before_timm_sees_it(x, message):
         assert str(raised.value).startswith(message)
 
 
+def test_a_model_left_on_the_meta_device_is_named_not_run():
+    with torch.device("meta"):
+        model = tiny()
+    with pytest.raises(ValueError, match=r"^x is on cpu, but the model's parameters are on the meta device"):
+        model(torch.randn(2, 3, 16, 16))  # was: meta logits for CPU images
+
+
 def test_other_image_sizes_need_a_multiple_of_the_patch_under_dynamic_img_size():
     model = tiny(dynamic_img_size=True)
     assert model(torch.randn(1, 3, 24, 20)).shape == (1, 10)
