@@ -73,6 +73,14 @@ def require_module_class(name: str, value: Any) -> Any:
     return value
 
 
+def require_module(name: str, value: Any, what: str = "an nn.Module") -> torch.nn.Module:
+    """Return ``value`` if it is an ``nn.Module``, else raise naming ``name``: a model given as its name or its state
+    dict would fail deep inside, on the first module method called."""
+    if not isinstance(value, torch.nn.Module):
+        raise ValueError(f"{name} must be {what}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
 def require_choice(name: str, value: Any, allowed: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``allowed``, else raise naming ``name``."""
     allowed = tuple(allowed)

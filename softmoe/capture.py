@@ -9,6 +9,8 @@ from typing import Dict, Iterator
 import torch
 from torch import nn
 
+from ._checks import require_module
+
 
 @dataclass
 class RoutingRecord:
@@ -63,7 +65,7 @@ def capture_routing(model: nn.Module) -> Iterator[Dict[str, RoutingRecord]]:
     On exit the layers stop recording; the dict stays with the caller only.
     """
     records: Dict[str, RoutingRecord] = {}
-    layers = moe_layers(model)
+    layers = moe_layers(require_module("model", model, "an nn.Module holding Soft MoE layers"))
 
     def recorder_for(name: str, layer: nn.Module):
         def record(dispatch: torch.Tensor, combine: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from typing import Collection, Dict, Mapping, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from ._checks import require_number
+from ._checks import require_module, require_number
 from .capture import moe_layers
 from .experts import BatchedMlp
 
@@ -73,12 +73,18 @@ def load_state_dict(source: DenseSource) -> Dict[str, torch.Tensor]:
         return source.state_dict()
     if isinstance(source, Mapping):
         state = dict(source)
+    elif not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"a dense checkpoint must be a dense ViT (an nn.Module), its state dict or the path to its "
+                         f"checkpoint file, got {type(source).__name__} {source!r:.60}")
     else:
         path = os.fspath(source)
         if os.path.isfile(os.path.join(path, ".metadata")):  # a sharded (DCP) checkpoint of trainer.strategy=fsdp
             from softmoe.harness.sharded_checkpoint import read_model
 
             return read_model(path)
+        if os.path.isdir(path):  # and not a sharded checkpoint's: that has a .metadata
+            raise ValueError(f"dense checkpoint {path!r} is a directory: pass its checkpoint file (.safetensors, .pth "
+                             "or .bin), or a sharded checkpoint's directory (which holds a .metadata file)")
         if not os.path.isfile(path):
             raise ValueError(f"dense checkpoint {path!r} does not exist")
         if path.endswith(".safetensors"):
@@ -113,6 +119,10 @@ def upcycle(
         noise_std: standard deviation of Gaussian noise added to each expert's copied weights.
         generator: RNG for the noise.
     """
+    require_module("model", model, "the Soft MoE ViT to load the upcycled weights into (an nn.Module)")
+    if generator is not None and not isinstance(generator, torch.Generator):  # a seed is not a generator
+        raise ValueError(f"generator must be a torch.Generator (torch.Generator().manual_seed(seed)) or None, got "
+                         f"{generator!r}")
     model.load_state_dict(upcycle_state_dict(load_state_dict(dense), model, noise_std, generator))
     return model
 

@@ -118,6 +118,12 @@ def test_capture_records_each_moe_layer_only_inside_the_context():
     assert ref() is None
 
 
+def test_capture_routing_names_a_model_that_is_not_a_module():
+    with pytest.raises(ValueError, match=r"^model must be an nn.Module holding Soft MoE layers, got str 'net'$"):
+        with capture_routing("net"):  # was: AttributeError, 'str' object has no attribute 'named_modules'
+            pass
+
+
 def test_block_index_needs_a_block():
     with pytest.raises(ValueError, match="not inside a 'blocks.<index>' container"):
         block_index("head")

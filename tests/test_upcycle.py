@@ -102,6 +102,22 @@ def test_a_noise_std_other_than_a_finite_number_from_0_is_named(noise_std):
         upcycle(dense, moe, noise_std=noise_std)
 
 
+def test_arguments_of_the_wrong_kind_are_named(tmp_path):
+    # each was an error from inside: str has no load_state_dict, os.fspath(3), randn's argument list, "does not exist"
+    dense, moe = dense_and_moe()
+    with pytest.raises(ValueError, match=r"^model must be the Soft MoE ViT to load the upcycled weights into \(an "
+                                         r"nn.Module\), got str 'soft_moe_vit_tiny'$"):
+        upcycle(dense, "soft_moe_vit_tiny")
+    with pytest.raises(ValueError, match=r"^a dense checkpoint must be a dense ViT \(an nn.Module\), its state dict "
+                                         r"or the path to its checkpoint file, got int 3$"):
+        upcycle(3, moe)
+    with pytest.raises(ValueError, match=r"^generator must be a torch.Generator .* or None, got 0$"):
+        upcycle(dense, moe, noise_std=1e-3, generator=0)
+    with pytest.raises(ValueError, match=rf"^dense checkpoint '{tmp_path}' is a directory: pass its checkpoint file"):
+        load_state_dict(tmp_path)
+    upcycle(dense, moe, noise_std=1e-3, generator=torch.Generator().manual_seed(0))
+
+
 def test_checkpoint_files_are_loaded_without_unpickling_code(tmp_path):
     class Payload:
         def __reduce__(self):
