@@ -31,12 +31,14 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from ._checks import autocast_dtype_on, is_exporting, is_int, require_choice, require_positive_int
+from ._checks import (autocast_dtype_on, is_exporting, is_int, require_choice, require_module_class,
+                      require_positive_int)
 from .capture import moe_layers
 from .experts import WEIGHT_INIT_MODES, BatchedMlp, hold_expert_copies
 from .layer import SoftMoE
 from .upcycle import UnreadableCheckpointError, load_state_dict, upcycle_state_dict
-from .vit_checks import require_global_pool, require_images, require_num_classes, require_vit_arguments
+from .vit_checks import (require_global_pool, require_images, require_moe_kwargs, require_num_classes,
+                         require_vit_arguments)
 
 MoELayerIndex = Union[int, Sequence[int]]
 
@@ -131,7 +133,9 @@ class SoftMoEVisionTransformer(VisionTransformer):
         normalize: L2-normalise the router inputs (paper section 2.3).
         moe_layer: the MoE ``mlp_layer`` class; it receives timm's MLP kwargs plus ``num_experts``,
             ``slots_per_expert``, ``normalize`` and ``moe_kwargs``.
-        moe_kwargs: further keyword arguments for ``moe_layer`` (e.g. ``dispatch="uniform"``).
+        moe_kwargs: further keyword arguments for ``moe_layer`` (e.g. ``dispatch="uniform"``). They take precedence
+            over the MLP arguments timm's ``Block`` passes (``hidden_features``, ``act_layer``, ``bias``, ``drop``),
+            so ``moe_kwargs=dict(hidden_features=256)`` gives the experts a width of their own.
         **kwargs: every argument of timm's ``VisionTransformer``.
     """
 
@@ -152,17 +156,18 @@ class SoftMoEVisionTransformer(VisionTransformer):
         block_fn = kwargs.pop("block_fn", Block)
         require_timm_mlp(kwargs.get("mlp_layer"))
         require_vit_arguments(kwargs)
+        moe_kwargs = require_moe_kwargs(moe_kwargs)
         moe_mlp = partial(
-            moe_layer,
+            require_module_class("moe_layer", moe_layer),
             num_experts=num_experts,
             slots_per_expert=slots_per_expert,
             normalize=normalize,
-            **(moe_kwargs or {}),
         )
         built = []  # every MoE layer moe_mlp built: each MoE block must hold one
 
         def build_moe(*args: Any, **mlp_kwargs: Any) -> torch.nn.Module:
-            built.append(moe_mlp(*args, **mlp_kwargs))
+            # moe_kwargs last: in a partial they would lose to the MLP arguments the block passes at the call
+            built.append(moe_mlp(*args, **{**mlp_kwargs, **moe_kwargs}))
             return built[-1]
 
         def block_with_moe(*, depth: int, mlp_layer: Callable, **block_kwargs: Any) -> torch.nn.Module:

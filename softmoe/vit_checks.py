@@ -5,7 +5,7 @@ line with the argument, its value and what is allowed."""
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from timm.layers import PatchEmbed
@@ -56,6 +56,23 @@ def require_vit_arguments(kwargs: Mapping[str, Any]) -> None:
     patch_drop_rate = require_probability("patch_drop_rate", argument["patch_drop_rate"])
     if patch_drop_rate == 1:  # timm's PatchDropout asserts 0 <= rate < 1: it would drop every patch
         raise ValueError("patch_drop_rate must be a number in [0, 1), got 1: a rate of 1 would drop every patch")
+
+
+# The model's own arguments, which it hands to every MoE layer: moe_kwargs naming one again would be ambiguous.
+MODEL_MOE_ARGUMENTS = ("num_experts", "slots_per_expert", "normalize")
+
+
+def require_moe_kwargs(moe_kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """``moe_kwargs`` as a dict, checked: a mapping that does not repeat one of :data:`MODEL_MOE_ARGUMENTS`."""
+    if moe_kwargs is None:
+        return {}
+    if not isinstance(moe_kwargs, Mapping):
+        raise ValueError(f"moe_kwargs must be a dict of keyword arguments for moe_layer, got {moe_kwargs!r}")
+    repeated = [name for name in MODEL_MOE_ARGUMENTS if name in moe_kwargs]
+    if repeated:
+        raise ValueError(f"moe_kwargs repeats {repeated[0]}={moe_kwargs[repeated[0]]!r}, an argument of the model "
+                         f"itself: pass {repeated[0]}= to the model, not in moe_kwargs")
+    return dict(moe_kwargs)
 
 
 def require_mlp_ratio(mlp_ratio: Any, embed_dim: int) -> None:

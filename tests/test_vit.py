@@ -317,6 +317,29 @@ def test_moe_kwargs_reach_the_layers():
     assert (layer.dispatch_mode, layer.combine_mode, layer.normalize) == ("uniform", "soft", False)
 
 
+def test_moe_kwargs_take_precedence_over_the_mlp_arguments_of_timms_block():
+    # was: timm's Block passes hidden_features, bias and drop at the call, which beat a partial's: ignored silently
+    model = tiny(moe_kwargs={"hidden_features": 8, "bias": False, "drop": 0.25})
+    experts = model.blocks[2].mlp.experts
+    assert (experts.hidden_features, experts.fc1_bias, experts.drop1.p) == (8, None, 0.25)
+    assert model.blocks[1].mlp.fc1.out_features == 128  # the dense blocks keep mlp_ratio's width
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"moe_kwargs": {"num_experts": 3}}, "moe_kwargs repeats num_experts=3, an argument of the model itself: pass "
+                                         "num_experts= to the model"),  # was: functools.partial's "multiple values"
+    ({"moe_kwargs": [("dispatch", "uniform")]}, "moe_kwargs must be a dict of keyword arguments for moe_layer"),
+    ({"moe_layer": "soft"}, "moe_layer must be an nn.Module class or a callable returning one, got 'soft'"),
+    ({"moe_layer": SoftMoE(32, num_experts=4)}, "moe_layer must be an nn.Module class or a callable returning one, "
+                                                "got a SoftMoE instance"),  # was: SoftMoE.forward's TypeError
+])
+def test_a_wrong_moe_layer_or_moe_kwargs_is_named(bad, message):
+    with pytest.raises(ValueError) as raised:
+        tiny(**bad)
+    assert str(raised.value).startswith(message)
+
+
 FACTORIES = {
     "soft_moe_vit_tiny": (192, 12, 3, [6, 7, 8, 9, 10, 11], 16),
     "soft_moe_vit_small": (384, 12, 6, [6, 7, 8, 9, 10, 11], 16),
