@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ._checks import (autocast_dtype_on, is_exporting, is_tracing, require_choice, require_expert_output,
+from ._checks import (autocast_dtype_on, is_exporting, is_tracing, require_bool, require_choice, require_expert_output,
                       require_module_class, require_positive_int, require_probability)
 from .cpu_packing import PackedExpertWeights
 
@@ -228,7 +228,7 @@ class BatchedMlp(nn.Module):
         self.hidden_features = require_positive_int("hidden_features", hidden_features)
         self.out_features = require_positive_int("out_features", out_features)
         n, d, h, o = self.num_experts, self.in_features, self.hidden_features, self.out_features
-        bias1, bias2 = _pair("bias", bias)
+        bias1, bias2 = (require_bool("bias", value) for value in _pair("bias", bias))  # bool("no") is True
         drop1, drop2 = (require_probability("drop", rate) for rate in _pair("drop", drop))
 
         self.fc1_weight = nn.Parameter(torch.empty(n, d, h, **dd))  # [n, in, hidden]

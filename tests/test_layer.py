@@ -204,6 +204,9 @@ def test_routing_ablations_follow_their_definitions(dispatch, combine):
         (lambda: SoftMoE(16, num_experts=2, bias=(True,)),
          r"bias must be one value for both layers or a pair \(fc1's, fc2's\), got \(True,\)"),
         (lambda: SoftMoE(16, num_experts=2, drop=[0.1, 0.1, 0.2]), r"drop must be one value .* got \[0.1, 0.1, 0.2\]"),
+        # was: taken as True by timm's to_2tuple and nn.Linear, for either layer
+        (lambda: SoftMoE(16, num_experts=2, bias="no"), "bias must be True or False, got 'no'"),
+        (lambda: SoftMoE(16, num_experts=2, bias=(True, "no")), "bias must be True or False, got 'no'"),
         # was: torch's "dropout probability has to be between 0 and 1", naming no argument
         (lambda: SoftMoE(16, num_experts=2, drop=2.0), r"drop must be a number in \[0, 1\], got 2.0"),
         (lambda: SoftMoE(16, num_experts=2, drop=(0.1, -1)), r"drop must be a number in \[0, 1\], got -1"),
