@@ -114,6 +114,15 @@ def test_a_compiled_layer_checks_its_input_as_eager_mode_does():
         compiled(torch.randn(12, 16))
 
 
+def test_under_fullgraph_a_wrong_input_still_gets_the_line_if_inside_torchs_observed_exception():
+    # docs/library.md says so: fullgraph=True lets no exception leave a graph, so torch reports it as its own, unless
+    # an earlier compile of this forward already gave up on the frame (then it runs eagerly: the plain ValueError)
+    compiled = torch.compile(soft_moe(), backend="eager", fullgraph=True)
+    compiled(TOKENS)
+    with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match=r"input last dimension must equal dim=16"):
+        compiled(torch.randn(2, 12, 8))
+
+
 def test_registered_test_model_exports():
     model = timm.create_model("test_soft_moe_vit2", img_size=64).eval()
     example = torch.randn(1, 3, 64, 64)
