@@ -37,6 +37,9 @@ def _check_routing(name: str, weights: torch.Tensor) -> None:
         raise ValueError(
             f"{name} must have shape [batch, tokens, experts, slots_per_expert], got shape {list(weights.shape)}"
         )
+    if weights.numel() == 0:  # every statistic would be a mean over nothing: NaN
+        raise ValueError(f"{name} holds no routing weights (shape {list(weights.shape)}): record a batch of at least "
+                         "one example")
 
 
 def routing_stats(dispatch: torch.Tensor, combine: torch.Tensor) -> Dict[str, Union[float, torch.Tensor]]:

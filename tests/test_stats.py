@@ -69,6 +69,9 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match=r"dispatch must be a tensor \[batch, tokens, experts, slots_per_expert\] "
                                          r"\(a routing record's dispatch\), got NoneType"):  # was: an AttributeError
         routing_stats(None, None)
+    with pytest.raises(ValueError, match=r"^dispatch holds no routing weights \(shape \[0, 5, 4, 1\]\): record a "
+                                         r"batch of at least one example$"):  # was: NaN for every statistic
+        routing_stats(torch.rand(0, 5, 4, 1), torch.rand(0, 5, 4, 1))
     with pytest.raises(ValueError, match="same shape"):
         routing_stats(*uniform(1, 2, 2, 1)[:1], uniform(1, 3, 2, 1)[1])
 
