@@ -156,3 +156,29 @@ def test_wandb_dispatch_maps_are_the_notebooks_figure_on_one_labelled_colour_sca
     assert colorbar.get_ylabel() == "dispatch weight"
     assert [text.get_text() for text in colorbar.texts] == ["uniform 1/m = 1/17"]  # 16 patches and the class token
     assert [ax.get_title() for ax in figure.axes[1:4]] == ["e0 s0", "e2 s0", "e3 s1"]  # slots spread over all n·p
+
+
+def test_logged_routing_statistics_match_a_float64_recomputation_from_the_captured_weights():
+    """Each block's logged numbers recomputed in numpy float64 from the weights the forward pass recorded: the
+    dispatch entropy is over tokens per slot, the combine entropy over all n·p slots per token, never swapped."""
+    model, _, records = routed_tiny_vit(5)
+    scalars, distributions = routing_metrics(model, records)
+    for name, record in records.items():
+        prefix = f"routing/block{name.split('.')[1]}/"
+        dispatch, combine = (w.detach().double().numpy() for w in (record.dispatch, record.combine))
+        b, m, n, p = dispatch.shape  # [b, m, n, p]
+        dispatch, combine = dispatch.reshape(b, m, n * p), combine.reshape(b, m, n * p)
+        per_slot = -(dispatch * np.log(dispatch)).sum(axis=1) / np.log(m)  # [b, n·p]
+        per_token = -(combine * np.log(combine)).sum(axis=2) / np.log(n * p)  # [b, m]
+        slot_shares = combine.sum(axis=(0, 1)) / combine.sum()  # [n·p]
+        expert_shares = slot_shares.reshape(n, p).sum(axis=1)  # [n]
+        assert scalars[prefix + "dispatch_entropy"] == pytest.approx(per_slot.mean(), rel=1e-9)
+        assert scalars[prefix + "combine_entropy"] == pytest.approx(per_token.mean(), rel=1e-9)
+        assert scalars[prefix + "dispatch_max"] == pytest.approx(dispatch.max(axis=1).mean(), rel=1e-9)
+        assert scalars[prefix + "combine_max"] == pytest.approx(combine.max(axis=2).mean(), rel=1e-9)
+        effective = np.exp(-(expert_shares * np.log(expert_shares)).sum())
+        assert scalars[prefix + "effective_experts"] == pytest.approx(effective, rel=1e-9)
+        np.testing.assert_allclose(distributions[prefix + "slot_utilisation"].double().numpy(), slot_shares, rtol=1e-6)
+        np.testing.assert_allclose(distributions[prefix + "expert_utilisation"].double().numpy(), expert_shares,
+                                   rtol=1e-6)
+        assert scalars[prefix + "dispatch_entropy"] != pytest.approx(scalars[prefix + "combine_entropy"])
