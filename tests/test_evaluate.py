@@ -14,7 +14,9 @@ from softmoe.evaluate import argument_error, evaluate_run, missing_run_error
 from softmoe.harness.errors import ConfigError
 from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.overrides import composition_error
-from softmoe.harness.loop import train
+from softmoe import SoftMoEVisionTransformer
+from softmoe.harness.data import build_loader
+from softmoe.harness.loop import evaluate, train
 from softmoe.harness.runs import read_events
 
 QUIET = ["trainer.progress_bar=false"]
@@ -164,3 +166,27 @@ def test_the_evaluate_config_says_validation_where_the_code_reads_validation_ima
     comments = (ROOT / "conf" / "evaluate.yaml").read_text()
     assert "batch of test images" not in comments and "# test images in routing.pt" not in comments
     assert "a batch of validation images" in comments and "# validation images in routing.pt" in comments
+
+
+def test_accuracy_and_loss_are_over_examples_not_batches_and_stop_at_max_batches():
+    """evaluate() against one float64 pass over the same examples: 11 images in batches of 4 end in a batch of 3,
+    which a mean of per-batch means would overweight; ``max_batches=2`` reads the first 8 images, no more."""
+    model = SoftMoEVisionTransformer(num_experts=4, slots_per_expert=1, moe_layer_index=[1], img_size=8, patch_size=4,
+                                     embed_dim=16, depth=2, num_heads=2, num_classes=3, drop_path_rate=0.5)
+    images, labels = torch.randn(11, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 2, 2])
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    model.eval()
+    with torch.no_grad():
+        logits = model(images).double()  # [11, classes]
+    per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # [11]
+    correct = (logits.argmax(dim=-1) == labels).double()
+    assert 0 < correct.sum() < 11  # so that counting the wrong examples would show
+
+    model.train()
+    whole = evaluate(model, build_loader(dataset, 4, train=False), torch.device("cpu"))
+    assert model.training  # handed back in the mode it came in (drop path on)
+    assert whole["loss"] == pytest.approx(per_example.mean().item(), rel=1e-5)
+    assert whole["acc"] == pytest.approx(correct.mean().item())
+    first_two = evaluate(model, build_loader(dataset, 4, train=False), torch.device("cpu"), max_batches=2)
+    assert first_two["loss"] == pytest.approx(per_example[:8].mean().item(), rel=1e-5)
+    assert first_two["acc"] == pytest.approx(correct[:8].mean().item())
