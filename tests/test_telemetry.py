@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import wandb_closed_records
-from softmoe import SoftMoEVisionTransformer, capture_routing
+from softmoe import SoftMoEVisionTransformer, capture_routing, moe_layers
 from softmoe.harness.figures import plot_dispatch_maps, render
 from softmoe.harness.telemetry import (
     Telemetry,
@@ -159,10 +159,15 @@ def test_wandb_dispatch_maps_are_the_notebooks_figure_on_one_labelled_colour_sca
 
 
 def test_logged_routing_statistics_match_a_float64_recomputation_from_the_captured_weights():
-    """Each block's logged numbers recomputed in numpy float64 from the weights the forward pass recorded: the
-    dispatch entropy is over tokens per slot, the combine entropy over all n·p slots per token, never swapped."""
+    """Each block's logged numbers recomputed in numpy float64 from the weights the forward pass recorded (the
+    dispatch entropy is over tokens per slot, the combine entropy over all n·p slots per token, never swapped), and
+    the learnt router scale read from its layer."""
     model, _, records = routed_tiny_vit(5)
+    with torch.no_grad():
+        for index, layer in enumerate(moe_layers(model).values()):
+            layer.scale.fill_(2.5 + index)  # as training leaves the learnt logit scale: not its initial 1
     scalars, distributions = routing_metrics(model, records)
+    assert [scalars[f"routing/block{b}/router_scale"] for b in (0, 2)] == [2.5, 3.5]
     for name, record in records.items():
         prefix = f"routing/block{name.split('.')[1]}/"
         dispatch, combine = (w.detach().double().numpy() for w in (record.dispatch, record.combine))
