@@ -349,6 +349,19 @@ def test_best_pt_is_chosen_on_validation_and_the_test_split_is_read_once_at_the_
     assert "test accuracy" in summary.describe() and "best validation accuracy" in summary.describe()
 
 
+def test_the_test_accuracy_at_best_val_is_best_pts_not_the_final_models(compose_run, tmp_path):
+    # lr 0.1 (reached at the end of the warm-up, all 16 steps here) makes AdamW diverge after the first epoch of 4
+    # steps: validation falls to chance, so best.pt stays epoch 1's and the final model tests differently from it
+    run = ["trainer.max_epochs=4", "trainer.batch_size=256", "optimizer.lr=0.1", "model.depth=2", "logger=none", *QUIET]
+    summary = train(compose_run(*run), tmp_path)
+    assert summary.best_val_epoch == 1 and summary.test_acc != summary.test_acc_at_best_val  # the setup holds
+    from_best = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="best")
+    from_last = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last")
+    assert (from_best["step"], from_last["step"]) == (4, 16)
+    assert from_best["test/acc"] == summary.test_acc_at_best_val and from_best["val/acc"] == summary.best_val_acc
+    assert from_last["test/acc"] == summary.test_acc and from_last["val/acc"] == summary.val_acc
+
+
 def test_without_a_validation_split_nothing_is_selected_and_the_run_says_so(compose_run, tmp_path, caplog):
     run = ["data.val_size=0", "trainer.max_steps=5", "trainer.batch_size=256", "logger=none", *QUIET]
     summary = train(compose_run(*run), tmp_path)
