@@ -1,5 +1,6 @@
 """The training harness end to end: the default run's telemetry, every experiment, exact resume, sweeps, evaluation."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -360,6 +361,25 @@ def test_the_test_accuracy_at_best_val_is_best_pts_not_the_final_models(compose_
     assert (from_best["step"], from_last["step"]) == (4, 16)
     assert from_best["test/acc"] == summary.test_acc_at_best_val and from_best["val/acc"] == summary.best_val_acc
     assert from_last["test/acc"] == summary.test_acc and from_last["val/acc"] == summary.val_acc
+
+
+def test_a_run_resumed_at_an_epoch_end_keeps_its_best_epoch_and_its_unlogged_steps(compose_run, tmp_path,
+                                                                                  monkeypatch, resumed_from):
+    # 10 steps: epochs of 4 (batch 256) end at 4, 8 and the run's end, 10, so the run has 3 epochs. lr 1e-12: every
+    # epoch validates alike, so the best stays epoch 1. The first attempt dies after step 6 and resumes from
+    # epoch 1's last.pt, at step 4: logged at 3, so step 4 is still to be logged, at step 6.
+    run = ["trainer.max_steps=10", "trainer.batch_size=256", "optimizer.lr=1e-12", "trainer.log_every=3",
+           "model.depth=2", "logger=none", *QUIET]
+    whole = train(compose_run(*run), tmp_path / "whole")
+    train_killed_after(6, compose_run(*run), tmp_path / "resumed", monkeypatch)
+    resumed = train(compose_run(*run), tmp_path / "resumed")
+    assert resumed_from() == [(tmp_path / "resumed" / "last.pt", 4)]
+    assert without_timing(read_metrics(tmp_path / "resumed")) == without_timing(read_metrics(tmp_path / "whole"))
+    assert dataclasses.replace(resumed, run_dir="") == dataclasses.replace(whole, run_dir="")
+    assert whole.best_val_epoch == 1 and load_checkpoint(tmp_path / "resumed" / "best.pt")["step"] == 4
+    events = read_metrics(tmp_path / "whole")
+    assert [(e["step"], e["epoch"]) for e in events if "val/acc" in e] == [(4, 1), (8, 2), (10, 3)]
+    assert [(e["step"], e["epoch"]) for e in events if "test/acc" in e] == [(10, 3)]  # the last, partial epoch
 
 
 def test_without_a_validation_split_nothing_is_selected_and_the_run_says_so(compose_run, tmp_path, caplog):
