@@ -18,8 +18,9 @@ from softmoe.collect import main as collect_main
 from softmoe.evaluate import evaluate_run
 from softmoe.harness.checkpoint import CheckpointError, load_checkpoint
 from softmoe.harness.errors import ConfigError, OtherExperimentError
-from softmoe.harness.loop import train
-from softmoe.harness.runs import read_events
+from softmoe.harness.data import build_loader
+from softmoe.harness.loop import evaluate, train
+from softmoe.harness.runs import load_run, read_events
 
 pytestmark = pytest.mark.slow  # end-to-end runs, in this process and as commands
 ROOT = Path(CONF_DIR).parent
@@ -380,6 +381,22 @@ def test_a_run_resumed_at_an_epoch_end_keeps_its_best_epoch_and_its_unlogged_ste
     events = read_metrics(tmp_path / "whole")
     assert [(e["step"], e["epoch"]) for e in events if "val/acc" in e] == [(4, 1), (8, 2), (10, 3)]
     assert [(e["step"], e["epoch"]) for e in events if "test/acc" in e] == [(10, 3)]  # the last, partial epoch
+
+
+def test_a_log_windows_training_loss_and_accuracy_are_those_of_the_examples_it_trained_on(compose_run, tmp_path):
+    # 1,260 training digits (177 held out) in batches of 126: one epoch of 10 steps, logged in two windows of 5.
+    # lr 1e-12 leaves the weights as they were, and with no label smoothing or stochastic depth the two windows
+    # together are the cross-entropy and accuracy of the final model over the whole training split.
+    run = ["data.val_size=177", "trainer.batch_size=126", "trainer.max_steps=10", "trainer.log_every=5",
+           "trainer.label_smoothing=0", "model.drop_path_rate=0", "optimizer.lr=1e-12", "logger=none", *QUIET]
+    train(compose_run(*run), tmp_path)
+    windows = [e for e in read_metrics(tmp_path) if "train/loss" in e]
+    assert [e["step"] for e in windows] == [5, 10]
+    loaded = load_run(tmp_path, "last", device="cpu")
+    assert len(loaded.data.train) == 1260
+    whole = evaluate(loaded.model, build_loader(loaded.data.train, 630, train=False), loaded.device)
+    assert sum(e["train/loss"] for e in windows) / 2 == pytest.approx(whole["loss"], rel=1e-5)
+    assert sum(e["train/acc"] for e in windows) / 2 == pytest.approx(whole["acc"], abs=1e-9)
 
 
 def test_without_a_validation_split_nothing_is_selected_and_the_run_says_so(compose_run, tmp_path, caplog):
