@@ -2,17 +2,23 @@
 
 import json
 import math
+import os
+import socket
 import threading
 import time
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from conftest import wandb_closed_records
 from softmoe import SoftMoEVisionTransformer, capture_routing, moe_layers
+from softmoe.harness.distributed import Distributed
 from softmoe.harness.figures import plot_dispatch_maps, render
 from softmoe.harness.telemetry import (
+    RankZeroTelemetry,
     Telemetry,
     dispatch_maps,
     distribution_summary,
@@ -187,3 +193,38 @@ def test_logged_routing_statistics_match_a_float64_recomputation_from_the_captur
         np.testing.assert_allclose(distributions[prefix + "expert_utilisation"].double().numpy(), expert_shares,
                                    rtol=1e-6)
         assert scalars[prefix + "dispatch_entropy"] != pytest.approx(scalars[prefix + "combine_entropy"])
+
+
+def _log_one_event_on_rank(rank, run_dir, port):
+    """Rank ``rank`` of 2 (gloo, CPU) logs its own numbers at step 7, as every rank of a data-parallel run does."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        writer = Telemetry(run_dir, {"backend": "none"}, {}) if rank == 0 else None
+        telemetry = RankZeroTelemetry(writer, Distributed(rank=rank, world_size=2, data_parallel=True))
+        shares = torch.tensor([1.0, 0.0]) if rank == 0 else torch.tensor([0.0, 1.0])  # each rank one slot
+        scalars = {"train/loss": 1.0 + rank, "train/throughput": 100.0 * (rank + 1)}
+        experts = torch.tensor([0.5, 0.5, 0.0])  # the ranks agree: all on the first two of three experts
+        distributions = {"routing/block0/slot_utilisation": shares, "routing/block0/expert_utilisation": experts}
+        telemetry.log(7, 2, scalars, distributions)
+        telemetry.finish()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # starts two processes
+def test_rank_zero_logs_the_mean_over_ranks_and_the_summed_throughput(tmp_path):
+    """Two ranks' numbers, as rank 0 writes them: losses and distributions averaged, images per second summed (the
+    whole job's rate)."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    mp.start_processes(_log_one_event_on_rank, args=(tmp_path, port), nprocs=2, start_method="spawn")
+    (event,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert event == pytest.approx({
+        "step": 7, "epoch": 2, "train/loss": 1.5, "train/throughput": 300.0,
+        "routing/block0/slot_utilisation_min": 0.5, "routing/block0/slot_utilisation_max": 0.5,
+        "routing/block0/slot_utilisation_entropy": 1.0, "routing/block0/expert_utilisation_min": 0.0,
+        "routing/block0/expert_utilisation_max": 0.5,
+        "routing/block0/expert_utilisation_entropy": math.log(2) / math.log(3),
+    })
