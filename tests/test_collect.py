@@ -5,6 +5,7 @@ files of a real sweep."""
 import io
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -89,6 +90,20 @@ def test_a_cell_over_fewer_runs_than_its_row_says_how_many():
     by, metrics = [], ["routing/block1/dispatch_entropy"]
     lines = sweeps.markdown_table(sweeps.summarize(runs, by, metrics), by, metrics).splitlines()
     assert lines[2] == "| 2 | 50.00% ± 0.00 | 60.00% ± 0.00 | 0.9000 ± n/a (n=1) |"
+
+
+def test_a_cell_is_the_mean_and_the_n_minus_1_std_of_uneven_seeds_computed_by_hand(tmp_path):
+    """Seeds whose test accuracies are uneven (0.70, 0.71, 0.75): their mean (0.72) is not their median (0.71), and
+    the sample std divides by n - 1 = 2, not n = 3."""
+    accuracies = (0.70, 0.71, 0.75)
+    for seed, accuracy in enumerate(accuracies):
+        write_run(tmp_path, seed, ["moe.num_experts=4", f"seed={seed}"], [0.5, 0.6], test=(accuracy, accuracy))
+    mean = sum(accuracies) / 3
+    std = math.sqrt(sum((accuracy - mean) ** 2 for accuracy in accuracies) / (3 - 1))
+    (summary,) = sweeps.summarize(sweeps.load_sweep(tmp_path), [])
+    cell = summary.cells["test/acc (final model)"]
+    assert (cell.mean, cell.std, cell.runs) == (pytest.approx(0.72), pytest.approx(std), 3)
+    assert str(cell) == f"{100 * mean:.2f}% ± {100 * std:.2f}" == "72.00% ± 2.65"
 
 
 @pytest.mark.slow
