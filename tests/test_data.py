@@ -506,6 +506,20 @@ def test_validation_is_held_out_of_train_disjoint_and_fixed_by_split_seed_alone(
     assert build_datasets(data_config("digits"), "/nonexistent").val.indices == digits.val.indices
 
 
+def test_the_cifar_validation_images_are_drawn_by_split_seed_from_the_same_training_files(tmp_path):
+    """CIFAR's test split is its own file, so only data.split_seed can change which training images validate: the
+    same seed draws the same ones, another seed others, from the same 20 training images."""
+    write_cifar(tmp_path, "cifar10", per_file=4)  # 20 training images
+
+    def held_out(split_seed):
+        cfg = data_config("cifar10", root=str(tmp_path), val_size=5, split_seed=split_seed)
+        bundle = build_datasets(cfg, "/nonexistent")
+        assert sorted(bundle.train.indices + bundle.val.indices) == list(range(20))
+        return bundle.val.indices
+
+    assert held_out(0) == held_out(0) and held_out(1) == held_out(1) and held_out(0) != held_out(1)
+
+
 def test_validation_images_are_never_augmented():
     augmented = build_datasets(data_config("digits", augment=True), "/nonexistent")
     plain_images = augmented.train.dataset.images
