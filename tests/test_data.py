@@ -534,6 +534,8 @@ def test_val_size_zero_means_no_validation_split_and_a_fraction_means_a_share():
     assert none.val is None and len(none.train) == 1437
     share = build_datasets(data_config("digits", val_size=0.25), "/nonexistent")
     assert (len(share.train), len(share.val)) == (1078, 359)
+    tenth = build_datasets(data_config("digits", val_size=0.1), "/nonexistent")
+    assert (len(tenth.train), len(tenth.val)) == (1293, 144)  # 143.7 rounds to 144
 
 
 def test_cifar_validation_comes_from_the_training_files_with_the_evaluation_transform(tmp_path):
@@ -562,6 +564,7 @@ def test_synthetic_generates_its_validation_split():
     bundle = build_datasets(cfg, "/nonexistent")
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (16, 8, 4)
     assert not torch.equal(bundle.val[0][0], bundle.train[0][0])
+    assert not any(torch.equal(bundle.val[i][0], bundle.test[i][0]) for i in range(4))  # never the test images
     assert build_datasets(data_config("synthetic", val_size=0), "/nonexistent").val is None
 
 
