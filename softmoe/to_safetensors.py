@@ -22,6 +22,9 @@ from softmoe.harness import sharded_checkpoint
 from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.errors import CheckpointError
 
+PROG = "python -m softmoe.to_safetensors"
+USAGE = PROG + " {checkpoint} {output}"
+
 
 def export(checkpoint: Path, output: Path) -> Path:
     """Write ``checkpoint``'s model (a ``.pt`` file or a sharded ``.dcp`` directory) to ``output``."""
@@ -36,31 +39,40 @@ def argument_problem(checkpoint: Path, output: Path) -> Optional[str]:
     """What is wrong with the two paths, in one line, before anything is read: a checkpoint that is not one, an output
     that would replace a file that is not a ``.safetensors`` file (a training checkpoint: its run could no longer
     resume) or could not be written."""
+    named = {name: str(path) for name, path in (("checkpoint", checkpoint), ("output", output))}
+    given = [text for name, text in named.items() if text.startswith(f"{name}=") and not Path(text).exists()]
+    if given:  # evaluate's checkpoint=last habit: argparse takes "checkpoint=..." as the path itself
+        paths = {name: text.split("=", 1)[1] if text in given else text for name, text in named.items()}
+        return f"{given[0]}: this command takes its two paths in order, without names: {USAGE.format(**paths)}"
     if not checkpoint.exists():
-        return f"checkpoint={checkpoint}: no such file or directory"
+        return f"checkpoint {checkpoint}: no such file or directory"
     if checkpoint.is_dir() and checkpoint.suffix != sharded_checkpoint.SUFFIX:
-        return (f"checkpoint={checkpoint}: a directory, not a checkpoint; name a run's best.pt or last.pt (or a "
+        return (f"checkpoint {checkpoint}: a directory, not a checkpoint; name a run's best.pt or last.pt (or a "
                 "sharded best.dcp or last.dcp directory)")
     if checkpoint.suffix == ".safetensors":
-        return (f"checkpoint={checkpoint}: a .safetensors file, an export already; name the training checkpoint it "
+        return (f"checkpoint {checkpoint}: a .safetensors file, an export already; name the training checkpoint it "
                 "came from (a run's best.pt or last.pt)")
     if output.exists() and output.resolve() == checkpoint.resolve():
-        return f"output={output}: is the checkpoint itself; name a new .safetensors file, e.g. model.safetensors"
+        return f"output {output}: is the checkpoint itself; name a new .safetensors file, e.g. model.safetensors"
     if output.is_dir():
-        return f"output={output}: a directory; name the .safetensors file to write, e.g. {output / 'model.safetensors'}"
+        return f"output {output}: a directory; name the .safetensors file to write, e.g. {output / 'model.safetensors'}"
     if output.exists() and output.suffix != ".safetensors":
-        return (f"output={output}: an existing file that is not a .safetensors file, which this would replace; name a "
+        return (f"output {output}: an existing file that is not a .safetensors file, which this would replace; name a "
                 "new file, or a .safetensors file to overwrite")
     folder = output.parent
     if not folder.is_dir():
-        return f"output={output}: its folder {folder} does not exist"
+        return f"output {output}: its folder {folder} does not exist"
     if not os.access(folder, os.W_OK | os.X_OK):
-        return f"output={output}: its folder {folder} is not writable"
+        return f"output {output}: its folder {folder} is not writable"
     return None
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m softmoe.to_safetensors", description=__doc__.splitlines()[0])
+    lines = __doc__.splitlines()  # the one-line summary, then the two examples
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=lines[0].rstrip(":").replace("``", "") + ".",
+        epilog="examples:\n" + "\n".join(line[2:] for line in lines[2:4]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="last.pt / best.pt, or a sharded last.dcp / best.dcp directory")
     parser.add_argument("output", type=Path, help="the .safetensors file to write")
     args = parser.parse_args(argv)

@@ -100,21 +100,21 @@ def test_to_safetensors_writes_the_model_and_refuses_to_replace_a_checkpoint_in_
     (tmp_path / "read-only").mkdir(mode=0o500)
     refused = {
         # was: both overwrote a training checkpoint with a .safetensors file; that run could no longer resume
-        (last, last): f"output={last}: is the checkpoint itself; name a new .safetensors file, e.g. model.safetensors",
-        (last, other): f"output={other}: an existing file that is not a .safetensors file, which this would replace; "
+        (last, last): f"output {last}: is the checkpoint itself; name a new .safetensors file, e.g. model.safetensors",
+        (last, other): f"output {other}: an existing file that is not a .safetensors file, which this would replace; "
                        "name a new file, or a .safetensors file to overwrite",
         # were: a SafetensorError traceback, once the checkpoint was read
-        (last, tmp_path / "no" / "m.safetensors"): f"output={tmp_path / 'no' / 'm.safetensors'}: its folder "
+        (last, tmp_path / "no" / "m.safetensors"): f"output {tmp_path / 'no' / 'm.safetensors'}: its folder "
                                                    f"{tmp_path / 'no'} does not exist",
-        (last, tmp_path): f"output={tmp_path}: a directory; name the .safetensors file to write, e.g. "
+        (last, tmp_path): f"output {tmp_path}: a directory; name the .safetensors file to write, e.g. "
                           f"{tmp_path / 'model.safetensors'}",
-        (last.parent, tmp_path / "m.safetensors"): f"checkpoint={last.parent}: a directory, not a checkpoint; name a "
+        (last.parent, tmp_path / "m.safetensors"): f"checkpoint {last.parent}: a directory, not a checkpoint; name a "
                                                    "run's best.pt or last.pt (or a sharded best.dcp or last.dcp "
                                                    "directory)",
     }
     if os.geteuid() != 0:  # root writes anywhere
         refused[last, tmp_path / "read-only" / "m.safetensors"] = (
-            f"output={tmp_path / 'read-only' / 'm.safetensors'}: its folder {tmp_path / 'read-only'} is not writable")
+            f"output {tmp_path / 'read-only' / 'm.safetensors'}: its folder {tmp_path / 'read-only'} is not writable")
     for (source, output), message in refused.items():
         assert to_safetensors([str(source), str(output)]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
@@ -124,6 +124,24 @@ def test_to_safetensors_writes_the_model_and_refuses_to_replace_a_checkpoint_in_
     assert torch.equal(load_file(tmp_path / "model.safetensors")["weight"], torch.ones(2))
     # was: "not a softmoe checkpoint of format 1"
     assert to_safetensors([str(tmp_path / "model.safetensors"), str(tmp_path / "again.safetensors")]) == 2
-    assert capsys.readouterr().err == (f"error: checkpoint={tmp_path / 'model.safetensors'}: a .safetensors file, an "
+    assert capsys.readouterr().err == (f"error: checkpoint {tmp_path / 'model.safetensors'}: a .safetensors file, an "
                                        "export already; name the training checkpoint it came from (a run's best.pt "
                                        "or last.pt)\n")
+
+
+def test_to_safetensors_refuses_named_arguments_with_the_positional_command(tmp_path, capsys, monkeypatch):
+    # was: "checkpoint=checkpoint=last.pt: no such file or directory"; and output=m.safetensors wrote a file of
+    # that name. The help and errors name "checkpoint" and "output", positional arguments, not keys as evaluate takes
+    from softmoe.to_safetensors import main as to_safetensors
+
+    monkeypatch.chdir(tmp_path)
+    exportable(tmp_path / "run" / "last.pt")
+    usage = "python -m softmoe.to_safetensors run/last.pt m.safetensors"
+    for argv in (["checkpoint=run/last.pt", "m.safetensors"], ["run/last.pt", "output=m.safetensors"],
+                 ["checkpoint=run/last.pt", "output=m.safetensors"]):
+        assert to_safetensors(argv) == 2
+        named = next(arg for arg in argv if "=" in arg)
+        assert capsys.readouterr().err == (f"error: {named}: this command takes its two paths in order, without "
+                                           f"names: {usage}\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+    assert to_safetensors(["run/last.pt", "m.safetensors"]) == 0
