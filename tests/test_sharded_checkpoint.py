@@ -2,7 +2,7 @@
 (FSDP + 2 expert ranks) and then on 1 process; a one-process checkpoint resumed on 4 FSDP ranks. Every resumed run
 continues with the losses of an uninterrupted one-process run on the same global batches (float32 tolerance).
 And: kill -9 during a sharded save leaves a checkpoint to resume from; of a checkpoint in both formats (a run that
-changed strategy), the newer is read.
+changed strategy), the newer is read; a damaged one names its file, and a run falls back to last.prev.dcp.
 """
 
 import json
@@ -229,3 +229,58 @@ def test_of_a_checkpoint_in_both_formats_the_newer_one_is_read(tmp_path):
     assert RunContext.best_model(run).keys() == model.state_dict().keys()  # best.pt's model, for load_state
     os.utime(tmp_path / "best.pt", ns=(written - 2 * 10**9, written - 2 * 10**9))
     assert RunContext.best_model(run) == str(tmp_path / "best.dcp")  # its directory: each rank reads its pieces
+
+
+def save_twice(run_dir):
+    """A run directory's last.dcp (step 2) and the last.prev.dcp (step 1) kept beside it, and best.pt."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = optimizer_for(model)
+    for step in (1, 2):
+        sharded_checkpoint.save(run_dir, "last.pt", model, optimizer, None, {"format": FORMAT_VERSION, "step": step,
+                                "config": "{}"}, keep_previous=True)
+    save_checkpoint(run_dir / "best.pt", {"format": FORMAT_VERSION, "step": 1, "model": model.state_dict()})
+    return run_dir / "last.dcp"
+
+
+DAMAGES = {  # what is done to last.dcp, and what the message says of it
+    "a shard deleted": (lambda path: (path / "__0_0.distcp").unlink(),
+                        "__0_0.distcp: missing (one of the 1 shard files the saving ranks wrote)"),
+    "a shard truncated": (lambda path: os.truncate(path / "__0_0.distcp", 10),
+                          "__0_0.distcp: truncated (10 bytes, where .metadata records {size})"),
+    "the index deleted": (lambda path: (path / ".metadata").unlink(), ".metadata: missing (DCP's index of the shards)"),
+    "the index truncated": (lambda path: os.truncate(path / ".metadata", 10), ".metadata: unreadable ("),
+    "the train state deleted": (lambda path: (path / "train_state.pt").unlink(),
+                                "train_state.pt: missing (rank 0's step, RNG and config)"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_sharded_checkpoint_names_the_file_what_is_wrong_and_what_to_do(tmp_path, damage, caplog):
+    # were: a FileNotFoundError or EOFError traceback from inside DCP; and a last.dcp without its .metadata was
+    # skipped as if absent, so the rerun started again at step 0 in the run's own directory
+    from softmoe.harness.resume import sharded_resume_checkpoint
+
+    last = save_twice(tmp_path)
+    size = (last / "__0_0.distcp").stat().st_size
+    damage_it, what = DAMAGES[damage]
+    damage_it(last)
+    what = f"{last}/{what.format(size=size)}"
+    for read in (lambda: sharded_checkpoint.read_checkpoint(last),  # to_safetensors
+                 lambda: sharded_checkpoint.read_checkpoint(checkpoint_path(tmp_path, "last"))):  # evaluate
+        with pytest.raises(sharded_checkpoint.CheckpointError) as error:
+            read()
+        assert str(error.value).startswith(what)
+        assert str(error.value).endswith("; restore the file from a copy of last.dcp, or name another of the run's "
+                                         "checkpoints (best.pt, last.prev.dcp)")
+    # the run continues from last.prev.dcp, as from the last.prev.pt beside a damaged last.pt
+    assert sharded_checkpoint.find(tmp_path) == last
+    checkpoint, start_from = sharded_resume_checkpoint(last, tmp_path)
+    assert (start_from, checkpoint["step"]) == (tmp_path / "last.prev.dcp", 1)
+    assert f"; resuming from the checkpoint before it, {tmp_path / 'last.prev.dcp'}" in caplog.text
+    (tmp_path / "last.prev.dcp" / "__0_0.distcp").unlink()
+    with pytest.raises(sharded_checkpoint.CheckpointError) as error:
+        sharded_resume_checkpoint(last, tmp_path)
+    assert str(error.value).startswith(what)
+    assert str(error.value).endswith("; the run cannot continue from last.dcp: restore the file from a copy, or "
+                                     "start a new run directory (a new hydra.run.dir) with "
+                                     f"trainer.resume={tmp_path / 'best.pt'}")

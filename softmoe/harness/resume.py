@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from . import sharded_checkpoint
-from .checkpoint import check_same_experiment, check_same_model, load_resume_checkpoint, resume_path
+from .checkpoint import LAST, check_same_experiment, check_same_model, load_resume_checkpoint, resume_path
 from .errors import CheckpointError, OtherExperimentError
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tup
     if start_from is None:
         return None, None
     if start_from.is_dir():
-        checkpoint = sharded_checkpoint.resume_checkpoint(start_from)
+        checkpoint, start_from = sharded_resume_checkpoint(start_from, run_dir)
     else:
         checkpoint, start_from = load_resume_checkpoint(start_from)
     check_resumable(checkpoint, config, start_from, run_dir)
@@ -62,6 +62,25 @@ def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tup
         log.warning("trainer.resume=%s is ignored: this run directory holds its own %s, which it continues; a "
                     "new run directory starts from trainer.resume", resume, start_from.name)
     return checkpoint, start_from
+
+
+def sharded_resume_checkpoint(path: Path, run_dir: Path) -> tuple[dict[str, Any], Path]:
+    """The sharded checkpoint to resume from and where it came from: ``path``, or when that is damaged and it is a
+    ``last.dcp``, the ``last.prev.dcp`` kept beside it (with a warning saying why), as for ``last.pt``."""
+    found = sharded_checkpoint.problem(path)
+    if found is None:
+        return sharded_checkpoint.resume_checkpoint(path), path
+    previous = sharded_checkpoint.previous(path)
+    if path.name == sharded_checkpoint.directory(Path(), LAST).name and sharded_checkpoint.problem(previous) is None:
+        log.warning("%s; resuming from the checkpoint before it, %s", found, previous)
+        return sharded_checkpoint.resume_checkpoint(previous), previous
+    if path.parent == run_dir:  # the run directory's own, which it continues before any trainer.resume
+        others = [path.parent / name for name in sharded_checkpoint.others(path)]
+        start = f" with trainer.resume={others[0]}" if others else ""
+        raise CheckpointError(f"{found}; the run cannot continue from {path.name}: restore the file from a copy, or "
+                              f"start a new run directory (a new hydra.run.dir){start}")
+    sharded_checkpoint.check(path)  # trainer.resume's: raises, naming the run's other checkpoints
+    return sharded_checkpoint.resume_checkpoint(path), path
 
 
 def saved_config_only(path: Path) -> Optional[dict[str, Any]]:

@@ -63,6 +63,8 @@ def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best") -> Path
         what = "a file, not a directory" if Path(run_dir).exists() else "no such directory"
         raise CheckpointError(f"run_dir={run_dir}: {what} (a training run directory holds best.pt and last.pt)")
     path = sharded_checkpoint.latest(run_dir, f"{checkpoint}.pt")
+    if path is None and sharded_checkpoint.directory(run_dir, checkpoint).is_dir():
+        sharded_checkpoint.check(sharded_checkpoint.directory(run_dir, checkpoint))  # damaged: names the file it lacks
     if path is None and checkpoint == "best" and sharded_checkpoint.latest(run_dir, "last.pt") is not None:
         raise CheckpointError(f"run_dir={run_dir}: holds no best.pt, only last.pt: no validation selected a model "
                               "(data.val_size=0, or a run stopped before its first validation); pass checkpoint=last")

@@ -50,6 +50,7 @@ from .errors import CheckpointError
 log = logging.getLogger(__name__)
 
 SUFFIX = ".dcp"
+LAST_NAME = Path(LAST).stem  # last.dcp, last.prev.dcp
 TRAIN_STATE = "train_state.pt"  # rank 0's non-tensor state, in checkpoint.py's format
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -65,12 +66,63 @@ def is_complete(path: Path) -> bool:
 
 def find(run_dir: Path) -> Optional[Path]:
     """The run directory's sharded ``last`` checkpoint: ``last.dcp``, or ``last.prev.dcp`` when a crash between the
-    two renames of a save left only that one (or a ``last.dcp`` without its metadata)."""
-    for name in ("last", "last.prev"):
-        path = Path(run_dir) / (name + SUFFIX)
-        if is_complete(path):
-            return path
+    two renames of a save left only that one. A ``last.dcp`` missing a file is returned all the same (a save renames
+    only a complete one into place, so it was damaged since): resuming reports it, then falls back as ``last.pt``
+    does (:mod:`.resume`)."""
+    last = Path(run_dir) / (LAST_NAME + SUFFIX)
+    if last.is_dir():
+        return last
+    return previous(last) if is_complete(previous(last)) else None
+
+
+def previous(path: Path) -> Path:
+    """``last.dcp`` -> ``last.prev.dcp``: the checkpoint a save with ``keep_previous`` kept beside it."""
+    return path.with_name(path.name.replace(SUFFIX, ".prev" + SUFFIX))
+
+
+def problem(path: Path) -> Optional[str]:
+    """What is wrong with the sharded checkpoint at ``path``, naming the file at fault: missing, unreadable, or
+    shorter than its ``.metadata`` records (truncated); None when every file it needs is there whole. Reads only the
+    ``.metadata`` file and the others' sizes."""
+    path = Path(path)
+    for name, what in ((".metadata", "DCP's index of the shards"), (TRAIN_STATE, "rank 0's step, RNG and config")):
+        if not (path / name).is_file():
+            return f"{path / name}: missing ({what})"
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as error:  # truncated, flipped bytes, not DCP's: its unpickling fails in many ways
+        return f"{path / '.metadata'}: unreadable ({type(error).__name__}: {str(error).strip() or 'no message'})"
+    needed: dict[str, int] = {}  # shard file -> the bytes its entries reach
+    for entry in metadata.storage_data.values():
+        needed[entry.relative_path] = max(needed.get(entry.relative_path, 0), entry.offset + entry.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{file}: missing (one of the {len(needed)} shard files the saving ranks wrote)"
+        try:
+            with open(file, "rb"):
+                pass
+        except OSError as error:
+            return f"{file}: unreadable ({error.strerror or error})"
+        if file.stat().st_size < size:
+            return f"{file}: truncated ({file.stat().st_size} bytes, where .metadata records {size})"
     return None
+
+
+def others(path: Path) -> list[str]:
+    """The names of the other checkpoints beside ``path`` in its run directory (``best.dcp``, ``last.prev.dcp``)."""
+    return sorted(other.name for other in Path(path).parent.iterdir()
+                  if other != Path(path) and (other.suffix == ".pt" and other.is_file() or is_complete(other)))
+
+
+def check(path: Path) -> None:
+    """Raise :class:`CheckpointError` for a sharded checkpoint :func:`problem` finds wrong: the file, what is wrong
+    with it, and the run's other checkpoints to read instead."""
+    found = problem(path)
+    if found is None:
+        return
+    instead = f"name another of the run's checkpoints ({', '.join(others(path))})" if others(path) else ""
+    raise CheckpointError(f"{found}; restore the file from a copy of {Path(path).name}{instead and ', or '}{instead}")
 
 
 def newer(single: Path, sharded: Optional[Path]) -> Optional[Path]:
@@ -198,8 +250,7 @@ def save(
         dcp.save(global_state(model, _template(model, optimizer), mesh), checkpoint_id=temporary, no_dist=alone)
     if main:
         save_checkpoint(temporary / TRAIN_STATE, train_state)
-        previous = final.with_name(final.name.replace(SUFFIX, ".prev" + SUFFIX))
-        replaced = previous if keep_previous else final.with_name(f".{final.name}.old")
+        replaced = previous(final) if keep_previous else final.with_name(f".{final.name}.old")
         if final.exists():
             shutil.rmtree(replaced, ignore_errors=True)
             os.replace(final, replaced)
@@ -226,8 +277,8 @@ def _fsync_directory(path: Path) -> None:
 
 def read_train_state(path: Path) -> dict[str, Any]:
     """The non-tensor state of a sharded checkpoint (step, schedule, RNG, config, W&B id): rank 0's, as saved."""
-    if not is_complete(path):
-        raise CheckpointError(f"{path}: not a complete sharded checkpoint (no .metadata or {TRAIN_STATE})")
+    if not (Path(path) / TRAIN_STATE).is_file():
+        check(path)  # names the file that is missing
     return load_checkpoint(Path(path) / TRAIN_STATE)
 
 
@@ -291,6 +342,7 @@ def _named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, s
 def read_model(path: Path) -> dict[str, torch.Tensor]:
     """The whole model's single-process state dict from a sharded checkpoint, on this process's CPU (no process
     group needed): for evaluation, upcycling and export, where the model fits one host."""
+    check(path)
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
     state = {
         key: torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -311,4 +363,5 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 def resume_checkpoint(path: Path) -> dict[str, Any]:
     """A sharded checkpoint as the loop resumes it: the train state, with the directory in place of the model and
     optimizer states, which each rank then reads its pieces of (``Distributed.load_state``)."""
+    check(path)
     return {**read_train_state(path), "model": str(path), "optimizer": str(path)}
