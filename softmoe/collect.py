@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from softmoe.harness.errors import USER_ERRORS, ConfigError, NoRunsError, exit_code
 from softmoe.harness.overrides import closest
+from softmoe.harness.rules import counted
 from softmoe.harness.sweeps import (
     RESULT_COLUMNS,
     RunResult,
@@ -115,7 +116,7 @@ def warn_unfinished(runs: Sequence[RunResult], sweep_dir: Optional[Path]) -> Non
     finished_runs(runs)
     unfinished = [str(sweep_dir / run.name) if sweep_dir else run.name for run in runs if not is_finished(run)]
     if unfinished:
-        print(f"warning: left out of the table {len(unfinished)} unfinished run{'' if len(unfinished) == 1 else 's'} "
+        print(f"warning: left out of the table {counted(len(unfinished), 'unfinished run')} "
               f"(no test/acc logged yet): {', '.join(unfinished)}", file=sys.stderr)
 
 
@@ -171,7 +172,7 @@ def collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     plot(summaries, by, column, out / "results.png")
     print(table, end="")
     pooled = sum(summary.runs for summary in summaries)
-    print(f"wrote {out / 'results.md'} and {out / 'results.png'} ({pooled} run{'' if pooled == 1 else 's'})")
+    print(f"wrote {out / 'results.md'} and {out / 'results.png'} ({counted(pooled, 'run')})")
     return 0
 
 

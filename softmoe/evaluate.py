@@ -28,7 +28,7 @@ from softmoe.harness.errors import USER_ERRORS, ConfigError
 from softmoe.harness.loop import evaluate
 from softmoe.harness.overrides import compose_config, composition_error
 from softmoe.harness.plausibility import CONF_DIR
-from softmoe.harness.rules import plain
+from softmoe.harness.rules import counted, plain
 from softmoe.harness.runs import checkpoint_path, load_run
 
 log = logging.getLogger("softmoe.evaluate")
@@ -109,9 +109,9 @@ def main(cfg: DictConfig) -> float:
     for split in ("val", "test"):
         if f"{split}/acc" in result:
             log.info(
-                "%s (step %d): %s accuracy %.2f%%, loss %.4f on %d images",
+                "%s (step %d): %s accuracy %.2f%%, loss %.4f on %s",
                 result["checkpoint"], result["step"], "validation" if split == "val" else "test",
-                100 * result[f"{split}/acc"], result[f"{split}/loss"], result[f"{split}/examples"],
+                100 * result[f"{split}/acc"], result[f"{split}/loss"], counted(result[f"{split}/examples"], "image"),
             )
     log.info("written to %s", result["file"])
     if "routing" in result:

@@ -48,6 +48,7 @@ from softmoe.harness.loop import train
 from softmoe.harness.overrides import composition_error, multirun_flag_first, output_dir, output_dir_error
 from softmoe.harness.plausibility import check_model_choice
 from softmoe.harness.resume_hint import resume_command, resume_hint
+from softmoe.harness.rules import counted
 from softmoe.harness.runs import (
     NewRunDirParents,
     read_sweep_record,
@@ -205,7 +206,7 @@ def main(cfg: DictConfig) -> float:
             say_how_to_resume_after_a_crash(tag, run_dir, after_the_traceback=not multirun)
             raise
         raise
-    log.info("done: %s, %d step%s", summary.describe(), summary.steps, "" if summary.steps == 1 else "s")
+    log.info("done: %s, %s", summary.describe(), counted(summary.steps, "step"))
     entropy = final_dispatch_entropy(summary.run_dir)
     if entropy:
         log.info(entropy)

@@ -165,7 +165,7 @@ def test_expert_parallel_over_nccl_on_two_gpus(tmp_path):
     (run_dir,) = (tmp_path / "runs").glob("*/*")
     assert (run_dir / "last.pt").is_file()
     assert_trained_on_the_gpu_in_bf16(run_dir)
-    assert "expert parallel: 1 data-parallel replicas x 2 expert ranks" in (run_dir / "train.log").read_text()
+    assert "expert parallel: 1 data-parallel replica x 2 expert ranks" in (run_dir / "train.log").read_text()
 
 
 @pytest.mark.parametrize("gpus", [1, 2])

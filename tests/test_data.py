@@ -416,7 +416,7 @@ def _unknown_class(root: Path) -> Path:
 BAD_IMAGES = [
     (_garbage, {}, "unreadable image (UnidentifiedImageError"),
     (_truncated, {}, "unreadable image"),
-    (_grayscale, {"strict_channels": True}, "1 channel(s) (PIL mode L), but data.in_chans=3"),
+    (_grayscale, {"strict_channels": True}, "1 channel (PIL mode L), but data.in_chans=3"),
     (_unknown_class, {}, "its folder 'zebra' is not a class of the training split, so its label is out of range"),
 ]
 

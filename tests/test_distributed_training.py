@@ -147,7 +147,7 @@ def test_two_ranks_match_one_process(runs, job, name):
     assert_same_training(run_dir, single, name)
     # each job ran as its name says: matching one process would not show a sweep value silently ignored
     log = (run_dir / "train.log").read_text()
-    expert_parallel = "expert parallel: 1 data-parallel replicas x 2 expert ranks" in log
+    expert_parallel = "expert parallel: 1 data-parallel replica x 2 expert ranks" in log
     fused = {group["fused"] for group in load_checkpoint(run_dir / "last.pt")["optimizer"]["param_groups"]}
     assert (expert_parallel, fused) == ("expert parallel" in name, {"fused" in name}), (expert_parallel, fused)
 
@@ -160,8 +160,8 @@ def test_four_ranks_on_a_data_by_expert_mesh_resume_an_fsdp_run_and_match_one_pr
     single, sweep = mesh_runs
     assert_same_training(sweep / str(job), single, name)
     log = (sweep / str(job) / "train.log").read_text()
-    replicas, size = (2, 2) if job == 0 else (1, 4)
-    assert f"expert parallel: {replicas} data-parallel replicas x {size} expert ranks" in log
+    mesh = "2 data-parallel replicas x 2 expert ranks" if job == 0 else "1 data-parallel replica x 4 expert ranks"
+    assert f"expert parallel: {mesh}" in log  # was "1 data-parallel replicas"
     assert f"resuming from {fsdp_run[1] / 'last.dcp'} at step 9 of 12" in log
     assert not (sweep / str(job) / "last.dcp").exists()
 

@@ -214,3 +214,26 @@ def test_the_device_check_trains_bit_for_bit_as_the_host_check(compose_run, opti
     device_window, host_window = on_device.window.pop(), on_host.window.pop()  # the skipped batch left out of both
     assert device_window["train/loss"] == host_window["train/loss"] and math.isfinite(host_window["train/loss"])
     assert device_window["train/acc"] == host_window["train/acc"]
+
+
+def test_counts_of_one_are_singular_in_every_message_that_prints_a_count(caplog):
+    # was: "1 data-parallel replicas" (the expert-parallel log line), "in 1 steps in a row", "1 step(s) skipped"
+    from softmoe.harness.rules import counted
+
+    assert [counted(n, "data-parallel replica") for n in (0, 1, 2)] == [
+        "0 data-parallel replicas", "1 data-parallel replica", "2 data-parallel replicas"]
+    assert counted(1, "process", "processes") == "1 process" and counted(3, "process", "processes") == "3 processes"
+    model = torch.nn.Linear(2, 2)
+    model(torch.ones(1, 2)).sum().backward()
+    nan = torch.tensor(float("nan"))
+    with pytest.raises(NonFiniteError, match=r" in 1 step in a row, more than trainer.max_nonfinite_skips=0$"):
+        NonFiniteGuard("skip", max_skips=0).step_is_finite(1, nan, torch.tensor(1.0), model)
+    on_device = NonFiniteGuard("skip", max_skips=0, on_device=True)
+    on_device.flag(1, nan, torch.tensor(1.0))
+    with pytest.raises(NonFiniteError, match=r" in 1 step in a row \(steps 1-1\), more than "):
+        on_device.settle(1)
+    on_device = NonFiniteGuard("skip", max_skips=3, on_device=True)
+    on_device.flag(1, nan, torch.tensor(1.0))
+    with caplog.at_level(logging.WARNING, logger="softmoe.harness.faults"):
+        on_device.settle(1)
+    assert "; 1 step skipped since the last check (trainer.nonfinite=skip), 1 so far" in caplog.text

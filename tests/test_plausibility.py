@@ -69,7 +69,7 @@ def test_a_one_image_validation_split_is_warned_about_in_one_line(compose_run, t
         warn_small_splits(data)
     (record,) = caplog.records
     assert record.getMessage() == (
-        "the validation split holds 1 image(s): its accuracy moves in steps of 100 points, too coarse to mean "
+        "the validation split holds 1 image: its accuracy moves in steps of 100 points, too coarse to mean "
         "anything; give it more (data.val_size)"
     )
 

@@ -244,7 +244,7 @@ def save_twice(run_dir):
 
 DAMAGES = {  # what is done to last.dcp, and what the message says of it
     "a shard deleted": (lambda path: (path / "__0_0.distcp").unlink(),
-                        "__0_0.distcp: missing (one of the 1 shard files the saving ranks wrote)"),
+                        "__0_0.distcp: missing (.metadata lists 1 shard file the saving ranks wrote)"),
     "a shard truncated": (lambda path: os.truncate(path / "__0_0.distcp", 10),
                           "__0_0.distcp: truncated (10 bytes, where .metadata records {size})"),
     "the index deleted": (lambda path: (path / ".metadata").unlink(), ".metadata: missing (DCP's index of the shards)"),

@@ -36,6 +36,7 @@ from .rules import (
     boolean,
     check_known,
     check_section,
+    counted,
     format_value,
     is_int,
     is_number,
@@ -77,7 +78,7 @@ def device_name(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     if not torch.cuda.is_available():
         return "CUDA is not available on this machine; use auto or cpu"
     if index and int(index) >= torch.cuda.device_count():
-        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+        return f"this machine has {counted(torch.cuda.device_count(), 'CUDA device')}"
     return None
 
 
@@ -481,7 +482,8 @@ def _check_expert_parallel(config: Mapping[str, Any], data_parallel: bool, world
         raise ConfigError(f"{asked}: needs MoE layers to split; moe.placement=none builds a dense ViT")
     if size is not None and world_size % size:
         raise ConfigError(
-            f"{asked}: must divide the {world_size} processes (WORLD_SIZE={world_size}) into expert groups"
+            f"{asked}: must divide the {counted(world_size, 'process', 'processes')} (WORLD_SIZE={world_size}) into "
+            "expert groups"
         )
     group = expert_group_size(config, world_size)
     if moe["num_experts"] % group:

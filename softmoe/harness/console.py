@@ -1,7 +1,7 @@
 """What the trainer tells its user beyond the metrics: the upcycling it did, each MoE block's final dispatch entropy,
 and what to run next on the finished run.
 
-    upcycled from dense.pth: every block's weights, and the experts of 2 MoE block(s) [2, 3] start from their
+    upcycled from dense.pth: every block's weights, and the experts of 2 MoE blocks [2, 3] start from their
         block's dense MLP, noise std 0.01
     final dispatch entropy (1 = uniform): block 2 0.52, block 3 0.66
     next: python -m softmoe.evaluate run_dir=outputs/runs/...       # validation and test accuracy, routing.pt
@@ -20,6 +20,7 @@ from softmoe import block_index, moe_layers
 
 from . import sharded_checkpoint
 from .resume_hint import shown_path
+from .rules import counted
 from .telemetry import METRICS_FILE, json_lines
 
 DISPATCH_ENTROPY = re.compile(r"^routing/block(\d+)/dispatch_entropy$")
@@ -32,8 +33,8 @@ def describe_upcycling(model_cfg: Mapping[str, Any], model: nn.Module) -> Option
         return None
     blocks = sorted(block_index(name) for name in moe_layers(model))
     return (
-        f"upcycled from {source}: every block's weights, and the experts of {len(blocks)} MoE block(s) {blocks} "
-        f"start from their block's dense MLP, noise std {model_cfg.get('upcycle_noise_std', 0.0):g}"
+        f"upcycled from {source}: every block's weights, and the experts of {counted(len(blocks), 'MoE block')} "
+        f"{blocks} start from their block's dense MLP, noise std {model_cfg.get('upcycle_noise_std', 0.0):g}"
     )
 
 

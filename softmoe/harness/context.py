@@ -44,6 +44,7 @@ from .gpu_share import cap_cuda_memory, memory_share
 from .state import NO_BEST, TrainState, build_state
 from .plausibility import warn_small_splits
 from .resume import resume_checkpoint
+from .rules import counted
 from .telemetry import METRICS_FILE, RankZeroTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
@@ -134,10 +135,11 @@ def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int,
              device: torch.device) -> None:
     blocks = sorted(block_index(name) for name in moe_layers(model))
     log.info(
-        "model: %s, %s, %.2fM parameters; data=%s: %d train / %d val / %d test images; %d steps, %d per epoch",
+        "model: %s, %s, %.2fM parameters; data=%s: %d train / %d val / %s; %s, %d per epoch",
         config["model"]["name"], f"MoE (router={config['moe']['router']}) in blocks {blocks}" if blocks else "dense",
         whole_model_parameters(model) / 1e6, data.name, len(data.train),
-        len(data.val) if data.val is not None else 0, len(data.test), total_steps, steps_per_epoch,
+        len(data.val) if data.val is not None else 0, counted(len(data.test), "test image"),
+        counted(total_steps, "step"), steps_per_epoch,
     )
     trainer = config["trainer"]  # what trainer.device=auto chose, and how the steps run on it
     compiled = ", torch.compile" if trainer["compile"] else ""
@@ -180,8 +182,9 @@ def open_run(
     steps_per_epoch, total_steps = planned_steps(trainer, len(data.train))
     if steps_per_epoch == 0:  # only for datasets whose size was unknown before they were scanned
         raise ConfigError(  # e.g. a small folder of one's own images: say how far to lower it
-            f"trainer.batch_size={trainer['batch_size']}: larger than the {len(data.train)} training examples of "
-            f"data={config['data']['name']} (what data.val_size={config['data']['val_size']} leaves for training); "
+            f"trainer.batch_size={trainer['batch_size']}: larger than the "
+            f"{counted(len(data.train), 'training example')} of data={config['data']['name']} "
+            f"(what data.val_size={config['data']['val_size']} leaves for training); "
             f"must be at most {len(data.train)}"
         )
 
@@ -189,7 +192,7 @@ def open_run(
     if from_another_run and checkpoint["step"] >= total_steps:
         raise ConfigError(  # else: "resuming at step 10 of 10", then no best.pt of this run to test
             f"trainer.resume={trainer['resume']}: that checkpoint is at step {checkpoint['step']}, already this "
-            f"run's {total_steps} steps; raise trainer.max_steps (or trainer.max_epochs) to train on from it"
+            f"run's {counted(total_steps, 'step')}; raise trainer.max_steps (or trainer.max_epochs) to train on from it"
         )
     state, forward = build_state(config, distributed, total_steps, resuming=checkpoint is not None)
     log_plan(config, data, state.model, total_steps, steps_per_epoch, distributed.device)

@@ -48,6 +48,7 @@ from .config import check_launch, expert_group_size, resolve_device
 from . import fsdp, sharded_checkpoint
 from .data import DataBundle, build_loader
 from .errors import ConfigError, RunDirInUseError
+from .rules import counted
 from .runs import RunDirLock
 from .sampler import ResumableSampler
 
@@ -340,12 +341,14 @@ class Distributed:
             expert_group, data_group = self.mesh["expert"].get_group(), self.mesh["data"].get_group()
             model = parallel.to_expert_parallel(model, expert_group, data_group=data_group, broadcast=broadcast)
             replicas, size = self.mesh.shape
-            log.info("expert parallel: %d data-parallel replicas x %d expert ranks", replicas, size)
+            log.info("expert parallel: %s x %s", counted(replicas, "data-parallel replica"),
+                     counted(size, "expert rank"))
         log.info("checkpoints: %s", self.checkpoint_format)
         if self.fsdp:
             size = self.mesh.shape[1] if self.expert_parallel else None
-            log.info("FSDP2 over %d ranks%s (reshard_after_forward=%s)", self.world_size,
-                     f", experts over {self.world_size // size} replicas" if size else "", self.reshard_after_forward)
+            log.info("FSDP2 over %s%s (reshard_after_forward=%s)", counted(self.world_size, "rank"),
+                     f", experts over {counted(self.world_size // size, 'replica')}" if size else "",
+                     self.reshard_after_forward)
             model = fsdp.shard_model(model, self.device.type, expert_mesh=self.mesh, precision=self.precision,
                                      reshard_after_forward=self.reshard_after_forward, broadcast=broadcast)
         return model

@@ -45,6 +45,7 @@ from torch import nn
 
 from .checkpoint import LAST
 from .errors import NONFINITE_EXIT_CODE, NonFiniteError, preempted_exit_code
+from .rules import counted
 from .sweep_console import EVERY_JOB
 
 log = logging.getLogger(__name__)
@@ -315,7 +316,7 @@ class NonFiniteGuard:
         self.consecutive += 1
         if self.consecutive > self.max_skips:
             raise NonFiniteError(
-                f"step {step}: {what} ({where}) in {self.consecutive} steps in a row, more than "
+                f"step {step}: {what} ({where}) in {counted(self.consecutive, 'step')} in a row, more than "
                 f"trainer.max_nonfinite_skips={self.max_skips}"
             )
         log.warning(
@@ -352,13 +353,13 @@ class NonFiniteGuard:
         if over >= 0:
             run = f"steps {int(over) - self.max_skips}-{int(over)}"
             raise NonFiniteError(
-                f"step {int(over)}: a non-finite loss or gradient norm in {self.max_skips + 1} steps in a row ({run}), "
-                f"more than trainer.max_nonfinite_skips={self.max_skips} ({checked})"
+                f"step {int(over)}: a non-finite loss or gradient norm in {counted(self.max_skips + 1, 'step')} in a "
+                f"row ({run}), more than trainer.max_nonfinite_skips={self.max_skips} ({checked})"
             )
         self.skipped += int(skipped)
         log.warning(
-            "step %d: %s (%s); %d step(s) skipped since the last check (trainer.nonfinite=skip), %d so far",
-            int(first), what, checked, int(skipped), self.skipped,
+            "step %d: %s (%s); %s skipped since the last check (trainer.nonfinite=skip), %d so far",
+            int(first), what, checked, counted(int(skipped), "step"), self.skipped,
         )
         self._counts = self._fresh_counts(self._counts.device, self.consecutive)  # a run of bad steps carries over
 

@@ -38,6 +38,7 @@ from torch import nn
 from softmoe.capture import moe_layers
 
 from .model import build_model, moe_blocks, num_tokens
+from .rules import counted
 
 GIB = 1024**3
 FLOAT32 = 4
@@ -258,12 +259,12 @@ def format_plan(plan: Plan, title: str) -> str:
     shapes = plan.shapes
     unit, size = ("GiB", GIB) if max(row.total for row in plan.rows) >= GIB else ("MiB", 1024**2)
     lines = [
-        f"### {title}: {plan.world_size} GPUs of {plan.gpu_memory_gb:g} GB ({plan.gpus_per_node} per node), "
+        f"### {title}: {counted(plan.world_size, 'GPU')} of {plan.gpu_memory_gb:g} GB ({plan.gpus_per_node} per node), "
         f"global batch {plan.batch_size}",
         "",
         f"{_count(shapes.num_parameters)} parameters ({_count(sum(map(math.prod, shapes.experts)))} in "
-        f"experts, {shapes.moe_block_count} MoE blocks of {shapes.num_experts} experts); "
-        f"{math.ceil(plan.batch_size / plan.world_size)} images per rank.",
+        f"experts, {counted(shapes.moe_block_count, 'MoE block')} of {counted(shapes.num_experts, 'expert')}); "
+        f"{counted(math.ceil(plan.batch_size / plan.world_size), 'image')} per rank.",
         "",
         f"{unit} per rank, most preferred layout first:",
         "",

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 
 from .errors import ConfigError
 from .model import moe_blocks, num_tokens
-from .rules import format_value
+from .rules import counted, format_value
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,6 @@ def warn_small_splits(data) -> None:
             step = 100 / len(dataset)
             key = "data.val_size" if split == "validation" else "the test data"
             log.warning(
-                "the %s split holds %d image(s): its accuracy moves in steps of %.0f points, too coarse to mean "
-                "anything; give it more (%s)", split, len(dataset), step, key,
+                "the %s split holds %s: its accuracy moves in steps of %.0f points, too coarse to mean "
+                "anything; give it more (%s)", split, counted(len(dataset), "image"), step, key,
             )

@@ -3,7 +3,8 @@
 A rule takes a value and the section it sits in (for checks across keys) and returns None for a good value,
 else what is allowed: ``"must be a positive integer"``. :func:`check_section` names the key and raises
 :class:`ConfigError`: ``<section>.<key>=<value>: <rule's text>``. :func:`plain` turns a config into the plain,
-resolved dict the checks (and the run) read. :func:`closest_key` is the one "did you mean": an unknown key typed on the
+resolved dict the checks (and the run) read. :func:`format_value` and :func:`counted` are how a message writes a
+value and a count. :func:`closest_key` is the one "did you mean": an unknown key typed on the
 command line (``overrides.py``) or written in a config file (:func:`check_known`) is named with the closest known one.
 """
 
@@ -142,6 +143,11 @@ def format_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(map(format_value, value)) + "]"
     return str(value)
+
+
+def counted(number: int, noun: str, plural: Optional[str] = None) -> str:
+    """``number`` and ``noun`` as a message says them: ``1 replica``, ``2 replicas`` (``plural``, when not noun + s)."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
 
 
 def closest(word: str, candidates: Sequence[str]) -> str:

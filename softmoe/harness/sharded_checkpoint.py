@@ -46,6 +46,7 @@ from softmoe import parallel
 
 from .checkpoint import LAST, load_checkpoint, save_checkpoint
 from .errors import CheckpointError
+from .rules import counted
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def problem(path: Path) -> Optional[str]:
     for name, size in sorted(needed.items()):
         file = path / name
         if not file.is_file():
-            return f"{file}: missing (one of the {len(needed)} shard files the saving ranks wrote)"
+            return f"{file}: missing (.metadata lists {counted(len(needed), 'shard file')} the saving ranks wrote)"
         try:
             with open(file, "rb"):
                 pass

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import cifar, digits, fashion_mnist, imagefolder, synthetic
 from .common import BadDataError, DataBundle, MissingDataError
+from ..rules import counted
 from .splits import with_validation
 from .config import DATASETS, checked_config, dataset_size, check_data_config
 
@@ -69,9 +70,9 @@ def build_datasets(data_cfg: Any, data_dir: str) -> DataBundle:
     bundle = with_validation(_BUILDERS[cfg["name"]](cfg, root), cfg["val_size"], cfg.get("split_seed", 0))
     if bundle.skipped:
         log.warning(
-            "data=%s: skipped %d bad example(s) (data.on_bad_file=skip); the first: %s",
+            "data=%s: skipped %s (data.on_bad_file=skip); the first: %s",
             bundle.name,
-            bundle.skipped,
+            counted(bundle.skipped, "bad example"),
             bundle.skipped_reasons[0],
         )
     return bundle
@@ -100,8 +101,8 @@ def build_loader(
     drop_last = train if drop_last is None else drop_last
     if drop_last and sampler is None and len(dataset) < batch_size:
         raise ValueError(
-            f"batch_size={batch_size}: larger than the {len(dataset)} examples of this split, so dropping the last "
-            "partial batch leaves none; lower trainer.batch_size"
+            f"batch_size={batch_size}: larger than the {counted(len(dataset), 'example')} of this split, so dropping "
+            "the last partial batch leaves none; lower trainer.batch_size"
         )
     return DataLoader(
         dataset,

@@ -38,6 +38,7 @@ from torch.utils.data import Dataset, Sampler, Subset
 from torchvision.transforms import v2
 
 from ..errors import ConfigError
+from ..rules import counted
 from .common import with_transform
 from .digits import TensorImages
 from .splits import dataset_labels
@@ -232,6 +233,6 @@ def put_on_device(loaders, data_train: Dataset, setting, device: torch.device, m
                 setattr(loaders, name, device_loader(loader.dataset, loader.batch_size, device=device, train=False,
                                                      max_bytes=limit))
                 moved.append(name)
-    log.info("trainer.data_on_device=%s: %s on %s, batched there (%d training images, %d augmentation step(s))",
-             str(setting).lower(), " / ".join(moved), device, len(loaders.train.labels),
-             len(loaders.train.augmentation))
+    log.info("trainer.data_on_device=%s: %s on %s, batched there (%s, %s)", str(setting).lower(), " / ".join(moved),
+             device, counted(len(loaders.train.labels), "training image"),
+             counted(len(loaders.train.augmentation), "augmentation step"))

@@ -26,6 +26,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from ..errors import ConfigError
+from ..rules import counted
 from .common import BadDataError, BadExamples, DataBundle, MissingDataError, log_source, with_transform
 
 SPLIT_DIRS = {"train": "train", "test": "val"}  # DataBundle split -> folder under data.root
@@ -47,7 +48,7 @@ def read_image(path: str, in_chans: int, strict_channels: bool, decode: bool = T
         raise BadDataError(f"{path}: unreadable image ({type(error).__name__}: {error})") from error
     if strict_channels and len(bands) != in_chans:
         raise BadDataError(
-            f"{path}: {len(bands)} channel(s) (PIL mode {''.join(bands)}), but data.in_chans={in_chans} "
+            f"{path}: {counted(len(bands), 'channel')} (PIL mode {''.join(bands)}), but data.in_chans={in_chans} "
             "and data.strict_channels=true"
         )
     return image
@@ -153,8 +154,8 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
     split_dirs, classes, class_to_idx = _split_dirs_and_classes(root)
     if len(classes) > cfg["num_classes"]:
         raise ConfigError(  # the train command's one line, exit 2 (a ValueError printed a traceback)
-            f"data.num_classes={cfg['num_classes']}: {split_dirs['train']} has {len(classes)} class folders; "
-            f"set data.num_classes={len(classes)} or more"
+            f"data.num_classes={cfg['num_classes']}: {split_dirs['train']} has "
+            f"{counted(len(classes), 'class folder')}; set data.num_classes={len(classes)} or more"
         )
 
     input_size = (cfg["in_chans"], cfg["img_size"], cfg["img_size"])
