@@ -145,3 +145,56 @@ def test_to_safetensors_refuses_named_arguments_with_the_positional_command(tmp_
                                            f"names: {usage}\n")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
     assert to_safetensors(["run/last.pt", "m.safetensors"]) == 0
+
+
+def test_each_unusable_trainer_resume_says_what_is_wrong_and_what_to_do_instead(compose_run, tmp_path):
+    # were: "<file>: not a softmoe checkpoint of format 1" without the key or what to name; "resume with the same
+    # model or start a new run directory" for trainer.resume, which already starts a new run directory; a
+    # .safetensors export read as a checkpoint; "no such checkpoint file, or null"
+    import json
+
+    from softmoe.harness.config import check_config
+    from softmoe.harness.errors import ConfigError, OtherExperimentError
+    from softmoe.harness.resume import resume_checkpoint
+    from softmoe.harness.rules import plain
+
+    config = plain(compose_run())
+    good = tmp_path / "other" / "last.pt"
+    good.parent.mkdir()
+    save_checkpoint(good, {**state(3), "config": json.dumps(config)})
+    weights, text = tmp_path / "dense.pth", tmp_path / "config.yaml"
+    torch.save({"weight": torch.ones(2)}, weights)
+    text.write_text("seed: 0\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    instead = "name a run's last.pt, best.pt or last.dcp to start from, or null to start afresh"
+    expected = {
+        text: f"trainer.resume={text}: not a readable checkpoint (not a file torch.save wrote); {instead}",
+        weights: f"trainer.resume={weights}: not a softmoe checkpoint of format 1; {instead}; to start an MoE model "
+                 "from a dense ViT's weights, set model.upcycle_from to the file instead",
+    }
+    for path, message in expected.items():
+        with pytest.raises(CheckpointError) as raised:
+            resume_checkpoint(run_dir, str(path), config)
+        assert str(raised.value) == message
+    deeper = {**config, "model": {**config["model"], "depth": config["model"]["depth"] + 1}}
+    depth, saved = deeper["model"]["depth"], config["model"]["depth"]
+    with pytest.raises(CheckpointError) as raised:
+        resume_checkpoint(run_dir, str(good), deeper)
+    assert str(raised.value) == (
+        f"model.depth={depth}: trainer.resume's checkpoint {good} was saved with model.depth={saved}, another model, "
+        f"whose weights this one cannot take; start from it with model.depth={saved}, or set trainer.resume=null to "
+        "train afresh")
+    with pytest.raises(OtherExperimentError) as raised:  # the run directory's own checkpoint
+        resume_checkpoint(good.parent, None, deeper)
+    assert str(raised.value) == (
+        f"model.depth={depth}: this run directory's checkpoint {good} was saved with model.depth={saved}, and a run "
+        f"directory resumes only the experiment it holds; rerun with model.depth={saved}, or give this run a new run "
+        "directory (a new hydra.run.dir, or hydra.sweep.dir for a sweep)")
+    export = tmp_path / "model.safetensors"
+    export.write_bytes(b"{}")
+    with pytest.raises(ConfigError) as raised:  # refused before anything is read or built
+        check_config(compose_run(f"trainer.resume={export}"))
+    assert str(raised.value) == (
+        f"trainer.resume={export}: an export of a model's weights (python -m softmoe.to_safetensors), not a training "
+        "checkpoint: name the last.pt or best.pt it was exported from, or null to start afresh")

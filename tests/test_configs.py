@@ -173,7 +173,7 @@ BAD_OVERRIDES = [
     (["trainer.precision=fp8"], ["trainer.precision=fp8", "fp32, bf16, fp16"]),
     (["trainer.device=tpu"], ["trainer.device=tpu", "auto, cpu, cuda"]),
     (["trainer.log_every=0"], ["trainer.log_every=0", "positive integer"]),
-    (["trainer.resume=/nonexistent/last.pt"], ["trainer.resume=/nonexistent/last.pt", "no such checkpoint file"]),
+    (["trainer.resume=/nonexistent/last.pt"], ["trainer.resume=/nonexistent/last.pt", "no such file or directory"]),
     (["+trainer.epochs=3"], ["trainer.epochs=3", "not a key of the trainer group"]),
     (["model.patch_size=3"], ["model.patch_size=3", "divide", "data.img_size=8"]),
     (["model.num_heads=5"], ["model.num_heads=5", "model.embed_dim=64"]),
@@ -228,13 +228,14 @@ def test_a_run_directory_given_as_a_checkpoint_names_the_checkpoint_in_it(compos
     empty.mkdir()
     (run_dir / "last.pt").write_bytes(b"")
     expected = {
-        f"trainer.resume={run_dir}": f"trainer.resume={run_dir}: a run directory, not a checkpoint; name one of its "
-        f"checkpoints ({run_dir / 'last.pt'}) to start a new run from it; to continue that run instead, set "
-        f"hydra.run.dir={run_dir}, or null",
+        # was: "...; to continue that run instead, set hydra.run.dir=<run>, or null"
+        f"trainer.resume={run_dir}": f"trainer.resume={run_dir}: a run directory, not a checkpoint: to start a new "
+        f"run from it, name one of its checkpoints (trainer.resume={run_dir / 'last.pt'}); to continue that run, set "
+        f"hydra.run.dir={run_dir} instead",
         f"model.upcycle_from={run_dir}": f"model.upcycle_from={run_dir}: a run directory, not a checkpoint; name one "
         f"of its checkpoints ({run_dir / 'last.pt'}), or null",
-        f"trainer.resume={empty}": f"trainer.resume={empty}: a directory holding no checkpoint (last.pt, best.pt); "
-        "name a checkpoint file, or null",
+        f"trainer.resume={empty}": f"trainer.resume={empty}: a directory holding no checkpoint; name another run's "
+        "checkpoint (its last.pt, best.pt or last.dcp) to start from, or null to start afresh",
     }
     for override, message in expected.items():
         with pytest.raises(ConfigError) as raised:

@@ -195,8 +195,9 @@ def test_a_later_jobs_run_directory_holding_another_experiment_is_named_before_a
     # another model's checkpoint, named as the run names it
     assert sweep_job_error(["-m", "seed=0,1", "optimizer.lr=0.01", "moe.num_experts=4",
                             f"hydra.sweep.dir={tmp_path}"], "train").startswith(
-        f"job 1 (seed=1): moe.num_experts=4: the checkpoint {tmp_path / '1' / checkpoint} was saved with "
-        "moe.num_experts=16; resume with the same model")
+        f"job 1 (seed=1): moe.num_experts=4: this run directory's checkpoint {tmp_path / '1' / checkpoint} was "
+        "saved with moe.num_experts=16, and a run directory resumes only the experiment it holds; rerun with "
+        "moe.num_experts=16")
 
 
 def test_a_checkpoint_the_check_cannot_read_is_left_to_the_job(tmp_path):

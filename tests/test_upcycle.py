@@ -297,5 +297,6 @@ def test_a_run_saved_before_upcycling_existed_still_resumes(compose_run, tmp_pat
     del older["model"]["upcycle_from"], older["model"]["upcycle_noise_std"]
     check_same_model({"config": json.dumps(older)}, config, tmp_path / "last.pt")  # the starting weights may differ
     older["model"]["depth"] = 2
-    with pytest.raises(CheckpointError, match="model.depth=4: the checkpoint .* was saved with model.depth=2"):
+    with pytest.raises(CheckpointError, match="model.depth=4: trainer.resume's checkpoint .* was saved with "
+                       "model.depth=2"):
         check_same_model({"config": json.dumps(older)}, config, tmp_path / "last.pt")  # the architecture may not

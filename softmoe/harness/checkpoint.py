@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 LAST = "last.pt"
 BEST = "best.pt"
+NOT_A_CHECKPOINT = f"not a softmoe checkpoint of format {FORMAT_VERSION}"  # a file torch.load reads: weights alone?
 PREVIOUS = "last.prev.pt"  # the `last` before the newest one, kept in case the newest is damaged
 
 
@@ -105,7 +106,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as error:  # truncated, corrupted, or carrying objects other than tensors and containers
         raise CheckpointError(f"{path}: not a readable checkpoint ({why_torch_load_failed(error)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: not a softmoe checkpoint of format {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}")
     if "checksum" in state:
         stored = state.pop("checksum")
         if content_checksum(state) != stored:
@@ -143,16 +144,15 @@ def saved_config(state: dict[str, Any]) -> dict[str, Any]:
     return json.loads(state["config"])
 
 
-def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path, *, own: bool = False) -> None:
     """Refuse to resume a checkpoint whose ``model`` or ``moe`` config, or whose optimizer class, differs from this
-    run's (another optimizer's state does not fit: SGD's has no Adam moments)."""
+    run's (another optimizer's state does not fit: SGD's has no Adam moments). ``own``: the run directory's own
+    checkpoint, else ``trainer.resume``'s; each is refused with what to do in its case."""
     saved = saved_config(state)
     before, now = (cfg.get("optimizer", {}).get("_target_") for cfg in (saved, config))
     if before is not None and before != now:
-        raise CheckpointError(
-            f"optimizer._target_={now}: the checkpoint {path} was saved with optimizer._target_={before}, whose "
-            "state another optimizer cannot take; resume with the same optimizer or start a new run directory"
-        )
+        raise CheckpointError(_refusal("optimizer._target_", now, before, path, own,
+                                       "whose state another optimizer cannot take"))
     for section in ("model", "moe"):
         for key in sorted(set(saved[section]) | set(config[section])):
             if (section, key) == ("moe", "expert_parallel"):
@@ -161,10 +161,17 @@ def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path) 
                 continue  # where the weights started, not which model: a resumed run takes the checkpoint's
             before, now = saved[section].get(key), config[section].get(key)
             if before != now:
-                raise CheckpointError(
-                    f"{section}.{key}={json.dumps(now)}: the checkpoint {path} was saved with {section}.{key}="
-                    f"{json.dumps(before)}; resume with the same model or start a new run directory"
-                )
+                raise CheckpointError(_refusal(f"{section}.{key}", json.dumps(now), json.dumps(before), path, own,
+                                               "another model, whose weights this one cannot take"))
+
+
+def _refusal(key: str, now: str, before: str, path: Path, own: bool, why: str) -> str:
+    if own:  # a rerun in the run directory: it holds that run, which a new directory leaves alone
+        return (f"{key}={now}: this run directory's checkpoint {path} was saved with {key}={before}, and a run "
+                f"directory resumes only the experiment it holds; rerun with {key}={before}, or give this run a new "
+                "run directory (a new hydra.run.dir, or hydra.sweep.dir for a sweep)")
+    return (f"{key}={now}: trainer.resume's checkpoint {path} was saved with {key}={before}, {why}; start from it with "
+            f"{key}={before}, or set trainer.resume=null to train afresh")
 
 
 # Keys (or whole sections) that change where a run reads and writes, how fast it computes and what it logs, not what

@@ -23,10 +23,9 @@ from omegaconf import DictConfig
 from softmoe.upcycle import UnreadableCheckpointError, check_upcycle, load_state_dict
 from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 
-from . import sharded_checkpoint
-from .checkpoint import BEST, LAST
 from .data import check_data_config, dataset_size
 from .errors import ConfigError
+from .resume import existing_checkpoint, resumable_checkpoint
 from .plausibility import check_model_name, check_slot_count, check_token_count
 from .model import CODE_ONLY_VIT_ARGUMENTS, PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
 from .vit_arguments import vit_argument_rules
@@ -80,27 +79,6 @@ def device_name(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     if index and int(index) >= torch.cuda.device_count():
         return f"this machine has {counted(torch.cuda.device_count(), 'CUDA device')}"
     return None
-
-
-def existing_checkpoint(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    """A checkpoint file (``last.pt``) or a sharded checkpoint's directory (``last.dcp``, with DCP's ``.metadata``)."""
-    path = Path(value).expanduser() if isinstance(value, str) and value else None
-    if path is not None and (path.is_file() or (path / ".metadata").is_file()):
-        return None
-    if path is not None and path.is_dir():
-        inside = next(filter(None, (sharded_checkpoint.latest(path, name) for name in (LAST, BEST))), None)
-        if inside is not None:  # a run directory: the checkpoint in it was meant
-            return f"a run directory, not a checkpoint; name one of its checkpoints ({inside})"
-        return "a directory holding no checkpoint (last.pt, best.pt); name a checkpoint file"
-    return "no such checkpoint file"
-
-
-def resumable_checkpoint(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    """:func:`existing_checkpoint`; a run directory's own checkpoint is also continued in place, its run resumed."""
-    problem = existing_checkpoint(value, cfg)
-    if problem and problem.startswith("a run directory"):
-        return f"{problem} to start a new run from it; to continue that run instead, set hydra.run.dir={value}"
-    return problem
 
 
 def betas(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
@@ -167,7 +145,7 @@ TRAINER_RULES: dict[str, Rule] = {
     "log_every": positive_int,
     "checkpoint_every": optional(positive_int),
     "progress_bar": boolean,
-    "resume": optional(resumable_checkpoint),
+    "resume": resumable_checkpoint,  # says null itself, as its own sentence
     "strategy": one_of("auto", "single", "ddp", "fsdp"),
     "reshard_after_forward": boolean,
     "activation_checkpointing": boolean,

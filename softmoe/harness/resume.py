@@ -5,22 +5,82 @@ A run continues from its run directory's own ``last.pt`` (or FSDP's ``last.dcp``
 experiment (:class:`~.errors.OtherExperimentError`): the directory would report the old run's results under the new
 values. :func:`resume_checkpoint` is the run's own check, on the checkpoint it loads; :func:`resume_refusal` asks
 the same before a sweep starts (``sweep_check``), reading only each checkpoint's config, so that a rerun one job
-would refuse starts no job at all rather than running those before it.
+would refuse starts no job at all rather than running those before it. :func:`resumable_checkpoint` is
+``trainer.resume``'s config rule, each refusal saying what to name instead.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
 from . import sharded_checkpoint
-from .checkpoint import LAST, check_same_experiment, check_same_model, load_resume_checkpoint, resume_path
+from .checkpoint import (
+    BEST,
+    LAST,
+    NOT_A_CHECKPOINT,
+    check_same_experiment,
+    check_same_model,
+    load_resume_checkpoint,
+    resume_path,
+)
 from .errors import CheckpointError, OtherExperimentError
 
 log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- config rules
+# trainer.resume and model.upcycle_from (config.py applies them, before anything is read or built)
+
+
+def _checkpoint_in(directory: Path) -> Optional[Path]:
+    """The checkpoint in a run directory given where a checkpoint was asked for: its last, else its best."""
+    return next(filter(None, (sharded_checkpoint.latest(directory, name) for name in (LAST, BEST))), None)
+
+
+def existing_checkpoint(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    """A checkpoint file (``last.pt``) or a sharded checkpoint's directory (``last.dcp``, with DCP's ``.metadata``)."""
+    path = Path(value).expanduser() if isinstance(value, str) and value else None
+    if path is not None and (path.is_file() or (path / ".metadata").is_file()):
+        return None
+    if path is not None and path.is_dir() and path.suffix == sharded_checkpoint.SUFFIX:
+        return f"a sharded checkpoint that cannot be read: {sharded_checkpoint.problem(path)}"
+    if path is not None and path.is_dir():
+        inside = _checkpoint_in(path)
+        if inside is not None:  # a run directory: the checkpoint in it was meant
+            return f"a run directory, not a checkpoint; name one of its checkpoints ({inside})"
+        return "a directory holding no checkpoint (last.pt, best.pt); name a checkpoint file"
+    return "no such checkpoint file"
+
+
+START_FROM = "name another run's checkpoint (its last.pt, best.pt or last.dcp) to start from, or null to start afresh"
+
+
+def resumable_checkpoint(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    """null, or :func:`existing_checkpoint`, each refusal saying what to name instead; a run directory's own
+    checkpoint is continued in place instead, its run resumed (``hydra.run.dir``)."""
+    problem = None if value is None else existing_checkpoint(value, cfg)
+    if problem is None and str(value).endswith(".safetensors"):
+        return ("an export of a model's weights (python -m softmoe.to_safetensors), not a training checkpoint: name "
+                "the last.pt or best.pt it was exported from, or null to start afresh")
+    if problem is None:
+        return None
+    if problem.startswith("a sharded checkpoint"):
+        return f"{problem}; restore the file from a copy, or name another checkpoint to start from, or null"
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        return f"no such file or directory; {START_FROM}"
+    inside = _checkpoint_in(path)
+    if inside is None:
+        return f"a directory holding no checkpoint; {START_FROM}"
+    return (f"a run directory, not a checkpoint: to start a new run from it, name one of its checkpoints "
+            f"(trainer.resume={inside}); to continue that run, set hydra.run.dir={value} instead")
+
+
+# ----------------------------------------------------------------------------------------------- the run's own
 
 
 def checkpoint_to_resume(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
@@ -37,7 +97,7 @@ def check_resumable(checkpoint: dict[str, Any], config: dict[str, Any], start_fr
     from the run directory itself, another experiment's (:class:`~.errors.OtherExperimentError`)."""
     own = start_from.parent == run_dir  # not trainer.resume's: this directory's run, to continue as it was started
     try:
-        check_same_model(checkpoint, config, start_from)
+        check_same_model(checkpoint, config, start_from, own=own)
     except CheckpointError as error:
         if own:  # the directory holds another model's run: refused as another experiment's is
             raise OtherExperimentError(str(error)) from None
@@ -53,15 +113,31 @@ def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tup
     start_from = checkpoint_to_resume(run_dir, resume)
     if start_from is None:
         return None, None
-    if start_from.is_dir():
-        checkpoint, start_from = sharded_resume_checkpoint(start_from, run_dir)
-    else:
-        checkpoint, start_from = load_resume_checkpoint(start_from)
+    try:
+        if start_from.is_dir():
+            checkpoint, start_from = sharded_resume_checkpoint(start_from, run_dir)
+        else:
+            checkpoint, start_from = load_resume_checkpoint(start_from)
+    except CheckpointError as error:
+        if start_from.parent == run_dir:  # the run directory's own: its message says what to do
+            raise
+        raise CheckpointError(unusable_resume(resume, start_from, error)) from None
     check_resumable(checkpoint, config, start_from, run_dir)
     if start_from.parent == run_dir and resume and Path(resume).expanduser().resolve() != start_from.resolve():
         log.warning("trainer.resume=%s is ignored: this run directory holds its own %s, which it continues; a "
                     "new run directory starts from trainer.resume", resume, start_from.name)
     return checkpoint, start_from
+
+
+def unusable_resume(resume: str, path: Path, error: CheckpointError) -> str:
+    """``trainer.resume``'s checkpoint could not be read (``error``): the key, what is wrong, what to name instead."""
+    problem = str(error).removeprefix(f"{path}: ")
+    if path.is_dir():  # a sharded checkpoint's message names its file and the run's other checkpoints
+        return f"trainer.resume={resume}: {problem}"
+    instead = "name a run's last.pt, best.pt or last.dcp to start from, or null to start afresh"
+    if problem == NOT_A_CHECKPOINT:  # torch.load reads it: a model's weights, likely
+        instead += "; to start an MoE model from a dense ViT's weights, set model.upcycle_from to the file instead"
+    return f"trainer.resume={resume}: {problem}; {instead}"
 
 
 def sharded_resume_checkpoint(path: Path, run_dir: Path) -> tuple[dict[str, Any], Path]:
