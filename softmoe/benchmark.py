@@ -3,9 +3,8 @@
     python -m softmoe.benchmark --help
 """
 
-import sys
-
 from softmoe.bench.cli import main
+from softmoe.harness.errors import run_command
 
 if __name__ == "__main__":
-    sys.exit(1 if main().get("failed") else 0)  # a suite section that failed: its figures are missing
+    run_command(lambda: 1 if main().get("failed") else 0)  # a suite section that failed: its figures are missing

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from softmoe.harness.errors import USER_ERRORS, ConfigError, NoRunsError, exit_code
+from softmoe.harness.errors import USER_ERRORS, ConfigError, NoRunsError, exit_code, run_command
 from softmoe.harness.overrides import closest
 from softmoe.harness.rules import counted
 from softmoe.harness.sweeps import (
@@ -177,4 +177,4 @@ def collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from softmoe import capture_routing
 from softmoe.harness.data import build_loader
 from softmoe.harness.config import check_evaluate
-from softmoe.harness.errors import USER_ERRORS, ConfigError
+from softmoe.harness.errors import USER_ERRORS, ConfigError, run_command
 from softmoe.harness.loop import evaluate
 from softmoe.harness.overrides import compose_config, composition_error
 from softmoe.harness.plausibility import CONF_DIR
@@ -155,10 +155,15 @@ def argument_error(argv: list[str]) -> Optional[str]:
     return None
 
 
-if __name__ == "__main__":
+def command_line() -> None:
+    """``python -m softmoe.evaluate``: the checks Hydra would make too late, then Hydra's main."""
     argv = sys.argv[1:]
     error = composition_error(argv, "evaluate") or missing_run_error(argv) or argument_error(argv)
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    run_command(command_line)

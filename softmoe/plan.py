@@ -18,7 +18,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from softmoe.harness.config import check_config, check_launch
-from softmoe.harness.errors import ConfigError
+from softmoe.harness.errors import ConfigError, run_command
 from softmoe.harness.memory import Plan, format_plan, make_plan, model_shapes
 from softmoe.harness.overrides import composition_error
 from softmoe.harness.rules import format_value, plain, positive_int, positive_number
@@ -82,4 +82,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

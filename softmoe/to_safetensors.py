@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from softmoe.harness import sharded_checkpoint
 from softmoe.harness.checkpoint import load_checkpoint
-from softmoe.harness.errors import CheckpointError
+from softmoe.harness.errors import CheckpointError, run_command
 
 PROG = "python -m softmoe.to_safetensors"
 USAGE = PROG + " {checkpoint} {output}"
@@ -90,4 +90,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_command(lambda: main(sys.argv[1:]))

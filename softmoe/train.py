@@ -41,6 +41,7 @@ from softmoe.harness.errors import (
     exit_code,
     one_line,
     preempted_exit_code,
+    run_command,
 )
 from softmoe.harness.faults import Preempted
 from softmoe.harness.console import final_dispatch_entropy, next_steps
@@ -218,7 +219,8 @@ def main(cfg: DictConfig) -> float:
     return summary.best_val_acc
 
 
-if __name__ == "__main__":
+def command_line() -> None:
+    """``python -m softmoe.train``: the checks that need no Hydra, then Hydra's main."""
     sys.argv[1:] = multirun_flag_first(sys.argv[1:])  # -m anywhere: Hydra's parser takes it before the overrides
     # a mistyped key or option, a sweep with a bad value in any job, a run dir Hydra cannot make: one line, before
     # Hydra starts
@@ -239,3 +241,7 @@ if __name__ == "__main__":
     except sweep_stop.SweepEndedAtOnce as ended:  # a second Ctrl-C to a stopping joblib sweep
         print(ended.message, file=sys.stderr)
         sys.exit(ended.exit_code)
+
+
+if __name__ == "__main__":
+    run_command(command_line)

@@ -626,3 +626,60 @@ def test_soak_three_kills_and_twenty_bad_overrides_lose_and_duplicate_nothing(co
         assert fingerprint(run_dir) == before, f"cycle {cycle}: a bad config changed the run directory"
     assert run_cli(run_dir, *RUN) == 0, output_of(run_dir)
     assert_matches_uninterrupted(run_dir, uninterrupted)
+
+
+COMMANDS = ("train", "evaluate", "collect", "to_safetensors", "plan", "benchmark")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command,buffered", [*((command, True) for command in COMMANDS), ("train", False)])
+def test_a_reader_that_closes_stdout_early_ends_the_command_quietly(command, buffered):
+    # was (python -m softmoe.train --help | head -3): a BrokenPipeError traceback, or "Exception ignored in:
+    # <_io.TextIOWrapper name='<stdout>' ...> BrokenPipeError" and exit status 120 with buffered output
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the command writes: every write fails
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    env.update({"PYTHONPATH": str(ROOT)}, **({} if buffered else {"PYTHONUNBUFFERED": "1"}))
+    try:
+        completed = subprocess.run([sys.executable, "-m", f"softmoe.{command}", "--help"], cwd=ROOT, env=env,
+                                   stdout=writer, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(writer)
+    assert completed.stderr == ""
+    # argparse's help swallows a failed write itself when unbuffered; else the status a shell gives SIGPIPE
+    assert completed.returncode in ((128 + signal.SIGPIPE,) if buffered else (0, 128 + signal.SIGPIPE))
+
+
+def test_run_command_exits_with_the_commands_status_and_quietly_on_a_closed_stdout(monkeypatch):
+    from softmoe.harness.errors import run_command
+
+    for command, status in ((lambda: None, 0), (lambda: 2, 2), (lambda: 0.97, 0), (lambda: sys.exit(3), 3)):
+        with pytest.raises(SystemExit) as exited:
+            run_command(command)
+        assert exited.value.code == status
+
+    class ClosedPipe:
+        """stdout whose reader has gone; its descriptor a copy, so the test's own stdout stays open."""
+
+        def __init__(self):
+            self.descriptor = os.dup(1)
+
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return self.descriptor
+
+    closed = ClosedPipe()
+    monkeypatch.setattr(sys, "stdout", closed)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            run_command(lambda: print("usage: ..."))
+        assert exited.value.code == 128 + signal.SIGPIPE
+        devnull, now = os.stat(os.devnull), os.fstat(closed.descriptor)  # so the flush at exit cannot fail
+        assert (now.st_dev, now.st_ino) == (devnull.st_dev, devnull.st_ino)
+    finally:
+        os.close(closed.descriptor)

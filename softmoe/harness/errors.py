@@ -11,9 +11,16 @@ The harness raises these; ``python -m softmoe.train`` / ``.evaluate`` / ``.colle
 |   | an override Hydra cannot compose (an unknown key or group option, ``overrides.py``) |
 | 3 | :class:`NonFiniteError`: stopped on a NaN/inf |
 | 128 + signal | stopped by a signal after saving ``last.pt`` (130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 140 SIGUSR2) |
+| 141 | its reader closed stdout (``--help | head -3``): it ends quietly (:func:`run_command`), as a shell reports a |
+|     | program SIGPIPE ended |
 """
 
 from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any, Callable, NoReturn
 
 USER_ERROR_EXIT_CODE = 2
 NONFINITE_EXIT_CODE = 3  # stopped on a NaN/inf (2 is a bad config, data or checkpoint)
@@ -75,6 +82,23 @@ def one_line(error: BaseException) -> str:
         return text
     last, name = text.rstrip("\n").rsplit("\n", 1)[-1], f"{kind.__module__}.{kind.__qualname__}: "
     return last[len(name):] if last.startswith(name) else last
+
+
+def run_command(command: Callable[[], Any]) -> NoReturn:
+    """Run a command's body and exit with the status it returns or exits with (an int or a message; anything else
+    is 0). A reader that closed stdout before the end (``| head -3``) ends it quietly, not in a ``BrokenPipeError``
+    traceback: Python's recipe (the signal module's "Note on SIGPIPE"), stdout pointed at devnull so that the flush
+    at exit cannot fail again, and the status a shell gives a program SIGPIPE ended."""
+    try:
+        try:
+            status = command()
+        except SystemExit as exit:
+            status = exit.code
+        sys.stdout.flush()  # what is still buffered fails here, not at the interpreter's exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 128 + int(signal.SIGPIPE)
+    sys.exit(status if isinstance(status, (int, str)) else 0)  # 0, not None: a caller reads exit.code
 
 
 def exit_code(error: BaseException) -> int:
