@@ -58,7 +58,7 @@ from softmoe.harness.runs import (
     save_hydra_configs,
 )
 from softmoe.harness.sweep_check import single_run_error, sweep_job_error, sweep_warning
-from softmoe.harness.sweep_console import EVERY_JOB, tag_console
+from softmoe.harness.sweep_console import EVERY_JOB, console_is_a_log_file, hand_to_sweep, tag_console
 from softmoe.harness.sweep_stop import sweep_resume_line
 from softmoe.runtime import tune_allocator
 
@@ -177,13 +177,19 @@ def main(cfg: DictConfig) -> float:
         hydra_configs = functools.partial(save_hydra_configs, task_cfg=cfg, hydra_cfg=HydraConfig.instance().cfg)
         summary = train(cfg, run_dir, wandb_group=group, wandb_name=name, on_claim=hydra_configs)
     except (*USER_ERRORS, NonFiniteError) as error:
-        print(f"{tag}error: {one_line(error)}", file=sys.stderr)
+        lines = [f"{tag}error: {one_line(error)}"]
+        print(lines[0], file=sys.stderr)
         if not isinstance(error, RunDirInUseError):  # that directory is the other process's
             remove_if_unused(run_dir, new_parents=new_parents)  # a run that never started leaves no folder
         if multirun and isinstance(error, (OtherExperimentError, RunDirInUseError)):  # a refused rerun
             keep_sweep_record(Path(hydra_cfg.sweep.dir))
         if isinstance(error, MID_RUN_ERRORS):  # a NaN stop, a bad file met mid-run, a full disk: last.pt is kept
-            say_how_to_resume(tag, run_dir)
+            resume = resume_message(tag, run_dir)
+            say(resume)
+            lines += [resume] if resume else []
+        if multirun and console_is_a_log_file(hydra_cfg):  # submitit's job: the sweep's process prints its lines
+            hand_to_sweep(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, lines, exit_code(error))
+            return NO_OBJECTIVE
         sys.exit(exit_code(error))
     except Preempted as preempted:
         hint = resume_hint(hydra_cfg.overrides.task, run_dir, sweep_job=multirun)

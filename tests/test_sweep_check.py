@@ -332,3 +332,54 @@ def test_a_sweep_rerun_its_jobs_would_refuse_starts_none_and_leaves_the_sweep_di
                          refused.stderr)
         assert sweep_fingerprint(sweep_dir) == before
         assert sorted(path.name for path in sweep_dir.iterdir() if path.is_file()) == ["multirun.yaml"]
+
+
+@pytest.mark.slow
+def test_a_submitit_job_that_refuses_itself_is_one_line_on_the_sweeps_console(tmp_path):
+    # was: submitit's 25-line UncompletedJobError traceback, the job's line inside it, exit status 1. The refusal
+    # only the job can make: the image folder's training split is counted once the job scans it (a run directory
+    # named after ${hydra.job.id}, submitit's process id, is another: no test can lay one out in advance)
+    from data_fixtures import write_image_tree
+
+    root = write_image_tree(tmp_path / "images", train={"a": 6, "b": 6}, val={"a": 2, "b": 2})
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "softmoe.train", "-m", "seed=0,1", "data=imagefolder", f"data.root={root}",
+               "data.num_classes=2", "data.img_size=32", "model.patch_size=8", "model.depth=2",
+               "trainer.batch_size=64", "trainer.max_steps=2", "logger=none", "trainer.progress_bar=false",
+               "launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}"]
+    refused = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             capture_output=True, text=True, timeout=300)
+    line = ("error: trainer.batch_size=64: larger than the 12 training examples of data=imagefolder (what "
+            "data.val_size=0.01 leaves for training); must be at most 12")
+    assert (refused.returncode, refused.stderr) == (2, f"[job 0] {line}\n[job 1] {line}\n")
+    assert "sweep done" not in refused.stdout
+    assert sorted(path.name for path in sweep_dir.iterdir()) == [".submitit", "multirun.yaml"]
+
+
+def test_the_sweep_prints_the_lines_its_jobs_handed_over_and_exits_with_the_first_ones_status(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from softmoe.harness.sweep_console import RefusedJobs, console_is_a_log_file, hand_to_sweep
+
+    launchers = {"hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher": True,
+                 "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher": True,
+                 "hydra._internal.core_plugins.basic_launcher.BasicLauncher": False,
+                 "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher": False}
+    for target, own_log_file in launchers.items():
+        assert console_is_a_log_file(OmegaConf.create({"launcher": {"_target_": target}})) == own_log_file
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    callback = RefusedJobs()
+    callback.on_multirun_end(config)  # no job refused: nothing to say
+    assert capsys.readouterr().err == ""
+    hand_to_sweep(tmp_path, 10, ["[job 10] error: a", "[job 10] resume with: python -m softmoe.train ..."], 3)
+    hand_to_sweep(tmp_path, 2, ["[job 2] error: b"], 2)  # in job order, not the order they ended in
+    with pytest.raises(SystemExit) as exited:
+        callback.on_multirun_end(config)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == ("[job 2] error: b\n[job 10] error: a\n"
+                                       "[job 10] resume with: python -m softmoe.train ...\n")
+    assert list(tmp_path.iterdir()) == []  # the sweep directory keeps only its runs
+    hand_to_sweep(tmp_path, 0, ["left by an earlier multirun"], 2)
+    callback.on_multirun_start(config)
+    callback.on_multirun_end(config)
+    assert capsys.readouterr().err == ""

@@ -2,16 +2,24 @@
 
 :func:`tag_console` tags each job's console lines and shows a warning that every job repeats once for the sweep
 (marker files in ``<sweep dir>/.console_warnings``, which :class:`FreshConsoleWarnings` clears when a multirun
-starts). :class:`SweepEndHint` is the Hydra callback that prints the ``collect`` command when a multirun ends. Both
-callbacks are named in ``conf/hydra/default.yaml``.
+starts). :class:`SweepEndHint` is the Hydra callback that prints the ``collect`` command when a multirun ends.
+
+A job of submitit's launchers runs in a process of its own whose console is a log file (``.submitit/<id>/``): the
+one line a job that refuses itself prints (another experiment's run directory, a bad dataset) would reach the
+sweep's console only inside submitit's traceback (``UncompletedJobError``, exit status 1). Such a job hands its lines
+and exit status to the sweep (:func:`hand_to_sweep`, files in ``<sweep dir>/.refused_jobs``) and returns; the
+sweep's process prints them and exits with that status when the multirun ends (:class:`RefusedJobs`), as the basic
+and joblib launchers do at once. The callbacks are named in ``conf/hydra/default.yaml``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -95,6 +103,45 @@ class FreshConsoleWarnings(Callback):
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
             return
         shutil.rmtree(Path(config.hydra.sweep.dir) / CONSOLE_WARNINGS_DIR, ignore_errors=True)
+
+
+REFUSED_JOBS_DIR = ".refused_jobs"
+SUBMITIT_LAUNCHERS = "hydra_plugins.hydra_submitit_launcher."  # submitit_local's and slurm's _target_
+
+
+def console_is_a_log_file(hydra_cfg: Any) -> bool:
+    """Whether this sweep job runs in a process of its own whose console is a log file (submitit's launchers)."""
+    return str(hydra_cfg.launcher.get("_target_", "")).startswith(SUBMITIT_LAUNCHERS)
+
+
+def hand_to_sweep(sweep_dir: Path, job_num: int, lines: list[str], status: int) -> None:
+    """Leave a refused job's console ``lines`` and exit ``status`` for the sweep's process (:class:`RefusedJobs`)."""
+    if os.environ.get("RANK", "0") != "0":  # under torchrun (a SLURM job's tasks), rank 0 speaks for the job
+        return
+    folder = Path(sweep_dir) / REFUSED_JOBS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{job_num}.json").write_text(json.dumps({"job": job_num, "lines": lines, "status": status}))
+
+
+class RefusedJobs(Callback):
+    """A Hydra callback (``conf/hydra/default.yaml``): when a multirun ends, print the lines of the jobs that refused
+    themselves in processes of their own (:func:`hand_to_sweep`) and exit with the first one's status, so that a
+    submitit sweep ends as the basic launcher's does; listed after :class:`SweepEndHint`, so it runs first."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if os.environ.get("RANK", "0") == "0":
+            shutil.rmtree(Path(config.hydra.sweep.dir) / REFUSED_JOBS_DIR, ignore_errors=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(config.hydra.sweep.dir) / REFUSED_JOBS_DIR
+        if os.environ.get("RANK", "0") != "0" or not folder.is_dir():
+            return
+        refused = sorted((json.loads(path.read_text()) for path in folder.glob("*.json")), key=lambda j: j["job"])
+        shutil.rmtree(folder, ignore_errors=True)  # the sweep directory keeps only its runs
+        for job in refused:
+            print("\n".join(job["lines"]), file=sys.stderr, flush=True)
+        if refused:
+            sys.exit(refused[0]["status"])
 
 
 class SweepEndHint(Callback):
