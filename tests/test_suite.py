@@ -229,7 +229,7 @@ def test_a_section_that_fails_is_listed_and_the_others_are_still_measured_and_sa
     results["targets"] = suite_targets(results)
     report = format_suite(results)
     assert "FAILED, its targets not measured: models B/16: OutOfMemoryError" in report
-    assert "1 targets, 1 met; 1 sections FAILED" in report
+    assert "1 target, 1 met; 1 section FAILED" in report  # was "1 targets, 1 met; 1 sections FAILED"
 
 
 def test_a_section_without_a_target_that_fails_is_listed_as_skipped_not_raised():

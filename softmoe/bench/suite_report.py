@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import List
 
+from ..harness.rules import counted
 from .optimizer_step import optimizer_lines
 
 LAYER_OVER_MATMULS_LIMIT = 1.5  # the layer / the bare matmuls it must do
@@ -137,7 +138,7 @@ def format_suite(results: dict) -> str:
         sign = "<=" if t["kind"] == "max" else ">="
         verdict = "" if t["met"] is None else (": met" if t["met"] else ": NOT met")
         lines.append(f"  {t['name']}: {t['value']:.2f} {sign} {t['limit']}{verdict}")
-    failed = f"; {len(results['failed'])} sections FAILED" if results.get("failed") else ""
-    lines.append(f"\n{len(results['targets'])} targets, {sum(t['met'] is True for t in results['targets'])} met"
-                 f"{failed}; {results['wall_s']:.0f} s")
+    failed = f"; {counted(len(results['failed']), 'section')} FAILED" if results.get("failed") else ""
+    met = sum(t["met"] is True for t in results["targets"])
+    lines.append(f"\n{counted(len(results['targets']), 'target')}, {met} met{failed}; {results['wall_s']:.0f} s")
     return "\n".join(lines)
