@@ -131,8 +131,8 @@ def test_a_checkpoint_of_another_optimizer_is_refused_before_the_data_loads(comp
     from softmoe.harness.loop import train
 
     train(compose_run(*SMALL_RUN, "trainer.max_steps=2"), tmp_path)
-    refused = (f"optimizer._target_=torch.optim.SGD: the checkpoint {tmp_path / 'last.pt'} was saved with "
-               "optimizer._target_=torch.optim.AdamW, whose state another optimizer cannot take")
+    refused = (f"optimizer._target_=torch.optim.SGD: this run directory's checkpoint {tmp_path / 'last.pt'} was saved "
+               "with optimizer._target_=torch.optim.AdamW, and a run directory resumes only the experiment it holds")
     with pytest.raises(CheckpointError) as raised:
         train(compose_run(*SMALL_RUN, "trainer.max_steps=4", "optimizer=sgd"), tmp_path)
     assert str(raised.value).startswith(refused)
