@@ -198,3 +198,10 @@ def test_each_unusable_trainer_resume_says_what_is_wrong_and_what_to_do_instead(
     assert str(raised.value) == (
         f"trainer.resume={export}: an export of a model's weights (python -m softmoe.to_safetensors), not a training "
         "checkpoint: name the last.pt or best.pt it was exported from, or null to start afresh")
+    # no path at all: was a TypeError traceback (Path(3)); an empty one was read as the working directory
+    for value, shown in ((3, "3"), ("''", "")):
+        with pytest.raises(ConfigError) as raised:
+            check_config(compose_run(f"trainer.resume={value}"))
+        assert str(raised.value) == (
+            f"trainer.resume={shown}: no such file or directory; name another run's checkpoint (its last.pt, best.pt "
+            "or last.dcp) to start from, or null to start afresh")

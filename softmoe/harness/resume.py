@@ -41,19 +41,33 @@ def _checkpoint_in(directory: Path) -> Optional[Path]:
     return next(filter(None, (sharded_checkpoint.latest(directory, name) for name in (LAST, BEST))), None)
 
 
-def existing_checkpoint(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-    """A checkpoint file (``last.pt``) or a sharded checkpoint's directory (``last.dcp``, with DCP's ``.metadata``)."""
+def _why_no_checkpoint(value: Any) -> Optional[tuple[str, Any]]:
+    """Why ``value`` names no checkpoint file or readable sharded checkpoint, as (what it is, the detail), or None:
+    ``missing`` (no such path, or no path at all: ``trainer.resume=3``), ``sharded`` (what is wrong, naming the file),
+    ``run directory`` (the checkpoint in it), ``empty directory``. The two rules below word it each their way."""
     path = Path(value).expanduser() if isinstance(value, str) and value else None
     if path is not None and (path.is_file() or (path / ".metadata").is_file()):
         return None
-    if path is not None and path.is_dir() and path.suffix == sharded_checkpoint.SUFFIX:
-        return f"a sharded checkpoint that cannot be read: {sharded_checkpoint.problem(path)}"
-    if path is not None and path.is_dir():
-        inside = _checkpoint_in(path)
-        if inside is not None:  # a run directory: the checkpoint in it was meant
-            return f"a run directory, not a checkpoint; name one of its checkpoints ({inside})"
-        return "a directory holding no checkpoint (last.pt, best.pt); name a checkpoint file"
-    return "no such checkpoint file"
+    if path is None or not path.is_dir():
+        return "missing", None
+    if path.suffix == sharded_checkpoint.SUFFIX:
+        return "sharded", sharded_checkpoint.problem(path)
+    inside = _checkpoint_in(path)
+    return ("run directory", inside) if inside is not None else ("empty directory", None)
+
+
+def existing_checkpoint(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
+    """A checkpoint file (``last.pt``) or a sharded checkpoint's directory (``last.dcp``, with DCP's ``.metadata``)."""
+    why = _why_no_checkpoint(value)
+    if why is None:
+        return None
+    kind, detail = why
+    return {
+        "missing": "no such checkpoint file",
+        "sharded": f"a sharded checkpoint that cannot be read: {detail}",
+        "run directory": f"a run directory, not a checkpoint; name one of its checkpoints ({detail})",
+        "empty directory": "a directory holding no checkpoint (last.pt, best.pt); name a checkpoint file",
+    }[kind]
 
 
 START_FROM = "name another run's checkpoint (its last.pt, best.pt or last.dcp) to start from, or null to start afresh"
@@ -62,22 +76,21 @@ START_FROM = "name another run's checkpoint (its last.pt, best.pt or last.dcp) t
 def resumable_checkpoint(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     """null, or :func:`existing_checkpoint`, each refusal saying what to name instead; a run directory's own
     checkpoint is continued in place instead, its run resumed (``hydra.run.dir``)."""
-    problem = None if value is None else existing_checkpoint(value, cfg)
-    if problem is None and str(value).endswith(".safetensors"):
+    why = None if value is None else _why_no_checkpoint(value)
+    if why is None and str(value).endswith(".safetensors"):
         return ("an export of a model's weights (python -m softmoe.to_safetensors), not a training checkpoint: name "
                 "the last.pt or best.pt it was exported from, or null to start afresh")
-    if problem is None:
+    if why is None:
         return None
-    if problem.startswith("a sharded checkpoint"):
-        return f"{problem}; restore the file from a copy, or name another checkpoint to start from, or null"
-    path = Path(value).expanduser()
-    if not path.is_dir():
-        return f"no such file or directory; {START_FROM}"
-    inside = _checkpoint_in(path)
-    if inside is None:
-        return f"a directory holding no checkpoint; {START_FROM}"
-    return (f"a run directory, not a checkpoint: to start a new run from it, name one of its checkpoints "
-            f"(trainer.resume={inside}); to continue that run, set hydra.run.dir={value} instead")
+    kind, detail = why
+    return {
+        "missing": f"no such file or directory; {START_FROM}",
+        "sharded": f"a sharded checkpoint that cannot be read: {detail}; restore the file from a copy, or name another "
+                   "checkpoint to start from, or null",
+        "run directory": f"a run directory, not a checkpoint: to start a new run from it, name one of its checkpoints "
+                         f"(trainer.resume={detail}); to continue that run, set hydra.run.dir={value} instead",
+        "empty directory": f"a directory holding no checkpoint; {START_FROM}",
+    }[kind]
 
 
 # ----------------------------------------------------------------------------------------------- the run's own
