@@ -91,18 +91,23 @@ def job_composition_error(job: Sequence[str], config_name: str, conf_dir: Path, 
     return missing_key(parsed, config_name, conf_dir) or hydra_refusal(error)
 
 
-def multirun_config(argv: Sequence[str], config_name: str, conf_dir: Path) -> tuple[list[str], Optional[DictConfig]]:
-    """(the overrides, the first job's config) of a multirun command line; the config is None for a single run, one
-    Hydra will refuse anyway (``overrides.composition_error``), or one with Hydra's flags (``--help``, ``--cfg``)."""
+def command_config(argv: Sequence[str], config_name: str, conf_dir: Path) -> tuple[list[str], Optional[DictConfig]]:
+    """(the overrides, the config of the command line's first job); the config is None for one Hydra will refuse
+    anyway (``overrides.composition_error``) or one with Hydra's flags (``--help``, ``--cfg``)."""
     overrides = [argument for argument in argv if argument not in HYDRA_FLAGS]
     if any(argument.startswith("-") for argument in overrides):
         return overrides, None
     try:
-        base = compose_config(config_name, plain_overrides(OverridesParser.create().parse_overrides(overrides)),
-                              conf_dir)
+        return overrides, compose_config(
+            config_name, plain_overrides(OverridesParser.create().parse_overrides(overrides)), conf_dir)
     except (HydraException, OmegaConfBaseException):
         return overrides, None
-    return overrides, base if runs_as_multirun(argv, base) else None
+
+
+def multirun_config(argv: Sequence[str], config_name: str, conf_dir: Path) -> tuple[list[str], Optional[DictConfig]]:
+    """:func:`command_config`, its config None for a single run too."""
+    overrides, base = command_config(argv, config_name, conf_dir)
+    return overrides, base if base is not None and runs_as_multirun(argv, base) else None
 
 
 def swept_params(base: DictConfig) -> list[str]:
@@ -158,15 +163,9 @@ def single_run_error(argv: Sequence[str], config_name: str, conf_dir: Path = CON
     checks (:func:`job_problem`), before Hydra makes the run directory. A run refused here makes none; one refused
     once started removes the one it made, and under torchrun that pulled the directory from under another rank,
     whose Hydra was still opening its ``train.log`` there (a 30-line traceback, exit status 1)."""
-    overrides = [argument for argument in argv if argument not in HYDRA_FLAGS]
-    if any(argument.startswith("-") for argument in overrides):
-        return None
-    try:
-        composed = compose_config(config_name, overrides, conf_dir)  # composition_error's, read from its cache
-    except (HydraException, OmegaConfBaseException):
-        return None  # composition_error names it
-    if runs_as_multirun(argv, composed):
-        return None
+    overrides, composed = command_config(argv, config_name, conf_dir)  # composition_error's, from its cache
+    if composed is None or runs_as_multirun(argv, composed):
+        return None  # composition_error names what Hydra refuses; sweep_job_error checks a sweep
     return job_problem(overrides, None, config_name, conf_dir, [])
 
 
