@@ -131,11 +131,18 @@ def test_a_checkpoint_of_another_optimizer_is_refused_before_the_data_loads(comp
     from softmoe.harness.loop import train
 
     train(compose_run(*SMALL_RUN, "trainer.max_steps=2"), tmp_path)
-    refused = (f"optimizer._target_=torch.optim.SGD: this run directory's checkpoint {tmp_path / 'last.pt'} was saved "
-               "with optimizer._target_=torch.optim.AdamW, and a run directory resumes only the experiment it holds")
+    # named as the user picks an optimizer (was: optimizer._target_=torch.optim.SGD ... rerun with
+    # optimizer._target_=torch.optim.AdamW)
+    refused = (f"optimizer=sgd: this run directory's checkpoint {tmp_path / 'last.pt'} was saved with optimizer=adamw, "
+               "and a run directory resumes only the experiment it holds; rerun with optimizer=adamw, or give this run "
+               "a new run directory")
     with pytest.raises(CheckpointError) as raised:
         train(compose_run(*SMALL_RUN, "trainer.max_steps=4", "optimizer=sgd"), tmp_path)
     assert str(raised.value).startswith(refused)
+    # a target no option of conf/optimizer/ names is spelled as it was set
+    with pytest.raises(CheckpointError) as raised:
+        train(compose_run(*SMALL_RUN, "trainer.max_steps=4", "optimizer._target_=torch.optim.Adam"), tmp_path)
+    assert str(raised.value).startswith("optimizer._target_=torch.optim.Adam: this run directory's checkpoint ")
 
 
 @pytest.mark.parametrize("before,after", [(False, True), (True, False)])

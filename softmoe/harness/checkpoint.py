@@ -22,6 +22,7 @@ import torch
 from softmoe.upcycle import why_torch_load_failed
 
 from .errors import CheckpointError, CheckpointWriteError, OtherExperimentError
+from .plausibility import group_setting
 from .rules import format_value
 
 log = logging.getLogger(__name__)
@@ -151,8 +152,8 @@ def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path, 
     saved = saved_config(state)
     before, now = (cfg.get("optimizer", {}).get("_target_") for cfg in (saved, config))
     if before is not None and before != now:
-        raise CheckpointError(_refusal("optimizer._target_", now, before, path, own,
-                                       "whose state another optimizer cannot take"))
+        raise CheckpointError(_refusal(group_setting("optimizer", now), group_setting("optimizer", before), path,
+                                       own, "whose state another optimizer cannot take"))
     for section in ("model", "moe"):
         for key in sorted(set(saved[section]) | set(config[section])):
             if (section, key) == ("moe", "expert_parallel"):
@@ -161,17 +162,19 @@ def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path, 
                 continue  # where the weights started, not which model: a resumed run takes the checkpoint's
             before, now = saved[section].get(key), config[section].get(key)
             if before != now:
-                raise CheckpointError(_refusal(f"{section}.{key}", json.dumps(now), json.dumps(before), path, own,
+                raise CheckpointError(_refusal(f"{section}.{key}={json.dumps(now)}",
+                                               f"{section}.{key}={json.dumps(before)}", path, own,
                                                "another model, whose weights this one cannot take"))
 
 
-def _refusal(key: str, now: str, before: str, path: Path, own: bool, why: str) -> str:
+def _refusal(now: str, before: str, path: Path, own: bool, why: str) -> str:
+    """The refusal of a checkpoint saved with the setting ``before`` (``key=value``) by a run set to ``now``."""
     if own:  # a rerun in the run directory: it holds that run, which a new directory leaves alone
-        return (f"{key}={now}: this run directory's checkpoint {path} was saved with {key}={before}, and a run "
-                f"directory resumes only the experiment it holds; rerun with {key}={before}, or give this run a new "
-                "run directory (a new hydra.run.dir, or hydra.sweep.dir for a sweep)")
-    return (f"{key}={now}: trainer.resume's checkpoint {path} was saved with {key}={before}, {why}; start from it with "
-            f"{key}={before}, or set trainer.resume=null to train afresh")
+        return (f"{now}: this run directory's checkpoint {path} was saved with {before}, and a run directory resumes "
+                f"only the experiment it holds; rerun with {before}, or give this run a new run directory (a new "
+                "hydra.run.dir, or hydra.sweep.dir for a sweep)")
+    return (f"{now}: trainer.resume's checkpoint {path} was saved with {before}, {why}; start from it with "
+            f"{before}, or set trainer.resume=null to train afresh")
 
 
 # Keys (or whole sections) that change where a run reads and writes, how fast it computes and what it logs, not what

@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import yaml
+
 from .errors import ConfigError
 from .model import moe_blocks, num_tokens
 from .rules import counted, format_value
@@ -34,6 +36,15 @@ SMALL_SPLIT = 20  # fewer examples and one example moves the accuracy by more th
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     """The options of a config group: the names of ``conf/<group>/*.yaml``."""
     return sorted(path.stem for path in (conf_dir / group).glob("*.yaml"))
+
+
+def group_setting(group: str, target: Any, conf_dir: Path = CONF_DIR) -> str:
+    """How a user sets the ``_target_`` of a config group: ``optimizer=sgd``, the option whose file names it, or
+    ``optimizer._target_=<target>`` where no option does (a target set by hand)."""
+    for option in group_options(group, conf_dir):
+        if yaml.safe_load((conf_dir / group / f"{option}.yaml").read_text()).get("_target_") == target:
+            return f"{group}={option}"
+    return f"{group}._target_={format_value(target)}"
 
 
 def check_model_name(model: Mapping[str, Any], conf_dir: Path = CONF_DIR) -> None:
