@@ -58,7 +58,9 @@ from softmoe.harness.runs import (
     save_hydra_configs,
 )
 from softmoe.harness.sweep_check import single_run_error, sweep_job_error, sweep_warning
-from softmoe.harness.sweep_console import EVERY_JOB, console_is_a_log_file, hand_to_sweep, tag_console
+from softmoe.harness.sweep_console import (
+    EVERY_JOB, console_is_a_log_file, hand_to_sweep, speaks_for_the_job, tag_console,
+)
 from softmoe.harness.sweep_stop import sweep_resume_line
 from softmoe.runtime import tune_allocator
 
@@ -198,7 +200,7 @@ def main(cfg: DictConfig) -> float:
             sweep_stop.request_stop(preempted.signum)  # the whole sweep stops, as under the basic launcher
             return NO_OBJECTIVE
         preempted.handover()  # e.g. submitit's requeue on SLURM; it may exit the process itself
-        if sweep_stop.in_this_process(hydra_cfg) and os.environ.get("RANK", "0") == "0":  # this exit ends the sweep
+        if sweep_stop.in_this_process(hydra_cfg) and speaks_for_the_job():  # this exit ends the sweep
             say(sweep_resume_line(preempted.signum, hydra_cfg.sweep.dir, sys.argv[1:]))
         sys.exit(preempted.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before training started (a second one during a step ends the process)
@@ -219,7 +221,7 @@ def main(cfg: DictConfig) -> float:
         log.info(entropy)
     log.info("run directory: %s", summary.run_dir)
     log.info("W&B run: %s", summary.wandb_run_path or "none")
-    if not multirun and os.environ.get("RANK", "0") == "0":
+    if not multirun and speaks_for_the_job():
         log.info("next:\n  %s", "\n  ".join(next_steps(summary.run_dir)))  # a sweep's end names collect
     # The objective a Hydra sweeper (e.g. Optuna) maximises: validation, never test, accuracy.
     return summary.best_val_acc

@@ -95,12 +95,18 @@ def tag_console(tag: str, sweep_dir: Optional[Path] = None) -> None:
                 handler.addFilter(_FirstInSweep(sweep_dir))
 
 
+def speaks_for_the_job() -> bool:
+    """Whether this process prints a job's lines and writes its sweep files: rank 0 under torchrun (read from the
+    variables torchrun sets, so it answers before any process group exists), and a process without torchrun."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class FreshConsoleWarnings(Callback):
     """A Hydra callback (``conf/hydra/default.yaml``): when a multirun starts, forget the warnings an earlier multirun
     in the same sweep directory showed, so that rerunning a sweep (to resume it) shows them again, once."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        if not speaks_for_the_job():
             return
         shutil.rmtree(Path(config.hydra.sweep.dir) / CONSOLE_WARNINGS_DIR, ignore_errors=True)
 
@@ -116,7 +122,7 @@ def console_is_a_log_file(hydra_cfg: Any) -> bool:
 
 def hand_to_sweep(sweep_dir: Path, job_num: int, lines: list[str], status: int) -> None:
     """Leave a refused job's console ``lines`` and exit ``status`` for the sweep's process (:class:`RefusedJobs`)."""
-    if os.environ.get("RANK", "0") != "0":  # under torchrun (a SLURM job's tasks), rank 0 speaks for the job
+    if not speaks_for_the_job():  # under torchrun, a SLURM job's tasks too
         return
     folder = Path(sweep_dir) / REFUSED_JOBS_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -129,12 +135,12 @@ class RefusedJobs(Callback):
     submitit sweep ends as the basic launcher's does; listed after :class:`SweepEndHint`, so it runs first."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if os.environ.get("RANK", "0") == "0":
+        if speaks_for_the_job():
             shutil.rmtree(Path(config.hydra.sweep.dir) / REFUSED_JOBS_DIR, ignore_errors=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(config.hydra.sweep.dir) / REFUSED_JOBS_DIR
-        if os.environ.get("RANK", "0") != "0" or not folder.is_dir():
+        if not speaks_for_the_job() or not folder.is_dir():
             return
         refused = sorted((json.loads(path.read_text()) for path in folder.glob("*.json")), key=lambda j: j["job"])
         shutil.rmtree(folder, ignore_errors=True)  # the sweep directory keeps only its runs
@@ -148,7 +154,7 @@ class SweepEndHint(Callback):
     """A Hydra callback (``conf/hydra/default.yaml``): when a multirun ends, print the command that tabulates it."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        if not speaks_for_the_job():
             return
         sweep_dir = config.hydra.sweep.dir
         if (Path(sweep_dir) / STOP_FILE).exists():  # stopped, not done: sweep_stop.SweepStop says how to resume
