@@ -359,10 +359,9 @@ def test_a_refused_run_removes_the_folders_it_made_and_only_those(tmp_path):
                                 text=True, timeout=120)
         assert (result.returncode, result.stderr) == (2, MODEL_NAME_REFUSED)
 
-    refused(tmp_path, "debug=default")
-    refused(tmp_path)
+    refused(tmp_path)  # outputs/runs/<date>/<time>: every folder of it was new
     assert list(tmp_path.iterdir()) == []
-    (tmp_path / "outputs" / "debug").mkdir(parents=True)  # the user's, empty: kept
+    (tmp_path / "outputs" / "debug").mkdir(parents=True)  # the user's, empty: kept; its new <date>/ is not
     refused(tmp_path, "debug=default")
     assert [path.relative_to(tmp_path) for path in tmp_path.rglob("*")] == [Path("outputs"), Path("outputs/debug")]
 

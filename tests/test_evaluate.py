@@ -10,6 +10,8 @@ import torch
 import yaml
 
 from conftest import ROOT
+from processes import refused_here
+from softmoe import evaluate as evaluate_command
 from softmoe.evaluate import argument_error, evaluate_run, missing_run_error
 from softmoe.harness.errors import ConfigError
 from softmoe.harness.checkpoint import load_checkpoint
@@ -25,16 +27,19 @@ QUIET = ["trainer.progress_bar=false"]
 @pytest.mark.slow
 def test_evaluate_refuses_a_missing_run_dir_without_creating_it(tmp_path):
     missing = tmp_path / "no_such_run"
+    command = [sys.executable, "-m", "softmoe.evaluate", f"run_dir={missing}", "checkpoint=last"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert (result.returncode, result.stderr) == (
+        2, f"error: run_dir={missing}: no such directory (a training run directory holds best.pt and last.pt)\n")
+    assert not missing.exists()
+
+
+def test_evaluate_refuses_a_run_dir_without_the_checkpoint_and_writes_nothing_there(tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    for run_dir, message in ((missing, "no such directory"), (empty, "holds no last.pt")):
-        command = [sys.executable, "-m", "softmoe.evaluate", f"run_dir={run_dir}", "checkpoint=last"]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2
-        assert result.stderr.strip() == f"error: run_dir={run_dir}: {message}" + (
-            " (a training run directory holds best.pt and last.pt)" if run_dir == missing else
-            " (is it a training run directory?)")
-    assert not missing.exists() and list(empty.iterdir()) == []
+    assert refused_here(monkeypatch, evaluate_command, f"run_dir={empty}", "checkpoint=last") == 2  # started above
+    assert capsys.readouterr().err == f"error: run_dir={empty}: holds no last.pt (is it a training run directory?)\n"
+    assert list(empty.iterdir()) == []
 
 
 def test_evaluate_without_a_run_dir_says_so_and_leaves_hydras_flags_to_hydra():

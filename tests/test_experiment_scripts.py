@@ -1,6 +1,7 @@
 """The measurement scripts under experiments/ run, report what their READMEs say they report, and those READMEs
-quote them: each script at the smallest size that still exercises its code, in its own process (torchrun where
-the study runs torchrun).
+quote them: each script at the smallest size that still exercises its code. A script that times runs in its own
+process (torchrun where the study runs torchrun): its threads and allocator settings are process-wide. One that only
+counts or tabulates, and every --help and refused option, runs in the test's process, as ``__main__``.
 
 No timings are asserted: the numbers live in each study's folder with the machine they came from.
 """
@@ -8,18 +9,15 @@ No timings are asserted: the numbers live in each study's folder with the machin
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from processes import REPO, run_from
+from processes import REPO, run_from, run_here
 from softmoe import SoftMoEVisionTransformer
 
 SCALE_OUT = os.path.join(REPO, "experiments", "scale_out")
-
-pytestmark = pytest.mark.slow  # every test here starts a process
 
 
 def torchrun(script, processes, *arguments):
@@ -34,6 +32,7 @@ def json_lines(path):
         return [json.loads(line) for line in file if line.strip()]
 
 
+@pytest.mark.slow
 def test_the_cpu_inference_script_times_both_models_and_each_block_part(tmp_path):
     """experiments/throughput/cpu_inference.py --blocks: where the two models' inference times differ."""
     script = os.path.join(REPO, "experiments", "throughput", "cpu_inference.py")
@@ -49,7 +48,8 @@ def test_the_cpu_inference_script_times_both_models_and_each_block_part(tmp_path
     assert blocks["moe_layer_over_dense_mlp"] > 0 and blocks["attention_soft_moe_over_dense"] > 0
 
 
-def test_the_cpu_inference_script_times_the_packed_models_beside_the_unpacked(tmp_path):
+@pytest.mark.slow
+def test_the_cpu_inference_script_times_the_packed_models_beside_the_unpacked(tmp_path, monkeypatch, capsys):
     """cpu_inference.py --packed: Soft MoE with its experts packed for oneDNN, and both models with every Linear
     packed too; the script checks each against its unpacked model's output before timing it."""
     script = os.path.join(REPO, "experiments", "throughput", "cpu_inference.py")
@@ -61,10 +61,11 @@ def test_the_cpu_inference_script_times_the_packed_models_beside_the_unpacked(tm
                                       "soft_moe_all_packed"}
     assert all(ratio["wall"] > 0 and ratio["cpu"] > 0 for ratio in result["packed"].values())
     assert len(result["packed"]) == 4
-    refused = subprocess.run(command + ["--blocks"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "--blocks and --packed time different things" in refused.stderr
+    assert run_here(monkeypatch, script, *command[2:], "--blocks") == 2  # refused as it parses its options
+    assert "--blocks and --packed time different things" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_compiled_copies_script_times_both_soft_moe_settings_beside_dense(tmp_path):
     """experiments/throughput/compiled_copies.py: compiled autocast inference, copies read against cast in graph."""
     script = os.path.join(REPO, "experiments", "throughput", "compiled_copies.py")
@@ -78,6 +79,7 @@ def test_the_compiled_copies_script_times_both_soft_moe_settings_beside_dense(tm
     assert result["backend"] == "aot_eager" and result["machine"]["cpu"]
 
 
+@pytest.mark.slow
 def test_the_expert_gemm_script_reports_each_case_and_both_floors_of_the_streamed_product(tmp_path):
     script = os.path.join(REPO, "experiments", "throughput", "expert_gemm_residency.py")
     command = [sys.executable, script, "--threads", "1", "--rounds", "1", "--experts", "4"]
@@ -88,6 +90,7 @@ def test_the_expert_gemm_script_reports_each_case_and_both_floors_of_the_streame
     assert result["experts"] == 4
 
 
+@pytest.mark.slow
 def test_the_expert_gemm_kernel_script_checks_each_kernel_against_bmm_and_times_it(tmp_path):
     """expert_gemm_kernels.py at 2 experts, without its inductor case (a 10 s compile; its committed runs have it)."""
     script = os.path.join(REPO, "experiments", "throughput", "expert_gemm_kernels.py")
@@ -101,17 +104,19 @@ def test_the_expert_gemm_kernel_script_checks_each_kernel_against_bmm_and_times_
     assert max(result["max_abs_error_vs_bmm"].values()) < 1e-4 and result["inductor_compile_s"] is None
 
 
-def test_the_optimizer_state_readme_tables_are_what_state_bytes_prints():
+def test_the_optimizer_state_readme_tables_are_what_state_bytes_prints(monkeypatch, capsys):
     """experiments/optimizer_state/README.md quotes the script's tables (counted on the meta device, exact)."""
     script = os.path.join(REPO, "experiments", "optimizer_state", "state_bytes.py")
-    completed = run_from(REPO, [sys.executable, script])
+    assert run_here(monkeypatch, script) == 0
+    stdout = capsys.readouterr().out
     with open(os.path.join(REPO, "experiments", "optimizer_state", "README.md")) as f:
         readme = f.read().splitlines()
-    printed = [line for line in completed.stdout.splitlines() if line.strip()]
-    assert len(printed) == 10 and "| soft_moe_vit_base | 3685.7 M |" in completed.stdout  # 2 tables, 4 + 2 rows
+    printed = [line for line in stdout.splitlines() if line.strip()]
+    assert len(printed) == 10 and "| soft_moe_vit_base | 3685.7 M |" in stdout  # 2 tables, 4 + 2 rows
     assert [line for line in printed if line not in readme] == []
 
 
+@pytest.mark.slow
 def test_the_optimizer_step_script_times_all_four_steps_on_the_same_parameters(tmp_path):
     """experiments/optimizer_state/step_time.py at 2 experts (its default is one S/16 bank's 128)."""
     script = os.path.join(REPO, "experiments", "optimizer_state", "step_time.py")
@@ -126,14 +131,16 @@ def test_the_optimizer_step_script_times_all_four_steps_on_the_same_parameters(t
     assert result["machine"] and len(result["load_average"]) == 2
 
 
-def test_the_scale_out_readme_tables_are_what_report_writes_from_the_committed_results(tmp_path):
+def test_the_scale_out_readme_tables_are_what_report_writes_from_the_committed_results(tmp_path, monkeypatch):
     """report.py, run on a copy of the folder, leaves its README as it is: the tables are the JSON lines'."""
     folder = shutil.copytree(SCALE_OUT, tmp_path / "scale_out")
-    run_from(folder, [sys.executable, str(folder / "report.py")])
+    monkeypatch.chdir(folder)
+    assert run_here(monkeypatch, folder / "report.py") == 0
     with open(os.path.join(SCALE_OUT, "README.md")) as original:
         assert (folder / "README.md").read_text() == original.read()
 
 
+@pytest.mark.slow
 def test_the_scale_out_script_shards_every_parameter_of_fsdp_with_expert_parallelism_exactly_once(tmp_path):
     """measure.py's most involved layout, FSDP + EP, at 2 ranks (one replica of 2 expert ranks) for 1 step: one row
     per rank, and the ranks' parameters, gradients and AdamW state add up to the whole model's, each exactly once."""
@@ -158,6 +165,7 @@ def test_the_scale_out_script_shards_every_parameter_of_fsdp_with_expert_paralle
         assert row["step_seconds"] > 0 and row["peak_rss_mib"] > 0
 
 
+@pytest.mark.slow
 def test_the_model_build_script_on_meta_lays_the_model_out_over_the_ranks_exactly_once(tmp_path):
     """measure_init.py --init-device meta at 2 ranks, 4 experts per MoE block (the README's runs: 32): each rank
     holds its pieces, which add up to the whole model. (What a rank's memory grows by is tests/test_meta_init.py's
@@ -174,12 +182,13 @@ def test_the_model_build_script_on_meta_lays_the_model_out_over_the_ranks_exactl
 
 
 @pytest.mark.parametrize("script", [("scale_out", "report.py"), ("optimizer_state", "state_bytes.py")])
-def test_scripts_without_options_answer_help_and_change_nothing(script):
+def test_scripts_without_options_answer_help_and_change_nothing(script, monkeypatch, capsys):
     """was: both ignored --help and ran; report.py rewrote the README's tables."""
     readme = os.path.join(REPO, "experiments", script[0], "README.md")
     with open(readme, "rb") as file:
         before = file.read()
-    completed = run_from(REPO, [sys.executable, os.path.join(REPO, "experiments", *script), "--help"])
-    assert completed.stdout.startswith(f"usage: {script[1]} [-h]")
+    monkeypatch.chdir(REPO)
+    assert run_here(monkeypatch, os.path.join(REPO, "experiments", *script), "--help") == 0
+    assert capsys.readouterr().out.startswith(f"usage: {script[1]} [-h]")
     with open(readme, "rb") as file:
         assert file.read() == before

@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from conftest import ROOT
+from processes import refused_here
+from softmoe import train
 from softmoe.harness.overrides import (
     composition_error,
     is_global_group,
@@ -153,14 +155,14 @@ def test_every_group_of_global_files_is_held_to_its_header(tmp_path):
     assert sorted(groups) == ["debug", "experiment", "hparams_search", "launcher"]
 
 
-@pytest.mark.slow
-def test_the_command_refuses_an_experiment_file_without_its_global_header_before_hydra_starts(tmp_path, user_config):
+def test_the_command_refuses_an_experiment_file_without_its_global_header_before_hydra_starts(
+    tmp_path, user_config, monkeypatch, capsys
+):
     searchpath = user_config("experiment/mine", MINE)
-    command = [sys.executable, "-m", "softmoe.train", "-m", searchpath, "experiment=mine"]
-    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: experiment=mine: ") and len(result.stderr.strip().splitlines()) == 1
+    monkeypatch.chdir(tmp_path)
+    assert refused_here(monkeypatch, train, "-m", searchpath, "experiment=mine") == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: experiment=mine: ") and len(stderr.strip().splitlines()) == 1
     assert sorted(path.name for path in tmp_path.iterdir()) == ["user_conf"]  # no sweep directory
 
 
@@ -208,15 +210,13 @@ def test_a_run_directory_hydra_cannot_make_is_one_line_naming_the_key(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]  # looked for, nothing made or left
 
 
-@pytest.mark.slow
-def test_the_command_refuses_a_file_as_its_run_directory_in_one_line(tmp_path):
+def test_the_command_refuses_a_file_as_its_run_directory_in_one_line(tmp_path, monkeypatch, capsys):
     afile = tmp_path / "afile"
     afile.write_text("")
-    command = [sys.executable, "-m", "softmoe.train", "debug=default", f"hydra.run.dir={afile}"]
-    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                            text=True, timeout=120)
-    assert (result.returncode, result.stderr.count("\n")) == (2, 1)
-    assert result.stderr.startswith(f"error: hydra.run.dir={afile}: {afile} is a file")
+    monkeypatch.chdir(tmp_path)
+    assert refused_here(monkeypatch, train, "debug=default", f"hydra.run.dir={afile}") == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and stderr.startswith(f"error: hydra.run.dir={afile}: {afile} is a file")
 
 
 def test_minus_m_after_the_overrides_goes_before_them_where_hydra_takes_it():

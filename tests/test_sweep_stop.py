@@ -14,13 +14,15 @@ from conftest import ROOT
 from softmoe.harness import sweep_stop
 from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.resume_hint import resume_command
+from softmoe.harness.runs import LOCK_FILE
 from test_reliability import read_events
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 ENV.pop(sweep_stop.STOP_FILE_ENV, None)
-# a job finishes its steps in seconds: 400 keep jobs 0 and 1 running until the signal, under load too; job 2, which
-# the signal stops before it starts, trains its few steps only in the rerun
-STEPS = (400, 401, 4)
+# jobs 0 and 1 are held (SIGSTOP) once they trained a step, so they are still running when the signal comes, under
+# load too, and the rerun trains only what they left; job 2, which the signal stops before it starts, trains its few
+# steps only in the rerun
+STEPS = (60, 61, 4)
 SWEEP = [
     "launcher=joblib", f"trainer.max_steps={','.join(map(str, STEPS))}", "model.depth=2",
     "trainer.batch_size=32", "trainer.eval_batches=1", "trainer.log_every=1", "trainer.num_threads=1", "logger=none",
@@ -39,6 +41,20 @@ def pasted(command_line):
     return [sys.executable, *command[1:]]
 
 
+def hold_after_their_first_step(sweep, run_dirs, timeout=300):
+    """Stop (SIGSTOP) each job's process once its run directory logged a step; their pids, from each run's lock."""
+    held, deadline = {}, time.monotonic() + timeout
+    while len(held) < len(run_dirs):
+        for run_dir in run_dirs:
+            if run_dir not in held and trained_steps(run_dir):
+                pid = int((run_dir / LOCK_FILE).read_text().split()[1])  # "process <pid> on <host>"
+                os.kill(pid, signal.SIGSTOP)
+                held[run_dir] = pid
+        assert sweep.poll() is None and time.monotonic() < deadline, "the jobs ended before their first step"
+        time.sleep(0.01)
+    return list(held.values())
+
+
 @pytest.mark.slow
 def test_ctrl_c_on_a_joblib_sweep_saves_every_running_job_and_the_printed_commands_resume_them(tmp_path):
     sweep_dir = tmp_path / "sweep"
@@ -46,11 +62,10 @@ def test_ctrl_c_on_a_joblib_sweep_saves_every_running_job_and_the_printed_comman
     # a session of its own, as a terminal's foreground job: Ctrl-C goes to the sweep's process and its 2 workers
     sweep = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not all(trained_steps(sweep_dir / str(job)) for job in (0, 1)):
-        assert sweep.poll() is None and time.monotonic() < deadline, "the jobs ended before their first step"
-        time.sleep(0.01)
-    os.killpg(sweep.pid, signal.SIGINT)
+    held = hold_after_their_first_step(sweep, [sweep_dir / str(job) for job in (0, 1)])
+    os.killpg(sweep.pid, signal.SIGINT)  # the held jobs receive it as they go on
+    for pid in held:
+        os.kill(pid, signal.SIGCONT)
     lines = sweep.communicate(timeout=300)[0].splitlines()
     assert sweep.returncode == 130, lines[-20:]
     assert not any("Traceback" in line for line in lines), lines  # was: joblib's abort, a job killed mid-save

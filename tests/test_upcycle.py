@@ -2,16 +2,15 @@
 ``model.upcycle_from``; timm's ``pretrained=True`` path is in test_timm.py)."""
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from processes import refused_here
 from softmoe import SoftMoEVisionTransformer, upcycle
+from softmoe import train as train_command
 from softmoe.harness.config import ConfigError, check_config
 from softmoe.harness.model import build_model
 from softmoe.upcycle import check_upcycle, load_state_dict, upcycle_state_dict
@@ -268,21 +267,16 @@ def test_harness_refuses_a_missing_or_unreadable_checkpoint(compose_run, tmp_pat
     assert str(raised.value).startswith(f"model.upcycle_from={path}: {message}") and "\n" not in str(raised.value)
 
 
-@pytest.mark.slow  # the training command in its own process
-def test_train_command_stops_on_a_mismatched_checkpoint_before_loading_data(compose_run, tmp_path):
+def test_train_command_stops_on_a_mismatched_checkpoint_before_loading_data(compose_run, tmp_path, monkeypatch,
+                                                                           capsys):
     path = tmp_path / "narrow.safetensors"
     save_dense_run_model(compose_run, path, "model.embed_dim=32")
-    result = subprocess.run(
-        [sys.executable, "-m", "softmoe.train", f"model.upcycle_from={path}", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    expected = f"error: model.upcycle_from={path}: shape mismatch for 'blocks.2.mlp.fc1.weight'"
-    assert result.stderr.strip().startswith(expected)
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "metrics.jsonl").exists()
+    status = refused_here(monkeypatch, train_command, f"model.upcycle_from={path}",
+                          f"hydra.run.dir={tmp_path / 'run'}")
+    stderr = capsys.readouterr().err
+    assert status == 2
+    assert stderr.startswith(f"error: model.upcycle_from={path}: shape mismatch for 'blocks.2.mlp.fc1.weight'")
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()  # before Hydra made it
 
 
 def test_a_run_saved_before_upcycling_existed_still_resumes(compose_run, tmp_path):
