@@ -565,6 +565,9 @@ def test_synthetic_generates_its_validation_split():
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (16, 8, 4)
     assert not torch.equal(bundle.val[0][0], bundle.train[0][0])
     assert not any(torch.equal(bundle.val[i][0], bundle.test[i][0]) for i in range(4))  # never the test images
+    # each split draws its own labels too: one shared sequence would give image i the same class in every split
+    labels = {split: [getattr(bundle, split)[i][1] for i in range(4)] for split in ("train", "val", "test")}
+    assert len({tuple(sequence) for sequence in labels.values()}) == 3, labels
     assert build_datasets(data_config("synthetic", val_size=0), "/nonexistent").val is None
 
 
