@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import train_killed_after
 from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.data import build_datasets
 from softmoe.harness.distributed import Distributed
@@ -59,6 +60,22 @@ def test_a_nan_batch_is_skipped_counted_and_never_saved(compose_run, tmp_path, c
     assert len(warnings) == 1 and warnings[0].startswith(f"step {bad_step}: loss=nan (")
     checked = "checked on the device at step" in warnings[0]
     assert checked == (optimizer == FUSED)
+
+
+def test_a_run_resumed_after_a_skipped_step_still_counts_it(compose_run, tmp_path, monkeypatch, resumed_from):
+    # the bad batch is step 7's, so the 7th AdamW step is step 8's: the first attempt dies there, after last.pt at
+    # step 7 (the skip), and the rerun resumes from it; the skip count must be the uninterrupted run's
+    bad_step = step_holding(NAN_EXAMPLE)
+    assert bad_step == 7  # the setup holds
+    run = compose_run(*SYNTHETIC, "optimizer.fused=false", f"data.nan_examples=[{NAN_EXAMPLE}]")
+    whole = train(run, tmp_path / "whole")
+    train_killed_after(bad_step - 1, run, tmp_path / "resumed", monkeypatch)
+    resumed = train(run, tmp_path / "resumed")
+    assert resumed_from() == [(tmp_path / "resumed" / "last.pt", bad_step)]
+    assert whole.skipped_steps == resumed.skipped_steps == 1
+    skips = [[(e["step"], e.get("train/skipped_steps", 0)) for e in read_events(tmp_path / name) if "train/lr" in e]
+             for name in ("whole", "resumed")]
+    assert skips[0] == skips[1] == [(step, int(step >= bad_step)) for step in range(1, 9)]
 
 
 def test_on_the_device_a_skip_is_reported_at_the_next_log_step(compose_run, tmp_path):
