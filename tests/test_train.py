@@ -364,18 +364,33 @@ def test_the_test_accuracy_at_best_val_is_best_pts_not_the_final_models(compose_
     assert from_last["test/acc"] == summary.test_acc and from_last["val/acc"] == summary.val_acc
 
 
+class OneSecondPerReading:
+    """A stand-in for the loop's ``time`` module whose ``perf_counter`` advances one second per reading: the loop
+    reads it once before and once after each step, so every step measures exactly 1 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
 def test_a_run_resumed_at_an_epoch_end_keeps_its_best_epoch_and_its_unlogged_steps(compose_run, tmp_path,
                                                                                   monkeypatch, resumed_from):
     # 10 steps: epochs of 4 (batch 256) end at 4, 8 and the run's end, 10, so the run has 3 epochs. lr 1e-12: every
     # epoch validates alike, so the best stays epoch 1. The first attempt dies after step 6 and resumes from
-    # epoch 1's last.pt, at step 4: logged at 3, so step 4 is still to be logged, at step 6.
+    # epoch 1's last.pt, at step 4: logged at 3, so step 4 is still to be logged, at step 6, its time included.
+    monkeypatch.setattr("softmoe.harness.loop.time", OneSecondPerReading())
     run = ["trainer.max_steps=10", "trainer.batch_size=256", "optimizer.lr=1e-12", "trainer.log_every=3",
            "model.depth=2", "logger=none", *QUIET]
     whole = train(compose_run(*run), tmp_path / "whole")
     train_killed_after(6, compose_run(*run), tmp_path / "resumed", monkeypatch)
     resumed = train(compose_run(*run), tmp_path / "resumed")
     assert resumed_from() == [(tmp_path / "resumed" / "last.pt", 4)]
-    assert without_timing(read_metrics(tmp_path / "resumed")) == without_timing(read_metrics(tmp_path / "whole"))
+    assert read_metrics(tmp_path / "resumed") == read_metrics(tmp_path / "whole")  # throughput too, on this clock
+    throughputs = [e["train/throughput"] for e in read_metrics(tmp_path / "resumed") if "train/loss" in e]
+    assert throughputs == [256.0] * 3  # 256 images a (1 s) step, the window that spans the resume included
     assert dataclasses.replace(resumed, run_dir="") == dataclasses.replace(whole, run_dir="")
     assert whole.best_val_epoch == 1 and load_checkpoint(tmp_path / "resumed" / "best.pt")["step"] == 4
     events = read_metrics(tmp_path / "whole")
