@@ -50,6 +50,16 @@ def _bf16_compiled_against_fp32_eager(module: torch.nn.Module, x: torch.Tensor):
     return relative_error(out, eager_out), max(grad_errors)
 
 
+def test_the_cuda_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    # a resumed GPU run's dropout and stochastic depth draw from the CUDA generator: the checkpoint must carry it
+    from softmoe.harness.checkpoint import FORMAT_VERSION, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+    save_checkpoint(tmp_path / "rng.pt", {"format": FORMAT_VERSION, "rng": rng_state()})
+    expected = torch.rand(4, device="cuda").cpu()
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert torch.equal(torch.rand(4, device="cuda").cpu(), expected)
+
+
 def test_an_input_on_another_device_than_the_layer_or_model_is_named():
     layer = SoftMoE(16, 32, num_experts=4).cuda()
     with pytest.raises(ValueError, match=r"^input is on cpu, but the layer's parameters are on cuda:0: move one to "
