@@ -4,10 +4,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from conftest import ROOT
 from processes import refused_here
@@ -17,9 +19,9 @@ from softmoe.harness.errors import ConfigError
 from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.overrides import composition_error
 from softmoe import SoftMoEVisionTransformer
-from softmoe.harness.data import build_loader
+from softmoe.harness.data import build_datasets, build_loader
 from softmoe.harness.loop import evaluate, train
-from softmoe.harness.runs import read_events
+from softmoe.harness.runs import load_run, read_events
 
 QUIET = ["trainer.progress_bar=false"]
 
@@ -141,15 +143,37 @@ def test_good_arguments_pass_the_check(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path):
-    train(compose_run("trainer.max_steps=5", "trainer.batch_size=128", "logger=none", *QUIET), tmp_path)
+def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path, monkeypatch):
+    cfg = compose_run("trainer.max_steps=5", "trainer.batch_size=128", "logger=none", *QUIET)
+    train(cfg, tmp_path)
     result = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last", save_routing=True, routing_examples=4)
     (tested,) = [e for e in read_events(tmp_path) if "test/acc" in e]  # the trainer's own test of the final model
     assert result["test/acc"] == tested["test/acc"] and result["test/loss"] == pytest.approx(tested["test/loss"])
     assert result["val/acc"] == load_checkpoint(tmp_path / "last.pt")["last_eval"]["acc"]
     assert (result["val/examples"], result["test/examples"]) == (180, 360)
+    # in batches of 50 (the run's are 500, more than either split): every batch counts, not just the first
+    batched = evaluate_run(tmp_path, tmp_path / "batched", checkpoint="last", batch_size=50)
+    assert batched["test/acc"] == tested["test/acc"] and batched["test/loss"] == pytest.approx(tested["test/loss"])
+    assert batched["val/acc"] == result["val/acc"]
+    # the command hands a sweeper over checkpoints the validation accuracy, never the test split's
+    assert result["val/acc"] != result["test/acc"]  # the setup holds
+    monkeypatch.setattr(evaluate_command, "HydraConfig", SimpleNamespace(
+        get=lambda: SimpleNamespace(runtime=SimpleNamespace(output_dir=str(tmp_path / "from_main")))))
+    assert evaluate_command.main(OmegaConf.create({
+        "run_dir": str(tmp_path), "checkpoint": "last", "device": "auto", "batch_size": None, "data_dir": None,
+        "save_routing": False, "routing_examples": 4,
+    })) == result["val/acc"]
     routing = torch.load(tmp_path / "evaluate" / "routing.pt", weights_only=True)
     assert routing["images"].shape == (4, 1, 8, 8) and routing["labels"].shape == (4,)
+    # the first validation images (a look inside the model reads no test image), and the model's own predictions
+    data = build_datasets(cfg.data, cfg.paths.data_dir)
+    val, test = data.val, data.test
+    assert torch.equal(routing["images"], torch.stack([val[index][0] for index in range(4)]))
+    assert not torch.equal(routing["images"], torch.stack([test[index][0] for index in range(4)]))  # the setup holds
+    assert routing["labels"].tolist() == [val[index][1] for index in range(4)]
+    with torch.no_grad():
+        logits = load_run(tmp_path, "last", device="cpu").model(routing["images"])  # [4, classes]
+    assert routing["predictions"].tolist() == [max(range(len(row)), key=lambda k: row[k].item()) for row in logits]
     assert sorted(routing["dispatch"]) == ["blocks.2.mlp", "blocks.3.mlp"]
     dispatch = routing["dispatch"]["blocks.2.mlp"]  # [batch, tokens, experts, slots_per_expert]
     assert dispatch.shape == (4, 16, 16, 1)
