@@ -4,14 +4,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
-from conftest import ROOT
+from conftest import CONF_DIR, ROOT
 from processes import refused_here
 from softmoe import evaluate as evaluate_command
 from softmoe.evaluate import argument_error, evaluate_run, missing_run_error
@@ -143,7 +144,7 @@ def test_good_arguments_pass_the_check(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path, monkeypatch):
+def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path):
     cfg = compose_run("trainer.max_steps=5", "trainer.batch_size=128", "logger=none", *QUIET)
     train(cfg, tmp_path)
     result = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last", save_routing=True, routing_examples=4)
@@ -157,12 +158,15 @@ def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path, mon
     assert batched["val/acc"] == result["val/acc"]
     # the command hands a sweeper over checkpoints the validation accuracy, never the test split's
     assert result["val/acc"] != result["test/acc"]  # the setup holds
-    monkeypatch.setattr(evaluate_command, "HydraConfig", SimpleNamespace(
-        get=lambda: SimpleNamespace(runtime=SimpleNamespace(output_dir=str(tmp_path / "from_main")))))
-    assert evaluate_command.main(OmegaConf.create({
-        "run_dir": str(tmp_path), "checkpoint": "last", "device": "auto", "batch_size": None, "data_dir": None,
-        "save_routing": False, "routing_examples": 4,
-    })) == result["val/acc"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # the config Hydra hands main
+        evaluate_cfg = compose("evaluate", [f"run_dir={tmp_path}", "checkpoint=last"], return_hydra_config=True)
+    with open_dict(evaluate_cfg):
+        evaluate_cfg.hydra.runtime.output_dir = str(tmp_path / "from_main")  # what Hydra sets as the job starts
+    HydraConfig.instance().set_config(evaluate_cfg)
+    try:
+        assert evaluate_command.main(evaluate_cfg) == result["val/acc"]
+    finally:
+        HydraConfig.instance().cfg = None
     routing = torch.load(tmp_path / "evaluate" / "routing.pt", weights_only=True)
     assert routing["images"].shape == (4, 1, 8, 8) and routing["labels"].shape == (4,)
     # the first validation images (a look inside the model reads no test image), and the model's own predictions
