@@ -42,6 +42,7 @@ from softmoe.harness.errors import (
     one_line,
     preempted_exit_code,
     run_command,
+    tell_torchrun,
 )
 from softmoe.harness.faults import Preempted
 from softmoe.harness.console import final_dispatch_entropy, next_steps
@@ -192,6 +193,7 @@ def main(cfg: DictConfig) -> float:
         if multirun and console_is_a_log_file(hydra_cfg):  # submitit's job: the sweep's process prints its lines
             hand_to_sweep(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, lines, exit_code(error))
             return NO_OBJECTIVE
+        tell_torchrun(lines)
         sys.exit(exit_code(error))
     except Preempted as preempted:
         hint = resume_hint(hydra_cfg.overrides.task, run_dir, sweep_job=multirun)
@@ -200,6 +202,7 @@ def main(cfg: DictConfig) -> float:
             sweep_stop.request_stop(preempted.signum)  # the whole sweep stops, as under the basic launcher
             return NO_OBJECTIVE
         preempted.handover()  # e.g. submitit's requeue on SLURM; it may exit the process itself
+        tell_torchrun([f"{tag}{preempted}; {hint or 'nothing to resume'}"])
         if sweep_stop.in_this_process(hydra_cfg) and speaks_for_the_job():  # this exit ends the sweep
             say(sweep_resume_line(preempted.signum, hydra_cfg.sweep.dir, sys.argv[1:]))
         sys.exit(preempted.exit_code)
@@ -238,6 +241,7 @@ def command_line() -> None:
     if problem:
         if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun, once per node: its ranks read the same files
             print(f"error: {problem}", file=sys.stderr)
+        tell_torchrun([f"error: {problem}"])  # every rank's: torchrun names the first to end as the root cause
         sys.exit(USER_ERROR_EXIT_CODE)
     warning = sweep_warning(sys.argv[1:], "train")  # once for the sweep, here: not once per job
     if warning:

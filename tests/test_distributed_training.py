@@ -235,6 +235,9 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_a_rerun_re
     saved = (read_train_state if strategy == "fsdp" else load_checkpoint)(run_dir / last)["step"]
     assert 1 <= saved < 40 and f"SIGTERM received: saved {last} at step {saved}" in output, output[-3000:]
     assert "resume with: torchrun --standalone --nproc_per_node=2 -m softmoe.train " in output  # it finds last.dcp too
+    # torchrun's failure report, after every line of the run, ends with the root cause: that line
+    root_cause = output.split("Root Cause (first observed failure):")[1]
+    assert f"traceback : SIGTERM received: saved {last} at step {saved}" in root_cause, output[-3000:]
     assert max(e["step"] for e in read_metrics(run_dir) if "train/lr" in e) == saved  # rank 0 stopped there too
 
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -303,7 +306,10 @@ def test_a_bad_value_under_torchrun_is_one_line_and_makes_no_run_directory(tmp_p
                             capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "exitcode  : 2 " in output, output[-3000:]  # torchrun's report of each rank
-    assert output.count("error: moe.num_experts=0: must be a positive integer\n") == 1, output[-3000:]
+    line = "error: moe.num_experts=0: must be a positive integer"
+    assert output.splitlines().count(line) == 1, output[-3000:]
+    # and that report, the last lines on screen, names it for each rank (was: "To enable traceback see: ...")
+    assert output.count(f"  traceback : {line}\n") == 2 and "To enable traceback" not in output, output[-3000:]
     assert "Error: [Errno" not in output and list(tmp_path.iterdir()) == []
 
 

@@ -17,10 +17,12 @@ The harness raises these; ``python -m softmoe.train`` / ``.evaluate`` / ``.colle
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
-from typing import Any, Callable, NoReturn
+import time
+from typing import Any, Callable, NoReturn, Sequence
 
 USER_ERROR_EXIT_CODE = 2
 NONFINITE_EXIT_CODE = 3  # stopped on a NaN/inf (2 is a bad config, data or checkpoint)
@@ -99,6 +101,23 @@ def run_command(command: Callable[[], Any]) -> NoReturn:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = 128 + int(signal.SIGPIPE)
     sys.exit(status if isinstance(status, (int, str)) else 0)  # 0, not None: a caller reads exit.code
+
+
+def tell_torchrun(lines: Sequence[str]) -> None:
+    """Under torchrun, leave the lines this process ends with where torchrun's agent reads a failed worker's error
+    (``TORCHELASTIC_ERROR_FILE``, in the format its ``record`` writes): the failure summary it prints after them
+    then gives them as each rank's ``traceback`` and the root cause, at the bottom of the screen, instead of "To
+    enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    message = "\n".join(lines)
+    try:
+        with open(path, "w") as file:
+            json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                     "timestamp": str(int(time.time()))}}}, file)
+    except OSError:
+        pass  # the summary says what it said before; the lines are on the console already
 
 
 def exit_code(error: BaseException) -> int:
