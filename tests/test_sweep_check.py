@@ -87,6 +87,14 @@ def test_an_option_an_experiment_file_sweeps_that_no_file_holds_is_named_with_th
         "hydra.sweeper.params: experts_slots=3x5: not an option of experts_slots (options: 128x1, ")
 
 
+def test_an_option_an_experiment_file_sweeps_from_the_users_own_config_folder_is_found_there(user_config):
+    """The command line's hydra.searchpath holds options the experiment sweeps: they are no missing option."""
+    user_config("experts_slots/3x5", "# @package moe\nnum_experts: 3\nslots_per_expert: 5\n")
+    sweep = EXPERIMENT_SWEEP.replace("seed: 0,1", "experts_slots: 16x1,3x5")
+    searchpath = user_config("experiment/mine", f"# @package _global_\n{sweep}")
+    assert sweep_job_error([searchpath, "experiment=mine"], "train") is None
+
+
 def test_a_key_that_changes_what_an_experiments_swept_option_sets_is_refused_naming_both():
     """conf/experiment/fig6_experts_slots.yaml sweeps experts_slots in hydra.sweeper.params."""
     assert sweep_job_error(["experiment=fig6_experts_slots", "moe.slots_per_expert=2"], "train") == (
@@ -103,6 +111,7 @@ def test_a_joblib_sweep_with_more_threads_than_cores_gets_one_warning_from_the_p
         "launcher.n_jobs=8 (3 at once) x trainer.num_threads=1 = 3 threads at once on 2 cores: the jobs take turns")
     assert sweep_warning(["experiment=fig6_experts_slots", "launcher=joblib"], "train") is None  # 2 x 1 on 2 cores
     assert sweep_warning(["launcher=joblib", "trainer.num_threads=2"], "train") is None  # one run, no sweep
+    assert sweep_warning(["launcher=joblib", "trainer.num_threads=3"], "train") is None  # one run: no sweep's to warn
     assert sweep_warning(["-m", "trainer.num_threads=2", "seed=0,1"], "train") is None  # one job at a time
     # printed once by the sweep's parent, which goes on to run the jobs: test_train.py's joblib sweep
 
@@ -140,6 +149,28 @@ def test_a_slurm_sweep_on_a_machine_without_slurm_is_refused_before_submitit_is_
         (tmp_path / command).write_text("#!/bin/sh\n")
         (tmp_path / command).chmod(stat.S_IRWXU)
     assert sweep_job_error(argv, "train") is None
+
+
+def test_a_grid_up_to_the_limit_is_checked_whole_and_a_larger_one_left_to_its_jobs(monkeypatch):
+    from softmoe.harness import sweep_check
+
+    monkeypatch.setattr(sweep_check, "MAX_JOBS_CHECKED", 2)  # the limit, at a size this test can afford
+    assert sweep_job_error(["-m", "moe.num_experts=4,0"], "train") == (  # 2 jobs: at the limit, checked
+        "job 1 (moe.num_experts=0): moe.num_experts=0: must be a positive integer; no job was started")
+    assert sweep_job_error(["-m", "moe.num_experts=0,4,8"], "train") is None  # 3: none checked here, job 0 included
+
+
+def test_trainer_resume_of_another_model_is_named_for_a_job_whose_run_directory_a_rerun_finds(tmp_path):
+    # the job's run directory holds no last.pt of its own (a job that stopped before its first checkpoint), so it
+    # would start from trainer.resume's checkpoint, of 4 experts where the sweep builds 16
+    argv = ["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    other = tmp_path / "other" / "last.pt"
+    save_config_checkpoint(other, argv, job=0, **{"moe.num_experts": 4})
+    (tmp_path / "sweep" / "1").mkdir(parents=True)
+    assert sweep_job_error([*argv, f"trainer.resume={other}"], "train") == (
+        f"job 1 (seed=1): moe.num_experts=16: trainer.resume's checkpoint {other} was saved with moe.num_experts=4, "
+        "another model, whose weights this one cannot take; start from it with moe.num_experts=4, or set "
+        "trainer.resume=null to train afresh; no job was started")
 
 
 @pytest.mark.parametrize("argv", [
