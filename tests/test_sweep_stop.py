@@ -110,7 +110,8 @@ def test_a_second_signal_to_a_stopping_sweep_ends_it_at_once_and_names_the_rerun
     assert sweep_stop.in_parallel_sweep() and sweep_stop.stop_requested() is None
     signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the first: every job stops after its step
     assert sweep_stop.stop_requested() == signal.SIGTERM
-    assert "sweep: SIGTERM received: each running job stops after its step" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("sweep: SIGTERM received: each running job stops after its step and saves "
+                                       "last.pt, no further job starts; SIGTERM again ends every job at once\n")
     with pytest.raises(sweep_stop.SweepEndedAtOnce) as ended:  # the second: at once
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
     assert ended.value.exit_code == 130 and isinstance(ended.value, KeyboardInterrupt)
@@ -124,7 +125,9 @@ def test_a_stopped_sweeps_end_names_the_rerun_and_exits_with_the_signals_status(
     tmp_path, compose_run, capsys, monkeypatch, handlers_kept
 ):
     cfg = compose_run("launcher=joblib", f"hydra.sweep.dir={tmp_path}", hydra_node=True)
-    monkeypatch.setattr(sys, "argv", ["softmoe/train.py", "launcher=joblib", "seed=0,1", "--multirun"])
+    # the command line's own hydra.sweep.dir gives way to the one the sweep ran in (named once, not twice)
+    monkeypatch.setattr(sys, "argv", ["softmoe/train.py", "launcher=joblib", "seed=0,1", "--multirun",
+                                      "hydra.sweep.dir=elsewhere"])
     callback = sweep_stop.SweepStop()
     callback.on_multirun_start(cfg)
     sweep_stop.request_stop(signal.SIGINT)  # as a job that received Ctrl-C alone does
@@ -157,6 +160,32 @@ def test_a_sweep_jobs_resume_command_runs_a_single_run_even_where_its_experiment
     assert "hydra.mode=RUN" not in resume_command(["seed=1"], tmp_path)  # a single run's command stays as it was
 
 
+def test_a_rerun_of_a_stopped_sweep_is_not_stopped_by_the_stop_file_the_first_run_left(tmp_path, compose_run,
+                                                                                     handlers_kept):
+    (tmp_path / sweep_stop.STOP_FILE).write_text(str(int(signal.SIGINT)))  # a run killed before it removed it
+    callback = sweep_stop.SweepStop()
+    callback.on_multirun_start(compose_run("launcher=joblib", f"hydra.sweep.dir={tmp_path}", hydra_node=True))
+    assert sweep_stop.stop_requested() is None  # its jobs start
+    callback.on_multirun_end(compose_run("launcher=joblib", f"hydra.sweep.dir={tmp_path}", hydra_node=True))
+    assert list(tmp_path.iterdir()) == []  # and it ends as a sweep nobody stopped: no SystemExit
+
+
+def test_a_stop_file_read_before_its_signal_number_was_written_still_stops_the_jobs(tmp_path, monkeypatch):
+    monkeypatch.setenv(sweep_stop.STOP_FILE_ENV, str(tmp_path / sweep_stop.STOP_FILE))
+    assert sweep_stop.stop_requested() is None
+    (tmp_path / sweep_stop.STOP_FILE).write_text("")  # created, not yet written
+    assert sweep_stop.stop_requested() == signal.SIGINT
+
+
+def test_only_a_parallel_sweeps_worker_ignores_ctrl_c_between_its_jobs(tmp_path, monkeypatch, handlers_kept):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sweep_stop.ignore_ctrl_c_between_jobs()  # a single run, or a basic sweep: Ctrl-C stays the process's own
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setenv(sweep_stop.STOP_FILE_ENV, str(tmp_path / sweep_stop.STOP_FILE))  # a joblib worker
+    sweep_stop.ignore_ctrl_c_between_jobs()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the sweep's process answers it
+
+
 @pytest.mark.parametrize("launcher,in_process", [("basic", True), ("joblib", False), ("submitit_local", False)])
 def test_only_a_basic_launcher_sweeps_job_ends_the_sweep_and_names_its_rerun(compose_run, launcher, in_process):
     """A submitit job's ``sys.argv`` is submitit's, so it prints no sweep command; a joblib job returns instead."""
@@ -171,8 +200,10 @@ def test_the_sweeps_first_signal_stops_it_even_after_a_job_stopped_it_already(tm
     its second: it must not end the saving jobs at once."""
     callback = sweep_stop.SweepStop()
     callback.on_multirun_start(compose_run("launcher=joblib", f"hydra.sweep.dir={tmp_path}", hydra_node=True))
-    sweep_stop.request_stop(signal.SIGINT)
+    sweep_stop.request_stop(signal.SIGTERM)  # a job preempted by SIGTERM alone
     signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # no SweepEndedAtOnce
-    assert "sweep: SIGINT received: each running job stops after its step" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("sweep: SIGINT received: each running job stops after its step and saves "
+                                       "last.pt, no further job starts; Ctrl-C again ends every job at once\n")
+    assert sweep_stop.stop_requested() == signal.SIGTERM  # the first stop is the one the sweep reports and exits with
     with pytest.raises(sweep_stop.SweepEndedAtOnce):
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
