@@ -227,6 +227,7 @@ def test_a_run_directory_given_as_a_checkpoint_names_the_checkpoint_in_it(compos
     run_dir.mkdir()
     empty.mkdir()
     (run_dir / "last.pt").write_bytes(b"")
+    (run_dir / "best.pt").write_bytes(b"")  # a run directory holds both: its last.pt is the one to start from
     expected = {
         # was: "...; to continue that run instead, set hydra.run.dir=<run>, or null"
         f"trainer.resume={run_dir}": f"trainer.resume={run_dir}: a run directory, not a checkpoint: to start a new "
