@@ -70,6 +70,7 @@ def test_only_a_run_directory_holding_nothing_but_hydras_files_is_removed(tmp_pa
     for run_dir in (unused, used):
         (run_dir / ".hydra").mkdir(parents=True)
         (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        (run_dir / ".lock").write_text("process 1 on here\n")  # the lock the run took before it was refused
         handler = logging.FileHandler(run_dir / "train.log")
         logging.getLogger().addHandler(handler)  # as Hydra opens it
     (used / "metrics.jsonl").write_text("")
@@ -79,3 +80,24 @@ def test_only_a_run_directory_holding_nothing_but_hydras_files_is_removed(tmp_pa
     for h in [h for h in logging.getLogger().handlers if getattr(h, "baseFilename", "").startswith(str(tmp_path))]:
         logging.getLogger().removeHandler(h)
         h.close()
+
+
+def test_the_sweep_record_is_put_back_as_it_was_found_and_removed_where_there_was_none(tmp_path):
+    from softmoe.harness.runs import read_sweep_record, restore_sweep_record
+
+    assert read_sweep_record(tmp_path / "new") is None  # a new sweep: no directory yet
+    (tmp_path / "multirun.yaml").write_text("rewritten by the sweeper of a refused rerun\n")
+    restore_sweep_record(tmp_path, None)  # there was none: the refused sweep leaves none
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "multirun.yaml").write_text("rewritten\n")
+    restore_sweep_record(tmp_path, b"hydra: {the earlier sweep's}\n")
+    assert [path.name for path in tmp_path.iterdir()] == ["multirun.yaml"]  # no temporary file left beside it
+    assert read_sweep_record(tmp_path) == b"hydra: {the earlier sweep's}\n"
+
+
+def test_the_lock_names_only_its_present_holder_not_the_one_before(tmp_path):
+    (tmp_path / ".lock").write_text("process 1 on an-earlier-host\n")  # left by a run that ended
+    with RunDirLock(tmp_path):
+        with pytest.raises(RunDirInUseError, match=f"in use by process {os.getpid()} on {socket.gethostname()}; "):
+            RunDirLock(tmp_path).acquire()
+    assert (tmp_path / ".lock").read_text() == f"process {os.getpid()} on {socket.gethostname()}\n"
