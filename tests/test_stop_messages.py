@@ -207,7 +207,7 @@ def test_the_resume_command_keeps_the_overrides_and_names_the_run_directory(tmp_
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # set by some other launcher: without torchrun's run id, not torchrun
     # trainer.resume is dropped however it was given (+trainer.resume adds the key): the run continues its own last.pt
     overrides = ["model.depth=2", "hydra.run.dir=old", "trainer.resume=/x/last.pt", "logger.tags=[a b]",
-                 "+trainer.resume=/y/last.pt"]
+                 "+trainer.resume=/y/last.pt", "++trainer.resume=/z/last.pt", "++hydra.run.dir=older"]
     command = resume_command(overrides, tmp_path / "outputs" / "runs" / "d" / "t")
     assert command == "python -m softmoe.train model.depth=2 'logger.tags=[a b]' hydra.run.dir=outputs/runs/d/t"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")

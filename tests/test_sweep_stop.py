@@ -127,7 +127,7 @@ def test_a_stopped_sweeps_end_names_the_rerun_and_exits_with_the_signals_status(
     cfg = compose_run("launcher=joblib", f"hydra.sweep.dir={tmp_path}", hydra_node=True)
     # the command line's own hydra.sweep.dir gives way to the one the sweep ran in (named once, not twice)
     monkeypatch.setattr(sys, "argv", ["softmoe/train.py", "launcher=joblib", "seed=0,1", "--multirun",
-                                      "hydra.sweep.dir=elsewhere"])
+                                      "hydra.sweep.dir=elsewhere", "++hydra.sweep.dir=anywhere"])
     callback = sweep_stop.SweepStop()
     callback.on_multirun_start(cfg)
     sweep_stop.request_stop(signal.SIGINT)  # as a job that received Ctrl-C alone does

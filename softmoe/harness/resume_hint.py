@@ -20,7 +20,8 @@ from typing import Optional, Sequence, Union
 from . import sharded_checkpoint
 
 # Overrides the resume command sets itself (the directory), or that would start from somewhere else.
-REPLACED = ("hydra.run.dir=", "trainer.resume=", "+trainer.resume=")
+# In each spelling: +key= adds the key, ++key= adds or overrides it.
+REPLACED = ("hydra.run.dir=", "trainer.resume=")
 
 
 def launcher_prefix() -> list[str]:
@@ -50,7 +51,7 @@ def resume_command(
     """The command line that continues the run in ``run_dir``: its overrides, with ``hydra.run.dir`` naming it.
     ``sweep_job``: a sweep's job, which resumes as a single run, so ``hydra.mode=RUN`` too: an experiment file that
     sweeps sets ``hydra.mode: MULTIRUN``, which would start a new sweep elsewhere and ignore ``hydra.run.dir``."""
-    kept = [override for override in task_overrides if not override.startswith(REPLACED)]
+    kept = [override for override in task_overrides if not override.lstrip("+").startswith(REPLACED)]
     single_run = ["hydra.mode=RUN"] if sweep_job else []
     return shlex.join([*launcher_prefix(), "-m", module, *kept, *single_run, f"hydra.run.dir={shown_path(run_dir)}"])
 

@@ -89,7 +89,8 @@ def ignore_ctrl_c_between_jobs() -> None:
 
 def sweep_resume_command(sweep_dir: Union[str, Path], argv: Sequence[str]) -> str:
     """The sweep's command line ``argv`` rerun into the same ``hydra.sweep.dir``: it resumes every unfinished job."""
-    kept = [arg for arg in argv if arg not in ("-m", "--multirun") and not arg.startswith("hydra.sweep.dir=")]
+    kept = [arg for arg in argv  # the sweep directory in any spelling (+ adds the key, ++ adds or overrides it)
+            if arg not in ("-m", "--multirun") and not arg.lstrip("+").startswith("hydra.sweep.dir=")]
     return shlex.join([*launcher_prefix(), "-m", "softmoe.train", "-m", *kept,
                        f"hydra.sweep.dir={shown_path(sweep_dir)}"])
 
