@@ -197,12 +197,13 @@ def main(cfg: DictConfig) -> float:
         sys.exit(exit_code(error))
     except Preempted as preempted:
         hint = resume_hint(hydra_cfg.overrides.task, run_dir, sweep_job=multirun)
-        log.warning("%s; %s", preempted, hint or "nothing to resume", extra=EVERY_JOB)
+        stopped = f"{preempted}; {hint or 'nothing to resume'}"  # the console's line, and torchrun's root cause
+        log.warning("%s", stopped, extra=EVERY_JOB)
         if sweep_stop.in_parallel_sweep():  # the worker outlives its job: an exit would abort the other jobs' saves
             sweep_stop.request_stop(preempted.signum)  # the whole sweep stops, as under the basic launcher
             return NO_OBJECTIVE
         preempted.handover()  # e.g. submitit's requeue on SLURM; it may exit the process itself
-        tell_torchrun([f"{tag}{preempted}; {hint or 'nothing to resume'}"])
+        tell_torchrun([f"{tag}{stopped}"])
         if sweep_stop.in_this_process(hydra_cfg) and speaks_for_the_job():  # this exit ends the sweep
             say(sweep_resume_line(preempted.signum, hydra_cfg.sweep.dir, sys.argv[1:]))
         sys.exit(preempted.exit_code)

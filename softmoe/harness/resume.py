@@ -168,8 +168,7 @@ def sharded_resume_checkpoint(path: Path, run_dir: Path) -> tuple[dict[str, Any]
         start = f" with trainer.resume={others[0]}" if others else ""
         raise CheckpointError(f"{found}; the run cannot continue from {path.name}: restore the file from a copy, or "
                               f"start a new run directory (a new hydra.run.dir){start}")
-    sharded_checkpoint.check(path)  # trainer.resume's: raises, naming the run's other checkpoints
-    return sharded_checkpoint.resume_checkpoint(path), path
+    raise sharded_checkpoint.damaged(path, found)  # trainer.resume's: naming the run's other checkpoints
 
 
 def saved_config_only(path: Path) -> Optional[dict[str, Any]]:

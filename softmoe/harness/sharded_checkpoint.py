@@ -117,13 +117,18 @@ def others(path: Path) -> list[str]:
 
 
 def check(path: Path) -> None:
-    """Raise :class:`CheckpointError` for a sharded checkpoint :func:`problem` finds wrong: the file, what is wrong
-    with it, and the run's other checkpoints to read instead."""
+    """Raise :func:`damaged`'s error for a sharded checkpoint :func:`problem` finds wrong."""
     found = problem(path)
-    if found is None:
-        return
-    instead = f"name another of the run's checkpoints ({', '.join(others(path))})" if others(path) else ""
-    raise CheckpointError(f"{found}; restore the file from a copy of {Path(path).name}{instead and ', or '}{instead}")
+    if found is not None:
+        raise damaged(path, found)
+
+
+def damaged(path: Path, found: str) -> CheckpointError:
+    """The error for the sharded checkpoint at ``path``, which :func:`problem` found wrong (``found``): the file,
+    what is wrong with it, and the run's other checkpoints to read instead."""
+    names = others(path)
+    instead = f"name another of the run's checkpoints ({', '.join(names)})" if names else ""
+    return CheckpointError(f"{found}; restore the file from a copy of {Path(path).name}{instead and ', or '}{instead}")
 
 
 def newer(single: Path, sharded: Optional[Path]) -> Optional[Path]:
