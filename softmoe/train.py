@@ -168,7 +168,7 @@ def main(cfg: DictConfig) -> float:
     # the parent folders Hydra made for the run directory (outputs/debug/<date> in a fresh working directory): a
     # run that never starts removes them again, no folder that was there; a job's is in its sweep dir, which stays
     new_parents = NewRunDirParents.count if not multirun else 0
-    sweep_stop.ignore_ctrl_c_between_jobs()  # a joblib worker; its job's stop guard takes Ctrl-C while it trains
+    sweep_stop.ignore_stop_signals_between_jobs()  # a joblib worker; its job's stop guard takes Ctrl-C while it trains
     stopped = sweep_stop.stop_requested()
     if stopped is not None:  # a job of a parallel sweep that was stopped while it waited for a worker
         print(f"{tag}not started: the sweep was stopped by {signal.Signals(stopped).name}", file=sys.stderr)

@@ -6,7 +6,9 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -87,14 +89,68 @@ def test_ctrl_c_on_a_joblib_sweep_saves_every_running_job_and_the_printed_comman
     assert not (sweep_dir / sweep_stop.STOP_FILE).exists()
 
 
+def loky_workers(sweep_pid):
+    """The pids of the sweep process's joblib (loky) workers."""
+    listed = subprocess.run(["pgrep", "-P", str(sweep_pid)], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in listed if "popen_loky_posix" in Path(f"/proc/{pid}/cmdline").read_text()]
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_workers_start_stops_the_sweep_cleanly(tmp_path):
+    """The workers are held (SIGSTOP) as soon as they exist, before their Python has run a line of this package:
+    the Ctrl-C reaches them there, in the seconds they spend importing torch. It killed such a worker, and joblib
+    ended the sweep with its BrokenProcessPool traceback."""
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "softmoe.train", "-m", *SWEEP, f"hydra.sweep.dir={sweep_dir}"]
+    sweep = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(workers := loky_workers(sweep.pid)) < 2:
+        assert sweep.poll() is None and time.monotonic() < deadline, "no joblib workers started"
+        time.sleep(0.01)
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    os.killpg(sweep.pid, signal.SIGINT)
+    for pid in workers:
+        os.kill(pid, signal.SIGCONT)
+    lines = sweep.communicate(timeout=300)[0].splitlines()
+    assert sweep.returncode == 130 and not any("Traceback" in line for line in lines), lines[-30:]
+    for job in (0, 1):  # each worker lived to start its job, which saw the stop
+        assert f"[job {job}] not started: the sweep was stopped by SIGINT" in lines
+    assert lines[-1].startswith("sweep stopped by SIGINT; rerun it to resume its unfinished jobs: python -m ")
+    assert not (sweep_dir / "0").exists() and not (sweep_dir / sweep_stop.STOP_FILE).exists()
+
+
 @pytest.fixture
 def handlers_kept():
-    """This process's SIGINT and SIGTERM handlers, put back after the test (and no stop file left named)."""
+    """This process's SIGINT and SIGTERM handlers and its main thread's signal mask, put back after the test (and no
+    stop file left named)."""
     previous = {signum: signal.getsignal(signum) for signum in sweep_stop.STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     yield previous
     for signum, handler in previous.items():
         signal.signal(signum, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.environ.pop(sweep_stop.STOP_FILE_ENV, None)
+
+
+def test_a_sweep_blocks_the_stop_signals_its_workers_inherit_and_still_answers_them(
+    tmp_path, compose_run, capsys, handlers_kept
+):
+    """The main thread blocks them from the sweep's start (the workers it forks inherit the mask); a signal to
+    the process still reaches the sweep's handler, through a thread that leaves them unblocked."""
+    callback = sweep_stop.SweepStop()
+    callback.on_multirun_start(compose_run("launcher=joblib", f"hydra.sweep.dir={tmp_path}", hydra_node=True))
+    assert set(sweep_stop.STOP_SIGNALS) <= signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while sweep_stop.stop_requested() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # Python runs the handler in the main thread, between bytecodes
+    assert sweep_stop.stop_requested() == signal.SIGTERM
+    assert capsys.readouterr().err.startswith("sweep: SIGTERM received: each running job stops after its step")
+    with pytest.raises(SystemExit):
+        callback.on_multirun_end(compose_run("launcher=joblib", f"hydra.sweep.dir={tmp_path}", hydra_node=True))
+    assert not set(sweep_stop.STOP_SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # as it was
 
 
 def test_a_second_signal_to_a_stopping_sweep_ends_it_at_once_and_names_the_rerun(
@@ -177,13 +233,22 @@ def test_a_stop_file_read_before_its_signal_number_was_written_still_stops_the_j
     assert sweep_stop.stop_requested() == signal.SIGINT
 
 
-def test_only_a_parallel_sweeps_worker_ignores_ctrl_c_between_its_jobs(tmp_path, monkeypatch, handlers_kept):
+def test_only_a_parallel_sweeps_worker_ignores_stop_signals_between_its_jobs(tmp_path, monkeypatch, handlers_kept):
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    sweep_stop.ignore_ctrl_c_between_jobs()  # a single run, or a basic sweep: Ctrl-C stays the process's own
+    sweep_stop.ignore_stop_signals_between_jobs()  # a single run, or a basic sweep: Ctrl-C stays the process's own
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    monkeypatch.setenv(sweep_stop.STOP_FILE_ENV, str(tmp_path / sweep_stop.STOP_FILE))  # a joblib worker
-    sweep_stop.ignore_ctrl_c_between_jobs()
-    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the sweep's process answers it
+    # a joblib worker, born with the stop signals blocked, and a Ctrl-C pending since it started
+    monkeypatch.setenv(sweep_stop.STOP_FILE_ENV, str(tmp_path / sweep_stop.STOP_FILE))
+    answered = []
+    signal.signal(signal.SIGINT, lambda signum, frame: answered.append(signum))
+    signal.pthread_sigmask(signal.SIG_BLOCK, sweep_stop.STOP_SIGNALS)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    assert signal.SIGINT in signal.sigpending()
+    sweep_stop.ignore_stop_signals_between_jobs()
+    # the sweep's process answers them: the pending one is dropped, not delivered, and the next ones too
+    assert all(signal.getsignal(signum) is signal.SIG_IGN for signum in sweep_stop.STOP_SIGNALS)
+    assert not set(sweep_stop.STOP_SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert not signal.sigpending() and answered == []
 
 
 @pytest.mark.parametrize("launcher,in_process", [("basic", True), ("joblib", False), ("submitit_local", False)])

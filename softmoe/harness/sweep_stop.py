@@ -13,12 +13,10 @@ and breaks the pool the same way. So, in a process-parallel sweep (:class:`Sweep
   the other jobs finish saving theirs; a job that stops writes the stop file too, so the whole sweep stops, as it
   does under the basic launcher;
 - a job that starts after the stop file appeared does not run (:func:`stop_requested`);
-- a worker between jobs ignores SIGINT (:func:`ignore_ctrl_c_between_jobs`);
+- a worker is born with SIGINT and SIGTERM blocked, so a Ctrl-C in the seconds it spends starting (importing torch,
+  before this package's code runs in it) cannot kill it and break the pool; its first job ignores what was pending
+  and unblocks them (:func:`ignore_stop_signals_between_jobs`), and between jobs it ignores them;
 - when the last job has returned, the sweep prints the command that resumes it and exits with ``128 + signal``.
-
-One window is left to joblib: a Ctrl-C in the seconds a new worker spends starting (importing torch, before this
-package's code runs in it) ends that worker, and joblib then ends the sweep with its traceback; no job has trained
-long by then.
 
 Rerunning a sweep into its ``hydra.sweep.dir`` resumes each job from the ``last.pt`` it left, and a finished job
 reports its result again (``docs/reliability.md``). Under the basic launcher the jobs run in this process: a stop
@@ -31,6 +29,8 @@ import os
 import shlex
 import signal
 import sys
+import threading
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -79,12 +79,30 @@ def in_this_process(hydra_cfg: Any) -> bool:
     return hydra_cfg.mode == RunMode.MULTIRUN and str(hydra_cfg.launcher.get("_target_")) == BASIC_LAUNCHER
 
 
-def ignore_ctrl_c_between_jobs() -> None:
-    """In a joblib worker: a Ctrl-C that arrives while no job runs is the sweep process's to answer; the worker
-    would otherwise die of it, and joblib would kill every other worker, mid-save. A job's own stop guard
-    (``faults.PreemptionGuard``) takes SIGINT while it trains and puts this back when it ends."""
+def ignore_stop_signals_between_jobs() -> None:
+    """In a joblib worker: a Ctrl-C (or a SIGTERM to the process group) that arrives while no job runs is the sweep
+    process's to answer; the worker would otherwise die of it, and joblib would kill every other worker, mid-save.
+    A job's own stop guard (``faults.PreemptionGuard``) takes them while it trains and puts this back when it ends.
+
+    The worker was born with them blocked (:meth:`SweepStop.on_multirun_start`): one that arrived while it started
+    is pending, and ignoring before unblocking drops it (the sweep's process took it and wrote the stop file)."""
     if in_parallel_sweep():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+_receiver: Optional[threading.Thread] = None
+
+
+def _keep_a_thread_that_receives_stop_signals() -> None:
+    """A thread, idle for good, that leaves SIGINT and SIGTERM unblocked while the main thread blocks them: the
+    kernel delivers them to it, and Python runs the handlers in the main thread as ever (within joblib's 10 ms
+    polling of its results)."""
+    global _receiver
+    if _receiver is None:
+        _receiver = threading.Thread(target=threading.Event().wait, name="softmoe-stop-signals", daemon=True)
+        _receiver.start()
 
 
 def sweep_resume_command(sweep_dir: Union[str, Path], argv: Sequence[str]) -> str:
@@ -120,6 +138,7 @@ class SweepStop(Callback):
         self._stop_file: Optional[Path] = None
         self._sweep_dir = ""
         self._signalled = False  # this process took a stop signal: the next one ends the sweep at once
+        self._mask: set[int] = set()  # the main thread's signal mask before the sweep blocked the stop signals
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if str(config.hydra.launcher.get("_target_")) not in PROCESS_PARALLEL_LAUNCHERS:
@@ -131,6 +150,13 @@ class SweepStop(Callback):
         os.environ[STOP_FILE_ENV] = str(self._stop_file)  # the workers start after this, with this environment
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._on_signal)
+        # Workers are forked (and exec'd) by the main thread or by threads it starts from now on, and inherit the
+        # forking thread's signal mask: with the stop signals blocked here, a Ctrl-C while a worker imports torch
+        # waits for its job's code. The stdlib's resource tracker starts its server the same way, but unblocks them
+        # again afterwards (SIG_UNBLOCK, not the mask it found): joblib starts it, so it starts before the block.
+        resource_tracker.ensure_running()
+        _keep_a_thread_that_receives_stop_signals()
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -143,6 +169,7 @@ class SweepStop(Callback):
             return
         for other in STOP_SIGNALS:  # the end is under way: a third signal is the previous handlers' to answer
             signal.signal(other, self._previous.get(other, signal.SIG_DFL))
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         resume = sweep_resume_command(self._sweep_dir, sys.argv[1:])
         raise SweepEndedAtOnce(signum, f"sweep: {name} again: every job ended at once, keeping the last.pt it "
                                        f"saved before; rerun the sweep to resume its unfinished jobs: {resume}")
@@ -152,6 +179,7 @@ class SweepStop(Callback):
             return
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         os.environ.pop(STOP_FILE_ENV, None)
         stopped = stop_signal_of(self._stop_file)
         self._stop_file.unlink(missing_ok=True)
