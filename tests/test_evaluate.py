@@ -145,7 +145,9 @@ def test_good_arguments_pass_the_check(tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path):
-    cfg = compose_run("trainer.max_steps=5", "trainer.batch_size=128", "logger=none", *QUIET)
+    # 20 steps: the model tells the 4 images apart (after 5 it gave each the same class, which would hide
+    # predictions made for other images)
+    cfg = compose_run("trainer.max_steps=20", "trainer.batch_size=128", "logger=none", *QUIET)
     train(cfg, tmp_path)
     result = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last", save_routing=True, routing_examples=4)
     (tested,) = [e for e in read_events(tmp_path) if "test/acc" in e]  # the trainer's own test of the final model
@@ -178,6 +180,7 @@ def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path):
     with torch.no_grad():
         logits = load_run(tmp_path, "last", device="cpu").model(routing["images"])  # [4, classes]
     assert routing["predictions"].tolist() == [max(range(len(row)), key=lambda k: row[k].item()) for row in logits]
+    assert len(set(routing["predictions"].tolist())) > 1  # the setup holds
     assert sorted(routing["dispatch"]) == ["blocks.2.mlp", "blocks.3.mlp"]
     dispatch = routing["dispatch"]["blocks.2.mlp"]  # [batch, tokens, experts, slots_per_expert]
     assert dispatch.shape == (4, 16, 16, 1)
