@@ -91,8 +91,14 @@ def test_ctrl_c_on_a_joblib_sweep_saves_every_running_job_and_the_printed_comman
 
 def loky_workers(sweep_pid):
     """The pids of the sweep process's joblib (loky) workers."""
-    listed = subprocess.run(["pgrep", "-P", str(sweep_pid)], capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in listed if "popen_loky_posix" in Path(f"/proc/{pid}/cmdline").read_text()]
+    workers = []
+    for pid in subprocess.run(["pgrep", "-P", str(sweep_pid)], capture_output=True, text=True).stdout.split():
+        try:
+            if "popen_loky_posix" in Path(f"/proc/{pid}/cmdline").read_text():
+                workers.append(int(pid))
+        except OSError:  # a short-lived child that ended meanwhile
+            pass
+    return workers
 
 
 @pytest.mark.slow
