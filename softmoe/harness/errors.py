@@ -12,12 +12,13 @@ The harness raises these; ``python -m softmoe.train`` / ``.evaluate`` / ``.colle
 | 3 | :class:`NonFiniteError`: stopped on a NaN/inf |
 | 128 + signal | stopped by a signal after saving ``last.pt`` (130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 140 SIGUSR2) |
 | 141 | its reader closed stdout (``--help | head -3``): it ends quietly (:func:`run_command`), as a shell reports a |
-|     | program SIGPIPE ended |
+|     | program SIGPIPE ended; a run's log lines (:class:`ConsoleHandler`) stop instead, and the run goes on |
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -98,9 +99,28 @@ def run_command(command: Callable[[], Any]) -> NoReturn:
             status = exit.code
         sys.stdout.flush()  # what is still buffered fails here, not at the interpreter's exit
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        drop_what_goes_to(sys.stdout)
         status = 128 + int(signal.SIGPIPE)
     sys.exit(status if isinstance(status, (int, str)) else 0)  # 0, not None: a caller reads exit.code
+
+
+def drop_what_goes_to(stream: Any) -> None:
+    """Point ``stream``'s file descriptor at devnull: its reader is gone, and every later write (and the flush at
+    the interpreter's exit) would fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """The console's log handler (``conf/hydra/default.yaml``). A reader that closes the console early
+    (``python -m softmoe.train | head -3``) stops its lines, not the run: a run is hours of work, and its
+    ``train.log`` keeps every line. Logging's own handler went on, printing a "--- Logging error ---" traceback
+    for each line after; the command's exit status is the run's."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            drop_what_goes_to(self.stream)
+            return
+        super().handleError(record)
 
 
 def tell_torchrun(lines: Sequence[str]) -> None:
