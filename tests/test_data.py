@@ -395,6 +395,17 @@ def test_imagefolder_more_classes_than_num_classes(tmp_path):
         _imagefolder(tmp_path)
 
 
+def test_imagefolder_fewer_classes_than_num_classes_trains_and_is_warned_about(tmp_path, caplog):
+    """The config's default is ImageNet's 1000: a folder of 2 classes left at it trains a head of 998 dead outputs."""
+    write_image_tree(tmp_path, train={"a": 1, "b": 1}, val={"a": 1})
+    with caplog.at_level(logging.WARNING):
+        assert _imagefolder(tmp_path, num_classes=1000).num_classes == 1000
+    assert f"data.num_classes=1000: {tmp_path / 'train'} has 2 class folders, so the model's head has 998 " in caplog.text
+    caplog.clear()
+    _imagefolder(tmp_path, num_classes=2)
+    assert "data.num_classes" not in caplog.text
+
+
 def _garbage(root: Path) -> Path:
     path = root / "train" / "cat" / "notes.png"
     path.write_bytes(b"this is not an image")

@@ -16,6 +16,7 @@ a plain ``ImageFolder``:
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +29,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from ..errors import ConfigError
 from ..rules import counted
 from .common import BadDataError, BadExamples, DataBundle, MissingDataError, log_source, with_transform
+
+log = logging.getLogger(__name__)
 
 SPLIT_DIRS = {"train": "train", "test": "val"}  # DataBundle split -> folder under data.root
 IMAGE_MODES = {1: "L", 3: "RGB"}  # in_chans -> the PIL mode every image is converted to
@@ -157,6 +160,10 @@ def build(cfg: dict[str, Any], root: Path) -> DataBundle:
             f"data.num_classes={cfg['num_classes']}: {split_dirs['train']} has "
             f"{counted(len(classes), 'class folder')}; set data.num_classes={len(classes)} or more"
         )
+    if len(classes) < cfg["num_classes"]:  # allowed (a copy missing some classes), but likely the default's 1000
+        log.warning("data.num_classes=%d: %s has %s, so the model's head has %d outputs no training image has; set "
+                    "data.num_classes=%d unless this copy lacks some classes", cfg["num_classes"], split_dirs["train"],
+                    counted(len(classes), "class folder"), cfg["num_classes"] - len(classes), len(classes))
 
     input_size = (cfg["in_chans"], cfg["img_size"], cfg["img_size"])
     common = dict(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), crop_pct=cfg["crop_pct"], interpolation="bicubic")
