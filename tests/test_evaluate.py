@@ -82,11 +82,15 @@ def test_a_run_without_best_pt_is_pointed_to_checkpoint_last(tmp_path):
     save_checkpoint(tmp_path / "last.pt", {"format": 1, "step": 2})
     assert missing_run_error([f"run_dir={tmp_path}"]) == (
         f"run_dir={tmp_path}: holds no best.pt, only last.pt: no validation selected a model (data.val_size=0, or a "
-        "run stopped before its first validation); pass checkpoint=last")
+        "run stopped before its first validation); set checkpoint=last")
     assert missing_run_error([f"run_dir={tmp_path}", "checkpoint=last"]) is None
     assert next_steps(tmp_path)[0].startswith(f"python -m softmoe.evaluate run_dir={tmp_path} checkpoint=last ")
+    # the routing notebook loads best.pt unless SOFTMOE_CHECKPOINT says otherwise (was: the printed command failed)
+    notebook = next_steps(tmp_path)[1]
+    assert f" && SOFTMOE_CHECKPOINT=last SOFTMOE_RUN_DIR={tmp_path.resolve()} jupyter execute " in notebook
     save_checkpoint(tmp_path / "best.pt", {"format": 1, "step": 2})
     assert next_steps(tmp_path)[0].startswith(f"python -m softmoe.evaluate run_dir={tmp_path}        # best.pt's")
+    assert f" && SOFTMOE_RUN_DIR={tmp_path.resolve()} jupyter execute " in next_steps(tmp_path)[1]
 
 
 def test_an_fsdp_run_is_pointed_to_its_best_dcp_not_best_pt(tmp_path):

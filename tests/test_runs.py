@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 import socket
 
 import pytest
@@ -38,6 +39,15 @@ def test_load_run_names_what_is_wrong(sweep, tmp_path):
         load_run(sweep / "0", "latest")
     with pytest.raises(CheckpointError, match=f"run_dir={tmp_path}: holds no best.pt"):
         load_run(tmp_path)
+    # the routing notebook reads SOFTMOE_CHECKPOINT, and its errors say so (was: "pass checkpoint=last", which a
+    # notebook cannot take)
+    with pytest.raises(ConfigError, match="^SOFTMOE_CHECKPOINT=latest: must be one of best, last$"):
+        load_run(sweep / "0", "latest", checkpoint_key="SOFTMOE_CHECKPOINT")
+    no_best = tmp_path / "no_best"
+    no_best.mkdir()
+    shutil.copy(sweep / "0" / "last.pt", no_best / "last.pt")  # a data.val_size=0 run's
+    with pytest.raises(CheckpointError, match="validation\\); set SOFTMOE_CHECKPOINT=last$"):
+        load_run(no_best, checkpoint_key="SOFTMOE_CHECKPOINT")
     placeholder = "../outputs/runs/<date>/<time>"  # the routing notebook's RUN_DIR, left as it is
     with pytest.raises(CheckpointError, match=f"run_dir={placeholder}: no such directory"):
         load_run(placeholder)

@@ -65,11 +65,12 @@ def next_steps(run_dir: Union[str, Path]) -> list[str]:
     """The commands that look further at a finished single run, as a sweep's end names ``collect``."""
     shown, absolute = shown_path(run_dir), str(Path(run_dir).resolve())
     source = shown_path(_CHECKOUT_NOTEBOOK) if _CHECKOUT_NOTEBOOK.is_file() else ROUTING_NOTEBOOK
+    best = sharded_checkpoint.latest(run_dir, "best.pt")  # best.dcp under trainer.strategy=fsdp
+    checkpoint = "SOFTMOE_CHECKPOINT=last " if best is None else ""  # the notebook loads best.pt unless told
     notebook = (
-        f"cp {shlex.quote(source)} /tmp/ && SOFTMOE_RUN_DIR={shlex.quote(absolute)} "
+        f"cp {shlex.quote(source)} /tmp/ && {checkpoint}SOFTMOE_RUN_DIR={shlex.quote(absolute)} "
         "jupyter execute --inplace /tmp/routing_analysis.ipynb"
     )
-    best = sharded_checkpoint.latest(run_dir, "best.pt")  # best.dcp under trainer.strategy=fsdp
     if best is None:  # data.val_size=0: nothing selected, no best.pt
         evaluate = f"python -m softmoe.evaluate run_dir={shlex.quote(shown)} checkpoint=last        # the final model's"
     else:

@@ -53,12 +53,13 @@ class LoadedRun:
     device: torch.device
 
 
-def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best") -> Path:
+def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best", checkpoint_key: str = "checkpoint") -> Path:
     """``<run_dir>/<checkpoint>.pt`` or the sharded ``<checkpoint>.dcp`` of an FSDP run, the newer when both are there
     (the run changed strategy); a ConfigError for a checkpoint name other than best or last, a CheckpointError when
-    neither is there."""
+    neither is there. ``checkpoint_key``: what the caller's user sets to choose the checkpoint, as the errors name it
+    (``SOFTMOE_CHECKPOINT`` in the routing notebook)."""
     if checkpoint not in CHECKPOINTS:
-        raise ConfigError(f"checkpoint={checkpoint}: must be one of {', '.join(CHECKPOINTS)}")
+        raise ConfigError(f"{checkpoint_key}={checkpoint}: must be one of {', '.join(CHECKPOINTS)}")
     if not Path(run_dir).is_dir():  # a notebook's placeholder left as it is, a mistyped path, a checkpoint's path
         what = "a file, not a directory" if Path(run_dir).exists() else "no such directory"
         raise CheckpointError(f"run_dir={run_dir}: {what} (a training run directory holds best.pt and last.pt)")
@@ -67,7 +68,8 @@ def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best") -> Path
         sharded_checkpoint.check(sharded_checkpoint.directory(run_dir, checkpoint))  # damaged: names the file it lacks
     if path is None and checkpoint == "best" and sharded_checkpoint.latest(run_dir, "last.pt") is not None:
         raise CheckpointError(f"run_dir={run_dir}: holds no best.pt, only last.pt: no validation selected a model "
-                              "(data.val_size=0, or a run stopped before its first validation); pass checkpoint=last")
+                              "(data.val_size=0, or a run stopped before its first validation); "
+                              f"set {checkpoint_key}=last")
     if path is None:
         raise CheckpointError(sweep_dir_message(Path(run_dir))
                               or f"run_dir={run_dir}: holds no {checkpoint}.pt (is it a training run directory?)")
@@ -97,14 +99,20 @@ def sweep_dir_message(run_dir: Path) -> Optional[str]:
 
 
 def load_run(
-    run_dir: Union[str, Path], checkpoint: str = "best", *, device: str = "auto", data_dir: Optional[str] = None
+    run_dir: Union[str, Path],
+    checkpoint: str = "best",
+    *,
+    device: str = "auto",
+    data_dir: Optional[str] = None,
+    checkpoint_key: str = "checkpoint",
 ) -> LoadedRun:
     """The model, config and data of ``<run_dir>/<checkpoint>.pt``.
 
     ``device``: ``auto`` (CUDA when present, else MPS, else the CPU), ``cpu``, ``cuda``, ...; ``data_dir``: where the
-    datasets are now, when not at the run's ``paths.data_dir`` (relative paths are from the working directory).
+    datasets are now, when not at the run's ``paths.data_dir`` (relative paths are from the working directory);
+    ``checkpoint_key``: how the errors name the setting that chose ``checkpoint`` (a notebook's environment variable).
     """
-    path = checkpoint_path(run_dir, checkpoint)
+    path = checkpoint_path(run_dir, checkpoint, checkpoint_key)
     state = sharded_checkpoint.read_checkpoint(path) if path.is_dir() else load_checkpoint(path)
     cfg = OmegaConf.create(saved_config(state))
     torch_device = resolve_device(device)
