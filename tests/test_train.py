@@ -459,6 +459,21 @@ def test_an_epoch_shorter_than_log_every_names_the_step_its_training_figures_com
     assert "img/s, as logged at step 10)" in lines[3]  # step 10's figures again, said to be
 
 
+def test_a_run_without_validation_names_only_last_pt_and_its_epoch_line_says_why_it_has_no_figures(
+        compose_run, tmp_path, caplog):
+    # was: "checkpoints: one file, last.pt and best.pt, ..." before "best.pt is not written", and "epoch 1/1  step 5  "
+    run = ["data.val_size=0", "trainer.max_steps=5", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET]
+    with caplog.at_level(logging.INFO, logger="softmoe.harness"):
+        train(compose_run(*run), tmp_path)
+    lines = [r.getMessage() for r in caplog.records]
+    (checkpoints,) = [line for line in lines if line.startswith("checkpoints: ")]
+    assert checkpoints == "checkpoints: one file, last.pt, written by rank 0"
+    assert lines.index(checkpoints) + 1 == next(i for i, line in enumerate(lines) if "best.pt is not written" in line)
+    assert [line for line in lines if line.startswith("epoch ")] == [
+        "epoch 1/1  step 5  no training step logged (trainer.log_every=10) and no validation split"]
+    assert not (tmp_path / "best.pt").exists()
+
+
 def test_a_rerun_whose_earlier_attempt_saved_no_checkpoint_says_it_starts_over(compose_run, tmp_path, caplog):
     """A sweep rerun restarts a job killed before its first checkpoint: the job says so, and its earlier lines go."""
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "epoch": 1, "train/loss": 2.0}) + "\n")

@@ -132,7 +132,7 @@ def whole_model_parameters(model: nn.Module) -> int:
 
 
 def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int, steps_per_epoch: int,
-             device: torch.device) -> None:
+             distributed: Distributed) -> None:
     blocks = sorted(block_index(name) for name in moe_layers(model))
     log.info(
         "model: %s, %s, %.2fM parameters; data=%s: %d train / %d val / %s; %s, %d per epoch",
@@ -143,12 +143,13 @@ def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int,
     )
     trainer = config["trainer"]  # what trainer.device=auto chose, and how the steps run on it
     compiled = ", torch.compile" if trainer["compile"] else ""
-    log.info("compute: %s, precision %s%s", device, trainer["precision"], compiled)
+    log.info("compute: %s, precision %s%s", distributed.device, trainer["precision"], compiled)
     warn_small_splits(data)
     upcycled = describe_upcycling(config["model"], model)
     if upcycled:
         log.info(upcycled)
-    if data.val is None:
+    log.info("checkpoints: %s", distributed.checkpoint_format(best=data.val is not None))
+    if data.val is None:  # said after the checkpoints line, which then names last.pt only
         asked = config["data"]["val_size"]  # a fraction may round to no image at all: say so, not "=0"
         why = "data.val_size=0" if asked == 0 else f"data.val_size={asked} holds out 0 images"
         log.warning("%s: no validation split, so no model selection: best.pt is not written, and only the final "
@@ -195,7 +196,7 @@ def open_run(
             f"run's {counted(total_steps, 'step')}; raise trainer.max_steps (or trainer.max_epochs) to train on from it"
         )
     state, forward = build_state(config, distributed, total_steps, resuming=checkpoint is not None)
-    log_plan(config, data, state.model, total_steps, steps_per_epoch, distributed.device)
+    log_plan(config, data, state.model, total_steps, steps_per_epoch, distributed)
     if checkpoint is not None:
         state.load_state_dict(checkpoint, distributed)  # expert parallel: this rank's experts
         if from_another_run:  # that run's best.pt stays there; select anew here

@@ -343,7 +343,6 @@ class Distributed:
             replicas, size = self.mesh.shape
             log.info("expert parallel: %s x %s", counted(replicas, "data-parallel replica"),
                      counted(size, "expert rank"))
-        log.info("checkpoints: %s", self.checkpoint_format)
         if self.fsdp:
             size = self.mesh.shape[1] if self.expert_parallel else None
             log.info("FSDP2 over %s%s (reshard_after_forward=%s)", counted(self.world_size, "rank"),
@@ -401,12 +400,14 @@ class Distributed:
         """The name of the checkpoint a stop saves and a resume continues from."""
         return sharded_checkpoint.directory(Path(), LAST).name if self.fsdp else LAST
 
-    @property
-    def checkpoint_format(self) -> str:
-        """How this run's checkpoints are written, chosen by the strategy (said in the run's log)."""
+    def checkpoint_format(self, best: bool = True) -> str:
+        """How this run's checkpoints are written, chosen by the strategy (said in the run's log); ``best=False``: a
+        run without a validation split, which writes no best checkpoint."""
         if self.fsdp:
-            return "sharded (torch.distributed.checkpoint): every rank writes its shards to last.dcp/ and best.dcp/"
-        return "one file, last.pt and best.pt, written by rank 0" + (" (gathered)" if self.data_parallel else "")
+            names = "last.dcp/ and best.dcp/" if best else "last.dcp/"
+            return f"sharded (torch.distributed.checkpoint): every rank writes its shards to {names}"
+        names = "last.pt and best.pt" if best else "last.pt"
+        return f"one file, {names}, written by rank 0" + (" (gathered)" if self.data_parallel else "")
 
     def gather_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer

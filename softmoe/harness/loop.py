@@ -257,17 +257,22 @@ def show_on_bar(bar: tqdm, latest: Optional[dict]) -> None:
 
 
 def epoch_line(epoch: int, epochs: int, step: int, latest: Optional[dict], last_eval: Optional[dict],
-               epoch_start: int = 0) -> str:
+               epoch_start: int = 0, log_every: Optional[int] = None) -> str:
     """The console's line for an epoch that ended at ``step``. The training figures are the last logged ones; when
     that log came before ``epoch_start`` (an epoch shorter than ``trainer.log_every``) the line names its step, so a
-    figure repeated from an earlier epoch does not read as this epoch's."""
-    logged = "" if not latest or latest["step"] > epoch_start else f", as logged at step {latest['step']}"
-    trained = "" if not latest else (
-        f"train loss {latest['train/loss']:.4f} acc {latest['train/acc']:.2%} "
-        f"({latest['train/throughput']:.0f} img/s{logged})  "
-    )
-    validated = "" if last_eval is None else f"val loss {last_eval['loss']:.4f} acc {100 * last_eval['acc']:.2f}%"
-    return f"epoch {epoch}/{epochs}  step {step}  {trained}{validated}"
+    figure repeated from an earlier epoch does not read as this epoch's. With neither training figures nor a
+    validation (``data.val_size=0``) it says why, rather than end after the step."""
+    parts = [f"epoch {epoch}/{epochs}", f"step {step}"]
+    if latest:
+        logged = "" if latest["step"] > epoch_start else f", as logged at step {latest['step']}"
+        parts.append(f"train loss {latest['train/loss']:.4f} acc {latest['train/acc']:.2%} "
+                     f"({latest['train/throughput']:.0f} img/s{logged})")
+    if last_eval is not None:
+        parts.append(f"val loss {last_eval['loss']:.4f} acc {100 * last_eval['acc']:.2f}%")
+    if not latest and last_eval is None:
+        every = "" if log_every is None else f" (trainer.log_every={log_every})"
+        parts.append(f"no training step logged{every} and no validation split")
+    return "  ".join(parts)
 
 
 def train_epoch(run: RunContext, state: TrainState, epoch: int, latest: Optional[dict]) -> Optional[dict]:
@@ -350,7 +355,7 @@ def train(
             close_epoch(run, state, epoch)
             validated = state.last_eval if run.loaders.val is not None else None
             log.info(epoch_line(epoch + 1, run.epochs, state.step, latest, validated,  # before a stop, too
-                                epoch_start=epoch * run.steps_per_epoch))
+                                epoch_start=epoch * run.steps_per_epoch, log_every=run.trainer["log_every"]))
             stop_if_signalled(run, state, saved=True)
         test, test_at_best = tested or test_final_and_best(run, state)
         return summarize(run, state, test, test_at_best)
