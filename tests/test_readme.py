@@ -244,6 +244,24 @@ def test_every_training_command_of_the_readme_runs(readme_workdir, command):
 NEXT_STEPS = [c for c in README_COMMANDS if RUN_DIR in c]
 
 
+def test_the_readme_lists_the_next_steps_a_run_prints_in_their_order(tmp_path, monkeypatch):
+    """The README's next steps are the commands the run prints under ``next:``, in the printed order (was: collect
+    before the notebook); each runs (below), and a real run prints them (tests/test_stop_messages.py)."""
+    from softmoe.harness.checkpoint import save_checkpoint
+    from softmoe.harness.console import ROUTING_NOTEBOOK, next_steps
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "outputs" / "runs" / "day" / "time"
+    run_dir.mkdir(parents=True)
+    save_checkpoint(run_dir / "best.pt", {"format": 1, "step": 1})  # the quick start's run selects a best.pt
+    printed = []
+    for step in next_steps(run_dir):
+        step = step.split("  #")[0].replace(str(ROOT / ROUTING_NOTEBOOK), ROUTING_NOTEBOOK)
+        step = step.replace(str(run_dir.resolve()), f"$PWD/{RUN_DIR}").replace("outputs/runs/day/time", RUN_DIR)
+        printed.append(" ".join(step.split()))
+    assert printed == [" ".join(command.split()) for command in NEXT_STEPS]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", NEXT_STEPS)
 def test_every_next_step_of_the_readme_runs_on_the_quick_start_run(readme_workdir, quick_start_run, command):
