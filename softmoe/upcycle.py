@@ -11,6 +11,7 @@ built, ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(fil
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Collection, Dict, Mapping, NamedTuple, Optional, Union
 
@@ -49,7 +50,9 @@ def why_torch_load_failed(error: Exception) -> str:
     """``torch.load(..., weights_only=True)``'s refusal of a file in a few words a user can act on: its own messages
     run to 20 lines and, for bytes it cannot parse at all, suggest ``weights_only=False``, which would not help."""
     message = str(error)
-    if "PytorchStreamReader" in message or isinstance(error, EOFError):
+    # a zip archive cut to a few KB: the reader's search for its central directory seeks before the file's start
+    cut_short = isinstance(error, OSError) and error.errno == errno.EINVAL
+    if "PytorchStreamReader" in message or isinstance(error, EOFError) or cut_short:
         return "truncated or damaged: torch.load cannot read its archive"
     if isinstance(error, (KeyError, IndexError)) or "Unsupported operand" in message or "invalid load key" in message:
         return "not a file torch.save wrote"
