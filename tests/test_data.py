@@ -630,9 +630,20 @@ def test_fashion_mnist_finds_torchvisions_layout_under_the_data_dir_then_debians
     write_fashion_mnist(debian, sizes=(("train", 30), ("test", 10)))
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", debian)  # where apt-get install dataset-fashion-mnist puts them
     assert len(build_datasets(data_config("fashion_mnist", val_size=0), str(tmp_path / "empty")).test) == 10
-    # an explicit data.root never falls back to Debian's copy
-    with pytest.raises(MissingDataError, match="apt-get install dataset-fashion-mnist"):
-        build_datasets(data_config("fashion_mnist", root=str(tmp_path / "empty")), "/nonexistent")
+    # an explicit data.root never falls back to Debian's copy, so the error does not advise it, nor to set data.root
+    # (was: "Install them with `apt-get install dataset-fashion-mnist`, ..., or set data.root.")
+    empty = tmp_path / "empty"
+    with pytest.raises(MissingDataError) as raised:
+        build_datasets(data_config("fashion_mnist", root=str(empty)), "/nonexistent")
+    assert str(raised.value) == (
+        f"data=fashion_mnist data.root={empty}: the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each plain or .gz) are not in {empty} or "
+        f"{empty / 'FashionMNIST' / 'raw'}. Put them there, fetch them with data.download=true, or set data.root to "
+        "the folder that holds them.")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian-copy")  # data.root unset: searched
+    with pytest.raises(MissingDataError, match="Install them with `apt-get install dataset-fashion-mnist`, fetch "
+                                               "them with data.download=true, or set data.root to a folder holding"):
+        build_datasets(data_config("fashion_mnist"), str(empty))
 
 
 def _truncate(path: Path) -> None:
@@ -684,6 +695,7 @@ def test_a_download_without_network_fails_in_one_line_and_leaves_no_empty_folder
     text = str(raised.value)
     assert text.startswith(f"data={name}: the download into {root}") and "failed" in text and "\n" not in text
     assert "by hand" in text or "extract it there" in text
+    assert "apt-get" not in text  # data.root is set: Debian's copy would not be searched
     assert list(tmp_path.iterdir()) == []  # not even data/<name>/FashionMNIST/raw
 
 

@@ -493,10 +493,10 @@ CLI_BAD = [
     (
         ["data=fashion_mnist", "data.root=/nonexistent/fashion"],  # missing data: found only once the run starts
         2,
-        "error: data=fashion_mnist: the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each plain or .gz) are not in /nonexistent/fashion or "
-        "/nonexistent/fashion/FashionMNIST/raw. Install them with `apt-get install dataset-fashion-mnist`, fetch them "
-        "with data.download=true, or set data.root.",
+        "error: data=fashion_mnist data.root=/nonexistent/fashion: the four IDX files (train-images-idx3-ubyte, "
+        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each plain or .gz) are not in "
+        "/nonexistent/fashion or /nonexistent/fashion/FashionMNIST/raw. Put them there, fetch them with "
+        "data.download=true, or set data.root to the folder that holds them.",
     ),
     (["optimizer=adam"], 2, "error: optimizer=adam: not an option of optimizer; did you mean optimizer=adamw? "
                             "(options: adamw, adamw_bf16, sgd)"),  # Hydra cannot compose it: one line (overrides.py)

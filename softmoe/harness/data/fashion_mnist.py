@@ -99,8 +99,9 @@ def locate(folders: list[Path]) -> Optional[Path]:
     return None
 
 
-def download(root: Path) -> None:
-    """torchvision's download (md5-checked) into ``<root>/FashionMNIST/raw``; one clear error without a network."""
+def download(root: Path, root_given: bool = False) -> None:
+    """torchvision's download (md5-checked) into ``<root>/FashionMNIST/raw``; one clear error without a network
+    (``root_given``: data.root is set, so Debian's copy would not be searched)."""
     from torchvision.datasets import FashionMNIST
 
     try:
@@ -109,9 +110,9 @@ def download(root: Path) -> None:
     except Exception as error:  # URLError, RuntimeError("Error downloading ...") or an md5 mismatch
         raise download_failed(
             "fashion_mnist", root / TORCHVISION_SUBDIR, error,
-            f"Place the four IDX files ({', '.join(name + '.gz' for name in FILE_NAMES)}) there "
-            "by hand, install Debian's copy with `apt-get install dataset-fashion-mnist`, or set data.root to a folder "
-            "holding them.",
+            f"Place the four IDX files ({', '.join(name + '.gz' for name in FILE_NAMES)}) there by hand, "
+            + ("or set data.root to a folder holding them." if root_given else "install Debian's copy with "
+               "`apt-get install dataset-fashion-mnist`, or set data.root to a folder holding them."),
         ) from None
 
 
@@ -131,11 +132,19 @@ def load_split(folder: Path, split: str, report: BadExamples) -> tuple[torch.Ten
     return ((pixels - MEAN) / STD).unsqueeze(1), torch.from_numpy(labels[keep].astype(np.int64))
 
 
-def _not_found(folders: list[Path]) -> MissingDataError:
+def _not_found(folders: list[Path], root: Optional[str]) -> MissingDataError:
+    """The missing files' error; with ``data.root`` set (``root``) Debian's folder is not searched, so the advice is
+    to fill that folder or point data.root elsewhere."""
+    where = " or ".join(map(str, folders))
+    files = f"the four IDX files ({', '.join(FILE_NAMES)}, each plain or .gz) are not in {where}"
+    if root is not None:
+        return MissingDataError(
+            f"data=fashion_mnist data.root={root}: {files}. Put them there, fetch them with data.download=true, or "
+            "set data.root to the folder that holds them."
+        )
     return MissingDataError(
-        f"data=fashion_mnist: the four IDX files ({', '.join(FILE_NAMES)}, "
-        f"each plain or .gz) are not in {' or '.join(map(str, folders))}. Install them with "
-        "`apt-get install dataset-fashion-mnist`, fetch them with data.download=true, or set data.root."
+        f"data=fashion_mnist: {files}. Install them with `apt-get install dataset-fashion-mnist`, fetch them with "
+        "data.download=true, or set data.root to a folder holding them."
     )
 
 
@@ -144,17 +153,17 @@ def check_present(cfg: dict[str, Any], root: Path) -> None:
     ``data.download=true`` they are fetched then)."""
     folders = search_folders(root, root_given=cfg["root"] is not None)
     if not cfg["download"] and locate(folders) is None:
-        raise _not_found(folders)
+        raise _not_found(folders, cfg["root"])
 
 
 def build(cfg: dict[str, Any], root: Path) -> DataBundle:
     folders = search_folders(root, root_given=cfg["root"] is not None)
     folder = locate(folders)
     if folder is None and cfg["download"]:
-        download(root)
+        download(root, root_given=cfg["root"] is not None)
         folder = locate(folders)
     if folder is None:
-        raise _not_found(folders)
+        raise _not_found(folders, cfg["root"])
     log_source("fashion_mnist", folder)
     report = BadExamples(cfg["on_bad_file"])
     splits = {split: load_split(folder, split, report) for split in FILES}
