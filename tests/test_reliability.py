@@ -1,9 +1,9 @@
 """Reliability: runs survive kills, preemption, damaged checkpoints, NaNs, bad configs, bad data and W&B failures.
 
-Every promise of the README's "Reliability" section is a test here that fails if the promise breaks. A run
-that must die for real is a forked process running ``python -m softmoe.train``'s own ``main`` (the test
-process has already imported torch, so a fork starts in milliseconds where a fresh interpreter takes
-seconds). The child runs the ``softmoe.train`` module as ``__main__``, exactly as ``python -m`` does.
+Every promise of docs/reliability.md (moved from the README in issue 22) is a test here that fails if the promise
+breaks. A run that must die for real is a forked process running ``python -m softmoe.train``'s own
+``main`` (the test process has already imported torch, so a fork starts in milliseconds where a fresh interpreter
+takes seconds). The child runs the ``softmoe.train`` module as ``__main__``, exactly as ``python -m`` does.
 """
 
 import errno

@@ -36,3 +36,22 @@ def test_the_routing_notebook_promises_no_fixed_run_time_and_the_readme_gives_it
     readme = (ROOT / "README.md").read_text()
     headless = "SOFTMOE_RUN_DIR=$PWD/outputs/runs/<date>/<time> jupyter execute --inplace /tmp/routing_analysis.ipynb"
     assert headless in readme
+
+
+def test_every_reference_to_a_section_of_the_readme_names_one_it_has():
+    """``README "Quick start"`` / ``README's "Quick start"`` in the code, configs and docs name a heading of the top
+    README (was: "Reliability" and "Beyond one machine", which moved to docs/ in issue 22)."""
+    import re
+
+    headings = {line.lstrip("#").strip() for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("#")}
+    referenced = {}
+    for path in ROOT.rglob("*"):
+        if ".git" in path.parts or path.suffix not in {".py", ".yaml", ".md", ".toml", ".ipynb", ".txt"}:
+            continue
+        if path.name == "CHANGELOG.md" or (path.name == "README.md" and path.parent != ROOT):  # history; a study's
+            continue
+        text = re.sub(r"\s*\n\s*#?\s*", " ", path.read_text(errors="replace"))  # a reference broken over comment lines
+        for section in re.findall(r"""\bREADME(?:'s)? "([^"]+)\"""", text):
+            referenced.setdefault(section, []).append(str(path.relative_to(ROOT)))
+    assert referenced and {s: p for s, p in referenced.items() if s not in headings} == {}
