@@ -129,12 +129,15 @@ def missing_run_error(argv: list[str]) -> Optional[str]:
         key, sep, value = argument.partition("=")
         if sep:
             values[key.lstrip("+")] = value
+    name_it = ("name the training run directory to evaluate: "
+               "python -m softmoe.evaluate run_dir=outputs/runs/<date>/<time>")
     if "run_dir" not in values:
         if any(argument.startswith("-") for argument in argv):
             return None  # --help, --cfg job, ...: Hydra's own flags, which need no run
         # Hydra would fail on hydra.run.dir (${run_dir}/evaluate) before it could say what is missing
-        return ("run_dir: missing; name the training run directory to evaluate: "
-                "python -m softmoe.evaluate run_dir=outputs/runs/<date>/<time>")
+        return f"run_dir: missing; {name_it}"
+    if values["run_dir"].strip().strip("'\"") == "":  # an unset shell variable: the current directory, and /evaluate
+        return f"run_dir=: empty (an unset shell variable?); {name_it}"
     run_dir = Path(values["run_dir"])
     try:
         checkpoint_path(run_dir, values.get("checkpoint", "best"))

@@ -234,11 +234,11 @@ def main(cfg: DictConfig) -> float:
 def command_line() -> None:
     """``python -m softmoe.train``: the checks that need no Hydra, then Hydra's main."""
     sys.argv[1:] = multirun_flag_first(sys.argv[1:])  # -m anywhere: Hydra's parser takes it before the overrides
-    # a mistyped key or option, a sweep with a bad value in any job, a run dir Hydra cannot make: one line, before
-    # Hydra starts
+    # a mistyped key or option, a run dir Hydra cannot make (or an empty one), a sweep with a bad value in any job:
+    # one line, before Hydra starts; the run dir before the jobs, whose checks look into their run dirs
     planned = output_dir(sys.argv[1:], "train")  # composed once: checked here, a sweep's multirun.yaml read below
-    problem = (composition_error(sys.argv[1:], "train") or sweep_job_error(sys.argv[1:], "train")
-               or output_dir_error(planned) or single_run_error(sys.argv[1:], "train"))
+    problem = (composition_error(sys.argv[1:], "train") or output_dir_error(planned)
+               or sweep_job_error(sys.argv[1:], "train") or single_run_error(sys.argv[1:], "train"))
     if problem:
         if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun, once per node: its ranks read the same files
             print(f"error: {problem}", file=sys.stderr)

@@ -52,6 +52,17 @@ def test_evaluate_without_a_run_dir_says_so_and_leaves_hydras_flags_to_hydra():
     assert missing_run_error(["--help"]) is None and missing_run_error(["--cfg", "job"]) is None
 
 
+@pytest.mark.parametrize("empty", ["run_dir=", "run_dir=''"])
+def test_an_empty_run_dir_is_refused_in_one_line(tmp_path, monkeypatch, capsys, empty):
+    """was: "run_dir=.: holds no best.pt", or, in a run directory, that run evaluated into /evaluate."""
+    monkeypatch.chdir(tmp_path)
+    assert refused_here(monkeypatch, evaluate_command, empty, "checkpoint=last") == 2
+    assert capsys.readouterr().err == (
+        "error: run_dir=: empty (an unset shell variable?); name the training run directory to evaluate: "
+        "python -m softmoe.evaluate run_dir=outputs/runs/<date>/<time>\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 BAD_ARGUMENTS = [  # were: a torch traceback, the run's own batch size (0 or ...), true, tracebacks
     (["batch_size=abc"], "batch_size=abc: must be a positive integer, or null"),
     (["batch_size=0"], "batch_size=0: must be a positive integer, or null"),

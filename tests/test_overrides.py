@@ -219,6 +219,26 @@ def test_the_command_refuses_a_file_as_its_run_directory_in_one_line(tmp_path, m
     assert stderr.count("\n") == 1 and stderr.startswith(f"error: hydra.run.dir={afile}: {afile} is a file")
 
 
+EMPTY = {  # was: the run's files (.hydra/, .lock, checkpoints) or a sweep's job folders in the current directory
+    "hydra.run.dir": "hydra.run.dir=: empty (an unset shell variable?), which would put the run's files in the current "
+                     "directory; it must name a directory, or where one can be made",
+    "hydra.sweep.dir": "hydra.sweep.dir=: empty (an unset shell variable?), which would put the sweep's job folders in "
+                       "the current directory; it must name a directory, or where one can be made",
+}
+
+
+@pytest.mark.parametrize("argv", [["debug=default", "hydra.run.dir="], ["hydra.run.dir=''"],
+                                  ["-m", "seed=0,1", "debug=default", "hydra.sweep.dir="],
+                                  ["seed=0,1", "hydra.sweep.dir=", "-m"]],  # -m last: before the overrides
+                         ids=lambda argv: " ".join(argv))
+def test_an_empty_run_or_sweep_directory_is_refused_and_nothing_is_written_here(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.chdir(tmp_path)
+    assert refused_here(monkeypatch, train, *argv) == 2
+    key = "hydra.sweep.dir" if "-m" in argv else "hydra.run.dir"
+    assert capsys.readouterr().err == f"error: {EMPTY[key]}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_minus_m_after_the_overrides_goes_before_them_where_hydra_takes_it():
     assert multirun_flag_first(["debug=default", "-m", "seed=0,1"]) == ["-m", "debug=default", "seed=0,1"]
     assert multirun_flag_first(["a=1", "--multirun"]) == ["--multirun", "a=1"]
