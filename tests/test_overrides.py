@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 from processes import refused_here
-from softmoe import train
+from softmoe import evaluate, train
 from softmoe.harness.overrides import (
     composition_error,
     is_global_group,
@@ -31,7 +31,12 @@ MISTAKES = [
     (["-m", "optimizer=adamw,adam"], "optimizer=adam: not an option of optimizer; did you mean optimizer=adamw? "
                                      "(options: adamw, adamw_bf16, sgd)"),
     (["model=vit_small", "model.patch=4"], "model.patch=4: not a key of the config; did you mean model.patch_size?"),
-    (["trainer.patience=3"], "trainer.patience=3: not a key of the config (to add a key: +trainer.patience=3)"),
+    (["trainer.patience=3"], "trainer.patience=3: not a key of trainer=default; its keys are max_epochs, max_steps, "
+                             "batch_size, eval_batch_size, eval_batches, label_smoothing, grad_clip_norm, precision, "
+                             "compile, device, num_threads, num_workers, data_on_device, cuda_memory_fraction, "
+                             "log_every, checkpoint_every, progress_bar, resume, strategy, expert_parallel_size, "
+                             "nonfinite, max_nonfinite_skips, max_tokens_per_image, reshard_after_forward, "
+                             "activation_checkpointing, init_device"),  # was: "(to add a key: +trainer.patience=3)"
     (["moe.num_experts=4,8"], "moe.num_experts=4,8: several values; add -m to sweep over them (one job each), or "
                               "write moe.num_experts=[4,8] for a list"),  # Hydra: 5 lines, exit status 1
     (["optimizer.lr=interval(0.1,1)"], "optimizer.lr=interval(0.1,1): a sweep; add -m to run it"),
@@ -59,6 +64,65 @@ MISTAKES = [
 @pytest.mark.parametrize("argv,message", MISTAKES, ids=[" ".join(a) for a, _ in MISTAKES])
 def test_a_mistyped_key_or_option_is_one_line_with_the_closest_valid_one(argv, message):
     assert composition_error(argv, "train") == message
+
+
+DIGITS = "name, img_size, in_chans, num_classes, test_size, val_size, split_seed, augment"
+GROUP_KEYS = [  # were: "not a key of the config (to add a key: +data.root=/tmp/x)"; only the + spelling got this
+    (["data.root=/tmp/x"], f"data.root=/tmp/x: not a key of data=digits; its keys are {DIGITS}"),
+    (["data.download=true"], f"data.download=true: not a key of data=digits; its keys are {DIGITS}"),
+    (["~data.root"], f"~data.root: not a key of data=digits; its keys are {DIGITS}"),
+    (["logger=none", "logger.mode=offline"], "logger.mode=offline: logger=none writes metrics.jsonl only and ignores "
+                                             "logger.mode; choose logger=wandb to use it, or leave it out"),
+    (["launcher.n_jobs=2"], "launcher.n_jobs=2: not a key of launcher=basic; its keys are name"),
+    (["-m", "data=digits,synthetic", "data.root=/x"], f"data.root=/x: not a key of data=digits; its keys are {DIGITS}"),
+    # where an added key is read (timm's arguments, the optimizer's), the + spelling is still the way
+    (["model.reg_tokens=4"], "model.reg_tokens=4: not a key of model=vit_micro; its keys are name, img_size, "
+                             "in_chans, num_classes, patch_size, embed_dim, depth, num_heads, mlp_ratio, class_token, "
+                             "global_pool, qk_norm, drop_path_rate, upcycle_from, upcycle_noise_std (to add a key: "
+                             "+model.reg_tokens=4)"),
+    (["optimizer.amsgrad=true"], "optimizer.amsgrad=true: not a key of optimizer=adamw; its keys are lr, betas, eps, "
+                                 "weight_decay, fused (to add a key: +optimizer.amsgrad=true)"),
+]
+
+
+@pytest.mark.parametrize("argv,message", GROUP_KEYS, ids=[" ".join(a) for a, _ in GROUP_KEYS])
+def test_a_key_the_chosen_group_option_lacks_is_named_with_that_options_keys(argv, message):
+    assert composition_error(argv, "train") == message
+
+
+TRAINS_KEYS = ("seed, model, moe, data, optimizer, scheduler, trainer, logger, launcher, paths; its groups: data, "
+               "debug, experiment, experts_slots, hparams_search, launcher, logger, model, moe, optimizer, paths, "
+               "routing, scheduler, trainer")
+UNREAD = "not a key of the config, and nothing reads one added there"
+ADDED = [  # were: composed, and ignored without a word (config.yaml: "seed: 0" beside "sed: 3")
+    (["+sed=3"], f"+sed=3: {UNREAD}; did you mean seed?"),
+    (["++sed=3"], f"++sed=3: {UNREAD}; did you mean seed?"),
+    (["+max_steps=3"], f"+max_steps=3: {UNREAD}; did you mean trainer.max_steps?"),
+    (["+foo=1"], f"+foo=1: {UNREAD}; train's keys: {TRAINS_KEYS}"),
+    (["+foo.bar=1"], f"+foo.bar=1: {UNREAD}; train's keys: {TRAINS_KEYS}"),
+    (["-m", "seed=0,1", "+sed=3"], f"+sed=3: {UNREAD}; did you mean seed?"),
+    # were: "not a key of the config (to add a key: +foo=1)", the spelling that was then ignored
+    (["foo=1"], f"foo=1: not a key of the config; train's keys: {TRAINS_KEYS}"),
+    (["max_steps=3"], "max_steps=3: not a key of the config; did you mean trainer.max_steps?"),
+]
+
+
+@pytest.mark.parametrize("argv,message", ADDED, ids=[" ".join(a) for a, _ in ADDED])
+def test_a_top_level_key_nothing_reads_is_refused_with_no_hint_to_add_it(argv, message):
+    assert composition_error(argv, "train") == message
+
+
+def test_the_train_command_refuses_an_added_key_nothing_reads_before_hydra_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert refused_here(monkeypatch, train, "+sed=3", "logger=none") == 2
+    assert capsys.readouterr().err == f"error: +sed=3: {UNREAD}; did you mean seed?\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["+model.reg_tokens=2"], ["+optimizer.amsgrad=true"], ["+hydra.job.name=x"],
+                                  ["++hydra.run.dir=older"], ["++trainer.resume=/z/last.pt"], ["++seed=3"]])
+def test_an_added_key_a_section_reads_still_composes(argv):
+    assert composition_error(argv, "train") is None  # the run's config check judges it (timm's arguments, ...)
 
 
 @pytest.mark.parametrize("argv", [[], ["-m", "moe.num_experts=4,8"], ["model=vit_small", "+trainer.x=1"],
@@ -170,6 +234,21 @@ def test_evaluate_names_its_own_keys():
     assert composition_error(["run_dir=x", "checkpont=last"], "evaluate") == (
         "checkpont=last: not a key of the config; did you mean checkpoint?"
     )
+    keys = "run_dir, checkpoint, device, batch_size, data_dir, save_routing, routing_examples"
+    assert composition_error(["run_dir=x", "foo=1"], "evaluate") == (  # was: "(to add a key: +foo=1)"
+        f"foo=1: not a key of the config; evaluate's keys: {keys}")
+    assert composition_error(["run_dir=x", "trainer.eval_batch_size=8"], "evaluate") == (  # was: its + spelling
+        "trainer.eval_batch_size=8: not a key of the config; did you mean batch_size?")
+    assert composition_error(["run_dir=x", "+foo=1"], "evaluate") == f"+foo=1: {UNREAD}; evaluate's keys: {keys}"
+
+
+def test_evaluate_refuses_an_added_key_instead_of_evaluating_best_pt(tmp_path, monkeypatch, capsys):
+    """was: ``+checkpont=last`` ignored, and best.pt evaluated and reported."""
+    (tmp_path / "last.pt").write_bytes(b"")
+    (tmp_path / "best.pt").write_bytes(b"")
+    assert refused_here(monkeypatch, evaluate, f"run_dir={tmp_path}", "+checkpont=last") == 2
+    assert capsys.readouterr().err == f"error: +checkpont=last: {UNREAD}; did you mean checkpoint?\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best.pt", "last.pt"]
 
 
 @pytest.mark.slow

@@ -7,6 +7,10 @@ also keeps Hydra from making a run directory for a run that cannot start):
 
     error: trainer.max_step=10: not a key of the config; did you mean trainer.max_steps?
 
+A key added outside every section (``+sed=3``) composes, and nothing reads it: :func:`unread_addition` refuses it.
+A key the chosen option of a group lacks (``data.root`` beside the default ``data=digits``) is named with that
+option's keys (:func:`unknown_key`).
+
 An experiment file without its first line ``# @package _global_`` composes with its keys under ``experiment.*``,
 where nothing reads them, and the defaults ran; :func:`not_global` refuses it (and any group whose files are global).
 
@@ -104,11 +108,15 @@ def unused_group(parsed: Sequence[Override], config_name: str, conf_dir: Path) -
     choices = OmegaConf.select(base, "hydra.runtime.choices") or {}
     for override in group_overrides(parsed, conf_dir):
         if override.key_or_group not in choices:
-            keys = [key for key in base if key != "hydra"]
-            groups = sorted(group for group in choices if not group.startswith("hydra"))
-            takes = ", ".join(keys) + (f"; its groups: {', '.join(groups)}" if groups else "")
-            return f"{override.input_line}: not a config group of {config_name}; its keys: {takes}"
+            return f"{override.input_line}: not a config group of {config_name}; its keys: {top_level(base)}"
     return None
+
+
+def top_level(base: DictConfig) -> str:
+    """What a config takes at its top level, for a message: ``seed, model, ...; its groups: data, ...``."""
+    groups = sorted(group for group in OmegaConf.select(base, "hydra.runtime.choices") or {}
+                    if not group.startswith("hydra"))
+    return ", ".join(key for key in base if key != "hydra") + (f"; its groups: {', '.join(groups)}" if groups else "")
 
 
 def search_dirs(parsed: Sequence[Override], conf_dir: Path) -> list[Path]:
@@ -227,13 +235,24 @@ def conflicting_overrides(parsed: Sequence[Override], conf_dir: Path, chosen: An
     return None
 
 
-def missing_key(parsed: Sequence[Override], config_name: str, conf_dir: Path) -> Optional[str]:
-    """The first key override naming a key the config lacks (or adding one it has), in one line."""
-    groups = group_overrides(parsed, conf_dir)
+def group_base(parsed: Sequence[Override], config_name: str, conf_dir: Path) -> Optional[DictConfig]:
+    """The config composed with the command line's group options alone (its keys are those a key override may
+    name), or None when it does not compose."""
     try:
-        base = compose_config(config_name, plain_overrides(groups), conf_dir)
+        return compose_config(config_name, plain_overrides(group_overrides(parsed, conf_dir)), conf_dir)
     except (HydraException, OmegaConfBaseException):
         return None
+
+
+def missing_key(parsed: Sequence[Override], config_name: str, conf_dir: Path) -> Optional[str]:
+    """The first key override naming a key the config lacks (or adding one it has), in one line; a ``logger.*`` key
+    beside ``logger=none`` (whose option file lacks it) is told what that logger does with it."""
+    groups, base = group_overrides(parsed, conf_dir), group_base(parsed, config_name, conf_dir)
+    if base is None:
+        return None
+    ignored = setting_ignored_without_logger(parsed, base)
+    if ignored:
+        return ignored
     keys = all_keys(OmegaConf.to_container(base, resolve=False))
     for override in parsed:
         if override in groups or override.key_or_group.startswith("hydra"):
@@ -243,10 +262,67 @@ def missing_key(parsed: Sequence[Override], config_name: str, conf_dir: Path) ->
             return (f"{override.input_line}: {key} is null already, and Hydra deletes only a key that holds a "
                     f"value; leave {override.input_line} out, or give {key} a value with {key}=...")
         if override.type in (OverrideType.CHANGE, OverrideType.DEL) and key not in keys:
-            added = f" (to add a key: +{override.input_line})" if override.type == OverrideType.CHANGE else ""
-            return f"{override.input_line}: not a key of the config{closest_key(key, keys) or added}"
+            return unknown_key(override, base, keys, config_name)
         if override.type == OverrideType.ADD and key in keys:
             return f"{override.input_line}: {key} is already a key; set it without the +: {override.input_line[1:]}"
+    return None
+
+
+# Sections of train's config that take keys no option file of theirs has, each checked (config.py): timm's
+# VisionTransformer arguments (+model.reg_tokens=4), the arguments of the optimizer's and the scheduler's _target_
+# (+optimizer.amsgrad=true). An added key anywhere else is refused, or nothing reads it (unread_addition).
+ADDABLE_SECTIONS = ("model", "optimizer", "scheduler")
+
+
+def unknown_key(override: Override, base: DictConfig, keys: Sequence[str], config_name: str) -> str:
+    """Why a key override names no key of ``base`` (the config with the command line's group options), in one line:
+    the closest key; else a group option's own keys (``data.root`` is a key of data=imagefolder, not of the default
+    data=digits), with the ``+`` spelling only where an added key is read; else the config's top level, with the
+    closest key by its last part (evaluate's ``batch_size`` for ``trainer.eval_batch_size``). Was: "(to add a key:
+    +data.root=...)" everywhere, a spelling that is refused or, at the top level, ignored."""
+    key, line = override.key_or_group, override.input_line
+    guess = closest_key(key, keys)
+    if guess:
+        return f"{line}: not a key of the config{guess}"
+    section = key.partition(".")[0]
+    choice = (OmegaConf.select(base, "hydra.runtime.choices") or {}).get(section) if "." in key else None
+    if choice is not None:
+        return group_key_error(line, section, choice, keys) + (
+            f" (to add a key: +{line})" if section in ADDABLE_SECTIONS and override.type == OverrideType.CHANGE else "")
+    return f"{line}: not a key of the config{closest_anywhere(key, base, keys, config_name)}"
+
+
+def closest_anywhere(key: str, base: DictConfig, keys: Sequence[str], config_name: str) -> str:
+    """``; did you mean <key>?`` for a key typed outside every section, by its last part: the closest top-level key
+    (``+sed`` -> ``seed``; evaluate's ``batch_size`` for ``trainer.eval_batch_size``), else a key of a section by
+    that very name (``max_steps`` -> ``trainer.max_steps``); else what the config takes at its top level."""
+    leaf = key.rpartition(".")[2]
+    guess = closest_key(leaf, [name for name in base if name != "hydra"])
+    same = next((other for other in keys if "." in other and other.rpartition(".")[2] == leaf), None)
+    return guess or (f"; did you mean {same}?" if same else f"; {config_name}'s keys: {top_level(base)}")
+
+
+def group_key_error(line: str, section: str, choice: Any, keys: Sequence[str]) -> str:
+    """``<line>: not a key of <section>=<choice>; its keys are ...``: a group option's own keys (``keys``: every dotted
+    key of the config), as the data check names them."""
+    own = [key.split(".")[1] for key in keys if key.startswith(f"{section}.") and key.count(".") == 1]
+    return f"{line}: not a key of {section}={choice}; its keys are {', '.join(k for k in own if not k.startswith('_'))}"
+
+
+def unread_addition(parsed: Sequence[Override], config_name: str, conf_dir: Path) -> Optional[str]:
+    """A key added outside every section of the config (``+sed=3``, ``+foo.bar=1``; to evaluate, ``+checkpont=last``),
+    in one line with the closest key: Hydra composes it, and nothing reads it (was: ``seed`` stayed 0, evaluate took
+    best.pt, without a word). Group options (``+experiment=...``) and ``hydra.*`` pass."""
+    groups, base = group_overrides(parsed, conf_dir), group_base(parsed, config_name, conf_dir)
+    if base is None:
+        return None
+    keys = all_keys(OmegaConf.to_container(base, resolve=False))
+    for override in parsed:
+        key = override.key_or_group
+        if override.type in (OverrideType.ADD, OverrideType.FORCE_ADD) and override not in groups \
+                and not key.startswith("hydra") and key.partition(".")[0] not in base:
+            return (f"{override.input_line}: not a key of the config, and nothing reads one added there"
+                    f"{closest_anywhere(key, base, keys, config_name)}")
     return None
 
 
@@ -274,7 +350,8 @@ def composition_error(argv: Sequence[str], config_name: str, conf_dir: Path = CO
     except (HydraException, OmegaConfBaseException) as error:
         return missing_key(parsed, config_name, conf_dir) or hydra_refusal(error)
     sweep_problem = None if runs_as_multirun(argv, composed) else sweep_without_multirun(parsed)
-    return (sweep_problem or setting_ignored_without_logger(parsed, composed)
+    return (sweep_problem or unread_addition(parsed, config_name, conf_dir)
+            or setting_ignored_without_logger(parsed, composed)
             or conflicting_overrides(parsed, conf_dir, OmegaConf.select(composed, "hydra.runtime.choices")))
 
 

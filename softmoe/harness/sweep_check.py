@@ -39,6 +39,7 @@ from .overrides import (
     all_keys,
     compose_config,
     conflicting_overrides,
+    group_key_error,
     group_overrides,
     hydra_refusal,
     missing_key,
@@ -85,9 +86,7 @@ def job_composition_error(job: Sequence[str], config_name: str, conf_dir: Path, 
         section = override.key_or_group.split(".")[0]
         if keys is not None and override.type == OverrideType.CHANGE and section in chosen \
                 and override.key_or_group not in keys:
-            own = [key.split(".")[1] for key in keys if key.startswith(f"{section}.") and key.count(".") == 1]
-            return (f"{override.input_line}: not a key of {section}={chosen[section]}; its keys are "
-                    f"{', '.join(key for key in own if not key.startswith('_'))}")
+            return group_key_error(override.input_line, section, chosen[section], keys)
     return missing_key(parsed, config_name, conf_dir) or hydra_refusal(error)
 
 
