@@ -332,3 +332,14 @@ def test_a_sweep_runs_with_minus_m_after_an_override(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert all((tmp_path / job / "metrics.jsonl").is_file() for job in ("0", "1"))
+
+
+@pytest.mark.parametrize("argument,placeholder", [
+    ("run_dir=outputs/runs/<date>/<time>", "<date>"), ("trainer.resume=<run dir>/last.pt", "<run dir>"),
+])
+def test_a_placeholder_pasted_from_the_docs_is_named_as_one(argument, placeholder):
+    """Was Hydra's grammar speaking: "token recognition error at: '<'"."""
+    config_name = "evaluate" if argument.startswith("run_dir") else "train"
+    assert composition_error([argument], config_name) == (
+        f"{argument}: {placeholder} is a placeholder; put your own value there (run directories: ls -d outputs/runs/*/*)")
+    assert "token recognition error" in composition_error(["seed=1<"], "train")  # no placeholder: Hydra's words

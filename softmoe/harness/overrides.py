@@ -338,7 +338,7 @@ def composition_error(argv: Sequence[str], config_name: str, conf_dir: Path = CO
         try:
             parser.parse_override(override)
         except HydraException as error:  # a syntax error
-            return (bare_argument(override, config_name, conf_dir)
+            return (bare_argument(override, config_name, conf_dir) or placeholder(override)
                     or f"{override}: {str(error).strip().splitlines()[0]} (Hydra's override syntax)")
     parsed = parser.parse_overrides(overrides)
     problem = (unused_group(parsed, config_name, conf_dir) or missing_option(parsed, conf_dir)
@@ -370,6 +370,15 @@ def hydra_refusal(error: Exception) -> str:
     where = re.match(r"In '([^']+)'", str(error))
     return (f"{refused.full_key}={format_value(getattr(refused, 'value', '?'))}: "
             f"{f'must be one of {choices[1]}' if choices else allowed}{f' (in {where[1]}.yaml)' if where else ''}")
+
+
+def placeholder(argument: str) -> Optional[str]:
+    """A value pasted from the docs with its placeholder still in it (``run_dir=outputs/runs/<date>/<time>``),
+    which Hydra's grammar refuses as "token recognition error at: '<'", in one line saying what to put there."""
+    found = re.search(r"<[A-Za-z_ -]+>", argument)
+    if found is None:
+        return None
+    return f"{argument}: {found[0]} is a placeholder; put your own value there (run directories: ls -d outputs/runs/*/*)"
 
 
 # What a path typed without its key most likely meant, by command: (for a directory, for a checkpoint file)
