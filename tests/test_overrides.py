@@ -341,5 +341,6 @@ def test_a_placeholder_pasted_from_the_docs_is_named_as_one(argument, placeholde
     """Was Hydra's grammar speaking: "token recognition error at: '<'"."""
     config_name = "evaluate" if argument.startswith("run_dir") else "train"
     assert composition_error([argument], config_name) == (
-        f"{argument}: {placeholder} is a placeholder; put your own value there (run directories: ls -d outputs/runs/*/*)")
+        f"{argument}: {placeholder} is a placeholder; put your own value there "
+        f"(run directories: ls -d outputs/runs/*/*)")
     assert "token recognition error" in composition_error(["seed=1<"], "train")  # no placeholder: Hydra's words

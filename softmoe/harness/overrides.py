@@ -378,7 +378,8 @@ def placeholder(argument: str) -> Optional[str]:
     found = re.search(r"<[A-Za-z_ -]+>", argument)
     if found is None:
         return None
-    return f"{argument}: {found[0]} is a placeholder; put your own value there (run directories: ls -d outputs/runs/*/*)"
+    return (f"{argument}: {found[0]} is a placeholder; put your own value there "
+            f"(run directories: ls -d outputs/runs/*/*)")
 
 
 # What a path typed without its key most likely meant, by command: (for a directory, for a checkpoint file)
