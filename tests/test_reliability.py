@@ -464,6 +464,11 @@ BAD_OVERRIDES = [
     (["logger.tags=5"], "logger.tags=5: must be a list of strings"),
     (["logger.backend=tensorboard"], "logger.backend=tensorboard: must be one of wandb, none"),
     (["+moe.top_k=2"], "moe.top_k=2: not a key of the moe group"),
+    # keys added where nothing reads them (they trained without a word)
+    (["+logger.tag=[a]"], "logger.tag=[a]: not a key of the logger group; did you mean logger.tags?"),
+    (["+paths.foo=1"], "paths.foo=1: not a key of the paths group"),
+    (["launcher=joblib", "+launcher.jobs=4"],
+     "launcher.jobs=4: not a key of any launcher; did you mean launcher.n_jobs?"),
     (["seed=abc"], "seed=abc: must be an integer in [0, 2**32)"),
     (["seed=4294967296"], "seed=4294967296: must be an integer in [0, 2**32)"),
     (["paths.data_dir=''"], "paths.data_dir=: must be a non-empty string"),

@@ -297,9 +297,12 @@ def check_config(cfg: DictConfig, *, on_this_machine: bool = True) -> None:
     check_section("logger", logger, {"backend": LOGGER_RULES["backend"]})
     if logger["backend"] == "wandb":
         check_section("logger", logger, LOGGER_RULES)
+        check_known("logger", logger, set(LOGGER_RULES), "not a key of the logger group")  # +logger.x: read by none
     check_section("paths", config["paths"], PATHS_RULES)
+    check_known("paths", config["paths"], set(PATHS_RULES), "not a key of the paths group")
     if isinstance(config.get("launcher"), dict):  # checked here too: a sweep checks every job before it launches
         check_section("launcher", config["launcher"], LAUNCHER_RULES, required=None)
+        check_known("launcher", config["launcher"], set(LAUNCHER_RULES), "not a key of any launcher")
 
 
 SLURM_COMMANDS = ("sbatch", "srun")  # submitit submits a sweep with sbatch; each of its tasks runs under srun
