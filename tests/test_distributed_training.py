@@ -182,6 +182,24 @@ def test_other_ranks_log_nothing_to_the_console_below_warnings(runs):
     assert output.count("done: test accuracy") == 4  # rank 0, once per job
 
 
+def test_another_rank_shows_its_own_warnings_and_errors_but_not_those_rank_0_shows_for_every_rank(monkeypatch):
+    """Was: a config warning (``scheduler.warmup_steps=50 is longer than this run allows``) once per rank."""
+    import io
+
+    from softmoe.harness.sweep_console import EVERY_JOB, show_only_this_ranks_own_warnings
+
+    console = logging.StreamHandler(io.StringIO())
+    monkeypatch.setattr(logging.getLogger(), "handlers", [console])  # the console alone: pytest's own stay as they are
+    show_only_this_ranks_own_warnings()
+    show_only_this_ranks_own_warnings()  # once is enough: a second call adds no second filter
+    log = logging.getLogger("softmoe.harness.optim")
+    log.warning("scheduler.warmup_steps=50 is longer than this run allows")  # every rank's: rank 0 shows it
+    log.warning("SIGTERM received: stopping after this step", extra=EVERY_JOB)  # this rank's alone
+    log.error("a rank's error")
+    assert console.stream.getvalue() == "SIGTERM received: stopping after this step\na rank's error\n"
+    assert len(console.filters) == 1
+
+
 @pytest.mark.slow
 def test_the_console_shows_the_training_metrics_averaged_over_the_ranks_as_metrics_jsonl_does(runs):
     # each rank trains on its own slice, so rank 0's own loss is not the step's; the epoch line shows the logged one

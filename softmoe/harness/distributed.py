@@ -51,6 +51,7 @@ from .errors import ConfigError, RunDirInUseError
 from .rules import counted
 from .runs import RunDirLock
 from .sampler import ResumableSampler
+from .sweep_console import show_only_this_ranks_own_warnings
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class SharedRunDir(Callback):
 
 
 def quiet_other_ranks() -> None:
-    """On ranks other than 0: warnings and errors on the console only, no ``<run dir>/train.log``."""
+    """On ranks other than 0: errors and the rank's own warnings on the console only, no ``<run dir>/train.log``."""
     if not (dist.is_initialized() and dist.get_rank() != 0):
         return
     root = logging.getLogger()
@@ -135,6 +136,7 @@ def quiet_other_ranks() -> None:
             root.removeHandler(handler)
             handler.close()
     root.setLevel(logging.WARNING)
+    show_only_this_ranks_own_warnings()
 
 
 class ShardedSampler(ResumableSampler):

@@ -95,6 +95,23 @@ def tag_console(tag: str, sweep_dir: Optional[Path] = None) -> None:
                 handler.addFilter(_FirstInSweep(sweep_dir))
 
 
+class _RankZeroSpeaks(logging.Filter):
+    """Under torchrun, on a rank other than 0: errors and the warnings about this rank alone (``EVERY_JOB``: the
+    signal it received, its stop) pass; any other warning comes from what every rank shares (the config, the data,
+    the all-reduced loss), and rank 0 shows it once (was: once per rank)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or getattr(record, "every_job", False)
+
+
+def show_only_this_ranks_own_warnings() -> None:
+    """On a rank other than 0 (``distributed.quiet_other_ranks``): the console keeps its errors and its own warnings."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            if not any(isinstance(f, _RankZeroSpeaks) for f in handler.filters):
+                handler.addFilter(_RankZeroSpeaks())
+
+
 def speaks_for_the_job() -> bool:
     """Whether this process prints a job's lines and writes its sweep files: rank 0 under torchrun (read from the
     variables torchrun sets, so it answers before any process group exists), and a process without torchrun."""
