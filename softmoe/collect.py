@@ -110,6 +110,21 @@ def make_out_dir(out: Path) -> None:
                           "directory results.md and results.png go to") from None
 
 
+def write_results(out: Path, table: str, draw) -> None:
+    """``results.md`` and ``results.png`` in ``out``; a folder that takes no files (``/proc``, a read-only mount) is a
+    :class:`ConfigError` naming ``--out``, and no ``results.md`` is left there without its plot."""
+    written = []
+    try:
+        (out / "results.md").write_text(table)
+        written.append(out / "results.md")
+        draw(out / "results.png")
+    except OSError as error:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise ConfigError(f"--out {out}: {error.filename or out} could not be written ({error.strerror}); name a "
+                          "directory you can write to") from None
+
+
 def warn_unfinished(runs: Sequence[RunResult], sweep_dir: Optional[Path]) -> None:
     """One line naming the runs the table leaves out: no test result yet (still training, stopped, cut short);
     none finished is :func:`~softmoe.harness.sweeps.finished_runs`' error."""
@@ -168,8 +183,7 @@ def collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         column = plot_column(args.plot, table_columns(summaries, metrics), logged)
     out = args.out or args.sweep_dir or args.wandb_dir or Path(".")
     make_out_dir(out)
-    (out / "results.md").write_text(table)
-    plot(summaries, by, column, out / "results.png")
+    write_results(out, table, lambda path: plot(summaries, by, column, path))
     print(table, end="")
     pooled = sum(summary.runs for summary in summaries)
     print(f"wrote {out / 'results.md'} and {out / 'results.png'} ({counted(pooled, 'run')})")

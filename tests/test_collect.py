@@ -475,3 +475,36 @@ def test_a_one_seed_chart_draws_no_error_caps_and_says_1_seed(tmp_path, monkeypa
     assert [text.get_text() for text in axes.texts] == ["73.00", "74.00"] and axes.get_ylim() == (0.0, 100.0)
     assert axes.get_ylabel() == f"{column} (%)"
     plt.close(figure)
+
+
+@pytest.mark.parametrize("damage", ["bytes", "folder"])
+def test_a_metrics_file_that_is_not_text_is_named_in_one_line(sweep, capsys, damage):
+    metrics = sweep / "1" / "metrics.jsonl"
+    if damage == "bytes":  # a damaged disk block: not a torn line, which is skipped, but bytes that are no text
+        metrics.write_bytes(b"\x92\xff" * 50)
+    else:
+        metrics.unlink()
+        metrics.mkdir()
+    assert collect.main([str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {metrics}: ") and err.count("\n") == 1
+    assert "move its run directory out of the folder" in err
+    assert not (sweep / "results.md").exists()
+
+
+def test_an_out_that_takes_no_files_is_one_line_and_leaves_no_table_without_its_plot(sweep, capsys, monkeypatch,
+                                                                                    tmp_path_factory):
+    if os.path.isdir("/proc"):  # a folder that exists but takes no new files, even for root
+        assert collect.main([str(sweep), "--out", "/proc"]) == 2
+        assert capsys.readouterr().err == ("error: --out /proc: /proc/results.md could not be written (No such file "
+                                           "or directory); name a directory you can write to\n")
+    out = tmp_path_factory.mktemp("out")
+
+    def disk_full(summaries, by, column, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(collect, "plot", disk_full)
+    assert collect.main([str(sweep), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: --out {out}: {out / 'results.png'} could not be written (No space "
+                                       "left on device); name a directory you can write to\n")
+    assert list(out.iterdir()) == []

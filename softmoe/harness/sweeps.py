@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import NoRunsError
+from .errors import BadDataError, NoRunsError
 from .plausibility import CONF_DIR
 from .telemetry import json_lines
 
@@ -95,8 +95,16 @@ def numeric_history(events: Iterable[Mapping[str, Any]]) -> Dict[str, List[float
 
 
 def read_metrics(path: Path) -> Dict[str, List[float]]:
-    """Every numeric value of ``metrics.jsonl``, by key, in logging order (a torn last line is skipped)."""
-    return numeric_history(json_lines(path))
+    """Every numeric value of ``metrics.jsonl``, by key, in logging order (a torn last line is skipped). A file that
+    is not text (damaged bytes) or cannot be read is a :class:`BadDataError` naming it, not a traceback."""
+    try:
+        return numeric_history(json_lines(path))
+    except UnicodeDecodeError as error:
+        raise BadDataError(f"{path}: damaged, not a metrics file (byte {error.start} is not UTF-8 text); restore it, "
+                           "or move its run directory out of the folder to tabulate the others") from None
+    except OSError as error:
+        raise BadDataError(f"{path}: cannot be read ({error.strerror}); restore it, or move its run directory out of "
+                           "the folder to tabulate the others") from None
 
 
 def load_sweep(sweep_dir: Path) -> List[RunResult]:
