@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from softmoe.harness import sharded_checkpoint
 from softmoe.harness.checkpoint import load_checkpoint
-from softmoe.harness.errors import CheckpointError, run_command
+from softmoe.harness.errors import CheckpointError, CheckpointWriteError, run_command
 
 PROG = "python -m softmoe.to_safetensors"
 USAGE = PROG + " {checkpoint} {output}"
@@ -31,7 +32,12 @@ def export(checkpoint: Path, output: Path) -> Path:
     checkpoint = Path(checkpoint)
     state = sharded_checkpoint.read_checkpoint(checkpoint) if checkpoint.is_dir() else load_checkpoint(checkpoint)
     tensors = {key: value.contiguous() for key, value in state["model"].items()}
-    save_file(tensors, str(output), metadata={"config": state["config"], "step": str(state["step"])})
+    try:  # safetensors writes a temporary file beside output and renames it: a failed write leaves no part of it
+        save_file(tensors, str(output), metadata={"config": state["config"], "step": str(state["step"])})
+    except (OSError, SafetensorError) as error:  # a folder that takes no files (/proc), a full disk
+        reason = str(error).removeprefix("Error while serializing: ")
+        raise CheckpointWriteError(f"output {output}: could not be written ({reason}); name a .safetensors file in a "
+                                   "folder you can write to") from None
     return Path(output)
 
 

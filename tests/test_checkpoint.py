@@ -150,6 +150,29 @@ def test_to_safetensors_refuses_named_arguments_with_the_positional_command(tmp_
     assert to_safetensors(["run/last.pt", "m.safetensors"]) == 0
 
 
+def test_to_safetensors_into_a_folder_that_takes_no_files_is_one_line(tmp_path, capsys, monkeypatch):
+    # was: a SafetensorError traceback (exit status 1) after the checkpoint was read; root passes os.access
+    from safetensors import SafetensorError
+
+    from softmoe import to_safetensors
+
+    last = exportable(tmp_path / "run" / "last.pt")
+    if os.path.isdir("/proc"):
+        assert to_safetensors.main([str(last), "/proc/m.safetensors"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: output /proc/m.safetensors: could not be written (I/O error: No such file")
+        assert err.endswith("; name a .safetensors file in a folder you can write to\n") and err.count("\n") == 1
+
+    def disk_full(tensors, path, metadata):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(to_safetensors, "save_file", disk_full)
+    assert to_safetensors.main([str(last), str(tmp_path / "m.safetensors")]) == 2
+    assert capsys.readouterr().err == (f"error: output {tmp_path / 'm.safetensors'}: could not be written (I/O error: "
+                                       "No space left on device (os error 28)); name a .safetensors file in a folder "
+                                       "you can write to\n")
+
+
 def test_each_unusable_trainer_resume_says_what_is_wrong_and_what_to_do_instead(compose_run, tmp_path):
     # were: "<file>: not a softmoe checkpoint of format 1" without the key or what to name; "resume with the same
     # model or start a new run directory" for trainer.resume, which already starts a new run directory; a
