@@ -2,6 +2,7 @@
 path at tiny sizes on CPU. No timings are asserted: on a GPU its figures are the report's, not a test's."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -164,9 +165,14 @@ def test_the_expert_gemms_through_grouped_mm_compute_what_bmm_computes():
      (["--tiny", "--warmup", "-1"], "--warmup must be >= 0, got -1"),
      (["--tiny", "--model-batch", "0"], "--model-batch must be >= 1, got 0"),
      (["--gemm-size", "0"], "--gemm-size must be >= 1, got 0"),
-     (["--tiny", "--copy-mib", "0"], "--copy-mib must be >= 1, got 0")],
+     (["--tiny", "--copy-mib", "0"], "--copy-mib must be >= 1, got 0"),
+     # were: nan accepted (no budget at all); a backend typo failed every compiled section after the others ran
+     (["--suite", "gpu", "--tiny", "--suite-budget-s", "nan"], "--suite-budget-s must be >= 0, got nan"),
+     (["--suite", "gpu", "--tiny", "--suite-compile", "inductr"],
+      "--suite-compile inductr: not a torch.compile backend (did you mean inductor?); use inductor (the default), "
+      "eager, aot_eager, another of torch._dynamo.list_backends(), or none (eager only)")],
     ids=["threads", "suite_rounds", "suite_budget", "device", "meta", "full_suite_on_a_cpu", "tiny_warmup",
-         "tiny_model_batch", "gemm_size", "tiny_copy_mib"],
+         "tiny_model_batch", "gemm_size", "tiny_copy_mib", "nan_budget", "compile_backend"],
 )
 def test_bad_arguments_stop_the_command_with_one_line_naming_them(capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_status:
@@ -200,6 +206,12 @@ def test_an_out_that_cannot_be_written_is_refused_before_anything_is_measured(tm
         assert capsys.readouterr().err.splitlines()[-1] == f"python -m softmoe.benchmark: error: --out {out}: {problem}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
     assert parse_args(["--tiny", "--out", str(tmp_path / "new" / "bench.json")]).out  # its folder is made when written
+    if os.path.isdir("/proc"):  # was: measured, then a FileNotFoundError traceback: root passes os.access there
+        with pytest.raises(SystemExit):
+            parse_args(["--tiny", "--out", "/proc/bench.json"])
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            "python -m softmoe.benchmark: error: --out /proc/bench.json: cannot be written (/proc takes no new file: "
+            "No such file or directory)")
 
 
 def test_a_section_that_fails_is_listed_and_the_others_are_still_measured_and_saved(tmp_path):

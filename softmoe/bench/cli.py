@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -67,12 +69,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_device(parser, args)
     check_out(parser, args.out)
+    check_suite_compile(parser, args)
     # the values given, before --tiny and the device's defaults replace any: a bad one is named, not dropped
     for name in ("model_batch", "warmup", "layer_rounds", "model_rounds", "gemm_size", "copy_mib", "threads",
                  "suite_rounds", "suite_budget_s"):
         minimum = 0 if name in ("warmup", "suite_budget_s") else 1
         value = getattr(args, name)
-        if value is not None and value < minimum:  # threads None: torch's own
+        if value is not None and not value >= minimum:  # threads None: torch's own; nan is no number of seconds
             parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
     cuda = args.device.startswith("cuda")
     if args.bfloat16_shapes is None:
@@ -122,6 +125,26 @@ def check_out(parser: argparse.ArgumentParser, out: Optional[str]) -> None:
         parser.error(f"--out {out}: cannot be written ({folder} is a file)")
     if not os.access(folder, os.W_OK | os.X_OK):
         parser.error(f"--out {out}: cannot be written ({folder} is not writable)")
+    try:  # a folder that takes no files although access() allows it: /proc, or any folder for root on a read-only one
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".bench-probe-"):
+            pass
+    except OSError as error:
+        parser.error(f"--out {out}: cannot be written ({folder} takes no new file: {error.strerror})")
+
+
+def check_suite_compile(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--suite-compile names a torch.compile backend (or none): a typo fails every compiled case, after minutes of
+    measuring the others."""
+    if not args.suite or args.suite_compile in ("none", "inductor", "eager", "aot_eager", "cudagraphs"):
+        return  # the common ones, without importing dynamo
+    from torch._dynamo import list_backends
+
+    backends = list_backends(exclude_tags=())
+    if args.suite_compile not in backends:
+        close = difflib.get_close_matches(args.suite_compile, backends, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"--suite-compile {args.suite_compile}: not a torch.compile backend{hint}; use inductor (the "
+                     "default), eager, aot_eager, another of torch._dynamo.list_backends(), or none (eager only)")
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
