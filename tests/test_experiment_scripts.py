@@ -192,3 +192,27 @@ def test_scripts_without_options_answer_help_and_change_nothing(script, monkeypa
     assert capsys.readouterr().out.startswith(f"usage: {script[1]} [-h]")
     with open(readme, "rb") as file:
         assert file.read() == before
+
+
+@pytest.mark.parametrize("script, arguments, message", [
+    # were: a StatisticsError, an IndexError, set_num_threads' RuntimeError, or a run of empty batches that exited 0
+    (("throughput", "cpu_inference.py"), ["--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+    (("throughput", "compiled_copies.py"), ["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    (("throughput", "expert_gemm_kernels.py"), ["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (("throughput", "expert_gemm_residency.py"), ["--rounds", "-1"], "argument --rounds: must be >= 1, got -1"),
+    (("optimizer_state", "step_time.py"), ["--experts", "0"], "argument --experts: must be >= 1, got 0"),
+    (("optimizer_state", "step_time.py"), ["--rounds", "x"], "argument --rounds: must be an integer >= 1, got 'x'"),
+    (("scale_out", "measure.py"), ["--layout", "ddp", "--out", "x.jsonl", "--steps", "0"],
+     "argument --steps: must be >= 1, got 0"),
+    (("scale_out", "measure_init.py"), ["--init-device", "meta", "--out", "x.jsonl", "--num-experts", "0"],
+     "argument --num-experts: must be >= 1, got 0"),
+], ids=["cpu_inference", "compiled_copies", "gemm_kernels", "gemm_residency", "step_time", "step_time_text",
+        "measure", "measure_init"])
+def test_a_count_below_one_is_refused_in_one_line_before_anything_runs(script, arguments, message, monkeypatch,
+                                                                      capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(os.path.join(REPO, "experiments", script[0]))  # measure_init imports measure
+    threads = torch.get_num_threads()
+    assert run_here(monkeypatch, os.path.join(REPO, "experiments", *script), *arguments) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"{script[1]}: error: {message}"
+    assert torch.get_num_threads() == threads and list(tmp_path.iterdir()) == []

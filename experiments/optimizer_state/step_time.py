@@ -17,14 +17,14 @@ import torch
 
 from softmoe.bench.environment import machine_info
 from softmoe.bench.step_floor import ADAMW_BF16_STATE_BYTES_PER_PARAM, ADAMW_BYTES_PER_PARAM
-from softmoe.bench.timing import interleaved, median, paired_ratio
+from softmoe.bench.timing import at_least, interleaved, median, paired_ratio
 from softmoe.optim import AdamW
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--rounds", type=at_least(1), default=5)
+    parser.add_argument("--experts", type=at_least(1), default=128)
     args = parser.parse_args()
     load = os.getloadavg()
     generator = torch.Generator().manual_seed(0)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from softmoe import SoftMoEVisionTransformer
+from softmoe.bench.timing import at_least
 from softmoe.harness import fsdp
 from softmoe.parallel import (
     all_reduce_expert_grads,
@@ -68,8 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layout", choices=LAYOUTS, required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--batch-per-rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-per-rank", type=at_least(1), default=16)
+    parser.add_argument("--steps", type=at_least(1), default=10)
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 
+from softmoe.bench.timing import at_least
 from softmoe.harness.distributed import Distributed
 from softmoe.harness.model import build_model
 from softmoe.harness.rules import plain
@@ -42,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--init-device", choices=("cpu", "meta"), required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--num-experts", type=int, default=32, help="per MoE block (the README's runs: 32)")
+    parser.add_argument("--num-experts", type=at_least(1), default=32, help="per MoE block (the README's runs: 32)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     world_size = int(os.environ["WORLD_SIZE"])

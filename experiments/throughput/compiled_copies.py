@@ -20,7 +20,7 @@ import softmoe
 from softmoe.bench.environment import machine_info
 from softmoe.bench.model import build_benchmark_model
 from softmoe.bench.shapes import MODEL_SHAPES
-from softmoe.bench.timing import interleaved, median, paired_ratio
+from softmoe.bench.timing import at_least, interleaved, median, paired_ratio
 
 
 def compiled_inference(compiled, images, model=None, reads_copies=None):
@@ -34,8 +34,8 @@ def compiled_inference(compiled, images, model=None, reads_copies=None):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=at_least(1), default=32)
+    parser.add_argument("--rounds", type=at_least(1), default=5)
     parser.add_argument("--shape", default="vit_s16", choices=sorted(MODEL_SHAPES))
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend (the tests: aot_eager)")
     parser.add_argument("--out", help="also write the result here as JSON")

@@ -33,14 +33,14 @@ import softmoe
 from softmoe.bench.environment import machine_info
 from softmoe.bench.model import MODEL_KINDS, build_benchmark_model, model_cases
 from softmoe.bench.shapes import MODEL_SHAPES
-from softmoe.bench.timing import interleaved, median, paired_ratio
+from softmoe.bench.timing import at_least, interleaved, median, paired_ratio
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads; 0: torch's own")
+    parser.add_argument("--batch", type=at_least(1), default=32)
+    parser.add_argument("--rounds", type=at_least(1), default=5)
+    parser.add_argument("--threads", type=at_least(0), default=1, help="torch threads; 0: torch's own")
     parser.add_argument("--allocator", choices=("glibc", "tuned"), default="glibc")
     parser.add_argument("--shape", default="vit_s16", choices=sorted(MODEL_SHAPES))
     parser.add_argument("--blocks", action="store_true", help="also time each block's attention and MLP")

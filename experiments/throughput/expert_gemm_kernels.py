@@ -29,7 +29,7 @@ import torch._inductor.config as inductor_config
 
 from softmoe.bench.environment import machine_info
 from softmoe.bench.shapes import LAYER_SHAPES
-from softmoe.bench.timing import interleaved, median, paired_ratio
+from softmoe.bench.timing import at_least, interleaved, median, paired_ratio
 
 # fc1 of the benchmark's ViT-S/16 layer at inference batch 32 (one slot per expert): 32 rows per expert
 S16 = LAYER_SHAPES["vit_s16"]
@@ -77,9 +77,9 @@ def compiled_case(x: torch.Tensor, weights: torch.Tensor):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--experts", type=int, default=S16.num_experts,
+    parser.add_argument("--threads", type=at_least(1), default=2)
+    parser.add_argument("--rounds", type=at_least(1), default=7)
+    parser.add_argument("--experts", type=at_least(1), default=S16.num_experts,
                         help="fewer: a quick check of the script, not the model")
     parser.add_argument("--no-compile", action="store_true", help="leave out the inductor case (its 10 s compile)")
     args = parser.parse_args()

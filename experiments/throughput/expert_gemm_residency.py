@@ -20,6 +20,7 @@ import torch
 
 from softmoe.bench.environment import machine_info
 from softmoe.bench.shapes import LAYER_SHAPES
+from softmoe.bench.timing import at_least
 
 # fc1 of the benchmark's ViT-S/16 layer at inference batch 32 (one slot per expert): 32 rows per expert
 S16 = LAYER_SHAPES["vit_s16"]
@@ -28,9 +29,9 @@ ROWS, DIM, HIDDEN = S16.batch * S16.slots_per_expert, S16.dim, S16.hidden
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--experts", type=int, default=S16.num_experts,
+    parser.add_argument("--threads", type=at_least(1), default=1)
+    parser.add_argument("--rounds", type=at_least(1), default=7)
+    parser.add_argument("--experts", type=at_least(1), default=S16.num_experts,
                         help="fewer: a quick check of the script, not the model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum``. A zero or negative count of rounds, images or experts is
+    refused as argparse's one line (``argument --rounds: must be >= 1, got 0``), not a ``StatisticsError`` or a
+    shape error after the models are built."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return count
 
 
 def synchronize(device: torch.device) -> None:
