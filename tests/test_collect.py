@@ -508,3 +508,13 @@ def test_an_out_that_takes_no_files_is_one_line_and_leaves_no_table_without_its_
     assert capsys.readouterr().err == (f"error: --out {out}: {out / 'results.png'} could not be written (No space "
                                        "left on device); name a directory you can write to\n")
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ["- seed=1\n- x: [1,\n", "seed: 1\n"], ids=["not_yaml", "not_a_list"])
+def test_a_damaged_overrides_file_is_named_in_one_line(sweep, capsys, text):
+    overrides = sweep / "2" / ".hydra" / "overrides.yaml"  # was: a YAML ParserError traceback
+    overrides.write_text(text)
+    assert collect.main([str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {overrides}: damaged (") and err.count("\n") == 1
+    assert err.endswith("; restore it, or move its run directory out of the folder to tabulate the others\n")

@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import BadDataError, NoRunsError
+from .errors import NoRunsError
 from .plausibility import CONF_DIR
-from .telemetry import json_lines
+# parse_overrides and read_metrics as well: the tests and notebooks read them from here
+from .run_files import numeric_history, parse_overrides, read_metrics, read_overrides  # noqa: F401
 
 IGNORED_KEYS = ("seed", "hydra.", "logger.", "trainer.device", "paths.")
 
@@ -71,51 +72,13 @@ class RunResult:
         return min(values) if lower_is_better(metric) else max(values)
 
 
-def parse_overrides(lines: Iterable[str]) -> Dict[str, str]:
-    """Hydra override strings (``a.b=1``, ``+x=y``, ``~z``) as a dict; deletions are dropped."""
-    overrides = {}
-    for line in lines:
-        line = str(line).strip()
-        if "=" not in line or line.startswith("~"):
-            continue
-        key, value = line.split("=", 1)
-        overrides[key.lstrip("+")] = value
-    return overrides
-
-
-def numeric_history(events: Iterable[Mapping[str, Any]]) -> Dict[str, List[float]]:
-    """Every numeric value of the logged events, by key, in logging order. Keys starting with ``_`` are
-    W&B's bookkeeping (``_step``, ``_runtime``, ``_timestamp``), not metrics."""
-    history: Dict[str, List[float]] = {}
-    for event in events:
-        for key, value in event.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("_"):
-                history.setdefault(key, []).append(float(value))
-    return history
-
-
-def read_metrics(path: Path) -> Dict[str, List[float]]:
-    """Every numeric value of ``metrics.jsonl``, by key, in logging order (a torn last line is skipped). A file that
-    is not text (damaged bytes) or cannot be read is a :class:`BadDataError` naming it, not a traceback."""
-    try:
-        return numeric_history(json_lines(path))
-    except UnicodeDecodeError as error:
-        raise BadDataError(f"{path}: damaged, not a metrics file (byte {error.start} is not UTF-8 text); restore it, "
-                           "or move its run directory out of the folder to tabulate the others") from None
-    except OSError as error:
-        raise BadDataError(f"{path}: cannot be read ({error.strerror}); restore it, or move its run directory out of "
-                           "the folder to tabulate the others") from None
-
-
 def load_sweep(sweep_dir: Path) -> List[RunResult]:
     """Every run directory below ``sweep_dir``."""
-    import yaml
-
     runs = []
     for metrics in sorted(sweep_dir.rglob("metrics.jsonl")):
         run_dir = metrics.parent
         overrides_file = run_dir / ".hydra" / "overrides.yaml"
-        overrides = parse_overrides(yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else {}
+        overrides = read_overrides(overrides_file) if overrides_file.exists() else {}
         runs.append(RunResult(str(run_dir.relative_to(sweep_dir)), overrides, read_metrics(metrics),
                               read_from=f"the run directories below {sweep_dir}"))
     if not runs:
