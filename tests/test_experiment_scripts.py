@@ -206,9 +206,12 @@ def test_scripts_without_options_answer_help_and_change_nothing(script, monkeypa
      "argument --steps: must be >= 1, got 0"),
     (("scale_out", "measure_init.py"), ["--init-device", "meta", "--out", "x.jsonl", "--num-experts", "0"],
      "argument --num-experts: must be >= 1, got 0"),
+    (("throughput", "compiled_copies.py"), ["--backend", "aot_eagr"],
+     "--backend aot_eagr: not a torch.compile backend (did you mean aot_eager?); use inductor (the default), eager, "
+     "aot_eager, another of torch._dynamo.list_backends()"),
 ], ids=["cpu_inference", "compiled_copies", "gemm_kernels", "gemm_residency", "step_time", "step_time_text",
-        "measure", "measure_init"])
-def test_a_count_below_one_is_refused_in_one_line_before_anything_runs(script, arguments, message, monkeypatch,
+        "measure", "measure_init", "compile_backend"])
+def test_a_bad_count_or_backend_is_refused_in_one_line_before_anything_runs(script, arguments, message, monkeypatch,
                                                                       capsys, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(os.path.join(REPO, "experiments", script[0]))  # measure_init imports measure

@@ -17,6 +17,7 @@ import os
 import torch
 
 import softmoe
+from softmoe.bench.cli import compile_backend_problem
 from softmoe.bench.environment import machine_info
 from softmoe.bench.model import build_benchmark_model
 from softmoe.bench.shapes import MODEL_SHAPES
@@ -40,6 +41,9 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend (the tests: aot_eager)")
     parser.add_argument("--out", help="also write the result here as JSON")
     args = parser.parse_args()
+    problem = compile_backend_problem(args.backend)
+    if problem:  # was: InvalidBackend's traceback once the models were built
+        parser.error(f"--backend {problem}")
     softmoe.tune_allocator()  # as every command of the project does at start-up
     torch.manual_seed(0)
     shape, device = MODEL_SHAPES[args.shape], torch.device("cpu")

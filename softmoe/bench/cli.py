@@ -135,16 +135,24 @@ def check_out(parser: argparse.ArgumentParser, out: Optional[str]) -> None:
 def check_suite_compile(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--suite-compile names a torch.compile backend (or none): a typo fails every compiled case, after minutes of
     measuring the others."""
-    if not args.suite or args.suite_compile in ("none", "inductor", "eager", "aot_eager", "cudagraphs"):
-        return  # the common ones, without importing dynamo
+    problem = compile_backend_problem(args.suite_compile) if args.suite and args.suite_compile != "none" else None
+    if problem:
+        parser.error(f"--suite-compile {problem}, or none (eager only)")
+
+
+def compile_backend_problem(backend: str) -> Optional[str]:
+    """Why ``backend`` is not a torch.compile backend, for an option's one line, or None."""
+    if backend in ("inductor", "eager", "aot_eager", "cudagraphs"):
+        return None  # the common ones, without importing dynamo
     from torch._dynamo import list_backends
 
     backends = list_backends(exclude_tags=())
-    if args.suite_compile not in backends:
-        close = difflib.get_close_matches(args.suite_compile, backends, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        parser.error(f"--suite-compile {args.suite_compile}: not a torch.compile backend{hint}; use inductor (the "
-                     "default), eager, aot_eager, another of torch._dynamo.list_backends(), or none (eager only)")
+    if backend in backends:
+        return None
+    close = difflib.get_close_matches(backend, backends, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return (f"{backend}: not a torch.compile backend{hint}; use inductor (the default), eager, aot_eager, another "
+            "of torch._dynamo.list_backends()")
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
