@@ -518,3 +518,15 @@ def test_a_damaged_overrides_file_is_named_in_one_line(sweep, capsys, text):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {overrides}: damaged (") and err.count("\n") == 1
     assert err.endswith("; restore it, or move its run directory out of the folder to tabulate the others\n")
+
+
+@pytest.mark.parametrize("content", [b"\x9a\xa8\xe0\x9a" * 25,  # a record of 10 bytes that are no protobuf:
+                                     b":W&B\x00\x00\x00" + b"\x00\x00\x00\x00\x0a\x00\x01" + b"\xff" * 10],
+                         ids=["not_a_run_file", "damaged_record"])
+def test_a_damaged_offline_wandb_file_is_named_in_one_line(tmp_path, capsys, content):
+    run_file = tmp_path / "offline-run-20260101_000000-abc" / "run-abc.wandb"  # was: a ValueError/DecodeError traceback
+    run_file.parent.mkdir()
+    run_file.write_bytes(content)
+    assert collect.main(["--wandb-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run_file}: damaged (") and err.count("\n") == 1

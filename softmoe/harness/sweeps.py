@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from .errors import NoRunsError
 from .plausibility import CONF_DIR
 # parse_overrides and read_metrics as well: the tests and notebooks read them from here
-from .run_files import numeric_history, parse_overrides, read_metrics, read_overrides  # noqa: F401
+from .run_files import damaged, numeric_history, parse_overrides, read_metrics, read_overrides  # noqa: F401
 
 IGNORED_KEYS = ("seed", "hydra.", "logger.", "trainer.device", "paths.")
 
@@ -148,10 +148,17 @@ def offline_run_files(wandb_dir: Path) -> List[Path]:
 def read_offline_run(path: Path) -> Tuple[str, WandbRun]:
     """The run id and the run of one offline run file. Its rows are the dicts the W&B API's ``scan_history``
     gives: a histogram or image logged under ``key`` is a dict there, not numbers to report."""
+    from google.protobuf.message import DecodeError
+
     from .wandb_files import read_records
 
     run_id, run = path.stem[len("run-"):], WandbRun(group="", name="", config={}, rows=[])
-    for record in read_records(path):
+    try:
+        records = list(read_records(path))
+    except (ValueError, DecodeError, OSError) as error:  # not a run file, damaged bytes: named, not a traceback
+        reason = "not a W&B run file" if isinstance(error, ValueError) else getattr(error, "strerror", None)
+        raise damaged(path, reason or f"a record cannot be decoded: {error}") from None
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run_id, run.group, run.name = record.run.run_id, record.run.run_group, record.run.display_name
