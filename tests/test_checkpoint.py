@@ -157,7 +157,7 @@ def test_to_safetensors_into_a_folder_that_takes_no_files_is_one_line(tmp_path, 
     from softmoe import to_safetensors
 
     last = exportable(tmp_path / "run" / "last.pt")
-    if os.path.isdir("/proc"):
+    if os.path.isdir("/proc") and os.geteuid() == 0:  # others are refused by the folder check first
         assert to_safetensors.main([str(last), "/proc/m.safetensors"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: output /proc/m.safetensors: could not be written (I/O error: No such file")
