@@ -87,12 +87,17 @@ def tag_console(tag: str, sweep_dir: Optional[Path] = None) -> None:
     if not tag and sweep_dir is None:
         return
     logging.captureWarnings(True)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            if not isinstance(handler.formatter, _SweepConsole):
-                handler.setFormatter(_SweepConsole(tag, handler.formatter))
-            if sweep_dir is not None and not any(isinstance(f, _FirstInSweep) for f in handler.filters):
-                handler.addFilter(_FirstInSweep(sweep_dir))
+    for handler in console_handlers():
+        if not isinstance(handler.formatter, _SweepConsole):
+            handler.setFormatter(_SweepConsole(tag, handler.formatter))
+        if sweep_dir is not None and not any(isinstance(f, _FirstInSweep) for f in handler.filters):
+            handler.addFilter(_FirstInSweep(sweep_dir))
+
+
+def console_handlers() -> list[logging.StreamHandler]:
+    """The root logger's console handlers: its stream handlers that do not write a file (``train.log``)."""
+    return [handler for handler in logging.getLogger().handlers
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
 
 
 class _RankZeroSpeaks(logging.Filter):
@@ -106,10 +111,9 @@ class _RankZeroSpeaks(logging.Filter):
 
 def show_only_this_ranks_own_warnings() -> None:
     """On a rank other than 0 (``distributed.quiet_other_ranks``): the console keeps its errors and its own warnings."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            if not any(isinstance(f, _RankZeroSpeaks) for f in handler.filters):
-                handler.addFilter(_RankZeroSpeaks())
+    for handler in console_handlers():
+        if not any(isinstance(f, _RankZeroSpeaks) for f in handler.filters):
+            handler.addFilter(_RankZeroSpeaks())
 
 
 def speaks_for_the_job() -> bool:
