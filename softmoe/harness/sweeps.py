@@ -26,7 +26,6 @@ What a sweep's jobs print on the console while they run is ``sweep_console.py``'
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import re
@@ -37,6 +36,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import NoRunsError
 from .plausibility import CONF_DIR
+from .rules import closest
 # parse_overrides and read_metrics as well: the tests and notebooks read them from here
 from .run_files import damaged, numeric_history, parse_overrides, read_metrics, read_overrides  # noqa: F401
 
@@ -267,10 +267,8 @@ def check_group_keys(runs: Sequence[RunResult], by: Sequence[str]) -> None:
     keys = sorted({key for run in runs for key in run.overrides})
     for key in by:
         if key not in keys:
-            match = difflib.get_close_matches(key, keys, n=1)
-            hint = f"; did you mean {match[0]}?" if match else ""
-            raise NoRunsError(f"no run overrides {key!r}, so grouping by it would pool every run{hint} (the runs "
-                              f"override: {', '.join(keys) or 'nothing'})")
+            raise NoRunsError(f"no run overrides {key!r}, so grouping by it would pool every run{closest(key, keys)} "
+                              f"(the runs override: {', '.join(keys) or 'nothing'})")
 
 
 def _sort_key(value: Optional[str]):
