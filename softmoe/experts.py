@@ -149,9 +149,10 @@ def require_slots(slots: torch.Tensor, num_experts: int, dim: Optional[int] = No
 def batched_matmul_in(dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.bmm(a, b)`` returned in ``dtype``: on CUDA a bf16/fp16 product written in float32 straight
     from the GEMM's float32 accumulator (``out_dtype``), else computed in the inputs' dtype and cast."""
-    # traced (compiled): the cast as autocast's own backward has it; the eager probe below cannot run in a graph
-    if (a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and _HAS_OUT_DTYPE[0]
-            and not torch.compiler.is_compiling()):
+    if (dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
+            and a.device.type in _FLOAT32_GEMM_DEVICES and _HAS_OUT_DTYPE[0]):
+        if torch.compiler.is_compiling():  # inductor lowers aten::bmm.dtype to the same cuBLAS call (torch >= 2.11)
+            return torch.bmm(a, b, out_dtype=dtype)
         try:
             return torch.bmm(a, b, out_dtype=dtype)
         except (RuntimeError, TypeError, NotImplementedError):  # a torch without bmm's out_dtype: cast from now on
@@ -159,6 +160,8 @@ def batched_matmul_in(dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> t
     return torch.bmm(a, b).to(dtype)
 
 
+# Devices with a kernel for aten::bmm.dtype (a bf16/fp16 product written in float32): torch 2.14 has none on CPU
+_FLOAT32_GEMM_DEVICES = ("cuda",)
 _HAS_OUT_DTYPE = [True]
 
 

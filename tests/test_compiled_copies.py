@@ -192,3 +192,49 @@ def test_a_compiled_forward_reads_the_copies_softmoe_adamw_wrote_without_casting
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
             compiled(IMAGES)
         assert [copy._version for copy in copies] == written, step
+
+
+@pytest.mark.parametrize("device_has_the_kernel", [True, False])
+def test_a_compiled_backward_takes_the_expert_weight_gradients_in_float32_from_the_gemm(device_has_the_kernel,
+                                                                                       monkeypatch):
+    """Where the device has aten::bmm.dtype (CUDA), the compiled backward writes an expert weight's float32 gradient
+    in the GEMM itself, as eager mode does, instead of a bf16 product cast afterwards (6 bytes per expert parameter
+    and step). Traced on fake CPU tensors, so nothing runs (the CPU has no such kernel): the device list is widened
+    for the trace."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import softmoe.experts as experts
+    if device_has_the_kernel:
+        monkeypatch.setattr(experts, "_FLOAT32_GEMM_DEVICES", ("cpu",))
+    backend, graphs = graph_catcher()
+    with FakeTensorMode():
+        x = torch.empty(NUM_EXPERTS, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.empty(NUM_EXPERTS, 16, 32, requires_grad=True)
+        bias = torch.empty(NUM_EXPERTS, 32, requires_grad=True)
+        apply = torch.compile(experts.ExpertLinear.apply, backend=backend, fullgraph=True)
+        apply(x, weight, weight.detach().to(torch.bfloat16), bias).float().sum().backward()
+        assert weight.grad.dtype == torch.float32
+    (backward,) = [graph for kind, graph in graphs if kind == "backward"]
+    grad_weight = backward.graph.output_node().args[0][1]
+    if device_has_the_kernel:
+        assert grad_weight.target == torch.ops.aten.bmm.dtype and grad_weight.args[2] == torch.float32
+    else:  # the product in bf16, then a cast
+        assert grad_weight.target == torch.ops.aten._to_copy.default
+        assert grad_weight.args[0].target == torch.ops.aten.bmm.default
+
+
+@pytest.mark.parametrize("reading_held_copies", [True, False])
+def test_the_benchmarks_compiled_layer_reads_its_held_copies_as_the_model_does(reading_held_copies):
+    """The GPU suite times the compiled layer as a compiled model runs it (``ReadingHeldCopies``); compiled bare,
+    the layer casts its 2 expert weights in the graph at every call."""
+    from softmoe.bench.layer import ReadingHeldCopies
+
+    torch.manual_seed(0)
+    layer = SoftMoE(16, num_experts=NUM_EXPERTS, slots_per_expert=1)
+    backend, graphs = graph_catcher()
+    compiled = torch.compile(ReadingHeldCopies(layer) if reading_held_copies else layer, backend=backend)
+    with torch.autocast("cpu", torch.bfloat16):
+        compiled(torch.randn(2, 6, 16)).float().sum().backward()
+    reads = [expert_weight_reads(graph) for kind, graph in graphs if kind == "forward"]
+    assert reads == [(0, 2) if reading_held_copies else (2, 0)]
+    assert layer.experts.fc1_weight.grad.dtype == torch.float32 and layer.experts.fc1_weight.grad.abs().sum() > 0

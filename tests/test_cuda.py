@@ -89,7 +89,8 @@ def test_model_in_bf16_compiled_matches_float32_eager():
 
 def test_a_compiled_model_under_cuda_autocast_reads_the_expert_copies_it_holds():
     """As tests/test_compiled_copies.py on CPU, on the GPU under the machine's own torch: the graphs read the 4
-    bf16 copies and cast no expert weight (on torch 2.11 they cast all of them until 3f445a3, unseen on 2.14)."""
+    bf16 copies and cast no expert weight (on torch 2.11 they cast all of them until 3f445a3, unseen on 2.14), and
+    the backward writes the 4 expert weight gradients in float32 from the GEMM (aten::bmm.dtype)."""
     from test_compiled_copies import IMAGES, expert_weight_reads, graph_catcher, twin_models
 
     model = twin_models()[0].cuda()
@@ -101,6 +102,8 @@ def test_a_compiled_model_under_cuda_autocast_reads_the_expert_copies_it_holds()
             compiled(IMAGES.cuda())
     reads = {kind: expert_weight_reads(graph) for kind, graph in graphs if kind != "backward"}
     assert reads == {"forward": (0, 4), "inference": (0, 4)}
+    (backward,) = [graph for kind, graph in graphs if kind == "backward"]  # the 4 weight gradients from the GEMM
+    assert sum(node.target == torch.ops.aten.bmm.dtype for node in backward.graph.nodes) == 4
 
 
 def test_a_short_gpu_run_trains_in_bf16_compiled(compose_run, tmp_path, caplog):

@@ -10,7 +10,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from ..experts import weights_changed
+from ..experts import hold_expert_copies, weights_changed
 from ..harness.precision import autocast, precision_name
 from ..layer import SoftMoE
 from .environment import (allocator_available, peak_memory_bytes, saved_activation_bytes, tensor_bytes,
@@ -26,6 +26,23 @@ PASSES = ("forward", "forward_backward")
 def build_layer(shape: LayerShape, device) -> SoftMoE:
     return SoftMoE(shape.dim, shape.hidden, num_experts=shape.num_experts,
                    slots_per_expert=shape.slots_per_expert, device=device)
+
+
+class ReadingHeldCopies(nn.Module):
+    """``layer`` run as a compiled :class:`~softmoe.vit.SoftMoEVisionTransformer` runs its Soft MoE layers: under
+    autocast its expert banks' bf16 copies are brought up to date eagerly before the graph and read by it, so the
+    graph casts no expert weight and the backward takes the float32 weight gradients from the GEMM. Compiled bare,
+    the layer would cast every expert weight in its graph at every call, which no model of this package does."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hold_expert_copies(self.layer, True)  # a graph break before and after, as the model's
+        y = self.layer(x)
+        hold_expert_copies(self.layer, False)
+        return y
 
 
 def build_layers(shape: LayerShape, device) -> Dict[str, nn.Module]:

@@ -9,7 +9,8 @@ batch 256 at 224 px; models built by timm's ``create_model`` from this package's
 Sections, each side by side in interleaved rounds (:func:`.timing.interleaved`):
 
 * ``peak``: the bf16 matmul rate of an 8192³ product and the copy bandwidth;
-* ``layers``: the layer at S/16 and B/16 shapes, eager and compiled, against its bare matmuls
+* ``layers``: the layer at S/16 and B/16 shapes, eager and compiled (reading its held bf16 copies, as the model's
+  compiled forward does: :class:`.layer.ReadingHeldCopies`), against its bare matmuls
   (:func:`.floors.attainable_cases`) and timm's ``Mlp`` on the same tokens, each also against peak; and the
   experts' two GEMMs through ``torch.bmm`` against ``torch._grouped_mm`` (:func:`.floors.expert_bank_cases`);
 * ``models``: Soft MoE against dense at S/16 and B/16: the training step (its forward+backward and its
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from .floors import attainable_cases, ceiling_cases, expert_bank_cases
-from .layer import build_layer, layer_pass_cases
+from .layer import ReadingHeldCopies, build_layer, layer_pass_cases
 from .model import build_benchmark_model, make_optimizer, model_cases, model_flops
 from .optimizer_step import optimizer_section
 from .profiling import profile_calls
@@ -130,7 +131,7 @@ class Suite:
 
         torch.manual_seed(0)
         layer = build_layer(shape, self.device)
-        modules = {"eager": layer, "compiled": self.compile(layer, f"layer {shape.name}"),
+        modules = {"eager": layer, "compiled": self.compile(ReadingHeldCopies(layer), f"layer {shape.name}"),
                    "mlp": Mlp(shape.dim, shape.hidden).to(self.device)}
         x = torch.randn(shape.batch, shape.tokens, shape.dim, device=self.device, requires_grad=True)
         grad = torch.randn_like(x)
@@ -250,12 +251,13 @@ class Suite:
         torch.manual_seed(0)
         layer = build_layer(shape, self.device)
         x = torch.randn(shape.batch, shape.tokens, shape.dim, device=self.device, requires_grad=True)
-        for impl, module in (("eager", layer), ("compiled", self.compile(layer, f"profile of layer {shape.name}"))):
+        compiled = self.compile(ReadingHeldCopies(layer), f"profile of layer {shape.name}")
+        for impl, module in (("eager", layer), ("compiled", compiled)):
             if module is not None:
                 step = layer_pass_cases(module, x, torch.randn_like(x), BF16, self.device,
                                         optimizer_step=True)["forward_backward"]
                 cases.append(_profiled(f"layer {shape.name} {impl} fwd+bwd", step, self.device))
-        del layer, x
+        del layer, compiled, x
         images, labels = self._inputs(pair.shape)
         for kind in ("dense", "soft_moe"):
             model = build_benchmark_model(pair.shape, kind, self.device).train()
