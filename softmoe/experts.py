@@ -151,18 +151,14 @@ def batched_matmul_in(dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> t
     from the GEMM's float32 accumulator (``out_dtype``), else computed in the inputs' dtype and cast."""
     if (dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
             and a.device.type in _FLOAT32_GEMM_DEVICES and _HAS_OUT_DTYPE[0]):
-        if torch.compiler.is_compiling():  # inductor lowers aten::bmm.dtype to the same cuBLAS call (torch >= 2.11)
-            return torch.bmm(a, b, out_dtype=dtype)
-        try:
+        try:  # compiled too: inductor lowers aten::bmm.dtype to the same cuBLAS call (torch 2.11 and 2.14)
             return torch.bmm(a, b, out_dtype=dtype)
         except (RuntimeError, TypeError, NotImplementedError):  # a torch without bmm's out_dtype: cast from now on
             _HAS_OUT_DTYPE[0] = False
     return torch.bmm(a, b).to(dtype)
 
 
-# Devices with a kernel for aten::bmm.dtype (a bf16/fp16 product written in float32): torch 2.14 has none on CPU
-_FLOAT32_GEMM_DEVICES = ("cuda",)
-_HAS_OUT_DTYPE = [True]
+_FLOAT32_GEMM_DEVICES, _HAS_OUT_DTYPE = ("cuda",), [True]  # the devices with aten::bmm.dtype (torch 2.14: not CPU)
 
 
 class ExpertLinear(torch.autograd.Function):
