@@ -47,7 +47,8 @@ from softmoe.harness.errors import (
 from softmoe.harness.faults import Preempted
 from softmoe.harness.console import final_dispatch_entropy, next_steps
 from softmoe.harness.loop import train
-from softmoe.harness.overrides import composition_error, multirun_flag_first, output_dir, output_dir_error
+from softmoe.harness.output_dirs import output_dir, output_dir_error
+from softmoe.harness.overrides import composition_error, multirun_flag_first
 from softmoe.harness.plausibility import check_model_choice
 from softmoe.harness.resume_hint import resume_command, resume_hint
 from softmoe.harness.rules import counted

@@ -22,7 +22,7 @@ from softmoe import moe_layers
 from softmoe.harness.config import ConfigError, check_config, check_launch
 from softmoe.harness.model import build_model, moe_blocks
 from softmoe.harness.optim import build_optimizer, build_scheduler
-from softmoe.harness.overrides import output_dir
+from softmoe.harness.output_dirs import output_dir
 from softmoe.harness.rules import check_known, check_section, plain, positive_int
 
 ROOT = Path(CONF_DIR).parent

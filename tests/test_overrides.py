@@ -11,13 +11,8 @@ import pytest
 from conftest import ROOT
 from processes import refused_here
 from softmoe import evaluate, train
-from softmoe.harness.overrides import (
-    composition_error,
-    is_global_group,
-    multirun_flag_first,
-    output_dir,
-    output_dir_error,
-)
+from softmoe.harness.output_dirs import output_dir, output_dir_error
+from softmoe.harness.overrides import composition_error, is_global_group, multirun_flag_first
 from softmoe.harness.plausibility import CONF_DIR
 
 MISTAKES = [
@@ -303,17 +298,23 @@ EMPTY = {  # was: the run's files (.hydra/, .lock, checkpoints) or a sweep's job
                      "directory; it must name a directory, or where one can be made",
     "hydra.sweep.dir": "hydra.sweep.dir=: empty (an unset shell variable?), which would put the sweep's job folders in "
                        "the current directory; it must name a directory, or where one can be made",
+    # was: every job's files in the sweep directory, one over another (only the lock kept jobs apart)
+    "hydra.sweep.subdir": "hydra.sweep.subdir=: empty, which would put every job's files in the sweep directory "
+                          "itself, one job's over another's; it must name a folder per job, as the default "
+                          "${hydra.job.num} does",
 }
 
 
 @pytest.mark.parametrize("argv", [["debug=default", "hydra.run.dir="], ["hydra.run.dir=''"],
                                   ["-m", "seed=0,1", "debug=default", "hydra.sweep.dir="],
-                                  ["seed=0,1", "hydra.sweep.dir=", "-m"]],  # -m last: before the overrides
+                                  ["seed=0,1", "hydra.sweep.dir=", "-m"],  # -m last: before the overrides
+                                  ["-m", "seed=0,1", "debug=default", "hydra.sweep.dir=sweep", "hydra.sweep.subdir="]],
                          ids=lambda argv: " ".join(argv))
 def test_an_empty_run_or_sweep_directory_is_refused_and_nothing_is_written_here(tmp_path, monkeypatch, capsys, argv):
     monkeypatch.chdir(tmp_path)
     assert refused_here(monkeypatch, train, *argv) == 2
-    key = "hydra.sweep.dir" if "-m" in argv else "hydra.run.dir"
+    key = argv[-1].rstrip("=") if argv[-1].endswith("subdir=") else "hydra.sweep.dir" if "-m" in argv else \
+        "hydra.run.dir"
     assert capsys.readouterr().err == f"error: {EMPTY[key]}\n"
     assert list(tmp_path.iterdir()) == []
 
