@@ -51,6 +51,16 @@ def test_load_run_names_what_is_wrong(sweep, tmp_path):
     placeholder = "../outputs/runs/<date>/<time>"  # the routing notebook's RUN_DIR, left as it is
     with pytest.raises(CheckpointError, match=f"run_dir={placeholder}: no such directory"):
         load_run(placeholder)
+    # and SOFTMOE_RUN_DIR (was: "run_dir=", a setting the notebook has not)
+    with pytest.raises(CheckpointError, match=f"^SOFTMOE_RUN_DIR={placeholder}: no such directory"):
+        load_run(placeholder, run_dir_key="SOFTMOE_RUN_DIR")
+    multirun = tmp_path / "multirun"  # Hydra's sweep directory: multirun.yaml beside its jobs' run directories
+    for job in ("0", "1"):
+        (multirun / job / ".hydra").mkdir(parents=True)
+    (multirun / "multirun.yaml").touch()
+    with pytest.raises(CheckpointError, match=f"^SOFTMOE_RUN_DIR={multirun}: a sweep directory; evaluate one of its "
+                                              f"runs: SOFTMOE_RUN_DIR={multirun / '0'} \\(runs 0-1\\)$"):
+        load_run(multirun, run_dir_key="SOFTMOE_RUN_DIR")
     best = sweep / "0" / "best.pt"  # a checkpoint's path where its run directory's was meant
     with pytest.raises(CheckpointError, match=f"^run_dir={best}: a file, not a directory \\(a training run directory "
                                               "holds best.pt and last.pt\\)$"):

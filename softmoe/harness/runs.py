@@ -53,37 +53,39 @@ class LoadedRun:
     device: torch.device
 
 
-def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best", checkpoint_key: str = "checkpoint") -> Path:
+def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best", checkpoint_key: str = "checkpoint",
+                    run_dir_key: str = "run_dir") -> Path:
     """``<run_dir>/<checkpoint>.pt`` or the sharded ``<checkpoint>.dcp`` of an FSDP run, the newer when both are there
     (the run changed strategy); a ConfigError for a checkpoint name other than best or last, a CheckpointError when
-    neither is there. ``checkpoint_key``: what the caller's user sets to choose the checkpoint, as the errors name it
-    (``SOFTMOE_CHECKPOINT`` in the routing notebook)."""
+    neither is there. ``checkpoint_key``, ``run_dir_key``: what the caller's user sets to choose the checkpoint and
+    the run, as the errors name them (``SOFTMOE_CHECKPOINT`` and ``SOFTMOE_RUN_DIR`` in the routing notebook)."""
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(f"{checkpoint_key}={checkpoint}: must be one of {', '.join(CHECKPOINTS)}")
     if not Path(run_dir).is_dir():  # a notebook's placeholder left as it is, a mistyped path, a checkpoint's path
         what = "a file, not a directory" if Path(run_dir).exists() else "no such directory"
-        raise CheckpointError(f"run_dir={run_dir}: {what} (a training run directory holds best.pt and last.pt)")
+        raise CheckpointError(f"{run_dir_key}={run_dir}: {what} (a training run directory holds best.pt and last.pt)")
     path = sharded_checkpoint.latest(run_dir, f"{checkpoint}.pt")
     if path is None and sharded_checkpoint.directory(run_dir, checkpoint).is_dir():
         sharded_checkpoint.check(sharded_checkpoint.directory(run_dir, checkpoint))  # damaged: names the file it lacks
     if path is None and checkpoint == "best" and sharded_checkpoint.latest(run_dir, "last.pt") is not None:
-        raise CheckpointError(f"run_dir={run_dir}: holds no best.pt, only last.pt: no validation selected a model "
-                              "(data.val_size=0, or a run stopped before its first validation); "
+        raise CheckpointError(f"{run_dir_key}={run_dir}: holds no best.pt, only last.pt: no validation selected a "
+                              "model (data.val_size=0, or a run stopped before its first validation); "
                               f"set {checkpoint_key}=last")
     if path is None:
-        raise CheckpointError(sweep_dir_message(Path(run_dir))
-                              or f"run_dir={run_dir}: holds no {checkpoint}.pt (is it a training run directory?)")
+        raise CheckpointError(sweep_dir_message(Path(run_dir), run_dir_key)
+                              or f"{run_dir_key}={run_dir}: holds no {checkpoint}.pt (is it a training run directory?)")
     return path
 
 
-def sweep_dir_message(run_dir: Path) -> Optional[str]:
+def sweep_dir_message(run_dir: Path, run_dir_key: str = "run_dir") -> Optional[str]:
     """What to evaluate instead of a sweep directory (Hydra's ``multirun.yaml`` beside its jobs' run directories):
-    one of its runs, and their names (``runs 0-5``: numbered jobs as ranges); None for any other directory."""
+    one of its runs, and their names (``runs 0-5``: numbered jobs as ranges); None for any other directory.
+    ``run_dir_key``: how the message names the setting (see :func:`checkpoint_path`)."""
     if not (run_dir / "multirun.yaml").is_file():
         return None
     runs = [path.name for path in run_dir.iterdir() if (path / ".hydra").is_dir() or (path / METRICS_FILE).is_file()]
     if not runs:
-        return f"run_dir={run_dir}: a sweep directory whose jobs have written no run directory yet"
+        return f"{run_dir_key}={run_dir}: a sweep directory whose jobs have written no run directory yet"
     if all(name.isdigit() for name in runs):  # Hydra's own job numbers (hydra.sweep.subdir)
         spans: list[list[int]] = []
         for job in sorted(map(int, runs)):
@@ -95,7 +97,8 @@ def sweep_dir_message(run_dir: Path) -> Optional[str]:
     else:  # an experiment's own hydra.sweep.subdir (seed0, ...)
         runs = sorted(runs)
         first, names = runs[0], ", ".join(runs[:6]) + (f", ... ({len(runs)} in all)" if len(runs) > 6 else "")
-    return f"run_dir={run_dir}: a sweep directory; evaluate one of its runs: run_dir={run_dir / first} (runs {names})"
+    return (f"{run_dir_key}={run_dir}: a sweep directory; evaluate one of its runs: {run_dir_key}={run_dir / first} "
+            f"(runs {names})")
 
 
 def load_run(
@@ -105,14 +108,16 @@ def load_run(
     device: str = "auto",
     data_dir: Optional[str] = None,
     checkpoint_key: str = "checkpoint",
+    run_dir_key: str = "run_dir",
 ) -> LoadedRun:
     """The model, config and data of ``<run_dir>/<checkpoint>.pt``.
 
     ``device``: ``auto`` (CUDA when present, else MPS, else the CPU), ``cpu``, ``cuda``, ...; ``data_dir``: where the
     datasets are now, when not at the run's ``paths.data_dir`` (relative paths are from the working directory);
-    ``checkpoint_key``: how the errors name the setting that chose ``checkpoint`` (a notebook's environment variable).
+    ``checkpoint_key``, ``run_dir_key``: how the errors name the settings that chose ``checkpoint`` and ``run_dir``
+    (a notebook's environment variables).
     """
-    path = checkpoint_path(run_dir, checkpoint, checkpoint_key)
+    path = checkpoint_path(run_dir, checkpoint, checkpoint_key, run_dir_key)
     state = sharded_checkpoint.read_checkpoint(path) if path.is_dir() else load_checkpoint(path)
     cfg = OmegaConf.create(saved_config(state))
     torch_device = resolve_device(device)
