@@ -166,13 +166,22 @@ def plot_column(requested: str, columns: Sequence[Tuple[str, str]], logged: Sequ
     raise NoRunsError(f"--plot {requested}: not a column of the table{hint} (its columns: {', '.join(labels)})")
 
 
+def group_keys(by: str) -> list:
+    """``--by``'s comma-separated keys, spaces around them dropped; one that names no key is refused."""
+    keys = [key.strip() for key in by.split(",") if key.strip()]
+    if not keys:
+        raise NoRunsError(f"--by {by!r}: names no override key; give them comma-separated "
+                          "(--by moe.num_experts,moe.slots_per_expert), or leave --by out to group by the swept keys")
+    return keys
+
+
 def collect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         make_out_dir(args.out)  # refused before any run is read
     runs = load_runs(args, parser)
     warn_unfinished(runs, args.sweep_dir)
     # grouped by what differs between the runs the table pools: an unfinished run's overrides make no column
-    by = args.by.split(",") if args.by else swept_keys(finished_runs(runs))
+    by = group_keys(args.by) if args.by is not None else swept_keys(finished_runs(runs))
     metrics = [metric for metric in args.metric.split(",") if metric]
     logged = logged_metrics(runs)
     check_metrics(metrics, logged)

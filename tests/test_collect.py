@@ -188,6 +188,11 @@ def test_grouping_by_a_key_no_run_overrides_is_refused_not_pooled(sweep, capsys)
                             "did you mean moe.num_experts? (the runs override: ")
     with pytest.raises(NoRunsError, match="no run overrides 'moe.num_expert'"):  # the notebooks' summarize too
         sweeps.summarize(sweeps.load_sweep(sweep), ["moe.num_expert"])
+    for empty in (",", ""):  # was: "no run overrides ''" (",") or the swept keys, silently ("")
+        assert collect.main([str(sweep), "--by", empty]) == 2
+        assert capsys.readouterr().err == (f"error: --by {empty!r}: names no override key; give them comma-separated "
+                                           "(--by moe.num_experts,moe.slots_per_expert), or leave --by out to group "
+                                           "by the swept keys\n")
 
 
 def test_keys_that_do_not_change_an_experiment_and_unfinished_runs_make_no_column(tmp_path, capsys):
