@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from softmoe import SoftMoEVisionTransformer
 from softmoe.harness.optim import constant, decays, param_groups, warmup_cosine, warmup_rsqrt_cooldown
@@ -65,6 +66,29 @@ def test_the_routers_learning_rate_and_weight_decay_are_their_own_knobs():
 
     dense = VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2)
     assert [g["name"] for g in param_groups(dense, 0.1, 1e-3, router_lr_mult=10)] == ["decay", "no_decay"]
+
+
+def test_phi_weight_decay_gives_phi_its_own_group_and_zero_is_vmoes_split():
+    """vmoe's Soft MoE decays the router scale (0.03) and not Φ, whose name ("mu") no decay rule matches; the
+    harness decayed both, as the docs said vmoe did. phi_weight_decay=0 is vmoe's split; None keeps one group."""
+    from softmoe.harness.optim import build_optimizer
+
+    model = SoftMoEVisionTransformer(num_experts=4, moe_layer_index=[0, 1], img_size=8, patch_size=4, embed_dim=16,
+                                     depth=2, num_heads=2)
+    phis = {id(model.blocks[i].mlp.phi) for i in (0, 1)}
+    scales = {id(model.blocks[i].mlp.scale) for i in (0, 1)}
+    optimizer_cfg = OmegaConf.create({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3,
+                                      "weight_decay": 0.03})
+    groups = {g["name"]: g for g in build_optimizer(optimizer_cfg, model, {"router_lr_mult": 2.0,
+                                                                            "phi_weight_decay": 0.0}).param_groups}
+    assert list(groups) == ["decay", "no_decay", "router", "router_phi"]
+    assert {id(p) for p in groups["router"]["params"]} == scales and groups["router"]["weight_decay"] == 0.03
+    assert {id(p) for p in groups["router_phi"]["params"]} == phis and groups["router_phi"]["weight_decay"] == 0.0
+    assert groups["router_phi"]["lr"] == groups["router"]["lr"] == pytest.approx(2e-3)
+    # the same decay as the router's (or none given): one router group, as in every checkpoint before the option
+    for same in (None, 0.03):
+        names = [g["name"] for g in param_groups(model, 0.03, 1e-3, phi_weight_decay=same)]
+        assert names == ["decay", "no_decay", "router"]
 
 
 def test_scale_init_sets_the_routers_starting_scale_in_every_router():

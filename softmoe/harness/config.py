@@ -117,6 +117,7 @@ MOE_RULES: dict[str, Rule] = {
     "scale_init": positive_number,
     "router_lr_mult": positive_number,
     "router_weight_decay": optional(non_negative_number),
+    "phi_weight_decay": optional(non_negative_number),
     "router": one_of(*ROUTERS),
     "dispatch": one_of(*DISPATCH_CHOICES),
     "combine": one_of(*COMBINE_CHOICES),

@@ -22,8 +22,8 @@ NO_DECAY_TOKENS = {"pos_embed", "cls_token", "reg_token", "dist_token", "mask_to
 
 def decays(name: str) -> bool:
     """Whether weight decay applies to parameter ``name``: not to biases, norms, LayerScale, position embedding
-    or tokens. The router's Φ (``phi``) and ``scale`` are decayed, as vmoe does, unless ``moe.router_weight_decay``
-    gives them their own (see :func:`param_groups`)."""
+    or tokens. The router's Φ (``phi``) and ``scale`` are decayed too, unless ``moe.router_weight_decay`` (both) or
+    ``moe.phi_weight_decay`` (Φ alone) gives them their own (see :func:`param_groups`)."""
     parts = name.split(".")
     leaf = parts[-1]
     if leaf.endswith("bias") or leaf == "gamma" or leaf in NO_DECAY_TOKENS:
@@ -37,28 +37,30 @@ def param_groups(
     lr: float,
     router_lr_mult: float = 1.0,
     router_weight_decay: Optional[float] = None,
+    phi_weight_decay: Optional[float] = None,
 ) -> list[dict[str, Any]]:
     """``decay`` with ``weight_decay``, ``no_decay`` with none (see :func:`decays`), and, when the model has MoE
     layers, ``router``: their Φ and scale (:func:`softmoe.router_parameters`) at ``router_lr_mult * lr`` with
-    ``router_weight_decay`` (None: ``weight_decay``)."""
-    router = {id(param) for param in router_parameters(model).values()}
-    groups = {"decay": [], "no_decay": [], "router": []}
+    ``router_weight_decay`` (None: ``weight_decay``). A ``phi_weight_decay`` other than that moves Φ to a group of
+    its own, ``router_phi``: vmoe's Soft MoE decays the scale but not Φ (its ``mu`` matches none of its decay rules),
+    which is ``phi_weight_decay=0``. None keeps Φ with the scale, one group, as every run before the option."""
+    router_names = router_parameters(model)
+    router_weight_decay = weight_decay if router_weight_decay is None else router_weight_decay
+    phi_apart = phi_weight_decay is not None and phi_weight_decay != router_weight_decay
+    group_of = {id(param): "router_phi" if phi_apart and name.endswith(".phi") else "router"
+                for name, param in router_names.items()}
+    groups = {"decay": [], "no_decay": [], "router": [], "router_phi": []}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups["router" if id(param) in router else "decay" if decays(name) else "no_decay"].append(param)
+            groups[group_of.get(id(param)) or ("decay" if decays(name) else "no_decay")].append(param)
     result = [
         {"name": "decay", "params": groups["decay"], "weight_decay": weight_decay},
         {"name": "no_decay", "params": groups["no_decay"], "weight_decay": 0.0},
     ]
-    if groups["router"]:
-        result.append(
-            {
-                "name": "router",
-                "params": groups["router"],
-                "lr": router_lr_mult * lr,
-                "weight_decay": weight_decay if router_weight_decay is None else router_weight_decay,
-            }
-        )
+    for name, group_decay in (("router", router_weight_decay), ("router_phi", phi_weight_decay)):
+        if groups[name]:
+            result.append({"name": name, "params": groups[name], "lr": router_lr_mult * lr,
+                           "weight_decay": group_decay})
     return result
 
 
@@ -90,6 +92,7 @@ def build_optimizer(optimizer_cfg: Any, model: nn.Module, moe_cfg: Optional[Any]
             optimizer_cfg["lr"],
             router_lr_mult=moe_cfg.get("router_lr_mult", 1.0),
             router_weight_decay=moe_cfg.get("router_weight_decay"),
+            phi_weight_decay=moe_cfg.get("phi_weight_decay"),
         ),
         **choice,
     )
