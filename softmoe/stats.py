@@ -54,6 +54,10 @@ def routing_stats(dispatch: torch.Tensor, combine: torch.Tensor) -> Dict[str, Un
     - ``slot_utilisation``: tensor [n·p], each slot's share of the total combine mass (sums to 1).
     - ``effective_experts``: exp of the entropy of ``expert_utilisation`` (n when balanced, 1 when one expert
       takes all).
+
+    Defined for a Soft MoE's weights, whose rows and columns are distributions. A sparse layer's record
+    (:mod:`softmoe.sparse`) is one-hot per slot and gate-weighted per token: there ``dispatch_max`` is the share of
+    filled slots and ``combine_entropy`` the entropy of rows that sum to the token's gates, not to 1.
     """
     _check_routing("dispatch", dispatch)
     _check_routing("combine", combine)

@@ -407,7 +407,9 @@ def soft_moe_vit_tiny(pretrained: bool = False, **kwargs) -> SoftMoEVisionTransf
 
 @register_model
 def soft_moe_vit_small(pretrained: bool = False, **kwargs) -> SoftMoEVisionTransformer:
-    """Soft MoE ViT-S/16: 12 blocks of width 384, 128 experts in blocks 6-11 (the paper's S/16)."""
+    """Soft MoE ViT-S/16: 12 blocks of width 384, 128 experts in blocks 6-11: the paper's S/16 sizes, with timm's
+    class token and its pooling, as every factory here; the paper's model pools by average over the tokens, without
+    a class token, and normalises queries and keys: ``class_token=False, global_pool="avg", qk_norm=True``."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
     return _create_soft_moe_vit("soft_moe_vit_small", pretrained, **dict(model_args, **kwargs))
 
