@@ -201,3 +201,65 @@ def test_optimizer_fused_null_means_fused_on_a_gpu_and_pytorchs_choice_on_a_cpu(
         cfg = compose_run(f"optimizer.fused={fused}")
         optimizer = build_optimizer(cfg.optimizer, model, cfg.moe)
         assert {group["fused"] for group in optimizer.param_groups} == {expected}, fused
+
+
+def test_the_paper_recipe_preset_decays_the_router_scale_not_phi_and_inits_the_head_as_vmoe(compose_run):
+    """experiment=imagenet_soft_moe_s16 claims vmoe's recipe: Φ undecayed beside the decayed scale, qk-norm, and the
+    JAX init (the head's kernel 0, its bias -log(classes)). Built at toy size (the preset's own keys kept)."""
+    from softmoe.harness.model import build_model
+    from softmoe.harness.optim import build_optimizer
+
+    cfg = compose_run("experiment=imagenet_soft_moe_s16", "data.root=/nowhere", "data.img_size=32",
+                      "data.num_classes=10", "model.depth=2", "moe.num_experts=4", "moe.layers=[1]")
+    model = build_model(*(OmegaConf.to_container(cfg[section], resolve=True) for section in ("model", "moe")))
+    assert model.head.weight.abs().max() == 0 and torch.allclose(model.head.bias, torch.full((10,), -math.log(10)))
+    assert model.blocks[0].attn.q_norm.__class__.__name__ == "LayerNorm"
+    groups = {g["name"]: g for g in build_optimizer(cfg.optimizer, model, cfg.moe).param_groups}
+    assert groups["router"]["weight_decay"] == 0.03 and groups["router_phi"]["weight_decay"] == 0.0
+    assert [id(p) for p in groups["router_phi"]["params"]] == [id(model.blocks[1].mlp.phi)]
+    assert [id(p) for p in groups["head"]["params"]] == [id(model.head.weight)]
+    assert groups["head"]["weight_decay"] == 3.0 and cfg.trainer.loss == "sigmoid"
+
+
+def test_head_weight_decay_gives_the_classifier_weight_its_own_group():
+    model = SoftMoEVisionTransformer(num_experts=4, moe_layer_index=1, img_size=8, patch_size=4, embed_dim=16, depth=2,
+                                     num_heads=2)
+    groups = {g["name"]: g for g in param_groups(model, 0.03, 1e-3, head_weight_decay=3.0)}
+    assert list(groups) == ["decay", "no_decay", "router", "head"]
+    assert [id(p) for p in groups["head"]["params"]] == [id(model.head.weight)]
+    assert groups["head"]["weight_decay"] == 3.0
+    assert id(model.head.bias) in {id(p) for p in groups["no_decay"]["params"]}  # a bias is never decayed
+    assert "head" not in [g["name"] for g in param_groups(model, 0.03, 1e-3)]  # null: one decay group, as before
+
+
+def test_the_sigmoid_loss_is_vmoes_sigmoid_cross_entropy_and_softmax_is_torchs():
+    from softmoe.harness.losses import classification_loss
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(5, 7, dtype=torch.float64), torch.tensor([0, 3, 6, 2, 2])
+    for smoothing in (0.0, 0.1):
+        targets = torch.full((5, 7), smoothing / 7, dtype=torch.float64)
+        targets[torch.arange(5), labels] += 1 - smoothing
+        probabilities = torch.sigmoid(logits)  # each class an independent binary decision, summed over the classes
+        expected = -(targets * probabilities.log() + (1 - targets) * (1 - probabilities).log()).sum(dim=1).mean()
+        torch.testing.assert_close(classification_loss(logits, labels, "sigmoid", smoothing), expected)
+        torch.testing.assert_close(classification_loss(logits, labels, "softmax", smoothing),
+                                   torch.nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing))
+    with pytest.raises(ValueError, match="^loss must be one of softmax, sigmoid, got 'hinge'$"):
+        classification_loss(logits, labels, "hinge")
+
+
+def test_a_run_trains_on_vmoes_sigmoid_loss_from_the_jax_head(compose_run, tmp_path):
+    """trainer.loss=sigmoid with the head's bias at -log(classes) (model.weight_init=jax_nlhb): every class starts at
+    probability 1/10, so the first step's loss is vmoe's sigmoid cross-entropy there, log 10 + 9 log(10/9) = 3.25
+    (softmax's would be log 10 = 2.30); it trains from it."""
+    from softmoe.harness.loop import train
+    from softmoe.harness.runs import read_events
+
+    overrides = ["debug=default", "logger=none", "trainer.loss=sigmoid", "trainer.label_smoothing=0",
+                 "+model.weight_init=jax_nlhb", "optimizer.head_weight_decay=3.0", "trainer.max_steps=6",
+                 "trainer.log_every=1", "trainer.progress_bar=false"]
+    train(compose_run(*overrides), tmp_path)
+    losses = [event["train/loss"] for event in read_events(tmp_path) if "train/loss" in event]
+    assert losses[0] == pytest.approx(math.log(10) + 9 * math.log(10 / 9), abs=0.01)
+    assert len(losses) == 6 and losses[-1] < losses[0]

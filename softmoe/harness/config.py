@@ -25,6 +25,8 @@ from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 
 from .data import check_data_config, dataset_size
 from .errors import ConfigError
+from .losses import LOSSES
+from .optim import HARNESS_OPTIMIZER_KEYS
 from .resume import existing_checkpoint, resumable_checkpoint
 from .plausibility import check_model_name, check_slot_count, check_token_count
 from .model import CODE_ONLY_VIT_ARGUMENTS, PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
@@ -135,6 +137,7 @@ TRAINER_RULES: dict[str, Rule] = {
     "eval_batch_size": positive_int,
     "eval_batches": optional(positive_int),
     "label_smoothing": number_in(0, 1, high_open=True),
+    "loss": one_of(*LOSSES),
     "grad_clip_norm": optional(positive_number),
     "precision": one_of("fp32", "bf16", "fp16"),
     "compile": boolean,
@@ -160,6 +163,7 @@ TRAINER_RULES: dict[str, Rule] = {
 OPTIMIZER_RULES: dict[str, Rule] = {
     "lr": positive_number,
     "weight_decay": non_negative_number,
+    "head_weight_decay": optional(non_negative_number),
     "betas": betas,
     "momentum": number_in(0, 1, high_open=True),
     "nesterov": boolean,
@@ -406,7 +410,7 @@ def _check_trainer(trainer: dict[str, Any], data: dict[str, Any], on_this_machin
 def _check_optimization(optimizer: dict[str, Any], scheduler: dict[str, Any]) -> None:
     # Only the keys present are checked: each optimizer and schedule takes its own.
     check_section("optimizer", optimizer, OPTIMIZER_RULES, required=None)
-    _check_target("optimizer", optimizer)
+    _check_target("optimizer", {key: value for key, value in optimizer.items() if key not in HARNESS_OPTIMIZER_KEYS})
     if "lr" not in optimizer:
         raise ConfigError("optimizer.lr: missing; the schedule scales it")
     if optimizer.get("nesterov") and not optimizer.get("momentum"):

@@ -44,6 +44,7 @@ from .config import check_config
 from .context import RunContext, open_run
 from .distributed import Distributed
 from .faults import Preempted
+from .losses import classification_loss
 from .precision import autocast, warn_if_slow
 from .rules import plain
 from .state import SUMMARY_KEYS, Summary, TrainState
@@ -105,6 +106,7 @@ class StepSettings:
     """The settings :func:`train_step` reads: how the loss is computed and the gradient clipped."""
 
     precision: str  # trainer.precision: fp32, or bf16/fp16 autocast
+    loss: str  # trainer.loss: softmax or sigmoid cross-entropy (losses.py)
     label_smoothing: float
     grad_clip_norm: Optional[float]  # null: no clipping
     aux_loss_weight: float  # moe.aux_loss_weight: Tokens Choice's load-balancing losses
@@ -114,6 +116,7 @@ class StepSettings:
         trainer = config["trainer"]
         return cls(
             precision=trainer["precision"],
+            loss=trainer.get("loss", "softmax"),  # a checkpoint's config from before the key
             label_smoothing=trainer["label_smoothing"],
             grad_clip_norm=trainer["grad_clip_norm"],
             aux_loss_weight=config["moe"]["aux_loss_weight"],
@@ -138,7 +141,7 @@ def train_step(
         capture_routing(model) if record_routing else contextlib.nullcontext({})
     ) as routing:
         logits = forward(images).float()
-        loss = F.cross_entropy(logits, labels, label_smoothing=settings.label_smoothing)
+        loss = classification_loss(logits, labels, settings.loss, settings.label_smoothing)
         aux_loss = auxiliary_loss(model)  # Tokens Choice's load-balancing losses; 0 for other routers
     state.optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss + settings.aux_loss_weight * aux_loss).backward()

@@ -38,18 +38,23 @@ def param_groups(
     router_lr_mult: float = 1.0,
     router_weight_decay: Optional[float] = None,
     phi_weight_decay: Optional[float] = None,
+    head_weight_decay: Optional[float] = None,
 ) -> list[dict[str, Any]]:
     """``decay`` with ``weight_decay``, ``no_decay`` with none (see :func:`decays`), and, when the model has MoE
     layers, ``router``: their Φ and scale (:func:`softmoe.router_parameters`) at ``router_lr_mult * lr`` with
     ``router_weight_decay`` (None: ``weight_decay``). A ``phi_weight_decay`` other than that moves Φ to a group of
     its own, ``router_phi``: vmoe's Soft MoE decays the scale but not Φ (its ``mu`` matches none of its decay rules),
-    which is ``phi_weight_decay=0``. None keeps Φ with the scale, one group, as every run before the option."""
+    which is ``phi_weight_decay=0``. None keeps Φ with the scale, one group, as every run before the option.
+    ``head_weight_decay`` (None: ``weight_decay``) puts the classifier's weight (``head.weight``) in a group ``head``
+    of its own: vmoe decays its head's kernel by 3.0 where every other kernel gets 0.03."""
     router_names = router_parameters(model)
     router_weight_decay = weight_decay if router_weight_decay is None else router_weight_decay
     phi_apart = phi_weight_decay is not None and phi_weight_decay != router_weight_decay
     group_of = {id(param): "router_phi" if phi_apart and name.endswith(".phi") else "router"
                 for name, param in router_names.items()}
-    groups = {"decay": [], "no_decay": [], "router": [], "router_phi": []}
+    if head_weight_decay is not None and isinstance(getattr(model, "head", None), nn.Linear):
+        group_of[id(model.head.weight)] = "head"
+    groups = {"decay": [], "no_decay": [], "router": [], "router_phi": [], "head": []}
     for name, param in model.named_parameters():
         if param.requires_grad:
             groups[group_of.get(id(param)) or ("decay" if decays(name) else "no_decay")].append(param)
@@ -61,7 +66,13 @@ def param_groups(
         if groups[name]:
             result.append({"name": name, "params": groups[name], "lr": router_lr_mult * lr,
                            "weight_decay": group_decay})
+    if groups["head"]:
+        result.append({"name": "head", "params": groups["head"], "weight_decay": head_weight_decay})
     return result
+
+
+# Keys of the optimizer group the harness reads itself; the rest are the optimizer's own arguments.
+HARNESS_OPTIMIZER_KEYS = ("head_weight_decay",)
 
 
 # The optimizers with a fused kernel that skips a step on a device-side flag (found_inf)
@@ -77,7 +88,8 @@ def fused_by_default(optimizer_class: Any, device: torch.device) -> bool:
 
 def build_optimizer(optimizer_cfg: Any, model: nn.Module, moe_cfg: Optional[Any] = None) -> torch.optim.Optimizer:
     """The ``optimizer`` group's optimizer over :func:`param_groups`, the router's taken from ``moe_cfg``."""
-    make = instantiate(optimizer_cfg, _convert_="all")  # a partial: lists become lists, not ListConfigs
+    own = {key: value for key, value in optimizer_cfg.items() if key not in HARNESS_OPTIMIZER_KEYS}
+    make = instantiate(own, _convert_="all")  # a partial: lists become lists, not ListConfigs
     moe_cfg = moe_cfg or {}
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -93,6 +105,7 @@ def build_optimizer(optimizer_cfg: Any, model: nn.Module, moe_cfg: Optional[Any]
             router_lr_mult=moe_cfg.get("router_lr_mult", 1.0),
             router_weight_decay=moe_cfg.get("router_weight_decay"),
             phi_weight_decay=moe_cfg.get("phi_weight_decay"),
+            head_weight_decay=optimizer_cfg.get("head_weight_decay"),
         ),
         **choice,
     )
