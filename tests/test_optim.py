@@ -263,3 +263,23 @@ def test_a_run_trains_on_vmoes_sigmoid_loss_from_the_jax_head(compose_run, tmp_p
     losses = [event["train/loss"] for event in read_events(tmp_path) if "train/loss" in event]
     assert losses[0] == pytest.approx(math.log(10) + 9 * math.log(10 / 9), abs=0.01)
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_a_checkpoint_of_other_router_optimizer_settings_is_refused_for_that_reason(compose_run, tmp_path):
+    """A resumed optimizer takes its groups' rates and weight decay back from the checkpoint, so a start from one of
+    another moe.phi_weight_decay (or router_lr_mult, router_weight_decay) is refused, saying so (it said "another
+    model, whose weights this one cannot take"); a checkpoint from before phi_weight_decay existed is the default."""
+    import json
+
+    from softmoe.harness.checkpoint import CheckpointError, check_same_model
+
+    config = OmegaConf.to_container(compose_run("moe.phi_weight_decay=0"), resolve=True)
+    saved = json.loads(json.dumps(config))
+    saved["moe"]["phi_weight_decay"] = None
+    with pytest.raises(CheckpointError, match=r"^moe.phi_weight_decay=0: trainer.resume's checkpoint .* was saved "
+                                              r"with moe.phi_weight_decay=null, whose optimizer state holds the "
+                                              r"router's learning rate and weight decay per group"):
+        check_same_model({"config": json.dumps(saved)}, config, tmp_path / "last.pt")
+    del saved["moe"]["phi_weight_decay"]  # written before the key existed: its runs decayed Φ with the scale
+    default = OmegaConf.to_container(compose_run(), resolve=True)
+    check_same_model({"config": json.dumps(saved)}, default, tmp_path / "last.pt")

@@ -162,9 +162,15 @@ def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path, 
                 continue  # where the weights started, not which model: a resumed run takes the checkpoint's
             before, now = saved[section].get(key), config[section].get(key)
             if before != now:
+                why = ("whose optimizer state holds the router's learning rate and weight decay per group (a resumed "
+                       "optimizer takes them back)" if (section, key) in ROUTER_OPTIMIZATION_KEYS
+                       else "another model, whose weights this one cannot take")
                 raise CheckpointError(_refusal(f"{section}.{key}={json.dumps(now)}",
-                                               f"{section}.{key}={json.dumps(before)}", path, own,
-                                               "another model, whose weights this one cannot take"))
+                                               f"{section}.{key}={json.dumps(before)}", path, own, why))
+
+
+# moe keys that set how the router trains, not which model: the optimizer's groups carry them
+ROUTER_OPTIMIZATION_KEYS = {("moe", key) for key in ("router_lr_mult", "router_weight_decay", "phi_weight_decay")}
 
 
 def _refusal(now: str, before: str, path: Path, own: bool, why: str) -> str:
