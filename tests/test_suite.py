@@ -67,6 +67,10 @@ def test_the_suite_runs_every_section_at_tiny_sizes_on_cpu(tmp_path, capsys):
     # the experts through bmm and torch._grouped_mm side by side (torch 2.14 runs grouped_mm on CPU too)
     assert layer["experts_bmm_s"] > 0 and layer["experts_grouped_mm_over_bmm"] > 0
     assert "experts tiny fc1 + fc2 forward: torch.bmm " in stdout and "x bmm's time)" in stdout
+    # the host's share: the same calls at toy sizes, so a layer time near it is the host's, not the device's
+    assert all(layer[f"{impl}_{pass_name}_per_call_floor_s"] > 0 for impl in ("eager", "mlp")
+               for pass_name in ("forward", "forward_backward"))
+    assert "per-call floor beside tiny (the same calls at toy sizes, eager): forward layer " in stdout
     (model,) = results["models"]
     assert set(model["step"]) == {f"{kind}/{variant}" for kind in ("dense", "soft_moe")
                                   for variant in ("eager", "compiled")}

@@ -143,6 +143,7 @@ class Suite:
             if module is not None:  # every call starts as after an optimizer step: the bf16 copies are recast
                 for pass_name, fn in layer_pass_cases(module, x, grad, BF16, self.device, optimizer_step=True).items():
                     cases[f"{impl}/{pass_name}"] = fn
+        cases.update(self._per_call_floor_cases())
         times = interleaved(cases, self.config.rounds, self.config.warmup, self.device)
         row = {"shape": shape.name, "batch": shape.batch, "tokens": shape.tokens, "dim": shape.dim,
                "hidden": shape.hidden, "num_slots": shape.num_slots}
@@ -159,6 +160,8 @@ class Suite:
             row[f"matmuls_{pass_name}_s"] = median(bare_times)
             row[f"matmuls_{pass_name}_fraction_of_peak"] = self._fraction_of_peak(flops, bare_times)
             row[f"mlp_{pass_name}_s"] = median(times[f"mlp/{pass_name}"]["total"])
+            for impl in ("eager", "mlp"):  # a call's floor: the same code at toy sizes, next to no arithmetic
+                row[f"{impl}_{pass_name}_per_call_floor_s"] = median(times[f"{impl}_toy/{pass_name}"]["total"])
             for impl in ("eager", "compiled"):
                 if f"{impl}/{pass_name}" not in times:
                     continue
@@ -168,6 +171,18 @@ class Suite:
                 row[f"{impl}_{pass_name}_over_mlp"] = paired_ratio(layer_times, times[f"mlp/{pass_name}"]["total"])
                 row[f"{impl}_{pass_name}_fraction_of_peak"] = self._fraction_of_peak(flops, layer_times)
         return row
+
+    def _per_call_floor_cases(self) -> Dict[str, Callable]:
+        """The layer (eager) and timm's ``Mlp`` at toy sizes, timed beside the real ones: what a call costs in
+        dispatch and kernel launches alone. Each call is timed to the device's end, so where this floor nears a
+        layer time, that time measures the host, not the GPU (in a model the host runs ahead of the device)."""
+        from timm.layers import Mlp
+
+        toy = LAYER_SHAPES["tiny"]
+        x = torch.randn(toy.batch, toy.tokens, toy.dim, device=self.device, requires_grad=True)
+        modules = {"eager_toy": build_layer(toy, self.device), "mlp_toy": Mlp(toy.dim, toy.hidden).to(self.device)}
+        return {f"{impl}/{pass_name}": fn for impl, module in modules.items() for pass_name, fn in
+                layer_pass_cases(module, x, torch.randn_like(x), BF16, self.device, optimizer_step=True).items()}
 
     def _fraction_of_peak(self, flops: int, seconds: List[float]) -> float:
         return flops / median(seconds) / self.peak["matmul_bf16_flops_per_s"]

@@ -73,6 +73,10 @@ def _layer_lines(row: dict) -> List[str]:
                f"({row['experts_grouped_mm_over_bmm']:.2f}x bmm's time)" if "experts_grouped_mm_s" in row
                else f"torch._grouped_mm not timed: {row['experts_grouped_mm_missing']}")
     lines.append(f"experts {row['shape']} fc1 + fc2 forward: torch.bmm {1e3 * row['experts_bmm_s']:.2f} ms; {grouped}")
+    floors = "; ".join(f"{label} layer {1e3 * row[f'eager_{pass_name}_per_call_floor_s']:.2f} ms, timm Mlp "
+                       f"{1e3 * row[f'mlp_{pass_name}_per_call_floor_s']:.2f} ms"
+                       for pass_name, label in PASS_NAMES.items())
+    lines.append(f"per-call floor beside {row['shape']} (the same calls at toy sizes, eager): {floors}")
     return lines
 
 
