@@ -27,11 +27,12 @@ MISTAKES = [
                                      "(options: adamw, adamw_bf16, sgd)"),
     (["model=vit_small", "model.patch=4"], "model.patch=4: not a key of the config; did you mean model.patch_size?"),
     (["trainer.patience=3"], "trainer.patience=3: not a key of trainer=default; its keys are max_epochs, max_steps, "
-                             "batch_size, eval_batch_size, eval_batches, label_smoothing, grad_clip_norm, precision, "
-                             "compile, device, num_threads, num_workers, data_on_device, cuda_memory_fraction, "
-                             "log_every, checkpoint_every, progress_bar, resume, strategy, expert_parallel_size, "
-                             "nonfinite, max_nonfinite_skips, max_tokens_per_image, reshard_after_forward, "
-                             "activation_checkpointing, init_device"),  # was: "(to add a key: +trainer.patience=3)"
+                             "batch_size, eval_batch_size, eval_batches, label_smoothing, loss, grad_clip_norm, "
+                             "precision, compile, device, num_threads, num_workers, data_on_device, "
+                             "cuda_memory_fraction, log_every, checkpoint_every, progress_bar, resume, strategy, "
+                             "expert_parallel_size, nonfinite, max_nonfinite_skips, max_tokens_per_image, "
+                             # was: "(to add a key: +trainer.patience=3)"
+                             "reshard_after_forward, activation_checkpointing, init_device"),
     (["moe.num_experts=4,8"], "moe.num_experts=4,8: several values; add -m to sweep over them (one job each), or "
                               "write moe.num_experts=[4,8] for a list"),  # Hydra: 5 lines, exit status 1
     (["optimizer.lr=interval(0.1,1)"], "optimizer.lr=interval(0.1,1): a sweep; add -m to run it"),
@@ -76,7 +77,7 @@ GROUP_KEYS = [  # were: "not a key of the config (to add a key: +data.root=/tmp/
                              "global_pool, qk_norm, drop_path_rate, upcycle_from, upcycle_noise_std (to add a key: "
                              "+model.reg_tokens=4)"),
     (["optimizer.amsgrad=true"], "optimizer.amsgrad=true: not a key of optimizer=adamw; its keys are lr, betas, eps, "
-                                 "weight_decay, fused (to add a key: +optimizer.amsgrad=true)"),
+                                 "weight_decay, head_weight_decay, fused (to add a key: +optimizer.amsgrad=true)"),
 ]
 
 

@@ -134,7 +134,7 @@ def test_a_key_one_swept_group_option_lacks_is_named_with_the_job_and_that_optio
     # was: Hydra's 5-line "Could not override 'optimizer.betas'", exit status 1, after writing multirun.yaml
     problem = sweep_job_error(["-m", "optimizer=adamw,sgd", "optimizer.betas=[0.9,0.99]"], "train")
     assert problem == ("job 1 (optimizer=sgd): optimizer.betas=[0.9,0.99]: not a key of optimizer=sgd; its keys are "
-                       "lr, momentum, nesterov, weight_decay, fused; no job was started")
+                       "lr, momentum, nesterov, weight_decay, head_weight_decay, fused; no job was started")
 
 
 def test_a_slurm_sweep_on_a_machine_without_slurm_is_refused_before_submitit_is_asked(tmp_path, monkeypatch):
