@@ -180,7 +180,7 @@ def test_explicit_grouping_and_output_dir(sweep, tmp_path_factory):
     assert lines[0].endswith("| final train/loss |")
 
 
-def test_grouping_by_a_key_no_run_overrides_is_refused_not_pooled(sweep, capsys):
+def test_grouping_by_a_key_no_run_overrides_is_refused_not_pooled(sweep, capsys, tmp_path):
     """A typo in --by would put every run in one group: different configs averaged as if they were seeds."""
     assert collect.main([str(sweep), "--by", "moe.num_expert"]) == 2
     error = capsys.readouterr().err
@@ -188,6 +188,8 @@ def test_grouping_by_a_key_no_run_overrides_is_refused_not_pooled(sweep, capsys)
                             "did you mean moe.num_experts? (the runs override: ")
     with pytest.raises(NoRunsError, match="no run overrides 'moe.num_expert'"):  # the notebooks' summarize too
         sweeps.summarize(sweeps.load_sweep(sweep), ["moe.num_expert"])
+    assert collect.main([str(sweep), "--by", " moe.num_experts ,", "--out", str(tmp_path)]) == 0  # spaces dropped
+    assert capsys.readouterr().out.startswith("| moe.num_experts | runs |")
     for empty in (",", ""):  # was: "no run overrides ''" (",") or the swept keys, silently ("")
         assert collect.main([str(sweep), "--by", empty]) == 2
         assert capsys.readouterr().err == (f"error: --by {empty!r}: names no override key; give them comma-separated "
