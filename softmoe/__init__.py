@@ -4,6 +4,7 @@ The library imports nothing from the experiment harness (Hydra, W&B): ``from sof
 is all a user of the layer needs.
 """
 
+from . import _startup  # first: `python -m softmoe.<command>` answers a Ctrl-C in the imports below in one line
 from .capture import RoutingRecord, block_index, capture_routing, moe_layers, router_parameters
 from .cpu_packing import pack_experts_for_cpu
 from .experts import BatchedMlp, StackedExperts
@@ -23,6 +24,7 @@ from .vit import (
 )
 
 __version__ = "0.1.0"
+_startup.restore()
 
 __all__ = [
     "BatchedMlp",

@@ -251,6 +251,24 @@ def test_a_preemption_signal_saves_last_and_exits_with_its_code_then_the_rerun_r
     assert_matches_uninterrupted(run_dir, uninterrupted)
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_a_command_imports_torch_is_one_line_and_nothing_is_written(tmp_path):
+    """The first ~4 s of `python -m softmoe.<command>` import torch and timm; a Ctrl-C there printed Python's
+    25-line traceback from inside torch's imports. A library user's `import softmoe` keeps its handler."""
+    from softmoe import _startup
+
+    assert _startup._replaced is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    command = subprocess.Popen([sys.executable, "-m", "softmoe.train", f"hydra.run.dir={tmp_path / 'run'}"],
+                               cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # past the interpreter's own start (milliseconds), well inside the imports (seconds)
+    command.send_signal(signal.SIGINT)
+    stdout, stderr = command.communicate(timeout=120)
+    assert (command.returncode, stdout, stderr) == (
+        130, "", "interrupted while starting (importing torch): nothing was run or written\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ctrl_c_at_the_terminal_reaches_the_dataloader_workers_too_and_still_says_one_thing_once(tmp_path):
     """A terminal sends Ctrl-C to the whole foreground process group: the trainer and its DataLoader workers, which
     were forked with the trainer's handler. Only the trainer acts on it."""

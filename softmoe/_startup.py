@@ -1,0 +1,42 @@
+"""A Ctrl-C while ``python -m softmoe.<command>`` imports torch ends in one line, not Python's traceback.
+
+Python locates the command's module by importing this package first, which imports torch and timm: about 4 s in
+which a Ctrl-C (a command started by mistake) printed a 25-line traceback from inside torch's imports. Nothing has
+run or been written then, so the process says so and exits as a Ctrl-C does (130). Only while this package is
+imported for a ``-m`` command (``sys.argv[0]`` is ``"-m"`` while Python locates the module); the handler it replaced
+is back once the imports are done, before any of the command's code runs, so the commands' own Ctrl-C handling
+(a run saves its step, a sweep stops its jobs) is unchanged. A library user's ``import softmoe`` is not touched."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any, Callable, Optional
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    sys.stderr.write("interrupted while starting (importing torch): nothing was run or written\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)  # as a process ended by the signal is seen by a shell: 130
+
+
+def quiet_while_importing() -> Optional[Callable]:
+    """Install the one-line Ctrl-C handler if this import locates a ``-m`` command; the handler it replaced (for
+    :func:`restore`), or None when nothing was installed."""
+    if sys.argv[:1] != ["-m"]:
+        return None
+    try:
+        return signal.signal(signal.SIGINT, _interrupted)
+    except ValueError:  # not the main thread: leave the signal alone
+        return None
+
+
+_replaced = quiet_while_importing()  # at this module's import: the package's first, before torch's
+
+
+def restore() -> None:
+    """Put back the handler this module's import replaced (the package's last act), unless something since has set
+    its own."""
+    if _replaced is not None and signal.getsignal(signal.SIGINT) is _interrupted:
+        signal.signal(signal.SIGINT, _replaced)
