@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
 from softmoe import moe_layers
-from softmoe.harness.config import ConfigError, check_config, check_launch
+from softmoe.harness.config import TRAINER_RULES, ConfigError, check_config, check_launch
 from softmoe.harness.model import build_model, moe_blocks
 from softmoe.harness.optim import build_optimizer, build_scheduler
 from softmoe.harness.output_dirs import output_dir
@@ -458,3 +458,15 @@ def test_a_target_that_does_not_import_is_one_line_without_hydras_own_log(compos
     assert str(raised.value) == "optimizer._target_=torch.optim.Bogus: must name an importable class or function"
     assert [record.getMessage() for record in caplog.records if record.name == "hydra.utils"] == []  # was 3 lines
     assert not logging.getLogger("hydra.utils").disabled  # silenced for that call only
+
+
+def test_a_value_close_to_an_allowed_one_is_named():
+    from softmoe.harness.rules import one_of
+
+    rule = one_of("soft", "tokens_choice", "experts_choice")
+    assert rule("token_choice", {}) == "must be one of soft, tokens_choice, experts_choice; did you mean tokens_choice?"
+    assert rule("sparse", {}) == "must be one of soft, tokens_choice, experts_choice"  # nothing close: no guess
+    assert rule(3, {}) == "must be one of soft, tokens_choice, experts_choice"  # not a string: no guess
+    with pytest.raises(ConfigError, match=r"^trainer.precision=bf61: must be one of fp32, bf16, fp16; did you mean "
+                                          r"bf16\?$"):
+        check_section("trainer", {"precision": "bf61"}, TRAINER_RULES, required=None)

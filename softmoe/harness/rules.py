@@ -119,7 +119,10 @@ def texts(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
 
 def one_of(*allowed: str) -> Rule:
     def check(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
-        return None if value in allowed else f"must be one of {', '.join(a if a else repr(a) for a in allowed)}"
+        if value in allowed:
+            return None
+        hint = closest(value, [a for a in allowed if a]) if isinstance(value, str) else ""  # moe.router=token_choice
+        return f"must be one of {', '.join(a if a else repr(a) for a in allowed)}{hint}"
 
     return check
 
