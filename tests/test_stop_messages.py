@@ -194,7 +194,10 @@ def test_a_crash_after_a_checkpoint_prints_the_command_that_resumes(tmp_path):
             trainer.wait(timeout=2)
     output = trainer.communicate()[0]
     assert trainer.returncode == 1, output
-    assert "RuntimeError: DataLoader worker (pid " in output and "is killed by signal: Killed" in output, output
+    # the loader reports the killed worker; one killed while it passed a batch's storage leaves a reset connection
+    # instead (seen once in CI): an unexpected error either way, which is what this test needs
+    assert ("RuntimeError: DataLoader worker (pid " in output and "is killed by signal: Killed" in output) or \
+        "ConnectionResetError: [Errno 104] Connection reset by peer" in output, output
     last_line = output.rstrip().splitlines()[-1]  # after the traceback, not scrolled away above it
     assert last_line.startswith("last.pt is kept; resume with: python -m softmoe.train model.depth=2 "), output
     assert "done: test accuracy" in assert_it_resumes(printed_resume_command(output), tmp_path, run_dir)
