@@ -145,6 +145,10 @@ def saved_config(state: dict[str, Any]) -> dict[str, Any]:
     return json.loads(state["config"])
 
 
+# moe keys that set how the router trains, not which model: the optimizer's groups carry them
+ROUTER_OPTIMIZATION_KEYS = {("moe", key) for key in ("router_lr_mult", "router_weight_decay", "phi_weight_decay")}
+
+
 def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path, *, own: bool = False) -> None:
     """Refuse to resume a checkpoint whose ``model`` or ``moe`` config, or whose optimizer class, differs from this
     run's (another optimizer's state does not fit: SGD's has no Adam moments). ``own``: the run directory's own
@@ -168,9 +172,6 @@ def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path, 
                 raise CheckpointError(_refusal(f"{section}.{key}={json.dumps(now)}",
                                                f"{section}.{key}={json.dumps(before)}", path, own, why))
 
-
-# moe keys that set how the router trains, not which model: the optimizer's groups carry them
-ROUTER_OPTIMIZATION_KEYS = {("moe", key) for key in ("router_lr_mult", "router_weight_decay", "phi_weight_decay")}
 
 
 def _refusal(now: str, before: str, path: Path, own: bool, why: str) -> str:

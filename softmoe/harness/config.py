@@ -26,7 +26,7 @@ from softmoe.layer import COMBINE_CHOICES, DISPATCH_CHOICES
 from .data import check_data_config, dataset_size
 from .errors import ConfigError
 from .losses import LOSSES
-from .optim import HARNESS_OPTIMIZER_KEYS
+from .optim import optimizer_arguments
 from .resume import existing_checkpoint, resumable_checkpoint
 from .plausibility import check_model_name, check_slot_count, check_token_count
 from .model import CODE_ONLY_VIT_ARGUMENTS, PLACEMENTS, ROUTERS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
@@ -410,7 +410,7 @@ def _check_trainer(trainer: dict[str, Any], data: dict[str, Any], on_this_machin
 def _check_optimization(optimizer: dict[str, Any], scheduler: dict[str, Any]) -> None:
     # Only the keys present are checked: each optimizer and schedule takes its own.
     check_section("optimizer", optimizer, OPTIMIZER_RULES, required=None)
-    _check_target("optimizer", {key: value for key, value in optimizer.items() if key not in HARNESS_OPTIMIZER_KEYS})
+    _check_target("optimizer", optimizer_arguments(optimizer))
     if "lr" not in optimizer:
         raise ConfigError("optimizer.lr: missing; the schedule scales it")
     if optimizer.get("nesterov") and not optimizer.get("momentum"):

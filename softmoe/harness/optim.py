@@ -75,6 +75,11 @@ def param_groups(
 HARNESS_OPTIMIZER_KEYS = ("head_weight_decay",)
 
 
+def optimizer_arguments(optimizer_cfg: Any) -> dict[str, Any]:
+    """The ``optimizer`` group without the keys the harness reads itself: what its ``_target_`` is called with."""
+    return {key: value for key, value in optimizer_cfg.items() if key not in HARNESS_OPTIMIZER_KEYS}
+
+
 # The optimizers with a fused kernel that skips a step on a device-side flag (found_inf)
 FUSED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 
@@ -88,8 +93,8 @@ def fused_by_default(optimizer_class: Any, device: torch.device) -> bool:
 
 def build_optimizer(optimizer_cfg: Any, model: nn.Module, moe_cfg: Optional[Any] = None) -> torch.optim.Optimizer:
     """The ``optimizer`` group's optimizer over :func:`param_groups`, the router's taken from ``moe_cfg``."""
-    own = {key: value for key, value in optimizer_cfg.items() if key not in HARNESS_OPTIMIZER_KEYS}
-    make = instantiate(own, _convert_="all")  # a partial: lists become lists, not ListConfigs
+    # a partial: lists become lists, not ListConfigs
+    make = instantiate(optimizer_arguments(optimizer_cfg), _convert_="all")
     moe_cfg = moe_cfg or {}
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
