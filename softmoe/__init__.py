@@ -7,10 +7,11 @@ is all a user of the layer needs.
 from . import _startup  # first: `python -m softmoe.<command>` answers a Ctrl-C in the imports below in one line
 from .capture import RoutingRecord, block_index, capture_routing, moe_layers, router_parameters
 from .cpu_packing import pack_experts_for_cpu
-from .experts import BatchedMlp, StackedExperts
+from .experts import BatchedMlp
 from .layer import SoftMoE, SoftMoELayerWrapper, l2_normalize
 from .runtime import cpu_has_native_bf16, tune_allocator
 from .sparse import ExpertsChoiceMoE, SparseMoE, TokensChoiceMoE, auxiliary_loss, sparse_routing_stats
+from .stacked_experts import StackedExperts
 from .stats import cumulative_dispatch_mass, router_scale, routing_stats, slot_similarity
 from .upcycle import load_state_dict, upcycle
 from .vit import (

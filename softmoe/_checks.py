@@ -191,3 +191,15 @@ def require_expert_output(layer: Callable[[], str], output: Any, slots: torch.Te
     raise ValueError(f"each expert must return a tensor of shape [batch, slots_per_expert, d'] for its [batch, "
                      f"slots_per_expert, dim] slots, here [{b}, {p}, {d}] -> [{b}, {p}, d'], but {layer()} returned "
                      f"{returned}")
+
+
+def require_slots(slots: torch.Tensor, num_experts: int, dim: Optional[int] = None) -> None:
+    """Check that a bank of ``num_experts`` can take ``slots`` [batch, num_experts, slots_per_expert, dim] (eager
+    calls only: the Soft MoE layer always passes that shape; a user calling a bank directly may not)."""
+    if is_tracing():
+        return
+    shape = list(getattr(slots, "shape", ()))
+    if len(shape) != 4 or shape[1] != num_experts or (dim is not None and shape[3] != dim):
+        width = "dim" if dim is None else f"in_features={dim}"
+        raise ValueError(f"slots must have shape [batch, num_experts={num_experts}, slots_per_expert, {width}], "
+                         f"got {shape}")

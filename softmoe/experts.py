@@ -1,31 +1,29 @@
 """Expert banks: ``num_experts`` independent layers applied to their slots in one batched call.
 
-Both banks take slots as ``[batch, num_experts, slots_per_expert, dim]`` and return
+Banks take slots as ``[batch, num_experts, slots_per_expert, dim]`` and return
 ``[batch, num_experts, slots_per_expert, out_dim]``; expert ``i`` sees only ``slots[:, i]``.
 
 * :class:`BatchedMlp` is the default (timm's ``Mlp`` shape). Its weights are stored stacked,
-  ``[num_experts, in, out]``, and applied with ``baddbmm``: a few large matmuls, no Python loop.
-* :class:`StackedExperts` turns any ``nn.Module`` into a bank: the experts' parameters are stacked
-  (as ``torch.func.stack_module_state`` does) and the layer runs under ``torch.func.vmap``, with a
-  per-expert loop as the fallback for layers vmap cannot trace.
+  ``[num_experts, in, out]``, and applied with ``baddbmm``: a few large matmuls, no Python loop. Under autocast
+  it reads low-precision copies of them, made once per optimizer step (:class:`ExpertLinear`).
+* :class:`~softmoe.stacked_experts.StackedExperts` (its own module) turns any ``nn.Module`` into a bank.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
-from typing import Callable, Optional, Tuple, Type, Union
+from typing import Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ._checks import (autocast_dtype_on, is_exporting, is_tracing, require_bool, require_choice, require_expert_output,
-                      require_module_class, require_positive_int, require_probability)
+from ._checks import (autocast_dtype_on, is_exporting, is_tracing, require_bool, require_choice, require_module_class,
+                      require_positive_int, require_probability, require_slots)
 from .cpu_packing import PackedExpertWeights
+from .stacked_experts import StackedExperts, run_stacked_experts  # noqa: F401  (their home before; pickles name it)
 
 # timm's VisionTransformer weight_init modes (vision_transformer.get_init_weights_vit)
 WEIGHT_INIT_MODES = ("", "jax", "jax_nlhb", "moco", "reset")
@@ -132,18 +130,6 @@ def hold_expert_copies(module: nn.Module, hold: bool) -> None:
 def _is_fsdp_module(module: nn.Module) -> bool:
     fully_sharded = getattr(torch.distributed, "fsdp", None) and getattr(torch.distributed.fsdp, "FSDPModule", None)
     return fully_sharded is not None and isinstance(module, fully_sharded)
-
-
-def require_slots(slots: torch.Tensor, num_experts: int, dim: Optional[int] = None) -> None:
-    """Check that a bank of ``num_experts`` can take ``slots`` [batch, num_experts, slots_per_expert, dim] (eager
-    calls only: the Soft MoE layer always passes that shape; a user calling a bank directly may not)."""
-    if is_tracing():
-        return
-    shape = list(getattr(slots, "shape", ()))
-    if len(shape) != 4 or shape[1] != num_experts or (dim is not None and shape[3] != dim):
-        width = "dim" if dim is None else f"in_features={dim}"
-        raise ValueError(f"slots must have shape [batch, num_experts={num_experts}, slots_per_expert, {width}], "
-                         f"got {shape}")
 
 
 def batched_matmul_in(dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -403,97 +389,3 @@ class BatchedMlp(nn.Module):
             f"num_experts={self.num_experts}, in={self.in_features}, hidden={self.hidden_features}, "
             f"out={self.out_features}"
         )
-
-
-class StackedExperts(nn.Module):
-    """``num_experts`` independent instances of any layer, run batched with ``torch.func.vmap``.
-
-    ``self.layer`` is one instance of the layer whose parameters and buffers have been replaced by
-    the stacked ``[num_experts, ...]`` tensors of all instances, so the state dict reads
-    ``layer.<name>`` with a leading expert dimension. Each instance is built by ``layer_factory``
-    and so initialised independently.
-    """
-
-    def __init__(self, num_experts: int, layer_factory: Callable[[], nn.Module]) -> None:
-        super().__init__()
-        self.num_experts = require_positive_int("num_experts", num_experts)
-        instances = [layer_factory() for _ in range(num_experts)]
-        if not isinstance(instances[0], nn.Module):
-            raise ValueError(f"layer must build an nn.Module, but calling it returned {instances[0]!r}: pass an "
-                             "nn.Module class, or a callable returning one such as functools.partial(MyLayer, ...)")
-        params, buffers = stack_module_state(instances)
-        self.layer = instances[0]
-        for name, value in params.items():
-            self._replace(name, nn.Parameter(value.detach()))
-        for name, value in buffers.items():
-            self._replace(name, value)
-        self.use_vmap = True  # switched off (with one warning) if vmap cannot run this layer
-
-    def _replace(self, name: str, value: torch.Tensor) -> None:
-        owner_name, _, leaf = name.rpartition(".")
-        owner = self.layer.get_submodule(owner_name) if owner_name else self.layer
-        setattr(owner, leaf, value)
-
-    def forward(self, slots: torch.Tensor) -> torch.Tensor:
-        require_slots(slots, self.num_experts)
-        return run_stacked_experts(self, slots)
-
-    def _forward(self, slots: torch.Tensor) -> torch.Tensor:
-        params = dict(self.layer.named_parameters())
-        buffers = dict(self.layer.named_buffers())
-        # torch.export cannot lift parameters out of vmap(functional_call) (torch 2.14): it exports the loop
-        vmap_error = None
-        if self.use_vmap and not is_exporting():
-            try:
-                outputs = vmap(self._call_one, in_dims=(0, 0, 1), out_dims=1, randomness="different")(
-                    params, buffers, slots
-                )
-            except (RuntimeError, NotImplementedError, ValueError, AssertionError, TypeError) as error:
-                vmap_error = error
-            else:
-                return require_expert_output(self._layer_name, outputs, slots, stacked=True)
-        outputs = self._loop(params, buffers, slots)  # raises if the layer cannot run at all
-        if vmap_error is not None:  # the loop ran where vmap could not: use it from now on
-            self.use_vmap = False
-            warnings.warn(
-                f"{type(self.layer).__name__} cannot run under torch.func.vmap ({vmap_error}); "
-                "falling back to a loop over experts for this layer",
-                stacklevel=3,
-            )
-        return outputs
-
-    def _loop(self, params, buffers, slots: torch.Tensor) -> torch.Tensor:
-        """The experts one after the other; an expert that cannot take its slots raises naming the layer."""
-        outputs = []
-        for i in range(self.num_experts):
-            expert_params, expert_buffers = {k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}
-            try:
-                output = self._call_one(expert_params, expert_buffers, slots[:, i])
-            except (RuntimeError, AssertionError, ValueError, TypeError) as error:
-                if isinstance(error, torch.OutOfMemoryError):
-                    raise
-                # most often the layer's arguments do not fit the wrapper's dim (an in_features, a d_model), which
-                # torch reports as a matmul's shapes or an assert, or its forward takes other arguments (a
-                # TypeError): say which layer and which input. A bad argument (an assert) is a ValueError
-                kind = next((kind for kind in (RuntimeError, TypeError) if isinstance(error, kind)), ValueError)
-                raise kind(
-                    f"expert {i} ({self._layer_name()}) cannot take its slots: each expert is called on a [batch, "
-                    f"slots_per_expert, dim] tensor, here of shape {list(slots[:, i].shape)}, and raised: {error}. "
-                    f"Check the layer's arguments against dim={slots.shape[-1]}"
-                ) from error
-            outputs.append(require_expert_output(self._layer_name, output, slots, stacked=False))
-        return torch.stack(outputs, dim=1)
-
-    def _layer_name(self) -> str:
-        return repr(self.layer) if "\n" not in repr(self.layer) else type(self.layer).__name__
-
-    def _call_one(self, params, buffers, expert_slots: torch.Tensor) -> torch.Tensor:
-        """Expert ``i`` on its slots [batch, slots_per_expert, dim]."""
-        return functional_call(self.layer, (params, buffers), (expert_slots,))
-
-
-@torch.fx.wrap  # one call in a torch.fx graph: symbolic tracing cannot enter torch.func.vmap (torch.export can)
-def run_stacked_experts(experts: StackedExperts, slots: torch.Tensor) -> torch.Tensor:
-    """``experts(slots)``: slots [batch, num_experts, slots_per_expert, dim] ->
-    [batch, num_experts, slots_per_expert, dim']."""
-    return experts._forward(slots)

@@ -32,7 +32,8 @@ from ._checks import (
     require_positive_number,
     require_tokens,
 )
-from .experts import BatchedMlp, StackedExperts
+from .experts import BatchedMlp
+from .stacked_experts import StackedExperts
 from .routing import NORM_EPS, SCALE_INIT, soft_routing
 from .runtime import auto_tune_pending, tune_allocator_once
 

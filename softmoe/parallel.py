@@ -46,19 +46,18 @@ and on a data x expert mesh (``E`` ranks per expert group)::
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ._checks import require_positive_int
 from .capture import moe_layers
+from .expert_parallel import LOCAL_EXPERTS, ExpertParallel, leading_expert_dim, process_group_or_world
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -71,20 +70,6 @@ __all__ = [
     "gather_expert_parallel_state_dict", "shard_state_dict", "to_expert_parallel",
 ]
 
-# torch 2.14 renamed all_gather_into_tensor (kept, deprecated) to all_gather_single.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-LOCAL_EXPERTS = "local_experts"  # the attribute of ExpertParallel holding this rank's bank
-
-
-def _process_group(group: Optional[dist.ProcessGroup]) -> dist.ProcessGroup:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "expert parallelism needs an initialised torch.distributed process group: launch with torchrun and "
-            "call torch.distributed.init_process_group(...) before converting the model"
-        )
-    return dist.group.WORLD if group is None else group
-
-
 def expert_data_mesh(device_type: str, expert_parallel_size: int) -> DeviceMesh:
     """The world as a ``(data, expert)`` mesh: ``world_size / expert_parallel_size`` replicas of
     ``expert_parallel_size`` ranks.
@@ -94,139 +79,11 @@ def expert_data_mesh(device_type: str, expert_parallel_size: int) -> DeviceMesh:
     the processes per node, and the ``all_to_all`` of every MoE layer uses the fast links within it. The
     data-parallel group of a rank is the ranks holding the same experts, one per replica.
     """
-    world_size = dist.get_world_size(_process_group(None))
+    world_size = dist.get_world_size(process_group_or_world(None))
     if world_size % require_positive_int("expert_parallel_size", expert_parallel_size):
         raise ValueError(f"expert_parallel_size={expert_parallel_size} must divide the world size {world_size}")
     shape = (world_size // expert_parallel_size, expert_parallel_size)
     return init_device_mesh(device_type, shape, mesh_dim_names=("data", "expert"))
-
-
-def _leading_expert_dim(bank: nn.Module) -> int:
-    """The number of experts of a bank whose parameters and buffers all lead with the expert dimension."""
-    sizes = {tensor.shape[0] if tensor.ndim else None for tensor in _bank_tensors(bank)}
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError(
-            f"an expert bank for expert parallelism must stack every parameter and buffer over the experts "
-            f"(leading dimension num_experts), got leading sizes {sorted(map(str, sizes))} in {type(bank).__name__}"
-        )
-    return sizes.pop()
-
-
-def _bank_tensors(bank: nn.Module) -> Iterator[torch.Tensor]:
-    yield from bank.parameters()
-    yield from bank.buffers()
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """Identity forward, gradient multiplied by ``factor`` in backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        return grad * ctx.factor, None
-
-
-class ExpertParallel(nn.Module):
-    """An expert bank split over a process group: pass it as ``SoftMoE(experts=...)``.
-
-    Maps slots [b, num_experts, p, d] to [b, num_experts, p, d'] exactly as the whole bank would, while
-    this rank computes only its ``num_experts / world_size`` experts, on the slots of every rank.
-
-    Args:
-        local_experts: this rank's experts, a bank mapping [b, n_local, p, d] -> [b, n_local, p, d'] whose
-            parameters all lead with n_local (:class:`~softmoe.experts.BatchedMlp` or
-            :class:`~softmoe.experts.StackedExperts`). Rank r's bank holds global experts r·n_local onwards.
-            :func:`to_expert_parallel` builds these from a whole model.
-        group: the experts' process group, over which the bank is split (default: the world).
-        data_group: the ranks holding the same experts as this one in the other data-parallel replicas
-            (``mesh["data"]`` of :func:`expert_data_mesh`); None: this rank's experts have no other copy.
-            With it, ``group`` x ``data_group`` must be the whole world.
-        uneven_batches: set when ranks may feed different batch sizes (e.g. a last partial batch without
-            ``DistributedSampler``'s padding). Costs one small ``all_gather`` and a host sync per call;
-            without it, ranks must feed equal batch sizes.
-    """
-
-    def __init__(
-        self,
-        local_experts: nn.Module,
-        group: Optional[dist.ProcessGroup] = None,
-        *,
-        data_group: Optional[dist.ProcessGroup] = None,
-        uneven_batches: bool = False,
-    ) -> None:
-        super().__init__()
-        group = _process_group(group)
-        self.local_experts = local_experts
-        # The groups' names, not the groups: a module holding a ProcessGroup cannot be deep-copied (EMA copies).
-        self.group_name = group.group_name
-        self.world_size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.data_group_name = None if data_group is None else data_group.group_name
-        self.data_world_size = 1 if data_group is None else dist.get_world_size(data_group)
-        if data_group is not None and self.world_size * self.data_world_size != dist.get_world_size():
-            raise ValueError(
-                f"the experts' group ({self.world_size} ranks) x their data-parallel group ({self.data_world_size}) "
-                f"must span the world of {dist.get_world_size()} ranks: build them with expert_data_mesh"
-            )
-        self.num_local_experts = _leading_expert_dim(local_experts)
-        self.num_experts = self.world_size * self.num_local_experts
-        self.first_expert = self.rank * self.num_local_experts
-        self.uneven_batches = bool(uneven_batches)
-
-    @property
-    def group(self) -> dist.ProcessGroup:
-        return _resolve_process_group(self.group_name)
-
-    @property
-    def data_group(self) -> Optional[dist.ProcessGroup]:
-        return None if self.data_group_name is None else _resolve_process_group(self.data_group_name)
-
-    def forward(self, slots: torch.Tensor) -> torch.Tensor:
-        if slots.ndim != 4 or slots.shape[1] != self.num_experts:
-            raise ValueError(f"slots must have shape [batch, num_experts={self.num_experts}, slots_per_expert, dim], "
-                             f"got {list(slots.shape)}")
-        b, n, p, d = slots.shape
-        w, n_local = self.world_size, self.num_local_experts
-        # Split sizes along dim 0 of the buffers: b examples go to every rank, b_r come from rank r.
-        sent_sizes, received_sizes = None, None  # None: equal splits
-        if self.uneven_batches:
-            sent_sizes, received_sizes = [b] * w, self._batch_sizes(b, slots.device)
-        # Grouped by the rank owning the experts: [w, b, n_local, p, d] -> [w·b, n_local, p, d].
-        outgoing = slots.reshape(b, w, n_local, p, d).transpose(0, 1).reshape(w * b, n_local, p, d)
-        incoming = all_to_all_single_autograd(outgoing, received_sizes, sent_sizes, self.group_name)
-        # [Σ b_r, n_local, p, d]: every rank's examples for this rank's experts, in rank order. The experts return a
-        # transposed view, which torch 2.11's all_to_all refuses (2.14 copies it): hence contiguous().
-        outputs = self._local_experts_mean_grad(incoming)  # [Σ b_r, n_local, p, d']
-        returned = all_to_all_single_autograd(outputs.contiguous(), sent_sizes, received_sizes, self.group_name)
-        width = outputs.shape[-1]  # spelled out, not -1: an empty batch has no elements to infer it from
-        return returned.view(w, b, n_local, p, width).transpose(0, 1).reshape(b, n, p, width)
-
-    def _local_experts_mean_grad(self, slots: torch.Tensor) -> torch.Tensor:
-        """The local experts, with their parameters' gradients averaged over ranks, not summed.
-
-        Scaling the outputs' gradient by 1/W scales both the parameters' and the slots' gradients;
-        scaling the slots' gradient back by W leaves the slots (and everything before them) untouched.
-        """
-        if self.world_size == 1:
-            return self.local_experts(slots)
-        outputs = self.local_experts(_ScaleGradient.apply(slots, float(self.world_size)))
-        return _ScaleGradient.apply(outputs, 1.0 / self.world_size)
-
-    def _batch_sizes(self, batch_size: int, device: torch.device) -> List[int]:
-        sizes = torch.empty(self.world_size, dtype=torch.int64, device=device)
-        _all_gather_single(sizes, torch.tensor([batch_size], dtype=torch.int64, device=device), group=self.group)
-        return sizes.tolist()
-
-    def extra_repr(self) -> str:
-        last = self.first_expert + self.num_local_experts - 1
-        return (
-            f"num_experts={self.num_experts}, world_size={self.world_size}, data_world_size={self.data_world_size}, "
-            f"local experts {self.first_expert}..{last}, uneven_batches={self.uneven_batches}"
-        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -299,7 +156,7 @@ def to_expert_parallel(
         broadcast: first copy the first rank's parameters and buffers to every rank (as DDP does), so ranks
             that initialised with different seeds still hold shards of one model.
     """
-    group = _process_group(group)
+    group = process_group_or_world(group)
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     layers = {
         name: layer
@@ -310,7 +167,7 @@ def to_expert_parallel(
         why = "is already expert-parallel" if expert_parallel_layers(model) else "has no MoE layer with an expert bank"
         raise ValueError(f"{type(model).__name__} {why}: to_expert_parallel splits the experts over the ranks once")
     for name, layer in layers.items():  # check every layer before changing any
-        num_experts = _leading_expert_dim(layer.experts)
+        num_experts = leading_expert_dim(layer.experts)
         if num_experts % world_size:
             raise ValueError(
                 f"expert parallelism needs num_experts divisible by the world size: MoE layer {name or '<model>'!r} "
@@ -319,7 +176,7 @@ def to_expert_parallel(
     if broadcast:
         _broadcast_over_mesh(model, group, data_group)
     for layer in layers.values():
-        count = _leading_expert_dim(layer.experts) // world_size
+        count = leading_expert_dim(layer.experts) // world_size
         local = _shard_bank_(layer.experts, rank * count, count)
         layer.experts = ExpertParallel(local, group, data_group=data_group, uneven_batches=uneven_batches)
     return model

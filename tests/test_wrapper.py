@@ -220,7 +220,7 @@ def test_an_empty_batch_gives_an_empty_output():
 
 def test_each_expert_draws_its_own_dropout_mask():
     """vmap with randomness="different": in training the experts drop different units of the same input."""
-    from softmoe.experts import StackedExperts
+    from softmoe.stacked_experts import StackedExperts
 
     bank = StackedExperts(4, lambda: nn.Dropout(0.5)).train()
     out = bank(torch.ones(1, 4, 3, 16))
@@ -240,7 +240,7 @@ class Offset(nn.Module):
 
 
 def test_buffers_are_stacked_and_each_expert_reads_its_own():
-    from softmoe.experts import StackedExperts
+    from softmoe.stacked_experts import StackedExperts
 
     bank = StackedExperts(3, partial(Offset, 8))
     offsets = bank.state_dict()["layer.offset"]
@@ -249,3 +249,14 @@ def test_buffers_are_stacked_and_each_expert_reads_its_own():
     for use_vmap in (True, False):
         bank.use_vmap = use_vmap
         torch.testing.assert_close(bank(slots), slots + offsets[None, :, None], msg=f"use_vmap={use_vmap}")
+
+
+@pytest.mark.parametrize("old_home, home, name", [("softmoe.experts", "softmoe.stacked_experts", "StackedExperts"),
+                                                  ("softmoe.parallel", "softmoe.expert_parallel", "ExpertParallel")])
+def test_a_pickle_that_names_a_bank_class_by_its_old_module_still_loads(old_home, home, name):
+    """A whole model pickled (``torch.save(model)``) before the class moved to its own module names the old one."""
+    import importlib
+    import pickle
+
+    old_reference = f"c{old_home}\n{name}\n.".encode()  # pickle protocol 0's GLOBAL opcode: module, then name
+    assert pickle.loads(old_reference) is getattr(importlib.import_module(home), name)
