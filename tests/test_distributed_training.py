@@ -32,13 +32,13 @@ from conftest import CONF_DIR
 from softmoe.evaluate import evaluate_run
 from softmoe.harness.checkpoint import load_checkpoint, save_checkpoint
 from softmoe.harness.config import ConfigError
-from softmoe.harness.distributed import Distributed, ShardedSampler
+from softmoe.harness.distributed import Distributed
 from softmoe.harness.errors import RunDirInUseError
 from softmoe.harness.faults import PreemptionGuard
 from softmoe.harness.loop import train
 from softmoe.harness.runs import RunDirLock, read_events
 from softmoe.harness.sharded_checkpoint import TRAIN_STATE, read_train_state
-from softmoe.harness.sampler import ResumableSampler
+from softmoe.harness.sampler import ResumableSampler, ShardedSampler
 
 ROOT = Path(CONF_DIR).parent
 # Deterministic and schedule-free (a constant rate: a 3-step run is the first half of a 6-step one); no dropout

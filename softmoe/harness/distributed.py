@@ -31,7 +31,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -50,13 +50,12 @@ from .data import DataBundle, build_loader
 from .errors import ConfigError, RunDirInUseError
 from .rules import counted
 from .runs import RunDirLock
-from .sampler import ResumableSampler
+from .sampler import PaddedShard, ResumableSampler, ShardedSampler
 from .sweep_console import show_only_this_ranks_own_warnings
 
 log = logging.getLogger(__name__)
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-IGNORED_LABEL = -100  # F.cross_entropy's ignore_index: padding examples add nothing to the test loss
 
 
 def launched_by_torchrun() -> bool:
@@ -137,45 +136,6 @@ def quiet_other_ranks() -> None:
             handler.close()
     root.setLevel(logging.WARNING)
     show_only_this_ranks_own_warnings()
-
-
-class ShardedSampler(ResumableSampler):
-    """This rank's share of every global batch of :class:`ResumableSampler`'s order.
-
-    With a DataLoader of batch ``batch_size / world_size``, rank r's k-th batch is the r-th slice of the k-th
-    single-process batch (``skip`` counts global examples, as in the single-process run); the last partial
-    global batch is dropped, as the single-process training loader drops it.
-    """
-
-    def __init__(self, size: int, seed: int, batch_size: int, rank: int, world_size: int) -> None:
-        super().__init__(size, seed)
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.as_tensor(list(super().__iter__()), dtype=torch.int64)  # [size - skip]
-        batches = len(order) // self.batch_size
-        shares = order[: batches * self.batch_size].view(batches, self.world_size, -1)  # [batches, ranks, local]
-        return iter(shares[:, self.rank].reshape(-1).tolist())
-
-    def __len__(self) -> int:
-        return (self.size - self.skip) // self.batch_size * (self.batch_size // self.world_size)
-
-
-class _PaddedShard(Dataset):
-    """Examples ``positions`` of ``dataset``; a position past its end is padding: example 0 with an ignored label."""
-
-    def __init__(self, dataset: Dataset, positions: list[int], size: int) -> None:
-        self.dataset, self.positions, self.size = dataset, positions, size
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, index: int):
-        position = self.positions[index]
-        if position < self.size:
-            return self.dataset[position]
-        image, label = self.dataset[0]
-        return image, (IGNORED_LABEL if isinstance(label, int) else torch.full_like(label, IGNORED_LABEL))
 
 
 @dataclass
@@ -318,7 +278,7 @@ class Distributed:
         size = len(dataset) if eval_batches is None else min(len(dataset), eval_batches * batch_size)
         per_rank = math.ceil(size / self.world_size)
         positions = list(range(self.rank, per_rank * self.world_size, self.world_size))
-        shard = _PaddedShard(dataset, positions, size)
+        shard = PaddedShard(dataset, positions, size)
         local = max(1, math.ceil(batch_size / self.world_size))
         return build_loader(shard, local, train=False, **loader_kwargs), None
 
@@ -326,7 +286,7 @@ class Distributed:
         """Every rank's :func:`loop.evaluate` result (over its padded shard) as the metrics of all examples."""
         if not self.data_parallel:
             return dict(metrics)
-        shard: _PaddedShard = loader.dataset
+        shard: PaddedShard = loader.dataset
         seen = len(shard)
         correct = round(metrics["acc"] * seen)  # padding is never correct: its label is ignored
         totals = torch.tensor([metrics["loss"] * seen, correct], dtype=torch.float64, device=self.device)
