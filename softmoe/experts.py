@@ -301,14 +301,18 @@ class BatchedMlp(nn.Module):
             if packed is not None:
                 return packed.view(n, b, p, self.out_features).transpose(0, 1)
         x = self._linear(x, "fc1_weight", self.fc1_bias)  # [n, b*p, h]
-        x = self.drop1(self.act(x))
+        x = self.act(x)
+        if self.drop1.p:  # skipped at 0 (the default): a module call, and in training a dispatch, saved per call
+            x = self.drop1(x)
         if self.norm_eps is not None:
             x = F.layer_norm(x, (self.hidden_features,), eps=self.norm_eps)
             if self.norm_weight is not None:
                 x = x * self.norm_weight.unsqueeze(1)
             if self.norm_bias is not None:
                 x = x + self.norm_bias.unsqueeze(1)
-        x = self.drop2(self._linear(x, "fc2_weight", self.fc2_bias))  # [n, b*p, o]
+        x = self._linear(x, "fc2_weight", self.fc2_bias)  # [n, b*p, o]
+        if self.drop2.p:
+            x = self.drop2(x)
         return x.view(n, b, p, self.out_features).transpose(0, 1)  # [b, n, p, o]
 
     def compute_weight(self, name: str) -> torch.Tensor:

@@ -5,10 +5,11 @@ and combine weights (paper section 2.1 and 2.3).
     dispatch = softmax over the m tokens
     combine  = softmax over the s slots
 
-Written out as torch ops, this is five passes over [b, m, s] forward (the scaling, two softmaxes, two casts)
-and as many autograd nodes backward, each reading and writing its own [b, m, s] tensor, plus the norm's own
-backward over [b, m, d]. :class:`RouterSoftmaxes` keeps the forward's ops but computes the backward in one
-node: both softmax gradients summed in place, the scaling's gradient, and the norm's gradient
+Written out as torch ops under autocast, this is six passes over [b, m, s] forward (the bf16 logits cast to
+float32, the scaling, two softmaxes, the weights cast back) and as many autograd nodes backward, each reading and
+writing its own [b, m, s] tensor, plus the norm's own backward over [b, m, d]. :class:`RouterSoftmaxes` casts
+and scales in one pass (a mixed-dtype product) and computes the backward in one node: both softmax gradients
+summed in place, the scaling's gradient, and the norm's gradient
 ``-k³ (Σ_s g ⊙ XΦ̂) x`` in one pass over the tokens. Everything is float32 (float64 for float64 inputs),
 whatever the logits' dtype: the softmaxes accumulate in float32 under autocast and for bf16 models.
 
@@ -39,11 +40,14 @@ class RouterSoftmaxes(torch.autograd.Function):
     def forward(ctx, raw_logits: torch.Tensor, tokens: Optional[torch.Tensor], eps: float):
         dtype = routing_dtype_of(raw_logits.dtype)
         inv_norm = None
-        logits = raw_logits.to(dtype)
         if tokens is not None:
             squared_norm = torch.linalg.vector_norm(tokens, dim=-1, keepdim=True, dtype=dtype).square()
             inv_norm = torch.rsqrt(squared_norm + eps)  # [b, m, 1]
-            logits = logits * inv_norm
+            # bf16 logits times float32 norms: the product is float32 (type promotion), the same bits as casting
+            # the logits first, in one pass over [b, m, s] instead of two
+            logits = raw_logits * inv_norm
+        else:
+            logits = raw_logits.to(dtype)
         dispatch = torch.softmax(logits, dim=1)
         combine = torch.softmax(logits, dim=2)
         ctx.eps = eps

@@ -126,6 +126,32 @@ def test_a_copy_made_in_inference_mode_serves_training():
         torch.testing.assert_close(dict(layer.named_parameters())[name].grad, parameter.grad, rtol=0, atol=0, msg=name)
 
 
+def test_under_autocast_the_routing_casts_only_the_two_weights_it_hands_to_the_bf16_matmuls():
+    """The bf16 logits are scaled by the float32 inverse norms in one mixed-dtype product (float32 out), not cast to
+    float32 first: of the [b, m, s] tensors the forward makes, only the dispatch and combine weights are casts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layer = SoftMoE(16, 32, num_experts=3, slots_per_expert=2)
+    x = torch.randn(2, 5, 16)
+    routing_shape = (2, 5, 6)
+
+    class RoutingCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten._to_copy and tuple(out.shape) == routing_shape:
+                self.casts.append((args[0].dtype, out.dtype))
+            return out
+
+    for grad in (False, True):
+        with RoutingCasts() as mode, torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16):
+            layer(x)
+        assert mode.casts == [(torch.float32, torch.bfloat16)] * 2, grad
+
+
 def test_float32_forward_keeps_no_low_precision_copy():
     layer = _layer()
     layer(torch.randn(2, 9, 16))
