@@ -164,6 +164,11 @@ class ExpertLinear(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight_copy, weight)
+        return ExpertLinear.product(x, weight_copy, bias)
+
+    @staticmethod
+    def product(x, weight_copy, bias):
+        """The forward's maths; called directly where no gradient is recorded (an autograd node costs per call)."""
         if bias is None:
             return torch.bmm(x, weight_copy)
         return torch.baddbmm(bias.to(x.dtype).unsqueeze(1), x, weight_copy)
@@ -383,6 +388,8 @@ class BatchedMlp(nn.Module):
         weight = getattr(self, name)
         read = self.compute_weight(name)
         if read is not weight:  # the cached low-precision copy
+            if not torch.is_grad_enabled():
+                return ExpertLinear.product(x.to(read.dtype), read, bias)
             return ExpertLinear.apply(x.to(read.dtype), weight, read, bias)
         if bias is None:
             return torch.bmm(x, weight)

@@ -32,24 +32,28 @@ def routing_dtype_of(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _softmaxes(raw_logits: torch.Tensor, tokens: Optional[torch.Tensor], eps: float):
+    """(dispatch, combine, the inverse token norms k [b, m, 1] or None): :class:`RouterSoftmaxes`' forward."""
+    inv_norm = None
+    if tokens is not None:
+        dtype = routing_dtype_of(raw_logits.dtype)
+        squared_norm = torch.linalg.vector_norm(tokens, dim=-1, keepdim=True, dtype=dtype).square()
+        inv_norm = torch.rsqrt(squared_norm + eps)  # [b, m, 1]
+        # bf16 logits times float32 norms: the product is float32 (type promotion), the same bits as casting
+        # the logits first, in one pass over [b, m, s] instead of two
+        logits = raw_logits * inv_norm
+    else:
+        logits = raw_logits.to(routing_dtype_of(raw_logits.dtype))
+    return torch.softmax(logits, dim=1), torch.softmax(logits, dim=2), inv_norm
+
+
 class RouterSoftmaxes(torch.autograd.Function):
     """``(dispatch, combine)`` [b, m, s] from ``raw_logits`` = X·Φ̂ [b, m, s] and, when the router
     normalises, the tokens X [b, m, d] whose inverse norms scale each row."""
 
     @staticmethod
     def forward(ctx, raw_logits: torch.Tensor, tokens: Optional[torch.Tensor], eps: float):
-        dtype = routing_dtype_of(raw_logits.dtype)
-        inv_norm = None
-        if tokens is not None:
-            squared_norm = torch.linalg.vector_norm(tokens, dim=-1, keepdim=True, dtype=dtype).square()
-            inv_norm = torch.rsqrt(squared_norm + eps)  # [b, m, 1]
-            # bf16 logits times float32 norms: the product is float32 (type promotion), the same bits as casting
-            # the logits first, in one pass over [b, m, s] instead of two
-            logits = raw_logits * inv_norm
-        else:
-            logits = raw_logits.to(dtype)
-        dispatch = torch.softmax(logits, dim=1)
-        combine = torch.softmax(logits, dim=2)
+        dispatch, combine, inv_norm = _softmaxes(raw_logits, tokens, eps)
         ctx.eps = eps
         ctx.save_for_backward(raw_logits, tokens, inv_norm, dispatch, combine)
         return dispatch, combine
@@ -105,7 +109,10 @@ def soft_routing_reference(raw_logits: torch.Tensor, tokens: Optional[torch.Tens
 def soft_routing(raw_logits: torch.Tensor, tokens: Optional[torch.Tensor], eps: float = NORM_EPS,
                  fused: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dispatch and combine weights [b, m, s] (float32, or float64 for float64 logits) from the raw logits;
-    ``tokens`` None: no normalisation. ``fused``: one autograd node (eager); else plain ops (compile)."""
+    ``tokens`` None: no normalisation. ``fused``: one autograd node (eager; without gradients, its forward
+    alone); else plain ops (compile)."""
+    if fused and not torch.is_grad_enabled():  # the same ops, without an autograd node's cost per call
+        return _softmaxes(raw_logits, tokens, eps)[:2]
     if fused:
         return RouterSoftmaxes.apply(raw_logits, tokens, eps)
     return soft_routing_reference(raw_logits, tokens, eps)

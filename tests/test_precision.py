@@ -152,6 +152,23 @@ def test_under_autocast_the_routing_casts_only_the_two_weights_it_hands_to_the_b
         assert mode.casts == [(torch.float32, torch.bfloat16)] * 2, grad
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+def test_a_forward_without_gradients_gives_the_training_forwards_outputs_bit_for_bit(normalize, precision):
+    """Without gradients the routing and the experts' products skip their autograd nodes (a cost per call) and run
+    the same ops: the outputs must not move by a bit, under autocast (the held bf16 copies) or not."""
+    layer = SoftMoE(16, 32, num_experts=3, slots_per_expert=2, normalize=normalize)
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == torch.bfloat16):
+        trained = layer(x)
+        with torch.no_grad():
+            inferred = layer(x)
+        with torch.inference_mode():
+            inferred_in_inference_mode = layer(x)
+    assert trained.grad_fn is not None and trained.dtype == precision
+    assert torch.equal(inferred, trained.detach()) and torch.equal(inferred_in_inference_mode, inferred)
+
+
 def test_float32_forward_keeps_no_low_precision_copy():
     layer = _layer()
     layer(torch.randn(2, 9, 16))
