@@ -43,6 +43,7 @@ from softmoe.harness.errors import (
     preempted_exit_code,
     run_command,
     tell_torchrun,
+    wait_for_every_rank_to_refuse,
 )
 from softmoe.harness.faults import Preempted
 from softmoe.harness.console import final_dispatch_entropy, next_steps
@@ -244,6 +245,7 @@ def command_line() -> None:
         if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun, once per node: its ranks read the same files
             print(f"error: {problem}", file=sys.stderr)
         tell_torchrun([f"error: {problem}"])  # every rank's: torchrun names the first to end as the root cause
+        wait_for_every_rank_to_refuse()
         sys.exit(USER_ERROR_EXIT_CODE)
     warning = sweep_warning(sys.argv[1:], "train")  # once for the sweep, here: not once per job
     if warning:

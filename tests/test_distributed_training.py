@@ -366,6 +366,32 @@ def test_a_bad_launch_stops_train_before_the_process_group_or_data(compose_run, 
         train(compose_run("trainer.strategy=ddp", "logger=none"), tmp_path)
 
 
+def test_a_refusing_rank_exits_only_once_every_rank_has_left_its_refusal_for_torchrun(monkeypatch, tmp_path):
+    """torchrun's agent stops the other ranks once one exits: a rank stopped before its refusal was in its error file
+    showed in the report as "Signal 15 (SIGTERM)" (the launch above, refused on both ranks, shows both lines)."""
+    from datetime import timedelta
+
+    from softmoe.harness.errors import wait_for_every_rank_to_refuse
+
+    agent_store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=60))  # the agent's
+    torchrun = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json"),
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(agent_store.port), "WORLD_SIZE": "2",
+                "TORCHELASTIC_RUN_ID": "launch", "TORCHELASTIC_RESTART_COUNT": "0"}
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    first = threading.Thread(target=wait_for_every_rank_to_refuse)
+    first.start()
+    while agent_store.add("softmoe/refused/launch/0", 0) < 1:  # until the first rank counted itself
+        assert first.is_alive(), "the first rank returned before it counted itself"
+        time.sleep(0.01)
+    assert first.is_alive()  # waiting for the other rank
+    wait_for_every_rank_to_refuse()  # the other rank, the last: it lets the first go
+    first.join(timeout=60)
+    assert not first.is_alive()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another launch")
+    wait_for_every_rank_to_refuse(timeout=0.5)  # alone: it waits a while, then exits all the same
+
+
 def test_one_process_is_not_distributed(compose_run, monkeypatch):
     without_torchrun(monkeypatch)
     setup = Distributed.from_config(compose_run())
