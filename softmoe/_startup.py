@@ -5,10 +5,16 @@ which a Ctrl-C (a command started by mistake) printed a 25-line traceback from i
 run or been written then, so the process says so and exits as a Ctrl-C does (130). Only while this package is
 imported for a ``-m`` command (``sys.argv[0]`` is ``"-m"`` while Python locates the module); the handler it replaced
 is back once the imports are done, before any of the command's code runs, so the commands' own Ctrl-C handling
-(a run saves its step, a sweep stops its jobs) is unchanged. A library user's ``import softmoe`` is not touched."""
+(a run saves its step, a sweep stops its jobs) is unchanged. A library user's ``import softmoe`` is not touched.
+
+For the same ``-m`` commands, the garbage collector waits until those imports are done: its automatic passes over
+the hundreds of thousands of objects torch and timm create took about a second of a command's start, and found
+almost nothing to free (modules, classes and functions live until the exit). One pass then frees what the imports
+left, and what remains is frozen (``gc.freeze``): later passes, and the one at the exit, skip it."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -35,8 +41,23 @@ def quiet_while_importing() -> Optional[Callable]:
 _replaced = quiet_while_importing()  # at this module's import: the package's first, before torch's
 
 
+def collect_after_importing() -> bool:
+    """Pause automatic garbage collection if this import locates a ``-m`` command (:func:`restore` resumes it)."""
+    if sys.argv[:1] != ["-m"] or not gc.isenabled():
+        return False
+    gc.disable()
+    return True
+
+
+_collection_paused = collect_after_importing()
+
+
 def restore() -> None:
     """Put back the handler this module's import replaced (the package's last act), unless something since has set
-    its own."""
+    its own; collect what the imports left, freeze the rest, and let the collector run again."""
     if _replaced is not None and signal.getsignal(signal.SIGINT) is _interrupted:
         signal.signal(signal.SIGINT, _replaced)
+    if _collection_paused and not gc.isenabled():
+        gc.collect()
+        gc.freeze()
+        gc.enable()

@@ -269,6 +269,25 @@ def test_ctrl_c_while_a_command_imports_torch_is_one_line_and_nothing_is_written
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_command_collects_no_garbage_while_it_imports_then_freezes_what_the_imports_made(monkeypatch):
+    """``python -m softmoe.<command>``: the collector's passes over torch's and timm's objects cost a second of the
+    start and another at the exit; after the imports it runs again, on what the command itself makes."""
+    import gc
+
+    from softmoe import _startup
+
+    assert not _startup._collection_paused and gc.isenabled()  # this process imported softmoe as a library
+    monkeypatch.setattr(sys, "argv", ["-m"])  # as while Python locates a -m command's module
+    monkeypatch.setattr(_startup, "_collection_paused", _startup.collect_after_importing())
+    try:
+        assert _startup._collection_paused and not gc.isenabled()
+        _startup.restore()
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.enable()
+        gc.unfreeze()  # this test's process collects as before
+
+
 def test_ctrl_c_at_the_terminal_reaches_the_dataloader_workers_too_and_still_says_one_thing_once(tmp_path):
     """A terminal sends Ctrl-C to the whole foreground process group: the trainer and its DataLoader workers, which
     were forked with the trainer's handler. Only the trainer acts on it."""
