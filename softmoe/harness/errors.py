@@ -17,6 +17,8 @@ The harness raises these; ``python -m softmoe.train`` / ``.evaluate`` / ``.colle
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import logging
 import os
@@ -91,7 +93,13 @@ def run_command(command: Callable[[], Any]) -> NoReturn:
     """Run a command's body and exit with the status it returns or exits with (an int or a message; anything else
     is 0). A reader that closed stdout before the end (``| head -3``) ends it quietly, not in a ``BrokenPipeError``
     traceback: Python's recipe (the signal module's "Note on SIGPIPE"), stdout pointed at devnull so that the flush
-    at exit cannot fail again, and the status a shell gives a program SIGPIPE ended."""
+    at exit cannot fail again, and the status a shell gives a program SIGPIPE ended.
+
+    What is alive when the command ends lives until the exit: frozen then (``gc.freeze``), it is not walked again by
+    the interpreter's last garbage collections, which took about a second after torch's imports. Only what nothing
+    but a collection would free (reference cycles) is left to the operating system, as Python allows at exit."""
+    atexit.unregister(gc.freeze)  # once, however often a caller runs a command in its process
+    atexit.register(gc.freeze)  # after the handlers registered later (W&B's, joblib's), which run first
     try:
         try:
             status = command()
