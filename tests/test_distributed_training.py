@@ -39,6 +39,7 @@ from softmoe.harness.loop import train
 from softmoe.harness.runs import RunDirLock, read_events
 from softmoe.harness.sharded_checkpoint import TRAIN_STATE, read_train_state
 from softmoe.harness.sampler import ResumableSampler, ShardedSampler
+from test_expert_parallel import fork_server
 
 ROOT = Path(CONF_DIR).parent
 # Deterministic and schedule-free (a constant rate: a 3-step run is the first half of a 6-step one); no dropout
@@ -264,6 +265,14 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_a_rerun_re
     assert (read_train_state if strategy == "fsdp" else load_checkpoint)(run_dir / last)["step"] == 40
 
 
+def start_two_ranks(function, *args):
+    """``function(rank, *args)`` in 2 processes until both return (an error in either fails the test). They fork
+    from the fork server tests/test_expert_parallel.py starts once per pytest process, with torch and softmoe
+    imported: a fresh interpreter per rank spent seconds importing them, the test's own work a second or two."""
+    fork_server()
+    torch.multiprocessing.start_processes(function, args=args, nprocs=2, join=True, start_method="forkserver")
+
+
 def exchange_signals_while_one_arrives_midway(rank, init_file, results_dir):
     """Two exchanges of preemption signals; SIGTERM reaches rank 1 while it waits for rank 0 in the first."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -283,9 +292,7 @@ def exchange_signals_while_one_arrives_midway(rank, init_file, results_dir):
 
 @pytest.mark.slow
 def test_a_signal_that_arrives_during_the_exchange_stops_every_rank_at_the_next_one(tmp_path):
-    torch.multiprocessing.spawn(
-        exchange_signals_while_one_arrives_midway, args=(tmp_path / "init", tmp_path), nprocs=2, join=True
-    )
+    start_two_ranks(exchange_signals_while_one_arrives_midway, tmp_path / "init", tmp_path)
     agreed = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert agreed == [[None, signal.SIGTERM]] * 2  # not lost: rank 1 had sent 0 before it arrived
 
@@ -307,7 +314,7 @@ def test_a_launch_on_a_run_directory_another_process_holds_is_refused_on_every_r
     run_dir.mkdir()
     held = RunDirLock(run_dir).acquire()  # this process holds it, as a live run would
     try:
-        torch.multiprocessing.spawn(claim_a_held_run_dir, args=(tmp_path / "init", run_dir, tmp_path), nprocs=2)
+        start_two_ranks(claim_a_held_run_dir, tmp_path / "init", run_dir, tmp_path)
     finally:
         held.release()
     outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
