@@ -282,7 +282,10 @@ def two_job_sweep(request, tmp_path_factory):
         "data.val_size=0", "trainer.max_steps=2", "trainer.batch_size=256", "trainer.eval_batches=1", "model.depth=2",
         f"trainer.num_threads={threads}", "logger=none", *QUIET, f"hydra.sweep.dir={sweep_dir}",
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # OpenMP threads that find no core sleep instead of spinning: the joblib jobs' 4 threads on 2 cores took 4.5 s
+    # for their 2 steps spinning against each other, 0.4 s asleep; the threads and the warning are the same
+    env = {**os.environ, "OMP_WAIT_POLICY": "passive"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return sweep_dir, (result.stdout + result.stderr).splitlines(), result.stderr
 
