@@ -307,7 +307,7 @@ class BatchedMlp(nn.Module):
                 return packed.view(n, b, p, self.out_features).transpose(0, 1)
         x = self._linear(x, "fc1_weight", self.fc1_bias)  # [n, b*p, h]
         x = self.act(x)
-        if self.drop1.p:  # skipped at 0 (the default): a module call, and in training a dispatch, saved per call
+        if getattr(self.drop1, "p", None) != 0:  # a Dropout of rate 0 (the default) is skipped: a call saved
             x = self.drop1(x)
         if self.norm_eps is not None:
             x = F.layer_norm(x, (self.hidden_features,), eps=self.norm_eps)
@@ -316,7 +316,7 @@ class BatchedMlp(nn.Module):
             if self.norm_bias is not None:
                 x = x + self.norm_bias.unsqueeze(1)
         x = self._linear(x, "fc2_weight", self.fc2_bias)  # [n, b*p, o]
-        if self.drop2.p:
+        if getattr(self.drop2, "p", None) != 0:  # another module put in its place is always called
             x = self.drop2(x)
         return x.view(n, b, p, self.out_features).transpose(0, 1)  # [b, n, p, o]
 

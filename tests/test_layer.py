@@ -523,7 +523,8 @@ def test_the_hidden_dropout_follows_the_activation_as_in_timms_mlp():
 
 
 def test_the_output_dropout_drops_the_bank_output_and_a_rate_set_after_construction_counts():
-    """Dropout of rate 0 is skipped (no module call), so a rate set later on ``drop2.p`` must still be read."""
+    """Dropout of rate 0 is skipped (no module call), so a rate set later on ``drop2.p`` must still be read, and
+    a module without a rate put in its place must still run."""
     bank = BatchedMlp(2, 4, 6, 6, drop=0.0).double().train()
     slots = torch.randn(3, 2, 5, 4, dtype=torch.float64)
     whole = bank(slots)
@@ -532,6 +533,8 @@ def test_the_output_dropout_drops_the_bank_output_and_a_rate_set_after_construct
     kept = out != 0
     assert kept.any() and (~kept).any()
     torch.testing.assert_close(out[kept], 2 * whole[kept], rtol=1e-12, atol=1e-14)
+    bank.drop2 = nn.Hardtanh(0.0, 0.0)  # a module without a rate in its place (zeroes everything): called
+    assert torch.count_nonzero(bank(slots)) == 0
 
 
 def test_init_weights_resets_the_expert_layernorm_in_every_mode():
