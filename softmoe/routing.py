@@ -97,13 +97,9 @@ class RouterSoftmaxes(torch.autograd.Function):
 
 def soft_routing_reference(raw_logits: torch.Tensor, tokens: Optional[torch.Tensor],
                            eps: float = NORM_EPS) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:class:`RouterSoftmaxes` as plain torch ops (the compiled path; autograd derives its backward)."""
-    dtype = routing_dtype_of(raw_logits.dtype)
-    logits = raw_logits.to(dtype)
-    if tokens is not None:
-        squared_norm = torch.linalg.vector_norm(tokens, dim=-1, keepdim=True, dtype=dtype).square()
-        logits = logits * torch.rsqrt(squared_norm + eps)
-    return torch.softmax(logits, dim=1), torch.softmax(logits, dim=2)
+    """:class:`RouterSoftmaxes`' forward as plain torch ops: autograd derives its backward (the compiled path), and
+    without gradients it is all the eager path needs."""
+    return _softmaxes(raw_logits, tokens, eps)[:2]
 
 
 def soft_routing(raw_logits: torch.Tensor, tokens: Optional[torch.Tensor], eps: float = NORM_EPS,
@@ -111,8 +107,6 @@ def soft_routing(raw_logits: torch.Tensor, tokens: Optional[torch.Tensor], eps: 
     """Dispatch and combine weights [b, m, s] (float32, or float64 for float64 logits) from the raw logits;
     ``tokens`` None: no normalisation. ``fused``: one autograd node (eager; without gradients, its forward
     alone); else plain ops (compile)."""
-    if fused and not torch.is_grad_enabled():  # the same ops, without an autograd node's cost per call
-        return _softmaxes(raw_logits, tokens, eps)[:2]
-    if fused:
+    if fused and torch.is_grad_enabled():  # without gradients the same ops run, without the node's cost per call
         return RouterSoftmaxes.apply(raw_logits, tokens, eps)
     return soft_routing_reference(raw_logits, tokens, eps)
