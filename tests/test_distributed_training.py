@@ -39,7 +39,7 @@ from softmoe.harness.loop import train
 from softmoe.harness.runs import RunDirLock, read_events
 from softmoe.harness.sharded_checkpoint import TRAIN_STATE, read_train_state
 from softmoe.harness.sampler import ResumableSampler, ShardedSampler
-from test_expert_parallel import fork_server
+from test_expert_parallel import start_two_ranks
 
 ROOT = Path(CONF_DIR).parent
 # Deterministic and schedule-free (a constant rate: a 3-step run is the first half of a 6-step one); no dropout
@@ -263,14 +263,6 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_a_rerun_re
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert [e["step"] for e in read_metrics(run_dir) if "train/lr" in e] == list(range(1, 41))
     assert (read_train_state if strategy == "fsdp" else load_checkpoint)(run_dir / last)["step"] == 40
-
-
-def start_two_ranks(function, *args):
-    """``function(rank, *args)`` in 2 processes until both return (an error in either fails the test). They fork
-    from the fork server tests/test_expert_parallel.py starts once per pytest process, with torch and softmoe
-    imported: a fresh interpreter per rank spent seconds importing them, the test's own work a second or two."""
-    fork_server()
-    torch.multiprocessing.start_processes(function, args=args, nprocs=2, join=True, start_method="forkserver")
 
 
 def exchange_signals_while_one_arrives_midway(rank, init_file, results_dir):

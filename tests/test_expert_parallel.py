@@ -411,6 +411,14 @@ def fork_server():
     return context
 
 
+def start_two_ranks(function, *args):
+    """``function(rank, *args)`` in 2 processes until both return (an error in either fails the test), forked from
+    the fork server: a fresh interpreter per rank spent seconds importing torch and softmoe, a test's own work a
+    second or two."""
+    fork_server()
+    mp.start_processes(function, args=args, nprocs=2, join=True, start_method="forkserver")
+
+
 def run_scenarios(results_dir, world_size, scenarios, shared=None):
     """{scenario: {rank: None, or the traceback of its failure}} after every rank ran every scenario.
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import wandb_closed_records
 from softmoe import SoftMoEVisionTransformer, capture_routing, moe_layers
@@ -30,7 +29,7 @@ from softmoe.harness.telemetry import (
     wait_for_free_offline_dir,
 )
 from softmoe.harness.wandb_files import wait_for_exit_record
-from test_expert_parallel import fork_server
+from test_expert_parallel import start_two_ranks
 
 
 @pytest.fixture
@@ -220,8 +219,7 @@ def test_rank_zero_logs_the_mean_over_ranks_and_the_summed_throughput(tmp_path):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    fork_server()  # the ranks fork from it, with torch and softmoe imported: fresh interpreters took seconds each
-    mp.start_processes(_log_one_event_on_rank, args=(tmp_path, port), nprocs=2, start_method="forkserver")
+    start_two_ranks(_log_one_event_on_rank, tmp_path, port)
     (event,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert event == pytest.approx({
         "step": 7, "epoch": 2, "train/loss": 1.5, "train/throughput": 300.0,
