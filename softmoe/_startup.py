@@ -27,10 +27,15 @@ def _interrupted(signum: int, frame: Any) -> None:
     os._exit(128 + signum)  # as a process ended by the signal is seen by a shell: 130
 
 
+def locating_a_command() -> bool:
+    """Whether Python imports this package to locate a ``-m`` module (``sys.argv[0]`` is ``"-m"`` only then)."""
+    return sys.argv[:1] == ["-m"]
+
+
 def quiet_while_importing() -> Optional[Callable]:
     """Install the one-line Ctrl-C handler if this import locates a ``-m`` command; the handler it replaced (for
     :func:`restore`), or None when nothing was installed."""
-    if sys.argv[:1] != ["-m"]:
+    if not locating_a_command():
         return None
     try:
         return signal.signal(signal.SIGINT, _interrupted)
@@ -43,7 +48,7 @@ _replaced = quiet_while_importing()  # at this module's import: the package's fi
 
 def collect_after_importing() -> bool:
     """Pause automatic garbage collection if this import locates a ``-m`` command (:func:`restore` resumes it)."""
-    if sys.argv[:1] != ["-m"] or not gc.isenabled():
+    if not locating_a_command() or not gc.isenabled():
         return False
     gc.disable()
     return True

@@ -173,7 +173,6 @@ def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path, 
                                                f"{section}.{key}={json.dumps(before)}", path, own, why))
 
 
-
 def _refusal(now: str, before: str, path: Path, own: bool, why: str) -> str:
     """The refusal of a checkpoint saved with the setting ``before`` (``key=value``) by a run set to ``now``."""
     if own:  # a rerun in the run directory: it holds that run, which a new directory leaves alone
