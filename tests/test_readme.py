@@ -213,7 +213,10 @@ def run_readme_command(command: str, work: Path, extra: list[str] = ()) -> str:
     if command.startswith("python -m softmoe.train"):
         command += " " + " ".join([*SHORT, *extra])
     command = command.replace("python -m", f"{shlex.quote(sys.executable)} -m", 1)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # the README's commands run in its activated environment: its console scripts (jupyter) come first on PATH,
+    # even when the suite itself was started by the interpreter's full path
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": path}
     result = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result.stdout + result.stderr
