@@ -69,6 +69,12 @@ def test_tiny_run_reports_every_section(tiny_results):
         timings = model["models"][name]
         assert 0 < timings["optimizer_share_of_step"] < 1 and timings["flops_per_image"]["forward"] > 0
         assert set(results["model_memory"][name]) >= {"param_bytes", "optimizer_state_bytes", "train_step_peak_bytes"}
+        # the kernel's share of each round, beside its times: a count and seconds per timed round
+        rounds = len(timings["seconds"]["train_step"])
+        faults, system = timings["forward_backward_page_faults"], timings["forward_backward_system_s"]
+        assert len(faults) == len(system) == rounds and all(n >= 0 for n in faults) and all(s >= 0 for s in system)
+        assert all(isinstance(n, int) for n in faults)
+    assert "fwd+bwd page faults per round (system seconds): dense " in stdout
     assert results["compile"] == {"skipped": "pass --compile"}
     assert len(results["profile"]) == 3 and all("aten::bmm" in table for table in results["profile"][:2])
     assert results["profile"][2].startswith("reference_loop") and "aten::addmm" in results["profile"][2]

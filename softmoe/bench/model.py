@@ -14,7 +14,7 @@ from torch import nn
 
 from ..cpu_packing import pack_experts_for_cpu, packing_available
 from ..harness.precision import autocast
-from .environment import peak_memory_bytes, tensor_bytes
+from .environment import page_faults_and_system_seconds, peak_memory_bytes, tensor_bytes
 from .floors import ceiling_cases
 from .shapes import ModelShape
 from .timing import interleaved, median, paired_ratio, synchronize
@@ -68,6 +68,7 @@ def model_cases(model: nn.Module, optimizer, images, labels, precision: str = "f
     def train_step():
         device = images.device
         start, start_cpu = time.perf_counter(), time.process_time()
+        start_faults, start_system = page_faults_and_system_seconds()
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, precision):
             loss = F.cross_entropy(model(images).float(), labels)
@@ -76,12 +77,16 @@ def model_cases(model: nn.Module, optimizer, images, labels, precision: str = "f
         loss.backward()
         synchronize(device)
         backward_done, backward_done_cpu = time.perf_counter(), time.process_time()
+        faults, system = page_faults_and_system_seconds()
         optimizer.step()
         synchronize(device)
         return {"forward": forward_done - start, "backward": backward_done - forward_done,
                 "forward_backward": backward_done - start, "optimizer": time.perf_counter() - backward_done,
                 "cpu_forward_backward": backward_done_cpu - start_cpu,
-                "cpu_optimizer": time.process_time() - backward_done_cpu}
+                "cpu_optimizer": time.process_time() - backward_done_cpu,
+                # what the kernel spent mapping fresh memory into the step (not seconds: kept out of the ratios)
+                "page_faults_forward_backward": faults - start_faults,
+                "system_forward_backward": system - start_system}
 
     return {"inference": inference, "train_step": train_step}
 
@@ -122,6 +127,8 @@ def benchmark_model(shape: ModelShape, args, device) -> dict:
                 flops[name]["forward_backward"] / median(series(name, "forward_backward"))
                 / ceilings["gemm_float32_flops_per_s"],
             "seconds": {m: series(name, m) for m in ("inference", "forward", "backward", "optimizer", "train_step")},
+            "forward_backward_page_faults": series(name, "page_faults_forward_backward"),
+            "forward_backward_system_s": series(name, "system_forward_backward"),
         }
     metrics = ("inference", "forward_backward", "train_step", "optimizer")
     ratios = {m: paired_ratio(series("soft_moe", m), series("dense", m)) for m in metrics}

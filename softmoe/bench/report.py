@@ -123,6 +123,16 @@ def _layer_report_lines(results: dict) -> list:
     return lines
 
 
+def _page_fault_lines(models: dict) -> list:
+    """Each model's page faults and system seconds per fwd+bwd round: a round slower in both clocks with them up
+    spent its extra time in the kernel mapping fresh memory, not in slower kernels."""
+    if not all("forward_backward_page_faults" in r for r in models.values()):
+        return []  # a JSON written before they were recorded
+    per_model = [f"{name} {', '.join(str(n) for n in r['forward_backward_page_faults'])} "
+                 f"({', '.join(f'{s:.2f}' for s in r['forward_backward_system_s'])} s)" for name, r in models.items()]
+    return ["fwd+bwd page faults per round (system seconds): " + "; ".join(per_model)]
+
+
 def _model_report_lines(results: dict) -> list:
     """The model table, its bf16 comparison and the model memory lines."""
     lines = []
@@ -139,6 +149,7 @@ def _model_report_lines(results: dict) -> list:
         lines.append("soft_moe / dense: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
         lines.append("soft_moe / dense, CPU time: "
                      + ", ".join(f"{k} {v:.2f}x" for k, v in model["soft_moe_over_dense_cpu_time"].items()))
+        lines += _page_fault_lines(model["models"])
     packed = (model or {}).get("packed_inference")
     if packed:
         seconds = packed["seconds"]
