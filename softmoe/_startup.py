@@ -5,7 +5,8 @@ which a Ctrl-C (a command started by mistake) printed a 25-line traceback from i
 run or been written then, so the process says so and exits as a Ctrl-C does (130). Only while this package is
 imported for a ``-m`` command (``sys.argv[0]`` is ``"-m"`` while Python locates the module); the handler it replaced
 is back once the imports are done, before any of the command's code runs, so the commands' own Ctrl-C handling
-(a run saves its step, a sweep stops its jobs) is unchanged. A library user's ``import softmoe`` is not touched.
+(a run saves its step, a sweep stops its jobs) is unchanged. A command started with SIGINT ignored (a script's
+background job) keeps it ignored, as Python does. A library user's ``import softmoe`` is not touched.
 
 For the same ``-m`` commands, the garbage collector waits until those imports are done: its automatic passes over
 the hundreds of thousands of objects torch and timm create took about a second of a command's start, and found
@@ -37,6 +38,8 @@ def quiet_while_importing() -> Optional[Callable]:
     :func:`restore`), or None when nothing was installed."""
     if not locating_a_command():
         return None
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return None  # started with Ctrl-C ignored (a script's background job): as Python does, it stays ignored
     try:
         return signal.signal(signal.SIGINT, _interrupted)
     except ValueError:  # not the main thread: leave the signal alone

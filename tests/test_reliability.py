@@ -257,16 +257,35 @@ def test_ctrl_c_while_a_command_imports_torch_is_one_line_and_nothing_is_written
     25-line traceback from inside torch's imports. A library user's `import softmoe` keeps its handler."""
     from softmoe import _startup
 
-    assert _startup._replaced is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    command = subprocess.Popen([sys.executable, "-m", "softmoe.train", f"hydra.run.dir={tmp_path / 'run'}"],
-                               cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # past the interpreter's own start (milliseconds), well inside the imports (seconds)
-    command.send_signal(signal.SIGINT)
+    assert _startup._replaced is None and signal.getsignal(signal.SIGINT) is not _startup._interrupted
+    command = start_interrupted_while_importing(["softmoe.train", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path,
+                                                ignoring_ctrl_c=False)
     stdout, stderr = command.communicate(timeout=120)
     assert (command.returncode, stdout, stderr) == (
         130, "", "interrupted while starting (importing torch): nothing was run or written\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it_while_it_imports(tmp_path):
+    """A script's background job inherits Ctrl-C ignored (so the terminal's Ctrl-C is not its to answer); Python
+    keeps it so, and so do the command's imports: no one-line exit, the command goes on."""
+    command = start_interrupted_while_importing(["softmoe.train", "--help"], tmp_path, ignoring_ctrl_c=True)
+    stdout, stderr = command.communicate(timeout=120)
+    assert command.returncode == 0 and "interrupted" not in stderr, stderr
+    assert "Powered by Hydra" in stdout, stdout[-2000:]
+
+
+def start_interrupted_while_importing(argv: list, cwd: Path, ignoring_ctrl_c: bool) -> subprocess.Popen:
+    """``python -m <argv>`` sent a Ctrl-C while it imports torch, started with SIGINT ignored or at its default
+    (whatever this test process inherited: a suite started in the background ignores it)."""
+    disposition = signal.SIG_IGN if ignoring_ctrl_c else signal.SIG_DFL
+    command = subprocess.Popen([sys.executable, "-m", *argv], cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
+    time.sleep(0.5)  # past the interpreter's own start (milliseconds), well inside the imports (seconds)
+    command.send_signal(signal.SIGINT)
+    return command
 
 
 def test_a_command_collects_no_garbage_while_it_imports_then_freezes_what_the_imports_made(monkeypatch):
