@@ -279,10 +279,13 @@ def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it_while_it_import
 def start_interrupted_while_importing(argv: list, cwd: Path, ignoring_ctrl_c: bool) -> subprocess.Popen:
     """``python -m <argv>`` sent a Ctrl-C while it imports torch, started with SIGINT ignored or at its default
     (whatever this test process inherited: a suite started in the background ignores it)."""
-    disposition = signal.SIG_IGN if ignoring_ctrl_c else signal.SIG_DFL
-    command = subprocess.Popen([sys.executable, "-m", *argv], cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
+    # a child inherits SIG_IGN through exec; any Python handler here becomes SIG_DFL there
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if ignoring_ctrl_c else signal.default_int_handler)
+    try:
+        command = subprocess.Popen([sys.executable, "-m", *argv], cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     time.sleep(0.5)  # past the interpreter's own start (milliseconds), well inside the imports (seconds)
     command.send_signal(signal.SIGINT)
     return command
