@@ -56,16 +56,30 @@ def machine_info(device: torch.device) -> dict:
 ALLOCATORS = ("default_env", "env_variables", "glibc_defaults")
 
 
-def page_faults_and_system_seconds() -> tuple:
-    """This process's minor page faults and system CPU seconds so far, or (0, 0.0) without ``getrusage``
-    (Windows). A step that touches memory the kernel must map afresh pays for it in both, where wall-clock and
-    CPU time cannot tell it from a slower kernel (about 10 us a fault on this project's 2-core AMD EPYC Zen 4 VM)."""
+def kernel_and_host_counters() -> tuple:
+    """This process's minor page faults and system CPU seconds so far, and the seconds the hypervisor has kept this
+    machine's CPUs from running since boot (``steal`` in /proc/stat, all CPUs); zeros where the platform lacks them.
+    A round that touches memory the kernel must map afresh pays in the first two (about 10 us a fault on this
+    project's 2-core AMD EPYC Zen 4 VM), a round that waited for a host shared with other machines in the third:
+    wall-clock and CPU time alone cannot tell either from a slower kernel."""
+    faults, system = 0, 0.0
     try:
         import resource
-    except ImportError:
-        return 0, 0.0
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_minflt, usage.ru_stime
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        faults, system = usage.ru_minflt, usage.ru_stime
+    except ImportError:  # Windows
+        pass
+    return faults, system, _steal_seconds()
+
+
+def _steal_seconds() -> float:
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()  # cpu user nice system idle iowait irq softirq steal ...
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def allocator_available(device: torch.device) -> bool:

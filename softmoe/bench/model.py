@@ -14,7 +14,7 @@ from torch import nn
 
 from ..cpu_packing import pack_experts_for_cpu, packing_available
 from ..harness.precision import autocast
-from .environment import page_faults_and_system_seconds, peak_memory_bytes, tensor_bytes
+from .environment import kernel_and_host_counters, peak_memory_bytes, tensor_bytes
 from .floors import ceiling_cases
 from .shapes import ModelShape
 from .timing import interleaved, median, paired_ratio, synchronize
@@ -68,7 +68,7 @@ def model_cases(model: nn.Module, optimizer, images, labels, precision: str = "f
     def train_step():
         device = images.device
         start, start_cpu = time.perf_counter(), time.process_time()
-        start_faults, start_system = page_faults_and_system_seconds()
+        start_faults, start_system, start_steal = kernel_and_host_counters()
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, precision):
             loss = F.cross_entropy(model(images).float(), labels)
@@ -77,16 +77,16 @@ def model_cases(model: nn.Module, optimizer, images, labels, precision: str = "f
         loss.backward()
         synchronize(device)
         backward_done, backward_done_cpu = time.perf_counter(), time.process_time()
-        faults, system = page_faults_and_system_seconds()
+        faults, system, steal = kernel_and_host_counters()
         optimizer.step()
         synchronize(device)
         return {"forward": forward_done - start, "backward": backward_done - forward_done,
                 "forward_backward": backward_done - start, "optimizer": time.perf_counter() - backward_done,
                 "cpu_forward_backward": backward_done_cpu - start_cpu,
                 "cpu_optimizer": time.process_time() - backward_done_cpu,
-                # what the kernel spent mapping fresh memory into the step (not seconds: kept out of the ratios)
+                # the kernel's and the host's share of the step (counters: kept out of the ratios)
                 "page_faults_forward_backward": faults - start_faults,
-                "system_forward_backward": system - start_system}
+                "system_forward_backward": system - start_system, "steal_forward_backward": steal - start_steal}
 
     return {"inference": inference, "train_step": train_step}
 
@@ -129,6 +129,7 @@ def benchmark_model(shape: ModelShape, args, device) -> dict:
             "seconds": {m: series(name, m) for m in ("inference", "forward", "backward", "optimizer", "train_step")},
             "forward_backward_page_faults": series(name, "page_faults_forward_backward"),
             "forward_backward_system_s": series(name, "system_forward_backward"),
+            "forward_backward_host_steal_s": series(name, "steal_forward_backward"),
         }
     metrics = ("inference", "forward_backward", "train_step", "optimizer")
     ratios = {m: paired_ratio(series("soft_moe", m), series("dense", m)) for m in metrics}

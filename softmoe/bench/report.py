@@ -124,13 +124,18 @@ def _layer_report_lines(results: dict) -> list:
 
 
 def _page_fault_lines(models: dict) -> list:
-    """Each model's page faults and system seconds per fwd+bwd round: a round slower in both clocks with them up
-    spent its extra time in the kernel mapping fresh memory, not in slower kernels."""
-    if not all("forward_backward_page_faults" in r for r in models.values()):
+    """Each model's page faults, system seconds and host steal per fwd+bwd round: a round slower in both clocks with
+    the first two up spent its extra time in the kernel mapping fresh memory, with steal up waiting for the host."""
+    if not all("forward_backward_host_steal_s" in r for r in models.values()):
         return []  # a JSON written before they were recorded
+
+    def seconds(values):
+        return ", ".join(f"{s:.2f}" for s in values)
+
     per_model = [f"{name} {', '.join(str(n) for n in r['forward_backward_page_faults'])} "
-                 f"({', '.join(f'{s:.2f}' for s in r['forward_backward_system_s'])} s)" for name, r in models.items()]
-    return ["fwd+bwd page faults per round (system seconds): " + "; ".join(per_model)]
+                 f"({seconds(r['forward_backward_system_s'])} s; {seconds(r['forward_backward_host_steal_s'])} s)"
+                 for name, r in models.items()]
+    return ["fwd+bwd page faults per round (system seconds; host steal seconds): " + "; ".join(per_model)]
 
 
 def _model_report_lines(results: dict) -> list:
