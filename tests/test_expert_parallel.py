@@ -392,7 +392,8 @@ def _worker(rank, port, results_dir, world_size, scenarios, cwd):
         dist.destroy_process_group()
 
 
-def _free_port():
+def free_port():
+    """A TCP port free on this host now, for a process group's rendezvous."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -433,7 +434,7 @@ def run_scenarios(results_dir, world_size, scenarios, shared=None):
         torch.save(shared, results_dir / SHARED_FILE)
     fork_server()
     context = mp.start_processes(
-        _worker, args=(_free_port(), str(results_dir), world_size, scenarios, os.getcwd()), nprocs=world_size,
+        _worker, args=(free_port(), str(results_dir), world_size, scenarios, os.getcwd()), nprocs=world_size,
         join=False, start_method="forkserver",
     )
     deadline = time.monotonic() + 240

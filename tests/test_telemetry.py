@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import socket
 import threading
 import time
 
@@ -29,7 +28,7 @@ from softmoe.harness.telemetry import (
     wait_for_free_offline_dir,
 )
 from softmoe.harness.wandb_files import wait_for_exit_record
-from test_expert_parallel import start_two_ranks
+from test_expert_parallel import free_port, start_two_ranks
 
 
 @pytest.fixture
@@ -216,10 +215,7 @@ def _log_one_event_on_rank(rank, run_dir, port):
 def test_rank_zero_logs_the_mean_over_ranks_and_the_summed_throughput(tmp_path):
     """Two ranks' numbers, as rank 0 writes them: losses and distributions averaged, images per second summed (the
     whole job's rate)."""
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    start_two_ranks(_log_one_event_on_rank, tmp_path, port)
+    start_two_ranks(_log_one_event_on_rank, tmp_path, free_port())
     (event,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert event == pytest.approx({
         "step": 7, "epoch": 2, "train/loss": 1.5, "train/throughput": 300.0,
