@@ -123,7 +123,7 @@ def _layer_report_lines(results: dict) -> list:
     return lines
 
 
-def _page_fault_lines(models: dict) -> list:
+def _kernel_and_host_lines(models: dict) -> list:
     """Each model's page faults, system seconds and host steal per fwd+bwd round: a round slower in both clocks with
     the first two up spent its extra time in the kernel mapping fresh memory, with steal up waiting for the host."""
     if not all("forward_backward_host_steal_s" in r for r in models.values()):
@@ -154,7 +154,7 @@ def _model_report_lines(results: dict) -> list:
         lines.append("soft_moe / dense: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
         lines.append("soft_moe / dense, CPU time: "
                      + ", ".join(f"{k} {v:.2f}x" for k, v in model["soft_moe_over_dense_cpu_time"].items()))
-        lines += _page_fault_lines(model["models"])
+        lines += _kernel_and_host_lines(model["models"])
     packed = (model or {}).get("packed_inference")
     if packed:
         seconds = packed["seconds"]
