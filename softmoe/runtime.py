@@ -33,9 +33,13 @@ from typing import Optional
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
+C_INT_MIN, C_INT_MAX = -(2**31), 2**31 - 1  # mallopt's value is an int
 
 # What MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 set: no mmap'd chunks, never trim the heap.
-TUNED = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 100_000_000_000}
+# mallopt takes a C int, so the variable's 1e11 cannot be passed (ctypes would mask it to 1,215,752,192: a heap
+# whose top had more than 1.16 GB free was trimmed, and S/16's 1.4 GB of expert weight gradients were mapped and
+# page-faulted afresh every step in about a third of the runs); -1 is mallopt(3)'s "never trim".
+TUNED = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: -1}
 # glibc's own behaviour for large allocations once its dynamic threshold has settled at its maximum
 # (32 MiB on 64-bit): every allocation above it is a fresh mapping, unmapped when freed.
 GLIBC_DEFAULTS = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20}
@@ -57,6 +61,10 @@ def glibc_library() -> Optional[ctypes.CDLL]:
 
 def set_malloc_options(options: dict) -> bool:
     """Apply ``{mallopt parameter: value}`` to glibc; False (nothing done) where glibc is not the allocator."""
+    for parameter, value in options.items():
+        if not isinstance(value, int) or not C_INT_MIN <= value <= C_INT_MAX:  # ctypes would mask it silently
+            raise ValueError(f"mallopt parameter {parameter}: value {value!r} is not a C int "
+                             f"({C_INT_MIN}..{C_INT_MAX}); for M_TRIM_THRESHOLD, -1 means never trim")
     libc = glibc_library()
     if libc is None:
         return False
