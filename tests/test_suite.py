@@ -167,6 +167,7 @@ def test_the_expert_gemms_through_grouped_mm_compute_what_bmm_computes():
                                              "--tiny to check the command on this device"),
      # were: accepted, --tiny's values (or the default GEMM and copy sizes) replacing them
      (["--tiny", "--warmup", "-1"], "--warmup must be >= 0, got -1"),
+     (["--tiny", "--model-warmup", "-1"], "--model-warmup must be >= 0, got -1"),
      (["--tiny", "--model-batch", "0"], "--model-batch must be >= 1, got 0"),
      (["--gemm-size", "0"], "--gemm-size must be >= 1, got 0"),
      (["--tiny", "--copy-mib", "0"], "--copy-mib must be >= 1, got 0"),
@@ -176,7 +177,7 @@ def test_the_expert_gemms_through_grouped_mm_compute_what_bmm_computes():
       "--suite-compile inductr: not a torch.compile backend (did you mean inductor?); use inductor (the default), "
       "eager, aot_eager, another of torch._dynamo.list_backends(), or none (eager only)")],
     ids=["threads", "suite_rounds", "suite_budget", "device", "meta", "full_suite_on_a_cpu", "tiny_warmup",
-         "tiny_model_batch", "gemm_size", "tiny_copy_mib", "nan_budget", "compile_backend"],
+         "tiny_model_warmup", "tiny_model_batch", "gemm_size", "tiny_copy_mib", "nan_budget", "compile_backend"],
 )
 def test_bad_arguments_stop_the_command_with_one_line_naming_them(capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_status:

@@ -61,7 +61,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--profile-model", action="store_true",
                         help="add where each model's inference time goes (changed MLPs, experts, routing, the rest)")
     parser.add_argument("--compile-shapes", nargs="+", default=["cpu_small"], choices=sorted(LAYER_SHAPES))
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones (layer sections)")
+    parser.add_argument("--model-warmup", type=int, default=2,
+                        help="untimed rounds before the timed ones in the model sections: two, because the first "
+                             "training step's freed gradients leave holes its successor's forward fills, so the "
+                             "heap still grows (pages faulted in afresh) in the second")
     parser.add_argument("--layer-rounds", type=int, default=7)
     parser.add_argument("--model-rounds", type=int, default=3)
     parser.add_argument("--gemm-size", type=int, default=None, help="square GEMM of the rate probe")
@@ -71,9 +75,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     check_out(parser, args.out)
     check_suite_compile(parser, args)
     # the values given, before --tiny and the device's defaults replace any: a bad one is named, not dropped
-    for name in ("model_batch", "warmup", "layer_rounds", "model_rounds", "gemm_size", "copy_mib", "threads",
-                 "suite_rounds", "suite_budget_s"):
-        minimum = 0 if name in ("warmup", "suite_budget_s") else 1
+    for name in ("model_batch", "warmup", "model_warmup", "layer_rounds", "model_rounds", "gemm_size", "copy_mib",
+                 "threads", "suite_rounds", "suite_budget_s"):
+        minimum = 0 if name in ("warmup", "model_warmup", "suite_budget_s") else 1
         value = getattr(args, name)
         if value is not None and not value >= minimum:  # threads None: torch's own; nan is no number of seconds
             parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
@@ -86,7 +90,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.tiny:
         args.layer_shapes = args.bfloat16_shapes = args.compile_shapes = ["tiny"]
         args.model_shape = "tiny"
-        args.model_batch, args.warmup, args.layer_rounds, args.model_rounds = 2, 1, 1, 1
+        args.model_batch, args.warmup, args.model_warmup, args.layer_rounds, args.model_rounds = 2, 1, 1, 1, 1
         args.gemm_size, args.copy_mib = args.gemm_size or 128, args.copy_mib or 4
     args.gemm_size = args.gemm_size or (8192 if cuda else 2048)
     args.copy_mib = args.copy_mib or (1024 if cuda else 256)

@@ -104,7 +104,7 @@ def benchmark_model(shape: ModelShape, args, device) -> dict:
     for name, model in models.items():
         for case, fn in model_cases(model, optimizers[name], images, labels).items():
             cases[f"{name}/{case}"] = fn
-    times = interleaved(cases, args.model_rounds, args.warmup, device)
+    times = interleaved(cases, args.model_rounds, args.model_warmup, device)
     ceilings = rates_of(times)
 
     def series(name: str, metric: str, clock: str = "wall") -> List[float]:
@@ -175,7 +175,7 @@ def benchmark_packed_inference(models: Dict[str, nn.Module], images: torch.Tenso
              "soft_moe": soft_moe_inference(False), "soft_moe_packed": soft_moe_inference(True)}
     cases["soft_moe_packed"]()  # packs the weights, outside the timed rounds
     used = sum(packing.key is not None for packing in packings)  # none below MIN_ROWS rows per expert
-    times = interleaved(cases, args.model_rounds, args.warmup, images.device)
+    times = interleaved(cases, args.model_rounds, args.model_warmup, images.device)
     pack_experts_for_cpu(soft_moe, pack=False)
     wall = {name: t["total"] for name, t in times.items()}
     cpu = {name: t["cpu"] for name, t in times.items()}
@@ -210,7 +210,7 @@ def benchmark_model_bf16(shape: ModelShape, args, device) -> dict:
 
         for name, fn in (("inference", inference), ("forward_backward", forward_backward)):
             cases[f"{precision}/{name}"] = _dropping_bf16_copies(fn, model) if precision == "bf16" else fn
-    times = interleaved(cases, args.model_rounds, args.warmup, device)
+    times = interleaved(cases, args.model_rounds, args.model_warmup, device)
     result = {"shape": asdict(shape), "batch": args.model_batch}
     for metric in ("inference", "forward_backward"):
         fp32, bf16 = times[f"fp32/{metric}"], times[f"bf16/{metric}"]
