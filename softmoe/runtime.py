@@ -33,6 +33,7 @@ from typing import Optional
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
+MALLOPT_NAMES = {M_TRIM_THRESHOLD: "M_TRIM_THRESHOLD", M_MMAP_THRESHOLD: "M_MMAP_THRESHOLD", M_MMAP_MAX: "M_MMAP_MAX"}
 C_INT_MIN, C_INT_MAX = -(2**31), 2**31 - 1  # mallopt's value is an int
 
 # What MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 set: no mmap'd chunks, never trim the heap.
@@ -63,8 +64,9 @@ def set_malloc_options(options: dict) -> bool:
     """Apply ``{mallopt parameter: value}`` to glibc; False (nothing done) where glibc is not the allocator."""
     for parameter, value in options.items():
         if not isinstance(value, int) or not C_INT_MIN <= value <= C_INT_MAX:  # ctypes would mask it silently
-            raise ValueError(f"mallopt parameter {parameter}: value {value!r} is not a C int "
-                             f"({C_INT_MIN}..{C_INT_MAX}); for M_TRIM_THRESHOLD, -1 means never trim")
+            name = MALLOPT_NAMES.get(parameter, f"parameter {parameter}")
+            raise ValueError(f"mallopt {name}: value {value!r} is not a C int ({C_INT_MIN}..{C_INT_MAX}); "
+                             "for M_TRIM_THRESHOLD, -1 means never trim")
     libc = glibc_library()
     if libc is None:
         return False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import platform
@@ -12,7 +11,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from ..runtime import GLIBC_DEFAULTS, TUNED, cpu_flags, cpu_has_native_bf16, glibc_library, set_malloc_options
+from ..runtime import (GLIBC_DEFAULTS, M_MMAP_MAX, M_MMAP_THRESHOLD, TUNED, cpu_flags, cpu_has_native_bf16,
+                       glibc_library, set_malloc_options)
 
 GIB = 2**30
 ENV_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE",
@@ -143,12 +143,12 @@ class _HostMemory:
     measured after all timings.
     """
 
-    M_MMAP_THRESHOLD, M_MMAP_MAX = -3, -4
-
     def __init__(self) -> None:
-        self.libc = ctypes.CDLL("libc.so.6")
-        self.libc.mallopt(self.M_MMAP_MAX, 1 << 24)  # undo tune_allocator / MALLOC_MMAP_MAX_=0
-        self.libc.mallopt(self.M_MMAP_THRESHOLD, 64 * 1024)
+        self.libc = glibc_library()
+        if self.libc is None:
+            raise OSError("glibc is not this process's allocator")
+        # undo tune_allocator / MALLOC_MMAP_MAX_=0: every allocation of 64 KiB or more its own mapping
+        set_malloc_options({M_MMAP_MAX: 1 << 24, M_MMAP_THRESHOLD: 64 * 1024})
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
 
