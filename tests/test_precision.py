@@ -7,7 +7,6 @@ No timings here: the speed lives in experiments/throughput/.
 import copy
 import ctypes
 import logging
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 import softmoe.runtime as runtime
 from softmoe import SoftMoE, tune_allocator
 from softmoe.harness.precision import autocast, slow_precision_warning, warn_if_slow
+from processes import REPO, run_from
 
 
 def _layer():
@@ -251,8 +251,7 @@ def test_tune_allocator_keeps_a_freed_block_at_the_top_of_the_heap_however_large
     threshold tune_allocator passed before (1e11, masked by ctypes to 1.16 GB) gave 1.4 GB of S/16's expert weight
     gradients back to the kernel at every step where they lay at the top of the heap."""
     def heap_growth_then_after_free(trim_threshold):
-        done = subprocess.run([sys.executable, "-c", HEAP_AFTER_A_FREED_BLOCK, runtime.__file__, str(trim_threshold)],
-                              capture_output=True, text=True, timeout=120, check=True)
+        done = run_from(REPO, [sys.executable, "-c", HEAP_AFTER_A_FREED_BLOCK, runtime.__file__, str(trim_threshold)])
         return tuple(int(number) for number in done.stdout.split())
 
     size = 5 * 2**29
