@@ -14,8 +14,9 @@ and breaks the pool the same way. So, in a process-parallel sweep (:class:`Sweep
   does under the basic launcher;
 - a job that starts after the stop file appeared does not run (:func:`stop_requested`);
 - a worker is born with SIGINT and SIGTERM blocked, so a Ctrl-C in the seconds it spends starting (importing torch,
-  before this package's code runs in it) cannot kill it and break the pool; its first job ignores what was pending
-  and unblocks them (:func:`ignore_stop_signals_between_jobs`), and between jobs it ignores them;
+  before this package's code runs in it) cannot kill it and break the pool; its first job takes one that is pending
+  as a stop (it writes the stop file and does not start), then ignores them and unblocks them
+  (:func:`ignore_stop_signals_between_jobs`), and between jobs it ignores them;
 - when the last job has returned, the sweep prints the command that resumes it and exits with ``128 + signal``.
 
 Rerunning a sweep into its ``hydra.sweep.dir`` resumes each job from the ``last.pt`` it left, and a finished job
@@ -85,8 +86,13 @@ def ignore_stop_signals_between_jobs() -> None:
     A job's own stop guard (``faults.PreemptionGuard``) takes them while it trains and puts this back when it ends.
 
     The worker was born with them blocked (:meth:`SweepStop.on_multirun_start`): one that arrived while it started
-    is pending, and ignoring before unblocking drops it (the sweep's process took it and wrote the stop file)."""
+    is pending, and ignoring before unblocking drops it. The sweep's process took it too, but Python runs its
+    handler, which writes the stop file, only when its main thread next runs bytecode, which may be after this job
+    started: so a pending one writes the stop file here too, and this job does not start."""
     if in_parallel_sweep():
+        pending = sorted(set(STOP_SIGNALS) & signal.sigpending())
+        if pending:
+            request_stop(pending[0])
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
