@@ -59,11 +59,18 @@ def test_tiny_run_reports_every_section(tiny_results):
     for metric in ("inference", "forward_backward"):
         assert results["model_bf16"][metric]["float32_over_bf16"] > 0
     assert "float32 / bf16 autocast" in stdout
-    if packing_available():  # the expert banks packed for oneDNN, beside both models in rounds of their own
-        packed = model["packed_inference"]
-        assert packed["banks"] == packed["banks_packed"] == 1
-        assert set(packed["seconds"]) == {"dense", "soft_moe", "soft_moe_packed"}
-        assert packed["soft_moe_packed_over_dense"] > 0 and packed["soft_moe_packed_over_soft_moe"] > 0
+    # the inference targets come from rounds of their own, with the kernel's and the host's share of each call
+    alone = model["inference_only"]
+    kinds = {"dense", "soft_moe", "soft_moe_packed"} if packing_available() else {"dense", "soft_moe"}
+    assert set(alone["seconds"]) == set(alone["round_seconds"]) == kinds and alone["rounds"] == 1
+    for counter in ("page_faults", "system_s", "host_steal_s"):
+        assert all(len(values) == 1 and min(values) >= 0 for values in alone[f"{counter}_per_round"].values())
+    assert results["targets"]["model_inference_over_dense"]["value"] == alone["soft_moe_over_dense"]
+    assert "inference only, in rounds of its own (1; the inference targets)" in stdout
+    if packing_available():  # the expert banks packed for oneDNN, beside both models
+        assert alone["banks"] == alone["banks_packed"] == 1
+        assert alone["soft_moe_packed_over_dense"] > 0 and alone["soft_moe_packed_over_soft_moe"] > 0
+        assert results["targets"]["model_inference_packed_over_dense"]["value"] == alone["soft_moe_packed_over_dense"]
         assert "1 of 1 expert banks ran packed" in stdout
     for name in ("dense", "soft_moe"):
         timings = model["models"][name]

@@ -131,7 +131,7 @@ def test_the_benchmark_reports_images_per_second_and_the_fraction_of_the_bf16_ma
     out = tmp_path / "results.json"
     command = [sys.executable, "-m", "softmoe.benchmark", "--device", "cuda", "--layer-shapes", "cpu_small",
                "--model-shape", "tiny", "--model-batch", "8", "--layer-rounds", "2", "--model-rounds", "1",
-               "--gemm-size", "4096", "--copy-mib", "256", "--out", str(out)]
+               "--inference-rounds", "1", "--gemm-size", "4096", "--copy-mib", "256", "--out", str(out)]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads(out.read_text())

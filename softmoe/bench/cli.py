@@ -68,6 +68,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "heap still grows (pages faulted in afresh) in the second")
     parser.add_argument("--layer-rounds", type=int, default=7)
     parser.add_argument("--model-rounds", type=int, default=3)
+    parser.add_argument("--inference-rounds", type=int, default=9,
+                        help="rounds of the models' inference-only section (the inference targets): a round is "
+                             "cheap beside a training step's, and single rounds scatter on a shared machine")
     parser.add_argument("--gemm-size", type=int, default=None, help="square GEMM of the rate probe")
     parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth probe's copy")
     args = parser.parse_args(argv)
@@ -75,8 +78,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     check_out(parser, args.out)
     check_suite_compile(parser, args)
     # the values given, before --tiny and the device's defaults replace any: a bad one is named, not dropped
-    for name in ("model_batch", "warmup", "model_warmup", "layer_rounds", "model_rounds", "gemm_size", "copy_mib",
-                 "threads", "suite_rounds", "suite_budget_s"):
+    for name in ("model_batch", "warmup", "model_warmup", "layer_rounds", "model_rounds", "inference_rounds",
+                 "gemm_size", "copy_mib", "threads", "suite_rounds", "suite_budget_s"):
         minimum = 0 if name in ("warmup", "model_warmup", "suite_budget_s") else 1
         value = getattr(args, name)
         if value is not None and not value >= minimum:  # threads None: torch's own; nan is no number of seconds
@@ -91,6 +94,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.layer_shapes = args.bfloat16_shapes = args.compile_shapes = ["tiny"]
         args.model_shape = "tiny"
         args.model_batch, args.warmup, args.model_warmup, args.layer_rounds, args.model_rounds = 2, 1, 1, 1, 1
+        args.inference_rounds = 1
         args.gemm_size, args.copy_mib = args.gemm_size or 128, args.copy_mib or 4
     args.gemm_size = args.gemm_size or (8192 if cuda else 2048)
     args.copy_mib = args.copy_mib or (1024 if cuda else 256)

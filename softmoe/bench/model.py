@@ -143,47 +143,79 @@ def benchmark_model(shape: ModelShape, args, device) -> dict:
     for model in models.values():
         model.zero_grad(set_to_none=True)  # room for the packed weights (3.6 GB at S/16)
     gc.collect()
-    if device.type == "cpu" and packing_available():
-        result["packed_inference"] = benchmark_packed_inference(models, images, args)
+    result["inference_only"] = benchmark_inference(models, images, args)
     del models
     gc.collect()
     return result
 
 
-def benchmark_packed_inference(models: Dict[str, nn.Module], images: torch.Tensor, args) -> dict:
-    """CPU: the Soft MoE model's inference with its expert weights packed for oneDNN (``pack_experts_for_cpu``),
-    beside the dense model and the same model unpacked, in rounds of their own: packing is for a process that
-    only infers, so no training step runs between (it would change the weights and have them packed again)."""
+def benchmark_inference(models: Dict[str, nn.Module], images: torch.Tensor, args) -> dict:
+    """Both models' inference in rounds of their own (``--inference-rounds``), as a process that only infers runs
+    it: no training step between the calls to churn the heap and the caches, and more rounds than the training
+    steps get, since a round is cheap and a shared host's noise is not (one model's rounds in one run differed by
+    up to 1.65x on the 2-core VM of experiments/throughput, session 25). The page faults, system time and host
+    steal of every call are kept beside the times (read inside the timed call: about 20 us each). On a CPU with
+    oneDNN, also the Soft MoE model with its expert weights packed (``pack_experts_for_cpu``): packing is for a
+    process that only infers, as here (a training step would change the weights and have them packed again)."""
     soft_moe = models["soft_moe"]
-    pack_experts_for_cpu(soft_moe)
-    banks = [m for m in soft_moe.modules() if getattr(m, "cpu_packing", None) is not None]
-    packings = [bank.cpu_packing for bank in banks]
-    inference = model_cases(soft_moe, None, images, None)["inference"]
+    packed = images.device.type == "cpu" and packing_available()
+    cases = {"dense": counted(model_cases(models["dense"], None, images, None)["inference"]),
+             "soft_moe": counted(model_cases(soft_moe, None, images, None)["inference"])}
+    banks: list = []
+    packings: list = []
+    if packed:
+        pack_experts_for_cpu(soft_moe)
+        banks = [m for m in soft_moe.modules() if getattr(m, "cpu_packing", None) is not None]
+        packings = [bank.cpu_packing for bank in banks]
+        cases.update(_packed_or_not(banks, packings, cases["soft_moe"]))
+        cases["soft_moe_packed"]()  # packs the weights, outside the timed rounds
+    times = interleaved(cases, args.inference_rounds, args.model_warmup, images.device)
+    wall = {name: t["total"] for name, t in times.items()}
+    cpu = {name: t["cpu"] for name, t in times.items()}
+    result = {"rounds": args.inference_rounds, "seconds": {name: median(t) for name, t in wall.items()},
+              "round_seconds": wall,
+              **{f"{counter}_per_round": {name: t[counter] for name, t in times.items()}
+                 for counter in ("page_faults", "system_s", "host_steal_s")},
+              "soft_moe_over_dense": paired_ratio(wall["soft_moe"], wall["dense"]),
+              "soft_moe_over_dense_cpu_time": paired_ratio(cpu["soft_moe"], cpu["dense"])}
+    if packed:
+        used = sum(packing.key is not None for packing in packings)  # none below MIN_ROWS rows per expert
+        pack_experts_for_cpu(soft_moe, pack=False)
+        result.update({"banks": len(banks), "banks_packed": used,
+                       "soft_moe_packed_over_dense": paired_ratio(wall["soft_moe_packed"], wall["dense"]),
+                       "soft_moe_packed_over_dense_cpu_time": paired_ratio(cpu["soft_moe_packed"], cpu["dense"]),
+                       "soft_moe_packed_over_soft_moe": paired_ratio(wall["soft_moe_packed"], wall["soft_moe"])})
+    return result
 
-    def soft_moe_inference(packed: bool):
+
+def counted(call):
+    """``call`` returning the page faults, system seconds and host steal seconds it took as its phases."""
+
+    def with_counters():
+        start_faults, start_system, start_steal = kernel_and_host_counters()
+        call()
+        faults, system, steal = kernel_and_host_counters()
+        return {"page_faults": faults - start_faults, "system_s": system - start_system,
+                "host_steal_s": steal - start_steal}
+
+    return with_counters
+
+
+def _packed_or_not(banks: list, packings: list, inference) -> dict:
+    """The unpacked and the packed Soft MoE cases: one model, its banks' packing switched on for a call only."""
+
+    def switched(packed: bool):
         def call():
-            for bank, packing in zip(banks, packings):  # one model, its packing switched on for this call only
+            for bank, packing in zip(banks, packings):
                 bank.cpu_packing = packing if packed else None
             try:
-                inference()
+                return inference()
             finally:
                 for bank in banks:
                     bank.cpu_packing = None
         return call
 
-    cases = {"dense": model_cases(models["dense"], None, images, None)["inference"],
-             "soft_moe": soft_moe_inference(False), "soft_moe_packed": soft_moe_inference(True)}
-    cases["soft_moe_packed"]()  # packs the weights, outside the timed rounds
-    used = sum(packing.key is not None for packing in packings)  # none below MIN_ROWS rows per expert
-    times = interleaved(cases, args.model_rounds, args.model_warmup, images.device)
-    pack_experts_for_cpu(soft_moe, pack=False)
-    wall = {name: t["total"] for name, t in times.items()}
-    cpu = {name: t["cpu"] for name, t in times.items()}
-    return {"banks": len(banks), "banks_packed": used, "seconds": {name: median(t) for name, t in wall.items()},
-            "soft_moe_packed_over_dense": paired_ratio(wall["soft_moe_packed"], wall["dense"]),
-            "soft_moe_packed_over_dense_cpu_time": paired_ratio(cpu["soft_moe_packed"], cpu["dense"]),
-            "soft_moe_packed_over_soft_moe": paired_ratio(wall["soft_moe_packed"], wall["soft_moe"]),
-            "soft_moe_over_dense": paired_ratio(wall["soft_moe"], wall["dense"])}
+    return {"soft_moe": switched(False), "soft_moe_packed": switched(True)}
 
 
 def benchmark_model_bf16(shape: ModelShape, args, device) -> dict:

@@ -61,10 +61,12 @@ def evaluate_targets(results: dict, layer_shape: str) -> dict:
         if metric in model.get("soft_moe_over_dense", {}):
             values[f"model_{metric}_over_dense"] = (model["soft_moe_over_dense"][metric],
                                                     model["soft_moe_over_dense_cpu_time"][metric])
-    packed = model.get("packed_inference")
-    if packed:
-        values["model_inference_packed_over_dense"] = (packed["soft_moe_packed_over_dense"],
-                                                       packed["soft_moe_packed_over_dense_cpu_time"])
+    alone = model.get("inference_only")  # the inference targets: its rounds run no training step between calls
+    if alone:
+        values["model_inference_over_dense"] = (alone["soft_moe_over_dense"], alone["soft_moe_over_dense_cpu_time"])
+    if alone and "soft_moe_packed_over_dense" in alone:
+        values["model_inference_packed_over_dense"] = (alone["soft_moe_packed_over_dense"],
+                                                       alone["soft_moe_packed_over_dense_cpu_time"])
     for row in results.get("layer_memory", []):
         if row["shape"] == layer_shape and row["impl"] == "soft_moe" and row["peak_over_required"] is not None:
             values["layer_peak_memory_over_required"] = (row["peak_over_required"], None)
@@ -155,15 +157,22 @@ def _model_report_lines(results: dict) -> list:
         lines.append("soft_moe / dense, CPU time: "
                      + ", ".join(f"{k} {v:.2f}x" for k, v in model["soft_moe_over_dense_cpu_time"].items()))
         lines += _kernel_and_host_lines(model["models"])
-    packed = (model or {}).get("packed_inference")
-    if packed:
-        seconds = packed["seconds"]
-        lines.append(f"inference, experts packed for oneDNN (pack_experts_for_cpu; {packed['banks_packed']} of "
-                     f"{packed['banks']} expert banks ran packed), rounds of their own: dense "
-                     f"{seconds['dense']:.3f} s, soft_moe {seconds['soft_moe']:.3f} s, packed "
-                     f"{seconds['soft_moe_packed']:.3f} s; packed / dense {packed['soft_moe_packed_over_dense']:.2f}x "
-                     f"({packed['soft_moe_packed_over_dense_cpu_time']:.2f}), packed / unpacked "
-                     f"{packed['soft_moe_packed_over_soft_moe']:.2f}x")
+    alone = (model or {}).get("inference_only")
+    if alone:
+        seconds = alone["seconds"]
+        lines.append(f"inference only, in rounds of its own ({alone['rounds']}; the inference targets): dense "
+                     f"{seconds['dense']:.3f} s, soft_moe {seconds['soft_moe']:.3f} s; soft_moe / dense "
+                     f"{alone['soft_moe_over_dense']:.2f}x ({alone['soft_moe_over_dense_cpu_time']:.2f})")
+        if "soft_moe_packed" in seconds:
+            lines.append(f"  experts packed for oneDNN (pack_experts_for_cpu; {alone['banks_packed']} of "
+                         f"{alone['banks']} expert banks ran packed): {seconds['soft_moe_packed']:.3f} s; packed / "
+                         f"dense {alone['soft_moe_packed_over_dense']:.2f}x "
+                         f"({alone['soft_moe_packed_over_dense_cpu_time']:.2f}), packed / unpacked "
+                         f"{alone['soft_moe_packed_over_soft_moe']:.2f}x")
+        steal = {name: sum(values) for name, values in alone["host_steal_s_per_round"].items()}
+        faults = {name: max(values) for name, values in alone["page_faults_per_round"].items()}
+        lines.append("  host steal seconds over its rounds: " + ", ".join(f"{k} {v:.2f}" for k, v in steal.items())
+                     + "; most page faults in a round: " + ", ".join(f"{k} {v}" for k, v in faults.items()))
     bf16 = results.get("model_bf16")
     if bf16:
         lines.append(f"soft_moe {bf16['shape']['name']} float32 / bf16 autocast (as trainer.precision=bf16), batch "
