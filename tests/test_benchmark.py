@@ -47,6 +47,8 @@ def test_tiny_run_reports_every_section(tiny_results):
                   for d in ("float32", "bfloat16"))
     if results["allocator"]["tune_allocator_applied"]:  # glibc: the allocator settings side by side
         assert fp32["soft_moe@env_variables_s"] > 0 and fp32["soft_moe@glibc_defaults_s"] > 0
+        for variant in ("env_variables", "glibc_defaults"):  # each round's time, as the layer's own are kept
+            assert len(fp32[f"soft_moe@{variant}_seconds"]) == len(fp32["soft_moe_seconds"])
         assert fp32["soft_moe_over_soft_moe@glibc_defaults"] > 0  # against the layer of its own rounds
     assert bf16["soft_moe@cast_per_step_s"] > 0 and bf16["float32_over_cast_per_step"] > 0
     assert {row["impl"] for row in results["layer_memory"]} == {"soft_moe", "reference_loop"}

@@ -123,6 +123,7 @@ def _variant_ratios(times: dict, d: str, pass_name: str) -> dict:
             timed_cpu = times[name].get("cpu_call", times[name]["cpu"])
             beside = times[BESIDE_GLIBC if variant == "glibc_defaults" else f"{d}/soft_moe/{pass_name}"]
             ratios[f"soft_moe@{variant}_s"] = median(timed)
+            ratios[f"soft_moe@{variant}_seconds"] = list(timed)  # per round: what each median ratio is made of
             ratios[f"soft_moe_over_soft_moe@{variant}"] = paired_ratio(beside["total"], timed)
             ratios[f"soft_moe_over_soft_moe@{variant}_cpu_time"] = paired_ratio(beside["cpu"], timed_cpu)
     return ratios
