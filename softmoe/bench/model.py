@@ -93,7 +93,8 @@ def model_cases(model: nn.Module, optimizer, images, labels, precision: str = "f
 
 
 def benchmark_model(shape: ModelShape, args, device) -> dict:
-    """Soft MoE ViT vs dense ViT: inference, forward+backward and the AdamW step, interleaved."""
+    """Soft MoE ViT vs dense ViT: inference, forward+backward and the AdamW step, interleaved; then inference again,
+    in rounds of its own (:func:`benchmark_inference`, the inference targets)."""
     torch.manual_seed(0)
     flops = model_flops(shape, args.model_batch)
     models = {name: build_benchmark_model(shape, name, device).train() for name in MODEL_KINDS}
@@ -159,8 +160,8 @@ def benchmark_inference(models: Dict[str, nn.Module], images: torch.Tensor, args
     process that only infers, as here (a training step would change the weights and have them packed again)."""
     soft_moe = models["soft_moe"]
     packed = images.device.type == "cpu" and packing_available()
-    cases = {"dense": counted(model_cases(models["dense"], None, images, None)["inference"]),
-             "soft_moe": counted(model_cases(soft_moe, None, images, None)["inference"])}
+    cases = {kind: with_kernel_and_host_counters(model_cases(model, None, images, None)["inference"])
+             for kind, model in models.items()}
     banks: list = []
     packings: list = []
     if packed:
@@ -188,7 +189,7 @@ def benchmark_inference(models: Dict[str, nn.Module], images: torch.Tensor, args
     return result
 
 
-def counted(call):
+def with_kernel_and_host_counters(call):
     """``call`` returning the page faults, system seconds and host steal seconds it took as its phases."""
 
     def with_counters():
