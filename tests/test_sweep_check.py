@@ -14,11 +14,13 @@ import sys
 import pytest
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import ROOT
 from processes import refused_here
 from softmoe import train
+from softmoe.harness import runs
 from softmoe.harness.checkpoint import FORMAT_VERSION, save_checkpoint
 from softmoe.harness.distributed import TORCHRUN_VARIABLES
 from softmoe.harness.overrides import compose_config
@@ -173,6 +175,23 @@ def test_trainer_resume_of_another_model_is_named_for_a_job_whose_run_directory_
         "trainer.resume=null to train afresh; no job was started")
 
 
+def test_a_jobs_hydra_interpolations_resolve_as_the_job_will(tmp_path):
+    """``trainer.resume=<old sweep>/${hydra:job.num}/last.pt`` (a sweep trained on, job by job) was refused for
+    every job: the check resolved it before Hydra sets what the ``hydra:`` resolver reads. Job 1's resolves to job
+    1's checkpoint, here one of another model, named as the job would name it."""
+    argv = ["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    for job in (0, 1):
+        save_config_checkpoint(tmp_path / "old" / str(job) / "last.pt", argv, job,
+                               **({"moe.num_experts": 4} if job == 1 else {}))
+    resume = f"trainer.resume={tmp_path / 'old'}/${{hydra:job.num}}/last.pt"
+    assert sweep_job_error([*argv, resume], "train") is None  # no run directory yet: a new sweep
+    (tmp_path / "sweep" / "1").mkdir(parents=True)  # a rerun finds job 1's
+    assert sweep_job_error([*argv, resume], "train").startswith(
+        f"job 1 (seed=1): moe.num_experts=16: trainer.resume's checkpoint {tmp_path / 'old' / '1' / 'last.pt'} was "
+        "saved with moe.num_experts=4")
+    assert not HydraConfig.initialized()  # put back as it was: unset before Hydra runs
+
+
 @pytest.mark.parametrize("argv", [
     ["-m", "moe.num_experts=4,8", "seed=0,1"],  # every job is valid
     ["experiment=table2_routing"],
@@ -314,6 +333,30 @@ def sweep_fingerprint(sweep_dir):
         if path.is_file() and path.name not in ("train.log", ".lock")
         and path.relative_to(sweep_dir).parts[0] not in (".console_warnings", ".submitit")
     }
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_on_in_a_new_sweep_directory_each_job_from_its_own_checkpoint(tmp_path):
+    """docs/training.md's recipe: the same sweep, a longer trainer.max_steps, a new hydra.sweep.dir and
+    ``trainer.resume=<old sweep dir>/${hydra:job.num}/last.pt``."""
+    tiny = ["data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=32", "data.test_size=8",
+            "model.depth=2", "trainer.batch_size=16", "trainer.log_every=1", "logger=none",
+            "trainer.progress_bar=false"]
+
+    def sweep(name, steps, *overrides):
+        command = [sys.executable, "-m", "softmoe.train", "-m", "seed=0,1", *tiny, f"trainer.max_steps={steps}",
+                   *overrides, f"hydra.sweep.dir={tmp_path / name}"]
+        done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:]
+        return done.stdout.splitlines()
+
+    sweep("first", 2)
+    lines = sweep("longer", 4, f"trainer.resume={tmp_path / 'first'}/${{hydra:job.num}}/last.pt")
+    for job in (0, 1):
+        assert f"[job {job}] resuming from {tmp_path / 'first' / str(job) / 'last.pt'} at step 2 of 4" in lines
+        events = runs.read_events(tmp_path / "longer" / str(job))
+        assert [event["step"] for event in events if "train/lr" in event] == [3, 4]
 
 
 @pytest.mark.slow

@@ -18,12 +18,14 @@ A single run is checked the same way (:func:`single_run_error`), so that a run i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import os
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
 from hydra.errors import HydraException
@@ -185,8 +187,9 @@ def job_problem(job: Sequence[str], number: Optional[int], config_name: str, con
     refuses). The line is the run's own ``error:`` line, as it would print it once started."""
     try:
         composed = compose_config(config_name, job, conf_dir)
-        check_config(composed)
-        config = plain(composed)
+        with hydra_config_of_job(composed, number):  # ${hydra:job.num} and the like resolve as the job's will
+            check_config(composed)
+            config = plain(composed)
         check_launch_as_the_run_will(config, single_run=number is None)
         data = (config["data"], config["paths"]["data_dir"])
         if data not in data_checked:
@@ -221,12 +224,34 @@ def job_run_dir(composed: DictConfig, number: Optional[int]) -> Optional[Path]:
     if number is None:
         run_dir = OmegaConf.select(composed, "hydra.run.dir", throw_on_resolution_failure=False)
         return Path(str(run_dir)).absolute() if run_dir is not None else None
-    config = copy.deepcopy(composed)
-    OmegaConf.set_readonly(config, False)
-    with open_dict(config):
-        config.hydra.job.num = number
+    config = job_config(composed, number)
     sweep_dir, subdir = (OmegaConf.select(config, key, throw_on_resolution_failure=False)
                          for key in ("hydra.sweep.dir", "hydra.sweep.subdir"))
     if sweep_dir is None or subdir is None:
         return None
     return Path(str(sweep_dir), str(subdir)).absolute()  # as Hydra gives the job its output dir, and its messages
+
+
+def job_config(composed: DictConfig, number: Optional[int]) -> DictConfig:
+    """A writable copy of a job's composed config, its ``hydra.job.num`` set as every launcher sets it (a single
+    run's, ``number`` None, as composed)."""
+    config = copy.deepcopy(composed)
+    OmegaConf.set_readonly(config, False)
+    if number is not None:
+        with open_dict(config):
+            config.hydra.job.num = number
+    return config
+
+
+@contextlib.contextmanager
+def hydra_config_of_job(composed: DictConfig, number: Optional[int]) -> Iterator[None]:
+    """Hydra's ``hydra:`` resolver (``trainer.resume=<sweep dir>/${hydra:job.num}/last.pt``) reads a singleton that
+    Hydra sets only once a job runs, so the checks, which run before, refused every such config ("HydraConfig was
+    not set"): set it to this job's for the checks, and put back what was there."""
+    instance = HydraConfig.instance()
+    previous = instance.cfg
+    instance.set_config(job_config(composed, number))
+    try:
+        yield
+    finally:
+        instance.cfg = previous
