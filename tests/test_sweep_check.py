@@ -352,6 +352,11 @@ def test_a_sweep_trains_on_in_a_new_sweep_directory_each_job_from_its_own_checkp
         return done.stdout.splitlines()
 
     sweep("first", 2)
+    # rerun into its own directory, it says how: each job from its own checkpoint (was: job 0's, for every job)
+    assert sweep_job_error(["-m", "seed=0,1", *tiny, "trainer.max_steps=4", f"hydra.sweep.dir={tmp_path / 'first'}"],
+                           "train").endswith(
+        f"or to train on, start a new run directory from it with 'trainer.resume={tmp_path / 'first'}/"
+        "${hydra:job.num}/last.pt' trainer.max_steps=4; no job was started")
     lines = sweep("longer", 4, f"trainer.resume={tmp_path / 'first'}/${{hydra:job.num}}/last.pt")
     for job in (0, 1):
         assert f"[job {job}] resuming from {tmp_path / 'first' / str(job) / 'last.pt'} at step 2 of 4" in lines
@@ -382,8 +387,8 @@ def test_a_sweep_rerun_its_jobs_would_refuse_starts_none_and_leaves_the_sweep_di
     refusal = (
         f"job 0 (seed=0): optimizer.lr=0.01: this run directory's checkpoint {sweep_dir}/0/last.pt was "
         "saved with optimizer.lr=0.003, and a run directory resumes only the experiment it holds; rerun with "
-        f"optimizer.lr=0.003, or start a new run directory from it with trainer.resume={sweep_dir}/0/last.pt (a "
-        "new hydra.run.dir, or hydra.sweep.dir for a sweep); no job was started")
+        f"optimizer.lr=0.003, or start a new run directory from it with 'trainer.resume={sweep_dir}/"
+        "${hydra:job.num}/last.pt' (a new hydra.run.dir, or hydra.sweep.dir for a sweep); no job was started")
     # the check runs before Hydra and its launcher: here for each launcher, and once as a command (submitit's, the
     # launcher that had ended in a traceback)
     for launcher in ("basic", "joblib", "submitit_local"):

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import itertools
 import os
+import re
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -205,7 +206,19 @@ def job_problem(job: Sequence[str], number: Optional[int], config_name: str, con
     # under torchrun each rank checks its sweep for itself, and rank 0 may hold job 0's lock by the time another rank
     # looks: the ranks' own lock check (Distributed.claim_run_dir) settles that one
     in_use = None if launched_by_torchrun() else RunDirLock(run_dir).in_use()
-    return in_use or resume_refusal(run_dir, config["trainer"]["resume"], config)
+    refusal = resume_refusal(run_dir, config["trainer"]["resume"], config)
+    return in_use or (refusal if number is None or refusal is None else each_job_its_own(refusal, run_dir, number))
+
+
+def each_job_its_own(refusal: str, run_dir: Path, number: int) -> str:
+    """A sweep job's refusal names its own checkpoint to start a new run from (``trainer.resume=<sweep dir>/1/
+    last.pt``); given to the sweep, that would start every job from job 1's. Where the job's run directory is
+    ``<sweep dir>/<job number>`` (``conf/hydra/default.yaml``'s subdir), it names each job's own instead, through
+    Hydra's resolver, quoted for the shell: ``'trainer.resume=<sweep dir>/${hydra:job.num}/last.pt'``."""
+    if run_dir.name != str(number):
+        return refusal
+    own = re.compile(rf"trainer\.resume={re.escape(str(run_dir))}/(\S+)")
+    return own.sub(lambda found: f"'trainer.resume={run_dir.parent}/${{hydra:job.num}}/{found.group(1)}'", refusal)
 
 
 def check_launch_as_the_run_will(config: dict, single_run: bool) -> None:
