@@ -188,7 +188,8 @@ def job_problem(job: Sequence[str], number: Optional[int], config_name: str, con
     refuses). The line is the run's own ``error:`` line, as it would print it once started."""
     try:
         composed = compose_config(config_name, job, conf_dir)
-        with hydra_config_of_job(composed, number):  # ${hydra:job.num} and the like resolve as the job's will
+        as_run = job_config(composed, number)  # what the hydra: resolver and the job's run directory read
+        with hydra_config_set_to(as_run):  # ${hydra:job.num} and the like resolve as the job's will
             check_config(composed)
             config = plain(composed)
         check_launch_as_the_run_will(config, single_run=number is None)
@@ -200,14 +201,16 @@ def job_problem(job: Sequence[str], number: Optional[int], config_name: str, con
         return str(error)
     except (HydraException, OmegaConfBaseException) as error:
         return job_composition_error(job, config_name, conf_dir, error)
-    run_dir = job_run_dir(composed, number)
+    run_dir = job_run_dir(as_run, number)
     if run_dir is None or not run_dir.is_dir():
         return None
     # under torchrun each rank checks its sweep for itself, and rank 0 may hold job 0's lock by the time another rank
     # looks: the ranks' own lock check (Distributed.claim_run_dir) settles that one
     in_use = None if launched_by_torchrun() else RunDirLock(run_dir).in_use()
+    if in_use:
+        return in_use
     refusal = resume_refusal(run_dir, config["trainer"]["resume"], config)
-    return in_use or (refusal if number is None or refusal is None else each_job_its_own(refusal, run_dir, number))
+    return each_job_its_own(refusal, run_dir, number) if refusal and number is not None else refusal
 
 
 def each_job_its_own(refusal: str, run_dir: Path, number: int) -> str:
@@ -230,14 +233,13 @@ def check_launch_as_the_run_will(config: dict, single_run: bool) -> None:
         check_launch(config, torchrun=torchrun, world_size=int(os.environ["WORLD_SIZE"]) if torchrun else 1)
 
 
-def job_run_dir(composed: DictConfig, number: Optional[int]) -> Optional[Path]:
-    """Where job ``number`` will run: ``hydra.sweep.dir``/``hydra.sweep.subdir`` with ``hydra.job.num`` set as every
-    launcher sets it; None where the path names what only the launcher knows (``hydra.job.id``: submitit's is the
-    SLURM job's). A single run's (``number`` None): ``hydra.run.dir``."""
+def job_run_dir(config: DictConfig, number: Optional[int]) -> Optional[Path]:
+    """Where job ``number`` will run (``config``: its :func:`job_config`): ``hydra.sweep.dir``/``hydra.sweep.subdir``,
+    ``hydra.job.num`` set as every launcher sets it; None where the path names what only the launcher knows
+    (``hydra.job.id``: submitit's is the SLURM job's). A single run's (``number`` None): ``hydra.run.dir``."""
     if number is None:
-        run_dir = OmegaConf.select(composed, "hydra.run.dir", throw_on_resolution_failure=False)
+        run_dir = OmegaConf.select(config, "hydra.run.dir", throw_on_resolution_failure=False)
         return Path(str(run_dir)).absolute() if run_dir is not None else None
-    config = job_config(composed, number)
     sweep_dir, subdir = (OmegaConf.select(config, key, throw_on_resolution_failure=False)
                          for key in ("hydra.sweep.dir", "hydra.sweep.subdir"))
     if sweep_dir is None or subdir is None:
@@ -246,24 +248,25 @@ def job_run_dir(composed: DictConfig, number: Optional[int]) -> Optional[Path]:
 
 
 def job_config(composed: DictConfig, number: Optional[int]) -> DictConfig:
-    """A writable copy of a job's composed config, its ``hydra.job.num`` set as every launcher sets it (a single
-    run's, ``number`` None, as composed)."""
+    """A sweep job's composed config as it runs: a copy, its ``hydra.job.num`` set as every launcher sets it; a
+    single run's (``number`` None) is the composed one."""
+    if number is None:
+        return composed
     config = copy.deepcopy(composed)
     OmegaConf.set_readonly(config, False)
-    if number is not None:
-        with open_dict(config):
-            config.hydra.job.num = number
+    with open_dict(config):
+        config.hydra.job.num = number
     return config
 
 
 @contextlib.contextmanager
-def hydra_config_of_job(composed: DictConfig, number: Optional[int]) -> Iterator[None]:
+def hydra_config_set_to(config: DictConfig) -> Iterator[None]:
     """Hydra's ``hydra:`` resolver (``trainer.resume=<sweep dir>/${hydra:job.num}/last.pt``) reads a singleton that
     Hydra sets only once a job runs, so the checks, which run before, refused every such config ("HydraConfig was
-    not set"): set it to this job's for the checks, and put back what was there."""
+    not set"): set it to the job's ``config`` (:func:`job_config`) for the checks, and put back what was there."""
     instance = HydraConfig.instance()
     previous = instance.cfg
-    instance.set_config(job_config(composed, number))
+    instance.set_config(config)
     try:
         yield
     finally:
