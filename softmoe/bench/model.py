@@ -162,14 +162,13 @@ def benchmark_inference(models: Dict[str, nn.Module], images: torch.Tensor, args
     packed = images.device.type == "cpu" and packing_available()
     cases = {kind: with_kernel_and_host_counters(model_cases(model, None, images, None)["inference"])
              for kind, model in models.items()}
-    banks: list = []
-    packings: list = []
     if packed:
         pack_experts_for_cpu(soft_moe)
         banks = [m for m in soft_moe.modules() if getattr(m, "cpu_packing", None) is not None]
         packings = [bank.cpu_packing for bank in banks]
         cases.update(_packed_or_not(banks, packings, cases["soft_moe"]))
         cases["soft_moe_packed"]()  # packs the weights, outside the timed rounds
+        used = sum(packing.key is not None for packing in packings)  # none below MIN_ROWS rows per expert
     times = interleaved(cases, args.inference_rounds, args.model_warmup, images.device)
     wall = {name: t["total"] for name, t in times.items()}
     cpu = {name: t["cpu"] for name, t in times.items()}
@@ -180,7 +179,6 @@ def benchmark_inference(models: Dict[str, nn.Module], images: torch.Tensor, args
               "soft_moe_over_dense": paired_ratio(wall["soft_moe"], wall["dense"]),
               "soft_moe_over_dense_cpu_time": paired_ratio(cpu["soft_moe"], cpu["dense"])}
     if packed:
-        used = sum(packing.key is not None for packing in packings)  # none below MIN_ROWS rows per expert
         pack_experts_for_cpu(soft_moe, pack=False)
         result.update({"banks": len(banks), "banks_packed": used,
                        "soft_moe_packed_over_dense": paired_ratio(wall["soft_moe_packed"], wall["dense"]),
