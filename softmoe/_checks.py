@@ -156,11 +156,18 @@ def require_parameter_dtype(name: str, x: torch.Tensor, parameter: torch.Tensor,
         )
 
 
+def is_symbolically_traced() -> bool:
+    """True while ``torch.fx.symbolic_trace`` or ``torch.export`` traces the code: proxies or symbolic shapes, so no
+    input check can run. Unlike :func:`is_tracing`, not under ``torch.compile``, where a check on the input's shape
+    runs as in eager mode (dynamo guards on it)."""
+    return _is_fx_symbolic_tracing() or is_exporting()
+
+
 def require_tokens(name: str, x: Any, dim: int, parameter: torch.Tensor) -> None:
     """Check that ``x`` is a floating-point [batch, tokens, dim] tensor with at least one token, in the dtype of the
     layer's ``parameter`` unless autocast casts both (eager calls, and under ``torch.compile``: dynamo guards on
     these static properties anyway, and a wrong input then gets this line, not an error from inside the graph)."""
-    if _is_fx_symbolic_tracing() or is_exporting():  # proxies, or export's symbolic shapes
+    if is_symbolically_traced():
         return
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a tensor of shape [batch, tokens, {dim}], got {type(x).__name__}")

@@ -343,7 +343,8 @@ class BatchedMlp(nn.Module):
             return weight
         key = _copy_key(weight, steps=_optimizer_steps)
         cached = self._low_precision.get(name)
-        if cached is None or cached[1].dtype != dtype or cached[1].device != weight.device:
+        if cached is None or cached[1].dtype != dtype or cached[1].device != weight.device or \
+                cached[1].shape != weight.shape:  # a weight replaced by another shape: an expert-parallel shard
             with torch.inference_mode(False):  # a copy made during inference must still serve training
                 cached = (None, torch.empty_like(weight, dtype=dtype))
         if _owner_of(weight)[0] is not self:  # a new copy, or a new weight object (a deepcopy, a replaced weight)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ._checks import (
     autocast_dtype_on,
+    is_symbolically_traced,
     is_tracing,
     require_bool,
     require_choice,
@@ -214,7 +215,7 @@ class SoftMoE(nn.Module):
         shape = (b, m, self.num_slots)
         if mode == "uniform":
             return torch.full(shape, 1.0 / shape[softmax_dim], device=device, dtype=dtype)
-        if not is_tracing() and m != self.num_slots:
+        if not is_symbolically_traced() and m != self.num_slots:  # compiled: as eager, not torch's expand error
             raise ValueError(
                 f"identity routing needs num_experts * slots_per_expert == number of tokens, "
                 f"got {self.num_experts} * {self.slots_per_expert} = {self.num_slots} slots for {m} tokens"

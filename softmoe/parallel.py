@@ -115,6 +115,9 @@ def _shard_bank_(bank: nn.Module, first: int, count: int) -> nn.Module:
             module._buffers[name] = buffer[first : first + count].clone()
     if isinstance(getattr(bank, "num_experts", None), int):
         bank.num_experts = count  # StackedExperts' per-expert loop reads it
+    for module in bank.modules():  # autocast copies of the whole bank, made by a forward before the conversion
+        if hasattr(module, "clear_low_precision_copies"):
+            module.clear_low_precision_copies()
     return bank
 
 

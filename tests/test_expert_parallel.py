@@ -135,6 +135,20 @@ def uneven_batches_match_single_process(rank):
     assert_grads_match(layer, reference, rank, factor=1.0 / WORLD_SIZE)
 
 
+def autocast_after_an_autocast_forward_before_the_conversion(rank):
+    """A layer that ran under autocast before the conversion (a sanity forward) kept bf16 copies of the whole bank;
+    converted, it reads copies of this rank's experts: its autocast forward equals the single-process one's."""
+    torch.manual_seed(0)
+    reference = SoftMoE(8, hidden_features=16, num_experts=4, slots_per_expert=2)
+    x = torch.randn(WORLD_SIZE * PER_RANK_BATCH, 6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(x)  # makes the whole bank's copies, then carried into the converted layer
+    layer = to_expert_parallel(copy.deepcopy(reference))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = layer(x[local_slice(rank, [PER_RANK_BATCH] * WORLD_SIZE)])
+    torch.testing.assert_close(output, expected[local_slice(rank, [PER_RANK_BATCH] * WORLD_SIZE)], rtol=0, atol=0)
+
+
 def state_dict_round_trip(rank):
     """Gathering the shards gives the single-process state dict; sharding it gives every rank's part back."""
     reference = tiny_vit(seed=0)
@@ -270,6 +284,7 @@ SCENARIOS = {
     for fn in (
         layer_matches_single_process,
         uneven_batches_match_single_process,
+        autocast_after_an_autocast_forward_before_the_conversion,
         state_dict_round_trip,
         training_with_manual_grad_reduction,
         training_with_ddp,

@@ -114,6 +114,14 @@ def test_a_compiled_layer_checks_its_input_as_eager_mode_does():
         compiled(torch.randn(12, 16))
 
 
+def test_a_compiled_identity_router_names_a_token_count_it_cannot_take():
+    compiled = torch.compile(SoftMoE(8, num_experts=4, dispatch="identity"), backend="eager")
+    compiled(torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match=r"identity routing needs num_experts \* slots_per_expert == number of "
+                                         r"tokens, got 4 \* 1 = 4 slots for 5 tokens"):
+        compiled(torch.randn(2, 5, 8))  # was torch's "expand: attempting to expand a dimension of length s27 -> 4"
+
+
 def test_under_fullgraph_a_wrong_input_still_gets_the_line_if_inside_torchs_observed_exception():
     # docs/library.md says so: fullgraph=True lets no exception leave a graph, so torch reports it as its own, unless
     # an earlier compile of this forward already gave up on the frame (then it runs eagerly: the plain ValueError)
