@@ -70,7 +70,8 @@ def capture_routing(model: nn.Module) -> Iterator[Dict[str, RoutingRecord]]:
     def recorder_for(name: str, layer: nn.Module):
         def record(dispatch: torch.Tensor, combine: torch.Tensor) -> None:
             # [b, m, n * slots] -> [b, m, n, slots]; slots per expert is the layer's capacity for sparse layers
-            shape = (*dispatch.shape[:2], layer.num_experts, -1)
+            # (spelled out, not -1: an empty batch has no elements to infer it from)
+            shape = (*dispatch.shape[:2], layer.num_experts, dispatch.shape[-1] // layer.num_experts)
             records[name] = RoutingRecord(dispatch=dispatch.detach().view(shape), combine=combine.detach().view(shape))
 
         return record

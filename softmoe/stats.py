@@ -11,9 +11,9 @@ from typing import Dict, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .capture import is_routing_layer
-from .layer import l2_normalize
 
 
 def entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
@@ -101,7 +101,9 @@ def slot_similarity(layer_or_phi: Union[nn.Module, torch.Tensor]) -> torch.Tenso
             f"got {type(layer_or_phi).__name__}"
         )
     d = phi.shape[0]
-    slots = l2_normalize(phi.detach().double().reshape(d, -1), dim=0)  # [d, s]
+    # divided by the norms themselves: the router's eps (1e-6) is not negligible against a slot's squared norm, about
+    # 1/n at init (a diagonal of 0.99987 at 128 experts)
+    slots = F.normalize(phi.detach().double().reshape(d, -1), dim=0)  # [d, s]
     return (slots.T @ slots).float()
 
 

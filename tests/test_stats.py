@@ -83,8 +83,15 @@ def test_slot_similarity_is_the_cosine_between_slot_parameters():  # router_scal
     phi[2, 1, 1] = -1.0
     sim = slot_similarity(phi)
     assert sim.shape == (4, 4)
-    assert sim[0, 1] == pytest.approx(1.0, abs=1e-5) and sim[2, 3] == pytest.approx(0.0, abs=1e-6)
-    torch.testing.assert_close(sim.diagonal(), torch.ones(4), atol=1e-5, rtol=0)
+    assert sim[0, 1] == pytest.approx(1.0, abs=1e-7) and sim[2, 3] == pytest.approx(0.0, abs=1e-7)
+    torch.testing.assert_close(sim.diagonal(), torch.ones(4), atol=1e-7, rtol=0)
+
+
+def test_slot_similarity_of_a_128_expert_router_at_init_is_one_on_its_diagonal():
+    # a slot's squared norm is about 1/128 at init: the router's eps (1e-6) read it as 0.99987
+    sim = slot_similarity(SoftMoE(64, num_experts=128))
+    torch.testing.assert_close(sim.diagonal(), torch.ones(128), atol=1e-7, rtol=0)
+    assert sim.abs().max() <= 1 + 1e-7
 
 
 def model():
@@ -119,6 +126,14 @@ def test_capture_records_each_moe_layer_only_inside_the_context():
     del routing, record, stats
     gc.collect()
     assert ref() is None
+
+
+def test_capture_records_an_empty_batch_as_the_model_runs_it():
+    net = model()
+    with capture_routing(net) as routing:
+        out = net(torch.randn(0, 3, 8, 8))
+    assert out.shape == (0, 3)
+    assert routing["blocks.2.mlp"].dispatch.shape == routing["blocks.2.mlp"].combine.shape == (0, 5, 2, 2)
 
 
 def test_capture_routing_names_a_model_that_is_not_a_module():
