@@ -156,6 +156,13 @@ def require_parameter_dtype(name: str, x: torch.Tensor, parameter: torch.Tensor,
         )
 
 
+def functorch_transforms_active() -> bool:
+    """True inside ``torch.func.grad`` / ``vmap`` / ``jacrev`` / ...: an ``autograd.Function`` written the old way
+    (``forward(ctx, ...)``, as the layer's fused nodes are) cannot run there, so plain ops take their place."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return active is not None and active()
+
+
 def is_symbolically_traced() -> bool:
     """True while ``torch.fx.symbolic_trace`` or ``torch.export`` traces the code: proxies or symbolic shapes, so no
     input check can run. Unlike :func:`is_tracing`, not under ``torch.compile``, where a check on the input's shape

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ._checks import (autocast_dtype_on, is_exporting, is_tracing, require_bool, require_choice, require_module_class,
-                      require_positive_int, require_probability, require_slots)
+from ._checks import (autocast_dtype_on, functorch_transforms_active, is_exporting, is_tracing, require_bool,
+                      require_choice, require_module_class, require_positive_int, require_probability, require_slots)
 from .cpu_packing import PackedExpertWeights
 from .stacked_experts import StackedExperts, run_stacked_experts  # noqa: F401  (their home before; pickles name it)
 
@@ -341,6 +341,8 @@ class BatchedMlp(nn.Module):
         dtype = autocast_dtype_on(weight.device)
         if dtype is None or weight.dtype in (dtype, torch.float64) or not weight.is_floating_point():  # as autocast
             return weight
+        if functorch_transforms_active():  # torch.func: weight is its wrapper, and ExpertLinear cannot run there
+            return weight  # autocast casts it at the matmul
         key = _copy_key(weight, steps=_optimizer_steps)
         cached = self._low_precision.get(name)
         if cached is None or cached[1].dtype != dtype or cached[1].device != weight.device or \

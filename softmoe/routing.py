@@ -23,6 +23,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._checks import functorch_transforms_active
+
 NORM_EPS = 1e-6  # l2_normalize's eps, as vmoe's router
 SCALE_INIT = 1.0  # the router's initial scale, vmoe's default; SoftMoE and the sparse routers share it
 
@@ -107,6 +109,7 @@ def soft_routing(raw_logits: torch.Tensor, tokens: Optional[torch.Tensor], eps: 
     """Dispatch and combine weights [b, m, s] (float32, or float64 for float64 logits) from the raw logits;
     ``tokens`` None: no normalisation. ``fused``: one autograd node (eager; without gradients, its forward
     alone); else plain ops (compile)."""
-    if fused and torch.is_grad_enabled():  # without gradients the same ops run, without the node's cost per call
+    # without gradients the same ops run, without the node's cost per call; torch.func's transforms cannot run the node
+    if fused and torch.is_grad_enabled() and not functorch_transforms_active():
         return RouterSoftmaxes.apply(raw_logits, tokens, eps)
     return soft_routing_reference(raw_logits, tokens, eps)

@@ -544,3 +544,43 @@ def test_init_weights_resets_the_expert_layernorm_in_every_mode():
             bank.norm_weight.fill_(3.0), bank.norm_bias.fill_(-1.0)
         bank.init_weights(mode)
         assert torch.all(bank.norm_weight == 1) and torch.all(bank.norm_bias == 0), mode
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_per_example_gradients_through_torch_func_match_autograd(normalize):
+    # torch.func cannot run an autograd.Function written as forward(ctx, ...): the fused router gives way to its ops
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    layer = SoftMoE(8, 16, num_experts=3, slots_per_expert=2, normalize=normalize).double()
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    params = {name: param.detach() for name, param in layer.named_parameters()}
+
+    def loss(parameters, example):
+        return functional_call(layer, parameters, (example.unsqueeze(0),)).pow(2).mean()
+
+    per_example = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        layer.zero_grad()
+        loss(dict(layer.named_parameters()), x[i]).backward()
+        for name, param in layer.named_parameters():
+            torch.testing.assert_close(per_example[name][i], param.grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_torch_func_grad_under_autocast_equals_autograds_float32_gradients():
+    # under autocast the expert banks read their bf16 copies through ExpertLinear: torch.func casts at the matmul
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    layer = SoftMoE(8, 16, num_experts=3)
+    x = torch.randn(2, 5, 8)
+
+    def loss(parameters):
+        return functional_call(layer, parameters, (x,)).float().pow(2).mean()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        through_func = grad(loss)({name: param.detach() for name, param in layer.named_parameters()})
+        loss(dict(layer.named_parameters())).backward()
+    for name, param in layer.named_parameters():
+        assert through_func[name].dtype == param.grad.dtype == torch.float32, name
+        torch.testing.assert_close(through_func[name], param.grad, rtol=1e-2, atol=1e-4, msg=name)
