@@ -102,6 +102,24 @@ def adamw_low_precision_(param, grad, exp_avg, exp_avg_sq, decay, step_size, bia
         weight_copy.copy_(param)
 
 
+def check_hyperparameters(values: dict, where: str = "") -> dict:
+    """``values`` (lr, betas, eps, weight_decay, state_dtype, rounding; the constructor's or a param group's) with
+    ``betas`` as a tuple of floats, or a ``ValueError`` naming the value, prefixed with ``where``."""
+    try:
+        for name in ("lr", "eps", "weight_decay"):
+            require_number(name, values[name], minimum=0.0, inclusive=True)
+        betas = values["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        require_choice("state_dtype", values["state_dtype"], tuple(STATE_DTYPES))
+        require_choice("rounding", values["rounding"], ROUNDINGS)
+    except ValueError as error:
+        raise ValueError(f"{where}{error}") from None
+    values["betas"] = tuple(float(b) for b in betas)
+    return values
+
+
 class AdamW(Optimizer):
     """``torch.optim.AdamW`` (decoupled weight decay) whose moments live in ``state_dtype``.
 
@@ -126,17 +144,9 @@ class AdamW(Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, state_dtype: str = "bfloat16", rounding: str = "stochastic",
                  compile: Union[bool, str] = False, write_expert_copies: bool = True) -> None:
-        require_number("lr", lr, minimum=0.0, inclusive=True)
-        require_number("eps", eps, minimum=0.0, inclusive=True)
-        require_number("weight_decay", weight_decay, minimum=0.0, inclusive=True)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-                and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        require_choice("state_dtype", state_dtype, tuple(STATE_DTYPES))
-        require_choice("rounding", rounding, ROUNDINGS)
-        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps, weight_decay=weight_decay,
-                        state_dtype=state_dtype, rounding=rounding)
-        super().__init__(params, defaults)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
+                        rounding=rounding)
+        super().__init__(params, check_hyperparameters(defaults))  # each param group's own: add_param_group
         if not isinstance(compile, (bool, str)):
             raise ValueError(f"compile must be true, false or a torch.compile backend name, got {compile!r}")
         self.compile = compile
@@ -145,6 +155,12 @@ class AdamW(Optimizer):
         self.write_expert_copies = write_expert_copies
         self._compiled_update = None
         self._scalars: dict = {}  # this step's 0-d scalar tensors, by (value, dtype, device)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, then the group's own values checked as the constructor's are (a group may set any of them)."""
+        index = len(self.param_groups)
+        super().add_param_group(param_group)
+        check_hyperparameters(self.param_groups[-1], f"param group {index}: ")
 
     def _moment_dtype(self, param: torch.Tensor, group: dict) -> torch.dtype:
         return STATE_DTYPES[group["state_dtype"]] if param.dtype == torch.float32 else param.dtype

@@ -3,6 +3,7 @@ bit; its bf16 update against an independent float64 AdamW; stochastic rounding u
 resumes through ``state_dict`` and through the trainer; checkpoints of either optimizer loading into the other."""
 
 import io
+import re
 
 import pytest
 import torch
@@ -197,11 +198,20 @@ def test_a_compiled_update_agrees_with_the_eager_one_and_writes_the_copies(state
     ({"rounding": "up"}, "rounding must be one of 'stochastic', 'nearest', got 'up'"),
     ({"betas": (0.9, 1.0)}, "betas must be two numbers in [0, 1), got (0.9, 1.0)"),
     ({"lr": -1.0}, "lr must be a finite number >= 0.0, got -1.0"),
+    ({"rounding": "Stochastic"}, "rounding must be one of 'stochastic', 'nearest', got 'Stochastic'"),
 ])
 def test_bad_arguments_are_named(kwargs, named):
     with pytest.raises(ValueError) as error:
         AdamW(parameters(), **kwargs)
     assert named in str(error.value)
+    # a param group's own value, checked as the constructor's (was: "Stochastic" rounded to nearest in silence, "bf16"
+    # a KeyError at the first step); the group named by its index
+    groups = [{"params": parameters()}, {"params": parameters(), **kwargs}]
+    with pytest.raises(ValueError, match=re.escape(f"param group 1: {named}")):
+        AdamW(groups)
+    optimizer = AdamW(parameters())
+    with pytest.raises(ValueError, match=re.escape(f"param group 1: {named}")):
+        optimizer.add_param_group({"params": parameters(), **kwargs})
 
 
 def test_a_run_with_optimizer_adamw_bf16_resumes_as_one_run(compose_run, tmp_path, resumed_from):
