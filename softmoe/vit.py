@@ -252,8 +252,7 @@ def checkpoint_filter_fn(
     if any(key.startswith(expert_prefixes) for key in state_dict):
         return state_dict
     # A classifier of another size keeps its init; timm's load_pretrained drops the dense one.
-    classifiers = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
-    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    classifiers = _cfg_names(model, "classifier")
     target = model.state_dict()
     keep_init = []
     for key in [f"{name}.{kind}" for name in classifiers for kind in ("weight", "bias")]:
@@ -261,7 +260,23 @@ def checkpoint_filter_fn(
             state_dict.pop(key)
             if key in target:
                 keep_init.append(key)
-    return upcycle_state_dict(state_dict, model, noise_std=noise_std, keep_init=keep_init)
+    # A first convolution of other input channels (in_chans=1 from an RGB checkpoint) passes through as it is:
+    # timm's load_pretrained adapts it after this filter, as for its dense ViT.
+    other_channels = {}
+    for key in [f"{name}.weight" for name in _cfg_names(model, "first_conv")]:
+        source, own = state_dict.get(key), target.get(key)
+        if source is None or own is None or source.ndim != 4 or own.ndim != 4:
+            continue
+        if source.shape[1] != own.shape[1] and source[:, :1].shape == own[:, :1].shape:  # only the channels differ
+            other_channels[key] = state_dict.pop(key)
+    upcycled = upcycle_state_dict(state_dict, model, noise_std=noise_std, keep_init=[*keep_init, *other_channels])
+    return {**upcycled, **other_channels}
+
+
+def _cfg_names(model: torch.nn.Module, field: str) -> Tuple[str, ...]:
+    """The module names the model's ``pretrained_cfg`` gives under ``field`` (``classifier``, ``first_conv``)."""
+    names = getattr(model, "pretrained_cfg", {}).get(field) or ()
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

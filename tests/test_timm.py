@@ -185,6 +185,17 @@ def test_pretrained_resamples_position_embeddings_as_timm_does(tmp_path):
     torch.testing.assert_close(model.pos_embed, dense.pos_embed, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_pretrained_adapts_the_patch_embedding_to_other_input_channels_as_timm_does(tmp_path, in_chans):
+    # was: "shape mismatch for 'patch_embed.proj.weight'", from the upcycling inside the filter timm calls first
+    path = save_dense(timm.create_model("test_vit"), tmp_path / "test_vit.pth")
+    kwargs = dict(pretrained=True, in_chans=in_chans, pretrained_cfg_overlay=dict(file=path))
+    model, dense = timm.create_model("test_soft_moe_vit", **kwargs), timm.create_model("test_vit", **kwargs)
+    assert model.patch_embed.proj.weight.shape[1] == in_chans
+    torch.testing.assert_close(model.patch_embed.proj.weight, dense.patch_embed.proj.weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.blocks[4].mlp.experts.fc1_bias[0], dense.blocks[4].mlp.fc1.bias, rtol=0, atol=0)
+
+
 def test_pretrained_features_only_upcycles_too(tmp_path):
     dense = timm.create_model("test_vit2").eval()
     path = save_dense(dense, tmp_path / "test_vit2.safetensors")
