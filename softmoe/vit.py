@@ -200,6 +200,12 @@ class SoftMoEVisionTransformer(VisionTransformer):
         require_images(x, self)
         return super().forward_features(x, *args, **kwargs)
 
+    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """timm's, after the same check as :meth:`forward_features` (``get_intermediate_layers`` and
+        ``features_only`` models come through here)."""
+        require_images(x, self)
+        return super().forward_intermediates(x, *args, **kwargs)
+
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """timm's, with the arguments timm would meet with a bare assert (or a negative ``num_classes``, with no head
         at all) named first."""

@@ -150,7 +150,8 @@ def test_the_factories_check_timms_arguments_too():
 ])
 def test_a_wrong_input_is_named_before_timm_sees_it(x, message):
     model = tiny()
-    for call in (model, model.forward_features):
+    # forward_intermediates: get_intermediate_layers and features_only models too (they met timm's assert, the conv)
+    for call in (model, model.forward_features, model.forward_intermediates, model.get_intermediate_layers):
         with pytest.raises(ValueError) as raised:
             call(x)
         assert str(raised.value).startswith(message)
