@@ -323,6 +323,20 @@ def test_config_overrides_are_the_differing_keys_written_as_hydra_overrides():
     assert sweeps.swept_keys(runs) == ["moe.layers", "moe.num_experts", "optimizer.lr", "trainer.compile"]
 
 
+def test_a_key_that_holds_each_runs_seed_is_no_column():
+    # the upcycling studies: model.upcycle_from=.../seed${seed}/last.pt, resolved in W&B's configs (collect
+    # --wandb-dir made every seed a group of its own); a swept key beside the seeds stays a column
+    configs = [{"seed": seed, "moe": {"layers": layers}, "model": {"upcycle_from": f"dense/seed{seed}/last.pt"}}
+               for layers in ("last_half", "none") for seed in (0, 1, 2)]
+    runs = [sweeps.RunResult(str(i), overrides) for i, overrides in enumerate(sweeps.config_overrides(configs))]
+    assert runs[4].overrides["model.upcycle_from"] == "dense/seed1/last.pt"  # kept in the run's overrides
+    assert sweeps.swept_keys(runs) == ["moe.layers"]
+    # two dense checkpoints per seed: the key no longer follows the seed alone, so it is a column
+    for run, source in zip(runs, ["a"] * 3 + ["b"] * 3):
+        run.overrides["model.upcycle_from"] = f"{source}/seed{run.overrides['seed']}/last.pt"
+    assert sweeps.swept_keys(runs) == ["model.upcycle_from", "moe.layers"]
+
+
 def test_a_wandb_dir_without_offline_runs_is_named(sweep, capsys):
     assert collect.main(["--wandb-dir", str(sweep)]) == 2
     assert capsys.readouterr().err == f"error: no offline W&B runs (offline-run-*/run-*.wandb) below {sweep}\n"

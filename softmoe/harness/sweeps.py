@@ -123,6 +123,17 @@ def config_overrides(configs: Sequence[Mapping[str, Any]]) -> List[Dict[str, str
     return [{key: value for key, value in run.items() if key in differing} for run in flat]
 
 
+def follows_the_seed(key: str, runs: Sequence[Mapping[str, str]]) -> bool:
+    """Whether ``key``'s value is the seed's own in another form: one value per seed and one seed per value, each
+    value holding its seed (``model.upcycle_from=.../seed${seed}/last.pt`` in the upcycling studies). Such a key
+    changes with the seed alone, so it is no column: it would make every seed a group of its own."""
+    if key == "seed":
+        return False
+    pairs = {(run.get(key), run.get("seed")) for run in runs}
+    return (len(pairs) == len({value for value, _ in pairs}) == len({seed for _, seed in pairs})
+            and all(value is not None and seed is not None and str(seed) in str(value) for value, seed in pairs))
+
+
 @dataclass
 class WandbRun:
     """What a W&B run holds for collect: its group, name, resolved config and logged rows (dicts)."""
@@ -252,12 +263,13 @@ def non_identity_keys() -> frozenset:
 def swept_keys(runs: Sequence[RunResult]) -> List[str]:
     """The override keys whose values differ between ``runs``, except seeds and keys that do not change an
     experiment (:data:`IGNORED_KEYS`, :func:`non_identity_keys`). ``collect`` passes the runs its table pools
-    (:func:`finished_runs`): a key only an unfinished run sets is no column."""
+    (:func:`finished_runs`): a key only an unfinished run sets is no column, nor one that :func:`follows_the_seed`."""
     keys = sorted({key for run in runs for key in run.overrides})
     return [
         key for key in keys
         if not key.startswith(IGNORED_KEYS) and key not in non_identity_keys()
         and len({run.overrides.get(key) for run in runs}) > 1
+        and not follows_the_seed(key, [run.overrides for run in runs])
     ]
 
 
