@@ -217,6 +217,22 @@ def test_each_unusable_trainer_resume_says_what_is_wrong_and_what_to_do_instead(
         f"model.depth={depth}: this run directory's checkpoint {good} was saved with model.depth={saved}, and a run "
         f"directory resumes only the experiment it holds; rerun with model.depth={saved}, or give this run a new run "
         "directory (a new hydra.run.dir, or hydra.sweep.dir for a sweep)")
+    # the setting the user typed, not a key it set (both named model.img_size or model.depth, and their suggestion,
+    # pasted, failed: model.img_size must equal data.img_size; model.depth=4 alone is not vit_micro)
+    for overrides, now, before in ((["data=synthetic"], "data=synthetic", "data=digits"),
+                                   (["data.img_size=16"], "data.img_size=16", "data.img_size=8"),
+                                   (["model=vit_tiny", "model.patch_size=2"], "model=vit_tiny", "model=vit_micro")):
+        other = plain(compose_run(*overrides))
+        with pytest.raises(CheckpointError) as raised:
+            resume_checkpoint(run_dir, str(good), other)
+        assert str(raised.value).startswith(f"{now}: trainer.resume's checkpoint {good} was saved with {before}, "
+                                            f"another model, whose weights this one cannot take; start from it with "
+                                            f"{before}, or"), overrides
+        with pytest.raises(OtherExperimentError) as raised:
+            resume_checkpoint(good.parent, None, other)
+        assert str(raised.value).startswith(f"{now}: this run directory's checkpoint {good} was saved with {before}, "
+                                            f"and a run directory resumes only the experiment it holds; rerun with "
+                                            f"{before}, or"), overrides
     export = tmp_path / "model.safetensors"
     export.write_bytes(b"{}")
     with pytest.raises(ConfigError) as raised:  # refused before anything is read or built

@@ -159,7 +159,8 @@ def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path, 
         raise CheckpointError(_refusal(group_setting("optimizer", now), group_setting("optimizer", before), path,
                                        own, "whose state another optimizer cannot take"))
     for section in ("model", "moe"):
-        for key in sorted(set(saved[section]) | set(config[section])):
+        # the group's option first (model=vit_tiny), before the keys it sets (model.depth)
+        for key in sorted(set(saved[section]) | set(config[section]), key=lambda key: (key != "name", key)):
             if (section, key) == ("moe", "expert_parallel"):
                 continue  # where the experts live, not which model: checkpoints always hold the whole model
             if (section, key) in (("model", "upcycle_from"), ("model", "upcycle_noise_std")):
@@ -169,8 +170,26 @@ def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path, 
                 why = ("whose optimizer state holds the router's learning rate and weight decay per group (a resumed "
                        "optimizer takes them back)" if (section, key) in ROUTER_OPTIMIZATION_KEYS
                        else "another model, whose weights this one cannot take")
-                raise CheckpointError(_refusal(f"{section}.{key}={json.dumps(now)}",
-                                               f"{section}.{key}={json.dumps(before)}", path, own, why))
+                raise CheckpointError(_refusal(*_what_the_user_set(saved, config, section, key), path, own, why))
+
+
+# The model keys that follow the data's (conf/model/*.yaml: ``img_size: ${data.img_size}``)
+MODEL_KEYS_FROM_DATA = ("img_size", "in_chans", "num_classes")
+
+
+def _what_the_user_set(saved: dict[str, Any], config: dict[str, Any], section: str, key: str) -> tuple[str, str]:
+    """(now, before) as the settings a user types for the differing ``section.key``: ``model=vit_tiny`` for the
+    group's option, and for a model key that follows the data, the data's option (``data=synthetic``) or key
+    (``data.img_size=32``), which the command line set; ``model.img_size`` itself must equal it."""
+    if key == "name":
+        return f"{section}={config[section][key]}", f"{section}={saved[section][key]}"
+    saved_data, data = saved.get("data", {}), config.get("data", {})
+    if section == "model" and key in MODEL_KEYS_FROM_DATA and saved_data.get(key) != data.get(key):
+        if saved_data.get("name") != data.get("name"):
+            return f"data={data.get('name')}", f"data={saved_data.get('name')}"
+        section = "data"
+    return (f"{section}.{key}={json.dumps(config[section].get(key))}",
+            f"{section}.{key}={json.dumps(saved[section].get(key))}")
 
 
 def _refusal(now: str, before: str, path: Path, own: bool, why: str) -> str:
