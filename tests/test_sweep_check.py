@@ -162,17 +162,19 @@ def test_a_grid_up_to_the_limit_is_checked_whole_and_a_larger_one_left_to_its_jo
     assert sweep_job_error(["-m", "moe.num_experts=0,4,8"], "train") is None  # 3: none checked here, job 0 included
 
 
-def test_trainer_resume_of_another_model_is_named_for_a_job_whose_run_directory_a_rerun_finds(tmp_path):
-    # the job's run directory holds no last.pt of its own (a job that stopped before its first checkpoint), so it
-    # would start from trainer.resume's checkpoint, of 4 experts where the sweep builds 16
+def test_trainer_resume_of_another_model_is_named_before_any_job_starts(tmp_path):
+    # trainer.resume's checkpoint, of 4 experts where the sweep builds 16: refused for job 0 before it starts, in a
+    # new sweep directory (was: inside the job, once Hydra had made the directory) as in a rerun's
     argv = ["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     other = tmp_path / "other" / "last.pt"
     save_config_checkpoint(other, argv, job=0, **{"moe.num_experts": 4})
-    (tmp_path / "sweep" / "1").mkdir(parents=True)
-    assert sweep_job_error([*argv, f"trainer.resume={other}"], "train") == (
-        f"job 1 (seed=1): moe.num_experts=16: trainer.resume's checkpoint {other} was saved with moe.num_experts=4, "
-        "another model, whose weights this one cannot take; start from it with moe.num_experts=4, or set "
-        "trainer.resume=null to train afresh; no job was started")
+    for run_dir_made in (False, True):  # a rerun's: it holds no last.pt of its own (stopped before its first one)
+        if run_dir_made:
+            (tmp_path / "sweep" / "0").mkdir(parents=True)
+        assert sweep_job_error([*argv, f"trainer.resume={other}"], "train") == (
+            f"job 0 (seed=0): moe.num_experts=16: trainer.resume's checkpoint {other} was saved with "
+            "moe.num_experts=4, another model, whose weights this one cannot take; start from it with "
+            "moe.num_experts=4, or set trainer.resume=null to train afresh; no job was started")
 
 
 def test_a_jobs_hydra_interpolations_resolve_as_the_job_will(tmp_path):
@@ -184,8 +186,6 @@ def test_a_jobs_hydra_interpolations_resolve_as_the_job_will(tmp_path):
         save_config_checkpoint(tmp_path / "old" / str(job) / "last.pt", argv, job,
                                **({"moe.num_experts": 4} if job == 1 else {}))
     resume = f"trainer.resume={tmp_path / 'old'}/${{hydra:job.num}}/last.pt"
-    assert sweep_job_error([*argv, resume], "train") is None  # no run directory yet: a new sweep
-    (tmp_path / "sweep" / "1").mkdir(parents=True)  # a rerun finds job 1's
     assert sweep_job_error([*argv, resume], "train").startswith(
         f"job 1 (seed=1): moe.num_experts=16: trainer.resume's checkpoint {tmp_path / 'old' / '1' / 'last.pt'} was "
         "saved with moe.num_experts=4")
@@ -357,6 +357,19 @@ def test_a_sweep_trains_on_in_a_new_sweep_directory_each_job_from_its_own_checkp
                            "train").endswith(
         f"or to train on, start a new run directory from it with 'trainer.resume={tmp_path / 'first'}/"
         "${hydra:job.num}/last.pt' trainer.max_steps=4; no job was started")
+    # shorter: no checkpoint can start it, so none is suggested (was the recipe, whose jobs then refused it)
+    assert sweep_job_error(["-m", "seed=0,1", *tiny, "trainer.max_steps=1", f"hydra.sweep.dir={tmp_path / 'first'}"],
+                           "train").endswith(
+        "train a run of trainer.max_steps=1 in a new run directory (a new hydra.run.dir, or hydra.sweep.dir for a "
+        "sweep); no job was started")
+    # the recipe with a length its checkpoints already reached: refused before any job (was: inside job 0, after the
+    # new sweep directory was made)
+    resume = f"trainer.resume={tmp_path / 'first'}/${{hydra:job.num}}/last.pt"
+    assert sweep_job_error(["-m", "seed=0,1", *tiny, "trainer.max_steps=2", resume,
+                            f"hydra.sweep.dir={tmp_path / 'same_length'}"], "train") == (
+        f"job 0 (seed=0): trainer.resume={tmp_path / 'first' / '0' / 'last.pt'}: that checkpoint is at step 2, already "
+        "this run's 2 steps; raise trainer.max_steps (or trainer.max_epochs) to train on from it; no job was started")
+    assert not (tmp_path / "same_length").exists()
     lines = sweep("longer", 4, f"trainer.resume={tmp_path / 'first'}/${{hydra:job.num}}/last.pt")
     for job in (0, 1):
         assert f"[job {job}] resuming from {tmp_path / 'first' / str(job) / 'last.pt'} at step 2 of 4" in lines

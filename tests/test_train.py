@@ -193,6 +193,14 @@ def test_a_run_directory_resumes_only_the_experiment_it_holds(compose_run, tmp_p
                                         "of trainer.max_steps=2, which is not lengthened in place")
     assert str(raised.value).endswith(f"or to train on, start a new run directory from it with trainer.resume={last} "
                                       "trainer.max_steps=4")
+    # a shorter one: its checkpoint is past the end, so no trainer.resume can start it (was suggested, then refused)
+    with pytest.raises(OtherExperimentError) as raised:
+        train(compose_run(*run, "trainer.max_steps=1"), tmp_path, on_claim=claimed.append)
+    assert str(raised.value) == (
+        f"trainer.max_steps=1: this run directory's checkpoint {last} is of a run of trainer.max_steps=2, which is not "
+        "shortened in place (its learning-rate schedule would change mid-run and it would report a second test "
+        "result); rerun with trainer.max_steps=2, or train a run of trainer.max_steps=1 in a new run directory (a new "
+        "hydra.run.dir, or hydra.sweep.dir for a sweep)")
     assert claimed == [] and last.read_bytes() == kept and resumed_from() == []
     # where it runs, what it logs, its kernels: the same experiment, which resumes
     train(compose_run(*run, "trainer.device=cpu", "trainer.log_every=1", "trainer.eval_batch_size=3",

@@ -240,6 +240,13 @@ def check_same_experiment(state: dict[str, Any], config: dict[str, Any], path: P
             continue
         before, after = format_value(saved[key]), format_value(now.get(key))
         new_run = f"start a new run directory from it with trainer.resume={path}"
+        if key in RUN_LENGTH and _shorter(now.get(key), saved[key]):  # nothing to train on: a run of its own
+            raise OtherExperimentError(
+                f"{key}={after}: this run directory's checkpoint {path} is of a run of {key}={before}, which is not "
+                f"shortened in place (its learning-rate schedule would change mid-run and it would report a second "
+                f"test result); rerun with {key}={before}, or train a run of {key}={after} in a new run directory (a "
+                "new hydra.run.dir, or hydra.sweep.dir for a sweep)"
+            )
         if key in RUN_LENGTH:
             raise OtherExperimentError(
                 f"{key}={after}: this run directory's checkpoint {path} is of a run of {key}={before}, which is not "
@@ -251,6 +258,11 @@ def check_same_experiment(state: dict[str, Any], config: dict[str, Any], path: P
             f"resumes only the experiment it holds; rerun with {key}={before}, or {new_run} (a new hydra.run.dir, or "
             "hydra.sweep.dir for a sweep)"
         )
+
+
+def _shorter(now: Any, before: Any) -> bool:
+    """Whether the run length ``now`` is shorter than ``before`` (both numbers; null, the other unit's, is not)."""
+    return all(isinstance(value, int) and not isinstance(value, bool) for value in (now, before)) and now < before
 
 
 def rng_state() -> dict[str, Any]:

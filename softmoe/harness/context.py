@@ -43,7 +43,7 @@ from .faults import PreemptionGuard, first_nonfinite
 from .gpu_share import cap_cuda_memory, memory_share
 from .state import NO_BEST, TrainState, build_state
 from .plausibility import warn_small_splits
-from .resume import resume_checkpoint
+from .resume import past_the_runs_end, resume_checkpoint
 from .rules import counted
 from .telemetry import METRICS_FILE, RankZeroTelemetry, Telemetry
 
@@ -190,11 +190,9 @@ def open_run(
         )
 
     from_another_run = checkpoint is not None and start_from.parent != run_dir  # trainer.resume's, not its own
-    if from_another_run and checkpoint["step"] >= total_steps:
-        raise ConfigError(  # else: "resuming at step 10 of 10", then no best.pt of this run to test
-            f"trainer.resume={trainer['resume']}: that checkpoint is at step {checkpoint['step']}, already this "
-            f"run's {counted(total_steps, 'step')}; raise trainer.max_steps (or trainer.max_epochs) to train on from it"
-        )
+    past_its_end = past_the_runs_end(trainer["resume"], checkpoint["step"], total_steps) if from_another_run else None
+    if past_its_end:
+        raise ConfigError(past_its_end)
     state, forward = build_state(config, distributed, total_steps, resuming=checkpoint is not None)
     log_plan(config, data, state.model, total_steps, steps_per_epoch, distributed)
     if checkpoint is not None:

@@ -28,6 +28,7 @@ from .checkpoint import (
     resume_path,
 )
 from .errors import CheckpointError, OtherExperimentError
+from .rules import counted
 
 log = logging.getLogger(__name__)
 
@@ -172,15 +173,15 @@ def sharded_resume_checkpoint(path: Path, run_dir: Path) -> tuple[dict[str, Any]
 
 
 def saved_config_only(path: Path) -> Optional[dict[str, Any]]:
-    """``{"config": ...}`` of the checkpoint at ``path`` (a sharded one: its directory), read without its tensors
-    (memory-mapped, never copied in), or None where it cannot be read so: the run itself then says why, or falls
-    back to the ``last.prev.pt`` beside a damaged ``last.pt``."""
+    """``{"config": ..., "step": ...}`` of the checkpoint at ``path`` (a sharded one: its directory), read without
+    its tensors (memory-mapped, never copied in), or None where it cannot be read so: the run itself then says why,
+    or falls back to the ``last.prev.pt`` beside a damaged ``last.pt``."""
     try:
         if path.is_dir():
             state = sharded_checkpoint.read_train_state(path)  # the small file beside the shards
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return {"config": state["config"]}
+        return {"config": state["config"], "step": state.get("step")}
     except Exception:  # unreadable, damaged, not a checkpoint: not this check's to report
         return None
 
@@ -198,4 +199,16 @@ def resume_refusal(run_dir: Path, resume: Optional[str], config: dict[str, Any])
         check_resumable(checkpoint, config, start_from, run_dir)
     except CheckpointError as error:
         return str(error)
+    total_steps = config["trainer"]["max_steps"]  # else the epochs' steps, which need the dataset: the run checks
+    if start_from.parent != run_dir and isinstance(checkpoint["step"], int) and isinstance(total_steps, int):
+        return past_the_runs_end(resume, checkpoint["step"], total_steps)
     return None
+
+
+def past_the_runs_end(resume: str, step: int, total_steps: int) -> Optional[str]:
+    """Why ``trainer.resume``'s checkpoint at ``step`` cannot start a run of ``total_steps`` steps (it would log
+    "resuming at step 10 of 10", and test no best.pt of its own), or None."""
+    if step < total_steps:
+        return None
+    return (f"trainer.resume={resume}: that checkpoint is at step {step}, already this run's "
+            f"{counted(total_steps, 'step')}; raise trainer.max_steps (or trainer.max_epochs) to train on from it")

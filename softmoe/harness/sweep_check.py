@@ -202,13 +202,14 @@ def job_problem(job: Sequence[str], number: Optional[int], config_name: str, con
     except (HydraException, OmegaConfBaseException) as error:
         return job_composition_error(job, config_name, conf_dir, error)
     run_dir = job_run_dir(as_run, number)
-    if run_dir is None or not run_dir.is_dir():
+    if run_dir is None:
         return None
     # under torchrun each rank checks its sweep for itself, and rank 0 may hold job 0's lock by the time another rank
     # looks: the ranks' own lock check (Distributed.claim_run_dir) settles that one
-    in_use = None if launched_by_torchrun() else RunDirLock(run_dir).in_use()
+    in_use = None if launched_by_torchrun() or not run_dir.is_dir() else RunDirLock(run_dir).in_use()
     if in_use:
         return in_use
+    # a new run directory too: trainer.resume's checkpoint, another model's or past this run's end, is refused here
     refusal = resume_refusal(run_dir, config["trainer"]["resume"], config)
     return each_job_its_own(refusal, run_dir, number) if refusal and number is not None else refusal
 
