@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from softmoe import capture_routing
 from softmoe.harness.data import build_loader
 from softmoe.harness.config import check_evaluate
-from softmoe.harness.errors import USER_ERRORS, ConfigError, run_command
+from softmoe.harness.errors import USER_ERRORS, ConfigError, MissingDataError, run_command
 from softmoe.harness.loop import evaluate
 from softmoe.harness.overrides import compose_config, composition_error
 from softmoe.harness.plausibility import CONF_DIR
@@ -42,6 +42,7 @@ def evaluate_run(
     device: str = "auto",
     batch_size: Optional[int] = None,
     data_dir: Optional[str] = None,
+    data_root: Optional[str] = None,
     save_routing: bool = False,
     routing_examples: int = 16,
 ) -> dict[str, Any]:
@@ -52,8 +53,12 @@ def evaluate_run(
     The routing saved for the notebooks is that of validation images: looking inside the model selects nothing,
     but it need not read the test split either."""
     check_evaluate({"checkpoint": checkpoint, "device": device, "batch_size": batch_size, "data_dir": data_dir,
-                    "save_routing": save_routing, "routing_examples": routing_examples})
-    run = load_run(run_dir, checkpoint, device=device, data_dir=data_dir)
+                    "data_root": data_root, "save_routing": save_routing, "routing_examples": routing_examples})
+    try:
+        run = load_run(run_dir, checkpoint, device=device, data_dir=data_dir, data_root=data_root)
+    except MissingDataError as error:  # its remedy is train's (data.root=...), a key evaluate does not take
+        raise MissingDataError(f"{error} (evaluate reads the run's saved config: name the folder that holds the "
+                               "files now with data_root=<folder>)") from None
     result = {"checkpoint": str(run.checkpoint), "step": run.step}
     for split, dataset in (("val", run.data.val), ("test", run.data.test)):
         if dataset is None:  # data.val_size=0
@@ -100,6 +105,7 @@ def main(cfg: DictConfig) -> float:
             device=cfg.device,
             batch_size=cfg.batch_size,
             data_dir=cfg.data_dir,
+            data_root=cfg.data_root,
             save_routing=cfg.save_routing,
             routing_examples=cfg.routing_examples,
         )

@@ -13,10 +13,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from conftest import CONF_DIR, ROOT
+from data_fixtures import write_image_tree
 from processes import refused_here
 from softmoe import evaluate as evaluate_command
 from softmoe.evaluate import argument_error, evaluate_run, missing_run_error
-from softmoe.harness.errors import ConfigError
+from softmoe.harness.errors import ConfigError, MissingDataError
 from softmoe.harness.checkpoint import load_checkpoint
 from softmoe.harness.overrides import composition_error
 from softmoe import SoftMoEVisionTransformer
@@ -131,7 +132,7 @@ def test_a_sweep_directory_is_named_as_one_with_the_runs_to_evaluate(tmp_path):
         "5, seed0)")
 
 
-EVALUATE_KEYS = "run_dir, checkpoint, device, batch_size, data_dir, save_routing, routing_examples"
+EVALUATE_KEYS = "run_dir, checkpoint, device, batch_size, data_dir, data_root, save_routing, routing_examples"
 
 
 def test_a_group_of_trains_config_is_refused_in_one_line_naming_evaluates_keys(tmp_path):
@@ -148,14 +149,39 @@ def test_help_shows_evaluates_keys_not_trains_groups():
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.startswith("python -m softmoe.evaluate run_dir=DIR [KEY=VALUE ...]")
     assert "Configuration groups" not in result.stdout and "digits_dense" not in result.stdout
-    described = [line.split()[0] for line in result.stdout.split("== What each key means ==\n")[1].splitlines()[:7]]
+    described = [line.split()[0] for line in result.stdout.split("== What each key means ==\n")[1].splitlines()[:8]]
     assert ", ".join(described) == EVALUATE_KEYS
     assert "\nbatch_size: null\n" in result.stdout  # the defaults, from conf/evaluate.yaml itself
 
 
 def test_good_arguments_pass_the_check(tmp_path):
     assert argument_error([f"run_dir={tmp_path}", "checkpoint=last", "batch_size=7", "device=cpu",
-                           "save_routing=true", "routing_examples=4", f"data_dir={tmp_path}"]) is None
+                           "save_routing=true", "routing_examples=4", f"data_dir={tmp_path}",
+                           f"data_root={tmp_path}"]) is None
+
+
+@pytest.mark.slow
+def test_a_run_whose_data_root_moved_is_evaluated_with_data_root(compose_run, tmp_path):
+    # was: data_dir ignored (the run's data.root read instead), and the error's remedy named train's data.root, a key
+    # evaluate refuses
+    images = write_image_tree(tmp_path / "images", train={"a": 8, "b": 8}, val={"a": 2, "b": 2}, size=8)
+    cfg = compose_run("data=imagefolder", f"data.root={images}", "data.img_size=8", "model.patch_size=4",
+                      "data.num_classes=2", "data.val_size=0.25", "trainer.batch_size=4", "trainer.max_steps=2",
+                      "logger=none", *QUIET)
+    run_dir = tmp_path / "run"
+    train(cfg, run_dir)
+    before = evaluate_run(run_dir, tmp_path / "before", checkpoint="last")
+    moved = images.rename(tmp_path / "moved")
+    with pytest.raises(MissingDataError, match=r"name the folder that holds the files now with data_root=<folder>"):
+        evaluate_run(run_dir, tmp_path / "after", checkpoint="last")
+    with pytest.raises(ConfigError) as raised:
+        evaluate_run(run_dir, tmp_path / "after", checkpoint="last", data_dir=str(tmp_path))
+    assert str(raised.value) == (
+        f"data_dir={tmp_path}: this run read its data from data.root={images}, not from paths.data_dir; give the "
+        "folder that holds its files now as data_root=<folder>")
+    after = evaluate_run(run_dir, tmp_path / "after", checkpoint="last", data_root=str(moved))
+    assert {key: after[key] for key in ("val/acc", "test/acc", "test/examples")} == \
+        {key: before[key] for key in ("val/acc", "test/acc", "test/examples")}
 
 
 @pytest.mark.slow

@@ -192,6 +192,7 @@ EVALUATE_RULES: dict[str, Rule] = {
     "device": device_name,
     "batch_size": optional(positive_int),
     "data_dir": optional(text),
+    "data_root": optional(text),
     "save_routing": boolean,
     "routing_examples": positive_int,
 }

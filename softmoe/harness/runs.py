@@ -107,6 +107,7 @@ def load_run(
     *,
     device: str = "auto",
     data_dir: Optional[str] = None,
+    data_root: Optional[str] = None,
     checkpoint_key: str = "checkpoint",
     run_dir_key: str = "run_dir",
 ) -> LoadedRun:
@@ -114,6 +115,8 @@ def load_run(
 
     ``device``: ``auto`` (CUDA when present, else MPS, else the CPU), ``cpu``, ``cuda``, ...; ``data_dir``: where the
     datasets are now, when not at the run's ``paths.data_dir`` (relative paths are from the working directory);
+    ``data_root``: the folder that holds the run's dataset now, in place of its ``data.root`` (a run that set one
+    reads nothing from ``data_dir``);
     ``checkpoint_key``, ``run_dir_key``: how the errors name the settings that chose ``checkpoint`` and ``run_dir``
     (a notebook's environment variables).
     """
@@ -122,11 +125,22 @@ def load_run(
     cfg = OmegaConf.create(saved_config(state))
     torch_device = resolve_device(device)
 
-    data = build_datasets(cfg.data, data_dir or cfg.paths.data_dir)
+    data = build_datasets(data_config_now(cfg.data, data_dir, data_root), data_dir or cfg.paths.data_dir)
     model = build_model(cfg.model, cfg.moe, upcycle_weights=False)  # the weights are the checkpoint's
     model.load_state_dict(state["model"])
     model.to(torch_device).eval()
     return LoadedRun(model=model, cfg=cfg, data=data, step=state["step"], checkpoint=path, device=torch_device)
+
+
+def data_config_now(data: DictConfig, data_dir: Optional[str], data_root: Optional[str]) -> DictConfig:
+    """The run's ``data`` config with its files where they are now: ``data.root`` replaced by ``data_root``. A
+    ``data_dir`` for a run that set ``data.root`` is refused: that run reads nothing from it."""
+    if data_root is not None:
+        return OmegaConf.merge(data, {"root": data_root})
+    if data_dir is not None and data.get("root"):
+        raise ConfigError(f"data_dir={data_dir}: this run read its data from data.root={data.root}, not from "
+                          "paths.data_dir; give the folder that holds its files now as data_root=<folder>")
+    return data
 
 
 def read_events(run_dir: Union[str, Path]) -> list[dict[str, Any]]:
