@@ -236,6 +236,20 @@ def main(cfg: DictConfig) -> float:
 def command_line() -> None:
     """``python -m softmoe.train``: the checks that need no Hydra, then Hydra's main."""
     sys.argv[1:] = multirun_flag_first(sys.argv[1:])  # -m anywhere: Hydra's parser takes it before the overrides
+    try:
+        check_before_hydra()
+    except KeyboardInterrupt:  # the checks write nothing (a sweep's record is read, not written)
+        print("interrupted while starting (checking the config): nothing was run or written", file=sys.stderr)
+        sys.exit(preempted_exit_code(signal.SIGINT))
+    try:
+        main()
+    except sweep_stop.SweepEndedAtOnce as ended:  # a second Ctrl-C to a stopping joblib sweep
+        print(ended.message, file=sys.stderr)
+        sys.exit(ended.exit_code)
+
+
+def check_before_hydra() -> None:
+    """The checks that need no Hydra: a bad command line exits here with one line (status 2)."""
     # a mistyped key or option, a run dir Hydra cannot make (or an empty one), a sweep with a bad value in any job:
     # one line, before Hydra starts; the run dir before the jobs, whose checks look into their run dirs
     planned = output_dir(sys.argv[1:], "train")  # composed once: checked here, a sweep's multirun.yaml read below
@@ -252,11 +266,6 @@ def command_line() -> None:
         print(f"warning: {warning}", file=sys.stderr)
     if planned and planned[0] == "hydra.sweep.dir":
         _sweep_record_found[0] = (planned[1].absolute(), read_sweep_record(planned[1]))
-    try:
-        main()
-    except sweep_stop.SweepEndedAtOnce as ended:  # a second Ctrl-C to a stopping joblib sweep
-        print(ended.message, file=sys.stderr)
-        sys.exit(ended.exit_code)
 
 
 if __name__ == "__main__":

@@ -262,7 +262,7 @@ def test_ctrl_c_while_a_command_imports_torch_is_one_line_and_nothing_is_written
                                                 ignoring_ctrl_c=False)
     stdout, stderr = command.communicate(timeout=120)
     assert (command.returncode, stdout, stderr) == (
-        130, "", "interrupted while starting (importing torch): nothing was run or written\n")
+        130, "", "interrupted while starting (importing its modules): nothing was run or written\n")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -308,6 +308,73 @@ def test_a_command_collects_no_garbage_while_it_imports_then_freezes_what_the_im
     finally:
         gc.enable()
         gc.unfreeze()  # this test's process collects as before
+
+
+@pytest.fixture
+def one_line_handler_installed(monkeypatch):
+    """SIGINT as a -m command's start finds it: the package's one-line handler installed over Python's own."""
+    from softmoe import _startup
+
+    monkeypatch.setattr(_startup, "_replaced", signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, _startup._interrupted)
+    yield _startup
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_commands_own_imports_and_its_collection_keep_the_one_line_handler(monkeypatch, one_line_handler_installed):
+    """A Ctrl-C in the second after the package's imports (its garbage collection, the command module's own imports:
+    Hydra, the harness) printed a traceback: the handler was put back at the package's end. A command's is put
+    back when its run_command starts; any other -m module's at the package's end, as before."""
+    _startup = one_line_handler_installed
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-X", "dev", "-m", "softmoe.train", "seed=1"])
+    _startup.restore()
+    assert signal.getsignal(signal.SIGINT) is _startup._interrupted  # softmoe/train.py's imports still to come
+    with pytest.raises(SystemExit) as exited:  # the command's first act
+        runs_command(lambda: 0 if signal.getsignal(signal.SIGINT) is signal.default_int_handler else 1)
+    assert exited.value.code == 0
+    signal.signal(signal.SIGINT, _startup._interrupted)
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "softmoe.layer"])  # no command of the package's
+    _startup.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_every_command_module_runs_through_run_command_and_is_listed():
+    from softmoe import _startup
+
+    package = Path(_startup.__file__).parent
+    calling = {f"softmoe.{path.stem}" for path in package.glob("*.py")
+               if re.search(r"^\s+run_command\(", path.read_text(), re.MULTILINE)}
+    assert calling == set(_startup.COMMANDS)
+
+
+def runs_command(command):
+    from softmoe.harness.errors import run_command
+
+    run_command(command)
+
+
+def test_a_ctrl_c_no_part_of_a_command_answers_is_one_line(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exited:
+        runs_command(interrupted)
+    assert (exited.value.code, capsys.readouterr().err) == (130, "interrupted\n")
+
+
+def test_ctrl_c_while_train_checks_its_command_line_is_one_line(monkeypatch, capsys):
+    """The checks before Hydra (composing every job of a sweep) take a second or more, and write nothing."""
+    from softmoe import train as train_command
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_command, "check_before_hydra", interrupted)
+    monkeypatch.setattr(sys, "argv", ["softmoe.train"])
+    with pytest.raises(SystemExit) as exited:
+        train_command.command_line()
+    assert (exited.value.code, capsys.readouterr().err) == (
+        130, "interrupted while starting (checking the config): nothing was run or written\n")
 
 
 def test_ctrl_c_at_the_terminal_reaches_the_dataloader_workers_too_and_still_says_one_thing_once(tmp_path):

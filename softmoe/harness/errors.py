@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Any, Callable, NoReturn, Sequence
 
+from softmoe import _startup
+
 USER_ERROR_EXIT_CODE = 2
 NONFINITE_EXIT_CODE = 3  # stopped on a NaN/inf (2 is a bad config, data or checkpoint)
 
@@ -98,6 +100,7 @@ def run_command(command: Callable[[], Any]) -> NoReturn:
     What is alive when the command ends lives until the exit: frozen then (``gc.freeze``), it is not walked again by
     the interpreter's last garbage collections, which took about a second after torch's imports. Only what nothing
     but a collection would free (reference cycles) is left to the operating system, as Python allows at exit."""
+    _startup.command_started()  # the command's Ctrl-C handling from here on; its imports had the one-line exit
     atexit.unregister(gc.freeze)  # once, however often a caller runs a command in its process
     atexit.register(gc.freeze)  # after the handlers registered later (W&B's, joblib's), which run first
     try:
@@ -105,6 +108,9 @@ def run_command(command: Callable[[], Any]) -> NoReturn:
             status = command()
         except SystemExit as exit:
             status = exit.code
+        except KeyboardInterrupt:  # a Ctrl-C no part of the command answers its own way: one line, not a traceback
+            print("interrupted", file=sys.stderr)
+            status = 128 + int(signal.SIGINT)
         sys.stdout.flush()  # what is still buffered fails here, not at the interpreter's exit
     except BrokenPipeError:
         drop_what_goes_to(sys.stdout)
