@@ -7,8 +7,9 @@ imported for a ``-m`` command (``sys.argv[0]`` is ``"-m"`` while Python locates 
 is back once the imports are done, before any of the command's code runs: for the package's commands
 (:data:`COMMANDS`) once the command's own module has imported what it needs too, when its
 :func:`~softmoe.harness.errors.run_command` starts (:func:`command_started`), else at the end of the package's
-import. So the commands' own Ctrl-C handling (a run saves its step, a sweep stops its jobs) is unchanged. A command started with SIGINT ignored (a script's
-background job) keeps it ignored, as Python does. A library user's ``import softmoe`` is not touched.
+import. So the commands' own Ctrl-C handling (a run saves its step, a sweep stops its jobs) is unchanged. A command
+started with SIGINT ignored (a script's background job) keeps it ignored, as Python does. A library user's
+``import softmoe`` is not touched.
 
 For the same ``-m`` commands, the garbage collector waits until those imports are done: its automatic passes over
 the hundreds of thousands of objects torch and timm create took about a second of a command's start, and found
