@@ -102,9 +102,9 @@ def adamw_low_precision_(param, grad, exp_avg, exp_avg_sq, decay, step_size, bia
         weight_copy.copy_(param)
 
 
-def check_hyperparameters(values: dict, where: str = "") -> dict:
-    """``values`` (lr, betas, eps, weight_decay, state_dtype, rounding; the constructor's or a param group's) with
-    ``betas`` as a tuple of floats, or a ``ValueError`` naming the value, prefixed with ``where``."""
+def check_hyperparameters(values: dict, where: str = "") -> None:
+    """Raise a ``ValueError`` naming the first bad value of ``values`` (lr, betas, eps, weight_decay, state_dtype,
+    rounding: the constructor's, or a param group's with the defaults it leaves), prefixed with ``where``."""
     try:
         for name in ("lr", "eps", "weight_decay"):
             require_number(name, values[name], minimum=0.0, inclusive=True)
@@ -116,8 +116,6 @@ def check_hyperparameters(values: dict, where: str = "") -> dict:
         require_choice("rounding", values["rounding"], ROUNDINGS)
     except ValueError as error:
         raise ValueError(f"{where}{error}") from None
-    values["betas"] = tuple(float(b) for b in betas)
-    return values
 
 
 class AdamW(Optimizer):
@@ -146,7 +144,8 @@ class AdamW(Optimizer):
                  compile: Union[bool, str] = False, write_expert_copies: bool = True) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
                         rounding=rounding)
-        super().__init__(params, check_hyperparameters(defaults))  # each param group's own: add_param_group
+        check_hyperparameters(defaults)  # each param group's own values: add_param_group
+        super().__init__(params, {**defaults, "betas": tuple(float(b) for b in betas)})
         if not isinstance(compile, (bool, str)):
             raise ValueError(f"compile must be true, false or a torch.compile backend name, got {compile!r}")
         self.compile = compile
@@ -157,10 +156,11 @@ class AdamW(Optimizer):
         self._scalars: dict = {}  # this step's 0-d scalar tensors, by (value, dtype, device)
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch's, then the group's own values checked as the constructor's are (a group may set any of them)."""
-        index = len(self.param_groups)
+        """torch's, after the group's own values are checked as the constructor's are (a group may set any of them):
+        a bad group is refused before it joins the optimizer."""
+        if isinstance(param_group, dict):  # else torch's own error
+            check_hyperparameters({**self.defaults, **param_group}, f"param group {len(self.param_groups)}: ")
         super().add_param_group(param_group)
-        check_hyperparameters(self.param_groups[-1], f"param group {index}: ")
 
     def _moment_dtype(self, param: torch.Tensor, group: dict) -> torch.dtype:
         return STATE_DTYPES[group["state_dtype"]] if param.dtype == torch.float32 else param.dtype

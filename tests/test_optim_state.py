@@ -212,6 +212,7 @@ def test_bad_arguments_are_named(kwargs, named):
     optimizer = AdamW(parameters())
     with pytest.raises(ValueError, match=re.escape(f"param group 1: {named}")):
         optimizer.add_param_group({"params": parameters(), **kwargs})
+    assert len(optimizer.param_groups) == 1  # refused before it joined
 
 
 def test_a_run_with_optimizer_adamw_bf16_resumes_as_one_run(compose_run, tmp_path, resumed_from):
