@@ -230,12 +230,15 @@ def test_evaluate_names_its_own_keys():
     assert composition_error(["run_dir=x", "checkpont=last"], "evaluate") == (
         "checkpont=last: not a key of the config; did you mean checkpoint?"
     )
-    keys = "run_dir, checkpoint, device, batch_size, data_dir, save_routing, routing_examples"
+    keys = "run_dir, checkpoint, device, batch_size, data_dir, data_root, save_routing, routing_examples"
     assert composition_error(["run_dir=x", "foo=1"], "evaluate") == (  # was: "(to add a key: +foo=1)"
         f"foo=1: not a key of the config; evaluate's keys: {keys}")
     assert composition_error(["run_dir=x", "trainer.eval_batch_size=8"], "evaluate") == (  # was: its + spelling
         "trainer.eval_batch_size=8: not a key of the config; did you mean batch_size?")
     assert composition_error(["run_dir=x", "+foo=1"], "evaluate") == f"+foo=1: {UNREAD}; evaluate's keys: {keys}"
+    # train's key for the data's folder: evaluate's own, not Hydra's hydra.hydra_logging.root (its key of that name)
+    assert composition_error(["run_dir=x", "data.root=/data"], "evaluate") == (
+        "data.root=/data: not a key of the config; did you mean data_root?")
 
 
 def test_evaluate_refuses_an_added_key_instead_of_evaluating_best_pt(tmp_path, monkeypatch, capsys):

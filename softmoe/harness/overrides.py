@@ -294,10 +294,18 @@ def unknown_key(override: Override, base: DictConfig, keys: Sequence[str], confi
 def closest_anywhere(key: str, base: DictConfig, keys: Sequence[str], config_name: str) -> str:
     """``; did you mean <key>?`` for a key typed outside every section, by its last part: the closest top-level key
     (``+sed`` -> ``seed``; evaluate's ``batch_size`` for ``trainer.eval_batch_size``), else a key of a section by
-    that very name (``max_steps`` -> ``trainer.max_steps``); else what the config takes at its top level."""
-    leaf = key.rpartition(".")[2]
-    guess = closest_key(leaf, [name for name in base if name != "hydra"])
-    same = next((other for other in keys if "." in other and other.rpartition(".")[2] == leaf), None)
+    that very name (``max_steps`` -> ``trainer.max_steps``; ``run.dir`` -> ``hydra.run.dir``, but by its last part
+    alone never one of Hydra's own: not ``hydra.hydra_logging.root`` for ``data.root``); else what the config takes
+    at its top level. A top-level key spelled as the dotted one comes first: evaluate's ``data_root`` for train's
+    ``data.root``."""
+    leaf, top = key.rpartition(".")[2], [name for name in base if name != "hydra"]
+    if key.replace(".", "_") in top:
+        return f"; did you mean {key.replace('.', '_')}?"
+    guess = closest_key(leaf, top)
+    by_path = (other for other in keys if "." in key and other.endswith(f".{key}"))
+    by_leaf = (other for other in keys if "." in other and not other.startswith("hydra.")
+               and other.rpartition(".")[2] == leaf)
+    same = next(by_path, None) or next(by_leaf, None)
     return guess or (f"; did you mean {same}?" if same else f"; {config_name}'s keys: {top_level(base)}")
 
 
