@@ -39,8 +39,8 @@ Telemetry, after every forward (computed without grad from tensors the forward a
 * ``layer.aux_loss``: Tokens Choice's weighted auxiliary loss, a scalar with grad (None for Experts
   Choice, which needs none); :func:`auxiliary_loss` sums it over a model;
 * ``layer._routing_recorder`` (set by :func:`softmoe.capture_routing`) receives the one-hot dispatch
-  and gate-weighted combine matrices [b, m, n · capacity] whenever ``capacity == slots_per_expert``
-  (always with ``capacity_factor=None``), the shape ``capture_routing`` expects.
+  and gate-weighted combine matrices [b, m, n · capacity]: ``capture_routing`` records them as
+  [b, m, n, capacity], whatever the capacity (``slots_per_expert``, or the ``capacity_factor``'s, capped at m).
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ class SparseMoE(nn.Module):
             self.last_stats.update({name: loss.detach() for name, loss in losses.items()})
             if self.aux_loss is not None:
                 self.last_stats["aux_loss"] = self.aux_loss.detach()
-            if self._routing_recorder is not None and capacity == self.slots_per_expert:
+            if self._routing_recorder is not None:
                 self._record(slot_token, slot_gate, m)
         return y[:, :m]
 

@@ -281,7 +281,7 @@ def test_examples_are_routed_independently(cls, kwargs):
 
 
 @pytest.mark.parametrize("cls", LAYERS)
-def test_capture_records_buffers_when_capacity_is_slots_per_expert(cls):
+def test_capture_records_the_buffers_at_the_layers_capacity(cls):
     layer = sharpen_router(make_layer(cls, k=2) if cls is TokensChoiceMoE else make_layer(cls)).double()
     x = torch.randn(2, 12, DIM, dtype=torch.float64)
     with capture_routing(layer) as routing:
@@ -300,10 +300,13 @@ def test_capture_records_buffers_when_capacity_is_slots_per_expert(cls):
     torch.testing.assert_close(stats["expert_utilisation"], shares.float())
     assert stats["dispatch_max"] == pytest.approx((dispatch.sum(dim=1) > 0).double().mean().item())
 
-    layer.capacity_factor = 1.0  # capacity 3 != slots_per_expert: the recorder's shape would be wrong, so no record
+    layer.capacity_factor = 1.0  # another capacity than slots_per_expert: recorded at that capacity (was: not at all)
     with capture_routing(layer) as routing:
-        layer(x)
-    assert routing == {}
+        y = layer(x)
+    dispatch, combine = routing[""].dispatch, routing[""].combine
+    assert dispatch.shape[3] == layer.last_stats["capacity"] != 2
+    slots = torch.einsum("bmnp,bmd->bnpd", dispatch, x)
+    torch.testing.assert_close(y, torch.einsum("bmnp,bnpd->bmd", combine, layer.experts(slots)), rtol=1e-10, atol=1e-12)
 
 
 # ---- inside the ViT ---------------------------------------------------------------------------------------
@@ -417,3 +420,18 @@ def test_the_shared_base_class_says_which_layers_route():
     message = "SparseMoE does not route: .* use TokensChoiceMoE or ExpertsChoiceMoE"
     with pytest.raises(NotImplementedError, match=message):
         SparseMoE(DIM, num_experts=4)(torch.randn(2, 5, DIM))
+
+
+@pytest.mark.parametrize("layer_class", [TokensChoiceMoE, ExpertsChoiceMoE])
+def test_routing_is_recorded_at_the_capacity_the_layer_used(layer_class):
+    # capacity capped at m = 5 tokens below slots_per_expert = 8 (or set by a capacity_factor): was recorded by no
+    # capture, which the docstring promised "always with capacity_factor=None"
+    for layer, capacity in ((layer_class(4, 8, num_experts=2, slots_per_expert=8), 5),
+                            (layer_class(4, 8, num_experts=2, capacity_factor=1.0), 3)):  # ceil(1.0 * 5 tokens / 2)
+        with capture_routing(layer) as routing:
+            layer(torch.randn(2, 5, 4))
+        assert layer.last_stats["capacity"] == capacity
+        dispatch, combine = routing[""].dispatch, routing[""].combine
+        assert dispatch.shape == combine.shape == (2, 5, 2, capacity)
+        assert set(dispatch.unique().tolist()) <= {0.0, 1.0}  # one-hot: each filled slot holds one token
+        assert dispatch.sum(dim=1).max() <= 1

@@ -272,8 +272,11 @@ def test_a_validation_fraction_that_rounds_to_no_image_is_named_as_given(compose
     run = ["data.val_size=0.0001", "trainer.max_steps=1", "trainer.eval_batches=1", "model.depth=2", "logger=none",
            *QUIET]  # 0.0001 of digits' 1,437 training images
     with caplog.at_level(logging.WARNING, logger="softmoe.harness.context"):
-        train(compose_run(*run), tmp_path)
+        summary = train(compose_run(*run), tmp_path)
     assert "data.val_size=0.0001 holds out 0 images: no validation split, so no model selection" in caplog.text
+    # and the done line too (was "data.val_size=0", a value the user never set)
+    assert summary.describe().endswith(
+        "no validation split (data.val_size=0.0001 holds out 0 images), so no checkpoint was selected")
 
 
 SWEEP_WARNING = "data.val_size=0: no validation split, so no model selection"

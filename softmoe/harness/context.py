@@ -41,7 +41,7 @@ from .distributed import Distributed, Loaders
 from .errors import CheckpointError, ConfigError, NonFiniteError
 from .faults import PreemptionGuard, first_nonfinite
 from .gpu_share import cap_cuda_memory, memory_share
-from .state import NO_BEST, TrainState, build_state
+from .state import NO_BEST, TrainState, build_state, no_validation_reason
 from .plausibility import warn_small_splits
 from .resume import past_the_runs_end, resume_checkpoint
 from .rules import counted
@@ -150,10 +150,8 @@ def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int,
         log.info(upcycled)
     log.info("checkpoints: %s", distributed.checkpoint_format(best=data.val is not None))
     if data.val is None:  # said after the checkpoints line, which then names last.pt only
-        asked = config["data"]["val_size"]  # a fraction may round to no image at all: say so, not "=0"
-        why = "data.val_size=0" if asked == 0 else f"data.val_size={asked} holds out 0 images"
         log.warning("%s: no validation split, so no model selection: best.pt is not written, and only the final "
-                    "model is tested", why)
+                    "model is tested", no_validation_reason(config["data"]["val_size"]))
 
 
 def open_run(

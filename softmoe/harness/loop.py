@@ -47,7 +47,7 @@ from .faults import Preempted
 from .losses import classification_loss
 from .precision import autocast, warn_if_slow
 from .rules import plain
-from .state import SUMMARY_KEYS, Summary, TrainState
+from .state import SUMMARY_KEYS, Summary, TrainState, no_validation_reason
 from .telemetry import METRICS_FILE, RankZeroTelemetry, dispatch_maps, routing_metrics, json_lines
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ def evaluate(
 
 @torch.no_grad()
 def dispatch_panel(model: nn.Module, image: torch.Tensor, device: torch.device) -> Optional[np.ndarray]:
-    """The dispatch maps of every MoE block for one image (see :func:`telemetry.dispatch_maps`); None when no
-    block records its routing (sparse layers with a ``capacity_factor``)."""
+    """The dispatch maps of every MoE block for one image (see :func:`telemetry.dispatch_maps`); None for a model
+    with no MoE block."""
     was_training = model.training
     model.eval()
     with capture_routing(model) as records:
@@ -323,6 +323,7 @@ def summarize(run: RunContext, state: TrainState, test: dict, test_at_best: dict
         wandb_run_path=run.telemetry.run_path,
         skipped_steps=state.nonfinite.skipped,
         skipped_examples=run.skipped_examples,
+        no_validation=no_validation_reason(run.config["data"]["val_size"]),  # a fraction may round to no image
     )
     run.telemetry.summary({f"summary/{key}": value for key, value in asdict(summary).items() if key in SUMMARY_KEYS})
     return summary

@@ -38,18 +38,24 @@ class Summary:
     wandb_run_path: Optional[str]
     skipped_steps: int = 0  # steps dropped for a NaN/inf loss or gradient (trainer.nonfinite=skip)
     skipped_examples: int = 0  # bad examples dropped by data.on_bad_file=skip
+    no_validation: str = "data.val_size=0"  # why there is no validation split (:func:`no_validation_reason`)
 
     def describe(self) -> str:
         """The result in one line: test accuracy of the final model and of the best-on-validation checkpoint."""
         final = f"test accuracy {100 * self.test_acc:.2f}% (final model)"
         if math.isnan(self.best_val_acc):
-            return f"{final}; no validation split (data.val_size=0), so no checkpoint was selected"
+            return f"{final}; no validation split ({self.no_validation}), so no checkpoint was selected"
         best = latest(Path(self.run_dir), "best.pt") if self.run_dir else None  # best.dcp under FSDP
         name = best.name if best is not None else "best.pt"
         return (
             f"{final}, {100 * self.test_acc_at_best_val:.2f}% ({name}: best validation accuracy "
             f"{100 * self.best_val_acc:.2f}% at epoch {self.best_val_epoch})"
         )
+
+def no_validation_reason(val_size: Any) -> str:
+    """Why a run has no validation split, as its ``data.val_size`` says it: 0, or a fraction that rounds to no image."""
+    return "data.val_size=0" if val_size == 0 else f"data.val_size={val_size} holds out 0 images"
+
 
 class TrainWindow:
     """Training loss, accuracy and throughput over the steps since the last log event.
