@@ -58,6 +58,9 @@ def argument_problem(checkpoint: Path, output: Path) -> Optional[str]:
     if checkpoint.suffix == ".safetensors":
         return (f"checkpoint {checkpoint}: a .safetensors file, an export already; name the training checkpoint it "
                 "came from (a run's best.pt or last.pt)")
+    not_whole = sharded_checkpoint.train_state_not_a_checkpoint(checkpoint)
+    if not_whole:
+        return f"checkpoint {checkpoint}: {not_whole}"
     if output.exists() and output.resolve() == checkpoint.resolve():
         return f"output {output}: is the checkpoint itself; name a new .safetensors file, e.g. model.safetensors"
     if output.is_dir():

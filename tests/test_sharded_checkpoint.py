@@ -231,6 +231,39 @@ def test_of_a_checkpoint_in_both_formats_the_newer_one_is_read(tmp_path):
     assert RunContext.best_model(run) == str(tmp_path / "best.dcp")  # its directory: each rank reads its pieces
 
 
+def test_of_both_formats_the_later_step_is_read_whatever_the_files_times(tmp_path):
+    """A copied run directory (``cp -r``) gives every file the copy's time: a stale step 3 ``last.dcp`` written after
+    a step 5 ``last.pt`` was resumed from, and its best evaluated (was by the files' times alone)."""
+    model = torch.nn.Linear(2, 2)
+    for single_step, sharded_step in ((5, 3), (3, 5)):
+        run_dir = tmp_path / f"{single_step}_{sharded_step}"
+        run_dir.mkdir()
+        for name in ("last.pt", "best.pt"):
+            save_checkpoint(run_dir / name, {"format": FORMAT_VERSION, "step": single_step, "model": model.state_dict()})
+            sharded_checkpoint.save(run_dir, name, model, optimizer_for(model), None,
+                                    {"format": FORMAT_VERSION, "step": sharded_step}, keep_previous=False)
+            os.utime(run_dir / name.replace(".pt", ".dcp"), ns=(10**18, 10**18))  # the sharded one "written" last
+        later = ".pt" if single_step > sharded_step else ".dcp"
+        assert sharded_checkpoint.latest_last(run_dir) == run_dir / f"last{later}"
+        assert sharded_checkpoint.latest(run_dir, "best.pt") == run_dir / f"best{later}"
+
+
+def test_a_sharded_checkpoints_train_state_named_as_a_checkpoint_is_one_line(tmp_path, compose_run, capsys):
+    """train_state.pt is in a checkpoint's format, without the model: trainer.resume ended in a TypeError traceback
+    (exit 1, its run directory left behind), to_safetensors in an AttributeError."""
+    from softmoe import to_safetensors
+    from softmoe.harness.config import ConfigError, check_config
+
+    state = save_twice(tmp_path) / sharded_checkpoint.TRAIN_STATE
+    why = (f"the train state of the sharded checkpoint {state.parent} (its step, RNG and config; the model is in the "
+           f"shards beside it): name the directory itself, {state.parent}")
+    with pytest.raises(ConfigError) as raised:
+        check_config(compose_run(f"trainer.resume={state}"))
+    assert str(raised.value) == f"trainer.resume={state}: {why}"
+    assert to_safetensors.main([str(state), str(tmp_path / "model.safetensors")]) == 2
+    assert capsys.readouterr().err == f"error: checkpoint {state}: {why}\n"
+
+
 def save_twice(run_dir):
     """A run directory's last.dcp (step 2) and the last.prev.dcp (step 1) kept beside it, and best.pt."""
     model = torch.nn.Linear(2, 2)

@@ -78,6 +78,9 @@ def resumable_checkpoint(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     """null, or :func:`existing_checkpoint`, each refusal saying what to name instead; a run directory's own
     checkpoint is continued in place instead, its run resumed (``hydra.run.dir``)."""
     why = None if value is None else _why_no_checkpoint(value)
+    not_whole = None if why is not None or value is None else sharded_checkpoint.train_state_not_a_checkpoint(value)
+    if not_whole:
+        return not_whole
     if why is None and str(value).endswith(".safetensors"):
         return ("an export of a model's weights (python -m softmoe.to_safetensors), not a training checkpoint: name "
                 "the last.pt or best.pt it was exported from, or null to start afresh")

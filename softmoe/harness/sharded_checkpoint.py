@@ -61,6 +61,16 @@ def directory(run_dir: Path, name: str) -> Path:
     return Path(run_dir) / (Path(name).stem + SUFFIX)
 
 
+def train_state_not_a_checkpoint(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be read as a checkpoint when it is a sharded checkpoint's ``train_state.pt`` (the step, RNG
+    and config, in a checkpoint's format but without the model, whose shards are beside it), or None."""
+    path = Path(path)
+    if path.name != TRAIN_STATE or not (path.parent / ".metadata").is_file():
+        return None
+    return (f"the train state of the sharded checkpoint {path.parent} (its step, RNG and config; the model is in the "
+            f"shards beside it): name the directory itself, {path.parent}")
+
+
 def is_complete(path: Path) -> bool:
     return (Path(path) / ".metadata").is_file() and (Path(path) / TRAIN_STATE).is_file()
 
@@ -132,11 +142,29 @@ def damaged(path: Path, found: str) -> CheckpointError:
 
 
 def newer(single: Path, sharded: Optional[Path]) -> Optional[Path]:
-    """Of a single-file checkpoint (when it is a file) and a complete sharded one (or None), the one written last;
-    None when neither is there. A run resumed in its own directory under another strategy (FSDP after one process or
-    DDP, or the reverse) leaves both formats, and the older one is stale."""
+    """Of a single-file checkpoint (when it is a file) and a complete sharded one (or None), the later one: of the
+    larger step, or where a step cannot be read, the one written last; None when neither is there. A run resumed in
+    its own directory under another strategy (FSDP after one process or DDP, or the reverse) leaves both formats,
+    and the older one is stale. By step first: a copied run directory (``cp -r``) has every file's time the copy's,
+    and resumed from the stale one (a step 59 ``last.dcp`` over a finished run's step 200 ``last.pt``)."""
     present = [path for path in (single if single.is_file() else None, sharded) if path is not None]
-    return max(present, key=lambda path: path.stat().st_mtime_ns, default=None)
+    if len(present) < 2:
+        return present[0] if present else None
+    steps = [saved_step(path) for path in present]
+    if None in steps or steps[0] == steps[1]:  # a damaged one (its own fallback decides), or a tie
+        return max(present, key=lambda path: path.stat().st_mtime_ns)
+    return present[steps.index(max(steps))]
+
+
+def saved_step(path: Path) -> Optional[int]:
+    """The step a checkpoint (a file, or a sharded one's directory) was saved at, read without its tensors; None
+    where it cannot be read."""
+    try:
+        state = read_train_state(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True,
+                                                                         mmap=True)
+        return int(state["step"])
+    except Exception:  # damaged or not a checkpoint: the caller falls back to the files' times
+        return None
 
 
 def latest(run_dir: Path, name: str) -> Optional[Path]:
