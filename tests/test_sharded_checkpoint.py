@@ -239,7 +239,8 @@ def test_of_both_formats_the_later_step_is_read_whatever_the_files_times(tmp_pat
         run_dir = tmp_path / f"{single_step}_{sharded_step}"
         run_dir.mkdir()
         for name in ("last.pt", "best.pt"):
-            save_checkpoint(run_dir / name, {"format": FORMAT_VERSION, "step": single_step, "model": model.state_dict()})
+            state = {"format": FORMAT_VERSION, "step": single_step, "model": model.state_dict()}
+            save_checkpoint(run_dir / name, state)
             sharded_checkpoint.save(run_dir, name, model, optimizer_for(model), None,
                                     {"format": FORMAT_VERSION, "step": sharded_step}, keep_previous=False)
             os.utime(run_dir / name.replace(".pt", ".dcp"), ns=(10**18, 10**18))  # the sharded one "written" last
