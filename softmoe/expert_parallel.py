@@ -133,7 +133,10 @@ class ExpertParallel(nn.Module):
         outputs = self._local_experts_mean_grad(incoming)  # [Σ b_r, n_local, p, d']
         returned = all_to_all_single_autograd(outputs.contiguous(), sent_sizes, received_sizes, self.group_name)
         width = outputs.shape[-1]  # spelled out, not -1: an empty batch has no elements to infer it from
-        return returned.view(w, b, n_local, p, width).transpose(0, 1).reshape(b, n, p, width)
+        slot_outputs = returned.view(w, b, n_local, p, width).transpose(0, 1).reshape(b, n, p, width)
+        # one rank: the reshape is a view of the exchange's buffer (more ranks: a copy), and FSDP2 warns at every call
+        # of a module that returns a view ("can cause backward to fail or produce wrong gradients"); the same copy
+        return slot_outputs.clone() if slot_outputs._is_view() else slot_outputs
 
     def _local_experts_mean_grad(self, slots: torch.Tensor) -> torch.Tensor:
         """The local experts, with their parameters' gradients averaged over ranks, not summed.

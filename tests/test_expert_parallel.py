@@ -294,6 +294,24 @@ SCENARIOS = {
 }
 
 
+# One rank: an expert group of one (FSDP over ranks whose trainer.expert_parallel_size=1) ------------
+
+
+def one_rank_returns_its_experts_outputs_not_a_view(rank):
+    """With one rank the exchange's buffer reshapes to the output without a copy: a view, on which FSDP2 warned at
+    every call ("can cause backward to fail or produce wrong gradients")."""
+    torch.manual_seed(0)
+    reference = soft_moe_layer()
+    layer = to_expert_parallel(copy.deepcopy(reference))
+    slots = torch.randn(2, 4, 2, 8, dtype=torch.float64)
+    output = layer.experts(slots)
+    assert not output._is_view()
+    torch.testing.assert_close(output, reference.experts(slots), **EXACT)
+
+
+ONE_RANK_SCENARIOS = {fn.__name__: fn for fn in (one_rank_returns_its_experts_outputs_not_a_view,)}
+
+
 # Four ranks: a data x expert mesh ---------------------------------------------------------------
 
 MESH_WORLD_SIZE = 4
@@ -475,6 +493,11 @@ def two_rank_results(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def one_rank_results(tmp_path_factory):
+    return run_scenarios(tmp_path_factory.mktemp("one_rank"), 1, ONE_RANK_SCENARIOS)
+
+
+@pytest.fixture(scope="module")
 def mesh_results(tmp_path_factory):
     return run_scenarios(tmp_path_factory.mktemp("mesh"), MESH_WORLD_SIZE, MESH_SCENARIOS)
 
@@ -490,6 +513,12 @@ def assert_passed_on_every_rank(results, scenario, world_size):
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_two_ranks(two_rank_results, scenario):
     assert_passed_on_every_rank(two_rank_results, scenario, WORLD_SIZE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", list(ONE_RANK_SCENARIOS))
+def test_one_rank(one_rank_results, scenario):
+    assert_passed_on_every_rank(one_rank_results, scenario, 1)
 
 
 @pytest.mark.slow

@@ -498,3 +498,25 @@ def test_a_rerun_whose_earlier_attempt_saved_no_checkpoint_says_it_starts_over(c
     assert (f"{tmp_path} holds no last.pt: its earlier attempt stopped before its first checkpoint; starting at "
             "step 0") in caplog.messages
     assert [event["step"] for event in read_events(tmp_path) if "train/loss" in event] == [1, 2]
+
+
+def test_a_warning_met_at_every_step_is_shown_once(compose_run, tmp_path, monkeypatch):
+    """The trainer's catch_warnings around the scheduler's step reset the registry that shows a warning once per
+    place: torch's FSDP2 "returned a view tensor" warning came once per step on every rank. Only the first step
+    catches now (torch's scheduler warns there only)."""
+    import warnings
+
+    from softmoe.harness import loop
+
+    classification_loss = loop.classification_loss
+
+    def warning_loss(*args, **kwargs):
+        warnings.warn("a warning met at every step", UserWarning)
+        return classification_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "classification_loss", warning_loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: once per place
+        train(compose_run("trainer.max_steps=4", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET),
+              tmp_path)
+    assert [str(w.message) for w in caught].count("a warning met at every step") == 1

@@ -52,6 +52,12 @@ from .telemetry import METRICS_FILE, RankZeroTelemetry, dispatch_maps, routing_m
 
 log = logging.getLogger(__name__)
 
+# A skipped first step (a NaN loss) never called optimizer.step(); the schedule still moves on, as for any skipped
+# step, and torch's warning about it is dropped. Filtered once, here: a catch_warnings() around each step reset the
+# registry that shows every other warning once, and torch's FSDP2 warnings came at every step on every rank.
+SKIPPED_FIRST_STEP = r"Detected call of `lr_scheduler.step\(\)` before"
+warnings.filterwarnings("ignore", SKIPPED_FIRST_STEP, UserWarning)
+
 
 @torch.no_grad()
 def evaluate(
@@ -160,10 +166,7 @@ def train_step(
         state.window.add(loss, logits, labels, seconds=time.perf_counter() - started)
     scaler.update()
     lr = state.scheduler.get_last_lr()[0]  # the rate this step used
-    with warnings.catch_warnings():
-        # a skipped first step never called optimizer.step(); the schedule still moves on, as for any skipped step
-        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
-        state.scheduler.step()
+    state.scheduler.step()  # after a skipped first step too: SKIPPED_FIRST_STEP
     state.step += 1
     return StepOutput(lr=lr, grad_norm=grad_norm, aux_loss=aux_loss, routing=routing)
 
