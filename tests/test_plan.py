@@ -180,3 +180,31 @@ def test_a_model_no_gpu_holds_whole_is_told_to_build_on_the_meta_device(capsys):
     printed = capsys.readouterr().out
     advice = f"Build it with trainer.init_device=meta: the whole model's parameters alone ({whole_gib:.2f} GiB)"
     assert advice in printed
+
+
+def test_activation_checkpointing_and_reshard_after_forward_change_the_plan(capsys):
+    """Both were read by the trainer, not the planner: the same rows either way, and a plan that did not fit told a
+    run already checkpointing its activations to checkpoint them."""
+    from softmoe.harness.memory import activation_elements_per_image, model_shapes
+
+    base = [*TINY, "world_size=4"]
+    plain, checkpointed = plan_run(base), plan_run([*base, "trainer.activation_checkpointing=true"])
+    shapes = model_shapes(compose_plan_config(base))
+    t, d = shapes.tokens, shapes.width
+    full = activation_elements_per_image(shapes)
+    # every block's input, and one MoE block's activations (the largest) while it is recomputed
+    s, h = shapes.slots, shapes.mlp_width
+    moe_block = 6 * t * d + 3 * t * d + 3 * t * s + 2 * s * d + 2 * s * h
+    for row, kept in zip(checkpointed.rows, plain.rows):
+        assert row.activations == kept.activations * (shapes.depth * t * d + moe_block) // full < kept.activations
+    gathered = {str(row.layout): row.buffers for row in plan_run([*base, "trainer.reshard_after_forward=false"]).rows}
+    for row in plain.rows:  # every block stays gathered under FSDP; DDP's and EP's buckets are the same
+        assert gathered[str(row.layout)] > row.buffers if row.layout.strategy.startswith("fsdp") else \
+            gathered[str(row.layout)] == row.buffers
+    tight = f"gpu_memory_gb={checkpointed.rows[-1].total / 1024**3 / 10}"  # nothing fits
+    main([*base, tight])
+    (advice,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Nothing fits")]
+    assert advice.endswith("use more GPUs or a smaller batch per GPU, or trainer.activation_checkpointing=true.")
+    main([*base, tight, "trainer.activation_checkpointing=true"])
+    (advice,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Nothing fits")]
+    assert advice.endswith("use more GPUs or a smaller batch per GPU.")

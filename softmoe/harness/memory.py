@@ -7,7 +7,8 @@ The model is built on the meta device (no memory, real shapes), so the counts be
   AdamW holds two moments and a float32 ``step`` per tensor, SGD with momentum one buffer.
 - **Estimated**: activations saved for the backward pass (an element count per block, below), DDP's gradient
   buckets (one float32 copy of the gradients it averages), and FSDP's working set (the largest block unsharded,
-  twice for prefetching, plus its unsharded gradient).
+  twice for prefetching, plus its unsharded gradient; with ``trainer.reshard_after_forward=false`` every block's
+  parameters stay gathered from the forward to the backward, plus the largest block's gradient).
 
 Layouts, with ``E`` ranks per expert group (``trainer.expert_parallel_size``) and ``W`` ranks in all:
 
@@ -23,7 +24,9 @@ Activation elements saved per image, for a block of ``t`` tokens, width ``d``, M
 (Soft MoE) ``s = num_experts x slots_per_expert`` slots, with fused attention (no ``t x t`` score matrix):
 attention ``6td`` (norm input and output, q, k, v, attention output); a dense MLP ``2td + 2th``; a Soft MoE MLP
 ``3td + 3ts + 2sd + 2sh`` (norm, normalised tokens, logits, dispatch and combine weights, slots, expert hidden
-activations, expert outputs). Bytes per element: 4 in fp32, 2 under bf16/fp16 autocast.
+activations, expert outputs). Bytes per element: 4 in fp32, 2 under bf16/fp16 autocast. With
+``trainer.activation_checkpointing`` (each block recomputed in the backward pass) a block keeps only its input,
+``td``, and one block's activations are alive at a time, while it is recomputed.
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ class ModelShapes:
     optimizer_states: int  # per-element buffers: AdamW 2, SGD with momentum 1
     optimizer_state_bytes: int  # bytes per element of each: 4, or 2 for optimizer.state_dtype=bfloat16
     optimizer_scalars: bool  # a float32 `step` per tensor (Adam)
+    activation_checkpointing: bool = False  # trainer.activation_checkpointing: each block recomputed in backward
+    reshard_after_forward: bool = True  # trainer.reshard_after_forward (FSDP): gathered blocks freed after forward
 
     @property
     def num_parameters(self) -> int:
@@ -138,6 +143,8 @@ def shapes_of(model: nn.Module, config: Mapping[str, Any]) -> ModelShapes:
         optimizer_states=2 if adam else int(bool(optimizer.get("momentum", 0))),
         optimizer_scalars=adam,
         optimizer_state_bytes=2 if optimizer.get("state_dtype") == "bfloat16" else FLOAT32,
+        activation_checkpointing=bool(config["trainer"].get("activation_checkpointing", False)),
+        reshard_after_forward=bool(config["trainer"].get("reshard_after_forward", True)),
     )
 
 
@@ -167,6 +174,9 @@ def activation_elements_per_image(shapes: ModelShapes) -> int:
     dense_mlp = 2 * t * d + 2 * t * h
     moe_mlp = 3 * t * d + 3 * t * s + 2 * s * d + 2 * s * h
     dense_blocks = shapes.depth - shapes.moe_block_count
+    if shapes.activation_checkpointing:  # every block's input, and the one block being recomputed
+        largest = attention + (moe_mlp if shapes.moe_block_count else dense_mlp if dense_blocks else 0)
+        return shapes.depth * t * d + largest
     return shapes.depth * attention + dense_blocks * dense_mlp + shapes.moe_block_count * moe_mlp
 
 
@@ -188,11 +198,10 @@ def rank_memory(shapes: ModelShapes, layout: Layout, world_size: int, batch_size
     parameters, gradients, optimizer = _state_bytes(shapes, elements, tensors)
 
     if sharded:  # the largest block gathered (this block and the prefetched next one), and its full gradient
-        largest = max(
-            (sum(map(_numel, rep)) + sum(_numel(s) // e for s in exp) for rep, exp in shapes.block_params),
-            default=0,
-        )
-        buffers = 3 * largest * FLOAT32
+        gathered = [sum(map(_numel, rep)) + sum(_numel(s) // e for s in exp) for rep, exp in shapes.block_params]
+        largest = max(gathered, default=0)
+        # reshard_after_forward=false: every block stays gathered from its forward to its backward
+        buffers = (2 * largest if shapes.reshard_after_forward else sum(gathered)) * FLOAT32 + largest * FLOAT32
     else:  # DDP's buckets: a copy of the gradients it averages (under EP, the replicated ones)
         buffers = (sum(replicated) + (sum(experts) if layout.strategy == "ddp" else 0)) * FLOAT32
     local_batch = math.ceil(batch_size / w)
@@ -280,9 +289,10 @@ def format_plan(plan: Plan, title: str) -> str:
     best = plan.recommended
     lines.append("")
     if best is None:
+        checkpointing = "" if shapes.activation_checkpointing else ", or trainer.activation_checkpointing=true"
         lines.append(
-            f"Nothing fits in {plan.usable_fraction:.0%} of {plan.gpu_memory_gb:g} GB: use more GPUs, a smaller "
-            "batch per GPU, or activation checkpointing."
+            f"Nothing fits in {plan.usable_fraction:.0%} of {plan.gpu_memory_gb:g} GB: use more GPUs or a smaller "
+            f"batch per GPU{checkpointing}."
         )
     else:
         lines.append(f"Recommended: **{best.layout}** ({best.total / size:.2f} {unit} per rank).")
