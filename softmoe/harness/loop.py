@@ -52,12 +52,6 @@ from .telemetry import METRICS_FILE, RankZeroTelemetry, dispatch_maps, routing_m
 
 log = logging.getLogger(__name__)
 
-# A skipped first step (a NaN loss) never called optimizer.step(); the schedule still moves on, as for any skipped
-# step, and torch's warning about it is dropped. Filtered once, here: a catch_warnings() around each step reset the
-# registry that shows every other warning once, and torch's FSDP2 warnings came at every step on every rank.
-SKIPPED_FIRST_STEP = r"Detected call of `lr_scheduler.step\(\)` before"
-warnings.filterwarnings("ignore", SKIPPED_FIRST_STEP, UserWarning)
-
 
 @torch.no_grad()
 def evaluate(
@@ -166,7 +160,16 @@ def train_step(
         state.window.add(loss, logits, labels, seconds=time.perf_counter() - started)
     scaler.update()
     lr = state.scheduler.get_last_lr()[0]  # the rate this step used
-    state.scheduler.step()  # after a skipped first step too: SKIPPED_FIRST_STEP
+    # A skipped first step (a NaN loss) never called optimizer.step(); the schedule still moves on, as for any skipped
+    # step, and torch's warning about it (given at a scheduler's first step only) is dropped. Only then: a
+    # catch_warnings() resets the registry that shows every other warning once, and around every step it made
+    # torch's FSDP2 warnings come at every step on every rank. (The two attributes torch itself reads.)
+    if getattr(state.scheduler, "_step_count", 0) == 1 and not getattr(state.optimizer, "_opt_called", False):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+            state.scheduler.step()
+    else:
+        state.scheduler.step()
     state.step += 1
     return StepOutput(lr=lr, grad_norm=grad_norm, aux_loss=aux_loss, routing=routing)
 
