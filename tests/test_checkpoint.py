@@ -221,7 +221,8 @@ def test_each_unusable_trainer_resume_says_what_is_wrong_and_what_to_do_instead(
     # pasted, failed: model.img_size must equal data.img_size; model.depth=4 alone is not vit_micro)
     for overrides, now, before in ((["data=synthetic"], "data=synthetic", "data=digits"),
                                    (["data.img_size=16"], "data.img_size=16", "data.img_size=8"),
-                                   (["model=vit_tiny", "model.patch_size=2"], "model=vit_tiny", "model=vit_micro")):
+                                   (["model=vit_tiny", "model.patch_size=2"], "model=vit_tiny", "model=vit_micro"),
+                                   (["moe=every_other"], "moe=every_other", "moe=last_half")):
         other = plain(compose_run(*overrides))
         with pytest.raises(CheckpointError) as raised:
             resume_checkpoint(run_dir, str(good), other)

@@ -183,6 +183,10 @@ def _what_the_user_set(saved: dict[str, Any], config: dict[str, Any], section: s
     (``data.img_size=32``), which the command line set; ``model.img_size`` itself must equal it."""
     if key == "name":
         return f"{section}={config[section][key]}", f"{section}={saved[section][key]}"
+    if (section, key) == ("moe", "placement"):  # conf/moe's options set only it: moe=every_other, moe=dense (none)
+        option = {"none": "dense"}
+        return (f"moe={option.get(config[section][key], config[section][key])}",
+                f"moe={option.get(saved[section][key], saved[section][key])}")
     saved_data, data = saved.get("data", {}), config.get("data", {})
     if section == "model" and key in MODEL_KEYS_FROM_DATA and saved_data.get(key) != data.get(key):
         if saved_data.get("name") != data.get("name"):
