@@ -11,7 +11,7 @@ import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
-from ._checks import (_is_fx_symbolic_tracing, is_exporting, is_int, require_choice, require_parameter_device,
+from ._checks import (is_int, is_symbolically_traced, require_choice, require_parameter_device,
                       require_parameter_dtype, require_positive_int, require_positive_number, require_probability)
 
 _TIMM_DEFAULTS = {name: parameter.default
@@ -106,7 +106,7 @@ def require_images(x: Any, model: VisionTransformer) -> None:
     and the parameters' dtype unless autocast casts both. Eager calls and ``torch.compile``, not fx or export; a
     patch embedding of the user's own (``embed_layer``) takes what it takes."""
     embed = model.patch_embed
-    if is_exporting() or _is_fx_symbolic_tracing() or type(embed) is not PatchEmbed:
+    if is_symbolically_traced() or type(embed) is not PatchEmbed:
         return
     channels = embed.proj.in_channels
     expected = f"[batch, {channels}, height, width] (in_chans={channels})"

@@ -15,8 +15,6 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import torch
-
 from . import sharded_checkpoint
 from .checkpoint import (
     BEST,
@@ -180,10 +178,7 @@ def saved_config_only(path: Path) -> Optional[dict[str, Any]]:
     its tensors (memory-mapped, never copied in), or None where it cannot be read so: the run itself then says why,
     or falls back to the ``last.prev.pt`` beside a damaged ``last.pt``."""
     try:
-        if path.is_dir():
-            state = sharded_checkpoint.read_train_state(path)  # the small file beside the shards
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = sharded_checkpoint.state_without_tensors(path)
         return {"config": state["config"], "step": state.get("step")}
     except Exception:  # unreadable, damaged, not a checkpoint: not this check's to report
         return None

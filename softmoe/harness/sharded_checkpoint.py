@@ -160,11 +160,17 @@ def saved_step(path: Path) -> Optional[int]:
     """The step a checkpoint (a file, or a sharded one's directory) was saved at, read without its tensors; None
     where it cannot be read."""
     try:
-        state = read_train_state(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True,
-                                                                         mmap=True)
-        return int(state["step"])
+        return int(state_without_tensors(path)["step"])
     except Exception:  # damaged or not a checkpoint: the caller falls back to the files' times
         return None
+
+
+def state_without_tensors(path: Path) -> dict[str, Any]:
+    """A checkpoint's state (a file, or a sharded one's directory) for its step and config: a file memory-mapped, its
+    tensors never copied in; a sharded one's small ``train_state.pt`` alone. Raises what reading it raises."""
+    if Path(path).is_dir():
+        return read_train_state(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def latest(run_dir: Path, name: str) -> Optional[Path]:
