@@ -43,9 +43,9 @@ from softmoe.harness.errors import (
     preempted_exit_code,
     run_command,
     tell_torchrun,
-    wait_for_every_rank_to_refuse,
 )
 from softmoe.harness.faults import Preempted
+from softmoe.harness.launch_check import other_ranks_refusal
 from softmoe.harness.console import final_dispatch_entropy, next_steps
 from softmoe.harness.loop import train
 from softmoe.harness.output_dirs import output_dir, output_dir_error
@@ -248,6 +248,13 @@ def command_line() -> None:
         sys.exit(ended.exit_code)
 
 
+def say_refusal(problem: str) -> None:
+    """``error: <problem>`` on the console, and for torchrun's report."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun, once per node: its ranks read the same files
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+    tell_torchrun([f"error: {problem}"])  # every rank's: torchrun names the first to end as the root cause
+
+
 def check_before_hydra() -> None:
     """The checks that need no Hydra: a bad command line exits here with one line (status 2)."""
     # a mistyped key or option, a run dir Hydra cannot make (or an empty one), a sweep with a bad value in any job:
@@ -255,11 +262,14 @@ def check_before_hydra() -> None:
     planned = output_dir(sys.argv[1:], "train")  # composed once: checked here, a sweep's multirun.yaml read below
     problem = (composition_error(sys.argv[1:], "train") or output_dir_error(planned)
                or sweep_job_error(sys.argv[1:], "train") or single_run_error(sys.argv[1:], "train"))
+    # under torchrun every rank hears the others' verdict before any goes on: another node's files may differ, and
+    # a rank that went on would wait in init_process_group for ranks that refused and exited
     if problem:
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun, once per node: its ranks read the same files
-            print(f"error: {problem}", file=sys.stderr)
-        tell_torchrun([f"error: {problem}"])  # every rank's: torchrun names the first to end as the root cause
-        wait_for_every_rank_to_refuse()
+        say_refusal(problem)
+    elsewhere = other_ranks_refusal(problem)
+    if elsewhere:
+        say_refusal(f"not started: {elsewhere}")
+    if problem or elsewhere:
         sys.exit(USER_ERROR_EXIT_CODE)
     warning = sweep_warning(sys.argv[1:], "train")  # once for the sweep, here: not once per job
     if warning:

@@ -39,7 +39,7 @@ from softmoe.harness.loop import train
 from softmoe.harness.runs import RunDirLock, read_events
 from softmoe.harness.sharded_checkpoint import TRAIN_STATE, read_train_state
 from softmoe.harness.sampler import ResumableSampler, ShardedSampler
-from test_expert_parallel import start_two_ranks
+from test_expert_parallel import free_port, start_two_ranks
 
 ROOT = Path(CONF_DIR).parent
 # Deterministic and schedule-free (a constant rate: a 3-step run is the first half of a 6-step one); no dropout
@@ -365,30 +365,85 @@ def test_a_bad_launch_stops_train_before_the_process_group_or_data(compose_run, 
         train(compose_run("trainer.strategy=ddp", "logger=none"), tmp_path)
 
 
-def test_a_refusing_rank_exits_only_once_every_rank_has_left_its_refusal_for_torchrun(monkeypatch, tmp_path):
-    """torchrun's agent stops the other ranks once one exits: a rank stopped before its refusal was in its error file
-    showed in the report as "Signal 15 (SIGTERM)" (the launch above, refused on both ranks, shows both lines)."""
+@pytest.fixture
+def agent_store(monkeypatch, tmp_path):
+    """A store as torchrun's agent holds one, and the variables its workers see, for a launch of 2 ranks."""
     from datetime import timedelta
 
-    from softmoe.harness.errors import wait_for_every_rank_to_refuse
-
-    agent_store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=60))  # the agent's
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=60))
     torchrun = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json"),
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(agent_store.port), "WORLD_SIZE": "2",
-                "TORCHELASTIC_RUN_ID": "launch", "TORCHELASTIC_RESTART_COUNT": "0"}
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "WORLD_SIZE": "2", "RANK": "1",
+                "GROUP_RANK": "1", "TORCHELASTIC_RUN_ID": "launch", "TORCHELASTIC_RESTART_COUNT": "0"}
     for name, value in torchrun.items():
         monkeypatch.setenv(name, value)
-    first = threading.Thread(target=wait_for_every_rank_to_refuse)
-    first.start()
-    while agent_store.add("softmoe/refused/launch/0", 0) < 1:  # until the first rank counted itself
+    return store
+
+
+def meet_in_a_thread(refusal):
+    """One rank's :func:`other_ranks_refusal`, run in a thread: (the thread, a list that gets its result)."""
+    from softmoe.harness.launch_check import other_ranks_refusal
+
+    result = []
+    rank = threading.Thread(target=lambda: result.append(other_ranks_refusal(refusal)))
+    rank.start()
+    return rank, result
+
+
+@pytest.mark.parametrize("first_refuses", [True, False], ids=["the refusing rank comes first", "it comes last"])
+def test_a_refusal_is_heard_by_every_rank_before_any_goes_on_and_the_refusing_rank_waits_for_them(
+    agent_store, first_refuses
+):
+    """torchrun's agent stops the other ranks once one exits: a rank stopped before its refusal was in its error file
+    showed in the report as "Signal 15 (SIGTERM)"; and a rank of another node that passed its checks went on into
+    init_process_group, waiting for the refused ranks until torch's timeout."""
+    from softmoe.harness.launch_check import other_ranks_refusal
+
+    refusal = "trainer.resume=/gone/last.pt: no such file or directory"
+    first, result = meet_in_a_thread(refusal if first_refuses else None)
+    while agent_store.add("softmoe/launch/launch/0/checked", 0) < 1:  # until the first rank counted itself
         assert first.is_alive(), "the first rank returned before it counted itself"
         time.sleep(0.01)
+    time.sleep(0.2)
     assert first.is_alive()  # waiting for the other rank
-    wait_for_every_rank_to_refuse()  # the other rank, the last: it lets the first go
+    heard = other_ranks_refusal(None if first_refuses else refusal)  # the other rank, the last: it lets the first go
     first.join(timeout=60)
     assert not first.is_alive()
+    said = f"rank 1 (node 1) refused the launch: {refusal}"
+    assert (heard, result) == ((said, [None]) if first_refuses else (None, [said]))
+
+
+def test_ranks_that_all_pass_go_on_and_a_rank_alone_goes_on_after_the_timeout(agent_store, monkeypatch):
+    from softmoe.harness.launch_check import other_ranks_refusal
+
+    first, result = meet_in_a_thread(None)
+    assert other_ranks_refusal(None) is None
+    first.join(timeout=60)
+    assert result == [None]
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another launch")
-    wait_for_every_rank_to_refuse(timeout=0.5)  # alone: it waits a while, then exits all the same
+    began = time.monotonic()
+    assert other_ranks_refusal("a refusal", timeout=0.5) is None  # alone: it waits a while, then exits all the same
+    assert other_ranks_refusal(None, timeout=0.5) is None  # (a passing rank goes on into init_process_group)
+    assert time.monotonic() - began < 30
+
+
+@pytest.mark.slow
+def test_a_node_that_refuses_ends_the_launch_on_every_node(tmp_path):
+    """Two torchrun agents on this machine, each a node of one rank; node 1 cannot find the checkpoint its command
+    line names. Was: node 0's rank waited in init_process_group until torch's timeout (30 minutes)."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+         "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "softmoe.train", "logger=none",
+         f"hydra.run.dir={tmp_path / 'run'}", *(["trainer.resume=/gone/last.pt"] if node else [])],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    refusal = "trainer.resume=/gone/last.pt: no such file or directory"
+    assert [node.returncode for node in nodes] == [1, 1], outputs  # torchrun's status for a failed worker
+    assert f"error: not started: rank 1 (node 1) refused the launch: {refusal}" in outputs[0], outputs[0][-3000:]
+    assert "exitcode  : 2 " in outputs[0] and "exitcode  : 2 " in outputs[1]
+    assert f"error: {refusal}" in outputs[1], outputs[1][-3000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_one_process_is_not_distributed(compose_run, monkeypatch):

@@ -154,31 +154,6 @@ def tell_torchrun(lines: Sequence[str]) -> None:
         pass  # the summary says what it said before; the lines are on the console already
 
 
-def wait_for_every_rank_to_refuse(timeout: float = 30.0) -> None:
-    """Under torchrun, after :func:`tell_torchrun`: wait until every rank of the launch has left its lines, before
-    this one exits. A command line refused before Hydra starts is refused by every rank alike, each a moment apart:
-    the agent stops the other ranks once the first one exits, and a rank stopped before it left its lines shows in
-    torchrun's report as "Signal 15 (SIGTERM)" instead of the refusal. The ranks count themselves in the agent's
-    store (reachable before any process group exists); after ``timeout`` a rank exits all the same (another
-    node's files may differ, and its ranks go on into a run that never starts without this one)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        return
-    from datetime import timedelta
-
-    from torch.distributed import TCPStore
-
-    key = f"softmoe/refused/{os.environ.get('TORCHELASTIC_RUN_ID')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT')}"
-    try:
-        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=timeout))
-        if store.add(key, 1) >= int(os.environ["WORLD_SIZE"]):
-            store.set(f"{key}/all", "1")  # the last to refuse lets the others go
-        else:
-            store.wait([f"{key}/all"])
-    except (KeyError, ValueError, RuntimeError):  # no store to reach, or the others never came (DistStoreError)
-        pass
-
-
 def exit_code(error: BaseException) -> int:
     """The exit status a command gives for ``error`` (1 for anything unexpected: a traceback is printed)."""
     if isinstance(error, USER_ERRORS):
