@@ -37,8 +37,8 @@ class PackedExpertWeights:
     """One expert bank's fc1 and fc2 weights, one oneDNN-packed tensor per expert, and what they were packed from.
 
     Packed lazily, at the first forward that can use them, and again whenever a weight changed since (an optimizer
-    step, an in-place write, a move): the same test as the bank's autocast copies. A copy or a pickle of the bank
-    starts empty and packs again (oneDNN tensors can be neither)."""
+    step, an in-place write, a move, a new weight tensor): the same test as the bank's autocast copies. A copy or a
+    pickle of the bank starts empty and packs again (oneDNN tensors can be neither)."""
 
     def __init__(self) -> None:
         self.key: Optional[tuple] = None

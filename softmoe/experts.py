@@ -92,12 +92,26 @@ def copy_written(weight: torch.Tensor) -> None:
     for the weights that step leaves. Called anywhere else, the copy is recast at the next forward, as usual."""
     bank, name = _owner_of(weight)
     if bank is not None and name in bank._low_precision:
-        bank._low_precision[name] = (_copy_key(weight, steps=_optimizer_steps + 1), bank._low_precision[name][1])
+        bank._low_precision[name] = (_CopyKey(weight, steps=_optimizer_steps + 1), bank._low_precision[name][1])
 
 
-def _copy_key(weight: torch.Tensor, steps: int) -> tuple:
-    """What a copy is current for: the optimizer steps counted, the weight's in-place writes, its storage."""
-    return steps, weight._version, weight.data_ptr()
+class _CopyKey:
+    """What a copy is current for: the optimizer steps counted, the weight's in-place writes, its storage, and the
+    weight itself. Held weakly, the weight is compared by identity: a new weight often lands at the address the
+    one it replaces just freed, with the same version counter (``torch.func.functional_call`` with new weights, or
+    ``load_state_dict(assign=True)``), and was read as the old one, its copy left stale. A weight made under
+    ``torch.inference_mode`` has no version counter: its copy is never taken as current."""
+
+    __slots__ = ("state", "weight")
+    __hash__ = None  # compared, never a dict key
+
+    def __init__(self, weight: torch.Tensor, steps: int) -> None:
+        self.state = None if weight.is_inference() else (steps, weight._version, weight.data_ptr())
+        self.weight = weakref.ref(weight)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, _CopyKey) and self.state is not None and self.state == other.state
+                and self.weight() is not None and self.weight() is other.weight())
 
 
 def _forget_owner(weight_id: int) -> None:
@@ -302,7 +316,7 @@ class BatchedMlp(nn.Module):
         x = slots.transpose(0, 1).reshape(n, b * p, self.in_features)  # [n, b*p, d]: each expert's slots together
         if self.cpu_packing is not None and not is_tracing():  # a graph keeps the bank's own path
             packed = self.cpu_packing.forward(self, x, key=lambda: tuple(  # computed only where packing applies
-                _copy_key(getattr(self, name), _optimizer_steps) for name in self.WEIGHT_NAMES))
+                _CopyKey(getattr(self, name), _optimizer_steps) for name in self.WEIGHT_NAMES))
             if packed is not None:
                 return packed.view(n, b, p, self.out_features).transpose(0, 1)
         x = self._linear(x, "fc1_weight", self.fc1_bias)  # [n, b*p, h]
@@ -343,7 +357,7 @@ class BatchedMlp(nn.Module):
             return weight
         if functorch_transforms_active():  # torch.func: weight is its wrapper, and ExpertLinear cannot run there
             return weight  # autocast casts it at the matmul
-        key = _copy_key(weight, steps=_optimizer_steps)
+        key = _CopyKey(weight, steps=_optimizer_steps)
         cached = self._low_precision.get(name)
         if cached is None or cached[1].dtype != dtype or cached[1].device != weight.device or \
                 cached[1].shape != weight.shape:  # a weight replaced by another shape: an expert-parallel shard
@@ -385,7 +399,7 @@ class BatchedMlp(nn.Module):
     def copy_is_current(self, name: str) -> bool:
         """Whether the next autocast forward reads weight ``name``'s copy as it is, without recasting it."""
         cached = self._low_precision.get(name)
-        return cached is not None and cached[0] == _copy_key(getattr(self, name), steps=_optimizer_steps)
+        return cached is not None and cached[0] == _CopyKey(getattr(self, name), steps=_optimizer_steps)
 
     def _linear(self, x: torch.Tensor, name: str, bias: Optional[torch.Tensor]) -> torch.Tensor:
         weight = getattr(self, name)
