@@ -196,6 +196,10 @@ def upcycle_sources(
 ) -> Dict[str, UpcycleSource]:
     """For every key of ``model``'s state dict, where its upcycled value comes from; checks every shape (only
     shapes are read: ``model`` may live on the meta device)."""
+    not_a_tensor = next((key for key, value in dense_state.items() if not isinstance(value, torch.Tensor)), None)
+    if not_a_tensor is not None:  # was: an AttributeError naming no key, from .shape or .to
+        raise ValueError(f"the dense checkpoint's {not_a_tensor!r} is a {type(dense_state[not_a_tensor]).__name__}, "
+                         "not a tensor: upcycle from a state dict of tensors (torch.load of a dense ViT's weights)")
     target = model.state_dict()
     sources: Dict[str, UpcycleSource] = {key: UpcycleSource(None) for key in keep_init if key in target}
     for name, layer in moe_layers(model).items():

@@ -199,6 +199,17 @@ def test_a_dense_entry_with_no_place_in_the_model_is_named():
         upcycle(state, moe)
 
 
+@pytest.mark.parametrize("key, kind", [("blocks.1.mlp.fc1.weight", "ndarray"), ("blocks.0.norm1.weight", "list"),
+                                       ("blocks.1.mlp.fc1.bias", "NoneType")])
+def test_a_dense_entry_that_is_not_a_tensor_is_named(key, kind):
+    """Was an AttributeError naming no key ("'NoneType' object has no attribute 'shape'")."""
+    dense, moe = dense_and_moe()
+    state = dense.state_dict()
+    state[key] = {"ndarray": state[key].numpy(), "list": state[key].tolist(), "NoneType": None}[kind]
+    with pytest.raises(ValueError, match=rf"^the dense checkpoint's '{re.escape(key)}' is a {kind}, not a tensor: "):
+        upcycle(state, moe)
+
+
 def test_the_dense_mlps_layernorm_is_upcycled_into_every_expert():
     """timm's scale_mlp_norm: fc1 -> act -> norm -> fc2, with the norm's weight and bias copied to each expert."""
     dense = VisionTransformer(**ARCH, scale_mlp_norm=True)
