@@ -181,6 +181,10 @@ def test_other_ranks_log_nothing_to_the_console_below_warnings(runs):
     *_, result = runs
     output = result.stdout + result.stderr
     assert output.count("done: test accuracy") == 4  # rank 0, once per job
+    # and Hydra's own lines, once for the sweep and once per job (was: once per rank)
+    assert output.count("[HYDRA] Launching 4 jobs locally") == 1, output[-3000:]
+    for job in range(4):
+        assert output.count(f"[HYDRA] \t#{job} : ") == 1, output[-3000:]
 
 
 def test_another_rank_shows_its_own_warnings_and_errors_but_not_those_rank_0_shows_for_every_rank(monkeypatch):

@@ -55,6 +55,7 @@ from .sweep_console import show_only_this_ranks_own_warnings
 
 log = logging.getLogger(__name__)
 
+HYDRAS_LOGGERS = ("hydra", "hydra_plugins")  # Hydra's and its launchers' (the joblib and submitit plugins')
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -100,7 +101,8 @@ class SharedRunDir(Callback):
     resolves the run (and sweep) directory and the other ranks adopt its resolver cache, so every ``${now:}``
     has rank 0's value (a sweep's job directories too: Hydra copies the cache into each job's config).
     (Ranks other than 0 write no ``.hydra/`` files: the trainer writes them on the rank holding the run
-    directory.) Without ``torchrun``, or with ``trainer.strategy=single``, it does nothing.
+    directory.) On ranks other than 0 it also quiets Hydra's own INFO lines (a sweep's "Launching 2 jobs" and each
+    job's overrides), which rank 0 prints. Without ``torchrun``, or with ``trainer.strategy=single``, it does nothing.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -123,6 +125,8 @@ class SharedRunDir(Callback):
         dist.broadcast_object_list(shared, src=0)
         if dist.get_rank() != 0:
             OmegaConf.set_cache(config, shared[0])
+            for name in HYDRAS_LOGGERS:  # levels outlast the handlers Hydra configures again around each job
+                logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def quiet_other_ranks() -> None:
