@@ -90,15 +90,22 @@ def test_ctrl_c_on_a_joblib_sweep_saves_every_running_job_and_the_printed_comman
 
 
 def loky_workers(sweep_pid):
-    """The pids of the sweep process's joblib (loky) workers."""
+    """The pids of the sweep process's joblib (loky) workers: its children running loky's worker module (read from
+    /proc: a pgrep per poll was a process more to start on a loaded machine)."""
     workers = []
-    for pid in subprocess.run(["pgrep", "-P", str(sweep_pid)], capture_output=True, text=True).stdout.split():
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if "popen_loky_posix" in Path(f"/proc/{pid}/cmdline").read_text():
-                workers.append(int(pid))
-        except OSError:  # a short-lived child that ended meanwhile
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the field after the state
+            if parent == sweep_pid and "popen_loky_posix" in (stat.parent / "cmdline").read_text():
+                workers.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):  # a process that ended meanwhile
             pass
     return workers
+
+
+def has_imported_torch(pid):
+    """Whether process ``pid`` has torch's library mapped: it ran ``import torch``, if not yet this package."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
 @pytest.mark.slow
@@ -110,17 +117,20 @@ def test_ctrl_c_while_the_workers_start_stops_the_sweep_cleanly(tmp_path):
     command = [sys.executable, "-m", "softmoe.train", "-m", *SWEEP, f"hydra.sweep.dir={sweep_dir}"]
     sweep = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while len(workers := loky_workers(sweep.pid)) < 2:
+    deadline, workers = time.monotonic() + 120, []
+    while len(workers) < 2:  # each held as soon as seen: the first one's imports go on while the second starts
+        for pid in set(loky_workers(sweep.pid)) - set(workers):
+            os.kill(pid, signal.SIGSTOP)
+            workers.append(pid)
         assert sweep.poll() is None and time.monotonic() < deadline, "no joblib workers started"
         time.sleep(0.01)
-    for pid in workers:
-        os.kill(pid, signal.SIGSTOP)
+    imported = [pid for pid in workers if has_imported_torch(pid)]  # on a failure: how far each had got
     os.killpg(sweep.pid, signal.SIGINT)
     for pid in workers:
         os.kill(pid, signal.SIGCONT)
     lines = sweep.communicate(timeout=300)[0].splitlines()
     everything = "\n".join(lines)  # all of it on a failure: pytest shortens a list (CI's failure at 2d89417)
+    everything += f"\n(workers {workers} held; those that had imported torch: {imported})"
     assert sweep.returncode == 130 and "Traceback" not in everything, everything
     for job in (0, 1):  # each worker lived to start its job, which saw the stop (its own pending SIGINT)
         assert f"[job {job}] not started: the sweep was stopped by SIGINT" in lines, everything
