@@ -20,6 +20,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from torch.utils.data import Dataset, Subset
 
 from softmoe import capture_routing
 from softmoe.harness.data import build_loader
@@ -41,6 +42,7 @@ def evaluate_run(
     checkpoint: str = "best",
     device: str = "auto",
     batch_size: Optional[int] = None,
+    images: str = "run",
     data_dir: Optional[str] = None,
     data_root: Optional[str] = None,
     save_routing: bool = False,
@@ -48,21 +50,28 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Validation and test metrics of ``<run_dir>/<checkpoint>.pt`` (``best``: the best-on-validation checkpoint,
     ``last``: the final model); writes ``evaluation_<checkpoint>_step<step>.json`` (and ``routing.pt``) to
-    ``output_dir``.
+    ``output_dir``. ``images="run"`` evaluates the images the run evaluated (the first ``trainer.eval_batches`` x
+    ``trainer.eval_batch_size`` of each split where it set ``eval_batches``), whatever ``batch_size``: the figures
+    are then the run's own; ``"all"`` every image of each split.
 
     The routing saved for the notebooks is that of validation images: looking inside the model selects nothing,
     but it need not read the test split either."""
-    check_evaluate({"checkpoint": checkpoint, "device": device, "batch_size": batch_size, "data_dir": data_dir,
-                    "data_root": data_root, "save_routing": save_routing, "routing_examples": routing_examples})
+    check_evaluate({"checkpoint": checkpoint, "device": device, "batch_size": batch_size, "images": images,
+                    "data_dir": data_dir, "data_root": data_root, "save_routing": save_routing,
+                    "routing_examples": routing_examples})
     try:
         run = load_run(run_dir, checkpoint, device=device, data_dir=data_dir, data_root=data_root)
     except MissingDataError as error:  # its remedy is train's (data.root=...), a key evaluate does not take
         raise MissingDataError(f"{error} (evaluate reads the run's saved config: name the folder that holds the "
                                "files now with data_root=<folder>)") from None
-    result = {"checkpoint": str(run.checkpoint), "step": run.step}
+    # the images evaluated: the run's (its trainer.eval_batches, null for every image) or all
+    result = {"checkpoint": str(run.checkpoint), "step": run.step, "images": images,
+              "eval_batches": run.cfg.trainer.get("eval_batches") if images == "run" else None}
     for split, dataset in (("val", run.data.val), ("test", run.data.test)):
         if dataset is None:  # data.val_size=0
             continue
+        if images == "run":
+            dataset = the_runs_images(dataset, run.cfg.trainer)
         loader = build_loader(dataset, batch_size or run.cfg.trainer.eval_batch_size, train=False)
         metrics = evaluate(run.model, loader, run.device, run.cfg.trainer.precision)
         result.update(
@@ -95,6 +104,14 @@ def evaluate_run(
     return result
 
 
+def the_runs_images(dataset: Dataset, trainer: Any) -> Dataset:
+    """The first images of ``dataset`` that a run with ``trainer``'s settings evaluated: its first ``eval_batches``
+    batches of ``eval_batch_size`` (all of them where it set no ``eval_batches``)."""
+    if trainer.get("eval_batches") is None:
+        return dataset
+    return Subset(dataset, range(min(len(dataset), trainer.eval_batches * trainer.eval_batch_size)))
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     try:
@@ -104,6 +121,7 @@ def main(cfg: DictConfig) -> float:
             checkpoint=cfg.checkpoint,
             device=cfg.device,
             batch_size=cfg.batch_size,
+            images=cfg.images,
             data_dir=cfg.data_dir,
             data_root=cfg.data_root,
             save_routing=cfg.save_routing,
@@ -112,12 +130,15 @@ def main(cfg: DictConfig) -> float:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    which = "" if result["eval_batches"] is None else (  # a subset: said, so that no one takes it for the split
+        f" (the first, as the run evaluated them: trainer.eval_batches={result['eval_batches']}; images=all for all)")
     for split in ("val", "test"):
         if f"{split}/acc" in result:
             log.info(
-                "%s (step %d): %s accuracy %.2f%%, loss %.4f on %s",
+                "%s (step %d): %s accuracy %.2f%%, loss %.4f on %s%s",
                 result["checkpoint"], result["step"], "validation" if split == "val" else "test",
                 100 * result[f"{split}/acc"], result[f"{split}/loss"], counted(result[f"{split}/examples"], "image"),
+                which,
             )
     log.info("written to %s", result["file"])
     if "routing" in result:

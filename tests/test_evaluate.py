@@ -1,6 +1,7 @@
 """python -m softmoe.evaluate: a run rebuilt from its checkpoint, its validation and test metrics, its routing."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,7 @@ BAD_ARGUMENTS = [  # were: a torch traceback, the run's own batch size (0 or ...
     (["batch_size=0"], "batch_size=0: must be a positive integer, or null"),
     (["save_routing=true", "routing_examples=0"], "routing_examples=0: must be a positive integer"),
     (["save_routing=maybe"], "save_routing=maybe: must be true or false"),
+    (["images=some"], "images=some: must be one of run, all"),
     (["device=foo"], "device=foo: must be auto, cpu, cuda, cuda:<index> or mps"),
     (["device=meta"], "device=meta: must be auto, cpu, cuda, cuda:<index> or mps"),
     *([] if torch.cuda.is_available() else
@@ -132,7 +134,7 @@ def test_a_sweep_directory_is_named_as_one_with_the_runs_to_evaluate(tmp_path):
         "5, seed0)")
 
 
-EVALUATE_KEYS = "run_dir, checkpoint, device, batch_size, data_dir, data_root, save_routing, routing_examples"
+EVALUATE_KEYS = "run_dir, checkpoint, device, batch_size, images, data_dir, data_root, save_routing, routing_examples"
 
 
 def test_a_group_of_trains_config_is_refused_in_one_line_naming_evaluates_keys(tmp_path):
@@ -149,7 +151,7 @@ def test_help_shows_evaluates_keys_not_trains_groups():
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.startswith("python -m softmoe.evaluate run_dir=DIR [KEY=VALUE ...]")
     assert "Configuration groups" not in result.stdout and "digits_dense" not in result.stdout
-    described = [line.split()[0] for line in result.stdout.split("== What each key means ==\n")[1].splitlines()[:8]]
+    described = [line.split()[0] for line in result.stdout.split("== What each key means ==\n")[1].splitlines()[:9]]
     assert ", ".join(described) == EVALUATE_KEYS
     assert "\nbatch_size: null\n" in result.stdout  # the defaults, from conf/evaluate.yaml itself
 
@@ -226,6 +228,34 @@ def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path):
     dispatch = routing["dispatch"]["blocks.2.mlp"]  # [batch, tokens, experts, slots_per_expert]
     assert dispatch.shape == (4, 16, 16, 1)
     torch.testing.assert_close(dispatch.sum(dim=1), torch.ones(4, 16, 1))  # a softmax over tokens per slot
+
+
+@pytest.mark.slow
+def test_a_run_that_evaluated_its_first_batches_is_evaluated_on_those_unless_told_all(compose_run, tmp_path, caplog):
+    """Was: evaluate read every image, and reported other figures than the run's for the same checkpoint (the
+    Fashion-MNIST studies evaluate their first 2,000 test images: trainer.eval_batches=4)."""
+    train(compose_run("trainer.max_steps=10", "trainer.eval_batch_size=50", "trainer.eval_batches=2", "logger=none",
+                      *QUIET), tmp_path)
+    (tested,) = [e for e in read_events(tmp_path) if "test/acc" in e]  # the trainer's test of the final model
+    runs = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last", batch_size=30)  # any batch size
+    assert (runs["val/examples"], runs["test/examples"], runs["eval_batches"]) == (100, 100, 2)
+    assert runs["test/acc"] == tested["test/acc"] and runs["test/loss"] == pytest.approx(tested["test/loss"])
+    assert runs["val/acc"] == load_checkpoint(tmp_path / "last.pt")["last_eval"]["acc"]
+    every = evaluate_run(tmp_path, tmp_path / "all", checkpoint="last", images="all")
+    assert (every["val/examples"], every["test/examples"], every["eval_batches"]) == (180, 360, None)
+    assert every["test/acc"] != tested["test/acc"]  # the setup holds: the whole split scores otherwise
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # the command says which images it read
+        evaluate_cfg = compose("evaluate", [f"run_dir={tmp_path}", "checkpoint=last"], return_hydra_config=True)
+    with open_dict(evaluate_cfg):
+        evaluate_cfg.hydra.runtime.output_dir = str(tmp_path / "from_main")
+    HydraConfig.instance().set_config(evaluate_cfg)
+    try:
+        with caplog.at_level(logging.INFO, logger="softmoe.evaluate"):
+            evaluate_command.main(evaluate_cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert (f"test accuracy {100 * tested['test/acc']:.2f}%, loss {tested['test/loss']:.4f} on 100 images (the first, "
+            "as the run evaluated them: trainer.eval_batches=2; images=all for all)") in caplog.text
 
 
 @pytest.mark.slow

@@ -191,6 +191,7 @@ EVALUATE_RULES: dict[str, Rule] = {
     "checkpoint": one_of("best", "last"),
     "device": device_name,
     "batch_size": optional(positive_int),
+    "images": one_of("run", "all"),
     "data_dir": optional(text),
     "data_root": optional(text),
     "save_routing": boolean,
