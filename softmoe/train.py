@@ -228,7 +228,8 @@ def main(cfg: DictConfig) -> float:
     log.info("run directory: %s", summary.run_dir)
     log.info("W&B run: %s", summary.wandb_run_path or "none")
     if not multirun and speaks_for_the_job():
-        log.info("next:\n  %s", "\n  ".join(next_steps(summary.run_dir)))  # a sweep's end names collect
+        routed = cfg.moe.placement != "none"  # a dense ViT has no routing to look at
+        log.info("next:\n  %s", "\n  ".join(next_steps(summary.run_dir, routed)))  # a sweep's end names collect
     # The objective a Hydra sweeper (e.g. Optuna) maximises: validation, never test, accuracy.
     return summary.best_val_acc
 

@@ -105,6 +105,8 @@ def test_a_run_without_best_pt_is_pointed_to_checkpoint_last(tmp_path):
     save_checkpoint(tmp_path / "best.pt", {"format": 1, "step": 2})
     assert next_steps(tmp_path)[0].startswith(f"python -m softmoe.evaluate run_dir={tmp_path}        # best.pt's")
     assert f" && SOFTMOE_RUN_DIR={tmp_path.resolve()} jupyter execute " in next_steps(tmp_path)[1]
+    # a dense ViT's run is not sent to the routing notebook, which refuses it (was: the printed command failed)
+    assert [step.split()[2] for step in next_steps(tmp_path, routed=False)] == ["softmoe.evaluate", "softmoe.collect"]
 
 
 def test_an_fsdp_run_is_pointed_to_its_best_dcp_not_best_pt(tmp_path):

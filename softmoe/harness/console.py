@@ -61,8 +61,9 @@ ROUTING_NOTEBOOK = "notebooks/routing_analysis.ipynb"
 _CHECKOUT_NOTEBOOK = Path(__file__).resolve().parents[2] / ROUTING_NOTEBOOK
 
 
-def next_steps(run_dir: Union[str, Path]) -> list[str]:
-    """The commands that look further at a finished single run, as a sweep's end names ``collect``."""
+def next_steps(run_dir: Union[str, Path], routed: bool = True) -> list[str]:
+    """The commands that look further at a finished single run, as a sweep's end names ``collect``; the routing
+    notebook only for a model with a router (``routed``: not ``moe.placement=none``, where the notebook refuses)."""
     shown, absolute = shown_path(run_dir), str(Path(run_dir).resolve())
     source = shown_path(_CHECKOUT_NOTEBOOK) if _CHECKOUT_NOTEBOOK.is_file() else ROUTING_NOTEBOOK
     best = sharded_checkpoint.latest(run_dir, "best.pt")  # best.dcp under trainer.strategy=fsdp
@@ -77,6 +78,6 @@ def next_steps(run_dir: Union[str, Path]) -> list[str]:
         evaluate = f"python -m softmoe.evaluate run_dir={shlex.quote(shown)}        # {best.name}'s validation and test"
     return [
         f"{evaluate} accuracy",
-        f"{notebook}        # the routing notebook, headless",
+        *([f"{notebook}        # the routing notebook, headless"] if routed else []),
         f"python -m softmoe.collect {shlex.quote(shown)}        # results.md and results.png of this run",
     ]
