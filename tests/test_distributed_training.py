@@ -447,6 +447,7 @@ def test_a_node_that_refuses_ends_the_launch_on_every_node(tmp_path):
     assert f"error: not started: rank 1 (node 1) refused the launch: {refusal}" in outputs[0], outputs[0][-3000:]
     assert "exitcode  : 2 " in outputs[0] and "exitcode  : 2 " in outputs[1]
     assert f"error: {refusal}" in outputs[1], outputs[1][-3000:]
+    assert "waitForInput" not in outputs[0] + outputs[1]  # c10d's two lines per timed-out wait in the store
     assert not (tmp_path / "run").exists()
 
 

@@ -23,7 +23,6 @@ from datetime import timedelta
 from typing import Optional
 
 TIMEOUT_S = 120.0
-_POLL = timedelta(seconds=1)  # each wait in the store is this long at most: Python answers a Ctrl-C in between
 
 
 def _meeting() -> Optional[str]:
@@ -38,13 +37,10 @@ def _wait_for_all(store, counter: str, world_size: int, deadline: float) -> str:
     if store.add(counter, 1) >= world_size:
         refused = f"{counter.rsplit('/', 1)[0]}/refused"
         store.set(f"{counter}/all", store.get(refused) if store.check([refused]) else b"")
-    while True:
-        try:
-            store.wait([f"{counter}/all"], _POLL)
-            return store.get(f"{counter}/all").decode()
-        except RuntimeError:  # DistStoreError: not yet (or the store went away: the caller's deadline ends it)
-            if time.monotonic() >= deadline:
-                raise
+    # one wait, not a loop of short ones: each that times out prints two lines of c10d warnings. A Ctrl-C is answered
+    # after it, but torchrun's agent stops its workers on a Ctrl-C itself
+    store.wait([f"{counter}/all"], timedelta(seconds=max(0.0, deadline - time.monotonic())))
+    return store.get(f"{counter}/all").decode()
 
 
 def other_ranks_refusal(refusal: Optional[str], timeout: float = TIMEOUT_S) -> Optional[str]:
