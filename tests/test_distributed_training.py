@@ -170,8 +170,8 @@ def test_four_ranks_on_a_data_by_expert_mesh_resume_an_fsdp_run_and_match_one_pr
 @pytest.mark.slow
 def test_a_run_trained_on_two_ranks_with_expert_parallelism_evaluates_on_one(runs, tmp_path):
     single, sweep, _ = runs
-    ours = evaluate_run(sweep / "2", tmp_path / "ours", checkpoint="last")  # the whole test split, one process
-    theirs = evaluate_run(single, tmp_path / "theirs", checkpoint="last")
+    ours = evaluate_run(sweep / "2", tmp_path / "ours", checkpoint="last", images="all")  # the whole test split
+    theirs = evaluate_run(single, tmp_path / "theirs", checkpoint="last", images="all")  # (one process)
     assert ours["step"] == 6 and ours["test/examples"] == 360
     assert ours["test/acc"] == theirs["test/acc"] and ours["test/loss"] == pytest.approx(theirs["test/loss"], rel=1e-5)
 

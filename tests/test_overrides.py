@@ -230,7 +230,7 @@ def test_evaluate_names_its_own_keys():
     assert composition_error(["run_dir=x", "checkpont=last"], "evaluate") == (
         "checkpont=last: not a key of the config; did you mean checkpoint?"
     )
-    keys = "run_dir, checkpoint, device, batch_size, data_dir, data_root, save_routing, routing_examples"
+    keys = "run_dir, checkpoint, device, batch_size, images, data_dir, data_root, save_routing, routing_examples"
     assert composition_error(["run_dir=x", "foo=1"], "evaluate") == (  # was: "(to add a key: +foo=1)"
         f"foo=1: not a key of the config; evaluate's keys: {keys}")
     assert composition_error(["run_dir=x", "trainer.eval_batch_size=8"], "evaluate") == (  # was: its + spelling
