@@ -202,8 +202,9 @@ def _log_one_event_on_rank(rank, run_dir, port):
         writer = Telemetry(run_dir, {"backend": "none"}, {}) if rank == 0 else None
         telemetry = RankZeroTelemetry(writer, Distributed(rank=rank, world_size=2, data_parallel=True))
         shares = torch.tensor([1.0, 0.0]) if rank == 0 else torch.tensor([0.0, 1.0])  # each rank one slot
-        scalars = {"train/loss": 1.0 + rank, "train/throughput": 100.0 * (rank + 1)}
-        experts = torch.tensor([0.5, 0.5, 0.0])  # the ranks agree: all on the first two of three experts
+        experts = torch.tensor([1.0, 0.0, 0.0]) if rank == 0 else torch.tensor([0.0, 1.0, 0.0])  # one expert each
+        scalars = {"train/loss": 1.0 + rank, "train/throughput": 100.0 * (rank + 1),
+                   "routing/block0/effective_experts": 1.0}  # each rank's: exp(entropy) of its own utilisation
         distributions = {"routing/block0/slot_utilisation": shares, "routing/block0/expert_utilisation": experts}
         telemetry.log(7, 2, scalars, distributions)
         telemetry.finish()
@@ -214,7 +215,8 @@ def _log_one_event_on_rank(rank, run_dir, port):
 @pytest.mark.slow  # starts two processes
 def test_rank_zero_logs_the_mean_over_ranks_and_the_summed_throughput(tmp_path):
     """Two ranks' numbers, as rank 0 writes them: losses and distributions averaged, images per second summed (the
-    whole job's rate)."""
+    whole job's rate), and the effective experts of the averaged utilisation (2: the whole batch used two experts;
+    was the ranks' mean, 1)."""
     start_two_ranks(_log_one_event_on_rank, tmp_path, free_port())
     (event,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert event == pytest.approx({
@@ -223,4 +225,5 @@ def test_rank_zero_logs_the_mean_over_ranks_and_the_summed_throughput(tmp_path):
         "routing/block0/slot_utilisation_entropy": 1.0, "routing/block0/expert_utilisation_min": 0.0,
         "routing/block0/expert_utilisation_max": 0.5,
         "routing/block0/expert_utilisation_entropy": math.log(2) / math.log(3),
+        "routing/block0/effective_experts": 2.0,
     })

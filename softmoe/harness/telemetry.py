@@ -29,7 +29,7 @@ from torch import nn
 from softmoe import block_index, moe_layers, router_scale, routing_stats
 from softmoe.capture import RoutingRecord
 from softmoe.sparse import SparseMoE, sparse_routing_stats
-from softmoe.stats import normalized_entropy
+from softmoe.stats import entropy, normalized_entropy
 
 if TYPE_CHECKING:  # distributed.py imports the data and config modules, which need none of this one
     from .distributed import Distributed
@@ -73,6 +73,19 @@ def routing_metrics(
             scalars.setdefault(prefix + "router_scale", router_scale(layer))  # once: a recorded layer has it above
             distributions.update({prefix + key: stats[key].float().cpu() for key in SPARSE_DISTRIBUTIONS})
     return scalars, distributions
+
+
+def effective_experts_of(scalars: Mapping[str, float], distributions: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """``scalars`` with each block's ``effective_experts`` recomputed from its ``expert_utilisation`` in
+    ``distributions``: under data parallelism both are averaged over the ranks, and the mean of the ranks'
+    exp-entropies is not the exp-entropy of the averaged utilisation, which is the whole batch's (was: lower)."""
+    suffix = "effective_experts"
+    recomputed = dict(scalars)
+    for key in scalars:
+        shares = distributions.get(key[: -len(suffix)] + "expert_utilisation") if key.endswith(suffix) else None
+        if shares is not None:
+            recomputed[key] = math.exp(entropy(shares.double(), dim=0).item())
+    return recomputed
 
 
 def distribution_summary(name: str, shares: torch.Tensor) -> dict[str, float]:
@@ -392,6 +405,7 @@ class RankZeroTelemetry:
         """Log on rank 0; returns the scalars as logged (reduced over the ranks), for the console."""
         if self._distributed.data_parallel:
             scalars, distributions = self._reduce(scalars), self._reduce(distributions or {})
+            scalars = effective_experts_of(scalars, distributions)
         if self._telemetry is not None:
             self._telemetry.log(step, epoch, scalars, distributions, images)
         return dict(scalars)
