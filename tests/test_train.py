@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,34 @@ def test_trainer_resume_starts_from_another_runs_checkpoint(compose_run, tmp_pat
         train(compose_run(*base, "trainer.max_steps=4", resume), tmp_path / "third")
     assert str(raised.value) == (f"{resume}: that checkpoint is at step 4, already this run's 4 steps; raise "
                                  "trainer.max_steps (or trainer.max_epochs) to train on from it")
+
+
+def test_a_sweep_job_resumed_alone_stays_in_its_sweeps_wandb_group(compose_run, tmp_path, monkeypatch):
+    """A joblib sweep's job stopped by Ctrl-C prints a resume line with hydra.mode=RUN, where a run has no group:
+    its resumed attempt left the sweep's group, and `collect --wandb-dir --group <sweep>` dropped the job unsaid."""
+    from softmoe.harness.sweeps import read_offline_run
+
+    from softmoe.harness import loop
+    from softmoe.harness.faults import Preempted
+
+    def stopped_by_sigterm_at_step_2(state, *args, **kwargs):
+        out = train_step(state, *args, **kwargs)
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the job's stop guard saves this step and stops the run
+        return out
+
+    train_step = loop.train_step
+    base = ["trainer.batch_size=256", "model.depth=2", "trainer.max_steps=4", "logger.mode=offline", *QUIET]
+    monkeypatch.setattr(loop, "train_step", stopped_by_sigterm_at_step_2)
+    with pytest.raises(Preempted):
+        train(compose_run(*base), tmp_path, wandb_group="/sweeps/s", wandb_name="seed=0")
+    monkeypatch.undo()
+    assert train(compose_run(*base), tmp_path).steps == 4  # resumed alone: no group, the default name
+    attempts = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(attempts) == 2
+    for attempt in attempts:
+        _, run = read_offline_run(attempt)
+        assert (run.group, run.name) == ("/sweeps/s", "seed=0"), attempt
 
 
 def test_a_run_started_from_another_runs_checkpoint_logs_to_a_wandb_run_of_its_own(compose_run, tmp_path):

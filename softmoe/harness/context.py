@@ -93,6 +93,8 @@ class RunContext:
             "rng": rng_state(),
             "config": json.dumps(self.config),
             "wandb_run_id": self.telemetry.run_id,
+            "wandb_group": self.telemetry.group,  # kept by the run when resumed alone (a sweep job, hydra.mode=RUN)
+            "wandb_name": self.telemetry.name,
         }
         if self.distributed.fsdp:  # collective: every rank writes its shards, rank 0 the rest
             model, optimizer, mesh = state.model, state.optimizer, self.distributed.mesh
@@ -205,6 +207,10 @@ def open_run(
     if distributed.is_main:
         # a new run directory is a new run: trainer.resume's checkpoint seeds its weights, not its W&B run
         run_id = checkpoint["wandb_run_id"] if checkpoint is not None and not from_another_run else None
+        if run_id is not None:  # the same W&B run keeps its group and name: a sweep's job resumed alone (the line its
+            # stop printed, hydra.mode=RUN) left its sweep's group (older checkpoints: the command line's as before)
+            wandb_group = checkpoint.get("wandb_group", wandb_group)
+            wandb_name = checkpoint.get("wandb_name", wandb_name)
         writer = Telemetry(run_dir, config["logger"], config, resume_step=state.step, run_id=run_id, group=wandb_group,
                            name=wandb_name)
     telemetry = RankZeroTelemetry(writer, distributed)

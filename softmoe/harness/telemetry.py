@@ -244,10 +244,12 @@ class Telemetry:
         self.wandb = None  # the W&B run, or None
         self._offline_dir: Optional[Path] = None  # this attempt's offline W&B directory
         self.run_id = run_id
+        self.group = logger_cfg.get("group") or group  # the W&B run's group and name (logger.group/.name first)
+        self.name = logger_cfg.get("name") or name
         if logger_cfg["backend"] == "wandb":
-            self._start_wandb(Path(run_dir), logger_cfg, config, group, name)
+            self._start_wandb(Path(run_dir), logger_cfg, config)
 
-    def _start_wandb(self, run_dir, cfg, config, group, name) -> None:
+    def _start_wandb(self, run_dir, cfg, config) -> None:
         mode, why = resolve_wandb_mode(cfg["mode"])
         if mode == "disabled":
             return
@@ -262,8 +264,8 @@ class Telemetry:
                 wandb,
                 project=cfg["project"],
                 entity=cfg["entity"],
-                group=cfg["group"] or group,
-                name=cfg["name"] or name,
+                group=self.group,
+                name=self.name,
                 tags=cfg["tags"],
                 config=dict(config),
                 dir=str(run_dir),
@@ -439,6 +441,14 @@ class RankZeroTelemetry:
     @property
     def run_path(self) -> Optional[str]:
         return self._telemetry.run_path if self._telemetry is not None else None
+
+    @property
+    def group(self) -> Optional[str]:
+        return self._telemetry.group if self._telemetry is not None else None
+
+    @property
+    def name(self) -> Optional[str]:
+        return self._telemetry.name if self._telemetry is not None else None
 
     def __getattr__(self, name: str) -> Any:
         # commit, summary, finish, ...: rank 0's methods; no-ops on the other ranks
