@@ -3,7 +3,8 @@
 Each log event is one JSON object per line of ``metrics.jsonl``, written at once, with ``step`` and
 ``epoch``. W&B receives the same events when the checkpoint that covers them is on disk
 (:meth:`Telemetry.commit`), so a run resumed from that checkpoint never sends a step twice; on resume
-``metrics.jsonl`` drops the lines after the checkpoint's step for the same reason. W&B failing, at
+``metrics.jsonl`` drops the lines after the checkpoint's step for the same reason, and an offline run sends again
+the steps a killed attempt sent but W&B never wrote to its file. W&B failing, at
 start or mid-run, prints one warning and training goes on.
 """
 
@@ -239,6 +240,7 @@ class Telemetry:
     ) -> None:
         self.metrics_path = Path(run_dir) / METRICS_FILE
         truncate_after(self.metrics_path, resume_step)
+        self._resumed = resume_step > 0 and run_id is not None
         self._metrics = open(self.metrics_path, "a")
         self._pending: list[tuple[int, dict[str, Any]]] = []
         self.wandb = None  # the W&B run, or None
@@ -282,10 +284,36 @@ class Telemetry:
         self._log_images = cfg["log_images"]
         if mode == "offline":
             self._offline_dir = Path(self.wandb.settings.sync_dir)
+            if self._resumed:
+                self._send_what_earlier_attempts_lost()
             directory, command = self._offline_dir, self.sync_command
             log.info("W&B: offline (%s); this run is saved in %s; upload it with: %s", why, directory, command)
         else:
             log.info("W&B: %s", self.wandb.url)
+
+    def _send_what_earlier_attempts_lost(self) -> None:
+        """Send again, from ``metrics.jsonl``, the steps up to this resume's checkpoint that no earlier attempt's run
+        file holds. A killed attempt had sent them (:meth:`commit`, after the checkpoint), but W&B's writer puts
+        its file on disk in 32 KiB blocks, and the rest died with it: without this those steps were never in W&B.
+        They go as ``metrics.jsonl`` has them: scalars, each utilisation as its ``_min``/``_max``/``_entropy``
+        rather than a histogram, no images. Offline runs only: the earlier attempts' files are here to read."""
+        from .wandb_files import history_steps
+
+        earlier = [path for folder in offline_run_dirs(self._offline_dir.parent, self.run_id)
+                   if folder != self._offline_dir for path in folder.glob("run-*.wandb")]
+        try:
+            sent = {step for path in earlier for step in history_steps(path)}
+        except (ValueError, OSError) as error:  # not a run file, unreadable: send nothing twice
+            log.warning("W&B: could not read the earlier attempts' run files (%s); not sending their steps again",
+                        error)
+            return
+        lost = [event for event in json_lines(self.metrics_path) if event["step"] not in sent]
+        for event in lost:
+            self.wandb.log({key: value for key, value in event.items() if key != "step"}, step=event["step"])
+        if lost:
+            steps = sorted({event["step"] for event in lost})
+            log.info("W&B: sent again %d step(s) an earlier, killed attempt had sent but not written (%d to %d)",
+                     len(steps), steps[0], steps[-1])
 
     @property
     def run_path(self) -> Optional[str]:

@@ -48,6 +48,11 @@ def read_records(path: Union[str, Path]) -> Iterator[wandb_internal_pb2.Record]:
             yield record
 
 
+def history_steps(path: Union[str, Path]) -> List[int]:
+    """The steps of the history rows a run file holds, in order (those its writer put on disk, for a killed run)."""
+    return [record.history.step.num for record in read_records(path) if record.WhichOneof("record_type") == "history"]
+
+
 def item_path(item) -> List[str]:
     """Where a config or history item goes: W&B fills either ``key`` or ``nested_key`` (a logged histogram
     ``routing/block2/expert_utilisation`` is stored as ``[..., "values"]``, ``[..., "bins"]``, ``[..., "_type"]``)."""
