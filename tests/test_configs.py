@@ -193,6 +193,14 @@ BAD_OVERRIDES = [
     (["logger.mode=loud"], ["logger.mode=loud", "auto, online, offline, disabled"]),
     (["seed=-1"], ["seed=-1", "2**32"]),
     (["data.test_size=5"], ["data.test_size=5"]),  # the data group's own check, through check_config
+    # an argument added to the optimizer, checked as its default in the signature is (was: a truthy string trained
+    # with AMSGrad on; a torch traceback for capturable), and the partial the trainer calls (was: instantiate's error)
+    (["+optimizer.amsgrad=abc"], ["optimizer.amsgrad=abc: must be true or false (torch.optim.AdamW's amsgrad)"]),
+    (["+optimizer.capturable=abc"], ["optimizer.capturable=abc: must be true or false"]),
+    (["+optimizer.maximize=1"], ["optimizer.maximize=1: must be true or false"]),
+    (["optimizer._partial_=false"], ["optimizer._partial_=false: must stay true (the trainer calls torch.optim.AdamW "
+                                     "with the model's parameter groups)"]),
+    (["scheduler._partial_=abc"], ["scheduler._partial_=abc: must stay true", "the optimizer and the run's steps"]),
 ]
 
 

@@ -283,3 +283,17 @@ def test_a_checkpoint_of_other_router_optimizer_settings_is_refused_for_that_rea
     del saved["moe"]["phi_weight_decay"]  # written before the key existed: its runs decayed Φ with the scale
     default = OmegaConf.to_container(compose_run(), resolve=True)
     check_same_model({"config": json.dumps(saved)}, default, tmp_path / "last.pt")
+
+
+@pytest.mark.parametrize("betas", [[0, 0], [0, 0.999], [0.9, 0]])
+def test_betas_written_as_integers_build_torchs_adamw(betas):
+    """The rule allows two numbers in [0, 1); torch's Adam refuses an int among them ("betas must be either both
+    floats or both Tensors", a traceback at the run's start)."""
+    from omegaconf import OmegaConf
+
+    from softmoe.harness.optim import build_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    optimizer_cfg = OmegaConf.create({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "betas": betas})
+    optimizer = build_optimizer(optimizer_cfg, model)
+    assert all(group["betas"] == tuple(float(beta) for beta in betas) for group in optimizer.param_groups)

@@ -309,6 +309,24 @@ EMPTY = {  # was: the run's files (.hydra/, .lock, checkpoints) or a sweep's job
 }
 
 
+def test_a_group_set_to_null_is_one_line_from_the_command_too(tmp_path, monkeypatch, capsys):
+    """Was Hydra's 40-line ValueError traceback: the run directory's check composed the config first."""
+    monkeypatch.chdir(tmp_path)
+    assert refused_here(monkeypatch, train, "model=null") == 2
+    assert capsys.readouterr().err == ("error: model=null: a config group takes one of its options (vit_base, "
+                                       "vit_huge, vit_large, vit_micro, vit_small, vit_tiny); leave model out for the "
+                                       "config's own default\n")
+
+
+def test_the_current_directory_as_the_run_directory_is_refused_as_an_empty_one_is(tmp_path, monkeypatch, capsys):
+    """Was accepted: the run's checkpoints, train.log and .hydra/ went into the checkout."""
+    monkeypatch.chdir(tmp_path)
+    assert refused_here(monkeypatch, train, "debug=default", "hydra.run.dir=.") == 2
+    assert capsys.readouterr().err.startswith("error: hydra.run.dir=.: the current directory, which would put the "
+                                              "run's files among whatever it holds")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv", [["debug=default", "hydra.run.dir="], ["hydra.run.dir=''"],
                                   ["-m", "seed=0,1", "debug=default", "hydra.sweep.dir="],
                                   ["seed=0,1", "hydra.sweep.dir=", "-m"],  # -m last: before the overrides

@@ -196,7 +196,6 @@ def test_a_jobs_hydra_interpolations_resolve_as_the_job_will(tmp_path):
     ["-m", "moe.num_experts=4,8", "seed=0,1"],  # every job is valid
     ["experiment=table2_routing"],
     ["moe.num_experts=0"],  # no sweep: the run checks itself before anything loads
-    ["-m", "moe.num_experts=0"],  # one job, likewise
     ["--cfg", "job", "moe.num_experts=4,0"],  # Hydra's flags: left to Hydra
     ["-m", "trainer.max_stepz=2,3"],  # a key Hydra cannot compose: overrides.composition_error names it
 ])
@@ -209,6 +208,19 @@ def test_the_command_starts_no_job_and_makes_no_sweep_directory(tmp_path, monkey
     assert refused_here(monkeypatch, train, "-m", "moe.num_experts=4,0", "logger=none") == 2
     assert capsys.readouterr().err == ("error: job 1 (moe.num_experts=0): moe.num_experts=0: must be a positive "
                                        "integer; no job was started\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["-m", "moe.num_experts=0"], "job 0: moe.num_experts=0: must be a positive integer; no job was started"),
+    (["-m", "launcher=joblib", "launcher.n_jobs=0"],  # was joblib's traceback (n_jobs == 0 has no meaning)
+     "job 0: launcher.n_jobs=0: must be an integer other than 0 (-1: every core); no job was started"),
+])
+def test_a_sweep_of_one_job_is_checked_before_hydra_makes_its_directory(tmp_path, monkeypatch, capsys, argv, line):
+    """Was: left to the job, after Hydra had made the sweep directory (its multirun.yaml stayed behind)."""
+    monkeypatch.chdir(tmp_path)
+    assert refused_here(monkeypatch, train, *argv, "logger=none") == 2
+    assert capsys.readouterr().err == f"error: {line}\n"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -20,6 +20,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig
 
+from softmoe._checks import is_number
 from softmoe.upcycle import UnreadableCheckpointError, check_upcycle, load_state_dict
 
 from .config_rules import (
@@ -63,9 +64,27 @@ def _check_target(section: str, values: Mapping[str, Any]) -> Callable:
         raise ConfigError(problem) from None
     finally:
         hydra_log.disabled = was_disabled
-    accepted = set(inspect.signature(factory).parameters)
-    check_known(section, values, accepted, f"not an argument of {target}")
+    parameters = inspect.signature(factory).parameters
+    check_known(section, values, set(parameters), f"not an argument of {target}")
+    check_like_the_defaults(section, values, parameters, target)
     return factory
+
+
+def check_like_the_defaults(section: str, values: Mapping[str, Any], parameters: Mapping[str, inspect.Parameter],
+                            target: str) -> None:
+    """An argument the section's rules do not know (``+optimizer.amsgrad=abc``), checked against the kind of its
+    default in ``target``'s signature: a flag takes true or false (a string trained with AMSGrad on, being truthy),
+    a number a number. ``_partial_`` must stay true: the harness calls the partial with the model's parameters."""
+    for key, value in values.items():
+        if key == "_partial_" and value is not True:
+            builds = {"optimizer": "the model's parameter groups", "scheduler": "the optimizer and the run's steps"}
+            raise ConfigError(f"{section}._partial_={format_value(value)}: must stay true (the trainer calls {target} "
+                              f"with {builds.get(section, 'what it builds')})")
+        default = parameters[key].default if key in parameters else inspect.Parameter.empty
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{section}.{key}={format_value(value)}: must be true or false ({target}'s {key})")
+        if is_number(default) and not isinstance(default, bool) and not is_number(value):
+            raise ConfigError(f"{section}.{key}={format_value(value)}: must be a number ({target}'s {key})")
 
 
 def _check_upcycle_source(model: Mapping[str, Any], moe: Mapping[str, Any]) -> None:

@@ -93,8 +93,11 @@ def fused_by_default(optimizer_class: Any, device: torch.device) -> bool:
 
 def build_optimizer(optimizer_cfg: Any, model: nn.Module, moe_cfg: Optional[Any] = None) -> torch.optim.Optimizer:
     """The ``optimizer`` group's optimizer over :func:`param_groups`, the router's taken from ``moe_cfg``."""
+    arguments = optimizer_arguments(optimizer_cfg)
+    if arguments.get("betas") is not None:  # [0, 0.999] from YAML holds an int, which torch's Adam refuses
+        arguments["betas"] = [float(beta) for beta in arguments["betas"]]
     # a partial: lists become lists, not ListConfigs
-    make = instantiate(optimizer_arguments(optimizer_cfg), _convert_="all")
+    make = instantiate(arguments, _convert_="all")
     moe_cfg = moe_cfg or {}
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")

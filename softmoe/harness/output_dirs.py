@@ -46,8 +46,8 @@ def output_dir(argv: Sequence[str], config_name: str,
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
         composed = compose_config(config_name, plain_overrides(parsed), conf_dir)
-    except (HydraException, OmegaConfBaseException):
-        return None
+    except (HydraException, OmegaConfBaseException, ValueError):  # ValueError: a group set to null (Hydra's own);
+        return None  # composition_error names what is wrong
     key = "hydra.sweep.dir" if runs_as_multirun(argv, composed) else "hydra.run.dir"
     if key == "hydra.sweep.dir" and OmegaConf.select(composed, "hydra.sweep.subdir",  # ${hydra.job.num}: None here
                                                      throw_on_resolution_failure=False) == "":
@@ -73,5 +73,10 @@ def output_dir_error(planned: Optional[tuple[str, Optional[Path]]]) -> Optional[
     if directory is None:
         what = "the sweep's job folders" if key == "hydra.sweep.dir" else "the run's files"
         return f"{key}=: empty (an unset shell variable?), which would put {what} in the current directory; {allowed}"
+    if key == "hydra.run.dir" and directory.resolve() == Path.cwd().resolve():  # what an empty one does (a sweep's
+        # job folders are folders of their own there)
+        return (f"{key}={directory}: the current directory, which would put the run's files among whatever it holds "
+                "(the checkout's sources, as a rule), and the next such run would resume from them; name a folder of "
+                "their own, as the default outputs/runs/<date>/<time> does")
     problem = no_directory_reason(directory)
     return f"{key}={directory}: {problem}; {allowed}" if problem else None

@@ -149,14 +149,14 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
     if problem:
         return problem
     jobs = list(itertools.islice(sweep_jobs([*params, *overrides]), MAX_JOBS_CHECKED + 1))
-    if len(jobs) < 2 or len(jobs) > MAX_JOBS_CHECKED:
-        return None  # one job checks itself before anything loads; a huge grid is checked as it runs
+    if len(jobs) > MAX_JOBS_CHECKED:
+        return None  # a huge grid is checked as it runs
     fixed, data_checked = set(overrides), []
-    for number, job in enumerate(jobs):
+    for number, job in enumerate(jobs):  # one job too: was checked only once Hydra had made the sweep directory
         problem = job_problem(job, number, config_name, conf_dir, data_checked)
         if problem:
             swept = " ".join(override for override in job if override not in fixed)
-            return f"job {number} ({swept}): {problem.rstrip('.')}; no job was started"
+            return f"job {number}{f' ({swept})' if swept else ''}: {problem.rstrip('.')}; no job was started"
     return None
 
 
