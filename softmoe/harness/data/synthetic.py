@@ -5,7 +5,8 @@ Image i of a split is ``signal * pattern[label_i] + noise_i``: each class has a 
 The validation split (``data.val_size`` images, 0 for none) is generated as a third split: drawn from
 the same distribution as the training images, it is what a hold-out of them would be.
 Everything derives from ``data.seed``, the split and the index, so an item is the same in every
-process and run, and nothing is held in memory but the labels: any size, class count or length.
+process and run, and nothing is held in memory but the labels (8 bytes an image): any class count or length, and
+any size whose labels fit in memory.
 ``data.nan_examples`` (tests only) makes the listed training images all NaN, a numerical fault for the
 trainer's ``trainer.nonfinite`` policy to catch.
 """
