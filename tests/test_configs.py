@@ -193,6 +193,7 @@ BAD_OVERRIDES = [
     (["logger.mode=loud"], ["logger.mode=loud", "auto, online, offline, disabled"]),
     (["seed=-1"], ["seed=-1", "2**32"]),
     (["data.test_size=5"], ["data.test_size=5"]),  # the data group's own check, through check_config
+    (["logger.tags=['']"], ["logger.tags=['']: must be a list of non-empty strings"]),  # was shown as [], the default
     # an argument added to the optimizer, checked as its default in the signature is (was: a truthy string trained
     # with AMSGrad on; a torch traceback for capturable), and the partial the trainer calls (was: instantiate's error)
     (["+optimizer.amsgrad=abc"], ["optimizer.amsgrad=abc: must be true or false (torch.optim.AdamW's amsgrad)"]),

@@ -586,7 +586,7 @@ BAD_OVERRIDES = [
         "model.mlp_ratio=0.001: model.embed_dim=64 x mlp_ratio must be at least 1 (the MLP's hidden features)",
     ),
     (["scheduler.min_lr_ratio=2"], "scheduler.min_lr_ratio=2: must be a number in [0, 1]"),
-    (["logger.tags=5"], "logger.tags=5: must be a list of strings"),
+    (["logger.tags=5"], "logger.tags=5: must be a list of non-empty strings"),
     (["logger.backend=tensorboard"], "logger.backend=tensorboard: must be one of wandb, none"),
     (["+moe.top_k=2"], "moe.top_k=2: not a key of the moe group"),
     # keys added where nothing reads them (they trained without a word)

@@ -114,7 +114,7 @@ def text(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
 
 def texts(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
-    return None if ok else "must be a list of strings"
+    return None if ok else "must be a list of non-empty strings"
 
 
 def one_of(*allowed: str) -> Rule:
@@ -143,8 +143,8 @@ def format_value(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(map(format_value, value)) + "]"
+    if isinstance(value, (list, tuple)):  # an empty element as typed (logger.tags=['']), not as nothing
+        return "[" + ",".join("''" if element == "" else format_value(element) for element in value) + "]"
     return str(value)
 
 
