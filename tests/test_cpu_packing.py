@@ -12,6 +12,7 @@ from torch import nn
 import softmoe
 from softmoe import BatchedMlp, pack_experts_for_cpu
 from softmoe.cpu_packing import MIN_ROWS, packing_available
+from replaced_weights import WAYS, calls_at_freed_addresses
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="torch built without oneDNN")
 
@@ -193,11 +194,11 @@ def test_weights_changed_since_packing_are_packed_again():
 
 
 @pytest.mark.parametrize("made_in", ["grad mode", "inference mode"])
-@pytest.mark.parametrize("replace", ["functional_call", "load_state_dict(assign=True)"])
-def test_weights_replaced_by_new_tensors_at_the_freed_ones_address_are_packed_again(replace, made_in):
-    """A new weight often takes the address its predecessor just freed, with the same version counter (0): the
-    packed weights were taken as current, and the forward used the old ones (8 of 10 calls here). Weights made in
-    inference mode have no version counter (reading it raised): they are packed at every call."""
+@pytest.mark.parametrize("way", WAYS)
+def test_weights_replaced_by_new_tensors_at_the_freed_ones_address_are_packed_again(way, made_in):
+    """The packed weights were taken as current for new weights at the old ones' address, and the forward used the
+    old ones (8 of 10 calls here). Weights made in inference mode have no version counter (reading it raised):
+    they are packed at every call."""
     bank = make_bank()
     pack_experts_for_cpu(bank)
     slots = torch.randn(MIN_ROWS, 4, 1, 8)
@@ -206,19 +207,10 @@ def test_weights_replaced_by_new_tensors_at_the_freed_ones_address_are_packed_ag
         with torch.inference_mode(made_in == "inference mode"):
             return make_bank(seed=seed).state_dict()
 
-    def forward(seed):
-        with torch.inference_mode():
-            if replace == "functional_call":
-                return torch.func.functional_call(bank, new_weights(seed), (slots,))
-            bank.load_state_dict(new_weights(seed + 100), assign=True)  # frees the last forward's weights ...
-            bank.load_state_dict(new_weights(seed), assign=True)  # ... whose address these often take
-            return bank(slots)
-
-    for seed in range(10):
-        forward(100 + seed)  # another set of weights, whose address the next often takes
-        out = forward(seed)
-        expected = reference_mlp(make_bank(seed=seed), slots)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=f"call {seed}")
+    with torch.inference_mode():
+        for seed, out in calls_at_freed_addresses(bank, way, new_weights, (slots,)):
+            expected = reference_mlp(make_bank(seed=seed), slots)
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=f"call {seed}")
 
 
 def test_a_packed_model_infers_as_the_unpacked_one_and_unpacking_frees():

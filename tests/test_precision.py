@@ -16,6 +16,7 @@ import softmoe.runtime as runtime
 from softmoe import SoftMoE, tune_allocator
 from softmoe.harness.precision import autocast, slow_precision_warning, warn_if_slow
 from processes import REPO, run_from
+from replaced_weights import WAYS, calls_at_freed_addresses
 
 
 def _layer():
@@ -116,11 +117,10 @@ def test_a_weight_whose_data_is_replaced_is_recast():
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("replace", ["functional_call", "load_state_dict(assign=True)"])
-def test_a_weight_replaced_by_a_new_tensor_at_the_freed_ones_address_is_recast(replace):
-    """A new weight often takes the address its predecessor just freed, with the same version counter (0): it was
-    read as the old one, and the forward used the old weights' copy (8 of 10 calls here). The key holds the weight
-    itself, weakly."""
+@pytest.mark.parametrize("way", WAYS)
+def test_a_weight_replaced_by_a_new_tensor_at_the_freed_ones_address_is_recast(way):
+    """The copy was taken as current for a new weight at the old one's address, and the forward used the old
+    weights' copy (8 of 10 calls here). The key holds the weight itself, weakly."""
     layer = _layer().eval()
     x = torch.randn(2, 9, 16)
 
@@ -128,20 +128,10 @@ def test_a_weight_replaced_by_a_new_tensor_at_the_freed_ones_address_is_recast(r
         generator = torch.Generator().manual_seed(seed)
         return {name: torch.randn(value.shape, generator=generator) for name, value in layer.state_dict().items()}
 
-    def forward(seed):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            if replace == "functional_call":
-                return torch.func.functional_call(layer, new_weights(seed), (x,))
-            layer.load_state_dict(new_weights(seed + 100), assign=True)  # frees the last forward's weights ...
-            layer.load_state_dict(new_weights(seed), assign=True)  # ... whose address these often take
-            return layer(x)
-
-    for seed in range(10):
-        forward(100 + seed)  # another set of weights, whose address the next often takes
-        y = forward(seed)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for seed, y in calls_at_freed_addresses(layer, way, new_weights, (x,)):
             expected = torch.func.functional_call(_uncached(copy.deepcopy(layer)), new_weights(seed), (x,))
-        torch.testing.assert_close(y, expected, rtol=0, atol=0, msg=f"call {seed}")
+            torch.testing.assert_close(y, expected, rtol=0, atol=0, msg=f"call {seed}")
 
 
 def test_a_copy_made_in_inference_mode_serves_training():
