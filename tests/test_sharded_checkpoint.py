@@ -182,12 +182,16 @@ def test_kill_9_during_a_sharded_save_leaves_a_checkpoint_to_resume_from(tmp_pat
     saver.start()
     temporary = tmp_path / ".last.dcp.tmp"
     deadline = time.monotonic() + 60
-    try:  # once the first save is complete, kill the process in the middle of the next one (each takes ~0.7 s)
-        while not (sharded_checkpoint.find(tmp_path) and temporary.exists()):
+    try:  # once the first save is complete, kill the process in the middle of another one (each takes ~0.7 s)
+        while True:
             assert saver.is_alive(), f"the saving process ended (exit code {saver.exitcode}) before its second save"
             assert time.monotonic() < deadline, "the saving process never started its second save"
+            if sharded_checkpoint.find(tmp_path) and temporary.exists():
+                os.kill(saver.pid, signal.SIGSTOP)  # held mid-save, however loaded the machine (was: a 0.25 s
+                if temporary.exists():  # sleep, in which a save could end: CI's failure at a095023)
+                    break
+                os.kill(saver.pid, signal.SIGCONT)  # that save ended between the look and the stop: the next one
             time.sleep(0.001)
-        time.sleep(0.25)
     finally:
         os.kill(saver.pid, signal.SIGKILL)
         saver.join()
