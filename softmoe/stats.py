@@ -79,8 +79,13 @@ def routing_stats(dispatch: torch.Tensor, combine: torch.Tensor) -> Dict[str, Un
         "combine_max": combine.amax(dim=2).mean().item(),
         "expert_utilisation": expert_utilisation.float(),
         "slot_utilisation": slot_utilisation.float(),
-        "effective_experts": math.exp(entropy(expert_utilisation, dim=0).item()),
+        "effective_experts": effective_experts(expert_utilisation),
     }
+
+
+def effective_experts(expert_utilisation: torch.Tensor) -> float:
+    """exp of the entropy of ``expert_utilisation`` [n] (each expert's share): n when balanced, 1 when one takes all."""
+    return math.exp(entropy(expert_utilisation.double(), dim=0).item())
 
 
 def cumulative_dispatch_mass(dispatch: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ from softmoe.harness.faults import Preempted
 from softmoe.harness.launch_check import other_ranks_refusal
 from softmoe.harness.console import final_dispatch_entropy, next_steps
 from softmoe.harness.loop import train
+from softmoe.harness.model import moe_blocks
 from softmoe.harness.output_dirs import output_dir, output_dir_error
 from softmoe.harness.overrides import composition_error, multirun_flag_first
 from softmoe.harness.plausibility import check_model_choice
@@ -228,7 +229,7 @@ def main(cfg: DictConfig) -> float:
     log.info("run directory: %s", summary.run_dir)
     log.info("W&B run: %s", summary.wandb_run_path or "none")
     if not multirun and speaks_for_the_job():
-        routed = cfg.moe.placement != "none"  # a dense ViT has no routing to look at
+        routed = bool(moe_blocks(cfg.moe, cfg.model.depth))  # a dense ViT has no routing to look at
         log.info("next:\n  %s", "\n  ".join(next_steps(summary.run_dir, routed)))  # a sweep's end names collect
     # The objective a Hydra sweeper (e.g. Optuna) maximises: validation, never test, accuracy.
     return summary.best_val_acc

@@ -83,7 +83,7 @@ def check_like_the_defaults(section: str, values: Mapping[str, Any], parameters:
         default = parameters[key].default if key in parameters else inspect.Parameter.empty
         if isinstance(default, bool) and not isinstance(value, bool):
             raise ConfigError(f"{section}.{key}={format_value(value)}: must be true or false ({target}'s {key})")
-        if is_number(default) and not isinstance(default, bool) and not is_number(value):
+        if is_number(default) and not is_number(value):  # (is_number: not a bool)
             raise ConfigError(f"{section}.{key}={format_value(value)}: must be a number ({target}'s {key})")
 
 

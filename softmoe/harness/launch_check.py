@@ -32,11 +32,11 @@ def _meeting() -> Optional[str]:
     return f"softmoe/launch/{os.environ.get('TORCHELASTIC_RUN_ID')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT')}"
 
 
-def _wait_for_all(store, counter: str, world_size: int, deadline: float) -> str:
-    """Count this rank at ``counter``; once every rank has, the value set at ``<counter>/all`` by the last one."""
+def _wait_for_all(store, counter: str, world_size: int, deadline: float, verdict: Optional[str] = None) -> str:
+    """Count this rank at ``counter``; once every rank has, what the last one found at key ``verdict`` (empty where
+    it is unset or not asked for), which it leaves at ``<counter>/all``."""
     if store.add(counter, 1) >= world_size:
-        refused = f"{counter.rsplit('/', 1)[0]}/refused"
-        store.set(f"{counter}/all", store.get(refused) if store.check([refused]) else b"")
+        store.set(f"{counter}/all", store.get(verdict) if verdict is not None and store.check([verdict]) else b"")
     # one wait, not a loop of short ones: each that times out prints two lines of c10d warnings. A Ctrl-C is answered
     # after it, but torchrun's agent stops its workers on a Ctrl-C itself
     store.wait([f"{counter}/all"], timedelta(seconds=max(0.0, deadline - time.monotonic())))
@@ -60,7 +60,7 @@ def other_ranks_refusal(refusal: Optional[str], timeout: float = TIMEOUT_S) -> O
         if refusal is not None:  # the first refusal is the one every rank names
             where = f"rank {os.environ.get('RANK', '?')} (node {os.environ.get('GROUP_RANK', '?')})"
             store.compare_set(f"{prefix}/refused", "", f"{where} refused the launch: {refusal}")
-        verdict = _wait_for_all(store, f"{prefix}/checked", world_size, deadline)
+        verdict = _wait_for_all(store, f"{prefix}/checked", world_size, deadline, verdict=f"{prefix}/refused")
         if verdict:  # the refusing ranks keep the store (node 0's agent) until every rank has read this
             _wait_for_all(store, f"{prefix}/read", world_size, deadline)
     except (KeyError, ValueError, RuntimeError):  # no store to reach, or a rank never came (DistStoreError)

@@ -30,7 +30,7 @@ from torch import nn
 from softmoe import block_index, moe_layers, router_scale, routing_stats
 from softmoe.capture import RoutingRecord
 from softmoe.sparse import SparseMoE, sparse_routing_stats
-from softmoe.stats import entropy, normalized_entropy
+from softmoe.stats import effective_experts, normalized_entropy
 
 if TYPE_CHECKING:  # distributed.py imports the data and config modules, which need none of this one
     from .distributed import Distributed
@@ -85,7 +85,7 @@ def effective_experts_of(scalars: Mapping[str, float], distributions: Mapping[st
     for key in scalars:
         shares = distributions.get(key[: -len(suffix)] + "expert_utilisation") if key.endswith(suffix) else None
         if shares is not None:
-            recomputed[key] = math.exp(entropy(shares.double(), dim=0).item())
+            recomputed[key] = effective_experts(shares)
     return recomputed
 
 
@@ -462,21 +462,14 @@ class RankZeroTelemetry:
                 reduced[key] = mean.item()
         return reduced
 
-    @property
-    def run_id(self) -> Optional[str]:
-        return self._telemetry.run_id if self._telemetry is not None else None
+    # rank 0's W&B run (its id, path, group, name); None on the other ranks
+    run_id = property(lambda self: self._rank_zero("run_id"))
+    run_path = property(lambda self: self._rank_zero("run_path"))
+    group = property(lambda self: self._rank_zero("group"))
+    name = property(lambda self: self._rank_zero("name"))
 
-    @property
-    def run_path(self) -> Optional[str]:
-        return self._telemetry.run_path if self._telemetry is not None else None
-
-    @property
-    def group(self) -> Optional[str]:
-        return self._telemetry.group if self._telemetry is not None else None
-
-    @property
-    def name(self) -> Optional[str]:
-        return self._telemetry.name if self._telemetry is not None else None
+    def _rank_zero(self, attribute: str) -> Any:
+        return getattr(self._telemetry, attribute) if self._telemetry is not None else None
 
     def __getattr__(self, name: str) -> Any:
         # commit, summary, finish, ...: rank 0's methods; no-ops on the other ranks
