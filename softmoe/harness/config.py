@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from softmoe._checks import is_number
 from softmoe.upcycle import UnreadableCheckpointError, check_upcycle, load_state_dict
 
+from .capacity import check_blocks_fit, check_cpu_counts, check_parameters_fit, run_capacity
 from .config_rules import (
     EVALUATE_RULES,
     LAUNCHER_RULES,
@@ -135,10 +136,17 @@ def check_config(cfg: DictConfig, *, on_this_machine: bool = True) -> None:
         raise ConfigError(f"seed={format_value(config.get('seed'))}: {problem}")
     check_data_config(config["data"])
     _check_model(config["model"], config["data"])
+    if isinstance(config.get("launcher"), dict):  # checked here too: a sweep checks every job before it launches
+        check_section("launcher", config["launcher"], LAUNCHER_RULES, required=None)
+        check_known("launcher", config["launcher"], set(LAUNCHER_RULES), "not a key of any launcher")
+    _check_trainer(config["trainer"], config["data"], on_this_machine)
+    capacity = run_capacity(config, on_this_machine)  # the launcher's keys and the trainer's, checked above
+    check_cpu_counts(config["trainer"], capacity)
+    check_blocks_fit(config["model"], capacity)  # before the MoE blocks are listed
     _check_moe(config["moe"], config["model"])
+    check_parameters_fit(config, len(moe_blocks(config["moe"], config["model"]["depth"])), capacity)
     if config["model"]["upcycle_from"] is not None:
         _check_upcycle_source(config["model"], config["moe"])
-    _check_trainer(config["trainer"], config["data"], on_this_machine)
     check_model_name(config["model"])  # valid keys, but not what the user meant (plausibility.py)
     check_token_count(config["model"], config["trainer"]["max_tokens_per_image"])
     check_slot_count(config["model"], config["moe"], config["trainer"]["max_tokens_per_image"])
@@ -150,9 +158,6 @@ def check_config(cfg: DictConfig, *, on_this_machine: bool = True) -> None:
         check_known("logger", logger, set(LOGGER_RULES), "not a key of the logger group")  # +logger.x: read by none
     check_section("paths", config["paths"], PATHS_RULES)
     check_known("paths", config["paths"], set(PATHS_RULES), "not a key of the paths group")
-    if isinstance(config.get("launcher"), dict):  # checked here too: a sweep checks every job before it launches
-        check_section("launcher", config["launcher"], LAUNCHER_RULES, required=None)
-        check_known("launcher", config["launcher"], set(LAUNCHER_RULES), "not a key of any launcher")
 
 
 SLURM_COMMANDS = ("sbatch", "srun")  # submitit submits a sweep with sbatch; each of its tasks runs under srun
