@@ -337,6 +337,37 @@ def test_a_key_that_holds_each_runs_seed_is_no_column():
     assert sweeps.swept_keys(runs) == ["model.upcycle_from", "moe.layers"]
 
 
+@pytest.mark.parametrize("key,values,seeds", [
+    ("optimizer.lr", ["0.001", "0.0001"], ["0", "1"]),  # "0" is in 0.001 and "1" in 0.0001: pooled as seeds
+    ("moe.num_experts", ["16", "32"], ["1", "2"]),
+    ("data.root", ["/data/v0/train", "/data/v1/test"], ["0", "1"]),  # each holds its seed, but not alone
+])
+def test_a_value_that_merely_holds_its_runs_seed_is_still_a_column(key, values, seeds):
+    finished = {"val/acc": [0.5], "test/acc": [0.5], "test/acc_at_best_val": [0.5]}
+    runs = [sweeps.RunResult(str(i), {key: value, "seed": seed}, finished)
+            for i, (value, seed) in enumerate(zip(values, seeds))]
+    assert sweeps.swept_keys(runs) == [key]
+    assert len(sweeps.summarize(runs, sweeps.swept_keys(runs))) == 2
+
+
+@pytest.mark.slow
+def test_runs_are_grouped_by_the_values_they_used_not_as_typed(tmp_path):
+    """A run that left moe.num_experts at its default 16 and one that typed 16 are one group (were two, one of them
+    shown as None), and a group option a run left at its default shows as that option."""
+    quick = ["trainer.max_steps=2", "trainer.eval_batches=1", "model.depth=2", "logger=none",
+             "trainer.progress_bar=false"]
+    for name, sweep in (("defaults", ["seed=0,1"]), ("typed", ["moe.num_experts=16,8", "seed=2"]),
+                        ("dense", ["moe=dense", "seed=3"])):
+        result = subprocess.run([sys.executable, "-m", "softmoe.train", "-m", *sweep, *quick,
+                                 f"hydra.sweep.dir={tmp_path / name}"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    runs = sweeps.finished_runs(sweeps.load_sweep(tmp_path))
+    assert sweeps.swept_keys(runs) == ["moe", "moe.num_experts"]
+    groups = {tuple(summary.values): summary.runs for summary in sweeps.summarize(runs, sweeps.swept_keys(runs))}
+    assert groups == {("dense", "16"): 1, ("last_half", "16"): 3, ("last_half", "8"): 1}
+
+
 def test_a_wandb_dir_without_offline_runs_is_named(sweep, capsys):
     assert collect.main(["--wandb-dir", str(sweep)]) == 2
     assert capsys.readouterr().err == f"error: no offline W&B runs (offline-run-*/run-*.wandb) below {sweep}\n"

@@ -6,9 +6,11 @@ The model is built on the meta device (no memory, real shapes), so the counts be
   state, in float32 as the trainer keeps them (``trainer.precision=bf16`` is autocast: the weights stay float32).
   AdamW holds two moments and a float32 ``step`` per tensor, SGD with momentum one buffer.
 - **Estimated**: activations saved for the backward pass (an element count per block, below), DDP's gradient
-  buckets (one float32 copy of the gradients it averages), and FSDP's working set (the largest block unsharded,
-  twice for prefetching, plus its unsharded gradient; with ``trainer.reshard_after_forward=false`` every block's
-  parameters stay gathered from the forward to the backward, plus the largest block's gradient).
+  buckets (one float32 copy of the gradients it averages) and, under bf16/fp16 autocast, the half-precision copy of
+  each of the rank's weights the step computes with, and FSDP's working set (the largest block unsharded, twice for
+  prefetching, in bf16 under ``trainer.precision=bf16`` as FSDP's mixed-precision policy gathers it, plus its
+  float32 unsharded gradient; with ``trainer.reshard_after_forward=false`` every block's parameters stay gathered
+  from the forward to the backward, plus the largest block's gradient).
 
 Layouts, with ``E`` ranks per expert group (``trainer.expert_parallel_size``) and ``W`` ranks in all:
 
@@ -24,7 +26,9 @@ Activation elements saved per image, for a block of ``t`` tokens, width ``d``, M
 (Soft MoE) ``s = num_experts x slots_per_expert`` slots, with fused attention (no ``t x t`` score matrix):
 attention ``6td`` (norm input and output, q, k, v, attention output); a dense MLP ``2td + 2th``; a Soft MoE MLP
 ``3td + 3ts + 2sd + 2sh`` (norm, normalised tokens, logits, dispatch and combine weights, slots, expert hidden
-activations, expert outputs). Bytes per element: 4 in fp32, 2 under bf16/fp16 autocast. With
+activations, expert outputs). Bytes per element: 4 in fp32; 2 under bf16/fp16 autocast, but 4 for what autocast
+keeps in float32: each block's two norm inputs (the residual stream) and, in a Soft MoE block, the normalised tokens
+and the routing's ``3ts`` (its softmaxes run in float32). With
 ``trainer.activation_checkpointing`` (each block recomputed in the backward pass) a block keeps only its input,
 ``td``, and one block's activations are alive at a time, while it is recomputed.
 """
@@ -180,6 +184,27 @@ def activation_elements_per_image(shapes: ModelShapes) -> int:
     return shapes.depth * attention + dense_blocks * dense_mlp + shapes.moe_block_count * moe_mlp
 
 
+def float32_elements_per_image(shapes: ModelShapes) -> int:
+    """Of :func:`activation_elements_per_image`, those autocast keeps in float32: each block's two norm inputs (the
+    residual stream), and in a Soft MoE block the normalised tokens and the routing's logits, dispatch and combine
+    weights (its softmaxes run in float32)."""
+    t, d, s = shapes.tokens, shapes.width, shapes.slots
+    block, moe_routing = 2 * t * d, t * d + 3 * t * s
+    if shapes.activation_checkpointing:  # every block's input, and the fp32 part of the block being recomputed
+        return shapes.depth * t * d + block + (moe_routing if shapes.moe_block_count else 0)
+    return shapes.depth * block + shapes.moe_block_count * moe_routing
+
+
+def activation_bytes_per_image(shapes: ModelShapes) -> int:
+    """Bytes of the activations kept per image: every element at ``activation_bytes``, but the float32 ones under
+    autocast (:func:`float32_elements_per_image`)."""
+    elements = activation_elements_per_image(shapes)
+    if shapes.activation_bytes == FLOAT32:
+        return elements * FLOAT32
+    kept = float32_elements_per_image(shapes)
+    return (elements - kept) * shapes.activation_bytes + kept * FLOAT32
+
+
 def rank_memory(shapes: ModelShapes, layout: Layout, world_size: int, batch_size: int) -> RankMemory:
     """The memory of the most loaded rank when ``world_size`` ranks train with a global ``batch_size``."""
     e, w = layout.expert_parallel_size, world_size
@@ -197,16 +222,27 @@ def rank_memory(shapes: ModelShapes, layout: Layout, world_size: int, batch_size
     elements, tensors = sum(replicated) + sum(experts), len(replicated) + len(experts)
     parameters, gradients, optimizer = _state_bytes(shapes, elements, tensors)
 
+    low_precision = shapes.activation_bytes < FLOAT32  # bf16 / fp16 autocast
     if sharded:  # the largest block gathered (this block and the prefetched next one), and its full gradient
         gathered = [sum(map(_numel, rep)) + sum(_numel(s) // e for s in exp) for rep, exp in shapes.block_params]
         largest = max(gathered, default=0)
+        # gathered in the policy's param_dtype (bf16 under trainer.precision=bf16); gradients reduced in float32
+        gathered_bytes = shapes.activation_bytes if low_precision else FLOAT32
         # reshard_after_forward=false: every block stays gathered from its forward to its backward
-        buffers = (2 * largest if shapes.reshard_after_forward else sum(gathered)) * FLOAT32 + largest * FLOAT32
+        buffers = (2 * largest if shapes.reshard_after_forward else sum(gathered)) * gathered_bytes + largest * FLOAT32
     else:  # DDP's buckets: a copy of the gradients it averages (under EP, the replicated ones)
         buffers = (sum(replicated) + (sum(experts) if layout.strategy == "ddp" else 0)) * FLOAT32
+        # autocast's half-precision copy of each weight for the step (the experts' kept per optimizer step)
+        buffers += elements * shapes.activation_bytes if low_precision else 0
     local_batch = math.ceil(batch_size / w)
-    activations = local_batch * activation_elements_per_image(shapes) * shapes.activation_bytes
+    activations = local_batch * activation_bytes_per_image(shapes)
     return RankMemory(layout, parameters, gradients, optimizer, activations, buffers)
+
+
+def spans_nodes(expert_parallel_size: int, world_size: int, gpus_per_node: int) -> bool:
+    """Whether an expert group of consecutive ranks crosses a node boundary: never when the whole world is one node
+    (6 ranks of 8 GPUs per node, in groups of 3), else when the group size does not divide the node."""
+    return world_size > gpus_per_node and gpus_per_node % expert_parallel_size != 0
 
 
 def feasible_layouts(num_experts: int, world_size: int, gpus_per_node: int, moe: bool = True) -> list[Layout]:
@@ -216,8 +252,8 @@ def feasible_layouts(num_experts: int, world_size: int, gpus_per_node: int, moe:
     expert groups that span nodes. Smaller expert groups first within each. An expert group's size must divide
     the world and ``num_experts``; E = 1 is DDP (or FSDP)."""
     sizes = [e for e in range(2, world_size + 1) if world_size % e == 0 and num_experts % e == 0] if moe else []
-    in_node = [e for e in sizes if gpus_per_node % e == 0]
-    across = [e for e in sizes if gpus_per_node % e]
+    in_node = [e for e in sizes if not spans_nodes(e, world_size, gpus_per_node)]
+    across = [e for e in sizes if spans_nodes(e, world_size, gpus_per_node)]
     return [
         Layout("ddp"),
         *(Layout("ep", e) for e in in_node),
@@ -282,7 +318,8 @@ def format_plan(plan: Plan, title: str) -> str:
     ]
     for row in plan.rows:
         cells = [row.parameters, row.gradients, row.optimizer, row.activations, row.buffers, row.total]
-        spans = row.layout.expert_parallel_size > 1 and plan.gpus_per_node % row.layout.expert_parallel_size
+        spans = row.layout.expert_parallel_size > 1 and spans_nodes(row.layout.expert_parallel_size,
+                                                                   plan.world_size, plan.gpus_per_node)
         name = f"{row.layout}{' (spans nodes)' if spans else ''}"
         figures = " | ".join(f"{cell / size:.2f}" for cell in cells)
         lines.append(f"| {name} | {figures} | {'yes' if plan.fits(row) else 'no'} |")

@@ -1,12 +1,12 @@
-"""One run directory's files, read back: ``metrics.jsonl`` and Hydra's ``.hydra/overrides.yaml``
-(:mod:`softmoe.harness.sweeps` reads a sweep's runs with them). A damaged file is a :class:`BadDataError` naming it,
-not a traceback from the decoder or the YAML parser: a torn last line of ``metrics.jsonl`` (a killed run) is
-skipped instead."""
+"""One run directory's files, read back: ``metrics.jsonl``, Hydra's ``.hydra/overrides.yaml`` and the values a
+run used (:mod:`softmoe.harness.sweeps` reads a sweep's runs with them). A damaged file is a
+:class:`BadDataError` naming it, not a traceback from the decoder or the YAML parser: a torn last line of
+``metrics.jsonl`` (a killed run) is skipped instead."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping
+from typing import Any, Callable, Dict, Iterable, List, Mapping
 
 from .errors import BadDataError
 from .telemetry import json_lines
@@ -22,6 +22,55 @@ def parse_overrides(lines: Iterable[str]) -> Dict[str, str]:
         key, value = line.split("=", 1)
         overrides[key.lstrip("+")] = value
     return overrides
+
+
+def override_value(value: Any) -> str:
+    """A config value as a Hydra override writes it: ``8``, ``0.001``, ``soft``, ``true``, ``null``, ``[2,3]``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{key}:{override_value(item)}" for key, item in value.items()) + "}"
+    return str(value)
+
+
+def values_used(run_dir: Path, keys: Iterable[str]) -> Dict[str, str]:
+    """The value each of ``keys`` had in the run of ``run_dir``, written as an override would: a config group's
+    option from Hydra's ``.hydra/hydra.yaml`` (``moe=dense``), a config key's from ``.hydra/config.yaml``. A run that
+    left a key at its default is then grouped with those that typed the default (was: a group of its own, shown as
+    ``None``), and ``0.001`` with ``1e-3``. Keys neither file holds (``hydra.*``; a run saved without them) are left
+    out, so the typed value stays."""
+    from omegaconf import OmegaConf
+
+    hydra_file, config_file = run_dir / ".hydra" / "hydra.yaml", run_dir / ".hydra" / "config.yaml"
+    hydra = _read_yaml(hydra_file, OmegaConf.load) if hydra_file.exists() else OmegaConf.create()
+    choices = OmegaConf.select(hydra, "hydra.runtime.choices", default=None) or {}
+    config = _read_yaml(config_file, OmegaConf.load) if config_file.exists() else OmegaConf.create()
+    values: Dict[str, str] = {}
+    for key in keys:
+        if key in choices:
+            values[key] = override_value(choices[key])
+            continue
+        value = OmegaConf.select(config, key, default=_ABSENT, throw_on_resolution_failure=False)
+        if value is not _ABSENT and not OmegaConf.is_config(value):  # a leaf; ${hydra:...} resolves to None here
+            values[key] = override_value(value)
+    return values
+
+
+_ABSENT = object()
+
+
+def _read_yaml(path: Path, load: Callable[[Path], Any]) -> Any:
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    try:
+        return load(path)
+    except (YAMLError, OmegaConfBaseException, UnicodeDecodeError, OSError) as error:
+        raise damaged(path, (str(error) or type(error).__name__).splitlines()[0]) from None
 
 
 def numeric_history(events: Iterable[Mapping[str, Any]]) -> Dict[str, List[float]]:

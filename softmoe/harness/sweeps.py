@@ -38,7 +38,15 @@ from .errors import NoRunsError
 from .plausibility import CONF_DIR
 from .rules import closest
 # parse_overrides and read_metrics as well: the tests and notebooks read them from here
-from .run_files import damaged, numeric_history, parse_overrides, read_metrics, read_overrides  # noqa: F401
+from .run_files import (  # noqa: F401
+    damaged,
+    numeric_history,
+    override_value,
+    parse_overrides,
+    read_metrics,
+    read_overrides,
+    values_used,
+)
 
 IGNORED_KEYS = ("seed", "hydra.", "logger.", "trainer.device", "paths.")
 
@@ -53,8 +61,9 @@ def lower_is_better(metric: str) -> bool:
 
 @dataclass
 class RunResult:
-    """One run: its overrides (``key -> value`` as typed) and its metric values in logging order; ``read_from``
-    names what its loader searched (``the run directories below <sweep dir>``), for messages about the runs."""
+    """One run: its overrides (``key -> value``, as an override writes it) and its metric values in logging order;
+    ``read_from`` names what its loader searched (``the run directories below <sweep dir>``), for messages about
+    the runs."""
 
     name: str
     overrides: Dict[str, str]
@@ -73,17 +82,23 @@ class RunResult:
 
 
 def load_sweep(sweep_dir: Path) -> List[RunResult]:
-    """Every run directory below ``sweep_dir``."""
-    runs = []
-    for metrics in sorted(sweep_dir.rglob("metrics.jsonl")):
-        run_dir = metrics.parent
-        overrides_file = run_dir / ".hydra" / "overrides.yaml"
-        overrides = read_overrides(overrides_file) if overrides_file.exists() else {}
-        runs.append(RunResult(str(run_dir.relative_to(sweep_dir)), overrides, read_metrics(metrics),
-                              read_from=f"the run directories below {sweep_dir}"))
-    if not runs:
+    """Every run directory below ``sweep_dir``; each run's overrides hold every key any run overrides, at the value
+    that run used (:func:`values_used`)."""
+    run_dirs = [metrics.parent for metrics in sorted(sweep_dir.rglob("metrics.jsonl"))]
+    if not run_dirs:
         raise NoRunsError(f"no run directories (with metrics.jsonl) below {sweep_dir}")
-    return runs
+    typed = []
+    for run_dir in run_dirs:
+        overrides_file = run_dir / ".hydra" / "overrides.yaml"
+        typed.append(read_overrides(overrides_file) if overrides_file.exists() else {})
+    keys = sorted({key for overrides in typed for key in overrides})
+    return [
+        RunResult(str(run_dir.relative_to(sweep_dir)), {**overrides, **values_used(run_dir, keys)},
+                  read_metrics(run_dir / "metrics.jsonl"), read_from=f"the run directories below {sweep_dir}")
+        for run_dir, overrides in zip(run_dirs, typed)
+    ]
+
+
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -95,19 +110,6 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> Dict[str, Any
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def override_value(value: Any) -> str:
-    """A config value as a Hydra override writes it: ``8``, ``0.001``, ``soft``, ``true``, ``null``, ``[2,3]``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(override_value(item) for item in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ",".join(f"{key}:{override_value(item)}" for key, item in value.items()) + "}"
-    return str(value)
 
 
 def config_overrides(configs: Sequence[Mapping[str, Any]]) -> List[Dict[str, str]]:
@@ -130,8 +132,13 @@ def follows_the_seed(key: str, runs: Sequence[Mapping[str, str]]) -> bool:
     if key == "seed":
         return False
     pairs = {(run.get(key), run.get("seed")) for run in runs}
+    if any(value is None or seed is None for value, seed in pairs):
+        return False
+    # the same value but for its seed: ".../seed0/last.pt" and ".../seed1/last.pt" (not 0.001 and 0.0001, which
+    # merely hold "0" and "1")
+    templates = {re.sub(rf"(?<!\d){re.escape(str(seed))}(?!\d)", "{seed}", str(value)) for value, seed in pairs}
     return (len(pairs) == len({value for value, _ in pairs}) == len({seed for _, seed in pairs})
-            and all(value is not None and seed is not None and str(seed) in str(value) for value, seed in pairs))
+            and len(templates) == 1 and "{seed}" in next(iter(templates)))
 
 
 @dataclass
