@@ -5,7 +5,8 @@
 
 The run is rebuilt from its checkpoint alone: the resolved config saved inside it and the weights.
 Results go to ``<run_dir>/evaluate/``: ``evaluation_<checkpoint>_step<step>.json`` (one per checkpoint, so a
-second evaluation keeps the first) and, with ``save_routing=true``, ``routing.pt`` (validation images).
+second evaluation keeps the first; ``..._all_images.json`` for ``images=all`` of a run that evaluated a subset)
+and, with ``save_routing=true``, ``routing.pt`` (validation images).
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ def evaluate_run(
         )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    # one file per checkpoint and step: evaluating best.pt, then last.pt (or best.pt again after it moved) keeps both
-    result_file = output_dir / f"evaluation_{Path(run.checkpoint).stem}_step{run.step}.json"
+    # one file per checkpoint and step: evaluating best.pt, then last.pt (or best.pt again after it moved) keeps both;
+    # and per set of images, where the run evaluated a subset (images=all overwrote the run's figures)
+    every_image = "_all_images" if images == "all" and run.cfg.trainer.get("eval_batches") is not None else ""
+    result_file = output_dir / f"evaluation_{Path(run.checkpoint).stem}_step{run.step}{every_image}.json"
     result_file.write_text(json.dumps(result, indent=2) + "\n")
     result["file"] = str(result_file)
 

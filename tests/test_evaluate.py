@@ -236,15 +236,22 @@ def test_evaluate_reloads_a_run_and_saves_its_routing(compose_run, tmp_path):
 def test_a_run_that_evaluated_its_first_batches_is_evaluated_on_those_unless_told_all(compose_run, tmp_path, caplog):
     """Was: evaluate read every image, and reported other figures than the run's for the same checkpoint (the
     Fashion-MNIST studies evaluate their first 2,000 test images: trainer.eval_batches=4)."""
-    train(compose_run("trainer.max_steps=10", "trainer.eval_batch_size=50", "trainer.eval_batches=2", "logger=none",
-                      *QUIET), tmp_path)
+    with caplog.at_level(logging.INFO, logger="softmoe.harness.context"):
+        summary = train(compose_run("trainer.max_steps=10", "trainer.eval_batch_size=50", "trainer.eval_batches=2",
+                                    "logger=none", *QUIET), tmp_path)
     (tested,) = [e for e in read_events(tmp_path) if "test/acc" in e]  # the trainer's test of the final model
+    # the run says so too, at its start and in its done line (was: "test accuracy 58.00%" of an unnamed subset)
+    subset = ("the first 100 of the 360 test images and 100 of the 180 validation images (trainer.eval_batches=2 x "
+              "trainer.eval_batch_size=50; null evaluates them all)")
+    assert f"evaluations read {subset}" in caplog.text and summary.describe().endswith(f" on {subset}")
     runs = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last", batch_size=30)  # any batch size
     assert (runs["val/examples"], runs["test/examples"], runs["eval_batches"]) == (100, 100, 2)
     assert runs["test/acc"] == tested["test/acc"] and runs["test/loss"] == pytest.approx(tested["test/loss"])
     assert runs["val/acc"] == load_checkpoint(tmp_path / "last.pt")["last_eval"]["acc"]
-    every = evaluate_run(tmp_path, tmp_path / "all", checkpoint="last", images="all")
+    every = evaluate_run(tmp_path, tmp_path / "evaluate", checkpoint="last", images="all")
     assert (every["val/examples"], every["test/examples"], every["eval_batches"]) == (180, 360, None)
+    assert Path(every["file"]).name == "evaluation_last_step10_all_images.json" != Path(runs["file"]).name  # both kept
+    assert json.loads(Path(runs["file"]).read_text())["test/examples"] == 100
     assert every["test/acc"] != tested["test/acc"]  # the setup holds: the whole split scores otherwise
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # the command says which images it read
         evaluate_cfg = compose("evaluate", [f"run_dir={tmp_path}", "checkpoint=last"], return_hydra_config=True)

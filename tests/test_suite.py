@@ -50,10 +50,18 @@ def test_soft_moe_s16_adamw_moves_the_26_gb_the_issue_counts():
 @pytest.mark.slow  # a whole suite run: about a minute on 2 loaded cores
 def test_the_suite_runs_every_section_at_tiny_sizes_on_cpu(tmp_path, capsys):
     out = tmp_path / "suite.json"
-    main(["--suite", "gpu", "--tiny", "--device", "cpu", "--suite-compile", "eager", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:  # --threads 1: the suite ran on torch's default threads whatever it said
+        main(["--suite", "gpu", "--tiny", "--device", "cpu", "--suite-compile", "eager", "--threads", "1", "--out",
+              str(out)])
+    finally:
+        torch.set_num_threads(threads)
     results = json.loads(out.read_text())
     captured = capsys.readouterr()
     stdout = captured.out
+    assert results["machine"]["torch_threads"] == 1
+    # tiny sizes mean nothing: no target is met or not (the last line said "9 targets, 0 met")
+    assert ": met" not in stdout and "NOT met" not in stdout and ", no verdicts; " in stdout.splitlines()[-3]
     # each section printed as it was measured (stderr), so a run cut short still shows what it measured
     progress = [line for line in captured.err.splitlines() if line.startswith("[suite] ")]
     for first_words in ("[suite] layer tiny", "[suite] models tiny", "[suite] inference images/s",

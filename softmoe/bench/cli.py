@@ -167,8 +167,6 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     device = torch.device(args.device)
     # as every command does at start-up: the "default environment" the targets speak of
     tuned = tune_allocator()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     results = {"command": " ".join(["python -m softmoe.benchmark", *argv]), "machine": machine_info(device),
                "config": vars(args)}
     results["allocator"] = {"tune_allocator_applied": tuned, "summary": (
@@ -219,6 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     command = " ".join(["python -m softmoe.benchmark", *argv])
+    if args.threads:  # both paths: the suite ran on torch's default threads whatever --threads said
+        torch.set_num_threads(args.threads)
     if args.suite:
         from .suite import run_suite
         from .suite_report import format_suite

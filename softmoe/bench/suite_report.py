@@ -144,5 +144,6 @@ def format_suite(results: dict) -> str:
         lines.append(f"  {t['name']}: {t['value']:.2f} {sign} {t['limit']}{verdict}")
     failed = f"; {counted(len(results['failed']), 'section')} FAILED" if results.get("failed") else ""
     met = sum(t["met"] is True for t in results["targets"])
-    lines.append(f"\n{counted(len(results['targets']), 'target')}, {met} met{failed}; {results['wall_s']:.0f} s")
+    verdicts = "no verdicts" if results["tiny"] else f"{met} met"  # (was "0 met" under the line saying there are none)
+    lines.append(f"\n{counted(len(results['targets']), 'target')}, {verdicts}{failed}; {results['wall_s']:.0f} s")
     return "\n".join(lines)

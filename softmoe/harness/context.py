@@ -14,7 +14,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ class RunContext:
     total_steps: int
     panel_image: Optional[torch.Tensor]  # the image whose dispatch maps every evaluation logs; None: no panel
     skipped_examples: int  # bad examples dropped by data.on_bad_file=skip
+    evaluated: str = ""  # the images each evaluation reads where trainer.eval_batches limits them (evaluated_subset)
 
     @property
     def trainer(self) -> dict[str, Any]:
@@ -133,6 +134,21 @@ def whole_model_parameters(model: nn.Module) -> int:
     return total
 
 
+def evaluated_subset(data: DataBundle, trainer: Mapping[str, Any]) -> str:
+    """Which images the validation and test accuracies are of, where ``trainer.eval_batches`` leaves some out ("" for
+    every image): the done line said "test accuracy 58.00%" of the first 100 of 360 test images without a word."""
+    if trainer["eval_batches"] is None:
+        return ""
+    limit = trainer["eval_batches"] * trainer["eval_batch_size"]
+    splits = [(name, len(split)) for name, split in (("test", data.test), ("validation", data.val))
+              if split is not None]
+    if all(size <= limit for _, size in splits):
+        return ""
+    shown = " and ".join(f"{min(size, limit)} of the {size} {name} images" for name, size in splits)
+    return (f"the first {shown} (trainer.eval_batches={trainer['eval_batches']} x trainer.eval_batch_size="
+            f"{trainer['eval_batch_size']}; null evaluates them all)")
+
+
 def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int, steps_per_epoch: int,
              distributed: Distributed) -> None:
     blocks = sorted(block_index(name) for name in moe_layers(model))
@@ -147,6 +163,9 @@ def log_plan(config: dict, data: DataBundle, model: nn.Module, total_steps: int,
     compiled = ", torch.compile" if trainer["compile"] else ""
     log.info("compute: %s, precision %s%s", distributed.device, trainer["precision"], compiled)
     warn_small_splits(data)
+    evaluated = evaluated_subset(data, trainer)
+    if evaluated:
+        log.info("evaluations read %s", evaluated)
     upcycled = describe_upcycling(config["model"], model)
     if upcycled:
         log.info(upcycled)
@@ -229,6 +248,6 @@ def open_run(
     run = RunContext(
         config=config, run_dir=run_dir, distributed=distributed, telemetry=telemetry, loaders=loaders,
         forward=forward, preemption=preemption, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-        panel_image=panel_image, skipped_examples=data.skipped,
+        panel_image=panel_image, skipped_examples=data.skipped, evaluated=evaluated_subset(data, trainer),
     )
     return run, state

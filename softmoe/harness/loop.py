@@ -330,6 +330,7 @@ def summarize(run: RunContext, state: TrainState, test: dict, test_at_best: dict
         skipped_steps=state.nonfinite.skipped,
         skipped_examples=run.skipped_examples,
         no_validation=no_validation_reason(run.config["data"]["val_size"]),  # a fraction may round to no image
+        evaluated=run.evaluated,
     )
     run.telemetry.summary({f"summary/{key}": value for key, value in asdict(summary).items() if key in SUMMARY_KEYS})
     return summary

@@ -39,17 +39,19 @@ class Summary:
     skipped_steps: int = 0  # steps dropped for a NaN/inf loss or gradient (trainer.nonfinite=skip)
     skipped_examples: int = 0  # bad examples dropped by data.on_bad_file=skip
     no_validation: str = "data.val_size=0"  # why there is no validation split (:func:`no_validation_reason`)
+    evaluated: str = ""  # the images the accuracies are of, where trainer.eval_batches left some out
 
     def describe(self) -> str:
         """The result in one line: test accuracy of the final model and of the best-on-validation checkpoint."""
         final = f"test accuracy {100 * self.test_acc:.2f}% (final model)"
+        of = f" on {self.evaluated}" if self.evaluated else ""
         if math.isnan(self.best_val_acc):
-            return f"{final}; no validation split ({self.no_validation}), so no checkpoint was selected"
+            return f"{final}{of}; no validation split ({self.no_validation}), so no checkpoint was selected"
         best = latest(Path(self.run_dir), "best.pt") if self.run_dir else None  # best.dcp under FSDP
         name = best.name if best is not None else "best.pt"
         return (
             f"{final}, {100 * self.test_acc_at_best_val:.2f}% ({name}: best validation accuracy "
-            f"{100 * self.best_val_acc:.2f}% at epoch {self.best_val_epoch})"
+            f"{100 * self.best_val_acc:.2f}% at epoch {self.best_val_epoch}){of}"
         )
 
 def no_validation_reason(val_size: Any) -> str:
