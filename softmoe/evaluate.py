@@ -28,6 +28,7 @@ from softmoe.harness.data import build_loader
 from softmoe.harness.config import check_evaluate
 from softmoe.harness.errors import USER_ERRORS, ConfigError, MissingDataError, run_command
 from softmoe.harness.loop import evaluate
+from softmoe.harness.output_dirs import no_directory_reason, output_dir
 from softmoe.harness.overrides import compose_config, composition_error
 from softmoe.harness.plausibility import CONF_DIR
 from softmoe.harness.rules import counted, plain
@@ -173,6 +174,13 @@ def missing_run_error(argv: list[str]) -> Optional[str]:
         checkpoint_path(run_dir, values.get("checkpoint", "best"))
     except USER_ERRORS as error:
         return str(error)
+    planned = output_dir(argv, "evaluate")  # <run_dir>/evaluate, or hydra.run.dir
+    problem = no_directory_reason(planned[1]) if planned and planned[1] else None
+    if problem and "hydra.run.dir" in values:
+        return f"hydra.run.dir={planned[1]}: {problem}; name a folder that takes the results"
+    if problem:  # a run on a read-only disk: Hydra's mkdir traceback
+        return (f"run_dir={run_dir}: its results go to {planned[1]}, but {problem}; copy the run to a folder that "
+                "takes files, or give hydra.run.dir=<a folder for the results>")
     return None
 
 

@@ -35,9 +35,11 @@ from softmoe.harness.errors import (
     USER_ERRORS,
     BadDataError,
     CheckpointWriteError,
+    DiskFullError,
     NonFiniteError,
     OtherExperimentError,
     RunDirInUseError,
+    disk_full,
     exit_code,
     one_line,
     preempted_exit_code,
@@ -83,7 +85,7 @@ def wandb_group_and_name(hydra_cfg: DictConfig) -> tuple[Optional[str], Optional
 NO_OBJECTIVE = float("nan")
 
 # Errors that can stop a run after it wrote last.pt (a config error stops it before, and its command is wrong).
-MID_RUN_ERRORS = (NonFiniteError, BadDataError, CheckpointWriteError)
+MID_RUN_ERRORS = (NonFiniteError, BadDataError, CheckpointWriteError, DiskFullError)
 
 
 def resume_message(tag: str, run_dir: Path) -> Optional[str]:
@@ -181,7 +183,13 @@ def main(cfg: DictConfig) -> float:
         check_model_choice(OmegaConf.select(cfg, "model.name"), hydra_cfg.runtime.choices.get("model"))
         # Hydra's .hydra/ configs are written once this process holds the run directory (conf/hydra/default.yaml)
         hydra_configs = functools.partial(save_hydra_configs, task_cfg=cfg, hydra_cfg=HydraConfig.instance().cfg)
-        summary = train(cfg, run_dir, wandb_group=group, wandb_name=name, on_claim=hydra_configs)
+        try:
+            summary = train(cfg, run_dir, wandb_group=group, wandb_name=name, on_claim=hydra_configs)
+        except Exception as error:  # a full disk under metrics.jsonl or train.log: one line, as for a checkpoint's
+            full = disk_full(error)
+            if full is None:
+                raise
+            raise full from error
     except (*USER_ERRORS, NonFiniteError) as error:
         lines = [f"{tag}error: {one_line(error)}"]
         print(lines[0], file=sys.stderr)

@@ -31,6 +31,17 @@ def test_a_failed_write_leaves_the_previous_checkpoint_and_no_temporary_file(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
+def test_the_partial_checkpoints_of_killed_writers_are_removed_by_the_next_save(tmp_path):
+    """A kill (SIGKILL, or a second Ctrl-C) during a save left ``.last.pt.<pid>.tmp`` forever, a model's size each."""
+    stale = [".last.pt.4242.tmp", ".best.pt.4243.tmp", ".last.prev.pt.4244.tmp"]
+    kept = [".notes.tmp", "last.pt.tmp", ".last.dcp.tmp"]  # not a killed writer's checkpoint
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"\x00" * 1000)
+    save_checkpoint(tmp_path / "last.pt", state(1), keep_previous=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.pt", *kept])
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
+
+
 def test_loading_refuses_a_pickle_that_would_run_code(tmp_path):
     marker = tmp_path / "executed"
 

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,38 @@ def test_a_run_without_best_pt_is_pointed_to_checkpoint_last(tmp_path):
     assert f" && SOFTMOE_RUN_DIR={tmp_path.resolve()} jupyter execute " in next_steps(tmp_path)[1]
     # a dense ViT's run is not sent to the routing notebook, which refuses it (was: the printed command failed)
     assert [step.split()[2] for step in next_steps(tmp_path, routed=False)] == ["softmoe.evaluate", "softmoe.collect"]
+
+
+def test_a_run_on_a_read_only_disk_is_one_line_or_evaluated_into_another_folder(tmp_path):
+    """Was: Hydra's traceback on making <run_dir>/evaluate."""
+    import subprocess
+
+    from softmoe.harness.checkpoint import save_checkpoint
+
+    run_dir = tmp_path / "disk" / "run"
+    run_dir.mkdir(parents=True)
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(run_dir)], capture_output=True).returncode == 0
+    save_checkpoint(run_dir / "last.pt", {"format": 1, "step": 2})
+    if mounted:  # root writes through permissions: a read-only file system instead
+        subprocess.run(["mount", "-o", "remount,ro", str(run_dir)], check=True)
+    else:
+        run_dir.chmod(0o555)
+    try:
+        problem = missing_run_error([f"run_dir={run_dir}", "checkpoint=last"])
+        if not mounted and os.access(run_dir, os.W_OK):
+            pytest.skip("this user writes through permissions and may mount nothing")
+        assert problem.startswith(f"run_dir={run_dir}: its results go to {run_dir / 'evaluate'}, but no folder can be "
+                                  f"made in {run_dir} (")
+        assert problem.endswith("); copy the run to a folder that takes files, or give hydra.run.dir=<a folder for "
+                                "the results>")
+        elsewhere = tmp_path / "results"
+        assert missing_run_error([f"run_dir={run_dir}", "checkpoint=last", f"hydra.run.dir={elsewhere}"]) is None
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(run_dir)], check=True)
+        else:
+            run_dir.chmod(0o755)
 
 
 def test_an_fsdp_run_is_pointed_to_its_best_dcp_not_best_pt(tmp_path):

@@ -283,6 +283,12 @@ def test_a_run_directory_hydra_cannot_make_is_one_line_naming_the_key(tmp_path):
     if os.path.isdir("/proc/self"):
         assert output_dir_error_of(["hydra.run.dir=/proc/x/y"]) == (
             f"hydra.run.dir=/proc/x/y: no folder can be made in /proc (No such file or directory){end}")
+        # an existing run directory that takes no files (a rerun's on a read-only disk): was Hydra's traceback on
+        # train.log ("Unable to configure handler 'file'")
+        assert output_dir_error_of(["hydra.run.dir=/proc/self"]) == (
+            "hydra.run.dir=/proc/self: takes no new files (No such file or directory), and a run writes its train.log, "
+            "checkpoints and metrics there; copy it to a folder that takes them and name that, or another "
+            "hydra.run.dir")
     for argv in ([f"hydra.run.dir={tmp_path}"], [f"hydra.run.dir={tmp_path / 'new' / 'run'}"], []):
         assert output_dir_error_of(argv) is None
     assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]  # looked for, nothing made or left

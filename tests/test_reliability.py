@@ -6,6 +6,7 @@ breaks. A run that must die for real is a forked process running ``python -m sof
 takes seconds). The child runs the ``softmoe.train`` module as ``__main__``, exactly as ``python -m`` does.
 """
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -427,7 +428,17 @@ def garbage(path):
     path.write_bytes(os.urandom(4096))
 
 
-@pytest.mark.parametrize("damage", [truncate_file, flip_bytes_inside, garbage], ids=["truncated", "flipped", "garbage"])
+def delete(path):  # was: "holds no last.pt: its earlier attempt stopped before its first checkpoint", from step 0
+    path.unlink()
+
+
+def dangle(path):
+    path.unlink()
+    path.symlink_to(path.with_name("moved.pt"))
+
+
+@pytest.mark.parametrize("damage", [truncate_file, flip_bytes_inside, garbage, delete, dangle],
+                         ids=["truncated", "flipped", "garbage", "deleted", "a dangling link"])
 def test_a_damaged_last_is_reported_and_the_previous_checkpoint_is_used(
     compose_run, uninterrupted, tmp_path, caplog, damage
 ):
@@ -469,6 +480,91 @@ def test_a_full_disk_never_leaves_a_half_written_checkpoint(compose_run, uninter
 
     train(compose_run(*RUN), run_dir)  # space freed: the rerun resumes from step 8
     assert_matches_uninterrupted(run_dir, uninterrupted)
+
+
+def test_a_full_disk_as_torch_save_reports_it_is_one_line_too(compose_run, tmp_path, monkeypatch):
+    """torch.save turns the failed write into a RuntimeError ("unexpected pos 704 vs 598") with the OSError as its
+    context: that ended the run in a 30-line traceback. Here the file's writes fail as a full disk's do, inside the
+    real torch.save."""
+    run_dir, real_save = tmp_path / "run", torch.save
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file, self.written = file, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 100_000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.file.write(data)
+
+        def flush(self):
+            self.file.flush()
+
+    def save_to_a_full_disk(state, file):
+        return real_save(state, FullDisk(file) if state["step"] == 8 else file)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_to_a_full_disk)
+    with pytest.raises(CheckpointWriteError) as raised:
+        train(compose_run(*RUN), run_dir)
+    assert isinstance(raised.value.__context__ or raised.value.__cause__, RuntimeError)  # torch's own report
+    assert str(raised.value) == (f"{run_dir / 'last.pt'}: could not be written (the disk is full): "
+                                 f"{os.strerror(errno.ENOSPC)}; last.pt still holds the previous checkpoint")
+    assert load_checkpoint(run_dir / "last.pt")["step"] == 4
+
+
+FILL_METRICS = """
+import errno, os, runpy, sys
+from softmoe.harness import telemetry
+
+real_log = telemetry.Telemetry.log
+
+
+class FullDisk:  # the disk fills up under metrics.jsonl at step 10
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    flush = close = lambda self: None
+
+
+def log(self, step, *args, **kwargs):
+    if step == 10:
+        self._metrics = FullDisk()
+    return real_log(self, step, *args, **kwargs)
+
+
+telemetry.Telemetry.log = log
+sys.argv = ["softmoe.train", *sys.argv[1:]]
+runpy.run_module("softmoe.train", run_name="__main__")
+"""
+
+
+def test_a_full_disk_under_metrics_jsonl_is_one_line_and_the_resume(tmp_path):
+    """Was: three chained OSError tracebacks (46 lines), exit status 1."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", FILL_METRICS, *RUN, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    error, resume = result.stderr.splitlines()[-2:]
+    assert error == (f"error: {run_dir / 'metrics.jsonl'}: could not be written (the disk is full: "
+                     f"{os.strerror(errno.ENOSPC)}); free some space, then rerun")
+    assert resume.startswith("last.pt is kept; resume with: ") and load_checkpoint(run_dir / "last.pt")["step"] == 8
+
+
+def test_a_real_full_disk_is_one_line(tmp_path):
+    """The real thing, where this process may mount a small tmpfs (root): the first checkpoint does not fit."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        result = subprocess.run([sys.executable, "-m", "softmoe.train", *RUN, f"hydra.run.dir={disk / 'run'}"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == (f"error: {disk / 'run' / 'last.pt'}: could not be written (the disk "
+                                              f"is full): {os.strerror(errno.ENOSPC)}")
 
 
 def test_a_checkpoint_carrying_code_is_refused_not_run(compose_run, uninterrupted, tmp_path):
@@ -666,6 +762,34 @@ def test_a_second_process_on_a_live_run_directory_is_refused_and_a_killed_holder
     assert wait(first) == -signal.SIGKILL
     assert run_cli(run_dir, *RUN) == 0, output_of(run_dir)  # the kernel released the killed process's lock
     assert_matches_uninterrupted(run_dir, uninterrupted)
+
+
+HOLD_AND_FORK = """
+import multiprocessing, sys, time
+from softmoe.harness.runs import RunDirLock
+
+lock = RunDirLock(sys.argv[1]).acquire()
+child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))  # as a DataLoader worker
+child.start()
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
+    """DataLoader workers are forked, and a flock belongs to the open file they share: after a SIGKILL of a run with
+    trainer.num_workers=2 the orphaned workers held its lock, and the rerun was refused, naming the dead process."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        assert "in use by process" in runs.RunDirLock(tmp_path).in_use()
+        holder.kill()
+        holder.wait(timeout=30)
+        os.kill(child, 0)  # the forked child lives on
+        assert runs.RunDirLock(tmp_path).in_use() is None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- 6. bad data

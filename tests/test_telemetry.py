@@ -1,6 +1,7 @@
 """Telemetry helpers: W&B mode resolution, metrics.jsonl truncation on resume, routing summaries and maps."""
 
 import json
+import logging
 import math
 import os
 import threading
@@ -55,6 +56,17 @@ def test_resume_drops_the_metrics_logged_after_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "epoch": 1}) + "\n" for s in (5, 10, 10, 15, 20)))
     truncate_after(path, 10)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [5, 10, 10]
+
+
+def test_resume_drops_damaged_bytes_with_a_warning_instead_of_failing(tmp_path, caplog):
+    # was: a UnicodeDecodeError traceback after "resuming from ..." (bytes that are not UTF-8 appended to the file)
+    path = tmp_path / "metrics.jsonl"
+    events = "".join(json.dumps({"step": s, "epoch": 1}) + "\n" for s in (5, 10, 15))
+    path.write_bytes(events.encode() + b"\xff\xfe garbage\n\x80\x81" + b'{"step": 7}\n' + b'{"step": 9, "ep')
+    with caplog.at_level(logging.WARNING, logger="softmoe.harness.telemetry"):
+        truncate_after(path, 10)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [5, 10]
+    assert f"{path}: dropped 2 lines that hold no event (damaged bytes?)" in caplog.text  # (and a torn last line)
 
 
 def test_an_offline_attempt_waits_for_a_second_in_which_no_attempt_of_its_run_started(tmp_path):

@@ -21,7 +21,7 @@ import torch
 
 from softmoe.upcycle import why_torch_load_failed
 
-from .errors import CheckpointError, CheckpointWriteError, OtherExperimentError
+from .errors import CheckpointError, CheckpointWriteError, OtherExperimentError, write_failure
 from .plausibility import group_setting
 from .rules import format_value
 
@@ -61,16 +61,20 @@ def save_checkpoint(path: Path, state: dict[str, Any], *, keep_previous: bool = 
     path = Path(path)
     state = {**state, "checksum": content_checksum({k: v for k, v in state.items() if k != "checksum"})}
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temporaries(path.parent)
     try:
         try:
             with open(temporary, "wb") as file:
                 torch.save(state, file)
                 file.flush()
                 os.fsync(file.fileno())
-        except OSError as error:
-            full = " (the disk is full)" if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        except (OSError, RuntimeError) as error:  # torch.save: a failed write as a RuntimeError ("unexpected pos")
+            cause = write_failure(error)
+            if cause is None:
+                raise
+            full = " (the disk is full)" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else ""
             kept = f"; {path.name} still holds the previous checkpoint" if path.exists() else ""
-            problem = f"{path}: could not be written{full}: {error.strerror or error}{kept}"
+            problem = f"{path}: could not be written{full}: {cause.strerror or cause}{kept}"
             raise CheckpointWriteError(problem) from error
         if keep_previous and path.exists():
             _keep_previous(path)
@@ -82,6 +86,16 @@ def save_checkpoint(path: Path, state: dict[str, Any], *, keep_previous: bool = 
         os.fsync(directory)  # make the rename itself durable
     finally:
         os.close(directory)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Remove the partial checkpoints of processes killed mid-write (``.last.pt.<pid>.tmp``, a model's size each:
+    gigabytes for a ViT-H, left forever). The run directory's lock makes this process its only writer, so every
+    other process's temporary is stale."""
+    own = f".{os.getpid()}.tmp"
+    for temporary in Path(run_dir).glob(".*.pt.*.tmp"):
+        if not temporary.name.endswith(own) and temporary.name.rsplit(".", 2)[-2].isdigit():
+            temporary.unlink(missing_ok=True)
 
 
 def _keep_previous(path: Path) -> None:
@@ -116,13 +130,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def load_resume_checkpoint(path: Path) -> tuple[dict[str, Any], Path]:
-    """The checkpoint to resume from and where it came from: ``path``, or when that is damaged and it is
-    the run directory's ``last.pt``, the ``last.prev.pt`` kept beside it (with a warning saying why)."""
+    """The checkpoint to resume from and where it came from: ``path``, or when that is damaged or missing and it is
+    the run directory's ``last.pt``, the ``last.prev.pt`` kept beside it (with a warning saying why; a missing one
+    restarted the run from step 0, "its earlier attempt stopped before its first checkpoint")."""
     path = Path(path)
+    previous = path.with_name(PREVIOUS)
+    if path.name == LAST and not path.is_file() and previous.is_file():  # deleted (or a dangling link)
+        log.warning("%s: missing; resuming from the checkpoint before it, %s", path, previous)
+        return load_checkpoint(previous), previous
     try:
         return load_checkpoint(path), path
     except CheckpointError as error:
-        previous = path.with_name(PREVIOUS)
         if path.name != LAST or not previous.is_file():
             raise
         log.warning("%s; resuming from the checkpoint before it, %s", error, previous)
@@ -136,7 +154,7 @@ def resume_path(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
     """The checkpoint a run starts from: the run directory's own ``last.pt`` (a re-run of the same command
     resumes by itself), else ``trainer.resume``, else none."""
     last = Path(run_dir) / LAST
-    if last.is_file():
+    if last.is_file() or last.with_name(PREVIOUS).is_file():  # a missing last.pt beside last.prev.pt: that one
         return last
     return Path(resume).expanduser() if resume else None
 

@@ -18,6 +18,7 @@ The harness raises these; ``python -m softmoe.train`` / ``.evaluate`` / ``.colle
 from __future__ import annotations
 
 import atexit
+import errno
 import gc
 import json
 import logging
@@ -50,6 +51,32 @@ class CheckpointWriteError(CheckpointError, OSError):
     """A checkpoint that could not be written (a full disk, a lost mount); the previous one is untouched."""
 
 
+class DiskFullError(OSError):
+    """A run's file that could not be written mid-run because its disk is full (or its quota spent): ``metrics.jsonl``,
+    ``train.log``; the checkpoints written before are kept (a checkpoint's own is :class:`CheckpointWriteError`)."""
+
+
+def write_failure(error: BaseException) -> "OSError | None":
+    """The ``OSError`` behind ``error``: itself, or one in its cause or context (``torch.save`` reports a full disk
+    as a RuntimeError, "unexpected pos 12173632 vs 12173524", with the OSError as its context); the first that names
+    its file (closing ``metrics.jsonl`` after its write failed fails again, naming none)."""
+    failures = []
+    while error is not None and len(failures) < 20:
+        if isinstance(error, OSError):
+            failures.append(error)
+        error = error.__cause__ or error.__context__
+    return next((failure for failure in failures if failure.filename), failures[0] if failures else None)
+
+
+def disk_full(error: BaseException) -> "DiskFullError | None":
+    """``error`` as a :class:`DiskFullError` where a full disk (or quota) is behind it, else None."""
+    cause = write_failure(error)
+    if cause is None or cause.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(error, CheckpointWriteError):
+        return None
+    where = f"{cause.filename}: could not be written" if cause.filename else "a file of the run could not be written"
+    return DiskFullError(f"{where} (the disk is full: {cause.strerror}); free some space, then rerun")
+
+
 class MissingDataError(FileNotFoundError):
     """The dataset is not on disk; the message says where we looked and how to fetch or lay it out."""
 
@@ -71,7 +98,8 @@ class NonFiniteError(RuntimeError):
 
 
 # Errors whose message is the whole story: printed as one line, no traceback, exit status 2.
-USER_ERRORS = (ConfigError, MissingDataError, BadDataError, CheckpointError, RunDirInUseError, NoRunsError)
+USER_ERRORS = (ConfigError, MissingDataError, BadDataError, CheckpointError, RunDirInUseError, NoRunsError,
+               DiskFullError)
 
 
 def preempted_exit_code(signum: int) -> int:

@@ -19,14 +19,16 @@ from .plausibility import CONF_DIR
 
 def no_directory_reason(path: Path) -> Optional[str]:
     """Why no directory can be at ``path``: a file there or on its way, or a nearest existing folder that takes no new
-    one (``/proc``, no permission), found by making and removing a temporary folder in it; None when one can."""
+    one (``/proc``, no permission), found by making and removing a temporary folder in it; an existing ``path``
+    that takes none (read-only: a rerun's train.log, checkpoints and metrics cannot be written there); None when
+    one can."""
     for place in (path, *path.parents):
         if place.is_dir():
-            if place == path:
-                return None
             try:
                 tempfile.TemporaryDirectory(dir=place).cleanup()
             except OSError as error:
+                if place == path:
+                    return f"takes no new files ({error.strerror})"
                 return f"no folder can be made in {place} ({error.strerror})"
             return None
         if place.exists() or place.is_symlink():
@@ -79,4 +81,7 @@ def output_dir_error(planned: Optional[tuple[str, Optional[Path]]]) -> Optional[
                 "(the checkout's sources, as a rule), and the next such run would resume from them; name a folder of "
                 "their own, as the default outputs/runs/<date>/<time> does")
     problem = no_directory_reason(directory)
+    if problem and directory.is_dir():  # a rerun's directory on a read-only disk
+        return (f"{key}={directory}: {problem}, and a run writes its train.log, checkpoints and metrics there; copy "
+                f"it to a folder that takes them and name that, or another {key}")
     return f"{key}={directory}: {problem}; {allowed}" if problem else None

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -242,7 +243,10 @@ class RunDirLock:
 
     The kernel drops the lock when its holder exits however it dies (SIGKILL included), so a lock is never
     stale; the file stays, holding the last holder's pid and host for the message a second process
-    gets. Use as a context manager, or :meth:`acquire` / :meth:`release`.
+    gets. Use as a context manager, or :meth:`acquire` / :meth:`release`. A forked child (a DataLoader worker)
+    closes its copy of the lock's file at once (:func:`_close_locks_in_child`): a flock belongs to the open file,
+    which the child shares, so the workers a SIGKILL orphaned held the killed run's lock for seconds, and its
+    rerun was refused as "in use by process <the dead one>".
     """
 
     def __init__(self, run_dir: Union[str, Path]) -> None:
@@ -264,6 +268,7 @@ class RunDirLock:
         file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
         file.flush()
         self._file = file
+        _HELD_LOCKS.add(self)
         return self
 
     def in_use(self) -> Optional[str]:
@@ -290,9 +295,26 @@ class RunDirLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+        _HELD_LOCKS.discard(self)
 
     def __enter__(self) -> "RunDirLock":
         return self.acquire()
 
     def __exit__(self, *exc_info: Any) -> None:
         self.release()
+
+
+_HELD_LOCKS: "weakref.WeakSet[RunDirLock]" = weakref.WeakSet()
+
+
+def _close_locks_in_child() -> None:
+    """In a forked child: close the held locks' files without unlocking them (LOCK_UN on the shared open file would
+    unlock the parent too); the parent keeps its lock, and the child holds none."""
+    for lock in list(_HELD_LOCKS):
+        if lock._file is not None:
+            lock._file.close()
+            lock._file = None
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)

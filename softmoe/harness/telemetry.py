@@ -32,6 +32,8 @@ from softmoe.capture import RoutingRecord
 from softmoe.sparse import SparseMoE, sparse_routing_stats
 from softmoe.stats import effective_experts, normalized_entropy
 
+from .rules import counted
+
 if TYPE_CHECKING:  # distributed.py imports the data and config modules, which need none of this one
     from .distributed import Distributed
 
@@ -140,10 +142,14 @@ def truncate_after(path: Path, step: int) -> None:
     torn line (a run killed while writing it)."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines(keepends=True)
+    # damaged bytes (not UTF-8) make their lines no events, dropped as a torn one is (was: a UnicodeDecodeError)
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
     kept = [
         line for line in lines if line.endswith("\n") and _event_step(line) is not None and _event_step(line) <= step
     ]
+    damaged = sum(_event_step(line) is None for line in lines[:-1])  # the last may be torn by a kill
+    if damaged:
+        log.warning("%s: dropped %s that hold no event (damaged bytes?)", path, counted(damaged, "line"))
     if len(kept) != len(lines):
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text("".join(kept))
@@ -346,8 +352,12 @@ class Telemetry:
         record = {"step": step, "epoch": epoch, **scalars}
         for name, shares in distributions.items():
             record.update(distribution_summary(name, shares))
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
+        try:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
+        except OSError as error:  # a full disk: named in the run's one line (errors.disk_full)
+            error.filename = error.filename or str(self.metrics_path)
+            raise
         if self.wandb is not None:
             self._pending.append((step, {"epoch": epoch, **scalars, **distributions, **(images or {})}))
 
