@@ -303,13 +303,15 @@ def test_a_damaged_sharded_checkpoint_names_the_file_what_is_wrong_and_what_to_d
     damage_it, what = DAMAGES[damage]
     damage_it(last)
     what = f"{last}/{what.format(size=size)}"
-    for read in (lambda: sharded_checkpoint.read_checkpoint(last),  # to_safetensors
-                 lambda: sharded_checkpoint.read_checkpoint(checkpoint_path(tmp_path, "last"))):  # evaluate
-        with pytest.raises(sharded_checkpoint.CheckpointError) as error:
-            read()
-        assert str(error.value).startswith(what)
-        assert str(error.value).endswith("; restore the file from a copy of last.dcp, or name another of the run's "
-                                         "checkpoints (best.pt, last.prev.dcp)")
+    with pytest.raises(sharded_checkpoint.CheckpointError) as error:  # to_safetensors, which takes any path
+        sharded_checkpoint.read_checkpoint(last)
+    assert str(error.value).startswith(what)
+    assert str(error.value).endswith("; restore the file from a copy of last.dcp, or name another of the run's "
+                                     "checkpoints (best.pt, last.prev.dcp)")
+    with pytest.raises(sharded_checkpoint.CheckpointError) as error:  # evaluate's checkpoint=last: best or last only
+        sharded_checkpoint.read_checkpoint(checkpoint_path(tmp_path, "last"))  # (was: last.prev.dcp, which it refuses)
+    assert str(error.value).startswith(what)
+    assert str(error.value).endswith("; restore the file from a copy of last.dcp, or set checkpoint=best")
     # the run continues from last.prev.dcp, as from the last.prev.pt beside a damaged last.pt
     assert sharded_checkpoint.find(tmp_path) == last
     checkpoint, start_from = sharded_resume_checkpoint(last, tmp_path)

@@ -241,6 +241,30 @@ def test_a_run_directory_resumes_only_the_experiment_it_holds(compose_run, tmp_p
     assert resumed_from() == [(last, 2), (last, 2)]
     assert (f"trainer.resume={other} is ignored: this run directory holds its own last.pt, which it continues; a new "
             "run directory starts from trainer.resume") in caplog.text
+    # trainer.max_epochs is unused where trainer.max_steps sets the length (was refused as "shortened in place")
+    train(compose_run(*run, "trainer.max_epochs=1"), tmp_path)
+    with pytest.raises(OtherExperimentError) as raised:  # was: "... of a run of trainer.max_epochs=30"
+        train(compose_run(*run, "trainer.max_steps=null", "trainer.max_epochs=3"), tmp_path)
+    assert str(raised.value).startswith(f"trainer.max_epochs=3: this run directory's checkpoint {last} is of a run of "
+                                        "trainer.max_steps=2, which is not re-measured in epochs in place")
+
+
+def test_with_augmentation_the_workers_are_part_of_the_experiment(compose_run, tmp_path, resumed_from):
+    """The workers' seeds (and the device's generator, trainer.data_on_device) decide which random crops and flips
+    each step draws: a run resumed with 2 workers instead of 0 ended at neither one's accuracy, accepted."""
+    run = ["trainer.max_steps=2", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET]
+    train(compose_run(*run, "data.augment=true"), tmp_path / "augmented")
+    last = tmp_path / "augmented" / "last.pt"
+    with pytest.raises(OtherExperimentError) as raised:
+        train(compose_run(*run, "data.augment=true", "trainer.num_workers=1"), tmp_path / "augmented")
+    assert str(raised.value) == (
+        f"trainer.num_workers=1: this run directory's checkpoint {last} was saved with trainer.num_workers=0, and "
+        "with data augmentation on it decides which random crops and flips each step draws: the rest of the run would "
+        "train on augmentations neither value gives; rerun with trainer.num_workers=0, or start a new run directory "
+        f"from it with trainer.resume={last} (a new hydra.run.dir, or hydra.sweep.dir for a sweep)")
+    train(compose_run(*run), tmp_path / "plain")  # without augmentation the batches are the same: it resumes
+    train(compose_run(*run, "trainer.num_workers=1"), tmp_path / "plain")
+    assert resumed_from() == [(tmp_path / "plain" / "last.pt", 2)]
 
 
 def test_rerunning_a_finished_run_says_so_and_logs_its_test_result_once(compose_run, tmp_path, caplog):

@@ -14,7 +14,7 @@ import os
 import random
 import zlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -237,6 +237,10 @@ NOT_THE_EXPERIMENT = (
     "trainer.nonfinite", "trainer.max_nonfinite_skips", "trainer.max_tokens_per_image",
 )
 RUN_LENGTH = ("trainer.max_steps", "trainer.max_epochs")
+# Of NOT_THE_EXPERIMENT, the keys that decide which random crops and flips each step draws where data augmentation is
+# on (the DataLoader workers' seeds, the device's generator): a resume under another value trained on augmentations
+# neither value gives (a run resumed at step 13 with 2 workers instead of 0 ended at neither one's test accuracy).
+DRAW_THE_AUGMENTATIONS = ("trainer.num_workers", "trainer.data_on_device")
 
 
 def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -255,31 +259,54 @@ def check_same_experiment(state: dict[str, Any], config: dict[str, Any], path: P
     :data:`NOT_THE_EXPERIMENT`): the directory would report the old run's results under the new values. A key the
     checkpoint's config lacks (added to the configs after it was written) is not compared."""
     saved, now = flat_config(saved_config(state)), flat_config(config)
+    new_run = f"start a new run directory from it with trainer.resume={path}"
+    augmented = bool(saved.get("data.augment") or saved.get("data.auto_augment"))
     for key in sorted(set(saved) | set(now), key=lambda key: (not key.endswith(".name"), key)):  # data.name first
         if key not in saved or key.startswith(tuple(f"{ignored}." for ignored in NOT_THE_EXPERIMENT)):
             continue
-        if key in NOT_THE_EXPERIMENT or saved[key] == now.get(key):
+        drawing = augmented and key in DRAW_THE_AUGMENTATIONS
+        if (key in NOT_THE_EXPERIMENT and not drawing) or key in RUN_LENGTH or saved[key] == now.get(key):
             continue
         before, after = format_value(saved[key]), format_value(now.get(key))
-        new_run = f"start a new run directory from it with trainer.resume={path}"
-        if key in RUN_LENGTH and _shorter(now.get(key), saved[key]):  # nothing to train on: a run of its own
-            raise OtherExperimentError(
-                f"{key}={after}: this run directory's checkpoint {path} is of a run of {key}={before}, which is not "
-                f"shortened in place (its learning-rate schedule would change mid-run and it would report a second "
-                f"test result); rerun with {key}={before}, or train a run of {key}={after} in a new run directory (a "
-                "new hydra.run.dir, or hydra.sweep.dir for a sweep)"
-            )
-        if key in RUN_LENGTH:
-            raise OtherExperimentError(
-                f"{key}={after}: this run directory's checkpoint {path} is of a run of {key}={before}, which is not "
-                f"lengthened in place (its learning-rate schedule would change mid-run and it would report a second "
-                f"test result); rerun with {key}={before}, or to train on, {new_run} {key}={after}"
-            )
+        why = ("and with data augmentation on it decides which random crops and flips each step draws: the rest of "
+               "the run would train on augmentations neither value gives" if drawing
+               else "and a run directory resumes only the experiment it holds")
         raise OtherExperimentError(
-            f"{key}={after}: this run directory's checkpoint {path} was saved with {key}={before}, and a run directory "
-            f"resumes only the experiment it holds; rerun with {key}={before}, or {new_run} (a new hydra.run.dir, or "
+            f"{key}={after}: this run directory's checkpoint {path} was saved with {key}={before}, {why}; rerun with "
+            f"{key}={before}, or {new_run} (a new hydra.run.dir, or hydra.sweep.dir for a sweep)"
+        )
+    _check_same_length(run_length(saved), run_length(now), path, new_run)
+
+
+def run_length(flat: Mapping[str, Any]) -> tuple[str, Any]:
+    """The key that sets a run's length, and its value: ``trainer.max_steps`` when set (``max_epochs`` is then
+    unused), else ``trainer.max_epochs``."""
+    steps = flat.get("trainer.max_steps")
+    return ("trainer.max_steps", steps) if steps is not None else ("trainer.max_epochs", flat.get("trainer.max_epochs"))
+
+
+def _check_same_length(saved: tuple[str, Any], now: tuple[str, Any], path: Path, new_run: str) -> None:
+    """A run's length is not changed in place: its learning-rate schedule would change mid-run, and it would report
+    a second test result. Was: ``max_epochs`` compared even where ``max_steps`` set the length, so a switch from 45
+    steps to 3 epochs read "a run of trainer.max_epochs=30, which is not shortened in place"."""
+    if saved == now:
+        return
+    (saved_key, saved_value), (key, value) = saved, now
+    before, after = f"{saved_key}={format_value(saved_value)}", f"{key}={format_value(value)}"
+    if saved_key == "trainer.max_epochs" and key == "trainer.max_steps":
+        before += " trainer.max_steps=null"  # what a rerun must say to be measured in epochs again
+    why = "its learning-rate schedule would change mid-run and it would report a second test result"
+    if key == saved_key and _shorter(value, saved_value):  # nothing to train on: a run of its own
+        raise OtherExperimentError(
+            f"{after}: this run directory's checkpoint {path} is of a run of {before}, which is not shortened in place "
+            f"({why}); rerun with {before}, or train a run of {after} in a new run directory (a new hydra.run.dir, or "
             "hydra.sweep.dir for a sweep)"
         )
+    change = "lengthened" if key == saved_key else f"re-measured in {key.rsplit('_', 1)[-1]}"
+    raise OtherExperimentError(
+        f"{after}: this run directory's checkpoint {path} is of a run of {before}, which is not {change} in place "
+        f"({why}); rerun with {before}, or to train on, {new_run} {after}"
+    )
 
 
 def _shorter(now: Any, before: Any) -> bool:

@@ -66,8 +66,14 @@ def checkpoint_path(run_dir: Union[str, Path], checkpoint: str = "best", checkpo
         what = "a file, not a directory" if Path(run_dir).exists() else "no such directory"
         raise CheckpointError(f"{run_dir_key}={run_dir}: {what} (a training run directory holds best.pt and last.pt)")
     path = sharded_checkpoint.latest(run_dir, f"{checkpoint}.pt")
-    if path is None and sharded_checkpoint.directory(run_dir, checkpoint).is_dir():
-        sharded_checkpoint.check(sharded_checkpoint.directory(run_dir, checkpoint))  # damaged: names the file it lacks
+    sharded = sharded_checkpoint.directory(run_dir, checkpoint) if path is None else path
+    found = sharded_checkpoint.problem(sharded) if sharded.is_dir() else None
+    if found is not None:  # damaged: the file it lacks, and the checkpoints this setting can name instead (was: all
+        # of the run's, last.prev.dcp among them, which it refuses)
+        others = [name for name in CHECKPOINTS
+                  if name != checkpoint and sharded_checkpoint.latest(run_dir, f"{name}.pt") is not None]
+        instead = f", or set {checkpoint_key}={others[0]}" if others else ""
+        raise CheckpointError(f"{found}; restore the file from a copy of {sharded.name}{instead}")
     if path is None and checkpoint == "best" and sharded_checkpoint.latest(run_dir, "last.pt") is not None:
         raise CheckpointError(f"{run_dir_key}={run_dir}: holds no best.pt, only last.pt: no validation selected a "
                               "model (data.val_size=0, or a run stopped before its first validation); "
