@@ -277,6 +277,25 @@ def test_a_signal_is_said_once_and_one_sent_to_a_forked_worker_alone_not_at_all(
     assert said == ["SIGUSR1 received: stopping after this step, saving last.pt"]
 
 
+def test_ctrl_c_during_the_final_test_says_the_run_ends_after_it(compose_run, tmp_path, monkeypatch, caplog):
+    """Was: "SIGINT received: stopping after this step, saving last.pt", then the test ran on and the run ended 0."""
+    from softmoe.harness import loop
+
+    real_test = loop.test_final_and_best
+
+    def test_after_a_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_test(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "test_final_and_best", test_after_a_ctrl_c)
+    summary = loop.train(compose_run("trainer.max_steps=2", "model.depth=2", "logger=none",
+                                     "trainer.progress_bar=false"), tmp_path)
+    assert summary.steps == 2 and summary.test_acc >= 0
+    said = [message for message in caplog.messages if " received" in message]
+    assert said == ["SIGINT received after the last step, whose last.pt is saved: the run ends once its test is done; "
+                    "Ctrl-C again ends the process at once (a rerun then tests it)"]
+
+
 def test_ctrl_c_at_an_epochs_last_step_still_prints_that_epochs_line(compose_run, tmp_path, monkeypatch, caplog):
     from softmoe.harness import loop
     from softmoe.harness.faults import Preempted

@@ -98,6 +98,7 @@ class PreemptionGuard:
         self._previous: dict[int, Any] = {}
         self._announced: dict[str, object] = {}  # who said "stopping after this step": the handler or the watcher
         self._watcher: Optional[SignalWatcher] = None
+        self.trained = False  # set once the last step is saved: a signal then stops nothing, the test just ends the run
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if os.getpid() != self._owner:  # a forked worker: the training process decides, and stops it
@@ -120,8 +121,13 @@ class PreemptionGuard:
         me = object()
         if self._announced.setdefault("by", me) is not me:  # one step under the GIL, even in a nested handler
             return
-        again = "; Ctrl-C again ends the process at once, without saving this step" if signum == signal.SIGINT else ""
         name = signal.Signals(signum).name
+        if self.trained:  # was "stopping after this step, saving last.pt", then the test ran on and the run exited 0
+            again = "; Ctrl-C again ends the process at once (a rerun then tests it)" if signum == signal.SIGINT else ""
+            log.warning("%s received after the last step, whose %s is saved: the run ends once its test is done%s",
+                        name, self.checkpoint, again, extra=EVERY_JOB)
+            return
+        again = "; Ctrl-C again ends the process at once, without saving this step" if signum == signal.SIGINT else ""
         log.warning("%s received: stopping after this step, saving %s%s", name, self.checkpoint, again, extra=EVERY_JOB)
 
     def check_stop_requested(self) -> None:

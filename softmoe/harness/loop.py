@@ -368,5 +368,6 @@ def train(
             log.info(epoch_line(epoch + 1, run.epochs, state.step, latest, validated,  # before a stop, too
                                 epoch_start=epoch * run.steps_per_epoch, log_every=run.trainer["log_every"]))
             stop_if_signalled(run, state, saved=True)
+        run.preemption.trained = True  # a signal from here on stops nothing: the test ends the run
         test, test_at_best = tested or test_final_and_best(run, state)
         return summarize(run, state, test, test_at_best)
