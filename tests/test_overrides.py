@@ -19,6 +19,9 @@ MISTAKES = [
     (["trainer.max_step=10"], "trainer.max_step=10: not a key of the config; did you mean trainer.max_steps?"),
     (["model=vit_mega"], "model=vit_mega: not an option of model; did you mean model=vit_small? (options: vit_base, "
                          "vit_huge, vit_large, vit_micro, vit_small, vit_tiny)"),
+    (["model=[vit_micro,vit_small]"], "model=[vit_micro,vit_small]: takes one of its options, not a list (options: "
+                                      "vit_base, vit_huge, vit_large, vit_micro, vit_small, vit_tiny); to run each, "
+                                      "sweep them: -m model=vit_micro,vit_small"),  # was: model=['vit_micro', ...]
     (["trainer=null"], "trainer=null: a config group takes one of its options (default, gpu); leave trainer out for "
                        "the config's own default"),  # Hydra: "Config group override must be a string or a list"
     (["-m", "moe.num_experts=4,8", "trainer.max_stepz=2"],  # a sweep: its first job is composed

@@ -142,6 +142,10 @@ def missing_option(parsed: Sequence[Override], conf_dir: Path) -> Optional[str]:
             if override.type != OverrideType.DEL and value is None:  # Hydra: a ValueError and its traceback
                 return (f"{override.key_or_group}=null: a config group takes one of its options "
                         f"({', '.join(options)}); leave {override.key_or_group} out for the config's own default")
+            if override.type != OverrideType.DEL and isinstance(value, list):  # Hydra would merge the options
+                shown = ",".join(map(str, value))
+                return (f"{override.key_or_group}=[{shown}]: takes one of its options, not a list (options: "
+                        f"{', '.join(options)}); to run each, sweep them: -m {override.key_or_group}={shown}")
             if override.type != OverrideType.DEL and str(value) not in options:
                 return (
                     f"{override.key_or_group}={value}: not an option of {override.key_or_group}"
