@@ -179,8 +179,9 @@ def missing_run_error(argv: list[str]) -> Optional[str]:
     if problem and "hydra.run.dir" in values:
         return f"hydra.run.dir={planned[1]}: {problem}; name a folder that takes the results"
     if problem:  # a run on a read-only disk: Hydra's mkdir traceback
-        return (f"run_dir={run_dir}: its results go to {planned[1]}, but {problem}; copy the run to a folder that "
-                "takes files, or give hydra.run.dir=<a folder for the results>")
+        subject = "" if problem.startswith("no folder") else f"{planned[1]} "  # "takes no new files": the folder
+        return (f"run_dir={run_dir}: its results go to {planned[1]}, but {subject}{problem}; copy the run to a folder "
+                "that takes files, or give hydra.run.dir=<a folder for the results>")
     return None
 
 

@@ -19,7 +19,7 @@ from softmoe.harness.capacity import (
 )
 from softmoe.harness.config import ConfigError, check_config
 from softmoe.harness.model import build_model, moe_blocks
-from softmoe.harness.rules import plain
+from softmoe.harness.rules import counted, plain
 
 from conftest import ROOT
 
@@ -93,25 +93,43 @@ def test_threads_beyond_the_cpus_and_workers_beyond_four_per_cpu_are_refused(com
     cpus = usable_cpus()
     check_config(compose_run(f"trainer.num_threads={cpus}", f"trainer.num_workers={WORKERS_PER_CPU * cpus}"))
     message = refusal(compose_run, "trainer.num_threads=1000000000000")  # torch: "Overflow when unpacking long"
-    assert message == (f"trainer.num_threads=1000000000000: more than the {cpus} CPUs this process may use; threads "
-                       "beyond the cores take turns on them, each step slower (and thousands abort the process); use "
-                       f"at most {cpus}, or null for torch's default")
+    assert message == (f"trainer.num_threads=1000000000000: more than the {counted(cpus, 'CPU')} this process may "
+                       "use; threads beyond the cores take turns on them, each step slower (and thousands abort the "
+                       f"process); use at most {cpus}, or null for torch's default")
     assert refusal(compose_run, f"trainer.num_threads={cpus + 1}").startswith(f"trainer.num_threads={cpus + 1}: ")
     message = refusal(compose_run, "trainer.num_workers=1000")  # forked until the OOM killer acted
     assert message.startswith(f"trainer.num_workers=1000: more than {WORKERS_PER_CPU} DataLoader worker processes "
-                              f"per CPU (the {cpus} CPUs this process may use)")
+                              f"per CPU (the {counted(cpus, 'CPU')} this process may use)")
     assert f"use at most {WORKERS_PER_CPU * cpus} (one per CPU, {cpus}, keeps them busy)" in message
 
 
 def test_a_slurm_job_is_held_to_its_own_cpus_and_memory_not_the_login_nodes(compose_run):
     slurm = ["launcher=slurm", "launcher.cpus_per_task=64", "launcher.mem_gb=4096"]
-    check_config(compose_run(*slurm, "trainer.num_threads=64", "trainer.num_workers=256", "model.embed_dim=40000",
+    check_config(compose_run(*slurm, "trainer.num_threads=64", "trainer.num_workers=512", "model.embed_dim=40000",
                              "model.num_heads=4"))  # 2.6e10 parameters, 103 GB: more than this machine, not the job
-    assert refusal(compose_run, *slurm, "trainer.num_workers=257").startswith(
-        "trainer.num_workers=257: more than 4 DataLoader worker processes per CPU (the launcher.cpus_per_task=64 of "
+    assert refusal(compose_run, *slurm, "trainer.num_workers=513").startswith(
+        "trainer.num_workers=513: more than 8 DataLoader worker processes per CPU (the launcher.cpus_per_task=64 of "
         "each SLURM task)")
     assert "more than the launcher.mem_gb=64 of each SLURM node" in refusal(
         compose_run, "launcher=slurm", "model.embed_dim=40000", "model.num_heads=4")
+
+
+def test_the_gpu_preset_runs_where_one_cpu_is_lent(compose_run, monkeypatch):
+    # trainer=gpu's 8 workers were refused at 4 per CPU on a host that lends one CPU (a pinned pod)
+    monkeypatch.setattr("softmoe.harness.capacity.usable_cpus", lambda: 1)
+    check_config(compose_run("trainer=gpu", "trainer.device=cpu", "trainer.precision=fp32", "trainer.compile=false"))
+    assert "(the 1 CPU this process may use)" in refusal(compose_run, "trainer.num_workers=9")
+
+
+def test_a_plan_shares_a_meta_built_model_over_its_world_size(compose_run):
+    """``python -m softmoe.plan ... world_size=4096``: each rank's share, not the whole model (was refused)."""
+    from softmoe.plan import compose_plan_config
+
+    huge = ["model=vit_huge", "data=imagefolder", "data.root=/tmp", "moe=all", "moe.num_experts=4096",
+            "trainer.init_device=meta", "trainer.batch_size=4096", "gpu_memory_gb=80"]
+    check_config(compose_plan_config([*huge, "world_size=4096"]), on_this_machine=False)
+    with pytest.raises(ConfigError, match="6.25 TiB in float32 on each rank, more than the 2 TiB"):
+        check_config(compose_plan_config([*huge, "world_size=1"]), on_this_machine=False)
 
 
 def test_a_plan_for_another_machine_leaves_its_cpus_alone_and_still_refuses_the_impossible(compose_run):

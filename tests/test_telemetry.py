@@ -66,7 +66,7 @@ def test_resume_drops_damaged_bytes_with_a_warning_instead_of_failing(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="softmoe.harness.telemetry"):
         truncate_after(path, 10)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [5, 10]
-    assert f"{path}: dropped 2 lines that hold no event (damaged bytes?)" in caplog.text  # (and a torn last line)
+    assert f"{path}: dropped 2 lines holding no event (damaged bytes?)" in caplog.text  # (and a torn last line)
 
 
 def test_an_offline_attempt_waits_for_a_second_in_which_no_attempt_of_its_run_started(tmp_path):

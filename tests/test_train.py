@@ -249,22 +249,32 @@ def test_a_run_directory_resumes_only_the_experiment_it_holds(compose_run, tmp_p
                                         "trainer.max_steps=2, which is not re-measured in epochs in place")
 
 
-def test_with_augmentation_the_workers_are_part_of_the_experiment(compose_run, tmp_path, resumed_from):
-    """The workers' seeds (and the device's generator, trainer.data_on_device) decide which random crops and flips
-    each step draws: a run resumed with 2 workers instead of 0 ended at neither one's accuracy, accepted."""
-    run = ["trainer.max_steps=2", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET]
-    train(compose_run(*run, "data.augment=true"), tmp_path / "augmented")
-    last = tmp_path / "augmented" / "last.pt"
+def test_with_augmentation_what_draws_it_is_part_of_the_experiment(compose_run, tmp_path, resumed_from):
+    """The DataLoader workers' seeds (trainer.num_workers) or the device's generator (trainer.data_on_device=true)
+    decide which random augmentations each step draws: a run resumed with 2 workers instead of 0 ended at neither
+    one's accuracy, accepted. Settings that leave the drawing alone still resume."""
+    run = ["trainer.max_steps=2", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET, "data.augment=true"]
+    train(compose_run(*run), tmp_path / "loader")
+    last = tmp_path / "loader" / "last.pt"
     with pytest.raises(OtherExperimentError) as raised:
-        train(compose_run(*run, "data.augment=true", "trainer.num_workers=1"), tmp_path / "augmented")
+        train(compose_run(*run, "trainer.num_workers=1"), tmp_path / "loader")
     assert str(raised.value) == (
-        f"trainer.num_workers=1: this run directory's checkpoint {last} was saved with trainer.num_workers=0, and "
-        "with data augmentation on it decides which random crops and flips each step draws: the rest of the run would "
-        "train on augmentations neither value gives; rerun with trainer.num_workers=0, or start a new run directory "
-        f"from it with trainer.resume={last} (a new hydra.run.dir, or hydra.sweep.dir for a sweep)")
-    train(compose_run(*run), tmp_path / "plain")  # without augmentation the batches are the same: it resumes
-    train(compose_run(*run, "trainer.num_workers=1"), tmp_path / "plain")
-    assert resumed_from() == [(tmp_path / "plain" / "last.pt", 2)]
+        f"trainer.num_workers=1: this run directory's checkpoint {last} was saved with trainer.num_workers=0, and with "
+        "data augmentation on that decides the random augmentations each step draws (the device's generator, or the "
+        "DataLoader workers' seeds): the rest of the run would train on augmentations neither gives; rerun with "
+        f"trainer.num_workers=0, or start a new run directory from it with trainer.resume={last}")
+    with pytest.raises(OtherExperimentError, match=r"^trainer.data_on_device=true: .* saved with "
+                                                   r"trainer.data_on_device=false trainer.num_workers=0, and"):
+        train(compose_run(*run, "trainer.data_on_device=true"), tmp_path / "loader")
+    train(compose_run(*run, "trainer.data_on_device=auto"), tmp_path / "loader")  # not known from the config
+    assert resumed_from() == [(last, 2)]
+    train(compose_run(*run, "trainer.data_on_device=true"), tmp_path / "device")  # the device draws: not the workers
+    train(compose_run(*run, "trainer.data_on_device=true", "trainer.num_workers=1"), tmp_path / "device")
+    train(compose_run("trainer.max_steps=2", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET),
+          tmp_path / "plain")  # without augmentation the batches are the same: it resumes
+    train(compose_run("trainer.max_steps=2", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET,
+                      "trainer.num_workers=1"), tmp_path / "plain")
+    assert resumed_from()[1:] == [(tmp_path / "device" / "last.pt", 2), (tmp_path / "plain" / "last.pt", 2)]
 
 
 def test_rerunning_a_finished_run_says_so_and_logs_its_test_result_once(compose_run, tmp_path, caplog):

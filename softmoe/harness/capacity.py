@@ -24,15 +24,16 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .errors import ConfigError
-from .rules import format_value
+from .rules import counted, format_value
 
 GIB, TIB = 2**30, 2**40
 # Python objects of one timm Block, before any parameter storage: 31 KiB measured for a dense block built on the
 # CPU, 48-58 KiB on the meta device or with an MoE layer (torch 2.14.1, timm 1.0.31); every rank builds every block.
 BLOCK_OBJECT_BYTES = 24 * 2**10
 # DataLoader workers beyond one per CPU only take turns on the cores; a few per CPU can still hide slow reads
-# (images decoded from a network disk), so the limit leaves that room and stops only a fork bomb.
-WORKERS_PER_CPU = 4
+# (images decoded from a network disk), and trainer=gpu's 8 must run on a host that lends one CPU, so the limit
+# leaves that room and stops only a fork bomb.
+WORKERS_PER_CPU = 8
 # Where the machine is not known (``python -m softmoe.plan``, a run planned for elsewhere): more than one node holds.
 UNKNOWN_MEMORY = 2 * TIB
 # The largest Soft MoE of the paper (Soft MoE-H/14: 32 blocks of width 1280, MLPs of 4x, 128 experts): the
@@ -78,7 +79,7 @@ def run_capacity(config: Mapping[str, Any], on_this_machine: bool = True) -> Cap
     if not on_this_machine:
         return Capacity(None, "", UNKNOWN_MEMORY, f"the {format_bytes(UNKNOWN_MEMORY)} of memory one node holds")
     memory = physical_memory()
-    return Capacity(usable_cpus(), f"the {usable_cpus()} CPUs this process may use", memory,
+    return Capacity(usable_cpus(), f"the {counted(usable_cpus(), 'CPU')} this process may use", memory,
                     f"this machine's {format_bytes(memory)} of memory")
 
 
@@ -132,7 +133,8 @@ def check_parameters_fit(config: Mapping[str, Any], moe_block_count: int, capaci
     if trainer.get("init_device") == "meta":
         if (config.get("launcher") or {}).get("name") == "slurm":
             return
-        need //= int(os.environ.get("WORLD_SIZE", "1"))
+        # the ranks the model is shared over: python -m softmoe.plan's world_size, else torchrun's
+        need //= int(config.get("world_size") or os.environ.get("WORLD_SIZE", "1"))
         if torch.cuda.is_available():
             gpu = max(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
             if gpu > memory:

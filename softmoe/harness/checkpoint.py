@@ -237,10 +237,22 @@ NOT_THE_EXPERIMENT = (
     "trainer.nonfinite", "trainer.max_nonfinite_skips", "trainer.max_tokens_per_image",
 )
 RUN_LENGTH = ("trainer.max_steps", "trainer.max_epochs")
-# Of NOT_THE_EXPERIMENT, the keys that decide which random crops and flips each step draws where data augmentation is
-# on (the DataLoader workers' seeds, the device's generator): a resume under another value trained on augmentations
-# neither value gives (a run resumed at step 13 with 2 workers instead of 0 ended at neither one's test accuracy).
-DRAW_THE_AUGMENTATIONS = ("trainer.num_workers", "trainer.data_on_device")
+
+
+def augmentation_source(flat: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The settings that draw a run's random augmentations (flat config), where it augments: the device's generator
+    (``trainer.data_on_device=true``), else the DataLoader, whose workers' seeds decide them (``false``: one stream
+    per worker count); None where that is not known from the config (``auto``: the device where the split fits a
+    CUDA device) or nothing is drawn. A run resumed at step 13 with 2 workers instead of 0 ended at neither one's
+    test accuracy."""
+    if not (flat.get("data.augment") or flat.get("data.auto_augment")):
+        return None
+    on_device = flat.get("trainer.data_on_device", False)
+    if on_device is True:
+        return {"trainer.data_on_device": True}
+    if on_device is False:
+        return {"trainer.data_on_device": False, "trainer.num_workers": flat.get("trainer.num_workers", 0)}
+    return None
 
 
 def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -260,20 +272,30 @@ def check_same_experiment(state: dict[str, Any], config: dict[str, Any], path: P
     checkpoint's config lacks (added to the configs after it was written) is not compared."""
     saved, now = flat_config(saved_config(state)), flat_config(config)
     new_run = f"start a new run directory from it with trainer.resume={path}"
-    augmented = bool(saved.get("data.augment") or saved.get("data.auto_augment"))
     for key in sorted(set(saved) | set(now), key=lambda key: (not key.endswith(".name"), key)):  # data.name first
         if key not in saved or key.startswith(tuple(f"{ignored}." for ignored in NOT_THE_EXPERIMENT)):
             continue
-        drawing = augmented and key in DRAW_THE_AUGMENTATIONS
-        if (key in NOT_THE_EXPERIMENT and not drawing) or key in RUN_LENGTH or saved[key] == now.get(key):
+        if key in NOT_THE_EXPERIMENT or key in RUN_LENGTH or saved[key] == now.get(key):
             continue
         before, after = format_value(saved[key]), format_value(now.get(key))
-        why = ("and with data augmentation on it decides which random crops and flips each step draws: the rest of "
-               "the run would train on augmentations neither value gives" if drawing
-               else "and a run directory resumes only the experiment it holds")
         raise OtherExperimentError(
-            f"{key}={after}: this run directory's checkpoint {path} was saved with {key}={before}, {why}; rerun with "
-            f"{key}={before}, or {new_run} (a new hydra.run.dir, or hydra.sweep.dir for a sweep)"
+            f"{key}={after}: this run directory's checkpoint {path} was saved with {key}={before}, and a run "
+            f"directory resumes only the experiment it holds; rerun with {key}={before}, or {new_run} (a new "
+            "hydra.run.dir, or hydra.sweep.dir for a sweep)"
+        )
+    drawn_before, drawn_now = augmentation_source(saved), augmentation_source(now)
+    if None not in (drawn_before, drawn_now) and drawn_before != drawn_now:
+        # only what differs: trainer.num_workers=2 against 0 (the DataLoader's both times)
+        keys = [key for key in drawn_before if drawn_before.get(key) != drawn_now.get(key)] or list(drawn_before)
+        keys = list(drawn_before) if "trainer.data_on_device" in keys else keys
+        before = " ".join(f"{key}={format_value(drawn_before[key])}" for key in keys)
+        after = " ".join(f"{key}={format_value(drawn_now[key])}" for key in drawn_now if key in keys or
+                         "trainer.data_on_device" in keys)
+        raise OtherExperimentError(
+            f"{after}: this run directory's checkpoint {path} was saved with {before}, and with data augmentation on "
+            "that decides the random augmentations each step draws (the device's generator, or the DataLoader "
+            f"workers' seeds): the rest of the run would train on augmentations neither gives; rerun with {before}, "
+            f"or {new_run}"
         )
     _check_same_length(run_length(saved), run_length(now), path, new_run)
 

@@ -149,7 +149,7 @@ def truncate_after(path: Path, step: int) -> None:
     ]
     damaged = sum(_event_step(line) is None for line in lines[:-1])  # the last may be torn by a kill
     if damaged:
-        log.warning("%s: dropped %s that hold no event (damaged bytes?)", path, counted(damaged, "line"))
+        log.warning("%s: dropped %s holding no event (damaged bytes?)", path, counted(damaged, "line"))
     if len(kept) != len(lines):
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text("".join(kept))
