@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -158,6 +158,18 @@ def keep_sweep_record(sweep_dir: Path) -> None:
         restore_sweep_record(sweep_dir, found[1])
 
 
+def train_on_this_disk(*args: Any, **kwargs: Any):
+    """``train``, with a full disk under ``metrics.jsonl`` or ``train.log`` raised as :class:`DiskFullError`: one line,
+    as for a checkpoint's (was: three chained OSError tracebacks)."""
+    try:
+        return train(*args, **kwargs)
+    except Exception as error:
+        full = disk_full(error)
+        if full is None:
+            raise
+        raise full from error
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
@@ -183,13 +195,7 @@ def main(cfg: DictConfig) -> float:
         check_model_choice(OmegaConf.select(cfg, "model.name"), hydra_cfg.runtime.choices.get("model"))
         # Hydra's .hydra/ configs are written once this process holds the run directory (conf/hydra/default.yaml)
         hydra_configs = functools.partial(save_hydra_configs, task_cfg=cfg, hydra_cfg=HydraConfig.instance().cfg)
-        try:
-            summary = train(cfg, run_dir, wandb_group=group, wandb_name=name, on_claim=hydra_configs)
-        except Exception as error:  # a full disk under metrics.jsonl or train.log: one line, as for a checkpoint's
-            full = disk_full(error)
-            if full is None:
-                raise
-            raise full from error
+        summary = train_on_this_disk(cfg, run_dir, wandb_group=group, wandb_name=name, on_claim=hydra_configs)
     except (*USER_ERRORS, NonFiniteError) as error:
         lines = [f"{tag}error: {one_line(error)}"]
         print(lines[0], file=sys.stderr)

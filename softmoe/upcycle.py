@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Collection, Dict, Mapping, NamedTuple, Optional, Union
+from typing import Any, Collection, Dict, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -105,7 +105,18 @@ def load_state_dict(source: DenseSource) -> Dict[str, torch.Tensor]:
     for wrapper_key in ("model", "state_dict"):  # common checkpoint layouts
         if wrapper_key in state and isinstance(state[wrapper_key], Mapping):
             state = dict(state[wrapper_key])
-    return state
+    return {_unwrapped(key): value for key, value in state.items()}
+
+
+def _unwrapped(key: Any) -> Any:
+    """A parameter's name without the prefixes of the wrappers it was saved in, as timm's loader reads it: DDP's
+    ``module.`` and ``torch.compile``'s ``_orig_mod.`` (``module.blocks.0.mlp.fc1.weight`` was "no 'blocks.0...'")."""
+    if not isinstance(key, str):
+        return key
+    key = key.replace("._orig_mod.", ".")
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
 
 
 def upcycle(
@@ -181,7 +192,8 @@ def missing_dense_mlp(dense_state: Mapping[str, torch.Tensor], dense_key: str, n
     expert_key = next((key for key in dense_state if ".experts." in key), None)
     if expert_key is not None:
         return (f"the checkpoint is of an MoE model ({expert_key!r}), not a dense ViT: upcycle from a dense ViT's "
-                "checkpoint (e.g. a moe=dense run's last.pt), or resume an MoE run with trainer.resume")
+                "checkpoint (e.g. a moe=dense run's last.pt), or continue an MoE run with trainer.resume=<its last.pt "
+                "or best.pt> (an export's .safetensors holds the weights alone, which no run resumes from)")
     blocks = {key.split(".")[1] for key in dense_state if key.startswith("blocks.") and key.count(".") > 1}
     block = name.split(".")[1] if name.startswith("blocks.") else None
     if blocks and block is not None and block not in blocks:

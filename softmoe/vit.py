@@ -329,10 +329,29 @@ def hub_offline(offline: bool):
         constants.HF_HUB_OFFLINE = before
 
 
+def _with_the_files_classes(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` whose ``pretrained_cfg_overlay`` names a local file gets that file's class count (its classifier's
+    rows) unless it gives one: timm's loader drops the classifier of a file whose configured class count (the tag's,
+    1,000) differs from the model's, so a trained 10-class head was silently left at its init (chance accuracy)."""
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if not overlay.get("file") or "num_classes" in overlay:
+        return kwargs
+    classifier = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).classifier
+    try:
+        weight = load_state_dict(overlay["file"]).get(f"{classifier}.weight")
+    except Exception:  # the build that follows says what is wrong with the file
+        return kwargs
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return kwargs
+    return {**kwargs, "pretrained_cfg_overlay": {**overlay, "num_classes": weight.shape[0]}}
+
+
 def _create_soft_moe_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> SoftMoEVisionTransformer:
     """Build ``variant`` as timm builds its ViTs; ``pretrained=True`` upcycles dense weights."""
     out_indices = kwargs.pop("out_indices", 3)
     noise_std = kwargs.pop("upcycle_noise_std", 0.0)
+    if pretrained:
+        kwargs = _with_the_files_classes(variant, kwargs)
     build = partial(
         build_model_with_cfg,
         SoftMoEVisionTransformer,

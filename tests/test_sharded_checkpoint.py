@@ -260,13 +260,18 @@ def test_a_sharded_checkpoints_train_state_named_as_a_checkpoint_is_one_line(tmp
     from softmoe.harness.config import ConfigError, check_config
 
     state = save_twice(tmp_path) / sharded_checkpoint.TRAIN_STATE
-    why = (f"the train state of the sharded checkpoint {state.parent} (its step, RNG and config; the model is in the "
-           f"shards beside it): name the directory itself, {state.parent}")
+    why = (f"the train state (its step, RNG and config; the model is in the shards beside it) of the sharded "
+           f"checkpoint {state.parent}: name the directory itself, {state.parent}")
     with pytest.raises(ConfigError) as raised:
         check_config(compose_run(f"trainer.resume={state}"))
     assert str(raised.value) == f"trainer.resume={state}: {why}"
     assert to_safetensors.main([str(state), str(tmp_path / "model.safetensors")]) == 2
     assert capsys.readouterr().err == f"error: checkpoint {state}: {why}\n"
+    # its index and its shards (were: "truncated or damaged", "not a file torch.save wrote")
+    for part, what in ((".metadata", "the index of the shards"), ("__0_0.distcp", "one shard of the model")):
+        assert to_safetensors.main([str(state.parent / part), str(tmp_path / "model.safetensors")]) == 2
+        assert capsys.readouterr().err == (f"error: checkpoint {state.parent / part}: {what} of the sharded checkpoint "
+                                           f"{state.parent}: name the directory itself, {state.parent}\n")
 
 
 def save_twice(run_dir):

@@ -228,6 +228,31 @@ def test_a_soft_moe_checkpoint_loads_as_it_is(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("source", ["test_soft_moe_vit", "test_vit"])
+def test_a_trained_head_of_the_models_classes_loads_with_the_rest(tmp_path, source):
+    """timm's loader dropped a file's classifier whenever the model's num_classes (10) differed from the tag's
+    (1,000), so an exported 10-class run loaded at chance accuracy; the file's own class count is now the config's."""
+    trained = timm.create_model(source, num_classes=10)
+    path = tmp_path / "ten_classes.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path))
+    loaded = timm.create_model("test_soft_moe_vit", pretrained=True, num_classes=10,
+                               pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(loaded.head.weight, trained.head.weight) and torch.equal(loaded.head.bias, trained.head.bias)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_upcycle_reads_a_state_dict_saved_inside_ddp_or_torch_compile(tmp_path, prefix):
+    # was: "the dense checkpoint has no 'blocks.4.mlp.fc1.weight'", where timm's loader took the same file
+    from softmoe import upcycle
+
+    dense = timm.create_model("test_vit")
+    path = tmp_path / "wrapped.pth"
+    torch.save({f"{prefix}{key}": value for key, value in dense.state_dict().items()}, path)
+    model = upcycle(str(path), timm.create_model("test_soft_moe_vit"))
+    assert torch.equal(model.blocks[4].mlp.experts.fc1_bias[0], dense.blocks[4].mlp.fc1.bias)
+    assert torch.equal(model.patch_embed.proj.weight, dense.patch_embed.proj.weight)
+
+
 def test_a_dense_checkpoint_of_another_shape_is_named(tmp_path):
     path = save_dense(timm.create_model("test_vit", embed_dim=32), tmp_path / "narrow.pth")
     mismatch = r"^shape mismatch for 'blocks\.3\.mlp\.fc1\.weight': dense \[96, 32\], one expert \[192, 64\]$"

@@ -253,6 +253,21 @@ def test_harness_upcycle_from_starts_the_model_from_the_dense_checkpoint(compose
     assert build_model(cfg.model, cfg.moe, upcycle_weights=False).moe_layer_index == [2, 3]
 
 
+def test_a_noise_std_without_a_source_is_refused_and_a_dense_start_says_no_experts(compose_run, tmp_path):
+    from softmoe.harness.console import describe_upcycling
+
+    with pytest.raises(ConfigError) as raised:  # was: accepted, and it did nothing
+        check_config(compose_run("model.upcycle_noise_std=0.1"))
+    assert str(raised.value) == ("model.upcycle_noise_std=0.1: the noise added to experts upcycled from a dense ViT, "
+                                 "so it needs model.upcycle_from=<its checkpoint>; leave it at 0 to train from scratch")
+    path = tmp_path / "dense.pt"
+    save_dense_run_model(compose_run, path)
+    cfg = compose_run("moe=dense", f"model.upcycle_from={path}")  # the upcycling study's dense arm
+    model = build_model(cfg.model, cfg.moe)  # was: "...and the experts of 0 MoE blocks [] start from..."
+    started = f"started from {path}: every weight (a dense ViT: no experts to upcycle)"
+    assert describe_upcycling(cfg.model, model) == started
+
+
 def test_harness_names_the_first_mismatched_key_in_one_line(compose_run, tmp_path):
     path = tmp_path / "narrow.safetensors"
     save_dense_run_model(compose_run, path, "model.embed_dim=32")

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from softmoe._checks import is_number
 from softmoe.upcycle import UnreadableCheckpointError, check_upcycle, load_state_dict
 
+from . import sharded_checkpoint
 from .capacity import check_blocks_fit, check_cpu_counts, check_parameters_fit, run_capacity
 from .config_rules import (
     EVALUATE_RULES,
@@ -92,6 +93,9 @@ def _check_upcycle_source(model: Mapping[str, Any], moe: Mapping[str, Any]) -> N
     """``model.upcycle_from`` is a readable state dict whose every tensor fits the model (built on the meta device:
     shapes only, no memory and no weights)."""
     shown = f"model.upcycle_from={format_value(model['upcycle_from'])}"
+    part = sharded_checkpoint.train_state_not_a_checkpoint(Path(model["upcycle_from"]).expanduser())
+    if part:  # a file inside last.dcp/: was "truncated or damaged"
+        raise ConfigError(f"{shown}: {part}")
     try:
         dense_state = load_state_dict(Path(model["upcycle_from"]).expanduser())
     except UnreadableCheckpointError as error:
@@ -147,6 +151,10 @@ def check_config(cfg: DictConfig, *, on_this_machine: bool = True) -> None:
     check_parameters_fit(config, len(moe_blocks(config["moe"], config["model"]["depth"])), capacity)
     if config["model"]["upcycle_from"] is not None:
         _check_upcycle_source(config["model"], config["moe"])
+    elif config["model"].get("upcycle_noise_std"):  # was accepted, and did nothing
+        raise ConfigError(f"model.upcycle_noise_std={format_value(config['model']['upcycle_noise_std'])}: the noise "
+                          "added to experts upcycled from a dense ViT, so it needs model.upcycle_from=<its "
+                          "checkpoint>; leave it at 0 to train from scratch")
     check_model_name(config["model"])  # valid keys, but not what the user meant (plausibility.py)
     check_token_count(config["model"], config["trainer"]["max_tokens_per_image"])
     check_slot_count(config["model"], config["moe"], config["trainer"]["max_tokens_per_image"])

@@ -32,6 +32,8 @@ def describe_upcycling(model_cfg: Mapping[str, Any], model: nn.Module) -> Option
     if source is None:
         return None
     blocks = sorted(block_index(name) for name in moe_layers(model))
+    if not blocks:  # a dense ViT from a dense checkpoint: the upcycling study's dense arm
+        return f"started from {source}: every weight (a dense ViT: no experts to upcycle)"
     return (
         f"upcycled from {source}: every block's weights, and the experts of {counted(len(blocks), 'MoE block')} "
         f"{blocks} start from their block's dense MLP, noise std {model_cfg.get('upcycle_noise_std', 0.0):g}"

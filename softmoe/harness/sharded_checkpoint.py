@@ -62,13 +62,15 @@ def directory(run_dir: Path, name: str) -> Path:
 
 
 def train_state_not_a_checkpoint(path: Path) -> Optional[str]:
-    """Why ``path`` cannot be read as a checkpoint when it is a sharded checkpoint's ``train_state.pt`` (the step, RNG
-    and config, in a checkpoint's format but without the model, whose shards are beside it), or None."""
+    """Why ``path`` cannot be read as a checkpoint when it is a file of a sharded checkpoint: its ``train_state.pt``
+    (the step, RNG and config, in a checkpoint's format but without the model, whose shards are beside it), its
+    ``.metadata`` or a shard (each was called "truncated or damaged"), or None."""
     path = Path(path)
-    if path.name != TRAIN_STATE or not (path.parent / ".metadata").is_file():
+    if not path.is_file() or path.parent == path or not (path.parent / ".metadata").is_file():
         return None
-    return (f"the train state of the sharded checkpoint {path.parent} (its step, RNG and config; the model is in the "
-            f"shards beside it): name the directory itself, {path.parent}")
+    what = {TRAIN_STATE: "the train state (its step, RNG and config; the model is in the shards beside it)",
+            ".metadata": "the index of the shards"}.get(path.name, "one shard of the model")
+    return f"{what} of the sharded checkpoint {path.parent}: name the directory itself, {path.parent}"
 
 
 def is_complete(path: Path) -> bool:
