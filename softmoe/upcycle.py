@@ -72,8 +72,8 @@ class UnreadableCheckpointError(ValueError):
 def load_state_dict(source: DenseSource) -> Dict[str, torch.Tensor]:
     """A state dict from a module, a mapping, a ``.safetensors``/``.pth``/``.bin`` file (never unpickles code), or a
     sharded checkpoint's directory (``last.dcp``)."""
-    if isinstance(source, nn.Module):
-        return source.state_dict()
+    if isinstance(source, nn.Module):  # torch.compile's or DataParallel's wrapper too
+        return {_unwrapped(key): value for key, value in source.state_dict().items()}
     if isinstance(source, Mapping):
         state = dict(source)
     elif not isinstance(source, (str, os.PathLike)):

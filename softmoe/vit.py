@@ -9,14 +9,10 @@ the dense timm weights their tag names (or a local ``pretrained_cfg_overlay=dict
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import socket
-import threading
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
-from urllib.parse import urlsplit
 
 import torch
 from timm.models import (
@@ -36,6 +32,7 @@ from ._checks import (autocast_dtype_on, is_exporting, is_int, require_choice, r
 from .capture import moe_layers
 from .experts import WEIGHT_INIT_MODES, BatchedMlp, hold_expert_copies
 from .layer import SoftMoE
+from .hub import hub_offline, hub_reachable, hub_weights_cached
 from .upcycle import UnreadableCheckpointError, load_state_dict, upcycle_state_dict
 from .vit_checks import (require_global_pool, require_images, require_moe_kwargs, require_num_classes,
                          require_vit_arguments)
@@ -256,6 +253,14 @@ def checkpoint_filter_fn(
     state_dict = vit_checkpoint_filter_fn(state_dict, model)
     expert_prefixes = tuple(f"{name}.experts." for name in moe_layers(model))
     if any(key.startswith(expert_prefixes) for key in state_dict):
+        # whole, but for a classifier timm drops: its load is not strict then, and a file of other MoE blocks loaded
+        # half its experts and routers, the rest left at their init
+        heads = tuple(f"{name}." for name in _cfg_names(model, "classifier"))
+        missing = [key for key in model.state_dict() if key not in state_dict and not key.startswith(heads)]
+        if missing:
+            raise ValueError(f"the Soft MoE checkpoint lacks {len(missing)} of the model's tensors ({missing[0]!r}, "
+                             "...): it is of another layout (MoE blocks, experts, slots); build the model it was "
+                             "saved from")
         return state_dict
     # A classifier of another size keeps its init; timm's load_pretrained drops the dense one.
     classifiers = _cfg_names(model, "classifier")
@@ -285,60 +290,16 @@ def _cfg_names(model: torch.nn.Module, field: str) -> Tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub's host answers a TCP connection within ``timeout`` seconds, name lookup included
-    (which a socket timeout does not bound: an offline resolver can take 20 s). Always True behind a proxy, which
-    only the Hub client knows how to use."""
-    from huggingface_hub import constants
-
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlsplit(constants.ENDPOINT)
-    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
-    answered = []
-
-    def connect() -> None:
-        with contextlib.suppress(OSError), socket.create_connection(address, timeout):
-            answered.append(True)
-
-    probe = threading.Thread(target=connect, daemon=True)
-    probe.start()
-    probe.join(timeout)
-    return bool(answered)
-
-
-def hub_weights_cached(hf_hub_id: str) -> bool:
-    """Whether the Hub client's cache holds a weights file of ``hf_hub_id`` (the names timm loads)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    repo_id, _, revision = hf_hub_id.partition("@")
-    names = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-    return any(isinstance(try_to_load_from_cache(repo_id, name, revision=revision or None), str) for name in names)
-
-
-@contextlib.contextmanager
-def hub_offline(offline: bool):
-    """The Hub client's offline mode (cached files only, no request) within the block when ``offline``."""
-    from huggingface_hub import constants
-
-    before = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = before or offline
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = before
-
-
 def _with_the_files_classes(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` whose ``pretrained_cfg_overlay`` names a local file gets that file's class count (its classifier's
     rows) unless it gives one: timm's loader drops the classifier of a file whose configured class count (the tag's,
     1,000) differs from the model's, so a trained 10-class head was silently left at its init (chance accuracy)."""
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if not overlay.get("file") or "num_classes" in overlay:
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay)  # the file: overlay's or cfg's
+    if not cfg.file or "num_classes" in overlay:
         return kwargs
-    classifier = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).classifier
     try:
-        weight = load_state_dict(overlay["file"]).get(f"{classifier}.weight")
+        weight = load_state_dict(cfg.file).get(f"{cfg.classifier}.weight")
     except Exception:  # the build that follows says what is wrong with the file
         return kwargs
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:

@@ -267,6 +267,9 @@ def test_a_sharded_checkpoints_train_state_named_as_a_checkpoint_is_one_line(tmp
     assert str(raised.value) == f"trainer.resume={state}: {why}"
     assert to_safetensors.main([str(state), str(tmp_path / "model.safetensors")]) == 2
     assert capsys.readouterr().err == f"error: checkpoint {state}: {why}\n"
+    # a checkpoint of its own in such a folder is read as one (the first version of this rule refused it)
+    (state.parent / "model.pt").write_bytes((tmp_path / "best.pt").read_bytes())
+    assert sharded_checkpoint.train_state_not_a_checkpoint(state.parent / "model.pt") is None
     # its index and its shards (were: "truncated or damaged", "not a file torch.save wrote")
     for part, what in ((".metadata", "the index of the shards"), ("__0_0.distcp", "one shard of the model")):
         assert to_safetensors.main([str(state.parent / part), str(tmp_path / "model.safetensors")]) == 2

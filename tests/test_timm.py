@@ -238,6 +238,19 @@ def test_a_trained_head_of_the_models_classes_loads_with_the_rest(tmp_path, sour
     loaded = timm.create_model("test_soft_moe_vit", pretrained=True, num_classes=10,
                                pretrained_cfg_overlay=dict(file=str(path)))
     assert torch.equal(loaded.head.weight, trained.head.weight) and torch.equal(loaded.head.bias, trained.head.bias)
+    whole_cfg = dict(timm.create_model("test_soft_moe_vit").pretrained_cfg, file=str(path))  # the file in the cfg
+    loaded = timm.create_model("test_soft_moe_vit", pretrained=True, num_classes=10, pretrained_cfg=whole_cfg)
+    assert torch.equal(loaded.head.weight, trained.head.weight)
+
+
+def test_a_soft_moe_checkpoint_of_other_moe_blocks_is_refused_not_half_loaded(tmp_path):
+    # with its head dropped (another class count) timm loads without strict: blocks 4-5's experts kept their init
+    path = tmp_path / "moe_in_block_3.safetensors"
+    trained = timm.create_model("test_soft_moe_vit", num_classes=10, moe_layer_index=[3])
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match=r"^the Soft MoE checkpoint lacks \d+ of the model's tensors \('blocks\.4\."):
+        timm.create_model("test_soft_moe_vit", pretrained=True, num_classes=1000,
+                          pretrained_cfg_overlay=dict(file=str(path)))
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
@@ -251,6 +264,9 @@ def test_upcycle_reads_a_state_dict_saved_inside_ddp_or_torch_compile(tmp_path, 
     model = upcycle(str(path), timm.create_model("test_soft_moe_vit"))
     assert torch.equal(model.blocks[4].mlp.experts.fc1_bias[0], dense.blocks[4].mlp.fc1.bias)
     assert torch.equal(model.patch_embed.proj.weight, dense.patch_embed.proj.weight)
+    wrapped = torch.nn.DataParallel(dense) if prefix == "module." else torch.compile(dense)  # the module itself
+    model = upcycle(wrapped, timm.create_model("test_soft_moe_vit"))
+    assert torch.equal(model.blocks[4].mlp.experts.fc1_bias[0], dense.blocks[4].mlp.fc1.bias)
 
 
 def test_a_dense_checkpoint_of_another_shape_is_named(tmp_path):

@@ -239,15 +239,19 @@ NOT_THE_EXPERIMENT = (
 RUN_LENGTH = ("trainer.max_steps", "trainer.max_epochs")
 
 
-def augmentation_source(flat: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+def augmentation_source(flat: Mapping[str, Any], here: bool = False) -> Optional[dict[str, Any]]:
     """The settings that draw a run's random augmentations (flat config), where it augments: the device's generator
     (``trainer.data_on_device=true``), else the DataLoader, whose workers' seeds decide them (``false``: one stream
     per worker count); None where that is not known from the config (``auto``: the device where the split fits a
-    CUDA device) or nothing is drawn. A run resumed at step 13 with 2 workers instead of 0 ended at neither one's
-    test accuracy."""
+    CUDA device; ``here``, the run about to start, knows it is the DataLoader without one) or nothing is drawn. A
+    run resumed at step 13 with 2 workers instead of 0 ended at neither one's test accuracy."""
     if not (flat.get("data.augment") or flat.get("data.auto_augment")):
         return None
     on_device = flat.get("trainer.data_on_device", False)
+    device = str(flat.get("trainer.device", "auto"))
+    on_cuda = device.startswith("cuda") or device == "auto" and torch.cuda.is_available()
+    if on_device == "auto" and here and not on_cuda:
+        on_device = False  # auto batches on the device only on CUDA
     if on_device is True:
         return {"trainer.data_on_device": True}
     if on_device is False:
@@ -283,7 +287,7 @@ def check_same_experiment(state: dict[str, Any], config: dict[str, Any], path: P
             f"directory resumes only the experiment it holds; rerun with {key}={before}, or {new_run} (a new "
             "hydra.run.dir, or hydra.sweep.dir for a sweep)"
         )
-    drawn_before, drawn_now = augmentation_source(saved), augmentation_source(now)
+    drawn_before, drawn_now = augmentation_source(saved), augmentation_source(now, here=True)
     if None not in (drawn_before, drawn_now) and drawn_before != drawn_now:
         # only what differs: trainer.num_workers=2 against 0 (the DataLoader's both times)
         keys = [key for key in drawn_before if drawn_before.get(key) != drawn_now.get(key)] or list(drawn_before)

@@ -66,7 +66,8 @@ def train_state_not_a_checkpoint(path: Path) -> Optional[str]:
     (the step, RNG and config, in a checkpoint's format but without the model, whose shards are beside it), its
     ``.metadata`` or a shard (each was called "truncated or damaged"), or None."""
     path = Path(path)
-    if not path.is_file() or path.parent == path or not (path.parent / ".metadata").is_file():
+    part = path.name in (TRAIN_STATE, ".metadata") or path.suffix == ".distcp"  # any other file there is its own
+    if not part or not path.is_file() or not (path.parent / ".metadata").is_file():
         return None
     what = {TRAIN_STATE: "the train state (its step, RNG and config; the model is in the shards beside it)",
             ".metadata": "the index of the shards"}.get(path.name, "one shard of the model")
