@@ -237,8 +237,15 @@ def upcycle_sources(
             if key.startswith(f"{name}.") and key not in sources:
                 sources[key] = UpcycleSource(None)
 
+    # a dense ViT saved without a classifier (num_classes=0, a backbone): the model's head keeps its init, as timm's
+    # loader gives a dense ViT a new one (was: "the dense checkpoint has no 'head.weight'")
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    headless = isinstance(classifier, str) and not any(key.startswith(f"{classifier}.") for key in dense_state)
     for key, value in target.items():
         if key in sources:
+            continue
+        if key not in dense_state and headless and key.startswith(f"{classifier}."):
+            sources[key] = UpcycleSource(None)
             continue
         if key not in dense_state:
             raise ValueError(f"the dense checkpoint has no {key!r} (needed by the Soft MoE model)")

@@ -253,6 +253,22 @@ def test_a_soft_moe_checkpoint_of_other_moe_blocks_is_refused_not_half_loaded(tm
                           pretrained_cfg_overlay=dict(file=str(path)))
 
 
+def test_a_dense_backbone_saved_without_a_head_upcycles_into_a_model_with_a_new_one(tmp_path):
+    # was: "the dense checkpoint has no 'head.weight'", where timm's loader gives a dense ViT a new head
+    from softmoe import upcycle
+
+    backbone = timm.create_model("test_vit", num_classes=0)
+    path = save_dense(backbone, tmp_path / "backbone.safetensors")
+    model = timm.create_model("test_soft_moe_vit", num_classes=10)
+    head = model.head.weight.clone()
+    upcycle(path, model)
+    assert torch.equal(model.head.weight, head) and torch.equal(model.norm.weight, backbone.norm.weight)
+    assert torch.equal(model.blocks[4].mlp.experts.fc1_bias[0], backbone.blocks[4].mlp.fc1.bias)
+    loaded = timm.create_model("test_soft_moe_vit", pretrained=True, num_classes=10,
+                               pretrained_cfg_overlay=dict(file=path))  # the same through timm's loader
+    assert torch.equal(loaded.blocks[4].mlp.experts.fc1_bias[0], backbone.blocks[4].mlp.fc1.bias)
+
+
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
 def test_upcycle_reads_a_state_dict_saved_inside_ddp_or_torch_compile(tmp_path, prefix):
     # was: "the dense checkpoint has no 'blocks.4.mlp.fc1.weight'", where timm's loader took the same file
