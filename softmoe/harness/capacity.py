@@ -78,8 +78,8 @@ def run_capacity(config: Mapping[str, Any], on_this_machine: bool = True) -> Cap
         )
     if not on_this_machine:
         return Capacity(None, "", UNKNOWN_MEMORY, f"the {format_bytes(UNKNOWN_MEMORY)} of memory one node holds")
-    memory = physical_memory()
-    return Capacity(usable_cpus(), f"the {counted(usable_cpus(), 'CPU')} this process may use", memory,
+    cpus, memory = usable_cpus(), physical_memory()
+    return Capacity(cpus, f"the {counted(cpus, 'CPU')} this process may use", memory,
                     f"this machine's {format_bytes(memory)} of memory")
 
 

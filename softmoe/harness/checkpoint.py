@@ -289,12 +289,11 @@ def check_same_experiment(state: dict[str, Any], config: dict[str, Any], path: P
         )
     drawn_before, drawn_now = augmentation_source(saved), augmentation_source(now, here=True)
     if None not in (drawn_before, drawn_now) and drawn_before != drawn_now:
-        # only what differs: trainer.num_workers=2 against 0 (the DataLoader's both times)
-        keys = [key for key in drawn_before if drawn_before.get(key) != drawn_now.get(key)] or list(drawn_before)
-        keys = list(drawn_before) if "trainer.data_on_device" in keys else keys
-        before = " ".join(f"{key}={format_value(drawn_before[key])}" for key in keys)
-        after = " ".join(f"{key}={format_value(drawn_now[key])}" for key in drawn_now if key in keys or
-                         "trainer.data_on_device" in keys)
+        if drawn_before["trainer.data_on_device"] == drawn_now["trainer.data_on_device"]:  # the DataLoader both times:
+            drawn_before, drawn_now = ({"trainer.num_workers": drawn["trainer.num_workers"]}  # only the workers differ
+                                       for drawn in (drawn_before, drawn_now))
+        before, after = (" ".join(f"{key}={format_value(value)}" for key, value in drawn.items())
+                         for drawn in (drawn_before, drawn_now))
         raise OtherExperimentError(
             f"{after}: this run directory's checkpoint {path} was saved with {before}, and with data augmentation on "
             "that decides the random augmentations each step draws (the device's generator, or the DataLoader "

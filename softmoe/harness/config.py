@@ -147,8 +147,8 @@ def check_config(cfg: DictConfig, *, on_this_machine: bool = True) -> None:
     capacity = run_capacity(config, on_this_machine)  # the launcher's keys and the trainer's, checked above
     check_cpu_counts(config["trainer"], capacity)
     check_blocks_fit(config["model"], capacity)  # before the MoE blocks are listed
-    _check_moe(config["moe"], config["model"])
-    check_parameters_fit(config, len(moe_blocks(config["moe"], config["model"]["depth"])), capacity)
+    blocks = _check_moe(config["moe"], config["model"])
+    check_parameters_fit(config, len(blocks), capacity)
     if config["model"]["upcycle_from"] is not None:
         _check_upcycle_source(config["model"], config["moe"])
     elif config["model"].get("upcycle_noise_std"):  # was accepted, and did nothing
@@ -211,7 +211,8 @@ def _check_model(model: dict[str, Any], data: dict[str, Any]) -> None:
                           "(or pool with avg, max, avgmax or map)")
 
 
-def _check_moe(moe: dict[str, Any], model: dict[str, Any]) -> None:
+def _check_moe(moe: dict[str, Any], model: dict[str, Any]) -> list[int]:
+    """The moe section against the model; returns its MoE blocks."""
     check_section("moe", moe, MOE_RULES)
     check_known("moe", moe, set(MOE_RULES), "not a key of the moe group")
     try:
@@ -242,6 +243,7 @@ def _check_moe(moe: dict[str, Any], model: dict[str, Any]) -> None:
             "dispatch or moe.combine=identity) needs every token, one per slot; leave patch dropout out, or route "
             "with moe.dispatch=soft and moe.combine=soft"
         )
+    return blocks
 
 
 def _check_trainer(trainer: dict[str, Any], data: dict[str, Any], on_this_machine: bool = True) -> None:

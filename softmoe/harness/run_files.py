@@ -6,7 +6,7 @@ run used (:mod:`softmoe.harness.sweeps` reads a sweep's runs with them). A damag
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping
+from typing import Any, Dict, Iterable, List, Mapping
 
 from .errors import BadDataError
 from .telemetry import json_lines
@@ -46,9 +46,9 @@ def values_used(run_dir: Path, keys: Iterable[str]) -> Dict[str, str]:
     from omegaconf import OmegaConf
 
     hydra_file, config_file = run_dir / ".hydra" / "hydra.yaml", run_dir / ".hydra" / "config.yaml"
-    hydra = _read_yaml(hydra_file, OmegaConf.load) if hydra_file.exists() else OmegaConf.create()
+    hydra = _read_yaml(hydra_file) if hydra_file.exists() else OmegaConf.create()
     choices = OmegaConf.select(hydra, "hydra.runtime.choices", default=None) or {}
-    config = _read_yaml(config_file, OmegaConf.load) if config_file.exists() else OmegaConf.create()
+    config = _read_yaml(config_file) if config_file.exists() else OmegaConf.create()
     values: Dict[str, str] = {}
     for key in keys:
         if key in choices:
@@ -63,12 +63,14 @@ def values_used(run_dir: Path, keys: Iterable[str]) -> Dict[str, str]:
 _ABSENT = object()
 
 
-def _read_yaml(path: Path, load: Callable[[Path], Any]) -> Any:
+def _read_yaml(path: Path) -> Any:
+    """A Hydra YAML file as an OmegaConf config; a damaged one named in one line."""
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
     from yaml import YAMLError
 
     try:
-        return load(path)
+        return OmegaConf.load(path)
     except (YAMLError, OmegaConfBaseException, UnicodeDecodeError, OSError) as error:
         raise damaged(path, (str(error) or type(error).__name__).splitlines()[0]) from None
 

@@ -99,8 +99,6 @@ def load_sweep(sweep_dir: Path) -> List[RunResult]:
     ]
 
 
-
-
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     """A nested config as dotted keys: ``{"moe": {"num_experts": 8}}`` -> ``{"moe.num_experts": 8}``."""
     flat: Dict[str, Any] = {}

@@ -144,10 +144,9 @@ def truncate_after(path: Path, step: int) -> None:
         return
     # damaged bytes (not UTF-8) make their lines no events, dropped as a torn one is (was: a UnicodeDecodeError)
     lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
-    kept = [
-        line for line in lines if line.endswith("\n") and _event_step(line) is not None and _event_step(line) <= step
-    ]
-    damaged = sum(_event_step(line) is None for line in lines[:-1])  # the last may be torn by a kill
+    steps = [_event_step(line) for line in lines]  # each line parsed once
+    kept = [line for line, at in zip(lines, steps) if line.endswith("\n") and at is not None and at <= step]
+    damaged = steps[:-1].count(None)  # the last may be torn by a kill
     if damaged:
         log.warning("%s: dropped %s holding no event (damaged bytes?)", path, counted(damaged, "line"))
     if len(kept) != len(lines):
