@@ -12,15 +12,20 @@ built, ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(fil
 from __future__ import annotations
 
 import errno
+import logging
 import os
-from typing import Any, Collection, Dict, Mapping, NamedTuple, Optional, Union
+from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
+from timm.models import adapt_input_conv
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 from torch import nn
 
 from ._checks import require_module, require_number
 from .capture import moe_layers
 from .experts import BatchedMlp
+
+log = logging.getLogger(__name__)
 
 DenseSource = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 
@@ -137,8 +142,100 @@ def upcycle(
     if generator is not None and not isinstance(generator, torch.Generator):  # a seed is not a generator
         raise ValueError(f"generator must be a torch.Generator (torch.Generator().manual_seed(seed)) or None, got "
                          f"{generator!r}")
-    model.load_state_dict(upcycle_state_dict(load_state_dict(dense), model, noise_std, generator))
+    fitted = fit_dense_state(load_state_dict(dense), model)
+    model.load_state_dict(upcycle_state_dict(fitted.state, model, noise_std, generator, keep_init=fitted.keep_init))
+    log_changes(fitted)
     return model
+
+
+def log_changes(fitted: "FittedDense") -> None:
+    """What fitting the dense checkpoint to the model changed, one log line each (a researcher should know that a
+    classifier starts fresh or a position embedding was resampled)."""
+    for change in fitted.changes:
+        log.info("upcycling: %s", change)
+
+
+class FittedDense(NamedTuple):
+    """A dense ViT's state dict made to fit a model (:func:`fit_dense_state`)."""
+
+    state: Dict[str, torch.Tensor]
+    keep_init: Tuple[str, ...]  # the model's keys that keep their own value: a classifier of another class count
+    changes: Tuple[str, ...]  # what was adapted, in words, for the run's log
+
+
+def cfg_names(model: nn.Module, field: str, default: Tuple[str, ...] = ()) -> Tuple[str, ...]:
+    """The module names the model's ``pretrained_cfg`` gives under ``field`` (``classifier``, ``first_conv``); a
+    model built without timm's ``create_model`` has no ``pretrained_cfg``: ``default``."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get(field) or default
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def fit_dense_state(dense_state: Mapping[str, torch.Tensor], model: nn.Module, *,
+                    adapt_channels: bool = True) -> FittedDense:
+    """``dense_state`` made to fit ``model`` as timm's ``pretrained=True`` loader fits a ViT checkpoint, so that a
+    dense ViT trained elsewhere (ImageNet at 224 px, 1,000 classes) upcycles into a model of another image size,
+    patch size, class count or input channels: timm's ViT filter resamples the position and patch embeddings, a
+    classifier of another size is dropped (the model's keeps its init) and, with ``adapt_channels``, the first
+    convolution is adapted to the model's input channels (timm's ``adapt_input_conv``). Only the model's shapes are
+    read (it may live on the meta device); the width, depth and tokens must match, and ``upcycle_sources`` names
+    the first tensor that does not."""
+    _require_tensors(dense_state)
+    target = model.state_dict()
+    _require_same_tokens(dense_state, target)
+    try:
+        state = vit_checkpoint_filter_fn(dict(dense_state), model)
+    except (RuntimeError, ValueError, AssertionError) as error:  # a grid it cannot resample: torch's reshape error
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"timm's ViT checkpoint filter cannot fit the dense checkpoint to the model ({first_line}): "
+                         "its embeddings are of another layout") from None
+    changes = [f"{key} resampled from {list(dense_state[key].shape)} to {list(state[key].shape)}"
+               for key in state if key in dense_state and state[key].shape != dense_state[key].shape]
+    keep_init: List[str] = []
+    for name in cfg_names(model, "classifier", ("head",)):
+        keys = [f"{name}.{kind}" for kind in ("weight", "bias")]
+        if not any(key in state and (key not in target or state[key].shape != target[key].shape) for key in keys):
+            continue
+        dense_rows = state[keys[0]].shape[0] if keys[0] in state else "?"
+        for key in keys:
+            state.pop(key, None)
+        keep_init += [key for key in keys if key in target]
+        model_rows = target[keys[0]].shape[0] if keys[0] in target else 0
+        changes.append(f"{name}: the model's own {model_rows}-class classifier at its init (the checkpoint's has "
+                       f"{dense_rows} classes)" if model_rows else f"{name}: the checkpoint's classifier left out "
+                       "(the model has none)")
+    for name in cfg_names(model, "first_conv", ("patch_embed.proj",)) if adapt_channels else ():
+        key = f"{name}.weight"
+        own, source = target.get(key), state.get(key)
+        if own is None or source is None or own.ndim != 4 or source.ndim != 4:
+            continue
+        if source.shape[1] != own.shape[1] and source[:, :1].shape == own[:, :1].shape:  # only the channels differ
+            state[key] = adapt_input_conv(own.shape[1], source, base_chans=source.shape[1])
+            changes.append(f"{key}: the checkpoint's {source.shape[1]} input channels adapted to the model's "
+                           f"{own.shape[1]} (timm's adapt_input_conv)")
+    return FittedDense(state, tuple(keep_init), tuple(changes))
+
+
+def _require_tensors(dense_state: Mapping[str, Any]) -> None:
+    """Every entry a tensor (was: an AttributeError naming no key, from ``.shape`` or ``.to``)."""
+    not_a_tensor = next((key for key, value in dense_state.items() if not isinstance(value, torch.Tensor)), None)
+    if not_a_tensor is not None:
+        raise ValueError(f"the dense checkpoint's {not_a_tensor!r} is a {type(dense_state[not_a_tensor]).__name__}, "
+                         "not a tensor: upcycle from a state dict of tensors (torch.load of a dense ViT's weights)")
+
+
+def _require_same_tokens(dense_state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> None:
+    """Class or register tokens on one side only: timm's filter would read the position embedding as a grid of
+    another size (a torch reshape error); say which setting to change instead."""
+    if ("cls_token" in dense_state) != ("cls_token" in target):
+        wanted = "cls_token" in dense_state
+        raise ValueError(f"the dense checkpoint {'has a' if wanted else 'has no'} class token ('cls_token') and the "
+                         f"model {'none' if wanted else 'one'}: build the model with class_token={wanted} "
+                         f"(model.class_token={str(wanted).lower()} in a run's config) to upcycle from it")
+    if ("reg_token" in dense_state) != ("reg_token" in target):
+        wanted = dense_state["reg_token"].shape[1] if "reg_token" in dense_state else 0
+        raise ValueError(f"the dense checkpoint has {wanted} register tokens ('reg_token') and the model "
+                         f"{target['reg_token'].shape[1] if 'reg_token' in target else 0}: build the model with "
+                         f"reg_tokens={wanted} (model.reg_tokens={wanted} in a run's config) to upcycle from it")
 
 
 def upcycle_state_dict(
@@ -179,11 +276,13 @@ def upcycled_value(dense_state: Mapping[str, torch.Tensor], source: UpcycleSourc
 
 
 def check_upcycle(dense_state: Mapping[str, torch.Tensor], model: nn.Module, keep_init: Collection[str] = ()) -> None:
-    """Raise the ``ValueError`` that upcycling ``model`` from ``dense_state`` would, copying nothing.
+    """Raise the ``ValueError`` that upcycling ``model`` from ``dense_state`` would (after
+    :func:`fit_dense_state`), copying nothing.
 
     Only shapes are read, so ``model`` may live on the meta device.
     """
-    upcycle_sources(dense_state, model, keep_init)
+    fitted = fit_dense_state(dense_state, model)
+    upcycle_sources(fitted.state, model, (*keep_init, *fitted.keep_init))
 
 
 def missing_dense_mlp(dense_state: Mapping[str, torch.Tensor], dense_key: str, name: str) -> str:
@@ -208,10 +307,7 @@ def upcycle_sources(
 ) -> Dict[str, UpcycleSource]:
     """For every key of ``model``'s state dict, where its upcycled value comes from; checks every shape (only
     shapes are read: ``model`` may live on the meta device)."""
-    not_a_tensor = next((key for key, value in dense_state.items() if not isinstance(value, torch.Tensor)), None)
-    if not_a_tensor is not None:  # was: an AttributeError naming no key, from .shape or .to
-        raise ValueError(f"the dense checkpoint's {not_a_tensor!r} is a {type(dense_state[not_a_tensor]).__name__}, "
-                         "not a tensor: upcycle from a state dict of tensors (torch.load of a dense ViT's weights)")
+    _require_tensors(dense_state)
     target = model.state_dict()
     sources: Dict[str, UpcycleSource] = {key: UpcycleSource(None) for key in keep_init if key in target}
     for name, layer in moe_layers(model).items():
@@ -239,12 +335,12 @@ def upcycle_sources(
 
     # a dense ViT saved without a classifier (num_classes=0, a backbone): the model's head keeps its init, as timm's
     # loader gives a dense ViT a new one (was: "the dense checkpoint has no 'head.weight'")
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
-    headless = isinstance(classifier, str) and not any(key.startswith(f"{classifier}.") for key in dense_state)
+    headless = tuple(f"{name}." for name in cfg_names(model, "classifier", ("head",))
+                     if not any(key.startswith(f"{name}.") for key in dense_state))
     for key, value in target.items():
         if key in sources:
             continue
-        if key not in dense_state and headless and key.startswith(f"{classifier}."):
+        if key not in dense_state and headless and key.startswith(headless):
             sources[key] = UpcycleSource(None)
             continue
         if key not in dense_state:

@@ -33,7 +33,8 @@ from .capture import moe_layers
 from .experts import WEIGHT_INIT_MODES, BatchedMlp, hold_expert_copies
 from .layer import SoftMoE
 from .hub import hub_offline, hub_reachable, hub_weights_cached
-from .upcycle import UnreadableCheckpointError, load_state_dict, upcycle_state_dict
+from .upcycle import (UnreadableCheckpointError, cfg_names, fit_dense_state, load_state_dict,
+                      upcycle_state_dict)
 from .vit_checks import (require_global_pool, require_images, require_moe_kwargs, require_num_classes,
                          require_vit_arguments)
 
@@ -255,39 +256,29 @@ def checkpoint_filter_fn(
     if any(key.startswith(expert_prefixes) for key in state_dict):
         # whole, but for a classifier timm drops: its load is not strict then, and a file of other MoE blocks loaded
         # half its experts and routers, the rest left at their init
-        heads = tuple(f"{name}." for name in _cfg_names(model, "classifier"))
+        heads = tuple(f"{name}." for name in cfg_names(model, "classifier"))
         missing = [key for key in model.state_dict() if key not in state_dict and not key.startswith(heads)]
         if missing:
             raise ValueError(f"the Soft MoE checkpoint lacks {len(missing)} of the model's tensors ({missing[0]!r}, "
                              "...): it is of another layout (MoE blocks, experts, slots); build the model it was "
                              "saved from")
         return state_dict
-    # A classifier of another size keeps its init; timm's load_pretrained drops the dense one.
-    classifiers = _cfg_names(model, "classifier")
-    target = model.state_dict()
-    keep_init = []
-    for key in [f"{name}.{kind}" for name in classifiers for kind in ("weight", "bias")]:
-        if key in state_dict and (key not in target or state_dict[key].shape != target[key].shape):
-            state_dict.pop(key)
-            if key in target:
-                keep_init.append(key)
+    # a classifier of another size left at its init, as timm's load_pretrained drops the dense one (fit_dense_state's
+    # own pass of timm's filter finds nothing left to resample)
+    fitted = fit_dense_state(state_dict, model, adapt_channels=False)
     # A first convolution of other input channels (in_chans=1 from an RGB checkpoint) passes through as it is:
     # timm's load_pretrained adapts it after this filter, as for its dense ViT.
+    target = model.state_dict()
     other_channels = {}
-    for key in [f"{name}.weight" for name in _cfg_names(model, "first_conv")]:
-        source, own = state_dict.get(key), target.get(key)
+    for key in [f"{name}.weight" for name in cfg_names(model, "first_conv")]:
+        source, own = fitted.state.get(key), target.get(key)
         if source is None or own is None or source.ndim != 4 or own.ndim != 4:
             continue
         if source.shape[1] != own.shape[1] and source[:, :1].shape == own[:, :1].shape:  # only the channels differ
-            other_channels[key] = state_dict.pop(key)
-    upcycled = upcycle_state_dict(state_dict, model, noise_std=noise_std, keep_init=[*keep_init, *other_channels])
+            other_channels[key] = fitted.state.pop(key)
+    upcycled = upcycle_state_dict(fitted.state, model, noise_std=noise_std,
+                                  keep_init=[*fitted.keep_init, *other_channels])
     return {**upcycled, **other_channels}
-
-
-def _cfg_names(model: torch.nn.Module, field: str) -> Tuple[str, ...]:
-    """The module names the model's ``pretrained_cfg`` gives under ``field`` (``classifier``, ``first_conv``)."""
-    names = getattr(model, "pretrained_cfg", {}).get(field) or ()
-    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def _with_the_files_classes(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:

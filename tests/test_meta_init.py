@@ -141,6 +141,22 @@ def test_upcycling_copies_the_dense_weights_and_draws_only_the_routers(compose_r
             assert torch.equal(value, dense[name]), name
 
 
+def test_a_dense_checkpoint_of_another_dataset_is_fitted_as_the_default_build_fits_it(compose_run, tmp_path):
+    """A dense ViT of 16 px RGB images and 100 classes: the meta build resamples and adapts what the default build
+    does (softmoe.upcycle.fit_dense_state); the classifier is drawn, as the default build keeps its init."""
+    dense = configs(compose_run, "moe=dense", "data.img_size=16", "data.in_chans=3", "data.num_classes=100")
+    path = tmp_path / "dense.pt"
+    torch.save(build_model(dense["model"], dense["moe"]).state_dict(), path)
+    config = configs(compose_run, f"model.upcycle_from={path}")
+    meta = one_process(config).state_dict()
+    default_config = {**config, "trainer": {**config["trainer"], "init_device": "cpu"}}
+    default = build_model(default_config["model"], default_config["moe"]).state_dict()
+    assert meta["pos_embed"].shape == (1, 16, 16) and meta["head.weight"].shape == (10, 16)
+    for name in ("pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.experts.fc1_weight"):
+        assert torch.equal(meta[name], default[name]), name
+    assert not torch.equal(meta["head.weight"], default["head.weight"])  # drawn: meta init's own numbers
+
+
 # Four ranks ----------------------------------------------------------------------------------------------------
 
 

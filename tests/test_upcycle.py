@@ -221,6 +221,59 @@ def test_the_dense_mlps_layernorm_is_upcycled_into_every_expert():
     assert_experts_compute_the_dense_mlp(dense, moe)
 
 
+def test_a_dense_vit_of_another_image_size_class_count_and_channels_upcycles_as_timm_loads_it(caplog):
+    """A dense ViT trained elsewhere (RGB, 32 px, 7 classes) into a grey 16 px 5-class model: timm's filter resamples
+    the position embedding, the model's classifier keeps its init, the first convolution is adapted to one channel
+    (was: "shape mismatch for 'pos_embed'", with no way forward in a run's config)."""
+    from timm.layers import resample_abs_pos_embed
+    from timm.models import adapt_input_conv
+
+    dense = VisionTransformer(**{**ARCH, "img_size": 32, "num_classes": 7})
+    moe = SoftMoEVisionTransformer(**{**ARCH, "in_chans": 1}, num_experts=3, slots_per_expert=2, moe_layer_index=1)
+    own_head = moe.head.weight.detach().clone()
+    with caplog.at_level("INFO", logger="softmoe.upcycle"):
+        upcycle(dense, moe)
+    grid = resample_abs_pos_embed(dense.pos_embed.detach(), new_size=(4, 4), num_prefix_tokens=1)
+    torch.testing.assert_close(moe.pos_embed, grid, rtol=0, atol=0)
+    assert torch.equal(moe.head.weight, own_head) and moe.head.out_features == 5
+    patches = dense.patch_embed.proj.weight.detach()
+    assert torch.equal(moe.patch_embed.proj.weight, adapt_input_conv(1, patches, base_chans=3))
+    torch.testing.assert_close(moe.patch_embed.proj.weight, patches.sum(1, keepdim=True), rtol=0, atol=0)
+    assert_experts_compute_the_dense_mlp(dense, moe)
+    assert torch.equal(moe.blocks[0].mlp.fc1.weight, dense.blocks[0].mlp.fc1.weight)
+    assert [record.getMessage() for record in caplog.records] == [
+        "upcycling: pos_embed resampled from [1, 65, 32] to [1, 17, 32]",
+        "upcycling: head: the model's own 5-class classifier at its init (the checkpoint's has 7 classes)",
+        "upcycling: patch_embed.proj.weight: the checkpoint's 3 input channels adapted to the model's 1 (timm's "
+        "adapt_input_conv)",
+    ]
+
+
+@pytest.mark.parametrize("dense_kwargs, model_kwargs, message", [
+    ({}, {"class_token": False, "global_pool": "avg"},
+     r"the dense checkpoint has a class token \('cls_token'\) and the model none: build the model with "
+     r"class_token=True \(model.class_token=true in a run's config\) to upcycle from it"),
+    ({"class_token": False, "global_pool": "avg"}, {},
+     r"the dense checkpoint has no class token \('cls_token'\) and the model one: build the model with "
+     r"class_token=False \(model.class_token=false in a run's config\)"),
+    ({"reg_tokens": 4}, {},
+     r"the dense checkpoint has 4 register tokens \('reg_token'\) and the model 0: build the model with "
+     r"reg_tokens=4 \(model.reg_tokens=4 in a run's config\)"),
+    ({"patch_size": 5, "img_size": 15}, {},  # a 3x3 grid into 4x4: resampled; patches 5 into 4: resampled too
+     None),
+])
+def test_tokens_on_one_side_only_are_named_with_the_setting_to_change(dense_kwargs, model_kwargs, message):
+    """Was a torch reshape error from inside timm's resampling ('shape '[1, 4, 4, -1]' is invalid ...')."""
+    dense = VisionTransformer(**{**ARCH, **dense_kwargs})
+    moe = SoftMoEVisionTransformer(**{**ARCH, **model_kwargs}, num_experts=3, moe_layer_index=1)
+    if message is None:
+        upcycle(dense, moe)
+        assert moe.pos_embed.shape == (1, 17, 32) and moe.patch_embed.proj.weight.shape == (32, 3, 4, 4)
+        return
+    with pytest.raises(ValueError, match=f"^{message}"):
+        upcycle(dense, moe)
+
+
 # The harness: model.upcycle_from=PATH starts a run from a dense checkpoint
 
 
@@ -266,6 +319,22 @@ def test_a_noise_std_without_a_source_is_refused_and_a_dense_start_says_no_exper
     model = build_model(cfg.model, cfg.moe)  # was: "...and the experts of 0 MoE blocks [] start from..."
     started = f"started from {path}: every weight (a dense ViT: no experts to upcycle)"
     assert describe_upcycling(cfg.model, model) == started
+
+
+def test_harness_upcycles_from_a_dense_vit_of_another_dataset(compose_run, tmp_path, caplog):
+    """A dense run of 16 px RGB images and 100 classes (another dataset) upcycled into the digits model: the check
+    passes, position embedding resampled, the run's classifier and first convolution its own fit."""
+    path = tmp_path / "dense.pt"
+    dense = save_dense_run_model(compose_run, path, "data.img_size=16", "data.in_chans=3", "data.num_classes=100")
+    cfg = compose_run(f"model.upcycle_from={path}")
+    check_config(cfg)
+    with caplog.at_level("INFO", logger="softmoe.upcycle"):
+        model = build_model(cfg.model, cfg.moe)
+    assert model.head.out_features == 10 and model.pos_embed.shape[1] < dense.pos_embed.shape[1]
+    assert torch.equal(model.blocks[0].attn.qkv.weight, dense.blocks[0].attn.qkv.weight)
+    changed = [record.getMessage().split(":")[1].strip() for record in caplog.records]
+    assert changed == ["pos_embed resampled from [1, 64, 64] to [1, 16, 64]", "head",
+                       "patch_embed.proj.weight"], changed
 
 
 def test_harness_names_the_first_mismatched_key_in_one_line(compose_run, tmp_path):

@@ -52,7 +52,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from softmoe.parallel import local_tensor
-from softmoe.upcycle import UpcycleSource, load_state_dict, upcycle_sources, upcycled_value
+from softmoe.upcycle import (FittedDense, UpcycleSource, fit_dense_state, load_state_dict, log_changes,
+                             upcycle_sources, upcycled_value)
 
 from .distributed import Distributed
 from .errors import ConfigError
@@ -137,23 +138,23 @@ def _local_bytes(tensors: Iterator[torch.Tensor]) -> int:
 @torch.no_grad()
 def initialise(
     model: nn.Module, template: nn.Module, *, device: torch.device, seed: int, mesh: Any = None,
-    dense_state: Optional[Mapping[str, torch.Tensor]] = None, noise_std: float = 0.0,
+    dense: Optional[FittedDense] = None, noise_std: float = 0.0,
 ) -> None:
     """Fill this rank's pieces of ``model`` (laid out by :meth:`Distributed.shard_model` and allocated by
-    ``to_empty``): each parameter of ``template`` drawn whole in turn (or upcycled from ``dense_state``), its piece
+    ``to_empty``): each parameter of ``template`` drawn whole in turn (or upcycled from ``dense``), its piece
     copied, the whole tensor freed. No communication."""
     pieces = {key[len("model."):]: piece for key, piece in
               global_state(model, (dict(model.named_parameters()), {}), mesh).items()}  # single-process names
     names = [name for name, _ in template.named_parameters()]
     if sorted(names) != sorted(pieces):
         raise RuntimeError(f"the sharded model's parameters {sorted(pieces)} are not the template's {sorted(names)}")
-    sources = upcycle_sources(dense_state, template) if dense_state is not None else {}
+    sources = upcycle_sources(dense.state, template, dense.keep_init) if dense is not None else {}
     draw_device = device if device.type in ("cpu", "cuda") else torch.device("cpu")  # generators we can seed
     largest = 0
     for name, meta in template.named_parameters():
         source = sources.get(name)
         if source is not None and source.dense_key is not None:
-            whole = _upcycled(dense_state, source, name, meta.dtype, noise_std, seed)
+            whole = _upcycled(dense.state, source, name, meta.dtype, noise_std, seed)
         else:
             whole = draw_parameter(template, name, draw_device, seed)
         copy_piece(pieces[name], whole)
@@ -186,9 +187,12 @@ def build_local_shards(config: Mapping[str, Any], distributed: Distributed, *, d
             local_tensor(param).fill_(math.nan)
     if draw:
         source = model_cfg.get("upcycle_from")
-        dense_state = None if source is None else load_state_dict(os.path.expanduser(source))
+        dense = None
+        if source is not None:  # fitted as the default build's upcycle() fits it: a classifier keeps its (drawn) init
+            dense = fit_dense_state(load_state_dict(os.path.expanduser(source)), template)
+            log_changes(dense)
         initialise(model, template, device=distributed.device, seed=config["seed"], mesh=distributed.mesh,
-                   dense_state=dense_state, noise_std=model_cfg.get("upcycle_noise_std", 0.0))
+                   dense=dense, noise_std=model_cfg.get("upcycle_noise_std", 0.0))
     else:
         log.info("trainer.init_device=meta: no weights drawn, the checkpoint provides them")
     return model
