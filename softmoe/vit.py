@@ -254,14 +254,7 @@ def checkpoint_filter_fn(
     state_dict = vit_checkpoint_filter_fn(state_dict, model)
     expert_prefixes = tuple(f"{name}.experts." for name in moe_layers(model))
     if any(key.startswith(expert_prefixes) for key in state_dict):
-        # whole, but for a classifier timm drops: its load is not strict then, and a file of other MoE blocks loaded
-        # half its experts and routers, the rest left at their init
-        heads = tuple(f"{name}." for name in cfg_names(model, "classifier"))
-        missing = [key for key in model.state_dict() if key not in state_dict and not key.startswith(heads)]
-        if missing:
-            raise ValueError(f"the Soft MoE checkpoint lacks {len(missing)} of the model's tensors ({missing[0]!r}, "
-                             "...): it is of another layout (MoE blocks, experts, slots); build the model it was "
-                             "saved from")
+        _require_same_layout(state_dict, model)
         return state_dict
     # a classifier of another size left at its init, as timm's load_pretrained drops the dense one (fit_dense_state's
     # own pass of timm's filter finds nothing left to resample)
@@ -279,6 +272,30 @@ def checkpoint_filter_fn(
     upcycled = upcycle_state_dict(fitted.state, model, noise_std=noise_std,
                                   keep_init=[*fitted.keep_init, *other_channels])
     return {**upcycled, **other_channels}
+
+
+def _require_same_layout(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """A Soft MoE file loads whole, but for a classifier timm drops (its load is not strict then, so a file of other
+    MoE blocks loaded half its experts and routers, the rest left at their init), and of the model's shapes (was
+    torch's error of one line per expert tensor for a file of another expert count)."""
+    heads = tuple(f"{name}." for name in cfg_names(model, "classifier"))
+    target = {key: value for key, value in model.state_dict().items() if not key.startswith(heads)}
+    missing = [key for key in target if key not in state_dict]
+    if missing:
+        raise ValueError(f"the Soft MoE checkpoint lacks {len(missing)} of the model's tensors ({missing[0]!r}, "
+                         "...): it is of another layout (MoE blocks, experts, slots); build the model it was "
+                         "saved from")
+    other = next((key for key in target if state_dict[key].shape != target[key].shape), None)
+    if other is None:
+        return
+    found, own = list(state_dict[other].shape), list(target[other].shape)
+    if other.endswith(".phi") and len(found) == len(own) == 3:  # Φ is [dim, experts, slots per expert]
+        layout = (f"saved with num_experts={found[1]}, slots_per_expert={found[2]}; the model has {own[1]}, "
+                  f"{own[2]}")
+    else:
+        layout = f"the model's is {own}"
+    raise ValueError(f"the Soft MoE checkpoint's {other!r} is {found} ({layout}): build the model it was saved "
+                     "from")
 
 
 def _with_the_files_classes(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -253,6 +253,23 @@ def test_a_soft_moe_checkpoint_of_other_moe_blocks_is_refused_not_half_loaded(tm
                           pretrained_cfg_overlay=dict(file=str(path)))
 
 
+@pytest.mark.parametrize("other, message", [
+    ({"num_experts": 4}, r"'blocks\.3\.mlp\.phi' is \[64, 8, 1\] \(saved with num_experts=8, slots_per_expert=1; the "
+                         r"model has 4, 1\)"),
+    ({"slots_per_expert": 2}, r"'blocks\.3\.mlp\.phi' is \[64, 8, 1\] \(saved with num_experts=8, slots_per_expert=1; "
+                              r"the model has 8, 2\)"),
+    ({"mlp_ratio": 2.0}, r"'blocks\.0\.mlp\.fc1\.weight' is \[192, 64\] \(the model's is \[128, 64\]\)"),
+], ids=["num_experts", "slots_per_expert", "mlp_ratio"])
+def test_a_soft_moe_checkpoint_of_another_expert_count_is_one_line_naming_the_layout(tmp_path, other, message):
+    """Was torch's load_state_dict error, one line per mismatched tensor (41 lines for another num_experts)."""
+    path = tmp_path / "eight_experts.safetensors"
+    trained = timm.create_model("test_soft_moe_vit", num_classes=10)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match=rf"^the Soft MoE checkpoint's {message}: build the model it was saved from$"):
+        timm.create_model("test_soft_moe_vit", pretrained=True, num_classes=10,
+                          pretrained_cfg_overlay=dict(file=str(path)), **other)
+
+
 def test_a_dense_backbone_saved_without_a_head_upcycles_into_a_model_with_a_new_one(tmp_path):
     # was: "the dense checkpoint has no 'head.weight'", where timm's loader gives a dense ViT a new head
     from softmoe import upcycle
