@@ -228,6 +228,9 @@ def test_each_unusable_trainer_resume_says_what_is_wrong_and_what_to_do_instead(
         f"model.depth={depth}: this run directory's checkpoint {good} was saved with model.depth={saved}, and a run "
         f"directory resumes only the experiment it holds; rerun with model.depth={saved}, or give this run a new run "
         "directory (a new hydra.run.dir, or hydra.sweep.dir for a sweep)")
+    with pytest.raises(OtherExperimentError) as raised:  # another seed is another run, not this one continued
+        resume_checkpoint(good.parent, None, {**config, "seed": 1})
+    assert str(raised.value).startswith(f"seed=1: this run directory's checkpoint {good} was saved with seed=0, ")
     # the setting the user typed, not a key it set (both named model.img_size or model.depth, and their suggestion,
     # pasted, failed: model.img_size must equal data.img_size; model.depth=4 alone is not vit_micro)
     for overrides, now, before in ((["data=synthetic"], "data=synthetic", "data=digits"),

@@ -83,6 +83,15 @@ def test_a_single_run_has_no_std_and_a_test_metric_is_never_reduced_to_its_best(
     assert output.out.endswith("(2 runs)\n")
 
 
+def test_the_selection_metric_is_reduced_to_its_best_and_the_test_metrics_to_their_final_value():
+    """A run resumed from before its final test logs the test split again: the table reads the last value of each
+    test column, never the best of them (which would select on the test split)."""
+    history = {"val/acc": [0.5, 0.9, 0.7], "test/acc": [0.8, 0.6], "test/acc_at_best_val": [0.75, 0.65]}
+    runs = [sweeps.RunResult("0", {"seed": "0"}, history)]
+    lines = sweeps.markdown_table(sweeps.summarize(runs, [], []), [], []).splitlines()
+    assert lines[2] == "| 1 | 90.00% ± n/a | 60.00% ± n/a | 65.00% ± n/a |"
+
+
 def test_a_cell_over_fewer_runs_than_its_row_says_how_many():
     """A further metric that one seed did not log (a dense run has no routing statistics) is not shown as if it
     were the mean over the row's runs."""

@@ -448,6 +448,10 @@ SWEPT_GROUPS = [  # (experiment, a config group its sweep sets, each swept optio
 ]
 
 
+def test_some_study_sweeps_a_config_group():  # else the test below checks nothing
+    assert len({experiment for experiment, _, _ in SWEPT_GROUPS}) >= 2
+
+
 @pytest.mark.parametrize("experiment,group,option", SWEPT_GROUPS, ids=[f"{e}:{g}={o}" for e, g, o in SWEPT_GROUPS])
 def test_a_studys_swept_group_reaches_the_run_config(compose_run, experiment, group, option):
     # an experiment's own keys come after the groups: setting a key the swept group sets would void the sweep
@@ -456,9 +460,10 @@ def test_a_studys_swept_group_reaches_the_run_config(compose_run, experiment, gr
     header = [line.split()[-1] for line in path.read_text().splitlines() if line.startswith("# @package")]
     package = header[0] if header else group
     section = cfg if package == "_global_" else OmegaConf.select(cfg, package)
-    for key, value in OmegaConf.to_container(OmegaConf.load(path)).items():
-        if key != "defaults":
-            assert section[key] == value, f"experiment={experiment} {group}={option}: {key}={section[key]}, not {value}"
+    keys = {key: value for key, value in OmegaConf.to_container(OmegaConf.load(path)).items() if key != "defaults"}
+    assert keys, f"{path} sets no key of its own: nothing to check"
+    for key, value in keys.items():
+        assert section[key] == value, f"experiment={experiment} {group}={option}: {key}={section[key]}, not {value}"
 
 
 def test_a_target_that_does_not_import_is_one_line_without_hydras_own_log(compose_run, caplog):

@@ -2,6 +2,7 @@
 run, from the default run directory too; a second Ctrl-C ends the process at once, even inside a long C++ op."""
 
 import contextlib
+import json
 import logging
 import os
 import shlex
@@ -290,7 +291,8 @@ def test_ctrl_c_during_the_final_test_says_the_run_ends_after_it(compose_run, tm
     monkeypatch.setattr(loop, "test_final_and_best", test_after_a_ctrl_c)
     summary = loop.train(compose_run("trainer.max_steps=2", "model.depth=2", "logger=none",
                                      "trainer.progress_bar=false"), tmp_path)
-    assert summary.steps == 2 and summary.test_acc >= 0
+    tested = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "test/acc" in line]
+    assert summary.steps == 2 and [event["test/acc"] for event in tested] == [summary.test_acc]  # it ran, once
     said = [message for message in caplog.messages if " received" in message]
     assert said == ["SIGINT received after the last step, whose last.pt is saved: the run ends once its test is done; "
                     "Ctrl-C again ends the process at once (a rerun then tests it)"]

@@ -86,9 +86,12 @@ def test_attempts_of_a_run_resumed_within_one_second_keep_their_own_offline_dire
 
     def attempt(run_id, steps):  # what train() does with its telemetry: resume, log, commit at a checkpoint, finish
         telemetry = Telemetry(tmp_path, logger, {"seed": 0}, resume_step=steps[0] - 1, run_id=run_id)
-        for step in steps:
+        sent, send = [], telemetry.wandb.log  # the real W&B run's log, its steps recorded on the way
+        telemetry.wandb.log = lambda values, step: (sent.append(step), send(values, step=step))
+        for step in steps:  # a checkpoint after each step: each commit sends only what was logged since the last
             telemetry.log(step, 1, {"train/loss": 1.0 / step})
-        telemetry.commit()
+            telemetry.commit()
+        assert sent == steps  # was not seen: W&B drops a step sent again, so its file reads the same
         command = telemetry.sync_command
         telemetry.finish()
         return telemetry.run_id, command

@@ -73,11 +73,26 @@ def test_noise_makes_experts_diverge():
     torch.testing.assert_close(w[0], dense.blocks[1].mlp.fc1.weight.T, atol=0.06, rtol=0)
 
 
+def test_noise_drawn_from_a_generator_is_reproduced_by_its_seed():
+    dense = VisionTransformer(**ARCH)
+    drawn = []
+    for seed in (0, 0, 1):
+        _, moe = dense_and_moe()
+        upcycle(dense, moe, noise_std=0.01, generator=torch.Generator().manual_seed(seed))
+        drawn.append(moe.blocks[1].mlp.experts.fc1_weight.detach())
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
+
+
 def test_mismatched_architectures_are_named():
     dense = VisionTransformer(**{**ARCH, "embed_dim": 48})
     _, moe = dense_and_moe()
-    with pytest.raises(ValueError, match="shape mismatch for 'cls_token'|shape mismatch for 'blocks.1.mlp.fc1.weight'"):
-        upcycle(dense, moe)
+    with pytest.raises(ValueError, match=r"^shape mismatch for 'blocks.1.mlp.fc1.weight': dense \[192, 48\]"):
+        upcycle(dense, moe)  # the MoE blocks are checked first
+    state = VisionTransformer(**ARCH).state_dict()
+    state["blocks.0.attn.proj.weight"] = torch.zeros(32, 16)  # a block without experts
+    with pytest.raises(ValueError, match=r"^shape mismatch for 'blocks.0.attn.proj.weight': dense \[32, 16\], "
+                                         r"Soft MoE \[32, 32\]$"):
+        upcycle(state, moe)
     with pytest.raises(ValueError, match="does not exist"):
         upcycle("/nonexistent/vit.pth", moe)
 
@@ -115,6 +130,16 @@ def test_arguments_of_the_wrong_kind_are_named(tmp_path):
     with pytest.raises(ValueError, match=rf"^dense checkpoint '{tmp_path}' is a directory: pass its checkpoint file"):
         load_state_dict(tmp_path)
     upcycle(dense, moe, noise_std=1e-3, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_state_dict_of_compiled_blocks_loses_the_inner_orig_mod_prefix():
+    """torch.compile of one block saves ``blocks.0._orig_mod.norm1.weight``; timm's loader and this one read
+    ``blocks.0.norm1.weight``."""
+    dense, moe = dense_and_moe()
+    dense.blocks[0] = torch.compile(dense.blocks[0])  # wraps, compiles nothing until called
+    assert "blocks.0._orig_mod.norm1.weight" in dense.state_dict()
+    upcycle(dense.state_dict(), moe)
+    assert torch.equal(moe.blocks[0].norm1.weight, dense.blocks[0].norm1.weight)
 
 
 def test_checkpoint_files_are_loaded_without_unpickling_code(tmp_path):

@@ -23,8 +23,13 @@ def moe_blocks(model):
     return [i for i, block in enumerate(model.blocks) if isinstance(block.mlp, SoftMoE)]
 
 
-def test_is_a_timm_vision_transformer():
-    assert isinstance(tiny(), VisionTransformer)
+def test_is_a_timm_vision_transformer_whose_features_and_head_are_timms():
+    model = tiny().eval()
+    assert isinstance(model, VisionTransformer)
+    images = torch.randn(2, 3, 16, 16)
+    features = model.forward_features(images)  # 16 patches and the class token, each of width 32
+    assert features.shape == (2, 17, 32) and model.forward_head(features).shape == (2, 10)
+    torch.testing.assert_close(model(images), model.forward_head(features))
 
 
 @pytest.mark.parametrize(

@@ -51,14 +51,6 @@ from .run_files import (  # noqa: F401
 IGNORED_KEYS = ("seed", "hydra.", "logger.", "trainer.device", "paths.")
 
 
-# Metrics whose best value is the smallest: losses and the sparse routers' dropped-token fractions.
-LOWER_IS_BETTER_SUFFIXES = ("loss", "dropped_fraction", "skipped_steps")
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.endswith(LOWER_IS_BETTER_SUFFIXES)
-
-
 @dataclass
 class RunResult:
     """One run: its overrides (``key -> value``, as an override writes it) and its metric values in logging order;
@@ -75,10 +67,9 @@ class RunResult:
         return values[-1] if values else None
 
     def best(self, metric: str) -> Optional[float]:
+        """The highest value: only the selection metric (``val/acc``) is reduced to its best, never a test metric."""
         values = self.history.get(metric)
-        if not values:
-            return None
-        return min(values) if lower_is_better(metric) else max(values)
+        return max(values) if values else None
 
 
 def load_sweep(sweep_dir: Path) -> List[RunResult]:
