@@ -262,3 +262,57 @@ def test_each_unusable_trainer_resume_says_what_is_wrong_and_what_to_do_instead(
         assert str(raised.value) == (
             f"trainer.resume={shown}: no such file or directory; name another run's checkpoint (its last.pt, best.pt "
             "or last.dcp) to start from, or null to start afresh")
+
+
+# Which checkpoint a rerun continues from, and the run lengths it refuses: fast checks of the rules the end-to-end
+# tests of test_train.py and test_reliability.py exercise through whole runs.
+
+
+def test_a_run_directorys_own_last_pt_wins_over_trainer_resume_and_a_damaged_one_falls_back(tmp_path, caplog):
+    from softmoe.harness.resume import past_the_runs_end
+
+    run_dir, other = tmp_path / "run", tmp_path / "other" / "last.pt"
+    run_dir.mkdir()
+    assert checkpoint.resume_path(run_dir, None) is None
+    assert checkpoint.resume_path(run_dir, str(other)) == other  # a new run directory starts from trainer.resume
+    save_checkpoint(run_dir / "last.prev.pt", state(1))
+    assert checkpoint.resume_path(run_dir, str(other)) == run_dir / "last.pt"  # a rerun resumes itself
+    save_checkpoint(run_dir / "last.pt", state(2))
+    assert checkpoint.resume_path(run_dir, str(other)) == run_dir / "last.pt"
+    (run_dir / "last.pt").write_bytes((run_dir / "last.pt").read_bytes()[:500])  # cut short by a crash
+    loaded, path = checkpoint.load_resume_checkpoint(run_dir / "last.pt")
+    assert path == run_dir / "last.prev.pt" and loaded["step"] == 1
+    assert "resuming from the checkpoint before it" in caplog.text
+    assert past_the_runs_end("a/last.pt", 9, 10) is None  # one step left to train
+    assert past_the_runs_end("a/last.pt", 10, 10).startswith("trainer.resume=a/last.pt: that checkpoint is at step "
+                                                              "10, already this run's 10 steps;")
+
+
+@pytest.mark.parametrize("saved, now, refused", [
+    ({"max_epochs": 30, "max_steps": None}, {"max_epochs": 20, "max_steps": None},
+     "trainer.max_epochs=20: this run directory's checkpoint {path} is of a run of trainer.max_epochs=30, which is "
+     "not shortened in place"),
+    ({"max_epochs": 30, "max_steps": None}, {"max_epochs": 40, "max_steps": None},
+     "trainer.max_epochs=40: this run directory's checkpoint {path} is of a run of trainer.max_epochs=30, which is "
+     "not lengthened in place"),
+    ({"max_epochs": 30, "max_steps": 45}, {"max_epochs": 3, "max_steps": 45}, None),  # max_epochs unused: same run
+    ({"max_epochs": 30, "max_steps": None}, {"max_epochs": 30, "max_steps": 45},
+     "trainer.max_steps=45: this run directory's checkpoint {path} is of a run of trainer.max_epochs=30 "
+     "trainer.max_steps=null, which is not re-measured in steps in place"),
+], ids=["shortened", "lengthened", "max_epochs_unused", "re-measured"])
+def test_a_run_directory_keeps_its_length(compose_run, tmp_path, saved, now, refused):
+    import json
+
+    from softmoe.harness.errors import OtherExperimentError
+    from softmoe.harness.rules import plain
+
+    config = plain(compose_run())
+    path = tmp_path / "last.pt"
+    before = {**config, "trainer": {**config["trainer"], **saved}}
+    after = {**config, "trainer": {**config["trainer"], **now}}
+    if refused is None:
+        checkpoint.check_same_experiment({"config": json.dumps(before)}, after, path)
+        return
+    with pytest.raises(OtherExperimentError) as raised:
+        checkpoint.check_same_experiment({"config": json.dumps(before)}, after, path)
+    assert str(raised.value).startswith(refused.format(path=path))
