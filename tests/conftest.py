@@ -1,6 +1,7 @@
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,15 +136,28 @@ def wandb_offline_run(run_dir):
 @pytest.fixture(scope="session")
 def offline_sweep(tmp_path_factory):
     """A real sweep, ``python -m softmoe.train -m moe.num_experts=4,8`` (3 steps each, W&B offline), shared by
-    the tests of the sweep itself and of collecting it; returns its sweep dir once W&B has closed both runs."""
-    sweep_dir = tmp_path_factory.mktemp("offline_sweep")
-    command = [
-        sys.executable, "-m", "softmoe.train", "-m", "moe.num_experts=4,8",
-        "trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=256", "model.depth=2",
-        "logger.mode=offline", f"hydra.sweep.dir={sweep_dir}",
-    ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for job in (0, 1):
-        wandb_offline_run(sweep_dir / str(job))  # each run's file is closed
+    the tests of the sweep itself and of collecting it; returns its sweep dir once W&B has closed both runs.
+    Under pytest-xdist it is made once for all the workers (in the folder above theirs, under a file lock): with
+    ``--dist loadfile`` tests/test_train.py and tests/test_collect.py usually run on different workers, and each
+    made its own (a W&B service and 2 runs, some 15 s)."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this session's folder, one per worker below it
+    sweep_dir, made = shared / "offline_sweep", shared / "offline_sweep.made"
+    with FileLock(str(shared / "offline_sweep.lock")):
+        if made.exists():
+            return sweep_dir
+        shutil.rmtree(sweep_dir, ignore_errors=True)  # a sweep that failed in another worker
+        command = [
+            sys.executable, "-m", "softmoe.train", "-m", "moe.num_experts=4,8",
+            "trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=256", "model.depth=2",
+            "logger.mode=offline", f"hydra.sweep.dir={sweep_dir}",
+        ]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        for job in (0, 1):
+            wandb_offline_run(sweep_dir / str(job))  # each run's file is closed
+        made.touch()
     return sweep_dir
