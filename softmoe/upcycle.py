@@ -199,10 +199,11 @@ def fit_dense_state(dense_state: Mapping[str, torch.Tensor], model: nn.Module, *
         for key in keys:
             state.pop(key, None)
         keep_init += [key for key in keys if key in target]
-        model_rows = target[keys[0]].shape[0] if keys[0] in target else 0
-        changes.append(f"{name}: the model's own {model_rows}-class classifier at its init (the checkpoint's has "
-                       f"{dense_rows} classes)" if model_rows else f"{name}: the checkpoint's classifier left out "
-                       "(the model has none)")
+        if keys[0] in target:
+            changes.append(f"{name}: the model's own {target[keys[0]].shape[0]}-class classifier at its init (the "
+                           f"checkpoint's has {dense_rows} classes)")
+        else:  # num_classes=0: a backbone
+            changes.append(f"{name}: the checkpoint's classifier left out (the model has none)")
     for name in cfg_names(model, "first_conv", ("patch_embed.proj",)) if adapt_channels else ():
         key = f"{name}.weight"
         own, source = target.get(key), state.get(key)

@@ -274,6 +274,15 @@ def test_a_dense_vit_of_another_image_size_class_count_and_channels_upcycles_as_
     ]
 
 
+def test_a_backbone_takes_a_dense_vit_with_a_classifier_leaving_the_classifier_out(caplog):
+    dense = VisionTransformer(**ARCH)
+    backbone = SoftMoEVisionTransformer(**{**ARCH, "num_classes": 0}, num_experts=3, moe_layer_index=1)
+    with caplog.at_level("INFO", logger="softmoe.upcycle"):
+        upcycle(dense, backbone)  # was: "dense checkpoint entries with no place in the Soft MoE model: ['head.bias'..."
+    assert caplog.messages == ["upcycling: head: the checkpoint's classifier left out (the model has none)"]
+    assert torch.equal(backbone.norm.weight, dense.norm.weight)
+
+
 @pytest.mark.parametrize("dense_kwargs, model_kwargs, message", [
     ({}, {"class_token": False, "global_pool": "avg"},
      r"the dense checkpoint has a class token \('cls_token'\) and the model none: build the model with "
