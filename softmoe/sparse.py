@@ -46,7 +46,7 @@ Telemetry, after every forward (computed without grad from tensors the forward a
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,15 @@ class SparseMoE(nn.Module):
         self._routing_recorder: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
         self.last_stats: Optional[Stats] = None
         self.aux_loss: Optional[torch.Tensor] = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """The module's state with ``aux_loss`` detached: a copy (``copy.deepcopy``, as timm's ``ModelEmaV3`` makes
+        one after a training step) takes its value, not the original's autograd graph, which deepcopy refuses
+        ("Only Tensors created explicitly by the user ... support the deepcopy protocol")."""
+        state = super().__getstate__()
+        if state.get("aux_loss") is not None:
+            state["aux_loss"] = state["aux_loss"].detach()
+        return state
 
     def reset_parameters(self) -> None:
         """LeCun normal (truncated at 2 std, fan_in = d), flax's default for vmoe's router ``Dense``."""

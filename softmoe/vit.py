@@ -186,9 +186,10 @@ class SoftMoEVisionTransformer(VisionTransformer):
                 is_exporting() or autocast_dtype_on(x.device) is None:
             return super().forward(x)
         hold_expert_copies(self, True)
-        x = super().forward(x)
-        hold_expert_copies(self, False)
-        return x
+        try:
+            return super().forward(x)
+        finally:  # an error in the forward (a wrong input) left them held: the next float32 graph read bf16 copies
+            hold_expert_copies(self, False)
 
     compiled_reads_expert_copies = True
 

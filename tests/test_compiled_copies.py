@@ -150,6 +150,19 @@ def test_the_copies_are_held_only_for_the_compiled_call_and_released_by_an_optim
     assert not any(bank._copies_held for bank in banks)  # held for the call only
 
 
+def test_a_compiled_forward_that_raises_releases_the_copies():
+    """Was: a wrong input's error inside the held region left the copies held, and the next compiled float32 call
+    read them ("expected scalar type Float but found BFloat16") until an optimizer step."""
+    model, eager = twin_models()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.autocast("cpu", torch.bfloat16):
+        compiled(IMAGES)
+        with pytest.raises(ValueError, match="img_size"):
+            compiled(torch.randn(2, 3, 40, 40))  # the library's own one line for a wrong image size
+    assert not any(bank._copies_held for bank in model.modules() if hasattr(bank, "_copies_held"))
+    torch.testing.assert_close(compiled(IMAGES), eager(IMAGES))  # float32
+
+
 def test_under_autocast_dynamo_breaks_the_graph_only_to_hold_the_copies_unless_told_not_to():
     """The cost of reading the copies: graph breaks around the model, so fullgraph=True needs
     compiled_reads_expert_copies off."""

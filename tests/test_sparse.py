@@ -435,3 +435,22 @@ def test_routing_is_recorded_at_the_capacity_the_layer_used(layer_class):
         assert dispatch.shape == combine.shape == (2, 5, 2, capacity)
         assert set(dispatch.unique().tolist()) <= {0.0, 1.0}  # one-hot: each filled slot holds one token
         assert dispatch.sum(dim=1).max() <= 1
+
+
+def test_a_model_copied_after_a_training_forward_takes_the_aux_loss_value_not_its_graph():
+    """Was: copy.deepcopy (and timm's ModelEmaV3, which makes one) refused a Tokens Choice model after a forward
+    with gradients on: aux_loss was a non-leaf tensor of the forward's graph."""
+    import copy
+
+    from timm.utils import ModelEmaV3
+
+    model = SoftMoEVisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10,
+                                     num_experts=4, moe_layer_index=1, moe_layer=TokensChoiceMoE)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    layer = model.blocks[1].mlp
+    copied = copy.deepcopy(model).blocks[1].mlp
+    assert copied.aux_loss.grad_fn is None and torch.equal(copied.aux_loss, layer.aux_loss.detach())
+    assert layer.aux_loss.grad_fn is not None  # the original keeps its graph for the trainer's loss
+    ema = ModelEmaV3(model, decay=0.9)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.blocks[1].mlp.router_weight, layer.router_weight)
