@@ -170,50 +170,86 @@ def cfg_names(model: nn.Module, field: str, default: Tuple[str, ...] = ()) -> Tu
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def fit_dense_state(dense_state: Mapping[str, torch.Tensor], model: nn.Module, *,
+def fit_dense_state(dense_state: Mapping[str, torch.Tensor], model: nn.Module, *, timm_filter: bool = True,
                     adapt_channels: bool = True) -> FittedDense:
     """``dense_state`` made to fit ``model`` as timm's ``pretrained=True`` loader fits a ViT checkpoint, so that a
     dense ViT trained elsewhere (ImageNet at 224 px, 1,000 classes) upcycles into a model of another image size,
-    patch size, class count or input channels: timm's ViT filter resamples the position and patch embeddings, a
-    classifier of another size is dropped (the model's keeps its init) and, with ``adapt_channels``, the first
-    convolution is adapted to the model's input channels (timm's ``adapt_input_conv``). Only the model's shapes are
-    read (it may live on the meta device); the width, depth and tokens must match, and ``upcycle_sources`` names
-    the first tensor that does not."""
+    patch size, class count or input channels: timm's ViT filter resamples the position and patch embeddings
+    (``timm_filter=False``: the state has been through it), a classifier of another size or none is left out (the
+    model's keeps its init) and, with ``adapt_channels``, the first convolution is adapted to the model's input
+    channels (timm's ``adapt_input_conv``). Only the model's shapes are read (it may live on the meta device); the
+    width, depth, tokens and pooling must match, and ``upcycle_sources`` names the first tensor that does not."""
     _require_tensors(dense_state)
+    expert_key = next((key for key in dense_state if ".experts." in key), None)
+    if expert_key is not None:  # before any other check: no setting of the model makes it a dense ViT's
+        raise ValueError(moe_checkpoint_message(expert_key))
     target = model.state_dict()
     _require_same_tokens(dense_state, target)
+    state = _timm_filtered(dense_state, model) if timm_filter else dict(dense_state)
+    changes = [f"{key} resampled from {list(dense_state[key].shape)} to {list(state[key].shape)}"
+               for key in state if key in dense_state and state[key].shape != dense_state[key].shape]
+    left_out = sorted(set(dense_state) - set(state))
+    if left_out:  # e.g. an old checkpoint's pre_logits, which timm's ViTs no longer have
+        changes.append(f"left out by timm's ViT checkpoint filter: {', '.join(left_out)}")
+    keep_init = _fit_classifiers(state, target, model, changes)
+    for key in other_channels(state, model) if adapt_channels else ():
+        source, channels = state[key], target[key].shape[1]
+        state[key] = adapt_input_conv(channels, source, base_chans=source.shape[1])
+        changes.append(f"{key}: the checkpoint's {source.shape[1]} input channels adapted to the model's {channels} "
+                       "(timm's adapt_input_conv)")
+    return FittedDense(state, tuple(keep_init), tuple(changes))
+
+
+def _timm_filtered(dense_state: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm's ViT checkpoint filter, its errors in one line."""
     try:
-        state = vit_checkpoint_filter_fn(dict(dense_state), model)
+        return vit_checkpoint_filter_fn(dict(dense_state), model)
     except (RuntimeError, ValueError, AssertionError) as error:  # a grid it cannot resample: torch's reshape error
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"timm's ViT checkpoint filter cannot fit the dense checkpoint to the model ({first_line}): "
                          "its embeddings are of another layout") from None
-    changes = [f"{key} resampled from {list(dense_state[key].shape)} to {list(state[key].shape)}"
-               for key in state if key in dense_state and state[key].shape != dense_state[key].shape]
+
+
+def _fit_classifiers(state: Dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], model: nn.Module,
+                     changes: List[str]) -> List[str]:
+    """Leave out of ``state`` each classifier that does not fit the model's (another class count, or a model without
+    one), saying so in ``changes``; returns the model's classifier keys that keep their init (those of a classifier
+    the checkpoint has none of, too: a backbone saved with ``num_classes=0``)."""
     keep_init: List[str] = []
     for name in cfg_names(model, "classifier", ("head",)):
         keys = [f"{name}.{kind}" for kind in ("weight", "bias")]
-        if not any(key in state and (key not in target or state[key].shape != target[key].shape) for key in keys):
+        own = [key for key in keys if key in target]
+        if not any(key in state for key in keys):
+            if own:
+                keep_init += own
+                changes.append(f"{name}: the model's own classifier at its init (the checkpoint has none)")
             continue
+        if all(key in target and state[key].shape == target[key].shape for key in keys if key in state):
+            continue  # the checkpoint's own classifier fits: copied
         dense_rows = state[keys[0]].shape[0] if keys[0] in state else "?"
         for key in keys:
             state.pop(key, None)
-        keep_init += [key for key in keys if key in target]
-        if keys[0] in target:
-            changes.append(f"{name}: the model's own {target[keys[0]].shape[0]}-class classifier at its init (the "
+        keep_init += own
+        if own:
+            changes.append(f"{name}: the model's own {target[own[0]].shape[0]}-class classifier at its init (the "
                            f"checkpoint's has {dense_rows} classes)")
         else:  # num_classes=0: a backbone
             changes.append(f"{name}: the checkpoint's classifier left out (the model has none)")
-    for name in cfg_names(model, "first_conv", ("patch_embed.proj",)) if adapt_channels else ():
+    return keep_init
+
+
+def other_channels(state: Mapping[str, torch.Tensor], model: nn.Module) -> List[str]:
+    """The first convolutions (``pretrained_cfg``'s ``first_conv``) of ``state`` whose input channels alone differ
+    from the model's (an RGB checkpoint, a grey model): timm's ``adapt_input_conv`` adapts them."""
+    target, keys = model.state_dict(), []
+    for name in cfg_names(model, "first_conv", ("patch_embed.proj",)):
         key = f"{name}.weight"
-        own, source = target.get(key), state.get(key)
-        if own is None or source is None or own.ndim != 4 or source.ndim != 4:
+        source, own = state.get(key), target.get(key)
+        if source is None or own is None or source.ndim != 4 or own.ndim != 4:
             continue
-        if source.shape[1] != own.shape[1] and source[:, :1].shape == own[:, :1].shape:  # only the channels differ
-            state[key] = adapt_input_conv(own.shape[1], source, base_chans=source.shape[1])
-            changes.append(f"{key}: the checkpoint's {source.shape[1]} input channels adapted to the model's "
-                           f"{own.shape[1]} (timm's adapt_input_conv)")
-    return FittedDense(state, tuple(keep_init), tuple(changes))
+        if source.shape[1] != own.shape[1] and source[:, :1].shape == own[:, :1].shape:
+            keys.append(key)
+    return keys
 
 
 def _require_tensors(dense_state: Mapping[str, Any]) -> None:
@@ -234,9 +270,10 @@ def _require_same_tokens(dense_state: Mapping[str, torch.Tensor], target: Mappin
                          f"(model.class_token={str(wanted).lower()} in a run's config) to upcycle from it")
     if ("reg_token" in dense_state) != ("reg_token" in target):
         wanted = dense_state["reg_token"].shape[1] if "reg_token" in dense_state else 0
+        in_config = f"+model.reg_tokens={wanted}" if wanted else "no +model.reg_tokens"  # not a key of conf/model
         raise ValueError(f"the dense checkpoint has {wanted} register tokens ('reg_token') and the model "
                          f"{target['reg_token'].shape[1] if 'reg_token' in target else 0}: build the model with "
-                         f"reg_tokens={wanted} (model.reg_tokens={wanted} in a run's config) to upcycle from it")
+                         f"reg_tokens={wanted} ({in_config} in a run's config) to upcycle from it")
 
 
 def upcycle_state_dict(
@@ -286,14 +323,19 @@ def check_upcycle(dense_state: Mapping[str, torch.Tensor], model: nn.Module, kee
     upcycle_sources(fitted.state, model, (*keep_init, *fitted.keep_init))
 
 
+def moe_checkpoint_message(expert_key: str) -> str:
+    """Why a checkpoint holding experts (``expert_key``) is not upcycled, and what to do instead."""
+    return (f"the checkpoint is of an MoE model ({expert_key!r}), not a dense ViT: upcycle from a dense ViT's "
+            "checkpoint (e.g. a moe=dense run's last.pt), or continue an MoE run with trainer.resume=<its last.pt or "
+            "best.pt> (an export's .safetensors holds the weights alone, which no run resumes from)")
+
+
 def missing_dense_mlp(dense_state: Mapping[str, torch.Tensor], dense_key: str, name: str) -> str:
     """Why ``dense_state`` has no ``dense_key`` for the MoE layer ``name``, in one line: a Soft MoE checkpoint (its
     blocks hold experts), one of fewer blocks than the model, or some other model's."""
     expert_key = next((key for key in dense_state if ".experts." in key), None)
     if expert_key is not None:
-        return (f"the checkpoint is of an MoE model ({expert_key!r}), not a dense ViT: upcycle from a dense ViT's "
-                "checkpoint (e.g. a moe=dense run's last.pt), or continue an MoE run with trainer.resume=<its last.pt "
-                "or best.pt> (an export's .safetensors holds the weights alone, which no run resumes from)")
+        return moe_checkpoint_message(expert_key)
     blocks = {key.split(".")[1] for key in dense_state if key.startswith("blocks.") and key.count(".") > 1}
     block = name.split(".")[1] if name.startswith("blocks.") else None
     if blocks and block is not None and block not in blocks:
@@ -301,6 +343,19 @@ def missing_dense_mlp(dense_state: Mapping[str, torch.Tensor], dense_key: str, n
         return (f"the dense checkpoint has {counted}, and the model's MoE layer {name} is beyond them: upcycle into a "
                 "model of the checkpoint's depth")
     return f"the dense checkpoint has no {dense_key!r} to copy into the experts of {name}"
+
+
+def _pooled(key: str, dense_state: Mapping[str, torch.Tensor]) -> str:
+    """For a final norm the checkpoint lacks: the pooling setting that gives the model the checkpoint's. timm's ViT
+    normalises before pooling (``norm``: ``global_pool='token'``, or ``fc_norm=False``) or after (``fc_norm``, its
+    default for ``global_pool='avg'``)."""
+    if key.startswith("fc_norm.") and "norm.weight" in dense_state:
+        return (": it normalises before pooling ('norm'), the model after ('fc_norm', global_pool='avg'); build the "
+                "model with fc_norm=False (+model.fc_norm=false in a run's config) to take its 'norm'")
+    if key.startswith("norm.") and "fc_norm.weight" in dense_state:
+        return (": it normalises after pooling ('fc_norm', global_pool='avg'), the model before ('norm'); build the "
+                "model with global_pool='avg' (model.global_pool=avg in a run's config)")
+    return ""
 
 
 def upcycle_sources(
@@ -334,18 +389,12 @@ def upcycle_sources(
             if key.startswith(f"{name}.") and key not in sources:
                 sources[key] = UpcycleSource(None)
 
-    # a dense ViT saved without a classifier (num_classes=0, a backbone): the model's head keeps its init, as timm's
-    # loader gives a dense ViT a new one (was: "the dense checkpoint has no 'head.weight'")
-    headless = tuple(f"{name}." for name in cfg_names(model, "classifier", ("head",))
-                     if not any(key.startswith(f"{name}.") for key in dense_state))
     for key, value in target.items():
         if key in sources:
             continue
-        if key not in dense_state and headless and key.startswith(headless):
-            sources[key] = UpcycleSource(None)
-            continue
         if key not in dense_state:
-            raise ValueError(f"the dense checkpoint has no {key!r} (needed by the Soft MoE model)")
+            raise ValueError(f"the dense checkpoint has no {key!r} (needed by the Soft MoE model)"
+                             f"{_pooled(key, dense_state)}")
         if tuple(dense_state[key].shape) != tuple(value.shape):
             raise ValueError(
                 f"shape mismatch for {key!r}: dense {list(dense_state[key].shape)}, Soft MoE {list(value.shape)}"

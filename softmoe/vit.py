@@ -33,7 +33,7 @@ from .capture import moe_layers
 from .experts import WEIGHT_INIT_MODES, BatchedMlp, hold_expert_copies
 from .layer import SoftMoE
 from .hub import hub_offline, hub_reachable, hub_weights_cached
-from .upcycle import (UnreadableCheckpointError, cfg_names, fit_dense_state, load_state_dict,
+from .upcycle import (UnreadableCheckpointError, cfg_names, fit_dense_state, load_state_dict, other_channels,
                       upcycle_state_dict)
 from .vit_checks import (require_global_pool, require_images, require_moe_kwargs, require_num_classes,
                          require_vit_arguments)
@@ -257,22 +257,13 @@ def checkpoint_filter_fn(
     if any(key.startswith(expert_prefixes) for key in state_dict):
         _require_same_layout(state_dict, model)
         return state_dict
-    # a classifier of another size left at its init, as timm's load_pretrained drops the dense one (fit_dense_state's
-    # own pass of timm's filter finds nothing left to resample)
-    fitted = fit_dense_state(state_dict, model, adapt_channels=False)
-    # A first convolution of other input channels (in_chans=1 from an RGB checkpoint) passes through as it is:
-    # timm's load_pretrained adapts it after this filter, as for its dense ViT.
-    target = model.state_dict()
-    other_channels = {}
-    for key in [f"{name}.weight" for name in cfg_names(model, "first_conv")]:
-        source, own = fitted.state.get(key), target.get(key)
-        if source is None or own is None or source.ndim != 4 or own.ndim != 4:
-            continue
-        if source.shape[1] != own.shape[1] and source[:, :1].shape == own[:, :1].shape:  # only the channels differ
-            other_channels[key] = fitted.state.pop(key)
-    upcycled = upcycle_state_dict(fitted.state, model, noise_std=noise_std,
-                                  keep_init=[*fitted.keep_init, *other_channels])
-    return {**upcycled, **other_channels}
+    # a classifier of another size left at its init, as timm's load_pretrained drops the dense one
+    fitted = fit_dense_state(state_dict, model, timm_filter=False, adapt_channels=False)
+    # A first convolution of other input channels passes through as it is: timm's load_pretrained adapts it after
+    # this filter, as for its dense ViT.
+    passed = {key: fitted.state.pop(key) for key in other_channels(fitted.state, model)}
+    upcycled = upcycle_state_dict(fitted.state, model, noise_std=noise_std, keep_init=[*fitted.keep_init, *passed])
+    return {**upcycled, **passed}
 
 
 def _require_same_layout(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> None:
@@ -286,7 +277,8 @@ def _require_same_layout(state_dict: Dict[str, torch.Tensor], model: torch.nn.Mo
         raise ValueError(f"the Soft MoE checkpoint lacks {len(missing)} of the model's tensors ({missing[0]!r}, "
                          "...): it is of another layout (MoE blocks, experts, slots); build the model it was "
                          "saved from")
-    other = next((key for key in target if state_dict[key].shape != target[key].shape), None)
+    adapted = other_channels(state_dict, model)  # timm's load_pretrained adapts them after this filter
+    other = next((key for key in target if key not in adapted and state_dict[key].shape != target[key].shape), None)
     if other is None:
         return
     found, own = list(state_dict[other].shape), list(target[other].shape)

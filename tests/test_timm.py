@@ -270,6 +270,17 @@ def test_a_soft_moe_checkpoint_of_another_expert_count_is_one_line_naming_the_la
                           pretrained_cfg_overlay=dict(file=str(path)), **other)
 
 
+def test_a_soft_moe_checkpoint_of_rgb_images_loads_into_a_grey_model(tmp_path):
+    """timm's load_pretrained adapts the first convolution after the filter; the layout check leaves it to it."""
+    path = tmp_path / "rgb.pth"
+    rgb = timm.create_model("test_soft_moe_vit", num_classes=10)
+    torch.save(rgb.state_dict(), path)
+    grey = timm.create_model("test_soft_moe_vit", pretrained=True, num_classes=10, in_chans=1,
+                             pretrained_cfg_overlay=dict(file=str(path)))
+    torch.testing.assert_close(grey.patch_embed.proj.weight, rgb.patch_embed.proj.weight.sum(1, keepdim=True))
+    assert torch.equal(grey.blocks[3].mlp.experts.fc1_weight, rgb.blocks[3].mlp.experts.fc1_weight)
+
+
 def test_a_dense_backbone_saved_without_a_head_upcycles_into_a_model_with_a_new_one(tmp_path):
     # was: "the dense checkpoint has no 'head.weight'", where timm's loader gives a dense ViT a new head
     from softmoe import upcycle

@@ -274,6 +274,29 @@ def test_a_dense_vit_of_another_image_size_class_count_and_channels_upcycles_as_
     ]
 
 
+def test_a_dense_backbone_gives_a_model_with_a_classifier_its_own_and_old_pre_logits_are_left_out_both_logged(
+        caplog):
+    state = VisionTransformer(**{**ARCH, "num_classes": 0}).state_dict()
+    state["pre_logits.fc.weight"] = torch.ones(32, 32)  # timm's filter drops it, as timm's ViTs no longer have one
+    _, moe = dense_and_moe()
+    own_head = moe.head.weight.detach().clone()
+    with caplog.at_level("INFO", logger="softmoe.upcycle"):
+        upcycle(state, moe)
+    assert torch.equal(moe.head.weight, own_head)
+    assert caplog.messages == ["upcycling: left out by timm's ViT checkpoint filter: pre_logits.fc.weight",
+                               "upcycling: head: the model's own classifier at its init (the checkpoint has none)"]
+
+
+def test_an_moe_checkpoint_is_named_as_such_before_any_setting_it_differs_in():
+    """Was "the dense checkpoint has no class token ...: build the model with class_token=False", which a user would
+    follow only to be told the checkpoint is an MoE model's."""
+    moe_without_class_token = SoftMoEVisionTransformer(**ARCH, class_token=False, global_pool="avg", num_experts=3,
+                                                       moe_layer_index=1)
+    _, moe = dense_and_moe()
+    with pytest.raises(ValueError, match=r"^the checkpoint is of an MoE model \('blocks.1.mlp.experts."):
+        upcycle(moe_without_class_token, moe)
+
+
 def test_a_backbone_takes_a_dense_vit_with_a_classifier_leaving_the_classifier_out(caplog):
     dense = VisionTransformer(**ARCH)
     backbone = SoftMoEVisionTransformer(**{**ARCH, "num_classes": 0}, num_experts=3, moe_layer_index=1)
@@ -292,12 +315,24 @@ def test_a_backbone_takes_a_dense_vit_with_a_classifier_leaving_the_classifier_o
      r"class_token=False \(model.class_token=false in a run's config\)"),
     ({"reg_tokens": 4}, {},
      r"the dense checkpoint has 4 register tokens \('reg_token'\) and the model 0: build the model with "
-     r"reg_tokens=4 \(model.reg_tokens=4 in a run's config\)"),
+     r"reg_tokens=4 \(\+model.reg_tokens=4 in a run's config\)"),
+    ({}, {"reg_tokens": 2},
+     r"the dense checkpoint has 0 register tokens \('reg_token'\) and the model 2: build the model with "
+     r"reg_tokens=0 \(no \+model.reg_tokens in a run's config\)"),
+    ({"global_pool": "token"}, {"global_pool": "avg"},
+     r"the dense checkpoint has no 'fc_norm.weight' \(needed by the Soft MoE model\): it normalises before pooling "
+     r"\('norm'\), the model after \('fc_norm', global_pool='avg'\); build the model with fc_norm=False "
+     r"\(\+model.fc_norm=false in a run's config\) to take its 'norm'$"),
+    ({"global_pool": "avg"}, {"global_pool": "token"},
+     r"the dense checkpoint has no 'norm.weight' \(needed by the Soft MoE model\): it normalises after pooling "
+     r"\('fc_norm', global_pool='avg'\), the model before \('norm'\); build the model with global_pool='avg' "
+     r"\(model.global_pool=avg in a run's config\)$"),
     ({"patch_size": 5, "img_size": 15}, {},  # a 3x3 grid into 4x4: resampled; patches 5 into 4: resampled too
      None),
 ])
-def test_tokens_on_one_side_only_are_named_with_the_setting_to_change(dense_kwargs, model_kwargs, message):
-    """Was a torch reshape error from inside timm's resampling ('shape '[1, 4, 4, -1]' is invalid ...')."""
+def test_tokens_or_pooling_on_one_side_only_are_named_with_the_setting_to_change(dense_kwargs, model_kwargs, message):
+    """Tokens: was a torch reshape error from inside timm's resampling ('shape '[1, 4, 4, -1]' is invalid ...');
+    pooling: "the dense checkpoint has no 'fc_norm.weight'", naming no setting."""
     dense = VisionTransformer(**{**ARCH, **dense_kwargs})
     moe = SoftMoEVisionTransformer(**{**ARCH, **model_kwargs}, num_experts=3, moe_layer_index=1)
     if message is None:
