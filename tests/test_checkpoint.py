@@ -94,6 +94,8 @@ def test_the_sampler_resumes_an_epoch_where_it_stopped():
     sampler.set_epoch(2, skip=8)
     assert list(sampler) == whole[8:] and len(sampler) == 12
     assert sorted(whole) == list(range(20))
+    # epoch e's order is drawn from seed + e: the order every run so far trained on (its figures depend on it)
+    assert whole == torch.randperm(20, generator=torch.Generator().manual_seed(3 + 2)).tolist()
     sampler.set_epoch(3)
     assert list(sampler) != whole
 

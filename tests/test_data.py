@@ -720,3 +720,14 @@ def test_fashion_mnist_train_subset_keeps_the_same_stratified_images_whatever_th
         check_data_config(data_config("fashion_mnist", train_subset=60001))
     with pytest.raises(ValueError, match="data.val_size=20: must leave training examples"):
         check_data_config(data_config("fashion_mnist", train_subset=20, val_size=20))
+
+
+def test_a_class_of_one_example_holds_out_by_a_plain_draw_not_stratified():
+    """scikit-learn's stratified split refuses a class of one example; the hold-out then draws without strata."""
+    from softmoe.harness.data.splits import hold_out
+
+    labels = [0] * 10 + [1] * 9 + [2]  # class 2: one example
+    train, val = hold_out(labels, count=5, split_seed=0)
+    assert len(val) == 5 and sorted([*train, *val]) == list(range(20))
+    again = hold_out(labels, count=5, split_seed=0)
+    assert [list(part) for part in again] == [list(train), list(val)]  # the same draw for the same split_seed

@@ -337,17 +337,18 @@ def test_a_bad_value_under_torchrun_is_one_line_and_makes_no_run_directory(tmp_p
 # ----------------------------------------------------------------------------- in process, no launch
 
 
-def test_each_rank_takes_its_slice_of_the_single_process_batches():
-    single = ResumableSampler(50, seed=3)
-    ranks = [ShardedSampler(50, 3, batch_size=12, rank=r, world_size=3) for r in range(3)]
+@pytest.mark.parametrize("size", [50, 59])  # 59: 11 examples of a partial batch, more than a rank's 4 of a batch
+def test_each_rank_takes_its_slice_of_the_single_process_batches(size):
+    single = ResumableSampler(size, seed=3)
+    ranks = [ShardedSampler(size, 3, batch_size=12, rank=r, world_size=3) for r in range(3)]
     for skip in (0, 24):  # a resumed epoch skips whole global batches
         single.set_epoch(2, skip=skip)
         for sampler in ranks:
             sampler.set_epoch(2, skip=skip)
         order = list(single)
         shares = [list(sampler) for sampler in ranks]
-        assert [len(share) for share in shares] == [len(sampler) for sampler in ranks] == [(50 - skip) // 12 * 4] * 3
-        for batch in range((50 - skip) // 12):  # the global batch = the ranks' batches, in rank order
+        assert [len(share) for share in shares] == [len(sampler) for sampler in ranks] == [(size - skip) // 12 * 4] * 3
+        for batch in range((size - skip) // 12):  # the global batch = the ranks' batches, in rank order
             global_batch = sum((share[4 * batch : 4 * batch + 4] for share in shares), [])
             assert global_batch == order[12 * batch : 12 * batch + 12]
 

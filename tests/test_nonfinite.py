@@ -183,16 +183,19 @@ def syncs_raise(device):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def steps_of(compose_run, *overrides, on_device=None, steps=8):
+def steps_of(compose_run, *overrides, on_device=None, steps=8, prepare=None):
     """Run ``steps`` training steps through :func:`train_step` on the NaN-holding synthetic data; returns the state
     and the host reads of each step (on a GPU the steps run with the sync debug mode set to raise, so only a
-    device check gets through). ``on_device`` forces the check's side (None: as ``train`` chooses)."""
+    device check gets through). ``on_device`` forces the check's side (None: as ``train`` chooses); ``prepare``
+    is called with the state before the first step."""
     cfg = compose_run(*SYNTHETIC, f"data.nan_examples=[{NAN_EXAMPLE}]", *overrides)
     torch.manual_seed(cfg.seed)
     distributed = Distributed.from_config(cfg)
     state, forward = build_state(cfg, distributed, total_steps=steps)
     if on_device is not None:
         state.nonfinite = NonFiniteGuard("skip", 3, distributed.device, on_device=on_device)
+    if prepare is not None:
+        prepare(state)
     train_split = build_datasets(cfg.data, cfg.paths.data_dir).train
     sampler = ResumableSampler(len(train_split), cfg.seed)
     settings = StepSettings.from_config(cfg)
@@ -254,3 +257,28 @@ def test_counts_of_one_are_singular_in_every_message_that_prints_a_count(caplog)
     with caplog.at_level(logging.WARNING, logger="softmoe.harness.faults"):
         on_device.settle(1)
     assert "; 1 step skipped since the last check (trainer.nonfinite=skip), 1 so far" in caplog.text
+
+
+@pytest.mark.parametrize("optimizer", ["optimizer.fused=false", FUSED])
+def test_an_inf_gradient_behind_a_finite_loss_is_skipped_too(compose_run, optimizer):
+    """A finite loss does not make a step finite: a gradient can overflow on its own (every other test here feeds a
+    NaN image, whose loss is NaN too)."""
+    before = {}
+
+    def overflow_one_gradient(state):
+        before.update({name: value.clone() for name, value in state.model.state_dict().items()})
+        state.model.patch_embed.proj.weight.register_hook(lambda grad: torch.full_like(grad, math.inf))
+
+    state, _ = steps_of(compose_run, optimizer, steps=1, prepare=overflow_one_gradient)
+    assert state.nonfinite.state_dict() == {"skipped": 1, "consecutive": 1}
+    assert all(torch.equal(value, before[name]) for name, value in state.model.state_dict().items())
+
+
+@pytest.mark.parametrize("clip", [1e-3, None])
+def test_trainer_grad_clip_norm_clips_the_global_gradient_norm_of_the_step(compose_run, clip):
+    state, _ = steps_of(compose_run, f"trainer.grad_clip_norm={'null' if clip is None else clip}", steps=1)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in state.model.parameters()])).item()
+    if clip is None:
+        assert norm > 0.01  # the raw gradient's norm: far above the clip above, so that clip is tested
+    else:
+        assert norm == pytest.approx(clip, rel=1e-4)  # the gradients the optimizer stepped with

@@ -25,6 +25,10 @@ def test_weight_decay_skips_biases_norms_tokens_and_position_embedding_but_not_t
                  "blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "head.weight"]:
         assert name in names and decays(name), name
     assert not decays("blocks.1.mlp.experts.norm_weight")  # stacked per-expert LayerNorm [n, h]: 2-d, still a norm
+    layer_scale = SoftMoEVisionTransformer(num_experts=4, moe_layer_index=1, img_size=8, patch_size=4, embed_dim=16,
+                                           depth=2, num_heads=2, init_values=0.1)  # timm's LayerScale: ls1.gamma
+    gammas = [name for name, _ in layer_scale.named_parameters() if name.endswith(".gamma")]
+    assert gammas and not any(decays(name) for name in gammas)
 
     groups = param_groups(model, weight_decay=0.1, lr=1e-3)
     # by default the router's group trains exactly as the decayed weights do (vmoe)

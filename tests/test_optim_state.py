@@ -294,3 +294,25 @@ def test_a_deepcopied_model_has_its_own_copies_written_and_leaves_the_originals_
     assert all(_train_under_bf16_autocast(clone, AdamW(clone.parameters(), **HYPER), steps=2))
     assert torch.equal(original.experts._low_precision["fc1_weight"][1], originals_copy)
     assert not torch.equal(clone.experts.fc1_weight, original.experts.fc1_weight)
+
+
+def test_a_parameter_without_a_gradient_leaves_the_others_rounding_as_it_was():
+    """Each parameter's stochastic-rounding bits come from its place in the groups: one whose gradient is None this
+    step (a router not used, a frozen part) must not shift the bits of the parameters after it."""
+    with_grad, without_grad = parameters(), parameters()
+    optimizers = [AdamW(ps, state_dtype="bfloat16", rounding="stochastic", **HYPER) for ps in (with_grad, without_grad)]
+    grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) for p in with_grad]
+    for params, optimizer in zip((with_grad, without_grad), optimizers):
+        for param, grad in zip(params, grads):
+            param.grad = grad.clone()
+        optimizer.step()
+    without_grad[0].grad = None  # the first parameter sits this step out
+    with_grad[0].grad = grads[0].clone()
+    for params in (with_grad, without_grad):
+        for param, grad in zip(params[1:], grads[1:]):
+            param.grad = grad.clone()
+    for optimizer in optimizers:
+        optimizer.step()
+    for mine, reference in zip(without_grad[1:], with_grad[1:]):
+        assert torch.equal(mine, reference)
+        assert torch.equal(optimizers[1].state[mine]["exp_avg_sq"], optimizers[0].state[reference]["exp_avg_sq"])

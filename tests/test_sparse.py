@@ -151,6 +151,9 @@ def test_noisy_routing_and_load_loss_match_reference():
     p_mean = p.mean(dim=1)  # [b, n]
     expected_load = (p_mean.var(dim=-1, unbiased=False) / p_mean.mean(dim=-1) ** 2).mean()
     assert layer.last_stats["load_loss"].item() == pytest.approx(expected_load.item(), rel=1e-9)
+    importance = torch.softmax(logits, dim=-1).sum(dim=1)  # [b, n]: of the noise-free router, as V-MoE's
+    expected_importance = (importance.var(dim=-1, unbiased=False) / importance.mean(dim=-1) ** 2).mean()
+    assert layer.last_stats["importance_loss"].item() == pytest.approx(expected_importance.item(), rel=1e-9)
     layer.eval()
     layer(x)
     assert "load_loss" not in layer.last_stats, "evaluation routes without noise, so there is no load loss"
@@ -340,6 +343,15 @@ def test_works_as_moe_layer_of_the_vit(cls, moe_kwargs):
 def test_auxiliary_loss_of_a_model_without_sparse_layers_is_zero():
     model = torch.nn.Linear(2, 2)
     assert auxiliary_loss(model).item() == 0.0
+
+
+def test_auxiliary_loss_is_the_sum_over_the_sparse_layers():
+    model = SoftMoEVisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=10,
+                                     num_experts=4, moe_layer_index=[1, 2], moe_layer=TokensChoiceMoE)
+    model(torch.randn(2, 3, 16, 16))
+    per_layer = [model.blocks[i].mlp.aux_loss for i in (1, 2)]
+    assert per_layer[0] != per_layer[1]  # a mean would differ from the sum
+    torch.testing.assert_close(auxiliary_loss(model), per_layer[0] + per_layer[1], rtol=0, atol=0)
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
