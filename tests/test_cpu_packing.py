@@ -106,6 +106,7 @@ def fallback_cases():
         "autocast": (make_bank, MIN_ROWS, inference_under_autocast),
         "too few rows": (make_bank, MIN_ROWS - 1, inference),
         "dropout in training": (lambda: make_bank(drop=0.5).train(), MIN_ROWS, inference),
+        "second dropout only": (lambda: make_bank(drop=(0.0, 0.5)).train(), MIN_ROWS, inference),
         "expert LayerNorm": (lambda: make_bank(norm_layer=nn.LayerNorm), MIN_ROWS, inference),
         "float64 weights": (lambda: make_bank(dtype=torch.float64), MIN_ROWS, inference),
     }

@@ -112,6 +112,8 @@ def test_expert_groups_of_a_world_inside_one_node_never_span_nodes(capsys):
         "EP 3", "EP 6", "EP 12", "FSDP+EP 3", "FSDP+EP 6", "FSDP+EP 12"]
     main(["world_size=6", "trainer.batch_size=60", "moe.num_experts=12"])
     assert "spans nodes" not in capsys.readouterr().out
+    main(["world_size=6", "gpus_per_node=2", "trainer.batch_size=60", "moe.num_experts=12"])  # 3 nodes of 2
+    assert "spans nodes" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("moe", ["last_half", "dense"])

@@ -14,7 +14,7 @@ import torch
 
 import softmoe.runtime as runtime
 from softmoe import SoftMoE, tune_allocator
-from softmoe.harness.precision import autocast, slow_precision_warning, warn_if_slow
+from softmoe.harness.precision import autocast, precision_name, slow_precision_warning, warn_if_slow
 from processes import REPO, run_from
 from replaced_weights import WAYS, calls_at_freed_addresses
 
@@ -202,6 +202,10 @@ def test_autocast_helper_is_a_no_op_for_fp32_and_bf16_otherwise():
         assert not torch.is_autocast_enabled("cpu")
     with autocast(cpu, "bf16"):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with autocast(cpu, "fp16"):  # trainer.precision=fp16 is for CUDA (with a GradScaler); the helper's dtype alone
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    assert [precision_name(dtype) for dtype in dtypes] == ["fp32", "bf16", "fp16"]
 
 
 @pytest.mark.parametrize("flags, native", [
@@ -228,6 +232,8 @@ def test_bf16_warns_once_only_on_a_cpu_without_native_bf16(monkeypatch, caplog):
         warn_if_slow(torch.device("cpu"), "bf16")
     assert sum("slower than fp32" in r.getMessage() for r in caplog.records) == 1
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert slow_precision_warning(torch.device("cpu"), "bf16") is None
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: None)  # flags unreadable (macOS): no claim made
     assert slow_precision_warning(torch.device("cpu"), "bf16") is None
 
 

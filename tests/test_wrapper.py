@@ -11,7 +11,7 @@ from reference import reference_soft_moe
 from softmoe import SoftMoELayerWrapper
 
 
-def loop_reference(wrapper, x):
+def loop_reference(wrapper, x, normalize=True):
     """Float64 paper equations with expert i = the wrapped layer holding expert i's slice of the stacked weights."""
     layer = wrapper.experts.layer
     params = {k: v.detach().double() for k, v in layer.named_parameters()}
@@ -20,18 +20,21 @@ def loop_reference(wrapper, x):
         return lambda slots: torch.func.functional_call(layer, {k: v[i] for k, v in params.items()}, (slots,))
 
     fns = [expert(i) for i in range(wrapper.num_experts)]
-    return reference_soft_moe(x.double(), wrapper.phi.detach(), fns, scale=wrapper.scale.item())
+    scale = wrapper.scale.item() if wrapper.scale is not None else 1.0  # no scale without normalisation
+    return reference_soft_moe(x.double(), wrapper.phi.detach(), fns, scale=scale, normalize=normalize)
 
 
-def test_linear_experts_match_the_paper_equations():
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_experts_match_the_paper_equations(normalize):
     x = torch.rand(2, 16, 128)
     layer = SoftMoELayerWrapper(
-        dim=128, slots_per_expert=2, num_experts=32, layer=nn.Linear, in_features=128, out_features=32
+        dim=128, slots_per_expert=2, num_experts=32, layer=nn.Linear, in_features=128, out_features=32,
+        normalize=normalize,
     )
     y = layer(x)
     assert y.shape == (2, 16, 32)
     assert layer.experts.layer.weight.shape == (32, 32, 128)  # stacked: [experts, out, in]
-    torch.testing.assert_close(y.double(), loop_reference(layer, x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y.double(), loop_reference(layer, x, normalize), rtol=1e-4, atol=1e-5)
 
 
 # torch's note that vmap runs CPU flash attention through its slow per-example fallback ("Please file us an issue"):
