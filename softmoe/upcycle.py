@@ -4,9 +4,11 @@ Every expert of an MoE block starts as that block's dense MLP (optionally plus G
 the experts can diverge); everything else is copied; the router (Φ and scale, or a sparse
 router's weights) keeps its fresh init.
 
-One rule, ``upcycle_state_dict``, behind every way in: ``upcycle(dense, model)`` for a model you
-built, ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`` (through
-``softmoe.vit.checkpoint_filter_fn``) and the harness's ``model.upcycle_from=PATH``.
+One rule, ``fit_dense_state`` then ``upcycle_state_dict``, behind every way in: ``upcycle(dense, model)``
+for a model you built, ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``
+(through ``softmoe.vit.checkpoint_filter_fn``) and the harness's ``model.upcycle_from=PATH``. A dense ViT of
+another image size, patch size, class count or input channels is fitted to the model as timm fits a
+pretrained ViT; its width, depth, tokens and pooling must be the model's.
 """
 
 from __future__ import annotations
@@ -130,11 +132,12 @@ def upcycle(
     noise_std: float = 0.0,
     generator: Optional[torch.Generator] = None,
 ) -> nn.Module:
-    """Load a dense ViT's weights into ``model`` (a Soft MoE ViT of the same architecture) and return it.
+    """Load a dense ViT's weights into ``model`` (a Soft MoE ViT of its width and depth) and return it.
 
     Args:
         dense: the dense ViT as a module, a state dict, or a ``.pth``/``.bin``/``.safetensors`` path.
-        model: a :class:`softmoe.SoftMoEVisionTransformer` whose non-MoE shapes match the dense model.
+        model: a :class:`softmoe.SoftMoEVisionTransformer` of the dense model's width, depth, tokens and pooling;
+            another image size, patch size, class count or input channels is fitted (:func:`fit_dense_state`).
         noise_std: standard deviation of Gaussian noise added to each expert's copied weights.
         generator: RNG for the noise.
     """
@@ -159,7 +162,7 @@ class FittedDense(NamedTuple):
     """A dense ViT's state dict made to fit a model (:func:`fit_dense_state`)."""
 
     state: Dict[str, torch.Tensor]
-    keep_init: Tuple[str, ...]  # the model's keys that keep their own value: a classifier of another class count
+    keep_init: Tuple[str, ...]  # the model's keys that keep their own value: a classifier the checkpoint cannot give
     changes: Tuple[str, ...]  # what was adapted, in words, for the run's log
 
 
