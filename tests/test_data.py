@@ -731,3 +731,45 @@ def test_a_class_of_one_example_holds_out_by_a_plain_draw_not_stratified():
     assert len(val) == 5 and sorted([*train, *val]) == list(range(20))
     again = hold_out(labels, count=5, split_seed=0)
     assert [list(part) for part in again] == [list(train), list(val)]  # the same draw for the same split_seed
+
+
+LABEL_SETS = {  # each with classes of unequal size, so the rounding of shares (and its tie-break draws) matters
+    "digits": None,  # the 1,797 labels, filled in below
+    "three classes, tied remainders": np.array([0] * 7 + [1] * 7 + [2] * 7),
+    "uneven": np.array([0] * 3 + [1] * 11 + [2] * 5 + [3] * 2 + [4] * 8),
+    "unsorted strings": np.array(list("cabbacbbcaabcbbacb")),
+}
+
+
+@pytest.mark.parametrize("name", LABEL_SETS)
+def test_the_split_draws_are_scikit_learns_train_test_split_index_for_index(name):
+    """Every figure rests on the split scikit-learn's ``train_test_split`` draws; we draw it without importing
+    scikit-learn, so compare the two over seeds and sizes, stratified and plain, order included."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from softmoe.harness.data.split_draws import train_test_indices
+
+    labels = load_digits().target if LABEL_SETS[name] is None else LABEL_SETS[name]
+    classes = len(set(labels.tolist()))
+    for test_count in sorted({classes, classes + 1, len(labels) // 3, len(labels) // 2, len(labels) - classes}):
+        for seed in range(6):
+            for stratify in (True, False):
+                expected = train_test_split(np.arange(len(labels)), test_size=test_count, random_state=seed,
+                                            stratify=labels if stratify else None)
+                drawn = train_test_indices(labels, test_count, seed, stratify)
+                assert all(np.array_equal(a, b) for a, b in zip(drawn, expected)), (test_count, seed, stratify)
+
+
+def test_the_digits_are_read_as_load_digits_reads_them_also_from_scikit_learns_own_loader(monkeypatch, tmp_path):
+    from sklearn.datasets import load_digits
+
+    from softmoe.harness.data import digits
+
+    expected = load_digits()
+    images, labels = digits.load_digits_arrays()
+    assert digits.digits_file().is_file()  # read by path, not through scikit-learn's import
+    assert np.array_equal(images, expected.images) and np.array_equal(labels, expected.target)
+    monkeypatch.setattr(digits, "digits_file", lambda: tmp_path / "moved.csv.gz")  # a scikit-learn that moved it
+    images, labels = digits.load_digits_arrays()
+    assert np.array_equal(images, expected.images) and np.array_equal(labels, expected.target)

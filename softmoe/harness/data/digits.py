@@ -7,6 +7,8 @@ with the same seed (``splits.with_validation``). All images live in memory as no
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -15,8 +17,9 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .common import DataBundle
+from .common import BadDataError, DataBundle
 from .config import DIGITS_EXAMPLES
+from .split_draws import train_test_indices
 
 PIXEL_MAX = 16.0  # load_digits counts ink in 4x4 blocks of a 32x32 bitmap: integers 0..16
 # Mean and std of all 1,797 x 64 pixels after division by PIXEL_MAX (computed once, fixed so a run
@@ -43,19 +46,38 @@ class TensorImages(Dataset):
         return image, int(self.labels[index])
 
 
-def load_digits_split(test_size: int, split_seed: int) -> tuple[torch.Tensor, ...]:
-    """(train_images [N, 1, 8, 8], train_labels [N], test_images, test_labels), normalised."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def digits_file() -> Path:
+    """scikit-learn's bundled ``digits.csv.gz`` (what ``sklearn.datasets.load_digits`` reads), found without
+    importing scikit-learn: its import took about a second of every run's start."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package's folder; runs none of its code
+    if spec is None or not spec.submodule_search_locations:
+        raise BadDataError("data=digits reads scikit-learn's bundled digits: pip install -r requirements.txt")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
 
-    digits = load_digits()
-    images = (torch.from_numpy(digits.images).float() / PIXEL_MAX - DIGITS_MEAN) / DIGITS_STD
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images [1797, 8, 8] float64, labels [1797] int64), as ``load_digits()`` returns them."""
+    path = digits_file()
+    if not path.is_file():  # a scikit-learn that moved its file: its own loader
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+    with gzip.open(path, "rt", encoding="utf-8") as text:
+        rows = np.loadtxt(text, delimiter=",")
+    return rows[:, :-1].reshape(-1, 8, 8), rows[:, -1].astype(np.int64)
+
+
+def load_digits_split(test_size: int, split_seed: int) -> tuple[torch.Tensor, ...]:
+    """(train_images [N, 1, 8, 8], train_labels [N], test_images, test_labels), normalised; the split is
+    scikit-learn's ``train_test_split(stratify=labels, random_state=split_seed)``."""
+    pixels, targets = load_digits_arrays()
+    images = (torch.from_numpy(pixels).float() / PIXEL_MAX - DIGITS_MEAN) / DIGITS_STD
     images = images.unsqueeze(1)  # [1797, 1, 8, 8]
-    labels = torch.from_numpy(digits.target).long()
-    assert len(labels) == DIGITS_EXAMPLES
-    train_idx, test_idx = train_test_split(
-        np.arange(DIGITS_EXAMPLES), test_size=test_size, random_state=split_seed, stratify=digits.target
-    )
+    labels = torch.from_numpy(targets).long()
+    if len(labels) != DIGITS_EXAMPLES:
+        raise BadDataError(f"data=digits: read {len(labels)} examples, expected {DIGITS_EXAMPLES}")
+    train_idx, test_idx = train_test_indices(targets, test_size, split_seed, stratify=True)
     return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from .common import BadDataError, DataBundle
+from .split_draws import train_test_indices
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,10 @@ def validation_count(val_size: Union[int, float], train_examples: int) -> int:
 
 def hold_out(labels: Sequence[int], count: int, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, validation indices), sorted: ``count`` of ``len(labels)`` examples held out."""
-    from sklearn.model_selection import train_test_split
-
     labels = np.asarray(labels)
-    everything = np.arange(len(labels))
     per_class = Counter(labels.tolist())
-    stratify = labels if min(per_class.values()) >= 2 and len(per_class) <= min(count, len(labels) - count) else None
-    train, val = train_test_split(everything, test_size=count, random_state=split_seed, stratify=stratify)
+    stratify = min(per_class.values()) >= 2 and len(per_class) <= min(count, len(labels) - count)
+    train, val = train_test_indices(labels, count, split_seed, stratify)
     return np.sort(train), np.sort(val)
 
 
