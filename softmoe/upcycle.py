@@ -76,9 +76,14 @@ class UnreadableCheckpointError(ValueError):
         self.reason = reason
 
 
-def load_state_dict(source: DenseSource) -> Dict[str, torch.Tensor]:
+def load_state_dict(source: DenseSource, mapped: bool = False) -> Dict[str, torch.Tensor]:
     """A state dict from a module, a mapping, a ``.safetensors``/``.pth``/``.bin`` file (never unpickles code), or a
-    sharded checkpoint's directory (``last.dcp``)."""
+    sharded checkpoint's directory (``last.dcp``).
+
+    ``mapped=True`` maps a ``.pth``/``.bin`` file (torch's zip format) instead of reading it, as safetensors always
+    does: only the tensors touched are read from disk. For a look at shapes that drops the state at once (a
+    checkpoint of ViT-H is gigabytes); a file written over in place while its mapped tensors live would crash
+    whoever reads them, so state that is kept is read."""
     if isinstance(source, nn.Module):  # torch.compile's or DataParallel's wrapper too
         return {_unwrapped(key): value for key, value in source.state_dict().items()}
     if isinstance(source, Mapping):
@@ -106,13 +111,20 @@ def load_state_dict(source: DenseSource) -> Dict[str, torch.Tensor]:
                 raise UnreadableCheckpointError(path, str(error).strip() or type(error).__name__) from None
         else:
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped and is_zip_file(path))
             except Exception as error:
                 raise UnreadableCheckpointError(path, why_torch_load_failed(error)) from None
     for wrapper_key in ("model", "state_dict"):  # common checkpoint layouts
         if wrapper_key in state and isinstance(state[wrapper_key], Mapping):
             state = dict(state[wrapper_key])
     return {_unwrapped(key): value for key, value in state.items()}
+
+
+def is_zip_file(path: str) -> bool:
+    """Whether ``path`` is in torch's zip format (torch.save's since 1.6), which ``torch.load`` can map; the legacy
+    format it cannot."""
+    with open(path, "rb") as file:
+        return file.read(4) == b"PK\x03\x04"
 
 
 def _unwrapped(key: Any) -> Any:

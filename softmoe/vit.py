@@ -300,7 +300,7 @@ def _with_the_files_classes(variant: str, kwargs: dict[str, Any]) -> dict[str, A
     if not cfg.file or "num_classes" in overlay:
         return kwargs
     try:
-        weight = load_state_dict(cfg.file).get(f"{cfg.classifier}.weight")
+        weight = load_state_dict(cfg.file, mapped=True).get(f"{cfg.classifier}.weight")  # its shape only
     except Exception:  # the build that follows says what is wrong with the file
         return kwargs
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:

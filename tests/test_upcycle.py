@@ -1,6 +1,7 @@
 """Sparse upcycling: a Soft MoE ViT started from a dense timm ViT (the library, then the harness's
 ``model.upcycle_from``; timm's ``pretrained=True`` path is in test_timm.py)."""
 
+import os
 import re
 
 import pytest
@@ -458,3 +459,20 @@ def test_a_run_saved_before_upcycling_existed_still_resumes(compose_run, tmp_pat
     with pytest.raises(CheckpointError, match="model.depth=4: trainer.resume's checkpoint .* was saved with "
                        "model.depth=2"):
         check_same_model({"config": json.dumps(older)}, config, tmp_path / "last.pt")  # the architecture may not
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_mapped_read_maps_torchs_zip_file_and_reads_the_legacy_format_as_before(tmp_path):
+    """The config check and timm's overlay only look at shapes: ``mapped=True`` maps the file (a ViT-H checkpoint
+    is gigabytes) where the plain read, for state that is kept, reads it all."""
+    state = {"module.pos_embed": torch.randn(1, 5, 8), "module.head.weight": torch.randn(3, 8)}
+    for name, zipped in (("zip.pth", True), ("legacy.pth", False)):
+        path = tmp_path / name
+        torch.save(state, path, _use_new_zipfile_serialization=zipped)
+        mapped, read = load_state_dict(path, mapped=True), load_state_dict(path)
+        assert mapped.keys() == read.keys() == {"pos_embed", "head.weight"}
+        assert all(torch.equal(mapped[key], read[key]) for key in read)
+        maps = open("/proc/self/maps").read()
+        assert (str(path) in maps) == zipped, name  # the legacy format cannot be mapped: read, as before
+        del mapped, read
+    assert str(tmp_path / "zip.pth") not in open("/proc/self/maps").read()  # dropped with the state

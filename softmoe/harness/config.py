@@ -97,7 +97,7 @@ def _check_upcycle_source(model: Mapping[str, Any], moe: Mapping[str, Any]) -> N
     if part:  # a file inside last.dcp/: was "truncated or damaged"
         raise ConfigError(f"{shown}: {part}")
     try:
-        dense_state = load_state_dict(Path(model["upcycle_from"]).expanduser())
+        dense_state = load_state_dict(Path(model["upcycle_from"]).expanduser(), mapped=True)  # the build reads it
     except UnreadableCheckpointError as error:
         raise ConfigError(f"{shown}: not a readable checkpoint ({error.reason})") from None
     except Exception as error:  # a sharded checkpoint's reader refusing the directory
