@@ -2,8 +2,11 @@
 
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import time
+import traceback
 
 import pytest
 
@@ -44,3 +47,56 @@ def refused_here(monkeypatch, command, *arguments) -> int:
     with pytest.raises(SystemExit) as exited:
         command.command_line()
     return exited.value.code
+
+
+def fork_command(module, arguments, output, errors=None, cwd=None) -> int:
+    """Fork a process running ``python -m <module> <arguments>`` as that command's ``__main__`` (runpy), in ``cwd``;
+    its stdout goes to the file ``output``, its stderr to ``errors`` (default: the same file). Returns the pid.
+
+    This process has imported torch and timm, so the fork starts in well under a second where a fresh interpreter
+    spends some 5 s importing them. The child is a real process of its own (real signals, its own exit status), but
+    ends with ``os._exit``: it runs no ``atexit`` hook, so a command whose last line an ``atexit`` hook prints is
+    started with :func:`subprocess.Popen` instead."""
+    with open(output, "ab") as out, open(errors or output, "ab") as err:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                if cwd is not None:
+                    os.chdir(cwd)
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)  # not pytest's capture objects
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                sys.argv = [module, *arguments]
+                runpy.run_module(module, run_name="__main__", alter_sys=True)  # as `python -m` runs it
+                code = 0
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+    return pid
+
+
+def exit_status(pid, block=True):
+    """The exit status of child ``pid`` (``-signal`` when a signal killed it, as ``subprocess`` says), or None while
+    it runs (``block=False``)."""
+    done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+    return os.waitstatus_to_exitcode(status) if done else None
+
+
+def wait(pid, timeout=300):
+    """The exit status of child ``pid``; killed, and the test failed, after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = exit_status(pid, block=False)
+        if status is not None:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"process {pid} still running after {timeout} s")

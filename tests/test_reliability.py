@@ -13,14 +13,12 @@ import logging
 import os
 import random
 import re
-import runpy
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,7 @@ import torch
 
 from conftest import CONF_DIR
 from data_fixtures import write_image_tree, write_png
+from processes import fork_command, wait
 from softmoe.harness import checkpoint as checkpoint_module
 from softmoe.harness import runs
 from softmoe.harness.checkpoint import PREVIOUS, CheckpointError, CheckpointWriteError, load_checkpoint
@@ -80,41 +79,8 @@ def start_cli(run_dir, *overrides):
     """Fork a process running ``python -m softmoe.train <overrides> hydra.run.dir=<run_dir>``; its output goes
     to ``<run_dir>.out``. Returns the pid."""
     run_dir = Path(run_dir)
-    output = open(run_dir.parent / f"{run_dir.name}.out", "ab")
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.dup2(output.fileno(), 1)
-            os.dup2(output.fileno(), 2)
-            sys.stdout = open(1, "w", buffering=1, closefd=False)  # not pytest's capture objects
-            sys.stderr = open(2, "w", buffering=1, closefd=False)
-            sys.argv = ["softmoe.train", *overrides, f"hydra.run.dir={run_dir}"]
-            runpy.run_module("softmoe.train", run_name="__main__", alter_sys=True)  # as `python -m` runs it
-            code = 0
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    output.close()
-    return pid
-
-
-def wait(pid, timeout=300):
-    """The exit status of ``pid`` (``-signal`` when a signal killed it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError(f"process {pid} still running after {timeout} s")
+    output = run_dir.parent / f"{run_dir.name}.out"
+    return fork_command("softmoe.train", [*overrides, f"hydra.run.dir={run_dir}"], output)
 
 
 def run_cli(run_dir, *overrides):
