@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 
 import pytest
 
@@ -56,7 +57,8 @@ def fork_command(module, arguments, output, errors=None, cwd=None) -> int:
     This process has imported torch and timm, so the fork starts in well under a second where a fresh interpreter
     spends some 5 s importing them. The child is a real process of its own (real signals, its own exit status), but
     ends with ``os._exit``: it runs no ``atexit`` hook, so a command whose last line an ``atexit`` hook prints is
-    started with :func:`subprocess.Popen` instead."""
+    started with :func:`subprocess.Popen` instead. Its warnings are printed as a fresh interpreter's are (pytest
+    records them in this process: a command's warning would have been invisible)."""
     with open(output, "ab") as out, open(errors or output, "ab") as err:
         pid = os.fork()
         if pid == 0:  # the child: never returns into pytest
@@ -68,6 +70,7 @@ def fork_command(module, arguments, output, errors=None, cwd=None) -> int:
                 os.dup2(err.fileno(), 2)
                 sys.stdout = open(1, "w", buffering=1, closefd=False)  # not pytest's capture objects
                 sys.stderr = open(2, "w", buffering=1, closefd=False)
+                as_a_fresh_interpreter_warns()
                 sys.argv = [module, *arguments]
                 runpy.run_module(module, run_name="__main__", alter_sys=True)  # as `python -m` runs it
                 code = 0
@@ -80,6 +83,20 @@ def fork_command(module, arguments, output, errors=None, cwd=None) -> int:
                 sys.stderr.flush()
                 os._exit(code)
     return pid
+
+
+def as_a_fresh_interpreter_warns() -> None:
+    """Python's default warning filters, and warnings printed to stderr (pytest's are recorded, and filtered by
+    pyproject.toml)."""
+    warnings.resetwarnings()
+    for category in (ResourceWarning, ImportWarning, PendingDeprecationWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)  # each goes first: the last is tried first
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = show
 
 
 def exit_status(pid, block=True):
