@@ -1,5 +1,6 @@
 """Commands the tests run as a user would: in their own process, with this checkout importable."""
 
+import logging
 import os
 import runpy
 import signal
@@ -57,8 +58,8 @@ def fork_command(module, arguments, output, errors=None, cwd=None) -> int:
     This process has imported torch and timm, so the fork starts in well under a second where a fresh interpreter
     spends some 5 s importing them. The child is a real process of its own (real signals, its own exit status), but
     ends with ``os._exit``: it runs no ``atexit`` hook, so a command whose last line an ``atexit`` hook prints is
-    started with :func:`subprocess.Popen` instead. Its warnings are printed as a fresh interpreter's are (pytest
-    records them in this process: a command's warning would have been invisible)."""
+    started with :func:`subprocess.Popen` instead. Its warnings and log records are printed as a fresh
+    interpreter's are (pytest captures both in this process: a command's warning would have been invisible)."""
     with open(output, "ab") as out, open(errors or output, "ab") as err:
         pid = os.fork()
         if pid == 0:  # the child: never returns into pytest
@@ -70,7 +71,7 @@ def fork_command(module, arguments, output, errors=None, cwd=None) -> int:
                 os.dup2(err.fileno(), 2)
                 sys.stdout = open(1, "w", buffering=1, closefd=False)  # not pytest's capture objects
                 sys.stderr = open(2, "w", buffering=1, closefd=False)
-                as_a_fresh_interpreter_warns()
+                as_a_fresh_interpreter()
                 sys.argv = [module, *arguments]
                 runpy.run_module(module, run_name="__main__", alter_sys=True)  # as `python -m` runs it
                 code = 0
@@ -85,9 +86,13 @@ def fork_command(module, arguments, output, errors=None, cwd=None) -> int:
     return pid
 
 
-def as_a_fresh_interpreter_warns() -> None:
-    """Python's default warning filters, and warnings printed to stderr (pytest's are recorded, and filtered by
-    pyproject.toml)."""
+def as_a_fresh_interpreter() -> None:
+    """Python's default warning filters, warnings printed to stderr (pytest's are recorded, and filtered by
+    pyproject.toml), and a root logger without pytest's capturing handler (a record then reaches stderr as
+    ``logging``'s last resort, or the handlers the command installs)."""
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
+    logging.root.setLevel(logging.WARNING)
     warnings.resetwarnings()
     for category in (ResourceWarning, ImportWarning, PendingDeprecationWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)  # each goes first: the last is tried first
