@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import zipfile
 from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -80,10 +81,10 @@ def load_state_dict(source: DenseSource, mapped: bool = False) -> Dict[str, torc
     """A state dict from a module, a mapping, a ``.safetensors``/``.pth``/``.bin`` file (never unpickles code), or a
     sharded checkpoint's directory (``last.dcp``).
 
-    ``mapped=True`` maps a ``.pth``/``.bin`` file (torch's zip format) instead of reading it, as safetensors always
-    does: only the tensors touched are read from disk. For a look at shapes that drops the state at once (a
-    checkpoint of ViT-H is gigabytes); a file written over in place while its mapped tensors live would crash
-    whoever reads them, so state that is kept is read."""
+    ``mapped=True`` maps a ``.pth``/``.bin`` file (torch's zip format, records uncompressed) instead of reading it,
+    as safetensors always does: only the tensors touched are read from disk. For a look at shapes that drops the
+    state at once (a checkpoint of ViT-H is gigabytes); a file written over in place while its mapped tensors live
+    would crash whoever reads them, so state that is kept is read."""
     if isinstance(source, nn.Module):  # torch.compile's or DataParallel's wrapper too
         return {_unwrapped(key): value for key, value in source.state_dict().items()}
     if isinstance(source, Mapping):
@@ -111,7 +112,7 @@ def load_state_dict(source: DenseSource, mapped: bool = False) -> Dict[str, torc
                 raise UnreadableCheckpointError(path, str(error).strip() or type(error).__name__) from None
         else:
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped and is_zip_file(path))
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped and can_be_mapped(path))
             except Exception as error:
                 raise UnreadableCheckpointError(path, why_torch_load_failed(error)) from None
     for wrapper_key in ("model", "state_dict"):  # common checkpoint layouts
@@ -120,11 +121,15 @@ def load_state_dict(source: DenseSource, mapped: bool = False) -> Dict[str, torc
     return {_unwrapped(key): value for key, value in state.items()}
 
 
-def is_zip_file(path: str) -> bool:
-    """Whether ``path`` is in torch's zip format (torch.save's since 1.6), which ``torch.load`` can map; the legacy
-    format it cannot."""
-    with open(path, "rb") as file:
-        return file.read(4) == b"PK\x03\x04"
+def can_be_mapped(path: str) -> bool:
+    """Whether ``torch.load(path, mmap=True)`` reads ``path`` right: torch's zip format (torch.save's since 1.6) with
+    every record stored as is. The legacy format it cannot map; a zip whose records were compressed (repacked with
+    ``zipfile.ZIP_DEFLATED``) it maps, compressed bytes taken for the tensors': an error, or wrong values."""
+    try:
+        with zipfile.ZipFile(path) as archive:  # reads the central directory only
+            return all(record.compress_type == zipfile.ZIP_STORED for record in archive.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _unwrapped(key: Any) -> Any:

@@ -238,8 +238,9 @@ def rank_pids(agent_pid):
 
 
 # The signal goes to rank 1 once rank 0 logged step 1 and stops every rank at the end of the step running then
-# (step 2 in every measured run); the rerun trains the rest. Was 40: the rerun's 38 steps cost some 2 s of 2 ranks.
-SIGTERM_RUN_STEPS = 12
+# (step 2 in every measured run); the rerun trains the rest. 12 steps saved some 2 s, but left the test's poll and
+# /proc scan about 0.5 s to send the signal before the run ended: a descheduled test would have failed.
+SIGTERM_RUN_STEPS = 40
 
 
 @pytest.mark.slow

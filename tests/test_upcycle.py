@@ -3,6 +3,7 @@
 
 import os
 import re
+import zipfile
 
 import pytest
 import torch
@@ -462,17 +463,23 @@ def test_a_run_saved_before_upcycling_existed_still_resumes(compose_run, tmp_pat
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
-def test_a_mapped_read_maps_torchs_zip_file_and_reads_the_legacy_format_as_before(tmp_path):
+def test_a_mapped_read_maps_torchs_zip_file_and_reads_legacy_or_compressed_files_as_before(tmp_path):
     """The config check and timm's overlay only look at shapes: ``mapped=True`` maps the file (a ViT-H checkpoint
     is gigabytes) where the plain read, for state that is kept, reads it all."""
     state = {"module.pos_embed": torch.randn(1, 5, 8), "module.head.weight": torch.randn(3, 8)}
-    for name, zipped in (("zip.pth", True), ("legacy.pth", False)):
+    torch.save(state, tmp_path / "zip.pth")
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    with zipfile.ZipFile(tmp_path / "zip.pth") as stored, \
+            zipfile.ZipFile(tmp_path / "deflated.pth", "w", zipfile.ZIP_DEFLATED) as deflated:
+        for record in stored.infolist():  # the same records, compressed (a repacked file)
+            deflated.writestr(record.filename, stored.read(record), zipfile.ZIP_DEFLATED)
+    # the legacy format, and compressed records (whose bytes torch would take for the tensors'), are read as before
+    for name, maps_it in (("zip.pth", True), ("legacy.pth", False), ("deflated.pth", False)):
         path = tmp_path / name
-        torch.save(state, path, _use_new_zipfile_serialization=zipped)
         mapped, read = load_state_dict(path, mapped=True), load_state_dict(path)
         assert mapped.keys() == read.keys() == {"pos_embed", "head.weight"}
-        assert all(torch.equal(mapped[key], read[key]) for key in read)
-        maps = open("/proc/self/maps").read()
-        assert (str(path) in maps) == zipped, name  # the legacy format cannot be mapped: read, as before
+        assert all(torch.equal(mapped[key], read[key]) and torch.equal(read[key], state[f"module.{key}"])
+                   for key in read), name
+        assert (str(path) in open("/proc/self/maps").read()) == maps_it, name
         del mapped, read
     assert str(tmp_path / "zip.pth") not in open("/proc/self/maps").read()  # dropped with the state
