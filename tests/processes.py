@@ -1,11 +1,13 @@
 """Commands the tests run as a user would: in their own process, with this checkout importable."""
 
+import faulthandler
 import logging
 import os
 import runpy
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -58,8 +60,11 @@ def fork_command(module, arguments, output, errors=None, cwd=None) -> int:
     This process has imported torch and timm, so the fork starts in well under a second where a fresh interpreter
     spends some 5 s importing them. The child is a real process of its own (real signals, its own exit status), but
     ends with ``os._exit``: it runs no ``atexit`` hook, so a command whose last line an ``atexit`` hook prints is
-    started with :func:`subprocess.Popen` instead. Its warnings and log records are printed as a fresh
-    interpreter's are (pytest captures both in this process: a command's warning would have been invisible)."""
+    started with :func:`subprocess.Popen` instead. What it prints is what a fresh interpreter prints
+    (:func:`as_a_fresh_interpreter`). Where this process has initialised CUDA, which a forked child cannot use, the
+    command starts as a fresh interpreter (``python -m``) instead; :func:`exit_status` and :func:`wait` read both."""
+    if cuda_initialised():
+        return spawn_command(module, arguments, output, errors, cwd)
     with open(output, "ab") as out, open(errors or output, "ab") as err:
         pid = os.fork()
         if pid == 0:  # the child: never returns into pytest
@@ -72,6 +77,7 @@ def fork_command(module, arguments, output, errors=None, cwd=None) -> int:
                 sys.stdout = open(1, "w", buffering=1, closefd=False)  # not pytest's capture objects
                 sys.stderr = open(2, "w", buffering=1, closefd=False)
                 as_a_fresh_interpreter()
+                sys.modules.pop(module, None)  # imported by a test: `python -m` runs the module's only copy
                 sys.argv = [module, *arguments]
                 runpy.run_module(module, run_name="__main__", alter_sys=True)  # as `python -m` runs it
                 code = 0
@@ -86,10 +92,34 @@ def fork_command(module, arguments, output, errors=None, cwd=None) -> int:
     return pid
 
 
+# Commands fork_command started as fresh interpreters, by pid (their Popen objects reap them)
+SPAWNED: dict[int, subprocess.Popen] = {}
+
+
+def cuda_initialised() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_initialized()
+
+
+def spawn_command(module, arguments, output, errors=None, cwd=None) -> int:
+    """:func:`fork_command`'s command as a fresh interpreter, with this checkout importable; its pid."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(output, "ab") as out, open(errors or output, "ab") as err:
+        process = subprocess.Popen([sys.executable, "-m", module, *arguments], cwd=cwd, env=env, stdout=out,
+                                   stderr=err)
+    SPAWNED[process.pid] = process
+    return process.pid
+
+
 def as_a_fresh_interpreter() -> None:
-    """Python's default warning filters, warnings printed to stderr (pytest's are recorded, and filtered by
-    pyproject.toml), and a root logger without pytest's capturing handler (a record then reaches stderr as
-    ``logging``'s last resort, or the handlers the command installs)."""
+    """What pytest changed in this process, put back as a fresh interpreter has it, so the child prints what a
+    command prints: Python's default warning filters, warnings printed to stderr (pytest records them, filtered by
+    pyproject.toml); a root logger without pytest's capturing handler (a record reaches stderr as ``logging``'s
+    last resort, or the handlers the command installs); exceptions in threads and in ``__del__`` printed (pytest
+    collects them); faulthandler off (pytest's writes to its own stderr)."""
+    threading.excepthook = threading.__excepthook__
+    sys.unraisablehook = sys.__unraisablehook__
+    faulthandler.disable()
     for handler in list(logging.root.handlers):
         logging.root.removeHandler(handler)
     logging.root.setLevel(logging.WARNING)
@@ -107,6 +137,8 @@ def as_a_fresh_interpreter() -> None:
 def exit_status(pid, block=True):
     """The exit status of child ``pid`` (``-signal`` when a signal killed it, as ``subprocess`` says), or None while
     it runs (``block=False``)."""
+    if pid in SPAWNED:
+        return SPAWNED[pid].wait() if block else SPAWNED[pid].poll()
     done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
     return os.waitstatus_to_exitcode(status) if done else None
 
@@ -120,5 +152,5 @@ def wait(pid, timeout=300):
             return status
         time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    exit_status(pid)
     raise AssertionError(f"process {pid} still running after {timeout} s")

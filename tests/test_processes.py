@@ -2,34 +2,67 @@
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 
+import pytest
+
+import processes
 from processes import fork_command, wait
 
-WARNS = '''
-import logging, sys, warnings
-logging.getLogger("some.module").warning("logged, as a fresh interpreter prints it")
-logging.getLogger("some.module").info("not logged, as a fresh interpreter does not print it")
-warnings.warn("shown, as a fresh interpreter shows it")
-warnings.warn("hidden, as a fresh interpreter hides it", PendingDeprecationWarning)
-print("argv", sys.argv[1:])
-sys.exit(int(sys.argv[1]))
+COMMAND = '''
+import gc, logging, sys, threading, warnings
+
+class Unraisable:
+    def __del__(self):
+        raise RuntimeError("raised in __del__, printed as Python prints it")
+
+if __name__ == "__main__":
+    logging.getLogger("some.module").warning("logged, as a fresh interpreter prints it")
+    logging.getLogger("some.module").info("not logged, as a fresh interpreter does not print it")
+    warnings.warn("shown, as a fresh interpreter shows it")
+    warnings.warn("hidden, as a fresh interpreter hides it", PendingDeprecationWarning)
+    thread = threading.Thread(target=lambda: 1 / 0)
+    thread.start()
+    thread.join()
+    Unraisable()
+    gc.collect()
+    print("argv", sys.argv[1:])
+    sys.exit(int(sys.argv[1]))
 '''
 
 
-def test_a_forked_command_prints_its_warnings_and_log_records_and_exits_with_its_own_status(tmp_path, monkeypatch):
-    (tmp_path / "warns.py").write_text(WARNS)
-    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])  # the child inherits it
+@pytest.fixture
+def command(tmp_path, monkeypatch):
+    """``python -m commands.prints`` in ``tmp_path``, a module of a package this process has imported too."""
+    (tmp_path / "commands").mkdir()
+    (tmp_path / "commands" / "__init__.py").write_text("")
+    (tmp_path / "commands" / "prints.py").write_text(COMMAND)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])  # a forked child inherits it
+    importlib.import_module("commands.prints")
+    yield "commands.prints"
+    for name in ("commands.prints", "commands"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["forked", "a fresh interpreter, as where CUDA is initialised"])
+def test_a_forked_command_prints_what_python_minus_m_prints_and_exits_with_its_status(command, tmp_path,
+                                                                                      monkeypatch, cuda):
+    monkeypatch.setattr(processes, "cuda_initialised", lambda: cuda)
     output = tmp_path / "out.txt"
-    assert wait(fork_command("warns", ["3", "x"], output, cwd=tmp_path)) == 3
+    assert wait(fork_command(command, ["3", "x"], output, cwd=tmp_path)) == 3
     printed = output.read_text()
-    assert "UserWarning: shown, as a fresh interpreter shows it" in printed  # not recorded by this pytest process
-    assert "logged, as a fresh interpreter prints it" in printed  # not captured by this pytest process
-    assert "hidden" not in printed and "not logged" not in printed and "argv ['3', 'x']" in printed
+    # none of it kept by this pytest process, which records warnings and log records and collects the exceptions
+    # of threads and of __del__
+    assert "logged, as a fresh interpreter prints it" in printed and "not logged" not in printed
+    assert "UserWarning: shown, as a fresh interpreter shows it" in printed and "hidden" not in printed
+    assert "ZeroDivisionError: division by zero" in printed and "raised in __del__, printed" in printed
+    assert "RuntimeWarning" not in printed  # runpy's, for a module imported before it runs as __main__
+    assert "argv ['3', 'x']" in printed
 
 
 def test_a_signal_that_kills_a_forked_command_is_its_status_as_subprocess_says(tmp_path, monkeypatch):
-    (tmp_path / "sleeps.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    (tmp_path / "killed.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
-    assert wait(fork_command("sleeps", [], tmp_path / "out.txt")) == -signal.SIGKILL
+    assert wait(fork_command("killed", [], tmp_path / "out.txt")) == -signal.SIGKILL
