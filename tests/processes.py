@@ -7,10 +7,12 @@ import runpy
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +92,19 @@ def fork_command(module, arguments, output, errors=None, cwd=None) -> int:
                 sys.stderr.flush()
                 os._exit(code)
     return pid
+
+
+def run_forked(module, arguments, cwd, merged=False, timeout=300) -> subprocess.CompletedProcess:
+    """``subprocess.run([python, "-m", module, *arguments], cwd=cwd, capture_output=True, text=True)`` by
+    :func:`fork_command`: for a command that runs to its end in its own process (no ``atexit`` line, no worker
+    processes of its own to inherit this one's state), some 5 s sooner. ``merged``: stderr into stdout, as
+    ``stderr=subprocess.STDOUT``."""
+    cwd = Path(cwd)
+    with tempfile.TemporaryDirectory() as folder:
+        output, errors = Path(folder) / "stdout", None if merged else Path(folder) / "stderr"
+        status = wait(fork_command(module, arguments, output, errors, cwd=cwd), timeout)
+        return subprocess.CompletedProcess([sys.executable, "-m", module, *arguments], status, output.read_text(),
+                                           None if merged else errors.read_text())
 
 
 # Commands fork_command started as fresh interpreters, by pid (their Popen objects reap them)

@@ -18,6 +18,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
+from processes import run_forked
 from softmoe import moe_layers
 from softmoe.harness.config import TRAINER_RULES, ConfigError, check_config, check_launch
 from softmoe.harness.model import build_model, moe_blocks
@@ -364,9 +365,7 @@ def test_a_refused_run_removes_the_folders_it_made_and_only_those(tmp_path):
     # config's checks refuse makes no folder (they run before Hydra: test_sweep_check.py); model.name is refused by
     # the run once Hydra made its folders
     def refused(cwd, *overrides):
-        command = [sys.executable, "-m", "softmoe.train", *overrides, "model.name=vit_small"]
-        result = subprocess.run(command, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                                text=True, timeout=120)
+        result = run_forked("softmoe.train", [*overrides, "model.name=vit_small"], cwd, timeout=120)
         assert (result.returncode, result.stderr) == (2, MODEL_NAME_REFUSED)
 
     refused(tmp_path)  # outputs/runs/<date>/<time>: every folder of it was new

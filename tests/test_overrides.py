@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from processes import refused_here
+from processes import refused_here, run_forked
 from softmoe import evaluate, train
 from softmoe.harness.output_dirs import output_dir, output_dir_error
 from softmoe.harness.overrides import composition_error, is_global_group, multirun_flag_first
@@ -359,9 +359,8 @@ def test_minus_m_after_the_overrides_goes_before_them_where_hydra_takes_it():
 @pytest.mark.slow
 def test_a_sweep_runs_with_minus_m_after_an_override(tmp_path):
     # was: Hydra's 8-line usage, "unrecognized arguments: seed=0,1"
-    command = [sys.executable, "-m", "softmoe.train", "debug=default", "-m", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
-    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                            text=True, timeout=300)
+    arguments = ["debug=default", "-m", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]  # as the command line parses them
+    result = run_forked("softmoe.train", arguments, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert all((tmp_path / job / "metrics.jsonl").is_file() for job in ("0", "1"))
 

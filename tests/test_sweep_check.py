@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import ROOT
+from processes import run_forked
 from processes import refused_here
 from softmoe import train
 from softmoe.harness import runs
@@ -356,10 +357,9 @@ def test_a_sweep_trains_on_in_a_new_sweep_directory_each_job_from_its_own_checkp
             "trainer.progress_bar=false"]
 
     def sweep(name, steps, *overrides):
-        command = [sys.executable, "-m", "softmoe.train", "-m", "seed=0,1", *tiny, f"trainer.max_steps={steps}",
-                   *overrides, f"hydra.sweep.dir={tmp_path / name}"]
-        done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        arguments = ["-m", "seed=0,1", *tiny, f"trainer.max_steps={steps}", *overrides,
+                     f"hydra.sweep.dir={tmp_path / name}"]
+        done = run_forked("softmoe.train", arguments, tmp_path, merged=True)  # the basic launcher: jobs in-process
         assert done.returncode == 0, done.stdout[-3000:]
         return done.stdout.splitlines()
 
@@ -404,7 +404,8 @@ def test_a_sweep_rerun_its_jobs_would_refuse_starts_none_and_leaves_the_sweep_di
         return subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
                               capture_output=True, text=True, timeout=300)
 
-    assert sweep().returncode == 0
+    trained = run_forked("softmoe.train", ["-m", "seed=0,1", *tiny, f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert trained.returncode == 0, trained.stderr[-2000:]
     for job in ("0", "1"):  # joblib's job ids, for the jobs below that name their run directories after them
         shutil.copytree(sweep_dir / job, sweep_dir / f"train_{job}")
     before = sweep_fingerprint(sweep_dir)

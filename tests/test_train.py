@@ -16,6 +16,7 @@ import wandb
 
 from conftest import CONF_DIR, train_killed_after, wandb_offline_run
 from data_fixtures import write_fashion_mnist
+from processes import run_forked
 from softmoe.collect import main as collect_main
 from softmoe.evaluate import evaluate_run
 from softmoe.harness.checkpoint import CheckpointError, load_checkpoint
@@ -508,12 +509,11 @@ def test_without_a_validation_split_nothing_is_selected_and_the_run_says_so(comp
 
 @pytest.mark.slow
 def test_an_optuna_sweep_maximises_validation_accuracy_never_test(tmp_path):
-    command = [
-        sys.executable, "-m", "softmoe.train", "-m", "hparams_search=router_optuna", "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.n_jobs=1", "trainer.max_steps=3", "trainer.batch_size=256", "logger=none", *QUIET,
-        f"hydra.sweep.dir={tmp_path}",
+    arguments = [
+        "-m", "hparams_search=router_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1",
+        "trainer.max_steps=3", "trainer.batch_size=256", "logger=none", *QUIET, f"hydra.sweep.dir={tmp_path}",
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_forked("softmoe.train", arguments, ROOT, timeout=600)  # Optuna's trials run in-process
     assert result.returncode == 0, result.stderr[-2000:]
     import yaml
 
