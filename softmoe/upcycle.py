@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import warnings
 import zipfile
 from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -52,6 +53,15 @@ class UpcycleSource(NamedTuple):
     num_experts: int = 0  # > 0: the dense tensor repeated once per expert
     transposed: bool = False
     noisy: bool = False
+
+
+def load_tensors(path: str, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU, without torch's warning for a pickle protocol it did not
+    write: bytes that only begin like a pickle of another protocol (a damaged file) printed two lines of it beside
+    the one line that says the file is unreadable."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def why_torch_load_failed(error: Exception) -> str:
@@ -112,7 +122,7 @@ def load_state_dict(source: DenseSource, mapped: bool = False) -> Dict[str, torc
                 raise UnreadableCheckpointError(path, str(error).strip() or type(error).__name__) from None
         else:
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped and can_be_mapped(path))
+                state = load_tensors(path, mmap=mapped and can_be_mapped(path))
             except Exception as error:
                 raise UnreadableCheckpointError(path, why_torch_load_failed(error)) from None
     for wrapper_key in ("model", "state_dict"):  # common checkpoint layouts

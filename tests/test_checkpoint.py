@@ -2,6 +2,7 @@
 
 import os
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -318,3 +319,23 @@ def test_a_run_directory_keeps_its_length(compose_run, tmp_path, saved, now, ref
     with pytest.raises(OtherExperimentError) as raised:
         checkpoint.check_same_experiment({"config": json.dumps(before)}, after, path)
     assert str(raised.value).startswith(refused.format(path=path))
+
+
+def test_damaged_bytes_that_begin_like_another_pickle_protocol_are_one_error_and_no_torch_warning(tmp_path):
+    """Bytes beginning with pickle's protocol opcode (1 in 256 of random damage) made torch warn in two lines about
+    a protocol it did not write, beside the error that says the file is unreadable."""
+    from softmoe.upcycle import UnreadableCheckpointError, load_state_dict
+
+    damaged = tmp_path / "last.pt"
+    damaged.write_bytes(b"\x80\x9e" + random.Random(0).randbytes(4094))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(Exception):
+            torch.load(damaged, weights_only=True)
+        assert any("Detected pickle protocol" in str(warning.message) for warning in seen)  # torch's own, here
+        seen.clear()
+        with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+            load_checkpoint(damaged)
+        with pytest.raises(UnreadableCheckpointError):
+            load_state_dict(damaged)
+        assert [str(warning.message) for warning in seen] == []

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from softmoe.upcycle import why_torch_load_failed
+from softmoe.upcycle import load_tensors, why_torch_load_failed
 
 from .errors import CheckpointError, CheckpointWriteError, OtherExperimentError, write_failure
 from .plausibility import group_setting
@@ -117,7 +117,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     run code is refused, not run).
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path)
     except Exception as error:  # truncated, corrupted, or carrying objects other than tensors and containers
         raise CheckpointError(f"{path}: not a readable checkpoint ({why_torch_load_failed(error)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
