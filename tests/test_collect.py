@@ -16,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import ROOT, train_killed_after
+from processes import run_forked
 from softmoe import collect
 from softmoe.harness import sweep_console, sweeps
 from softmoe.harness.errors import NoRunsError
@@ -367,10 +368,9 @@ def test_runs_are_grouped_by_the_values_they_used_not_as_typed(tmp_path):
     typed nothing is a copy of its (last_half, 16) job whose overrides.yaml says so: Hydra writes the same
     config.yaml and hydra.yaml for both."""
     sweep = tmp_path / "sweep"
-    result = subprocess.run([sys.executable, "-m", "softmoe.train", "-m", "moe=last_half,dense", "moe.num_experts=16,8",
-                             "trainer.max_steps=2", "trainer.eval_batches=1", "model.depth=2", "logger=none",
-                             "trainer.progress_bar=false", f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = run_forked("softmoe.train", ["-m", "moe=last_half,dense", "moe.num_experts=16,8", "trainer.max_steps=2",
+                                          "trainer.eval_batches=1", "model.depth=2", "logger=none",
+                                          "trainer.progress_bar=false", f"hydra.sweep.dir={sweep}"], ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     typed = next(job for job in sweep.iterdir() if (job / ".hydra").is_dir() and {"moe=last_half", "moe.num_experts=16"}
                  <= set(yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())))
