@@ -19,10 +19,14 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def checkout_env(env=None) -> dict:
+    """This process's environment, ``env`` added, with this checkout importable (first on ``PYTHONPATH``)."""
+    return {**os.environ, **(env or {}), "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
 def run_from(cwd, command, env=None) -> subprocess.CompletedProcess:
     """``command`` run in ``cwd`` (``env`` added to this process's environment), after it succeeded."""
-    env = {**os.environ, **(env or {}), "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(command, cwd=cwd, env=checkout_env(env), capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed
 
@@ -94,17 +98,42 @@ def fork_command(module, arguments, output, errors=None, cwd=None) -> int:
     return pid
 
 
+class ForkedCommand:
+    """``python -m <module> <arguments>`` started in ``cwd`` by :func:`fork_command`, read like the
+    :class:`subprocess.Popen` it stands for (``poll``, ``send_signal``, ``communicate``, ``returncode``, ``pid``):
+    its stdout and stderr together in the file ``output``, or stderr apart beside it (``stderr_apart``)."""
+
+    def __init__(self, module, arguments, cwd, output, stderr_apart=False):
+        self._output = Path(output)
+        self._errors = self._output.with_suffix(".err") if stderr_apart else self._output
+        self.pid = fork_command(module, arguments, self._output, self._errors, cwd=cwd)
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            self.returncode = exit_status(self.pid, block=False)
+        return self.returncode
+
+    def send_signal(self, signum):
+        os.kill(self.pid, signum)
+
+    def communicate(self, timeout=300):
+        """(stdout, stderr), stderr None unless apart, once the command ended."""
+        if self.returncode is None:
+            self.returncode = wait(self.pid, timeout)
+        return self._output.read_text(), self._errors.read_text() if self._errors != self._output else None
+
+
 def run_forked(module, arguments, cwd, merged=False, timeout=300) -> subprocess.CompletedProcess:
     """``subprocess.run([python, "-m", module, *arguments], cwd=cwd, capture_output=True, text=True)`` by
     :func:`fork_command`: for a command that runs to its end in its own process (no ``atexit`` line, no worker
     processes of its own to inherit this one's state), some 5 s sooner. ``merged``: stderr into stdout, as
     ``stderr=subprocess.STDOUT``."""
-    cwd = Path(cwd)
     with tempfile.TemporaryDirectory() as folder:
-        output, errors = Path(folder) / "stdout", None if merged else Path(folder) / "stderr"
-        status = wait(fork_command(module, arguments, output, errors, cwd=cwd), timeout)
-        return subprocess.CompletedProcess([sys.executable, "-m", module, *arguments], status, output.read_text(),
-                                           None if merged else errors.read_text())
+        command = ForkedCommand(module, arguments, cwd, Path(folder) / "output", stderr_apart=not merged)
+        stdout, stderr = command.communicate(timeout)
+        return subprocess.CompletedProcess([sys.executable, "-m", module, *arguments], command.returncode, stdout,
+                                           stderr)
 
 
 # Commands fork_command started as fresh interpreters, by pid (their Popen objects reap them)
@@ -118,10 +147,9 @@ def cuda_initialised() -> bool:
 
 def spawn_command(module, arguments, output, errors=None, cwd=None) -> int:
     """:func:`fork_command`'s command as a fresh interpreter, with this checkout importable; its pid."""
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(output, "ab") as out, open(errors or output, "ab") as err:
-        process = subprocess.Popen([sys.executable, "-m", module, *arguments], cwd=cwd, env=env, stdout=out,
-                                   stderr=err)
+        process = subprocess.Popen([sys.executable, "-m", module, *arguments], cwd=cwd, env=checkout_env(),
+                                   stdout=out, stderr=err)
     SPAWNED[process.pid] = process
     return process.pid
 

@@ -12,14 +12,13 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
 
 from conftest import ROOT
 from data_fixtures import write_image_tree
-from processes import exit_status, fork_command, wait
+from processes import ForkedCommand
 from softmoe.harness import sharded_checkpoint
 from softmoe.harness.checkpoint import load_checkpoint, save_checkpoint
 from softmoe.harness.faults import Preempted
@@ -31,30 +30,13 @@ from test_reliability import RUN, read_events
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-class ForkedTrainer:
-    """``python -m softmoe.train <overrides>`` started in ``cwd`` by :func:`processes.fork_command` (some 5 s of
-    imports fewer than a fresh interpreter), read like the :class:`subprocess.Popen` it stands for: its stdout and
-    stderr together, or apart (``stderr_apart``). The commands a test pastes from its output run as a user's
-    ``python -m`` (:func:`assert_it_resumes`); a crash, whose line an ``atexit`` hook prints, runs as one too."""
-
-    def __init__(self, cwd: Path, *overrides: str, stderr_apart: bool = False):
-        self._output = Path(cwd).parent / f"{Path(cwd).name}.trainer.out"
-        self._errors = self._output.with_suffix(".err") if stderr_apart else self._output
-        self.pid = fork_command("softmoe.train", overrides, self._output, self._errors, cwd=cwd)
-        self.returncode = None
-
-    def poll(self) -> Optional[int]:
-        if self.returncode is None:
-            self.returncode = exit_status(self.pid, block=False)
-        return self.returncode
-
-    def send_signal(self, signum: int) -> None:
-        os.kill(self.pid, signum)
-
-    def communicate(self, timeout: float = 300) -> tuple[str, Optional[str]]:
-        if self.returncode is None:
-            self.returncode = wait(self.pid, timeout)
-        return self._output.read_text(), self._errors.read_text() if self._errors != self._output else None
+def forked_trainer(cwd: Path, *overrides: str, stderr_apart: bool = False) -> ForkedCommand:
+    """``python -m softmoe.train <overrides>`` started in ``cwd`` by fork (some 5 s of imports fewer than a fresh
+    interpreter), read like the :class:`subprocess.Popen` it stands for. The commands a test pastes from its output
+    run as a user's ``python -m`` (:func:`assert_it_resumes`); a crash, whose line an ``atexit`` hook prints, runs
+    as one too."""
+    return ForkedCommand("softmoe.train", overrides, cwd, Path(cwd).parent / f"{Path(cwd).name}.trainer.out",
+                         stderr_apart)
 
 
 def default_run_dir(cwd: Path, timeout: float = 120) -> Path:
@@ -101,7 +83,7 @@ def assert_it_resumes(command: list[str], cwd: Path, run_dir: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR2], ids=lambda s: s.name)
 def test_a_signal_stop_prints_the_command_that_resumes_from_the_default_run_directory(tmp_path, signum):
-    trainer = ForkedTrainer(tmp_path, *RUN)
+    trainer = forked_trainer(tmp_path, *RUN)
     run_dir = default_run_dir(tmp_path)
     wait_for_step(trainer, run_dir, 3)
     trainer.send_signal(signum)
@@ -144,7 +126,7 @@ def assert_summary_and_next_steps_are_the_readmes(output: str, cwd: Path, run_di
 @pytest.mark.slow
 def test_a_nonfinite_stop_prints_the_command_that_resumes_from_its_last_checkpoint(tmp_path):
     overrides = [*SYNTHETIC, f"data.nan_examples=[{NAN_EXAMPLE}]", "trainer.nonfinite=stop"]
-    trainer = ForkedTrainer(tmp_path, *overrides, stderr_apart=True)
+    trainer = forked_trainer(tmp_path, *overrides, stderr_apart=True)
     stdout, stderr = trainer.communicate(timeout=300)
     result = subprocess.CompletedProcess(trainer.pid, trainer.returncode, stdout, stderr)
     assert result.returncode == 3, result.stderr
@@ -180,7 +162,7 @@ def test_an_image_that_breaks_mid_run_prints_the_command_that_resumes(tmp_path):
     stops naming it, keeps last.pt, and the printed command continues from it once the file is good again."""
     write_image_tree(tmp_path / "my_images", train={"a": 16, "b": 16}, val={"a": 4, "b": 4}, size=8)
     images = {path: path.read_bytes() for path in (tmp_path / "my_images").rglob("*.png")}
-    trainer = ForkedTrainer(tmp_path, *OWN_IMAGES)
+    trainer = forked_trainer(tmp_path, *OWN_IMAGES)
     run_dir = default_run_dir(tmp_path)
     wait_for_checkpoint(trainer, run_dir)
     trainer.send_signal(signal.SIGSTOP)  # paused after its first checkpoint: it reads nothing until every image is bad
