@@ -100,8 +100,12 @@ def resume_message(tag: str, run_dir: Path) -> Optional[str]:
 
 
 def say(message: Optional[str]) -> None:
+    """``message`` on stderr as one line in one write: a parallel sweep's workers share the console, and print's two
+    writes (the text, then its newline) let another job's line in between ("[job 1] ...[job 0] ...", then both
+    newlines)."""
     if message:
-        print(message, file=sys.stderr)
+        sys.stderr.write(f"{message}\n")
+        sys.stderr.flush()
 
 
 def say_how_to_resume(tag: str, run_dir: Path) -> None:
@@ -188,7 +192,7 @@ def main(cfg: DictConfig) -> float:
     sweep_stop.ignore_stop_signals_between_jobs()  # a joblib worker; its job's stop guard takes Ctrl-C while it trains
     stopped = sweep_stop.stop_requested()
     if stopped is not None:  # a job of a parallel sweep that was stopped while it waited for a worker
-        print(f"{tag}not started: the sweep was stopped by {signal.Signals(stopped).name}", file=sys.stderr)
+        say(f"{tag}not started: the sweep was stopped by {signal.Signals(stopped).name}")
         remove_if_unused(run_dir)
         return NO_OBJECTIVE
     try:
@@ -198,7 +202,7 @@ def main(cfg: DictConfig) -> float:
         summary = train_on_this_disk(cfg, run_dir, wandb_group=group, wandb_name=name, on_claim=hydra_configs)
     except (*USER_ERRORS, NonFiniteError) as error:
         lines = [f"{tag}error: {one_line(error)}"]
-        print(lines[0], file=sys.stderr)
+        say(lines[0])
         if not isinstance(error, RunDirInUseError):  # that directory is the other process's
             remove_if_unused(run_dir, new_parents=new_parents)  # a run that never started leaves no folder
         if multirun and isinstance(error, (OtherExperimentError, RunDirInUseError)):  # a refused rerun
@@ -225,7 +229,7 @@ def main(cfg: DictConfig) -> float:
             say(sweep_resume_line(preempted.signum, hydra_cfg.sweep.dir, sys.argv[1:]))
         sys.exit(preempted.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before training started (a second one during a step ends the process)
-        print(f"{tag}error: interrupted before training started", file=sys.stderr)
+        say(f"{tag}error: interrupted before training started")
         remove_if_unused(run_dir, new_parents=new_parents)
         say_how_to_resume(tag, run_dir)  # a resumed run interrupted while loading
         sys.exit(preempted_exit_code(signal.SIGINT))

@@ -1,6 +1,7 @@
 """Ctrl-C on a sweep (``softmoe/harness/sweep_stop.py``): under ``launcher=joblib`` every running job saves its step,
 no new job starts, and the printed commands resume each job, and the whole sweep, where it stopped."""
 
+import io
 import os
 import shlex
 import signal
@@ -299,3 +300,20 @@ def test_the_sweeps_first_signal_stops_it_even_after_a_job_stopped_it_already(tm
     assert sweep_stop.stop_requested() == signal.SIGTERM  # the first stop is the one the sweep reports and exits with
     with pytest.raises(sweep_stop.SweepEndedAtOnce):
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+
+
+def test_a_jobs_line_reaches_the_shared_console_in_one_write(monkeypatch):
+    """The workers of a parallel sweep share the console: a line written as its text, then its newline, let another
+    job's line in between ("[job 1] not started: ...[job 0] not started: ..." and then both newlines)."""
+    from softmoe import train as train_command
+
+    writes = []
+
+    class Console(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stderr", Console())
+    train_command.say("[job 0] not started: the sweep was stopped by SIGINT")
+    assert writes == ["[job 0] not started: the sweep was stopped by SIGINT\n"]
