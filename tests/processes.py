@@ -101,11 +101,15 @@ def fork_command(module, arguments, output, errors=None, cwd=None) -> int:
 class ForkedCommand:
     """``python -m <module> <arguments>`` started in ``cwd`` by :func:`fork_command`, read like the
     :class:`subprocess.Popen` it stands for (``poll``, ``send_signal``, ``communicate``, ``returncode``, ``pid``):
-    its stdout and stderr together in the file ``output``, or stderr apart beside it (``stderr_apart``)."""
+    its stdout and stderr together in the file ``output``, or stderr apart beside it (``stderr_apart``). Each file
+    is emptied first: it holds this command's output only, even where a test before it used the same name (pytest
+    deletes a passed test's ``tmp_path`` and gives the next test of the same name prefix that number again)."""
 
     def __init__(self, module, arguments, cwd, output, stderr_apart=False):
         self._output = Path(output)
         self._errors = self._output.with_suffix(".err") if stderr_apart else self._output
+        for file in {self._output, self._errors}:
+            file.write_bytes(b"")
         self.pid = fork_command(module, arguments, self._output, self._errors, cwd=cwd)
         self.returncode = None
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import processes
-from processes import fork_command, wait
+from processes import ForkedCommand, fork_command, wait
 
 COMMAND = '''
 import gc, logging, sys, threading, warnings
@@ -66,3 +66,19 @@ def test_a_signal_that_kills_a_forked_command_is_its_status_as_subprocess_says(t
     (tmp_path / "killed.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
     assert wait(fork_command("killed", [], tmp_path / "out.txt")) == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("stderr_apart", [False, True], ids=["merged", "stderr apart"])
+def test_a_forked_commands_output_is_its_own_where_an_earlier_command_wrote_the_same_file(command, tmp_path,
+                                                                                           stderr_apart):
+    # a test's output file beside its tmp_path, whose name a later test of the same name prefix gets again (CI,
+    # stop 49: two runs' "resume with" lines in one file)
+    output = tmp_path / "run.out"
+    for file in (output, output.with_suffix(".err")):
+        file.write_text("resume with: an earlier test's command\n")
+    forked = ForkedCommand(command, ["0", "x"], tmp_path, output, stderr_apart=stderr_apart)
+    stdout, stderr = forked.communicate()
+    assert forked.returncode == 0
+    assert "earlier test" not in stdout + (stderr or "")
+    assert "argv ['0', 'x']" in stdout
+    assert stderr is None or "UserWarning: shown" in stderr
