@@ -1,11 +1,13 @@
 """Sparse upcycling: a Soft MoE ViT started from a dense timm ViT (the library, then the harness's
 ``model.upcycle_from``; timm's ``pretrained=True`` path is in test_timm.py)."""
 
+import importlib
 import os
 import re
 import zipfile
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
@@ -460,6 +462,24 @@ def test_a_run_saved_before_upcycling_existed_still_resumes(compose_run, tmp_pat
     with pytest.raises(CheckpointError, match="model.depth=4: trainer.resume's checkpoint .* was saved with "
                        "model.depth=2"):
         check_same_model({"config": json.dumps(older)}, config, tmp_path / "last.pt")  # the architecture may not
+
+
+def test_the_config_check_and_timms_overlay_map_the_dense_file_they_only_look_at(compose_run, tmp_path, monkeypatch):
+    """Each looks at shapes before the build reads the file to keep its weights: a look that read it too would hold
+    a ViT-H checkpoint's gigabytes twice over. The real reads run; each one's ``mmap`` is recorded."""
+    path = tmp_path / "dense.pth"
+    save_dense_run_model(compose_run, path)
+    module = importlib.import_module("softmoe.upcycle")
+    read, reads = module.load_tensors, []
+    monkeypatch.setattr(module, "load_tensors", lambda file, mmap=False: reads.append(mmap) or read(file, mmap=mmap))
+    check_config(compose_run(f"model.upcycle_from={path}"))
+    assert reads == [True]
+    reads.clear()
+    dense = timm.create_model("test_vit")
+    torch.save(dense.state_dict(), tmp_path / "test_vit.pth")
+    overlay = dict(file=str(tmp_path / "test_vit.pth"))
+    timm.create_model("test_soft_moe_vit", pretrained=True, pretrained_cfg_overlay=overlay)  # then timm's own read
+    assert reads == [True]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
