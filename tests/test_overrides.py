@@ -12,7 +12,7 @@ from conftest import ROOT
 from processes import refused_here, run_forked
 from softmoe import evaluate, train
 from softmoe.harness.output_dirs import output_dir, output_dir_error
-from softmoe.harness.overrides import composition_error, is_global_group, multirun_flag_first
+from softmoe.harness.overrides import compose_config, composition_error, is_global_group, multirun_flag_first
 from softmoe.harness.plausibility import CONF_DIR
 
 MISTAKES = [
@@ -375,3 +375,17 @@ def test_a_placeholder_pasted_from_the_docs_is_named_as_one(argument, placeholde
         f"{argument}: {placeholder} is a placeholder; put your own value there "
         f"(run directories: ls -d outputs/runs/*/*)")
     assert "token recognition error" in composition_error(["seed=1<"], "train")  # no placeholder: Hydra's words
+
+
+def test_a_kept_composition_follows_the_config_files_it_read(user_config):
+    """The checks keep the configs they compose; one composed again after its files changed (a notebook editing
+    its experiment file, a test writing one where an earlier test wrote another) is composed anew, even when the
+    new file is the same size and written within the same clock tick as the old."""
+    searchpath = user_config("experiment/mine", "# @package _global_\nseed: 1\n")
+    overrides = [searchpath, "experiment=mine"]
+    assert compose_config("train", overrides, CONF_DIR).seed == 1
+    assert compose_config("train", overrides, CONF_DIR) is compose_config("train", overrides, CONF_DIR)  # kept
+    user_config("experiment/mine", "# @package _global_\nseed: 2\n")
+    assert compose_config("train", overrides, CONF_DIR).seed == 2
+    user_config("experiment/other", "# @package _global_\nseed: 3\n")  # a new file of the folder: composed anew
+    assert compose_config("train", [searchpath, "experiment=other"], CONF_DIR).seed == 3
