@@ -524,7 +524,9 @@ def test_a_2_node_by_8_gpu_slurm_job_composes_one_task_per_gpu(compose_run):
 
 
 STAND_INS = {  # SLURM's commands as submitit calls them: sbatch keeps the script it is given and answers as sbatch
-    "sbatch": '#!/bin/sh\ncp "$1" "$SBATCH_CAPTURE"\necho "Submitted batch job 4242"\n',
+    # copied, then renamed into place: the test reads the script as soon as its name exists, never half-copied
+    "sbatch": '#!/bin/sh\ncp "$1" "$SBATCH_CAPTURE.part" && mv "$SBATCH_CAPTURE.part" "$SBATCH_CAPTURE"\n'
+              'echo "Submitted batch job 4242"\n',
     "srun": "#!/bin/sh\nexit 1\n",  # submitit only checks that it exists before submitting
 }
 

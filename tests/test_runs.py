@@ -93,13 +93,15 @@ def test_only_a_run_directory_holding_nothing_but_hydras_files_is_removed(tmp_pa
         (run_dir / ".lock").write_text("process 1 on here\n")  # the lock the run took before it was refused
         handler = logging.FileHandler(run_dir / "train.log")
         logging.getLogger().addHandler(handler)  # as Hydra opens it
-    (used / "metrics.jsonl").write_text("")
-    assert remove_if_unused(unused) and not unused.exists()
-    assert not remove_if_unused(used) and (used / ".hydra").is_dir()
-    assert not any(getattr(h, "baseFilename", "").startswith(str(unused)) for h in logging.getLogger().handlers)
-    for h in [h for h in logging.getLogger().handlers if getattr(h, "baseFilename", "").startswith(str(tmp_path))]:
-        logging.getLogger().removeHandler(h)
-        h.close()
+    try:
+        (used / "metrics.jsonl").write_text("")
+        assert remove_if_unused(unused) and not unused.exists()
+        assert not remove_if_unused(used) and (used / ".hydra").is_dir()
+        assert not any(getattr(h, "baseFilename", "").startswith(str(unused)) for h in logging.getLogger().handlers)
+    finally:  # a failed assertion must not leave this worker's later records logged to these files
+        for h in [h for h in logging.getLogger().handlers if getattr(h, "baseFilename", "").startswith(str(tmp_path))]:
+            logging.getLogger().removeHandler(h)
+            h.close()
 
 
 def test_the_sweep_record_is_put_back_as_it_was_found_and_removed_where_there_was_none(tmp_path):

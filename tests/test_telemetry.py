@@ -127,8 +127,8 @@ def test_waiting_for_a_runs_exit_record_sees_a_file_still_being_written(tmp_path
     writing.parent.mkdir()
     writing.write_bytes(whole[:-1])  # its last record, the exit record, not yet whole
     assert not wait_for_exit_record(writing.parent, timeout_s=0.3)
+    started = time.monotonic()  # before the timer starts: the wait below lasts at least its 0.5 s
     threading.Timer(0.5, writing.write_bytes, [whole]).start()  # W&B's service finishing the file
-    started = time.monotonic()
     assert wait_for_exit_record(writing.parent, timeout_s=30)
     assert 0.4 < time.monotonic() - started < 30
 

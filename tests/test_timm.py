@@ -345,8 +345,10 @@ def test_a_local_file_that_is_no_checkpoint_is_named_without_torchs_advice_to_un
     assert "weights_only=False" not in str(raised.value)
 
 
-def test_offline_pretrained_fails_with_one_line_asking_for_a_local_file(monkeypatch):
+def test_offline_pretrained_fails_with_one_line_asking_for_a_local_file(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no retries against an unreachable Hub
+    # an empty cache: a machine whose own Hub cache holds these weights would load them (the helper's, session 32)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(RuntimeError) as error:
         timm.create_model("test_soft_moe_vit", pretrained=True)
     message = str(error.value)
