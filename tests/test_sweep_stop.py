@@ -317,3 +317,19 @@ def test_a_jobs_line_reaches_the_shared_console_in_one_write(monkeypatch):
     monkeypatch.setattr(sys, "stderr", Console())
     train_command.say("[job 0] not started: the sweep was stopped by SIGINT")
     assert writes == ["[job 0] not started: the sweep was stopped by SIGINT\n"]
+
+
+def test_a_forked_process_starts_a_stop_signal_thread_of_its_own():
+    """A fork has none of its parent's threads: one that kept the parent's (dead) thread as its receiver would block
+    SIGINT and SIGTERM in its main thread with no thread left to take them."""
+    sweep_stop._keep_a_thread_that_receives_stop_signals()
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            sweep_stop._keep_a_thread_that_receives_stop_signals()
+            code = 0 if any(thread.name == "softmoe-stop-signals" and thread.is_alive()
+                            for thread in threading.enumerate()) else 1
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0

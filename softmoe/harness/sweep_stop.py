@@ -106,7 +106,7 @@ def _keep_a_thread_that_receives_stop_signals() -> None:
     kernel delivers them to it, and Python runs the handlers in the main thread as ever (within joblib's 10 ms
     polling of its results)."""
     global _receiver
-    if _receiver is None:
+    if _receiver is None or not _receiver.is_alive():  # none yet, or this is a fork, which has none of its threads
         _receiver = threading.Thread(target=threading.Event().wait, name="softmoe-stop-signals", daemon=True)
         _receiver.start()
 
