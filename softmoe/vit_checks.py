@@ -46,9 +46,9 @@ def require_vit_arguments(kwargs: Mapping[str, Any]) -> None:
     require_mlp_ratio(argument["mlp_ratio"], embed_dim)
     require_positive_int("in_chans", argument["in_chans"])
     require_num_classes(argument["num_classes"])
-    _sizes("patch_size", argument["patch_size"])
+    patch_size = _sizes("patch_size", argument["patch_size"])
     if argument["img_size"] is not None:
-        _sizes("img_size", argument["img_size"])
+        require_whole_patches(_sizes("img_size", argument["img_size"]), patch_size, argument)
     require_global_pool(argument["global_pool"], argument["class_token"])
     require_choice("pos_embed", argument["pos_embed"], ("learn", "none", ""))
     for name in DROP_RATES:
@@ -56,6 +56,28 @@ def require_vit_arguments(kwargs: Mapping[str, Any]) -> None:
     patch_drop_rate = require_probability("patch_drop_rate", argument["patch_drop_rate"])
     if patch_drop_rate == 1:  # timm's PatchDropout asserts 0 <= rate < 1: it would drop every patch
         raise ValueError("patch_drop_rate must be a number in [0, 1), got 1: a rate of 1 would drop every patch")
+
+
+def require_whole_patches(img_size: tuple, patch_size: tuple, argument: Mapping[str, Any]) -> None:
+    """Check that ``patch_size`` divides ``img_size`` on each side, unless every image is padded to whole patches
+    (``dynamic_img_size`` and ``dynamic_img_pad``): timm's patch embedding takes ``img_size // patch_size`` patches a
+    side, so the pixels past the last whole patch were never seen, without a word (and a patch larger than the
+    image left no patch at all, a convolution's error at the first forward)."""
+    if argument["dynamic_img_size"] and argument["dynamic_img_pad"]:
+        return
+    image, patch = img_size * (3 - len(img_size)), patch_size * (3 - len(patch_size))  # (height, width)
+    if not (image[0] % patch[0] or image[1] % patch[1]):
+        return
+    if argument["dynamic_img_pad"]:  # timm pads each image, and its position embedding keeps img_size's patches
+        raise ValueError(f"patch_size={argument['patch_size']!r} does not divide img_size={argument['img_size']!r}: "
+                         "dynamic_img_pad=True pads each image to whole patches, more than the position embedding "
+                         "holds; set dynamic_img_size=True too (it resamples the embedding to them)")
+    seen = [size // step * step for size, step in zip(image, patch)]
+    shown = "no pixel" if 0 in seen else f"only the top-left {seen[0]}x{seen[1]} pixels"
+    raise ValueError(f"patch_size={argument['patch_size']!r} must divide img_size={argument['img_size']!r}: the model "
+                     f"would see {shown} of each {image[0]}x{image[1]} image; give an img_size the patch size "
+                     "divides, or set dynamic_img_size=True and dynamic_img_pad=True to pad each image to whole "
+                     "patches")
 
 
 # The model's own arguments, which it hands to every MoE layer: moe_kwargs naming one again would be ambiguous.

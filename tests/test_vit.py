@@ -104,6 +104,15 @@ def test_bad_expert_counts():
                                  "(16, 16, 16)"),
     ({"global_pool": "mean"}, "global_pool must be one of '', 'avg', 'avgmax', 'max', 'token', 'map', 'prr', got "
                               "'mean'"),  # was: timm's bare assert
+    # was: accepted, the pixels past the last whole patch never seen; a patch larger than the image, the conv's error
+    ({"img_size": 18}, "patch_size=4 must divide img_size=18: the model would see only the top-left 16x16 pixels of "
+                       "each 18x18 image; give an img_size the patch size divides, or set dynamic_img_size=True"),
+    ({"img_size": (16, 18), "patch_size": (4, 4)}, "patch_size=(4, 4) must divide img_size=(16, 18): the model would "
+                                                   "see only the top-left 16x16 pixels of each 16x18 image"),
+    ({"img_size": 2}, "patch_size=4 must divide img_size=2: the model would see no pixel of each 2x2 image"),
+    ({"img_size": 18, "dynamic_img_pad": True}, "patch_size=4 does not divide img_size=18: dynamic_img_pad=True pads "
+                                                "each image to whole patches, more than the position embedding holds; "
+                                                "set dynamic_img_size=True too"),  # was: a shape error at forward
     ({"pos_embed": "sincos"}, "pos_embed must be one of 'learn', 'none', '', got 'sincos'"),  # was: a bare assert
     ({"mlp_ratio": -1}, "mlp_ratio must be a finite number > 0, got -1"),  # was: torch's "negative dimension -32"
     ({"mlp_ratio": 0.01}, "mlp_ratio=0.01 gives the MLPs a hidden width of int(embed_dim=32 * mlp_ratio) = 0"),
@@ -177,6 +186,8 @@ def test_other_image_sizes_need_a_multiple_of_the_patch_under_dynamic_img_size()
         model(torch.randn(1, 3, 25, 20))
     padded = tiny(dynamic_img_size=True, dynamic_img_pad=True)
     assert padded(torch.randn(1, 3, 25, 20)).shape == (1, 10)
+    padded = tiny(dynamic_img_size=True, dynamic_img_pad=True, img_size=18)  # padded at build too: 5x5 patches
+    assert padded(torch.randn(1, 3, 18, 18)).shape == (1, 10)
 
 
 def test_autocast_and_a_model_cast_to_the_inputs_dtype_take_it():
