@@ -211,7 +211,9 @@ def main(cfg: DictConfig) -> float:
             resume = resume_message(tag, run_dir)
             say(resume)
             lines += [resume] if resume else []
-        if multirun and console_is_a_log_file(hydra_cfg):  # submitit's job: the sweep's process prints its lines
+        # submitit's job: the sweep's process prints its lines; joblib's: the jobs beside it run on, and the sweep
+        # repeats its lines as it ends
+        if multirun and (console_is_a_log_file(hydra_cfg) or sweep_stop.others_run_on_after_an_error(hydra_cfg)):
             hand_to_sweep(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, lines, exit_code(error))
             return NO_OBJECTIVE
         tell_torchrun(lines)

@@ -333,3 +333,25 @@ def test_a_forked_process_starts_a_stop_signal_thread_of_its_own():
         finally:
             os._exit(code)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+@pytest.mark.slow
+def test_a_joblib_jobs_error_leaves_the_jobs_beside_it_to_finish_and_the_sweep_exits_with_its_status(tmp_path):
+    """Was: the failing job's worker exited, and joblib killed job 1 mid-step: no line of its own, no resume
+    command, the steps since its last checkpoint lost."""
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "softmoe.train", "-m", "launcher=joblib", "data=synthetic", "model.patch_size=8",
+               "data.nan_examples=[5],[]", "trainer.nonfinite=stop", "trainer.max_steps=30",
+               "trainer.checkpoint_every=5", "model.depth=2", "trainer.log_every=1", "logger=none",
+               "trainer.progress_bar=false", f"hydra.sweep.dir={sweep_dir}"]
+    swept = subprocess.run(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=300)
+    lines = swept.stdout.splitlines()
+    assert swept.returncode == 3, lines[-20:]  # the NaN stop's status, as a single run's
+    assert "Traceback" not in swept.stdout
+    assert trained_steps(sweep_dir / "1") == list(range(1, 31))  # job 1 ran to its end
+    assert any(line.startswith("[job 1] done: test accuracy") for line in lines)
+    error = next(line for line in lines if line.startswith("[job 0] error: step "))
+    resume = next(line for line in lines if line.startswith("[job 0] last.pt is kept; resume with: "))
+    assert lines[-2:] == [error, resume]  # repeated as the sweep ends, below the other jobs' lines
+    assert load_checkpoint(sweep_dir / "0" / "last.pt")["step"] == 15  # its last checkpoint before the NaN of step 19

@@ -9,7 +9,9 @@ one line a job that refuses itself prints (another experiment's run directory, a
 sweep's console only inside submitit's traceback (``UncompletedJobError``, exit status 1). Such a job hands its lines
 and exit status to the sweep (:func:`hand_to_sweep`, files in ``<sweep dir>/.refused_jobs``) and returns; the
 sweep's process prints them and exits with that status when the multirun ends (:class:`RefusedJobs`), as the basic
-and joblib launchers do at once. The callbacks are named in ``conf/hydra/default.yaml``.
+launcher does at once. A joblib job does the same (``sweep_stop.others_run_on_after_an_error``), its lines shown at
+once too: its worker's exit would have made joblib kill the jobs beside it. The callbacks are named in
+``conf/hydra/default.yaml``.
 """
 
 from __future__ import annotations
@@ -152,8 +154,9 @@ def hand_to_sweep(sweep_dir: Path, job_num: int, lines: list[str], status: int) 
 
 class RefusedJobs(Callback):
     """A Hydra callback (``conf/hydra/default.yaml``): when a multirun ends, print the lines of the jobs that refused
-    themselves in processes of their own (:func:`hand_to_sweep`) and exit with the first one's status, so that a
-    submitit sweep ends as the basic launcher's does; listed after :class:`SweepEndHint`, so it runs first."""
+    themselves or stopped on an error in processes of their own (:func:`hand_to_sweep`) and exit with the first
+    one's status, so that a submitit or joblib sweep ends as the basic launcher's does; listed after
+    :class:`SweepEndHint`, so it runs first."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if speaks_for_the_job():

@@ -48,6 +48,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # launchers whose jobs run in worker processes the sweep's process waits on (Hydra's joblib plugin)
 PROCESS_PARALLEL_LAUNCHERS = ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",)
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 def _stop_file() -> Optional[Path]:
@@ -71,6 +72,15 @@ def request_stop(signum: int) -> None:
     path = _stop_file()
     if path is not None and not path.exists():
         path.write_text(str(int(signum)))
+
+
+def others_run_on_after_an_error(hydra_cfg: Any) -> bool:
+    """Whether a job that stops on its error (a NaN, a bad file met mid-run, a full disk, a refused config) returns
+    and leaves its exit status to the sweep, which exits with it once the other jobs ended: in a process-parallel
+    sweep (joblib) under Hydra's grid sweeper. Its worker's exit made joblib kill the jobs beside it mid-step, with
+    no line of theirs and no resume command. Optuna's sweeper takes no result from a job that has none (it raises on
+    the NaN objective), so there the error still ends the sweep at once."""
+    return in_parallel_sweep() and str(hydra_cfg.sweeper.get("_target_")) == BASIC_SWEEPER
 
 
 def in_this_process(hydra_cfg: Any) -> bool:
