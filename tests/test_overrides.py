@@ -81,6 +81,14 @@ GROUP_KEYS = [  # were: "not a key of the config (to add a key: +data.root=/tmp/
                              "+model.reg_tokens=4)"),
     (["optimizer.amsgrad=true"], "optimizer.amsgrad=true: not a key of optimizer=adamw; its keys are lr, betas, eps, "
                                  "weight_decay, head_weight_decay, fused (to add a key: +optimizer.amsgrad=true)"),
+    # ... but not for an argument the optimizer lacks (was: "to add a key: +optimizer.momentum=0.9", then refused)
+    (["optimizer.momentum=0.9"], "optimizer.momentum=0.9: not a key of optimizer=adamw; its keys are lr, betas, eps, "
+                                 "weight_decay, head_weight_decay, fused; nor is momentum an argument of "
+                                 "torch.optim.AdamW"),
+    (["optimizer=sgd", "optimizer.betas=[0.9,0.99]"], "optimizer.betas=[0.9,0.99]: not a key of optimizer=sgd; its "
+                                                      "keys are lr, momentum, nesterov, weight_decay, "
+                                                      "head_weight_decay, fused; nor is betas an argument of "
+                                                      "torch.optim.SGD"),
 ]
 
 

@@ -11,13 +11,11 @@ Every check is written in the vocabulary of :mod:`.rules`; what each single key 
 from __future__ import annotations
 
 import inspect
-import logging
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import torch
-from hydra.utils import get_object
 from omegaconf import DictConfig
 
 from softmoe._checks import is_number
@@ -43,7 +41,7 @@ from .errors import ConfigError
 from .optim import optimizer_arguments
 from .plausibility import check_model_name, check_slot_count, check_token_count
 from .model import CODE_ONLY_VIT_ARGUMENTS, VIT_ARGUMENTS, build_model, moe_blocks, num_tokens
-from .rules import check_known, check_section, counted, format_value, plain, seed_value
+from .rules import check_known, check_section, counted, format_value, import_target, plain, seed_value
 
 
 def check_evaluate(arguments: Mapping[str, Any]) -> None:
@@ -57,15 +55,9 @@ def check_evaluate(arguments: Mapping[str, Any]) -> None:
 
 def _check_target(section: str, values: Mapping[str, Any]) -> Callable:
     target = values.get("_target_")
-    hydra_log = logging.getLogger("hydra.utils")  # get_object logs 3 lines of its own before it raises
-    was_disabled, hydra_log.disabled = hydra_log.disabled, True
-    try:
-        factory = get_object(target)
-    except Exception:
-        problem = f"{section}._target_={format_value(target)}: must name an importable class or function"
-        raise ConfigError(problem) from None
-    finally:
-        hydra_log.disabled = was_disabled
+    factory = import_target(target)
+    if factory is None:
+        raise ConfigError(f"{section}._target_={format_value(target)}: must name an importable class or function")
     parameters = inspect.signature(factory).parameters
     check_known(section, values, set(parameters), f"not an argument of {target}")
     check_like_the_defaults(section, values, parameters, target)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import re
 from pathlib import Path
@@ -35,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .plausibility import CONF_DIR, group_options
-from .rules import closest, closest_key, format_value
+from .rules import closest, closest_key, format_value, import_target
 
 HYDRA_FLAGS = ("-m", "--multirun")  # any other flag (--help, --cfg, -cn ...) leaves the command line to Hydra
 
@@ -315,8 +316,24 @@ def unknown_key(override: Override, base: DictConfig, keys: Sequence[str], confi
     choice = (OmegaConf.select(base, "hydra.runtime.choices") or {}).get(section) if "." in key else None
     if choice is not None:
         return group_key_error(line, section, choice, keys) + (
-            f" (to add a key: +{line})" if section in ADDABLE_SECTIONS and override.type == OverrideType.CHANGE else "")
+            addition_hint(key, line, base) if override.type == OverrideType.CHANGE else "")
     return f"{line}: not a key of the config{closest_anywhere(key, base, keys, config_name)}"
+
+
+def addition_hint(key: str, line: str, base: DictConfig) -> str:
+    """`` (to add a key: +<line>)`` where an added ``key`` is read: a timm argument of ``model`` (config.py checks
+    those), an argument of ``optimizer``'s or ``scheduler``'s ``_target_``; for an argument that target lacks, that
+    it takes none by that name (was: ``+optimizer.momentum=0.9`` suggested for AdamW, which the run then refused)."""
+    section, _, name = key.partition(".")
+    if section not in ADDABLE_SECTIONS:
+        return ""
+    target = OmegaConf.select(base, f"{section}._target_")
+    factory = import_target(target) if section != "model" else None
+    if factory is not None:
+        parameters = inspect.signature(factory).parameters.values()
+        if not any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return f"; nor is {name} an argument of {target}"
+    return f" (to add a key: +{line})"
 
 
 def closest_anywhere(key: str, base: DictConfig, keys: Sequence[str], config_name: str) -> str:

@@ -11,6 +11,7 @@ command line (``overrides.py``) or written in a config file (:func:`check_known`
 from __future__ import annotations
 
 import difflib
+import logging
 from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -169,3 +170,18 @@ def closest_key(key: str, keys: Sequence[str]) -> str:
         return f"; did you mean {siblings[prefixed[0]]}?"
     match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.75)
     return f"; did you mean {siblings[match[0]]}?" if match else ""
+
+
+def import_target(target: Any) -> Optional[Callable]:
+    """The class or function a ``_target_`` names, or None where it names none importable; without the three lines
+    Hydra's ``get_object`` logs before it raises."""
+    from hydra.utils import get_object
+
+    hydra_log = logging.getLogger("hydra.utils")
+    was_disabled, hydra_log.disabled = hydra_log.disabled, True
+    try:
+        return get_object(str(target))
+    except Exception:
+        return None
+    finally:
+        hydra_log.disabled = was_disabled
