@@ -587,3 +587,26 @@ def test_a_warning_met_at_every_step_is_shown_once(compose_run, tmp_path, monkey
         train(compose_run("trainer.max_steps=4", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET),
               tmp_path)
     assert [str(w.message) for w in caught].count("a warning met at every step") == 1
+
+
+def test_a_best_pt_damaged_before_the_test_leaves_the_final_models_test_and_the_run_finishes(compose_run, tmp_path,
+                                                                                             monkeypatch, caplog):
+    """Was: the resumed run trained to its end, then stopped on best.pt's checksum, and so did every rerun: its
+    test never logged, the run never counted by collect. No rerun can write best.pt again (its weights are gone)."""
+    # as the test above: lr 1e-12, so every epoch validates alike and best.pt stays epoch 1's, at step 4
+    run = ["trainer.max_steps=10", "trainer.batch_size=256", "optimizer.lr=1e-12", "model.depth=2", "logger=none",
+           *QUIET]
+    train_killed_after(6, compose_run(*run), tmp_path, monkeypatch)
+    best = tmp_path / "best.pt"
+    damaged = bytearray(best.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte in its tensors: the checksum finds it
+    best.write_bytes(bytes(damaged))
+    with caplog.at_level(logging.WARNING, logger="softmoe.harness.loop"):
+        summary = train(compose_run(*run), tmp_path)
+    assert summary.test_acc > 0 and math.isnan(summary.test_acc_at_best_val)
+    assert summary.describe().endswith("; best.pt could not be tested (best validation accuracy "
+                                       f"{100 * summary.best_val_acc:.2f}% at epoch 1)")  # was: "nan% (best.pt: ..."
+    (warned,) = [r.getMessage() for r in caplog.records if "the final model alone is tested" in r.getMessage()]
+    assert warned.startswith(f"{best}: corrupted"), warned
+    tested = [e for e in read_metrics(tmp_path) if "test/acc" in e]
+    assert [e["step"] for e in tested] == [10] and math.isnan(tested[0]["test/acc_at_best_val"])

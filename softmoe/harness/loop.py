@@ -43,6 +43,7 @@ from .checkpoint import BEST
 from .config import check_config
 from .context import RunContext, open_run
 from .distributed import Distributed
+from .errors import CheckpointError, one_line
 from .faults import Preempted
 from .losses import classification_loss
 from .precision import autocast, warn_if_slow
@@ -236,8 +237,12 @@ def test_final_and_best(run: RunContext, state: TrainState) -> tuple[dict[str, f
     if loaders.val is not None and state.best.get("step") == state.step:
         at_best = test  # the final model is the best one (by step: a run may end mid-epoch)
     elif loaders.val is not None:
-        run.distributed.load_state(state.model, run.best_model())
-        at_best = evaluate_split(run, loaders.test)
+        try:
+            run.distributed.load_state(state.model, run.best_model())
+        except CheckpointError as error:  # damaged or gone since it was written: no rerun could write it again
+            log.warning("%s; the final model alone is tested (test/acc_at_best_val: NaN)", one_line(error))
+        else:
+            at_best = evaluate_split(run, loaders.test)
     metrics = {"test/loss": test["loss"], "test/acc": test["acc"]}
     if loaders.val is not None:
         metrics.update({"test/loss_at_best_val": at_best["loss"], "test/acc_at_best_val": at_best["acc"]})

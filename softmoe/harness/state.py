@@ -49,6 +49,9 @@ class Summary:
             return f"{final}{of}; no validation split ({self.no_validation}), so no checkpoint was selected"
         best = latest(Path(self.run_dir), "best.pt") if self.run_dir else None  # best.dcp under FSDP
         name = best.name if best is not None else "best.pt"
+        if math.isnan(self.test_acc_at_best_val):  # damaged or gone before the test (the run's warning says which)
+            return (f"{final}{of}; {name} could not be tested (best validation accuracy {100 * self.best_val_acc:.2f}% "
+                    f"at epoch {self.best_val_epoch})")
         return (
             f"{final}, {100 * self.test_acc_at_best_val:.2f}% ({name}: best validation accuracy "
             f"{100 * self.best_val_acc:.2f}% at epoch {self.best_val_epoch}){of}"
