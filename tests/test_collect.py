@@ -103,6 +103,17 @@ def test_a_cell_over_fewer_runs_than_its_row_says_how_many():
     assert lines[2] == "| 2 | 50.00% ± 0.00 | 60.00% ± 0.00 | 0.9000 ± n/a (n=1) |"
 
 
+def test_an_accuracy_never_measured_is_left_out_of_its_cell_and_a_diverged_loss_is_not():
+    """Seed 1's best.pt was damaged before its test (``test/acc_at_best_val`` NaN): the cell pools seed 0's alone and
+    says so (was: a NaN mean for the whole group). A NaN loss is a diverged run's, and its cell shows it."""
+    runs = [sweeps.RunResult(str(seed), {"seed": str(seed)}, {"val/acc": [0.5], "test/acc": [0.6],
+                                                              "test/acc_at_best_val": [acc], "train/loss": [loss]})
+            for seed, acc, loss in ((0, 0.7, 1.0), (1, math.nan, math.nan))]
+    by, metrics = [], ["train/loss"]
+    lines = sweeps.markdown_table(sweeps.summarize(runs, by, metrics), by, metrics).splitlines()
+    assert lines[2] == "| 2 | 50.00% ± 0.00 | 60.00% ± 0.00 | 70.00% ± n/a (n=1) | nan ± nan |"
+
+
 def test_a_cell_is_the_mean_and_the_n_minus_1_std_of_uneven_seeds_computed_by_hand(tmp_path):
     """Seeds whose test accuracies are uneven (0.70, 0.71, 0.75): their mean (0.72) is not their median (0.71), and
     the sample std divides by n - 1 = 2, not n = 3."""

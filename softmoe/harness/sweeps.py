@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -378,14 +379,23 @@ def summarize(runs: Sequence[RunResult], by: Sequence[str], metrics: Sequence[st
         cells = {}
         for label, metric, reduction in columns:
             found = [getattr(run, reduction)(metric) for run in groups[values]]
-            cells[label] = _cell([value for value in found if value is not None], percent=is_accuracy(metric))
+            cells[label] = _cell([value for value in found if measured(value, metric)], percent=is_accuracy(metric))
         summaries.append(GroupSummary(values, len(groups[values]), cells))
     return summaries
+
+
+def measured(value: Optional[float], metric: str) -> bool:
+    """Whether a run's ``value`` of ``metric`` counts in its group's cell: logged, and for an accuracy not NaN, which
+    marks one never measured (no validation split; a ``best.pt`` damaged before its test). A NaN loss counts: the
+    run diverged, and its cell shows it."""
+    return value is not None and not (is_accuracy(metric) and math.isnan(value))
 
 
 def _cell(values: Sequence[float], percent: bool = False) -> Optional[Cell]:
     if not values:
         return None
+    if not all(math.isfinite(value) for value in values):  # a diverged run's: statistics' exact arithmetic raises
+        return Cell(statistics.fmean(values), math.nan if len(values) > 1 else None, len(values), percent)
     std = statistics.stdev(values) if len(values) > 1 else None
     return Cell(statistics.fmean(values), std, len(values), percent)
 
