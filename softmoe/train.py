@@ -282,7 +282,7 @@ def check_before_hydra() -> None:
     # a mistyped key or option, a run dir Hydra cannot make (or an empty one), a sweep with a bad value in any job:
     # one line, before Hydra starts; the run dir before the jobs, whose checks look into their run dirs
     planned = output_dir(sys.argv[1:], "train")  # composed once: checked here, a sweep's multirun.yaml read below
-    problem = (composition_error(sys.argv[1:], "train") or output_dir_error(planned)
+    problem = (composition_error(sys.argv[1:], "train") or output_dir_error(planned, sys.argv[1:])
                or sweep_job_error(sys.argv[1:], "train") or single_run_error(sys.argv[1:], "train"))
     # under torchrun every rank hears the others' verdict before any goes on: another node's files may differ, and
     # a rank that went on would wait in init_process_group for ranks that refused and exited

@@ -284,9 +284,14 @@ def test_a_run_directory_hydra_cannot_make_is_one_line_naming_the_key(tmp_path):
     end = "; it must name a directory, or where one can be made"
 
     def output_dir_error_of(argv):  # as the train command checks it: the directory its command line names
-        return output_dir_error(output_dir(argv, "train"))
+        return output_dir_error(output_dir(argv, "train"), argv)
 
     assert output_dir_error_of([f"hydra.run.dir={afile}"]) == f"hydra.run.dir={afile}: {afile} is a file{end}"
+    # the key the user typed is named where another key made the directory (was: hydra.run.dir alone)
+    made = output_dir_error_of([f"paths.output_dir={afile}"])
+    assert made.startswith(f"hydra.run.dir={afile}/runs/") and made.endswith(f"{end} (from paths.output_dir={afile})")
+    assert output_dir_error_of([f"paths.output_dir={tmp_path}", f"hydra.run.dir={afile}"]) == (
+        f"hydra.run.dir={afile}: {afile} is a file{end}")  # the key itself given: named as it is
     assert output_dir_error_of([f"hydra.run.dir={afile / 'run'}"]) == (
         f"hydra.run.dir={afile / 'run'}: {afile}, on its path, is a file{end}")
     assert output_dir_error_of(["-m", "seed=0,1", f"hydra.sweep.dir={afile}"]) == (

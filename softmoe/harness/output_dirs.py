@@ -60,7 +60,19 @@ def output_dir(argv: Sequence[str], config_name: str,
     return key, Path(directory) if str(directory).strip() else None
 
 
-def output_dir_error(planned: Optional[tuple[str, Optional[Path]]]) -> Optional[str]:
+def output_dir_error(planned: Optional[tuple[str, Optional[Path]]], argv: Sequence[str] = ()) -> Optional[str]:
+    """:func:`directory_error`, naming the override of ``argv`` that made the directory where the command line did
+    not name the key itself (``paths.output_dir=/proc/x`` makes ``hydra.run.dir=/proc/x/runs/<date>/<time>``)."""
+    problem = directory_error(planned)
+    if problem is None:
+        return None
+    given = [a for a in argv if a.lstrip("+").partition("=")[0] in (planned[0], "paths.output_dir")]
+    if given and not given[-1].lstrip("+").startswith(f"{planned[0]}="):
+        return f"{problem} (from {given[-1]})"
+    return problem
+
+
+def directory_error(planned: Optional[tuple[str, Optional[Path]]]) -> Optional[str]:
     """Why Hydra could not make the run directory :func:`output_dir` found (a sweep's: ``hydra.sweep.dir``), in one
     line naming the key, or None; Hydra would stop on a ``FileExistsError`` or ``FileNotFoundError`` traceback.
     An empty one Hydra would take as the current directory (the repository checkout, as a rule): the run's files,
