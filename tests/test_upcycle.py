@@ -415,10 +415,14 @@ def test_harness_names_the_first_mismatched_key_in_one_line(compose_run, tmp_pat
     save_dense_run_model(compose_run, path, "model.embed_dim=32")
     with pytest.raises(ConfigError) as raised:
         check_config(compose_run(f"model.upcycle_from={path}"))
-    assert str(raised.value) == (
+    assert str(raised.value) == (  # the key to change named (was: the tensors alone)
         f"model.upcycle_from={path}: shape mismatch for 'blocks.2.mlp.fc1.weight': "
-        "dense [128, 32], one expert [256, 64]"
+        "dense [128, 32], one expert [256, 64]; the dense model is 32 wide: give model.embed_dim=32 (here 64)"
     )
+    save_dense_run_model(compose_run, path, "model.mlp_ratio=2")
+    with pytest.raises(ConfigError, match=r"dense \[128, 64\], one expert \[256, 64\]; the dense model's MLPs are "
+                                          r"128 wide: give model.mlp_ratio=2 \(here 4.0\)$"):
+        check_config(compose_run(f"model.upcycle_from={path}"))
 
 
 @pytest.mark.parametrize(

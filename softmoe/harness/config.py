@@ -100,7 +100,23 @@ def _check_upcycle_source(model: Mapping[str, Any], moe: Mapping[str, Any]) -> N
     try:
         check_upcycle(dense_state, network)
     except ValueError as error:
-        raise ConfigError(f"{shown}: {error}") from None
+        raise ConfigError(f"{shown}: {error}{_width_hint(dense_state, model)}") from None
+
+
+def _width_hint(dense_state: Mapping[str, Any], model: Mapping[str, Any]) -> str:
+    """The keys that set the widths an upcycled model shares with its dense checkpoint, where the checkpoint's differ
+    (the shape mismatch names tensors, not what to change): its ``model.embed_dim`` and MLP width."""
+    fc1 = next((v for k, v in dense_state.items() if k.endswith("mlp.fc1.weight") and getattr(v, "ndim", 0) == 2),
+               None)
+    if fc1 is None:
+        return ""
+    hidden, width = fc1.shape
+    if width != model["embed_dim"]:
+        return f"; the dense model is {width} wide: give model.embed_dim={width} (here {model['embed_dim']})"
+    if hidden != int(width * model["mlp_ratio"]):
+        return (f"; the dense model's MLPs are {hidden} wide: give model.mlp_ratio={hidden / width:g} "
+                f"(here {model['mlp_ratio']})")
+    return ""
 
 
 def resolve_device(name: str) -> torch.device:
