@@ -242,6 +242,17 @@ def save_config_checkpoint(path, argv, job, **changed):
     save_checkpoint(path, state)
 
 
+def test_a_rerun_of_an_optuna_sweep_is_not_refused_for_the_values_its_sampler_drew(tmp_path):
+    """Was: "job 0 (moe.router_weight_decay=0): moe.router_lr_mult=1.0: this run directory's checkpoint ... was saved
+    with moe.router_lr_mult=11.387...": the check composed job 0 from the choice() parameter alone, the interval()
+    ones at their defaults, though the seeded sampler proposes the trial again and the job resumes it."""
+    argv = ["-m", "hparams_search=router_optuna", f"hydra.sweep.dir={tmp_path}"]
+    save_config_checkpoint(tmp_path / "0" / "last.pt", argv, job=0, **{"moe.router_lr_mult": 11.387})
+    assert sweep_job_error(argv, "train") is None
+    grid = ["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]  # a grid's jobs are known: still refused
+    assert sweep_job_error(grid, "train").startswith("job 0 (seed=0): moe.router_lr_mult=1.0: this run directory's ")
+
+
 @pytest.mark.parametrize("checkpoint", ["last.pt", "last.dcp"])
 def test_a_later_jobs_run_directory_holding_another_experiment_is_named_before_any_job_starts(tmp_path, checkpoint):
     # was: job 0 ran to its end, then job 1 refused its run directory

@@ -152,8 +152,9 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
     if len(jobs) > MAX_JOBS_CHECKED:
         return None  # a huge grid is checked as it runs
     fixed, data_checked = set(overrides), []
+    grid = str(OmegaConf.select(base, "hydra.sweeper._target_")).endswith("BasicSweeper")  # else drawn (Optuna)
     for number, job in enumerate(jobs):  # one job too: was checked only once Hydra had made the sweep directory
-        problem = job_problem(job, number, config_name, conf_dir, data_checked)
+        problem = job_problem(job, number, config_name, conf_dir, data_checked, values_known=grid)
         if problem:
             swept = " ".join(override for override in job if override not in fixed)
             return f"job {number}{f' ({swept})' if swept else ''}: {problem.rstrip('.')}; no job was started"
@@ -181,11 +182,13 @@ def params_option_error(params: Sequence[str], overrides: Sequence[str], conf_di
 
 
 def job_problem(job: Sequence[str], number: Optional[int], config_name: str, conf_dir: Path,
-                data_checked: list) -> Optional[str]:
+                data_checked: list, values_known: bool = True) -> Optional[str]:
     """Why job ``number`` (its overrides ``job``; None: a single run) would refuse to start, in one line, or None:
     its config, its dataset's files (each distinct dataset once: looked for, not read; ``data_checked`` holds those
     seen), and its run directory (a live process trains there, or its checkpoint is of another experiment: a rerun it
-    refuses). The line is the run's own ``error:`` line, as it would print it once started."""
+    refuses). The line is the run's own ``error:`` line, as it would print it once started. ``values_known=False``:
+    a sweeper that draws the job's values (Optuna), so its checkpoint is left for the job to compare: a job's
+    ``interval()`` values are not in ``job``, nor is it known which ``choice()`` value job ``number`` draws."""
     try:
         composed = compose_config(config_name, job, conf_dir)
         as_run = job_config(composed, number)  # what the hydra: resolver and the job's run directory read
@@ -209,6 +212,8 @@ def job_problem(job: Sequence[str], number: Optional[int], config_name: str, con
     in_use = None if launched_by_torchrun() or not run_dir.is_dir() else RunDirLock(run_dir).in_use()
     if in_use:
         return in_use
+    if not values_known:  # was: a stopped Optuna sweep's rerun refused, its drawn values taken as the defaults
+        return None
     # a new run directory too: trainer.resume's checkpoint, another model's or past this run's end, is refused here
     refusal = resume_refusal(run_dir, config["trainer"]["resume"], config)
     return each_job_its_own(refusal, run_dir, number) if refusal and number is not None else refusal
