@@ -54,6 +54,7 @@ from .plausibility import CONF_DIR, threads_warning
 from .resume import resume_refusal
 from .rules import plain
 from .runs import RunDirLock
+from .sweep_stop import is_grid_sweeper
 
 MAX_JOBS_CHECKED = 200  # at about 0.2 s a job, 40 s at most; a larger grid is checked job by job as it runs
 
@@ -124,7 +125,7 @@ def sweep_warning(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_D
     overrides, base = multirun_config(argv, config_name, conf_dir)
     if base is None or OmegaConf.select(base, "launcher.name") != "joblib":
         return None
-    basic = str(OmegaConf.select(base, "hydra.sweeper._target_")).endswith("BasicSweeper")
+    basic = is_grid_sweeper(OmegaConf.select(base, "hydra.sweeper._target_"))
     jobs = sum(1 for _ in sweep_jobs([*swept_params(base), *overrides])) if basic else None  # Optuna's: its own
     return threads_warning(OmegaConf.select(base, "launcher.n_jobs"), OmegaConf.select(base, "trainer.num_threads"),
                            jobs, os.cpu_count() or 1)
@@ -152,7 +153,7 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
     if len(jobs) > MAX_JOBS_CHECKED:
         return None  # a huge grid is checked as it runs
     fixed, data_checked = set(overrides), []
-    grid = str(OmegaConf.select(base, "hydra.sweeper._target_")).endswith("BasicSweeper")  # else drawn (Optuna)
+    grid = is_grid_sweeper(OmegaConf.select(base, "hydra.sweeper._target_"))  # else drawn (Optuna)
     for number, job in enumerate(jobs):  # one job too: was checked only once Hydra had made the sweep directory
         problem = job_problem(job, number, config_name, conf_dir, data_checked, values_known=grid)
         if problem:

@@ -74,13 +74,19 @@ def request_stop(signum: int) -> None:
         path.write_text(str(int(signum)))
 
 
+def is_grid_sweeper(target: Any) -> bool:
+    """Whether a sweeper's ``_target_`` is Hydra's basic sweeper, whose jobs are the grid of the swept values (job
+    ``n`` the ``n``-th of their product); another (Optuna's) draws each job's values itself."""
+    return str(target) == BASIC_SWEEPER
+
+
 def others_run_on_after_an_error(hydra_cfg: Any) -> bool:
     """Whether a job that stops on its error (a NaN, a bad file met mid-run, a full disk, a refused config) returns
     and leaves its exit status to the sweep, which exits with it once the other jobs ended: in a process-parallel
     sweep (joblib) under Hydra's grid sweeper. Its worker's exit made joblib kill the jobs beside it mid-step, with
     no line of theirs and no resume command. Optuna's sweeper takes no result from a job that has none (it raises on
     the NaN objective), so there the error still ends the sweep at once."""
-    return in_parallel_sweep() and str(hydra_cfg.sweeper.get("_target_")) == BASIC_SWEEPER
+    return in_parallel_sweep() and is_grid_sweeper(hydra_cfg.sweeper.get("_target_"))
 
 
 def in_this_process(hydra_cfg: Any) -> bool:
