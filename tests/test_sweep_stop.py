@@ -2,6 +2,7 @@
 no new job starts, and the printed commands resume each job, and the whole sweep, where it stopped."""
 
 import io
+import json
 import os
 import shlex
 import signal
@@ -355,3 +356,69 @@ def test_a_joblib_jobs_error_leaves_the_jobs_beside_it_to_finish_and_the_sweep_e
     resume = next(line for line in lines if line.startswith("[job 0] last.pt is kept; resume with: "))
     assert lines[-2:] == [error, resume]  # repeated as the sweep ends, below the other jobs' lines
     assert load_checkpoint(sweep_dir / "0" / "last.pt")["step"] == 15  # its last checkpoint before the NaN of step 19
+
+
+# an Optuna search (conf/hparams_search/router_optuna.yaml) of 4 trials, 2 at a time, each trial OPTUNA_STEPS steps
+OPTUNA_STEPS = 40
+OPTUNA_SWEEP = [
+    "hparams_search=router_optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+    *[arg for arg in SWEEP if not arg.startswith("trainer.max_steps=")], f"trainer.max_steps={OPTUNA_STEPS}",
+]
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_an_optuna_sweep_ends_its_search_with_the_rerun_that_resumes_it(tmp_path):
+    """Was: each stopped trial returned the NaN "no result", which Optuna's ``tell`` refused; the sweep ended in
+    Optuna's traceback, exit status 1, without the rerun line (``softmoe/harness/optuna_sweeper.py``)."""
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "softmoe.train", "-m", *OPTUNA_SWEEP, f"hydra.sweep.dir={sweep_dir}"]
+    sweep = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    held = hold_after_their_first_step(sweep, [sweep_dir / str(job) for job in (0, 1)])
+    os.killpg(sweep.pid, signal.SIGINT)
+    for pid in held:
+        os.kill(pid, signal.SIGCONT)
+    everything = sweep.communicate(timeout=300)[0]
+    lines = everything.splitlines()
+    assert sweep.returncode == 130 and "Traceback" not in everything, everything
+    for job in (0, 1):
+        assert any(line.startswith(f"[job {job}] SIGINT received: saved last.pt at step") for line in lines)
+    assert not (sweep_dir / "2").exists()  # the search drew no trial after the stopped batch
+    assert not (sweep_dir / "optimization_results.yaml").exists()  # nor reported a best trial of a search cut short
+    assert lines[-1].startswith("sweep stopped by SIGINT; rerun it to resume its unfinished jobs: python -m ")
+
+    rerun = pasted(lines[-1].split("unfinished jobs: ")[1])
+    resumed = subprocess.run(rerun, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for job in range(4):  # the same trials drawn again: the stopped ones resumed, every step once
+        assert trained_steps(sweep_dir / str(job)) == list(range(1, OPTUNA_STEPS + 1)), job
+    import yaml
+
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())["best_value"]
+    assert best == max(max(e["val/acc"] for e in read_events(sweep_dir / str(job)) if "val/acc" in e)
+                       for job in range(4))
+
+
+@pytest.mark.slow
+def test_an_optuna_trials_error_ends_the_search_after_its_batch_with_the_trials_lines_and_status(tmp_path):
+    """The trial whose example 5 is NaN (it is met at step 19) stops; the one beside it finishes, no further trial
+    is drawn, and the sweep ends as a grid sweep does (was: joblib killed the other trial mid-step)."""
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "softmoe.train", "-m", *OPTUNA_SWEEP[:3], "launcher=joblib", "data=synthetic",
+               "model.patch_size=8", "data.nan_examples=[5]", "trainer.nonfinite=stop",
+               "trainer.max_steps=choice(10,30)", "trainer.checkpoint_every=5", "model.depth=2", "trainer.log_every=1",
+               "logger=none", "trainer.progress_bar=false", f"hydra.sweep.dir={sweep_dir}"]
+    swept = subprocess.run(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=300)
+    lines = swept.stdout.splitlines()
+    assert swept.returncode == 3 and "Traceback" not in swept.stdout, swept.stdout  # the NaN stop's status
+    steps = {job: json.loads(load_checkpoint(sweep_dir / str(job) / "last.pt")["config"])["trainer"]["max_steps"]
+             for job in (0, 1)}
+    assert sorted(steps.values()) == [10, 30]  # the seeded sampler drew one trial of each
+    failed, finished = sorted(steps, key=steps.get, reverse=True)
+    assert trained_steps(sweep_dir / str(finished)) == list(range(1, 11))
+    assert any(line.startswith(f"[job {finished}] done: test accuracy") for line in lines)
+    error = next(line for line in lines if line.startswith(f"[job {failed}] error: step 19: loss=nan"))
+    resume = next(line for line in lines if line.startswith(f"[job {failed}] last.pt is kept; resume with: "))
+    assert lines[-2:] == [error, resume]  # repeated as the sweep ends
+    assert not (sweep_dir / "2").exists() and not (sweep_dir / "optimization_results.yaml").exists()

@@ -152,6 +152,11 @@ def hand_to_sweep(sweep_dir: Path, job_num: int, lines: list[str], status: int) 
     (folder / f"{job_num}.json").write_text(json.dumps({"job": job_num, "lines": lines, "status": status}))
 
 
+def jobs_handed_to_sweep(sweep_dir: Path) -> bool:
+    """Whether a job of this sweep has handed its lines and exit status to the sweep (:func:`hand_to_sweep`)."""
+    return any((Path(sweep_dir) / REFUSED_JOBS_DIR).glob("*.json"))
+
+
 class RefusedJobs(Callback):
     """A Hydra callback (``conf/hydra/default.yaml``): when a multirun ends, print the lines of the jobs that refused
     themselves or stopped on an error in processes of their own (:func:`hand_to_sweep`) and exit with the first

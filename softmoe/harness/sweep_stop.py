@@ -49,6 +49,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PROCESS_PARALLEL_LAUNCHERS = ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",)
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# sweepers whose search stops after a batch that a job's error cut short, leaving its other jobs to finish
+SWEEPERS_THAT_END_AFTER_A_BATCH = (BASIC_SWEEPER,
+                                   "hydra_plugins.softmoe_optuna_sweeper.optuna_sweeper.OptunaSweeper")
 
 
 def _stop_file() -> Optional[Path]:
@@ -83,10 +86,11 @@ def is_grid_sweeper(target: Any) -> bool:
 def others_run_on_after_an_error(hydra_cfg: Any) -> bool:
     """Whether a job that stops on its error (a NaN, a bad file met mid-run, a full disk, a refused config) returns
     and leaves its exit status to the sweep, which exits with it once the other jobs ended: in a process-parallel
-    sweep (joblib) under Hydra's grid sweeper. Its worker's exit made joblib kill the jobs beside it mid-step, with
-    no line of theirs and no resume command. Optuna's sweeper takes no result from a job that has none (it raises on
-    the NaN objective), so there the error still ends the sweep at once."""
-    return in_parallel_sweep() and is_grid_sweeper(hydra_cfg.sweeper.get("_target_"))
+    sweep (joblib) under Hydra's grid sweeper or this package's Optuna sweeper (``optuna_sweeper``, which ends its
+    search after that batch). Its worker's exit made joblib kill the jobs beside it mid-step, with no line of theirs
+    and no resume command. The plugin's own Optuna sweeper raises on the NaN objective of a job that has no result,
+    so there the error still ends the sweep at once."""
+    return in_parallel_sweep() and str(hydra_cfg.sweeper.get("_target_")) in SWEEPERS_THAT_END_AFTER_A_BATCH
 
 
 def in_this_process(hydra_cfg: Any) -> bool:
