@@ -253,6 +253,17 @@ def test_a_rerun_of_an_optuna_sweep_is_not_refused_for_the_values_its_sampler_dr
     assert sweep_job_error(grid, "train").startswith("job 0 (seed=0): moe.router_lr_mult=1.0: this run directory's ")
 
 
+def test_an_optuna_search_without_a_validation_split_is_refused_before_any_trial_trains(tmp_path):
+    """Was: each trial trained to its end, returned no validation accuracy (NaN), and Optuna's refusal of it ended
+    the sweep in a traceback."""
+    argv = ["-m", "hparams_search=router_optuna", "data.val_size=0", f"hydra.sweep.dir={tmp_path}"]
+    assert sweep_job_error(argv, "train") == (
+        "data.val_size=0: this sweeper maximises each run's best validation accuracy, and a run without a "
+        "validation split has none; hold out training images for it (data.val_size=<count or fraction>)")
+    assert sweep_job_error(["-m", "hparams_search=router_optuna", f"hydra.sweep.dir={tmp_path}"], "train") is None
+    assert sweep_job_error(["-m", "data.val_size=0", "seed=0,1", f"hydra.sweep.dir={tmp_path}"], "train") is None
+
+
 @pytest.mark.parametrize("checkpoint", ["last.pt", "last.dcp"])
 def test_a_later_jobs_run_directory_holding_another_experiment_is_named_before_any_job_starts(tmp_path, checkpoint):
     # was: job 0 ran to its end, then job 1 refused its run directory

@@ -145,7 +145,7 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
     except ConfigError as error:
         return str(error)
     params, parser = swept_params(base), OverridesParser.create()
-    problem = params_option_error(params, overrides, conf_dir) or conflicting_overrides(
+    problem = objective_error(base) or params_option_error(params, overrides, conf_dir) or conflicting_overrides(
         parser.parse_overrides([*params, *overrides]), conf_dir, OmegaConf.select(base, "hydra.runtime.choices"))
     if problem:
         return problem
@@ -160,6 +160,16 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
             swept = " ".join(override for override in job if override not in fixed)
             return f"job {number}{f' ({swept})' if swept else ''}: {problem.rstrip('.')}; no job was started"
     return None
+
+
+def objective_error(base: DictConfig) -> Optional[str]:
+    """A sweeper that draws its trials (Optuna) maximises the best validation accuracy each job returns: without a
+    validation split there is none, and Optuna refused the job's NaN in a traceback once it had trained."""
+    drawn = not is_grid_sweeper(OmegaConf.select(base, "hydra.sweeper._target_"))
+    if not drawn or OmegaConf.select(base, "data.val_size") != 0:
+        return None
+    return ("data.val_size=0: this sweeper maximises each run's best validation accuracy, and a run without a "
+            "validation split has none; hold out training images for it (data.val_size=<count or fraction>)")
 
 
 def single_run_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
