@@ -227,6 +227,27 @@ def test_an_out_that_cannot_be_written_is_refused_before_anything_is_measured(tm
             "No such file or directory)")
 
 
+def test_an_out_naming_a_file_of_another_kind_and_more_threads_than_cpus_are_refused(tmp_path, capsys):
+    # was: a checkpoint named by mistake became the benchmark's JSON; --threads 100000 a segfault with no message
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"weights")
+    cpus = os.cpu_count()
+    for argv, problem in [
+        (["--out", str(checkpoint)], f"--out {checkpoint}: an existing file that is not a .json file, which this "
+                                     "would replace; name a .json file"),
+        (["--threads", str(cpus + 1)], f"--threads {cpus + 1}: more than this machine's {cpus} CPUs; threads beyond "
+                                       "the cores take turns, which times the operating system (and some thousands "
+                                       "abort the process)"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(["--tiny", *argv])
+        assert capsys.readouterr().err.splitlines()[-1] == f"python -m softmoe.benchmark: error: {problem}"
+    assert checkpoint.read_bytes() == b"weights"
+    earlier = tmp_path / "bench.json"
+    earlier.write_text("{}")  # an earlier result: rewritten, as before
+    assert parse_args(["--tiny", "--out", str(earlier), "--threads", str(cpus)]).out == str(earlier)
+
+
 def test_a_section_that_fails_is_listed_and_the_others_are_still_measured_and_saved(tmp_path):
     """On a lent GPU, one section out of memory (B/16 on an 80 GB card) must not cost the figures of the rest."""
     from softmoe.bench.cli import _suite_progress

@@ -203,6 +203,26 @@ def test_resuming_a_different_model_is_refused(compose_run, tmp_path):
     assert not isinstance(raised.value, OtherExperimentError)
 
 
+def test_a_finished_runs_results_are_not_replaced_once_its_checkpoints_were_deleted(compose_run, tmp_path):
+    """Was: with its .pt files deleted (to save space), a new run in the directory started afresh and its
+    metrics.jsonl replaced the finished run's, test results and all."""
+    run = ["data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=32", "data.test_size=8",
+           "model.depth=2", "trainer.batch_size=16", "trainer.max_steps=2", "logger=none", *QUIET]
+    train(compose_run(*run), tmp_path)
+    for checkpoint in tmp_path.glob("*.pt"):
+        checkpoint.unlink()
+    results = (tmp_path / "metrics.jsonl").read_bytes()
+    refusal = (f"{tmp_path}: holds a finished run's results (metrics.jsonl logged its test accuracy) but no last.pt "
+               "to continue it, and a run started here would replace them; give a new run directory "
+               "(hydra.run.dir=...)")
+    with pytest.raises(OtherExperimentError) as raised:
+        train(compose_run(*run, "seed=1"), tmp_path)
+    assert str(raised.value) == refusal and (tmp_path / "metrics.jsonl").read_bytes() == results
+    from softmoe.harness.sweep_check import single_run_error  # the command line's check, before Hydra starts
+
+    assert single_run_error([*run, "seed=1", f"hydra.run.dir={tmp_path}"], "train") == refusal
+
+
 def test_a_run_directory_resumes_only_the_experiment_it_holds(compose_run, tmp_path, resumed_from, caplog):
     # was: another learning rate in the same directory resumed the finished run, "resuming ... at step 2 of 2",
     # and its old accuracy was reported under the new value

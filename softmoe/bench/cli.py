@@ -84,6 +84,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and not value >= minimum:  # threads None: torch's own; nan is no number of seconds
             parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    cpus = os.cpu_count() or 1
+    if args.threads is not None and args.threads > cpus:  # was: a segfault at 100000, with no message
+        parser.error(f"--threads {args.threads}: more than this machine's {cpus} CPUs; threads beyond the cores take "
+                     f"turns, which times the operating system (and some thousands abort the process)")
     cuda = args.device.startswith("cuda")
     if args.bfloat16_shapes is None:
         args.bfloat16_shapes = args.layer_shapes if cuda or cpu_has_native_bf16() else ["cpu_small"]
@@ -126,6 +130,9 @@ def check_out(parser: argparse.ArgumentParser, out: Optional[str]) -> None:
     path = os.path.abspath(out)
     if os.path.isdir(path):
         parser.error(f"--out {out}: a directory; name the JSON file to write, e.g. {os.path.join(out, 'bench.json')}")
+    if os.path.lexists(path) and not path.endswith(".json"):  # was: a checkpoint named by mistake became 7 KB of JSON
+        parser.error(f"--out {out}: an existing file that is not a .json file, which this would replace; name a "
+                     f".json file")
     folder = os.path.dirname(path)
     while not os.path.exists(folder):  # the nearest folder that exists, in which the rest would be made
         folder = os.path.dirname(folder)

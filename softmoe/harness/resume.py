@@ -27,6 +27,7 @@ from .checkpoint import (
 )
 from .errors import CheckpointError, OtherExperimentError
 from .rules import counted
+from .telemetry import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tup
     ``last.pt`` (or the ``last.prev.pt`` kept beside a damaged one) or sharded ``last.dcp``, else ``trainer.resume``.
     Refuses what :func:`check_resumable` refuses."""
     start_from = checkpoint_to_resume(run_dir, resume)
+    check_no_results_replaced(run_dir, start_from)
     if start_from is None:
         return None, None
     try:
@@ -142,6 +144,22 @@ def resume_checkpoint(run_dir: Path, resume: Optional[str], config: dict) -> tup
         log.warning("trainer.resume=%s is ignored: this run directory holds its own %s, which it continues; a "
                     "new run directory starts from trainer.resume", resume, start_from.name)
     return checkpoint, start_from
+
+
+def check_no_results_replaced(run_dir: Path, start_from: Optional[Path]) -> None:
+    """Refuse a run that would start afresh in a run directory holding a finished run's results without the
+    checkpoint that continues it (its ``.pt`` files deleted to save space): the new run's ``metrics.jsonl`` and
+    ``.hydra/`` would replace the old one's, test results and all."""
+    if start_from is not None and start_from.parent == run_dir:
+        return
+    try:
+        finished = '"test/acc"' in (run_dir / METRICS_FILE).read_text(errors="replace")
+    except OSError:  # none: a new run directory
+        return
+    if finished:
+        raise OtherExperimentError(
+            f"{run_dir}: holds a finished run's results ({METRICS_FILE} logged its test accuracy) but no last.pt to "
+            f"continue it, and a run started here would replace them; give a new run directory (hydra.run.dir=...)")
 
 
 def unusable_resume(resume: str, path: Path, error: CheckpointError) -> str:
@@ -188,6 +206,10 @@ def resume_refusal(run_dir: Path, resume: Optional[str], config: dict[str, Any])
     """Why the run ``config`` would refuse to start in ``run_dir`` (:func:`check_resumable`), in one line, or None;
     reads no tensor. A checkpoint it cannot read this way is left to the run."""
     start_from = checkpoint_to_resume(run_dir, resume)
+    try:
+        check_no_results_replaced(run_dir, start_from)
+    except OtherExperimentError as error:
+        return str(error)
     if start_from is None or not start_from.exists():
         return None
     checkpoint = saved_config_only(start_from)
