@@ -179,7 +179,7 @@ def missing_run_error(argv: list[str]) -> Optional[str]:
     if problem and "hydra.run.dir" in values:
         return f"hydra.run.dir={planned[1]}: {problem}; name a folder that takes the results"
     if problem:  # a run on a read-only disk: Hydra's mkdir traceback
-        subject = "" if problem.startswith("no folder") else f"{planned[1]} "  # "takes no new files": the folder
+        subject = f"{planned[1]} " if problem.startswith("takes no new files") else ""  # the others name a path
         return (f"run_dir={run_dir}: its results go to {planned[1]}, but {subject}{problem}; copy the run to a folder "
                 "that takes files, or give hydra.run.dir=<a folder for the results>")
     return None

@@ -125,9 +125,15 @@ def load_state_dict(source: DenseSource, mapped: bool = False) -> Dict[str, torc
                 state = load_tensors(path, mmap=mapped and can_be_mapped(path))
             except Exception as error:
                 raise UnreadableCheckpointError(path, why_torch_load_failed(error)) from None
+            if not isinstance(state, Mapping):  # torch.save of a list or a bare tensor: no names to map
+                raise UnreadableCheckpointError(path, f"it holds a {type(state).__name__}, not a state dict")
     for wrapper_key in ("model", "state_dict"):  # common checkpoint layouts
         if wrapper_key in state and isinstance(state[wrapper_key], Mapping):
             state = dict(state[wrapper_key])
+    named = {key for key in state if not isinstance(key, str)}
+    if named:
+        raise ValueError(f"a dense state dict maps parameter names to tensors; this one has the key "
+                         f"{sorted(named, key=repr)[0]!r} ({type(next(iter(named))).__name__})")
     return {_unwrapped(key): value for key, value in state.items()}
 
 

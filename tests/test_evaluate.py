@@ -110,6 +110,16 @@ def test_a_run_without_best_pt_is_pointed_to_checkpoint_last(tmp_path):
     assert [step.split()[2] for step in next_steps(tmp_path, routed=False)] == ["softmoe.evaluate", "softmoe.collect"]
 
 
+def test_a_file_where_the_results_folder_goes_is_named_once(tmp_path):
+    from softmoe.harness.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "last.pt", {"format": 1, "step": 2})
+    (tmp_path / "evaluate").write_text("")  # was: "but <run_dir>/evaluate <run_dir>/evaluate is a file"
+    assert missing_run_error([f"run_dir={tmp_path}", "checkpoint=last"]) == (
+        f"run_dir={tmp_path}: its results go to {tmp_path / 'evaluate'}, but {tmp_path / 'evaluate'} is a file; copy "
+        "the run to a folder that takes files, or give hydra.run.dir=<a folder for the results>")
+
+
 def test_a_run_on_a_read_only_disk_is_one_line_or_evaluated_into_another_folder(tmp_path):
     """Was: Hydra's traceback on making <run_dir>/evaluate."""
     import subprocess

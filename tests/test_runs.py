@@ -73,6 +73,15 @@ def test_read_events_skips_a_torn_last_line(tmp_path):
     assert read_events(tmp_path) == [{"step": 1, "train/loss": 2.0}, {"step": 2, "val/acc": 0.5}]
 
 
+def test_a_metrics_line_that_is_json_but_no_object_is_no_event(tmp_path):
+    # was: collect stopped in run_files.numeric_history's AttributeError ("'NoneType' object has no attribute 'items'")
+    from softmoe.harness.run_files import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('null\n3\n{"step": 1, "train/loss": 2.0}\nNaN\n[1]\n')
+    assert read_events(tmp_path) == [{"step": 1, "train/loss": 2.0}]
+    assert read_metrics(tmp_path / "metrics.jsonl") == {"step": [1], "train/loss": [2.0]}
+
+
 def test_a_second_lock_on_a_run_directory_names_its_holder(tmp_path):
     with RunDirLock(tmp_path):
         with pytest.raises(RunDirInUseError) as raised:

@@ -177,6 +177,20 @@ def test_an_unreadable_file_says_why_in_a_few_words(tmp_path, name, content, rea
         load_state_dict(path)
 
 
+def test_a_file_or_mapping_that_is_no_state_dict_is_named_as_such(tmp_path):
+    # was: AttributeError ('list' object has no attribute 'items'), Tensor.__contains__'s RuntimeError, a TypeError
+    for value, held in ([1, 2], "list"), (torch.zeros(3), "Tensor"):
+        path = tmp_path / f"{held}.pth"
+        torch.save(value, path)
+        with pytest.raises(ValueError) as raised:
+            load_state_dict(path)
+        reason = f"it holds a {held}, not a state dict"
+        assert str(raised.value) == f"dense checkpoint '{path}' is not a readable checkpoint ({reason})"
+    with pytest.raises(ValueError, match=r"^a dense state dict maps parameter names to tensors; this one has the key "
+                                         r"1 \(int\)$"):
+        load_state_dict({1: torch.zeros(1)})
+
+
 def test_sparse_router_weights_keep_their_init():
     from softmoe import TokensChoiceMoE
 

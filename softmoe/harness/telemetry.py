@@ -157,14 +157,17 @@ def truncate_after(path: Path, step: int) -> None:
 
 def json_lines(path: Union[str, Path]) -> Iterator[dict[str, Any]]:
     """The JSON objects of a JSON-lines file (``metrics.jsonl``) in order. A line cut short by a kill (no newline
-    at its end, or not JSON) is skipped: each event is written as one line, newline included."""
+    at its end, or not JSON) is skipped: each event is written as one line, newline included; so is a line that is
+    JSON but no object (``null``, ``3``: no event; its readers stopped on it in a traceback)."""
     for line in Path(path).read_text().splitlines(keepends=True):
         if not line.endswith("\n"):
             continue
         try:
-            yield json.loads(line)
+            event = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(event, dict):
+            yield event
 
 
 def offline_run_dirs(wandb_dir: Union[str, Path], run_id: str) -> list[Path]:
