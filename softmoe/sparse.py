@@ -288,7 +288,7 @@ class TokensChoiceMoE(SparseMoE):
         if not is_int(k) or not 1 <= k <= self.num_experts:
             raise ValueError(f"k must be an integer in [1, num_experts={self.num_experts}], got {k!r}")
         self.k = self.choices_per_token = k
-        self.batch_priority = bool(batch_priority)
+        self.batch_priority = require_bool("batch_priority", batch_priority)
         self.loss_weights = {
             name: require_number(f"{name}_weight", weight, minimum=0, inclusive=True)
             for name, weight in (

@@ -11,7 +11,7 @@ import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
-from ._checks import (is_int, is_symbolically_traced, require_choice, require_parameter_device,
+from ._checks import (is_int, is_symbolically_traced, require_bool, require_choice, require_parameter_device,
                       require_parameter_dtype, require_positive_int, require_positive_number, require_probability)
 
 _TIMM_DEFAULTS = {name: parameter.default
@@ -49,6 +49,11 @@ def require_vit_arguments(kwargs: Mapping[str, Any]) -> None:
     patch_size = _sizes("patch_size", argument["patch_size"])
     if argument["img_size"] is not None:
         require_whole_patches(_sizes("img_size", argument["img_size"]), patch_size, argument)
+    for name in BOOLEAN_ARGUMENTS:  # bool("no") is True: a string would turn the option on without a word
+        if name in argument and not (name == "fc_norm" and argument[name] is None):  # fc_norm None: timm decides
+            require_bool(name, argument[name])
+    if not is_int(argument["reg_tokens"]) or argument["reg_tokens"] < 0:
+        raise ValueError(f"reg_tokens must be a whole number >= 0 (register tokens), got {argument['reg_tokens']!r}")
     require_global_pool(argument["global_pool"], argument["class_token"])
     require_choice("pos_embed", argument["pos_embed"], ("learn", "none", ""))
     for name in DROP_RATES:
@@ -78,6 +83,12 @@ def require_whole_patches(img_size: tuple, patch_size: tuple, argument: Mapping[
                      f"would see {shown} of each {image[0]}x{image[1]} image; give an img_size the patch size "
                      "divides, or set dynamic_img_size=True and dynamic_img_pad=True to pad each image to whole "
                      "patches")
+
+
+# timm's switches, each True or False (those of the timm version installed are checked)
+BOOLEAN_ARGUMENTS = ("qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "class_token",
+                     "no_embed_class", "pre_norm", "final_norm", "fc_norm", "pool_include_prefix", "dynamic_img_size",
+                     "dynamic_img_pad", "fix_init")
 
 
 # The model's own arguments, which it hands to every MoE layer: moe_kwargs naming one again would be ambiguous.

@@ -370,6 +370,7 @@ def test_auxiliary_loss_is_the_sum_over_the_sparse_layers():
         (TokensChoiceMoE, {"load_loss_weight": -1}, "load_loss_weight"),
         (ExpertsChoiceMoE, {"num_experts": 0}, "num_experts"),
         (TokensChoiceMoE, {"normalize": "no"}, "normalize must be True or False, got 'no'"),
+        (TokensChoiceMoE, {"batch_priority": "no"}, "batch_priority must be True or False, got 'no'"),  # was: on
     ],
 )
 def test_bad_arguments_are_named(cls, kwargs, message):

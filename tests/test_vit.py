@@ -121,6 +121,11 @@ def test_bad_expert_counts():
     ({"drop_path_rate": -0.1}, "drop_path_rate must be a number in [0, 1], got -0.1"),  # was: taken as 0
     ({"attn_drop_rate": 2}, "attn_drop_rate must be a number in [0, 1], got 2"),
     ({"patch_drop_rate": 1.0}, "patch_drop_rate must be a number in [0, 1), got 1"),  # was: timm's bare assert
+    # was: bool("no") is True, so each switched its option on without a word
+    ({"class_token": "no"}, "class_token must be True or False, got 'no'"),
+    ({"qkv_bias": "no"}, "qkv_bias must be True or False, got 'no'"),
+    ({"dynamic_img_size": "no"}, "dynamic_img_size must be True or False, got 'no'"),
+    ({"reg_tokens": -1}, "reg_tokens must be a whole number >= 0 (register tokens), got -1"),  # was: torch's error
 ])
 def test_timm_arguments_timm_would_assert_on_are_named(bad, message):
     with pytest.raises(ValueError) as raised:
