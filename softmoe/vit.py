@@ -36,7 +36,7 @@ from .hub import hub_offline, hub_reachable, hub_weights_cached
 from .upcycle import (UnreadableCheckpointError, cfg_names, fit_dense_state, load_state_dict, other_channels,
                       upcycle_state_dict)
 from .vit_checks import (require_global_pool, require_images, require_moe_kwargs, require_num_classes,
-                         require_vit_arguments)
+                         require_vit_arguments, require_whole_patches, sizes)
 
 MoELayerIndex = Union[int, Sequence[int]]
 
@@ -216,6 +216,17 @@ class SoftMoEVisionTransformer(VisionTransformer):
                                  f"global_pool={global_pool!r} on a model that pools with {self.global_pool!r}; build "
                                  "the model with it instead")
         super().reset_classifier(num_classes, global_pool)
+
+    def set_input_size(self, img_size: Optional[Any] = None, patch_size: Optional[Any] = None) -> None:
+        """timm's, with the sizes checked as the constructor checks them (was: an image size the patch size does not
+        divide taken without a word, the pixels past the last whole patch never seen; ``patch_size=0`` a torch
+        error)."""
+        new_img = self.patch_embed.img_size if img_size is None else img_size
+        new_patch = self.patch_embed.patch_size if patch_size is None else patch_size
+        switches = {"dynamic_img_size": self.dynamic_img_size, "dynamic_img_pad": self.patch_embed.dynamic_img_pad}
+        require_whole_patches(sizes("img_size", new_img), sizes("patch_size", new_patch),
+                              {**switches, "img_size": new_img, "patch_size": new_patch})
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """timm's init, with every expert initialised as ``mode`` initialises the dense MLP it replaces."""

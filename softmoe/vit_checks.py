@@ -18,7 +18,7 @@ _TIMM_DEFAULTS = {name: parameter.default
                   for name, parameter in inspect.signature(VisionTransformer.__init__).parameters.items()}
 
 
-def _sizes(name: str, value: Any) -> tuple:
+def sizes(name: str, value: Any) -> tuple:
     """``value`` as timm reads a size (an int, or a pair for height and width), each a positive int."""
     sizes = tuple(value) if isinstance(value, (tuple, list)) else (value,)
     if len(sizes) not in (1, 2) or not all(is_int(size) and size > 0 for size in sizes):
@@ -46,9 +46,9 @@ def require_vit_arguments(kwargs: Mapping[str, Any]) -> None:
     require_mlp_ratio(argument["mlp_ratio"], embed_dim)
     require_positive_int("in_chans", argument["in_chans"])
     require_num_classes(argument["num_classes"])
-    patch_size = _sizes("patch_size", argument["patch_size"])
+    patch_size = sizes("patch_size", argument["patch_size"])
     if argument["img_size"] is not None:
-        require_whole_patches(_sizes("img_size", argument["img_size"]), patch_size, argument)
+        require_whole_patches(sizes("img_size", argument["img_size"]), patch_size, argument)
     for name in BOOLEAN_ARGUMENTS:  # bool("no") is True: a string would turn the option on without a word
         if name in argument and not (name == "fc_norm" and argument[name] is None):  # fc_norm None: timm decides
             require_bool(name, argument[name])

@@ -133,6 +133,20 @@ def test_timm_arguments_timm_would_assert_on_are_named(bad, message):
     assert str(raised.value).startswith(message)
 
 
+def test_set_input_size_checks_the_sizes_as_the_constructor_does():
+    # was: img_size=18 taken, each image's last 2 pixels a side never seen; patch_size=0 a torch error
+    model = tiny()
+    for change, message in [({"img_size": 18}, "patch_size=(4, 4) must divide img_size=18: the model would see only "
+                                               "the top-left 16x16 pixels of each 18x18 image"),
+                            ({"patch_size": 0}, "patch_size must be a positive integer or a (height, width) pair of "
+                                                "them, got 0")]:
+        with pytest.raises(ValueError) as raised:
+            model.set_input_size(**change)
+        assert str(raised.value).startswith(message)
+    model.set_input_size(img_size=32)  # whole patches: resampled as timm does
+    assert model.patch_embed.grid_size == (8, 8) and model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
 @pytest.mark.parametrize("num_classes, global_pool, message", [
     (-3, None, "num_classes must be a non-negative integer (0: no classifier, the pooled features are the output), "
                "got -3"),
