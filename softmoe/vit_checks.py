@@ -93,6 +93,8 @@ BOOLEAN_ARGUMENTS = ("qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm",
 
 # The model's own arguments, which it hands to every MoE layer: moe_kwargs naming one again would be ambiguous.
 MODEL_MOE_ARGUMENTS = ("num_experts", "slots_per_expert", "normalize")
+# The widths each block passes its MLP (the tokens' width in and out)
+BLOCK_WIDTHS = ("in_features", "out_features")
 
 
 def require_moe_kwargs(moe_kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
@@ -105,6 +107,10 @@ def require_moe_kwargs(moe_kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any
     if repeated:
         raise ValueError(f"moe_kwargs repeats {repeated[0]}={moe_kwargs[repeated[0]]!r}, an argument of the model "
                          f"itself: pass {repeated[0]}= to the model, not in moe_kwargs")
+    widths = [name for name in BLOCK_WIDTHS if name in moe_kwargs]
+    if widths:  # was: accepted, then a shape error in the block's residual add at the first forward
+        raise ValueError(f"moe_kwargs sets {widths[0]}={moe_kwargs[widths[0]]!r}: a MoE layer takes and returns the "
+                         "block's tokens, embed_dim wide, which the block passes it; leave it out of moe_kwargs")
     return dict(moe_kwargs)
 
 

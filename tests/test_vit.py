@@ -366,6 +366,9 @@ def test_moe_kwargs_take_precedence_over_the_mlp_arguments_of_timms_block():
     ({"moe_kwargs": {"num_experts": 3}}, "moe_kwargs repeats num_experts=3, an argument of the model itself: pass "
                                          "num_experts= to the model"),  # was: functools.partial's "multiple values"
     ({"moe_kwargs": [("dispatch", "uniform")]}, "moe_kwargs must be a dict of keyword arguments for moe_layer"),
+    # was: accepted, then the block's residual add failed at the first forward
+    ({"moe_kwargs": {"out_features": 16}}, "moe_kwargs sets out_features=16: a MoE layer takes and returns the "
+                                           "block's tokens, embed_dim wide"),
     ({"moe_layer": "soft"}, "moe_layer must be an nn.Module class or a callable returning one, got 'soft'"),
     ({"moe_layer": SoftMoE(32, num_experts=4)}, "moe_layer must be an nn.Module class or a callable returning one, "
                                                 "got a SoftMoE instance"),  # was: SoftMoE.forward's TypeError
