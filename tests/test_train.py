@@ -223,6 +223,34 @@ def test_a_finished_runs_results_are_not_replaced_once_its_checkpoints_were_dele
     assert single_run_error([*run, "seed=1", f"hydra.run.dir={tmp_path}"], "train") == refusal
 
 
+def test_an_edited_checkpoint_no_run_can_be_rebuilt_from_is_named_by_evaluate_and_a_resume(compose_run, tmp_path):
+    """A checksum recomputed over an edited checkpoint (the config without its model section, the head's weights
+    removed). Was: OmegaConf's ConfigAttributeError or a KeyError; torch's load_state_dict error."""
+    from softmoe.harness.checkpoint import save_checkpoint
+
+    run = ["data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=32", "data.test_size=8",
+           "model.depth=2", "trainer.batch_size=16", "trainer.max_steps=2", "logger=none", *QUIET]
+    train(compose_run(*run), tmp_path / "run")
+    original = load_checkpoint(tmp_path / "run" / "last.pt")
+    config = json.loads(original["config"])
+    no_model, headless = tmp_path / "no_model", tmp_path / "headless"
+    no_model.mkdir(), headless.mkdir()
+    save_checkpoint(no_model / "last.pt", {**original, "config": json.dumps({**config, "model": None})})
+    weights = {key: value for key, value in original["model"].items() if not key.startswith("head.")}
+    save_checkpoint(headless / "last.pt", {**original, "model": weights})
+    for run_dir, problem in [
+        (no_model, "no run can be rebuilt from it (its config has no model section)"),
+        (headless, 'its weights do not fit the model its config builds (Missing key(s) in state_dict: "head.weight", '
+                   '"head.bias")'),
+    ]:
+        with pytest.raises(CheckpointError) as raised:
+            evaluate_run(run_dir, tmp_path / "evaluate", checkpoint="last")
+        assert str(raised.value) == f"{run_dir / 'last.pt'}: {problem}"
+        with pytest.raises(CheckpointError) as raised:  # the run directory's own last.pt, resumed
+            train(compose_run(*run), run_dir)
+        assert str(raised.value).startswith(f"{run_dir / 'last.pt'}: ") and problem in str(raised.value)
+
+
 def test_a_run_directory_resumes_only_the_experiment_it_holds(compose_run, tmp_path, resumed_from, caplog):
     # was: another learning rate in the same directory resumed the finished run, "resuming ... at step 2 of 2",
     # and its old accuracy was reported under the new value

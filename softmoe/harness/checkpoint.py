@@ -7,6 +7,7 @@ the step, the best evaluation so far, the resolved config (a JSON string) and th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -14,7 +15,7 @@ import os
 import random
 import zlib
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -129,6 +130,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+# The config sections of every checkpoint the trainer writes, from which evaluate rebuilds the run
+CONFIG_SECTIONS = ("model", "moe", "data", "trainer")
+
+
+@contextlib.contextmanager
+def weights_that_fit(path: Path) -> Iterator[None]:
+    """Around loading checkpoint ``path``'s weights into the model its config built: torch's ``load_state_dict``
+    error for weights that do not fit it (an edited checkpoint) becomes a :class:`CheckpointError` in one line."""
+    try:
+        yield
+    except RuntimeError as error:
+        lines = str(error).splitlines()
+        if not lines or not lines[0].startswith("Error(s) in loading state_dict"):
+            raise
+        details = "; ".join(line.strip().rstrip(".") for line in lines[1:] if line.strip())
+        raise CheckpointError(f"{path}: its weights do not fit the model its config builds ({details[:400]}"
+                              f"{'...' if len(details) > 400 else ''})") from None
+
+
 def load_resume_checkpoint(path: Path) -> tuple[dict[str, Any], Path]:
     """The checkpoint to resume from and where it came from: ``path``, or when that is damaged or missing and it is
     the run directory's ``last.pt``, the ``last.prev.pt`` kept beside it (with a warning saying why; a missing one
@@ -159,8 +179,18 @@ def resume_path(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
     return Path(resume).expanduser() if resume else None
 
 
-def saved_config(state: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(state["config"])
+def saved_config(state: dict[str, Any], path: Optional[Path] = None, sections: tuple = ()) -> dict[str, Any]:
+    """The run config a checkpoint saved (JSON), with each of ``sections`` a mapping; a checkpoint edited so that
+    it is not is refused naming ``path`` (was: json's, OmegaConf's or a ``KeyError``'s traceback)."""
+    try:
+        config = json.loads(state["config"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: no run can be rebuilt from it (its config is not the JSON of a run's "
+                              "config)") from None
+    missing = [name for name in sections if not isinstance(config, dict) or not isinstance(config.get(name), dict)]
+    if missing:
+        raise CheckpointError(f"{path}: no run can be rebuilt from it (its config has no {missing[0]} section)")
+    return config
 
 
 # moe keys that set how the router trains, not which model: the optimizer's groups carry them
@@ -171,7 +201,7 @@ def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path, 
     """Refuse to resume a checkpoint whose ``model`` or ``moe`` config, or whose optimizer class, differs from this
     run's (another optimizer's state does not fit: SGD's has no Adam moments). ``own``: the run directory's own
     checkpoint, else ``trainer.resume``'s; each is refused with what to do in its case."""
-    saved = saved_config(state)
+    saved = saved_config(state, path, sections=("model", "moe"))
     before, now = (cfg.get("optimizer", {}).get("_target_") for cfg in (saved, config))
     if before is not None and before != now:
         raise CheckpointError(_refusal(group_setting("optimizer", now), group_setting("optimizer", before), path,

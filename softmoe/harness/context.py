@@ -32,6 +32,7 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    weights_that_fit,
 )
 from .config import planned_steps
 from .console import describe_upcycling
@@ -215,7 +216,8 @@ def open_run(
     state, forward = build_state(config, distributed, total_steps, resuming=checkpoint is not None)
     log_plan(config, data, state.model, total_steps, steps_per_epoch, distributed)
     if checkpoint is not None:
-        state.load_state_dict(checkpoint, distributed)  # expert parallel: this rank's experts
+        with weights_that_fit(start_from):
+            state.load_state_dict(checkpoint, distributed)  # expert parallel: this rank's experts
         if from_another_run:  # that run's best.pt stays there; select anew here
             state.best = dict(NO_BEST)
         log.info("resuming from %s at step %d of %d", start_from, state.step, total_steps)

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import sharded_checkpoint
-from .checkpoint import CheckpointError, load_checkpoint, saved_config
+from .checkpoint import CONFIG_SECTIONS, CheckpointError, load_checkpoint, saved_config, weights_that_fit
 from .config import resolve_device
 from .data import DataBundle, build_datasets
 from .errors import ConfigError, RunDirInUseError
@@ -129,12 +129,13 @@ def load_run(
     """
     path = checkpoint_path(run_dir, checkpoint, checkpoint_key, run_dir_key)
     state = sharded_checkpoint.read_checkpoint(path) if path.is_dir() else load_checkpoint(path)
-    cfg = OmegaConf.create(saved_config(state))
+    cfg = OmegaConf.create(saved_config(state, path, sections=CONFIG_SECTIONS))
     torch_device = resolve_device(device)
 
     data = build_datasets(data_config_now(cfg.data, data_dir, data_root), data_dir or cfg.paths.data_dir)
     model = build_model(cfg.model, cfg.moe, upcycle_weights=False)  # the weights are the checkpoint's
-    model.load_state_dict(state["model"])
+    with weights_that_fit(path):
+        model.load_state_dict(state["model"])
     model.to(torch_device).eval()
     return LoadedRun(model=model, cfg=cfg, data=data, step=state["step"], checkpoint=path, device=torch_device)
 
