@@ -256,7 +256,7 @@ class BatchedMlp(nn.Module):
         """Per-expert LayerNorm over the hidden features, its affine parameters stacked [n, h]."""
         if norm_layer is None:
             return None, None, None
-        probe = norm_layer(h, **dd)
+        probe = require_module_class("norm_layer", norm_layer)(h, **dd)  # a string or an instance: named
         if not isinstance(probe, nn.LayerNorm):
             raise ValueError(
                 f"norm_layer must be a LayerNorm type for batched MLP experts, got {norm_layer!r}; "

@@ -114,6 +114,8 @@ class SoftMoE(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype (the layer's parameters), got {dtype!r}")
         self.dim = require_positive_int("in_features", in_features)
         self.num_experts = require_positive_int("num_experts", num_experts)
         self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
@@ -236,6 +238,10 @@ class SoftMoE(nn.Module):
         dispatch, combine = dispatch.to(compute_dtype), combine.to(compute_dtype)
         slots = torch.bmm(dispatch.transpose(1, 2), x_compute)  # X̃ = Dᵀ X: [b, s, d]
         slot_outputs = self.experts(slots.view(b, self.num_experts, self.slots_per_expert, self.dim))  # [b, n, p, d']
+        if not is_tracing() and tuple(slot_outputs.shape[:3]) != (b, self.num_experts, self.slots_per_expert):
+            expected = [b, self.num_experts, self.slots_per_expert, self.dim]
+            raise ValueError(f"experts must map slots [b, n, p, d] = {expected} to [b, n, p, d'], got an output of "
+                             f"shape {list(slot_outputs.shape)}")
         # the output width spelled out, not -1: an empty batch has no elements to infer it from
         return torch.bmm(combine, slot_outputs.reshape(b, self.num_slots, slot_outputs.shape[-1]))  # Y = C Ỹ
 

@@ -218,11 +218,28 @@ def test_routing_ablations_follow_their_definitions(dispatch, combine):
          r"experts must be an nn.Module mapping slots \[b, n, p, d\] to \[b, n, p, d'\] .* got 'mlp'"),
         (lambda: SoftMoE(16, num_experts=4, experts=BatchedMlp(3, 16)),
          "experts holds num_experts=3 experts, but the layer has num_experts=4"),
+        # were: LayerNorm.forward's TypeError, "'str' object is not callable", "Only Tensors of floating point ..."
+        (lambda: SoftMoE(16, num_experts=2, norm_layer=nn.LayerNorm(16)),
+         "norm_layer must be an nn.Module class or a callable returning one, got a LayerNorm instance"),
+        (lambda: SoftMoE(16, num_experts=2, norm_layer="ln"), "norm_layer must be an nn.Module class .* got 'ln'"),
+        (lambda: SoftMoE(16, num_experts=2, dtype=torch.int32),
+         r"dtype must be a floating-point torch.dtype \(the layer's parameters\), got torch.int32"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_a_custom_expert_bank_whose_output_is_not_per_slot_is_named():
+    class SumsTheSlots(nn.Module):  # [b, n, p, d] -> [b, n, d]: was a reshape's "shape '[3, 2, 16]' is invalid"
+        def forward(self, slots):
+            return slots.sum(2)
+
+    layer = SoftMoE(16, num_experts=2, slots_per_expert=2, experts=SumsTheSlots())
+    with pytest.raises(ValueError, match=r"^experts must map slots \[b, n, p, d\] = \[3, 2, 2, 16\] to \[b, n, p, "
+                                         r"d'\], got an output of shape \[3, 2, 16\]$"):
+        layer(torch.randn(3, 5, 16))
 
 
 @pytest.mark.parametrize(
