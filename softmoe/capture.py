@@ -27,6 +27,7 @@ def is_routing_layer(module: nn.Module) -> bool:
 
 def moe_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """The routing layers of ``model`` (:func:`is_routing_layer`), by module name."""
+    model = require_module("model", model, "an nn.Module holding MoE layers")
     return {name: module for name, module in model.named_modules() if is_routing_layer(module)}
 
 
@@ -47,6 +48,8 @@ def router_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
 
 def block_index(module_name: str) -> int:
     """The transformer block a module belongs to: ``"blocks.7.mlp"`` -> 7."""
+    if not isinstance(module_name, str):
+        raise ValueError(f"module_name must be a module's name such as 'blocks.7.mlp', got {module_name!r}")
     parts = module_name.split(".")
     if "blocks" in parts:
         position = parts.index("blocks") + 1
@@ -65,7 +68,7 @@ def capture_routing(model: nn.Module) -> Iterator[Dict[str, RoutingRecord]]:
     On exit the layers stop recording; the dict stays with the caller only.
     """
     records: Dict[str, RoutingRecord] = {}
-    layers = moe_layers(require_module("model", model, "an nn.Module holding Soft MoE layers"))
+    layers = moe_layers(model)
 
     def recorder_for(name: str, layer: nn.Module):
         def record(dispatch: torch.Tensor, combine: torch.Tensor) -> None:

@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import is_int, require_bool, require_number, require_positive_int, require_positive_number, require_tokens
+from ._checks import (is_int, require_bool, require_module, require_number, require_positive_int,
+                      require_positive_number, require_tokens)
 from .experts import BatchedMlp
 from .layer import l2_normalize, truncated_lecun_normal_
 from .routing import SCALE_INIT
@@ -398,7 +399,8 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor:
     Train with ``loss = task_loss + aux_loss_weight * auxiliary_loss(model)``.
     """
     losses = [
-        module.aux_loss for module in model.modules() if isinstance(module, SparseMoE) and module.aux_loss is not None
+        module.aux_loss for module in require_module("model", model, "an nn.Module holding sparse MoE layers").modules()
+        if isinstance(module, SparseMoE) and module.aux_loss is not None
     ]
     if losses:
         return torch.stack(losses).sum()

@@ -137,9 +137,22 @@ def test_capture_records_an_empty_batch_as_the_model_runs_it():
 
 
 def test_capture_routing_names_a_model_that_is_not_a_module():
-    with pytest.raises(ValueError, match=r"^model must be an nn.Module holding Soft MoE layers, got str 'net'$"):
+    with pytest.raises(ValueError, match=r"^model must be an nn.Module holding MoE layers, got str 'net'$"):
         with capture_routing("net"):  # was: AttributeError, 'str' object has no attribute 'named_modules'
             pass
+
+
+def test_the_routing_helpers_name_a_model_that_is_not_a_module():
+    # were: AttributeError ("'str' object has no attribute 'named_modules'", "... 'split'")
+    from softmoe.sparse import auxiliary_loss
+
+    for helper in (moe_layers, router_parameters):
+        with pytest.raises(ValueError, match=r"^model must be an nn.Module holding MoE layers, got NoneType None$"):
+            helper(None)
+    with pytest.raises(ValueError, match=r"^model must be an nn.Module holding sparse MoE layers, got str 'x'$"):
+        auxiliary_loss("x")
+    with pytest.raises(ValueError, match=r"^module_name must be a module's name such as 'blocks.7.mlp', got 3$"):
+        block_index(3)
 
 
 def test_block_index_needs_a_block():
