@@ -9,6 +9,7 @@ the dense timm weights their tag names (or a local ``pretrained_cfg_overlay=dict
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from functools import partial
@@ -36,7 +37,7 @@ from .hub import hub_offline, hub_reachable, hub_weights_cached
 from .upcycle import (UnreadableCheckpointError, cfg_names, fit_dense_state, load_state_dict, other_channels,
                       upcycle_state_dict)
 from .vit_checks import (require_global_pool, require_images, require_moe_kwargs, require_num_classes,
-                         require_vit_arguments, require_whole_patches, sizes)
+                         require_block_indices, require_vit_arguments, require_whole_patches, sizes)
 
 MoELayerIndex = Union[int, Sequence[int]]
 
@@ -201,8 +202,12 @@ class SoftMoEVisionTransformer(VisionTransformer):
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """timm's, after the same check as :meth:`forward_features` (``get_intermediate_layers`` and
-        ``features_only`` models come through here)."""
+        ``features_only`` models come through here) and of the block indices and ``output_fmt`` timm asserts on."""
         require_images(x, self)
+        given = inspect.signature(VisionTransformer.forward_intermediates).bind(self, x, *args, **kwargs)
+        given.apply_defaults()
+        require_block_indices(given.arguments.get("indices"), len(self.blocks))
+        require_choice("output_fmt", given.arguments.get("output_fmt", "NCHW"), ("NCHW", "NLC"))
         return super().forward_intermediates(x, *args, **kwargs)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
@@ -251,6 +256,7 @@ class SoftMoEVisionTransformer(VisionTransformer):
         self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> List[int]:
         """timm's pruning; ``moe_layer_index`` then lists only the MoE blocks that remain."""
+        require_block_indices(indices, len(self.blocks))
         take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
         self.moe_layer_index = [i for i in self.moe_layer_index if i < len(self.blocks)]
         return take_indices

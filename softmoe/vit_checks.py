@@ -163,3 +163,20 @@ def require_images(x: Any, model: VisionTransformer) -> None:
     if not embed.strict_img_size and not embed.dynamic_img_pad and (size[0] % patch[0] or size[1] % patch[1]):
         raise ValueError(f"x is {size[0]}x{size[1]} images, which patch_size={patch[0]}x{patch[1]} does not divide: "
                          "crop or resize them, or build the model with dynamic_img_pad=True")
+
+
+def require_block_indices(indices: Any, depth: int) -> None:
+    """Check ``indices`` as timm's ``feature_take_indices`` reads them (an int n: the last n blocks; a list: block
+    indices, negative from the end; None: all) against the model's ``depth``, where timm meets a bad one with a bare
+    assert (``get_intermediate_layers``' ``n`` and ``features_only``'s ``out_indices`` come through here too)."""
+    if indices is None:
+        return
+    if is_int(indices):
+        if not 0 < indices <= depth:
+            raise ValueError(f"indices={indices} (get_intermediate_layers' n, features_only's out_indices): the last "
+                             f"n of the model's {depth} blocks, n from 1 to {depth}")
+        return
+    if not isinstance(indices, (list, tuple)) or not all(is_int(i) and -depth <= i < depth for i in indices):
+        raise ValueError(f"indices={indices!r}: an int n (the last n blocks) or a list of block indices from "
+                         f"{-depth} to {depth - 1} (the model has {depth} blocks)")
+

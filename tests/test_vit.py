@@ -133,6 +133,24 @@ def test_timm_arguments_timm_would_assert_on_are_named(bad, message):
     assert str(raised.value).startswith(message)
 
 
+def test_block_indices_and_output_fmt_timm_asserts_on_are_named():
+    # were timm's bare asserts: "last-n (5) is out of range (1 to 2)", "Output format must be one of NCHW or NLC."
+    model, x = tiny(depth=2, moe_layer_index=1), torch.randn(1, 3, 16, 16)
+    last_n = "indices=5 (get_intermediate_layers' n, features_only's out_indices): the last n of the model's 2 blocks"
+    for call, message in [(lambda: model.get_intermediate_layers(x, n=5), last_n),
+                          (lambda: model.forward_intermediates(x, indices=[7]), "indices=[7]: an int n (the last n "
+                                                                                 "blocks) or a list of block indices "
+                                                                                 "from -2 to 1"),
+                          (lambda: model.forward_intermediates(x, output_fmt="NHWC"),
+                           "output_fmt must be one of 'NCHW', 'NLC', got 'NHWC'"),
+                          (lambda: model.prune_intermediate_layers(5), last_n)]:
+        with pytest.raises(ValueError) as raised:
+            call()
+        assert str(raised.value).startswith(message)
+    assert len(model.get_intermediate_layers(x, n=2)) == 2  # in range: timm's, as before
+    assert model.forward_intermediates(x, indices=[-1], intermediates_only=True)[0].shape == (1, 32, 4, 4)
+
+
 def test_set_input_size_checks_the_sizes_as_the_constructor_does():
     # was: img_size=18 taken, each image's last 2 pixels a side never seen; patch_size=0 a torch error
     model = tiny()
