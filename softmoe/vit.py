@@ -152,7 +152,7 @@ class SoftMoEVisionTransformer(VisionTransformer):
         self.num_experts = require_positive_int("num_experts", num_experts)
         self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
         moe_blocks = resolve_moe_layer_index(moe_layer_index, require_positive_int("depth", depth))
-        block_fn = kwargs.pop("block_fn", Block)
+        block_fn = require_module_class("block_fn", kwargs.pop("block_fn", Block))
         require_timm_mlp(kwargs.get("mlp_layer"))
         require_vit_arguments(kwargs)
         moe_kwargs = require_moe_kwargs(moe_kwargs)

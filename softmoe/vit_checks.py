@@ -11,7 +11,7 @@ import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
-from ._checks import (is_int, is_symbolically_traced, require_bool, require_choice, require_parameter_device,
+from ._checks import (is_int, is_number, is_symbolically_traced, require_bool, require_choice, require_parameter_device,
                       require_parameter_dtype, require_positive_int, require_positive_number, require_probability)
 
 _TIMM_DEFAULTS = {name: parameter.default
@@ -52,6 +52,7 @@ def require_vit_arguments(kwargs: Mapping[str, Any]) -> None:
     for name in BOOLEAN_ARGUMENTS:  # bool("no") is True: a string would turn the option on without a word
         if name in argument and not (name == "fc_norm" and argument[name] is None):  # fc_norm None: timm decides
             require_bool(name, argument[name])
+    require_layer_names(argument)
     if not is_int(argument["reg_tokens"]) or argument["reg_tokens"] < 0:
         raise ValueError(f"reg_tokens must be a whole number >= 0 (register tokens), got {argument['reg_tokens']!r}")
     require_global_pool(argument["global_pool"], argument["class_token"])
@@ -179,4 +180,27 @@ def require_block_indices(indices: Any, depth: int) -> None:
     if not isinstance(indices, (list, tuple)) or not all(is_int(i) and -depth <= i < depth for i in indices):
         raise ValueError(f"indices={indices!r}: an int n (the last n blocks) or a list of block indices from "
                          f"{-depth} to {depth - 1} (the model has {depth} blocks)")
+
+
+def require_layer_names(argument: Mapping[str, Any]) -> None:
+    """``act_layer`` and ``norm_layer`` as timm resolves them (a class, or a name in its tables), ``embed_layer`` a
+    class, ``init_values`` a number or None: timm met a misspelt name with its table's KeyError,
+    a string class with "'str' object is not callable", a string init value with a ``fill_`` error."""
+    from timm.layers import get_act_layer, get_norm_layer
+
+    for name, resolve in (("act_layer", get_act_layer), ("norm_layer", get_norm_layer)):
+        value = argument[name]
+        if isinstance(value, str) and value:
+            try:
+                resolve(value)
+            except KeyError:
+                raise ValueError(f"{name}={value!r}: no layer of timm's by that name (e.g. "
+                                 f"{'gelu, relu, silu' if name == 'act_layer' else 'layernorm, rmsnorm'}), or pass "
+                                 "the class") from None
+    if not callable(argument["embed_layer"]):
+        raise ValueError(f"embed_layer must be an nn.Module class (or a callable building one), got "
+                         f"{argument['embed_layer']!r}")
+    if argument["init_values"] is not None and not is_number(argument["init_values"]):
+        raise ValueError(f"init_values must be a number (LayerScale's initial gain) or None, got "
+                         f"{argument['init_values']!r}")
 

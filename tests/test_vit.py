@@ -126,6 +126,12 @@ def test_bad_expert_counts():
     ({"qkv_bias": "no"}, "qkv_bias must be True or False, got 'no'"),
     ({"dynamic_img_size": "no"}, "dynamic_img_size must be True or False, got 'no'"),
     ({"reg_tokens": -1}, "reg_tokens must be a whole number >= 0 (register tokens), got -1"),  # was: torch's error
+    # were: timm's table's KeyError, "'str' object is not callable", fill_'s TypeError
+    ({"act_layer": "gelux"}, "act_layer='gelux': no layer of timm's by that name (e.g. gelu, relu, silu)"),
+    ({"norm_layer": "lnx"}, "norm_layer='lnx': no layer of timm's by that name (e.g. layernorm, rmsnorm)"),
+    ({"block_fn": "Block"}, "block_fn must be an nn.Module class or a callable returning one, got 'Block'"),
+    ({"embed_layer": "x"}, "embed_layer must be an nn.Module class (or a callable building one), got 'x'"),
+    ({"init_values": "a"}, "init_values must be a number (LayerScale's initial gain) or None, got 'a'"),
 ])
 def test_timm_arguments_timm_would_assert_on_are_named(bad, message):
     with pytest.raises(ValueError) as raised:
