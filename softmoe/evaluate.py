@@ -26,7 +26,8 @@ from torch.utils.data import Dataset, Subset
 from softmoe import capture_routing
 from softmoe.harness.data import build_loader
 from softmoe.harness.config import check_evaluate
-from softmoe.harness.errors import USER_ERRORS, ConfigError, MissingDataError, run_command
+from softmoe.harness.errors import (USER_ERRORS, CheckpointWriteError, ConfigError, MissingDataError, run_command,
+                                    write_failure)
 from softmoe.harness.loop import evaluate
 from softmoe.harness.output_dirs import no_directory_reason, output_dir
 from softmoe.harness.overrides import compose_config, composition_error
@@ -85,7 +86,7 @@ def evaluate_run(
     # and per set of images, where the run evaluated a subset (images=all overwrote the run's figures)
     every_image = "_all_images" if images == "all" and run.cfg.trainer.get("eval_batches") is not None else ""
     result_file = output_dir / f"evaluation_{Path(run.checkpoint).stem}_step{run.step}{every_image}.json"
-    result_file.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result_file, lambda: result_file.write_text(json.dumps(result, indent=2) + "\n"))
     result["file"] = str(result_file)
 
     if save_routing:
@@ -103,9 +104,25 @@ def evaluate_run(
             "config": json.dumps(plain(run.cfg)),  # the run's resolved config, a JSON string
             "step": run.step,
         }
-        torch.save(routing, output_dir / "routing.pt")
+        write_result(output_dir / "routing.pt", lambda: torch.save(routing, output_dir / "routing.pt"))
         result["routing"] = str(output_dir / "routing.pt")
     return result
+
+
+def write_result(path: Path, write: Any) -> None:
+    """Call ``write`` (which writes ``path``), naming what is in the way or the failure in one line: a folder of that
+    name, a full disk (were: ``IsADirectoryError``'s traceback, or torch's "enforce fail" for ``routing.pt``)."""
+    if path.is_dir():
+        raise CheckpointWriteError(f"{path}: a folder, where this writes a file; move it away, or give "
+                                   "hydra.run.dir=<a folder for the results>")
+    try:
+        write()
+    except (OSError, RuntimeError) as error:
+        cause = write_failure(error)
+        if cause is None:
+            raise
+        raise CheckpointWriteError(f"{path}: could not be written ({cause.strerror or cause}); give "
+                                   "hydra.run.dir=<a folder for the results> on a disk with room") from None
 
 
 def the_runs_images(dataset: Dataset, trainer: Any) -> Dataset:

@@ -208,6 +208,26 @@ def test_good_arguments_pass_the_check(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_folder_where_a_result_file_goes_is_named_in_one_line(compose_run, tmp_path):
+    # were: IsADirectoryError's traceback for the JSON, torch's "[enforce fail at inline_container.cc]" for routing.pt
+    from softmoe.harness.errors import CheckpointWriteError
+
+    cfg = compose_run("data=synthetic", "data.img_size=8", "data.in_chans=1", "data.train_size=32", "data.test_size=8",
+                      "model.depth=2", "trainer.batch_size=16", "trainer.max_steps=2", "logger=none", *QUIET)
+    train(cfg, tmp_path / "run")
+    results = tmp_path / "results"
+    (results / "evaluation_last_step2.json").mkdir(parents=True)
+    with pytest.raises(CheckpointWriteError) as raised:
+        evaluate_run(tmp_path / "run", results, checkpoint="last")
+    assert str(raised.value) == (f"{results / 'evaluation_last_step2.json'}: a folder, where this writes a file; move "
+                                 "it away, or give hydra.run.dir=<a folder for the results>")
+    (results / "evaluation_last_step2.json").rmdir()
+    (results / "routing.pt").mkdir()
+    with pytest.raises(CheckpointWriteError, match=r"routing.pt: a folder, where this writes a file"):
+        evaluate_run(tmp_path / "run", results, checkpoint="last", save_routing=True)
+
+
+@pytest.mark.slow
 def test_a_run_whose_data_root_moved_is_evaluated_with_data_root(compose_run, tmp_path):
     # was: data_dir ignored (the run's data.root read instead), and the error's remedy named train's data.root, a key
     # evaluate refuses
