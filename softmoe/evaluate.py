@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -199,7 +200,23 @@ def missing_run_error(argv: list[str]) -> Optional[str]:
         subject = f"{planned[1]} " if problem.startswith("takes no new files") else ""  # the others name a path
         return (f"run_dir={run_dir}: its results go to {planned[1]}, but {subject}{problem}; copy the run to a folder "
                 "that takes files, or give hydra.run.dir=<a folder for the results>")
-    return None
+    return full_disk_error(planned[1]) if planned and planned[1] else None
+
+
+# Room the results need: Hydra's .hydra/ and evaluate.log, the result JSON (a few KB), routing.pt (a batch's routing)
+MIN_FREE_BYTES = 16 << 20
+
+
+def full_disk_error(results: Path) -> Optional[str]:
+    """Why ``results`` has no room for evaluate's files, or None: Hydra writes its ``.hydra/`` first, and met a full
+    disk with its traceback, before this command's code ran."""
+    folder = next(place for place in (results, *results.parents) if place.is_dir())
+    free = shutil.disk_usage(folder).free
+    if free >= MIN_FREE_BYTES:
+        return None
+    return (f"{results}: its disk is full ({free // 1024} KiB free, where evaluate writes up to "
+            f"{MIN_FREE_BYTES >> 20} MiB); free some space, or give hydra.run.dir=<a folder for the results> on "
+            "another disk")
 
 
 def argument_error(argv: list[str]) -> Optional[str]:

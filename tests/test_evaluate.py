@@ -152,6 +152,29 @@ def test_a_run_on_a_read_only_disk_is_one_line_or_evaluated_into_another_folder(
             run_dir.chmod(0o755)
 
 
+def test_a_full_disk_under_the_results_is_one_line_before_hydra_writes(tmp_path):
+    """Was: Hydra's traceback from writing its .hydra/ there (OSError: No space left on device)."""
+    import subprocess
+
+    from softmoe.harness.checkpoint import save_checkpoint
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(run_dir)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs a small file system of its own (root mounts a tmpfs)")
+    try:
+        save_checkpoint(run_dir / "last.pt", {"format": 1, "step": 2})
+        problem = missing_run_error([f"run_dir={run_dir}", "checkpoint=last"])
+        assert problem.startswith(f"{run_dir / 'evaluate'}: its disk is full (")
+        assert problem.endswith("KiB free, where evaluate writes up to 16 MiB); free some space, or give "
+                                "hydra.run.dir=<a folder for the results> on another disk")
+        elsewhere = tmp_path / "results"
+        assert missing_run_error([f"run_dir={run_dir}", "checkpoint=last", f"hydra.run.dir={elsewhere}"]) is None
+    finally:
+        subprocess.run(["umount", str(run_dir)], check=True)
+
+
 def test_an_fsdp_run_is_pointed_to_its_best_dcp_not_best_pt(tmp_path):
     from softmoe.harness.console import next_steps
     from softmoe.harness.state import Summary
