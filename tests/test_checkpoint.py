@@ -271,6 +271,18 @@ def test_each_unusable_trainer_resume_says_what_is_wrong_and_what_to_do_instead(
 # tests of test_train.py and test_reliability.py exercise through whole runs.
 
 
+def test_a_bare_tensor_named_by_trainer_resume_is_refused_without_a_torch_warning(compose_run, tmp_path):
+    # was: "Using a non-tuple sequence for multidimensional indexing" from indexing the tensor by "config" first
+    from softmoe.harness.resume import saved_config_only
+
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with warnings.catch_warnings(record=True) as warned:  # recorded: as an error it would be caught as a refusal
+        warnings.simplefilter("always")
+        assert saved_config_only(path) is None
+    assert [str(warning.message) for warning in warned] == []
+
+
 def test_a_run_directorys_own_last_pt_wins_over_trainer_resume_and_a_damaged_one_falls_back(tmp_path, caplog):
     from softmoe.harness.resume import past_the_runs_end
 

@@ -197,6 +197,8 @@ def saved_config_only(path: Path) -> Optional[dict[str, Any]]:
     or falls back to the ``last.prev.pt`` beside a damaged ``last.pt``."""
     try:
         state = sharded_checkpoint.state_without_tensors(path)
+        if not isinstance(state, dict):  # a bare tensor: indexing it by name made torch warn before the refusal
+            return None
         return {"config": state["config"], "step": state.get("step")}
     except Exception:  # unreadable, damaged, not a checkpoint: not this check's to report
         return None
