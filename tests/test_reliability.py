@@ -635,6 +635,9 @@ BAD_OVERRIDES = [
     (["optimizer.eps=0"], "optimizer.eps=0: must be a number > 0"),
     (["optimizer.betas=[1.5,0.999]"], "optimizer.betas=[1.5,0.999]: must be two numbers in [0, 1), e.g. [0.9,0.999]"),
     (["optimizer.betas=0.9"], "optimizer.betas=0.9: must be two numbers in [0, 1), e.g. [0.9,0.999]"),
+    # an interpolation's string reads as a number in the echoed value: was "must be two numbers" alone
+    (["optimizer.betas=[0.9,'0.99']"], "optimizer.betas=[0.9,0.99]: must be two numbers in [0, 1), e.g. "
+                                      "[0.9,0.999] ('0.99' is a string)"),
     (
         ["optimizer=sgd", "optimizer.momentum=0"],
         "optimizer.momentum=0: optimizer.nesterov=true needs a momentum > 0; set a momentum, or "

@@ -65,7 +65,12 @@ def device_name(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
 
 def betas(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
     ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(is_number(b) and 0 <= b < 1 for b in value)
-    return None if ok else "must be two numbers in [0, 1), e.g. [0.9,0.999]"
+    if ok:
+        return None
+    # the value echoed before this reads [0.9,0.99] for a string item too (an interpolation's result): name it
+    text = [b for b in value if isinstance(b, str)] if isinstance(value, (list, tuple)) else []
+    text_note = f" ({text[0]!r} is a string)" if text else ""
+    return f"must be two numbers in [0, 1), e.g. [0.9,0.999]{text_note}"
 
 
 def jobs_at_once(value: Any, cfg: Mapping[str, Any]) -> Optional[str]:
