@@ -63,7 +63,7 @@ from softmoe.harness.runs import (
     restore_sweep_record,
     save_hydra_configs,
 )
-from softmoe.harness.sweep_check import single_run_error, sweep_job_error, sweep_warning
+from softmoe.harness.sweep_check import duplicate_runs_warning, single_run_error, sweep_job_error, sweep_warning
 from softmoe.harness.sweep_console import (
     EVERY_JOB, console_is_a_log_file, hand_to_sweep, speaks_for_the_job, tag_console,
 )
@@ -293,9 +293,9 @@ def check_before_hydra() -> None:
         say_refusal(f"not started: {elsewhere}")
     if problem or elsewhere:
         sys.exit(USER_ERROR_EXIT_CODE)
-    warning = sweep_warning(sys.argv[1:], "train")  # once for the sweep, here: not once per job
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+    for warning in (sweep_warning(sys.argv[1:], "train"), duplicate_runs_warning(sys.argv[1:], "train")):
+        if warning:  # once for the sweep, here: not once per job
+            print(f"warning: {warning}", file=sys.stderr)
     if planned and planned[0] == "hydra.sweep.dir":
         _sweep_record_found[0] = (planned[1].absolute(), read_sweep_record(planned[1]))
 

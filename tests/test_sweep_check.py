@@ -29,7 +29,8 @@ from softmoe.harness.plausibility import CONF_DIR
 from softmoe.harness.rules import plain
 from softmoe.harness.runs import RunDirLock
 from softmoe.harness.sharded_checkpoint import TRAIN_STATE
-from softmoe.harness.sweep_check import single_run_error, sweep_job_error, sweep_jobs, sweep_warning
+from softmoe.harness.sweep_check import (duplicate_runs_warning, single_run_error, sweep_job_error, sweep_jobs,
+                                         sweep_warning)
 
 
 def test_jobs_come_in_the_basic_sweepers_order_and_interval_sweeps_are_left_to_their_sweeper():
@@ -117,6 +118,20 @@ def test_a_joblib_sweep_with_more_threads_than_cores_gets_one_warning_from_the_p
     assert sweep_warning(["launcher=joblib", "trainer.num_threads=3"], "train") is None  # one run: no sweep's to warn
     assert sweep_warning(["-m", "trainer.num_threads=2", "seed=0,1"], "train") is None  # one job at a time
     # printed once by the sweep's parent, which goes on to run the jobs: test_train.py's joblib sweep
+
+
+def test_a_grid_whose_jobs_differ_only_in_unused_keys_is_warned_once():
+    """Was: two identical dense runs trained, and collect listed them apart as if moe.num_experts had mattered."""
+    assert duplicate_runs_warning(["-m", "moe=dense,last_half", "moe.num_experts=4,8"], "train") == (
+        "jobs 0 (moe=dense moe.num_experts=4) and 1 (moe=dense moe.num_experts=8) train the same run: moe.num_experts "
+        "is unused there (moe=dense has no MoE layer); 1 of the sweep's 4 jobs repeats another job's run")
+    assert duplicate_runs_warning(["-m", "moe.k=1,2,3"], "train") == (
+        "jobs 0 (moe.k=1) and 1 (moe.k=2) train the same run: moe.k is unused there (router=soft reads none of the "
+        "sparse routers' keys); 2 of the sweep's 3 jobs repeat another job's run")
+    for distinct in (["-m", "seed=0,1"], ["-m", "moe=dense", "seed=0,1"],
+                     ["-m", "moe.router=tokens_choice", "moe.k=1,2"],
+                     ["moe.k=1,2"], ["-m", "hparams_search=router_optuna"]):  # a single run; Optuna's drawn jobs
+        assert duplicate_runs_warning(distinct, "train") is None, distinct
 
 
 def test_a_later_jobs_missing_dataset_is_named_before_the_first_job_trains(tmp_path):

@@ -54,6 +54,7 @@ from .plausibility import CONF_DIR, threads_warning
 from .resume import resume_refusal
 from .rules import plain
 from .runs import RunDirLock
+from .sweep_duplicates import duplicate_jobs_warning
 from .sweep_stop import is_grid_sweeper
 
 MAX_JOBS_CHECKED = 200  # at about 0.2 s a job, 40 s at most; a larger grid is checked job by job as it runs
@@ -129,6 +130,27 @@ def sweep_warning(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_D
     jobs = sum(1 for _ in sweep_jobs([*swept_params(base), *overrides])) if basic else None  # Optuna's: its own
     return threads_warning(OmegaConf.select(base, "launcher.n_jobs"), OmegaConf.select(base, "trainer.num_threads"),
                            jobs, os.cpu_count() or 1)
+
+
+def duplicate_runs_warning(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
+    """Two jobs of a grid sweep that train the same run, their values differing only in keys their options leave
+    unused (``sweep_duplicates``), in one line; None otherwise (a sweeper that draws its jobs, a grid too large to
+    compose job by job, a job that does not compose: the checks name that)."""
+    overrides, base = multirun_config(argv, config_name, conf_dir)
+    if base is None or not is_grid_sweeper(OmegaConf.select(base, "hydra.sweeper._target_")):
+        return None
+    jobs = list(itertools.islice(sweep_jobs([*swept_params(base), *overrides]), MAX_JOBS_CHECKED + 1))
+    if len(jobs) < 2 or len(jobs) > MAX_JOBS_CHECKED:
+        return None
+    configs = []
+    try:
+        for number, job in enumerate(jobs):
+            as_run = job_config(compose_config(config_name, job, conf_dir), number)
+            with hydra_config_set_to(as_run):
+                configs.append(plain(compose_config(config_name, job, conf_dir)))
+    except (HydraException, OmegaConfBaseException, ConfigError, ValueError):
+        return None
+    return duplicate_jobs_warning(jobs, configs, set(overrides))
 
 
 def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF_DIR) -> Optional[str]:
