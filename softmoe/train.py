@@ -228,7 +228,7 @@ def main(cfg: DictConfig) -> float:
         preempted.handover()  # e.g. submitit's requeue on SLURM; it may exit the process itself
         tell_torchrun([f"{tag}{stopped}"])
         if sweep_stop.in_this_process(hydra_cfg) and speaks_for_the_job():  # this exit ends the sweep
-            say(sweep_resume_line(preempted.signum, hydra_cfg.sweep.dir, sys.argv[1:]))
+            say(sweep_resume_line(preempted.signum, hydra_cfg.sweep.dir, sys.argv[1:], hydra_cfg.sweeper))
         sys.exit(preempted.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before training started (a second one during a step ends the process)
         say(f"{tag}error: interrupted before training started")

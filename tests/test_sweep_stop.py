@@ -422,3 +422,33 @@ def test_an_optuna_trials_error_ends_the_search_after_its_batch_with_the_trials_
     resume = next(line for line in lines if line.startswith(f"[job {failed}] last.pt is kept; resume with: "))
     assert lines[-2:] == [error, resume]  # repeated as the sweep ends
     assert not (sweep_dir / "2").exists() and not (sweep_dir / "optimization_results.yaml").exists()
+
+
+def test_a_stopped_search_whose_sampler_is_unseeded_says_no_rerun_resumes_it(compose_run):
+    """Was: "rerun it to resume its unfinished jobs", and the rerun's trials, drawn anew, were refused by the run
+    directories of the stopped ones (their checkpoints saved with other values)."""
+    unseeded = compose_run("hparams_search=router_optuna", "hydra.sweeper.sampler.seed=null", hydra_node=True)
+    line = sweep_stop.sweep_resume_line(signal.SIGINT, "sweep", ["hparams_search=router_optuna"],
+                                        unseeded.hydra.sweeper)
+    assert line == ("sweep stopped by SIGINT; its sampler is not seeded (hydra.sweeper.sampler.seed=null), so a rerun "
+                    "would draw other trials than the stopped ones: resume each stopped trial with its own line above")
+    for seeded in (compose_run("hparams_search=router_optuna", hydra_node=True), compose_run(hydra_node=True)):
+        line = sweep_stop.sweep_resume_line(signal.SIGINT, "sweep", ["seed=0,1"], seeded.hydra.sweeper)
+        assert line.startswith("sweep stopped by SIGINT; rerun it to resume its unfinished jobs: python -m ")
+
+
+@pytest.mark.slow
+def test_an_optuna_trial_without_a_validation_accuracy_ends_the_search_in_one_line(tmp_path):
+    """A fraction that holds out no image (the up-front check refuses data.val_size=0 alone). Was: Optuna's
+    60-line traceback on the NaN objective, exit status 1, once every trial of the batch had trained."""
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "softmoe.train", "-m", *OPTUNA_SWEEP[:3], "launcher=joblib",
+               "data.val_size=0.0001", "trainer.max_steps=3", "model.depth=2", "logger=none",
+               "trainer.progress_bar=false", f"hydra.sweep.dir={sweep_dir}"]
+    swept = subprocess.run(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=300)
+    assert swept.returncode == 2 and "Traceback" not in swept.stdout, swept.stdout
+    assert swept.stdout.splitlines()[-1] == (
+        "error: job 0 trained without the validation accuracy this search maximises (its run held out no validation "
+        "image); hold out some with data.val_size=<count or fraction> (a fraction rounds to whole images)")
+    assert not (sweep_dir / "2").exists()

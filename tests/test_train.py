@@ -576,6 +576,20 @@ def test_an_optuna_sweep_maximises_validation_accuracy_never_test(tmp_path):
         assert 1 <= saved["moe"]["scale_init"] <= 30 and 1e-3 <= saved["optimizer"]["lr"] <= 1e-2
 
 
+def test_an_optuna_search_keeps_its_study_in_a_database_when_given_one(tmp_path):
+    # was: Optuna 2.10 on SQLAlchemy 2 stopped before any trial ("assert version is not None"): pinned to 1.x
+    database = tmp_path / "study.db"
+    arguments = ["-m", "hparams_search=router_optuna", "hydra.sweeper.n_trials=1", "hydra.sweeper.n_jobs=1",
+                 f"hydra.sweeper.storage=sqlite:///{database}", "trainer.max_steps=2", "model.depth=2", "logger=none",
+                 *QUIET, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    result = run_forked("softmoe.train", arguments, ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import optuna
+
+    study = optuna.load_study(study_name="router_knobs", storage=f"sqlite:///{database}")
+    assert [trial.state.name for trial in study.trials] == ["COMPLETE"]
+
+
 def test_an_epoch_shorter_than_log_every_names_the_step_its_training_figures_come_from(compose_run, tmp_path, caplog):
     # 4 steps an epoch (1,257 digits at batch 256) and a log every 10 steps: epoch 3 logs at step 10, epoch 4 none
     run = ["trainer.max_epochs=4", "trainer.batch_size=256", "model.depth=2", "logger=none", *QUIET]

@@ -4,6 +4,7 @@ that a Ctrl-C or a trial's error cut short (``softmoe/harness/optuna_sweeper.py`
 Hydra imports every module under ``hydra_plugins`` when any Hydra application starts, so this one imports Optuna and
 ``softmoe`` only when a sweep instantiates it, as the Optuna plugin does."""
 
+import sys
 from typing import Any, List
 
 from hydra.plugins.sweeper import Sweeper
@@ -28,9 +29,13 @@ class OptunaSweeper(Sweeper):
         searching.launcher = LauncherThatEndsTheSearch(searching.launcher, config.hydra.sweep.dir)
 
     def sweep(self, arguments: List[str]) -> None:
-        from softmoe.harness.optuna_sweeper import SearchEnded
+        from softmoe.harness.errors import USER_ERROR_EXIT_CODE
+        from softmoe.harness.optuna_sweeper import NoObjective, SearchEnded
 
         try:
             return self._optuna.sweep(arguments)
         except SearchEnded:  # Optuna's best trial and optimization_results.yaml are for a search that ran out
             return None
+        except NoObjective as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(USER_ERROR_EXIT_CODE)

@@ -17,6 +17,7 @@ directory.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -26,6 +27,11 @@ from .sweep_console import jobs_handed_to_sweep
 
 class SearchEnded(Exception):
     """A batch of trials came back with one that has no result (stopped, or failed): the search goes no further."""
+
+
+class NoObjective(Exception):
+    """A trial ran to its end without the validation accuracy the search maximises (its run held out no validation
+    image: a ``data.val_size`` fraction that rounds to none); ``str()`` is the line that says so."""
 
 
 class LauncherThatEndsTheSearch:
@@ -39,7 +45,19 @@ class LauncherThatEndsTheSearch:
         returns = self._launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
         if sweep_stop.stop_requested() is not None or jobs_handed_to_sweep(self._sweep_dir):
             raise SearchEnded
+        missing = [initial_job_idx + number for number, job in enumerate(returns) if no_objective(job)]
+        if missing:  # Optuna would refuse the NaN in its traceback
+            raise NoObjective(f"job {missing[0]} trained without the validation accuracy this search maximises (its "
+                              "run held out no validation image); hold out some with data.val_size=<count or "
+                              "fraction> (a fraction rounds to whole images)")
         return returns
 
     def __getattr__(self, name: str) -> Any:  # anything else is the launcher's
         return getattr(self._launcher, name)
+
+
+def no_objective(job: Any) -> bool:
+    """Whether a finished job (Hydra's ``JobReturn``) returned the NaN "no result" objective."""
+    value = getattr(job, "return_value", None)
+    return isinstance(value, float) and math.isnan(value)
+

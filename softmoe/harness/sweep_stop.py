@@ -139,10 +139,24 @@ def sweep_resume_command(sweep_dir: Union[str, Path], argv: Sequence[str]) -> st
                        f"hydra.sweep.dir={shown_path(sweep_dir)}"])
 
 
-def sweep_resume_line(signum: int, sweep_dir: Union[str, Path], argv: Sequence[str]) -> str:
-    """The line a stopped sweep ends with: the signal, and the rerun that resumes every unfinished job."""
+def sweep_resume_line(signum: int, sweep_dir: Union[str, Path], argv: Sequence[str], sweeper: Any = None) -> str:
+    """The line a stopped sweep ends with: the signal, and the rerun that resumes every unfinished job; or, for a
+    ``sweeper`` whose unseeded sampler draws other trials at each run (``hydra.sweeper.sampler.seed=null``), that
+    no rerun can (each stopped job's own line resumes it; was: the rerun's jobs refused their run directories)."""
     name = signal.Signals(signum).name
+    if sweeper is not None and draws_other_trials_each_run(sweeper):
+        return (f"sweep stopped by {name}; its sampler is not seeded (hydra.sweeper.sampler.seed=null), so a rerun "
+                "would draw other trials than the stopped ones: resume each stopped trial with its own line above")
     return f"sweep stopped by {name}; rerun it to resume its unfinished jobs: {sweep_resume_command(sweep_dir, argv)}"
+
+
+def draws_other_trials_each_run(sweeper: Any) -> bool:
+    """Whether a sweeper (``hydra.sweeper``) draws its jobs' values anew at each run: not the grid, and its sampler
+    unseeded."""
+    if is_grid_sweeper(sweeper.get("_target_")):
+        return False
+    sampler = sweeper.get("sampler")
+    return sampler is None or sampler.get("seed") is None
 
 
 class SweepEndedAtOnce(KeyboardInterrupt):
@@ -210,7 +224,8 @@ class SweepStop(Callback):
         stopped = stop_signal_of(self._stop_file)
         self._stop_file.unlink(missing_ok=True)
         if stopped is not None:
-            print(sweep_resume_line(stopped, self._sweep_dir, sys.argv[1:]), file=sys.stderr, flush=True)
+            print(sweep_resume_line(stopped, self._sweep_dir, sys.argv[1:], config.hydra.sweeper), file=sys.stderr,
+                  flush=True)
             sys.exit(preempted_exit_code(stopped))
 
 
