@@ -2,7 +2,7 @@
 leave unused: ``-m moe=dense,last_half moe.num_experts=4,8`` trains two identical dense ViTs, which ``collect`` then
 lists apart as if ``moe.num_experts`` had mattered. The conf files keep such keys (``conf/moe/dense.yaml`` extends
 ``last_half.yaml`` so that a sweep over both composes), so they are not refused; the sweep is warned once, before
-its jobs start (``sweep_check.sweep_warning``)."""
+its jobs start (``sweep_check.duplicate_runs_warning``)."""
 
 from __future__ import annotations
 
