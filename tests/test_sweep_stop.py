@@ -424,7 +424,8 @@ def test_an_optuna_trials_error_ends_the_search_after_its_batch_with_the_trials_
     assert not (sweep_dir / "2").exists() and not (sweep_dir / "optimization_results.yaml").exists()
 
 
-def test_a_stopped_search_whose_sampler_is_unseeded_says_no_rerun_resumes_it(compose_run):
+def test_a_stopped_search_whose_sampler_is_unseeded_says_no_rerun_resumes_it(compose_run, tmp_path, capsys,
+                                                                             handlers_kept):
     """Was: "rerun it to resume its unfinished jobs", and the rerun's trials, drawn anew, were refused by the run
     directories of the stopped ones (their checkpoints saved with other values)."""
     unseeded = compose_run("hparams_search=router_optuna", "hydra.sweeper.sampler.seed=null", hydra_node=True)
@@ -432,6 +433,16 @@ def test_a_stopped_search_whose_sampler_is_unseeded_says_no_rerun_resumes_it(com
                                         unseeded.hydra.sweeper)
     assert line == ("sweep stopped by SIGINT; its sampler is not seeded (hydra.sweeper.sampler.seed=null), so a rerun "
                     "would draw other trials than the stopped ones: resume each stopped trial with its own line above")
+    # a second signal, which ends every job at once, says the same (was: "rerun the sweep to resume")
+    sweep_stop.SweepStop().on_multirun_start(compose_run(
+        "hparams_search=router_optuna", "hydra.sweeper.sampler.seed=null", "launcher=joblib",
+        f"hydra.sweep.dir={tmp_path}", hydra_node=True))
+    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    with pytest.raises(sweep_stop.SweepEndedAtOnce) as ended:
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    assert ended.value.message.endswith(
+        "its sampler is not seeded, so a rerun would draw other trials: resume each trial alone with the overrides "
+        "in <its job dir>/.hydra/overrides.yaml and hydra.mode=RUN hydra.run.dir=<its job dir>")
     for seeded in (compose_run("hparams_search=router_optuna", hydra_node=True), compose_run(hydra_node=True)):
         line = sweep_stop.sweep_resume_line(signal.SIGINT, "sweep", ["seed=0,1"], seeded.hydra.sweeper)
         assert line.startswith("sweep stopped by SIGINT; rerun it to resume its unfinished jobs: python -m ")

@@ -178,12 +178,14 @@ class SweepStop(Callback):
         self._stop_file: Optional[Path] = None
         self._sweep_dir = ""
         self._signalled = False  # this process took a stop signal: the next one ends the sweep at once
+        self._redraws = False  # the sweeper draws other trials at each run (an unseeded Optuna sampler)
         self._mask: set[int] = set()  # the main thread's signal mask before the sweep blocked the stop signals
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if str(config.hydra.launcher.get("_target_")) not in PROCESS_PARALLEL_LAUNCHERS:
             return
         self._sweep_dir = str(config.hydra.sweep.dir)
+        self._redraws = draws_other_trials_each_run(config.hydra.sweeper)  # no rerun resumes its stopped trials
         self._stop_file = Path(self._sweep_dir).absolute() / STOP_FILE
         self._stop_file.parent.mkdir(parents=True, exist_ok=True)
         self._stop_file.unlink(missing_ok=True)  # an earlier run of this sweep was stopped: this one resumes it
@@ -210,9 +212,12 @@ class SweepStop(Callback):
         for other in STOP_SIGNALS:  # the end is under way: a third signal is the previous handlers' to answer
             signal.signal(other, self._previous.get(other, signal.SIG_DFL))
         signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
-        resume = sweep_resume_command(self._sweep_dir, sys.argv[1:])
+        rerun = sweep_resume_command(self._sweep_dir, sys.argv[1:])
+        resume = (f"rerun the sweep to resume its unfinished jobs: {rerun}" if not self._redraws else
+                  "its sampler is not seeded, so a rerun would draw other trials: resume each trial alone with the "
+                  "overrides in <its job dir>/.hydra/overrides.yaml and hydra.mode=RUN hydra.run.dir=<its job dir>")
         raise SweepEndedAtOnce(signum, f"sweep: {name} again: every job ended at once, keeping the last.pt it "
-                                       f"saved before; rerun the sweep to resume its unfinished jobs: {resume}")
+                                       f"saved before; {resume}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._stop_file is None:
