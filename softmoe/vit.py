@@ -121,6 +121,10 @@ def require_moe_blocks(blocks: torch.nn.Module, moe_blocks: List[int], built: Li
         )
 
 
+# timm's forward_intermediates signature, read once: the block indices and output format are checked at each call
+FORWARD_INTERMEDIATES = inspect.signature(VisionTransformer.forward_intermediates)
+
+
 class SoftMoEVisionTransformer(VisionTransformer):
     """timm ``VisionTransformer`` whose blocks in ``moe_layer_index`` use Soft MoE MLPs.
 
@@ -204,7 +208,7 @@ class SoftMoEVisionTransformer(VisionTransformer):
         """timm's, after the same check as :meth:`forward_features` (``get_intermediate_layers`` and
         ``features_only`` models come through here) and of the block indices and ``output_fmt`` timm asserts on."""
         require_images(x, self)
-        given = inspect.signature(VisionTransformer.forward_intermediates).bind(self, x, *args, **kwargs)
+        given = FORWARD_INTERMEDIATES.bind(self, x, *args, **kwargs)
         given.apply_defaults()
         require_block_indices(given.arguments.get("indices"), len(self.blocks))
         require_choice("output_fmt", given.arguments.get("output_fmt", "NCHW"), ("NCHW", "NLC"))

@@ -8,7 +8,7 @@ import inspect
 from typing import Any, Dict, Mapping, Optional
 
 import torch
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, get_act_layer, get_norm_layer
 from timm.models.vision_transformer import VisionTransformer
 
 from ._checks import (is_int, is_number, is_symbolically_traced, require_bool, require_choice, require_parameter_device,
@@ -186,8 +186,6 @@ def require_layer_names(argument: Mapping[str, Any]) -> None:
     """``act_layer`` and ``norm_layer`` as timm resolves them (a class, or a name in its tables), ``embed_layer`` a
     class, ``init_values`` a number or None: timm met a misspelt name with its table's KeyError,
     a string class with "'str' object is not callable", a string init value with a ``fill_`` error."""
-    from timm.layers import get_act_layer, get_norm_layer
-
     for name, resolve in (("act_layer", get_act_layer), ("norm_layer", get_norm_layer)):
         value = argument[name]
         if isinstance(value, str) and value:

@@ -304,7 +304,7 @@ def check_same_experiment(state: dict[str, Any], config: dict[str, Any], path: P
     """Refuse to resume the run directory's own checkpoint under a config that changes the experiment (every key but
     :data:`NOT_THE_EXPERIMENT`): the directory would report the old run's results under the new values. A key the
     checkpoint's config lacks (added to the configs after it was written) is not compared."""
-    saved, now = flat_config(saved_config(state)), flat_config(config)
+    saved, now = flat_config(saved_config(state, path)), flat_config(config)
     new_run = f"start a new run directory from it with trainer.resume={path}"
     for key in sorted(set(saved) | set(now), key=lambda key: (not key.endswith(".name"), key)):  # data.name first
         if key not in saved or key.startswith(tuple(f"{ignored}." for ignored in NOT_THE_EXPERIMENT)):

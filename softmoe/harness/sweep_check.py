@@ -144,10 +144,10 @@ def duplicate_runs_warning(argv: Sequence[str], config_name: str, conf_dir: Path
         return None
     configs = []
     try:
-        for number, job in enumerate(jobs):
-            as_run = job_config(compose_config(config_name, job, conf_dir), number)
-            with hydra_config_set_to(as_run):
-                configs.append(plain(compose_config(config_name, job, conf_dir)))
+        for number, job in enumerate(jobs):  # as job_problem reads each job's config (its compositions are kept)
+            composed = compose_config(config_name, job, conf_dir)
+            with hydra_config_set_to(job_config(composed, number)):
+                configs.append(plain(composed))
     except (HydraException, OmegaConfBaseException, ConfigError, ValueError):
         return None
     return duplicate_jobs_warning(jobs, configs, set(overrides))
@@ -167,15 +167,16 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
     except ConfigError as error:
         return str(error)
     params, parser = swept_params(base), OverridesParser.create()
-    problem = objective_error(base) or params_option_error(params, overrides, conf_dir) or conflicting_overrides(
-        parser.parse_overrides([*params, *overrides]), conf_dir, OmegaConf.select(base, "hydra.runtime.choices"))
+    grid = is_grid_sweeper(OmegaConf.select(base, "hydra.sweeper._target_"))  # else drawn (Optuna)
+    problem = ((None if grid else objective_error(base)) or params_option_error(params, overrides, conf_dir)
+               or conflicting_overrides(parser.parse_overrides([*params, *overrides]), conf_dir,
+                                        OmegaConf.select(base, "hydra.runtime.choices")))
     if problem:
         return problem
     jobs = list(itertools.islice(sweep_jobs([*params, *overrides]), MAX_JOBS_CHECKED + 1))
     if len(jobs) > MAX_JOBS_CHECKED:
         return None  # a huge grid is checked as it runs
     fixed, data_checked = set(overrides), []
-    grid = is_grid_sweeper(OmegaConf.select(base, "hydra.sweeper._target_"))  # else drawn (Optuna)
     for number, job in enumerate(jobs):  # one job too: was checked only once Hydra had made the sweep directory
         problem = job_problem(job, number, config_name, conf_dir, data_checked, values_known=grid)
         if problem:
@@ -185,10 +186,9 @@ def sweep_job_error(argv: Sequence[str], config_name: str, conf_dir: Path = CONF
 
 
 def objective_error(base: DictConfig) -> Optional[str]:
-    """A sweeper that draws its trials (Optuna) maximises the best validation accuracy each job returns: without a
-    validation split there is none, and Optuna refused the job's NaN in a traceback once it had trained."""
-    drawn = not is_grid_sweeper(OmegaConf.select(base, "hydra.sweeper._target_"))
-    if not drawn or OmegaConf.select(base, "data.val_size") != 0:
+    """For a sweeper that draws its trials (Optuna), which maximises the best validation accuracy each job returns:
+    without a validation split there is none, and Optuna refused the job's NaN in a traceback once it had trained."""
+    if OmegaConf.select(base, "data.val_size") != 0:
         return None
     return ("data.val_size=0: this sweeper maximises each run's best validation accuracy, and a run without a "
             "validation split has none; hold out training images for it (data.val_size=<count or fraction>)")

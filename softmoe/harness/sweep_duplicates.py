@@ -15,10 +15,15 @@ SPARSE_ROUTER_KEYS = ("k", "capacity_factor", "batch_priority", "noise_std", "au
 PLACEMENT_KEYS = ("placement", "layers")
 
 
+def is_dense(moe: Mapping[str, Any]) -> bool:
+    """Whether ``moe`` places no MoE layer (``moe=dense``: placement none, no explicit ``layers``)."""
+    return moe.get("placement") == "none" and not moe.get("layers")
+
+
 def unused_moe_keys(moe: Mapping[str, Any]) -> list[str]:
     """The ``moe`` keys that change nothing in the run ``moe`` configures: every key but the placement's for a
     dense ViT (``moe=dense``), the sparse routers' for the soft one."""
-    if moe.get("placement") == "none" and not moe.get("layers"):
+    if is_dense(moe):
         return [key for key in moe if key not in PLACEMENT_KEYS]
     if moe.get("router") == "soft":
         return [key for key in SPARSE_ROUTER_KEYS if key in moe]
@@ -54,7 +59,6 @@ def duplicate_jobs_warning(jobs: Sequence[Sequence[str]], configs: Sequence[Mapp
 
 
 def _why(config: Mapping[str, Any]) -> str:
-    moe = config.get("moe") or {}
-    if moe.get("placement") == "none" and not moe.get("layers"):
+    if is_dense(config.get("moe") or {}):
         return "moe=dense has no MoE layer"
     return "router=soft reads none of the sparse routers' keys"
