@@ -144,6 +144,12 @@ def say_how_to_resume_after_a_crash(tag: str, run_dir: Path, after_the_traceback
         say(message)
 
 
+def say_the_sweeps_rerun(hydra_cfg: DictConfig, signum: int) -> None:
+    """Under the basic launcher a job's exit by ``signum`` ends the whole sweep: say the rerun that resumes it."""
+    if sweep_stop.in_this_process(hydra_cfg) and speaks_for_the_job():
+        say(sweep_resume_line(signum, hydra_cfg.sweep.dir, sys.argv[1:], hydra_cfg.sweeper))
+
+
 # (sweep dir, its multirun.yaml's bytes or None), read before Hydra starts: Hydra's basic sweeper rewrites that file
 # before the first job runs (a plain copy goes to joblib's and submitit's job processes, which pickle main by value).
 _sweep_record_found: list = [None]
@@ -227,13 +233,13 @@ def main(cfg: DictConfig) -> float:
             return NO_OBJECTIVE
         preempted.handover()  # e.g. submitit's requeue on SLURM; it may exit the process itself
         tell_torchrun([f"{tag}{stopped}"])
-        if sweep_stop.in_this_process(hydra_cfg) and speaks_for_the_job():  # this exit ends the sweep
-            say(sweep_resume_line(preempted.signum, hydra_cfg.sweep.dir, sys.argv[1:], hydra_cfg.sweeper))
+        say_the_sweeps_rerun(hydra_cfg, preempted.signum)
         sys.exit(preempted.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before training started (a second one during a step ends the process)
         say(f"{tag}error: interrupted before training started")
         remove_if_unused(run_dir, new_parents=new_parents)
         say_how_to_resume(tag, run_dir)  # a resumed run interrupted while loading
+        say_the_sweeps_rerun(hydra_cfg, signal.SIGINT)
         sys.exit(preempted_exit_code(signal.SIGINT))
     except Exception:  # a crash: Hydra prints the traceback; a checkpoint written before it is not lost
         try:  # the call inside the try: a signal handler may raise as the function starts (see its docstring)
@@ -268,6 +274,12 @@ def command_line() -> None:
     except sweep_stop.SweepEndedAtOnce as ended:  # a second Ctrl-C to a stopping joblib sweep
         print(ended.message, file=sys.stderr)
         sys.exit(ended.exit_code)
+    except KeyboardInterrupt:  # in Hydra's code, outside every job; between two jobs of a basic sweep, say the rerun
+        between_jobs = sweep_stop.interrupted_sweep_line(sys.argv[1:])
+        if not between_jobs:
+            raise
+        print(between_jobs, file=sys.stderr)
+        sys.exit(preempted_exit_code(signal.SIGINT))
 
 
 def say_refusal(problem: str) -> None:

@@ -121,6 +121,10 @@ class ForkedCommand:
     def send_signal(self, signum):
         os.kill(self.pid, signum)
 
+    def output_so_far(self) -> str:
+        """What the command wrote to its output file until now (stdout, and stderr unless apart)."""
+        return self._output.read_text()
+
     def communicate(self, timeout=300):
         """(stdout, stderr), stderr None unless apart, once the command ended."""
         if self.returncode is None:

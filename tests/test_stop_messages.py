@@ -2,6 +2,7 @@
 run, from the default run directory too; a second Ctrl-C ends the process at once, even inside a long C++ op."""
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -359,3 +360,88 @@ def test_a_crash_leaves_its_resume_line_for_the_exit_and_a_sweep_job_says_it_at_
     finally:
         command._resume_line_at_exit.clear()  # this test process exits with nothing to say
         HydraConfig.instance().cfg = None
+
+
+SWEEP_JOB = ["model.depth=2", "trainer.log_every=1", "trainer.eval_batches=1", "logger=none",
+             "trainer.progress_bar=false"]
+SWEEP_RERUN = "sweep stopped by SIGINT{}; rerun it to resume its unfinished jobs: "
+
+
+def trained_steps(run_dir: Path) -> list[int]:
+    return [event["step"] for event in read_events(run_dir) if "train/lr" in event]
+
+
+@pytest.mark.slow
+def test_ctrl_c_between_two_jobs_of_a_basic_sweep_prints_the_rerun_that_resumes_it(tmp_path):
+    """Hydra's code between two jobs runs under no job's stop guard: the Ctrl-C ended in "interrupted" alone."""
+    sweep = tmp_path / "sweep"
+    overrides = ["-m", "trainer.max_steps=2,3", *SWEEP_JOB, f"hydra.sweep.dir={sweep}",
+                 "+hydra.callbacks.ctrl_c._target_=hydra_signals.SignalAtJob", "+hydra.callbacks.ctrl_c.job=0",
+                 f"+hydra.callbacks.ctrl_c.once={tmp_path / 'sent'}"]  # Ctrl-C as job 0 has returned
+    trainer = forked_trainer(tmp_path, *overrides)
+    output = trainer.communicate(timeout=300)[0]
+    assert trainer.returncode == 130, output
+    last_line = output.strip().splitlines()[-1]
+    assert last_line.startswith(SWEEP_RERUN.format(" while no job ran")), output
+    assert trained_steps(sweep / "0") == [1, 2] and not (sweep / "1").exists()
+    command = shlex.split(last_line.split(": ", 1)[1])
+    assert command[:4] == ["python", "-m", "softmoe.train", "-m"] and command[-1] == "hydra.sweep.dir=sweep"
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)])}  # the callback's module
+    rerun = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert trained_steps(sweep / "0") == [1, 2] and trained_steps(sweep / "1") == [1, 2, 3]  # job 0 not trained again
+
+
+def release_readers(fifos: list[Path], keep_open: bool) -> list[int]:
+    """Open for writing each fifo a reader waits on; the write ends (``keep_open``: their reads then wait for data),
+    or none (closed at once: their reads end)."""
+    writers = []
+    for fifo in fifos:
+        try:
+            writers.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as error:  # ENXIO: nobody reads it (yet)
+            assert error.errno == errno.ENXIO, error
+    if keep_open:
+        return writers
+    for writer in writers:
+        os.close(writer)
+    return []
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_sweeps_job_checks_its_images_stops_it_at_once_and_prints_the_sweeps_rerun(tmp_path):
+    """``data.verify`` reads every image's header in a thread pool before training: a Ctrl-C there waited for the
+    whole check (minutes over ImageNet on a network disk), and under the basic launcher no line said how to resume
+    the sweep. Files whose reads wait until the test lets them go (fifos) stand in for a stalled disk."""
+    root = write_image_tree(tmp_path / "images", train={"cat": 4, "dog": 4}, val={"cat": 2, "dog": 2}, size=8)
+    stalled = [root / "train" / "dog" / f"stalled{index}.png" for index in range(48)]  # more than the pool's threads
+    for fifo in stalled:
+        os.mkfifo(fifo)
+    sweep = tmp_path / "sweep"
+    trainer = forked_trainer(tmp_path, "-m", "seed=0,1", "data=imagefolder", f"data.root={root}", "data.img_size=8",
+                             "data.num_classes=2", *SWEEP_JOB, f"hydra.sweep.dir={sweep}")
+    writers, deadline = [], time.monotonic() + 120
+    try:
+        while not writers:  # the check has begun: a thread of its pool waits on a stalled file
+            assert trainer.poll() is None and time.monotonic() < deadline, trainer.output_so_far()
+            writers = release_readers(stalled, keep_open=True)
+            time.sleep(0.01)
+        trainer.send_signal(signal.SIGINT)
+        while "interrupted before training started" not in trainer.output_so_far():  # before any read is let go
+            assert time.monotonic() < deadline, f"still checking the images: {trainer.output_so_far()}"
+            time.sleep(0.05)
+        for writer in writers:
+            os.close(writer)
+        while trainer.poll() is None:  # the checks under way end as their reads do; no further one starts
+            assert time.monotonic() < deadline, trainer.output_so_far()
+            release_readers(stalled, keep_open=False)
+            time.sleep(0.05)
+    finally:
+        if trainer.poll() is None:
+            trainer.send_signal(signal.SIGKILL)
+    output = trainer.communicate(timeout=60)[0]
+    assert trainer.returncode == 130, output
+    assert "[job 0] error: interrupted before training started" in output
+    assert output.strip().splitlines()[-1].startswith(SWEEP_RERUN.format("")), output
+    assert "[job 1]" not in output and not (sweep / "0").exists()  # the sweep ended; job 0 left no folder

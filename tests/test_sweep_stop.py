@@ -448,6 +448,27 @@ def test_a_stopped_search_whose_sampler_is_unseeded_says_no_rerun_resumes_it(com
         assert line.startswith("sweep stopped by SIGINT; rerun it to resume its unfinished jobs: python -m ")
 
 
+def test_a_ctrl_c_between_jobs_names_the_rerun_only_while_a_basic_launcher_sweep_runs(compose_run, tmp_path,
+                                                                                       handlers_kept):
+    """``tests/test_stop_messages.py`` runs it; here the lines it chooses between, and when there is none."""
+    assert sweep_stop.interrupted_sweep_line(["seed=0,1"]) is None  # no sweep: the command says "interrupted"
+    callback = sweep_stop.SweepStop()
+    for launcher, line in (("joblib", None), ("basic", (
+            "sweep stopped by SIGINT while no job ran; rerun it to resume its unfinished jobs: python -m "
+            f"softmoe.train -m seed=0,1 hydra.sweep.dir={tmp_path}"))):
+        cfg = compose_run(f"launcher={launcher}", f"hydra.sweep.dir={tmp_path}", hydra_node=True)
+        callback.on_multirun_start(cfg)
+        try:  # a joblib sweep's Ctrl-C is its callback's (the jobs stop and save); the basic launcher's reaches here
+            assert sweep_stop.interrupted_sweep_line(["seed=0,1"]) == line
+        finally:
+            callback.on_multirun_end(cfg)
+        assert sweep_stop.interrupted_sweep_line(["seed=0,1"]) is None  # every job ended: nothing left to resume
+    unseeded = compose_run("hparams_search=router_optuna", "hydra.sweeper.sampler.seed=null", hydra_node=True)
+    assert sweep_stop.sweep_resume_line(signal.SIGINT, "sweep", [], unseeded.hydra.sweeper, between_jobs=True) == (
+        "sweep stopped by SIGINT while no job ran; its sampler is not seeded (hydra.sweeper.sampler.seed=null), so a "
+        "rerun draws new trials: the finished ones keep their results in their job directories")
+
+
 @pytest.mark.slow
 def test_an_optuna_trial_without_a_validation_accuracy_ends_the_search_in_one_line(tmp_path):
     """A fraction that holds out no image (the up-front check refuses data.val_size=0 alone). Was: Optuna's

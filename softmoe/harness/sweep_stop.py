@@ -21,7 +21,8 @@ and breaks the pool the same way. So, in a process-parallel sweep (:class:`Sweep
 
 Rerunning a sweep into its ``hydra.sweep.dir`` resumes each job from the ``last.pt`` it left, and a finished job
 reports its result again (``docs/reliability.md``). Under the basic launcher the jobs run in this process: a stop
-exits it (the job's own line, then the sweep's, :func:`sweep_resume_line`).
+exits it (the job's own line, then the sweep's, :func:`sweep_resume_line`); a Ctrl-C between two jobs, in
+Hydra's own code, which no job's guard covers, ends it with the same rerun line (:func:`interrupted_sweep_line`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # sweepers whose search stops after a batch that a job's error cut short, leaving its other jobs to finish
 SWEEPERS_THAT_END_AFTER_A_BATCH = (BASIC_SWEEPER,
                                    "hydra_plugins.softmoe_optuna_sweeper.optuna_sweeper.OptunaSweeper")
+
+
+# (sweep dir, hydra.sweeper) of the basic-launcher sweep this process runs, from its start to its end: a Ctrl-C
+# between its jobs reaches the command's top level, where the sweep's config is out of reach
+_sweep_in_this_process: list = [None]
 
 
 def _stop_file() -> Optional[Path]:
@@ -139,15 +145,33 @@ def sweep_resume_command(sweep_dir: Union[str, Path], argv: Sequence[str]) -> st
                        f"hydra.sweep.dir={shown_path(sweep_dir)}"])
 
 
-def sweep_resume_line(signum: int, sweep_dir: Union[str, Path], argv: Sequence[str], sweeper: Any = None) -> str:
+def sweep_resume_line(signum: int, sweep_dir: Union[str, Path], argv: Sequence[str], sweeper: Any = None,
+                      between_jobs: bool = False) -> str:
     """The line a stopped sweep ends with: the signal, and the rerun that resumes every unfinished job; or, for a
     ``sweeper`` whose unseeded sampler draws other trials at each run (``hydra.sweeper.sampler.seed=null``), that
-    no rerun can (each stopped job's own line resumes it; was: the rerun's jobs refused their run directories)."""
+    no rerun can (each stopped job's own line resumes it; was: the rerun's jobs refused their run directories).
+    ``between_jobs``: no job was running, so none was stopped (and a rerun of an unseeded search starts new ones)."""
     name = signal.Signals(signum).name
+    if between_jobs:
+        name = f"{name} while no job ran"
+        if sweeper is not None and draws_other_trials_each_run(sweeper):
+            return (f"sweep stopped by {name}; its sampler is not seeded (hydra.sweeper.sampler.seed=null), so a rerun "
+                    "draws new trials: the finished ones keep their results in their job directories")
     if sweeper is not None and draws_other_trials_each_run(sweeper):
         return (f"sweep stopped by {name}; its sampler is not seeded (hydra.sweeper.sampler.seed=null), so a rerun "
                 "would draw other trials than the stopped ones: resume each stopped trial with its own line above")
     return f"sweep stopped by {name}; rerun it to resume its unfinished jobs: {sweep_resume_command(sweep_dir, argv)}"
+
+
+def interrupted_sweep_line(argv: Sequence[str]) -> Optional[str]:
+    """The line for a Ctrl-C that reached a basic-launcher sweep between two jobs (in Hydra's code: the job before
+    it has returned, the next has not started, so nothing is lost and a rerun into the sweep directory resumes it);
+    None outside such a sweep. Was: "interrupted" alone."""
+    running = _sweep_in_this_process[0]
+    if running is None:
+        return None
+    sweep_dir, sweeper = running
+    return sweep_resume_line(signal.SIGINT, sweep_dir, argv, sweeper, between_jobs=True)
 
 
 def draws_other_trials_each_run(sweeper: Any) -> bool:
@@ -182,7 +206,10 @@ class SweepStop(Callback):
         self._mask: set[int] = set()  # the main thread's signal mask before the sweep blocked the stop signals
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if str(config.hydra.launcher.get("_target_")) not in PROCESS_PARALLEL_LAUNCHERS:
+        launcher = str(config.hydra.launcher.get("_target_"))
+        if launcher == BASIC_LAUNCHER:
+            _sweep_in_this_process[0] = (str(config.hydra.sweep.dir), config.hydra.sweeper)
+        if launcher not in PROCESS_PARALLEL_LAUNCHERS:
             return
         self._sweep_dir = str(config.hydra.sweep.dir)
         self._redraws = draws_other_trials_each_run(config.hydra.sweeper)  # no rerun resumes its stopped trials
@@ -220,6 +247,7 @@ class SweepStop(Callback):
                                        f"saved before; {resume}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        _sweep_in_this_process[0] = None  # every job has ended: a Ctrl-C from here on leaves nothing to resume
         if self._stop_file is None:
             return
         for signum, handler in self._previous.items():

@@ -100,8 +100,13 @@ class CheckedImageFolder(ImageFolder):
                 samples.append((path, label))
         if self.verify == "none":
             return samples
-        with ThreadPoolExecutor() as pool:  # decoding releases the GIL
+        pool = ThreadPoolExecutor()  # decoding releases the GIL
+        try:
             problems = list(pool.map(self._problem, (path for path, _ in samples)))
+        finally:
+            # a Ctrl-C (or an error) drops the checks not yet started: `with` waited for every one of them, minutes
+            # over an ImageNet-sized tree on a network disk, before the run could stop
+            pool.shutdown(wait=False, cancel_futures=True)
         kept = []
         for sample, problem in zip(samples, problems):
             if problem is None:
