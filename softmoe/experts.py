@@ -373,6 +373,15 @@ class BatchedMlp(nn.Module):
         self._low_precision[name] = cached
         return cached[1]
 
+    def __getstate__(self) -> dict:
+        """The bank's state without its autocast copies, which the next autocast forward remakes from the weights: a
+        pickle (``torch.save(model)``) refused their keys' weak references after any autocast forward, and would have
+        stored the expert weights a second time. A deep copy starts without them too (they would not be current for
+        its own weights)."""
+        state = super().__getstate__()  # a copy of the module's __dict__: the bank itself keeps its copies
+        state["_low_precision"], state["_copies_held"] = {}, False
+        return state
+
     def clear_low_precision_copies(self) -> None:
         """Forget the autocast copies of the weights (they are rebuilt at the next autocast forward)."""
         self._low_precision.clear()

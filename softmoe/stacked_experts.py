@@ -10,7 +10,7 @@ to [batch, num_experts, slots_per_expert, dim'], expert ``i`` seeing only ``slot
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -35,18 +35,23 @@ class StackedExperts(nn.Module):
         if not isinstance(instances[0], nn.Module):
             raise ValueError(f"layer must build an nn.Module, but calling it returned {instances[0]!r}: pass an "
                              "nn.Module class, or a callable returning one such as functools.partial(MyLayer, ...)")
-        params, buffers = stack_module_state(instances)
+        params, buffers = stack_module_state(instances)  # a tensor the layer holds under two names: the first only
         self.layer = instances[0]
-        for name, value in params.items():
-            self._replace(name, nn.Parameter(value.detach()))
+        tied = {**_names_of_each(self.layer.named_parameters(remove_duplicate=False)),
+                **_names_of_each(self.layer.named_buffers(remove_duplicate=False))}
+        for name, value in params.items():  # a frozen parameter stays frozen (nn.Parameter's default is trainable)
+            self._replace(tied[name], nn.Parameter(value.detach(), requires_grad=value.requires_grad))
         for name, value in buffers.items():
-            self._replace(name, value)
+            self._replace(tied[name], value)
         self.use_vmap = True  # switched off (with one warning) if vmap cannot run this layer
 
-    def _replace(self, name: str, value: torch.Tensor) -> None:
-        owner_name, _, leaf = name.rpartition(".")
-        owner = self.layer.get_submodule(owner_name) if owner_name else self.layer
-        setattr(owner, leaf, value)
+    def _replace(self, names: list[str], value: torch.Tensor) -> None:
+        """Put the stacked ``value`` under every name of one tensor: tied weights stay tied, each expert's slice
+        shared by its names, as in that expert's own instance (a second name kept expert 0's unstacked tensor)."""
+        for name in names:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = self.layer.get_submodule(owner_name) if owner_name else self.layer
+            setattr(owner, leaf, value)
 
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
         require_slots(slots, self.num_experts)
@@ -104,6 +109,14 @@ class StackedExperts(nn.Module):
     def _call_one(self, params, buffers, expert_slots: torch.Tensor) -> torch.Tensor:
         """Expert ``i`` on its slots [batch, slots_per_expert, dim]."""
         return functional_call(self.layer, (params, buffers), (expert_slots,))
+
+
+def _names_of_each(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, list[str]]:
+    """Each tensor's names, under its first (the one ``named_parameters()`` and ``stack_module_state`` keep)."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in named:
+        names.setdefault(id(tensor), []).append(name)
+    return {every[0]: every for every in names.values()}
 
 
 @torch.fx.wrap  # one call in a torch.fx graph: symbolic tracing cannot enter torch.func.vmap (torch.export can)

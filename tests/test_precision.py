@@ -190,6 +190,21 @@ def test_a_forward_without_gradients_gives_the_training_forwards_outputs_bit_for
     assert torch.equal(inferred, trained.detach()) and torch.equal(inferred_in_inference_mode, inferred)
 
 
+def test_a_layer_pickles_after_an_autocast_forward_without_its_copies(tmp_path):
+    """Was: ``TypeError: cannot pickle 'weakref.ReferenceType' object`` from ``torch.save(model)`` after any autocast
+    forward (the copies' keys hold the weights weakly); the copies are not saved: they are remade from the weights."""
+    layer, x = _layer(), torch.randn(3, 9, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = layer(x)
+    assert layer.experts._low_precision  # the copies the save must leave out
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert not loaded.experts._low_precision and layer.experts._low_precision  # the original keeps its copies
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    assert copy.deepcopy(layer).experts._low_precision == {}
+
+
 def test_float32_forward_keeps_no_low_precision_copy():
     layer = _layer()
     layer(torch.randn(2, 9, 16))

@@ -263,3 +263,55 @@ def test_a_pickle_that_names_a_bank_class_by_its_old_module_still_loads(old_home
 
     old_reference = f"c{old_home}\n{name}\n.".encode()  # pickle protocol 0's GLOBAL opcode: module, then name
     assert pickle.loads(old_reference) is getattr(importlib.import_module(home), name)
+
+
+class TiedProjections(nn.Module):
+    """Two projections sharing one weight, as a weight-tied layer has them."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.a, self.b = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("use_vmap", [True, False])
+def test_tied_weights_are_stacked_once_and_stay_tied_in_each_expert(use_vmap):
+    """Was: ``b.weight`` kept expert 0's unstacked [dim, dim] weight, and the experts raised a misleading shape
+    error (the loop indexed that weight as if it were stacked)."""
+    layer = SoftMoELayerWrapper(dim=8, num_experts=3, slots_per_expert=2, layer=partial(TiedProjections, 8))
+    bank = layer.experts.layer
+    assert bank.b.weight is bank.a.weight and bank.a.weight.shape == (3, 8, 8)
+    assert [name for name, _ in layer.named_parameters()] == ["phi", "scale", "experts.layer.a.weight"]
+    layer.experts.use_vmap = use_vmap
+    x = torch.randn(2, 5, 8)
+    weights = bank.a.weight.detach().double()
+    experts = [lambda slots, w=weights[i]: torch.relu(slots @ w.T) @ w.T for i in range(3)]
+    expected = reference_soft_moe(x.double(), layer.phi.detach(), experts, scale=layer.scale.item())
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+class Gained(nn.Module):
+    """A projection times a fixed (frozen) gain."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.gain = nn.Parameter(torch.full((dim,), 2.0), requires_grad=False)
+
+    def forward(self, x):
+        return self.proj(x) * self.gain
+
+
+def test_a_frozen_parameter_of_the_layer_stays_frozen():
+    """Was: stacked as a trainable parameter, so an optimizer over ``parameters()`` changed it."""
+    layer = SoftMoELayerWrapper(dim=8, num_experts=3, slots_per_expert=1, layer=partial(Gained, 8))
+    bank = layer.experts.layer
+    assert not bank.gain.requires_grad and bank.proj.weight.requires_grad
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    layer(torch.randn(2, 5, 8)).square().sum().backward()
+    optimizer.step()
+    assert bank.gain.grad is None and torch.equal(bank.gain, torch.full((3, 8), 2.0))
+    assert bank.proj.weight.grad is not None
