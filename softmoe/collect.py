@@ -41,6 +41,7 @@ from softmoe.harness.sweeps import (
     swept_keys,
     table_columns,
 )
+from softmoe.harness.whole_files import replaced_whole
 
 FEW = 8  # logged metrics a --metric no run logged lists, when none is close to it
 
@@ -111,18 +112,18 @@ def make_out_dir(out: Path) -> None:
 
 
 def write_results(out: Path, table: str, draw) -> None:
-    """``results.md`` and ``results.png`` in ``out``; a folder that takes no files (``/proc``, a read-only mount) is a
-    :class:`ConfigError` naming ``--out``, and no ``results.md`` is left there without its plot."""
-    written = []
+    """``results.md`` and ``results.png`` in ``out``, each put in place whole once both are written, so a stop or a
+    failure leaves the previous pair (was: a new table beside an old or empty plot); a folder that takes no files
+    (``/proc``, a read-only mount) is a :class:`ConfigError` naming ``--out``."""
+    writing = out / "results.md"
     try:
-        (out / "results.md").write_text(table)
-        written.append(out / "results.md")
-        draw(out / "results.png")
+        with replaced_whole(out / "results.md") as table_file, replaced_whole(out / "results.png") as plot_file:
+            table_file.write_text(table)
+            writing = out / "results.png"
+            draw(plot_file)
     except OSError as error:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise ConfigError(f"--out {out}: {error.filename or out} could not be written ({error.strerror}); name a "
-                          "directory you can write to") from None
+        raise ConfigError(f"--out {out}: {writing} could not be written ({error.strerror}); name a directory you can "
+                          "write to") from None
 
 
 def warn_unfinished(runs: Sequence[RunResult], sweep_dir: Optional[Path]) -> None:

@@ -35,6 +35,7 @@ from softmoe.harness.overrides import compose_config, composition_error
 from softmoe.harness.plausibility import CONF_DIR
 from softmoe.harness.rules import counted, plain
 from softmoe.harness.runs import checkpoint_path, load_run
+from softmoe.harness.whole_files import replaced_whole
 
 log = logging.getLogger("softmoe.evaluate")
 
@@ -87,7 +88,7 @@ def evaluate_run(
     # and per set of images, where the run evaluated a subset (images=all overwrote the run's figures)
     every_image = "_all_images" if images == "all" and run.cfg.trainer.get("eval_batches") is not None else ""
     result_file = output_dir / f"evaluation_{Path(run.checkpoint).stem}_step{run.step}{every_image}.json"
-    write_result(result_file, lambda: result_file.write_text(json.dumps(result, indent=2) + "\n"))
+    write_result(result_file, lambda path: path.write_text(json.dumps(result, indent=2) + "\n"))
     result["file"] = str(result_file)
 
     if save_routing:
@@ -105,19 +106,21 @@ def evaluate_run(
             "config": json.dumps(plain(run.cfg)),  # the run's resolved config, a JSON string
             "step": run.step,
         }
-        write_result(output_dir / "routing.pt", lambda: torch.save(routing, output_dir / "routing.pt"))
+        write_result(output_dir / "routing.pt", lambda path: torch.save(routing, path))
         result["routing"] = str(output_dir / "routing.pt")
     return result
 
 
 def write_result(path: Path, write: Any) -> None:
-    """Call ``write`` (which writes ``path``), naming what is in the way or the failure in one line: a folder of that
-    name, a full disk (were: ``IsADirectoryError``'s traceback, or torch's "enforce fail" for ``routing.pt``)."""
+    """Call ``write(temporary)``, then put what it wrote in place of ``path`` whole (a stop mid-write keeps the
+    previous file: it left a half-written ``routing.pt``), naming what is in the way or the failure in one line: a
+    folder of that name, a full disk (were: ``IsADirectoryError``'s traceback, or torch's "enforce fail")."""
     if path.is_dir():
         raise CheckpointWriteError(f"{path}: a folder, where this writes a file; move it away, or give "
                                    "hydra.run.dir=<a folder for the results>")
     try:
-        write()
+        with replaced_whole(path) as temporary:
+            write(temporary)
     except (OSError, RuntimeError) as error:
         cause = write_failure(error)
         if cause is None:

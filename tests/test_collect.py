@@ -309,7 +309,7 @@ def test_a_metric_of_a_block_without_moe_names_the_logged_one_and_plot_takes_a_m
     assert capsys.readouterr().err == ("error: --metric routing/block2/dispatch_entropy: no finished run logged it; "
                                        "did you mean routing/block3/dispatch_entropy?\n")
     plotted = []
-    monkeypatch.setattr(collect, "plot", lambda summaries, by, column, path: plotted.append(column))
+    monkeypatch.setattr(collect, "plot", lambda summaries, by, column, path: (plotted.append(column), path.touch()))
     for name, column in (("test/acc", "test/acc (final model)"), ("val/acc", "best val/acc"),
                          ("test/acc (best-val checkpoint)", "test/acc (best-val checkpoint)")):
         assert collect.main([str(tmp_path), "--plot", name]) == 0 and plotted.pop() == column
@@ -585,6 +585,11 @@ def test_an_out_that_takes_no_files_is_one_line_and_leaves_no_table_without_its_
     assert capsys.readouterr().err == (f"error: --out {out}: {out / 'results.png'} could not be written (No space "
                                        "left on device); name a directory you can write to\n")
     assert list(out.iterdir()) == []
+    (out / "results.md").write_text("the previous table")  # a pair from an earlier collect stays as it was
+    (out / "results.png").write_bytes(b"the previous plot")
+    assert collect.main([str(sweep), "--out", str(out)]) == 2
+    assert (out / "results.md").read_text() == "the previous table"
+    assert (out / "results.png").read_bytes() == b"the previous plot" and len(list(out.iterdir())) == 2
 
 
 @pytest.mark.parametrize("text", ["- seed=1\n- x: [1,\n", "seed: 1\n"], ids=["not_yaml", "not_a_list"])

@@ -392,3 +392,20 @@ def test_accuracy_and_loss_are_over_examples_not_batches_and_stop_at_max_batches
     first_two = evaluate(model, build_loader(dataset, 4, train=False), torch.device("cpu"), max_batches=2)
     assert first_two["loss"] == pytest.approx(per_example[:8].mean().item(), rel=1e-5)
     assert first_two["acc"] == pytest.approx(correct[:8].mean().item())
+
+
+def test_a_stop_while_a_result_is_written_keeps_the_previous_file_whole(tmp_path):
+    """Was written in place: a Ctrl-C or a kill mid-write left a half-written ``routing.pt`` (``torch.load`` refused
+    it) or an empty result JSON where the previous one had been."""
+    path = tmp_path / "routing.pt"
+    torch.save({"step": 1}, path)
+
+    def stopped_halfway(temporary):
+        temporary.write_bytes(b"PK\x03\x04 half")
+        raise KeyboardInterrupt  # as a Ctrl-C arriving between two writes
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_command.write_result(path, stopped_halfway)
+    assert torch.load(path) == {"step": 1} and list(tmp_path.iterdir()) == [path]  # no temporary left either
+    evaluate_command.write_result(path, lambda temporary: torch.save({"step": 2}, temporary))
+    assert torch.load(path) == {"step": 2} and list(tmp_path.iterdir()) == [path]

@@ -232,6 +232,25 @@ def test_the_resume_command_keeps_the_overrides_and_names_the_run_directory(tmp_
     assert resume_command([], "/elsewhere").startswith("torchrun --nnodes=2 --nproc_per_node=2 -m softmoe.train ")
 
 
+@pytest.mark.slow
+def test_a_run_that_changes_into_its_directory_prints_commands_for_where_it_was_started(tmp_path):
+    """``hydra.job.chdir=true``: the printed paths were relative to the run directory (``hydra.run.dir=.``, which the
+    pasted command refused) and the resume dropped the key (a Hydra override, not one of the task's)."""
+    trainer = forked_trainer(tmp_path, *RUN, "hydra.run.dir=run", "hydra.job.chdir=true")
+    wait_for_step(trainer, tmp_path / "run", 3)
+    trainer.send_signal(signal.SIGTERM)
+    output = trainer.communicate(timeout=300)[0]
+    assert trainer.returncode == 143, output
+    command = printed_resume_command(output)
+    assert command[-2:] == ["hydra.job.chdir=true", "hydra.run.dir=run"], output
+    saved_step = load_checkpoint(tmp_path / "run" / "last.pt")["step"]
+    resumed = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert f"resuming from {tmp_path.resolve() / 'run' / 'last.pt'} at step {saved_step} " in output, output
+    assert "python -m softmoe.evaluate run_dir=run " in output and "python -m softmoe.collect run " in output
+
+
 # A process that enters one long C++ op (a single matmul of about a minute on one thread) with the trainer's guard.
 LONG_OP = textwrap.dedent("""
     import torch

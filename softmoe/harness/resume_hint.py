@@ -17,6 +17,8 @@ import shlex
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from hydra.core.hydra_config import HydraConfig
+
 from . import sharded_checkpoint
 
 # Overrides the resume command sets itself (the directory), or that would start from somewhere else.
@@ -36,11 +38,26 @@ def launcher_prefix() -> list[str]:
     return ["python"]
 
 
+def launch_dir() -> Path:
+    """The directory the command was started in, where a printed command is pasted: Hydra's ``hydra.runtime.cwd``
+    inside a job, whose working directory ``hydra.job.chdir=true`` moved into its run directory, else this one."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.cwd)
+    return Path.cwd()
+
+
+def changes_into_its_run_dir() -> bool:
+    """Whether this Hydra job runs in its run directory (``hydra.job.chdir=true``): its resume must too, or its
+    relative paths (``paths.data_dir``) would name other folders."""
+    return HydraConfig.initialized() and bool(HydraConfig.get().job.chdir)
+
+
 def shown_path(path: Union[str, Path]) -> str:
-    """``path`` relative to the working directory when it lies below it (shorter to read and to paste)."""
+    """``path`` relative to the directory the command was started in when it lies below it (shorter to read and to
+    paste; was relative to the job's own working directory: ``hydra.run.dir=.`` under ``hydra.job.chdir=true``)."""
     path = Path(path).resolve()
     try:
-        return str(path.relative_to(Path.cwd().resolve()))
+        return str(path.relative_to(launch_dir().resolve()))
     except ValueError:
         return str(path)
 
@@ -53,7 +70,9 @@ def resume_command(
     sweeps sets ``hydra.mode: MULTIRUN``, which would start a new sweep elsewhere and ignore ``hydra.run.dir``."""
     kept = [override for override in task_overrides if not override.lstrip("+").startswith(REPLACED)]
     single_run = ["hydra.mode=RUN"] if sweep_job else []
-    return shlex.join([*launcher_prefix(), "-m", module, *kept, *single_run, f"hydra.run.dir={shown_path(run_dir)}"])
+    chdir = ["hydra.job.chdir=true"] if changes_into_its_run_dir() else []  # a Hydra key: not a task override
+    return shlex.join([*launcher_prefix(), "-m", module, *kept, *single_run, *chdir,
+                       f"hydra.run.dir={shown_path(run_dir)}"])
 
 
 def resume_hint(task_overrides: Sequence[str], run_dir: Union[str, Path], *, sweep_job: bool = False) -> Optional[str]:

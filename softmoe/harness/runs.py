@@ -37,6 +37,7 @@ from .data import DataBundle, build_datasets
 from .errors import ConfigError, RunDirInUseError
 from .model import build_model
 from .telemetry import METRICS_FILE, json_lines
+from .whole_files import replaced_whole
 
 CHECKPOINTS = ("best", "last")
 LOCK_FILE = ".lock"  # in the run directory; holds the pid and host of the process training there
@@ -214,9 +215,8 @@ def restore_sweep_record(sweep_dir: Union[str, Path], record: Optional[bytes]) -
     if record is None:
         path.unlink(missing_ok=True)
         return
-    temporary = path.with_name(f".{SWEEP_RECORD}.{socket.gethostname()}.{os.getpid()}")
-    temporary.write_bytes(record)
-    os.replace(temporary, path)
+    with replaced_whole(path) as temporary:
+        temporary.write_bytes(record)
 
 
 def missing_parents(run_dir: Union[str, Path]) -> int:

@@ -33,6 +33,7 @@ from softmoe.sparse import SparseMoE, sparse_routing_stats
 from softmoe.stats import effective_experts, normalized_entropy
 
 from .rules import counted
+from .whole_files import replaced_whole
 
 if TYPE_CHECKING:  # distributed.py imports the data and config modules, which need none of this one
     from .distributed import Distributed
@@ -150,9 +151,8 @@ def truncate_after(path: Path, step: int) -> None:
     if damaged:
         log.warning("%s: dropped %s holding no event (damaged bytes?)", path, counted(damaged, "line"))
     if len(kept) != len(lines):
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(kept))
-        os.replace(temporary, path)
+        with replaced_whole(path) as temporary:
+            temporary.write_text("".join(kept))
 
 
 def json_lines(path: Union[str, Path]) -> Iterator[dict[str, Any]]:
