@@ -327,6 +327,32 @@ def test_ctrl_c_during_the_final_test_says_the_run_ends_after_it(compose_run, tm
                     "Ctrl-C again ends the process at once (a rerun then tests it)"]
 
 
+def test_ctrl_c_while_wandb_finishes_leaves_the_finished_run_as_finished(compose_run, tmp_path, monkeypatch, caplog):
+    """W&B's finish (seconds where it uploads) ran after the stop guard was gone: the Ctrl-C raised KeyboardInterrupt
+    there, and the train command said "interrupted before training started" for a run that had trained and tested."""
+    from softmoe.harness.loop import train
+    from softmoe.harness.telemetry import Telemetry
+
+    real_finish, calls = Telemetry.finish, []
+
+    def finish_after_a_ctrl_c(self):
+        if not calls:  # one Ctrl-C, at the first call: the run's cleanup calls it again, as a no-op
+            os.kill(os.getpid(), signal.SIGINT)
+        calls.append(self)
+        return real_finish(self)
+
+    monkeypatch.setattr(Telemetry, "finish", finish_after_a_ctrl_c)
+    try:
+        summary = train(compose_run("trainer.max_steps=2", "model.depth=2", "logger=none",
+                                    "trainer.progress_bar=false"), tmp_path)
+    except KeyboardInterrupt:  # not let through to pytest, which would end the whole session
+        pytest.fail("the Ctrl-C during W&B's finish reached the caller as KeyboardInterrupt")
+    assert summary.steps == 2 and summary.test_acc is not None
+    said = [message for message in caplog.messages if " received" in message]
+    assert said == ["SIGINT received after the last step, whose last.pt is saved: the run ends once its test is done; "
+                    "Ctrl-C again ends the process at once (a rerun then tests it)"]
+
+
 def test_ctrl_c_at_an_epochs_last_step_still_prints_that_epochs_line(compose_run, tmp_path, monkeypatch, caplog):
     from softmoe.harness import loop
     from softmoe.harness.faults import Preempted

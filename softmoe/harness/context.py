@@ -247,6 +247,10 @@ def open_run(
     preemption = PreemptionGuard(checkpoint=distributed.last_checkpoint, stop_requested=sweep_stop.stop_requested)
     preemption.install()
     cleanup.callback(preemption.restore)
+    # W&B's finish (seconds, where it uploads) first, still under the guard: a Ctrl-C there raised KeyboardInterrupt,
+    # and the train command called the finished run "interrupted before training started". The finish registered
+    # above stays for a failure before the guard; the second call is a no-op.
+    cleanup.callback(telemetry.finish)
     run = RunContext(
         config=config, run_dir=run_dir, distributed=distributed, telemetry=telemetry, loaders=loaders,
         forward=forward, preemption=preemption, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
