@@ -54,7 +54,7 @@ from softmoe.harness.model import moe_blocks
 from softmoe.harness.output_dirs import output_dir, output_dir_error
 from softmoe.harness.overrides import composition_error, multirun_flag_first
 from softmoe.harness.plausibility import check_model_choice
-from softmoe.harness.resume_hint import resume_command, resume_hint
+from softmoe.harness.resume_hint import resume_command
 from softmoe.harness.rules import counted
 from softmoe.harness.runs import (
     NewRunDirParents,
@@ -97,6 +97,14 @@ def resume_message(tag: str, run_dir: Path) -> Optional[str]:
     hydra_cfg = HydraConfig.get()
     command = resume_command(hydra_cfg.overrides.task, run_dir, sweep_job=hydra_cfg.mode == RunMode.MULTIRUN)
     return f"{tag}{kept.name} is kept; resume with: {command}"
+
+
+def preempted_line(preempted: Preempted, hydra_cfg: DictConfig, run_dir: Path) -> str:
+    """A stop's line: what it saved, and the command that resumes from it. Not looked for on disk: the stop saved it,
+    and under DDP rank 0 alone writes ``last.pt``, which another rank looked for before it was there and said
+    "nothing to resume" (torchrun's report repeated that rank's line)."""
+    command = resume_command(hydra_cfg.overrides.task, run_dir, sweep_job=hydra_cfg.mode == RunMode.MULTIRUN)
+    return f"{preempted}; resume with: {command}"
 
 
 def say(message: Optional[str]) -> None:
@@ -225,8 +233,7 @@ def main(cfg: DictConfig) -> float:
         tell_torchrun(lines)
         sys.exit(exit_code(error))
     except Preempted as preempted:
-        hint = resume_hint(hydra_cfg.overrides.task, run_dir, sweep_job=multirun)
-        stopped = f"{preempted}; {hint or 'nothing to resume'}"  # the console's line, and torchrun's root cause
+        stopped = preempted_line(preempted, hydra_cfg, run_dir)  # the console's line, and torchrun's root cause
         log.warning("%s", stopped, extra=EVERY_JOB)
         if sweep_stop.in_parallel_sweep():  # the worker outlives its job: an exit would abort the other jobs' saves
             sweep_stop.request_stop(preempted.signum)  # the whole sweep stops, as under the basic launcher

@@ -23,7 +23,7 @@ from processes import ForkedCommand
 from softmoe.harness import sharded_checkpoint
 from softmoe.harness.checkpoint import load_checkpoint, save_checkpoint
 from softmoe.harness.faults import Preempted
-from softmoe.harness.resume_hint import resume_command, resume_hint
+from softmoe.harness.resume_hint import resume_command
 from test_nonfinite import NAN_EXAMPLE, SYNTHETIC, step_holding
 from test_readme import README_COMMANDS, RUN_DIR
 from test_reliability import RUN, read_events
@@ -370,13 +370,26 @@ def test_ctrl_c_at_an_epochs_last_step_still_prints_that_epochs_line(compose_run
     assert any(message.startswith("epoch 1/2  step 8  train loss") for message in caplog.messages), caplog.messages
 
 
-def test_the_resume_hint_finds_fsdps_sharded_last_and_a_stop_names_the_file_it_saved(tmp_path):
+def test_the_resume_line_finds_fsdps_sharded_last_and_a_stop_names_the_file_it_saved(compose_run, tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+
+    from softmoe import train as command
+
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
-    assert sharded_checkpoint.latest_last(tmp_path) is None and resume_hint(["model.depth=2"], tmp_path) is None
-    sharded_checkpoint.save(tmp_path, "last.pt", model, optimizer, None, {"step": 3}, keep_previous=True)
-    assert sharded_checkpoint.latest_last(tmp_path) == tmp_path / "last.dcp"  # what an FSDP run writes: resumable too
-    assert resume_hint(["model.depth=2"], tmp_path).endswith(f"model.depth=2 hydra.run.dir={tmp_path}")
+    HydraConfig.instance().set_config(compose_run("model.depth=2", f"hydra.run.dir={tmp_path}", hydra_node=True))
+    try:
+        assert sharded_checkpoint.latest_last(tmp_path) is None and command.resume_message("", tmp_path) is None
+        # a stop saved its checkpoint, even where this rank cannot see it yet (DDP: rank 0 writes it): was "nothing
+        # to resume" from a rank that looked before rank 0's last.pt was there
+        stopped = command.preempted_line(Preempted(signal.SIGTERM, 3), HydraConfig.get(), tmp_path)
+        assert stopped == (f"SIGTERM received: saved last.pt at step 3 (exit status 143); resume with: python -m "
+                           f"softmoe.train model.depth=2 hydra.run.dir={tmp_path}")
+        sharded_checkpoint.save(tmp_path, "last.pt", model, optimizer, None, {"step": 3}, keep_previous=True)
+        assert sharded_checkpoint.latest_last(tmp_path) == tmp_path / "last.dcp"  # an FSDP run's: resumable too
+        assert command.resume_message("", tmp_path).startswith("last.dcp is kept; resume with: python -m ")
+    finally:
+        HydraConfig.instance().cfg = None
     save_checkpoint(tmp_path / "last.pt", {"step": 5})  # resumed under one process: the newer file is the one
     assert sharded_checkpoint.latest_last(tmp_path) == tmp_path / "last.pt"
     assert str(Preempted(signal.SIGTERM, 3, checkpoint="last.dcp")).startswith("SIGTERM received: saved last.dcp at")

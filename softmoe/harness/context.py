@@ -247,9 +247,8 @@ def open_run(
     preemption = PreemptionGuard(checkpoint=distributed.last_checkpoint, stop_requested=sweep_stop.stop_requested)
     preemption.install()
     cleanup.callback(preemption.restore)
-    # W&B's finish (seconds, where it uploads) first, still under the guard: a Ctrl-C there raised KeyboardInterrupt,
-    # and the train command called the finished run "interrupted before training started". The finish registered
-    # above stays for a failure before the guard; the second call is a no-op.
+    # W&B's finish (seconds, where it uploads) first, under the guard: a Ctrl-C there made a finished run "interrupted
+    # before training started". The finish registered above is for a failure before the guard (a no-op after this)
     cleanup.callback(telemetry.finish)
     run = RunContext(
         config=config, run_dir=run_dir, distributed=distributed, telemetry=telemetry, loaders=loaders,

@@ -15,11 +15,10 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 from hydra.core.hydra_config import HydraConfig
 
-from . import sharded_checkpoint
 
 # Overrides the resume command sets itself (the directory), or that would start from somewhere else.
 # In each spelling: +key= adds the key, ++key= adds or overrides it.
@@ -73,10 +72,3 @@ def resume_command(
     chdir = ["hydra.job.chdir=true"] if changes_into_its_run_dir() else []  # a Hydra key: not a task override
     return shlex.join([*launcher_prefix(), "-m", module, *kept, *single_run, *chdir,
                        f"hydra.run.dir={shown_path(run_dir)}"])
-
-
-def resume_hint(task_overrides: Sequence[str], run_dir: Union[str, Path], *, sweep_job: bool = False) -> Optional[str]:
-    """``resume with: <command>``, or None when the run directory holds no ``last`` checkpoint to resume from."""
-    if sharded_checkpoint.latest_last(Path(run_dir)) is None:
-        return None
-    return f"resume with: {resume_command(task_overrides, run_dir, sweep_job=sweep_job)}"

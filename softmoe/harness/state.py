@@ -74,7 +74,8 @@ class TrainWindow:
 
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self.correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        # float64, not an integer: a run resumed on another number of ranks gives each an equal share of the count
+        self.correct = torch.zeros((), device=self.device, dtype=torch.float64)
         self.examples = torch.zeros((), device=self.device, dtype=torch.int64)
         self.seconds = 0.0
 
@@ -109,16 +110,38 @@ class TrainWindow:
         self.reset()
         return metrics
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "loss_sum": self.loss_sum.item(), "correct": self.correct.item(), "seen": self.seen, "seconds": self.seconds
-        }
+    def state_dict(self, distributed: Optional[Distributed] = None) -> dict[str, Any]:
+        """This rank's window; under data parallelism also every rank's (``ranks``; gathered, so collective): each
+        rank holds its own share of the batches since the last log event (rank 0's alone was saved, and every rank
+        of the resumed run took it, so the first training metrics logged after a resume were off)."""
+        state = {"loss_sum": self.loss_sum.item(), "correct": self.correct.item(), "seen": self.seen,
+                 "seconds": self.seconds}
+        if distributed is not None and distributed.data_parallel:
+            mine = torch.tensor([state[key] for key in WINDOW_FIELDS], dtype=torch.float64, device=self.device)
+            every = [torch.empty_like(mine) for _ in range(distributed.world_size)]
+            torch.distributed.all_gather(every, mine)
+            state["ranks"] = [dict(zip(WINDOW_FIELDS, values.tolist())) for values in every]
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], distributed: Optional[Distributed] = None) -> None:
+        """Continue the window ``state`` saved: on as many ranks as saved it, each rank its own; on another number,
+        each an equal share of their sums (the logged means, over the ranks, are then those of all their batches),
+        over the time they took. A checkpoint of one process, or from before ``ranks``, holds one window."""
+        ranks = state.get("ranks")
+        world_size, rank = (distributed.world_size, distributed.rank) if distributed is not None and \
+            distributed.data_parallel else (1, 0)
+        if ranks is not None and len(ranks) == world_size:
+            state = ranks[rank]
+        elif ranks is not None:
+            shares = {key: sum(window[key] for window in ranks) / world_size for key in ("loss_sum", "correct", "seen")}
+            state = {**shares, "seconds": sum(window["seconds"] for window in ranks) / len(ranks)}
         self.loss_sum.fill_(state["loss_sum"])
         self.correct.fill_(state["correct"])
-        self.examples.fill_(state["seen"])
+        self.examples.fill_(round(state["seen"]))  # whole: the ranks divide the batch (a launch check)
         self.seconds = state["seconds"]
+
+
+WINDOW_FIELDS = ("loss_sum", "correct", "seen", "seconds")
 
 
 NO_BEST = {"acc": -1.0, "epoch": 0, "step": -1}  # before the first validation
@@ -145,6 +168,7 @@ class TrainState:
     def state_dict(self, distributed: Distributed) -> Optional[dict[str, Any]]:
         """The single-process state (a checkpoint's fields), on rank 0; None on the other ranks. Collective."""
         model_state, optimizer_state = distributed.gather_state(self.model, self.optimizer)
+        window = self.window.state_dict(distributed)  # collective too: every rank's window
         if not distributed.is_main:
             return None
         return {
@@ -153,7 +177,7 @@ class TrainState:
             "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "window": self.window.state_dict(),
+            "window": window,
             "best": self.best,
             "last_eval": self.last_eval,
             "nonfinite": self.nonfinite.state_dict(),
@@ -165,7 +189,7 @@ class TrainState:
             distributed.load_state(self.model, checkpoint["model"], self.optimizer, checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
-        self.window.load_state_dict(checkpoint["window"])
+        self.window.load_state_dict(checkpoint["window"], distributed)
         self.step, self.best, self.last_eval = checkpoint["step"], checkpoint["best"], checkpoint["last_eval"]
         self.nonfinite.load_state_dict(checkpoint.get("nonfinite", self.nonfinite.state_dict()))
 
