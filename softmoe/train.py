@@ -112,8 +112,11 @@ def say(message: Optional[str]) -> None:
     writes (the text, then its newline) let another job's line in between ("[job 1] ...[job 0] ...", then both
     newlines)."""
     if message:
-        sys.stderr.write(f"{message}\n")
-        sys.stderr.flush()
+        try:
+            sys.stderr.write(f"{message}\n")
+            sys.stderr.flush()
+        except OSError:  # the terminal is gone (SIGHUP stopped the run): train.log has the line
+            pass
 
 
 def say_how_to_resume(tag: str, run_dir: Path) -> None:

@@ -195,7 +195,8 @@ def test_a_line_torn_by_a_kill_is_dropped_on_resume(compose_run, uninterrupted, 
 
 
 @pytest.mark.parametrize(
-    "signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=["SIGTERM", "SIGUSR1", "SIGINT (Ctrl-C)"]
+    "signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP],
+    ids=["SIGTERM", "SIGUSR1", "SIGINT (Ctrl-C)", "SIGHUP (terminal closed)"]
 )
 def test_a_preemption_signal_saves_last_and_exits_with_its_code_then_the_rerun_resumes_exactly(
     uninterrupted, tmp_path, signum
@@ -375,6 +376,28 @@ def test_the_handler_found_before_ours_is_called_after_saving():
         assert calls == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, before)
+
+
+def test_a_run_started_under_nohup_keeps_ignoring_sighup_and_otherwise_stops_on_it():
+    """``nohup`` ignores SIGHUP so that a run outlives its terminal: the guard leaves it so. Otherwise the terminal's
+    SIGHUP stops the run after its step, saved, as SIGTERM does (it killed the run, losing the steps since its last
+    checkpoint: a whole epoch's by default)."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        guard = PreemptionGuard().install()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert guard.received is None
+        guard.restore()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        guard = PreemptionGuard().install()
+        assert signal.getsignal(signal.SIGHUP) == guard._handle  # checked first: SIGHUP's default ends pytest
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert guard.requested == signal.SIGHUP and preempted_exit_code(signal.SIGHUP) == 129
+        guard.restore()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 # ----------------------------------------------------------------------------- 3. checkpoint integrity

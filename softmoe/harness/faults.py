@@ -1,10 +1,11 @@
 """What the training loop does when the run is interrupted or its numbers go bad.
 
 Interruption (:class:`PreemptionGuard`): SIGINT (Ctrl-C), SIGTERM, SIGUSR1 and SIGUSR2 (submitit's
-preemption signal on SLURM) only set a flag; the loop finishes the step it is in, writes ``last.pt`` and
-raises :class:`Preempted`, which ``python -m softmoe.train`` turns into one line naming the command that resumes
-(``resume_hint.py``) and exit status ``128 + signal`` (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1, 140 for
-SIGUSR2), the status a shell gives a process the signal killed. A handler installed before ours (submitit's requeue) is
+preemption signal on SLURM), and SIGHUP (the terminal closed; not under ``nohup``, which ignores it) only set a flag;
+the loop finishes the step it is in, writes ``last.pt`` and raises :class:`Preempted`, which ``python -m
+softmoe.train`` turns into one line naming the command that resumes (``resume_hint.py``) and exit status ``128 +
+signal`` (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1, 140 for SIGUSR2, 129 for SIGHUP), the status a shell
+gives a process the signal killed. A handler installed before ours (submitit's requeue) is
 then called, so SLURM requeues the job and the new job resumes from ``last.pt``. A second Ctrl-C ends the process
 at once, without saving: the kernel gives SIGINT back its default action as it delivers the first one
 (:func:`reset_on_delivery`), so it ends the process even inside a long C++ op, where no Python handler could run (the
@@ -50,7 +51,8 @@ from .sweep_console import EVERY_JOB
 
 log = logging.getLogger(__name__)
 
-PREEMPTION_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# SIGHUP: the terminal or the ssh session closed (it killed the run, losing the steps since its last checkpoint)
+PREEMPTION_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 NONFINITE_POLICIES = ("skip", "stop")
 __all__ = [
     "NONFINITE_EXIT_CODE", "NonFiniteError", "NonFiniteGuard", "Preempted", "PreemptionGuard", "preempted_exit_code"
@@ -141,6 +143,8 @@ class PreemptionGuard:
     def install(self) -> "PreemptionGuard":
         if threading.current_thread() is threading.main_thread():
             for signum in self.signals:
+                if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                    continue  # started under nohup: the run is meant to outlive its terminal, and still does
                 self._previous[signum] = signal.signal(signum, self._handle)
             if signal.SIGINT in self.signals:
                 reset_on_delivery(signal.SIGINT)
