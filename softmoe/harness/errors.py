@@ -10,7 +10,8 @@ The harness raises these; ``python -m softmoe.train`` / ``.evaluate`` / ``.colle
 | 2 | :data:`USER_ERRORS`: a bad config value, missing or bad data, an unusable checkpoint, a busy run dir, no runs; |
 |   | an override Hydra cannot compose (an unknown key or group option, ``overrides.py``) |
 | 3 | :class:`NonFiniteError`: stopped on a NaN/inf |
-| 128 + signal | stopped by a signal after saving ``last.pt`` (130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 140 SIGUSR2, 129 SIGHUP) |
+| 128 + signal | stopped by a signal after saving ``last.pt`` (130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 140 SIGUSR2, |
+|              | 129 SIGHUP) |
 | 141 | its reader closed stdout (``--help | head -3``): it ends quietly (:func:`run_command`), as a shell reports a |
 |     | program SIGPIPE ended; a run's log lines (:class:`ConsoleHandler`) stop instead, and the run goes on |
 """
