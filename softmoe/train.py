@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -46,7 +46,7 @@ from softmoe.harness.errors import (
     run_command,
     tell_torchrun,
 )
-from softmoe.harness.faults import Preempted
+from softmoe.harness.faults import Preempted, sigterm_interrupts
 from softmoe.harness.launch_check import other_ranks_refusal
 from softmoe.harness.console import final_dispatch_entropy, next_steps
 from softmoe.harness.loop import train
@@ -155,6 +155,17 @@ def say_how_to_resume_after_a_crash(tag: str, run_dir: Path, after_the_traceback
         say(message)
 
 
+def end_before_training(signum: int, tag: str, run_dir: Path, new_parents: int, hydra_cfg: DictConfig) -> NoReturn:
+    """A run stopped by ``signum`` before its first step: one line, no run directory left (the folders made for it
+    removed), the resume of a resumed run that was loading, and under the basic launcher the sweep's rerun."""
+    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    say(f"{tag}error: interrupted{by} before training started")
+    remove_if_unused(run_dir, new_parents=new_parents)
+    say_how_to_resume(tag, run_dir)  # a resumed run interrupted while loading
+    say_the_sweeps_rerun(hydra_cfg, signum)
+    sys.exit(preempted_exit_code(signum))
+
+
 def say_the_sweeps_rerun(hydra_cfg: DictConfig, signum: int) -> None:
     """Under the basic launcher a job's exit by ``signum`` ends the whole sweep: say the rerun that resumes it."""
     if sweep_stop.in_this_process(hydra_cfg) and speaks_for_the_job():
@@ -216,7 +227,8 @@ def main(cfg: DictConfig) -> float:
         check_model_choice(OmegaConf.select(cfg, "model.name"), hydra_cfg.runtime.choices.get("model"))
         # Hydra's .hydra/ configs are written once this process holds the run directory (conf/hydra/default.yaml)
         hydra_configs = functools.partial(save_hydra_configs, task_cfg=cfg, hydra_cfg=HydraConfig.instance().cfg)
-        summary = train_on_this_disk(cfg, run_dir, wandb_group=group, wandb_name=name, on_claim=hydra_configs)
+        with sigterm_interrupts():  # until the run's stop guard takes over: one line, as for Ctrl-C
+            summary = train_on_this_disk(cfg, run_dir, wandb_group=group, wandb_name=name, on_claim=hydra_configs)
     except (*USER_ERRORS, NonFiniteError) as error:
         lines = [f"{tag}error: {one_line(error)}"]
         say(lines[0])
@@ -245,12 +257,8 @@ def main(cfg: DictConfig) -> float:
         tell_torchrun([f"{tag}{stopped}"])
         say_the_sweeps_rerun(hydra_cfg, preempted.signum)
         sys.exit(preempted.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C before training started (a second one during a step ends the process)
-        say(f"{tag}error: interrupted before training started")
-        remove_if_unused(run_dir, new_parents=new_parents)
-        say_how_to_resume(tag, run_dir)  # a resumed run interrupted while loading
-        say_the_sweeps_rerun(hydra_cfg, signal.SIGINT)
-        sys.exit(preempted_exit_code(signal.SIGINT))
+    except KeyboardInterrupt as interrupted:  # Ctrl-C or SIGTERM (TerminatedEarly) before training started
+        end_before_training(getattr(interrupted, "signum", signal.SIGINT), tag, run_dir, new_parents, hydra_cfg)
     except Exception:  # a crash: Hydra prints the traceback; a checkpoint written before it is not lost
         try:  # the call inside the try: a signal handler may raise as the function starts (see its docstring)
             say_how_to_resume_after_a_crash(tag, run_dir, after_the_traceback=not multirun)

@@ -483,3 +483,22 @@ def test_a_value_close_to_an_allowed_one_is_named():
     with pytest.raises(ConfigError, match=r"^trainer.precision=bf61: must be one of fp32, bf16, fp16; did you mean "
                                           r"bf16\?$"):
         check_section("trainer", {"precision": "bf61"}, TRAINER_RULES, required=None)
+
+
+STUDIES_WITH_A_SWEEP_DIR = [path.stem for path in sorted((Path(CONF_DIR) / "experiment").glob("*.yaml"))
+                            if "dir" in (OmegaConf.load(path).get("hydra", {}).get("sweep", {}) or {})]
+
+
+def test_some_study_fixes_its_sweep_directory():  # else the test below checks nothing
+    assert "upcycling_dense_cpu" in STUDIES_WITH_A_SWEEP_DIR
+
+
+@pytest.mark.parametrize("experiment", STUDIES_WITH_A_SWEEP_DIR)
+def test_a_smoke_run_of_a_study_writes_below_outputs_debug_not_into_the_study(compose_run, experiment):
+    """Was: ``debug=default`` moved a single run's directory only, so a study's smoke run wrote its 10-step
+    checkpoints into the study's own directory, where the real study's jobs then refused their run directories and
+    its next stage upcycled from them."""
+    hydra = compose_run(f"experiment={experiment}", "debug=default", hydra_node=True).hydra
+    study = compose_run(f"experiment={experiment}", hydra_node=True).hydra.sweep.dir
+    assert hydra.sweep.dir.startswith("outputs/debug/multiruns/") and not study.startswith("outputs/debug/")
+    assert hydra.run.dir.startswith("outputs/debug/")

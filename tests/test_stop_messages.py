@@ -467,26 +467,28 @@ def release_readers(fifos: list[Path], keep_open: bool) -> list[int]:
     return []
 
 
-@pytest.mark.slow
-def test_ctrl_c_while_a_sweeps_job_checks_its_images_stops_it_at_once_and_prints_the_sweeps_rerun(tmp_path):
-    """``data.verify`` reads every image's header in a thread pool before training: a Ctrl-C there waited for the
-    whole check (minutes over ImageNet on a network disk), and under the basic launcher no line said how to resume
-    the sweep. Files whose reads wait until the test lets them go (fifos) stand in for a stalled disk."""
+def stalled_images(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """An image folder with files whose reads wait until the test lets them go (fifos), as on a stalled disk: more
+    than ``data.verify``'s thread pool has threads. (root, the fifos)."""
     root = write_image_tree(tmp_path / "images", train={"cat": 4, "dog": 4}, val={"cat": 2, "dog": 2}, size=8)
-    stalled = [root / "train" / "dog" / f"stalled{index}.png" for index in range(48)]  # more than the pool's threads
+    stalled = [root / "train" / "dog" / f"stalled{index}.png" for index in range(48)]
     for fifo in stalled:
         os.mkfifo(fifo)
-    sweep = tmp_path / "sweep"
-    trainer = forked_trainer(tmp_path, "-m", "seed=0,1", "data=imagefolder", f"data.root={root}", "data.img_size=8",
-                             "data.num_classes=2", *SWEEP_JOB, f"hydra.sweep.dir={sweep}")
+    return root, stalled
+
+
+def stop_while_checking_images(trainer: ForkedCommand, stalled: list[Path], signum: int, said: str) -> str:
+    """Send ``signum`` once the image check waits on a stalled file; the trainer must say ``said`` before any read
+    is let go (it waited for every check), then end once the reads under way end. Its output."""
     writers, deadline = [], time.monotonic() + 120
     try:
         while not writers:  # the check has begun: a thread of its pool waits on a stalled file
             assert trainer.poll() is None and time.monotonic() < deadline, trainer.output_so_far()
             writers = release_readers(stalled, keep_open=True)
             time.sleep(0.01)
-        trainer.send_signal(signal.SIGINT)
-        while "interrupted before training started" not in trainer.output_so_far():  # before any read is let go
+        trainer.send_signal(signum)
+        while said not in trainer.output_so_far():
+            assert trainer.poll() is None, f"ended without saying it: {trainer.output_so_far()}"
             assert time.monotonic() < deadline, f"still checking the images: {trainer.output_so_far()}"
             time.sleep(0.05)
         for writer in writers:
@@ -498,8 +500,34 @@ def test_ctrl_c_while_a_sweeps_job_checks_its_images_stops_it_at_once_and_prints
     finally:
         if trainer.poll() is None:
             trainer.send_signal(signal.SIGKILL)
-    output = trainer.communicate(timeout=60)[0]
+    return trainer.communicate(timeout=60)[0]
+
+
+IMAGES = ["data=imagefolder", "data.img_size=8", "data.num_classes=2", *SWEEP_JOB]
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_sweeps_job_checks_its_images_stops_it_at_once_and_prints_the_sweeps_rerun(tmp_path):
+    """``data.verify`` reads every image's header in a thread pool before training: a Ctrl-C there waited for the
+    whole check (minutes over ImageNet on a network disk), and under the basic launcher no line said how to resume
+    the sweep."""
+    root, stalled = stalled_images(tmp_path)
+    sweep = tmp_path / "sweep"
+    trainer = forked_trainer(tmp_path, "-m", "seed=0,1", f"data.root={root}", *IMAGES, f"hydra.sweep.dir={sweep}")
+    output = stop_while_checking_images(trainer, stalled, signal.SIGINT, "interrupted before training started")
     assert trainer.returncode == 130, output
     assert "[job 0] error: interrupted before training started" in output
     assert output.strip().splitlines()[-1].startswith(SWEEP_RERUN.format("")), output
     assert "[job 1]" not in output and not (sweep / "0").exists()  # the sweep ended; job 0 left no folder
+
+
+@pytest.mark.slow
+def test_sigterm_before_training_started_is_one_line_and_leaves_no_run_directory(tmp_path):
+    """Was: the process ended silently (SIGTERM's default action) and left its run directory (``.hydra``, ``train.log``,
+    the lock file), where a Ctrl-C there removed it."""
+    root, stalled = stalled_images(tmp_path)
+    trainer = forked_trainer(tmp_path, f"data.root={root}", *IMAGES, "hydra.run.dir=run")
+    output = stop_while_checking_images(trainer, stalled, signal.SIGTERM, "interrupted by SIGTERM before training")
+    assert trainer.returncode == 143, output
+    assert output.strip().splitlines()[-1] == "error: interrupted by SIGTERM before training started", output
+    assert not (tmp_path / "run").exists()

@@ -124,10 +124,15 @@ def test_a_grid_whose_jobs_differ_only_in_unused_keys_is_warned_once():
     """Was: two identical dense runs trained, and collect listed them apart as if moe.num_experts had mattered."""
     assert duplicate_runs_warning(["-m", "moe=dense,last_half", "moe.num_experts=4,8"], "train") == (
         "jobs 0 (moe=dense moe.num_experts=4) and 1 (moe=dense moe.num_experts=8) train the same run: moe.num_experts "
-        "is unused there (moe=dense has no MoE layer); 1 of the sweep's 4 jobs repeats another job's run")
+        "is unused there (moe.placement=none: a dense ViT, no MoE layer); 1 of the sweep's 4 jobs repeats another "
+        "job's run")
+    # routing=dense places no MoE layer either: named by the key, not as moe=dense, which the user did not choose
+    assert duplicate_runs_warning(["-m", "routing=dense", "experts_slots=8x2,16x1"], "train") == (
+        "jobs 0 (experts_slots=8x2) and 1 (experts_slots=16x1) train the same run: experts_slots is unused there "
+        "(moe.placement=none: a dense ViT, no MoE layer); 1 of the sweep's 2 jobs repeats another job's run")
     assert duplicate_runs_warning(["-m", "moe.k=1,2,3"], "train") == (
-        "jobs 0 (moe.k=1) and 1 (moe.k=2) train the same run: moe.k is unused there (router=soft reads none of the "
-        "sparse routers' keys); 2 of the sweep's 3 jobs repeat another job's run")
+        "jobs 0 (moe.k=1) and 1 (moe.k=2) train the same run: moe.k is unused there (moe.router=soft reads none of "
+        "the sparse routers' keys); 2 of the sweep's 3 jobs repeat another job's run")
     for distinct in (["-m", "seed=0,1"], ["-m", "moe=dense", "seed=0,1"],
                      ["-m", "moe.router=tokens_choice", "moe.k=1,2"],
                      ["moe.k=1,2"], ["-m", "hparams_search=router_optuna"]):  # a single run; Optuna's drawn jobs

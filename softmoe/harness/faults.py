@@ -39,7 +39,7 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -71,6 +71,34 @@ class Preempted(Exception):
         super().__init__(
             f"{signal.Signals(signum).name} received: saved {checkpoint} at step {step} (exit status {self.exit_code})"
         )
+
+
+class TerminatedEarly(KeyboardInterrupt):
+    """SIGTERM before a run's :class:`PreemptionGuard` took over (loading the data, building the model): the start
+    ends as a Ctrl-C there does, in one line and leaving no run directory, with SIGTERM's exit status. (It ended the
+    process silently, its run directory left behind.)"""
+
+    signum = signal.SIGTERM
+
+
+def _terminated_early(signum: int, frame: Optional[FrameType]) -> None:
+    raise TerminatedEarly()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside the block, SIGTERM raises :class:`TerminatedEarly` where it has its default action (not where a
+    launcher or a sweep set its own, or ignores it); the guard a run installs meanwhile takes it over while it
+    trains. The main thread only, as every signal handler."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _terminated_early)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class PreemptionGuard:
@@ -171,7 +199,9 @@ class PreemptionGuard:
 
         def call() -> None:
             # Python's own SIGINT handler would raise KeyboardInterrupt: the run has already stopped cleanly
-            if signum is not None and callable(previous) and previous is not signal.default_int_handler:
+            # ... and ours for SIGTERM before a run's guard (sigterm_interrupts) would raise TerminatedEarly
+            if signum is not None and callable(previous) and previous not in (signal.default_int_handler,
+                                                                              _terminated_early):
                 previous(signum, None)
 
         return call

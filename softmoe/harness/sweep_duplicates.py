@@ -59,6 +59,7 @@ def duplicate_jobs_warning(jobs: Sequence[Sequence[str]], configs: Sequence[Mapp
 
 
 def _why(config: Mapping[str, Any]) -> str:
+    """Named by the keys, not by an option: ``routing=dense`` places no MoE layer as ``moe=dense`` does."""
     if is_dense(config.get("moe") or {}):
-        return "moe=dense has no MoE layer"
-    return "router=soft reads none of the sparse routers' keys"
+        return "moe.placement=none: a dense ViT, no MoE layer"
+    return "moe.router=soft reads none of the sparse routers' keys"
