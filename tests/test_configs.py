@@ -145,7 +145,7 @@ BAD_OVERRIDES = [
     (["moe.num_experts=0"], ["moe.num_experts=0", "positive integer"]),
     (["moe.slots_per_expert=-1"], ["moe.slots_per_expert=-1", "positive integer"]),
     (["moe.num_experts=abc"], ["moe.num_experts=abc", "positive integer"]),
-    (["moe.layers=[2,9]"], ["moe.layers=[2,9]", "block 9", "model.depth=4", "0..3"]),
+    (["moe.layers=[2,9]"], ["moe.layers=[2,9]", "9 is not a block of this model", "model.depth=4", "0..3"]),
     (["moe.layers=[]"], ["moe.layers=[]", "moe=dense"]),
     (["moe.layers=[1,1]"], ["moe.layers=[1,1]", "twice"]),
     (["moe.placement=first"], ["moe.placement=first", "none, last_half, every_other, all"]),
@@ -264,7 +264,7 @@ def test_a_run_directory_given_as_a_checkpoint_names_the_checkpoint_in_it(compos
             "trainer.precision=fp16: trainer.strategy=fsdp trains in fp32 or bf16 (no GradScaler)",
         ),
         (["moe.expert_parallel=true"], None, "moe.expert_parallel=true: needs a distributed launch"),
-        (["trainer.strategy=single"], 2, "trainer.strategy=single: this process is one of WORLD_SIZE=2"),
+        (["trainer.strategy=single"], 2, "trainer.strategy=single: trains in one process, but 2 are launched"),
         (
             ["trainer.batch_size=63"], 2,
             "trainer.batch_size=63: the global batch must be divisible by the 2 processes (WORLD_SIZE=2)",

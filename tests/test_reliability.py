@@ -621,8 +621,8 @@ BAD_OVERRIDES = [
     (["+model.drop_rate=2"], "model.drop_rate=2: must be a number in [0, 1)"),
     (["+model.qkv_bias=maybe"], "model.qkv_bias=maybe: must be true or false"),
     (["+model.fc_norm=maybe"], "model.fc_norm=maybe: must be true or false, or null"),
-    (["moe.layers=[4]"], "moe.layers=[4]: block 4 is beyond model.depth=4; blocks are 0..3"),
-    (["moe.layers=[-1]"], "moe.layers=[-1]: block -1 is beyond model.depth=4; blocks are 0..3"),
+    (["moe.layers=[4]"], "moe.layers=[4]: 4 is not a block of this model (model.depth=4): blocks are 0..3"),
+    (["moe.layers=[-1]"], "moe.layers=[-1]: -1 is not a block of this model (model.depth=4): blocks are 0..3"),
     (
         ["model.depth=1", "moe=every_other"],  # was built as a dense ViT
         "moe.placement=every_other: puts no MoE block in a model of model.depth=1; name the blocks with moe.layers "

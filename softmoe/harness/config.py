@@ -311,8 +311,8 @@ def check_launch(config: Mapping[str, Any], *, torchrun: bool, world_size: int) 
         )
     if strategy == "single" and torchrun and world_size > 1:
         raise ConfigError(
-            f"trainer.strategy=single: this process is one of WORLD_SIZE={world_size} started by torchrun; "
-            "use trainer.strategy=auto or ddp, or run python -m softmoe.train"
+            f"trainer.strategy=single: trains in one process, but {world_size} are launched (WORLD_SIZE={world_size}, "
+            "torchrun); use trainer.strategy=auto or ddp, or one process: python -m softmoe.train"
         )
     if strategy == "fsdp" and trainer["precision"] == "fp16":
         raise ConfigError("trainer.precision=fp16: trainer.strategy=fsdp trains in fp32 or bf16 (no GradScaler)")

@@ -57,7 +57,7 @@ def moe_blocks(moe_cfg: Mapping[str, Any], depth: int) -> list[int]:
             raise ValueError(
                 {
                     "empty": f"moe.layers={shown}: must name at least one block; use moe=dense for a dense ViT",
-                    "beyond": f"moe.layers={shown}: block {entry} is beyond model.depth={depth}; "
+                    "beyond": f"moe.layers={shown}: {entry} is not a block of this model (model.depth={depth}): "
                     f"blocks are 0..{depth - 1}",
                     "twice": f"moe.layers={shown}: names a block twice",
                 }[kind]
