@@ -168,6 +168,11 @@ def as_a_fresh_interpreter() -> None:
     pyproject.toml); a root logger without pytest's capturing handler (a record reaches stderr as ``logging``'s
     last resort, or the handlers the command installs); exceptions in threads and in ``__del__`` printed (pytest
     collects them); faulthandler off (pytest's writes to its own stderr)."""
+    # the signals as a command started at a terminal has them: pytest started as a script's background job, or under
+    # nohup, has SIGINT or SIGHUP ignored, which the child would inherit (and a run keeps SIGHUP ignored, by design)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
     threading.excepthook = threading.__excepthook__
     sys.unraisablehook = sys.__unraisablehook__
     faulthandler.disable()
