@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..harness.whole_files import replaced_whole
 from ..runtime import cpu_has_native_bf16, tune_allocator
 from . import __doc__ as PACKAGE_DOC
 from .environment import machine_info, memory_method, release_freed_memory
@@ -242,11 +243,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def _write_json(path: str, results: dict) -> None:
-    """Written whole to a temporary file, then renamed: a process killed mid-write leaves the previous file."""
+    """Written whole (:func:`replaced_whole`): a process killed mid-write leaves the previous file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp", "w") as f:
+    with replaced_whole(path) as temporary, open(temporary, "w") as f:
         json.dump(results, f, indent=1)
-    os.replace(f"{path}.tmp", path)
 
 
 def _suite_progress(out: Optional[str]):
