@@ -128,8 +128,8 @@ class TrainWindow:
         each an equal share of their sums (the logged means, over the ranks, are then those of all their batches),
         over the time they took. A checkpoint of one process, or from before ``ranks``, holds one window."""
         ranks = state.get("ranks")
-        world_size, rank = (distributed.world_size, distributed.rank) if distributed is not None and \
-            distributed.data_parallel else (1, 0)
+        parallel = distributed is not None and distributed.data_parallel
+        world_size, rank = (distributed.world_size, distributed.rank) if parallel else (1, 0)
         if ranks is not None and len(ranks) == world_size:
             state = ranks[rank]
         elif ranks is not None:
